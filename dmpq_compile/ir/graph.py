@@ -1,0 +1,153 @@
+"""The graph IR: a typed dataflow graph on ``networkx.DiGraph`` in which every expert is a node.
+
+Node attributes (all JSON-serialisable):
+
+* ``kind``: one of :data:`KINDS`.
+* ``params``: role -> weight-store key (e.g. ``{"gate": "model.layers.0...w1.weight"}``).
+* ``attrs``: static configuration of the op (eps, head counts, layer/expert ids, ...).
+* ``ann``: annotations written by passes (``freq``, ``sensitivity``, ``bits``, ...), see
+  :mod:`dmpq_compile.ir.annotations`.
+
+Edges carry ``port`` (the input slot of the consumer), so a node's inputs are ordered.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+
+from .weights import WeightStore
+
+# kind -> (required params, number of inputs or None for variadic)
+KINDS: dict[str, tuple[tuple[str, ...], int | None]] = {
+    "input": ((), 0),
+    "embed": (("weight",), 1),
+    "norm": (("weight",), 1),
+    "attention": (("q", "k", "v", "o"), 1),
+    "add": ((), 2),
+    "router": (("weight",), 1),
+    "expert": (("gate", "up", "down"), 2),  # [hidden, router]
+    "shared_expert": (("gate", "up", "down"), 1),
+    "mlp": (("gate", "up", "down"), 1),
+    "combine": ((), None),  # [router, expert_0 .. expert_{E-1}, (shared_expert)]
+    "lm_head": (("weight",), 1),
+}
+
+# Kinds whose linear weights may be quantized by the allocator; others are kept on purpose.
+QUANTIZABLE_KINDS = ("expert",)
+
+
+class IRError(ValueError):
+    """The graph is malformed; the message names the node and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A read-only view of one node (the graph owns the data)."""
+
+    id: str
+    kind: str
+    params: Mapping[str, str]
+    attrs: Mapping[str, Any]
+    ann: Mapping[str, Any]
+    inputs: tuple[str, ...]
+
+
+class Graph:
+    """An MoE model as a dataflow graph plus its weight store and model-level metadata."""
+
+    def __init__(self, meta: Mapping[str, Any] | None = None, weights: WeightStore | None = None):
+        self.g = nx.DiGraph()
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.weights = weights if weights is not None else WeightStore()
+        self._order = 0
+
+    # -- construction -------------------------------------------------------------------------
+    def add(self, node_id: str, kind: str, inputs: Iterable[str] = (), params: Mapping[str, str] | None = None,
+            **attrs: Any) -> str:
+        """Add a node fed by ``inputs`` (in port order) and return its id."""
+        if kind not in KINDS:
+            raise IRError(f"node {node_id!r}: unknown kind {kind!r}; known kinds: {sorted(KINDS)}")
+        if node_id in self.g:
+            raise IRError(f"node {node_id!r} already exists")
+        self.g.add_node(node_id, kind=kind, params=dict(params or {}), attrs=dict(attrs), ann={},
+                        order=self._order)
+        self._order += 1
+        for port, src in enumerate(inputs):
+            if src not in self.g:
+                raise IRError(f"node {node_id!r}: input {src!r} does not exist (add producers first)")
+            self.g.add_edge(src, node_id, port=port)
+        return node_id
+
+    # -- queries ------------------------------------------------------------------------------
+    def node(self, node_id: str) -> Node:
+        if node_id not in self.g:
+            raise KeyError(f"no node {node_id!r} in the graph")
+        d = self.g.nodes[node_id]
+        return Node(node_id, d["kind"], d["params"], d["attrs"], d["ann"], self.inputs(node_id))
+
+    def inputs(self, node_id: str) -> tuple[str, ...]:
+        preds = sorted(self.g.in_edges(node_id, data="port"), key=lambda e: e[2])
+        return tuple(src for src, _, _ in preds)
+
+    def nodes(self, kind: str | None = None) -> Iterator[Node]:
+        """Nodes in execution order (a deterministic topological order), optionally of one kind."""
+        for node_id in self.topo_order():
+            if kind is None or self.g.nodes[node_id]["kind"] == kind:
+                yield self.node(node_id)
+
+    def experts(self) -> list[Node]:
+        return list(self.nodes("expert"))
+
+    def topo_order(self) -> list[str]:
+        return list(nx.lexicographical_topological_sort(self.g, key=lambda n: self.g.nodes[n]["order"]))
+
+    def __contains__(self, node_id: str) -> bool:
+        return node_id in self.g
+
+    def __len__(self) -> int:
+        return self.g.number_of_nodes()
+
+    # -- annotations --------------------------------------------------------------------------
+    def annotate(self, node_id: str, key: str, value: Any) -> None:
+        """Set annotation ``key`` on a node (validated against the annotation schema)."""
+        from .annotations import check_annotation
+
+        check_annotation(node_id, self.g.nodes[node_id]["kind"], key, value)
+        self.g.nodes[node_id]["ann"][key] = value
+
+    def annotations(self, key: str, kind: str = "expert") -> dict[str, Any]:
+        """``{node_id: value}`` of one annotation over all nodes of a kind that carry it."""
+        return {n.id: n.ann[key] for n in self.nodes(kind) if key in n.ann}
+
+    def has_annotation(self, key: str, kind: str = "expert") -> bool:
+        nodes = list(self.nodes(kind))
+        return bool(nodes) and all(key in n.ann for n in nodes)
+
+    def set_param(self, node_id: str, role: str, key: str) -> None:
+        """Point a node's parameter role at another weight key."""
+        if key not in self.weights:
+            raise IRError(f"node {node_id!r}: weight {key!r} is not in the store")
+        self.g.nodes[node_id]["params"][role] = key
+
+    def set_attr(self, node_id: str, name: str, value: Any) -> None:
+        self.g.nodes[node_id]["attrs"][name] = value
+
+    # -- copies -------------------------------------------------------------------------------
+    def copy(self) -> Graph:
+        """A deep copy of structure and annotations; the weight store is copied shallowly."""
+        out = Graph(copy.deepcopy(self.meta), self.weights.copy())
+        out.g = copy.deepcopy(self.g)
+        out._order = self._order
+        return out
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for _, d in self.g.nodes(data=True):
+            counts[d["kind"]] = counts.get(d["kind"], 0) + 1
+        parts = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        return f"Graph({self.meta.get('family', '?')}, {len(self)} nodes: {parts})"
