@@ -1,0 +1,66 @@
+"""``dmpq-compile`` command line. Each subcommand lives in ``dmpq_compile/commands/<name>.py``
+and exposes ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``main(args) -> int``; this module
+only dispatches, turns library errors into one-line messages, and sets up logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = ("compile", "inspect", "passes", "eval", "run", "bench", "cost", "check", "build")
+
+
+def _load(name: str):
+    return importlib.import_module(f"dmpq_compile.commands.{name.replace('-', '_')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmpq-compile",
+        description="Compile Mixture-of-Experts models into artifacts whose experts carry different bit-widths.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = _load(name)
+        except ModuleNotFoundError as e:
+            if e.name != f"dmpq_compile.commands.{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
+        mod.add_arguments(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"dmpq-compile {__version__}")
+        return 0
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 2
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI boundary turns errors into messages
+        if args.verbose >= 2:
+            raise
+        print(f"dmpq-compile {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

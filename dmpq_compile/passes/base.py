@@ -1,0 +1,111 @@
+"""The pass contract: a pass declares what it needs and provides; the base class enforces it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..ir.graph import Graph
+
+log = logging.getLogger(__name__)
+
+
+class PassError(RuntimeError):
+    """A pass failed or broke its contract; the message names the pass."""
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may read besides the graph.
+
+    Attributes:
+        calibration: token ids ``[B, T]`` for passes with ``needs_calibration`` (loaded by the
+            driver only when one is in the pipeline).
+        target: the backend name the artifact is for (``ort-cpu``, ``trt-a100``), or None.
+        backend: the backend object (cost tables, supported bits), or None.
+        seed: base random seed; passes derive theirs from it.
+        progress: show progress bars.
+        state: scratch space passes may use to hand non-annotation results to later passes.
+    """
+
+    calibration: torch.Tensor | None = None
+    target: str | None = None
+    backend: Any = None
+    seed: int = 0
+    progress: bool = True
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    graph: Graph
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Pass:
+    """Base class. Subclasses set the class attributes and implement :meth:`run`.
+
+    ``requires`` / ``provides`` name expert annotations (see ``ir.annotations.SCHEMA``): the
+    manager checks the whole pipeline against them before anything runs, and :meth:`call`
+    checks them again on the real graph around :meth:`run`.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+    needs_calibration: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
+    description: ClassVar[str] = ""
+
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("give options either as an Options object or as keywords, not both")
+        self.options = options if isinstance(options, self.Options) else make_options(self, options or kwargs)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"pass {self.name!r} does not implement run()")
+
+    def call(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Run the pass with its contract checked before and after."""
+        missing = [k for k in self.requires if not graph.has_annotation(k)]
+        if missing:
+            raise PassError(f"pass {self.name!r} needs annotations {missing} on every expert; "
+                            f"run a pass that provides them first")
+        if self.needs_calibration and ctx.calibration is None:
+            raise PassError(f"pass {self.name!r} needs calibration data (give --calib-corpus)")
+        result = self.run(graph, ctx)
+        if not isinstance(result, PassResult):
+            raise PassError(f"pass {self.name!r} returned {type(result).__name__}, expected PassResult")
+        absent = [k for k in self.provides if not result.graph.has_annotation(k)]
+        if absent:
+            raise PassError(f"pass {self.name!r} promised annotations {absent} but did not write them")
+        return result
+
+
+def make_options(p: Pass | type[Pass], values: dict[str, Any]) -> Any:
+    """Build a pass's frozen Options from a dict, rejecting unknown keys with the valid ones."""
+    cls = p.Options
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PassError(f"pass {p.name!r}: unknown option(s) {unknown}; valid options: {sorted(known) or 'none'}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise PassError(f"pass {p.name!r}: bad options {values}: {e}") from None
+
+
+def options_doc(p: type[Pass]) -> str:
+    fields = dataclasses.fields(p.Options)
+    return ", ".join(f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+                     for f in fields)

@@ -1,0 +1,122 @@
+"""The pass manager: validates a pipeline up front, runs it, and applies instruments."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..ir.graph import Graph
+from ..ir.serialize import save_graph
+from .base import Pass, PassContext, PassError, PassResult
+
+log = logging.getLogger(__name__)
+
+
+class Instrument:
+    """Hooks around every pass: timing, memory, dumps, progress. Passes never do these themselves."""
+
+    def before(self, index: int, p: Pass, graph: Graph) -> None:
+        pass
+
+    def after(self, index: int, p: Pass, result: PassResult) -> None:
+        pass
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    peak_rss_mb: float
+    stats: dict = field(default_factory=dict)
+
+
+class Timing(Instrument):
+    """Records wall time, peak RSS and stats per pass (``records``)."""
+
+    def __init__(self) -> None:
+        self.records: list[PassRecord] = []
+        self._t0 = 0.0
+
+    def before(self, index, p, graph):
+        self._t0 = time.perf_counter()
+
+    def after(self, index, p, result):
+        dt = time.perf_counter() - self._t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.records.append(PassRecord(p.name, dt, result.modified, rss, dict(result.stats)))
+        log.info("pass %-12s %7.2fs  modified=%s  peak_rss=%.0f MB", p.name, dt, result.modified, rss)
+
+
+class DumpIR(Instrument):
+    """Saves the IR after the named passes (all when ``after`` is None) into ``folder/NN-name``."""
+
+    def __init__(self, folder: str | Path, after: Sequence[str] | None = None) -> None:
+        self.folder, self.after_names = Path(folder), set(after) if after else None
+
+    def after(self, index, p, result):
+        if self.after_names is None or p.name in self.after_names:
+            path = save_graph(result.graph, self.folder / f"{index:02d}-{p.name}")
+            log.info("dumped IR after %s to %s", p.name, path)
+
+
+class Progress(Instrument):
+    """One progress bar over the pipeline (passes show their own inner bars)."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.bar = tqdm(total=total, desc="pipeline", unit="pass", disable=not enabled, leave=False)
+
+    def before(self, index, p, graph):
+        self.bar.set_postfix_str(p.name)
+
+    def after(self, index, p, result):
+        self.bar.update(1)
+        if self.bar.n == self.bar.total:
+            self.bar.close()
+
+
+class PassManager:
+    """Runs passes in order after checking that every requirement is met by the input or an earlier pass."""
+
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = ()) -> None:
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(p.needs_calibration for p in self.passes)
+
+    def check(self, graph: Graph) -> None:
+        """Raise PassError naming the first pass whose requirements nothing before it provides."""
+        available = {k for n in graph.experts() for k in n.ann if graph.has_annotation(k)}
+        for i, p in enumerate(self.passes):
+            missing = [k for k in p.requires if k not in available]
+            if missing:
+                before = [q.name for q in self.passes[:i]] or ["(none)"]
+                raise PassError(f"pipeline invalid: pass {p.name!r} (#{i + 1}) requires {missing}, which neither "
+                                f"the input graph nor the passes before it ({', '.join(before)}) provide")
+            available.update(p.provides)
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        self.check(graph)
+        for i, p in enumerate(self.passes):
+            for inst in self.instruments:
+                inst.before(i, p, graph)
+            try:
+                result = p.call(graph, ctx)
+            except PassError:
+                raise
+            except Exception as e:
+                before = ", ".join(q.name for q in self.passes[:i]) or "none"
+                raise PassError(f"pass {p.name!r} (#{i + 1}; passes run before it: {before}) failed: "
+                                f"{type(e).__name__}: {e}") from e
+            for inst in self.instruments:
+                inst.after(i, p, result)
+            graph = result.graph
+        return graph

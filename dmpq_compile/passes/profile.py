@@ -1,0 +1,74 @@
+"""``profile``: expert activation frequency, routing-weight mass and token counts on calibration text."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..ir.graph import Graph
+from ..ir.interpreter import Interpreter, RunOptions
+from .base import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    batch_size: int = 8  # calibration sequences per forward pass
+
+
+class ProfilePass(Pass):
+    """Counts, per expert, the tokens routed to it and the routing weight it receives.
+
+    ``freq`` = routed tokens / all tokens (so the experts of a layer sum to top_k);
+    ``mass`` = summed routing weight / all tokens. Router nodes get a ``routing`` summary
+    (entropy of the load distribution, max/min frequency). Runs at full precision.
+    """
+
+    name = "profile"
+    provides = ("freq", "mass", "tokens")
+    needs_calibration = True
+    Options = ProfileOptions
+    description = "expert activation frequency, routing mass, token counts"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        counts, mass, total = route_statistics(graph, ctx.calibration, self.options.batch_size, ctx.progress)
+        for node in graph.experts():
+            layer, e = node.attrs["layer"], node.attrs["expert"]
+            graph.annotate(node.id, "tokens", int(counts[layer][e]))
+            graph.annotate(node.id, "freq", float(counts[layer][e]) / total)
+            graph.annotate(node.id, "mass", float(mass[layer][e]) / total)
+        for router in graph.nodes("router"):
+            load = counts[router.attrs["layer"]].double()
+            p = load / load.sum()
+            entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+            graph.annotate(router.id, "routing", {
+                "tokens": total, "load_entropy": entropy, "max_entropy": math.log(len(load)),
+                "max_freq": float(load.max()) / total, "min_freq": float(load.min()) / total})
+        return PassResult(graph, modified=True, stats={"tokens": total})
+
+
+def route_statistics(graph: Graph, ids: torch.Tensor, batch_size: int = 8,
+                     progress: bool = True) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
+    """Per layer: tokens routed to each expert ``[E]`` and summed routing weights ``[E]``; total tokens."""
+    interp = Interpreter(graph, quantize=False)
+    n_exp = graph.meta["num_experts"]
+    layers = [r.attrs["layer"] for r in graph.nodes("router")]
+    counts = {layer: torch.zeros(n_exp, dtype=torch.long) for layer in layers}
+    mass = {layer: torch.zeros(n_exp, dtype=torch.float64) for layer in layers}
+
+    def observe(node_id, kind, value):
+        if kind == "router":
+            layer = graph.g.nodes[node_id]["attrs"]["layer"]
+            counts[layer] += torch.bincount(value.indices.reshape(-1), minlength=n_exp)
+            mass[layer].index_add_(0, value.indices.reshape(-1), value.weights.reshape(-1).double())
+
+    opts = RunOptions(quantize=False, observer=observe)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(ids), batch_size), desc="profile", disable=not progress, leave=False):
+            interp.run(ids[start:start + batch_size], opts, outputs=("final_norm",))
+    return counts, mass, int(ids.numel())
