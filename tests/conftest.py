@@ -19,3 +19,18 @@ def tiny_dirs(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    from dmpq_compile.testing import write_tiny_corpus
+
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def calib_ids(tiny_dirs, tiny_corpus):
+    """family -> [8, 32] calibration token ids from the tiny corpus with that model's tokenizer."""
+    from dmpq_compile.compiler import calibration_ids
+
+    return lambda family: calibration_ids(tiny_dirs(family), str(tiny_corpus), 8, 32, split="train")

@@ -1,0 +1,45 @@
+"""Compilation targets. Built-ins are listed here; plugins come from the entry-point group
+``dmpq_compile.backends``. Backend modules import onnxruntime/tensorrt lazily, inside methods.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..registry import BACKENDS
+from .base import Backend, BackendError, ExpertCostRow
+
+# name -> "module:Class" of the built-in backends (imported on first use)
+BUILTIN_BACKENDS = {
+    "ort-cpu": "dmpq_compile.backends.ort_cpu.backend:OrtCpuBackend",
+    "trt-a100": "dmpq_compile.backends.trt.backend:TrtA100Backend",
+}
+
+
+def _register_builtins() -> None:
+    for name, target in BUILTIN_BACKENDS.items():
+        if name in dict((n, c) for n, c, _ in BACKENDS.items()):
+            continue
+        module, cls = target.split(":")
+        try:
+            BACKENDS.register(getattr(importlib.import_module(module), cls))
+        except ModuleNotFoundError as e:
+            if not e.name or not e.name.startswith("dmpq_compile"):
+                raise
+
+
+def get_backend(name: str) -> Backend:
+    """A fresh instance of the backend called ``name``."""
+    _register_builtins()
+    try:
+        return BACKENDS.get(name)()
+    except KeyError as e:
+        raise BackendError(str(e).strip("'\"")) from None
+
+
+def available_backends() -> list[tuple[str, type, str]]:
+    _register_builtins()
+    return BACKENDS.items()
+
+
+__all__ = ["Backend", "BackendError", "ExpertCostRow", "get_backend", "available_backends", "BUILTIN_BACKENDS"]

@@ -1,0 +1,27 @@
+"""Passes over the IR, their manager, and the explicit list of built-ins.
+
+Third-party passes register through the entry-point group ``dmpq_compile.passes``.
+"""
+
+from ..registry import PASSES
+from .allocate_pass import AllocatePass
+from .base import Pass, PassContext, PassError, PassResult
+from .cost import CostPass
+from .manager import DumpIR, Instrument, PassManager, Progress, Timing
+from .profile import ProfilePass
+from .quantize import QuantizePass
+from .sensitivity import SensitivityPass
+
+BUILTIN_PASSES = (ProfilePass, SensitivityPass, CostPass, AllocatePass, QuantizePass)
+for _cls in BUILTIN_PASSES:
+    PASSES.register(_cls)
+
+
+def make_pass(name: str, **options) -> Pass:
+    """Instantiate a registered pass (built-in or plugin) by name with typed options."""
+    return PASSES.get(name)(**options)
+
+
+__all__ = ["PASSES", "BUILTIN_PASSES", "Pass", "PassContext", "PassError", "PassResult", "PassManager",
+           "Instrument", "Timing", "DumpIR", "Progress", "make_pass", "AllocatePass", "CostPass", "ProfilePass",
+           "QuantizePass", "SensitivityPass"]

@@ -1,5 +1,5 @@
-"""Helpers that build tiny random MoE checkpoints (tests, demos, benchmarks of shapes)."""
+"""Helpers that build tiny random MoE checkpoints and corpora (tests, demos, shape benchmarks)."""
 
-from .tiny import TINY_FAMILIES, make_tiny_checkpoint
+from .tiny import TINY_FAMILIES, make_tiny_checkpoint, save_tiny_tokenizer, tiny_text, write_tiny_corpus
 
-__all__ = ["TINY_FAMILIES", "make_tiny_checkpoint"]
+__all__ = ["TINY_FAMILIES", "make_tiny_checkpoint", "save_tiny_tokenizer", "tiny_text", "write_tiny_corpus"]

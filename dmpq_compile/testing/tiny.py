@@ -46,7 +46,7 @@ def make_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, **over
     torch.manual_seed(seed)
     cfg_kwargs = {**_COMMON, **extra, **overrides}
     if family == "olmoe":
-        cfg_kwargs.setdefault("eos_token_id", cfg_kwargs["vocab_size"] - 1)
+        cfg_kwargs.setdefault("eos_token_id", 0)
         cfg_kwargs.setdefault("pad_token_id", 0)
     config = config_cls(**cfg_kwargs)
     model = model_cls(config).eval()
@@ -60,4 +60,47 @@ def make_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, **over
                 p.normal_(0.0, 0.02)
     out = Path(out_dir)
     model.save_pretrained(out)
+    save_tiny_tokenizer(out, cfg_kwargs["vocab_size"])
     return out
+
+
+_WORDS = ("the expert router sends each token to a few experts and the model adds their weighted outputs "
+          "while quantization keeps rare experts small and frequent experts precise so that memory "
+          "traffic falls and decoding runs faster on every machine we measured today").split()
+
+
+def tiny_text(n_sentences: int, seed: int = 0) -> str:
+    """Deterministic pseudo-English text from a small vocabulary (for tokenizers and corpora in tests)."""
+    import random
+
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n_sentences):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(5, 14))]
+        sentences.append(" ".join(words).capitalize() + ".")
+    return " ".join(sentences)
+
+
+def write_tiny_corpus(out_dir: str | Path, n_files: int = 12, sentences: int = 40) -> Path:
+    """A folder of ``n_files`` text files usable as ``--calib-corpus`` / ``--corpus``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (out / f"doc{i:02d}.txt").write_text(tiny_text(sentences, seed=i))
+    return out
+
+
+def save_tiny_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
+    """Train a small BPE tokenizer (``<|endoftext|>`` = id 0) on :func:`tiny_text` and save tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<unk>"],
+                                  limit_alphabet=40, show_progress=False)
+    tok.train_from_iterator([tiny_text(200, seed=s) for s in range(5)], trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise RuntimeError(f"tiny tokenizer has {tok.get_vocab_size()} tokens > model vocab {vocab_size}")
+    path = Path(out_dir) / "tokenizer.json"
+    tok.save(str(path))
+    return path

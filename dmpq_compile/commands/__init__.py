@@ -1,0 +1,1 @@
+"""One module per ``dmpq-compile`` subcommand (see ``dmpq_compile/cli.py``)."""

@@ -1,0 +1,173 @@
+"""The compile driver: checkpoint -> IR -> passes -> artifact (library API behind ``dmpq-compile compile``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .frontend import load
+from .ir.graph import Graph
+from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
+from .passes.allocate_pass import NEEDS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything that decides what ``compile`` produces (typed, closed: unknown keys are errors)."""
+
+    target: str = "ort-cpu"
+    allocator: str = "frequency"
+    budget_kind: str = "bits"  # bits | bytes | latency
+    budget: float = 4.0
+    w_acc: float = 1.0
+    w_lat: float = 0.0
+    w_mem: float = 0.0
+    w_eng: float = 0.0
+    bits: tuple[int, ...] | None = None
+    group_size: int = 64
+    quant_method: str = "rtn"
+    calib_corpus: str = "pydoc"
+    calib_sequences: int = 32
+    seq_len: int = 128
+    sensitivity_sequences: int = 16
+    sensitivity: bool = True
+    seed: int = 0
+    allocator_options: dict[str, Any] = field(default_factory=dict)
+    extra_passes: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, options) run after allocate
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompileConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown compile setting(s) {unknown}; valid: {sorted(known)}")
+        return cls(**data)
+
+
+def calibration_ids(model_dir: str | Path, corpus: str, sequences: int, seq_len: int,
+                    split: str = "calib") -> torch.Tensor:
+    """``[sequences, seq_len]`` token ids from a corpus split, tokenized with the model's tokenizer."""
+    from .eval import load_corpus, tokenize_corpus
+
+    tok = load_tokenizer(model_dir)
+    eos = _eos_token(tok)
+    ids = tokenize_corpus(load_corpus(corpus, split), tok, separator=eos, max_tokens=sequences * seq_len)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"corpus {corpus!r} split {split!r} has only {len(ids)} tokens; need at least "
+                         f"one sequence of {seq_len}")
+    if n < sequences:
+        log.warning("calibration: only %d sequences of %d tokens available (asked %d)", n, seq_len, sequences)
+    return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len).astype("int64"))
+
+
+def load_tokenizer(model_dir: str | Path):
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the model folder needs a fast tokenizer (tokenizer.json) "
+                                "for calibration and evaluation")
+    return Tokenizer.from_file(str(path))
+
+
+def _eos_token(tok) -> str:
+    for cand in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"):
+        if tok.token_to_id(cand) is not None:
+            return cand
+    raise ValueError("the tokenizer has no known end-of-text token (<|endoftext|>, </s>, <eos>)")
+
+
+def build_pipeline(cfg: CompileConfig, backend: Any) -> list:
+    """The pass list for a config: profile, [sensitivity], [cost], allocate, extras, quantize."""
+    if cfg.allocator not in NEEDS:
+        raise ValueError(f"unknown allocator {cfg.allocator!r}; choose one of {sorted(NEEDS)}")
+    passes = [make_pass("profile")]
+    needs_sens = "sensitivity" in NEEDS[cfg.allocator] or "router_grad_change" in NEEDS[cfg.allocator]
+    if cfg.sensitivity or needs_sens:
+        passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
+                                gradvar=cfg.allocator == "gradvar" or cfg.sensitivity))
+    if backend is not None:
+        passes.append(make_pass("cost"))
+    passes.append(make_pass(
+        "allocate", allocator=cfg.allocator, budget_kind=cfg.budget_kind, budget=cfg.budget, w_acc=cfg.w_acc,
+        w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits,
+        allocator_options=dict(cfg.allocator_options)))
+    passes.extend(make_pass(name, **opts) for name, opts in cfg.extra_passes)
+    passes.append(make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size))
+    return passes
+
+
+def get_backend(target: str | None):
+    if target is None:
+        return None
+    from .backends import get_backend as _get
+
+    return _get(target)
+
+
+def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progress: bool = True,
+                 dump_dir: str | Path | None = None) -> tuple[Graph, list]:
+    """Run the configured passes on ``graph``; returns the annotated graph and per-pass records."""
+    backend = get_backend(cfg.target)
+    passes = build_pipeline(cfg, backend)
+    timing = Timing()
+    instruments = [timing, Progress(len(passes), progress)]
+    if dump_dir:
+        instruments.append(DumpIR(dump_dir))
+    manager = PassManager(passes, instruments)
+    manager.check(graph)
+    calib = None
+    if manager.needs_calibration:
+        calib = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    ctx = PassContext(calibration=calib, target=cfg.target, backend=backend, seed=cfg.seed, progress=progress)
+    graph = manager.run(graph, ctx)
+    return graph, timing.records
+
+
+def expert_table(graph: Graph) -> list[dict[str, Any]]:
+    """One row per expert with its annotations (what ``inspect`` prints and reports store)."""
+    rows = []
+    for n in graph.experts():
+        row = {"id": n.id, "layer": n.attrs["layer"], "expert": n.attrs["expert"]}
+        for key in ("freq", "mass", "tokens", "sensitivity", "kl", "contribution", "router_grad_change",
+                    "neuron_variance", "bits", "group_size"):
+            if key in n.ann:
+                row[key] = n.ann[key]
+        if "quant" in n.ann:
+            row["method"] = n.ann["quant"]["spec"].get("method")
+        rows.append(row)
+    return rows
+
+
+def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, progress: bool = True,
+                  overwrite: bool = False, dump_dir: str | Path | None = None) -> Path:
+    """Compile ``model_dir`` for ``cfg.target`` into the artifact folder ``out`` (atomic)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
+    t0 = time.perf_counter()
+    graph = load(model_dir)
+    graph, records = run_pipeline(graph, model_dir, cfg, progress, dump_dir)
+    report = {"config": _jsonable(dataclasses.asdict(cfg)), "passes": [dataclasses.asdict(r) for r in records],
+              "experts": expert_table(graph), "compile_seconds": round(time.perf_counter() - t0, 3)}
+    from .artifact import write_artifact
+
+    return write_artifact(graph, get_backend(cfg.target), out, report=report, overwrite=overwrite)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

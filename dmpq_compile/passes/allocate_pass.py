@@ -1,0 +1,111 @@
+"""``allocate``: choose every expert's bit-width with one of the allocators under a budget.
+
+The pass only translates between the IR and the allocators' problem description
+(:mod:`dmpq_compile.passes.allocate`): annotations in, ``bits`` out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..ir.graph import Graph
+from .allocate import get_allocator
+from .allocate.problem import (AllocationProblem, Budget, ExpertCost, ExpertInfo, ObjectiveWeights,
+                               budget_usage, check_feasible)
+from .base import Pass, PassContext, PassError, PassResult
+
+log = logging.getLogger(__name__)
+
+# what each allocator reads beyond freq (and cost, for non-bits budgets)
+NEEDS: dict[str, tuple[str, ...]] = {
+    "uniform": (),
+    "frequency": (),
+    "optimal": ("sensitivity",),
+    "gradvar": ("router_grad_change", "neuron_variance"),
+    "rl": ("sensitivity",),
+}
+
+
+@dataclass(frozen=True)
+class AllocateOptions:
+    allocator: str = "frequency"
+    budget_kind: str = "bits"  # bits | bytes | latency
+    budget: float = 4.0
+    w_acc: float = 1.0
+    w_lat: float = 0.0
+    w_mem: float = 0.0
+    w_eng: float = 0.0
+    bits: tuple[int, ...] | None = None  # default: the backend's supported bits, else (2, 3, 4, 8, 16)
+    allocator_options: dict[str, Any] = field(default_factory=dict)
+
+
+class AllocatePass(Pass):
+    name = "allocate"
+    requires = ("freq",)
+    provides = ("bits",)
+    Options = AllocateOptions
+    description = "bit assignment per expert under a budget (uniform|frequency|optimal|gradvar|rl)"
+
+    def __init__(self, options=None, **kwargs) -> None:
+        super().__init__(options, **kwargs)
+        o = self.options
+        extra = NEEDS.get(o.allocator)
+        if extra is None:
+            raise PassError(f"unknown allocator {o.allocator!r}; choose one of {sorted(NEEDS)}")
+        needs_cost = o.budget_kind != "bits" or max(o.w_lat, o.w_mem, o.w_eng) > 0
+        self.requires = ("freq", *extra, *(("cost",) if needs_cost else ()))
+        self.needs_calibration = False
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        problem = build_problem(graph, self.options, ctx)
+        check_feasible(problem)
+        allocator = get_allocator(self.options.allocator, **_allocator_options(self.options, ctx))
+        allocation = allocator.allocate(problem)
+        for node_id, bits in allocation.items():
+            graph.annotate(node_id, "bits", int(bits))
+        used = budget_usage(problem, allocation)
+        log.info("allocate %s: budget %s, used %s", self.options.allocator, problem.budget.describe(),
+                 problem.budget.describe(used))
+        return PassResult(graph, modified=True, stats={"allocator": self.options.allocator,
+                                                       "budget": problem.budget.describe(),
+                                                       "used": problem.budget.describe(used)})
+
+
+def _allocator_options(o: AllocateOptions, ctx: PassContext) -> dict[str, Any]:
+    opts = dict(o.allocator_options)
+    if o.allocator == "rl":
+        opts.setdefault("seed", ctx.seed)
+        opts.setdefault("progress", ctx.progress)
+    return opts
+
+
+def bits_choices(o: AllocateOptions, ctx: PassContext) -> tuple[int, ...]:
+    supported = tuple(getattr(ctx.backend, "supported_bits", ()) or (2, 3, 4, 8, 16))
+    if o.bits is None:
+        return supported
+    bad = [b for b in o.bits if b not in supported]
+    if bad:
+        raise PassError(f"bits {bad} are not supported by target {getattr(ctx.backend, 'name', None)!r} "
+                        f"(supported: {supported})")
+    return tuple(o.bits)
+
+
+def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> AllocationProblem:
+    target = getattr(ctx.backend, "name", None)
+    experts = []
+    for node in graph.experts():
+        cost = node.ann.get("cost", {}).get(target, {}) if target else {}
+        experts.append(ExpertInfo(
+            key=node.id, layer=node.attrs["layer"], expert=node.attrs["expert"],
+            n_params=sum(graph.weights[node.params[r]].numel() for r in ("gate", "up", "down")),
+            freq=float(node.ann["freq"]), mass=float(node.ann.get("mass", 0.0)),
+            sensitivity=dict(node.ann.get("sensitivity", {})), kl=dict(node.ann.get("kl", {})),
+            contribution=float(node.ann.get("contribution", 0.0)),
+            router_grad_change=node.ann.get("router_grad_change"),
+            neuron_variance=node.ann.get("neuron_variance"),
+            cost={int(b): ExpertCost(**row) for b, row in cost.items()},
+        ))
+    return AllocationProblem(tuple(experts), bits_choices(o, ctx), Budget(o.budget_kind, o.budget),
+                             ObjectiveWeights(o.w_acc, o.w_lat, o.w_mem, o.w_eng))

@@ -1,0 +1,34 @@
+"""``cost``: attach the target backend's cost table (latency, bytes, energy per bits) to every expert."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..ir.graph import Graph
+from .base import Pass, PassContext, PassError, PassResult
+
+
+@dataclass(frozen=True)
+class CostOptions:
+    pass
+
+
+class CostPass(Pass):
+    name = "cost"
+    provides = ("cost",)
+    Options = CostOptions
+    description = "annotate each expert with the target's cost table rows (cost[target][bits])"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if ctx.backend is None:
+            raise PassError("pass 'cost' needs a target backend (--target)")
+        table = ctx.backend.cost_table(graph)
+        for node in graph.experts():
+            if node.id not in table:
+                raise PassError(f"backend {ctx.backend.name!r} gave no cost for expert {node.id!r}")
+            rows = {b: dataclasses.asdict(r) for b, r in table[node.id].items()}
+            merged = dict(node.ann.get("cost", {}))
+            merged[ctx.backend.name] = rows
+            graph.annotate(node.id, "cost", merged)
+        return PassResult(graph, modified=True, stats={"target": ctx.backend.name})

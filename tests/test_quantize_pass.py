@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from dmpq_compile.frontend import load
+from dmpq_compile.ir import Interpreter, load_graph, save_graph
+from dmpq_compile.passes import PassContext, PassError, make_pass
+from dmpq_compile.quant import fake_quantize
+from dmpq_compile.quant.stored import dequantize_stored
+
+
+def _bits_graph(tiny_dirs):
+    g = load(tiny_dirs("qwen3_moe"))
+    for i, n in enumerate(g.experts()):
+        g.annotate(n.id, "bits", (2, 3, 4, 8, 16)[i % 5])
+    return g
+
+
+def test_stored_tensors_match_rtn_and_drive_the_interpreter(tiny_dirs, tmp_path):
+    g = _bits_graph(tiny_dirs)
+    ids = torch.arange(30).view(2, 15) % g.meta["vocab_size"]
+    with torch.no_grad():
+        before = Interpreter(g, quantize=True)(ids)  # RTN fake quant at annotated bits
+    g = make_pass("quantize", group_size=16).call(g, PassContext(progress=False)).graph
+    for n in g.experts():
+        q = n.ann["quant"]
+        assert q["spec"]["bits"] == n.ann["bits"]
+        if n.ann["bits"] == 16:
+            assert q["tensors"] == {}
+            continue
+        for role in ("gate", "up", "down"):
+            w = g.weights[n.params[role]]
+            assert torch.equal(dequantize_stored(g.weights, q, role), fake_quantize(w, n.ann["bits"], 16))
+            packed = g.weights[q["tensors"][role]["q"]]
+            assert packed.dtype == torch.uint8 and packed.shape[1] == (w.shape[1] * n.ann["bits"] + 7) // 8
+    g.meta["group_size"] = 64  # stored tensors (group 16) must win over RTN at the meta group size
+    with torch.no_grad():
+        after = Interpreter(g, quantize=True)(ids)
+    g.meta["group_size"] = 16
+    for n in g.experts():
+        g.g.nodes[n.id]["ann"].pop("quant")
+    with torch.no_grad():
+        rtn16 = Interpreter(g, quantize=True)(ids)
+    assert torch.allclose(after, rtn16, atol=1e-6)
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_quantized_graph_round_trips(tiny_dirs, tmp_path):
+    g = make_pass("quantize", group_size=32).call(_bits_graph(tiny_dirs), PassContext(progress=False)).graph
+    save_graph(g, tmp_path / "ir")
+    h = load_graph(tmp_path / "ir")
+    ids = torch.arange(16).view(1, 16)
+    with torch.no_grad():
+        assert torch.equal(Interpreter(g)(ids), Interpreter(h)(ids))
+
+
+def test_requires_bits(tiny_dirs):
+    with pytest.raises(PassError, match="needs annotations \\['bits'\\]"):
+        make_pass("quantize").call(load(tiny_dirs("mixtral")), PassContext(progress=False))
+
+
+def test_unknown_method():
+    with pytest.raises(PassError, match="method must be one of"):
+        make_pass("quantize", method="awq")
