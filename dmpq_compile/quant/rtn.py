@@ -1,0 +1,309 @@
+"""Group-wise affine asymmetric round-to-nearest (RTN) quantization of linear weights.
+
+Format (scheme ``affine-asym-v1``). A weight ``W`` of shape ``[N, K]`` (out_features N,
+in_features K, as ``nn.Linear`` stores it; optional leading batch axes ``[*B, N, K]`` are
+allowed, e.g. stacked experts) is split along K into ``G = ceil(K / group_size)`` groups of
+``group_size`` consecutive columns. Per row and group::
+
+    lo = min(min(w), 0)      hi = max(max(w), 0)         # range always contains 0
+    S  = (hi - lo) / (2**b - 1)      (S := 1 when hi == lo, i.e. an all-zero group)
+    Z  = clamp(round(-lo / S), 0, 2**b - 1)              # integer zero point
+    q  = clamp(round(w / S + Z), 0, 2**b - 1)            # integer code
+    w' = (q - Z) * S                                     # dequantized value
+
+Extending the range to contain 0 keeps the integer zero point inside ``[0, 2**b - 1]`` (as
+ONNX Runtime ``MatMulNBits`` requires) and guarantees ``|w - w'| <= S / 2`` for every element,
+including constant and negative-only groups.
+
+Ragged K: when K is not a multiple of ``group_size`` the last group is *edge-padded*: the
+last real column is repeated up to the group size. Repeated values lie inside the group's own
+range, so its scale and zero point equal those computed over the real columns alone; the
+padded codes are dropped, so ``q`` always has exactly K columns. Rounding is half-to-even
+(``torch.round``). All arithmetic is float32 on the input's device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dmpq_compile.quant.spec import QuantSpec
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def num_groups(k: int, group_size: int) -> int:
+    """Number of groups ``ceil(k / group_size)`` along K (pre: ``k >= 1``, ``group_size >= 1``)."""
+    return -(-k // group_size)
+
+
+def check_weight(w: torch.Tensor, name: str = "w") -> None:
+    """Validate a weight tensor before quantization.
+
+    Raises:
+        TypeError: ``w`` is not a torch tensor or not float32/float16/bfloat16.
+        ValueError: ``w`` has fewer than 2 dims, an empty axis, or non-finite values.
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32/float16/bfloat16, got {w.dtype}")
+    if w.dim() < 2:
+        raise ValueError(f"{name} must have shape [N, K] (or [*B, N, K]), got {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _check_bits_group(bits: int, group_size: int) -> None:
+    """Validate ``bits``/``group_size`` with the same messages as :class:`QuantSpec`."""
+    QuantSpec(bits=bits, group_size=group_size)
+
+
+def pad_to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Edge-pad the last axis to a multiple of ``group_size`` and split it into groups.
+
+    Args:
+        w: ``[..., K]`` tensor (any dtype; differentiable).
+        group_size: Group length along K.
+
+    Returns:
+        ``[..., G, group_size]`` view/copy; padded entries repeat the last real column.
+    """
+    k = w.shape[-1]
+    pad = num_groups(k, group_size) * group_size - k
+    if pad:
+        w = torch.cat([w, w[..., -1:].expand(*w.shape[:-1], pad)], dim=-1)
+    return w.reshape(*w.shape[:-1], -1, group_size)
+
+
+def affine_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of each group (min/max over the last axis).
+
+    Args:
+        wg: ``[..., M]`` float tensor; each slice along the last axis is one group.
+        bits: Bit-width in 1..8.
+
+    Returns:
+        ``(scale, zero)``, both float32 ``[...]``; ``scale > 0`` and ``zero`` is an integer
+        in ``[0, 2**bits - 1]`` (stored as float).
+    """
+    qmax = float((1 << bits) - 1)
+    wg = wg.detach().to(torch.float32)
+    lo = wg.amin(dim=-1).clamp(max=0.0)
+    hi = wg.amax(dim=-1).clamp(min=0.0)
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).clamp(0.0, qmax)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / scale + zero), 0, 2**bits - 1)`` (as float32).
+
+    Shapes broadcast: e.g. ``w [..., M]`` with ``scale``/``zero`` ``[..., 1]``.
+    """
+    qmax = float((1 << bits) - 1)
+    return torch.round(w.to(torch.float32) / scale + zero).clamp(0.0, qmax)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """Quantized weight in the ``affine-asym-v1`` format (see module docstring).
+
+    Attributes:
+        q: uint8 codes ``[*B, N, K]``, each in ``[0, 2**bits - 1]`` (unpacked, one per byte).
+        scale: float32 ``[*B, N, G]``, strictly positive.
+        zero: uint8 ``[*B, N, G]``, each in ``[0, 2**bits - 1]``.
+        spec: The :class:`QuantSpec` used (``bits < 16``).
+        shape: Original weight shape ``(*B, N, K)``.
+
+    Raises:
+        TypeError / ValueError: On construction, if dtypes, shapes or ranges are inconsistent.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: QuantSpec
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _validate_qt(self)
+
+    @property
+    def num_groups(self) -> int:
+        """Number of groups G along K."""
+        return num_groups(self.shape[-1], self.spec.group_size)
+
+
+def _validate_qt(qt: QuantizedTensor) -> None:
+    """Check dtypes, shapes and code ranges of a :class:`QuantizedTensor`."""
+    if not isinstance(qt.spec, QuantSpec) or not qt.spec.is_quantized:
+        raise ValueError(f"QuantizedTensor needs a QuantSpec with bits < 16, got {qt.spec!r}")
+    for name, t, dt in (
+        ("q", qt.q, torch.uint8),
+        ("scale", qt.scale, torch.float32),
+        ("zero", qt.zero, torch.uint8),
+    ):
+        if not isinstance(t, torch.Tensor) or t.dtype != dt:
+            raise TypeError(f"QuantizedTensor.{name} must be a {dt} tensor, got {getattr(t, 'dtype', t)}")
+    shape = tuple(qt.shape)
+    if len(shape) < 2 or 0 in shape or tuple(qt.q.shape) != shape:
+        raise ValueError(f"q shape {tuple(qt.q.shape)} does not match shape {shape}")
+    gshape = (*shape[:-1], num_groups(shape[-1], qt.spec.group_size))
+    if tuple(qt.scale.shape) != gshape or tuple(qt.zero.shape) != gshape:
+        raise ValueError(
+            f"scale/zero must have shape {gshape}, got {tuple(qt.scale.shape)} / {tuple(qt.zero.shape)}"
+        )
+    qmax = qt.spec.qmax
+    if int(qt.q.max()) > qmax or int(qt.zero.max()) > qmax:
+        raise ValueError(f"codes or zero points exceed {qmax} for {qt.spec.bits}-bit quantization")
+    if not bool((qt.scale > 0).all()) or not bool(torch.isfinite(qt.scale).all()):
+        raise ValueError("QuantizedTensor.scale must be finite and strictly positive")
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """Round-to-nearest group-wise affine quantization of ``w``.
+
+    Args:
+        w: Float weight ``[N, K]`` (or ``[*B, N, K]``), float32/float16/bfloat16, finite.
+        spec: Quantization spec with ``bits < 16`` (``spec.method`` is recorded as given).
+
+    Returns:
+        :class:`QuantizedTensor` on ``w``'s device with ``shape == tuple(w.shape)``.
+
+    Raises:
+        TypeError / ValueError: Bad ``w`` (see :func:`check_weight`) or a 16-bit spec.
+    """
+    check_weight(w)
+    if not isinstance(spec, QuantSpec) or not spec.is_quantized:
+        raise ValueError(f"quantize needs a QuantSpec with bits < 16, got {spec!r}")
+    k = w.shape[-1]
+    wg = pad_to_groups(w.detach().to(torch.float32), spec.group_size)  # [*B, N, G, gs]
+    scale, zero = affine_params(wg, spec.bits)  # [*B, N, G]
+    q = quantize_codes(wg, scale[..., None], zero[..., None], spec.bits)  # [*B, N, G, gs]
+    q = q.reshape(*w.shape[:-1], -1)[..., :k]  # [*B, N, K]
+    return QuantizedTensor(
+        q=q.to(torch.uint8), scale=scale, zero=zero.to(torch.uint8), spec=spec, shape=tuple(w.shape)
+    )
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """Reconstruct float32 weights ``(q - zero) * scale`` of shape ``qt.shape``.
+
+    Pre: ``qt`` is a valid :class:`QuantizedTensor`. Post: float32 ``[*B, N, K]`` on
+    ``qt.q``'s device.
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
+    k = qt.shape[-1]
+    qg = pad_to_groups(qt.q.to(torch.float32), qt.spec.group_size)  # [*B, N, G, gs]
+    w = (qg - qt.zero.to(torch.float32)[..., None]) * qt.scale[..., None]
+    return w.reshape(*qt.shape[:-1], -1)[..., :k].contiguous()  # [*B, N, K]
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Quantize then dequantize ``w`` (no gradient through the rounding).
+
+    Args:
+        w: Float weight ``[N, K]`` or ``[*B, N, K]``.
+        bits: One of 2, 3, 4, 8, or 16 (identity: ``w`` itself is returned).
+        group_size: Group length along K.
+
+    Returns:
+        Tensor with ``w``'s shape, dtype and device.
+    """
+    _check_bits_group(bits, group_size)
+    if bits == 16:
+        return w
+    qt = quantize(w, QuantSpec(bits=bits, group_size=group_size))
+    return dequantize(qt).to(w.dtype)
+
+
+def init_scale_multiplier(w: torch.Tensor, group_size: int) -> torch.nn.Parameter:
+    """Learnable per-group scale multiplier (all ones) for :func:`fake_quantize_ste`.
+
+    Returns:
+        float32 ``nn.Parameter`` of shape ``[*B, N, G]`` on ``w``'s device.
+    """
+    check_weight(w)
+    _check_bits_group(8, group_size)
+    shape = (*w.shape[:-1], num_groups(w.shape[-1], group_size))
+    return torch.nn.Parameter(torch.ones(shape, dtype=torch.float32, device=w.device))
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Value of ``x`` in the forward pass, gradient multiplied by ``g`` (LSQ grad scaling)."""
+    return (x - x * g).detach() + x * g
+
+
+def _lsq_fake_quantize(
+    w: torch.Tensor, bits: int, group_size: int, scale_mult: torch.Tensor, grad_scale: float | None
+) -> torch.Tensor:
+    """LSQ-style fake quantization with a learnable scale multiplier (float32 out).
+
+    The RTN scale ``S`` and zero point ``Z`` are computed from ``w.detach()``; the effective
+    scale is ``S * scale_mult``. Gradients: straight-through for ``round``, zero for codes
+    clamped at ``0``/``2**bits - 1``, and a full gradient into ``scale_mult``.
+    """
+    expected = (*w.shape[:-1], num_groups(w.shape[-1], group_size))
+    if tuple(scale_mult.shape) != expected:
+        raise ValueError(f"scale_mult must have shape {expected} ([*B, N, G]), got {tuple(scale_mult.shape)}")
+    if not scale_mult.is_floating_point():
+        raise TypeError(f"scale_mult must be a float tensor, got {scale_mult.dtype}")
+    k, qmax = w.shape[-1], float((1 << bits) - 1)
+    wg = pad_to_groups(w.to(torch.float32), group_size)  # [*B, N, G, gs]
+    base_scale, zero = affine_params(wg, bits)  # [*B, N, G]
+    if grad_scale is None:
+        grad_scale = 1.0 / math.sqrt(wg.shape[-1] * qmax)
+    mult = _scale_grad(scale_mult.to(torch.float32), grad_scale)
+    s = (base_scale * mult)[..., None]  # [*B, N, G, 1]
+    z = zero[..., None]
+    q = torch.clamp(_round_ste(wg / s + z), 0.0, qmax)
+    return ((q - z) * s).reshape(*w.shape[:-1], -1)[..., :k]
+
+
+def fake_quantize_ste(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale_mult: torch.Tensor | None = None,
+    grad_scale: float | None = None,
+) -> torch.Tensor:
+    """Differentiable fake quantization for quantization-aware training.
+
+    Without ``scale_mult``: ``w + (fake_quantize(w) - w).detach()``, i.e. the forward value
+    is the RTN fake-quantized weight and ``d out / d w`` is the identity (straight-through).
+
+    With ``scale_mult`` (LSQ-style, Esser et al. 2020): a float tensor ``[*B, N, G]`` (see
+    :func:`init_scale_multiplier`) multiplying each group's RTN scale; it receives gradients
+    (scaled by ``grad_scale``, default ``1 / sqrt(group_size * (2**bits - 1))``), and
+    gradients to ``w`` are zeroed where codes are clamped.
+
+    Args:
+        w: Float weight ``[N, K]`` or ``[*B, N, K]``.
+        bits: 2, 3, 4, 8, or 16 (returns ``w`` unchanged).
+        group_size: Group length along K.
+        scale_mult: Optional learnable scale multiplier ``[*B, N, G]``.
+        grad_scale: Optional LSQ gradient scale for ``scale_mult``.
+
+    Returns:
+        Tensor with ``w``'s shape and dtype, connected to the autograd graph.
+    """
+    _check_bits_group(bits, group_size)
+    if bits == 16:
+        return w
+    check_weight(w)
+    if scale_mult is None:
+        fq = fake_quantize(w.detach(), bits, group_size)
+        return w + (fq - w).detach()
+    return _lsq_fake_quantize(w, bits, group_size, scale_mult, grad_scale).to(w.dtype)

@@ -1,0 +1,111 @@
+"""Quantization specification shared by every quantizer, the passes and the backends.
+
+A :class:`QuantSpec` says *how* one weight matrix is (or is not) quantized: its bit-width, the
+size of the groups along the input dimension K that share one scale and zero point, the numeric
+scheme and the method that chose the integer codes. It is immutable and serialisable, so it can
+be stored in IR annotations and artifact manifests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+VALID_BITS = (2, 3, 4, 8, 16)
+"""Supported bit-widths; 16 means "keep the weight in floating point (not quantized)"."""
+
+VALID_SCHEMES = ("affine-asym-v1",)
+"""Numeric schemes. ``affine-asym-v1``: per-group float32 scale and integer zero point in
+``[0, 2**bits - 1]``, ``w ~ (q - zero) * scale``, groups of ``group_size`` along K."""
+
+VALID_METHODS = ("rtn", "gptq", "hqq")
+"""Algorithms that choose the integer codes (all produce the same format)."""
+
+SPEC_VERSION = 1
+"""Version written by :meth:`QuantSpec.to_dict`; bumped on incompatible changes."""
+
+
+def _is_int(value: Any) -> bool:
+    """True for a real ``int`` (``bool`` excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one weight tensor is quantized.
+
+    Attributes:
+        bits: Bit-width of the integer codes, one of :data:`VALID_BITS`; 16 = not quantized.
+        group_size: Number of consecutive input-dimension (K) elements sharing one scale and
+            zero point; a positive integer (typically 32, 64 or 128).
+        scheme: Numeric scheme, one of :data:`VALID_SCHEMES`.
+        method: Algorithm producing the codes, one of :data:`VALID_METHODS`.
+
+    Raises:
+        ValueError: On construction, if any field is invalid.
+    """
+
+    bits: int
+    group_size: int = 128
+    scheme: str = "affine-asym-v1"
+    method: str = "rtn"
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.bits) or self.bits not in VALID_BITS:
+            raise ValueError(f"bits must be one of {VALID_BITS}, got {self.bits!r}")
+        if not _is_int(self.group_size) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        if self.scheme not in VALID_SCHEMES:
+            raise ValueError(f"scheme must be one of {VALID_SCHEMES}, got {self.scheme!r}")
+        if self.method not in VALID_METHODS:
+            raise ValueError(f"method must be one of {VALID_METHODS}, got {self.method!r}")
+
+    @property
+    def is_quantized(self) -> bool:
+        """False for the 16-bit "keep in floating point" spec."""
+        return self.bits != 16
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code, ``2**bits - 1`` (only meaningful when quantized)."""
+        return (1 << self.bits) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict including a ``version`` field.
+
+        Postconditions:
+            ``QuantSpec.from_dict(spec.to_dict()) == spec``.
+        """
+        return {
+            "version": SPEC_VERSION,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "scheme": self.scheme,
+            "method": self.method,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
+        """Rebuild a spec written by :meth:`to_dict`.
+
+        Args:
+            data: Mapping with ``version`` (must be :data:`SPEC_VERSION`), ``bits`` and
+                optionally ``group_size``, ``scheme``, ``method``.
+
+        Raises:
+            TypeError: ``data`` is not a mapping.
+            ValueError: Unknown version, unknown keys, missing ``bits`` or invalid values.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"QuantSpec.from_dict expects a mapping, got {type(data).__name__}")
+        version = data.get("version")
+        if version != SPEC_VERSION:
+            raise ValueError(f"unsupported QuantSpec version {version!r} (expected {SPEC_VERSION})")
+        unknown = set(data) - {"version", "bits", "group_size", "scheme", "method"}
+        if unknown:
+            raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
+        if "bits" not in data:
+            raise ValueError("QuantSpec dict is missing 'bits'")
+        fields = {k: data[k] for k in ("bits", "group_size", "scheme", "method") if k in data}
+        return cls(**fields)
