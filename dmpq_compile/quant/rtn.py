@@ -101,6 +101,42 @@ def affine_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     return scale, zero
 
 
+def clip_search_params(
+    wg: torch.Tensor, bits: int, n_grid: int = 20, min_ratio: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`affine_params`, but shrinks each group's range to minimise squared error.
+
+    Tries the ranges ``[r * lo, r * hi]`` for ``n_grid`` ratios ``r`` evenly spaced from 1
+    down to ``min_ratio`` (``r = 1`` is the plain RTN range) and keeps, per group, the
+    ``(scale, zero)`` whose rounded-and-clamped reconstruction has the smallest squared error.
+
+    Args:
+        wg: ``[..., M]`` float tensor; each slice along the last axis is one group.
+        bits: Bit-width in 1..8.
+        n_grid: Number of ratios (``>= 1``).
+        min_ratio: Smallest ratio, in ``(0, 1]``.
+
+    Returns:
+        ``(scale, zero)`` float32 ``[...]`` in the same format as :func:`affine_params`; the
+        error is never larger than with :func:`affine_params`.
+    """
+    if n_grid < 1 or not 0 < min_ratio <= 1:
+        raise ValueError(f"need n_grid >= 1 and 0 < min_ratio <= 1, got {n_grid}, {min_ratio}")
+    wg = wg.detach().to(torch.float32)
+    best_s, best_z, best_e = None, None, None
+    for ratio in torch.linspace(1.0, min_ratio, n_grid).tolist():
+        scale, zero = affine_params(wg * ratio, bits)
+        q = quantize_codes(wg, scale[..., None], zero[..., None], bits)
+        err = (((q - zero[..., None]) * scale[..., None] - wg) ** 2).sum(dim=-1)
+        if best_e is None:
+            best_s, best_z, best_e = scale, zero, err
+            continue
+        better = err < best_e
+        best_s, best_z = torch.where(better, scale, best_s), torch.where(better, zero, best_z)
+        best_e = torch.where(better, err, best_e)
+    return best_s, best_z
+
+
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes ``clamp(round(w / scale + zero), 0, 2**bits - 1)`` (as float32).
 
