@@ -86,21 +86,26 @@ def _eos_token(tok) -> str:
     raise ValueError("the tokenizer has no known end-of-text token (<|endoftext|>, </s>, <eos>)")
 
 
-def build_pipeline(cfg: CompileConfig, backend: Any) -> list:
-    """The pass list for a config: profile, [sensitivity], [cost], allocate, extras, quantize."""
+def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
+    """Passes whose results do not depend on the budget: profile, [sensitivity], [cost]."""
     if cfg.allocator not in NEEDS:
         raise ValueError(f"unknown allocator {cfg.allocator!r}; choose one of {sorted(NEEDS)}")
     passes = [make_pass("profile")]
-    needs_sens = "sensitivity" in NEEDS[cfg.allocator] or "router_grad_change" in NEEDS[cfg.allocator]
+    needs_sens = any(k in NEEDS[cfg.allocator] for k in ("sensitivity", "router_grad_change"))
     if cfg.sensitivity or needs_sens:
         passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
                                 gradvar=cfg.allocator == "gradvar" or cfg.sensitivity))
     if backend is not None:
         passes.append(make_pass("cost"))
-    passes.append(make_pass(
+    return passes
+
+
+def allocation_passes(cfg: CompileConfig) -> list:
+    """Passes that depend on the allocator and budget: allocate, extras (e.g. qat), quantize."""
+    passes = [make_pass(
         "allocate", allocator=cfg.allocator, budget_kind=cfg.budget_kind, budget=cfg.budget, w_acc=cfg.w_acc,
         w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits,
-        allocator_options=dict(cfg.allocator_options)))
+        allocator_options=dict(cfg.allocator_options))]
     passes.extend(make_pass(name, **opts) for name, opts in cfg.extra_passes)
     passes.append(make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size))
     return passes
@@ -114,24 +119,30 @@ def get_backend(target: str | None):
     return _get(target)
 
 
-def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progress: bool = True,
-                 dump_dir: str | Path | None = None) -> tuple[Graph, list]:
-    """Run the configured passes on ``graph``; returns the annotated graph and per-pass records."""
-    backend = get_backend(cfg.target)
-    passes = build_pipeline(cfg, backend)
+def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileConfig, backend: Any,
+               progress: bool = True, dump_dir: str | Path | None = None,
+               calibration: torch.Tensor | None = None) -> tuple[Graph, list]:
+    """Run ``passes`` on ``graph`` with calibration loaded only if one needs it."""
     timing = Timing()
     instruments = [timing, Progress(len(passes), progress)]
     if dump_dir:
         instruments.append(DumpIR(dump_dir))
     manager = PassManager(passes, instruments)
     manager.check(graph)
-    calib = None
-    if manager.needs_calibration:
-        calib = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
+    if manager.needs_calibration and calibration is None:
+        calibration = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
     torch.manual_seed(cfg.seed)
-    ctx = PassContext(calibration=calib, target=cfg.target, backend=backend, seed=cfg.seed, progress=progress)
-    graph = manager.run(graph, ctx)
-    return graph, timing.records
+    ctx = PassContext(calibration=calibration, target=cfg.target, backend=backend, seed=cfg.seed,
+                      progress=progress)
+    return manager.run(graph, ctx), timing.records
+
+
+def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progress: bool = True,
+                 dump_dir: str | Path | None = None) -> tuple[Graph, list]:
+    """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records."""
+    backend = get_backend(cfg.target)
+    passes = analysis_passes(cfg, backend) + allocation_passes(cfg)
+    return run_passes(graph, passes, model_dir, cfg, backend, progress, dump_dir)
 
 
 def expert_table(graph: Graph) -> list[dict[str, Any]]:
@@ -156,12 +167,17 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
     t0 = time.perf_counter()
-    graph = load(model_dir)
-    graph, records = run_pipeline(graph, model_dir, cfg, progress, dump_dir)
-    report = {"config": _jsonable(dataclasses.asdict(cfg)), "passes": [dataclasses.asdict(r) for r in records],
-              "experts": expert_table(graph), "compile_seconds": round(time.perf_counter() - t0, 3)}
+    graph, records = run_pipeline(load(model_dir), model_dir, cfg, progress, dump_dir)
+    return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite)
+
+
+def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, seconds: float,
+         overwrite: bool = False) -> Path:
+    """Write the artifact for an annotated, quantized graph (atomic), with its report."""
     from .artifact import write_artifact
 
+    report = {"config": _jsonable(dataclasses.asdict(cfg)), "passes": [dataclasses.asdict(r) for r in records],
+              "experts": expert_table(graph), "compile_seconds": round(seconds, 3)}
     return write_artifact(graph, get_backend(cfg.target), out, report=report, overwrite=overwrite)
 
 

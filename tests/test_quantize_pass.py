@@ -61,3 +61,32 @@ def test_requires_bits(tiny_dirs):
 def test_unknown_method():
     with pytest.raises(PassError, match="method must be one of"):
         make_pass("quantize", method="awq")
+
+
+@pytest.mark.parametrize("method", ["gptq", "hqq"])
+def test_strong_ptq_methods_beat_rtn_on_calibration_kl(method, tiny_dirs, calib_ids):
+    import torch.nn.functional as F
+
+    ids = calib_ids("mixtral")
+    base = load(tiny_dirs("mixtral"))
+    for n in base.experts():
+        base.annotate(n.id, "bits", 2)
+    with torch.no_grad():
+        ref = F.log_softmax(Interpreter(base, quantize=False)(ids), -1)
+
+    def kl(method):
+        g = base.copy()
+        ctx = PassContext(calibration=ids, progress=False)
+        g = make_pass("quantize", method=method, group_size=32).call(g, ctx).graph
+        assert all(n.ann["quant"]["spec"]["method"] == method for n in g.experts())
+        with torch.no_grad():
+            logp = F.log_softmax(Interpreter(g, quantize=True)(ids), -1)
+        return float((ref.exp() * (ref - logp)).sum(-1).mean())
+
+    assert kl(method) < kl("rtn")
+
+
+def test_gptq_needs_calibration(tiny_dirs):
+    g = _bits_graph(tiny_dirs)
+    with pytest.raises(PassError, match="needs calibration data"):
+        make_pass("quantize", method="gptq").call(g, PassContext(progress=False))

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-VALID_BITS = (2, 3, 4, 8, 16)
+from ..quant.spec import VALID_BITS
 
 
 @dataclass(frozen=True)
