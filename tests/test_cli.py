@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dmpq_compile.cli import main
+
+
+def test_passes_lists_builtins(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("profile", "sensitivity", "cost", "allocate", "quantize"):
+        assert f"  {name} " in out
+    assert "requires freq" in out
+
+
+def test_inspect_saved_ir(tiny_dirs, calib_ids, tmp_path, capsys):
+    from dmpq_compile.frontend import load
+    from dmpq_compile.ir import save_graph
+    from dmpq_compile.passes import PassContext, PassManager, make_pass
+
+    g = PassManager([make_pass("profile"), make_pass("sensitivity", bits=(2, 4), gradvar=False),
+                     make_pass("allocate", allocator="frequency", budget=3.0, bits=(2, 4, 16))]).run(
+        load(tiny_dirs("mixtral")), PassContext(calibration=calib_ids("mixtral"), progress=False))
+    save_graph(g, tmp_path / "ir")
+    assert main(["inspect", str(tmp_path / "ir")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["layer", "expert", "freq", "mass", "dNLL@2", "dNLL@4", "bits"]
+    assert len(lines) == 1 + 2 * 4
+    assert main(["inspect", str(tmp_path / "ir"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["bits"] for r in rows} <= {2, 4, 16}
+
+
+def test_eval_checkpoint_on_text_folder(tiny_dirs, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_dirs("olmoe")), "--corpus", str(tiny_corpus), "--split", "test",
+                 "--context", "32", "--stride", "16", "--no-progress", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["tokens"] > 0 and 1.0 < res["ppl"] < 200  # random tiny model, vocab 96
+
+
+def test_errors_are_one_line_messages(tmp_path, capsys):
+    assert main(["compile", str(tmp_path / "missing"), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "not a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_help():
+    res = subprocess.run([sys.executable, "-m", "dmpq_compile.cli", "compile", "--help"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0
+    for flag in ("--target", "--budget-bits", "--budget-mb", "--budget-ms", "--allocator", "--w-lat"):
+        assert flag in res.stdout
+
+
+@pytest.mark.parametrize("argv", [["compile", "x", "-o", "y", "--budget-bits", "3", "--budget-mb", "2"]])
+def test_budget_flags_are_exclusive(argv):
+    with pytest.raises(SystemExit):
+        main(argv)
