@@ -42,6 +42,11 @@ class CompileConfig:
     seed: int = 0
     allocator_options: dict[str, Any] = field(default_factory=dict)
     extra_passes: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, options) run after allocate
+    qat: bool = False
+    qat_steps: int = 200
+    qat_time_budget_s: float = 600.0
+    qat_lr: float = 1e-4
+    codesign_rounds: int = 0  # >0: alternate allocation and QAT this many times before the final round
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompileConfig:
@@ -107,6 +112,9 @@ def allocation_passes(cfg: CompileConfig) -> list:
         w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits,
         allocator_options=dict(cfg.allocator_options))]
     passes.extend(make_pass(name, **opts) for name, opts in cfg.extra_passes)
+    if cfg.qat or cfg.codesign_rounds:
+        passes.append(make_pass("qat", steps=cfg.qat_steps, time_budget_s=cfg.qat_time_budget_s, lr=cfg.qat_lr,
+                                group_size=cfg.group_size))
     passes.append(make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size))
     return passes
 
@@ -139,10 +147,28 @@ def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileCo
 
 def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progress: bool = True,
                  dump_dir: str | Path | None = None) -> tuple[Graph, list]:
-    """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records."""
+    """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records.
+
+    With ``codesign_rounds`` > 0, allocation and QAT alternate: each round allocates bits with
+    the current sensitivities, fine-tunes at those bits, and re-measures sensitivity on the
+    fine-tuned model, so the next allocation sees the recovered model; a final round then
+    allocates, fine-tunes and quantizes.
+    """
     backend = get_backend(cfg.target)
-    passes = analysis_passes(cfg, backend) + allocation_passes(cfg)
-    return run_passes(graph, passes, model_dir, cfg, backend, progress, dump_dir)
+    analysis = analysis_passes(cfg, backend)
+    calib = None
+    if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):
+        calib = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
+    graph, records = run_passes(graph, analysis, model_dir, cfg, backend, progress, dump_dir, calib)
+    for r in range(cfg.codesign_rounds):
+        round_passes = allocation_passes(cfg)[:-1]  # allocate, [extras], qat — no quantize yet
+        round_passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
+                                      gradvar=cfg.allocator == "gradvar"))
+        graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib)
+        records += recs
+        log.info("co-design round %d/%d done", r + 1, cfg.codesign_rounds)
+    graph, recs = run_passes(graph, allocation_passes(cfg), model_dir, cfg, backend, progress, dump_dir, calib)
+    return graph, records + recs
 
 
 def expert_table(graph: Graph) -> list[dict[str, Any]]:

@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-sequences", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity pass when not needed")
+    p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits")
+    p.add_argument("--qat-steps", type=int, default=200, help="QAT optimizer steps (default 200)")
+    p.add_argument("--qat-time-budget", type=float, default=600.0, help="QAT wall-time limit, s (default 600)")
+    p.add_argument("--codesign-rounds", type=int, default=0,
+                   help="alternate allocation and QAT this many rounds before the final one (implies --qat)")
     p.add_argument("--rl-episodes", type=int, help="episodes for --allocator rl")
     p.add_argument("--config", help="TOML file with compile settings (command-line flags win)")
     p.add_argument("--dump-ir", help="save the IR after every pass into this folder")
@@ -57,7 +62,8 @@ def config_from_args(args: argparse.Namespace):
     data.update(target=args.target, allocator=args.allocator, w_acc=args.w_acc, w_lat=args.w_lat,
                 w_mem=args.w_mem, w_eng=args.w_eng, group_size=args.group_size, quant_method=args.quant_method,
                 calib_corpus=args.calib_corpus, calib_sequences=args.calib_sequences, seq_len=args.seq_len,
-                sensitivity=not args.no_sensitivity, seed=args.seed)
+                sensitivity=not args.no_sensitivity, seed=args.seed, qat=args.qat, qat_steps=args.qat_steps,
+                qat_time_budget_s=args.qat_time_budget, codesign_rounds=args.codesign_rounds)
     if args.bits:
         data["bits"] = tuple(int(b) for b in args.bits.split(","))
     if args.rl_episodes:

@@ -84,10 +84,10 @@ SCHEMA: dict[str, AnnotationSpec] = {
     "contribution": AnnotationSpec(("expert",), _float(0.0), doc="|dL/ds| for a scale s on the expert output"),
     "router_grad_change": AnnotationSpec(("expert",), _float(0.0), doc="relative change of the router-row gradient"),
     "neuron_variance": AnnotationSpec(("expert",), _float(0.0), doc="mean variance of intermediate activations"),
-    "bits": AnnotationSpec(("expert", "shared_expert", "mlp"), _bits, doc="assigned weight bit-width (16 = keep)"),
-    "group_size": AnnotationSpec(("expert", "shared_expert", "mlp"), _int(1), doc="quantization group size"),
+    "bits": AnnotationSpec(("expert",), _bits, doc="assigned weight bit-width (16 = keep)"),
+    "group_size": AnnotationSpec(("expert",), _int(1), doc="quantization group size"),
     "cost": AnnotationSpec(("expert",), _cost_map, 2, "backend cost table rows: target -> bits -> metrics"),
-    "quant": AnnotationSpec(("expert", "shared_expert", "mlp"), _mapping, doc="packed weight keys + quant spec"),
+    "quant": AnnotationSpec(("expert",), _mapping, doc="packed weight keys + quant spec"),
     "routing": AnnotationSpec(("router",), _mapping, doc="profiling summary of a router"),
 }
 

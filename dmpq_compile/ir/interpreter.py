@@ -93,7 +93,7 @@ class Interpreter:
     def weights(self, node_id: str, opts: RunOptions) -> dict[str, torch.Tensor]:
         d = self.graph.g.nodes[node_id]
         override = opts.weight_override.get(node_id, {})
-        bits = self.bits_of(node_id, opts) if d["kind"] in ("expert", "shared_expert", "mlp") else 16
+        bits = self.bits_of(node_id, opts) if d["kind"] == "expert" else 16
         out = {}
         for role, key in d["params"].items():
             if role in override:

@@ -9,10 +9,11 @@ from .base import Pass, PassContext, PassError, PassResult
 from .cost import CostPass
 from .manager import DumpIR, Instrument, PassManager, Progress, Timing
 from .profile import ProfilePass
+from .qat import QATPass
 from .quantize import QuantizePass
 from .sensitivity import SensitivityPass
 
-BUILTIN_PASSES = (ProfilePass, SensitivityPass, CostPass, AllocatePass, QuantizePass)
+BUILTIN_PASSES = (ProfilePass, SensitivityPass, CostPass, AllocatePass, QATPass, QuantizePass)
 for _cls in BUILTIN_PASSES:
     PASSES.register(_cls)
 
@@ -24,4 +25,4 @@ def make_pass(name: str, **options) -> Pass:
 
 __all__ = ["PASSES", "BUILTIN_PASSES", "Pass", "PassContext", "PassError", "PassResult", "PassManager",
            "Instrument", "Timing", "DumpIR", "Progress", "make_pass", "AllocatePass", "CostPass", "ProfilePass",
-           "QuantizePass", "SensitivityPass"]
+           "QATPass", "QuantizePass", "SensitivityPass"]

@@ -1,0 +1,567 @@
+"""``qat``: quantization-aware fine-tuning of the experts at their assigned bit-widths.
+
+The pass fine-tunes the model on the calibration batch with straight-through-estimator (STE)
+fake quantization applied to every expert whose ``bits`` annotation is below 16, then writes
+the recovered weights back into the weight store. The ``quantize`` pass and the backend run on
+them afterwards exactly as they would on the original weights.
+
+What trains (everything else is read from the store untouched, so stays bit-identical):
+
+* experts with ``bits < 16``: always, through :func:`~dmpq_compile.quant.fake_quantize_ste` at
+  their bits and group size (optionally with LSQ-style learnable per-group scale multipliers);
+* experts kept at 16 bits: in full precision when ``train_fp_experts`` (default);
+* routers: when ``train_router``;
+* embeddings, attention, norms, shared experts, dense MLPs and the LM head: in full precision when
+  ``train_nonexpert`` (a shared expert or dense MLP that carries ``bits < 16`` trains through STE
+  at those bits, matching what the reference interpreter executes for it).
+
+Loss: ``kl`` (default) distils from the full-precision model (the same graph run with
+``quantize=False`` on the original weights, logits computed on the fly under ``no_grad``), the
+KL divergence ``KL(p_fp || p_student)`` averaged over all token positions; ``nll`` is next-token
+cross-entropy on the calibration text.
+
+Data: the last ``eval_fraction`` of the calibration sequences (at least one) is held out; the
+rest is drawn in shuffled batches of ``batch_size`` sequences (seeded by ``ctx.seed``). The
+held-out KL / NLL of the fake-quantized model is measured before training, every
+``eval_every`` steps and at the end; the weights of the best evaluation are kept, the untrained
+weights (step 0) included, so the pass never makes the held-out metric worse (when step 0 wins
+nothing is written). The optimizer is AdamW with linear warmup and cosine decay over the planned
+number of steps (``steps``, or fewer when ``max_tokens`` allows fewer); training stops at
+``steps``, ``max_tokens`` or ``time_budget_s`` (measured over the training loop and its
+evaluations), whichever comes first.
+
+Write-back. Without learnable scales the latent full-precision weights are written: RTN
+re-quantization of them reproduces the STE forward values exactly (at the same group size). With
+``learnable_scales`` each weight is *baked* to its fake-quantized value ``(q - Z) * S * m``.
+Multipliers are kept in ``[SCALE_MULT_MIN, 1]``: with ``m <= 1`` the extreme codes ``0`` and
+``2**bits - 1`` are always used (the group minimum rounds to code 0 and the maximum to the top
+code), so RTN min/max re-quantization of the baked tensor recovers scale ``S * m`` and zero point
+``Z`` and reproduces the baked values up to float32 rounding (~1e-7 relative; a multiplier above
+1 would leave codes unused and could not be re-derived from min/max). The pass measures this and
+reports ``bake_max_abs_diff``, ``bake_rel_rms_diff`` and ``bake_mismatch_frac`` in its stats.
+
+Every fake-quantized node is annotated with the ``group_size`` it was trained at. Run the
+``quantize`` pass with that same group size (and method ``rtn`` for a bit-exact match with the
+trained forward; ``hqq``/``gptq`` re-optimise the rounding on the recovered weights). The pass
+refuses a graph that already carries ``quant`` records: its packed tensors would go stale.
+
+Stats: ``steps``, ``tokens``, ``seconds``, ``stop_reason``, ``kl_before`` / ``kl_after`` and
+``nll_before`` / ``nll_after`` (held-out, fake-quantized model vs. the FP model, ``after``
+measured with RTN on the written-back store), ``nll_fp``, ``best_step``, ``train_loss_first`` /
+``train_loss_last``, counts of trained tensors and held-out / training sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..ir.graph import Graph
+from ..ir.interpreter import DEFAULT_GROUP_SIZE, Interpreter, RunOptions
+from ..quant import fake_quantize, fake_quantize_ste, init_scale_multiplier
+from .base import Pass, PassContext, PassError, PassResult
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("kl", "nll")
+QUANT_ROLES = ("gate", "up", "down")
+NONEXPERT_KINDS = ("embed", "norm", "attention", "shared_expert", "mlp", "lm_head")
+SCALE_MULT_MIN = 0.25  # learnable scale multipliers are clamped to [SCALE_MULT_MIN, 1]
+BAKE_TOLERANCE = 1e-5  # relative to a tensor's max |value|: a larger difference counts as a mismatch
+
+
+@dataclass(frozen=True)
+class QATOptions:
+    """Options of the ``qat`` pass.
+
+    Attributes:
+        steps: Maximum optimizer steps.
+        max_tokens: Training-token budget (``None``: unlimited); a step that would exceed it is
+            not taken.
+        time_budget_s: Wall-clock budget of the training loop in seconds (``None``: unlimited).
+        lr: Peak AdamW learning rate.
+        warmup_steps: Linear warmup steps (``None``: 5 % of the planned steps, at least 1).
+        weight_decay: AdamW weight decay (0 keeps weights anchored only by the loss).
+        max_grad_norm: Gradient-norm clip (``None``: no clipping).
+        batch_size: Calibration sequences per step.
+        loss: ``"kl"`` (distil from the FP model) or ``"nll"`` (next-token cross-entropy).
+        train_router: Train router weights (full precision).
+        train_nonexpert: Train embeddings, attention, norms, shared experts, dense MLPs and the
+            LM head (full precision).
+        train_fp_experts: Train experts kept at 16 bits (full precision).
+        learnable_scales: Learn a per-group scale multiplier (LSQ) and bake weights to their
+            fake-quantized values at the end.
+        group_size: Quantization group size (``None``: the node's ``group_size`` annotation,
+            else ``graph.meta["group_size"]``, else 64).
+        eval_every: Evaluate on the held-out slice every this many steps (0: only before and
+            after training); the best evaluation's weights are kept.
+        eval_fraction: Fraction of the calibration sequences held out (at least one).
+    """
+
+    steps: int = 200
+    max_tokens: int | None = None
+    time_budget_s: float | None = None
+    lr: float = 1e-4
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    batch_size: int = 4
+    loss: str = "kl"
+    train_router: bool = False
+    train_nonexpert: bool = False
+    train_fp_experts: bool = True
+    learnable_scales: bool = False
+    group_size: int | None = None
+    eval_every: int = 0
+    eval_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("train_router", "train_nonexpert", "train_fp_experts", "learnable_scales"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_int("steps", self.steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("eval_every", self.eval_every, 0)
+        for name, lo in (("max_tokens", 1), ("warmup_steps", 0), ("group_size", 1)):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), lo)
+        _check_number("lr", self.lr, positive=True)
+        _check_number("weight_decay", self.weight_decay, positive=False)
+        for name in ("time_budget_s", "max_grad_norm"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), positive=True)
+        _check_number("eval_fraction", self.eval_fraction, positive=True)
+        if self.eval_fraction >= 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+
+
+def _check_int(name: str, value: Any, lo: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) ``>= lo``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, positive: bool) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number, ``> 0`` or ``>= 0``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+# -- what trains ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Use:
+    """One (node, role) reading a trainable weight key, with its fake quantization (bits 16: none)."""
+
+    node_id: str
+    role: str
+    key: str
+    bits: int = 16
+    group_size: int = DEFAULT_GROUP_SIZE
+
+
+@dataclass
+class _Trainables:
+    """Trainable float32 copies of weight-store tensors and how the forward pass reads them."""
+
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # weight key -> latent weight
+    scales: dict[tuple[str, int, int], torch.nn.Parameter] = field(default_factory=dict)  # LSQ multipliers
+    uses: list[_Use] = field(default_factory=list)
+
+    def add(self, graph: Graph, use: _Use, learnable_scales: bool) -> None:
+        """Register ``use``, creating the key's parameter (and scale multiplier) on first sight."""
+        if use.key not in self.params:
+            self.params[use.key] = torch.nn.Parameter(graph.weights[use.key].detach().to(torch.float32).clone())
+        if use.bits < 16 and learnable_scales:
+            skey = (use.key, use.bits, use.group_size)
+            if skey not in self.scales:
+                self.scales[skey] = init_scale_multiplier(self.params[use.key], use.group_size)
+        self.uses.append(use)
+
+    def quantized_nodes(self) -> dict[str, int]:
+        """``node_id -> group_size`` of every node trained through fake quantization."""
+        return {u.node_id: u.group_size for u in self.uses if u.bits < 16}
+
+    def value(self, use: _Use) -> torch.Tensor:
+        """The tensor the forward pass uses for ``use`` (STE fake-quantized when ``bits < 16``)."""
+        w = self.params[use.key]
+        if use.bits >= 16:
+            return w
+        scale = self.scales.get((use.key, use.bits, use.group_size))
+        return fake_quantize_ste(w, use.bits, use.group_size, scale_mult=scale)
+
+    def overrides(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``RunOptions.weight_override`` for the current parameter values."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for use in self.uses:
+            out.setdefault(use.node_id, {})[use.role] = self.value(use)
+        return out
+
+    def snapshot(self) -> dict[Any, torch.Tensor]:
+        """Detached copies of every parameter and scale multiplier."""
+        return {k: p.detach().clone() for k, p in (*self.params.items(), *self.scales.items())}
+
+    def restore(self, snap: dict[Any, torch.Tensor]) -> None:
+        """Load a :meth:`snapshot` back into the parameters."""
+        with torch.no_grad():
+            for k, p in (*self.params.items(), *self.scales.items()):
+                p.copy_(snap[k])
+
+    def clamp_scales(self) -> None:
+        """Keep scale multipliers in ``[SCALE_MULT_MIN, 1]`` (see the module docstring)."""
+        with torch.no_grad():
+            for s in self.scales.values():
+                s.clamp_(SCALE_MULT_MIN, 1.0)
+
+
+def _group_size(graph: Graph, ann: dict[str, Any], option: int | None) -> int:
+    """Group size for one node: the option, else its annotation, else the graph's, else 64."""
+    if option is not None:
+        return option
+    return int(ann.get("group_size", graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
+
+
+def _node_bits(kind: str, ann: dict[str, Any]) -> int:
+    """Bits the reference interpreter applies to a node's gate/up/down weights (16: none)."""
+    return int(ann.get("bits", 16)) if kind == "expert" else 16
+
+
+def _trains(kind: str, bits: int, o: QATOptions) -> bool:
+    """Whether a node of ``kind`` whose weights are quantized at ``bits`` trains under ``o``."""
+    if kind == "expert":
+        return bits < 16 or o.train_fp_experts
+    if kind == "router":
+        return o.train_router
+    return kind in NONEXPERT_KINDS and o.train_nonexpert
+
+
+def collect_trainables(graph: Graph, o: QATOptions) -> _Trainables:
+    """Select the weights that train under ``o`` and how each node's forward pass reads them.
+
+    Raises:
+        PassError: the graph already carries ``quant`` records, or nothing would train.
+    """
+    stale = [n.id for n in graph.nodes() if "quant" in n.ann]
+    if stale:
+        raise PassError(f"pass 'qat' must run before 'quantize': {len(stale)} node(s) (e.g. {stale[0]!r}) already "
+                        "carry packed weights whose codes QAT would leave stale")
+    tr = _Trainables()
+    for node in graph.nodes():
+        bits = _node_bits(node.kind, node.ann)
+        if not _trains(node.kind, bits, o):
+            continue
+        group = _group_size(graph, node.ann, o.group_size)
+        for role, key in node.params.items():
+            role_bits = bits if role in QUANT_ROLES else 16
+            tr.add(graph, _Use(node.id, role, key, role_bits, group), o.learnable_scales)
+    if not tr.params:
+        raise PassError("pass 'qat': nothing to train (no expert has bits < 16 and every other part is frozen)")
+    return tr
+
+
+# -- data, losses, schedule ----------------------------------------------------------------------
+def split_calibration(ids: torch.Tensor, eval_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, held_out)``: the last ``eval_fraction`` of the sequences (at least one) are held out.
+
+    With a single sequence it serves as both (logged as a warning).
+    """
+    if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise PassError(f"pass 'qat' needs calibration ids of shape [B, T] with B >= 1 and T >= 2, "
+                        f"got {tuple(ids.shape)}")
+    n = ids.shape[0]
+    if n == 1:
+        log.warning("qat: only one calibration sequence; it is used for both training and evaluation")
+        return ids, ids
+    n_eval = min(n - 1, max(1, round(n * eval_fraction)))
+    return ids[: n - n_eval], ids[n - n_eval:]
+
+
+def batch_stream(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of ``batch_size`` row indices in ``[0, n)``: seeded reshuffle every epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    queue = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(queue) < batch_size:
+            queue = torch.cat([queue, torch.randperm(n, generator=gen)])
+        yield queue[:batch_size]
+        queue = queue[batch_size:]
+
+
+def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over token positions of ``KL(softmax(ref) || softmax(logits))`` (scalar)."""
+    v = logits.shape[-1]
+    ref_logp = F.log_softmax(ref_logits.reshape(-1, v).float(), dim=-1)
+    logp = F.log_softmax(logits.reshape(-1, v).float(), dim=-1)
+    return F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits [B, T, V]`` on ``ids [B, T]`` (scalar)."""
+    v = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warmup, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def planned_steps(o: QATOptions, tokens_per_step: int) -> int:
+    """Steps the schedule is laid out for: ``steps``, capped by the token budget."""
+    if o.max_tokens is None:
+        return o.steps
+    return min(o.steps, o.max_tokens // tokens_per_step)
+
+
+# -- the pass ------------------------------------------------------------------------------------
+@dataclass
+class _Models:
+    """The frozen FP teacher and the fake-quantized student (both reference interpreters)."""
+
+    teacher: Interpreter
+    student: Interpreter
+    trainables: _Trainables
+
+    def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full-precision logits ``[B, T, V]`` of the original weights (no autograd)."""
+        with torch.no_grad():
+            return self.teacher.run(ids, RunOptions(quantize=False))["lm_head"]
+
+    def student_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` with the trainable weights (fake-quantized where quantized), differentiable."""
+        opts = RunOptions(quantize=True, weight_override=self.trainables.overrides())
+        return self.student.run(ids, opts)["lm_head"]
+
+
+@dataclass
+class _Eval:
+    """Held-out metrics: mean KL to the FP model per token and mean next-token NLL."""
+
+    kl: float
+    nll: float
+
+
+def evaluate(logits_fn: Callable[[torch.Tensor], torch.Tensor], teacher_fn: Callable[[torch.Tensor], torch.Tensor],
+             ids: torch.Tensor, batch_size: int) -> _Eval:
+    """KL of ``logits_fn`` to ``teacher_fn`` and its NLL on ``ids``, in batches of ``batch_size`` sequences.
+
+    Batch results are weighted by their sequence count (all sequences have the same length).
+    """
+    kl = nll = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            part = ids[start:start + batch_size]
+            logits = logits_fn(part)
+            kl += float(kl_to_reference(teacher_fn(part), logits)) * len(part)
+            nll += float(next_token_nll(logits, part)) * len(part)
+    return _Eval(kl / len(ids), nll / len(ids))
+
+
+@dataclass
+class _LoopResult:
+    """Counters of the training loop and the best held-out evaluation (``best_state`` None: step 0)."""
+
+    steps: int = 0
+    tokens: int = 0
+    stop_reason: str = "steps"
+    best_step: int = 0
+    best: _Eval | None = None
+    best_state: dict[Any, torch.Tensor] | None = None
+    losses: list[float] = field(default_factory=list)
+    postfix: dict[str, str] = field(default_factory=dict)  # what the progress bar shows
+
+
+class QATPass(Pass):
+    """Quantization-aware fine-tuning of the experts at their assigned bits (see module docstring)."""
+
+    name = "qat"
+    requires = ("bits",)
+    provides = ()
+    needs_calibration = True
+    Options = QATOptions
+    description = "quantization-aware fine-tuning (STE, KL distillation from FP) at each expert's bits"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        tr = collect_trainables(graph, o)
+        train_ids, eval_ids = split_calibration(ctx.calibration, o.eval_fraction)
+        models = _Models(Interpreter(graph.copy(), quantize=False), Interpreter(graph, quantize=True), tr)
+        before = evaluate(models.student_logits, models.teacher_logits, eval_ids, o.batch_size)
+        fp_nll = evaluate(models.teacher_logits, models.teacher_logits, eval_ids, o.batch_size).nll
+        log.info("qat: %d tensors train (%d fake-quantized nodes); held-out KL %.5f before",
+                 len(tr.params), len(tr.quantized_nodes()), before.kl)
+        t0 = time.perf_counter()
+        loop = _train(models, o, train_ids, eval_ids, before, ctx)
+        seconds = time.perf_counter() - t0
+        bake: dict[str, Any] = {}
+        if loop.best_state is not None:
+            tr.restore(loop.best_state)
+            bake = _write_back(graph, tr, o.learnable_scales)
+        after = evaluate(Interpreter(graph, quantize=True), models.teacher_logits, eval_ids, o.batch_size)
+        stats = {**_summary(o, loop, tr, before, after, fp_nll, seconds, train_ids, eval_ids), **bake}
+        log.info("qat: %d steps, %d tokens, %.1fs (%s); held-out KL %.5f -> %.5f", loop.steps, loop.tokens,
+                 seconds, loop.stop_reason, before.kl, after.kl)
+        return PassResult(graph, modified=loop.best_state is not None, stats=stats)
+
+
+def _summary(o: QATOptions, loop: _LoopResult, tr: _Trainables, before: _Eval, after: _Eval, fp_nll: float,
+             seconds: float, train_ids: torch.Tensor, eval_ids: torch.Tensor) -> dict[str, Any]:
+    """The pass's stats dictionary (see the module docstring)."""
+    return {
+        "steps": loop.steps, "tokens": loop.tokens, "seconds": round(seconds, 3), "stop_reason": loop.stop_reason,
+        "loss": o.loss, "kl_before": before.kl, "kl_after": after.kl, "nll_before": before.nll,
+        "nll_after": after.nll, "nll_fp": fp_nll, "best_step": loop.best_step,
+        "train_loss_first": loop.losses[0] if loop.losses else None,
+        "train_loss_last": loop.losses[-1] if loop.losses else None,
+        "trained_tensors": len(tr.params), "fake_quantized_nodes": len(tr.quantized_nodes()),
+        "train_sequences": len(train_ids), "eval_sequences": len(eval_ids),
+    }
+
+
+def _metric(e: _Eval, loss: str) -> float:
+    """The held-out metric that selects the best weights: KL for ``kl`` training, NLL for ``nll``."""
+    return e.kl if loss == "kl" else e.nll
+
+
+def _optimizer(tr: _Trainables, o: QATOptions) -> torch.optim.Optimizer:
+    """AdamW over the latent weights (with weight decay) and the scale multipliers (without)."""
+    groups = [{"params": list(tr.params.values()), "weight_decay": o.weight_decay}]
+    if tr.scales:
+        groups.append({"params": list(tr.scales.values()), "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=o.lr)
+
+
+def _step_loss(models: _Models, ids: torch.Tensor, loss: str) -> torch.Tensor:
+    """Training loss of the student on one batch."""
+    logits = models.student_logits(ids)
+    if loss == "nll":
+        return next_token_nll(logits, ids)
+    return kl_to_reference(models.teacher_logits(ids), logits)
+
+
+def _stop_reason(o: QATOptions, step: int, tokens: int, tokens_per_step: int, t0: float) -> str | None:
+    """Why training must stop before step ``step`` (0-based), or None to go on."""
+    if step >= o.steps:
+        return "steps"
+    if o.max_tokens is not None and tokens + tokens_per_step > o.max_tokens:
+        return "max_tokens"
+    if o.time_budget_s is not None and time.perf_counter() - t0 >= o.time_budget_s:
+        return "time_budget_s"
+    return None
+
+
+def _train(models: _Models, o: QATOptions, train_ids: torch.Tensor, eval_ids: torch.Tensor, before: _Eval,
+           ctx: PassContext) -> _LoopResult:
+    """The optimisation loop; returns the counters and the best weights (None: step 0 was best)."""
+    t0 = time.perf_counter()
+    tr = models.trainables
+    batch_size = min(o.batch_size, len(train_ids))
+    if batch_size < o.batch_size:
+        log.info("qat: batch_size %d > %d training sequences; using %d", o.batch_size, len(train_ids), batch_size)
+    tokens_per_step = batch_size * train_ids.shape[1]
+    total = planned_steps(o, tokens_per_step)
+    if total == 0:
+        log.warning("qat: max_tokens=%s is below one batch (%d tokens); nothing trains", o.max_tokens,
+                    tokens_per_step)
+    warmup = o.warmup_steps if o.warmup_steps is not None else max(1, total // 20)
+    opt = _optimizer(tr, o)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
+    batches = batch_stream(len(train_ids), batch_size, ctx.seed)
+    res = _LoopResult(best=before)
+    bar = tqdm(total=total, desc="qat", unit="step", disable=not ctx.progress, leave=False)
+    while (reason := _stop_reason(o, res.steps, res.tokens, tokens_per_step, t0)) is None:
+        loss = _optimize_step(models, opt, o, train_ids[next(batches)])
+        sched.step()
+        res.steps, res.tokens = res.steps + 1, res.tokens + tokens_per_step
+        res.losses.append(loss)
+        bar.update(1)
+        res.postfix["loss"] = f"{loss:.4f}"
+        bar.set_postfix(res.postfix)
+        if o.eval_every and res.steps % o.eval_every == 0:
+            _consider(models, o, eval_ids, res, bar)
+    bar.close()
+    res.stop_reason = reason
+    if res.steps and (not o.eval_every or res.steps % o.eval_every):
+        _consider(models, o, eval_ids, res, bar)
+    return res
+
+
+def _optimize_step(models: _Models, opt: torch.optim.Optimizer, o: QATOptions, ids: torch.Tensor) -> float:
+    """One forward/backward/update on ``ids``; returns the loss before the update."""
+    tr = models.trainables
+    opt.zero_grad(set_to_none=True)
+    loss = _step_loss(models, ids, o.loss)
+    if not torch.isfinite(loss):
+        raise PassError(f"pass 'qat': training loss became {float(loss)}; lower lr (now {o.lr})")
+    loss.backward()
+    if o.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([*tr.params.values(), *tr.scales.values()], o.max_grad_norm)
+    opt.step()
+    tr.clamp_scales()
+    return float(loss.detach())
+
+
+def _consider(models: _Models, o: QATOptions, eval_ids: torch.Tensor, res: _LoopResult, bar) -> None:
+    """Evaluate the current weights on the held-out slice and keep them if they are the best so far."""
+    current = evaluate(models.student_logits, models.teacher_logits, eval_ids, o.batch_size)
+    res.postfix["heldout_kl"] = f"{current.kl:.4f}"
+    bar.set_postfix(res.postfix)
+    log.debug("qat: step %d held-out KL %.5f NLL %.5f", res.steps, current.kl, current.nll)
+    if _metric(current, o.loss) < _metric(res.best, o.loss):
+        res.best, res.best_step, res.best_state = current, res.steps, models.trainables.snapshot()
+
+
+# -- write-back ----------------------------------------------------------------------------------
+def _write_back(graph: Graph, tr: _Trainables, bake: bool) -> dict[str, Any]:
+    """Store the trained weights (baked to fake-quantized values when ``bake``) and annotate group sizes.
+
+    Returns:
+        Bake fidelity stats when ``bake`` (see :func:`_bake_fidelity`), else ``{}``.
+    """
+    baked: dict[str, tuple[torch.Tensor, _Use]] = {}
+    if bake:
+        with torch.no_grad():
+            baked = {u.key: (tr.value(u).detach(), u) for u in tr.uses if u.bits < 16}
+    for key, p in tr.params.items():
+        value = baked[key][0] if key in baked else p.detach()
+        graph.weights.set(key, value.to(graph.weights[key].dtype).clone())
+    for node_id, group in tr.quantized_nodes().items():
+        graph.annotate(node_id, "group_size", group)
+    return _bake_fidelity(graph, baked) if bake else {}
+
+
+def _bake_fidelity(graph: Graph, baked: dict[str, tuple[torch.Tensor, _Use]]) -> dict[str, Any]:
+    """How closely RTN re-quantization of the stored baked tensors reproduces the trained values.
+
+    Returns:
+        ``bake_max_abs_diff`` (largest elementwise difference), ``bake_rel_rms_diff`` (RMS of the
+        differences over RMS of the values) and ``bake_mismatch_frac`` (fraction of elements off by
+        more than ``BAKE_TOLERANCE`` times their tensor's max |value|, i.e. a changed code).
+    """
+    max_abs, sq_diff, sq_val, mismatched, total = 0.0, 0.0, 0.0, 0, 0
+    for key, (value, use) in baked.items():
+        requant = fake_quantize(graph.weights[key].to(torch.float32), use.bits, use.group_size)
+        diff = (requant - value).abs()
+        max_abs = max(max_abs, float(diff.max()))
+        sq_diff += float(diff.double().pow(2).sum())
+        sq_val += float(value.double().pow(2).sum())
+        mismatched += int((diff > BAKE_TOLERANCE * float(value.abs().max())).sum())
+        total += diff.numel()
+    stats = {"bake_max_abs_diff": max_abs, "bake_rel_rms_diff": math.sqrt(sq_diff / max(sq_val, 1e-30)),
+             "bake_mismatch_frac": mismatched / max(1, total)}
+    log.info("qat: baked %d tensors; RTN re-quantization max |diff| %.3g, rel RMS %.3g, mismatched %.3g",
+             len(baked), stats["bake_max_abs_diff"], stats["bake_rel_rms_diff"], stats["bake_mismatch_frac"])
+    return stats
