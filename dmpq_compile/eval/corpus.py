@@ -1,0 +1,342 @@
+"""Text corpora for training and evaluating the sample models.
+
+A corpus *spec* is either the word ``pydoc`` (the Python 3.11 documentation sources shipped by
+the Debian ``python3.11-doc`` package) or a local path: a single text file, a folder of text files
+(``*.txt``, ``*.md``, ``*.rst``, ``*.jsonl``/``*.json`` with a ``text`` field), or a folder saved
+with Hugging Face ``datasets.Dataset.save_to_disk``.
+
+Every document carries a stable *key* (its path relative to the corpus root, plus a record index
+for multi-record files). The ``train`` / ``calib`` / ``test`` split is decided by the sha256 of that
+key, so it is deterministic, independent of file order, and a document never moves between splits
+when other documents are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PYDOC_ENV = "DMPQ_PYDOC_DIR"
+PYDOC_DEFAULT_DIR = Path("/usr/share/doc/python3.11/html/_sources")
+SPLITS = ("train", "calib", "test")
+# Fractions of the hash range [0, 1) given to each split, in order: test, calib, then train.
+SPLIT_FRACTIONS = {"test": 0.05, "calib": 0.05, "train": 0.90}
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+JSON_SUFFIXES = (".jsonl", ".json")
+SINGLE_FILE_BLOCK_CHARS = 4096
+DEFAULT_SEPARATOR = "<|endoftext|>"
+
+
+class CorpusError(ValueError):
+    """A corpus cannot be found or read; the message says what was wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One text document of a corpus.
+
+    Attributes:
+        key: Stable identifier (relative path, ``#index`` for records of one file); it decides the split.
+        text: The document text.
+    """
+
+    key: str
+    text: str
+
+
+# --------------------------------------------------------------------------------------------- split
+def split_fraction(key: str) -> float:
+    """Map a document key to a deterministic number in ``[0, 1)`` (first 8 bytes of its sha256)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_of(key: str) -> str:
+    """Return the split (``train``, ``calib`` or ``test``) a key falls in by hash alone."""
+    u = split_fraction(key)
+    if u < SPLIT_FRACTIONS["test"]:
+        return "test"
+    if u < SPLIT_FRACTIONS["test"] + SPLIT_FRACTIONS["calib"]:
+        return "calib"
+    return "train"
+
+
+def assign_splits(keys: Sequence[str]) -> dict[str, str]:
+    """Assign every key to a split, making ``calib`` and ``test`` non-empty when there are >= 3 keys.
+
+    Keys are first placed by :func:`split_of`. If ``test`` (then ``calib``) came out empty, the
+    ``train`` key with the smallest hash value moves there, so small corpora still get a held-out
+    document while the assignment stays deterministic.
+
+    Args:
+        keys: Unique document keys.
+
+    Returns:
+        Mapping from key to split name.
+    """
+    assignment = {k: split_of(k) for k in keys}
+    if len(assignment) < 3:
+        return assignment
+    for split in ("test", "calib"):
+        if split not in assignment.values():
+            train_keys = [k for k, s in assignment.items() if s == "train"]
+            assignment[min(train_keys, key=split_fraction)] = split
+    return assignment
+
+
+def split_documents(docs: Sequence[Document], split: str | None) -> list[Document]:
+    """Keep the documents of one split (all of them when ``split`` is None), in their original order.
+
+    Raises:
+        CorpusError: ``split`` is not one of :data:`SPLITS`.
+    """
+    if split is None:
+        return list(docs)
+    if split not in SPLITS:
+        raise CorpusError(f"unknown split {split!r}: use one of {SPLITS} or None for the whole corpus")
+    assignment = assign_splits([d.key for d in docs])
+    return [d for d in docs if assignment[d.key] == split]
+
+
+# --------------------------------------------------------------------------------------------- loaders
+def pydoc_dir() -> Path:
+    """Return the folder of the python-doc corpus (``$DMPQ_PYDOC_DIR`` or the Debian default).
+
+    Raises:
+        CorpusError: The folder does not exist, with the commands that install it.
+    """
+    override = os.environ.get(PYDOC_ENV)
+    path = Path(override) if override else PYDOC_DEFAULT_DIR
+    if path.is_dir() and any(path.rglob("*.txt")):
+        return path
+    where = f"${PYDOC_ENV}={override}" if override else f"{PYDOC_DEFAULT_DIR} (default location)"
+    raise CorpusError(
+        f"python-doc corpus not found at {where}. Install it as root with "
+        f"`apt-get install -y python3.11-doc`, or without root: "
+        f"`apt-get download python3.11-doc && dpkg -x python3.11-doc_*.deb DIR` and then "
+        f"`export {PYDOC_ENV}=DIR/usr/share/doc/python3.11/html/_sources`.")
+
+
+def load_pydoc() -> list[Document]:
+    """Load every ``*.txt`` file of the python-doc corpus, sorted by relative path."""
+    root = pydoc_dir()
+    return [Document(p.relative_to(root).as_posix(), _read_text(p)) for p in _sorted_files(root, (".txt",))]
+
+
+def load_text_file(path: str | Path) -> list[Document]:
+    """Load one text file as documents: blocks of about 4 KiB cut at blank lines.
+
+    A single file is cut into blocks so that it can still be split into train/calib/test; the
+    block keys are ``NAME#INDEX``.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    blocks, current, size = [], [], 0
+    for para in text.split("\n\n"):
+        current.append(para)
+        size += len(para) + 2
+        if size >= SINGLE_FILE_BLOCK_CHARS:
+            blocks.append("\n\n".join(current))
+            current, size = [], 0
+    if current and any(p.strip() for p in current):
+        blocks.append("\n\n".join(current))
+    return [Document(f"{path.name}#{i}", b) for i, b in enumerate(blocks)]
+
+
+def load_folder(root: str | Path) -> list[Document]:
+    """Load a folder recursively: text files whole, ``*.jsonl``/``*.json`` one document per record.
+
+    Files are visited in sorted relative-path order; hidden files and folders are skipped.
+
+    Raises:
+        CorpusError: The folder holds no supported file.
+    """
+    root = Path(root)
+    if _is_hf_dataset(root):
+        return load_hf_dataset(root)
+    return _load_plain_folder(root)
+
+
+def load_hf_dataset(root: str | Path) -> list[Document]:
+    """Load a folder written by ``datasets`` ``save_to_disk`` (needs the optional ``datasets`` package).
+
+    Every split of a ``DatasetDict`` is read in sorted split-name order; keys are ``SPLIT/INDEX``.
+    Without ``datasets`` installed, the json/jsonl/txt files of the folder are read instead.
+
+    Raises:
+        CorpusError: No ``text`` column, or an arrow-only folder while ``datasets`` is not installed.
+    """
+    root = Path(root)
+    try:
+        import datasets  # optional: not a dependency of dmpq-compile
+    except ImportError:
+        if any(p.name not in _HF_METADATA_FILES for p in _sorted_files(root, TEXT_SUFFIXES + JSON_SUFFIXES)):
+            log.info("datasets is not installed; reading the json/jsonl/txt files of %s", root)
+            return _load_plain_folder(root)
+        raise CorpusError(f"{root} is a Hugging Face datasets folder (arrow files) but the `datasets` package "
+                          "is not installed; `pip install datasets` (it is optional, not a dependency of "
+                          "dmpq-compile), or export the data as *.jsonl with a 'text' field") from None
+    loaded = datasets.load_from_disk(str(root))
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("data", loaded)]
+    docs = []
+    for name, part in sorted(parts, key=lambda kv: kv[0]):
+        if "text" not in part.column_names:
+            raise CorpusError(f"{root} split {name!r} has columns {part.column_names}; a 'text' column is needed")
+        docs.extend(Document(f"{name}/{i}", t) for i, t in enumerate(part["text"]) if t)
+    return docs
+
+
+def _load_plain_folder(root: Path) -> list[Document]:
+    docs: list[Document] = []
+    for path in _sorted_files(root, TEXT_SUFFIXES + JSON_SUFFIXES):
+        rel = path.relative_to(root).as_posix()
+        if path.name in _HF_METADATA_FILES:
+            continue
+        if path.suffix in JSON_SUFFIXES:
+            docs.extend(Document(f"{rel}#{i}", t) for i, t in enumerate(_json_texts(path)))
+        else:
+            docs.append(Document(rel, _read_text(path)))
+    if not docs:
+        raise CorpusError(f"{root} holds no text: expected files ending in {TEXT_SUFFIXES + JSON_SUFFIXES} "
+                          "(json/jsonl records need a 'text' field)")
+    return docs
+
+
+def load_documents(spec: str | Path) -> list[Document]:
+    """Load all documents of a corpus spec (``pydoc``, a text file, or a folder).
+
+    Raises:
+        CorpusError: The spec names neither ``pydoc`` nor an existing file or folder.
+    """
+    if str(spec) == "pydoc":
+        return load_pydoc()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_text_file(path)
+    if path.is_dir():
+        return load_folder(path)
+    raise CorpusError(f"corpus {str(spec)!r} not found: give 'pydoc', a text file, or a folder of "
+                      f"text/jsonl files or a saved Hugging Face dataset")
+
+
+def load_corpus(spec: str | Path, split: str | None = None) -> list[str]:
+    """Load the texts of one split of a corpus.
+
+    Args:
+        spec: ``pydoc`` or a path to a text file / folder / saved ``datasets`` folder.
+        split: ``train``, ``calib``, ``test``, or None for every document.
+
+    Returns:
+        The document texts in deterministic (sorted key) order.
+    """
+    docs = split_documents(load_documents(spec), split)
+    log.info("corpus %s split %s: %d documents, %d chars", spec, split, len(docs),
+             sum(len(d.text) for d in docs))
+    return [d.text for d in docs]
+
+
+# ------------------------------------------------------------------------------------------- tokenize
+def tokenize_corpus(texts: Iterable[str], tokenizer: Any, separator: str = DEFAULT_SEPARATOR,
+                    max_tokens: int | None = None, batch_docs: int = 64) -> np.ndarray:
+    """Tokenize documents into one long 1-D ``int64`` array, each document followed by ``separator``.
+
+    Args:
+        texts: Document texts.
+        tokenizer: A ``tokenizers.Tokenizer`` (or a transformers fast tokenizer, whose backend is used).
+        separator: Special token appended after every document (EOS).
+        max_tokens: Stop after this many tokens (the array is cut to exactly this length).
+        batch_docs: Documents encoded per ``encode_batch`` call.
+
+    Raises:
+        CorpusError: ``separator`` is not in the tokenizer's vocabulary.
+    """
+    tok = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    sep_id = tok.token_to_id(separator)
+    if sep_id is None:
+        raise CorpusError(f"separator token {separator!r} is not in the tokenizer vocabulary; pass the "
+                          "tokenizer's EOS token as `separator`")
+    pieces: list[np.ndarray] = []
+    total, batch = 0, []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == batch_docs:
+            total += _encode_into(tok, batch, sep_id, pieces)
+            batch = []
+            if max_tokens is not None and total >= max_tokens:
+                break
+    if batch and (max_tokens is None or total < max_tokens):
+        _encode_into(tok, batch, sep_id, pieces)
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def _encode_into(tok: Any, batch: list[str], sep_id: int, pieces: list[np.ndarray]) -> int:
+    n = 0
+    for enc in tok.encode_batch(batch, add_special_tokens=False):
+        arr = np.asarray(enc.ids + [sep_id], dtype=np.int64)
+        pieces.append(arr)
+        n += arr.size
+    return n
+
+
+# ------------------------------------------------------------------------------------------- helpers
+_HF_METADATA_FILES = {"dataset_info.json", "state.json", "dataset_dict.json"}
+
+
+def _is_hf_dataset(root: Path) -> bool:
+    if any((root / name).is_file() for name in _HF_METADATA_FILES):
+        return True
+    return any(p.suffix == ".arrow" for p in _sorted_files(root, None))
+
+
+def _sorted_files(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if suffixes is None or name.endswith(suffixes):
+                out.append(Path(dirpath) / name)
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise CorpusError(f"cannot read corpus file {path}: {e}") from None
+
+
+def _json_texts(path: Path) -> list[str]:
+    raw = _read_text(path)
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        else:
+            data = json.loads(raw)
+            records = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {e}") from None
+    texts = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, str):
+            texts.append(rec)
+        elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
+            texts.append(rec["text"])
+        elif isinstance(rec, dict) and isinstance(rec.get("text"), list):
+            texts.extend(str(t) for t in rec["text"])
+        else:
+            raise CorpusError(f"{path} record {i} has no string 'text' field (got {type(rec).__name__} "
+                              f"with keys {list(rec) if isinstance(rec, dict) else '-'})")
+    return [t for t in texts if t]

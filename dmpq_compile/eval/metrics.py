@@ -1,0 +1,231 @@
+"""Language-model quality metrics over a long token stream: strided perplexity, KL divergence, unigram.
+
+Every metric takes a *logits function* ``logits_fn(input_ids: LongTensor[B, T]) -> Tensor[B, T, V]``
+so that any model can be measured the same way: a transformers model (:func:`hf_logits_fn`), the
+project's IR interpreter, or an exported artifact.
+
+Windows: the stream of ``N`` tokens is cut into windows of ``context`` tokens whose starts advance by
+``stride`` (a start never passes the last scored token, so with ``stride == context`` windows overlap by
+one token; the last window is moved back so that it ends exactly at ``N``; all windows have the same
+length and batch together). A window scores only the targets that no earlier window scored, so every
+token ``1 .. N-1`` is predicted exactly once, with at least ``context - stride`` tokens of history
+except in the first window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity of a model on a token stream.
+
+    Attributes:
+        ppl: ``exp(nll)``.
+        nll: Mean negative log-likelihood per scored token, in nats.
+        n_tokens: Number of scored tokens.
+    """
+
+    ppl: float
+    nll: float
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class KLResult:
+    """Mean per-token KL divergence ``KL(P_ref || Q)`` in nats.
+
+    Attributes:
+        kl: Mean over scored positions.
+        max_kl: Largest per-position value.
+        n_tokens: Number of scored positions.
+    """
+
+    kl: float
+    max_kl: float
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """One evaluation window: inputs ``ids[begin:end]``, targets ``ids[score_from:end]`` are scored."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def make_windows(n_tokens: int, context: int, stride: int, max_windows: int | None = None) -> list[Window]:
+    """Cut a stream of ``n_tokens`` into equal-length strided windows (see the module docstring).
+
+    Raises:
+        ValueError: Fewer than 2 tokens, or ``stride`` not in ``1 .. context``.
+    """
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {n_tokens}")
+    if context < 2 or not 1 <= stride <= context:
+        raise ValueError(f"need context >= 2 and 1 <= stride <= context, got context={context} stride={stride}")
+    length = min(context, n_tokens)
+    windows, prev_end, start = [], 1, 0
+    while prev_end < n_tokens:
+        begin = min(start, prev_end - 1, n_tokens - length)  # the first new target needs >= 1 token of history
+        end = begin + length
+        windows.append(Window(begin, end, prev_end))
+        prev_end, start = end, start + stride
+        if max_windows is not None and len(windows) >= max_windows:
+            break
+    return windows
+
+
+def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[Sequence[Window]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i in range(0, len(windows), batch_size):
+        yield windows[i:i + batch_size]
+
+
+def _as_tensor(token_ids: Any) -> torch.Tensor:
+    ids = torch.as_tensor(np.asarray(token_ids) if not torch.is_tensor(token_ids) else token_ids)
+    if ids.ndim != 1:
+        raise ValueError(f"token_ids must be a 1-D stream of token ids, got shape {tuple(ids.shape)}")
+    return ids.long()
+
+
+def _window_batch(ids: torch.Tensor, batch: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack a batch of windows; the mask marks positions whose next-token prediction is scored."""
+    inputs = torch.stack([ids[w.begin:w.end] for w in batch])
+    mask = torch.zeros(inputs.shape[0], inputs.shape[1] - 1, dtype=torch.bool)
+    for row, w in enumerate(batch):
+        mask[row, w.score_from - w.begin - 1:] = True
+    return inputs, mask
+
+
+def _log_probs(logits_fn: LogitsFn, inputs: torch.Tensor) -> torch.Tensor:
+    logits = logits_fn(inputs)
+    if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(inputs.shape):
+        raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for inputs {tuple(inputs.shape)}; "
+                         "expected [batch, seq, vocab]")
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def perplexity(logits_fn: LogitsFn, token_ids: Any, context: int = 256, stride: int = 128,
+               batch_size: int = 8, max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
+    """Strided sliding-window perplexity of a model on a token stream.
+
+    Args:
+        logits_fn: Maps ``LongTensor[B, T]`` to logits ``[B, T, V]``.
+        token_ids: 1-D token ids (list, numpy array or tensor).
+        context: Window length in tokens.
+        stride: Distance between window starts; each window scores at most ``stride`` new tokens.
+        batch_size: Windows per ``logits_fn`` call.
+        max_windows: Score only the first windows (a quick estimate).
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The perplexity, mean NLL and number of scored tokens.
+    """
+    ids = _as_tensor(token_ids)
+    windows = make_windows(ids.numel(), context, stride, max_windows)
+    nll_sum, count = 0.0, 0
+    bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=not progress)
+    with torch.inference_mode():
+        for batch in _batches(windows, batch_size):
+            inputs, mask = _window_batch(ids, batch)
+            logp = _log_probs(logits_fn, inputs)
+            targets = inputs[:, 1:].to(logp.device)
+            token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            nll_sum -= token_logp[mask.to(logp.device)].double().sum().item()
+            count += int(mask.sum())
+            bar.update(len(batch))
+    bar.close()
+    nll = nll_sum / count
+    log.info("perplexity %.3f (nll %.4f) over %d tokens in %d windows", math.exp(nll), nll, count, len(windows))
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count)
+
+
+def kl_divergence(logits_fn_p: LogitsFn, logits_fn_q: LogitsFn, token_ids: Any, context: int = 256,
+                  stride: int = 128, batch_size: int = 8, max_windows: int | None = None,
+                  progress: bool = True) -> KLResult:
+    """Mean per-token ``KL(P || Q)`` between a reference model P and a model Q over strided windows.
+
+    The positions are the same as those :func:`perplexity` scores with the same arguments.
+
+    Args:
+        logits_fn_p: Reference model (e.g. the fp32 original).
+        logits_fn_q: Compared model (e.g. the quantized artifact); same vocabulary size.
+        token_ids: 1-D token ids.
+        context: Window length in tokens.
+        stride: Distance between window starts.
+        batch_size: Windows per call of each logits function.
+        max_windows: Use only the first windows.
+        progress: Show a tqdm progress bar.
+
+    Raises:
+        ValueError: The two models' vocabulary sizes differ.
+    """
+    ids = _as_tensor(token_ids)
+    windows = make_windows(ids.numel(), context, stride, max_windows)
+    kl_sum, kl_max, count = 0.0, 0.0, 0
+    bar = tqdm(total=len(windows), desc="kl", unit="win", disable=not progress)
+    with torch.inference_mode():
+        for batch in _batches(windows, batch_size):
+            inputs, mask = _window_batch(ids, batch)
+            logp, logq = _log_probs(logits_fn_p, inputs), _log_probs(logits_fn_q, inputs)
+            if logp.shape != logq.shape:
+                raise ValueError(f"models disagree on vocabulary size: P gives {logp.shape[-1]}, "
+                                 f"Q gives {logq.shape[-1]}")
+            logq = logq.to(logp.device)
+            kl = (logp.exp() * (logp - logq)).sum(-1)[mask.to(logp.device)].double()
+            kl_sum += kl.sum().item()
+            kl_max = max(kl_max, kl.max().item()) if kl.numel() else kl_max
+            count += int(mask.sum())
+            bar.update(len(batch))
+    bar.close()
+    return KLResult(kl=kl_sum / count, max_kl=kl_max, n_tokens=count)
+
+
+def hf_logits_fn(model: Any) -> LogitsFn:
+    """Wrap a transformers causal LM as a logits function (eval mode, no KV cache, inputs moved to its device).
+
+    Args:
+        model: A ``transformers`` ``*ForCausalLM`` model.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+
+    def logits_fn(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=input_ids.to(device), use_cache=False).logits
+
+    return logits_fn
+
+
+def unigram_perplexity(train_ids: Any, test_ids: Any, vocab_size: int) -> PerplexityResult:
+    """Perplexity of an add-one (Laplace) smoothed unigram model fitted on ``train_ids``: the baseline.
+
+    Raises:
+        ValueError: A token id falls outside ``0 .. vocab_size - 1`` or ``test_ids`` is empty.
+    """
+    train, test = np.asarray(train_ids, dtype=np.int64), np.asarray(test_ids, dtype=np.int64)
+    for name, arr in (("train_ids", train), ("test_ids", test)):
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+            raise ValueError(f"{name} holds ids outside 0..{vocab_size - 1}: check vocab_size")
+    if test.size == 0:
+        raise ValueError("test_ids is empty")
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts) - math.log(train.size + vocab_size)
+    nll = float(-logp[test].mean())
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=int(test.size))
