@@ -155,6 +155,7 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     allocates, fine-tunes and quantizes.
     """
     backend = get_backend(cfg.target)
+    graph.meta["group_size"] = cfg.group_size  # one group size for cost tables, QAT and quantize
     analysis = analysis_passes(cfg, backend)
     calib = None
     if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):

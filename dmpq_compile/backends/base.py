@@ -36,8 +36,12 @@ class Backend:
     supported_bits: ClassVar[tuple[int, ...]] = (16,)
     description: ClassVar[str] = ""
 
-    def cost_table(self, graph: Graph) -> dict[str, dict[int, ExpertCostRow]]:
-        """``{expert node id: {bits: ExpertCostRow}}`` for every expert and supported bit-width."""
+    def cost_table(self, graph: Graph, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
+        """``{expert node id: {bits: ExpertCostRow}}`` for every expert and supported bit-width.
+
+        The group size is ``graph.meta["group_size"]`` (set by the compile driver); ``options``
+        may carry ``progress`` (show progress) and backend-specific settings.
+        """
         raise NotImplementedError(f"backend {self.name!r} has no cost table")
 
     def emit(self, graph: Graph, out_dir: Path, **options: Any) -> dict[str, Any]:

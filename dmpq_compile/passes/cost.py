@@ -23,7 +23,7 @@ class CostPass(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if ctx.backend is None:
             raise PassError("pass 'cost' needs a target backend (--target)")
-        table = ctx.backend.cost_table(graph)
+        table = ctx.backend.cost_table(graph, progress=ctx.progress)
         for node in graph.experts():
             if node.id not in table:
                 raise PassError(f"backend {ctx.backend.name!r} gave no cost for expert {node.id!r}")

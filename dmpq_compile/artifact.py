@@ -1,0 +1,185 @@
+"""Writing a deployable artifact folder, atomically.
+
+Layout of ``out/``::
+
+    manifest.json      format + version, source model and its config, target and backend fields,
+                       per-expert bits / group size / method / quant spec, tool versions,
+                       sha256 + size of every other file, creation time
+    report.json        the compile report (allocation, metrics) given by the caller
+    model.onnx(.data)  whatever the backend emits
+    tokenizer.json ... tokenizer files copied from the source checkpoint
+
+Everything is written into a temporary folder next to ``out`` and renamed into place only when
+complete, so a crash or an error never leaves a half-written artifact under ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend
+from .ir.graph import Graph
+from .runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, ArtifactError, file_entries
+
+log = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = ("dmpq-compile", "onnx", "onnxruntime", "torch", "transformers")
+
+
+def write_artifact(graph: Graph, backend: Backend, out: str | Path, report: Mapping[str, Any] | None = None,
+                   overwrite: bool = False, emit_options: Mapping[str, Any] | None = None) -> Path:
+    """Emit ``graph`` with ``backend`` into the artifact folder ``out`` and return its path.
+
+    Args:
+        graph: the annotated (and, for quantized experts, quantized) IR.
+        backend: the target's :class:`Backend` instance.
+        out: the folder to create.
+        report: JSON-serialisable compile report, written to ``report.json``.
+        overwrite: replace an existing ``out`` (only once the new artifact is complete).
+        emit_options: keyword options for ``backend.emit``.
+
+    Raises:
+        ArtifactError: ``out`` exists (and ``overwrite`` is False) or is a file, a tokenizer
+            file named by the graph is missing, or the report is not JSON-serialisable.
+        BackendError: the backend cannot emit this graph.
+    """
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a Backend instance, got {type(backend).__name__}")
+    out = Path(out)
+    _check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        backend.check_bits(graph)
+        target = backend.emit(graph, tmp, **dict(emit_options or {}))
+        tokenizer = _copy_tokenizer(graph, tmp)
+        _write_json(tmp / REPORT_NAME, dict(report or {}), "report")
+        manifest = build_manifest(graph, backend, target, tokenizer, file_entries(tmp))
+        _write_json(tmp / MANIFEST_NAME, manifest, "manifest")
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote artifact %s (%d files)", out, len(manifest["files"]))
+    return out
+
+
+def build_manifest(graph: Graph, backend: Backend, target: Mapping[str, Any], tokenizer: Mapping[str, Any],
+                   files: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest dict (see the module docstring) from the graph, the backend's fields and the files."""
+    meta = graph.meta
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"path": meta.get("source"), "model_type": meta.get("model_type"),
+                   "architectures": meta.get("architectures"), "config": meta.get("source_config")},
+        "model": {k: meta.get(k) for k in ("family", "vocab_size", "hidden_size", "num_layers", "num_experts",
+                                           "top_k", "rope_theta", "max_position_embeddings")},
+        "target": {"backend": backend.name, **target},
+        "quantization": _quantization(graph),
+        "experts": {n.id: _expert_entry(n) for n in graph.experts()},
+        "dense_nodes": {n.id: {"kind": n.kind, "bits": n.ann.get("bits", 16)}
+                        for kind in ("shared_expert", "mlp") for n in graph.nodes(kind)},
+        "tokenizer": dict(tokenizer),
+        "versions": {name: _version(name) for name in VERSIONED_PACKAGES},
+        "files": dict(files),
+    }
+
+
+def _expert_entry(node: Any) -> dict[str, Any]:
+    spec = (node.ann.get("quant") or {}).get("spec")
+    bits = node.ann.get("bits", 16)
+    return {"layer": node.attrs["layer"], "expert": node.attrs["expert"], "bits": bits,
+            "group_size": spec.get("group_size") if spec and bits < 16 else None,
+            "method": spec.get("method") if spec and bits < 16 else None, "spec": spec}
+
+
+def _quantization(graph: Graph) -> dict[str, Any]:
+    experts = graph.experts()
+    hist: dict[str, int] = {}
+    for n in experts:
+        hist[str(n.ann.get("bits", 16))] = hist.get(str(n.ann.get("bits", 16)), 0) + 1
+    specs = [n.ann["quant"]["spec"] for n in experts if n.ann.get("quant") and n.ann.get("bits", 16) < 16]
+    return {"bits_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+            "group_size": graph.meta.get("group_size"),
+            "methods": sorted({s["method"] for s in specs}), "schemes": sorted({s["scheme"] for s in specs})}
+
+
+def _copy_tokenizer(graph: Graph, dest: Path) -> dict[str, Any]:
+    names = list(graph.meta.get("tokenizer_files") or [])
+    source = graph.meta.get("source")
+    if names and not source:
+        raise ArtifactError("graph.meta lists tokenizer files but no 'source' folder to copy them from")
+    for name in names:
+        src = Path(source) / name
+        if not src.is_file():
+            raise ArtifactError(f"tokenizer file {src} is missing (the source checkpoint changed since it was "
+                                "loaded); restore it or reload the model")
+        shutil.copy2(src, dest / name)
+    if "tokenizer.json" not in names:
+        log.warning("the source model has no tokenizer.json: the artifact can only be run on token ids")
+    eos = graph.meta.get("eos_token_id")
+    eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return {"files": names, "tokenizer_file": "tokenizer.json" if "tokenizer.json" in names else None,
+            "eos_token_ids": eos_ids, "bos_token_id": graph.meta.get("bos_token_id")}
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a folder; choose another output path")
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another output path or allow overwriting "
+                            "(overwrite=True / --overwrite)")
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an old ``out`` is removed only after the swap."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if not overwrite:  # appeared while we were writing
+        raise ArtifactError(f"{out} appeared while the artifact was being written; nothing was replaced")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: Any, what: str) -> None:
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"the {what} cannot be written as JSON: {e}; give plain numbers, strings, lists "
+                            "and dicts (finite floats)") from None
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()  # numpy / torch scalars
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,502 @@
+"""Backend-neutral lowering of the graph IR to an ONNX model (built with ``onnx.helper``).
+
+The lowering walks the IR in execution order and applies one rule per node kind
+(:data:`RULES`), so a new IR kind needs one new rule and nothing else. Two things are
+pluggable because targets differ exactly there:
+
+* a :class:`Projection` decides how a quantizable node's projection weight (``gate``/``up``/
+  ``down`` of an expert, shared expert or dense MLP) becomes ONNX: the ORT CPU backend emits
+  ``com.microsoft.MatMulNBits``, a TensorRT backend would emit ``DequantizeLinear`` + ``MatMul``;
+  :class:`FloatProjection` (fp32 ``MatMul``) is the base they fall back to for 16-bit nodes;
+* a dispatch pattern (:class:`GatherDispatch`, :class:`GatherIfDispatch` or
+  :class:`DenseDispatch`) decides how tokens reach the experts routed to them.
+
+Graph interface (all float tensors fp32): input ``input_ids [batch, sequence]`` (int64) and per
+attention layer ``past_key_values.{l}.key|value [batch, kv_heads, past_sequence, head_dim]``;
+outputs ``logits [batch, sequence, vocab]`` and ``present.{l}.key|value`` (past + new). Token
+positions continue from the past length, so prefill followed by one-token steps computes the
+same logits as one pass over the whole sequence. Padding inside a batch is not supported: all
+rows of a batch have the same length, as in the reference interpreter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ..ir.graph import Graph, Node
+from .base import BackendError
+
+log = logging.getLogger(__name__)
+
+OPSET = 21
+DISPATCHES = ("gather-if", "gather", "dense")
+
+
+class Builder:
+    """Accumulates ONNX nodes, initializers and graph I/O with unique value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.domains: dict[str, int] = {}
+        self._count = 0
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str, *, n_out: int = 1, outputs: list[str] | None = None,
+           domain: str = "", **attrs: Any) -> Any:
+        """Add one node; returns its output name (or the list of names when ``n_out > 1``)."""
+        outs = outputs or [self.fresh(f"{hint}/{op_type}") for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(f"{hint}/{op_type}"),
+                                           domain=domain or None, **attrs))
+        if domain:
+            self.domains[domain] = 1
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value: Any, dtype: Any = np.float32) -> str:
+        """A (deduplicated) constant initializer holding ``value``."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.add_initializer(self.fresh("const"), arr)
+        return self._consts[key]
+
+    @contextmanager
+    def branch(self) -> Iterator[list[onnx.NodeProto]]:
+        """Collect the nodes added inside the ``with`` block into a separate list (an If branch)."""
+        saved, self.nodes = self.nodes, []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = saved
+
+    def add_initializer(self, name: str, array: np.ndarray) -> str:
+        if name not in self.initializers:
+            arr = np.asarray(array)  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
+            self.initializers[name] = numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(), name)
+        return name
+
+    def add_input(self, name: str, elem_type: int, shape: list[Any]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def add_output(self, name: str, elem_type: int, shape: list[Any], first: bool = False) -> None:
+        info = helper.make_tensor_value_info(name, elem_type, shape)
+        self.outputs.insert(0, info) if first else self.outputs.append(info)
+
+    def model(self, name: str, opset: int, doc: str = "") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, list(self.initializers.values()))
+        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in sorted(self.domains.items())]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile", doc_string=doc)
+        model.ir_version = min(model.ir_version, 10)
+        return model
+
+
+class Projection(Protocol):
+    """Strategy turning ``x @ W.T`` for one projection of a quantizable node into ONNX."""
+
+    def __call__(self, lw: Lowering, x: str, node: Node, role: str) -> str: ...
+
+
+class FloatProjection:
+    """fp32 ``MatMul`` with the original weights; refuses nodes that carry fewer than 16 bits."""
+
+    def __call__(self, lw: Lowering, x: str, node: Node, role: str) -> str:
+        bits = node.ann.get("bits", 16)
+        if bits < 16:
+            raise BackendError(f"node {node.id!r} carries {bits}-bit weights but this projection only keeps fp32 "
+                               "weights; use a backend projection that handles quantized weights")
+        return lw.linear(x, node.params[role], hint=f"{node.id}.{role}")
+
+
+@dataclass
+class RouteValue:
+    """A lowered router: flattened input, top-k weights/indices and lazily built helper tensors."""
+
+    x: str  # router input [B, T, H]
+    flat: str  # [N, H]
+    probs: str  # [N, E]
+    top_w: str  # [N, k]
+    top_i: str  # [N, k] int64
+    node: Node
+    cache: dict[str, str] = field(default_factory=dict)
+
+    def dense(self, lw: Lowering, what: str) -> str:
+        """``[N, E]``: routing weight (``"weights"``) or 1.0 (``"selected"``) at the chosen experts, else 0."""
+        if what not in self.cache:
+            b, h = lw.b, self.node.id
+            zeros = b.op("ConstantOfShape", [b.op("Shape", [self.probs], h)], h,
+                         value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
+            upd = self.top_w if what == "weights" else b.op(
+                "ConstantOfShape", [b.op("Shape", [self.top_w], h)], h,
+                value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+            self.cache[what] = b.op("ScatterElements", [zeros, self.top_i, upd], h, axis=1)
+        return self.cache[what]
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One routed expert's weighted output: ``rows [n, 1]`` (None when dense) and ``y [n, H]``."""
+
+    rows: str | None
+    y: str
+
+
+class GatherDispatch:
+    """Each expert gathers only the tokens routed to it and scatter-adds its weighted output back.
+
+    Per expert: ``NonZero`` on its column of the selection matrix -> ``Gather`` rows -> MLP ->
+    multiply by the routing weight; the combine concatenates all experts' rows and outputs and
+    does one ``ScatterND(reduction="add")`` into zeros (experts added in index order, as the
+    interpreter does).
+    """
+
+    name = "gather"
+
+    def expert(self, lw: Lowering, route: RouteValue, node: Node) -> ExpertPart:
+        b, h = lw.b, node.id
+        e = b.const(node.attrs["expert"], np.int64)
+        col = b.op("Gather", [route.dense(lw, "selected"), e], h, axis=1)  # [N]
+        rows = b.op("Transpose", [b.op("NonZero", [col], h)], h, perm=[1, 0])  # [n, 1]
+        flat_rows = b.op("Reshape", [rows, b.const([-1], np.int64)], h)
+        y = lw.swiglu(b.op("Gather", [route.flat, flat_rows], h, axis=0), node)  # [n, H]
+        w = b.op("Gather", [b.op("Gather", [route.dense(lw, "weights"), e], h, axis=1), rows], h, axis=0)
+        return ExpertPart(rows, b.op("Mul", [y, w], h))
+
+    def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:
+        b = lw.b
+        zeros = b.op("ConstantOfShape", [b.op("Shape", [route.flat], hint)], hint,
+                     value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
+        rows = b.op("Concat", [p.rows for p in parts], hint, axis=0)
+        ys = b.op("Concat", [p.y for p in parts], hint, axis=0)
+        return b.op("ScatterND", [zeros, rows, ys], hint, reduction="add")
+
+
+class GatherIfDispatch(GatherDispatch):
+    """:class:`GatherDispatch` with each expert's work inside an ``If`` on "any token routed here".
+
+    An idle expert then costs two small nodes (a ``Gather`` of its flag and the ``If``) instead
+    of about a dozen; at decode (one token, ``k`` of ``E`` experts busy) that is most of them.
+    """
+
+    name = "gather-if"
+
+    def expert(self, lw: Lowering, route: RouteValue, node: Node) -> ExpertPart:
+        b, h = lw.b, node.id
+        selected, _ = route.dense(lw, "selected"), route.dense(lw, "weights")  # built outside the branches
+        if "active" not in route.cache:
+            counts = b.op("ReduceSum", [selected, b.const([0], np.int64)], route.node.id, keepdims=0)  # [E]
+            route.cache["active"] = b.op("Greater", [counts, b.const(0.0)], route.node.id)
+        cond = b.op("Gather", [route.cache["active"], b.const(node.attrs["expert"], np.int64)], h, axis=0)
+        with b.branch() as then_nodes:
+            part = super().expert(lw, route, node)
+        hidden = int(lw.graph.meta["hidden_size"])
+        with b.branch() as else_nodes:
+            idle = (b.op("Identity", [b.const(np.zeros((0, 1)), np.int64)], h),
+                    b.op("Identity", [b.const(np.zeros((0, hidden)))], h))
+        branches = {}
+        for key, nodes, (rows, y) in (("then_branch", then_nodes, (part.rows, part.y)), ("else_branch", else_nodes, idle)):
+            outs = [helper.make_tensor_value_info(rows, TensorProto.INT64, None),
+                    helper.make_tensor_value_info(y, TensorProto.FLOAT, None)]
+            branches[key] = helper.make_graph(nodes, f"{h}.{key}", [], outs)
+        rows, y = b.op("If", [cond], h, n_out=2, **branches)
+        return ExpertPart(rows, y)
+
+
+class DenseDispatch:
+    """Every expert computes every token; outputs are weighted by the dense ``[N, E]`` routing
+    matrix (zero where not routed) and summed. No data-dependent shapes, E/k times the FLOPs."""
+
+    name = "dense"
+
+    def expert(self, lw: Lowering, route: RouteValue, node: Node) -> ExpertPart:
+        b, h = lw.b, node.id
+        w = b.op("Gather", [route.dense(lw, "weights"), b.const([node.attrs["expert"]], np.int64)], h, axis=1)
+        return ExpertPart(None, b.op("Mul", [lw.swiglu(route.flat, node), w], h))  # [N, H] * [N, 1]
+
+    def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:
+        return lw.b.op("Sum", [p.y for p in parts], hint) if len(parts) > 1 else parts[0].y
+
+
+DISPATCH_CLASSES = {"gather-if": GatherIfDispatch, "gather": GatherDispatch, "dense": DenseDispatch}
+
+
+@dataclass(frozen=True)
+class LoweringOptions:
+    """How to lower: the dispatch pattern and the ONNX opset."""
+
+    dispatch: str = "gather"
+    opset: int = OPSET
+
+    def __post_init__(self) -> None:
+        if self.dispatch not in DISPATCH_CLASSES:
+            raise BackendError(f"unknown dispatch {self.dispatch!r}; choose one of {DISPATCHES}")
+        if self.opset < 18:
+            raise BackendError(f"opset {self.opset} is too old: the lowering needs opset >= 18 "
+                               "(ReduceMean with axes as input, ScatterND reduction)")
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """Names and shape of one layer's KV cache tensors."""
+
+    layer: int
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class Lowered:
+    """A lowered model plus its interface description (for manifests and runtimes)."""
+
+    model: onnx.ModelProto
+    input_ids: str
+    logits: str
+    kv_cache: list[KVSpec]
+    dispatch: str
+
+
+def lower(graph: Graph, projection: Projection | None = None, options: LoweringOptions | None = None) -> Lowered:
+    """Lower ``graph`` to ONNX with ``projection`` for quantizable weights (fp32 MatMul by default)."""
+    return Lowering(graph, projection or FloatProjection(), options or LoweringOptions()).run()
+
+
+class Lowering:
+    """State of one lowering: the builder, node values and shared tensors (positions, masks)."""
+
+    def __init__(self, graph: Graph, projection: Projection, options: LoweringOptions) -> None:
+        self.graph, self.projection, self.options = graph, projection, options
+        self.dispatch = DISPATCH_CLASSES[options.dispatch]()
+        self.b = Builder()
+        self.values: dict[str, Any] = {}
+        self.kv: list[KVSpec] = []
+        self.shared: dict[Any, str] = {}  # positions, masks, rope tables (keyed by what they depend on)
+        self.ids = ""
+
+    def run(self) -> Lowered:
+        for node in self.graph.nodes():
+            rule = RULES.get(node.kind)
+            if rule is None:
+                raise BackendError(f"node {node.id!r}: no ONNX lowering for IR kind {node.kind!r}; "
+                                   f"known kinds: {sorted(RULES)}")
+            self.values[node.id] = rule(self, node, *[self.values[i] for i in node.inputs])
+        heads = [n for n in self.graph.nodes("lm_head")]
+        if len(heads) != 1:
+            raise BackendError(f"the graph needs exactly one lm_head node, found {len(heads)}")
+        meta = self.graph.meta
+        doc = f"{meta.get('family', '?')} model lowered by dmpq-compile (dispatch={self.dispatch.name})"
+        model = self.b.model(f"dmpq_{meta.get('family', 'model')}", self.options.opset, doc)
+        onnx.helper.set_model_props(model, {"family": str(meta.get("family")), "dispatch": self.dispatch.name})
+        return Lowered(model, self.ids, "logits", self.kv, self.dispatch.name)
+
+    # -- weights and linear layers -------------------------------------------------------------
+    def weight(self, key: str, transpose: bool = False) -> str:
+        """The fp32 initializer of store weight ``key`` (``[K, N]`` when ``transpose``), added once."""
+        name = f"{key}.T" if transpose else key
+        if name not in self.b.initializers:
+            arr = self.graph.weights[key].detach().to(torch.float32).cpu().numpy()
+            self.b.add_initializer(name, arr.T if transpose else arr)
+        return name
+
+    def linear(self, x: str, key: str, bias: str | None = None, hint: str = "linear") -> str:
+        """``x @ W.T (+ b)`` with ``W [N, K]`` from the weight store, as an fp32 MatMul."""
+        y = self.b.op("MatMul", [x, self.weight(key, transpose=True)], hint)
+        return self.b.op("Add", [y, self.weight(bias)], hint) if bias else y
+
+    def swiglu(self, x: str, node: Node) -> str:
+        gate = self.projection(self, x, node, "gate")
+        up = self.projection(self, x, node, "up")
+        act = self.b.op("Mul", [self.b.op("Mul", [gate, self.b.op("Sigmoid", [gate], node.id)], node.id), up],
+                        node.id)
+        return self.projection(self, act, node, "down")
+
+    def rms_norm(self, x: str, key: str, eps: float, hint: str) -> str:
+        b = self.b
+        ms = b.op("ReduceMean", [b.op("Pow", [x, b.const(2.0)], hint), b.const([-1], np.int64)], hint, keepdims=1)
+        normed = b.op("Div", [x, b.op("Sqrt", [b.op("Add", [ms, b.const(eps)], hint)], hint)], hint)
+        return b.op("Mul", [self.weight(key), normed], hint)
+
+    # -- positions, masks, rotary tables (shared by all layers) --------------------------------
+    def _lengths(self) -> tuple[str, str]:
+        """Scalars ``past`` (cached tokens) and ``total`` (past + new), int64."""
+        if "past" not in self.shared:
+            b, first = self.b, self.kv[0].past_key
+            past = b.op("Squeeze", [b.op("Shape", [first], "pos", start=2, end=3)], "pos")
+            new = b.op("Squeeze", [b.op("Shape", [self.ids], "pos", start=1, end=2)], "pos")
+            self.shared["past"], self.shared["total"] = past, b.op("Add", [past, new], "pos")
+        return self.shared["past"], self.shared["total"]
+
+    def positions(self) -> str:
+        """Absolute positions of the new tokens ``[T]`` (int64): ``past .. past + T - 1``."""
+        if "positions" not in self.shared:
+            past, total = self._lengths()
+            self.shared["positions"] = self.b.op("Range", [past, total, self.b.const(1, np.int64)], "pos")
+        return self.shared["positions"]
+
+    def mask(self, window: int | None) -> str:
+        """Additive attention bias ``[T, past + T]``: 0 where allowed (causal, in window), -inf elsewhere."""
+        key = ("mask", window)
+        if key not in self.shared:
+            b = self.b
+            _, total = self._lengths()
+            i = b.op("Unsqueeze", [self.positions(), b.const([1], np.int64)], "mask")  # [T, 1]
+            j = b.op("Unsqueeze", [b.op("Range", [b.const(0, np.int64), total, b.const(1, np.int64)], "mask"),
+                                   b.const([0], np.int64)], "mask")  # [1, S]
+            allowed = b.op("GreaterOrEqual", [i, j], "mask")
+            if window:
+                near = b.op("Less", [b.op("Sub", [i, j], "mask"), b.const(int(window), np.int64)], "mask")
+                allowed = b.op("And", [allowed, near], "mask")
+            self.shared[key] = b.op("Where", [allowed, b.const(0.0), b.const(-np.inf)], "mask")
+        return self.shared[key]
+
+    def rope(self, head_dim: int, theta: float) -> tuple[str, str]:
+        """``cos, sin [T, head_dim]`` in the half-rotation layout of :func:`ops.rope_cos_sin`."""
+        key = ("rope", head_dim, theta)
+        if key not in self.shared:
+            b = self.b
+            inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            pos = b.op("Unsqueeze", [b.op("Cast", [self.positions()], "rope", to=TensorProto.FLOAT),
+                                     b.const([1], np.int64)], "rope")
+            freqs = b.op("Mul", [pos, b.const(inv.numpy()[None, :])], "rope")  # [T, hd/2]
+            emb = b.op("Concat", [freqs, freqs], "rope", axis=-1)
+            self.shared[key] = b.op("Cos", [emb], "rope")
+            self.shared[("sin",) + key[1:]] = b.op("Sin", [emb], "rope")
+        return self.shared[key], self.shared[("sin",) + key[1:]]
+
+
+def _rule_input(lw: Lowering, node: Node) -> str:
+    lw.ids = lw.b.add_input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    return lw.ids
+
+
+def _rule_embed(lw: Lowering, node: Node, ids: str) -> str:
+    return lw.b.op("Gather", [lw.weight(node.params["weight"]), ids], node.id, axis=0)
+
+
+def _rule_norm(lw: Lowering, node: Node, x: str) -> str:
+    return lw.rms_norm(x, node.params["weight"], float(node.attrs["eps"]), node.id)
+
+
+def _rule_add(lw: Lowering, node: Node, a: str, b: str) -> str:
+    return lw.b.op("Add", [a, b], node.id)
+
+
+def _rule_router(lw: Lowering, node: Node, x: str) -> RouteValue:
+    b, h, a = lw.b, node.id, node.attrs
+    flat = b.op("Reshape", [x, b.const([-1, lw.graph.meta["hidden_size"]], np.int64)], h)
+    probs = b.op("Softmax", [lw.linear(flat, node.params["weight"], hint=h)], h, axis=-1)
+    top_w, top_i = b.op("TopK", [probs, b.const([int(a["top_k"])], np.int64)], h, n_out=2, axis=-1)
+    if a["norm_topk_prob"]:
+        top_w = b.op("Div", [top_w, b.op("ReduceSum", [top_w, b.const([-1], np.int64)], h, keepdims=1)], h)
+    return RouteValue(x, flat, probs, top_w, top_i, node)
+
+
+def _rule_expert(lw: Lowering, node: Node, x: str, route: RouteValue) -> ExpertPart:
+    return lw.dispatch.expert(lw, route, node)
+
+
+def _rule_shared_expert(lw: Lowering, node: Node, x: str) -> str:
+    gate = lw.b.op("Sigmoid", [lw.linear(x, node.params["shared_gate"], hint=node.id)], node.id)
+    return lw.b.op("Mul", [gate, lw.swiglu(x, node)], node.id)
+
+
+def _rule_mlp(lw: Lowering, node: Node, x: str) -> str:
+    return lw.swiglu(x, node)
+
+
+def _rule_combine(lw: Lowering, node: Node, route: RouteValue, *outs: Any) -> str:
+    b, h = lw.b, node.id
+    parts = [o for o in outs if isinstance(o, ExpertPart)]
+    out = lw.dispatch.combine(lw, route, parts, h) if parts else None
+    for dense in (o for o in outs if not isinstance(o, ExpertPart)):  # shared expert, [B, T, H]
+        flat = b.op("Reshape", [dense, b.const([-1, lw.graph.meta["hidden_size"]], np.int64)], h)
+        out = flat if out is None else b.op("Add", [out, flat], h)
+    if out is None:
+        raise BackendError(f"combine {node.id!r} has no expert inputs")
+    return b.op("Reshape", [out, b.op("Shape", [route.x], h)], h)
+
+
+def _rule_lm_head(lw: Lowering, node: Node, x: str) -> str:
+    b, key, h = lw.b, node.params["weight"], node.id
+    vocab = int(lw.graph.weights[key].shape[0])
+    embeds = {n.params["weight"] for n in lw.graph.nodes("embed")}
+    if key in embeds:  # tied embeddings: reuse the [V, H] table through Gemm(transB=1), no transposed copy
+        flat = b.op("Reshape", [x, b.const([-1, lw.graph.weights[key].shape[1]], np.int64)], h)
+        y = b.op("Gemm", [flat, lw.weight(key)], h, transB=1)
+        lead = b.op("Shape", [x], h, start=0, end=-1)
+        logits = b.op("Reshape", [y, b.op("Concat", [lead, b.const([vocab], np.int64)], h, axis=0)], h,
+                      outputs=["logits"])
+    else:
+        logits = b.op("MatMul", [x, lw.weight(key, transpose=True)], h, outputs=["logits"])
+    b.add_output(logits, TensorProto.FLOAT, ["batch", "sequence", vocab], first=True)
+    return logits
+
+
+def _rule_attention(lw: Lowering, node: Node, x: str) -> str:
+    """Causal GQA attention with RoPE and a KV cache (plain ONNX ops, see docs/ort-cpu.md)."""
+    b, h, a, p = lw.b, node.id, node.attrs, node.params
+    nh, nkv, hd, layer = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"]), int(a["layer"])
+    kv = KVSpec(layer, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+                f"present.{layer}.key", f"present.{layer}.value", nkv, hd)
+    for name in (kv.past_key, kv.past_value):
+        b.add_input(name, TensorProto.FLOAT, ["batch", nkv, "past_sequence", hd])
+    lw.kv.append(kv)
+    q, k, v = (lw.linear(x, p[r], p.get(f"{r}_bias"), hint=f"{h}.{r}") for r in "qkv")
+    if a.get("clip_qkv"):
+        lo, hi = b.const(-float(a["clip_qkv"])), b.const(float(a["clip_qkv"]))
+        q, k, v = (b.op("Clip", [t, lo, hi], h) for t in (q, k, v))
+    if a["qk_norm"] == "full":
+        q, k = lw.rms_norm(q, p["q_norm"], a["eps"], h), lw.rms_norm(k, p["k_norm"], a["eps"], h)
+    q, k, v = (b.op("Reshape", [t, b.const([0, 0, n, hd], np.int64)], h) for t, n in ((q, nh), (k, nkv), (v, nkv)))
+    if a["qk_norm"] == "head":
+        q, k = lw.rms_norm(q, p["q_norm"], a["eps"], h), lw.rms_norm(k, p["k_norm"], a["eps"], h)
+    q, k, v = (b.op("Transpose", [t], h, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, T, hd]
+    cos, sin = lw.rope(hd, float(a["rope_theta"]))
+    q, k = _rotate(lw, q, cos, sin, h), _rotate(lw, k, cos, sin, h)
+    k_all = b.op("Concat", [kv.past_key, k], h, axis=2, outputs=[kv.present_key])  # [B, nkv, S, hd]
+    v_all = b.op("Concat", [kv.past_value, v], h, axis=2, outputs=[kv.present_value])
+    for name in (kv.present_key, kv.present_value):
+        b.add_output(name, TensorProto.FLOAT, ["batch", nkv, "total_sequence", hd])
+    # GQA without copying K/V: query heads grouped [B, nkv, g, T, hd] against K/V [B, nkv, 1, S, hd]
+    q5 = b.op("Reshape", [q, b.const([0, nkv, nh // nkv, -1, hd], np.int64)], h)
+    k5 = b.op("Unsqueeze", [k_all, b.const([2], np.int64)], h)
+    v5 = b.op("Unsqueeze", [v_all, b.const([2], np.int64)], h)
+    scores = b.op("Mul", [b.op("MatMul", [q5, b.op("Transpose", [k5], h, perm=[0, 1, 2, 4, 3])], h),
+                          b.const(hd ** -0.5)], h)
+    probs = b.op("Softmax", [b.op("Add", [scores, lw.mask(a.get("sliding_window"))], h)], h, axis=-1)
+    out = b.op("Reshape", [b.op("MatMul", [probs, v5], h), b.const([0, nh, -1, hd], np.int64)], h)
+    out = b.op("Reshape", [b.op("Transpose", [out], h, perm=[0, 2, 1, 3]), b.const([0, 0, nh * hd], np.int64)], h)
+    return lw.linear(out, p["o"], p.get("o_bias"), hint=f"{h}.o")
+
+
+def _rotate(lw: Lowering, x: str, cos: str, sin: str, hint: str) -> str:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``."""
+    b = lw.b
+    x1, x2 = b.op("Split", [x], hint, n_out=2, axis=-1, num_outputs=2)
+    rot = b.op("Concat", [b.op("Neg", [x2], hint), x1], hint, axis=-1)
+    return b.op("Add", [b.op("Mul", [x, cos], hint), b.op("Mul", [rot, sin], hint)], hint)
+
+
+RULES: dict[str, Callable[..., Any]] = {
+    "input": _rule_input, "embed": _rule_embed, "norm": _rule_norm, "attention": _rule_attention,
+    "add": _rule_add, "router": _rule_router, "expert": _rule_expert, "shared_expert": _rule_shared_expert,
+    "mlp": _rule_mlp, "combine": _rule_combine, "lm_head": _rule_lm_head,
+}

@@ -1,0 +1,9 @@
+"""ONNX Runtime CPU backend (``ort-cpu``): see :class:`OrtCpuBackend` and ``docs/ort-cpu.md``.
+
+Importing this package does not import onnxruntime; only the runtime and cost measurements do.
+"""
+
+from .backend import DATA_FILE, MODEL_FILE, OrtCpuBackend
+from .matmulnbits import MatMulNBitsProjection, NBitsWeight, pack_weight
+
+__all__ = ["DATA_FILE", "MODEL_FILE", "MatMulNBitsProjection", "NBitsWeight", "OrtCpuBackend", "pack_weight"]

@@ -1,0 +1,476 @@
+"""Measured cost table of the ``ort-cpu`` target (ONNX Runtime, CPU execution provider).
+
+Each distinct expert shape ``(H, I)`` and bit-width is micro-benchmarked with exactly the
+kernels the emitter uses: a tiny ONNX model of one expert (gate and up ``H -> I``, SiLU(gate) *
+up, down ``I -> H``) whose projections are ``com.microsoft.MatMulNBits`` (bits 2/4/8,
+``block_size`` = group size, ``accuracy_level=4``, packed uint8 zero points, fp32 scales) or a
+plain fp32 ``MatMul`` (bits 16, the weight kept in floating point). The model runs in an
+``onnxruntime.InferenceSession`` with a configurable number of intra-op threads.
+
+Four medians are taken per shape and bit-width: decode (M=1) and prefill (M=128, reported per
+token), each **cold** (the last-level cache flushed before every run by streaming a buffer twice
+its size, so the weights come from DRAM) and **warm** (back-to-back runs). The table's
+``decode_ms`` and ``prefill_ms`` are the cold medians: in a real MoE model an expert's weights
+are rarely still cached when the router picks it again. Results are cached on disk per CPU
+model, thread count, onnxruntime version, group size, shape and bits (see
+:class:`dmpq_compile.backends.cost.CostCache`).
+
+Entry points: :func:`ort_cpu_cost_table` (the backend's ``cost_table``), :func:`measure_shapes`
+(the ``cost`` command) and :func:`measure_expert_cost` (one measurement, no cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...ir.graph import Graph
+from ..base import ExpertCostRow
+from ..cost import (
+    HOROWITZ_45NM,
+    CostCache,
+    CostError,
+    EnergyModel,
+    available_cpus,
+    cpu_model,
+    energy_mj,
+    expert_projections,
+    expert_shapes,
+    layout_bytes,
+    mac_ops,
+    matmulnbits_layout,
+    merge_ops,
+    rows_for_graph,
+)
+
+log = logging.getLogger(__name__)
+
+TARGET = "ort-cpu"
+ORT_CPU_BITS: tuple[int, ...] = (2, 4, 8, 16)
+"""Bit-widths the ort-cpu kernels run: MatMulNBits 2/4/8 and fp32 MatMul for 16."""
+ACCURACY_LEVEL = 4
+"""MatMulNBits ``accuracy_level`` the emitter uses (A quantized to int8 per block; with 0 the
+2- and 8-bit CPU kernels were measured ~40x slower)."""
+PREFILL_TOKENS = 128
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_REPEATS = 5
+BENCH_VERSION = 2
+"""Bumped when the benchmark changes in a way that invalidates cached results."""
+SETTLE_S = 0.01
+"""Untimed sleep after each cache flush. The flush is ~0.1 s of CPU; without yielding, the OS
+scheduler tends to preempt the timed run that follows on a shared machine (measured here: cold
+fp32 decode of a 2048x1024 expert, 1 thread, median 6.1 ms with the range 2.0-9.8 ms without the
+sleep, 1.97 ms with the range 1.92-2.06 ms with it)."""
+_FALLBACK_LLC_BYTES = 64 << 20
+_MAX_EVICT_BYTES = 2 << 30
+
+_clock: Callable[[], float] = time.perf_counter
+"""Timer used for every timed run (a module attribute so tests can replace it)."""
+
+
+def _ort() -> Any:
+    """Import onnxruntime lazily, with an actionable error."""
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
+        raise CostError("the ort-cpu cost table needs onnxruntime: pip install onnxruntime") from e
+    return onnxruntime
+
+
+# -- layout and bytes -------------------------------------------------------------------------
+def projection_layout(n: int, k: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Initializer ``{name: (shape, dtype)}`` of one projection ``K -> N`` as the emitter stores it."""
+    if bits == 16:
+        return {"W": ((k, n), "float32")}
+    return matmulnbits_layout(n, k, bits, group_size)
+
+
+def ort_cpu_expert_bytes(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Weight bytes of one expert on ort-cpu (codes + scales + zero points, or fp32 weights)."""
+    _check_bits(bits)
+    return sum(layout_bytes(projection_layout(n, k, bits, group_size)) for _, n, k in expert_projections(h, i))
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in ORT_CPU_BITS:
+        raise CostError(f"ort-cpu runs bits {ORT_CPU_BITS}, not {bits!r} (MatMulNBits CPU kernels: 2, 4, 8; "
+                        f"16 = fp32 MatMul)")
+
+
+# -- energy -----------------------------------------------------------------------------------
+def ort_cpu_expert_energy_mj(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
+                             model: EnergyModel = HOROWITZ_45NM) -> float:
+    """Estimated energy (mJ) of one decoded token through one expert on ort-cpu.
+
+    Bytes moved: every weight byte once from DRAM (cold decode) plus fp32 activations in and out
+    of each projection. Ops: bits 16 is an fp32 multiply and add per MAC; bits 2/4/8 with
+    ``accuracy_level=4`` run int8 dot products (int8 multiply, int32 add per MAC) plus one fp32
+    multiply and add per output and K-block (scaling and accumulating each block's partial sum).
+    The SiLU and elementwise product (O(I) ops) are left out.
+    """
+    weight = ort_cpu_expert_bytes(h, i, bits, group_size)
+    activations = sum(4 * (n + k) for _, n, k in expert_projections(h, i))
+    macs = 3 * h * i
+    if bits == 16:
+        ops = mac_ops(macs, "fp32_mul", "fp32_add")
+    else:
+        blocks = sum(n * -(-k // group_size) for _, n, k in expert_projections(h, i))
+        ops = merge_ops(mac_ops(macs, "int8_mul", "int32_add"), mac_ops(blocks, "fp32_mul", "fp32_add"))
+    return energy_mj(weight + activations, ops, model)
+
+
+# -- benchmark model --------------------------------------------------------------------------
+def _random_array(shape: tuple[int, ...], dtype: str, rng: np.random.Generator, scale: float) -> np.ndarray:
+    """Random initializer contents (values do not change the kernels' speed)."""
+    if dtype == "uint8":
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    return (rng.standard_normal(size=shape, dtype=np.float32) * np.float32(scale)).astype(dtype, copy=False)
+
+
+def _projection(role: str, x: str, n: int, k: int, bits: int, group_size: int,
+                rng: np.random.Generator) -> tuple[Any, list[Any]]:
+    """``(node, initializers)`` of one projection ``x [M, K] -> role [M, N]``."""
+    from onnx import helper, numpy_helper
+
+    layout = projection_layout(n, k, bits, group_size)
+    inits = [numpy_helper.from_array(_random_array(shape, dtype, rng, k ** -0.5 if name == "W" else 0.01),
+                                     f"{role}.{name}")
+             for name, (shape, dtype) in layout.items()]
+    if bits == 16:
+        return helper.make_node("MatMul", [x, f"{role}.W"], [role], name=role), inits
+    node = helper.make_node("MatMulNBits", [x, f"{role}.B", f"{role}.scales", f"{role}.zero_points"], [role],
+                            name=role, domain="com.microsoft", K=k, N=n, bits=bits, block_size=group_size,
+                            accuracy_level=ACCURACY_LEVEL)
+    return node, inits
+
+
+def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0) -> Any:
+    """An ONNX model of one SwiGLU expert ``x [M, H] -> y [M, H]`` at ``bits`` (random weights).
+
+    Returns:
+        ``onnx.ModelProto`` with input ``x`` and output ``y`` (``M`` symbolic).
+    """
+    from onnx import TensorProto, helper
+
+    _check_bits(bits)
+    rng = np.random.default_rng(seed)
+    gate, gate_w = _projection("gate", "x", i, h, bits, group_size, rng)
+    up, up_w = _projection("up", "x", i, h, bits, group_size, rng)
+    act = [helper.make_node("Sigmoid", ["gate"], ["gate_sig"]),
+           helper.make_node("Mul", ["gate", "gate_sig"], ["gate_act"]),
+           helper.make_node("Mul", ["gate_act", "up"], ["hidden"])]
+    down, down_w = _projection("down", "hidden", h, i, bits, group_size, rng)
+    graph = helper.make_graph(
+        [gate, up, *act, down], f"expert_{h}x{i}_b{bits}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", h])],
+        [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["M", h])],
+        gate_w + up_w + down_w)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile-cost")
+
+
+def make_session(model: Any, threads: int) -> Any:
+    """An ``InferenceSession`` on the CPU provider with ``threads`` intra-op threads.
+
+    Spinning of idle pool threads is turned off so the benchmark does not steal cycles from the
+    cache flush between cold runs (or from other processes sharing the machine).
+    """
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+# -- cache flushing ---------------------------------------------------------------------------
+def llc_bytes() -> int | None:
+    """Size of the largest data/unified CPU cache from sysfs, or None when unknown."""
+    best = None
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1].upper(), 1)
+        value = int(size.rstrip("KMGkmg")) * mult
+        best = value if best is None else max(best, value)
+    return best
+
+
+def default_evict_bytes() -> int:
+    """Twice the last-level cache (capped at 2 GiB); 128 MiB when the cache size is unknown."""
+    llc = llc_bytes()
+    if llc is None:
+        log.warning("cannot read the last-level cache size from sysfs; flushing with %d MiB",
+                    2 * _FALLBACK_LLC_BYTES >> 20)
+        llc = _FALLBACK_LLC_BYTES
+    return min(2 * llc, _MAX_EVICT_BYTES)
+
+
+class CacheEvictor:
+    """Flushes CPU caches by reading and writing a buffer larger than the last-level cache."""
+
+    def __init__(self, nbytes: int) -> None:
+        if nbytes < 4096:
+            raise CostError(f"cache-flush buffer must be at least 4 KiB, got {nbytes} bytes")
+        self.nbytes = nbytes
+        self._buf = np.ones(nbytes // 8, dtype=np.int64)
+
+    def evict(self) -> None:
+        """Touch every cache line of the buffer (read-modify-write, so lines are dirty and owned)."""
+        np.bitwise_xor(self._buf, 1, out=self._buf)
+
+    def evict_and_settle(self) -> None:
+        """:meth:`evict`, then sleep :data:`SETTLE_S` so the next timed run starts on a fresh slice."""
+        self.evict()
+        time.sleep(SETTLE_S)
+
+
+# -- measuring --------------------------------------------------------------------------------
+@dataclass
+class ExpertMeasurement:
+    """Timings of one expert shape at one bit-width (samples in ms; prefill samples per token)."""
+
+    h: int
+    i: int
+    bits: int
+    group_size: int
+    threads: int
+    bytes: int
+    energy_mj: float
+    decode_cold: list[float]
+    decode_warm: list[float]
+    prefill_cold: list[float]
+    prefill_warm: list[float]
+    prefill_tokens: int = PREFILL_TOKENS
+
+    @property
+    def decode_ms(self) -> float:
+        """Median cold decode latency (what the cost table uses)."""
+        return statistics.median(self.decode_cold)
+
+    @property
+    def decode_warm_ms(self) -> float:
+        return statistics.median(self.decode_warm)
+
+    @property
+    def prefill_ms(self) -> float:
+        """Median cold prefill latency per token."""
+        return statistics.median(self.prefill_cold)
+
+    @property
+    def prefill_warm_ms(self) -> float:
+        return statistics.median(self.prefill_warm)
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        """Weight bytes over the cold decode median, in GB/s (10^9 bytes per second)."""
+        return self.bytes / (self.decode_ms * 1e-3) / 1e9
+
+    def spread(self, name: str = "decode_cold") -> float:
+        """``(max - min) / median`` of one sample list (0 for a single sample)."""
+        samples = getattr(self, name)
+        return (max(samples) - min(samples)) / statistics.median(samples)
+
+    def row(self) -> ExpertCostRow:
+        return ExpertCostRow(decode_ms=self.decode_ms, prefill_ms=self.prefill_ms, bytes=self.bytes,
+                             energy_mj=self.energy_mj)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExpertMeasurement:
+        return cls(**dict(data))
+
+
+def _time_runs(run: Callable[[], Any], repeats: int, before: Callable[[], None] | None = None) -> list[float]:
+    """Milliseconds of ``repeats`` calls of ``run`` (``before`` runs untimed ahead of each)."""
+    samples = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start = _clock()
+        run()
+        samples.append((_clock() - start) * 1e3)
+    return samples
+
+
+def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None,
+                        repeats: int = DEFAULT_REPEATS, prefill_tokens: int = PREFILL_TOKENS,
+                        evictor: CacheEvictor | None = None, seed: int = 0) -> ExpertMeasurement:
+    """Benchmark one expert of shape ``(h, i)`` at ``bits`` on this machine (no cache).
+
+    Args:
+        h: Hidden size (gate/up input, down output).
+        i: Expert intermediate size.
+        bits: 2, 4 or 8 (MatMulNBits) or 16 (fp32 MatMul).
+        group_size: MatMulNBits ``block_size`` (ignored for bits 16).
+        threads: Intra-op threads; default all CPUs this process may use.
+        repeats: Timed runs per median (each of the four medians).
+        prefill_tokens: Rows of the prefill input.
+        evictor: Cache flusher for cold runs; default one of :func:`default_evict_bytes`.
+        seed: Seed of the random weights and inputs.
+
+    Returns:
+        The four sample lists, the weight bytes and the energy estimate.
+    """
+    _check_bits(bits)
+    if repeats < 1 or prefill_tokens < 1:
+        raise CostError(f"repeats and prefill_tokens must be >= 1, got {repeats}, {prefill_tokens}")
+    threads = threads or available_cpus()
+    evictor = evictor or CacheEvictor(default_evict_bytes())
+    sess = make_session(build_expert_model(h, i, bits, group_size, seed), threads)
+    rng = np.random.default_rng(seed + 1)
+    decode = {"x": rng.standard_normal((1, h), dtype=np.float32)}
+    prefill = {"x": rng.standard_normal((prefill_tokens, h), dtype=np.float32)}
+
+    def run_decode() -> Any:
+        return sess.run(None, decode)
+
+    def run_prefill() -> Any:
+        return sess.run(None, prefill)
+
+    for run in (run_decode, run_prefill, run_decode):  # first runs prepack weights and size buffers
+        run()
+    samples = {
+        "decode_warm": _time_runs(run_decode, repeats),
+        "prefill_warm": _time_runs(run_prefill, repeats),
+        "decode_cold": _time_runs(run_decode, repeats, evictor.evict_and_settle),
+        "prefill_cold": _time_runs(run_prefill, repeats, evictor.evict_and_settle),
+    }
+    for name in ("prefill_warm", "prefill_cold"):
+        samples[name] = [ms / prefill_tokens for ms in samples[name]]
+    return ExpertMeasurement(h=h, i=i, bits=bits, group_size=group_size, threads=threads,
+                             bytes=ort_cpu_expert_bytes(h, i, bits, group_size),
+                             energy_mj=ort_cpu_expert_energy_mj(h, i, bits, group_size),
+                             prefill_tokens=prefill_tokens, **samples)
+
+
+def cache_key(h: int, i: int, bits: int, group_size: int, threads: int, prefill_tokens: int,
+              evict_bytes: int) -> dict[str, Any]:
+    """Everything that changes an ort-cpu measurement (the disk-cache key)."""
+    return {"target": TARGET, "bench_version": BENCH_VERSION, "cpu": cpu_model(), "threads": threads,
+            "onnxruntime": _ort().__version__, "group_size": group_size if bits != 16 else 0,
+            "h": h, "i": i, "bits": bits, "accuracy_level": ACCURACY_LEVEL, "prefill_tokens": prefill_tokens,
+            "evict_mib": evict_bytes >> 20}
+
+
+def _check_request(bits: Sequence[int], group_size: int, repeats: int) -> None:
+    for b in bits:
+        _check_bits(b)
+    if any(b != 16 for b in bits) and (group_size < 16 or group_size & (group_size - 1)):
+        raise CostError(f"group size must be a power of two >= 16 for MatMulNBits, got {group_size}")
+    if repeats < 1:
+        raise CostError(f"repeats must be >= 1, got {repeats}")
+
+
+def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_CPU_BITS,
+                   group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None, repeats: int = DEFAULT_REPEATS,
+                   cache: bool = True, progress: bool = True, prefill_tokens: int = PREFILL_TOKENS,
+                   evict_bytes: int | None = None, cache_dir: Path | None = None,
+                   ) -> dict[tuple[int, int], dict[int, ExpertMeasurement]]:
+    """Measure (or read from the disk cache) every shape at every bit-width.
+
+    Args:
+        shapes: Expert shapes ``(H, I)``; duplicates are measured once.
+        bits: Bit-widths, a subset of :data:`ORT_CPU_BITS`.
+        group_size: MatMulNBits block size (power of two >= 16).
+        threads: Intra-op threads; default all CPUs this process may use.
+        repeats: Timed runs behind each median.
+        cache: Read cached entries (no measuring) and store new ones; False measures everything
+            and touches no cache.
+        progress: Show a progress bar on stderr.
+        prefill_tokens: Rows of the prefill input.
+        evict_bytes: Cache-flush buffer size; default :func:`default_evict_bytes`.
+        cache_dir: Cache root; default :func:`dmpq_compile.backends.cost.cost_cache_dir`.
+
+    Returns:
+        ``{(H, I): {bits: ExpertMeasurement}}``.
+
+    Raises:
+        CostError: For unsupported bits, a bad group size or repeats < 1.
+    """
+    bits = tuple(bits)
+    _check_request(bits, group_size, repeats)
+    threads = threads or available_cpus()
+    evict_bytes = evict_bytes or default_evict_bytes()
+    store = CostCache(cache_dir) if cache else None
+    todo = [(s, b) for s in sorted(set(shapes)) for b in bits]
+    out: dict[tuple[int, int], dict[int, ExpertMeasurement]] = {}
+    evictor: CacheEvictor | None = None
+    bar = _progress(len(todo), progress)
+    try:
+        for (h, i), b in todo:
+            key = cache_key(h, i, b, group_size, threads, prefill_tokens, evict_bytes)
+            hit = store.get(key) if store else None
+            if hit is not None:
+                out.setdefault((h, i), {})[b] = ExpertMeasurement.from_dict(hit)
+            else:
+                evictor = evictor or CacheEvictor(evict_bytes)
+                log.info("measuring ort-cpu expert %dx%d at %d bits (%d threads)", h, i, b, threads)
+                m = measure_expert_cost(h, i, b, group_size, threads, repeats, prefill_tokens, evictor)
+                out.setdefault((h, i), {})[b] = m
+                if store:
+                    _store(store, key, m)
+            bar.set_postfix_str(f"{h}x{i} {b}b")
+            bar.update()
+    finally:
+        bar.close()
+    return out
+
+
+def _store(store: CostCache, key: Mapping[str, Any], m: ExpertMeasurement) -> None:
+    """Write one measurement to the cache; a cache that cannot be written only costs a warning."""
+    try:
+        store.put(key, m.to_dict())
+    except OSError as e:
+        log.warning("could not write the cost cache under %s (%s); set $DMPQ_CACHE_DIR to a writable "
+                    "folder to keep measurements", store.root, e)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    """A tqdm bar on stderr (disabled when not wanted)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="ort-cpu cost", unit="kernel", disable=not enabled, leave=False)
+
+
+def ort_cpu_cost_table(graph: Graph, group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None,
+                       repeats: int = DEFAULT_REPEATS, cache: bool = True, progress: bool = True,
+                       bits: Sequence[int] = ORT_CPU_BITS, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
+    """The measured ort-cpu cost table ``{expert node id: {bits: ExpertCostRow}}``.
+
+    Each distinct expert shape is measured once per bit-width (or read from the disk cache).
+
+    Args:
+        graph: The model; every ``expert`` node gets a row per bit-width.
+        group_size: MatMulNBits block size the emitter will use.
+        threads: Intra-op threads (default all CPUs); part of the cache key.
+        repeats: Timed runs behind each median.
+        cache: Use the disk cache (see :func:`measure_shapes`).
+        progress: Show a progress bar on stderr.
+        bits: Bit-widths to cost (default all of :data:`ORT_CPU_BITS`).
+        **options: ``prefill_tokens``, ``evict_bytes`` or ``cache_dir`` for :func:`measure_shapes`.
+
+    Returns:
+        Rows whose ``decode_ms`` and ``prefill_ms`` are cold medians (prefill per token),
+        ``bytes`` the exact initializer bytes and ``energy_mj`` the per-token estimate.
+    """
+    shapes = expert_shapes(graph)
+    measured = measure_shapes(shapes.values(), bits, group_size, threads, repeats, cache, progress, **options)
+    per_shape = {s: {b: m.row() for b, m in row.items()} for s, row in measured.items()}
+    return rows_for_graph(shapes, per_shape, bits)

@@ -1,0 +1,118 @@
+"""Packing stored quantized weights into ONNX Runtime ``com.microsoft.MatMulNBits`` inputs.
+
+``MatMulNBits(A, B, scales, zero_points)`` computes ``A @ W.T`` with ``W [N, K]`` quantized in
+blocks of ``block_size`` along K (ORT contrib-op schema, onnxruntime 1.32):
+
+* ``B``: uint8 ``[N, k_blocks, block_size * bits / 8]``, codes bit-packed LSB-first inside each
+  block (4-bit: low nibble first) -- exactly :func:`dmpq_compile.quant.pack_bits` of the codes
+  padded to whole blocks;
+* ``scales``: float32 ``[N, k_blocks]``;
+* ``zero_points``: uint8 ``[N, ceil(k_blocks * bits / 8)]``, packed like ``B`` (for 8 bits that
+  is one uint8 per block);
+* attributes ``K``, ``N``, ``bits`` (the CPU kernel accepts 2, 4 and 8; 3 fails at session
+  creation), ``block_size`` (a power of two >= 16) and ``accuracy_level`` (4: the kernel may
+  quantize ``A`` to int8 per block, much faster on CPU; 0: fp32 activations).
+
+The dequantized weight is ``(q - zero) * scale``, the same ``affine-asym-v1`` formula the
+reference interpreter applies to the same stored tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...ir.graph import Node
+from ...quant import QuantSpec, pack_bits, unpack_bits
+from ..base import BackendError
+from ..onnx_lowering import Lowering
+
+NBITS = (2, 4, 8)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class NBitsWeight:
+    """The three MatMulNBits inputs of one ``[N, K]`` weight plus its attributes."""
+
+    b: np.ndarray  # uint8 [N, k_blocks, blob]
+    scales: np.ndarray  # float32 [N, k_blocks]
+    zero_points: np.ndarray  # uint8 [N, ceil(k_blocks * bits / 8)]
+    n: int
+    k: int
+    bits: int
+    block_size: int
+
+
+def check_block_size(block_size: int, where: str) -> None:
+    """Raise unless ``block_size`` is a power of two >= 16 (MatMulNBits' requirement)."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise BackendError(f"{where}: group size {block_size} cannot run as MatMulNBits, which needs a power of "
+                           "two >= 16; quantize with group_size 16, 32, 64 or 128")
+
+
+def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str, where: str) -> NBitsWeight:
+    """Convert one role's stored tensors (see :mod:`dmpq_compile.quant.stored`) to MatMulNBits layout.
+
+    Args:
+        weights: the weight store holding the tensors named in ``quant``.
+        quant: a node's ``quant`` annotation (spec + tensor keys).
+        role: ``gate``, ``up`` or ``down``.
+        where: node id, for error messages.
+
+    Raises:
+        BackendError: unsupported bits or group size, or missing/inconsistent stored tensors.
+    """
+    spec = QuantSpec.from_dict(quant["spec"])
+    if spec.bits not in NBITS:
+        raise BackendError(f"{where}: {spec.bits}-bit weights cannot run on MatMulNBits (CPU supports {NBITS})")
+    check_block_size(spec.group_size, where)
+    entry = quant["tensors"].get(role)
+    if entry is None:
+        raise BackendError(f"{where}: the quant annotation has no tensors for {role!r}; re-run the quantize pass")
+    n, k = (int(v) for v in entry["shape"])
+    bits, bs = spec.bits, spec.group_size
+    blocks = -(-k // bs)
+    packed = weights[entry["q"]].cpu().numpy()
+    scales = weights[entry["scale"]].cpu().numpy().astype(np.float32, copy=False)
+    zeros = weights[entry["zero"]].cpu().numpy().astype(np.uint8, copy=False)
+    if scales.shape != (n, blocks) or zeros.shape != (n, blocks):
+        raise BackendError(f"{where}.{role}: scales {scales.shape} / zeros {zeros.shape} do not match "
+                           f"[{n}, {blocks}] for K={k}, group {bs}; re-run the quantize pass")
+    if k % bs:  # ragged K: pad the last block with its zero point, i.e. dequantized zeros
+        codes = np.repeat(zeros[:, -1:], blocks * bs, axis=1)
+        codes[:, :k] = unpack_bits(packed, bits, k)
+        packed = pack_bits(codes, bits)
+    b = np.ascontiguousarray(packed).reshape(n, blocks, bs * bits // 8)
+    return NBitsWeight(b, np.ascontiguousarray(scales), pack_bits(zeros, bits), n, k, bits, bs)
+
+
+class MatMulNBitsProjection:
+    """Lowers quantized projections to ``MatMulNBits`` and 16-bit ones to fp32 ``MatMul``.
+
+    Args:
+        accuracy_level: MatMulNBits ``accuracy_level`` (4 = int8 activations, the fast CPU path).
+    """
+
+    def __init__(self, accuracy_level: int = 4) -> None:
+        if accuracy_level not in ACCURACY_LEVELS:
+            raise BackendError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
+        self.accuracy_level = accuracy_level
+
+    def __call__(self, lw: Lowering, x: str, node: Node, role: str) -> str:
+        bits = node.ann.get("bits", 16)
+        if bits >= 16:
+            return lw.linear(x, node.params[role], hint=f"{node.id}.{role}")
+        quant = node.ann.get("quant")
+        if not quant or quant["spec"]["bits"] != bits:
+            raise BackendError(f"node {node.id!r} is assigned {bits} bits but carries no matching packed weights "
+                               "(annotation 'quant'); run the quantize pass before emitting")
+        w = pack_weight(lw.graph.weights, quant, role, node.id)
+        prefix = f"{node.id}.{role}"
+        inputs = [lw.b.add_initializer(f"{prefix}.qweight", w.b), lw.b.add_initializer(f"{prefix}.scales", w.scales),
+                  lw.b.add_initializer(f"{prefix}.qzeros", w.zero_points)]
+        return lw.b.op("MatMulNBits", [x, *inputs], prefix, domain="com.microsoft", K=w.k, N=w.n, bits=w.bits,
+                       block_size=w.block_size, accuracy_level=self.accuracy_level)

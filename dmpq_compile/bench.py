@@ -1,0 +1,255 @@
+"""Side-by-side benchmarks of compiled artifacts: speed, memory, energy estimate and quality.
+
+Every artifact is loaded once and measured in interleaved rounds (artifact order rotates each
+round), so slow drift of a shared machine hits all of them alike; results are reported as
+ratios to the first artifact. Per artifact:
+
+* prefill tokens/s on ``prefill_tokens`` real text tokens (batch 1),
+* decode ms/token (batch 1, KV cache, greedy continuation of the prefill),
+* peak RSS of a fresh process that loads the artifact and runs one prefill + decode,
+* weight bytes (model files) and expected weight bytes *read* per decoded token (non-expert
+  weights + each expert's bytes times its routing frequency; the embedding reads one row),
+* achieved bandwidth = bytes read per token / decode time,
+* energy per decoded token, estimated with :mod:`dmpq_compile.backends.cost`'s energy model,
+* perplexity measured on the artifact itself (strided windows over a corpus split).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+_EXPERT_NAME = re.compile(r"^(?:L(\d+)\.E(\d+)\.|model\.layers\.(\d+)\.[\w.]*experts\.(\d+)\.)")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prefill_tokens: int = 128
+    decode_tokens: int = 32
+    rounds: int = 3
+    threads: int | None = None
+    corpus: str | None = "pydoc"  # None: random token ids for speed, no perplexity
+    split: str = "test"
+    ppl_tokens: int = 8192
+    context: int = 256
+    stride: int = 128
+    rss: bool = True
+
+
+@dataclass
+class WeightStats:
+    file_bytes: int
+    read_bytes_per_token: float
+    macs_int8: float
+    macs_fp32: float
+
+
+def weight_stats(path: Path, freqs: dict[str, float], bits: dict[str, int]) -> WeightStats:
+    """Bytes on disk and expected bytes/MACs per decoded token, from the ONNX initializers.
+
+    ``freqs`` and ``bits`` map expert ids (``L{layer}.E{expert}``) to routing frequency and bits.
+    """
+    import onnx
+
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    files = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx"))
+    read, int8, fp32 = 0.0, 0.0, 0.0
+    for init in model.graph.initializer:
+        nbytes, elems = _initializer_size(init)
+        m = _EXPERT_NAME.match(init.name)
+        if m:
+            layer, expert = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            share = freqs.get(f"L{layer}.E{expert}", 0.0)
+            if init.name.endswith(".qweight"):  # packed codes: count logical weights, not bytes
+                elems = nbytes * 8 // bits.get(f"L{layer}.E{expert}", 8)
+        elif "embed_tokens" in init.name and "lm_head" not in init.name:
+            share = 1.0 / max(1, init.dims[0]) if init.dims else 1.0  # one row gathered per token
+        else:
+            share = 1.0
+        read += share * nbytes
+        if init.name.endswith(".qweight"):
+            int8 += share * elems
+        elif init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
+            fp32 += share * elems
+    return WeightStats(files, read, int8, fp32)
+
+
+def _initializer_size(init: Any) -> tuple[int, int]:
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    elems = int(np.prod(init.dims)) if init.dims else 1
+    ext = {e.key: e.value for e in init.external_data}
+    if init.data_location == onnx.TensorProto.EXTERNAL and "length" in ext:
+        nbytes = int(ext["length"])
+    elif init.raw_data:
+        nbytes = len(init.raw_data)
+    else:
+        nbytes = elems * np.dtype(tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return nbytes, elems
+
+
+def _rss_probe(path: Path, cfg: BenchConfig, ids: list[int]) -> float:
+    """Peak RSS (MiB) of a fresh process that loads ``path`` and runs one prefill + decode."""
+    code = (
+        "import json,resource,sys\n"
+        "from dmpq_compile.runtime import load\n"
+        "a=json.loads(sys.argv[2]); m=load(sys.argv[1], threads=a['threads'])\n"
+        "lo,past=m.forward([a['ids']])\n"
+        "for _ in range(a['decode']):\n"
+        "    lo,past=m.forward([[int(lo[0,-1].argmax())]],past)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)\n")
+    arg = json.dumps({"ids": ids, "decode": cfg.decode_tokens, "threads": cfg.threads})
+    res = subprocess.run([sys.executable, "-c", code, str(path), arg], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"RSS probe of {path} failed: {res.stderr.strip()[-500:]}")
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def _time_one(session: Any, ids: np.ndarray, decode_tokens: int) -> tuple[float, list[float]]:
+    t0 = time.perf_counter()
+    logits, past = session.forward(ids)
+    prefill = time.perf_counter() - t0
+    steps = []
+    for _ in range(decode_tokens):
+        nxt = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+        t0 = time.perf_counter()
+        logits, past = session.forward(nxt, past)
+        steps.append(time.perf_counter() - t0)
+    return prefill, steps
+
+
+def _token_stream(path: Path, cfg: BenchConfig, n: int) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    if cfg.corpus is None:
+        vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size() if (
+            path / "tokenizer.json").is_file() else 1000
+        return np.random.default_rng(0).integers(0, vocab, n)
+    from .compiler import _eos_token
+    from .eval import load_corpus, tokenize_corpus
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return tokenize_corpus(load_corpus(cfg.corpus, cfg.split), tok, separator=_eos_token(tok), max_tokens=n)
+
+
+def bench(paths: list[str | Path], cfg: BenchConfig = BenchConfig(), progress: bool = True) -> list[dict]:
+    """Measure every artifact (interleaved) and return one result dict per artifact."""
+    from tqdm.auto import tqdm
+
+    from .runtime import load
+
+    paths = [Path(p) for p in paths]
+    sessions = [load(p, threads=cfg.threads) for p in paths]
+    stream = _token_stream(paths[0], cfg, max(cfg.ppl_tokens, cfg.prefill_tokens))
+    prompt = stream[: cfg.prefill_tokens][None, :].astype(np.int64)
+    for s in sessions:  # warm-up: first-run allocations and kernel selection
+        _time_one(s, prompt, 2)
+    prefill = [[] for _ in paths]
+    decode = [[] for _ in paths]
+    bar = tqdm(total=cfg.rounds * len(paths), desc="bench", disable=not progress, leave=False)
+    for r in range(cfg.rounds):
+        order = [(i + r) % len(paths) for i in range(len(paths))]
+        for i in order:
+            p, steps = _time_one(sessions[i], prompt, cfg.decode_tokens)
+            prefill[i].append(p)
+            decode[i].extend(steps)
+            bar.update(1)
+    bar.close()
+    results = []
+    for i, path in enumerate(paths):
+        results.append(_summarise(path, sessions[i], cfg, prefill[i], decode[i], stream, prompt, progress))
+    return results
+
+
+def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float], decode: list[float],
+               stream: np.ndarray, prompt: np.ndarray, progress: bool) -> dict:
+    from .backends.cost import energy_mj, mac_ops, merge_ops
+
+    report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
+    freqs = {row["id"]: row.get("freq", 0.0) for row in report.get("experts", [])}
+    bits = {k: v["bits"] for k, v in session.manifest.get("experts", {}).items()}
+    ws = weight_stats(path, freqs, bits)
+    decode_ms = statistics.median(decode) * 1e3
+    ops = merge_ops(mac_ops(ws.macs_int8, "int8_mul", "int32_add"), mac_ops(ws.macs_fp32, "fp32_mul", "fp32_add"))
+    out = {
+        "artifact": str(path),
+        "label": path.name,
+        "prefill_tok_s": cfg.prefill_tokens / statistics.median(prefill),
+        "decode_ms": decode_ms,
+        "decode_ms_iqr": float(np.subtract(*np.percentile(decode, [75, 25])) * 1e3),
+        "weight_bytes": ws.file_bytes,
+        "read_bytes_per_token": ws.read_bytes_per_token,
+        "bandwidth_gb_s": ws.read_bytes_per_token / (decode_ms * 1e-3) / 1e9,
+        "energy_mj_per_token": energy_mj(ws.read_bytes_per_token, ops),
+        "bits_histogram": session.manifest.get("quantization", {}).get("bits_histogram"),
+    }
+    if cfg.rss:
+        out["peak_rss_mb"] = _rss_probe(path, cfg, prompt[0].tolist())
+    if cfg.corpus is not None:
+        out.update(_perplexity(session, cfg, stream, progress))
+    return out
+
+
+def _perplexity(session: Any, cfg: BenchConfig, stream: np.ndarray, progress: bool) -> dict:
+    import torch
+
+    from .eval import perplexity
+
+    def fn(ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.logits(ids.numpy()))
+
+    res = perplexity(fn, stream[: cfg.ppl_tokens], context=cfg.context, stride=cfg.stride, batch_size=4,
+                     progress=progress)
+    return {"ppl": res.ppl, "ppl_tokens": res.n_tokens}
+
+
+METRICS = (("prefill_tok_s", "prefill tok/s", "{:.1f}"), ("decode_ms", "decode ms/tok", "{:.3f}"),
+           ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("weight_bytes", "weight MB", "{:.2f}"),
+           ("bandwidth_gb_s", "GB/s", "{:.2f}"), ("energy_mj_per_token", "mJ/tok", "{:.3f}"),
+           ("ppl", "ppl", "{:.3f}"))
+
+
+def format_results(results: list[dict]) -> str:
+    """A table with absolute values and ratios to the first artifact."""
+    base = results[0]
+    head = ["artifact"] + [h for key, h, _ in METRICS if key in base]
+    lines = ["  ".join(f"{h:>16}" for h in head)]
+    for r in results:
+        cells = [f"{r['label'][:16]:>16}"]
+        for key, _, fmt in METRICS:
+            if key not in base:
+                continue
+            v = r.get(key)
+            if v is None:
+                cells.append(f"{'-':>16}")
+                continue
+            shown = v / 2**20 if key == "weight_bytes" else v
+            ratio = v / base[key] if base.get(key) else float("nan")
+            cells.append(f"{fmt.format(shown) + f' ({ratio:.2f}x)':>16}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def to_json(results: list[dict], cfg: BenchConfig) -> dict:
+    import platform
+
+    return {"config": asdict(cfg), "machine": {"cpu": _cpu(), "python": platform.python_version()},
+            "results": results}
+
+
+def _cpu() -> str:
+    from .backends.cost import cpu_model
+
+    return cpu_model()

@@ -1,0 +1,325 @@
+"""The bit-allocation problem: experts, bit-width choices, a budget and an objective.
+
+Budget definitions (``Budget.kind``):
+
+* ``"bits"``: average weight bit-width weighted by parameter count,
+  ``sum_i n_params_i * b_i / sum_i n_params_i``; unit "average bits".
+* ``"bytes"``: total expert weight bytes, ``sum_i cost_i[b_i].bytes``; unit "bytes".
+* ``"latency"``: expected per-token decode latency of the experts,
+  ``sum_i freq_i * cost_i[b_i].decode_ms``; ``freq_i`` is the fraction of tokens routed to
+  expert ``i`` (so the ``freq`` of one layer sums to top-k); unit "ms per token".
+
+Objective (minimised): ``sum_i w_acc * sensitivity_i[b_i] + w_lat * L + w_mem * M + w_eng * E``
+with the cost terms normalised by the all-highest-bits allocation (``max(bits_choices)``,
+normally 16): ``L = sum freq*decode_ms / ref``, ``M = sum bytes / ref``,
+``E = sum freq*energy_mj / ref``. Every term is a per-expert sum, so the objective is additive
+and :func:`build_tables` lays it out as an ``experts x bits`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Protocol
+
+import numpy as np
+
+Allocation = dict[str, int]
+BudgetKind = Literal["bits", "bytes", "latency"]
+BUDGET_KINDS: tuple[str, ...] = ("bits", "bytes", "latency")
+BUDGET_UNITS = {"bits": "average bits", "bytes": "bytes", "latency": "ms per token"}
+FEASIBILITY_RTOL = 1e-9
+
+
+def _frozen_map(obj: object, name: str, value: Mapping) -> None:
+    object.__setattr__(obj, name, MappingProxyType(dict(value)))
+
+
+@dataclass(frozen=True)
+class ExpertCost:
+    """Cost of one expert at one bit-width, from the backend's cost table."""
+
+    decode_ms: float
+    prefill_ms: float
+    bytes: int
+    energy_mj: float
+
+    def __post_init__(self) -> None:
+        for name in ("decode_ms", "prefill_ms", "bytes", "energy_mj"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"ExpertCost.{name} must be finite and >= 0, got {v}")
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    """Everything the allocators know about one expert (see the module docstring for units)."""
+
+    key: str
+    layer: int
+    expert: int
+    n_params: int
+    freq: float
+    mass: float
+    sensitivity: Mapping[int, float]
+    kl: Mapping[int, float] = field(default_factory=dict)
+    contribution: float = 0.0
+    router_grad_change: float | None = None
+    neuron_variance: float | None = None
+    cost: Mapping[int, ExpertCost] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("sensitivity", "kl", "cost"):
+            _frozen_map(self, name, getattr(self, name))
+        if self.n_params <= 0:
+            raise ValueError(f"expert {self.key!r}: n_params must be > 0, got {self.n_params}")
+        if not (math.isfinite(self.freq) and 0.0 <= self.freq <= 1.0):
+            raise ValueError(f"expert {self.key!r}: freq must be in [0, 1], got {self.freq}")
+        bad = {b: s for b, s in self.sensitivity.items() if not math.isfinite(s)}
+        if bad:
+            raise ValueError(f"expert {self.key!r}: sensitivity values must be finite, got {bad}")
+
+    def sens(self, bits: int) -> float:
+        """Loss increase at ``bits`` (16 bits defaults to 0)."""
+        if bits in self.sensitivity:
+            return float(self.sensitivity[bits])
+        if bits == 16:
+            return 0.0
+        raise ValueError(f"expert {self.key!r} has no sensitivity for {bits} bits (has "
+                         f"{sorted(self.sensitivity)}): run the sensitivity pass for these bits "
+                         "or drop them from bits_choices")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A resource limit; see the module docstring for the three kinds."""
+
+    kind: BudgetKind
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(f"unknown budget kind {self.kind!r}; use one of {BUDGET_KINDS}")
+        if not math.isfinite(self.value):
+            raise ValueError(f"budget value must be finite, got {self.value}")
+
+    def describe(self, value: float | None = None) -> str:
+        """Format ``value`` (default: this budget's value) with its unit."""
+        v = self.value if value is None else value
+        text = f"{v:.0f}" if self.kind == "bytes" else f"{v:.2f}" if self.kind == "bits" else f"{v:.4g}"
+        return f"{text} {BUDGET_UNITS[self.kind]}"
+
+
+@dataclass(frozen=True)
+class ObjectiveWeights:
+    """Weights of accuracy, latency, memory and energy in the objective."""
+
+    w_acc: float = 1.0
+    w_lat: float = 0.0
+    w_mem: float = 0.0
+    w_eng: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("w_acc", "w_lat", "w_mem", "w_eng"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"objective weight {name} must be finite and >= 0, got {v}")
+
+
+@dataclass(frozen=True)
+class AllocationProblem:
+    """Experts, the backend's bit-widths, a budget and objective weights."""
+
+    experts: tuple[ExpertInfo, ...]
+    bits_choices: tuple[int, ...]
+    budget: Budget
+    weights: ObjectiveWeights = ObjectiveWeights()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "experts", tuple(self.experts))
+        choices = tuple(self.bits_choices)
+        if not choices or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in choices):
+            raise ValueError(f"bits_choices must be non-empty positive ints, got {choices}")
+        object.__setattr__(self, "bits_choices", tuple(sorted(set(choices))))
+        if not self.experts:
+            raise ValueError("AllocationProblem has no experts: nothing to allocate")
+        keys = [e.key for e in self.experts]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"duplicate expert keys {dupes[:5]}: every expert needs a unique key")
+        if self.needs_costs:
+            self._check_costs()
+
+    @property
+    def needs_costs(self) -> bool:
+        """Whether the budget or the objective reads the backend cost table."""
+        w = self.weights
+        return self.budget.kind != "bits" or max(w.w_lat, w.w_mem, w.w_eng) > 0
+
+    def _check_costs(self) -> None:
+        for e in self.experts:
+            missing = [b for b in self.bits_choices if b not in e.cost]
+            if missing:
+                raise ValueError(
+                    f"expert {e.key!r} has no backend cost for bits {missing}, needed by the "
+                    f"{self.budget.kind!r} budget / cost weights: run the cost-table pass for the "
+                    "backend or restrict bits_choices to the bit-widths it supports")
+
+
+class Allocator(Protocol):
+    """What every allocator implements."""
+
+    name: str
+
+    def allocate(self, problem: AllocationProblem) -> Allocation:
+        """Return ``key -> bits`` for every expert, within the budget, bits from ``bits_choices``."""
+        ...
+
+
+class InfeasibleBudgetError(ValueError):
+    """The budget is below the smallest one any allocation can meet."""
+
+    def __init__(self, problem: AllocationProblem, smallest: float, what: str = "") -> None:
+        b = problem.budget
+        self.asked = b.value
+        self.smallest = smallest
+        super().__init__(
+            f"budget {b.describe()} is infeasible for bits {problem.bits_choices}{what}: the smallest "
+            f"feasible budget is {b.describe(smallest)}; raise the budget or add lower bit-widths")
+
+
+@dataclass(frozen=True)
+class ProblemTables:
+    """Per-expert x per-bits matrices (rows follow ``problem.experts``, columns ``bits``).
+
+    ``usage`` is in budget units and sums over experts to :func:`budget_usage`; ``raw_usage`` is
+    ``usage * usage_scale`` (integers for the bits budget: ``n_params * bits``); ``objective`` is
+    ``None`` unless built with ``with_objective``.
+    """
+
+    keys: tuple[str, ...]
+    bits: np.ndarray
+    usage: np.ndarray
+    raw_usage: np.ndarray
+    usage_scale: float
+    capacity: float
+    sens: np.ndarray | None
+    objective: np.ndarray | None
+
+    def index(self, allocation: Mapping[str, int]) -> np.ndarray:
+        """Column index of each expert's bits in ``allocation``."""
+        check_allocation_keys(self.keys, allocation)
+        col = {int(b): j for j, b in enumerate(self.bits)}
+        bad = {k: allocation[k] for k in self.keys if allocation[k] not in col}
+        if bad:
+            raise ValueError(f"allocation uses bits outside bits_choices {tuple(col)}: {dict(list(bad.items())[:5])}")
+        return np.array([col[allocation[k]] for k in self.keys], dtype=np.int64)
+
+    def allocation(self, idx: np.ndarray) -> Allocation:
+        """Allocation dict from column indices."""
+        return {k: int(self.bits[j]) for k, j in zip(self.keys, idx)}
+
+
+def check_allocation_keys(keys: tuple[str, ...], allocation: Mapping[str, int]) -> None:
+    """Raise ``ValueError`` unless ``allocation`` has exactly the experts ``keys``."""
+    missing = [k for k in keys if k not in allocation]
+    extra = sorted(set(allocation) - set(keys))
+    if missing or extra:
+        raise ValueError(f"allocation does not match the problem's experts: missing {missing[:5]}, "
+                         f"unknown {extra[:5]}")
+
+
+def _raw_usage(problem: AllocationProblem) -> tuple[np.ndarray, float]:
+    kind = problem.budget.kind
+    ex, bits = problem.experts, problem.bits_choices
+    if kind == "bits":
+        raw = np.array([[e.n_params * b for b in bits] for e in ex], dtype=np.float64)
+        return raw, float(sum(e.n_params for e in ex))
+    if kind == "bytes":
+        return np.array([[e.cost[b].bytes for b in bits] for e in ex], dtype=np.float64), 1.0
+    return np.array([[e.freq * e.cost[b].decode_ms for b in bits] for e in ex], dtype=np.float64), 1.0
+
+
+COST_METRICS = ("latency_ms", "bytes", "energy_mj")
+
+
+def cost_terms(problem: AllocationProblem) -> dict[str, tuple[float, np.ndarray, float]]:
+    """The weighted cost terms of the objective, by metric (:data:`COST_METRICS`).
+
+    Returns:
+        ``metric -> (weight, per-expert x per-bits value / reference, reference)`` for every
+        metric with a positive weight that is not zero everywhere; the reference is the metric's
+        all-highest-bits total (latency and energy are ``freq``-weighted per-token values).
+    """
+    w, ex, bits = problem.weights, problem.experts, problem.bits_choices
+    metrics = {"latency_ms": (w.w_lat, lambda e, b: e.freq * e.cost[b].decode_ms),
+               "bytes": (w.w_mem, lambda e, b: float(e.cost[b].bytes)),
+               "energy_mj": (w.w_eng, lambda e, b: e.freq * e.cost[b].energy_mj)}
+    terms = {}
+    for name, (weight, fn) in metrics.items():
+        if weight == 0:
+            continue
+        m = np.array([[fn(e, b) for b in bits] for e in ex], dtype=np.float64)
+        if not m.any():  # e.g. no expert is ever routed to: the term is zero for every allocation
+            continue
+        ref = float(m[:, -1].sum())
+        if ref <= 0:
+            raise ValueError(f"cannot normalise the {name} term: its all-{bits[-1]}-bit total is {ref}; "
+                             "check the backend cost table or set its weight to 0")
+        terms[name] = (weight, m / ref, ref)
+    return terms
+
+
+def build_tables(problem: AllocationProblem, with_objective: bool = True) -> ProblemTables:
+    """Lay the problem out as matrices; ``with_objective`` needs every sensitivity."""
+    raw, scale = _raw_usage(problem)
+    sens = obj = None
+    if with_objective:
+        sens = np.array([[e.sens(b) for b in problem.bits_choices] for e in problem.experts])
+        obj = problem.weights.w_acc * sens + sum((w * m for w, m, _ in cost_terms(problem).values()),
+                                                 np.zeros_like(sens))
+    return ProblemTables(keys=tuple(e.key for e in problem.experts),
+                         bits=np.array(problem.bits_choices, dtype=np.int64), usage=raw / scale,
+                         raw_usage=raw, usage_scale=scale, capacity=float(problem.budget.value),
+                         sens=sens, objective=obj)
+
+
+def fits(usage: float, capacity: float) -> bool:
+    """``usage <= capacity`` up to a relative tolerance of :data:`FEASIBILITY_RTOL`."""
+    return usage <= capacity + FEASIBILITY_RTOL * max(1.0, abs(capacity))
+
+
+def budget_usage(problem: AllocationProblem, allocation: Mapping[str, int]) -> float:
+    """Resource ``allocation`` uses, in the budget's unit."""
+    t = build_tables(problem, with_objective=False)
+    idx = t.index(allocation)
+    return float(t.usage[np.arange(len(idx)), idx].sum())
+
+
+def is_feasible(problem: AllocationProblem, allocation: Mapping[str, int]) -> bool:
+    """Whether ``allocation`` uses only ``bits_choices`` and meets the budget."""
+    return fits(budget_usage(problem, allocation), problem.budget.value)
+
+
+def min_feasible_budget(problem: AllocationProblem) -> float:
+    """Smallest budget any allocation meets: each expert at its cheapest bit-width.
+
+    With costs that grow with bits (the usual case) that is every expert at the lowest bits.
+    """
+    return float(build_tables(problem, with_objective=False).usage.min(axis=1).sum())
+
+
+def check_feasible(problem: AllocationProblem) -> None:
+    """Raise :class:`InfeasibleBudgetError` if no allocation meets the budget."""
+    smallest = min_feasible_budget(problem)
+    if not fits(smallest, problem.budget.value):
+        raise InfeasibleBudgetError(problem, smallest)
+
+
+def objective_value(problem: AllocationProblem, allocation: Mapping[str, int]) -> float:
+    """The additive objective (module docstring) of ``allocation``; lower is better."""
+    t = build_tables(problem)
+    idx = t.index(allocation)
+    return float(t.objective[np.arange(len(idx)), idx].sum())

@@ -1,0 +1,226 @@
+"""Running an ``ort-cpu`` artifact: logits with a KV cache, scoring and text generation.
+
+Imports only onnxruntime, numpy, tokenizers and the standard library (onnxruntime and
+tokenizers lazily), so a deployment needs neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .manifest import ArtifactError
+
+log = logging.getLogger(__name__)
+
+BACKEND = "ort-cpu"
+
+
+@dataclass
+class KVCache:
+    """Per-layer attention keys/values ``[batch, kv_heads, length, head_dim]`` (fp32), layer order."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions (tokens already processed)."""
+        return int(self.keys[0].shape[2]) if self.keys else 0
+
+    @property
+    def batch(self) -> int:
+        return int(self.keys[0].shape[0]) if self.keys else 0
+
+
+@dataclass(frozen=True)
+class Score:
+    """Mean next-token negative log-likelihood (nats) over ``tokens`` predictions, and its exp."""
+
+    nll: float
+    perplexity: float
+    tokens: int
+
+
+class Session:
+    """A loaded artifact. Create it with :func:`dmpq_compile.runtime.load`.
+
+    Token-id API (no tokenizer needed): :meth:`forward`, :meth:`logits`, :meth:`score_ids`,
+    :meth:`generate_ids`. Text API (needs the artifact's ``tokenizer.json``): :meth:`generate`,
+    :meth:`score`, :meth:`encode`, :meth:`decode`.
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
+        target = manifest["target"]
+        if target.get("backend") != BACKEND or target.get("format") != "onnx":
+            raise ArtifactError(f"{root} targets {target.get('backend')!r}; this runtime runs {BACKEND!r} artifacts "
+                                f"(compile with --target {BACKEND})")
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.root, self.manifest = root, manifest
+        try:
+            self._sess = ort.InferenceSession(str(root / target["model_file"]), options,
+                                              providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"onnxruntime cannot load {root / target['model_file']}: {e}") from e
+        io = target["io"]
+        self._ids_name, self._logits_name, self._kv = io["input_ids"], io["logits"], io["kv_cache"]
+        self._outputs = [self._logits_name] + [n for kv in self._kv for n in (kv["present_key"], kv["present_value"])]
+        self.vocab_size = int(manifest["model"]["vocab_size"])
+        tok = manifest.get("tokenizer", {})
+        self.eos_token_ids = frozenset(int(i) for i in tok.get("eos_token_ids", []))
+        self._tokenizer_file = tok.get("tokenizer_file")
+        self._tokenizer: Any = None
+
+    # -- token-id API --------------------------------------------------------------------------
+    def empty_cache(self, batch: int = 1) -> KVCache:
+        """A KV cache holding no positions, for ``batch`` sequences."""
+        shapes = [(batch, kv["num_kv_heads"], 0, kv["head_dim"]) for kv in self._kv]
+        return KVCache([np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes])
+
+    def forward(self, ids: Any, past: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+        """Run new tokens ``ids`` (``[T]`` or ``[B, T]``) after the cached ``past`` positions.
+
+        Returns:
+            ``(logits, present)``: float32 logits ``[B, T, V]`` (``[T, V]`` for 1-D ``ids``) and
+            the cache extended by the new tokens (pass it as ``past`` to continue).
+        """
+        arr, squeeze = self._check_ids(ids)
+        past = past if past is not None else self.empty_cache(arr.shape[0])
+        if len(past.keys) != len(self._kv) or past.batch != arr.shape[0]:
+            raise ValueError(f"past holds {len(past.keys)} layers for batch {past.batch}, but this model has "
+                             f"{len(self._kv)} layers and ids have batch {arr.shape[0]}; pass the cache this "
+                             "session returned for the same sequences")
+        feed = {self._ids_name: arr}
+        for kv, k, v in zip(self._kv, past.keys, past.values):
+            feed[kv["past_key"]], feed[kv["past_value"]] = k, v
+        out = self._sess.run(self._outputs, feed)
+        present = KVCache(out[1::2], out[2::2])
+        return (out[0][0] if squeeze else out[0]), present
+
+    def logits(self, ids: Any, past: KVCache | None = None) -> np.ndarray:
+        """Logits of ``ids`` (``[T]`` -> ``[T, V]``, ``[B, T]`` -> ``[B, T, V]``), optionally after ``past``."""
+        return self.forward(ids, past)[0]
+
+    def score_ids(self, ids: Sequence[int], chunk: int = 512) -> Score:
+        """Mean NLL of predicting ``ids[1:]`` from their prefixes, evaluated ``chunk`` tokens at a time."""
+        arr, _ = self._check_ids(ids)
+        if arr.shape[0] != 1 or arr.shape[1] < 2:
+            raise ValueError(f"score needs one sequence of at least 2 tokens, got shape {arr.shape}")
+        past, total, count = None, 0.0, 0
+        for start in range(0, arr.shape[1] - 1, chunk):
+            piece = arr[:, start:start + chunk]
+            logits, past = self.forward(piece, past)
+            targets = arr[0, start + 1:start + 1 + piece.shape[1]]
+            lp = _log_softmax(logits[0, :len(targets)].astype(np.float64))
+            total -= float(lp[np.arange(len(targets)), targets].sum())
+            count += len(targets)
+        nll = total / count
+        return Score(nll, float(np.exp(nll)), count)
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` new token ids, stopping after an EOS token (not yielded).
+
+        Greedy when ``temperature == 0``; otherwise nucleus (top-p) sampling at ``temperature``.
+        """
+        _check_sampling(max_new_tokens, temperature, top_p)
+        rng = np.random.default_rng(seed)
+        logits, past = self.forward(np.asarray(prompt_ids, dtype=np.int64)[None, :])
+        for _ in range(max_new_tokens):
+            token = sample(logits[0, -1], temperature, top_p, rng)
+            if token in self.eos_token_ids:
+                return
+            yield token
+            logits, past = self.forward(np.array([[token]], dtype=np.int64), past)
+
+    # -- text API ------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The artifact's ``tokenizers.Tokenizer`` (loaded on first use)."""
+        if self._tokenizer is None:
+            if not self._tokenizer_file or not (self.root / self._tokenizer_file).is_file():
+                raise ArtifactError(f"{self.root} has no tokenizer.json (its source model had none); use the "
+                                    "token-id methods (logits, score_ids, generate_ids) instead")
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.root / self._tokenizer_file))
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"expected text as str, got {type(text).__name__}")
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def score(self, text: str, chunk: int = 512) -> Score:
+        """Mean NLL / perplexity of ``text`` under the model (see :meth:`score_ids`)."""
+        return self.score_ids(self.encode(text), chunk=chunk)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
+        """Continue ``prompt``; returns the new text, or with ``stream=True`` an iterator of text pieces."""
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
+        pieces = self._stream(ids, max_new_tokens, temperature, top_p, seed)
+        return pieces if stream else "".join(pieces)
+
+    def _stream(self, ids: list[int], *args: Any) -> Iterator[str]:
+        new: list[int] = []
+        shown = ""
+        for token in self.generate_ids(ids, *args):
+            new.append(token)
+            text = self.decode(new)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            if len(text) > len(shown) and text.startswith(shown):
+                yield text[len(shown):]
+            shown = text
+
+    # -- checks --------------------------------------------------------------------------------
+    def _check_ids(self, ids: Any) -> tuple[np.ndarray, bool]:
+        arr = np.asarray(ids)
+        if arr.ndim not in (1, 2) or arr.size == 0 or (arr.dtype.kind not in "iu"):
+            raise ValueError(f"ids must be a non-empty integer array [T] or [B, T], got dtype {arr.dtype} "
+                             f"shape {arr.shape}")
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got range [{arr.min()}, {arr.max()}]")
+        return (arr[None, :] if arr.ndim == 1 else arr).astype(np.int64, copy=False), arr.ndim == 1
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Next token from a logits row: argmax at temperature 0, else top-p sampling."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    probs = np.exp(_log_softmax(logits.astype(np.float64) / temperature))
+    order = np.argsort(-probs, kind="stable")
+    cum = np.cumsum(probs[order])
+    keep = order[: int(np.searchsorted(cum, top_p, side="left")) + 1]  # smallest prefix with mass >= top_p
+    p = probs[keep] / probs[keep].sum()
+    return int(keep[rng.choice(len(keep), p=p)])
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")

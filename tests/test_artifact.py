@@ -1,0 +1,115 @@
+"""The artifact folder: layout, manifest contents, atomic writing and refusals."""
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from dmpq_compile.artifact import write_artifact
+from dmpq_compile.backends.base import BackendError
+from dmpq_compile.backends.ort_cpu import OrtCpuBackend
+from dmpq_compile.frontend import load
+from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.quantize import QuantizePass
+from dmpq_compile.runtime.manifest import ArtifactError
+
+BITS_CYCLE = (2, 4, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_dirs):
+    g = load(tiny_dirs("olmoe"))
+    for i, node in enumerate(g.experts()):
+        g.annotate(node.id, "bits", BITS_CYCLE[i % 4])
+    QuantizePass(group_size=32).call(g, PassContext(progress=False))
+    return g
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_layout_and_manifest(graph, tmp_path):
+    report = {"ppl": np.float32(12.5), "bits": np.array([2, 4])}
+    out = write_artifact(graph, OrtCpuBackend(), tmp_path / "art", report=report)
+    names = sorted(p.name for p in out.iterdir())
+    assert {"manifest.json", "report.json", "model.onnx", "tokenizer.json"} <= set(names)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "dmpq-artifact" and manifest["format_version"] == 1
+    assert manifest["created"].endswith("Z")
+    assert manifest["source"]["config"] == graph.meta["source_config"]
+    assert manifest["source"]["model_type"] == "olmoe"
+    assert manifest["target"]["backend"] == "ort-cpu" and manifest["target"]["model_file"] == "model.onnx"
+    assert len(manifest["target"]["io"]["kv_cache"]) == graph.meta["num_layers"]
+    assert set(manifest["versions"]) == {"dmpq-compile", "onnx", "onnxruntime", "torch", "transformers"}
+    assert manifest["versions"]["onnx"]
+    for node in graph.experts():
+        entry = manifest["experts"][node.id]
+        assert entry["bits"] == node.ann["bits"] and entry["layer"] == node.attrs["layer"]
+        assert entry["group_size"] == (None if node.ann["bits"] == 16 else 32)
+        assert entry["method"] == (None if node.ann["bits"] == 16 else "rtn")
+        assert entry["spec"]["bits"] == node.ann["bits"]
+    assert manifest["quantization"]["bits_histogram"] == {"2": 3, "4": 3, "8": 3, "16": 3}
+    assert set(manifest["files"]) == set(names) - {"manifest.json"}
+    for rel, entry in manifest["files"].items():
+        data = (out / rel).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert json.loads((out / "report.json").read_text()) == {"ppl": 12.5, "bits": [2, 4]}
+    assert leftovers(tmp_path) == []
+
+
+def test_refuses_to_overwrite_unless_asked(graph, tmp_path):
+    out = write_artifact(graph, OrtCpuBackend(), tmp_path / "art", report={"run": 1})
+    with pytest.raises(ArtifactError, match="already exists"):
+        write_artifact(graph, OrtCpuBackend(), out, report={"run": 2})
+    assert json.loads((out / "report.json").read_text()) == {"run": 1}
+    write_artifact(graph, OrtCpuBackend(), out, report={"run": 3}, overwrite=True)
+    assert json.loads((out / "report.json").read_text()) == {"run": 3}
+    assert leftovers(tmp_path) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="not a folder"):
+        write_artifact(graph, OrtCpuBackend(), tmp_path / "file", overwrite=True)
+
+
+def test_failures_leave_nothing_behind(graph, tmp_path):
+    broken = graph.copy()
+    node = broken.experts()[0]
+    broken.annotate(node.id, "bits", 3)
+    with pytest.raises(BackendError, match="supports bits"):
+        write_artifact(broken, OrtCpuBackend(), tmp_path / "a")
+    unquantized = graph.copy()
+    unquantized.annotate(node.id, "bits", 8 if node.ann["bits"] != 8 else 4)
+    with pytest.raises(BackendError, match="quantize pass"):
+        write_artifact(unquantized, OrtCpuBackend(), tmp_path / "b")
+    with pytest.raises(ArtifactError, match="JSON"):
+        write_artifact(graph, OrtCpuBackend(), tmp_path / "c", report={"x": object()})
+    missing_tok = graph.copy()
+    missing_tok.meta["tokenizer_files"] = ["tokenizer.json", "vocab-that-vanished.json"]
+    with pytest.raises(ArtifactError, match="vocab-that-vanished.json"):
+        write_artifact(missing_tok, OrtCpuBackend(), tmp_path / "d")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_emit_options_reach_the_backend(graph, tmp_path):
+    out = write_artifact(graph, OrtCpuBackend(), tmp_path / "art",
+                         emit_options={"dispatch": "dense", "accuracy_level": 0, "external_data": True})
+    target = json.loads((out / "manifest.json").read_text())["target"]
+    assert target["dispatch"] == "dense" and target["accuracy_level"] == 0
+    assert target["external_data_file"] == "model.onnx.data"
+    assert "model.onnx.data" in json.loads((out / "manifest.json").read_text())["files"]
+
+
+def test_without_tokenizer_warns(graph, tmp_path, caplog):
+    bare = graph.copy()
+    bare.meta["tokenizer_files"] = []
+    with caplog.at_level(logging.WARNING, logger="dmpq_compile.artifact"):
+        out = write_artifact(bare, OrtCpuBackend(), tmp_path / "art")
+    assert "no tokenizer.json" in caplog.text
+    assert json.loads((out / "manifest.json").read_text())["tokenizer"]["tokenizer_file"] is None
+
+
+def test_backend_must_be_an_instance(graph, tmp_path):
+    with pytest.raises(TypeError, match="Backend instance"):
+        write_artifact(graph, "ort-cpu", tmp_path / "art")

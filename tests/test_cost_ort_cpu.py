@@ -1,0 +1,88 @@
+"""Measured ort-cpu cost table: exact bytes, cache behaviour, table coverage, sane measurements."""
+
+import math
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from dmpq_compile.backends.base import ExpertCostRow
+from dmpq_compile.backends.cost import CostError, matmulnbits_bytes
+from dmpq_compile.backends.ort_cpu import cost as oc
+
+TINY = {"repeats": 1, "progress": False, "evict_bytes": 1 << 20}
+
+
+def _initializer_bytes(model, prefix):
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer if t.name.startswith(prefix))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("h,i", [(64, 128), (100, 48), (32, 96)])
+def test_bytes_model_matches_the_initializers_ort_accepts(bits, h, i):
+    model = oc.build_expert_model(h, i, bits, group_size=64)
+    if bits != 16:  # each projection on its own against the MatMulNBits layout
+        assert _initializer_bytes(model, "gate.") == matmulnbits_bytes(i, h, bits, 64)
+        assert _initializer_bytes(model, "down.") == matmulnbits_bytes(h, i, bits, 64)
+    assert _initializer_bytes(model, "") == oc.ort_cpu_expert_bytes(h, i, bits, 64)
+    y = oc.make_session(model, 1).run(None, {"x": np.ones((3, h), np.float32)})[0]  # ORT checks the shapes
+    assert y.shape == (3, h) and np.isfinite(y).all()
+
+
+def test_energy_hand_computed():
+    # 64x128 at 4 bits, block 64: weights 4736 + 4736 + 4672 bytes, activations 3 x (64 + 128) x 4 bytes,
+    # 3*64*128 int8 MACs (0.2 + 0.1 pJ), 384 (output, block) pairs x (3.7 + 0.9 pJ); DRAM 162.5 pJ/byte.
+    pj = (14144 + 2304) * 162.5 + 24576 * 0.3 + 384 * 4.6
+    assert math.isclose(oc.ort_cpu_expert_energy_mj(64, 128, 4, 64), pj * 1e-9, rel_tol=1e-12)
+    pj16 = (3 * 64 * 128 * 4 + 2304) * 162.5 + 24576 * 4.6
+    assert math.isclose(oc.ort_cpu_expert_energy_mj(64, 128, 16), pj16 * 1e-9, rel_tol=1e-12)
+
+
+def test_unsupported_bits_are_refused():
+    with pytest.raises(CostError, match="ort-cpu runs bits"):
+        oc.ort_cpu_expert_bytes(64, 64, 3)
+    with pytest.raises(CostError, match="power of two"):
+        oc.measure_shapes([(64, 64)], bits=(4,), group_size=48, **TINY)
+
+
+@pytest.fixture
+def olmoe_graph(tiny_dirs):
+    from dmpq_compile.frontend import load
+
+    return load(tiny_dirs("olmoe"))
+
+
+def test_table_covers_every_expert_and_bits_and_cache_hits_do_not_measure(olmoe_graph, tmp_path, monkeypatch):
+    monkeypatch.setenv("DMPQ_CACHE_DIR", str(tmp_path))
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(oc, "_clock", lambda: next(ticks) * 1e-3)  # every timed run "takes" 1 ms
+    table = oc.ort_cpu_cost_table(olmoe_graph, **TINY)
+    experts = [n.id for n in olmoe_graph.experts()]
+    assert sorted(table) == sorted(experts) and len(experts) == 12
+    for rows in table.values():
+        assert set(rows) == {2, 4, 8, 16}
+        assert all(isinstance(r, ExpertCostRow) and r.decode_ms == pytest.approx(1.0) for r in rows.values())
+        assert rows[2].bytes < rows[4].bytes < rows[8].bytes < rows[16].bytes
+    assert len(list((tmp_path / "cost" / "ort-cpu").glob("*.json"))) == 4  # one shape x four bit-widths
+
+    def no_timing():
+        raise AssertionError("a cached table must not be measured again")
+
+    monkeypatch.setattr(oc, "_clock", no_timing)
+    assert oc.ort_cpu_cost_table(olmoe_graph, **TINY) == table
+    with pytest.raises(AssertionError, match="must not be measured"):
+        oc.ort_cpu_cost_table(olmoe_graph, cache=False, **TINY)
+
+
+def test_measurement_is_sane_on_a_larger_shape():
+    # 1024x4096: fp32 weights are 7x the 4-bit bytes, so fp32 cold decode must be slower (measured).
+    # One thread: on a shared 2-CPU machine a second pool thread waits for a CPU and can inflate the
+    # small 4-bit run by milliseconds, which says nothing about the kernels.
+    ev = oc.CacheEvictor(oc.default_evict_bytes())
+    m4 = oc.measure_expert_cost(1024, 4096, 4, threads=1, repeats=5, evictor=ev)
+    m16 = oc.measure_expert_cost(1024, 4096, 16, threads=1, repeats=5, evictor=ev)
+    assert m16.bytes > 6 * m4.bytes
+    assert m16.decode_ms > m4.decode_ms, (m16.decode_cold, m4.decode_cold)
+    assert all(x > 0 for m in (m4, m16) for x in m.decode_warm + m.prefill_cold + m.prefill_warm)
+    assert m4.row() == ExpertCostRow(m4.decode_ms, m4.prefill_ms, m4.bytes, m4.energy_mj)
+    assert oc.ExpertMeasurement.from_dict(m4.to_dict()) == m4

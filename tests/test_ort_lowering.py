@@ -1,0 +1,256 @@
+"""The ONNX lowering: fp32 parity with the interpreter per family and IR feature, MatMulNBits
+packing, external data, option errors; a slow dispatch-pattern timing on a realistic shape."""
+
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dmpq_compile.backends.base import BackendError
+from dmpq_compile.backends.onnx_lowering import DISPATCHES, LoweringOptions, lower
+from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend, pack_weight
+from dmpq_compile.frontend import load
+from dmpq_compile.ir import Interpreter
+from dmpq_compile.ir.graph import Graph
+from dmpq_compile.ir.weights import WeightStore
+from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.quantize import QuantizePass
+from dmpq_compile.quant import QuantSpec, dequantize, quantize
+from dmpq_compile.quant.stored import store_quantized
+from dmpq_compile.testing import TINY_FAMILIES, make_tiny_checkpoint
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def session(model):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    src = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess, lowered, ids, past=None):
+    """logits and the new cache for ``ids [B, T]`` after ``past`` (list of (k, v) per layer)."""
+    feed = {lowered.input_ids: ids}
+    for i, kv in enumerate(lowered.kv_cache):
+        empty = np.zeros((ids.shape[0], kv.num_kv_heads, 0, kv.head_dim), np.float32)
+        feed[kv.past_key], feed[kv.past_value] = past[i] if past else (empty, empty)
+    names = [lowered.logits] + [n for kv in lowered.kv_cache for n in (kv.present_key, kv.present_value)]
+    out = sess.run(names, feed)
+    return out[0], list(zip(out[1::2], out[2::2]))
+
+
+def reference(graph, ids, quantize=False):
+    with torch.no_grad():
+        return Interpreter(graph, quantize=quantize)(torch.from_numpy(ids)).numpy()
+
+
+def ids_for(graph, shape, seed=0):
+    return np.random.default_rng(seed).integers(0, graph.meta["vocab_size"], shape, dtype=np.int64)
+
+
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_fp32_lowering_matches_interpreter(family, dispatch, tiny_dirs):
+    graph = load(tiny_dirs(family))
+    lowered = lower(graph, options=LoweringOptions(dispatch=dispatch))
+    onnx.checker.check_model(lowered.model, full_check=True)
+    ids = ids_for(graph, (2, 11))
+    got, present = run(session(lowered.model), lowered, ids)
+    assert np.abs(got - reference(graph, ids)).max() <= 1e-4
+    assert len(present) == graph.meta["num_layers"] and present[0][0].shape[2] == 11
+
+
+def _attn(graph):
+    return next(graph.nodes("attention")).attrs
+
+
+FEATURES = {  # family, checkpoint overrides, check that the IR really carries the feature
+    "sliding-window": ("mixtral", {"sliding_window": 4}, lambda g: _attn(g)["sliding_window"] == 4),
+    "tied-embeddings": ("mixtral", {"tie_word_embeddings": True},
+                        lambda g: next(g.nodes("lm_head")).params["weight"] == next(g.nodes("embed")).params["weight"]),
+    "clip-qkv": ("olmoe", {"clip_qkv": 0.3}, lambda g: _attn(g)["clip_qkv"] == 0.3),
+    "dense-mlp-qwen2": ("qwen2_moe", {"mlp_only_layers": [0]}, lambda g: len(list(g.nodes("mlp"))) == 1),
+    "dense-mlp-qwen3": ("qwen3_moe", {"mlp_only_layers": [1]}, lambda g: len(list(g.nodes("mlp"))) == 1),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_ir_features_and_incremental_decoding(feature, tmp_path):
+    family, overrides, present = FEATURES[feature]
+    graph = load(make_tiny_checkpoint(family, tmp_path, **overrides))
+    assert present(graph)
+    lowered = lower(graph)
+    sess = session(lowered.model)
+    ids = ids_for(graph, (1, 12), seed=3)
+    full, _ = run(sess, lowered, ids)
+    assert np.abs(full - reference(graph, ids)).max() <= 1e-4
+    logits, past = run(sess, lowered, ids[:, :5])
+    steps = [logits]
+    for t in range(5, 12):
+        logits, past = run(sess, lowered, ids[:, t:t + 1], past)
+        steps.append(logits)
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() <= 1e-4
+
+
+def test_tied_embeddings_share_one_table(tmp_path):
+    graph = load(make_tiny_checkpoint("mixtral", tmp_path, tie_word_embeddings=True))
+    model = lower(graph).model
+    names = {i.name for i in model.graph.initializer}
+    assert "model.embed_tokens.weight" in names and "model.embed_tokens.weight.T" not in names
+    assert any(n.op_type == "Gemm" for n in model.graph.node)
+
+
+def test_qkv_bias_and_shared_expert_are_lowered(tiny_dirs):
+    graph = load(tiny_dirs("qwen2_moe"))
+    names = {i.name for i in lower(graph).model.graph.initializer}
+    assert "model.layers.0.self_attn.q_proj.bias" in names
+    assert "model.layers.0.mlp.shared_expert_gate.weight.T" in names
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("k", [64, 80])  # 80: ragged last block
+def test_matmulnbits_packing_matches_dequantized(bits, k):
+    torch.manual_seed(bits)
+    w = torch.randn(24, k) * 0.1
+    store = WeightStore()
+    spec = QuantSpec(bits=bits, group_size=32)
+    qt = quantize(w, spec)
+    entry = store_quantized(store, "w", qt)
+    packed = pack_weight(store, {"spec": spec.to_dict(), "tensors": {"up": entry}}, "up", "E0")
+    assert packed.b.shape == (24, 3 if k == 80 else 2, 32 * bits // 8)
+    model = _single_matmulnbits(packed)
+    x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
+    got = session(model).run(None, {"x": x})[0]
+    assert np.abs(got - x @ dequantize(qt).numpy().T).max() <= 1e-5
+
+
+def _single_matmulnbits(p):
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(a, n) for a, n in ((p.b, "B"), (p.scales, "S"), (p.zero_points, "Z"))]
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=p.k, N=p.n,
+                            bits=p.bits, block_size=p.block_size, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", p.k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", p.n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_unsupported_bits_and_group_sizes_are_refused(tiny_dirs, tmp_path):
+    graph = load(tiny_dirs("mixtral"))
+    for n in graph.experts():
+        graph.annotate(n.id, "bits", 4)
+    with pytest.raises(BackendError, match="run the quantize pass"):
+        OrtCpuBackend().emit(graph, tmp_path)
+    graph.annotate(graph.experts()[0].id, "bits", 3)
+    with pytest.raises(BackendError, match="supports bits"):
+        OrtCpuBackend().emit(graph, tmp_path)
+    store = WeightStore()
+    spec = QuantSpec(bits=4, group_size=48)
+    entry = store_quantized(store, "w", quantize(torch.randn(8, 96), spec))
+    with pytest.raises(BackendError, match="power of two"):
+        pack_weight(store, {"spec": spec.to_dict(), "tensors": {"up": entry}}, "up", "E0")
+
+
+def test_bad_options_name_the_choices(tiny_dirs, tmp_path):
+    graph = load(tiny_dirs("olmoe"))
+    with pytest.raises(BackendError, match="gather"):
+        LoweringOptions(dispatch="scatter")
+    with pytest.raises(BackendError, match="accuracy_level"):
+        OrtCpuBackend().emit(graph, tmp_path, accuracy_level=7)
+
+
+def test_external_data_passes_path_checker_and_runs(tiny_dirs, tmp_path):
+    graph = load(tiny_dirs("qwen3_moe"))
+    fields = OrtCpuBackend().emit(graph, tmp_path, external_data=True)
+    assert fields["external_data_file"] and (tmp_path / fields["external_data_file"]).stat().st_size > 100_000
+    assert (tmp_path / MODEL_FILE).stat().st_size < 200_000
+    onnx.checker.check_model(str(tmp_path / MODEL_FILE), full_check=True)
+    ids = ids_for(graph, (1, 6))
+    lowered = lower(graph)
+    got, _ = run(session(str(tmp_path / MODEL_FILE)), lowered, ids)
+    assert np.abs(got - reference(graph, ids)).max() <= 1e-4
+    auto = tmp_path / "auto"
+    auto.mkdir()
+    assert OrtCpuBackend().emit(graph, auto)["external_data_file"] is None  # tiny: below the 100 MB default
+
+
+def moe_block_graph(hidden, inter, experts, top_k, bits=4, vocab=256, seed=0):
+    """embed -> norm -> one MoE layer (random weights, quantized) -> lm_head: the dispatch benchmark."""
+    gen = torch.Generator().manual_seed(seed)
+    store = WeightStore()
+
+    def w(key, *shape, std=0.02):
+        store.add(key, torch.randn(*shape, generator=gen) * std)
+        return key
+
+    g = Graph({"family": "bench", "hidden_size": hidden, "vocab_size": vocab, "num_layers": 1,
+               "num_experts": experts, "top_k": top_k}, store)
+    g.add("tokens", "input")
+    g.add("embed", "embed", ["tokens"], {"weight": w("emb", vocab, hidden, std=1.0)})
+    g.add("norm", "norm", ["embed"], {"weight": w("norm", hidden)}, eps=1e-6)
+    g.add("router", "router", ["norm"], {"weight": w("router", experts, hidden, std=0.1)}, layer=0,
+          num_experts=experts, top_k=top_k, norm_topk_prob=False)
+    for e in range(experts):
+        shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        g.add(f"E{e}", "expert", ["norm", "router"], {r: w(f"E{e}.{r}", *s) for r, s in shapes.items()},
+              layer=0, expert=e)
+    g.add("combine", "combine", ["router"] + [f"E{e}" for e in range(experts)], layer=0)
+    g.add("res", "add", ["embed", "combine"])
+    g.add("lm_head", "lm_head", ["res"], {"weight": w("head", vocab, hidden)})
+    for n in g.experts():
+        g.annotate(n.id, "bits", bits)
+    QuantizePass(group_size=32).call(g, PassContext(progress=False))
+    return g
+
+
+def test_dispatch_patterns_agree_on_a_moe_block(tmp_path):
+    graph = moe_block_graph(64, 32, 8, 2)
+    ids = np.arange(40, dtype=np.int64)[None, :]
+    ref = reference(graph, ids, quantize=True)
+    for dispatch in DISPATCHES:
+        folder = tmp_path / dispatch
+        folder.mkdir()
+        OrtCpuBackend().emit(graph, folder, dispatch=dispatch, accuracy_level=0)
+        sess = session(str(folder / MODEL_FILE))
+        assert np.abs(sess.run(["logits"], {"input_ids": ids})[0] - ref).max() <= 1e-4
+        one = sess.run(["logits"], {"input_ids": ids[:, :1]})[0]  # decode-sized: most experts idle
+        assert np.abs(one - ref[:, :1]).max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(2048, 1024, 64, 8), (1024, 3584, 8, 2)], ids=["olmoe", "mixtral-quarter"])
+def test_dispatch_timing(shape, tmp_path, capsys):
+    """Dispatch patterns at M=1 and M=128: 2-thread wall clock and 1-thread CPU time (the latter is
+    robust to other processes on a shared machine). Numbers are recorded in docs/ort-cpu.md."""
+    graph = moe_block_graph(*shape)
+    for dispatch in DISPATCHES:
+        (tmp_path / dispatch).mkdir()
+        OrtCpuBackend().emit(graph, tmp_path / dispatch, dispatch=dispatch)
+    lines = []
+    for threads, clock in ((2, time.perf_counter), (1, time.process_time)):
+        sessions = {d: _timing_session(tmp_path / d / MODEL_FILE, threads) for d in DISPATCHES}
+        for m, reps in ((1, 200), (128, 8)):
+            feed = {"input_ids": (np.arange(m, dtype=np.int64)[None, :] * 7) % 256}
+            times = {d: [] for d in DISPATCHES}
+            for _ in range(reps):  # interleaved, so load changes hit every pattern alike
+                for d, sess in sessions.items():
+                    t0 = clock()
+                    sess.run(None, feed)
+                    times[d].append(clock() - t0)
+            lines.append(f"threads={threads} M={m}: " + ", ".join(
+                f"{d} {1e3 * float(np.median(t)):.2f} ms" for d, t in times.items()))
+    with capsys.disabled():
+        print(f"\nH,I,E,k={shape}\n  " + "\n  ".join(lines))
+
+
+def _timing_session(path, threads):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads == 1 else "1")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    for m in (1, 128):
+        sess.run(None, {"input_ids": np.zeros((1, m), dtype=np.int64)})
+    return sess

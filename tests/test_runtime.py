@@ -1,0 +1,178 @@
+"""The artifact runtime: verification, logits/KV cache, scoring, generation, CLI, dependencies."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from dmpq_compile import runtime
+from dmpq_compile.artifact import write_artifact
+from dmpq_compile.backends.ort_cpu import OrtCpuBackend
+from dmpq_compile.frontend import load
+from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.quantize import QuantizePass
+from dmpq_compile.runtime import ArtifactError, sample
+
+PROMPT = "the expert router sends"
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_dirs, tmp_path_factory):
+    graph = load(tiny_dirs("qwen3_moe"))
+    for i, node in enumerate(graph.experts()):
+        graph.annotate(node.id, "bits", (2, 4, 8, 16)[i % 4])
+    QuantizePass(group_size=32).call(graph, PassContext(progress=False))
+    return write_artifact(graph, OrtCpuBackend(), tmp_path_factory.mktemp("rt") / "art")
+
+
+@pytest.fixture(scope="module")
+def model(artifact):
+    return runtime.load(artifact, threads=1)
+
+
+@pytest.fixture
+def copy(artifact, tmp_path):
+    return shutil.copytree(artifact, tmp_path / "copy")
+
+
+def test_logits_shapes_and_kv_cache(model):
+    v = model.vocab_size
+    assert model.logits([1, 2, 3]).shape == (3, v)
+    both = model.logits(np.array([[1, 2, 3], [4, 5, 6]]))
+    assert both.shape == (2, 3, v)
+    assert np.abs(both[0] - model.logits([1, 2, 3])).max() <= 1e-5
+    _, past = model.forward([[1, 2, 3]])
+    assert past.length == 3 and past.batch == 1
+    step, past = model.forward([[4]], past)
+    assert past.length == 4
+    assert np.abs(step[0, 0] - model.logits([1, 2, 3, 4])[-1]).max() <= 1e-4
+    assert np.abs(model.logits([4], past=model.forward([1, 2, 3])[1]) - step[0]).max() <= 1e-4
+
+
+def test_greedy_generation_is_the_argmax_loop(model):
+    ids = model.encode(PROMPT)
+    expected = []
+    for _ in range(6):
+        expected.append(int(np.argmax(model.logits(ids + expected)[-1])))
+    model.eos_token_ids = frozenset()
+    try:
+        got = list(model.generate_ids(ids, max_new_tokens=6))
+        assert got == expected
+        assert model.generate(PROMPT, max_new_tokens=6) == model.decode(expected)
+        assert "".join(model.generate(PROMPT, max_new_tokens=6, stream=True)) == model.decode(expected)
+    finally:
+        model.eos_token_ids = frozenset(model.manifest["tokenizer"]["eos_token_ids"])
+
+
+def test_generation_stops_at_eos(model):
+    first = next(iter(model.generate_ids(model.encode(PROMPT), max_new_tokens=1)), None)
+    original = model.eos_token_ids
+    model.eos_token_ids = frozenset({first})
+    try:
+        assert model.generate(PROMPT, max_new_tokens=5) == ""
+    finally:
+        model.eos_token_ids = original
+
+
+def test_sampling_is_seeded_and_top_p_restricts(model):
+    ids = model.encode(PROMPT)
+    a = list(model.generate_ids(ids, 8, temperature=1.0, top_p=0.9, seed=7))
+    b = list(model.generate_ids(ids, 8, temperature=1.0, top_p=0.9, seed=7))
+    assert a == b
+    greedy = list(model.generate_ids(ids, 8))
+    assert list(model.generate_ids(ids, 8, temperature=1.5, top_p=1e-9, seed=3)) == greedy
+    rng = np.random.default_rng(0)
+    logits = np.array([0.0, 2.0, 1.9, -5.0])
+    assert {sample(logits, 1.0, 0.45, rng) for _ in range(50)} == {1}  # p = .49, .44, .07, 0
+    assert {sample(logits, 1.0, 0.9, rng) for _ in range(200)} == {1, 2}
+    assert sample(logits, 0.0, 1.0, rng) == 1
+
+
+def test_score_is_chunk_invariant(model):
+    text = "the expert router sends each token to a few experts and the model adds their weighted outputs"
+    whole = model.score(text)
+    assert whole.tokens == len(model.encode(text)) - 1
+    assert whole.perplexity == pytest.approx(np.exp(whole.nll))
+    assert model.score(text, chunk=5).nll == pytest.approx(whole.nll, abs=1e-5)
+
+
+def test_bad_inputs_are_named(model):
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model.logits([1, model.vocab_size])
+    with pytest.raises(ValueError, match="integer array"):
+        model.logits([0.5, 1.0])
+    with pytest.raises(ValueError, match="integer array"):
+        model.logits([])
+    with pytest.raises(ValueError, match="past holds"):
+        model.forward([[1, 2]], past=model.empty_cache(batch=2))
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(PROMPT, top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(PROMPT, temperature=-1)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        model.score_ids([1])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d.joinpath("model.onnx").write_bytes(b"\0" + d.joinpath("model.onnx").read_bytes()[1:]),
+     r"model\.onnx does not match its sha256"),
+    (lambda d: d.joinpath("tokenizer.json").write_bytes(d.joinpath("tokenizer.json").read_bytes()[:-10]),
+     r"tokenizer\.json has .* bytes .* truncated"),
+    (lambda d: d.joinpath("report.json").unlink(), r"report\.json is missing"),
+    (lambda d: d.joinpath("manifest.json").write_text("{not json"), r"manifest\.json is not valid JSON"),
+    (lambda d: d.joinpath("manifest.json").unlink(), r"manifest\.json is missing"),
+    (lambda d: _edit_manifest(d, format_version=99), r"format_version 99 is not supported"),
+    (lambda d: _edit_manifest(d, target={"backend": "trt-a100", "format": "onnx"}), r"targets 'trt-a100'"),
+])
+def test_damaged_artifacts_are_refused(copy, damage, message):
+    damage(copy)
+    with pytest.raises(ArtifactError, match=message):
+        runtime.load(copy)
+
+
+def test_verification_can_be_skipped_but_not_the_manifest(copy, tmp_path):
+    copy.joinpath("report.json").write_text("{}")
+    runtime.load(copy, verify=False)
+    with pytest.raises(ArtifactError, match="not a folder"):
+        runtime.load(tmp_path / "nowhere")
+
+
+def _edit_manifest(folder, **changes):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_runtime_needs_neither_torch_nor_transformers(artifact):
+    script = textwrap.dedent(f"""
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("blocked: " + name)
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from dmpq_compile import runtime
+        model = runtime.load({str(artifact)!r})
+        print(repr(model.generate({PROMPT!r}, max_new_tokens=4)))
+        print(model.score({PROMPT!r}).tokens)
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+    """)
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].isdigit()
+
+
+def test_cli_run_streams_the_generation(artifact, model, capsys):
+    from dmpq_compile.cli import main
+
+    assert main(["run", str(artifact), PROMPT, "--max-new-tokens", "5", "--threads", "1"]) == 0
+    assert capsys.readouterr().out == model.generate(PROMPT, max_new_tokens=5) + "\n"
+    assert main(["run", str(artifact / "missing"), PROMPT]) == 1
+    assert "not a folder" in capsys.readouterr().err
