@@ -39,6 +39,8 @@ class AllocateOptions:
     w_eng: float = 0.0
     bits: tuple[int, ...] | None = None  # default: the backend's supported bits, else (2, 3, 4, 8, 16)
     allocator_options: dict[str, Any] = field(default_factory=dict)
+    rl_measure_sequences: int = 4  # rl: calibration sequences for measured accuracy (0: proxy only)
+    rl_hardware: bool = False  # rl: also time emitted artifacts every measure_every episodes
 
 
 class AllocatePass(Pass):
@@ -56,12 +58,12 @@ class AllocatePass(Pass):
             raise PassError(f"unknown allocator {o.allocator!r}; choose one of {sorted(NEEDS)}")
         needs_cost = o.budget_kind != "bits" or max(o.w_lat, o.w_mem, o.w_eng) > 0
         self.requires = ("freq", *extra, *(("cost",) if needs_cost else ()))
-        self.needs_calibration = False
+        self.needs_calibration = o.allocator == "rl" and o.rl_measure_sequences > 0
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         problem = build_problem(graph, self.options, ctx)
         check_feasible(problem)
-        allocator = get_allocator(self.options.allocator, **_allocator_options(self.options, ctx))
+        allocator = get_allocator(self.options.allocator, **_allocator_options(self.options, ctx, graph))
         allocation = allocator.allocate(problem)
         for node_id, bits in allocation.items():
             graph.annotate(node_id, "bits", int(bits))
@@ -73,11 +75,19 @@ class AllocatePass(Pass):
                                                        "used": problem.budget.describe(used)})
 
 
-def _allocator_options(o: AllocateOptions, ctx: PassContext) -> dict[str, Any]:
+def _allocator_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> dict[str, Any]:
     opts = dict(o.allocator_options)
     if o.allocator == "rl":
+        from .allocate_measure import artifact_hardware_fn, interpreter_accuracy_fn
+
         opts.setdefault("seed", ctx.seed)
         opts.setdefault("progress", ctx.progress)
+        if o.rl_measure_sequences > 0:
+            opts.setdefault("accuracy_fn", interpreter_accuracy_fn(graph, ctx.calibration, o.rl_measure_sequences))
+        if o.rl_hardware:
+            if ctx.backend is None:
+                raise PassError("rl_hardware needs a target backend to emit and time artifacts")
+            opts.setdefault("hardware_fn", artifact_hardware_fn(graph, ctx.backend))
     return opts
 
 
