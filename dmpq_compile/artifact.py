@@ -57,6 +57,7 @@ def write_artifact(graph: Graph, backend: Backend, out: str | Path, report: Mapp
     _check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is an ordinary shareable folder
     try:
         backend.check_bits(graph)
         target = backend.emit(graph, tmp, **dict(emit_options or {}))
@@ -183,3 +184,11 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

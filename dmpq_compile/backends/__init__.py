@@ -17,8 +17,9 @@ BUILTIN_BACKENDS = {
 
 
 def _register_builtins() -> None:
+    registered = {n for n, _, _ in BACKENDS.items()}
     for name, target in BUILTIN_BACKENDS.items():
-        if name in dict((n, c) for n, c, _ in BACKENDS.items()):
+        if name in registered:
             continue
         module, cls = target.split(":")
         try:
@@ -42,4 +43,4 @@ def available_backends() -> list[tuple[str, type, str]]:
     return BACKENDS.items()
 
 
-__all__ = ["Backend", "BackendError", "ExpertCostRow", "get_backend", "available_backends", "BUILTIN_BACKENDS"]
+__all__ = ["BUILTIN_BACKENDS", "Backend", "BackendError", "ExpertCostRow", "available_backends", "get_backend"]

@@ -191,6 +191,8 @@ class GatherIfDispatch(GatherDispatch):
 
     An idle expert then costs two small nodes (a ``Gather`` of its flag and the ``If``) instead
     of about a dozen; at decode (one token, ``k`` of ``E`` experts busy) that is most of them.
+    The projection's nodes land inside the branch, so a projection must not reuse a value it
+    built for another node (initializers are fine: they live in the outer graph).
     """
 
     name = "gather-if"

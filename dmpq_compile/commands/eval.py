@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="pydoc", help="'pydoc', a text file or a folder (default pydoc)")
     p.add_argument("--split", default="test", choices=("train", "calib", "test", "all"), help="default test")
     p.add_argument("--context", type=int, default=256, help="window length (default 256)")
-    p.add_argument("--stride", type=int, default=128, help="window stride (default 128)")
+    p.add_argument("--stride", type=int, help="window stride (default: half the context)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--reference", help="model or artifact to measure KL(reference || this) against")
@@ -51,7 +51,8 @@ def main(args: argparse.Namespace) -> int:
     split = None if args.split == "all" else args.split
     ids = tokenize_corpus(load_corpus(args.corpus, split), tok, separator=_eos_token(tok),
                           max_tokens=args.max_tokens)
-    kw = dict(context=args.context, stride=args.stride, batch_size=args.batch_size, progress=not args.no_progress)
+    stride = args.stride or max(1, args.context // 2)
+    kw = dict(context=args.context, stride=stride, batch_size=args.batch_size, progress=not args.no_progress)
     res = perplexity(fn, ids, **kw)
     out = {"path": str(args.path), "corpus": args.corpus, "split": args.split, "tokens": res.n_tokens,
            "ppl": res.ppl, "nll": res.nll}

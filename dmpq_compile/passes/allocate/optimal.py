@@ -134,9 +134,9 @@ def solve(problem: AllocationProblem, max_cells: int = 100_000, latency_cells: i
 def _polish(problem: AllocationProblem, t: ProblemTables, idx: np.ndarray) -> np.ndarray:
     """Inexact grid: refine the DP result on exact values; keep it or the refined greedy if better."""
     rows = np.arange(len(idx))
-    dp = refine_indices(t, project_indices(t, idx, problem))
+    dp = refine_indices(t, project_indices(t, idx, problem), kicks=8)
     top = np.full(len(idx), len(t.bits) - 1)
-    greedy = refine_indices(t, project_indices(t, top, problem))
+    greedy = refine_indices(t, project_indices(t, top, problem), kicks=8)
     return greedy if t.objective[rows, greedy].sum() < t.objective[rows, dp].sum() else dp
 
 

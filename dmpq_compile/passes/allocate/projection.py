@@ -12,7 +12,11 @@
 Ties are broken by the larger saving / gain, then by expert key, then by bit-width, so the
 result depends only on the input. :func:`refine` then does a best-improvement local search:
 repeatedly apply the single move or pair of moves (on two experts, e.g. upgrade one and pay for
-it by downgrading another) that lowers the objective most while staying feasible.
+it by downgrading another) that lowers the objective most while staying feasible. With
+``kicks`` it then escapes such 2-exchange optima by forcing a promising upgrade (one expert's
+move with the largest objective decrease, even if it breaks the budget), repairing the budget
+with the downgrade phase while that expert stays fixed, and searching again; the first kick
+that ends better is kept (a deterministic ruin-and-recreate step), until no kick helps.
 """
 
 from __future__ import annotations
@@ -66,7 +70,11 @@ def project_indices(t: ProblemTables, idx: np.ndarray,
     usage, obj = t.usage.tolist(), t.objective.tolist()
     used = float(t.usage[np.arange(len(idx)), idx].sum())
     if not fits(used, t.capacity):
-        used = _downgrade(t, idx, used, usage, obj, problem)
+        used = _downgrade(t, idx, used, usage, obj)
+        if used is None:
+            if problem is None:
+                raise ValueError(f"budget {t.capacity} is infeasible for these experts")
+            raise InfeasibleBudgetError(problem, float(t.usage.min(axis=1).sum()))
     _upgrade(t, idx, used, usage, obj)
     return idx
 
@@ -84,14 +92,14 @@ def _best_down(i: int, j: int, key: str, usage: list, obj: list) -> tuple | None
 
 
 def _downgrade(t: ProblemTables, idx: np.ndarray, used: float, usage: list, obj: list,
-               problem: AllocationProblem | None) -> float:
-    heap = [m for i, key in enumerate(t.keys) if (m := _best_down(i, int(idx[i]), key, usage, obj))]
+               frozen: int = -1) -> float | None:
+    """Downgrade phase in place (expert ``frozen`` untouched); the new usage, or None if stuck."""
+    heap = [m for i, key in enumerate(t.keys)
+            if i != frozen and (m := _best_down(i, int(idx[i]), key, usage, obj))]
     heapq.heapify(heap)
     while not fits(used, t.capacity):
         if not heap:
-            if problem is None:
-                raise ValueError(f"budget {t.capacity} is infeasible for these experts")
-            raise InfeasibleBudgetError(problem, float(t.usage.min(axis=1).sum()))
+            return None
         _, _, key, k, i, j = heapq.heappop(heap)
         if idx[i] != j:
             continue
@@ -142,14 +150,18 @@ def _upgrade(t: ProblemTables, idx: np.ndarray, used: float, usage: list, obj: l
 
 
 def refine(problem: AllocationProblem, allocation: Mapping[str, int],
-           tables: ProblemTables | None = None, max_rounds: int = 1000) -> Allocation:
+           tables: ProblemTables | None = None, max_rounds: int = 1000, kicks: int = 0) -> Allocation:
     """Exchange local search from a feasible ``allocation`` (module docstring).
 
     Args:
         problem: The allocation problem.
         allocation: A feasible allocation (e.g. the output of :func:`project`).
         tables: Pre-built :func:`build_tables` of ``problem``.
-        max_rounds: Upper bound on applied exchanges.
+        max_rounds: Upper bound on applied exchanges (and on accepted kicks).
+        kicks: If > 0, after the exchange search converges, try forcing each of the ``kicks``
+            most improving single moves (even over budget), repair the budget around it with
+            the downgrade phase, upgrade, and search again; accept the first that improves and
+            repeat (module docstring).
 
     Returns:
         A feasible allocation whose objective is no worse than ``allocation``'s.
@@ -159,7 +171,7 @@ def refine(problem: AllocationProblem, allocation: Mapping[str, int],
     used = float(t.usage[np.arange(len(idx)), idx].sum())
     if not fits(used, t.capacity):
         raise ValueError("refine needs a feasible allocation: project() it first")
-    return t.allocation(refine_indices(t, idx, max_rounds))
+    return t.allocation(refine_indices(t, idx, max_rounds, kicks))
 
 
 def _deltas(t: ProblemTables, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -228,9 +240,8 @@ def _best_exchange(t: ProblemTables, idx: np.ndarray, used: float) -> tuple[floa
     return best, moves
 
 
-def refine_indices(t: ProblemTables, idx: np.ndarray, max_rounds: int = 1000) -> np.ndarray:
-    """:func:`refine` on column indices."""
-    idx = np.asarray(idx, dtype=np.int64).copy()
+def _descend(t: ProblemTables, idx: np.ndarray, max_rounds: int) -> np.ndarray:
+    """Apply the best exchange until none improves (in place)."""
     rows = np.arange(len(idx))
     for _ in range(max_rounds):
         used = float(t.usage[rows, idx].sum())
@@ -242,3 +253,37 @@ def refine_indices(t: ProblemTables, idx: np.ndarray, max_rounds: int = 1000) ->
             idx[i] = k
     return idx
 
+
+def _kick(t: ProblemTables, idx: np.ndarray, kicks: int, max_rounds: int) -> np.ndarray | None:
+    """Force one of the ``kicks`` most improving single moves, repair around it, descend again.
+
+    Returns the first result better than ``idx``, or None.
+    """
+    rows = np.arange(len(idx))
+    d_obj, _ = _deltas(t, idx)
+    total = float(t.objective[rows, idx].sum())
+    ei, cols = np.nonzero(d_obj < 0)
+    order = np.lexsort((cols, ei, d_obj[ei, cols]))[:kicks]
+    usage, obj = t.usage.tolist(), t.objective.tolist()
+    for i, k in zip(ei[order].tolist(), cols[order].tolist()):
+        start = idx.copy()
+        start[i] = k
+        used = _downgrade(t, start, float(t.usage[rows, start].sum()), usage, obj, frozen=i)
+        if used is None:
+            continue
+        _upgrade(t, start, used, usage, obj)
+        cand = _descend(t, start, max_rounds)
+        if float(t.objective[rows, cand].sum()) < total - _IMPROVE_TOL * max(1.0, abs(total)):
+            return cand
+    return None
+
+
+def refine_indices(t: ProblemTables, idx: np.ndarray, max_rounds: int = 1000, kicks: int = 0) -> np.ndarray:
+    """:func:`refine` on column indices."""
+    idx = _descend(t, np.asarray(idx, dtype=np.int64).copy(), max_rounds)
+    for _ in range(max_rounds if kicks > 0 else 0):
+        better = _kick(t, idx, kicks, max_rounds)
+        if better is None:
+            break
+        idx = better
+    return idx

@@ -5,13 +5,14 @@ expert), so each policy forward pass serves all of them; one PPO update follows 
 ``n_envs`` episodes. Terminal rewards are divided by the objective's range
 (``sum_i max_b objective_i - min_b objective_i``) so the critic sees values of order one.
 
-The allocator returns the best *projected* allocation seen during training (plus one greedy
-roll-out of the final policy), ranked by the measured objective where a measurement of exactly
-that allocation exists and by the calibrated proxy objective otherwise. Unless
-``refine_top`` is 0, the best ``refine_top`` projected allocations of every round (by default
-all of them) are also polished by the exchange local search of :func:`~.projection.refine`
-before they compete, each distinct allocation once; the policy alone decides where those
-searches start.
+The allocator returns the best *projected* allocation seen during training, ranked by the
+measured objective where a measurement of exactly that allocation exists and by the calibrated
+proxy objective otherwise. Candidates are the sampled episodes and, with ``greedy_eval``, one
+roll-out of the most likely action per step after every update (else only after the last).
+Unless ``refine_top`` is 0, the best ``refine_top`` projected allocations of every round are
+also polished by :func:`~.projection.refine` (exchange local search with ``refine_kicks``
+kicks) before they compete, each distinct allocation once; the policy alone decides where
+those searches start.
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ class RLResult:
 class _BestTracker:
     """Keeps the best candidate, re-scoring proxies with the current calibration scale."""
 
-    def __init__(self, problem: AllocationProblem, calibration: Calibration, top: int) -> None:
+    def __init__(self, problem: AllocationProblem, calibration: Calibration, top: int, kicks: int) -> None:
         self.t = build_tables(problem)
         self.w_acc = problem.weights.w_acc
         self.cost = self.t.objective - self.w_acc * self.t.sens
-        self.calibration, self.top = calibration, top
+        self.calibration, self.top, self.kicks = calibration, top, kicks
         self.rows = np.arange(len(self.t.keys))
         self.best: np.ndarray | None = None
         self._refined: set[bytes] = set()
@@ -89,7 +90,7 @@ class _BestTracker:
             if refined < self.top and key not in self._refined:
                 self._refined.add(key)
                 refined += 1
-                self._offer(refine_indices(self.t, idx))
+                self._offer(refine_indices(self.t, idx, kicks=self.kicks))
 
     @property
     def best_objective(self) -> float:
@@ -110,6 +111,7 @@ class RLAllocator:
         n_envs: Environments stepped in lockstep = episodes per PPO update.
         refine_top: Per round, polish this many of the best projected allocations (each
             distinct one once) with :func:`~.projection.refine`; 0 disables refinement.
+        refine_kicks: ``kicks`` of that refinement (escapes from 2-exchange local optima).
         greedy_eval: After every update also roll out the most likely action at each step (not
             trained on) and offer it as a candidate; else only once at the end.
         ppo: PPO hyper-parameters. ``gae_lambda`` defaults to 1 (Monte-Carlo advantages): the
@@ -125,13 +127,15 @@ class RLAllocator:
     measure_every: int = 16
     progress: bool = True
     n_envs: int = 8
-    refine_top: int = 8
+    refine_top: int = 2
+    refine_kicks: int = 8
     greedy_eval: bool = True
     ppo: PPOConfig = PPOConfig(gae_lambda=1.0)
 
     def __post_init__(self) -> None:
-        if self.refine_top < 0:
-            raise ValueError(f"RLAllocator: refine_top must be >= 0, got {self.refine_top}")
+        if self.refine_top < 0 or self.refine_kicks < 0:
+            raise ValueError(f"RLAllocator: refine_top and refine_kicks must be >= 0, got {self.refine_top}, "
+                             f"{self.refine_kicks}")
         if self.episodes < 1 or self.n_envs < 1 or self.measure_every < 1:
             raise ValueError(f"RLAllocator: episodes, n_envs and measure_every must be >= 1, got "
                              f"{self.episodes}, {self.n_envs}, {self.measure_every}")
@@ -153,7 +157,7 @@ class RLAllocator:
     def _train(self, problem: AllocationProblem) -> RLResult:
         start = time.perf_counter()
         calibration = Calibration(self.measure_every)
-        tracker = _BestTracker(problem, calibration, self.refine_top)
+        tracker = _BestTracker(problem, calibration, self.refine_top, self.refine_kicks)
         obj = tracker.t.objective
         envs = [AllocationEnv(problem, self.accuracy_fn, self.hardware_fn, self.measure_every, calibration)
                 for _ in range(min(self.n_envs, self.episodes))]
