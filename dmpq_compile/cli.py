@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("compile", "inspect", "passes", "eval", "run", "bench", "cost", "check", "build")
+COMMANDS = ("compile", "inspect", "passes", "eval", "run", "bench", "cost", "check", "build", "baseline")
 
 
 def _load(name: str):

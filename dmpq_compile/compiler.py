@@ -39,6 +39,7 @@ class CompileConfig:
     seq_len: int = 128
     sensitivity_sequences: int = 16
     sensitivity: bool = True
+    metric: str = "kl"  # accuracy model of optimal/rl: per-expert "kl" or "nll" increase
     seed: int = 0
     allocator_options: dict[str, Any] = field(default_factory=dict)
     extra_passes: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, options) run after allocate
@@ -109,7 +110,7 @@ def allocation_passes(cfg: CompileConfig) -> list:
     """Passes that depend on the allocator and budget: allocate, extras (e.g. qat), quantize."""
     passes = [make_pass(
         "allocate", allocator=cfg.allocator, budget_kind=cfg.budget_kind, budget=cfg.budget, w_acc=cfg.w_acc,
-        w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits,
+        w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits, metric=cfg.metric,
         allocator_options=dict(cfg.allocator_options))]
     passes.extend(make_pass(name, **opts) for name, opts in cfg.extra_passes)
     if cfg.qat or cfg.codesign_rounds:

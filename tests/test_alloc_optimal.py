@@ -5,7 +5,13 @@ import pytest
 from hypothesis import given
 from test_alloc_problem import FAST, brute_force, problems, random_problem, with_budget
 
-from dmpq_compile.passes.allocate import ObjectiveWeights, OptimalAllocator, is_feasible, objective_value, solve
+from dmpq_compile.passes.allocate import (
+    ObjectiveWeights,
+    OptimalAllocator,
+    is_feasible,
+    objective_value,
+    solve,
+)
 
 
 @FAST

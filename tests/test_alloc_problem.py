@@ -53,7 +53,7 @@ def budget_between(problem, frac):
 
 
 @st.composite
-def problems(draw, kind=None, bits=None, max_experts=6, equal=False, frac=None, weights=ObjectiveWeights()):
+def problems(draw, kind=None, bits=None, max_experts=6, equal=False, frac=None, weights=None):
     """Random small problems; sensitivities may be non-monotone in bits, costs are not equal."""
     kind = kind or draw(st.sampled_from(KINDS))
     bits = bits or draw(st.sampled_from(BITS_SETS))
@@ -68,7 +68,7 @@ def problems(draw, kind=None, bits=None, max_experts=6, equal=False, frac=None, 
             extra_bytes=0 if equal else draw(st.integers(0, 100)),
             decode=None if equal else draw(st.floats(0.001, 1.0)),
             router_grad_change=draw(st.floats(0.0, 1.0)), neuron_variance=draw(st.floats(0.0, 1.0))))
-    problem = AllocationProblem(tuple(experts), bits, Budget(kind, 0.0), weights)
+    problem = AllocationProblem(tuple(experts), bits, Budget(kind, 0.0), weights or ObjectiveWeights())
     return budget_between(problem, draw(st.floats(0.0, 1.2)) if frac is None else frac)
 
 

@@ -37,7 +37,7 @@ def test_pipeline_checked_before_running(tiny_dirs):
             return super().run(graph, ctx)
 
     pm = PassManager([Spy(), make_pass("allocate", allocator="optimal")])
-    with pytest.raises(PassError, match=r"'allocate' \(#2\) requires \['sensitivity'\].*writes-freq"):
+    with pytest.raises(PassError, match=r"'allocate' \(#2\) requires \['kl'\].*writes-freq"):
         pm.run(g, PassContext(progress=False))
     assert not ran
 

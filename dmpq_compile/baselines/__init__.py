@@ -8,24 +8,30 @@ like a compiled one.
 
 from .ort_quantizer import (
     BaselineError,
+    CheckedExport,
     ExportMismatchError,
     OrtQuantizerConfig,
     build_ort_quantizer_baseline,
     export_cached_lm,
+    export_checked,
     load_export_model,
     make_experts_exportable,
     quantize_onnx,
     validate_export,
+    write_baseline,
 )
 
 __all__ = [
     "BaselineError",
+    "CheckedExport",
     "ExportMismatchError",
     "OrtQuantizerConfig",
     "build_ort_quantizer_baseline",
     "export_cached_lm",
+    "export_checked",
     "load_export_model",
     "make_experts_exportable",
     "quantize_onnx",
     "validate_export",
+    "write_baseline",
 ]

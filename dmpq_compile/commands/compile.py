@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration corpus: 'pydoc', a text file, a folder of text files (default pydoc)")
     p.add_argument("--calib-sequences", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
+    p.add_argument("--metric", default="kl", choices=("kl", "nll"),
+                   help="accuracy model of optimal/rl: per-expert KL to FP (default) or NLL increase")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity pass when not needed")
     p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits")
     p.add_argument("--qat-steps", type=int, default=200, help="QAT optimizer steps (default 200)")
@@ -62,7 +64,7 @@ def config_from_args(args: argparse.Namespace):
     data.update(target=args.target, allocator=args.allocator, w_acc=args.w_acc, w_lat=args.w_lat,
                 w_mem=args.w_mem, w_eng=args.w_eng, group_size=args.group_size, quant_method=args.quant_method,
                 calib_corpus=args.calib_corpus, calib_sequences=args.calib_sequences, seq_len=args.seq_len,
-                sensitivity=not args.no_sensitivity, seed=args.seed, qat=args.qat, qat_steps=args.qat_steps,
+                sensitivity=not args.no_sensitivity, seed=args.seed, metric=args.metric, qat=args.qat, qat_steps=args.qat_steps,
                 qat_time_budget_s=args.qat_time_budget, codesign_rounds=args.codesign_rounds)
     if args.bits:
         data["bits"] = tuple(int(b) for b in args.bits.split(","))

@@ -8,7 +8,9 @@ a cost independent of the budget kind, so frequency still matters under a latenc
 the budget usage itself is proportional to ``freq``). Ties go to the higher priority, then the
 smaller key. An expert whose next level does not fit is not considered again.
 
-With equally sized experts this keeps ``bits`` non-decreasing in ``freq``.
+With equally sized experts and a ``bits`` budget (or equal byte costs and a ``bytes`` budget)
+this keeps ``bits`` non-decreasing in ``freq``; under a latency budget a frequent expert's
+upgrade costs more, so a rarer expert may take the last bit of budget.
 """
 
 from __future__ import annotations

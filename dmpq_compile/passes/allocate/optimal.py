@@ -124,7 +124,7 @@ def solve(problem: AllocationProblem, max_cells: int = 100_000, latency_cells: i
     integral = problem.budget.kind in ("bits", "bytes")
     g, exact = _grid(extra, cap_extra, integral, max_cells, latency_cells)
     q = np.ceil(extra / g - (0.0 if not exact else 1e-9)).astype(np.int64)
-    cells = int(math.floor(cap_extra / g + (1e-9 if exact else 0.0)))
+    cells = math.floor(cap_extra / g + (1e-9 if exact else 0.0))
     idx = _dp(q, t.objective, cells)
     if not exact:
         idx = _polish(problem, t, idx)

@@ -5,9 +5,9 @@
 
 1. **Downgrade** while over budget: among all moves of one expert to a cheaper bit-width, apply
    the one with the smallest objective increase per unit of budget saved.
-2. **Upgrade** with what is left: among all moves of one expert to a better bit-width that still
-   fit, apply the one with the largest objective decrease per unit of budget spent (moves that
-   cost nothing first), until none fits.
+2. **Upgrade** with what is left: among all moves of one expert to a bit-width with a lower
+   objective (normally more bits) that still fit, apply the one with the largest objective
+   decrease per unit of budget spent (moves that cost nothing first), until none fits.
 
 Ties are broken by the larger saving / gain, then by expert key, then by bit-width, so the
 result depends only on the input. :func:`refine` then does a best-improvement local search:

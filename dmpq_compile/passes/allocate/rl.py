@@ -34,6 +34,8 @@ from .rl_env import AllocationEnv, Calibration
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_PPO = PPOConfig(gae_lambda=1.0)
+
 
 @dataclass(frozen=True)
 class RLResult:
@@ -43,8 +45,9 @@ class RLResult:
         allocation: The best allocation found (always feasible).
         objective: Its measured-or-calibrated-proxy objective (lower is better).
         table_objective: Its additive table objective (:func:`~.problem.objective_value`).
-        history: One dict per PPO update: ``episodes``, ``mean_objective``, ``best_objective``,
-            ``entropy``.
+        history: One dict per PPO update: ``episodes`` (so far), ``mean_objective`` (of the
+            round's projected episodes), ``best_objective`` (so far), ``entropy`` (of the policy)
+            and ``proposal_usage`` (mean budget usage of the round's proposals, before projection).
         measurements: Number of episodes measured with the callbacks.
         seconds: Wall-clock training time.
     """
@@ -130,7 +133,7 @@ class RLAllocator:
     refine_top: int = 2
     refine_kicks: int = 8
     greedy_eval: bool = True
-    ppo: PPOConfig = PPOConfig(gae_lambda=1.0)
+    ppo: PPOConfig = DEFAULT_PPO
 
     def __post_init__(self) -> None:
         if self.refine_top < 0 or self.refine_kicks < 0:
@@ -207,7 +210,7 @@ class RLAllocator:
         rows = tracker.rows
         result = RLResult(allocation=tracker.t.allocation(best), objective=tracker.score(best),
                           table_objective=float(tracker.t.objective[rows, best].sum()), history=tuple(history),
-                          measurements=len(calibration.measured), seconds=seconds)
+                          measurements=calibration.measurements, seconds=seconds)
         logger.info("rl: best objective %.6g (table %.6g) after %d episodes in %.1fs, %d measured",
                     result.objective, result.table_objective, history[-1]["episodes"], seconds,
                     result.measurements)

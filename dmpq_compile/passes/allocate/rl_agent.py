@@ -75,8 +75,9 @@ def single_thread() -> Iterator[None]:
 
 
 def _mlp(inp: int, hidden: int, out: int, gain: float, gen: torch.Generator) -> nn.Sequential:
-    net = nn.Sequential(nn.Linear(inp, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                        nn.Linear(hidden, out))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's default init draws from the global RNG
+        net = nn.Sequential(nn.Linear(inp, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                            nn.Linear(hidden, out))
     gains = [np.sqrt(2.0), np.sqrt(2.0), gain]
     for layer, g in zip([m for m in net if isinstance(m, nn.Linear)], gains):
         nn.init.orthogonal_(layer.weight, gain=float(g), generator=gen)

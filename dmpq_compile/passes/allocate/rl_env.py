@@ -17,14 +17,16 @@ loss increase`` is given it is called on every ``measure_every``-th episode; its
 that episode's loss and the scale is refitted by least squares through the origin on all
 (proxy, measured) pairs. Likewise ``hardware_fn(allocation) -> {"latency_ms", "bytes",
 "energy_mj"}`` (any subset) measured end to end replaces the table cost in that episode's
-reward; the budget is still enforced on the table costs.
+reward (it is only called when some cost weight is positive); the budget is still enforced on
+the table costs.
 
 Observation (float32, clipped to [-10, 10]): per expert its ``freq``, ``mass``, ``log10``
 sensitivity at each bit-width (standardised over all experts and bit-widths), standardised
 ``log1p`` contribution, standardised log size, layer position in [0, 1] and the budget usage of
-each bit-width relative to the per-expert budget share; then the global accuracy proxy so far (relative to all-lowest-bits),
+each bit-width relative to the per-expert budget share; then five global features: the summed
+sensitivity so far relative to the worst case (every expert at its most sensitive bit-width),
 budget used so far / budget, the cheapest possible usage of the remaining experts / budget, the
-affordable fraction of the remaining upgrade room and the fraction of experts done.
+affordable fraction of the remaining upgrade room, and the fraction of experts done.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -48,12 +50,17 @@ N_GLOBAL = 5
 
 @dataclass
 class Calibration:
-    """Proxy-to-measured loss scale and the measurement schedule, shareable by several envs."""
+    """Proxy-to-measured loss scale and the measurement schedule, shareable by several envs.
+
+    ``measured`` maps an allocation (column indices) to its latest measured ``loss`` and/or
+    ``cost``; ``measurements`` counts the episodes measured.
+    """
 
     measure_every: int = 10
     episodes: int = 0
     pairs: list[tuple[float, float]] = field(default_factory=list)
     measured: dict[tuple[int, ...], dict[str, Any]] = field(default_factory=dict)
+    measurements: int = 0
 
     def due(self) -> bool:
         """Count an episode; true on episodes 0, ``measure_every``, ``2 * measure_every``, ..."""
@@ -97,7 +104,7 @@ def expert_features(problem: AllocationProblem, usage: np.ndarray, sens: np.ndar
 class AllocationEnv(gym.Env):
     """Walks the experts; actions pick bits; the terminal reward scores the projected allocation."""
 
-    metadata = {"render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
     def __init__(self, problem: AllocationProblem, accuracy_fn: Callable[[Allocation], float] | None = None,
                  hardware_fn: Callable[[Allocation], Mapping[str, float]] | None = None,
@@ -189,6 +196,7 @@ class AllocationEnv(gym.Env):
             cost = self._hardware_cost(self.hardware_fn(allocation), idx)
             record["cost"] = cost
         if record:
+            self.calibration.measurements += 1
             self.calibration.measured[tuple(idx.tolist())] = record
             logger.debug("measured episode: %s (proxy %.4g, scale %.4g)", record, proxy, self.calibration.scale)
         return loss, cost, bool(record)

@@ -1,0 +1,110 @@
+"""Ablation: RTN vs strong PTQ (GPTQ, HQQ) vs QAT at the same allocation, measured on artifacts.
+
+For one sample: the exact-optimum allocation at each budget (default 3 and 4 average bits) is
+fixed, then the experts are quantized with each method and emitted for ort-cpu. Every artifact
+is scored on the test split (perplexity measured on the artifact) and compared with the FP32
+artifact (KL(FP || variant) per token over the same windows).
+
+    python benchmarks/ablation_quant.py --model samples/mixtral-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from dmpq_compile.compiler import (CompileConfig, _eos_token, analysis_passes, calibration_ids, emit, get_backend,
+                                   load_tokenizer, run_passes)
+from dmpq_compile.eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
+from dmpq_compile.frontend import load
+from dmpq_compile.passes import make_pass
+from dmpq_compile.runtime import load as load_artifact
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = {  # name -> (qat, quantize method)
+    "rtn": (False, "rtn"),
+    "hqq": (False, "hqq"),
+    "gptq": (False, "gptq"),
+    "qat+rtn": (True, "rtn"),
+    "qat+gptq": (True, "gptq"),
+}
+
+
+def variant_graph(graph, model, cfg, calib, qat_calib, budget, qat, method, qat_steps):
+    backend = get_backend(cfg.target)
+    g, recs = run_passes(graph.copy(), [make_pass("allocate", allocator="optimal", budget=budget)], model, cfg,
+                         backend, progress=False, calibration=calib)
+    stats = {}
+    if qat:
+        g, r = run_passes(g, [make_pass("qat", steps=qat_steps, group_size=cfg.group_size, time_budget_s=900)],
+                          model, cfg, backend, progress=True, calibration=qat_calib)
+        stats = r[0].stats
+        recs += r
+    g, r = run_passes(g, [make_pass("quantize", method=method, group_size=cfg.group_size)], model, cfg, backend,
+                      progress=False, calibration=calib)
+    return g, recs + r, stats
+
+
+def logits_fn(path):
+    session = load_artifact(path, verify=False)
+    return lambda ids: torch.from_numpy(session.logits(ids.numpy()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="samples/mixtral-tiny")
+    ap.add_argument("--budgets", default="3,4")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--qat-steps", type=int, default=300)
+    ap.add_argument("--qat-sequences", type=int, default=256)
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--work", default="/tmp/dmpq-ablation")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    name = Path(args.model).name
+    cfg = CompileConfig(target="ort-cpu", allocator="optimal")
+    calib = calibration_ids(args.model, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
+    qat_calib = calibration_ids(args.model, cfg.calib_corpus, args.qat_sequences, cfg.seq_len)
+    graph = load(args.model)
+    graph.meta["group_size"] = cfg.group_size
+    graph, _ = run_passes(graph, analysis_passes(cfg, get_backend(cfg.target)), args.model, cfg,
+                          get_backend(cfg.target), progress=True, calibration=calib)
+    work = Path(args.work) / name
+    shutil.rmtree(work, ignore_errors=True)
+    fp_graph, _, _ = variant_graph(graph, args.model, cfg, calib, qat_calib, 16.0, False, "rtn", 0)
+    fp_path = emit(fp_graph, cfg, work / "fp32", [], 0.0)
+    tok = load_tokenizer(args.model)
+    ids = tokenize_corpus(load_corpus(cfg.calib_corpus, "test"), tok, separator=_eos_token(tok),
+                          max_tokens=args.eval_tokens)
+    fp_fn = logits_fn(fp_path)
+    fp_ppl = perplexity(fp_fn, ids, progress=False).ppl
+    rows = []
+    for budget in (float(b) for b in args.budgets.split(",")):
+        for variant in args.variants.split(","):
+            qat, method = VARIANTS[variant]
+            t0 = time.perf_counter()
+            g, recs, qat_stats = variant_graph(graph, args.model, cfg, calib, qat_calib, budget, qat, method,
+                                               args.qat_steps)
+            seconds = time.perf_counter() - t0
+            path = emit(g, cfg, work / f"{variant}-{budget:g}", recs, seconds)
+            fn = logits_fn(path)
+            ppl = perplexity(fn, ids, progress=False).ppl
+            kl = kl_divergence(fp_fn, fn, ids, progress=False).kl
+            rows.append({"budget": budget, "variant": variant, "ppl": ppl, "dppl_pct": 100 * (ppl / fp_ppl - 1),
+                         "kl": kl, "seconds": seconds, "qat": qat_stats})
+            print(f"{budget:>4g} {variant:>9}: ppl {ppl:.4f} ({rows[-1]['dppl_pct']:+.2f} % vs FP {fp_ppl:.4f})"
+                  f"  KL {kl:.5f}  ({seconds:.0f} s)", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"ablation-{name}.json").write_text(json.dumps(
+        {"model": args.model, "fp32_ppl": fp_ppl, "eval_tokens": int(len(ids)), "rows": rows,
+         "command": "python benchmarks/ablation_quant.py " + " ".join(
+             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
