@@ -68,7 +68,8 @@ def test_uniform_picks_largest_fitting_width():
 @FAST
 @given(problems(kind="bits", equal=True), st.lists(st.floats(0.0, 1.0), min_size=6, max_size=6))
 def test_frequency_gives_more_bits_to_more_frequent_experts(problem, freqs):
-    experts = tuple(make_expert(i, problem.bits_choices, freq=f) for i, f in zip(range(len(problem.experts)), freqs))
+    n = len(problem.experts)
+    experts = tuple(make_expert(i, problem.bits_choices, freq=f) for i, f in zip(range(n), freqs))
     for kind in ("bits", "bytes"):
         p = AllocationProblem(experts, problem.bits_choices, Budget(kind, 0))
         p = with_budget(p, min_feasible_budget(p) * (1 + 2 * freqs[0]))
@@ -91,7 +92,8 @@ def test_gradvar_scores_and_allocation():
     bits = (2, 4, 8)
     # E0: stable router + high variance (best), E2: unstable + low variance (worst)
     feats = [(0.1, 5.0), (0.5, 1.0), (0.9, 0.5)]
-    ex = tuple(make_expert(i, bits, router_grad_change=g, neuron_variance=v) for i, (g, v) in enumerate(feats))
+    ex = tuple(make_expert(i, bits, router_grad_change=g, neuron_variance=v)
+               for i, (g, v) in enumerate(feats))
     p = AllocationProblem(ex, bits, Budget("bits", 4.0))
     assert np.allclose(gradvar_scores(p), [1.0, 0.5, 0.0])
     alloc = GradVarAllocator().allocate(p)
@@ -116,5 +118,6 @@ def test_registry_and_errors():
 
 def test_optimal_beats_heuristics_on_a_realistic_problem():
     p = random_problem(3, n=24, frac=0.3)
-    values = {n: objective_value(p, get_allocator(n).allocate(p)) for n in ("uniform", "frequency", "gradvar", "optimal")}
+    names = ("uniform", "frequency", "gradvar", "optimal")
+    values = {n: objective_value(p, get_allocator(n).allocate(p)) for n in names}
     assert values["optimal"] <= min(values.values()) + 1e-12

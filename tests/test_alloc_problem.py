@@ -80,10 +80,10 @@ def random_problem(seed, n=12, kind="bits", frac=0.4, bits=(2, 4, 8, 16)):
         scale = rng.lognormal(0, 1)
         sens = {b: float(scale * rng.exponential(1.0) * (2.0 / b) ** rng.uniform(1, 4)) for b in bits}
         sens[bits[-1]] = 0.0
-        experts.append(make_expert(i, bits, n_params=256 * int(rng.integers(1, 8)), freq=float(rng.uniform(0.05, 1)),
-                                   sens=sens, extra_bytes=int(rng.integers(0, 64)),
-                                   decode=float(rng.uniform(0.005, 0.05)),
-                                   router_grad_change=float(rng.random()), neuron_variance=float(rng.random())))
+        experts.append(make_expert(
+            i, bits, n_params=256 * int(rng.integers(1, 8)), freq=float(rng.uniform(0.05, 1)), sens=sens,
+            extra_bytes=int(rng.integers(0, 64)), decode=float(rng.uniform(0.005, 0.05)),
+            router_grad_change=float(rng.random()), neuron_variance=float(rng.random())))
     problem = AllocationProblem(tuple(experts), bits, Budget(kind, 0.0))
     return budget_between(problem, frac)
 

@@ -59,7 +59,8 @@ def test_env_reward_is_minus_objective_of_projected_proposal():
 def test_reward_with_cost_weights_normalises_by_all_highest_bits():
     bits = (4, 16)
     ex = tuple(make_expert(i, bits, sens={4: 10.0, 16: 0.0}) for i in range(2))
-    problem = AllocationProblem(ex, bits, Budget("bits", 16), ObjectiveWeights(w_acc=1.0, w_lat=1.0, w_mem=2.0))
+    weights = ObjectiveWeights(w_acc=1.0, w_lat=1.0, w_mem=2.0)
+    problem = AllocationProblem(ex, bits, Budget("bits", 16), weights)
     reward, _ = _run_episode(AllocationEnv(problem), [1, 1])
     assert reward == pytest.approx(-(0.0 + 1.0 + 2.0))  # all 16 bits: costs equal the reference
     problem = AllocationProblem(ex, bits, Budget("bits", 4), problem.weights)
@@ -100,7 +101,8 @@ def test_gae_with_lambda_one_is_return_minus_value():
     buf = RolloutBuffer()
     for t in range(3):  # two envs, reward 1 at the last of 3 steps; critic says 0.5 and 1.0
         last = 1.0 if t == 2 else 0.0
-        buf.add(np.zeros((2, 1)), np.zeros(2), np.zeros(2), np.array([0.5, 1.0]), np.full(2, last), np.full(2, last))
+        values = np.array([0.5, 1.0])
+        buf.add(np.zeros((2, 1)), np.zeros(2), np.zeros(2), values, np.full(2, last), np.full(2, last))
     adv, ret = buf.advantages(1.0, 1.0, np.zeros(2))
     assert np.allclose(ret, 1.0) and np.allclose(adv[:, 0], 0.5) and np.allclose(adv[:, 1], 0.0)
 
@@ -151,7 +153,8 @@ def test_rl_with_measurements_returns_a_feasible_allocation():
         seen.append(1)
         return 2.0 * objective_value(problem, allocation) + 0.01
 
-    result = RLAllocator(episodes=16, n_envs=4, measure_every=4, accuracy_fn=accuracy_fn, progress=False).train(problem)
+    allocator = RLAllocator(episodes=16, n_envs=4, measure_every=4, accuracy_fn=accuracy_fn, progress=False)
+    result = allocator.train(problem)
     assert is_feasible(problem, result.allocation)
     assert result.measurements >= 1 and len(seen) >= 4
 

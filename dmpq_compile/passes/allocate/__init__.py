@@ -59,7 +59,8 @@ def get_allocator(name: str, **options: Any) -> Allocator:
     accepted = [p for p in inspect.signature(cls).parameters]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"allocator {name!r} does not accept options {unknown}; it accepts {accepted or 'none'}")
+        raise ValueError(f"allocator {name!r} does not accept options {unknown}; "
+                         f"it accepts {accepted or 'none'}")
     return cls(**options)
 
 

@@ -214,7 +214,8 @@ class ProblemTables:
         col = {int(b): j for j, b in enumerate(self.bits)}
         bad = {k: allocation[k] for k in self.keys if allocation[k] not in col}
         if bad:
-            raise ValueError(f"allocation uses bits outside bits_choices {tuple(col)}: {dict(list(bad.items())[:5])}")
+            raise ValueError(f"allocation uses bits outside bits_choices {tuple(col)}: "
+                             f"{dict(list(bad.items())[:5])}")
         return np.array([col[allocation[k]] for k in self.keys], dtype=np.int64)
 
     def allocation(self, idx: np.ndarray) -> Allocation:

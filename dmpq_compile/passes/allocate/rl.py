@@ -177,7 +177,8 @@ class RLAllocator:
                 if self.greedy_eval:
                     tracker.consider(self._rollout(agent, envs[:1], done, reward_scale, greedy=True)[1])
                 done += len(active)
-                history.append({"episodes": done, "mean_objective": float(np.mean([i["objective"] for i in infos])),
+                history.append({"episodes": done,
+                                "mean_objective": float(np.mean([i["objective"] for i in infos])),
                                 "best_objective": tracker.best_objective, "entropy": stats["entropy"],
                                 "proposal_usage": float(np.mean([i["proposal_usage"] for i in infos]))})
                 bar.update(len(active))
@@ -189,7 +190,8 @@ class RLAllocator:
     def _rollout(self, agent: PPOAgent, envs: list[AllocationEnv], episode0: int, reward_scale: float,
                  greedy: bool = False) -> tuple[RolloutBuffer, list[dict[str, Any]]]:
         """Run one episode in each env in lockstep; return the buffer and the terminal infos."""
-        obs = np.stack([env.reset(seed=self.seed * 1_000_003 + episode0 + k)[0] for k, env in enumerate(envs)])
+        seeds = [self.seed * 1_000_003 + episode0 + k for k in range(len(envs))]
+        obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
         buffer, infos = RolloutBuffer(), []
         finished = False
         while not finished:
@@ -209,8 +211,8 @@ class RLAllocator:
         best = tracker.best
         rows = tracker.rows
         result = RLResult(allocation=tracker.t.allocation(best), objective=tracker.score(best),
-                          table_objective=float(tracker.t.objective[rows, best].sum()), history=tuple(history),
-                          measurements=calibration.measurements, seconds=seconds)
+                          table_objective=float(tracker.t.objective[rows, best].sum()),
+                          history=tuple(history), measurements=calibration.measurements, seconds=seconds)
         logger.info("rl: best objective %.6g (table %.6g) after %d episodes in %.1fs, %d measured",
                     result.objective, result.table_objective, history[-1]["episodes"], seconds,
                     result.measurements)

@@ -56,7 +56,8 @@ class PPOConfig:
         if self.hidden < 1 or self.epochs < 1 or self.minibatch < 1:
             raise ValueError(f"PPOConfig: hidden, epochs and minibatch must be >= 1, got {self}")
         if not (0 < self.gamma <= 1 and 0 <= self.gae_lambda <= 1 and self.clip > 0 and self.lr > 0):
-            raise ValueError(f"PPOConfig: need 0 < gamma <= 1, 0 <= gae_lambda <= 1, clip > 0, lr > 0; got {self}")
+            raise ValueError("PPOConfig: need 0 < gamma <= 1, 0 <= gae_lambda <= 1, clip > 0 and lr > 0; "
+                             f"got {self}")
 
 
 @contextlib.contextmanager
@@ -197,6 +198,7 @@ class PPOAgent:
         loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
         self.optimizer.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         self.optimizer.step()
         return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "entropy": entropy.item()}

@@ -198,7 +198,8 @@ class AllocationEnv(gym.Env):
         if record:
             self.calibration.measurements += 1
             self.calibration.measured[tuple(idx.tolist())] = record
-            logger.debug("measured episode: %s (proxy %.4g, scale %.4g)", record, proxy, self.calibration.scale)
+            logger.debug("measured episode: %s (proxy %.4g, scale %.4g)", record, proxy,
+                         self.calibration.scale)
         return loss, cost, bool(record)
 
     def _hardware_cost(self, hw: Mapping[str, float], idx: np.ndarray) -> float:
