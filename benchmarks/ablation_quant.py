@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dmpq_compile.compiler import (CompileConfig, _eos_token, analysis_passes, calibration_ids, emit, get_backend,
+from dmpq_compile.compiler import (CompileConfig, eos_token, analysis_passes, calibration_ids, emit, get_backend,
                                    load_tokenizer, run_passes)
 from dmpq_compile.eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
 from dmpq_compile.frontend import load
@@ -79,7 +79,7 @@ def main() -> None:
     fp_graph, _, _ = variant_graph(graph, args.model, cfg, calib, qat_calib, 16.0, False, "rtn", 0)
     fp_path = emit(fp_graph, cfg, work / "fp32", [], 0.0)
     tok = load_tokenizer(args.model)
-    ids = tokenize_corpus(load_corpus(cfg.calib_corpus, "test"), tok, separator=_eos_token(tok),
+    ids = tokenize_corpus(load_corpus(cfg.calib_corpus, "test"), tok, separator=eos_token(tok),
                           max_tokens=args.eval_tokens)
     fp_fn = logits_fn(fp_path)
     fp_ppl = perplexity(fp_fn, ids, progress=False).ppl

@@ -137,11 +137,11 @@ def _token_stream(path: Path, cfg: BenchConfig, n: int) -> np.ndarray:
         vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size() if (
             path / "tokenizer.json").is_file() else 1000
         return np.random.default_rng(0).integers(0, vocab, n)
-    from .compiler import _eos_token
+    from .compiler import eos_token
     from .eval import load_corpus, tokenize_corpus
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    return tokenize_corpus(load_corpus(cfg.corpus, cfg.split), tok, separator=_eos_token(tok), max_tokens=n)
+    return tokenize_corpus(load_corpus(cfg.corpus, cfg.split), tok, separator=eos_token(tok), max_tokens=n)
 
 
 def bench(paths: list[str | Path], cfg: BenchConfig = BenchConfig(), progress: bool = True) -> list[dict]:

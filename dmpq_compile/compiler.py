@@ -64,7 +64,7 @@ def calibration_ids(model_dir: str | Path, corpus: str, sequences: int, seq_len:
     from .eval import load_corpus, tokenize_corpus
 
     tok = load_tokenizer(model_dir)
-    eos = _eos_token(tok)
+    eos = eos_token(tok)
     ids = tokenize_corpus(load_corpus(corpus, split), tok, separator=eos, max_tokens=sequences * seq_len)
     n = len(ids) // seq_len
     if n == 0:
@@ -85,7 +85,7 @@ def load_tokenizer(model_dir: str | Path):
     return Tokenizer.from_file(str(path))
 
 
-def _eos_token(tok) -> str:
+def eos_token(tok) -> str:
     for cand in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"):
         if tok.token_to_id(cand) is not None:
             return cand

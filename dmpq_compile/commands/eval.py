@@ -43,13 +43,13 @@ def model_logits_fn(path: str | Path):
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..compiler import _eos_token, load_tokenizer
+    from ..compiler import eos_token, load_tokenizer
     from ..eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
 
     fn, tok_dir = model_logits_fn(args.path)
     tok = load_tokenizer(tok_dir)
     split = None if args.split == "all" else args.split
-    ids = tokenize_corpus(load_corpus(args.corpus, split), tok, separator=_eos_token(tok),
+    ids = tokenize_corpus(load_corpus(args.corpus, split), tok, separator=eos_token(tok),
                           max_tokens=args.max_tokens)
     stride = args.stride or max(1, args.context // 2)
     kw = dict(context=args.context, stride=stride, batch_size=args.batch_size, progress=not args.no_progress)

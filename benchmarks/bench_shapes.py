@@ -1,0 +1,206 @@
+"""Realistic layer shapes with random weights: achieved decode bandwidth against the machine's.
+
+Two one-layer models with random weights (``dmpq_compile.testing.make_tiny_checkpoint``):
+
+* ``mixtral-8x7b``: Mixtral-8x7B widths: hidden 4096, expert intermediate 14336, 8 experts
+  top-2, 32 heads / 8 KV heads. The vocabulary is cut to 8192 (the real one has 32000), so
+  the fp32 lm_head is 134 MB instead of 524 MB.
+* ``olmoe-1b-7b``: OLMoE-1B-7B widths: hidden 2048, expert intermediate 1024, 64 experts
+  top-8, 16 heads. The vocabulary is cut to 8192 (the real one has 50304).
+
+Each is compiled for ``ort-cpu`` as fp32 / uniform int8 / uniform int4 / mixed ~3 bits
+(``--allocator frequency``: random weights have no meaningful sensitivity). Each compile runs
+in its own process, one after the other, so a variant's memory is released before the next
+one starts. The routing profile runs on random-word text. All variants of one shape are then
+benchmarked in one interleaved ``bench`` run with random token ids (no perplexity). Peak RSS
+is probed afterwards, one fresh process per artifact.
+
+The achieved bandwidth is the bytes read per decoded token (every non-expert weight, plus each
+expert's bytes weighted by its routing frequency, plus one embedding row) divided by the decode
+time. It is compared with a numpy streaming read measured by this script on 1 and 2 threads.
+
+    python benchmarks/bench_shapes.py                        # both shapes
+    python benchmarks/bench_shapes.py --shapes olmoe-1b-7b --reuse
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHAPES = {
+    "mixtral-8x7b": ("mixtral", {"num_hidden_layers": 1, "hidden_size": 4096, "intermediate_size": 14336,
+                                 "num_local_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 32,
+                                 "num_key_value_heads": 8, "vocab_size": 8192, "max_position_embeddings": 4096}),
+    "olmoe-1b-7b": ("olmoe", {"num_hidden_layers": 1, "hidden_size": 2048, "intermediate_size": 1024,
+                              "num_experts": 64, "num_experts_per_tok": 8, "num_attention_heads": 16,
+                              "num_key_value_heads": 16, "vocab_size": 8192, "max_position_embeddings": 4096}),
+}
+VARIANTS = (
+    ("fp32", ["--allocator", "uniform", "--budget-bits", "16", "--no-sensitivity"]),
+    ("int8", ["--allocator", "uniform", "--budget-bits", "8", "--no-sensitivity"]),
+    ("int4", ["--allocator", "uniform", "--budget-bits", "4", "--no-sensitivity"]),
+    ("mixed-3", ["--allocator", "frequency", "--budget-bits", "3", "--no-sensitivity"]),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--work", default=str(ROOT / "out" / "bench-shapes"), help="checkpoints and artifacts go here")
+    p.add_argument("--reuse", action="store_true", help="keep checkpoints/artifacts that already exist")
+    p.add_argument("--cleanup", action="store_true", help="delete each shape's files after benchmarking it")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prefill-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--calib-sequences", type=int, default=8, help="profile sequences of 128 tokens (default 8)")
+    p.add_argument("--stream-mb", type=int, default=1024, help="array size of the bandwidth probe (default 1024)")
+    return p.parse_args(argv)
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+# -- machine bandwidth -----------------------------------------------------------------------------
+def stream_read_gb_s(array: np.ndarray, threads: int, repeats: int = 5) -> float:
+    """Best-of-``repeats`` read bandwidth of summing ``array`` split over ``threads`` threads
+    (numpy releases the GIL inside the reduction)."""
+    parts = np.array_split(array, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.add.reduce, parts))
+            best = min(best, time.perf_counter() - t0)
+    return array.nbytes / best / 1e9
+
+
+def machine_bandwidth(mb: int) -> dict[str, float]:
+    array = np.ones(mb * 2**20 // 4, dtype=np.float32)
+    out = {f"{t}_thread": round(stream_read_gb_s(array, t), 2) for t in (1, 2)}
+    del array
+    return out
+
+
+# -- building --------------------------------------------------------------------------------------
+def run_measured(cmd: list[str], what: str) -> dict[str, float]:
+    """Run ``cmd``; returns wall seconds and, where /usr/bin/time exists, its peak RSS (MB)."""
+    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    full = [timer, "-f", "PEAK_RSS_KB %M", *cmd] if timer else cmd
+    print(f"{what}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    res = subprocess.run(full, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        sys.exit(f"{what} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    peak = [ln for ln in res.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")]
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(int(peak[-1].split()[1]) / 1024) if peak else None}
+
+
+def build_checkpoint(name: str, work: Path, reuse: bool) -> tuple[Path, dict]:
+    family, overrides = SHAPES[name]
+    out = work / name / "checkpoint"
+    if reuse and (out / "config.json").is_file():
+        return out, {}
+    code = ("import json,sys\nfrom dmpq_compile.testing import make_tiny_checkpoint\n"
+            "make_tiny_checkpoint(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))\n")
+    stats = run_measured([sys.executable, "-c", code, family, str(out), json.dumps(overrides)],
+                         f"{name}: random checkpoint")
+    return out, stats
+
+
+def compile_variants(name: str, ckpt: Path, corpus: Path, work: Path, args: argparse.Namespace) -> dict:
+    stats = {}
+    for variant, flags in VARIANTS:
+        out = work / name / variant
+        if args.reuse and (out / "manifest.json").is_file():
+            continue
+        cmd = ["dmpq-compile", "compile", str(ckpt), "--target", "ort-cpu", *flags, "--calib-corpus", str(corpus),
+               "--calib-sequences", str(args.calib_sequences), "--seq-len", "128", "-o", str(out), "--overwrite",
+               "--no-progress"]
+        stats[variant] = {**run_measured(cmd, f"{name}: compile {variant}"), "command": " ".join(cmd)}
+    return stats
+
+
+# -- benchmarking ----------------------------------------------------------------------------------
+def bench_shape(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
+    """One interleaved bench run over the variants (no RSS inside), then RSS probes one at a time."""
+    from dmpq_compile.bench import BenchConfig, _rss_probe, bench
+
+    paths = [work / name / v for v, _ in VARIANTS]
+    cfg = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, rounds=args.rounds,
+                      threads=args.threads, corpus=None, rss=False)
+    results = bench(paths, cfg, progress=False)
+    prompt = np.random.default_rng(0).integers(0, 64, args.prefill_tokens).tolist()
+    for r, path in zip(results, paths):
+        r["peak_rss_mb"] = _rss_probe(path, cfg, prompt)
+    return results
+
+
+def table(results: list[dict], machine: dict[str, float]) -> str:
+    base = results[0]
+    head = f"{'variant':>9} {'prefill tok/s':>20} {'decode ms/tok':>20} {'peak RSS MB':>18} {'weight MB':>18} " \
+           f"{'read MB/tok':>12} {'GB/s':>7} {'% of 1T':>8} {'% of 2T':>8}"
+    lines = [head]
+    for r in results:
+        def cell(key: str, fmt: str, scale: float = 1.0, r: dict = r) -> str:
+            return f"{fmt.format(r[key] * scale)} ({r[key] / base[key]:.2f}x)"
+        lines.append(f"{r['label']:>9} {cell('prefill_tok_s', '{:.1f}'):>20} {cell('decode_ms', '{:.2f}'):>20} "
+                     f"{cell('peak_rss_mb', '{:.0f}'):>18} {cell('weight_bytes', '{:.0f}', 2**-20):>18} "
+                     f"{r['read_bytes_per_token'] / 2**20:>12.1f} {r['bandwidth_gb_s']:>7.2f} "
+                     f"{100 * r['bandwidth_gb_s'] / machine['1_thread']:>7.0f}% "
+                     f"{100 * r['bandwidth_gb_s'] / machine['2_thread']:>7.0f}%")
+    return "\n".join(lines)
+
+
+def run_shape(name: str, work: Path, corpus: Path, args: argparse.Namespace) -> dict:
+    ckpt, ckpt_stats = build_checkpoint(name, work, args.reuse)
+    compile_stats = compile_variants(name, ckpt, corpus, work, args)
+    before = machine_bandwidth(args.stream_mb)
+    load_before = uptime()
+    results = bench_shape(name, work, args)
+    load_after = uptime()
+    after = machine_bandwidth(args.stream_mb)
+    machine = {k: max(before[k], after[k]) for k in before}
+    print(f"\n{name}: machine read bandwidth (numpy, best of 5): before {before}, after {after} GB/s")
+    print(table(results, machine))
+    if args.cleanup:
+        shutil.rmtree(work / name, ignore_errors=True)
+    return {"shape": name, "family": SHAPES[name][0], "config": SHAPES[name][1], "checkpoint": ckpt_stats,
+            "compile": compile_stats, "machine_gb_s": {"before": before, "after": after},
+            "uptime": {"before_bench": load_before, "after_bench": load_after}, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dmpq_compile.bench import _cpu
+    from dmpq_compile.testing import write_tiny_corpus
+
+    args = parse_args(argv)
+    work = Path(args.work)
+    corpus = write_tiny_corpus(work / "corpus")
+    print(f"start: {uptime()}  (cpus: {os.cpu_count()}, {_cpu()})")
+    shapes = [run_shape(name, work, corpus, args) for name in args.shapes]
+    print(f"end: {uptime()}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"shapes-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_shapes.py", *sys.argv[1:]]),
+                               "cpu": _cpu(), "shapes": shapes}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

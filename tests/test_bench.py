@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from dmpq_compile.artifact import write_artifact
+from dmpq_compile.backends import get_backend
+from dmpq_compile.bench import BenchConfig, bench, format_results
+from dmpq_compile.cli import main
+from dmpq_compile.frontend import load
+from dmpq_compile.passes import PassContext, PassManager, make_pass
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_dirs, calib_ids, tmp_path_factory):
+    out = {}
+    root = tmp_path_factory.mktemp("bench")
+    for bits in (16, 4):
+        g = load(tiny_dirs("mixtral"))
+        g.meta["group_size"] = 32
+        g = PassManager([make_pass("profile"), make_pass("allocate", allocator="uniform", budget=bits),
+                         make_pass("quantize", group_size=32)]).run(
+            g, PassContext(calibration=calib_ids("mixtral"), progress=False))
+        report = {"experts": [{"id": n.id, "freq": n.ann["freq"]} for n in g.experts()]}
+        out[bits] = write_artifact(g, get_backend("ort-cpu"), root / f"u{bits}", report=report)
+    return out
+
+
+def test_bench_measures_every_metric(artifacts, tiny_corpus):
+    cfg = BenchConfig(prefill_tokens=16, decode_tokens=4, rounds=2, corpus=str(tiny_corpus), ppl_tokens=256,
+                      context=32, stride=16, rss=True)
+    res = bench([artifacts[16], artifacts[4]], cfg, progress=False)
+    fp, q = res
+    for r in res:
+        assert r["prefill_tok_s"] > 0 and r["decode_ms"] > 0 and r["peak_rss_mb"] > 10
+        assert 1 < r["ppl"] < 200 and r["energy_mj_per_token"] > 0 and r["bandwidth_gb_s"] > 0
+    # 4-bit experts: fewer bytes on disk and fewer bytes read per token than fp32 experts
+    assert q["weight_bytes"] < fp["weight_bytes"]
+    assert q["read_bytes_per_token"] < fp["read_bytes_per_token"]
+    assert q["bits_histogram"] == {"4": 8}  # 2 layers x 4 experts
+    table = format_results(res)
+    assert "(1.00x)" in table.splitlines()[1]
+
+
+def test_bench_cli_writes_json(artifacts, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", str(artifacts[16]), str(artifacts[4]), "--corpus", "none", "--rounds", "1",
+                 "--decode-tokens", "2", "--prefill-tokens", "8", "--no-rss", "--no-progress",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 2 and "ppl" not in data["results"][0]
+    assert main(["bench", str(tmp_path)]) == 1
+    assert "not an artifact folder" in capsys.readouterr().err
+
+
+def test_compile_run_inspect_eval_end_to_end(tiny_dirs, tiny_corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DMPQ_CACHE_DIR", str(tmp_path / "cache"))
+    art = tmp_path / "art"
+    assert main(["compile", str(tiny_dirs("olmoe")), "-o", str(art), "--budget-bits", "3", "--allocator", "optimal",
+                 "--calib-corpus", str(tiny_corpus), "--calib-sequences", "4", "--seq-len", "32",
+                 "--group-size", "32", "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    manifest = json.loads((art / "manifest.json").read_text())
+    bits = [e["bits"] for e in manifest["experts"].values()]
+    assert set(bits) <= {2, 4, 8, 16} and len(set(bits)) > 1
+    assert main(["inspect", str(art)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + len(bits)
+    assert main(["run", str(art), "the expert", "--max-new-tokens", "5"]) == 0
+    assert main(["eval", str(art), "--corpus", str(tiny_corpus), "--context", "32", "--no-progress"]) == 0
+    assert "ppl=" in capsys.readouterr().out
+    # a second compile to the same folder is refused, and nothing is changed
+    assert main(["compile", str(tiny_dirs("olmoe")), "-o", str(art), "--calib-corpus", str(tiny_corpus)]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_infeasible_budget_names_smallest(tiny_dirs, tiny_corpus, tmp_path, capsys):
+    assert main(["compile", str(tiny_dirs("mixtral")), "-o", str(tmp_path / "a"), "--budget-bits", "1.5",
+                 "--no-sensitivity", "--calib-corpus", str(tiny_corpus), "--calib-sequences", "2",
+                 "--seq-len", "16", "--no-progress", "--target", "trt-a100"]) == 1
+    err = capsys.readouterr().err
+    assert "infeasible" in err and "4.00 average bits" in err
+    assert not (tmp_path / "a").exists()
