@@ -18,8 +18,16 @@ from pathlib import Path
 
 import torch
 
-from dmpq_compile.compiler import (CompileConfig, eos_token, analysis_passes, calibration_ids, emit, get_backend,
-                                   load_tokenizer, run_passes)
+from dmpq_compile.compiler import (
+    CompileConfig,
+    analysis_passes,
+    calibration_ids,
+    emit,
+    eos_token,
+    get_backend,
+    load_tokenizer,
+    run_passes,
+)
 from dmpq_compile.eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
 from dmpq_compile.frontend import load
 from dmpq_compile.passes import make_pass
@@ -101,7 +109,7 @@ def main() -> None:
                   f"  KL {kl:.5f}  ({seconds:.0f} s)", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ablation-{name}.json").write_text(json.dumps(
-        {"model": args.model, "fp32_ppl": fp_ppl, "eval_tokens": int(len(ids)), "rows": rows,
+        {"model": args.model, "fp32_ppl": fp_ppl, "eval_tokens": len(ids), "rows": rows,
          "command": "python benchmarks/ablation_quant.py " + " ".join(
              f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}, indent=1))
 

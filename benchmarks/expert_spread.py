@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = CompileConfig(target=None, calib_sequences=max(32, args.sequences))
     calib = calibration_ids(args.model, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
-    t0 = time.perf_counter()
+    time.perf_counter()
     graph, recs = run_passes(load(args.model), [make_pass("profile"), make_pass(
         "sensitivity", bits=(2, 4), max_sequences=args.sequences, gradvar=False)], args.model, cfg, None,
         progress=False, calibration=calib)

@@ -23,8 +23,15 @@ from pathlib import Path
 import torch
 
 from dmpq_compile.bench import BenchConfig, bench
-from dmpq_compile.compiler import (CompileConfig, allocation_passes, analysis_passes, calibration_ids, emit,
-                                   get_backend, run_passes)
+from dmpq_compile.compiler import (
+    CompileConfig,
+    allocation_passes,
+    analysis_passes,
+    calibration_ids,
+    emit,
+    get_backend,
+    run_passes,
+)
 from dmpq_compile.frontend import load
 from dmpq_compile.passes.allocate import InfeasibleBudgetError
 

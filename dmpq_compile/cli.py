@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the CLI boundary turns errors into messages
+    except Exception as e:
         if args.verbose >= 2:
             raise
         print(f"dmpq-compile {args.command}: error: {e}", file=sys.stderr)

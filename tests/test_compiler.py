@@ -5,8 +5,8 @@ from dmpq_compile.frontend import load
 
 
 def _cfg(tiny_corpus, **kw):
-    base = dict(target=None, calib_corpus=str(tiny_corpus), calib_sequences=8, seq_len=32, sensitivity_sequences=4,
-                group_size=32, bits=(2, 4, 8, 16))
+    base = {"target": None, "calib_corpus": str(tiny_corpus), "calib_sequences": 8, "seq_len": 32, "sensitivity_sequences": 4,
+                "group_size": 32, "bits": (2, 4, 8, 16)}
     base.update(kw)
     return CompileConfig(**base)
 
@@ -25,7 +25,7 @@ def test_pipeline_without_backend_allocates_and_quantizes(tiny_dirs, tiny_corpus
 def test_codesign_alternates_allocation_and_qat(tiny_dirs, tiny_corpus):
     path = tiny_dirs("mixtral")
     cfg = _cfg(tiny_corpus, allocator="optimal", budget=3.0, codesign_rounds=1, qat_steps=3)
-    graph, records = run_pipeline(load(path), path, cfg, progress=False)
+    _graph, records = run_pipeline(load(path), path, cfg, progress=False)
     names = [r.name for r in records]
     assert names == ["profile", "sensitivity", "allocate", "qat", "sensitivity", "allocate", "qat", "quantize"]
 

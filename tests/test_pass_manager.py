@@ -1,11 +1,19 @@
 import sys
 import textwrap
-from dataclasses import dataclass
 
 import pytest
 
 from dmpq_compile.frontend import load
-from dmpq_compile.passes import DumpIR, Pass, PassContext, PassError, PassManager, PassResult, Timing, make_pass
+from dmpq_compile.passes import (
+    DumpIR,
+    Pass,
+    PassContext,
+    PassError,
+    PassManager,
+    PassResult,
+    Timing,
+    make_pass,
+)
 from dmpq_compile.registry import PASS_GROUP, PluginError, Registry
 
 
@@ -117,7 +125,7 @@ def test_plugin_pass_from_entry_point_runs_in_pipeline(plugin_dist, tiny_dirs, m
     monkeypatch.setattr(registry, "PASSES", reg)
     monkeypatch.setattr("dmpq_compile.passes.PASSES", reg)
     cls = reg.get("half-freq")
-    assert dict((n, o) for n, _, o in reg.items())["half-freq"] == "plugin dmpq-test-plugin"
+    assert {n: o for n, _, o in reg.items()}["half-freq"] == "plugin dmpq-test-plugin"
     g = PassManager([_Writes(), cls(value=0.5)]).run(load(tiny_dirs("mixtral")), PassContext(progress=False))
     assert g.node("L1.E2").ann["freq"] == 0.25
 

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     ids = tokenize_corpus(load_corpus(args.corpus, split), tok, separator=eos_token(tok),
                           max_tokens=args.max_tokens)
     stride = args.stride or max(1, args.context // 2)
-    kw = dict(context=args.context, stride=stride, batch_size=args.batch_size, progress=not args.no_progress)
+    kw = {"context": args.context, "stride": stride, "batch_size": args.batch_size, "progress": not args.no_progress}
     res = perplexity(fn, ids, **kw)
     out = {"path": str(args.path), "corpus": args.corpus, "split": args.split, "tokens": res.n_tokens,
            "ppl": res.ppl, "nll": res.nll}

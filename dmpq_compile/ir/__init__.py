@@ -8,6 +8,19 @@ from .validate import validate
 from .weights import WeightStore
 
 __all__ = [
-    "SCHEMA", "AnnotationSpec", "register_annotation", "KINDS", "QUANTIZABLE_KINDS", "Graph", "IRError",
-    "Node", "Interpreter", "RunOptions", "logits_fn", "load_graph", "save_graph", "validate", "WeightStore",
+    "KINDS",
+    "QUANTIZABLE_KINDS",
+    "SCHEMA",
+    "AnnotationSpec",
+    "Graph",
+    "IRError",
+    "Interpreter",
+    "Node",
+    "RunOptions",
+    "WeightStore",
+    "load_graph",
+    "logits_fn",
+    "register_annotation",
+    "save_graph",
+    "validate",
 ]

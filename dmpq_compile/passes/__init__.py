@@ -23,6 +23,23 @@ def make_pass(name: str, **options) -> Pass:
     return PASSES.get(name)(**options)
 
 
-__all__ = ["PASSES", "BUILTIN_PASSES", "Pass", "PassContext", "PassError", "PassResult", "PassManager",
-           "Instrument", "Timing", "DumpIR", "Progress", "make_pass", "AllocatePass", "CostPass", "ProfilePass",
-           "QATPass", "QuantizePass", "SensitivityPass"]
+__all__ = [
+    "BUILTIN_PASSES",
+    "PASSES",
+    "AllocatePass",
+    "CostPass",
+    "DumpIR",
+    "Instrument",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "ProfilePass",
+    "Progress",
+    "QATPass",
+    "QuantizePass",
+    "SensitivityPass",
+    "Timing",
+    "make_pass",
+]

@@ -80,8 +80,8 @@ def artifact_hardware_fn(graph: Graph, backend: Any, decode_tokens: int = 16, re
 def _measure(graph: Graph, backend: Any, allocation: Allocation, decode_tokens: int, repeats: int) -> dict:
     from ..artifact import write_artifact
     from ..runtime import load
-    from .quantize import QuantizePass
     from .base import PassContext
+    from .quantize import QuantizePass
 
     g = graph.copy()
     for node_id, bits in allocation.items():

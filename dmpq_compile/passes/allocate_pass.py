@@ -12,8 +12,15 @@ from typing import Any
 
 from ..ir.graph import Graph
 from .allocate import get_allocator
-from .allocate.problem import (AllocationProblem, Budget, ExpertCost, ExpertInfo, ObjectiveWeights,
-                               budget_usage, check_feasible)
+from .allocate.problem import (
+    AllocationProblem,
+    Budget,
+    ExpertCost,
+    ExpertInfo,
+    ObjectiveWeights,
+    budget_usage,
+    check_feasible,
+)
 from .base import Pass, PassContext, PassError, PassResult
 
 log = logging.getLogger(__name__)

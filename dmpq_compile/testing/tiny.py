@@ -13,23 +13,23 @@ import torch
 
 TINY_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 
-_COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
-               tie_word_embeddings=False)
+_COMMON = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "num_experts_per_tok": 2, "max_position_embeddings": 256,
+               "tie_word_embeddings": False}
 
 
 def _classes(family: str) -> tuple[Any, Any, dict]:
     import transformers as tf
 
     table = {
-        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(num_local_experts=4, intermediate_size=64)),
-        "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM, dict(num_experts=6, intermediate_size=32,
-                                                                 norm_topk_prob=False)),
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, {"num_local_experts": 4, "intermediate_size": 64}),
+        "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM, {"num_experts": 6, "intermediate_size": 32,
+                                                                 "norm_topk_prob": False}),
         "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM,
-                      dict(num_experts=4, moe_intermediate_size=32, intermediate_size=64,
-                           shared_expert_intermediate_size=48, norm_topk_prob=False)),
+                      {"num_experts": 4, "moe_intermediate_size": 32, "intermediate_size": 64,
+                           "shared_expert_intermediate_size": 48, "norm_topk_prob": False}),
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
-                      dict(num_experts=8, moe_intermediate_size=32, intermediate_size=64, norm_topk_prob=True)),
+                      {"num_experts": 8, "moe_intermediate_size": 32, "intermediate_size": 64, "norm_topk_prob": True}),
     }
     if family not in table:
         raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
@@ -64,9 +64,7 @@ def make_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, **over
     return out
 
 
-_WORDS = ("the expert router sends each token to a few experts and the model adds their weighted outputs "
-          "while quantization keeps rare experts small and frequent experts precise so that memory "
-          "traffic falls and decoding runs faster on every machine we measured today").split()
+_WORDS = ["the", "expert", "router", "sends", "each", "token", "to", "a", "few", "experts", "and", "the", "model", "adds", "their", "weighted", "outputs", "while", "quantization", "keeps", "rare", "experts", "small", "and", "frequent", "experts", "precise", "so", "that", "memory", "traffic", "falls", "and", "decoding", "runs", "faster", "on", "every", "machine", "we", "measured", "today"]
 
 
 def tiny_text(n_sentences: int, seed: int = 0) -> str:
