@@ -24,7 +24,7 @@ class CompileConfig:
     """Everything that decides what ``compile`` produces (typed, closed: unknown keys are errors)."""
 
     target: str = "ort-cpu"
-    allocator: str = "frequency"
+    allocator: str = "rl"
     budget_kind: str = "bits"  # bits | bytes | latency
     budget: float = 4.0
     w_acc: float = 1.0

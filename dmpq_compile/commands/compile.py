@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face checkpoint folder")
     p.add_argument("-o", "--out", required=True, help="artifact folder to create")
     p.add_argument("--target", default="ort-cpu", help="backend: ort-cpu | trt-a100 (default ort-cpu)")
-    p.add_argument("--allocator", default="frequency", choices=ALLOCATORS, help="bit allocator (default frequency)")
+    p.add_argument("--allocator", default="rl", choices=ALLOCATORS,
+                   help="bit allocator: rl (PPO policy, default), optimal (exact optimum of the additive model), "
+                   "gradvar, frequency, uniform")
     b = p.add_mutually_exclusive_group()
     b.add_argument("--budget-bits", type=float, help="average bits per expert weight (default 4)")
     b.add_argument("--budget-mb", type=float, help="total expert weight megabytes (MiB)")
