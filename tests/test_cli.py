@@ -60,3 +60,22 @@ def test_console_script_help():
 def test_budget_flags_are_exclusive(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_compile_config_file_and_flags(tmp_path):
+    import argparse
+
+    from dmpq_compile.commands import compile as cmd
+
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("[compile]\nbudget_kind = \"bits\"\nbudget = 3.0\ncalib_sequences = 8\nsensitivity_sequences = 4\n")
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    cfg = cmd.config_from_args(parser.parse_args(["m", "-o", "o", "--config", str(cfg_file)]))
+    assert (cfg.budget, cfg.sensitivity_sequences, cfg.calib_sequences, cfg.allocator) == (3.0, 4, 8, "rl")
+    cfg = cmd.config_from_args(parser.parse_args(["m", "-o", "o", "--config", str(cfg_file), "--budget-mb", "2",
+                                                  "--calib-sequences", "16"]))
+    assert (cfg.budget_kind, cfg.budget, cfg.calib_sequences) == ("bytes", 2 * 2**20, 16)
+    cfg_file.write_text("[compile]\nbudgett = 3\n")
+    with pytest.raises(ValueError, match="unknown compile setting"):
+        cmd.config_from_args(parser.parse_args(["m", "-o", "o", "--config", str(cfg_file)]))

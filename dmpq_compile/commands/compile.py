@@ -13,61 +13,69 @@ quantize) and emit an artifact for --target. Exactly one budget may be given; th
 ALLOCATORS = ("rl", "optimal", "gradvar", "frequency", "uniform")
 
 
+# flag -> CompileConfig field, for flags whose value is copied as given (None = not given)
+_FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_lat": "w_lat", "w_mem": "w_mem",
+           "w_eng": "w_eng", "group_size": "group_size", "quant_method": "quant_method",
+           "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
+           "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
+           "codesign_rounds": "codesign_rounds", "seed": "seed"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..compiler import CompileConfig
+
+    d = CompileConfig()
     p.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face checkpoint folder")
     p.add_argument("-o", "--out", required=True, help="artifact folder to create")
-    p.add_argument("--target", default="ort-cpu", help="backend: ort-cpu | trt-a100 (default ort-cpu)")
-    p.add_argument("--allocator", default="rl", choices=ALLOCATORS,
+    p.add_argument("--target", help=f"backend: ort-cpu | trt-a100 (default {d.target})")
+    p.add_argument("--allocator", choices=ALLOCATORS,
                    help="bit allocator: rl (PPO policy, default), optimal (exact optimum of the additive model), "
                    "gradvar, frequency, uniform")
     b = p.add_mutually_exclusive_group()
-    b.add_argument("--budget-bits", type=float, help="average bits per expert weight (default 4)")
+    b.add_argument("--budget-bits", type=float, help=f"average bits per expert weight (default {d.budget:g})")
     b.add_argument("--budget-mb", type=float, help="total expert weight megabytes (MiB)")
     b.add_argument("--budget-ms", type=float, help="expected expert decode latency per token, ms")
-    for w, default in (("acc", 1.0), ("lat", 0.0), ("mem", 0.0), ("eng", 0.0)):
-        p.add_argument(f"--w-{w}", type=float, default=default, help=f"objective weight (default {default})")
+    for w in ("acc", "lat", "mem", "eng"):
+        p.add_argument(f"--w-{w}", type=float, help=f"objective weight (default {getattr(d, 'w_' + w):g})")
     p.add_argument("--bits", help="comma-separated bit-widths to choose from (default: all the target supports)")
-    p.add_argument("--group-size", type=int, default=64, help="quantization group size along K (default 64)")
-    p.add_argument("--quant-method", default="rtn", choices=("rtn", "hqq", "gptq"), help="rounding (default rtn)")
-    p.add_argument("--calib-corpus", default="pydoc",
-                   help="calibration corpus: 'pydoc', a text file, a folder of text files (default pydoc)")
-    p.add_argument("--calib-sequences", type=int, default=32, help="calibration sequences (default 32)")
-    p.add_argument("--seq-len", type=int, default=128, help="calibration sequence length (default 128)")
-    p.add_argument("--metric", default="kl", choices=("kl", "nll"),
+    p.add_argument("--group-size", type=int, help=f"quantization group size along K (default {d.group_size})")
+    p.add_argument("--quant-method", choices=("rtn", "hqq", "gptq"), help=f"rounding (default {d.quant_method})")
+    p.add_argument("--calib-corpus",
+                   help=f"calibration corpus: 'pydoc', a text file, a folder of text files (default {d.calib_corpus})")
+    p.add_argument("--calib-sequences", type=int, help=f"calibration sequences (default {d.calib_sequences})")
+    p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
+    p.add_argument("--metric", choices=("kl", "nll"),
                    help="accuracy model of optimal/rl: per-expert KL to FP (default) or NLL increase")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity pass when not needed")
     p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits")
-    p.add_argument("--qat-steps", type=int, default=200, help="QAT optimizer steps (default 200)")
-    p.add_argument("--qat-time-budget", type=float, default=600.0, help="QAT wall-time limit, s (default 600)")
-    p.add_argument("--codesign-rounds", type=int, default=0,
+    p.add_argument("--qat-steps", type=int, help=f"QAT optimizer steps (default {d.qat_steps})")
+    p.add_argument("--qat-time-budget", type=float, help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
+    p.add_argument("--codesign-rounds", type=int,
                    help="alternate allocation and QAT this many rounds before the final one (implies --qat)")
     p.add_argument("--rl-episodes", type=int, help="episodes for --allocator rl")
-    p.add_argument("--config", help="TOML file with compile settings (command-line flags win)")
+    p.add_argument("--config", help="TOML file with compile settings ([compile] table; flags given win)")
     p.add_argument("--dump-ir", help="save the IR after every pass into this folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def config_from_args(args: argparse.Namespace):
+    """CompileConfig from its defaults, then the --config file, then the flags actually given."""
     from ..compiler import CompileConfig
 
     data = _read_toml(args.config) if args.config else {}
-    kind, value = "bits", 4.0
     if args.budget_mb is not None:
-        kind, value = "bytes", args.budget_mb * 2**20
+        data.update(budget_kind="bytes", budget=args.budget_mb * 2**20)
     elif args.budget_ms is not None:
-        kind, value = "latency", args.budget_ms
+        data.update(budget_kind="latency", budget=args.budget_ms)
     elif args.budget_bits is not None:
-        value = args.budget_bits
-    if args.budget_bits is not None or args.budget_mb is not None or args.budget_ms is not None \
-            or "budget" not in data:
-        data.update(budget_kind=kind, budget=value)
-    data.update(target=args.target, allocator=args.allocator, w_acc=args.w_acc, w_lat=args.w_lat,
-                w_mem=args.w_mem, w_eng=args.w_eng, group_size=args.group_size, quant_method=args.quant_method,
-                calib_corpus=args.calib_corpus, calib_sequences=args.calib_sequences, seq_len=args.seq_len,
-                sensitivity=not args.no_sensitivity, seed=args.seed, metric=args.metric, qat=args.qat, qat_steps=args.qat_steps,
-                qat_time_budget_s=args.qat_time_budget, codesign_rounds=args.codesign_rounds)
+        data.update(budget_kind="bits", budget=args.budget_bits)
+    data.update({field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag) is not None})
+    if args.no_sensitivity:
+        data["sensitivity"] = False
+    if args.qat:
+        data["qat"] = True
     if args.bits:
         data["bits"] = tuple(int(b) for b in args.bits.split(","))
     if args.rl_episodes:
