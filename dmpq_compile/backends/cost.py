@@ -22,12 +22,12 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write_bytes
 from ..ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -291,15 +291,7 @@ class CostCache:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"key": dict(key), "value": dict(value)}, indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_bytes(path, payload.encode())
 
 
 def rows_for_graph(shapes: Mapping[str, tuple[int, int]], per_shape: Mapping[tuple[int, int], Mapping[int, Any]],

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ...fileio import atomic_write_bytes
 from ...runtime.manifest import MANIFEST_NAME, ArtifactError, load_manifest, sha256_file
 from ..base import BackendError
 
@@ -177,10 +176,10 @@ def build_engine(artifact_dir: str | Path, workspace_gb: float = 8.0, timing_cac
                            "verbose=True (--verbose-trt) for the builder log")
     seconds = time.perf_counter() - t0
     engine_path = root / ENGINE_FILE
-    _atomic_write(engine_path, bytes(serialized))
+    atomic_write_bytes(engine_path, bytes(serialized))
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     gpu = gpu_info()
     if gpu["compute_capability"] and gpu["compute_capability"] != "{}.{}".format(*A100_CAPABILITY):
         log.warning("built on %s (sm %s): the engine runs only on that GPU model, not on the A100 this target "
@@ -194,15 +193,6 @@ def build_engine(artifact_dir: str | Path, workspace_gb: float = 8.0, timing_cac
     return engine_path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def update_manifest(root: Path, engine: Mapping[str, Any]) -> None:
@@ -211,7 +201,7 @@ def update_manifest(root: Path, engine: Mapping[str, Any]) -> None:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest["target"]["engine"] = dict(engine)
     manifest["files"][engine["file"]] = {"sha256": engine["sha256"], "bytes": engine["bytes"]}
-    _atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
 
 # -- run ----------------------------------------------------------------------------------------
