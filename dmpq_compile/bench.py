@@ -100,6 +100,26 @@ def _initializer_size(init: Any) -> tuple[int, int]:
     return nbytes, elems
 
 
+def open_artifact(path: Path, threads: int | None = None) -> Any:
+    """A session for any artifact: the ONNX Runtime session, or the TensorRT engine of a trt-a100 one.
+
+    A trt-a100 artifact runs only through its built engine (``dmpq-compile build``) on a CUDA GPU
+    with TensorRT; without them the error says so.
+    """
+    from .runtime import load
+    from .runtime.manifest import load_manifest
+
+    manifest = load_manifest(path, verify=False)
+    if manifest["target"].get("backend") == "trt-a100":
+        if not manifest["target"].get("engine"):
+            raise RuntimeError(f"{path} is a trt-a100 artifact without an engine: build it on a GPU machine with "
+                               f"`dmpq-compile build {path}` (needs TensorRT), then bench it there")
+        from .backends.trt.build import TrtEngineRunner
+
+        return TrtEngineRunner(path)
+    return load(path, threads=threads)
+
+
 def _rss_probe(path: Path, cfg: BenchConfig, ids: list[int]) -> float:
     """Peak RSS (MiB) of a fresh process that loads ``path`` and runs one prefill + decode."""
     code = (
@@ -123,7 +143,7 @@ def _time_one(session: Any, ids: np.ndarray, decode_tokens: int) -> tuple[float,
     prefill = time.perf_counter() - t0
     steps = []
     for _ in range(decode_tokens):
-        nxt = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+        nxt = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)  # numpy or CUDA tensor logits
         t0 = time.perf_counter()
         logits, past = session.forward(nxt, past)
         steps.append(time.perf_counter() - t0)
@@ -148,10 +168,8 @@ def bench(paths: list[str | Path], cfg: BenchConfig = BenchConfig(), progress: b
     """Measure every artifact (interleaved) and return one result dict per artifact."""
     from tqdm.auto import tqdm
 
-    from .runtime import load
-
     paths = [Path(p) for p in paths]
-    sessions = [load(p, threads=cfg.threads) for p in paths]
+    sessions = [open_artifact(p, cfg.threads) for p in paths]
     stream = _token_stream(paths[0], cfg, max(cfg.ppl_tokens, cfg.prefill_tokens))
     prompt = stream[: cfg.prefill_tokens][None, :].astype(np.int64)
     for s in sessions:  # warm-up: first-run allocations and kernel selection
@@ -195,7 +213,7 @@ def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float],
         "energy_mj_per_token": energy_mj(ws.read_bytes_per_token, ops),
         "bits_histogram": session.manifest.get("quantization", {}).get("bits_histogram"),
     }
-    if cfg.rss:
+    if cfg.rss and session.manifest["target"].get("backend") != "trt-a100":  # GPU memory is not RSS
         out["peak_rss_mb"] = _rss_probe(path, cfg, prompt[0].tolist())
     if cfg.corpus is not None:
         out.update(_perplexity(session, cfg, stream, progress))

@@ -79,3 +79,14 @@ def test_infeasible_budget_names_smallest(tiny_dirs, tiny_corpus, tmp_path, caps
     err = capsys.readouterr().err
     assert "infeasible" in err and "4.00 average bits" in err
     assert not (tmp_path / "a").exists()
+
+
+def test_trt_artifact_without_engine_is_refused_clearly(tiny_dirs, calib_ids, tmp_path):
+    g = load(tiny_dirs("qwen3_moe"))
+    g.meta["group_size"] = 32
+    g = PassManager([make_pass("profile"), make_pass("allocate", allocator="uniform", budget=4, bits=(4, 8, 16)),
+                     make_pass("quantize", group_size=32)]).run(
+        g, PassContext(calibration=calib_ids("qwen3_moe"), progress=False))
+    art = write_artifact(g, get_backend("trt-a100"), tmp_path / "trt")
+    with pytest.raises(RuntimeError, match="without an engine.*dmpq-compile build"):
+        bench([art], BenchConfig(corpus=None, rss=False), progress=False)

@@ -226,7 +226,7 @@ class TrtEngineRunner:
         target = manifest["target"]
         if not target.get("engine"):
             raise ArtifactError(f"{self.root} has no engine yet; run `dmpq-compile build {self.root}` first")
-        self.trt, self.torch, self.io = trt, torch, target["io"]
+        self.trt, self.torch, self.io, self.manifest = trt, torch, target["io"], manifest
         self.vocab_size = int(manifest["model"].get("vocab_size") or 2)
         self._logger = trt.Logger(trt.Logger.WARNING)
         data = (self.root / target["engine"]["file"]).read_bytes()
@@ -271,6 +271,10 @@ class TrtEngineRunner:
             raise BackendError("TensorRT execute_async_v3 failed; see the TensorRT log")
         self.stream.synchronize()
         return outs[0], outs[1:]
+
+    def logits(self, ids: Any, past: list[Any] | None = None) -> Any:
+        """float32 numpy logits ``[B, T, V]`` (the runtime Session's interface, for eval and bench)."""
+        return self.forward(ids, past)[0].float().cpu().numpy()
 
     def _address(self, t: Any) -> int:
         if t.numel() == 0:  # keep a valid, non-null pointer for empty tensors
