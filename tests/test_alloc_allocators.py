@@ -121,3 +121,12 @@ def test_optimal_beats_heuristics_on_a_realistic_problem():
     names = ("uniform", "frequency", "gradvar", "optimal")
     values = {n: objective_value(p, get_allocator(n).allocate(p)) for n in names}
     assert values["optimal"] <= min(values.values()) + 1e-12
+
+
+def test_average_ranks_handles_ties():
+    import numpy as np
+
+    from dmpq_compile.passes.allocate.gradvar import average_ranks
+
+    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert average_ranks(np.array([5.0])).tolist() == [1.0]

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from scipy.stats import rankdata
 
 from .frequency import greedy_by_priority
 from .problem import Allocation, AllocationProblem
@@ -45,8 +44,8 @@ def gradvar_scores(problem: AllocationProblem) -> np.ndarray:
     n = len(rgc)
     if n == 1:
         return np.ones(1)
-    stable = 1.0 - (rankdata(rgc) - 1.0) / (n - 1)
-    spread = (rankdata(var) - 1.0) / (n - 1)
+    stable = 1.0 - (average_ranks(rgc) - 1.0) / (n - 1)
+    spread = (average_ranks(var) - 1.0) / (n - 1)
     return (stable + spread) / 2.0
 
 
@@ -61,3 +60,16 @@ class GradVarAllocator:
         scores = gradvar_scores(problem)
         logger.debug("gradvar scores: min %.3f max %.3f", scores.min(), scores.max())
         return greedy_by_priority(problem, scores)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with ties given their average rank (like ``scipy.stats.rankdata``)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]  # first index of each run of equal values
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2.0  # mean of ranks a+1 .. b
+    return ranks
