@@ -130,13 +130,16 @@ def get_backend(target: str | None):
 
 def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileConfig, backend: Any,
                progress: bool = True, dump_dir: str | Path | None = None,
-               calibration: torch.Tensor | None = None) -> tuple[Graph, list]:
-    """Run ``passes`` on ``graph`` with calibration loaded only if one needs it."""
+               calibration: torch.Tensor | None = None, previous: list | None = None) -> tuple[Graph, list]:
+    """Run ``passes`` on ``graph`` with calibration loaded only if one needs it.
+
+    ``previous``: records of passes already run on ``graph`` (named in error messages).
+    """
     timing = Timing()
     instruments = [timing, Progress(len(passes), progress)]
     if dump_dir:
         instruments.append(DumpIR(dump_dir))
-    manager = PassManager(passes, instruments)
+    manager = PassManager(passes, instruments, previous=[r.name for r in previous or []])
     manager.check(graph)
     if manager.needs_calibration and calibration is None:
         calibration = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
@@ -166,10 +169,11 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
         round_passes = allocation_passes(cfg)[:-1]  # allocate, [extras], qat — no quantize yet
         round_passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
                                       gradvar=cfg.allocator == "gradvar"))
-        graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib)
+        graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib, records)
         records += recs
         log.info("co-design round %d/%d done", r + 1, cfg.codesign_rounds)
-    graph, recs = run_passes(graph, allocation_passes(cfg), model_dir, cfg, backend, progress, dump_dir, calib)
+    graph, recs = run_passes(graph, allocation_passes(cfg), model_dir, cfg, backend, progress, dump_dir, calib,
+                             records)
     return graph, records + recs
 
 

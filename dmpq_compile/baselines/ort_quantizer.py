@@ -702,5 +702,21 @@ def _final_model(fp32: Path, folder: Path, cfg: OrtQuantizerConfig) -> tuple[Pat
                                  "quantized_expert_weights": []}
     else:
         model, stats = quantize_onnx(fp32, cfg)
+    stats["stripped_node_metadata_bytes"] = strip_node_metadata(model)
     size = save_onnx(model, folder / MODEL_FILE)
     return folder, stats, size
+
+
+def strip_node_metadata(model: Any) -> int:
+    """Drop the debugging ``metadata_props`` torch.onnx puts on every node (module path, FX node,
+    stack); they are not needed to run and made up ~5 MB of a 12 MB tiny model. Returns the bytes."""
+    removed = 0
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            removed += sum(len(p.key) + len(p.value) for p in node.metadata_props)
+            del node.metadata_props[:]
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+            graphs.extend(g for a in node.attribute for g in a.graphs)
+    return removed

@@ -84,9 +84,12 @@ class Progress(Instrument):
 class PassManager:
     """Runs passes in order after checking that every requirement is met by the input or an earlier pass."""
 
-    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = ()) -> None:
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = (),
+                 previous: Sequence[str] = ()) -> None:
+        """``previous`` names passes an earlier manager already ran on the graph (for error messages)."""
         self.passes = list(passes)
         self.instruments = list(instruments)
+        self.previous = list(previous)
 
     @property
     def needs_calibration(self) -> bool:
@@ -98,25 +101,26 @@ class PassManager:
         for i, p in enumerate(self.passes):
             missing = [k for k in p.requires if k not in available]
             if missing:
-                before = [q.name for q in self.passes[:i]] or ["(none)"]
-                raise PassError(f"pipeline invalid: pass {p.name!r} (#{i + 1}) requires {missing}, which neither "
+                before = self.previous + [q.name for q in self.passes[:i]] or ["(none)"]
+                raise PassError(f"pipeline invalid: pass {p.name!r} (#{len(self.previous) + i + 1}) requires {missing}, which neither "
                                 f"the input graph nor the passes before it ({', '.join(before)}) provide")
             available.update(p.provides)
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         self.check(graph)
         for i, p in enumerate(self.passes):
+            step = len(self.previous) + i  # position in the whole pipeline (dump folder numbering)
             for inst in self.instruments:
-                inst.before(i, p, graph)
+                inst.before(step, p, graph)
             try:
                 result = p.call(graph, ctx)
             except PassError:
                 raise
             except Exception as e:
-                before = ", ".join(q.name for q in self.passes[:i]) or "none"
-                raise PassError(f"pass {p.name!r} (#{i + 1}; passes run before it: {before}) failed: "
-                                f"{type(e).__name__}: {e}") from e
+                before = ", ".join(self.previous + [q.name for q in self.passes[:i]]) or "none"
+                raise PassError(f"pass {p.name!r} (#{len(self.previous) + i + 1}; passes run before it: {before}) "
+                                f"failed: {type(e).__name__}: {e}") from e
             for inst in self.instruments:
-                inst.after(i, p, result)
+                inst.after(step, p, result)
             graph = result.graph
         return graph
