@@ -433,7 +433,7 @@ def _algo_config(cfg: OrtQuantizerConfig) -> Any:
     nbits = _ort_quantizer_module()
     if cfg.algo == "hqq":
         if cfg.accuracy_level:
-            log.warning("ORT's HQQ quantizer writes no accuracy_level; MatMulNBits runs with its default")
+            log.info("ORT's HQQ quantizer writes no accuracy_level; MatMulNBits runs with its default (0)")
         return nbits.HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=cfg.bits)
     return nbits.DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=cfg.is_symmetric,
                                         accuracy_level=cfg.accuracy_level or None, bits=cfg.bits)

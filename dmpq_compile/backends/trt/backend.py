@@ -88,7 +88,6 @@ class TrtA100Backend(Backend):
         projection = TrtQdqProjection(precision)
         lowered = lower(graph, projection, LoweringOptions(dispatch=dispatch, opset=OPSET))
         model = lowered.model
-        split = split_scatter_add(model)
         converted = weights_to_fp16(model, keep_fp32_names(graph)) if precision == "fp16" else 0
         issues = check_model(model, trt_version)
         oldest = "10.0" if not errors(check_model(model, "10.0")) else f"{checked_against[0]}.{checked_against[1]}"
@@ -103,8 +102,8 @@ class TrtA100Backend(Backend):
             onnx.checker.check_model(str(path), full_check=True)
         except onnx.checker.ValidationError as e:
             raise BackendError(f"the emitted ONNX model fails onnx.checker: {e}") from e
-        log.info("emitted %s: %.1f MB weights, precision=%s, dispatch=%s, %d scatter-adds split, %d weights fp16",
-                 path, size / 1e6, precision, dispatch, split, converted)
+        log.info("emitted %s: %.1f MB weights, precision=%s, dispatch=%s, %d weights fp16",
+                 path, size / 1e6, precision, dispatch, converted)
         from .build import default_profile, trtexec_command
 
         io = {"input_ids": lowered.input_ids, "logits": lowered.logits,
@@ -138,48 +137,6 @@ def keep_fp32_names(graph: Graph) -> frozenset[str]:
 
 
 # -- model rewrites -----------------------------------------------------------------------------
-def split_scatter_add(model: onnx.ModelProto) -> int:
-    """Replace ``ScatterND(zeros, Concat(rows_i), Concat(y_i), reduction=add)`` by per-part
-    ``ScatterND(reduction=none)`` + ``Sum``; returns how many nodes were rewritten.
-
-    Exact because every ``rows_i`` is ``Transpose(NonZero(.))``: unique indices within a part.
-
-    Raises:
-        BackendError: A ScatterND with ``add`` that does not have this shape.
-    """
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    new_nodes, count = [], 0
-    for node in g.node:
-        red = next((a.s for a in node.attribute if a.name == "reduction"), b"none")
-        if node.op_type != "ScatterND" or red == b"none":
-            new_nodes.append(node)
-            continue
-        data, idx, upd = node.input
-        ci, cu = producer.get(idx), producer.get(upd)
-        if not (ci and cu and ci.op_type == cu.op_type == "Concat" and len(ci.input) == len(cu.input)
-                and all(_is_nonzero_rows(producer, r) for r in ci.input)):
-            raise BackendError(f"{node.name}: ScatterND(reduction={red.decode()}) is not the gather-dispatch "
-                               "pattern TensorRT can be given exactly; emit with dispatch='dense'")
-        parts = []
-        for i, (rows, y) in enumerate(zip(ci.input, cu.input)):
-            out = f"{node.output[0]}.part{i}"
-            new_nodes.append(helper.make_node("ScatterND", [data, rows, y], [out], name=f"{node.name}.part{i}"))
-            parts.append(out)
-        new_nodes.append(helper.make_node("Sum" if len(parts) > 1 else "Identity", parts, list(node.output),
-                                          name=f"{node.name}.sum"))
-        count += 1
-    _replace_nodes(g, new_nodes)
-    return count
-
-
-def _is_nonzero_rows(producer: dict[str, onnx.NodeProto], name: str) -> bool:
-    node = producer.get(name)
-    while node is not None and node.op_type in ("Transpose", "Reshape"):
-        node = producer.get(node.input[0])
-    return node is not None and node.op_type == "NonZero"
-
-
 def weights_to_fp16(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) -> int:
     """Store fp32 matrix weights of ``MatMul``/``Gemm`` (B, C) and ``Gather`` (data) as fp16.
 
