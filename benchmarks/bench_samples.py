@@ -9,8 +9,16 @@ Variants (all ``--target ort-cpu``, group/block size 64):
   dmpq-compile quantizes);
 * ``mixed-3.5``, ``mixed-3``: ``--allocator optimal --budget-bits 3.5|3`` with the sensitivity pass.
 
-Then ``dmpq_compile.bench.bench`` measures all of them in one interleaved run (ratios to fp32)
-and the results go to ``benchmarks/results/samples-<sample>-<time>.json``.
+Then ``dmpq_compile.bench.bench`` measures all of them in one interleaved run (ratios to fp32).
+Peak RSS is probed here, one fresh process per artifact, from ``VmHWM`` in
+``/proc/self/status``: ``bench``'s own probe reads ``ru_maxrss``, which on Linux keeps the
+parent's high-water mark across ``exec`` and so reports this (large) process's RSS for every
+artifact. Perplexity on the test split is close for every variant of a small trained model, so
+the script also reports the mean KL(fp32 || variant) and top-1 agreement with fp32 on the same
+text, computed with one onnxruntime thread: with two threads, onnxruntime 1.32's
+``ScatterND(reduction="add")`` loses updates when indices repeat (a race), which the compiled
+artifacts' gather dispatch hits on multi-token inputs, so their logits then vary from run to run.
+``bench``'s perplexity runs with the default threads and carries that noise. Results go to ``benchmarks/results/samples-<sample>-<time>.json``.
 
     python benchmarks/bench_samples.py                       # samples/mixtral-tiny
     python benchmarks/bench_samples.py --sample olmoe-tiny
@@ -25,6 +33,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", help="any checkpoint folder instead of --sample")
     p.add_argument("--work", help="where artifacts go (default out/bench/<sample>)")
     p.add_argument("--reuse", action="store_true", help="keep artifacts that already exist instead of rebuilding")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10: tiny models time fast)")
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--ppl-tokens", type=int, default=8192)
@@ -98,6 +108,56 @@ def build_peers(model_dir: Path, work: Path, reuse: bool) -> dict[str, float | N
     return seconds
 
 
+PROBE = """
+import json, sys
+from dmpq_compile.runtime import load
+a = json.loads(sys.argv[2])
+m = load(sys.argv[1], threads=a["threads"])
+logits, past = m.forward([a["ids"]])
+for _ in range(a["decode"]):
+    logits, past = m.forward([[int(logits[0, -1].argmax())]], past)
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def peak_rss_mb(path: Path, ids: list[int], decode: int, threads: int | None) -> float:
+    """Peak RSS (MiB, ``VmHWM``) of a fresh process that loads ``path`` and runs a prefill + decode."""
+    arg = json.dumps({"ids": [int(i) for i in ids], "decode": decode, "threads": threads})
+    res = subprocess.run([sys.executable, "-c", PROBE, str(path), arg], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"RSS probe of {path} failed: {res.stderr.strip()[-800:]}")
+    return int(res.stdout.split()[-1]) / 1024
+
+
+def agreement_with_fp32(paths: list[Path], corpus: str, tokens: int = 4096, context: int = 256) -> dict[str, dict]:
+    """Mean KL(fp32 || variant) in nats and top-1 agreement, over ``tokens`` test-split tokens in
+    windows of ``context`` (the first path is fp32)."""
+    from tokenizers import Tokenizer
+
+    from dmpq_compile.compiler import eos_token
+    from dmpq_compile.eval import load_corpus, tokenize_corpus
+    from dmpq_compile.runtime import load
+
+    tok = Tokenizer.from_file(str(paths[0] / "tokenizer.json"))
+    ids = tokenize_corpus(load_corpus(corpus, "test"), tok, separator=eos_token(tok), max_tokens=tokens)
+    windows = ids[: len(ids) // context * context].reshape(-1, context)
+
+    def log_probs(path: Path) -> np.ndarray:
+        session = load(path, threads=1)  # one thread: deterministic (see the module docstring)
+        logits = np.concatenate([session.logits(windows[i:i + 4]) for i in range(0, len(windows), 4)])
+        x = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ref = log_probs(paths[0])
+    out = {}
+    for path in paths:
+        lp = log_probs(path)
+        out[path.name] = {"kl_vs_fp32": float((np.exp(ref) * (ref - lp)).sum(-1).mean()),
+                          "top1_vs_fp32": float((lp.argmax(-1) == ref.argmax(-1)).mean()),
+                          "tokens": int(windows.size)}
+    return out
+
+
 def average_bits(path: Path) -> float:
     """Mean expert bits from the manifest's histogram (experts have equal sizes in these models)."""
     hist = json.loads((path / "manifest.json").read_text())["quantization"]["bits_histogram"]
@@ -117,17 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"before: {load_before}")
     seconds = {**build_compiled(model_dir, work, args.reuse), **build_peers(model_dir, work, args.reuse)}
     paths = [work / n for n in ORDER]
+    corpus = None if args.corpus == "none" else args.corpus
     cfg = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, rounds=args.rounds,
-                      threads=args.threads, corpus=None if args.corpus == "none" else args.corpus,
-                      ppl_tokens=args.ppl_tokens)
+                      threads=args.threads, corpus=corpus, ppl_tokens=args.ppl_tokens, rss=False)
     load_bench = uptime()
     results = bench(paths, cfg, progress=False)
     load_after = uptime()
-    for r in results:
-        r["average_expert_bits"] = average_bits(Path(r["artifact"]))
+    prompt = np.random.default_rng(0).integers(0, 64, args.prefill_tokens).tolist()
+    agree = agreement_with_fp32(paths, corpus) if corpus else {}
+    for r, path in zip(results, paths):
+        r["peak_rss_mb"] = peak_rss_mb(path, prompt, args.decode_tokens, args.threads)
+        r.update(agree.get(path.name, {}))
+        r["average_expert_bits"] = average_bits(path)
         r["build_seconds"] = seconds.get(r["label"])
     print(format_results(results))
-    print("average expert bits: " + ", ".join(f"{r['label']} {r['average_expert_bits']:.2f}" for r in results))
+    print("\n".join(f"{r['label']:>14}: avg expert bits {r['average_expert_bits']:.2f}"
+                    + (f", KL vs fp32 {r['kl_vs_fp32']:.5f} nats, top-1 vs fp32 {r['top1_vs_fp32']:.3f}"
+                       if "kl_vs_fp32" in r else "") for r in results))
     print(f"after: {load_after}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"samples-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"

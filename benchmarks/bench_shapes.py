@@ -13,7 +13,7 @@ Each is compiled for ``ort-cpu`` as fp32 / uniform int8 / uniform int4 / mixed ~
 in its own process, one after the other, so a variant's memory is released before the next
 one starts. The routing profile runs on random-word text. All variants of one shape are then
 benchmarked in one interleaved ``bench`` run with random token ids (no perplexity). Peak RSS
-is probed afterwards, one fresh process per artifact.
+is probed afterwards, one fresh process per artifact (``VmHWM``, see ``bench_samples.py``).
 
 The achieved bandwidth is the bytes read per decoded token (every non-expert weight, plus each
 expert's bytes weighted by its routing frequency, plus one embedding row) divided by the decode
@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +48,9 @@ SHAPES = {
                               "num_experts": 64, "num_experts_per_tok": 8, "num_attention_heads": 16,
                               "num_key_value_heads": 16, "vocab_size": 8192, "max_position_embeddings": 4096}),
 }
+# Free memory (GB) a shape needs: the largest peak anonymous RSS measured for its steps (the fp32 compile:
+# 17.5 GB at Mixtral widths, 5.4 GB at OLMoE widths, see benchmarks/README.md) plus a margin.
+MIN_AVAILABLE_GB = {"mixtral-8x7b": 19.0, "olmoe-1b-7b": 7.0}
 VARIANTS = (
     ("fp32", ["--allocator", "uniform", "--budget-bits", "16", "--no-sensitivity"]),
     ("int8", ["--allocator", "uniform", "--budget-bits", "8", "--no-sensitivity"]),
@@ -67,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--calib-sequences", type=int, default=8, help="profile sequences of 128 tokens (default 8)")
     p.add_argument("--stream-mb", type=int, default=1024, help="array size of the bandwidth probe (default 1024)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="build a shape even when less memory is free than its fp32 compile was measured to need")
     return p.parse_args(argv)
 
 
@@ -96,18 +102,35 @@ def machine_bandwidth(mb: int) -> dict[str, float]:
 
 
 # -- building --------------------------------------------------------------------------------------
+def _proc_status_kb(pid: int) -> dict[str, int]:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in lines) if k in ("VmHWM", "RssAnon")}
+
+
 def run_measured(cmd: list[str], what: str) -> dict[str, float]:
-    """Run ``cmd``; returns wall seconds and, where /usr/bin/time exists, its peak RSS (MB)."""
-    timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
-    full = [timer, "-f", "PEAK_RSS_KB %M", *cmd] if timer else cmd
+    """Run ``cmd``, sampling ``/proc/<pid>/status`` every 0.2 s; returns wall seconds, the peak RSS
+    (``VmHWM``: counts file pages the process maps, e.g. the safetensors it reads) and the largest
+    anonymous RSS seen (``RssAnon``: the process's own memory), both in MiB."""
     print(f"{what}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    res = subprocess.run(full, capture_output=True, text=True, check=False)
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        hwm, anon = 0, 0
+        while proc.poll() is None:
+            status = _proc_status_kb(proc.pid)
+            hwm, anon = max(hwm, status.get("VmHWM", 0)), max(anon, status.get("RssAnon", 0))
+            time.sleep(0.2)
+        err.seek(0)
+        stderr = err.read()
     seconds = time.perf_counter() - t0
-    if res.returncode != 0:
-        sys.exit(f"{what} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    peak = [ln for ln in res.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")]
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(int(peak[-1].split()[1]) / 1024) if peak else None}
+    if proc.returncode != 0:
+        sys.exit(f"{what} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    stats = {"seconds": round(seconds, 1), "peak_rss_mb": round(hwm / 1024), "peak_anon_rss_mb": round(anon / 1024)}
+    print(f"  {stats}", flush=True)
+    return stats
 
 
 def build_checkpoint(name: str, work: Path, reuse: bool) -> tuple[Path, dict]:
@@ -115,7 +138,11 @@ def build_checkpoint(name: str, work: Path, reuse: bool) -> tuple[Path, dict]:
     out = work / name / "checkpoint"
     if reuse and (out / "config.json").is_file():
         return out, {}
-    code = ("import json,sys\nfrom dmpq_compile.testing import make_tiny_checkpoint\n"
+    # save_pretrained in 1 GB shards: safetensors builds a whole shard in memory before writing it, so one
+    # 5.9 GB shard would double the peak (the frontend reads sharded checkpoints)
+    code = ("import functools, json, sys\nfrom transformers import PreTrainedModel\n"
+            "PreTrainedModel.save_pretrained = functools.partialmethod(PreTrainedModel.save_pretrained, "
+            "max_shard_size='1GB')\nfrom dmpq_compile.testing import make_tiny_checkpoint\n"
             "make_tiny_checkpoint(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))\n")
     stats = run_measured([sys.executable, "-c", code, family, str(out), json.dumps(overrides)],
                          f"{name}: random checkpoint")
@@ -138,7 +165,9 @@ def compile_variants(name: str, ckpt: Path, corpus: Path, work: Path, args: argp
 # -- benchmarking ----------------------------------------------------------------------------------
 def bench_shape(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
     """One interleaved bench run over the variants (no RSS inside), then RSS probes one at a time."""
-    from dmpq_compile.bench import BenchConfig, _rss_probe, bench
+    from bench_samples import peak_rss_mb  # same folder: a VmHWM probe (see bench_samples.py)
+
+    from dmpq_compile.bench import BenchConfig, bench
 
     paths = [work / name / v for v, _ in VARIANTS]
     cfg = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, rounds=args.rounds,
@@ -146,7 +175,7 @@ def bench_shape(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
     results = bench(paths, cfg, progress=False)
     prompt = np.random.default_rng(0).integers(0, 64, args.prefill_tokens).tolist()
     for r, path in zip(results, paths):
-        r["peak_rss_mb"] = _rss_probe(path, cfg, prompt)
+        r["peak_rss_mb"] = peak_rss_mb(path, prompt, args.decode_tokens, args.threads)
     return results
 
 
@@ -166,7 +195,26 @@ def table(results: list[dict], machine: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def available_gb() -> float | None:
+    try:
+        line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 2**20
+
+
+def check_memory(name: str, args: argparse.Namespace) -> None:
+    """Stop before a shape whose build was measured to need more memory than is free now."""
+    free, need = available_gb(), MIN_AVAILABLE_GB[name]
+    if free is not None and free < need and not args.skip_memory_check:
+        sys.exit(f"{name}: {free:.1f} GB available, but its fp32 compile was measured to need about {need:.0f} GB "
+                 "(dmpq-compile keeps the checkpoint tensors while the ONNX model is built); free memory, run "
+                 "--shapes olmoe-1b-7b, or pass --skip-memory-check")
+
+
 def run_shape(name: str, work: Path, corpus: Path, args: argparse.Namespace) -> dict:
+    if not (args.reuse and all((work / name / v / "manifest.json").is_file() for v, _ in VARIANTS)):
+        check_memory(name, args)
     ckpt, ckpt_stats = build_checkpoint(name, work, args.reuse)
     compile_stats = compile_variants(name, ckpt, corpus, work, args)
     before = machine_bandwidth(args.stream_mb)
