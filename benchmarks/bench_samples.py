@@ -15,10 +15,11 @@ Peak RSS is probed here, one fresh process per artifact, from ``VmHWM`` in
 parent's high-water mark across ``exec`` and so reports this (large) process's RSS for every
 artifact. Perplexity on the test split is close for every variant of a small trained model, so
 the script also reports the mean KL(fp32 || variant) and top-1 agreement with fp32 on the same
-text, computed with one onnxruntime thread: with two threads, onnxruntime 1.32's
-``ScatterND(reduction="add")`` loses updates when indices repeat (a race), which the compiled
-artifacts' gather dispatch hits on multi-token inputs, so their logits then vary from run to run.
-``bench``'s perplexity runs with the default threads and carries that noise. Results go to ``benchmarks/results/samples-<sample>-<time>.json``.
+text, computed with one onnxruntime thread, so that the comparison stays exact even when a
+multi-threaded kernel is not: onnxruntime 1.32's ``ScatterND(reduction="add")`` loses updates
+when indices repeat, which made the compiled artifacts' logits vary from run to run until
+commit 4505894 changed the gather dispatch. Results go to
+``benchmarks/results/samples-<sample>-<time>.json``.
 
     python benchmarks/bench_samples.py                       # samples/mixtral-tiny
     python benchmarks/bench_samples.py --sample olmoe-tiny

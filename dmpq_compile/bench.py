@@ -123,13 +123,15 @@ def open_artifact(path: Path, threads: int | None = None) -> Any:
 def _rss_probe(path: Path, cfg: BenchConfig, ids: list[int]) -> float:
     """Peak RSS (MiB) of a fresh process that loads ``path`` and runs one prefill + decode."""
     code = (
-        "import json,resource,sys\n"
+        "import json,sys\n"
         "from dmpq_compile.runtime import load\n"
         "a=json.loads(sys.argv[2]); m=load(sys.argv[1], threads=a['threads'])\n"
         "lo,past=m.forward([a['ids']])\n"
         "for _ in range(a['decode']):\n"
         "    lo,past=m.forward([[int(lo[0,-1].argmax())]],past)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)\n")
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (possibly large) parent
+        "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+        "print(int(hwm)/1024)\n")
     arg = json.dumps({"ids": ids, "decode": cfg.decode_tokens, "threads": cfg.threads})
     res = subprocess.run([sys.executable, "-c", code, str(path), arg], capture_output=True, text=True, check=False)
     if res.returncode != 0:
