@@ -208,14 +208,6 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
     """Write the artifact for an annotated, quantized graph (atomic), with its report."""
     from .artifact import write_artifact
 
-    report = {"config": _jsonable(dataclasses.asdict(cfg)), "passes": [dataclasses.asdict(r) for r in records],
+    report = {"config": dataclasses.asdict(cfg), "passes": [dataclasses.asdict(r) for r in records],
               "experts": expert_table(graph), "compile_seconds": round(seconds, 3)}
     return write_artifact(graph, get_backend(cfg.target), out, report=report, overwrite=overwrite)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x

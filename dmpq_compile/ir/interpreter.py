@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .graph import Graph, IRError
+from .graph import QUANTIZABLE_KINDS, Graph, IRError
 
 DEFAULT_GROUP_SIZE = 64
 Observer = Callable[[str, str, Any], None]  # (node_id, kind, value)
@@ -93,7 +93,7 @@ class Interpreter:
     def weights(self, node_id: str, opts: RunOptions) -> dict[str, torch.Tensor]:
         d = self.graph.g.nodes[node_id]
         override = opts.weight_override.get(node_id, {})
-        bits = self.bits_of(node_id, opts) if d["kind"] == "expert" else 16
+        bits = self.bits_of(node_id, opts) if d["kind"] in QUANTIZABLE_KINDS else 16
         out = {}
         for role, key in d["params"].items():
             if role in override:
