@@ -8,23 +8,19 @@ attention keeps a KV cache (see ``docs/ort-cpu.md`` for the emitted graph and me
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
-import onnx
-
 from ...ir.graph import Graph
 from ..base import Backend, BackendError, ExpertCostRow
+from ..onnx_io import DATA_FILE, MODEL_FILE, custom_domains, initializer_bytes, io_fields, require_folder, \
+    save_checked, use_external
 from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
 from .matmulnbits import MatMulNBitsProjection
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 DEFAULT_DISPATCH = "gather-if"  # measured fastest on CPU, see docs/ort-cpu.md
-PROTOBUF_LIMIT = 1_800_000_000  # stay clear of protobuf's 2 GiB message limit
 
 
 class OrtCpuBackend(Backend):
@@ -68,22 +64,11 @@ class OrtCpuBackend(Backend):
         self.check_bits(graph)
         if dispatch not in DISPATCHES:
             raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
-        out_dir = Path(out_dir)
-        if not out_dir.is_dir():
-            raise BackendError(f"{out_dir} is not a folder; the artifact writer creates it before emit")
+        out_dir = require_folder(out_dir)
         lowered = lower(graph, MatMulNBitsProjection(accuracy_level), LoweringOptions(dispatch=dispatch, opset=opset))
-        size = sum(len(t.raw_data) for t in lowered.model.graph.initializer)
-        external = _use_external(external_data, size, external_data_threshold_mb)
-        path = out_dir / MODEL_FILE
-        if external:
-            onnx.save_model(lowered.model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=DATA_FILE, size_threshold=1024)
-        else:
-            onnx.save_model(lowered.model, str(path))
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise BackendError(f"the emitted ONNX model fails onnx.checker: {e}") from e
+        size = initializer_bytes(lowered.model)
+        external = use_external(external_data, size, external_data_threshold_mb)
+        path = save_checked(lowered.model, out_dir, external=external)
         log.info("emitted %s (%.1f MB weights%s, dispatch=%s, accuracy_level=%d)", path, size / 1e6,
                  ", external data" if external else "", dispatch, accuracy_level)
         return {
@@ -91,23 +76,12 @@ class OrtCpuBackend(Backend):
             "model_file": MODEL_FILE,
             "external_data_file": DATA_FILE if external else None,
             "opset": opset,
-            "custom_domains": {d.domain: d.version for d in lowered.model.opset_import if d.domain},
+            "custom_domains": custom_domains(lowered.model),
             "execution_provider": "CPUExecutionProvider",
             "dispatch": lowered.dispatch,
             "accuracy_level": accuracy_level,
             "weight_bytes": size,
-            "io": {"input_ids": lowered.input_ids, "logits": lowered.logits,
-                   "kv_cache": [asdict(kv) for kv in lowered.kv_cache]},
+            "io": io_fields(lowered),
             "requires": {"onnxruntime": ">=1.20", "numpy": ">=1.24", "tokenizers": ">=0.19"},
         }
 
-
-def _use_external(external_data: bool | None, size: int, threshold_mb: float) -> bool:
-    if external_data is False and size > PROTOBUF_LIMIT:
-        raise BackendError(f"the weights take {size / 1e9:.2f} GB, over protobuf's 2 GB limit for one file; "
-                           "allow external data (external_data=None or True)")
-    if external_data is not None:
-        return external_data
-    if threshold_mb < 0:
-        raise BackendError(f"external_data_threshold_mb must be >= 0, got {threshold_mb}")
-    return size > threshold_mb * 1e6 or size > PROTOBUF_LIMIT

@@ -1,16 +1,13 @@
 """The ``trt-a100`` backend: a TensorRT-ready ONNX model (explicit Q/DQ, strongly typed).
 
 ``emit`` lowers the IR with the backend-neutral lowering and :class:`~.qdq.TrtQdqProjection`
-(INT4 block / INT8 per-channel / FP16 expert weights), then rewrites the model for TensorRT:
-
-* the gather dispatch's ``ScatterND(reduction="add")`` (TensorRT 10.x: "ScatterND ... `reduction`
-  other than `none` is not supported", onnx-tensorrt ``docs/operators.md``) becomes one
-  ``ScatterND(reduction="none")`` per expert plus a ``Sum``. Each expert's row indices come from
-  ``NonZero`` and are therefore unique, which is what makes ``none`` exact;
-* with ``precision="fp16"`` every other matrix weight (attention, shared experts, embeddings,
-  lm_head) is stored in FP16 and its GEMM/Gather runs in FP16 between ``Cast`` nodes; routers,
-  norms, softmax, rotary tables and the KV cache stay FP32 (routing decisions are the most
-  precision-sensitive part of an MoE model).
+(INT4 block / INT8 per-channel / FP16 expert weights). The gather dispatch's combine needs no
+rewrite: the shared lowering already adds experts with ``ScatterND(reduction="none")`` on each
+expert's unique rows (TensorRT 10.x rejects ``reduction="add"``; see ``GatherDispatch``). With
+``precision="fp16"`` every other matrix weight (attention, shared experts, embeddings, lm_head)
+is stored in FP16 and its GEMM/Gather runs in FP16 between ``Cast`` nodes; routers, norms,
+softmax, rotary tables and the KV cache stay FP32 (routing decisions are the most
+precision-sensitive part of an MoE model).
 
 The result is checked with :func:`~.compat.check_model` (errors refuse the emit) and
 ``onnx.checker``, and written as ``model.onnx`` + ``model.onnx.data``. ``dmpq-compile build``
@@ -21,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,14 +27,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...ir.graph import Graph
 from ..base import Backend, BackendError, ExpertCostRow
+from ..onnx_io import DATA_FILE, MODEL_FILE, initializer_bytes, io_fields, require_folder, save_checked
 from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
 from .compat import check_model, errors, parse_trt_version
 from .qdq import PRECISIONS, TrtQdqProjection, emitted_formats
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 DEFAULT_TRT_VERSION = "10.x"
 
 
@@ -82,9 +77,7 @@ class TrtA100Backend(Backend):
             checked_against, _ = parse_trt_version(trt_version)
         except ValueError as e:
             raise BackendError(str(e)) from None
-        out_dir = Path(out_dir)
-        if not out_dir.is_dir():
-            raise BackendError(f"{out_dir} is not a folder; the artifact writer creates it before emit")
+        out_dir = require_folder(out_dir)
         projection = TrtQdqProjection(precision)
         lowered = lower(graph, projection, LoweringOptions(dispatch=dispatch, opset=OPSET))
         model = lowered.model
@@ -94,20 +87,13 @@ class TrtA100Backend(Backend):
         if errors(issues):
             listed = "\n  ".join(str(i) for i in errors(issues)[:10])
             raise BackendError(f"the emitted model breaks {len(errors(issues))} TensorRT rule(s):\n  {listed}")
-        size = sum(len(t.raw_data) for t in model.graph.initializer)
-        path = out_dir / MODEL_FILE
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise BackendError(f"the emitted ONNX model fails onnx.checker: {e}") from e
+        size = initializer_bytes(model)
+        path = save_checked(model, out_dir, external=True)
         log.info("emitted %s: %.1f MB weights, precision=%s, dispatch=%s, %d weights fp16",
                  path, size / 1e6, precision, dispatch, converted)
         from .build import default_profile, trtexec_command
 
-        io = {"input_ids": lowered.input_ids, "logits": lowered.logits,
-              "kv_cache": [asdict(kv) for kv in lowered.kv_cache]}
+        io = io_fields(lowered)
         profile = default_profile(io, int(graph.meta.get("max_position_embeddings") or 4096))
         return {
             "format": "onnx",

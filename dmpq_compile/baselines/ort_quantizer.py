@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..backends.base import Backend
+from ..backends.onnx_io import DATA_FILE, MODEL_FILE, initializer_bytes, save_model, use_external
 from ..backends.onnx_lowering import KVSpec
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,6 @@ SCOPES = ("all", "experts")
 QUANT_BITS = (2, 4, 8)
 EXPORT_ONLY = 16  # bits=16: export without quantizing (an fp32 torch.onnx artifact)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-EXTERNAL_DATA_BYTES = 100_000_000
 _EXPERT_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.(?:[\w.]*\.)?experts\.(\d+)\.(gate_up|down)$")
 
 
@@ -492,26 +490,12 @@ def quantize_onnx(src: str | Path, cfg: OrtQuantizerConfig) -> tuple[Any, dict[s
     return out, stats
 
 
-def save_onnx(model: Any, path: Path) -> int:
-    """Save ``model`` at ``path`` (weights in ``model.onnx.data`` above 100 MB); returns weight bytes."""
-    import onnx
-
-    size = sum(_tensor_bytes(t) for t in model.graph.initializer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if size > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+def save_onnx(model: Any, folder: Path) -> int:
+    """Save ``model`` as ``folder/model.onnx`` (weights in ``model.onnx.data`` above 100 MB); returns weight bytes."""
+    size = initializer_bytes(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, folder, external=use_external(None, size))
     return size
-
-
-def _tensor_bytes(t: Any) -> int:
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    if t.raw_data:
-        return len(t.raw_data)
-    return int(np.prod(t.dims)) * np.dtype(tensor_dtype_to_np_dtype(t.data_type)).itemsize if t.dims else 0
 
 
 # -- the artifact ----------------------------------------------------------------------------------
@@ -703,7 +687,7 @@ def _final_model(fp32: Path, folder: Path, cfg: OrtQuantizerConfig) -> tuple[Pat
     else:
         model, stats = quantize_onnx(fp32, cfg)
     stats["stripped_node_metadata_bytes"] = strip_node_metadata(model)
-    size = save_onnx(model, folder / MODEL_FILE)
+    size = save_onnx(model, folder)
     return folder, stats, size
 
 

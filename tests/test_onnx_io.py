@@ -1,0 +1,61 @@
+"""The shared ONNX writer: file names, external-data rule, byte count, checker gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dmpq_compile.backends import BackendError
+from dmpq_compile.backends.onnx_io import (
+    DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT, custom_domains, initializer_bytes, require_folder, save_checked,
+    use_external,
+)
+
+
+def _model(weight: np.ndarray) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weight.shape[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                          [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize(("forced", "size", "threshold", "expected"), [
+    (None, 10, 100.0, False), (None, 200_000_000, 100.0, True), (None, 10, 0.0, True),
+    (True, 10, 100.0, True), (False, 200_000_000, 100.0, False),
+])
+def test_use_external(forced, size, threshold, expected):
+    assert use_external(forced, size, threshold) is expected
+
+
+def test_use_external_refuses_what_cannot_be_one_file():
+    with pytest.raises(BackendError, match="2 GB"):
+        use_external(False, PROTOBUF_LIMIT + 1)
+    with pytest.raises(BackendError, match=">= 0"):
+        use_external(None, 10, -1.0)
+
+
+def test_initializer_bytes_counts_raw_and_typed_tensors():
+    model = _model(np.ones((4, 3), np.float32))
+    model.graph.initializer.append(helper.make_tensor("k", TensorProto.INT64, [2], [1, 2]))  # typed, not raw
+    assert initializer_bytes(model) == 4 * 3 * 4 + 2 * 8
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_save_checked_writes_the_named_files(tmp_path, external):
+    model = _model(np.ones((64, 32), np.float32))
+    path = save_checked(model, tmp_path, external=external)
+    assert path == tmp_path / MODEL_FILE and path.is_file()
+    assert (tmp_path / DATA_FILE).is_file() is external
+    assert custom_domains(model) == {"com.microsoft": 1}
+
+
+def test_save_checked_and_require_folder_refuse(tmp_path):
+    bad = _model(np.ones((4, 3), np.float32))
+    bad.graph.node[0].input[1] = "missing"
+    with pytest.raises(BackendError, match="onnx.checker"):
+        save_checked(bad, tmp_path, external=False)
+    with pytest.raises(BackendError, match="not a folder"):
+        require_folder(tmp_path / "nope")
