@@ -8,12 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
 
 from ..ir.graph import Graph
 from ..ir.validate import validate
-from ..ir.weights import WeightStore
+from ..ir.weights import CheckpointFileError, TensorRef, WeightStore, index_safetensors
 from .families import SUPPORTED, Family, family_for
 
 log = logging.getLogger(__name__)
@@ -71,32 +69,49 @@ def family_for_or_error(raw: Mapping[str, Any]) -> Family:
 
 
 def _check_supported(cfg: Any, fam: Family) -> None:
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise FrontendError(f"{fam.name}: hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise FrontendError(f"{fam.name}: rope_type {rope.get('rope_type')!r} is not supported yet "
-                            "(only the default RoPE)")
+    """Refuse every config field whose value the lowering cannot reproduce (tables in :mod:`.fields`)."""
+    from .fields import unsupported_fields
+
+    problems = unsupported_fields(cfg, fam.name)
+    if problems:
+        raise FrontendError(f"{fam.name}: config.json sets what the lowering does not implement, so the artifact "
+                            f"would compute other numbers than transformers: {'; '.join(problems)} "
+                            "(see docs/config-fields.md)")
 
 
-def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(model_dir: Path) -> dict[str, TensorRef]:
+    """Refs to every checkpoint tensor (nothing is read), after checking each shard is whole.
+
+    A missing or truncated shard is reported here, before any pass runs, naming the file.
+    """
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise FrontendError(f"{index} is damaged ({e!r}); download the checkpoint again") from None
+        files = sorted(set(weight_map.values()))
     else:
-        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        weight_map, files = None, sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
         hint = " (found PyTorch .bin weights: re-save with save_pretrained(safe_serialization=True))" \
             if any(model_dir.glob("*.bin")) else ""
         raise FrontendError(f"no *.safetensors weights in {model_dir}{hint}")
-    out: dict[str, torch.Tensor] = {}
+    missing = [name for name in files if not (model_dir / name).is_file()]
+    if missing:
+        raise FrontendError(f"{len(missing)} of {len(files)} shards listed in {index.name} are missing from "
+                            f"{model_dir}, e.g. {missing[:3]}; download the checkpoint again")
+    out: dict[str, TensorRef] = {}
     for name in files:
-        path = model_dir / name
-        if not path.is_file():
-            raise FrontendError(f"{path} is listed in the index but missing")
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                out[key] = f.get_tensor(key)
+        try:
+            out.update(index_safetensors(model_dir / name))
+        except CheckpointFileError as e:
+            raise FrontendError(str(e)) from None
+    if weight_map is not None:
+        absent = sorted(k for k in weight_map if k not in out)
+        if absent:
+            raise FrontendError(f"{index.name} lists {len(absent)} tensors that no shard holds, e.g. {absent[:3]}; "
+                                "the shards do not match the index: download the checkpoint again")
     return out
 
 
@@ -124,7 +139,7 @@ def _meta(model_dir: Path, raw: dict, cfg: Any, fam: Family) -> dict:
 class _Lowering:
     """Builds the node sequence of one decoder-only MoE model."""
 
-    def __init__(self, graph: Graph, cfg: Any, fam: Family, tensors: dict[str, torch.Tensor]):
+    def __init__(self, graph: Graph, cfg: Any, fam: Family, tensors: dict[str, TensorRef]):
         self.g, self.cfg, self.fam, self.t = graph, cfg, fam, tensors
         self.used: set[str] = set()
 
@@ -132,7 +147,7 @@ class _Lowering:
         if key not in self.t:
             raise FrontendError(f"{self.fam.name}: weight {key!r} is missing from the checkpoint")
         if key not in self.g.weights:
-            self.g.weights.add(key, self.t[key])
+            self.g.weights.add_ref(key, self.t[key])
         self.used.add(key)
         return key
 
@@ -223,10 +238,14 @@ class _Lowering:
     def split_fused(self, prefix: str, e: int, gu_key: str, d_key: str) -> dict[str, str]:
         gu, d = self.t[gu_key], self.t[d_key]  # [E, 2I, H], [E, H, I]
         inter = gu.shape[1] // 2
+        mine = gu.rows(e, e + 1)
+        mine = TensorRef(mine.path, mine.offset, mine.shape[1:], mine.dtype)  # [2I, H]
+        down = d.rows(e, e + 1)
         out = {}
-        for role, tensor in (("gate", gu[e, :inter]), ("up", gu[e, inter:]), ("down", d[e])):
+        for role, ref in (("gate", mine.rows(0, inter)), ("up", mine.rows(inter, 2 * inter)),
+                          ("down", TensorRef(down.path, down.offset, down.shape[1:], down.dtype))):
             key = f"{prefix}.experts.{e}.{role}_proj.weight"
-            self.g.weights.add(key, tensor.clone())
+            self.g.weights.add_ref(key, ref)
             out[role] = key
         self.used.update((gu_key, d_key))
         return out

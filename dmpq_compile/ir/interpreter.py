@@ -3,10 +3,18 @@
 It is the oracle for emitted artifacts and what profiling, sensitivity and QAT run on.
 Quantized experts use, in order of preference: the exact tensors the ``quantize`` pass stored
 (annotation ``quant``), else round-to-nearest fake quantization at the annotated ``bits``.
+
+Memory: a node's value is dropped as soon as its last consumer has run, and weights derived
+from the store (fp32 conversions, fake-quantized copies) live in a least-recently-used cache
+bounded by ``cache_bytes``. A run over one decoder layer (``resume`` at the previous layer's
+output) therefore holds that layer's activations and at most ``cache_bytes`` of weights, so a
+caller that streams layer by layer (:func:`dmpq_compile.ir.stream.run_layers`) is bounded by
+the largest layer, not by the model.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +26,7 @@ from . import ops
 from .graph import QUANTIZABLE_KINDS, Graph, IRError
 
 DEFAULT_GROUP_SIZE = 64
+DEFAULT_CACHE_BYTES = 512 * 2**20  # derived weights kept between runs; a 4M-parameter sample fits whole
 Observer = Callable[[str, str, Any], None]  # (node_id, kind, value)
 
 
@@ -42,15 +51,45 @@ class RunOptions:
     weight_override: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
 
 
+class WeightCache:
+    """Least-recently-used tensors keyed by tuples, holding at most ``max_bytes`` in total.
+
+    A tensor larger than a quarter of the bound is never kept (it would evict everything).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._d: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        value = make()
+        size = value.numel() * value.element_size()
+        if size * 4 <= self.max_bytes:
+            self._d[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._d.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+        return value
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.bytes = 0
+
+
 class Interpreter:
     """Executes a :class:`Graph`; call it with token ids ``[B, T]`` to get logits ``[B, T, V]``."""
 
-    def __init__(self, graph: Graph, quantize: bool = True, dtype: torch.dtype = torch.float32):
+    def __init__(self, graph: Graph, quantize: bool = True, dtype: torch.dtype = torch.float32,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.graph = graph
         self.quantize = quantize
         self.dtype = dtype
         self._order = graph.topo_order()
-        self._fq_cache: dict[tuple, torch.Tensor] = {}
+        self._cache = WeightCache(cache_bytes)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.run(input_ids, RunOptions(quantize=self.quantize))["lm_head"]
@@ -63,12 +102,18 @@ class Interpreter:
         values: dict[str, Any] = dict(opts.resume)
         if input_ids is not None:
             values.setdefault("tokens", input_ids)
-        for node_id in self._order:
-            if node_id not in needed or node_id in values:
-                continue
+        todo = [n for n in self._order if n in needed and n not in values]
+        last_use = {}  # value -> index in ``todo`` of its last consumer
+        for i, node_id in enumerate(todo):
+            for src in self.graph.inputs(node_id):
+                last_use[src] = i
+        for i, node_id in enumerate(todo):
             values[node_id] = self._eval(node_id, values, opts)
             if opts.observer is not None:
                 opts.observer(node_id, self.graph.g.nodes[node_id]["kind"], values[node_id])
+            for src in self.graph.inputs(node_id):
+                if last_use.get(src) == i and src not in outputs:
+                    del values[src]
         return {o: values[o] for o in outputs}
 
     def _needed(self, outputs: tuple[str, ...], resume: Mapping[str, Any]) -> set[str]:
@@ -101,28 +146,31 @@ class Interpreter:
             elif bits < 16 and role in ("gate", "up", "down"):
                 out[role] = self._quantized(node_id, role, key, bits, d["ann"])
             else:
-                out[role] = self.graph.weights[key].to(self.dtype)
+                out[role] = self.stored(key)
         return out
+
+    def stored(self, key: str) -> torch.Tensor:
+        """Store weight ``key`` in the interpreter's dtype (cached, bounded)."""
+        store = self.graph.weights
+        return self._cache.get(("fp", key, store.version(key), self.dtype), lambda: store[key].to(self.dtype))
 
     def _quantized(self, node_id: str, role: str, key: str, bits: int, ann: Mapping[str, Any]) -> torch.Tensor:
         from ..quant import fake_quantize
         from ..quant.stored import dequantize_stored
 
+        store = self.graph.weights
         quant = ann.get("quant")
         if quant and quant["spec"]["bits"] == bits:
-            cache_key = ("stored", node_id, role, bits)
-            if cache_key not in self._fq_cache:
-                self._fq_cache[cache_key] = dequantize_stored(self.graph.weights, quant, role).to(self.dtype)
-            return self._fq_cache[cache_key]
+            entry = quant["tensors"][role]
+            version = tuple(store.version(entry[k]) for k in ("q", "scale", "zero"))
+            return self._cache.get(("stored", node_id, role, bits, version),
+                                   lambda: dequantize_stored(store, quant, role).to(self.dtype))
         group = int(ann.get("group_size", self.graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
-        cache_key = ("rtn", key, bits, group)
-        if cache_key not in self._fq_cache:
-            w = self.graph.weights[key].to(self.dtype)
-            self._fq_cache[cache_key] = fake_quantize(w, bits, group)
-        return self._fq_cache[cache_key]
+        return self._cache.get(("rtn", key, store.version(key), bits, group),
+                               lambda: fake_quantize(store[key].to(self.dtype), bits, group))
 
     def clear_cache(self) -> None:
-        self._fq_cache.clear()
+        self._cache.clear()
 
     # -- evaluation --------------------------------------------------------------------------
     def _eval(self, node_id: str, values: dict[str, Any], opts: RunOptions) -> Any:
@@ -149,8 +197,7 @@ class Interpreter:
         if kind == "mlp":
             return ops.swiglu(ins[0], w["gate"], w["up"], w["down"])
         if kind == "combine":
-            x_shape = values[self.graph.inputs(self.graph.inputs(node_id)[0])[0]].shape
-            return ops.combine(x_shape, ins[0], ins[1:], opts.expert_scales.get(a["layer"]))
+            return ops.combine(ins[0].shape, ins[0], ins[1:], opts.expert_scales.get(a["layer"]))
         if kind == "lm_head":
             return F.linear(ins[0], w["weight"])
         raise IRError(f"node {node_id!r}: the interpreter has no rule for kind {kind!r}")

@@ -21,6 +21,7 @@ class Routing:
     weights: torch.Tensor  # [N, k] routing weights of the chosen experts
     indices: torch.Tensor  # [N, k] chosen expert ids
     logits: torch.Tensor  # [N, E] raw router logits
+    shape: tuple[int, ...] = ()  # the router input's shape [B, T, H] (what combine restores)
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,10 @@ def attention(x: torch.Tensor, w: Mapping[str, torch.Tensor], a: Mapping[str, An
     q = F.linear(x, w["q"], w.get("q_bias"))
     k = F.linear(x, w["k"], w.get("k_bias"))
     v = F.linear(x, w["v"], w.get("v_bias"))
-    if a.get("clip_qkv"):
-        q, k, v = (z.clamp(-a["clip_qkv"], a["clip_qkv"]) for z in (q, k, v))
     if a["qk_norm"] == "full":
         q, k = rms_norm(q, w["q_norm"], a["eps"]), rms_norm(k, w["k_norm"], a["eps"])
+    if a.get("clip_qkv"):  # OLMoE clamps after its q/k norm
+        q, k, v = (z.clamp(-a["clip_qkv"], a["clip_qkv"]) for z in (q, k, v))
     q = q.view(b, t, nh, hd)
     k = k.view(b, t, nkv, hd)
     if a["qk_norm"] == "head":
@@ -100,7 +101,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, a: Mapping[str, Any]) -> Routin
     top_w, top_i = torch.topk(probs, a["top_k"], dim=-1)  # [N, k]
     if a["norm_topk_prob"]:
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-    return Routing(top_w.to(x.dtype), top_i, logits)
+    return Routing(top_w.to(x.dtype), top_i, logits, tuple(x.shape))
 
 
 def expert(x: torch.Tensor, routing: Routing, e: int, w: Mapping[str, torch.Tensor]) -> ExpertOut:

@@ -3,15 +3,118 @@
 Nodes never hold tensors in their attributes; they hold keys into a :class:`WeightStore`. That
 keeps the graph small to copy, diff and serialise, and lets a transform (QAT, packing) replace a
 tensor without touching the graph structure.
+
+A store entry is either a tensor in memory or a :class:`TensorRef`: a byte range of a
+safetensors file on disk, read on every access and never kept. A checkpoint is loaded as refs,
+so a compile holds in memory only the tensors that the current step uses (one decoder layer),
+whatever the model's size; passes that make large new tensors (quantized codes) move them to
+disk with :meth:`WeightStore.spill`. Reads use ``os.pread`` rather than a memory map, so the
+pages read are not counted in the process's resident memory after the tensor is freed.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format spec)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointFileError(ValueError):
+    """A safetensors file is missing, truncated or malformed; the message names it and what to do."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor stored at ``offset`` (bytes from the start of ``path``) with ``shape`` and ``dtype``."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def read(self) -> torch.Tensor:
+        size = self.nbytes
+        buf = bytearray(size)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            view, done = memoryview(buf), 0
+            while done < size:
+                got = os.preadv(fd, [view[done:]], self.offset + done)
+                if got <= 0:
+                    raise CheckpointFileError(f"{self.path} ends before byte {self.offset + size}: the file is "
+                                              "truncated; download or copy it again")
+                done += got
+        finally:
+            os.close(fd)
+        if size == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
+
+    def rows(self, start: int, stop: int) -> TensorRef:
+        """The ref of ``tensor[start:stop]`` (rows along the first axis are contiguous)."""
+        row = self.nbytes // self.shape[0]
+        return TensorRef(self.path, self.offset + start * row, (stop - start, *self.shape[1:]), self.dtype)
+
+
+def index_safetensors(path: str | Path) -> dict[str, TensorRef]:
+    """Refs to every tensor of one safetensors file, checked against the file's size (nothing is read).
+
+    Raises:
+        CheckpointFileError: the file is missing, not safetensors, or shorter than its header says.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointFileError(f"{path} is empty or truncated ({size} bytes); copy it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise CheckpointFileError(f"{path} is not a safetensors file or is truncated (header of {n} bytes "
+                                          f"in a {size}-byte file); copy it again")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointFileError(f"{path} is missing; the checkpoint is incomplete: download it again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFileError(f"{path} has a damaged safetensors header ({e}); copy it again") from None
+    refs, start, end_max = {}, 8 + n, 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info.get("dtype") not in DTYPES:
+            raise CheckpointFileError(f"{path}: tensor {key!r} has dtype {info.get('dtype')!r}, which dmpq-compile "
+                                      f"does not read (supported: {sorted(DTYPES)})")
+        lo, hi = info["data_offsets"]
+        ref = TensorRef(str(path), start + lo, tuple(int(d) for d in info["shape"]), DTYPES[info["dtype"]])
+        if hi - lo != ref.nbytes:
+            raise CheckpointFileError(f"{path}: tensor {key!r} spans {hi - lo} bytes but its shape and dtype need "
+                                      f"{ref.nbytes}; the file is damaged")
+        refs[key], end_max = ref, max(end_max, hi)
+    if start + end_max > size:
+        raise CheckpointFileError(f"{path} is truncated: its header describes {start + end_max} bytes but the file "
+                                  f"has {size}; download or copy it again")
+    return refs
 
 
 class WeightStore(Mapping[str, torch.Tensor]):
@@ -19,25 +122,45 @@ class WeightStore(Mapping[str, torch.Tensor]):
 
     Keys are strings (HF parameter names or names made by passes). ``set`` refuses to change a
     tensor's shape unless ``allow_reshape`` is given, because a shape change under a node's feet
-    is almost always a bug in a transform.
+    is almost always a bug in a transform. Entries added with :meth:`add_ref` live on disk and
+    are read on each access: callers that need a tensor several times keep their own reference.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
-        self._t: dict[str, torch.Tensor] = {}
+        self._t: dict[str, torch.Tensor | TensorRef] = {}
+        self._versions: dict[str, int] = {}
+        self._clock = 0
         for key, value in (tensors or {}).items():
             self.add(key, value)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         try:
-            return self._t[key]
+            value = self._t[key]
         except KeyError:
             raise KeyError(f"weight {key!r} is not in the weight store ({len(self._t)} tensors)") from None
+        return value.read() if isinstance(value, TensorRef) else value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._t)
 
     def __len__(self) -> int:
         return len(self._t)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of ``key`` without reading it."""
+        value = self._t[key] if key in self._t else self[key]
+        return tuple(value.shape)
+
+    def version(self, key: str) -> int:
+        """A number that changes whenever ``key`` is replaced (for caches of derived tensors)."""
+        return self._versions.get(key, 0)
+
+    def _touch(self, key: str) -> None:
+        self._clock += 1
+        self._versions[key] = self._clock
+
+    def is_on_disk(self, key: str) -> bool:
+        return isinstance(self._t.get(key), TensorRef)
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Add a new tensor; the key must not exist yet."""
@@ -46,35 +169,58 @@ class WeightStore(Mapping[str, torch.Tensor]):
         if key in self._t:
             raise KeyError(f"weight {key!r} already exists; use set() to replace it")
         self._t[key] = tensor.detach()
+        self._touch(key)
+
+    def add_ref(self, key: str, ref: TensorRef) -> None:
+        """Add a tensor that stays on disk until read."""
+        if key in self._t:
+            raise KeyError(f"weight {key!r} already exists; use set() to replace it")
+        self._t[key] = ref
+        self._touch(key)
 
     def set(self, key: str, tensor: torch.Tensor, allow_reshape: bool = False) -> None:
         """Replace an existing tensor, keeping its shape unless ``allow_reshape``."""
-        old = self[key]
-        if not allow_reshape and tuple(old.shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"weight {key!r}: new shape {tuple(tensor.shape)} differs from {tuple(old.shape)}"
-            )
+        old = self.shape(key)
+        if not allow_reshape and old != tuple(tensor.shape):
+            raise ValueError(f"weight {key!r}: new shape {tuple(tensor.shape)} differs from {old}")
         self._t[key] = tensor.detach()
+        self._touch(key)
 
     def remove(self, key: str) -> None:
         del self._t[key]
+        self._touch(key)
 
     def nbytes(self, keys: list[str] | None = None) -> int:
-        """Bytes held by the given keys (all by default)."""
+        """Bytes held by the given keys (all by default), without reading refs."""
         keys = list(self._t) if keys is None else keys
-        return sum(self[k].numel() * self[k].element_size() for k in keys)
+        total = 0
+        for k in keys:
+            v = self._t[k]
+            total += v.nbytes if isinstance(v, TensorRef) else v.numel() * v.element_size()
+        return total
+
+    def spill(self, keys: list[str], path: str | Path) -> None:
+        """Write the in-memory tensors ``keys`` to the safetensors file ``path`` and keep refs instead."""
+        tensors = {k: self._t[k].contiguous() for k in keys if not isinstance(self._t[k], TensorRef)}
+        if not tensors:
+            return
+        save_file(tensors, str(path))
+        for key, ref in index_safetensors(path).items():
+            self._t[key] = ref
 
     def copy(self) -> WeightStore:
-        """A shallow copy: new mapping, same (immutable by convention) tensors."""
+        """A shallow copy: new mapping, same (immutable by convention) tensors and refs."""
         out = WeightStore()
         out._t = dict(self._t)
+        out._versions, out._clock = dict(self._versions), self._clock
         return out
 
     def save(self, path: Path) -> None:
         """Write all tensors to one safetensors file (shared storage is de-duplicated by cloning)."""
         seen: set[int] = set()
         tensors = {}
-        for key, t in self._t.items():
+        for key in self._t:
+            t = self[key]
             ptr = t.untyped_storage().data_ptr() if t.numel() else -1
             t = t.contiguous()
             if ptr in seen and ptr != -1:
@@ -85,4 +231,8 @@ class WeightStore(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path: Path) -> WeightStore:
-        return cls(load_file(str(path)))
+        """A store whose tensors stay in ``path`` (a safetensors file) until read."""
+        out = cls()
+        for key, ref in index_safetensors(path).items():
+            out.add_ref(key, ref)
+        return out
