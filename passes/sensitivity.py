@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
 from ..ir import ops
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
@@ -81,12 +82,11 @@ def _default_bits(ctx: PassContext) -> tuple[int, ...]:
 
 def _nll_kl(logits: torch.Tensor, ids: torch.Tensor, ref_logp: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """Per sequence mean NLL ``[B]`` and mean KL(ref || logits) ``[B]`` over next-token positions."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
-    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
+    logp = next_token_logprobs(logits)  # [B, T-1, V]
+    nll = token_nll(logp, ids).mean(-1)
     if ref_logp is None:
         return nll, torch.zeros_like(nll)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean(-1)
-    return nll, kl
+    return nll, token_kl(ref_logp, logp).mean(-1)
 
 
 def _reference(graph: Graph, interp: Interpreter, ids: torch.Tensor) -> dict:
@@ -99,7 +99,7 @@ def _reference(graph: Graph, interp: Interpreter, ids: torch.Tensor) -> dict:
 
     with torch.no_grad():
         logits = interp.run(ids, RunOptions(quantize=False, observer=observe))["lm_head"]
-    ref_logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    ref_logp = next_token_logprobs(logits)
     nll, _ = _nll_kl(logits, ids, None)
     keep["ref_logp"], keep["ref_nll"] = ref_logp, nll.mean()
     return keep
@@ -141,8 +141,7 @@ def _layer_sensitivity(graph: Graph, interp: Interpreter, ids: torch.Tensor, fp:
 
 
 def _loss_with_scales(graph: Graph, interp: Interpreter, ids: torch.Tensor, opts: RunOptions) -> torch.Tensor:
-    logits = interp.run(ids, opts)["lm_head"]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return mean_nll(interp.run(ids, opts)["lm_head"], ids)
 
 
 def _contribution(graph: Graph, interp: Interpreter, ids: torch.Tensor) -> dict[str, float]:

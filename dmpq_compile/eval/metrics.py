@@ -29,6 +29,34 @@ log = logging.getLogger(__name__)
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+# -- the one implementation of next-token NLL and KL (sensitivity, RL measurement, QAT, eval) ------
+def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next token: ``[B, T, V]`` logits -> ``[B, T-1, V]`` (fp32)."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def token_nll(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL ``[B, T-1]`` of the targets ``ids[:, 1:]`` under :func:`next_token_logprobs`."""
+    return -logp.gather(-1, ids[:, 1:, None].to(logp.device)).squeeze(-1)
+
+
+def token_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Per-position ``KL(P_ref || Q)`` in nats from log-probabilities ``[..., V]`` -> ``[...]``."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
+def mean_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over all positions of ``[B, T, V]`` logits (scalar, differentiable)."""
+    return token_nll(next_token_logprobs(logits), ids).mean()
+
+
+def mean_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over all positions of ``KL(softmax(ref) || softmax(logits))`` (scalar, differentiable)."""
+    v = logits.shape[-1]
+    ref_logp = torch.log_softmax(ref_logits.reshape(-1, v).float(), dim=-1)
+    return token_kl(ref_logp, torch.log_softmax(logits.reshape(-1, v).float(), dim=-1)).mean()
+
+
 @dataclass(frozen=True)
 class PerplexityResult:
     """Perplexity of a model on a token stream.
@@ -118,7 +146,7 @@ def _log_probs(logits_fn: LogitsFn, inputs: torch.Tensor) -> torch.Tensor:
     if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(inputs.shape):
         raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for inputs {tuple(inputs.shape)}; "
                          "expected [batch, seq, vocab]")
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return next_token_logprobs(logits)
 
 
 def perplexity(logits_fn: LogitsFn, token_ids: Any, context: int = 256, stride: int = 128,
@@ -145,9 +173,7 @@ def perplexity(logits_fn: LogitsFn, token_ids: Any, context: int = 256, stride: 
         for batch in _batches(windows, batch_size):
             inputs, mask = _window_batch(ids, batch)
             logp = _log_probs(logits_fn, inputs)
-            targets = inputs[:, 1:].to(logp.device)
-            token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            nll_sum -= token_logp[mask.to(logp.device)].double().sum().item()
+            nll_sum += token_nll(logp, inputs)[mask.to(logp.device)].double().sum().item()
             count += int(mask.sum())
             bar.update(len(batch))
     bar.close()
@@ -188,7 +214,7 @@ def kl_divergence(logits_fn_p: LogitsFn, logits_fn_q: LogitsFn, token_ids: Any, 
                 raise ValueError(f"models disagree on vocabulary size: P gives {logp.shape[-1]}, "
                                  f"Q gives {logq.shape[-1]}")
             logq = logq.to(logp.device)
-            kl = (logp.exp() * (logp - logq)).sum(-1)[mask.to(logp.device)].double()
+            kl = token_kl(logp, logq)[mask.to(logp.device)].double()
             kl_sum += kl.sum().item()
             kl_max = max(kl_max, kl.max().item()) if kl.numel() else kl_max
             count += int(mask.sum())
