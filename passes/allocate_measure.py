@@ -8,27 +8,73 @@
   decode time is expressed in the cost table's units (``latency_ms`` = table latency of the
   all-16-bit model × measured(allocation) / measured(all-16-bit)), so that the environment's
   normalisation stays consistent; ``bytes`` is the artifact's exact expert weight size.
+* :func:`energy_source`: where energy figures can come from on this machine (a measured
+  counter, Linux RAPL or NVML, or only the cost table's analytical model), for labelling.
+
+Both callbacks run the whole model, so the allocate pass only builds them for models of at most
+:data:`MEASURE_MAX_PARAMS` parameters (it logs when it falls back to the proxy objective).
+Caches: :func:`interpreter_accuracy_fn` keeps at most :data:`CACHE_ENTRIES` results (least
+recently used first out), keyed by a 20-byte digest of the allocation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import statistics
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..eval.metrics import next_token_logprobs, token_kl, token_nll
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
 
 log = logging.getLogger(__name__)
 Allocation = Mapping[str, int]
+
+MEASURE_MAX_PARAMS = 100_000_000
+"""Largest model (all parameters) whose allocations are measured through the interpreter: an fp32
+forward pass of 8 x 128 tokens at this size takes about 10 s on 2 cores, and one is run every
+``measure_every`` episodes; a 7B model would not even fit in memory in fp32 next to the IR."""
+CACHE_ENTRIES = 256
+"""Most allocations whose measured accuracy loss is remembered."""
+
+RAPL_ROOT = "/sys/class/powercap"
+
+
+def energy_source() -> str:
+    """Where energy can be measured here: ``"rapl"``, ``"nvml"`` or ``"analytical"``.
+
+    RAPL: a readable ``energy_uj`` counter under ``/sys/class/powercap/intel-rapl*``. NVML: the
+    ``pynvml`` module importable and at least one GPU. Otherwise only the cost table's
+    analytical model (:class:`dmpq_compile.backends.cost.EnergyModel`) is available, and every
+    printed energy figure must say so.
+    """
+    try:
+        zones = [z for z in os.listdir(RAPL_ROOT) if z.startswith("intel-rapl")]
+    except OSError:
+        zones = []
+    if any(os.access(os.path.join(RAPL_ROOT, z, "energy_uj"), os.R_OK) for z in zones):
+        return "rapl"
+    try:
+        import pynvml
+    except ImportError:
+        return "analytical"
+    try:
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetCount() > 0:
+            return "nvml"
+    except pynvml.NVMLError as e:
+        log.debug("no NVML energy counter: %s", e)
+    return "analytical"
 
 
 def interpreter_accuracy_fn(graph: Graph, calibration: torch.Tensor, sequences: int = 8, metric: str = "kl"
@@ -37,26 +83,27 @@ def interpreter_accuracy_fn(graph: Graph, calibration: torch.Tensor, sequences: 
 
     ``metric`` "kl": mean per-token KL(FP || quantized); "nll": mean NLL increase. It matches the
     per-expert annotation the allocator's additive proxy sums, so the proxy can be calibrated.
+    At most :data:`CACHE_ENTRIES` results are cached.
     """
     ids = calibration[:sequences]
     interp = Interpreter(graph, quantize=False)
-    cache: dict[tuple, float] = {}
+    cache: OrderedDict[bytes, float] = OrderedDict()
 
     def logp(opts: RunOptions) -> torch.Tensor:
         with torch.no_grad():
-            return F.log_softmax(interp.run(ids, opts)["lm_head"][:, :-1].float(), dim=-1)
+            return next_token_logprobs(interp.run(ids, opts)["lm_head"])
 
     ref = logp(RunOptions(quantize=False))
-    ref_nll = -ref.gather(-1, ids[:, 1:, None]).mean()
+    ref_nll = token_nll(ref, ids).mean()
 
     def fn(allocation: Allocation) -> float:
         key = tuple(sorted(allocation.items()))
         if key not in cache:
             lp = logp(RunOptions(quantize=False, bits_override=dict(allocation)))
             if metric == "kl":
-                cache[key] = float((ref.exp() * (ref - lp)).sum(-1).mean())
+                cache[key] = float(token_kl(ref, lp).mean())
             else:
-                cache[key] = float(-lp.gather(-1, ids[:, 1:, None]).mean() - ref_nll)
+                cache[key] = float(token_nll(lp, ids).mean() - ref_nll)
         return cache[key]
 
     return fn

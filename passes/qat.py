@@ -61,9 +61,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..eval.metrics import mean_kl, mean_nll
 from ..ir.graph import Graph
 from ..ir.interpreter import DEFAULT_GROUP_SIZE, Interpreter, RunOptions
 from ..quant import fake_quantize, fake_quantize_ste, init_scale_multiplier
@@ -297,20 +297,6 @@ def batch_stream(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
         queue = queue[batch_size:]
 
 
-def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over token positions of ``KL(softmax(ref) || softmax(logits))`` (scalar)."""
-    v = logits.shape[-1]
-    ref_logp = F.log_softmax(ref_logits.reshape(-1, v).float(), dim=-1)
-    logp = F.log_softmax(logits.reshape(-1, v).float(), dim=-1)
-    return F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
-
-
-def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``logits [B, T, V]`` on ``ids [B, T]`` (scalar)."""
-    v = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
-
-
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Learning-rate multiplier at ``step`` (0-based): linear warmup, then cosine decay to 0 at ``total``."""
     if step < warmup:
@@ -365,8 +351,8 @@ def evaluate(logits_fn: Callable[[torch.Tensor], torch.Tensor], teacher_fn: Call
         for start in range(0, len(ids), batch_size):
             part = ids[start:start + batch_size]
             logits = logits_fn(part)
-            kl += float(kl_to_reference(teacher_fn(part), logits)) * len(part)
-            nll += float(next_token_nll(logits, part)) * len(part)
+            kl += float(mean_kl(teacher_fn(part), logits)) * len(part)
+            nll += float(mean_nll(logits, part)) * len(part)
     return _Eval(kl / len(ids), nll / len(ids))
 
 
@@ -448,8 +434,8 @@ def _step_loss(models: _Models, ids: torch.Tensor, loss: str) -> torch.Tensor:
     """Training loss of the student on one batch."""
     logits = models.student_logits(ids)
     if loss == "nll":
-        return next_token_nll(logits, ids)
-    return kl_to_reference(models.teacher_logits(ids), logits)
+        return mean_nll(logits, ids)
+    return mean_kl(models.teacher_logits(ids), logits)
 
 
 def _stop_reason(o: QATOptions, step: int, tokens: int, tokens_per_step: int, t0: float) -> str | None:
