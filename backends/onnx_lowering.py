@@ -467,11 +467,11 @@ def _rule_attention(lw: Lowering, node: Node, x: str) -> str:
         b.add_input(name, TensorProto.FLOAT, ["batch", nkv, "past_sequence", hd])
     lw.kv.append(kv)
     q, k, v = (lw.linear(x, p[r], p.get(f"{r}_bias"), hint=f"{h}.{r}") for r in "qkv")
-    if a.get("clip_qkv"):
-        lo, hi = b.const(-float(a["clip_qkv"])), b.const(float(a["clip_qkv"]))
-        q, k, v = (b.op("Clip", [t, lo, hi], h) for t in (q, k, v))
     if a["qk_norm"] == "full":
         q, k = lw.rms_norm(q, p["q_norm"], a["eps"], h), lw.rms_norm(k, p["k_norm"], a["eps"], h)
+    if a.get("clip_qkv"):  # after the full q/k norm, as OLMoE does
+        lo, hi = b.const(-float(a["clip_qkv"])), b.const(float(a["clip_qkv"]))
+        q, k, v = (b.op("Clip", [t, lo, hi], h) for t in (q, k, v))
     q, k, v = (b.op("Reshape", [t, b.const([0, 0, n, hd], np.int64)], h) for t, n in ((q, nh), (k, nkv), (v, nkv)))
     if a["qk_norm"] == "head":
         q, k = lw.rms_norm(q, p["q_norm"], a["eps"], h), lw.rms_norm(k, p["k_norm"], a["eps"], h)
