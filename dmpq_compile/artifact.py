@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend
+from .fileio import default_modes
 from .ir.graph import Graph
 from .runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, ArtifactError, file_entries
 
@@ -57,14 +59,15 @@ def write_artifact(graph: Graph, backend: Backend, out: str | Path, report: Mapp
     _check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is an ordinary shareable folder
     try:
+        file_mode, folder_mode = default_modes(tmp)
         backend.check_bits(graph)
         target = backend.emit(graph, tmp, **dict(emit_options or {}))
         tokenizer = _copy_tokenizer(graph, tmp)
         _write_json(tmp / REPORT_NAME, dict(report or {}), "report")
         manifest = build_manifest(graph, backend, target, tokenizer, file_entries(tmp))
         _write_json(tmp / MANIFEST_NAME, manifest, "manifest")
+        _set_modes(tmp, file_mode, folder_mode)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,9 +189,13 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _umask() -> int:
-    import os
+def _set_modes(root: Path, file_mode: int, folder_mode: int) -> None:
+    """Give every file under ``root`` one mode and every folder another (``root`` included).
 
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    An artifact is shared between users and machines like any folder they create, but writers
+    differ: ``mkdtemp`` makes 0700, and onnx writes external data (``model.onnx.data``) 0600.
+    """
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, folder_mode)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), file_mode)
