@@ -10,7 +10,9 @@ Layout of ``out/``::
     tokenizer.json ... tokenizer files copied from the source checkpoint
 
 Everything is written into a temporary folder next to ``out`` and renamed into place only when
-complete, so a crash or an error never leaves a half-written artifact under ``out``.
+complete, so a crash or an error never leaves a half-written artifact under ``out``. That folder
+(``.NAME.*.partial``) records its owner process; the next write to the same ``out`` removes the
+ones whose owner is gone (a killed write).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Mapping
@@ -58,13 +62,14 @@ def write_artifact(graph: Graph, backend: Backend, out: str | Path, report: Mapp
     out = Path(out)
     _check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = _new_partial(out)
     try:
         file_mode, folder_mode = default_modes(tmp)
         backend.check_bits(graph)
         target = backend.emit(graph, tmp, **dict(emit_options or {}))
         tokenizer = _copy_tokenizer(graph, tmp)
         _write_json(tmp / REPORT_NAME, dict(report or {}), "report")
+        (tmp / OWNER_FILE).unlink()  # the owner record is not part of the artifact
         manifest = build_manifest(graph, backend, target, tokenizer, file_entries(tmp))
         _write_json(tmp / MANIFEST_NAME, manifest, "manifest")
         _set_modes(tmp, file_mode, folder_mode)
@@ -74,6 +79,70 @@ def write_artifact(graph: Graph, backend: Backend, out: str | Path, report: Mapp
         raise
     log.info("wrote artifact %s (%d files)", out, len(manifest["files"]))
     return out
+
+
+OWNER_FILE = ".dmpq-owner.json"  # inside a .partial folder while it is being written
+_PARTIAL = r"\.{}\.[a-z0-9_]+\.partial"  # what mkdtemp(prefix='.NAME.', suffix='.partial') makes
+_UNOWNED_STALE_S = 24 * 3600  # a .partial without owner record (older versions) is stale after a day
+
+
+def _new_partial(out: Path) -> Path:
+    """A new ``.{out.name}.*.partial`` folder beside ``out`` that records its owner process.
+
+    Stale ones of the same name go first: left by a killed write, their owner process is gone
+    (same host, and a dead pid, a reused pid or another boot). Others are never touched.
+    """
+    pattern = re.compile(_PARTIAL.format(re.escape(out.name)))
+    for old in out.parent.iterdir():
+        if pattern.fullmatch(old.name) and old.is_dir() and not old.is_symlink() and _is_stale(old):
+            log.warning("removing %s, left by an interrupted write whose process is gone", old)
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    (tmp / OWNER_FILE).write_text(json.dumps(_owner_record()), encoding="utf-8")
+    return tmp
+
+
+def _owner_record() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(), "start": _start_ticks(pid)}
+
+
+def _is_stale(folder: Path) -> bool:
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return time.time() - folder.stat().st_mtime > _UNOWNED_STALE_S
+    except (OSError, ValueError):
+        return False
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    if not isinstance(pid, int) or pid <= 0 or owner.get("host") != socket.gethostname():
+        return False  # unreadable, or another machine's process on a shared file system: cannot tell
+    if owner.get("boot_id") and owner["boot_id"] != _boot_id():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    start = _start_ticks(pid)
+    return owner.get("start") is not None and start is not None and start != owner["start"]  # pid reused
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (Linux), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def build_manifest(graph: Graph, backend: Backend, target: Mapping[str, Any], tokenizer: Mapping[str, Any],

@@ -53,6 +53,11 @@ class Session:
     Token-id API (no tokenizer needed): :meth:`forward`, :meth:`logits`, :meth:`score_ids`,
     :meth:`generate_ids`. Text API (needs the artifact's ``tokenizer.json``): :meth:`generate`,
     :meth:`score`, :meth:`encode`, :meth:`decode`.
+
+    Context length: no call runs positions beyond the model's ``max_position_embeddings``
+    (:attr:`max_positions`), where the model was never trained and its text silently degrades.
+    Such calls raise ``ValueError``; only :meth:`generate` / :meth:`generate_ids` with
+    ``truncate=True`` shorten the prompt instead (dropping its oldest tokens, with a warning).
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
@@ -76,6 +81,8 @@ class Session:
         self._ids_name, self._logits_name, self._kv = io["input_ids"], io["logits"], io["kv_cache"]
         self._outputs = [self._logits_name] + [n for kv in self._kv for n in (kv["present_key"], kv["present_value"])]
         self.vocab_size = int(manifest["model"]["vocab_size"])
+        limit = manifest["model"].get("max_position_embeddings")
+        self.max_positions: int | None = int(limit) if limit else None  # None: the manifest records no limit
         tok = manifest.get("tokenizer", {})
         self.eos_token_ids = frozenset(int(i) for i in tok.get("eos_token_ids", []))
         self._tokenizer_file = tok.get("tokenizer_file")
@@ -100,6 +107,12 @@ class Session:
             raise ValueError(f"past holds {len(past.keys)} layers for batch {past.batch}, but this model has "
                              f"{len(self._kv)} layers and ids have batch {arr.shape[0]}; pass the cache this "
                              "session returned for the same sequences")
+        total = past.length + arr.shape[1]
+        if self.max_positions and total > self.max_positions:
+            raise ValueError(f"{total} positions ({past.length} cached + {arr.shape[1]} new) exceed this model's "
+                             f"max_position_embeddings {self.max_positions}: it was not trained that far and its "
+                             "output would silently degrade; feed at most that many tokens (generate(..., "
+                             "truncate=True) keeps the newest prompt tokens; perplexity uses shorter windows)")
         feed = {self._ids_name: arr}
         for kv, k, v in zip(self._kv, past.keys, past.values):
             feed[kv["past_key"]], feed[kv["past_value"]] = k, v
@@ -116,6 +129,10 @@ class Session:
         arr, _ = self._check_ids(ids)
         if arr.shape[0] != 1 or arr.shape[1] < 2:
             raise ValueError(f"score needs one sequence of at least 2 tokens, got shape {arr.shape}")
+        if self.max_positions and arr.shape[1] > self.max_positions:
+            raise ValueError(f"score needs the text to fit in the model's max_position_embeddings "
+                             f"{self.max_positions}, got {arr.shape[1]} tokens; score a shorter text, or use "
+                             "dmpq_compile.eval.perplexity (strided windows) for long texts")
         past, total, count = None, 0.0, 0
         for start in range(0, arr.shape[1] - 1, chunk):
             piece = arr[:, start:start + chunk]
@@ -128,12 +145,16 @@ class Session:
         return Score(nll, float(np.exp(nll)), count)
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+                     top_p: float = 1.0, seed: int | None = None, truncate: bool = False) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` new token ids, stopping after an EOS token (not yielded).
 
         Greedy when ``temperature == 0``; otherwise nucleus (top-p) sampling at ``temperature``.
+        The prompt plus ``max_new_tokens`` must fit in :attr:`max_positions`; otherwise this raises
+        ``ValueError`` (before generating anything), or with ``truncate=True`` drops the oldest
+        prompt tokens to make them fit and logs a warning saying how many.
         """
         _check_sampling(max_new_tokens, temperature, top_p)
+        prompt_ids = self.fit_prompt(prompt_ids, max_new_tokens, truncate)
         rng = np.random.default_rng(seed)
         logits, past = self.forward(np.asarray(prompt_ids, dtype=np.int64)[None, :])
         for _ in range(max_new_tokens):
@@ -142,6 +163,25 @@ class Session:
                 return
             yield token
             logits, past = self.forward(np.array([[token]], dtype=np.int64), past)
+
+    def fit_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int, truncate: bool = False) -> list[int]:
+        """``prompt_ids`` if it and ``max_new_tokens`` fit in :attr:`max_positions`, else its newest part
+        (``truncate=True``, with a warning) or a ``ValueError`` saying what to change."""
+        ids, limit = list(prompt_ids), self.max_positions
+        if not limit or len(ids) + max_new_tokens <= limit:
+            return ids
+        if max_new_tokens >= limit:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in this model's "
+                             f"max_position_embeddings {limit}; ask for fewer new tokens")
+        drop = len(ids) + max_new_tokens - limit
+        if not truncate:
+            raise ValueError(f"the prompt has {len(ids)} tokens and max_new_tokens={max_new_tokens}: together "
+                             f"more than this model's max_position_embeddings {limit}; shorten the prompt, lower "
+                             f"max_new_tokens, or truncate (truncate=True, `run --truncate`) to drop the oldest "
+                             f"{drop} prompt tokens")
+        log.warning("the prompt has %d tokens: dropped the oldest %d so that it and max_new_tokens=%d fit in the "
+                    "model's %d positions", len(ids), drop, max_new_tokens, limit)
+        return ids[drop:]
 
     # -- text API ------------------------------------------------------------------------------
     @property
@@ -169,11 +209,17 @@ class Session:
         return self.score_ids(self.encode(text), chunk=chunk)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
-        """Continue ``prompt``; returns the new text, or with ``stream=True`` an iterator of text pieces."""
+                 seed: int | None = None, stream: bool = False, truncate: bool = False) -> str | Iterator[str]:
+        """Continue ``prompt``; returns the new text, or with ``stream=True`` an iterator of text pieces.
+
+        A prompt too long for the model raises ``ValueError`` right here (also with ``stream=True``),
+        unless ``truncate=True`` (see :meth:`generate_ids`).
+        """
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
+        _check_sampling(max_new_tokens, temperature, top_p)
+        ids = self.fit_prompt(ids, max_new_tokens, truncate)
         pieces = self._stream(ids, max_new_tokens, temperature, top_p, seed)
         return pieces if stream else "".join(pieces)
 
