@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..registry import BACKENDS
+from ..registry import BACKENDS, PluginError
 from .base import Backend, BackendError, ExpertCostRow
 
 # name -> "module:Class" of the built-in backends (imported on first use)
@@ -17,6 +17,7 @@ BUILTIN_BACKENDS = {
 
 
 def _register_builtins() -> None:
+    """Import and register every built-in backend; one that fails to import is an error, not skipped."""
     registered = {n for n, _, _ in BACKENDS.items()}
     for name, target in BUILTIN_BACKENDS.items():
         if name in registered:
@@ -24,9 +25,9 @@ def _register_builtins() -> None:
         module, cls = target.split(":")
         try:
             BACKENDS.register(getattr(importlib.import_module(module), cls))
-        except ModuleNotFoundError as e:
-            if not e.name or not e.name.startswith("dmpq_compile"):
-                raise
+        except (ImportError, AttributeError) as e:
+            raise PluginError(f"built-in backend {name!r} ({target}) failed to load: {type(e).__name__}: {e}; "
+                              "the installation is broken (reinstall dmpq-compile)") from e
 
 
 def get_backend(name: str) -> Backend:

@@ -55,15 +55,16 @@ class WeightStats:
     macs_fp32: float
 
 
-def weight_stats(path: Path, freqs: dict[str, float], bits: dict[str, int]) -> WeightStats:
+def weight_stats(path: Path, freqs: dict[str, float]) -> WeightStats:
     """Bytes on disk and expected bytes/MACs per decoded token, from the ONNX initializers.
 
-    ``freqs`` and ``bits`` map expert ids (``L{layer}.E{expert}``) to routing frequency and bits.
+    ``freqs`` maps expert ids (``L{layer}.E{expert}``) to routing frequency.
     """
     import onnx
 
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
     files = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx"))
+    nbits = _matmulnbits_weights(model.graph)
     read, int8, fp32 = 0.0, 0.0, 0.0
     for init in model.graph.initializer:
         nbytes, elems = _initializer_size(init)
@@ -71,18 +72,33 @@ def weight_stats(path: Path, freqs: dict[str, float], bits: dict[str, int]) -> W
         if m:
             layer, expert = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
             share = freqs.get(f"L{layer}.E{expert}", 0.0)
-            if init.name.endswith(".qweight"):  # packed codes: count logical weights, not bytes
-                elems = nbytes * 8 // bits.get(f"L{layer}.E{expert}", 8)
         elif "embed_tokens" in init.name and "lm_head" not in init.name:
             share = 1.0 / max(1, init.dims[0]) if init.dims else 1.0  # one row gathered per token
         else:
             share = 1.0
         read += share * nbytes
-        if init.name.endswith(".qweight"):
-            int8 += share * elems
+        if init.name in nbits:  # packed codes of any layout (2-D or 3-D): count logical weights K x N
+            int8 += share * nbits[init.name]
         elif init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
             fp32 += share * elems
     return WeightStats(files, read, int8, fp32)
+
+
+def _matmulnbits_weights(graph: Any) -> dict[str, int]:
+    """``{B initializer: K * N}`` of every ``MatMulNBits`` node, subgraphs (``If`` branches) included.
+
+    Read from the node's ``K``/``N`` attributes, so dmpq-compile's and onnxruntime's quantizer's
+    weights count alike whatever their packing.
+    """
+    out, graphs = {}, [graph]
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+            if node.op_type == "MatMulNBits":
+                attrs = {a.name: a.i for a in node.attribute}
+                out[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
+    return out
 
 
 def _initializer_size(init: Any) -> tuple[int, int]:
@@ -114,9 +130,9 @@ def open_artifact(path: Path, threads: int | None = None) -> Any:
         if not manifest["target"].get("engine"):
             raise RuntimeError(f"{path} is a trt-a100 artifact without an engine: build it on a GPU machine with "
                                f"`dmpq-compile build {path}` (needs TensorRT), then bench it there")
-        from .backends.trt.build import TrtEngineRunner
+        from .engine import open_engine
 
-        return TrtEngineRunner(path)
+        return open_engine(path)
     return load(path, threads=threads)
 
 
@@ -159,8 +175,8 @@ def _token_stream(path: Path, cfg: BenchConfig, n: int) -> np.ndarray:
         vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size() if (
             path / "tokenizer.json").is_file() else 1000
         return np.random.default_rng(0).integers(0, vocab, n)
-    from .compiler import eos_token
     from .eval import load_corpus, tokenize_corpus
+    from .eval.tokens import eos_token
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     return tokenize_corpus(load_corpus(cfg.corpus, cfg.split), tok, separator=eos_token(tok), max_tokens=n)
@@ -199,8 +215,7 @@ def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float],
 
     report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
     freqs = {row["id"]: row.get("freq", 0.0) for row in report.get("experts", [])}
-    bits = {k: v["bits"] for k, v in session.manifest.get("experts", {}).items()}
-    ws = weight_stats(path, freqs, bits)
+    ws = weight_stats(path, freqs)
     decode_ms = statistics.median(decode) * 1e3
     ops = merge_ops(mac_ops(ws.macs_int8, "int8_mul", "int32_add"), mac_ops(ws.macs_fp32, "fp32_mul", "fp32_add"))
     out = {

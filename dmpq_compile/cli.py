@@ -25,12 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = _load(name)
-        except ModuleNotFoundError as e:
-            if e.name != f"dmpq_compile.commands.{name}":
-                raise
-            continue
+        mod = _load(name)  # every listed command exists; one that fails to import is an error, not hidden
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
         p.set_defaults(_main=mod.main)

@@ -39,6 +39,7 @@ from ..ir.interpreter import Interpreter, RunOptions
 
 log = logging.getLogger(__name__)
 Allocation = Mapping[str, int]
+OpenArtifact = Callable[[Graph, Any, Path], Any]  # (quantized graph, backend, folder) -> runtime session
 
 MEASURE_MAX_PARAMS = 100_000_000
 """Largest model (all parameters) whose allocations are measured through the interpreter: an fp32
@@ -109,24 +110,27 @@ def interpreter_accuracy_fn(graph: Graph, calibration: torch.Tensor, sequences: 
     return fn
 
 
-def artifact_hardware_fn(graph: Graph, backend: Any, decode_tokens: int = 16, repeats: int = 3
-                         ) -> Callable[[Allocation], dict[str, float]]:
-    """``allocation -> {"latency_ms", "bytes"}`` measured on an emitted artifact (see module doc)."""
+def artifact_hardware_fn(graph: Graph, backend: Any, open_artifact: OpenArtifact, decode_tokens: int = 16,
+                         repeats: int = 3) -> Callable[[Allocation], dict[str, float]]:
+    """``allocation -> {"latency_ms", "bytes"}`` measured on an emitted artifact (see module doc).
+
+    ``open_artifact`` writes and loads an artifact (``PassContext.open_artifact``, given by the
+    driver: the artifact writer and the runtime sit above the passes).
+    """
     table = backend.cost_table(graph, progress=False)
     freq = {n.id: float(n.ann.get("freq", 0.0)) for n in graph.experts()}
     ref_table_ms = sum(freq[k] * rows[16].decode_ms for k, rows in table.items())
-    baseline = _measure(graph, backend, {k: 16 for k in freq}, decode_tokens, repeats)
+    baseline = _measure(graph, backend, open_artifact, {k: 16 for k in freq}, decode_tokens, repeats)
 
     def fn(allocation: Allocation) -> dict[str, float]:
-        m = _measure(graph, backend, allocation, decode_tokens, repeats)
+        m = _measure(graph, backend, open_artifact, allocation, decode_tokens, repeats)
         return {"latency_ms": ref_table_ms * m["decode_ms"] / baseline["decode_ms"], "bytes": m["expert_bytes"]}
 
     return fn
 
 
-def _measure(graph: Graph, backend: Any, allocation: Allocation, decode_tokens: int, repeats: int) -> dict:
-    from ..artifact import write_artifact
-    from ..runtime import load
+def _measure(graph: Graph, backend: Any, open_artifact: OpenArtifact, allocation: Allocation, decode_tokens: int,
+             repeats: int) -> dict:
     from .base import PassContext
     from .quantize import QuantizePass
 
@@ -139,8 +143,7 @@ def _measure(graph: Graph, backend: Any, allocation: Allocation, decode_tokens: 
     expert_bytes += sum(g.weights[n.params[r]].numel() * 4 for n in g.experts() if n.ann["bits"] == 16
                         for r in ("gate", "up", "down"))
     with tempfile.TemporaryDirectory(prefix="dmpq-hw-") as tmp:
-        path = write_artifact(g, backend, Path(tmp) / "a")
-        session = load(path, verify=False)
+        session = open_artifact(g, backend, Path(tmp) / "a")
         times = []
         for _ in range(repeats):
             logits, past = session.forward(np.zeros((1, 8), dtype=np.int64))

@@ -35,8 +35,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "frequency": (),
     "optimal": ("sensitivity",),
     "gradvar": ("router_grad_change", "neuron_variance"),
+    "search": ("sensitivity",),
     "rl": ("sensitivity",),
 }
+MEASURING = ("search", "rl")  # allocators that can measure allocations through callbacks
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class AllocateOptions:
     bits: tuple[int, ...] | None = None  # default: the backend's supported bits, else (2, 3, 4, 8, 16)
     allocator_options: dict[str, Any] = field(default_factory=dict)
     metric: str = "kl"  # what "accuracy loss" means for optimal/rl: per-expert "kl" or "nll" increase
-    rl_measure_sequences: int = 8  # rl: calibration sequences for measured accuracy (0: proxy only)
-    rl_hardware: bool = False  # rl: also time emitted artifacts every measure_every episodes
+    rl_measure_sequences: int = 8  # rl/search: calibration sequences for measured accuracy (0: proxy only)
+    rl_hardware: bool = False  # rl/search: also time emitted artifacts every measure_every proposals
 
 
 class AllocatePass(Pass):
@@ -60,7 +62,7 @@ class AllocatePass(Pass):
     requires = ("freq",)
     provides = ("bits",)
     Options = AllocateOptions
-    description = "bit assignment per expert under a budget (uniform|frequency|optimal|gradvar|rl)"
+    description = "bit assignment per expert under a budget (uniform|frequency|optimal|gradvar|search|rl)"
 
     def __init__(self, options=None, **kwargs) -> None:
         super().__init__(options, **kwargs)
@@ -73,7 +75,7 @@ class AllocatePass(Pass):
         extra = tuple("kl" if k == "sensitivity" and o.metric == "kl" else k for k in extra)
         needs_cost = o.budget_kind != "bits" or max(o.w_lat, o.w_mem, o.w_eng) > 0
         self.requires = ("freq", *extra, *(("cost",) if needs_cost else ()))
-        self.needs_calibration = o.allocator == "rl" and o.rl_measure_sequences > 0
+        self.needs_calibration = o.allocator in MEASURING and o.rl_measure_sequences > 0
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         problem = build_problem(graph, self.options, ctx)
@@ -85,25 +87,49 @@ class AllocatePass(Pass):
         used = budget_usage(problem, allocation)
         log.info("allocate %s: budget %s, used %s", self.options.allocator, problem.budget.describe(),
                  problem.budget.describe(used))
-        return PassResult(graph, modified=True, stats={"allocator": self.options.allocator,
-                                                       "budget": problem.budget.describe(),
-                                                       "used": problem.budget.describe(used)})
+        stats = {"allocator": self.options.allocator, "budget": problem.budget.describe(),
+                 "used": problem.budget.describe(used)}
+        if self.options.w_eng > 0:
+            stats["energy_source"] = _energy_label()
+            log.info("allocate: energy term from %s", stats["energy_source"])
+        return PassResult(graph, modified=True, stats=stats)
+
+
+def _energy_label() -> str:
+    """What the energy term of the objective rests on, for logs and reports."""
+    from .allocate_measure import energy_source
+
+    source = energy_source()
+    if source == "analytical":
+        return "analytical model (cost table energy_mj; no RAPL or NVML counter on this machine)"
+    return (f"analytical model (cost table energy_mj); a {source.upper()} counter exists here but the cost "
+            "tables do not read it yet")
 
 
 def _allocator_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> dict[str, Any]:
     opts = dict(o.allocator_options)
-    if o.allocator == "rl":
-        from .allocate_measure import artifact_hardware_fn, interpreter_accuracy_fn
+    if o.allocator not in MEASURING:
+        return opts
+    from .allocate_measure import MEASURE_MAX_PARAMS, artifact_hardware_fn, interpreter_accuracy_fn
 
-        opts.setdefault("seed", ctx.seed)
+    opts.setdefault("seed", ctx.seed)
+    if o.allocator == "rl":
         opts.setdefault("progress", ctx.progress)
-        if o.rl_measure_sequences > 0:
-            opts.setdefault("accuracy_fn", interpreter_accuracy_fn(graph, ctx.calibration, o.rl_measure_sequences,
-                                                                   o.metric))
-        if o.rl_hardware:
-            if ctx.backend is None:
-                raise PassError("rl_hardware needs a target backend to emit and time artifacts")
-            opts.setdefault("hardware_fn", artifact_hardware_fn(graph, ctx.backend))
+    wants = o.rl_measure_sequences > 0 or o.rl_hardware
+    n_params = sum(t.numel() for t in graph.weights.values()) if wants else 0
+    if n_params > MEASURE_MAX_PARAMS:
+        log.warning("allocate %s: the model has %.3g parameters (> %.3g): whole-model measurements through the "
+                    "interpreter or emitted artifacts are off at this size; using the proxy objective only "
+                    "(sum of per-expert sensitivities and cost-table costs)", o.allocator, n_params,
+                    MEASURE_MAX_PARAMS)
+        return opts
+    if o.rl_measure_sequences > 0:
+        opts.setdefault("accuracy_fn", interpreter_accuracy_fn(graph, ctx.calibration, o.rl_measure_sequences,
+                                                               o.metric))
+    if o.rl_hardware:
+        if ctx.backend is None:
+            raise PassError("rl_hardware needs a target backend to emit and time artifacts")
+        opts.setdefault("hardware_fn", artifact_hardware_fn(graph, ctx.backend))
     return opts
 
 

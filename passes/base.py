@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +32,10 @@ class PassContext:
         seed: base random seed; passes derive theirs from it.
         progress: show progress bars.
         state: scratch space passes may use to hand non-annotation results to later passes.
+        open_artifact: ``(quantized graph, backend, folder) -> session`` that writes an artifact
+            into ``folder`` and loads it with the runtime (``session.forward``, ``.manifest``).
+            The artifact writer and the runtime sit above the passes, so the driver injects this;
+            None where no driver gave it (passes that need it say so).
     """
 
     calibration: torch.Tensor | None = None
@@ -38,6 +44,7 @@ class PassContext:
     seed: int = 0
     progress: bool = True
     state: dict[str, Any] = field(default_factory=dict)
+    open_artifact: Callable[[Graph, Any, Path], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,13 @@ from dmpq_compile.backends.trt.backend import keep_fp32_names
 from dmpq_compile.backends.trt.build import (
     ENGINE_FILE,
     TensorRTNotInstalled,
-    build_engine,
     default_profile,
     import_tensorrt,
     trtexec_command,
-    update_manifest,
 )
 from dmpq_compile.backends.trt.qdq import reference_weights
 from dmpq_compile.cli import main as cli
+from dmpq_compile.engine import build_engine, open_engine, update_manifest
 from dmpq_compile.frontend import load
 from dmpq_compile.ir.interpreter import Interpreter, RunOptions
 from dmpq_compile.passes import PassContext, make_pass
@@ -88,8 +87,6 @@ def test_manifest_update_is_atomic_and_verifiable(artifact, tmp_path):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()), reason=SKIP_REASON)
 def test_build_and_run_engine_matches_reference(artifact):
-    from dmpq_compile.backends.trt.build import TrtEngineRunner
-
     g, root = artifact
     plan = build_engine(root, workspace_gb=2.0, max_sequence=16, max_context=64)
     manifest = load_manifest(root, verify=True)
@@ -98,7 +95,7 @@ def test_build_and_run_engine_matches_reference(artifact):
     assert engine["tensorrt_version"].startswith("10.") and engine["gpu"]["name"]
     assert (root / "timing.cache").stat().st_size > 0
     ids = ((np.arange(10).reshape(1, 10) * 7 + 3) % 96).astype(np.int64)
-    runner = TrtEngineRunner(root)
+    runner = open_engine(root)
     logits, past = runner.forward(ids)
     override = reference_weights(g, "fp16", keep_fp32_names(g))
     with torch.no_grad():

@@ -16,7 +16,7 @@ optimization profile over the dynamic axes -> ``build_serialized_network`` -> ``
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from ...fileio import atomic_write_bytes
-from ...runtime.manifest import MANIFEST_NAME, ArtifactError, load_manifest, sha256_file
 from ..base import BackendError
 
 log = logging.getLogger(__name__)
@@ -110,47 +109,28 @@ def gpu_info() -> dict[str, Any]:
     return {"name": None, "compute_capability": None}
 
 
-def build_engine(artifact_dir: str | Path, workspace_gb: float = 8.0, timing_cache: str | Path | bool | None = None,
-                 fp16: bool = True, strongly_typed: bool = True, max_sequence: int | None = None,
-                 max_context: int | None = None, verbose: bool = False) -> Path:
-    """Build ``engine.plan`` next to the artifact's manifest and record it in the manifest.
+def build_plan(model_path: Path, io: Mapping[str, Any], max_positions: int, engine_path: Path, *,
+               workspace_gb: float = 8.0, timing_cache: Path | None = None, fp16: bool = True,
+               strongly_typed: bool = True, max_sequence: int | None = None, max_context: int | None = None,
+               verbose: bool = False) -> dict[str, Any]:
+    """Parse ``model_path``, build a serialized engine at ``engine_path`` and describe it.
 
-    Args:
-        artifact_dir: A ``trt-a100`` artifact folder.
-        workspace_gb: Builder workspace memory pool limit (GiB).
-        timing_cache: Timing-cache file (default ``ARTIFACT/timing.cache``; loaded when present,
-            saved after the build); False disables it.
-        fp16: With ``strongly_typed=False``, allow FP16 kernels (``BuilderFlag.FP16``). A strongly
-            typed network takes its types from the ONNX (emit ``precision``) and ignores it.
-        strongly_typed: Build with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (recommended
-            for explicit quantization).
-        max_sequence: Largest new-token count per call (profile max of ``sequence``).
-        max_context: Largest total context (past + new tokens).
-        verbose: TensorRT logger at VERBOSE instead of WARNING.
+    Knows nothing about artifacts: :func:`dmpq_compile.engine.build_engine` reads the manifest,
+    calls this and records the returned entry (see there for the options).
 
     Returns:
-        The path of ``engine.plan``.
+        The manifest's ``target.engine`` entry (file, sha256, bytes, TensorRT version, GPU, profile).
 
     Raises:
         TensorRTNotInstalled: ``tensorrt`` does not import.
-        ArtifactError: Not a ``trt-a100`` artifact, or its files do not verify.
         BackendError: Parser errors (with node names) or a failed build.
     """
     trt = import_tensorrt()
-    root = Path(artifact_dir)
-    manifest = load_manifest(root, verify=True)
-    target = manifest["target"]
-    if target.get("backend") != BACKEND_NAME:
-        raise ArtifactError(f"{root} targets {target.get('backend')!r}; `build` makes TensorRT engines for "
-                            f"{BACKEND_NAME!r} artifacts (compile with --target {BACKEND_NAME})")
-    if strongly_typed and fp16 and target.get("precision") == "fp32":
-        log.warning("%s was emitted with precision=fp32: a strongly typed engine runs it in FP32/TF32", root)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    model_path = root / target["model_file"]
     if not parser.parse_from_file(str(model_path)):
         errs = _parser_errors(parser)
         raise BackendError(f"TensorRT {trt.__version__} cannot parse {model_path} ({len(errs)} error(s)):\n  "
@@ -159,12 +139,10 @@ def build_engine(artifact_dir: str | Path, workspace_gb: float = 8.0, timing_cac
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16 and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
-    cache_path = None if timing_cache is False else Path(timing_cache or root / TIMING_CACHE_FILE)
-    if cache_path is not None:
-        data = cache_path.read_bytes() if cache_path.is_file() else b""
+    if timing_cache is not None:
+        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
         config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False)
-    profile_spec = default_profile(target["io"], int(manifest["model"].get("max_position_embeddings") or 4096),
-                                   max_sequence, max_context)
+    profile_spec = default_profile(io, max_positions, max_sequence, max_context)
     profile = builder.create_optimization_profile()
     for name, s in profile_spec.items():
         profile.set_shape(name, s["min"], s["opt"], s["max"])
@@ -175,61 +153,47 @@ def build_engine(artifact_dir: str | Path, workspace_gb: float = 8.0, timing_cac
         raise BackendError(f"TensorRT {trt.__version__} failed to build an engine for {model_path}; rerun with "
                            "verbose=True (--verbose-trt) for the builder log")
     seconds = time.perf_counter() - t0
-    engine_path = root / ENGINE_FILE
-    atomic_write_bytes(engine_path, bytes(serialized))
-    if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    data = bytes(serialized)
+    atomic_write_bytes(engine_path, data)
+    if timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     gpu = gpu_info()
     if gpu["compute_capability"] and gpu["compute_capability"] != "{}.{}".format(*A100_CAPABILITY):
         log.warning("built on %s (sm %s): the engine runs only on that GPU model, not on the A100 this target "
                     "is costed for", gpu["name"], gpu["compute_capability"])
-    engine = {"file": ENGINE_FILE, "sha256": sha256_file(engine_path), "bytes": engine_path.stat().st_size,
-              "tensorrt_version": trt.__version__, "gpu": gpu, "strongly_typed": strongly_typed,
-              "workspace_gb": workspace_gb, "profile": profile_spec, "build_seconds": round(seconds, 2),
-              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    update_manifest(root, engine)
     log.info("built %s in %.1f s with TensorRT %s on %s", engine_path, seconds, trt.__version__, gpu["name"])
-    return engine_path
-
-
-
-
-def update_manifest(root: Path, engine: Mapping[str, Any]) -> None:
-    """Record ``engine`` under ``target.engine`` and list the plan in ``files`` (atomic replace)."""
-    path = root / MANIFEST_NAME
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    manifest["target"]["engine"] = dict(engine)
-    manifest["files"][engine["file"]] = {"sha256": engine["sha256"], "bytes": engine["bytes"]}
-    atomic_write_bytes(path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    return {"file": engine_path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+            "tensorrt_version": trt.__version__, "gpu": gpu, "strongly_typed": strongly_typed,
+            "workspace_gb": workspace_gb, "profile": profile_spec, "build_seconds": round(seconds, 2),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 # -- run ----------------------------------------------------------------------------------------
 class TrtEngineRunner:
     """Runs an artifact's ``engine.plan`` with the TensorRT runtime on CUDA (torch buffers).
 
+    Opened through :func:`dmpq_compile.engine.open_engine`, which reads the artifact's manifest.
+
     Args:
-        artifact_dir: A ``trt-a100`` artifact with a built engine.
+        engine_path: The serialized engine (``engine.plan``).
+        manifest: The artifact's manifest (``target.io``, ``target.engine``, ``model.vocab_size``).
 
     Raises:
-        TensorRTNotInstalled / ArtifactError / BackendError: No TensorRT, no engine, no CUDA.
+        TensorRTNotInstalled / BackendError: No TensorRT, no CUDA, or an engine that does not load.
     """
 
-    def __init__(self, artifact_dir: str | Path) -> None:
+    def __init__(self, engine_path: str | Path, manifest: Mapping[str, Any]) -> None:
         trt = import_tensorrt()
         import torch
 
         if not torch.cuda.is_available():
             raise BackendError("running a TensorRT engine needs a CUDA GPU; torch.cuda.is_available() is False")
-        self.root = Path(artifact_dir)
-        manifest = load_manifest(self.root, verify=True)
         target = manifest["target"]
-        if not target.get("engine"):
-            raise ArtifactError(f"{self.root} has no engine yet; run `dmpq-compile build {self.root}` first")
         self.trt, self.torch, self.io, self.manifest = trt, torch, target["io"], manifest
         self.vocab_size = int(manifest["model"].get("vocab_size") or 2)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        data = (self.root / target["engine"]["file"]).read_bytes()
+        data = Path(engine_path).read_bytes()
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(data)
         if self.engine is None:
             raise BackendError(f"TensorRT {trt.__version__} cannot deserialize {target['engine']['file']} (built "

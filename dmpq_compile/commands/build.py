@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..backends.trt.build import build_engine
+    from ..engine import build_engine
 
     timing = False if args.no_timing_cache else args.timing_cache
     path = build_engine(args.artifact, workspace_gb=args.workspace_gb, timing_cache=timing,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 HELP = "perplexity of a checkpoint or artifact on a corpus split (optionally KL to a reference)"
@@ -11,8 +12,11 @@ HELP = "perplexity of a checkpoint or artifact on a corpus split (optionally KL 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="MODEL_OR_ARTIFACT", help="HF checkpoint folder or compiled artifact folder")
-    p.add_argument("--corpus", default="pydoc", help="'pydoc', a text file or a folder (default pydoc)")
-    p.add_argument("--split", default="test", choices=("train", "calib", "test", "all"), help="default test")
+    p.add_argument("--corpus", default="pydoc",
+                   help="'pydoc' (built-in), or your own text file or folder of text files (default pydoc)")
+    p.add_argument("--split", default="auto", choices=("auto", "train", "calib", "test", "all"),
+                   help="auto (default): the test split of pydoc, all of your own corpus; train/calib/test pick "
+                   "one part of the project's hash split (5%% test, 5%% calib), all the whole corpus")
     p.add_argument("--context", type=int, default=256, help="window length (default 256)")
     p.add_argument("--stride", type=int, help="window stride (default: half the context)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
@@ -43,18 +47,17 @@ def model_logits_fn(path: str | Path):
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..compiler import eos_token, load_tokenizer
-    from ..eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
+    from ..eval import kl_divergence, perplexity, tokenize_corpus
+    from ..eval.tokens import eos_token, load_tokenizer
 
     fn, tok_dir = model_logits_fn(args.path)
     tok = load_tokenizer(tok_dir)
-    split = None if args.split == "all" else args.split
-    ids = tokenize_corpus(load_corpus(args.corpus, split), tok, separator=eos_token(tok),
-                          max_tokens=args.max_tokens)
+    texts, split = _corpus_texts(args.corpus, args.split)
+    ids = tokenize_corpus(texts, tok, separator=eos_token(tok), max_tokens=args.max_tokens)
     stride = args.stride or max(1, args.context // 2)
     kw = {"context": args.context, "stride": stride, "batch_size": args.batch_size, "progress": not args.no_progress}
     res = perplexity(fn, ids, **kw)
-    out = {"path": str(args.path), "corpus": args.corpus, "split": args.split, "tokens": res.n_tokens,
+    out = {"path": str(args.path), "corpus": args.corpus, "split": split, "tokens": res.n_tokens,
            "ppl": res.ppl, "nll": res.nll}
     if args.reference:
         ref_fn, _ = model_logits_fn(args.reference)
@@ -64,3 +67,16 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def _corpus_texts(corpus: str, split_arg: str) -> tuple[list[str], str]:
+    """The texts to score and the split's name; a hash split of the user's own corpus is announced."""
+    from ..eval import is_builtin, load_documents, resolve_split, split_documents
+
+    split = resolve_split(corpus, None if split_arg == "all" else split_arg, "test")
+    docs = load_documents(corpus)
+    chosen = split_documents(docs, split)
+    if split is not None and not is_builtin(corpus):
+        print(f"note: scoring only the {split!r} hash split of {corpus}: {len(chosen)} of {len(docs)} documents; "
+              "--split all (the default for your own corpus) scores all of it", file=sys.stderr)
+    return [d.text for d in chosen], split or "all"
