@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .eval.tokens import eos_token, load_tokenizer
 from .frontend import load
 from .ir.graph import Graph
 from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
@@ -75,23 +76,6 @@ def calibration_ids(model_dir: str | Path, corpus: str, sequences: int, seq_len:
     return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len).astype("int64"))
 
 
-def load_tokenizer(model_dir: str | Path):
-    from tokenizers import Tokenizer
-
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the model folder needs a fast tokenizer (tokenizer.json) "
-                                "for calibration and evaluation")
-    return Tokenizer.from_file(str(path))
-
-
-def eos_token(tok) -> str:
-    for cand in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"):
-        if tok.token_to_id(cand) is not None:
-            return cand
-    raise ValueError("the tokenizer has no known end-of-text token (<|endoftext|>, </s>, <eos>)")
-
-
 def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
     """Passes whose results do not depend on the budget: profile, [sensitivity], [cost]."""
     if cfg.allocator not in NEEDS:
@@ -128,6 +112,14 @@ def get_backend(target: str | None):
     return _get(target)
 
 
+def open_artifact(graph: Graph, backend: Any, folder: Path) -> Any:
+    """Write ``graph`` as an artifact into ``folder`` and load it (what passes get as ``ctx.open_artifact``)."""
+    from .artifact import write_artifact
+    from .runtime import load
+
+    return load(write_artifact(graph, backend, folder), verify=False)
+
+
 def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileConfig, backend: Any,
                progress: bool = True, dump_dir: str | Path | None = None,
                calibration: torch.Tensor | None = None, previous: list | None = None) -> tuple[Graph, list]:
@@ -145,7 +137,7 @@ def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileCo
         calibration = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
     torch.manual_seed(cfg.seed)
     ctx = PassContext(calibration=calibration, target=cfg.target, backend=backend, seed=cfg.seed,
-                      progress=progress)
+                      progress=progress, open_artifact=open_artifact)
     return manager.run(graph, ctx), timing.records
 
 

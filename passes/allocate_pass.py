@@ -127,9 +127,10 @@ def _allocator_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> di
         opts.setdefault("accuracy_fn", interpreter_accuracy_fn(graph, ctx.calibration, o.rl_measure_sequences,
                                                                o.metric))
     if o.rl_hardware:
-        if ctx.backend is None:
-            raise PassError("rl_hardware needs a target backend to emit and time artifacts")
-        opts.setdefault("hardware_fn", artifact_hardware_fn(graph, ctx.backend))
+        if ctx.backend is None or ctx.open_artifact is None:
+            raise PassError("rl_hardware needs a target backend and the driver's open_artifact "
+                            "(PassContext) to emit and time artifacts")
+        opts.setdefault("hardware_fn", artifact_hardware_fn(graph, ctx.backend, ctx.open_artifact))
     return opts
 
 
