@@ -108,7 +108,7 @@ def test_gradvar_missing_features_error():
 
 
 def test_registry_and_errors():
-    assert set(ALLOCATORS) == {"uniform", "frequency", "optimal", "gradvar", "rl"}
+    assert set(ALLOCATORS) == {"uniform", "frequency", "optimal", "gradvar", "search", "rl"}
     with pytest.raises(ValueError, match=r"unknown allocator 'best'; valid names: \['frequency', 'gradvar'"):
         get_allocator("best")
     with pytest.raises(ValueError, match=r"does not accept options \['episode'\]; it accepts"):

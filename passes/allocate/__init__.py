@@ -39,11 +39,13 @@ from .projection import project, refine
 from .rl import RLAllocator, RLResult
 from .rl_agent import PPOAgent, PPOConfig
 from .rl_env import AllocationEnv, Calibration
+from .search import BestTracker, SearchAllocator, SearchResult
 from .uniform import UniformAllocator
 
 ALLOCATORS: dict[str, type] = {
     cls.name: cls
-    for cls in (UniformAllocator, FrequencyAllocator, OptimalAllocator, GradVarAllocator, RLAllocator)
+    for cls in (UniformAllocator, FrequencyAllocator, OptimalAllocator, GradVarAllocator, SearchAllocator,
+                RLAllocator)
 }
 
 
@@ -65,9 +67,11 @@ def get_allocator(name: str, **options: Any) -> Allocator:
 
 
 __all__ = [
-    "ALLOCATORS", "Allocation", "AllocationEnv", "AllocationProblem", "Allocator", "Budget", "Calibration",
+    "ALLOCATORS", "Allocation", "AllocationEnv", "AllocationProblem", "Allocator", "BestTracker", "Budget",
+    "Calibration",
     "ExpertCost", "ExpertInfo", "FrequencyAllocator", "GradVarAllocator", "InfeasibleBudgetError",
-    "ObjectiveWeights", "OptimalAllocator", "PPOAgent", "PPOConfig", "RLAllocator", "RLResult", "Solution",
+    "ObjectiveWeights", "OptimalAllocator", "PPOAgent", "PPOConfig", "RLAllocator", "RLResult", "SearchAllocator",
+    "SearchResult", "Solution",
     "UniformAllocator", "budget_usage", "build_tables", "check_feasible", "get_allocator", "gradvar_scores",
     "greedy_by_priority", "is_feasible", "min_feasible_budget", "objective_value", "project", "refine",
     "solve",

@@ -18,7 +18,6 @@ those searches start.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,77 +26,18 @@ from typing import Any, ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from .problem import Allocation, AllocationProblem, build_tables, check_feasible
-from .projection import refine_indices
+from .problem import Allocation, AllocationProblem, check_feasible
 from .rl_agent import PPOAgent, PPOConfig, RolloutBuffer, single_thread
 from .rl_env import AllocationEnv, Calibration
+from .search import BestTracker, SearchResult, past_limit
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PPO = PPOConfig(gae_lambda=1.0)
 
 
-@dataclass(frozen=True)
-class RLResult:
-    """Outcome of :meth:`RLAllocator.train`.
-
-    Attributes:
-        allocation: The best allocation found (always feasible).
-        objective: Its measured-or-calibrated-proxy objective (lower is better).
-        table_objective: Its additive table objective (:func:`~.problem.objective_value`).
-        history: One dict per PPO update: ``episodes`` (so far), ``mean_objective`` (of the
-            round's projected episodes), ``best_objective`` (so far), ``entropy`` (of the policy)
-            and ``proposal_usage`` (mean budget usage of the round's proposals, before projection).
-        measurements: Number of episodes measured with the callbacks.
-        seconds: Wall-clock training time.
-    """
-
-    allocation: Allocation
-    objective: float
-    table_objective: float
-    history: tuple[dict[str, float], ...]
-    measurements: int
-    seconds: float
-
-
-class _BestTracker:
-    """Keeps the best candidate, re-scoring proxies with the current calibration scale."""
-
-    def __init__(self, problem: AllocationProblem, calibration: Calibration, top: int, kicks: int) -> None:
-        self.t = build_tables(problem)
-        self.w_acc = problem.weights.w_acc
-        self.cost = self.t.objective - self.w_acc * self.t.sens
-        self.calibration, self.top, self.kicks = calibration, top, kicks
-        self.rows = np.arange(len(self.t.keys))
-        self.best: np.ndarray | None = None
-        self._refined: set[bytes] = set()
-
-    def score(self, idx: np.ndarray) -> float:
-        """Measured objective of ``idx`` if it was measured, else the calibrated proxy objective."""
-        record = self.calibration.measured.get(tuple(idx.tolist()), {})
-        loss = record.get("loss", self.calibration.scale * float(self.t.sens[self.rows, idx].sum()))
-        cost = record.get("cost", float(self.cost[self.rows, idx].sum()))
-        return self.w_acc * loss + cost
-
-    def _offer(self, idx: np.ndarray) -> None:
-        if self.best is None or self.score(idx) < self.score(self.best):
-            self.best = np.array(idx, copy=True)
-
-    def consider(self, infos: list[dict[str, Any]]) -> None:
-        """Offer projected allocations; the best ``top`` not refined before are also refined."""
-        refined = 0
-        for info in sorted(infos, key=lambda i: i["objective"]):
-            idx = info["indices"]
-            self._offer(idx)
-            key = idx.tobytes()
-            if refined < self.top and key not in self._refined:
-                self._refined.add(key)
-                refined += 1
-                self._offer(refine_indices(self.t, idx, kicks=self.kicks))
-
-    @property
-    def best_objective(self) -> float:
-        return self.score(self.best) if self.best is not None else math.inf
+RLResult = SearchResult
+"""What :meth:`RLAllocator.train` returns (the same record as the ``search`` allocator's)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +57,9 @@ class RLAllocator:
         refine_kicks: ``kicks`` of that refinement (escapes from 2-exchange local optima).
         greedy_eval: After every update also roll out the most likely action at each step (not
             trained on) and offer it as a candidate; else only once at the end.
+        time_limit_s: Stop training at the first update after this many seconds and return the
+            best allocation so far, with a warning (None: never). One episode walks every expert
+            once, so on 1024 experts 256 episodes would take several minutes on 2 cores.
         ppo: PPO hyper-parameters. ``gae_lambda`` defaults to 1 (Monte-Carlo advantages): the
             only reward comes after the last expert, and ``lambda < 1`` would shrink the credit
             of an early expert by ``lambda ** (n_experts - t)``.
@@ -133,6 +76,7 @@ class RLAllocator:
     refine_top: int = 2
     refine_kicks: int = 8
     greedy_eval: bool = True
+    time_limit_s: float | None = 240.0
     ppo: PPOConfig = DEFAULT_PPO
 
     def __post_init__(self) -> None:
@@ -160,16 +104,19 @@ class RLAllocator:
     def _train(self, problem: AllocationProblem) -> RLResult:
         start = time.perf_counter()
         calibration = Calibration(self.measure_every)
-        tracker = _BestTracker(problem, calibration, self.refine_top, self.refine_kicks)
+        tracker = BestTracker(problem, calibration, self.refine_top, self.refine_kicks)
         obj = tracker.t.objective
         envs = [AllocationEnv(problem, self.accuracy_fn, self.hardware_fn, self.measure_every, calibration)
                 for _ in range(min(self.n_envs, self.episodes))]
         agent = PPOAgent(envs[0].observation_space.shape[0], envs[0].action_space.n, self.ppo, self.seed)
         reward_scale = max(float((obj.max(axis=1) - obj.min(axis=1)).sum()), 1e-12)
         history: list[dict[str, float]] = []
-        done = 0
+        done, stopped = 0, False
         with tqdm(total=self.episodes, desc="rl allocate", disable=not self.progress) as bar:
             while done < self.episodes:
+                if done and past_limit(start, self.time_limit_s, "rl", done, self.episodes):
+                    stopped = True
+                    break
                 active = envs[: min(len(envs), self.episodes - done)]
                 buffer, infos = self._rollout(agent, active, done, reward_scale)
                 tracker.consider(infos)
@@ -185,7 +132,11 @@ class RLAllocator:
                 bar.set_postfix(best=f"{tracker.best_objective:.4g}")
         if not self.greedy_eval:
             tracker.consider(self._rollout(agent, envs[:1], done, reward_scale, greedy=True)[1])
-        return self._result(tracker, calibration, history, time.perf_counter() - start)
+        result = tracker.result(calibration, history, time.perf_counter() - start, stopped)
+        logger.info("rl: best objective %.6g (table %.6g) after %d episodes (%d proposals, %d refinements) "
+                    "in %.1fs, %d measured", result.objective, result.table_objective, done, result.proposals,
+                    result.refinements, result.seconds, result.measurements)
+        return result
 
     def _rollout(self, agent: PPOAgent, envs: list[AllocationEnv], episode0: int, reward_scale: float,
                  greedy: bool = False) -> tuple[RolloutBuffer, list[dict[str, Any]]]:
@@ -204,16 +155,3 @@ class RLAllocator:
             finished = bool(dones.all())
             infos = [s[4] for s in steps]
         return buffer, infos
-
-    @staticmethod
-    def _result(tracker: _BestTracker, calibration: Calibration, history: list[dict[str, float]],
-                seconds: float) -> RLResult:
-        best = tracker.best
-        rows = tracker.rows
-        result = RLResult(allocation=tracker.t.allocation(best), objective=tracker.score(best),
-                          table_objective=float(tracker.t.objective[rows, best].sum()),
-                          history=tuple(history), measurements=calibration.measurements, seconds=seconds)
-        logger.info("rl: best objective %.6g (table %.6g) after %d episodes in %.1fs, %d measured",
-                    result.objective, result.table_objective, history[-1]["episodes"], seconds,
-                    result.measurements)
-        return result

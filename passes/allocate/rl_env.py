@@ -166,12 +166,25 @@ class AllocationEnv(gym.Env):
         self._t += 1
         if self._t < self._n:
             return self._obs(), 0.0, False, False, {}
-        reward, info = self._finish()
+        reward, info = self._finish(self._idx, self._used)
         return self._obs(), reward, True, False, info
 
-    def _finish(self) -> tuple[float, dict]:
+    def evaluate(self, proposal: np.ndarray) -> dict[str, Any]:
+        """The terminal step for a whole proposal at once (column indices, one per expert).
+
+        Projects, measures when due and scores exactly like the last :meth:`step` of an episode
+        that proposed ``proposal``; returns that step's ``info``. The episode state is untouched.
+        """
+        proposal = np.asarray(proposal, dtype=np.int64)
+        if proposal.shape != (self._n,) or proposal.min() < 0 or proposal.max() >= self.action_space.n:
+            raise ValueError(f"proposal must be {self._n} column indices in [0, {self.action_space.n}), "
+                             f"got shape {proposal.shape}")
+        used = float(self.tables.usage[np.arange(self._n), proposal].sum())
+        return self._finish(proposal, used)[1]
+
+    def _finish(self, proposal: np.ndarray, proposal_usage: float) -> tuple[float, dict]:
         t, w = self.tables, self.problem.weights
-        idx = project_indices(t, self._idx, self.problem)
+        idx = project_indices(t, proposal, self.problem)
         rows = np.arange(self._n)
         proxy = float(t.sens[rows, idx].sum())
         cost = float(self._cost_obj[rows, idx].sum())
@@ -180,9 +193,9 @@ class AllocationEnv(gym.Env):
         if self.calibration.due():
             loss, cost, measured = self._measure(idx, allocation, proxy, loss, cost)
         objective = w.w_acc * loss + cost
-        info = {"proposal": t.allocation(self._idx), "allocation": allocation, "indices": idx,
+        info = {"proposal": t.allocation(proposal), "allocation": allocation, "indices": idx,
                 "proxy": proxy, "loss": loss, "cost": cost, "objective": objective, "measured": measured,
-                "proposal_usage": self._used}
+                "proposal_usage": proposal_usage}
         return -objective, info
 
     def _measure(self, idx: np.ndarray, allocation: Allocation, proxy: float, loss: float,

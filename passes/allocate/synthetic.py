@@ -1,0 +1,102 @@
+"""Seeded synthetic allocation problems at real model shapes (for scale tests and benchmarks).
+
+The full-size models cannot be profiled on a small machine, so the allocators' behaviour at
+OLMoE-1B-7B's shape (16 layers x 64 experts = 1024 experts, top-8) is studied on problems whose
+features are *drawn* from a distribution fitted to what the sensitivity pass measured on the
+bundled samples (``benchmarks/results/ablation-allocators-*.json`` records the fit inputs):
+
+* routing frequency: per layer ``top_k * Dirichlet(freq_alpha)`` (clipped to 1), so each layer's
+  frequencies sum to ``top_k`` like the profile pass's;
+* single-expert KL at 2 bits: ``log kl2 = kl_a + kl_b * log(freq) + N(0, kl_sigma)``
+  (frequent experts are hit by more tokens, so quantizing them costs more);
+* at 4 and 8 bits: ``log(kl_b / kl2) ~ N(mu_b, sigma_b)`` (:attr:`SensitivityModel.log_ratio`);
+  16 bits costs 0;
+* gradvar features: independent log-normal draws (they carry no signal here, by construction).
+
+Costs are one row per bit-width, the same for every expert (all experts of these models share
+one shape); pass a measured row (e.g. the ort-cpu table at the model's real shape) or take the
+default, which is *not* measured: bytes of packed codes + fp32 scale and zero point per group
+of 64, and decode time proportional to bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .problem import AllocationProblem, Budget, ExpertCost, ExpertInfo, ObjectiveWeights
+
+
+SYNTHETIC_BITS = (2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class SensitivityModel:
+    """Parameters of the draw (module docstring).
+
+    The defaults are fitted to the KL sensitivities the sensitivity pass measured on
+    samples/olmoe-tiny (128 experts, top-4): Dirichlet alpha by the method of moments on
+    ``freq / top_k``; least squares of ``log kl2`` on ``log freq``; mean and standard deviation of
+    ``log(kl_b / kl2)`` (at 8 bits over the 117 of 128 experts with a positive KL).
+    """
+
+    freq_alpha: float = 6.6
+    kl_a: float = -6.3
+    kl_b: float = 1.7
+    kl_sigma: float = 1.1
+    log_ratio: tuple[tuple[int, float, float], ...] = ((4, -2.5, 1.0), (8, -8.2, 1.9))
+
+
+def bytes_proxy_cost(n_params: int, bits: int, group: int = 64, ms_per_mb: float = 0.1) -> ExpertCost:
+    """An unmeasured cost row: packed codes + fp32 scale and zero point per group; time ~ bytes."""
+    nbytes = n_params * 4 if bits == 16 else n_params * bits // 8 + (n_params // group) * 5
+    ms = ms_per_mb * nbytes / 2**20
+    return ExpertCost(decode_ms=ms, prefill_ms=ms, bytes=int(nbytes), energy_mj=nbytes * 162.5e-9)
+
+
+def synthetic_problem(n_layers: int = 16, n_experts: int = 64, top_k: int = 8, hidden: int = 2048,
+                      intermediate: int = 1024, bits: tuple[int, ...] = (2, 4, 8, 16),
+                      budget: Budget = Budget("bits", 3.5), weights: ObjectiveWeights = ObjectiveWeights(),
+                      seed: int = 0, model: SensitivityModel = SensitivityModel(),
+                      cost: Mapping[int, ExpertCost] | None = None) -> AllocationProblem:
+    """A seeded problem of ``n_layers x n_experts`` experts of shape ``(hidden, intermediate)``.
+
+    Args:
+        n_layers, n_experts, top_k, hidden, intermediate: The model shape (default OLMoE-1B-7B).
+        bits: Bit-width choices.
+        budget: The budget.
+        weights: Objective weights.
+        seed: Seeds every draw; same seed, same problem.
+        model: The distribution of features (module docstring).
+        cost: One :class:`ExpertCost` per bit-width for every expert; default
+            :func:`bytes_proxy_cost` (not measured).
+
+    Returns:
+        The problem; keys are ``L{layer}.E{expert}``.
+    """
+    if min(n_layers, n_experts, top_k) < 1 or top_k > n_experts:
+        raise ValueError(f"need n_layers, n_experts >= 1 and 1 <= top_k <= n_experts, got {n_layers}, "
+                         f"{n_experts}, {top_k}")
+    if not set(bits) <= set(SYNTHETIC_BITS):
+        raise ValueError(f"synthetic sensitivities exist for bits {SYNTHETIC_BITS} only, got {bits}")
+    rng = np.random.default_rng(seed)
+    n_params = 3 * hidden * intermediate
+    rows = dict(cost) if cost is not None else {b: bytes_proxy_cost(n_params, b) for b in bits}
+    ratio = {b: (mu, sigma) for b, mu, sigma in model.log_ratio}
+    experts = []
+    for layer in range(n_layers):
+        freq = np.minimum(top_k * rng.dirichlet(np.full(n_experts, model.freq_alpha)), 1.0)  # [E]
+        kl2 = np.exp(model.kl_a + model.kl_b * np.log(np.maximum(freq, 1e-6))
+                     + rng.normal(0.0, model.kl_sigma, n_experts))  # [E]
+        kl = {2: kl2, 16: np.zeros(n_experts)}
+        kl.update({b: kl2 * np.exp(rng.normal(mu, sigma, n_experts)) for b, (mu, sigma) in ratio.items()})
+        rgc, var = rng.lognormal(0.0, 1.0, n_experts), rng.lognormal(0.0, 1.0, n_experts)
+        for e in range(n_experts):
+            sens = {b: float(kl[b][e]) for b in bits}
+            experts.append(ExpertInfo(
+                key=f"L{layer}.E{e}", layer=layer, expert=e, n_params=n_params, freq=float(freq[e]),
+                mass=float(freq[e]) / top_k, sensitivity=sens, kl=sens, router_grad_change=float(rgc[e]),
+                neuron_variance=float(var[e]), cost={b: rows[b] for b in bits}))
+    return AllocationProblem(tuple(experts), bits, budget, weights)
