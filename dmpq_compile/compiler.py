@@ -60,17 +60,24 @@ class CompileConfig:
 
 
 def calibration_ids(model_dir: str | Path, corpus: str, sequences: int, seq_len: int,
-                    split: str = "calib") -> torch.Tensor:
-    """``[sequences, seq_len]`` token ids from a corpus split, tokenized with the model's tokenizer."""
-    from .eval import load_corpus, tokenize_corpus
+                    split: str | None = "auto") -> torch.Tensor:
+    """``[sequences, seq_len]`` token ids from a corpus split, tokenized with the model's tokenizer.
 
+    ``split="auto"``: the ``calib`` split of the built-in corpus, all of a user's own corpus
+    (:func:`~dmpq_compile.eval.resolve_split`); None: the whole corpus.
+    """
+    from .eval import load_corpus, resolve_split, tokenize_corpus
+
+    split = resolve_split(corpus, split, "calib")
     tok = load_tokenizer(model_dir)
     eos = eos_token(tok)
     ids = tokenize_corpus(load_corpus(corpus, split), tok, separator=eos, max_tokens=sequences * seq_len)
     n = len(ids) // seq_len
+    log.info("calibration: %d sequences of %d tokens from corpus %s (%s)", min(n, sequences), seq_len, corpus,
+             f"split {split}" if split else "whole corpus")
     if n == 0:
-        raise ValueError(f"corpus {corpus!r} split {split!r} has only {len(ids)} tokens; need at least "
-                         f"one sequence of {seq_len}")
+        raise ValueError(f"corpus {corpus!r} ({f'split {split}' if split else 'whole'}) has only {len(ids)} tokens; "
+                         f"need at least one sequence of {seq_len}")
     if n < sequences:
         log.warning("calibration: only %d sequences of %d tokens available (asked %d)", n, seq_len, sequences)
     return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len).astype("int64"))

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, help=f"quantization group size along K (default {d.group_size})")
     p.add_argument("--quant-method", choices=("rtn", "hqq", "gptq"), help=f"rounding (default {d.quant_method})")
     p.add_argument("--calib-corpus",
-                   help=f"calibration corpus: 'pydoc', a text file, a folder of text files (default {d.calib_corpus})")
+                   help="calibration text: 'pydoc' (built-in; its calib split) or your own text file or folder "
+                   f"of text files, read whole (default {d.calib_corpus})")
     p.add_argument("--calib-sequences", type=int, help=f"calibration sequences (default {d.calib_sequences})")
     p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
     p.add_argument("--metric", choices=("kl", "nll"),

@@ -1,15 +1,19 @@
 """Evaluation: text corpora, language-model metrics (perplexity, KL, unigram baseline), routing stats."""
 
 from .corpus import (
+    AUTO_SPLIT,
     DEFAULT_SEPARATOR,
     PYDOC_ENV,
     SPLITS,
+    BinaryFileError,
     CorpusError,
     Document,
     assign_splits,
+    is_builtin,
     load_corpus,
     load_documents,
     pydoc_dir,
+    resolve_split,
     split_documents,
     split_of,
     tokenize_corpus,
@@ -27,9 +31,11 @@ from .metrics import (
 from .routing import LayerRouting, expert_frequencies
 
 __all__ = [
+    "AUTO_SPLIT",
     "DEFAULT_SEPARATOR",
     "PYDOC_ENV",
     "SPLITS",
+    "BinaryFileError",
     "CorpusError",
     "Document",
     "KLResult",
@@ -39,12 +45,14 @@ __all__ = [
     "assign_splits",
     "expert_frequencies",
     "hf_logits_fn",
+    "is_builtin",
     "kl_divergence",
     "load_corpus",
     "load_documents",
     "make_windows",
     "perplexity",
     "pydoc_dir",
+    "resolve_split",
     "split_documents",
     "split_of",
     "tokenize_corpus",

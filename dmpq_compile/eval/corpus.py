@@ -1,14 +1,20 @@
-"""Text corpora for training and evaluating the sample models.
+"""Text corpora for training, calibrating and evaluating models.
 
-A corpus *spec* is either the word ``pydoc`` (the Python 3.11 documentation sources shipped by
-the Debian ``python3.11-doc`` package) or a local path: a single text file, a folder of text files
-(``*.txt``, ``*.md``, ``*.rst``, ``*.jsonl``/``*.json`` with a ``text`` field), or a folder saved
-with Hugging Face ``datasets.Dataset.save_to_disk``.
+A corpus *spec* is either the word ``pydoc`` (the built-in corpus: the Python 3.11 documentation
+sources shipped by the Debian ``python3.11-doc`` package) or a path of the user's own: a single
+text file, a folder, or a folder saved with Hugging Face ``datasets.Dataset.save_to_disk``.
+
+In a folder every file counts whatever its name: ``*.jsonl`` / ``*.json`` are read as records
+with a ``text`` field, every other file as one document of UTF-8 text. Whether a file is text is
+decided by its content (no NUL byte, valid UTF-8), never by its suffix; a binary file is an
+error naming the file. Hidden files and folders (``.git``) and ``__pycache__`` are skipped.
 
 Every document carries a stable *key* (its path relative to the corpus root, plus a record index
 for multi-record files). The ``train`` / ``calib`` / ``test`` split is decided by the sha256 of that
 key, so it is deterministic, independent of file order, and a document never moves between splits
-when other documents are added.
+when other documents are added. Which split a command reads by default (:func:`resolve_split`):
+for the built-in corpus the one for the purpose (``calib`` for calibration, ``test`` for
+evaluation); for a user's own corpus the whole of it, since it was chosen for the purpose.
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ PYDOC_DEFAULT_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 SPLITS = ("train", "calib", "test")
 # Fractions of the hash range [0, 1) given to each split, in order: test, calib, then train.
 SPLIT_FRACTIONS = {"test": 0.05, "calib": 0.05, "train": 0.90}
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+BUILTIN_CORPORA = ("pydoc",)
+AUTO_SPLIT = "auto"  # the default split: see resolve_split
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")  # only where no content is read: a datasets folder's fallback
 JSON_SUFFIXES = (".jsonl", ".json")
+SKIPPED_FOLDERS = ("__pycache__",)  # Python's bytecode cache, never text; hidden folders are skipped too
 SINGLE_FILE_BLOCK_CHARS = 4096
 DEFAULT_SEPARATOR = "<|endoftext|>"
 
@@ -108,6 +117,24 @@ def split_documents(docs: Sequence[Document], split: str | None) -> list[Documen
     return [d for d in docs if assignment[d.key] == split]
 
 
+def is_builtin(spec: str | Path) -> bool:
+    """Whether ``spec`` names a built-in corpus (``pydoc``) rather than the user's own text."""
+    return str(spec) in BUILTIN_CORPORA
+
+
+def resolve_split(spec: str | Path, split: str | None, builtin_split: str) -> str | None:
+    """The split to read from ``spec``: ``split`` itself, unless it is ``"auto"``.
+
+    ``"auto"`` means ``builtin_split`` (``calib`` for calibration, ``test`` for evaluation) for a
+    built-in corpus, and the whole corpus (None) for a user's own corpus: the project's hash split
+    exists to keep the built-in corpus's evaluation text out of training and calibration, while a
+    user who hands over a corpus for one purpose means all of it.
+    """
+    if split != AUTO_SPLIT:
+        return split
+    return builtin_split if is_builtin(spec) else None
+
+
 # --------------------------------------------------------------------------------------------- loaders
 def pydoc_dir() -> Path:
     """Return the folder of the python-doc corpus (``$DMPQ_PYDOC_DIR`` or the Debian default).
@@ -138,9 +165,14 @@ def load_text_file(path: str | Path) -> list[Document]:
 
     A single file is cut into blocks so that it can still be split into train/calib/test; the
     block keys are ``NAME#INDEX``.
+
+    Raises:
+        CorpusError: the file is not UTF-8 text (:class:`BinaryFileError`) or holds only whitespace.
     """
     path = Path(path)
     text = _read_text(path)
+    if not text.strip():
+        raise CorpusError(f"corpus file {path} holds no text (it is empty)")
     blocks, current, size = [], [], 0
     for para in text.split("\n\n"):
         current.append(para)
@@ -154,12 +186,13 @@ def load_text_file(path: str | Path) -> list[Document]:
 
 
 def load_folder(root: str | Path) -> list[Document]:
-    """Load a folder recursively: text files whole, ``*.jsonl``/``*.json`` one document per record.
+    """Load a folder recursively: ``*.jsonl``/``*.json`` one document per record, any other file whole.
 
-    Files are visited in sorted relative-path order; hidden files and folders are skipped.
+    Files are visited in sorted relative-path order; hidden files and folders and ``__pycache__``
+    are skipped, and so are files holding only whitespace.
 
     Raises:
-        CorpusError: The folder holds no supported file.
+        CorpusError: a file is not UTF-8 text (all such files are named), or no file holds text.
     """
     root = Path(root)
     if _is_hf_dataset(root):
@@ -182,7 +215,7 @@ def load_hf_dataset(root: str | Path) -> list[Document]:
     except ImportError:
         if any(p.name not in _HF_METADATA_FILES for p in _sorted_files(root, TEXT_SUFFIXES + JSON_SUFFIXES)):
             log.info("datasets is not installed; reading the json/jsonl/txt files of %s", root)
-            return _load_plain_folder(root)
+            return _load_plain_folder(root, TEXT_SUFFIXES + JSON_SUFFIXES)
         raise CorpusError(f"{root} is a Hugging Face datasets folder (arrow files) but the `datasets` package "
                           "is not installed; `pip install datasets` (it is optional, not a dependency of "
                           "dmpq-compile), or export the data as *.jsonl with a 'text' field") from None
@@ -196,19 +229,32 @@ def load_hf_dataset(root: str | Path) -> list[Document]:
     return docs
 
 
-def _load_plain_folder(root: Path) -> list[Document]:
+def _load_plain_folder(root: Path, suffixes: tuple[str, ...] | None = None) -> list[Document]:
+    """Every file of ``root`` (only ``suffixes`` in a datasets folder read without ``datasets``)."""
     docs: list[Document] = []
-    for path in _sorted_files(root, TEXT_SUFFIXES + JSON_SUFFIXES):
+    binary: list[str] = []
+    files = [p for p in _sorted_files(root, suffixes) if p.name not in _HF_METADATA_FILES]
+    for path in files:
         rel = path.relative_to(root).as_posix()
-        if path.name in _HF_METADATA_FILES:
-            continue
         if path.suffix in JSON_SUFFIXES:
             docs.extend(Document(f"{rel}#{i}", t) for i, t in enumerate(_json_texts(path)))
-        else:
-            docs.append(Document(rel, _read_text(path)))
+            continue
+        try:
+            text = _read_text(path)
+        except BinaryFileError as e:
+            binary.append(f"{rel} ({e.why})")
+            continue
+        if text.strip():
+            docs.append(Document(rel, text))
+    if binary:
+        shown = "; ".join(binary[:5]) + (f"; and {len(binary) - 5} more" if len(binary) > 5 else "")
+        raise CorpusError(f"corpus folder {root} holds {len(binary)} file(s) that are not UTF-8 text: {shown}. "
+                          "Every file of a corpus folder is read as text (json/jsonl as records with a 'text' "
+                          "field): move these files out, or give a folder that holds only text")
     if not docs:
-        raise CorpusError(f"{root} holds no text: expected files ending in {TEXT_SUFFIXES + JSON_SUFFIXES} "
-                          "(json/jsonl records need a 'text' field)")
+        what = f"its {len(files)} file(s) are empty" if files else "it has no files (hidden ones are skipped)"
+        raise CorpusError(f"{root} holds no text: {what}. Give a folder of text files (any name: .txt, .py, ...) "
+                          "or json/jsonl files whose records have a 'text' field")
     return docs
 
 
@@ -240,7 +286,7 @@ def load_corpus(spec: str | Path, split: str | None = None) -> list[str]:
         The document texts in deterministic (sorted key) order.
     """
     docs = split_documents(load_documents(spec), split)
-    log.info("corpus %s split %s: %d documents, %d chars", spec, split, len(docs),
+    log.info("corpus %s %s: %d documents, %d chars", spec, f"split {split}" if split else "(whole)", len(docs),
              sum(len(d.text) for d in docs))
     return [d.text for d in docs]
 
@@ -302,7 +348,7 @@ def _is_hf_dataset(root: Path) -> bool:
 def _sorted_files(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIPPED_FOLDERS)
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -311,11 +357,39 @@ def _sorted_files(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
+class BinaryFileError(CorpusError):
+    """A corpus file is not text; ``why`` says what in its content shows it."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path, self.why = path, why
+        super().__init__(f"corpus file {path} is not UTF-8 text ({why}); give a text file, or convert it "
+                         "to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)")
+
+
+def decode_text(data: bytes) -> str:
+    """``data`` as text if its content is text: no NUL byte and valid UTF-8 (a BOM is dropped).
+
+    Raises:
+        ValueError: what shows the content is binary (the NUL byte or the bad byte and its offset).
+    """
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"NUL byte at offset {nul}: a binary file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"byte 0x{data[e.start]:02x} at offset {e.start} is not valid UTF-8") from None
+
+
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
     except OSError as e:
         raise CorpusError(f"cannot read corpus file {path}: {e}") from None
+    try:
+        return decode_text(data)
+    except ValueError as e:
+        raise BinaryFileError(path, str(e)) from None
 
 
 def _json_texts(path: Path) -> list[str]:
