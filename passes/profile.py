@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
+from ..ir.stream import layer_outputs, run_layers
 from .base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProfileOptions:
-    batch_size: int = 8  # calibration sequences per forward pass
+    """No options: profiling runs layer-major over all calibration sequences at once."""
 
 
 class ProfilePass(Pass):
@@ -36,7 +37,7 @@ class ProfilePass(Pass):
     description = "expert activation frequency, routing mass, token counts"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        counts, mass, total = route_statistics(graph, ctx.calibration, self.options.batch_size, ctx.progress)
+        counts, mass, total = route_statistics(graph, ctx.calibration, ctx.progress)
         for node in graph.experts():
             layer, e = node.attrs["layer"], node.attrs["expert"]
             graph.annotate(node.id, "tokens", int(counts[layer][e]))
@@ -52,7 +53,7 @@ class ProfilePass(Pass):
         return PassResult(graph, modified=True, stats={"tokens": total})
 
 
-def route_statistics(graph: Graph, ids: torch.Tensor, batch_size: int = 8,
+def route_statistics(graph: Graph, ids: torch.Tensor,
                      progress: bool = True) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
     """Per layer: tokens routed to each expert ``[E]`` and summed routing weights ``[E]``; total tokens."""
     interp = Interpreter(graph, quantize=False)
@@ -68,7 +69,8 @@ def route_statistics(graph: Graph, ids: torch.Tensor, batch_size: int = 8,
             mass[layer].index_add_(0, value.indices.reshape(-1), value.weights.reshape(-1).double())
 
     opts = RunOptions(quantize=False, observer=observe)
-    with torch.no_grad():
-        for start in tqdm(range(0, len(ids), batch_size), desc="profile", disable=not progress, leave=False):
-            interp.run(ids[start:start + batch_size], opts, outputs=("final_norm",))
+    bar = tqdm(total=len(layer_outputs(graph)), desc="profile", unit="layer", disable=not progress, leave=False)
+    with torch.no_grad():  # layer-major: each weight is read once, memory holds one layer
+        run_layers(interp, ids, opts, progress=lambda layer: bar.update(1))
+    bar.close()
     return counts, mass, int(ids.numel())

@@ -1,17 +1,26 @@
-"""``sensitivity``: per expert and bit-width, the loss (NLL) and KL increase when only it is quantized.
+"""``sensitivity``: per expert and bit-width, how much quantizing only it changes the model.
 
-Cost and batching: quantizing one expert of layer l changes the model only from that layer's
-MoE output on, and only on the tokens routed to it. So the pass runs the full-precision model
-once, keeps each layer's residual stream, patches in the quantized expert's output for the
-routed tokens, and runs just the suffix (layers l+1..L) for ``chunk`` perturbations stacked
-along the batch axis. Work is O(E · L · |bits| · T · suffix) token-layer evaluations, about half
-a full forward per perturbation on average, with batch-efficient matmuls.
+Two methods (``method``):
 
-Also writes ``contribution`` (|dL/ds_e| for a scale s_e on each expert's output, one backward
-pass) and, with ``gradvar``, the features of the router-gradient/variance allocator:
-``router_grad_change`` (relative change of each expert's router-row gradient when all experts
-are quantized at ``gradvar_bits``) and ``neuron_variance`` (mean over the expert's
-intermediate neurons of the activation variance across its routed tokens).
+* ``local`` (default): each expert's output error at its own layer on the tokens routed to it,
+  weighted by the gradient of the model's output distribution at that layer: a Fisher estimate
+  of the KL increase (see :mod:`.sensitivity_local`). One forward and one backward per label
+  sample, layer-major: cost linear in depth, memory bounded by one layer. ``sensitivity``
+  (the NLL-increase annotation) is set to the same estimate: the expected NLL increase under
+  the model's own next-token distribution is exactly the KL.
+* ``whole``: the measured NLL and KL increase of the whole model with only that expert
+  quantized. It runs the full-precision model once, keeps each layer's residual stream,
+  patches in the quantized expert's output for the routed tokens and runs the suffix (layers
+  l+1..L) for ``chunk`` perturbations stacked along the batch axis: O(E . L . |bits| . T .
+  suffix) token-layer evaluations, quadratic in depth, and whole-model memory. For small
+  models and for checking ``local``.
+
+Both write ``contribution`` (``whole``: |dL/ds_e| for a scale s_e on each expert's output;
+``local``: the square root of the Fisher estimate of removing the expert's output) and, with
+``gradvar``, the features of the router-gradient/variance allocator: ``router_grad_change``
+(relative change of each expert's router-row gradient when all experts are quantized at
+``gradvar_bits``) and ``neuron_variance`` (mean over the expert's intermediate neurons of the
+activation variance across its routed tokens).
 """
 
 from __future__ import annotations
@@ -27,18 +36,28 @@ from ..eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
 from ..ir import ops
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
+from . import sensitivity_local as local
 from .base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
+METHODS = ("local", "whole")
 
 
 @dataclass(frozen=True)
 class SensitivityOptions:
     bits: tuple[int, ...] | None = None  # default: the backend's supported bits below 16, else (2, 3, 4, 8)
     max_sequences: int = 16  # calibration sequences used
-    chunk: int = 8  # perturbations evaluated per suffix pass
+    chunk: int = 8  # whole: perturbations evaluated per suffix pass
     gradvar: bool = True
     gradvar_bits: int = 3
+    method: str = "local"  # local (Fisher-weighted layer-local error, linear in depth) | whole
+    label_samples: int = 1  # local: sampled-label backward passes averaged
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"sensitivity method must be one of {METHODS}, got {self.method!r}")
+        if self.label_samples < 1:
+            raise ValueError(f"label_samples must be >= 1, got {self.label_samples}")
 
 
 class SensitivityPass(Pass):
@@ -58,6 +77,8 @@ class SensitivityPass(Pass):
         bits = tuple(o.bits) if o.bits else _default_bits(ctx)
         ids = ctx.calibration[: o.max_sequences]
         interp = Interpreter(graph, quantize=False)
+        if o.method == "local":
+            return self._run_local(graph, ctx, interp, ids, bits)
         fp = _reference(graph, interp, ids)
         n_pert = sum(1 for _ in graph.experts()) * len(bits)
         bar = tqdm(total=n_pert, desc="sensitivity", unit="pert", disable=not ctx.progress, leave=False)
@@ -71,6 +92,67 @@ class SensitivityPass(Pass):
             _gradvar(graph, interp, ids, o.gradvar_bits, fp)
         return PassResult(graph, modified=True, stats={"bits": list(bits), "perturbations": n_pert,
                                                        "tokens": int(ids.numel())})
+
+
+    def _run_local(self, graph: Graph, ctx: PassContext, interp: Interpreter, ids: torch.Tensor,
+                   bits: tuple[int, ...]) -> PassResult:
+        o = self.options
+        n_layers = len(local.layer_outputs(graph))
+        steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0))
+        bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False)
+        tick = lambda: bar.update(1)  # noqa: E731
+        store, h_last = local.forward_boundaries(interp, ids, RunOptions(quantize=False), tick)
+        gen = torch.Generator().manual_seed(int(ctx.seed))
+        scores: dict[str, list[dict]] = {}
+
+        def at_layer(layer, seen, g):
+            if f"L{layer}.router" in seen:
+                for node_id, sc in local.expert_scores(graph, interp, layer, seen[f"L{layer}.moe_norm"],
+                                                       seen[f"L{layer}.router"], g, bits, ids.shape[1]).items():
+                    scores.setdefault(node_id, []).append(sc)
+
+        try:
+            for _ in range(o.label_samples):
+                g = local.head_gradient(interp, h_last, ids, "sampled", gen)
+                local.backward_layers(interp, store, g, RunOptions(quantize=False), at_layer, tick)
+        finally:
+            store.close()
+        for node_id, runs in scores.items():
+            kl = {b: sum(r["kl"][b] for r in runs) / len(runs) for b in runs[0]["kl"]}
+            graph.annotate(node_id, "kl", kl)
+            graph.annotate(node_id, "sensitivity", dict(kl))
+            graph.annotate(node_id, "contribution", sum(r["contribution"] for r in runs) / len(runs))
+            if o.gradvar:
+                graph.annotate(node_id, "neuron_variance", runs[0]["neuron_variance"])
+        if o.gradvar:
+            fp_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False), tick)
+            all_q = {n.id: o.gradvar_bits for n in graph.experts()}
+            q_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False, bits_override=all_q), tick)
+            _annotate_router_change(graph, fp_g, q_g)
+        bar.close()
+        return PassResult(graph, modified=True, stats={
+            "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel())})
+
+
+def _streamed_router_grads(graph: Graph, interp: Interpreter, ids: torch.Tensor, opts: RunOptions,
+                           tick) -> dict[int, torch.Tensor]:
+    """Router-weight gradients of the true-label loss, computed layer by layer."""
+    params = {r.id: interp.stored(r.params["weight"]).clone().requires_grad_(True) for r in graph.nodes("router")}
+    opts.weight_override = {rid: {"weight": p} for rid, p in params.items()}
+    store, h_last = local.forward_boundaries(interp, ids, opts, tick)
+    try:
+        g = local.head_gradient(interp, h_last, ids, "true", None)
+        local.backward_layers(interp, store, g, opts, lambda *a: None, tick)
+    finally:
+        store.close()
+    return {graph.g.nodes[rid]["attrs"]["layer"]: p.grad for rid, p in params.items()}
+
+
+def _annotate_router_change(graph: Graph, g_fp: dict, g_q: dict) -> None:
+    for node in graph.experts():
+        layer, e = node.attrs["layer"], node.attrs["expert"]
+        ref = g_fp[layer][e]
+        graph.annotate(node.id, "router_grad_change", float((g_q[layer][e] - ref).norm() / (ref.norm() + 1e-12)))
 
 
 def _default_bits(ctx: PassContext) -> tuple[int, ...]:
@@ -167,11 +249,9 @@ def _gradvar(graph: Graph, interp: Interpreter, ids: torch.Tensor, bits: int, fp
     g_fp = _router_grads(graph, interp, ids, RunOptions(quantize=False))
     all_q = {n.id: bits for n in graph.experts()}
     g_q = _router_grads(graph, interp, ids, RunOptions(quantize=False, bits_override=all_q))
+    _annotate_router_change(graph, g_fp, g_q)
     for node in graph.experts():
         layer, e = node.attrs["layer"], node.attrs["expert"]
-        ref = g_fp[layer][e]
-        change = float((g_q[layer][e] - ref).norm() / (ref.norm() + 1e-12))
-        graph.annotate(node.id, "router_grad_change", change)
         w = interp.weights(node.id, RunOptions(quantize=False))
         x, routing = fp[f"L{layer}.moe_norm"], fp[f"L{layer}.router"]
         token_idx, _ = torch.where(routing.indices == e)

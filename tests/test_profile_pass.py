@@ -11,7 +11,7 @@ def test_counts_match_transformers_router_logits(family, tiny_dirs, calib_ids):
 
     path = tiny_dirs(family)
     ids = calib_ids(family)
-    g = make_pass("profile", batch_size=3).call(load(path), PassContext(calibration=ids, progress=False)).graph
+    g = make_pass("profile").call(load(path), PassContext(calibration=ids, progress=False)).graph
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         router_logits = model(ids, output_router_logits=True).router_logits

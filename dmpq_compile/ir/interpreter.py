@@ -41,6 +41,10 @@ class RunOptions:
         observer: called with every computed node value.
         resume: node id -> precomputed value; those nodes and everything only they need are skipped.
         weight_override: node id -> role -> tensor, used instead of stored weights (QAT).
+        checkpoint: under autograd, MLP-like nodes (experts, shared experts, dense MLPs) keep
+            neither their weights nor their intermediates for the backward pass; it recomputes
+            them (weights are read again), so a backward through a layer holds one expert's
+            weights at a time.
     """
 
     quantize: bool = True
@@ -49,6 +53,10 @@ class RunOptions:
     observer: Observer | None = None
     resume: Mapping[str, Any] = field(default_factory=dict)
     weight_override: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+    checkpoint: bool = False
+
+
+MLP_KINDS = ("expert", "shared_expert", "mlp")
 
 
 class WeightCache:
@@ -179,6 +187,12 @@ class Interpreter:
         ins = [values[i] for i in self.graph.inputs(node_id)]
         if kind == "input":
             raise IRError("the interpreter needs input_ids for node 'tokens'")
+        if opts.checkpoint and kind in MLP_KINDS and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._mlp, node_id, kind, ins, opts, use_reentrant=False)
+        if kind in MLP_KINDS:
+            return self._mlp(node_id, kind, ins, opts)
         w = self.weights(node_id, opts)
         if kind == "embed":
             return F.embedding(ins[0], w["weight"])
@@ -190,17 +204,20 @@ class Interpreter:
             return ins[0] + ins[1]
         if kind == "router":
             return ops.route(ins[0], w["weight"], a)
-        if kind == "expert":
-            return ops.expert(ins[0], ins[1], a["expert"], w)
-        if kind == "shared_expert":
-            return ops.shared_expert(ins[0], w)
-        if kind == "mlp":
-            return ops.swiglu(ins[0], w["gate"], w["up"], w["down"])
         if kind == "combine":
             return ops.combine(ins[0].shape, ins[0], ins[1:], opts.expert_scales.get(a["layer"]))
         if kind == "lm_head":
             return F.linear(ins[0], w["weight"])
         raise IRError(f"node {node_id!r}: the interpreter has no rule for kind {kind!r}")
+
+
+    def _mlp(self, node_id: str, kind: str, ins: list[Any], opts: RunOptions) -> Any:
+        w = self.weights(node_id, opts)
+        if kind == "expert":
+            return ops.expert(ins[0], ins[1], self.graph.g.nodes[node_id]["attrs"]["expert"], w)
+        if kind == "shared_expert":
+            return ops.shared_expert(ins[0], w)
+        return ops.swiglu(ins[0], w["gate"], w["up"], w["down"])
 
 
 def logits_fn(graph: Graph, quantize: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,0 +1,142 @@
+"""Layer-local sensitivity: each expert's quantization error at its own layer, weighted by the
+gradient of the model's output distribution there (a Fisher estimate of the KL increase).
+
+Why: quantizing expert e of layer l perturbs that layer's MoE output by ``d_t = w_te (y_q - y)``
+on the tokens routed to it. To second order the mean KL to the full-precision model is
+``1/2 d^T F d`` with F the Fisher information of the output distribution with respect to the
+layer output. Sampling a label ``y_t' ~ p_t'`` at every position and back-propagating
+``sum_t' log p(y_t')`` gives per-token gradients ``g_t`` with ``E[(sum_t g_t . d_t)^2] =
+d^T F d`` (cross terms of different positions vanish in expectation because the score has mean
+zero), so ``1/2 sum_seq (sum_{t in seq} g_t . d_t)^2 / n_positions``, averaged over
+``label_samples`` draws, estimates the per-token KL without running later layers per expert.
+
+Cost, for L layers, E experts per layer, b bit-widths and S x T calibration tokens:
+one forward, one backward with recomputation (about three forwards), and per layer E x b
+fake quantizations plus each expert's MLP on its routed tokens: linear in L. Memory: one
+layer's activations, one expert's weights at a time (``RunOptions.checkpoint``), and the
+residual stream at every layer boundary, kept on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..ir import ops
+from ..ir.graph import Graph
+from ..ir.interpreter import Interpreter, RunOptions
+from ..ir.stream import embed, layer_input, layer_outputs, run_layer
+
+log = logging.getLogger(__name__)
+
+
+class _Boundaries:
+    """The residual stream entering each layer, spilled to a temporary folder (one file a layer)."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="dmpq-sens-")
+
+    def put(self, layer: int, h: torch.Tensor) -> None:
+        torch.save(h.detach().contiguous(), Path(self._dir.name) / f"{layer}.pt")
+
+    def get(self, layer: int) -> torch.Tensor:
+        return torch.load(Path(self._dir.name) / f"{layer}.pt", weights_only=True)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+def forward_boundaries(interp: Interpreter, ids: torch.Tensor, opts: RunOptions,
+                       tick: Callable[[], None]) -> tuple[_Boundaries, torch.Tensor]:
+    """Run layer-major, keeping every layer's input on disk; returns them and the last output."""
+    store = _Boundaries()
+    with torch.no_grad():
+        h = embed(interp, ids, opts)
+        for layer in range(len(layer_outputs(interp.graph))):
+            store.put(layer, h)
+            h = run_layer(interp, layer, h, opts)
+            tick()
+    return store, h
+
+
+def head_gradient(interp: Interpreter, h_last: torch.Tensor, ids: torch.Tensor, labels: str,
+                  gen: torch.Generator | None) -> torch.Tensor:
+    """``d/dh_L`` of the summed next-token log-likelihood: of labels drawn from the model
+    (``labels="sampled"``) or of the text's own tokens (``"true"``), ``[S, T, H]``."""
+    grad = torch.zeros_like(h_last)
+    last = layer_outputs(interp.graph)[-1]
+    for start in range(0, len(h_last), 4):  # 4 sequences at a time bound the [s, T, V] logits
+        sl = slice(start, start + 4)
+        h = h_last[sl].clone().requires_grad_(True)
+        logits = interp.run(None, RunOptions(quantize=False, resume={last: h}), outputs=("lm_head",))["lm_head"]
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [s, T-1, V]
+        if labels == "sampled":
+            with torch.no_grad():
+                y = torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=gen).view(*logp.shape[:2], 1)
+        else:
+            y = ids[sl, 1:, None]
+        logp.gather(-1, y).sum().backward()
+        grad[sl] = h.grad
+    return grad
+
+
+def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Tensor, opts: RunOptions,
+                    at_layer: Callable[[int, dict, torch.Tensor], None], tick: Callable[[], None]) -> None:
+    """From the last layer down: recompute layer l from its stored input with autograd, call
+    ``at_layer(l, values, g)`` with the layer's observed values (MoE input, routing) and the
+    gradient ``g`` of its output, then carry the gradient to the layer's input."""
+    g = grad_out
+    for layer in reversed(range(len(layer_outputs(interp.graph)))):
+        h = store.get(layer).requires_grad_(True)
+        seen: dict = {}
+        prefix = f"L{layer}."
+
+        def observe(node_id, kind, value, seen=seen, prefix=prefix):
+            if node_id.startswith(prefix) and (kind == "router" or node_id.endswith(".moe_norm")):
+                seen[node_id] = value
+
+        out_id = f"L{layer}.moe_res"
+        run = RunOptions(quantize=opts.quantize, bits_override=opts.bits_override, observer=observe,
+                         weight_override=opts.weight_override, checkpoint=True,
+                         resume={layer_input(interp.graph, layer): h})
+        out = interp.run(None, run, outputs=(out_id,))[out_id]
+        at_layer(layer, seen, g)
+        if layer > 0 or opts.weight_override:
+            out.backward(g)
+            g = h.grad
+        tick()
+
+
+def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor, routing: ops.Routing,
+                  g: torch.Tensor, bits: tuple[int, ...], seq_len: int) -> dict[str, dict]:
+    """Per expert of ``layer``: the Fisher KL estimate per bits, the Fisher magnitude of its whole
+    output (``contribution``) and the mean variance of its intermediate neurons."""
+    x, g = x.detach().reshape(-1, x.shape[-1]), g.detach().reshape(-1, g.shape[-1])  # [N, H]
+    n_seq, positions = x.shape[0] // seq_len, x.shape[0] // seq_len * (seq_len - 1)
+    out = {}
+    with torch.no_grad():
+        for node in (n for n in graph.experts() if n.attrs["layer"] == layer):
+            token_idx, slot = torch.where(routing.indices == node.attrs["expert"])
+            xt, gt = x[token_idx], g[token_idx]
+            seq = token_idx // seq_len
+            wr = routing.weights[token_idx, slot, None]
+
+            def fisher(delta: torch.Tensor) -> float:  # delta [n, H]: perturbation of the layer output
+                per_seq = torch.zeros(n_seq, dtype=torch.float64).index_add_(0, seq, (gt * delta).sum(-1).double())
+                return float(0.5 * per_seq.pow(2).sum() / positions)
+
+            w = interp.weights(node.id, RunOptions(quantize=False))
+            act = F.silu(F.linear(xt, w["gate"])) * F.linear(xt, w["up"])  # [n, I]
+            y = F.linear(act, w["down"])
+            kl = {16: 0.0}
+            for b in bits:
+                wq = interp.weights(node.id, RunOptions(bits_override={node.id: b}))
+                kl[b] = fisher((ops.swiglu(xt, wq["gate"], wq["up"], wq["down"]) - y) * wr) if len(xt) else 0.0
+            out[node.id] = {"kl": kl, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
+                            "neuron_variance": float(act.var(dim=0).mean()) if len(xt) > 1 else 0.0}
+    return out
