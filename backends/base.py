@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..ir.graph import Graph
+if TYPE_CHECKING:  # annotations only: `check` and `bench` import backends without torch (ir/ imports it)
+    from ..ir.graph import Graph
 
 
 class BackendError(RuntimeError):

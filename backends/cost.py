@@ -25,10 +25,12 @@ import platform
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..fileio import atomic_write_bytes
-from ..ir.graph import Graph
+
+if TYPE_CHECKING:  # `bench` uses the energy model on artifacts without torch (ir/ imports it)
+    from ..ir.graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def _one_expert_shape(graph: Graph, node_id: str, params: Mapping[str, str]) -> 
 
 def distinct_shapes(graph_or_shapes: Graph | Mapping[str, tuple[int, int]]) -> list[tuple[int, int]]:
     """The de-duplicated, sorted list of expert shapes ``(H, I)`` (what needs measuring)."""
-    shapes = expert_shapes(graph_or_shapes) if isinstance(graph_or_shapes, Graph) else graph_or_shapes
+    shapes = graph_or_shapes if isinstance(graph_or_shapes, Mapping) else expert_shapes(graph_or_shapes)
     return sorted(set(shapes.values()))
 
 

@@ -238,16 +238,13 @@ def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float],
 
 
 def _perplexity(session: Any, cfg: BenchConfig, stream: np.ndarray, progress: bool) -> dict:
-    import torch
+    from .eval import NumpyLogits, perplexity
 
-    from .eval import perplexity
-
-    def fn(ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.logits(ids.numpy()))
-
-    res = perplexity(fn, stream[: cfg.ppl_tokens], context=cfg.context, stride=cfg.stride, batch_size=4,
-                     progress=progress)
-    return {"ppl": res.ppl, "ppl_tokens": res.n_tokens}
+    limit = getattr(session, "max_positions", None)  # windows never run past the model's context
+    context = min(cfg.context, limit) if limit else cfg.context
+    res = perplexity(NumpyLogits(session.logits), stream[: cfg.ppl_tokens], context=context,
+                     stride=min(cfg.stride, context), batch_size=4, progress=progress)
+    return {"ppl": res.ppl, "ppl_tokens": res.n_tokens, "ppl_context": context}
 
 
 METRICS = (("prefill_tok_s", "prefill tok/s", "{:.1f}"), ("decode_ms", "decode ms/tok", "{:.3f}"),

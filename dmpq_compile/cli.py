@@ -17,7 +17,13 @@ def _load(name: str):
     return importlib.import_module(f"dmpq_compile.commands.{name.replace('-', '_')}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` one whose other subcommands lack their options.
+
+    Options are added only for the command that runs because some ``add_arguments`` import heavy
+    modules (``compile`` shows CompileConfig's defaults, which imports torch); commands that only
+    load artifacts (run, inspect, check, eval, bench) must not pay for that or need torch.
+    """
     parser = argparse.ArgumentParser(
         prog="dmpq-compile",
         description="Compile Mixture-of-Experts models into artifacts whose experts carry different bit-widths.")
@@ -27,13 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         mod = _load(name)  # every listed command exists; one that fails to import is an error, not hidden
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
-        mod.add_arguments(p)
+        if only is None or only == name:
+            mod.add_arguments(p)
         p.set_defaults(_main=mod.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # top-level options take no value
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__

@@ -28,22 +28,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def model_logits_fn(path: str | Path):
     """``(logits_fn, tokenizer_dir)`` for an artifact (ONNX runtime) or a checkpoint (reference interpreter)."""
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        import torch
+    from ..runtime.manifest import looks_like_artifact
 
+    path = Path(path)
+    if looks_like_artifact(path):  # loading names a missing manifest or damaged file
+        from ..eval import NumpyLogits
         from ..runtime import load as load_artifact
 
-        model = load_artifact(path)
-
-        def fn(ids):
-            return torch.from_numpy(model.logits(ids.numpy()))
-
-        return fn, path
+        return NumpyLogits(load_artifact(path).logits), path  # numpy all the way: no torch
     from ..frontend import load
     from ..ir import logits_fn
 
     return logits_fn(load(path), quantize=False), path
+
+
+def check_context(path: str | Path, context: int) -> None:
+    """Refuse windows longer than the model's max_position_embeddings (past it the scores degrade)."""
+    path = Path(path)
+    source = path / "manifest.json" if (path / "manifest.json").is_file() else path / "config.json"
+    raw = json.loads(source.read_text()) if source.is_file() else {}
+    limit = (raw.get("model", raw) if isinstance(raw, dict) else {}).get("max_position_embeddings")
+    if limit and context > int(limit):
+        raise ValueError(f"--context {context} is longer than {path}'s max_position_embeddings {limit}; "
+                         f"pass --context {limit} or less")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -51,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
     from ..eval.tokens import eos_token, load_tokenizer
 
     fn, tok_dir = model_logits_fn(args.path)
+    check_context(args.path, args.context)
     tok = load_tokenizer(tok_dir)
     texts, split = _corpus_texts(args.corpus, args.split)
     ids = tokenize_corpus(texts, tok, separator=eos_token(tok), max_tokens=args.max_tokens)

@@ -15,8 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_rows(path: Path) -> list[dict]:
+    """Per-expert rows of an artifact (its compile report, else its manifest's bits) or an IR folder."""
     if (path / "report.json").is_file():
-        return json.loads((path / "report.json").read_text())["experts"]
+        report = json.loads((path / "report.json").read_text())
+        if "experts" in report:
+            return report["experts"]
+        if (path / "manifest.json").is_file():  # written without a compile report: bits only
+            experts = json.loads((path / "manifest.json").read_text()).get("experts", {})
+            return [{"id": k, "layer": v["layer"], "expert": v["expert"], "bits": v["bits"]} for k, v in experts.items()]
+        raise ValueError(f"{path / 'report.json'} has no per-expert table and {path} no manifest.json; "
+                         "re-create the artifact with `dmpq-compile compile`")
     if (path / "graph.json").is_file():
         from ..compiler import expert_table
         from ..ir import load_graph

@@ -20,6 +20,7 @@ from .corpus import (
 )
 from .metrics import (
     KLResult,
+    NumpyLogits,
     PerplexityResult,
     Window,
     hf_logits_fn,
@@ -40,6 +41,7 @@ __all__ = [
     "Document",
     "KLResult",
     "LayerRouting",
+    "NumpyLogits",
     "PerplexityResult",
     "Window",
     "assign_splits",

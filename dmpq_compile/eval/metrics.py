@@ -2,7 +2,9 @@
 
 Every metric takes a *logits function* ``logits_fn(input_ids: LongTensor[B, T]) -> Tensor[B, T, V]``
 so that any model can be measured the same way: a transformers model (:func:`hf_logits_fn`), the
-project's IR interpreter, or an exported artifact.
+project's IR interpreter, or an exported artifact. A function on numpy arrays, wrapped in
+:class:`NumpyLogits` (an artifact's ``Session.logits``), is measured in numpy: evaluating an
+artifact never imports torch, which is imported only where a torch function is measured.
 
 Windows: the stream of ``N`` tokens is cut into windows of ``context`` tokens whose starts advance by
 ``stride`` (a start never passes the last scored token, so with ``stride == context`` windows overlap by
@@ -20,18 +22,35 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+LogitsFn = Callable[["torch.Tensor"], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class NumpyLogits:
+    """A logits function on numpy arrays, ``fn(int64 [B, T]) -> float [B, T, V]`` (e.g. an artifact's
+    ``Session.logits``); :func:`perplexity` and :func:`kl_divergence` then compute in numpy."""
+
+    fn: Callable[[np.ndarray], np.ndarray]
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return self.fn(ids)
 
 
 # -- the one implementation of next-token NLL and KL (sensitivity, RL measurement, QAT, eval) ------
 def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the next token: ``[B, T, V]`` logits -> ``[B, T-1, V]`` (fp32)."""
+    import torch
+
     return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
@@ -52,6 +71,8 @@ def mean_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def mean_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over all positions of ``KL(softmax(ref) || softmax(logits))`` (scalar, differentiable)."""
+    import torch
+
     v = logits.shape[-1]
     ref_logp = torch.log_softmax(ref_logits.reshape(-1, v).float(), dim=-1)
     return token_kl(ref_logp, torch.log_softmax(logits.reshape(-1, v).float(), dim=-1)).mean()
@@ -125,36 +146,80 @@ def _batches(windows: Sequence[Window], batch_size: int) -> Iterator[Sequence[Wi
         yield windows[i:i + batch_size]
 
 
-def _as_tensor(token_ids: Any) -> torch.Tensor:
-    ids = torch.as_tensor(np.asarray(token_ids) if not torch.is_tensor(token_ids) else token_ids)
+def _as_ids(token_ids: Any) -> np.ndarray:
+    ids = np.asarray(token_ids)  # lists, numpy arrays and CPU tensors alike
     if ids.ndim != 1:
         raise ValueError(f"token_ids must be a 1-D stream of token ids, got shape {tuple(ids.shape)}")
-    return ids.long()
+    return ids.astype(np.int64, copy=False)
 
 
-def _window_batch(ids: torch.Tensor, batch: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_batch(ids: np.ndarray, batch: Sequence[Window]) -> tuple[np.ndarray, np.ndarray]:
     """Stack a batch of windows; the mask marks positions whose next-token prediction is scored."""
-    inputs = torch.stack([ids[w.begin:w.end] for w in batch])
-    mask = torch.zeros(inputs.shape[0], inputs.shape[1] - 1, dtype=torch.bool)
+    inputs = np.stack([ids[w.begin:w.end] for w in batch])
+    mask = np.zeros((inputs.shape[0], inputs.shape[1] - 1), dtype=bool)
     for row, w in enumerate(batch):
         mask[row, w.score_from - w.begin - 1:] = True
     return inputs, mask
 
 
-def _log_probs(logits_fn: LogitsFn, inputs: torch.Tensor) -> torch.Tensor:
-    logits = logits_fn(inputs)
+def _log_probs(logits_fn: LogitsFn | NumpyLogits, inputs: np.ndarray) -> Any:
+    """Next-token log-probabilities ``[B, T-1, V]``: numpy for :class:`NumpyLogits`, else torch."""
+    if isinstance(logits_fn, NumpyLogits):
+        logits = np.asarray(logits_fn(inputs))
+    else:
+        import torch
+
+        logits = logits_fn(torch.from_numpy(inputs))
     if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(inputs.shape):
         raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for inputs {tuple(inputs.shape)}; "
                          "expected [batch, seq, vocab]")
+    if isinstance(logits, np.ndarray):
+        x = logits[:, :-1].astype(np.float32)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
     return next_token_logprobs(logits)
 
 
-def perplexity(logits_fn: LogitsFn, token_ids: Any, context: int = 256, stride: int = 128,
+def _numpy(x: Any) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
+
+
+def _position_nll(logp: Any, inputs: np.ndarray) -> np.ndarray:
+    """Per-position NLL ``[B, T-1]`` (float64) of the targets ``inputs[:, 1:]``."""
+    if isinstance(logp, np.ndarray):
+        return -np.take_along_axis(logp, inputs[:, 1:, None], axis=-1)[..., 0].astype(np.float64)
+    import torch
+
+    return _numpy(token_nll(logp, torch.from_numpy(inputs)).double())
+
+
+def _position_kl(logp: Any, logq: Any) -> np.ndarray:
+    """Per-position ``KL(P || Q)`` ``[B, T-1]`` (float64) from two log-probability arrays."""
+    if logp.shape != logq.shape:
+        raise ValueError(f"models disagree on vocabulary size: P gives {logp.shape[-1]}, Q gives {logq.shape[-1]}")
+    if isinstance(logp, np.ndarray) or isinstance(logq, np.ndarray):
+        logp, logq = _numpy(logp), _numpy(logq)
+        return (np.exp(logp) * (logp - logq)).sum(axis=-1, dtype=np.float64)
+    return _numpy(token_kl(logp, logq.to(logp.device)).double())
+
+
+def _no_grad(*fns: Any) -> Any:
+    """torch.inference_mode() when a torch function is measured; nothing to switch off for numpy ones."""
+    if all(isinstance(f, NumpyLogits) for f in fns):
+        import contextlib
+
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.inference_mode()
+
+
+def perplexity(logits_fn: LogitsFn | NumpyLogits, token_ids: Any, context: int = 256, stride: int = 128,
                batch_size: int = 8, max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
     """Strided sliding-window perplexity of a model on a token stream.
 
     Args:
-        logits_fn: Maps ``LongTensor[B, T]`` to logits ``[B, T, V]``.
+        logits_fn: Maps ``LongTensor[B, T]`` to logits ``[B, T, V]``, or a :class:`NumpyLogits`.
         token_ids: 1-D token ids (list, numpy array or tensor).
         context: Window length in tokens.
         stride: Distance between window starts; each window scores at most ``stride`` new tokens.
@@ -165,15 +230,14 @@ def perplexity(logits_fn: LogitsFn, token_ids: Any, context: int = 256, stride: 
     Returns:
         The perplexity, mean NLL and number of scored tokens.
     """
-    ids = _as_tensor(token_ids)
-    windows = make_windows(ids.numel(), context, stride, max_windows)
+    ids = _as_ids(token_ids)
+    windows = make_windows(ids.size, context, stride, max_windows)
     nll_sum, count = 0.0, 0
     bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=not progress)
-    with torch.inference_mode():
+    with _no_grad(logits_fn):
         for batch in _batches(windows, batch_size):
             inputs, mask = _window_batch(ids, batch)
-            logp = _log_probs(logits_fn, inputs)
-            nll_sum += token_nll(logp, inputs)[mask.to(logp.device)].double().sum().item()
+            nll_sum += float(_position_nll(_log_probs(logits_fn, inputs), inputs)[mask].sum())
             count += int(mask.sum())
             bar.update(len(batch))
     bar.close()
@@ -182,8 +246,8 @@ def perplexity(logits_fn: LogitsFn, token_ids: Any, context: int = 256, stride: 
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count)
 
 
-def kl_divergence(logits_fn_p: LogitsFn, logits_fn_q: LogitsFn, token_ids: Any, context: int = 256,
-                  stride: int = 128, batch_size: int = 8, max_windows: int | None = None,
+def kl_divergence(logits_fn_p: LogitsFn | NumpyLogits, logits_fn_q: LogitsFn | NumpyLogits, token_ids: Any,
+                  context: int = 256, stride: int = 128, batch_size: int = 8, max_windows: int | None = None,
                   progress: bool = True) -> KLResult:
     """Mean per-token ``KL(P || Q)`` between a reference model P and a model Q over strided windows.
 
@@ -202,21 +266,16 @@ def kl_divergence(logits_fn_p: LogitsFn, logits_fn_q: LogitsFn, token_ids: Any, 
     Raises:
         ValueError: The two models' vocabulary sizes differ.
     """
-    ids = _as_tensor(token_ids)
-    windows = make_windows(ids.numel(), context, stride, max_windows)
+    ids = _as_ids(token_ids)
+    windows = make_windows(ids.size, context, stride, max_windows)
     kl_sum, kl_max, count = 0.0, 0.0, 0
     bar = tqdm(total=len(windows), desc="kl", unit="win", disable=not progress)
-    with torch.inference_mode():
+    with _no_grad(logits_fn_p, logits_fn_q):
         for batch in _batches(windows, batch_size):
             inputs, mask = _window_batch(ids, batch)
-            logp, logq = _log_probs(logits_fn_p, inputs), _log_probs(logits_fn_q, inputs)
-            if logp.shape != logq.shape:
-                raise ValueError(f"models disagree on vocabulary size: P gives {logp.shape[-1]}, "
-                                 f"Q gives {logq.shape[-1]}")
-            logq = logq.to(logp.device)
-            kl = token_kl(logp, logq)[mask.to(logp.device)].double()
-            kl_sum += kl.sum().item()
-            kl_max = max(kl_max, kl.max().item()) if kl.numel() else kl_max
+            kl = _position_kl(_log_probs(logits_fn_p, inputs), _log_probs(logits_fn_q, inputs))[mask]
+            kl_sum += float(kl.sum())
+            kl_max = max(kl_max, float(kl.max())) if kl.size else kl_max
             count += int(mask.sum())
             bar.update(len(batch))
     bar.close()
@@ -229,6 +288,8 @@ def hf_logits_fn(model: Any) -> LogitsFn:
     Args:
         model: A ``transformers`` ``*ForCausalLM`` model.
     """
+    import torch
+
     model.eval()
     device = next(model.parameters()).device
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # torch is imported where a model is run, so `dmpq_compile.eval` stays light
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ def expert_frequencies(model: Any, token_ids: Any, seq_len: int = 256, batch_siz
     Raises:
         ValueError: The stream is shorter than one window, or the model returns no router logits.
     """
+    import torch
+
     ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).flatten()
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -100,6 +104,8 @@ def expert_frequencies(model: Any, token_ids: Any, seq_len: int = 256, batch_siz
 
 def _count_selected(router_logits: torch.Tensor, k: int) -> torch.Tensor:
     """Count, per expert, the tokens whose top-k router logits include it."""
+    import torch
+
     logits = router_logits.reshape(-1, router_logits.shape[-1]).float()
     chosen = logits.topk(k, dim=-1).indices.flatten().cpu()
     return torch.bincount(chosen, minlength=logits.shape[-1])

@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 REQUIRED_KEYS = ("format", "format_version", "target", "model", "files")
+ARTIFACT_FILES = ("model.onnx", "model.onnx.data", REPORT_NAME)  # what backends and the writer put beside it
 _CHUNK = 1 << 20
 
 
@@ -57,6 +58,11 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{root} is not a folder: give the path of an artifact made by `dmpq-compile compile`")
     path = root / MANIFEST_NAME
     if not path.is_file():
+        found = [name for name in ARTIFACT_FILES if (root / name).is_file()]
+        if found and not (root / "config.json").is_file():
+            raise ArtifactError(f"{path} is missing: {root} holds artifact files ({', '.join(found)}) but not the "
+                                "manifest that lists and verifies them; copy the whole artifact folder again or "
+                                "re-create it with `dmpq-compile compile`")
         raise ArtifactError(f"{path} is missing: {root} is not a dmpq-compile artifact (or it is incomplete)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -71,6 +77,15 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if missing:
         raise ArtifactError(f"{path} lacks required keys {missing}; the artifact is corrupt, re-create it")
     return manifest
+
+
+def looks_like_artifact(root: str | Path) -> bool:
+    """True for a folder with a manifest, or with artifact files (model.onnx, report.json) and no
+    ``config.json`` (which a Hugging Face checkpoint folder has): an artifact, maybe incomplete."""
+    root = Path(root)
+    if (root / MANIFEST_NAME).is_file():
+        return True
+    return not (root / "config.json").is_file() and any((root / name).is_file() for name in ARTIFACT_FILES)
 
 
 def verify_files(root: str | Path, manifest: Mapping[str, Any]) -> None:
