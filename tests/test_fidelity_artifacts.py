@@ -24,11 +24,12 @@ PROMPT = "the expert router sends each token to a few experts and the model adds
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     """A tiny OLMoE artifact with a short context (24 positions) and its weights in model.onnx.data."""
-    from dmpq_compile.artifact import write_artifact
     from dmpq_compile.backends.ort_cpu import OrtCpuBackend
-    from dmpq_compile.frontend import load
     from dmpq_compile.passes.base import PassContext
     from dmpq_compile.passes.quantize import QuantizePass
+
+    from dmpq_compile.artifact import write_artifact
+    from dmpq_compile.frontend import load
     from dmpq_compile.testing import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("fid")
@@ -159,8 +160,9 @@ def test_eval_names_the_missing_manifest(copy, capsys):
 
 # -- 6: stale temporary folders of a killed write --------------------------------------------
 def test_a_new_write_removes_stale_partials_only(tmp_path):
-    from dmpq_compile.artifact import OWNER_FILE, _owner_record, write_artifact
     from dmpq_compile.backends.ort_cpu import OrtCpuBackend
+
+    from dmpq_compile.artifact import OWNER_FILE, _owner_record, write_artifact
     from dmpq_compile.frontend import load
     from dmpq_compile.testing import make_tiny_checkpoint
 
