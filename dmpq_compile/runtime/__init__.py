@@ -9,6 +9,8 @@ Example::
     for piece in model.generate("Once upon a time", temperature=0.8, top_p=0.9, seed=0, stream=True):
         ...
     model.score("some text").perplexity
+    model.generate(long_text, truncate=True)          # past max_position_embeddings: drop the oldest
+                                                      # prompt tokens (warns); without truncate: ValueError
 
     logits, past = model.forward([[1, 2, 3]])          # prefill: logits [1, 3, V] + KV cache
     logits, past = model.forward([[4]], past)          # one decode step after the cached tokens
