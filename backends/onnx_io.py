@@ -8,6 +8,7 @@ stated once.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -67,24 +68,67 @@ def require_folder(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def save_model(model: onnx.ModelProto, folder: str | Path, *, external: bool) -> Path:
-    """Write ``folder/model.onnx`` (tensors over 1 KiB to ``model.onnx.data`` when ``external``)."""
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside model.onnx
+ALIGN = 4096  # external tensors start at page boundaries (onnxruntime can map them)
+
+
+def save_model(model: onnx.ModelProto, folder: str | Path, *, external: bool,
+               deferred: Mapping[str, Callable[[], np.ndarray]] | None = None) -> Path:
+    """Write ``folder/model.onnx``; with ``external``, tensors over 1 KiB go to ``model.onnx.data``.
+
+    ``deferred`` (from :meth:`Builder.add_deferred`) maps initializer names to functions making
+    their data; each is called once, converted to the proto's element type, written and
+    dropped, so writing holds one tensor at a time whatever the model's size. The ModelProto
+    itself never carries the external tensors' bytes (no 2 GB protobuf limit).
+    """
     path = Path(folder) / MODEL_FILE
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-    else:
+    deferred = dict(deferred or {})
+    if not external:
+        for t in model.graph.initializer:
+            if t.name in deferred:
+                t.raw_data = _as_proto_type(deferred.pop(t.name)(), t).tobytes()
         onnx.save_model(model, str(path))
+        return path
+    with open(Path(folder) / DATA_FILE, "wb") as f:
+        for t in model.graph.initializer:
+            if t.name in deferred:
+                data = _as_proto_type(deferred.pop(t.name)(), t).tobytes()
+            elif t.raw_data and len(t.raw_data) >= EXTERNAL_MIN_BYTES:
+                data = t.raw_data
+            else:
+                continue
+            f.seek(-f.tell() % ALIGN, 1)
+            offset = f.tell()
+            f.write(data)
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            for k, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(data)))):
+                t.external_data.add(key=k, value=v)
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(path))
     return path
 
 
-def save_checked(model: onnx.ModelProto, folder: str | Path, *, external: bool) -> Path:
+def _as_proto_type(arr: np.ndarray, t: onnx.TensorProto) -> np.ndarray:
+    want = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    arr = np.asarray(arr)
+    if tuple(arr.shape) != tuple(t.dims):
+        raise BackendError(f"initializer {t.name!r}: made {arr.shape}, declared {tuple(t.dims)} (a lowering bug)")
+    if arr.dtype != want:
+        if want == np.float16 and np.abs(arr).max(initial=0.0) > float(np.finfo(np.float16).max):
+            raise BackendError(f"initializer {t.name!r} has values beyond fp16's range; keep it fp32")
+        arr = arr.astype(want)
+    return np.ascontiguousarray(arr)
+
+
+def save_checked(model: onnx.ModelProto, folder: str | Path, *, external: bool,
+                 deferred: Mapping[str, Callable[[], np.ndarray]] | None = None) -> Path:
     """:func:`save_model`, then ``onnx.checker`` (full check) on the written file.
 
     Raises:
         BackendError: the checker rejects the written model.
     """
-    path = save_model(model, folder, external=external)
+    path = save_model(model, folder, external=external, deferred=deferred)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:

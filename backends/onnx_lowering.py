@@ -50,6 +50,7 @@ class Builder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.domains: dict[str, int] = {}
+        self.deferred: dict[str, Callable[[], np.ndarray]] = {}  # initializer name -> makes its data
         self._count = 0
         self._consts: dict[tuple, str] = {}
 
@@ -88,6 +89,21 @@ class Builder:
         if name not in self.initializers:
             arr = np.asarray(array)  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
             self.initializers[name] = numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(), name)
+        return name
+
+    def add_deferred(self, name: str, shape: tuple[int, ...], dtype: Any, make: Callable[[], np.ndarray]) -> str:
+        """An initializer whose data ``make()`` produces only when the model is written.
+
+        The proto holds just the name, shape and type, so a lowered model of any size takes
+        little memory; :func:`backends.onnx_io.save_checked` writes the data one tensor at a time.
+        """
+        if name not in self.initializers:
+            t = TensorProto()
+            t.name = name
+            t.dims.extend(int(d) for d in shape)
+            t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+            self.initializers[name] = t
+            self.deferred[name] = make
         return name
 
     def add_input(self, name: str, elem_type: int, shape: list[Any]) -> str:
@@ -279,11 +295,24 @@ class Lowered:
     logits: str
     kv_cache: list[KVSpec]
     dispatch: str
+    deferred: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # see Builder.add_deferred
 
 
-def lower(graph: Graph, projection: Projection | None = None, options: LoweringOptions | None = None) -> Lowered:
-    """Lower ``graph`` to ONNX with ``projection`` for quantizable weights (fp32 MatMul by default)."""
-    return Lowering(graph, projection or FloatProjection(), options or LoweringOptions()).run()
+def lower(graph: Graph, projection: Projection | None = None, options: LoweringOptions | None = None,
+          defer: bool = False) -> Lowered:
+    """Lower ``graph`` to ONNX with ``projection`` for quantizable weights (fp32 MatMul by default).
+
+    With ``defer`` the returned model holds no weight data: ``Lowered.deferred`` makes it when
+    the model is written (``backends.onnx_io.save_checked``), one tensor at a time, which is
+    what emitters do; without it every initializer carries its data (small models, tests).
+    """
+    lowered = Lowering(graph, projection or FloatProjection(), options or LoweringOptions()).run()
+    if not defer:
+        for t in lowered.model.graph.initializer:
+            if t.name in lowered.deferred:
+                arr = lowered.deferred.pop(t.name)()
+                t.raw_data = np.ascontiguousarray(arr, dtype=helper.tensor_dtype_to_np_dtype(t.data_type)).tobytes()
+    return lowered
 
 
 class Lowering:
@@ -312,16 +341,20 @@ class Lowering:
         doc = f"{meta.get('family', '?')} model lowered by dmpq-compile (dispatch={self.dispatch.name})"
         model = self.b.model(f"dmpq_{meta.get('family', 'model')}", self.options.opset, doc)
         onnx.helper.set_model_props(model, {"family": str(meta.get("family")), "dispatch": self.dispatch.name})
-        return Lowered(model, self.ids, "logits", self.kv, self.dispatch.name)
+        return Lowered(model, self.ids, "logits", self.kv, self.dispatch.name, self.b.deferred)
 
     # -- weights and linear layers -------------------------------------------------------------
     def weight(self, key: str, transpose: bool = False) -> str:
         """The fp32 initializer of store weight ``key`` (``[K, N]`` when ``transpose``), added once."""
         name = f"{key}.T" if transpose else key
-        if name not in self.b.initializers:
-            arr = self.graph.weights[key].detach().to(torch.float32).cpu().numpy()
-            self.b.add_initializer(name, arr.T if transpose else arr)
-        return name
+        shape = self.graph.weights.shape(key)
+        store = self.graph.weights
+
+        def make() -> np.ndarray:
+            arr = store[key].detach().to(torch.float32).cpu().numpy()
+            return np.ascontiguousarray(arr.T) if transpose else arr
+
+        return self.b.add_deferred(name, tuple(reversed(shape)) if transpose else shape, np.float32, make)
 
     def linear(self, x: str, key: str, bias: str | None = None, hint: str = "linear") -> str:
         """``x @ W.T (+ b)`` with ``W [N, K]`` from the weight store, as an fp32 MatMul."""
@@ -443,10 +476,10 @@ def _rule_combine(lw: Lowering, node: Node, route: RouteValue, *outs: Any) -> st
 
 def _rule_lm_head(lw: Lowering, node: Node, x: str) -> str:
     b, key, h = lw.b, node.params["weight"], node.id
-    vocab = int(lw.graph.weights[key].shape[0])
+    vocab = int(lw.graph.weights.shape(key)[0])
     embeds = {n.params["weight"] for n in lw.graph.nodes("embed")}
     if key in embeds:  # tied embeddings: reuse the [V, H] table through Gemm(transB=1), no transposed copy
-        flat = b.op("Reshape", [x, b.const([-1, lw.graph.weights[key].shape[1]], np.int64)], h)
+        flat = b.op("Reshape", [x, b.const([-1, lw.graph.weights.shape(key)[1]], np.int64)], h)
         y = b.op("Gemm", [flat, lw.weight(key)], h, transB=1)
         lead = b.op("Shape", [x], h, start=0, end=-1)
         logits = b.op("Reshape", [y, b.op("Concat", [lead, b.const([vocab], np.int64)], h, axis=0)], h,

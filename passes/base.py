@@ -36,6 +36,9 @@ class PassContext:
             into ``folder`` and loads it with the runtime (``session.forward``, ``.manifest``).
             The artifact writer and the runtime sit above the passes, so the driver injects this;
             None where no driver gave it (passes that need it say so).
+        work_dir: a scratch folder for the compile (removed by the driver afterwards) where
+            passes put large results on disk instead of in memory, e.g. quantized codes
+            (:meth:`WeightStore.spill`); None keeps them in memory.
     """
 
     calibration: torch.Tensor | None = None
@@ -44,6 +47,7 @@ class PassContext:
     seed: int = 0
     progress: bool = True
     state: dict[str, Any] = field(default_factory=dict)
+    work_dir: Path | None = None
     open_artifact: Callable[[Graph, Any, Path], Any] | None = None
 
 

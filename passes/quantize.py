@@ -9,7 +9,9 @@ rounding from calibration activations of the tokens routed to each expert).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
+from ..ir.stream import embed, layer_outputs, run_layer
 from ..quant import QuantSpec, quantize
 from ..quant.stored import store_quantized
 from .base import Pass, PassContext, PassResult
@@ -49,23 +52,48 @@ class QuantizePass(Pass):
         self.needs_calibration = self.options.method == "gptq"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Quantize layer by layer; with ``ctx.work_dir`` each finished layer's codes go to disk.
+
+        Memory holds one layer's weights (and, for gptq, its Hessians and activations), never
+        the model's codes; time is linear in the number of quantized weights.
+        """
         o = self.options
         graph.meta["group_size"] = o.group_size
-        hessians = _hessians(graph, ctx.calibration[: o.max_sequences]) if o.method == "gptq" else {}
         nodes = [n for n in graph.experts() if n.ann["bits"] < 16]
-        for node in tqdm(nodes, desc=f"quantize ({o.method})", disable=not ctx.progress, leave=False):
-            spec = QuantSpec(bits=node.ann["bits"], group_size=o.group_size, method=o.method)
-            tensors = {}
-            for role in ROLES:
-                w = graph.weights[node.params[role]].float()
-                qt = _quantize_one(w, spec, hessians.get((node.id, role)))
-                tensors[role] = store_quantized(graph.weights, f"{node.id}.{role}", qt)
-            graph.annotate(node.id, "group_size", o.group_size)
-            graph.annotate(node.id, "quant", {"spec": spec.to_dict(), "tensors": tensors})
+        layers = sorted({n.attrs["layer"] for n in nodes})
+        bar = tqdm(total=len(nodes), desc=f"quantize ({o.method})", unit="expert", disable=not ctx.progress,
+                   leave=False)
+
+        def finish(layer: int, hessians: dict) -> None:
+            keys = []
+            for node in (n for n in nodes if n.attrs["layer"] == layer):
+                keys += self._quantize_node(graph, node, hessians)
+                bar.update(1)
+            if ctx.work_dir is not None and keys:
+                graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-L{layer}.safetensors")
+
+        if o.method == "gptq":
+            _stream_hessians(graph, ctx.calibration[: o.max_sequences], set(layers), finish)
+        else:
+            for layer in layers:
+                finish(layer, {})
+        bar.close()
         for node in graph.experts():  # kept experts carry an explicit "no quantization" record
             if node.ann["bits"] == 16:
                 graph.annotate(node.id, "quant", {"spec": QuantSpec(bits=16).to_dict(), "tensors": {}})
         return PassResult(graph, modified=bool(nodes), stats={"quantized_experts": len(nodes)})
+
+
+    def _quantize_node(self, graph: Graph, node, hessians: dict) -> list[str]:
+        spec = QuantSpec(bits=node.ann["bits"], group_size=self.options.group_size, method=self.options.method)
+        tensors = {}
+        for role in ROLES:
+            w = graph.weights[node.params[role]].float()
+            qt = _quantize_one(w, spec, hessians.get((node.id, role)))
+            tensors[role] = store_quantized(graph.weights, f"{node.id}.{role}", qt)
+        graph.annotate(node.id, "group_size", self.options.group_size)
+        graph.annotate(node.id, "quant", {"spec": spec.to_dict(), "tensors": tensors})
+        return [t[k] for t in tensors.values() for k in ("q", "scale", "zero")]
 
 
 def _quantize_one(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None):
@@ -80,26 +108,35 @@ def _quantize_one(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None
     return gptq_quantize(w, hessian, spec)
 
 
-def _hessians(graph: Graph, ids: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
-    """``H = X^T X / n`` of each expert projection's input over its routed calibration tokens."""
+def _stream_hessians(graph: Graph, ids: torch.Tensor, layers: set[int],
+                     finish: Callable[[int, dict], None]) -> None:
+    """Run the full-precision model layer-major and hand each layer in ``layers`` its experts'
+    Hessians ``H = X^T X / n`` (inputs of each projection over the routed calibration tokens)."""
     interp = Interpreter(graph, quantize=False)
-    acts: dict[str, torch.Tensor] = {}
+    seen: dict = {}
 
     def observe(node_id, kind, value):
         if node_id.endswith(".moe_norm") or kind == "router":
-            acts[node_id] = value
+            seen[node_id] = value
 
+    opts = RunOptions(quantize=False, observer=observe)
     with torch.no_grad():
-        interp.run(ids, RunOptions(quantize=False, observer=observe), outputs=("final_norm",))
+        h = embed(interp, ids, opts)
+        for layer in range(len(layer_outputs(graph))):
+            seen.clear()
+            h = run_layer(interp, layer, h, opts)
+            if layer in layers:
+                finish(layer, _layer_hessians(graph, interp, layer, seen))
+
+
+def _layer_hessians(graph: Graph, interp: Interpreter, layer: int, acts: dict) -> dict[tuple[str, str], torch.Tensor]:
     out = {}
-    for node in graph.experts():
-        layer, e = node.attrs["layer"], node.attrs["expert"]
-        x = acts[f"L{layer}.moe_norm"].reshape(-1, graph.meta["hidden_size"])
-        token_idx, _ = torch.where(acts[f"L{layer}.router"].indices == e)
+    x = acts[f"L{layer}.moe_norm"].reshape(-1, graph.meta["hidden_size"])
+    for node in (n for n in graph.experts() if n.attrs["layer"] == layer):
+        token_idx, _ = torch.where(acts[f"L{layer}.router"].indices == node.attrs["expert"])
         xt = x[token_idx]  # [n, H]
         w = interp.weights(node.id, RunOptions(quantize=False))
-        with torch.no_grad():
-            mid = F.silu(F.linear(xt, w["gate"])) * F.linear(xt, w["up"])  # [n, I]
+        mid = F.silu(F.linear(xt, w["gate"])) * F.linear(xt, w["up"])  # [n, I]
         n = max(1, len(token_idx))
         out[(node.id, "gate")] = out[(node.id, "up")] = xt.T @ xt / n
         out[(node.id, "down")] = mid.T @ mid / n

@@ -65,10 +65,11 @@ class OrtCpuBackend(Backend):
         if dispatch not in DISPATCHES:
             raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         out_dir = require_folder(out_dir)
-        lowered = lower(graph, MatMulNBitsProjection(accuracy_level), LoweringOptions(dispatch=dispatch, opset=opset))
+        lowered = lower(graph, MatMulNBitsProjection(accuracy_level), LoweringOptions(dispatch=dispatch, opset=opset),
+                        defer=True)
         size = initializer_bytes(lowered.model)
         external = use_external(external_data, size, external_data_threshold_mb)
-        path = save_checked(lowered.model, out_dir, external=external)
+        path = save_checked(lowered.model, out_dir, external=external, deferred=lowered.deferred)
         log.info("emitted %s (%.1f MB weights%s, dispatch=%s, accuracy_level=%d)", path, size / 1e6,
                  ", external data" if external else "", dispatch, accuracy_level)
         return {

@@ -110,9 +110,26 @@ class MatMulNBitsProjection:
         if not quant or quant["spec"]["bits"] != bits:
             raise BackendError(f"node {node.id!r} is assigned {bits} bits but carries no matching packed weights "
                                "(annotation 'quant'); run the quantize pass before emitting")
-        w = pack_weight(lw.graph.weights, quant, role, node.id)
+        spec = QuantSpec.from_dict(quant["spec"])
+        if spec.bits not in NBITS:
+            raise BackendError(f"{node.id}: {spec.bits}-bit weights cannot run on MatMulNBits (CPU supports {NBITS})")
+        check_block_size(spec.group_size, node.id)
+        n, k = (int(v) for v in quant["tensors"][role]["shape"])
+        bits, bs = spec.bits, spec.group_size
+        blocks = -(-k // bs)
         prefix = f"{node.id}.{role}"
-        inputs = [lw.b.add_initializer(f"{prefix}.qweight", w.b), lw.b.add_initializer(f"{prefix}.scales", w.scales),
-                  lw.b.add_initializer(f"{prefix}.qzeros", w.zero_points)]
-        return lw.b.op("MatMulNBits", [x, *inputs], prefix, domain="com.microsoft", K=w.k, N=w.n, bits=w.bits,
-                       block_size=w.block_size, accuracy_level=self.accuracy_level)
+        packed: dict[str, NBitsWeight] = {}  # packed once, when the first of its three tensors is written
+
+        def part(field: str):
+            def make() -> np.ndarray:
+                if prefix not in packed:
+                    packed.clear()
+                    packed[prefix] = pack_weight(lw.graph.weights, quant, role, node.id)
+                return getattr(packed[prefix], field)
+            return make
+
+        inputs = [lw.b.add_deferred(f"{prefix}.qweight", (n, blocks, bs * bits // 8), np.uint8, part("b")),
+                  lw.b.add_deferred(f"{prefix}.scales", (n, blocks), np.float32, part("scales")),
+                  lw.b.add_deferred(f"{prefix}.qzeros", (n, -(-blocks * bits // 8)), np.uint8, part("zero_points"))]
+        return lw.b.op("MatMulNBits", [x, *inputs], prefix, domain="com.microsoft", K=k, N=n, bits=bits,
+                       block_size=bs, accuracy_level=self.accuracy_level)

@@ -79,16 +79,16 @@ class TrtA100Backend(Backend):
             raise BackendError(str(e)) from None
         out_dir = require_folder(out_dir)
         projection = TrtQdqProjection(precision)
-        lowered = lower(graph, projection, LoweringOptions(dispatch=dispatch, opset=OPSET))
+        lowered = lower(graph, projection, LoweringOptions(dispatch=dispatch, opset=OPSET), defer=True)
         model = lowered.model
-        converted = weights_to_fp16(model, keep_fp32_names(graph)) if precision == "fp16" else 0
+        converted = weights_to_fp16(model, keep_fp32_names(graph), lowered.deferred) if precision == "fp16" else 0
         issues = check_model(model, trt_version)
         oldest = "10.0" if not errors(check_model(model, "10.0")) else f"{checked_against[0]}.{checked_against[1]}"
         if errors(issues):
             listed = "\n  ".join(str(i) for i in errors(issues)[:10])
             raise BackendError(f"the emitted model breaks {len(errors(issues))} TensorRT rule(s):\n  {listed}")
         size = initializer_bytes(model)
-        path = save_checked(model, out_dir, external=True)
+        path = save_checked(model, out_dir, external=True, deferred=lowered.deferred)
         log.info("emitted %s: %.1f MB weights, precision=%s, dispatch=%s, %d weights fp16",
                  path, size / 1e6, precision, dispatch, converted)
         from .build import default_profile, trtexec_command
@@ -123,11 +123,14 @@ def keep_fp32_names(graph: Graph) -> frozenset[str]:
 
 
 # -- model rewrites -----------------------------------------------------------------------------
-def weights_to_fp16(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) -> int:
+def weights_to_fp16(model: onnx.ModelProto, keep: frozenset[str] = frozenset(),
+                    deferred: dict | None = None) -> int:
     """Store fp32 matrix weights of ``MatMul``/``Gemm`` (B, C) and ``Gather`` (data) as fp16.
 
     The op then runs in fp16: its activation input is cast to fp16 and its output back to fp32,
-    so the rest of the graph is unchanged. Initializers named in ``keep`` stay fp32.
+    so the rest of the graph is unchanged. Initializers named in ``keep`` stay fp32. A deferred
+    initializer (``deferred``, see ``Builder.add_deferred``) is re-declared as fp16 and converted
+    when it is written (its range is checked then).
 
     Returns:
         The number of nodes converted.
@@ -157,7 +160,7 @@ def weights_to_fp16(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) 
             if not name:
                 continue
             if i in slots[node.op_type] and name in inits and inits[name].data_type == TensorProto.FLOAT:
-                inputs[i] = fp16_names.setdefault(name, _fp16_initializer(g, inits[name]))
+                inputs[i] = fp16_names.setdefault(name, _fp16_initializer(g, inits[name], deferred))
             elif node.op_type != "Gather":  # activation operand of MatMul/Gemm
                 if name not in casts:
                     casts[name] = f"{name}.fp16"
@@ -180,11 +183,17 @@ def weights_to_fp16(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) 
     return count
 
 
-def _fp16_initializer(g: onnx.GraphProto, t: TensorProto) -> str:
+def _fp16_initializer(g: onnx.GraphProto, t: TensorProto, deferred: dict | None = None) -> str:
+    name = f"{t.name}.fp16"
+    if deferred is not None and t.name in deferred:
+        copy = g.initializer.add()
+        copy.name, copy.data_type = name, TensorProto.FLOAT16
+        copy.dims.extend(t.dims)
+        deferred[name] = deferred.pop(t.name)
+        return name
     arr = numpy_helper.to_array(t)
     if np.abs(arr).max(initial=0.0) > float(np.finfo(np.float16).max):
         raise BackendError(f"weight {t.name!r} has values beyond the fp16 range; emit with precision='fp32'")
-    name = f"{t.name}.fp16"
     g.initializer.append(numpy_helper.from_array(arr.astype(np.float16), name))
     return name
 
