@@ -12,10 +12,12 @@ from typing import Any
 import torch
 
 from .eval.tokens import eos_token, load_tokenizer
+from .extra_passes import PassInsertion, check_insertions, place_passes
 from .frontend import load
 from .ir.graph import Graph
 from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
 from .passes.allocate_pass import NEEDS
+from .passes.budget_guard import BudgetGuard
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,16 @@ class CompileConfig:
     metric: str = "kl"  # accuracy model of optimal/rl: per-expert "kl" or "nll" increase
     seed: int = 0
     allocator_options: dict[str, Any] = field(default_factory=dict)
-    extra_passes: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, options) run after allocate
+    extra_passes: tuple[PassInsertion, ...] = ()  # registered passes run after a named pass (extra_passes.py)
+    allow_budget_overrun: bool = False  # a pass after allocate that breaks the budget warns instead of failing
     qat: bool = False
     qat_steps: int = 200
     qat_time_budget_s: float = 600.0
     qat_lr: float = 1e-4
     codesign_rounds: int = 0  # >0: alternate allocation and QAT this many times before the final round
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra_passes", check_insertions(self.extra_passes))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompileConfig:
@@ -94,21 +100,24 @@ def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
                                 gradvar=cfg.allocator == "gradvar" or cfg.sensitivity))
     if backend is not None:
         passes.append(make_pass("cost"))
-    return passes
+    return place_passes(passes, cfg.extra_passes, analysis=True)
 
 
-def allocation_passes(cfg: CompileConfig) -> list:
-    """Passes that depend on the allocator and budget: allocate, extras (e.g. qat), quantize."""
+def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
+    """Passes that depend on the allocator and budget: allocate, [qat], quantize, plus the extras.
+
+    ``final=False``: without quantize and the extras anchored after it (a co-design round).
+    """
     passes = [make_pass(
         "allocate", allocator=cfg.allocator, budget_kind=cfg.budget_kind, budget=cfg.budget, w_acc=cfg.w_acc,
         w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits, metric=cfg.metric,
         allocator_options=dict(cfg.allocator_options))]
-    passes.extend(make_pass(name, **opts) for name, opts in cfg.extra_passes)
     if cfg.qat or cfg.codesign_rounds:
         passes.append(make_pass("qat", steps=cfg.qat_steps, time_budget_s=cfg.qat_time_budget_s, lr=cfg.qat_lr,
                                 group_size=cfg.group_size))
-    passes.append(make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size))
-    return passes
+    if final:
+        passes.append(make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size))
+    return place_passes(passes, cfg.extra_passes, analysis=False, optional=() if final else ("quantize",))
 
 
 def get_backend(target: str | None):
@@ -138,6 +147,7 @@ def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileCo
     instruments = [timing, Progress(len(passes), progress)]
     if dump_dir:
         instruments.append(DumpIR(dump_dir))
+    instruments.append(BudgetGuard(backend, cfg.allow_budget_overrun))  # last: the breaking pass is dumped
     manager = PassManager(passes, instruments, previous=[r.name for r in previous or []])
     manager.check(graph)
     if manager.needs_calibration and calibration is None:
@@ -165,7 +175,7 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
         calib = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
     graph, records = run_passes(graph, analysis, model_dir, cfg, backend, progress, dump_dir, calib)
     for r in range(cfg.codesign_rounds):
-        round_passes = allocation_passes(cfg)[:-1]  # allocate, [extras], qat — no quantize yet
+        round_passes = allocation_passes(cfg, final=False)  # allocate, [extras], qat — no quantize yet
         round_passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
                                       gradvar=cfg.allocator == "gradvar"))
         graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib, records)

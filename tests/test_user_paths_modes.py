@@ -5,12 +5,12 @@ import os
 import stat
 
 import pytest
+from dmpq_compile.backends import get_backend
+from dmpq_compile.passes import PassContext, make_pass
 
 from dmpq_compile.artifact import write_artifact
-from dmpq_compile.backends import get_backend
 from dmpq_compile.fileio import atomic_write_bytes
 from dmpq_compile.frontend import load
-from dmpq_compile.passes import PassContext, make_pass
 
 _set_umask = os.umask  # the tests' own: no_umask_calls replaces os.umask
 

@@ -8,8 +8,14 @@ from pathlib import Path
 
 HELP = "compile a Hugging Face MoE checkpoint into a mixed-precision artifact"
 DESCRIPTION = """Lower MODEL_DIR into the IR, run the passes (profile, sensitivity, cost, allocate,
-quantize) and emit an artifact for --target. Exactly one budget may be given; the default is
---budget-bits 4. The artifact folder is written atomically."""
+[qat], quantize) and emit an artifact for --target. Exactly one budget may be given; the default is
+--budget-bits 4. The artifact folder is written atomically.
+
+Registered passes (built-in or plugins, see `dmpq-compile passes`) can be inserted with
+--pass NAME[:KEY=VALUE,...], each optionally followed by --after PASS (default: allocate); e.g.
+--pass pin-bits:layers=[0],bits=8 --after allocate. After allocate the bits are checked after every
+pass: a pass that breaks the budget or the bit-widths is an error naming it (see
+--allow-budget-overrun). docs/extending.md has a worked plugin."""
 ALLOCATORS = ("rl", "optimal", "gradvar", "frequency", "uniform")
 
 
@@ -54,6 +60,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codesign-rounds", type=int,
                    help="alternate allocation and QAT this many rounds before the final one (implies --qat)")
     p.add_argument("--rl-episodes", type=int, help="episodes for --allocator rl")
+    # -- extra passes (issue 15): ordered --pass/--after pairs, typed by the pass's Options --------------
+    p.add_argument("--pass", dest="extra_passes", action=_Ordered, metavar="NAME[:KEY=VALUE,...]",
+                   help="insert a registered pass (repeatable); values are converted to its option types: "
+                   "numbers, true/false, none, [a,b] for tuples. Replaces the --config file's extra_passes")
+    p.add_argument("--after", dest="extra_passes", action=_Ordered, metavar="PASS",
+                   help="where the preceding --pass runs: right after profile, sensitivity, cost, allocate "
+                   "(default), qat, quantize or an earlier --pass")
+    p.add_argument("--allow-budget-overrun", action="store_true",
+                   help="a pass after allocate that breaks the budget or the --bits choices only warns "
+                   "(bits the target cannot emit are always an error)")
+    # -- end extra passes ---------------------------------------------------------------------------
     p.add_argument("--config", help="TOML file with compile settings ([compile] table; flags given win)")
     p.add_argument("--dump-ir", help="save the IR after every pass into this folder")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
@@ -81,7 +98,45 @@ def config_from_args(args: argparse.Namespace):
         data["bits"] = tuple(int(b) for b in args.bits.split(","))
     if args.rl_episodes:
         data.setdefault("allocator_options", {})["episodes"] = args.rl_episodes
+    if args.extra_passes:
+        data["extra_passes"] = pass_insertions(args.extra_passes)
+    if args.allow_budget_overrun:
+        data["allow_budget_overrun"] = True
     return CompileConfig.from_dict(data)
+
+
+# -- extra passes (issue 15) ---------------------------------------------------------------------
+class _Ordered(argparse.Action):
+    """Keeps --pass and --after in the order given, as (flag, value) pairs in one list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), (option_string, values)])
+
+
+def pass_insertions(flags: list[tuple[str, str]]) -> list:
+    """PassInsertions from the ordered ``(--pass|--after, value)`` pairs of the command line.
+
+    Raises:
+        ValueError: --after without a --pass before it, or twice for one --pass; and everything
+            :func:`~dmpq_compile.extra_passes.parse_pass_spec` refuses.
+    """
+    from ..extra_passes import PassInsertion, parse_pass_spec
+
+    out: list[PassInsertion] = []
+    anchored: set[int] = set()
+    for flag, value in flags:
+        if flag == "--pass":
+            name, options = parse_pass_spec(value)
+            out.append(PassInsertion(name, options=options))
+        elif not out:
+            raise ValueError(f"--after {value}: give it after the --pass it places (--pass NAME --after {value})")
+        elif len(out) - 1 in anchored:
+            raise ValueError(f"--pass {out[-1].name} has two --after; give one --after per --pass")
+        else:
+            anchored.add(len(out) - 1)
+            out[-1] = PassInsertion(out[-1].name, value, out[-1].options)
+    return out
+# -- end extra passes ----------------------------------------------------------------------------
 
 
 def _read_toml(path: str) -> dict:
