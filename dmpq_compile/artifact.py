@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend
+from .passes.manager import peak_rss_mb, reset_peak_rss
 from .fileio import default_modes
 from .ir.graph import Graph
 from .runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, ArtifactError, file_entries
@@ -66,7 +67,11 @@ def write_artifact(graph: Graph, backend: Backend, out: str | Path, report: Mapp
     try:
         file_mode, folder_mode = default_modes(tmp)
         backend.check_bits(graph)
+        reset_peak_rss()
+        t0 = time.perf_counter()
         target = backend.emit(graph, tmp, **dict(emit_options or {}))
+        report = {**dict(report or {}), "emit": {"seconds": round(time.perf_counter() - t0, 3),
+                                                 "peak_rss_mb": round(peak_rss_mb(), 1)}}
         tokenizer = _copy_tokenizer(graph, tmp)
         _write_json(tmp / REPORT_NAME, dict(report or {}), "report")
         (tmp / OWNER_FILE).unlink()  # the owner record is not part of the artifact

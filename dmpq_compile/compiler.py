@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ class CompileConfig:
     """Everything that decides what ``compile`` produces (typed, closed: unknown keys are errors)."""
 
     target: str = "ort-cpu"
-    allocator: str = "rl"
+    allocator: str = "optimal"  # won the allocator ablation (docs/allocators.md)
     budget_kind: str = "bits"  # bits | bytes | latency
     budget: float = 4.0
     w_acc: float = 1.0
@@ -97,7 +99,7 @@ def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
     needs_sens = any(k in NEEDS[cfg.allocator] for k in ("sensitivity", "router_grad_change"))
     if cfg.sensitivity or needs_sens:
         passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
-                                gradvar=cfg.allocator == "gradvar" or cfg.sensitivity))
+                                gradvar=cfg.allocator == "gradvar"))
     if backend is not None:
         passes.append(make_pass("cost"))
     return place_passes(passes, cfg.extra_passes, analysis=True)
@@ -138,10 +140,12 @@ def open_artifact(graph: Graph, backend: Any, folder: Path) -> Any:
 
 def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileConfig, backend: Any,
                progress: bool = True, dump_dir: str | Path | None = None,
-               calibration: torch.Tensor | None = None, previous: list | None = None) -> tuple[Graph, list]:
+               calibration: torch.Tensor | None = None, previous: list | None = None,
+               work_dir: str | Path | None = None) -> tuple[Graph, list]:
     """Run ``passes`` on ``graph`` with calibration loaded only if one needs it.
 
     ``previous``: records of passes already run on ``graph`` (named in error messages).
+    ``work_dir``: scratch folder where passes put large results (see ``PassContext.work_dir``).
     """
     timing = Timing()
     instruments = [timing, Progress(len(passes), progress)]
@@ -154,12 +158,13 @@ def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileCo
         calibration = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
     torch.manual_seed(cfg.seed)
     ctx = PassContext(calibration=calibration, target=cfg.target, backend=backend, seed=cfg.seed,
-                      progress=progress, open_artifact=open_artifact)
+                      progress=progress, open_artifact=open_artifact,
+                      work_dir=Path(work_dir) if work_dir else None)
     return manager.run(graph, ctx), timing.records
 
 
 def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progress: bool = True,
-                 dump_dir: str | Path | None = None) -> tuple[Graph, list]:
+                 dump_dir: str | Path | None = None, work_dir: str | Path | None = None) -> tuple[Graph, list]:
     """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records.
 
     With ``codesign_rounds`` > 0, allocation and QAT alternate: each round allocates bits with
@@ -173,16 +178,18 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     calib = None
     if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):
         calib = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
-    graph, records = run_passes(graph, analysis, model_dir, cfg, backend, progress, dump_dir, calib)
+    graph, records = run_passes(graph, analysis, model_dir, cfg, backend, progress, dump_dir, calib,
+                                work_dir=work_dir)
     for r in range(cfg.codesign_rounds):
         round_passes = allocation_passes(cfg, final=False)  # allocate, [extras], qat — no quantize yet
         round_passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
                                       gradvar=cfg.allocator == "gradvar"))
-        graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib, records)
+        graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib, records,
+                                 work_dir)
         records += recs
         log.info("co-design round %d/%d done", r + 1, cfg.codesign_rounds)
     graph, recs = run_passes(graph, allocation_passes(cfg), model_dir, cfg, backend, progress, dump_dir, calib,
-                             records)
+                             records, work_dir)
     return graph, records + recs
 
 
@@ -203,13 +210,50 @@ def expert_table(graph: Graph) -> list[dict[str, Any]]:
 
 def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, progress: bool = True,
                   overwrite: bool = False, dump_dir: str | Path | None = None) -> Path:
-    """Compile ``model_dir`` for ``cfg.target`` into the artifact folder ``out`` (atomic)."""
+    """Compile ``model_dir`` for ``cfg.target`` into the artifact folder ``out`` (atomic).
+
+    The checkpoint is checked whole (every shard present and as long as its header says) and
+    the output disk for room before any pass runs. Large intermediate results (quantized codes)
+    live in a scratch folder beside ``out`` that is removed afterwards, whatever happens.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
     t0 = time.perf_counter()
-    graph, records = run_pipeline(load(model_dir), model_dir, cfg, progress, dump_dir)
-    return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite)
+    graph = load(model_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_disk_space(graph, cfg, out.parent)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work", dir=out.parent))
+    try:
+        graph, records = run_pipeline(graph, model_dir, cfg, progress, dump_dir, work)
+        return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
+    """Refuse to start when ``folder``'s disk cannot hold the artifact plus the scratch codes.
+
+    Estimate: non-expert weights in fp32 (what the targets keep in float), experts at the
+    budget's bits plus 1 bit of scales and zero points (8 bits where the budget is not in bits),
+    twice for the experts (scratch codes, then the artifact), plus 10 %.
+    """
+    expert_keys = {k for n in graph.experts() for k in n.params.values()}
+    n_expert = sum(_numel(graph.weights.shape(k)) for k in expert_keys)
+    n_other = sum(_numel(graph.weights.shape(k)) for k in graph.weights if k not in expert_keys)
+    bits = cfg.budget if cfg.budget_kind == "bits" else 8.0
+    need = 1.1 * (4 * n_other + 2 * n_expert * (bits + 1) / 8)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise OSError(f"{folder} has {free / 1e9:.1f} GB free but this compile needs about {need / 1e9:.1f} GB "
+                      f"(artifact + scratch codes); free space or choose another -o")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, seconds: float,

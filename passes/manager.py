@@ -37,19 +37,39 @@ class PassRecord:
     stats: dict = field(default_factory=dict)
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last :func:`reset_peak_rss` (else since the start), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class Timing(Instrument):
-    """Records wall time, peak RSS and stats per pass (``records``)."""
+    """Records wall time, the pass's own peak RSS and stats per pass (``records``)."""
 
     def __init__(self) -> None:
         self.records: list[PassRecord] = []
         self._t0 = 0.0
 
     def before(self, index, p, graph):
+        reset_peak_rss()
         self._t0 = time.perf_counter()
 
     def after(self, index, p, result):
         dt = time.perf_counter() - self._t0
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = peak_rss_mb()
         self.records.append(PassRecord(p.name, dt, result.modified, rss, dict(result.stats)))
         log.info("pass %-12s %7.2fs  modified=%s  peak_rss=%.0f MB", p.name, dt, result.modified, rss)
 
