@@ -66,9 +66,9 @@ def test_refuses_to_overwrite_unless_asked(graph, tmp_path):
     out = write_artifact(graph, OrtCpuBackend(), tmp_path / "art", report={"run": 1})
     with pytest.raises(ArtifactError, match="already exists"):
         write_artifact(graph, OrtCpuBackend(), out, report={"run": 2})
-    assert json.loads((out / "report.json").read_text()) == {"run": 1}
+    assert json.loads((out / "report.json").read_text())["run"] == 1
     write_artifact(graph, OrtCpuBackend(), out, report={"run": 3}, overwrite=True)
-    assert json.loads((out / "report.json").read_text()) == {"run": 3}
+    assert json.loads((out / "report.json").read_text())["run"] == 3
     assert leftovers(tmp_path) == []
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactError, match="not a folder"):
