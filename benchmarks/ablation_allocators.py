@@ -154,10 +154,13 @@ def run_samples(args) -> None:
                   f"{row['calib_kl']:.5f} ppl {row['ppl']:.4f} KL {row['kl']:.5f} {row['seconds']:.1f}s "
                   f"[{row['loadavg']}]", flush=True)
         shutil.rmtree(work / "artifacts", ignore_errors=True)
+        write({"model": args.model, "part": "samples", "machine_start": meta, "rows": rows, "partial": True,
+               "fp32_ppl": scorer.fp_ppl, "command": command(args)}, f"ablation-allocators-{name}{args.tag}.json",
+              quiet=True)
     out = {"model": args.model, "part": "samples", "analysis_seconds": analysis_s, "fp32_ppl": scorer.fp_ppl,
            "eval_tokens": len(scorer.ids), "episodes": args.episodes, "machine_start": meta,
            "machine_end": machine(), "rows": rows, "command": command(args)}
-    write(out, f"ablation-allocators-{name}.json")
+    write(out, f"ablation-allocators-{name}{args.tag}.json")
 
 
 def full_problem(budget: float, seed: int) -> AllocationProblem:
@@ -173,6 +176,8 @@ def run_full(args) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
     rows, meta = [], machine()
+    filename = f"ablation-allocators-olmoe-1b-7b-shape{args.tag}.json"
+    header = {"part": "full", "machine_start": meta, "command": command(args)}
     for budget, seed, k in blocks(budgets, seeds):
         problem = full_problem(budget, args.problem_seed)
         best = solve(problem).objective
@@ -184,6 +189,7 @@ def run_full(args) -> None:
             rows.append(row)
             print(f"{budget:>4g} s{seed} {variant:>15}: obj {row['table_objective']:.6g} "
                   f"({row['ratio_to_optimal']:.5f}x optimal) {row['seconds']:.1f}s [{row['loadavg']}]", flush=True)
+        write({**header, "rows": rows, "partial": True}, filename, quiet=True)
     defaults = []
     if args.defaults_budget:
         problem = full_problem(args.defaults_budget, args.problem_seed)
@@ -198,7 +204,7 @@ def run_full(args) -> None:
            "samples/olmoe-tiny)", "costs": "ort-cpu rows measured on this machine at 2048 x 1024",
            "problem_seed": args.problem_seed, "episodes": args.full_episodes, "machine_start": meta,
            "machine_end": machine(), "rows": rows, "defaults": defaults, "command": command(args)}
-    write(out, "ablation-allocators-olmoe-1b-7b-shape.json")
+    write(out, filename)
 
 
 def summary(rows: list[dict], keys=("table_objective", "seconds")) -> None:
@@ -220,9 +226,12 @@ def command(args) -> str:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if not isinstance(v, bool) or v)
 
 
-def write(out: dict, filename: str) -> None:
+def write(out: dict, filename: str, quiet: bool = False) -> None:
+    """Write ``out`` to ``results/filename``; unless ``quiet``, print the per-variant summary."""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / filename).write_text(json.dumps(out, indent=1))
+    if quiet:
+        return
     keys = ("table_objective", "calib_kl", "ppl", "kl", "seconds") if out["part"] == "samples" else \
         ("ratio_to_optimal", "seconds", "proposals", "refinements")
     summary(out["rows"], keys)
@@ -243,6 +252,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--reuse-analysis", action="store_true", help="reuse the analysed IR kept in --work")
     ap.add_argument("--work", default="/tmp/dmpq-ablation-alloc")
+    ap.add_argument("--tag", default="", help="suffix of the results file name (e.g. for a split run)")
     args = ap.parse_args()
     run_samples(args) if args.part == "samples" else run_full(args)
 

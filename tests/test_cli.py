@@ -72,7 +72,7 @@ def test_compile_config_file_and_flags(tmp_path):
     parser = argparse.ArgumentParser()
     cmd.add_arguments(parser)
     cfg = cmd.config_from_args(parser.parse_args(["m", "-o", "o", "--config", str(cfg_file)]))
-    assert (cfg.budget, cfg.sensitivity_sequences, cfg.calib_sequences, cfg.allocator) == (3.0, 4, 8, "rl")
+    assert (cfg.budget, cfg.sensitivity_sequences, cfg.calib_sequences, cfg.allocator) == (3.0, 4, 8, "optimal")
     cfg = cmd.config_from_args(parser.parse_args(["m", "-o", "o", "--config", str(cfg_file), "--budget-mb", "2",
                                                   "--calib-sequences", "16"]))
     assert (cfg.budget_kind, cfg.budget, cfg.calib_sequences) == ("bytes", 2 * 2**20, 16)

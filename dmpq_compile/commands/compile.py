@@ -16,7 +16,7 @@ Registered passes (built-in or plugins, see `dmpq-compile passes`) can be insert
 --pass pin-bits:layers=[0],bits=8 --after allocate. After allocate the bits are checked after every
 pass: a pass that breaks the budget or the bit-widths is an error naming it (see
 --allow-budget-overrun). docs/extending.md has a worked plugin."""
-ALLOCATORS = ("rl", "optimal", "gradvar", "frequency", "uniform")
+ALLOCATORS = ("optimal", "search", "rl", "gradvar", "frequency", "uniform")
 
 
 # flag -> CompileConfig field, for flags whose value is copied as given (None = not given)
@@ -35,8 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", required=True, help="artifact folder to create")
     p.add_argument("--target", help=f"backend: ort-cpu | trt-a100 (default {d.target})")
     p.add_argument("--allocator", choices=ALLOCATORS,
-                   help="bit allocator: rl (PPO policy, default), optimal (exact optimum of the additive model), "
-                   "gradvar, frequency, uniform")
+                   help="bit allocator: optimal (default: exact optimum of the additive sensitivity + cost "
+                   "objective, dynamic programming); search (random proposals, each projected onto the budget and "
+                   "polished by an exchange local search, re-ranked by whole-model interpreter measurements on "
+                   "models up to 100M parameters); rl (PPO proposals through the same projection and local "
+                   "search; measured to reach the same objective as search, more slowly); gradvar (router "
+                   "gradient / neuron variance ranks); frequency (routing frequency); uniform (one bit-width). "
+                   "See docs/allocators.md")
     b = p.add_mutually_exclusive_group()
     b.add_argument("--budget-bits", type=float, help=f"average bits per expert weight (default {d.budget:g})")
     b.add_argument("--budget-mb", type=float, help="total expert weight megabytes (MiB)")

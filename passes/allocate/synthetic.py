@@ -56,6 +56,25 @@ def bytes_proxy_cost(n_params: int, bits: int, group: int = 64, ms_per_mb: float
     return ExpertCost(decode_ms=ms, prefill_ms=ms, bytes=int(nbytes), energy_mj=nbytes * 162.5e-9)
 
 
+def draw_sensitivities(freq: np.ndarray, bits: tuple[int, ...], rng: np.random.Generator,
+                       model: SensitivityModel = SensitivityModel()) -> list[dict[int, float]]:
+    """Single-expert KL per bit-width for experts routed with frequencies ``freq`` (module docstring).
+
+    Returns:
+        One ``{bits: kl}`` per expert, 0 at 16 bits.
+
+    Raises:
+        ValueError: For bits outside :data:`SYNTHETIC_BITS`.
+    """
+    if not set(bits) <= set(SYNTHETIC_BITS):
+        raise ValueError(f"synthetic sensitivities exist for bits {SYNTHETIC_BITS} only, got {bits}")
+    n = len(freq)
+    kl2 = np.exp(model.kl_a + model.kl_b * np.log(np.maximum(freq, 1e-6)) + rng.normal(0.0, model.kl_sigma, n))
+    kl = {2: kl2, 16: np.zeros(n)}
+    kl.update({b: kl2 * np.exp(rng.normal(mu, sigma, n)) for b, mu, sigma in model.log_ratio})
+    return [{b: float(kl[b][e]) for b in bits} for e in range(n)]
+
+
 def synthetic_problem(n_layers: int = 16, n_experts: int = 64, top_k: int = 8, hidden: int = 2048,
                       intermediate: int = 1024, bits: tuple[int, ...] = (2, 4, 8, 16),
                       budget: Budget = Budget("bits", 3.5), weights: ObjectiveWeights = ObjectiveWeights(),
@@ -79,22 +98,16 @@ def synthetic_problem(n_layers: int = 16, n_experts: int = 64, top_k: int = 8, h
     if min(n_layers, n_experts, top_k) < 1 or top_k > n_experts:
         raise ValueError(f"need n_layers, n_experts >= 1 and 1 <= top_k <= n_experts, got {n_layers}, "
                          f"{n_experts}, {top_k}")
-    if not set(bits) <= set(SYNTHETIC_BITS):
-        raise ValueError(f"synthetic sensitivities exist for bits {SYNTHETIC_BITS} only, got {bits}")
     rng = np.random.default_rng(seed)
     n_params = 3 * hidden * intermediate
     rows = dict(cost) if cost is not None else {b: bytes_proxy_cost(n_params, b) for b in bits}
-    ratio = {b: (mu, sigma) for b, mu, sigma in model.log_ratio}
     experts = []
     for layer in range(n_layers):
         freq = np.minimum(top_k * rng.dirichlet(np.full(n_experts, model.freq_alpha)), 1.0)  # [E]
-        kl2 = np.exp(model.kl_a + model.kl_b * np.log(np.maximum(freq, 1e-6))
-                     + rng.normal(0.0, model.kl_sigma, n_experts))  # [E]
-        kl = {2: kl2, 16: np.zeros(n_experts)}
-        kl.update({b: kl2 * np.exp(rng.normal(mu, sigma, n_experts)) for b, (mu, sigma) in ratio.items()})
+        kl = draw_sensitivities(freq, bits, rng, model)
         rgc, var = rng.lognormal(0.0, 1.0, n_experts), rng.lognormal(0.0, 1.0, n_experts)
         for e in range(n_experts):
-            sens = {b: float(kl[b][e]) for b in bits}
+            sens = kl[e]
             experts.append(ExpertInfo(
                 key=f"L{layer}.E{e}", layer=layer, expert=e, n_params=n_params, freq=float(freq[e]),
                 mass=float(freq[e]) / top_k, sensitivity=sens, kl=sens, router_grad_change=float(rgc[e]),
