@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 from alloc_common import (
-    BASE,
     RESULTS,
     ArtifactScorer,
     analysed_graph,
@@ -53,7 +52,6 @@ from alloc_common import (
     loadavg,
     machine,
 )
-
 from dmpq_compile.backends import get_backend
 from dmpq_compile.passes.allocate import (
     AllocationProblem,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dmpq_compile.passes import make_pass
 
 from dmpq_compile.compiler import (
     CompileConfig,
@@ -34,7 +35,6 @@ from dmpq_compile.compiler import (
 from dmpq_compile.eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
 from dmpq_compile.frontend import load
 from dmpq_compile.ir.serialize import load_graph, save_graph
-from dmpq_compile.passes import make_pass
 from dmpq_compile.runtime import load as load_artifact
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,7 +49,7 @@ def loadavg() -> str:
 def machine() -> dict[str, Any]:
     """Commit, uncommitted files, load average, CPU and time (recorded next to every result)."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     from dmpq_compile.backends.cost import cpu_model
 

@@ -32,15 +32,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from alloc_common import BASE, RESULTS, average_bits, digest, emit_allocation, loadavg, machine
-
 from dmpq_compile.backends import get_backend
 from dmpq_compile.backends.ort_cpu.cost import measure_shapes
-from dmpq_compile.compiler import CompileConfig, calibration_ids, run_passes
-from dmpq_compile.frontend import load
 from dmpq_compile.passes import make_pass
-from dmpq_compile.passes.allocate import AllocationProblem, Budget, ExpertCost, ExpertInfo, ObjectiveWeights, solve
+from dmpq_compile.passes.allocate import (
+    AllocationProblem,
+    Budget,
+    ExpertCost,
+    ExpertInfo,
+    ObjectiveWeights,
+    solve,
+)
 from dmpq_compile.passes.allocate.synthetic import draw_sensitivities
 from dmpq_compile.passes.allocate_measure import energy_source
+
+from dmpq_compile.compiler import CompileConfig, calibration_ids, run_passes
+from dmpq_compile.frontend import load
 from dmpq_compile.runtime import load as load_artifact
 from dmpq_compile.testing import make_tiny_checkpoint, write_tiny_corpus
 

@@ -20,13 +20,22 @@ import json
 from pathlib import Path
 
 import torch
-from alloc_common import RESULTS, ArtifactScorer, analysed_graph, average_bits, calibration, digest, emit_allocation, machine
-
-from dmpq_compile.bench import BenchConfig, bench
+from alloc_common import (
+    RESULTS,
+    ArtifactScorer,
+    analysed_graph,
+    average_bits,
+    calibration,
+    digest,
+    emit_allocation,
+    machine,
+)
 from dmpq_compile.passes.allocate import solve
 from dmpq_compile.passes.allocate_measure import energy_source
 from dmpq_compile.passes.allocate_pass import AllocateOptions, build_problem
 from dmpq_compile.passes.base import PassContext
+
+from dmpq_compile.bench import BenchConfig, bench
 
 
 def pareto(points: list[dict], keys=("decode_ms", "weight_bytes", "ppl")) -> list[bool]:
@@ -48,8 +57,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
              ("weight_mb", "ppl", "artifact weight MB", "test perplexity (artifact)"),
              ("decode_ms", "weight_mb", "decode ms / token (measured)", "artifact weight MB"))
     for ax, (x, y, xl, yl) in zip(axes, pairs):
-        for front, style in ((False, dict(c="0.7", marker="o", label="dominated")),
-                             (True, dict(c="C3", marker="*", s=120, label="Pareto front"))):
+        for front, style in ((False, {"c": "0.7", "marker": "o", "label": "dominated"}),
+                             (True, {"c": "C3", "marker": "*", "s": 120, "label": "Pareto front"})):
             pts = [r for r in rows if r["pareto"] == front]
             ax.scatter([p[x] for p in pts], [p[y] for p in pts], **style)
         for r in rows:
@@ -75,7 +84,7 @@ def main() -> None:
     name = Path(args.model).name
     work = Path(args.work) / name
     calib = calibration(args.model)
-    graph, analysis_s = analysed_graph(args.model, work, True, calib)
+    graph, _ = analysed_graph(args.model, work, True, calib)
     from dmpq_compile.backends import get_backend
 
     ctx = PassContext(calibration=calib, target="ort-cpu", backend=get_backend("ort-cpu"), progress=False)

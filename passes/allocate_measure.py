@@ -98,14 +98,19 @@ def interpreter_accuracy_fn(graph: Graph, calibration: torch.Tensor, sequences: 
     ref_nll = token_nll(ref, ids).mean()
 
     def fn(allocation: Allocation) -> float:
-        key = tuple(sorted(allocation.items()))
-        if key not in cache:
-            lp = logp(RunOptions(quantize=False, bits_override=dict(allocation)))
-            if metric == "kl":
-                cache[key] = float(token_kl(ref, lp).mean())
-            else:
-                cache[key] = float(token_nll(lp, ids).mean() - ref_nll)
-        return cache[key]
+        key = hashlib.sha1(repr(sorted(allocation.items())).encode()).digest()
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        lp = logp(RunOptions(quantize=False, bits_override=dict(allocation)))
+        if metric == "kl":
+            value = float(token_kl(ref, lp).mean())
+        else:
+            value = float(token_nll(lp, ids).mean() - ref_nll)
+        cache[key] = value
+        if len(cache) > CACHE_ENTRIES:  # least recently used out
+            cache.popitem(last=False)
+        return value
 
     return fn
 

@@ -6,9 +6,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_alloc_problem import random_problem
-
-from dmpq_compile.compiler import CompileConfig
 from dmpq_compile.passes.allocate import (
     AllocationEnv,
     Budget,
@@ -21,9 +18,12 @@ from dmpq_compile.passes.allocate import (
     solve,
 )
 from dmpq_compile.passes.allocate.synthetic import synthetic_problem
+from test_alloc_problem import random_problem
+
+from dmpq_compile.compiler import CompileConfig
 
 # OLMoE-1B-7B: 16 layers x 64 experts, top-8, bits the ort-cpu target offers
-FULL = dict(n_layers=16, n_experts=64, top_k=8, bits=(2, 4, 8, 16))
+FULL = {"n_layers": 16, "n_experts": 64, "top_k": 8, "bits": (2, 4, 8, 16)}
 
 
 def test_synthetic_problem_has_the_shape_and_is_seeded():
@@ -98,10 +98,28 @@ def test_measurements_are_off_above_the_size_limit(monkeypatch, caplog):
     from dmpq_compile.passes.base import PassContext
 
     class BigGraph:
-        weights = {"w": torch.zeros(16)}
+        def __init__(self):
+            self.weights = {"w": torch.zeros(16)}
 
     monkeypatch.setattr(allocate_measure, "MEASURE_MAX_PARAMS", 15)
     with caplog.at_level(logging.WARNING):
         opts = _allocator_options(AllocateOptions(allocator="rl"), PassContext(progress=False), BigGraph())
     assert "accuracy_fn" not in opts and opts["seed"] == 0
     assert "using the proxy objective only" in caplog.text
+
+
+def test_interpreter_accuracy_cache_is_bounded(monkeypatch, tiny_dirs, calib_ids):
+    from dmpq_compile.passes import allocate_measure
+
+    from dmpq_compile.frontend import load
+
+    graph = load(tiny_dirs("mixtral"))
+    monkeypatch.setattr(allocate_measure, "CACHE_ENTRIES", 2)
+    fn = allocate_measure.interpreter_accuracy_fn(graph, calib_ids("mixtral"), 2)
+    keys = [n.id for n in graph.experts()]
+    allocs = [{k: b for k in keys} for b in (2, 4, 8)]
+    first = fn(allocs[0])
+    for a in allocs[1:]:
+        fn(a)
+    cache = next(c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, dict))
+    assert len(cache) == 2 and fn(allocs[0]) == pytest.approx(first)  # evicted, then measured again

@@ -28,8 +28,9 @@ import numpy as np
 
 from .problem import AllocationProblem, Budget, ExpertCost, ExpertInfo, ObjectiveWeights
 
-
 SYNTHETIC_BITS = (2, 4, 8, 16)
+DEFAULT_BUDGET = Budget("bits", 3.5)
+DEFAULT_WEIGHTS = ObjectiveWeights()
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def draw_sensitivities(freq: np.ndarray, bits: tuple[int, ...], rng: np.random.G
 
 def synthetic_problem(n_layers: int = 16, n_experts: int = 64, top_k: int = 8, hidden: int = 2048,
                       intermediate: int = 1024, bits: tuple[int, ...] = (2, 4, 8, 16),
-                      budget: Budget = Budget("bits", 3.5), weights: ObjectiveWeights = ObjectiveWeights(),
+                      budget: Budget = DEFAULT_BUDGET, weights: ObjectiveWeights = DEFAULT_WEIGHTS,
                       seed: int = 0, model: SensitivityModel = SensitivityModel(),
                       cost: Mapping[int, ExpertCost] | None = None) -> AllocationProblem:
     """A seeded problem of ``n_layers x n_experts`` experts of shape ``(hidden, intermediate)``.
