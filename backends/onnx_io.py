@@ -21,7 +21,7 @@ from .base import BackendError
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 PROTOBUF_LIMIT = 1_800_000_000  # stay clear of protobuf's 2 GiB message limit
-DEFAULT_EXTERNAL_MB = 100.0  # weights above this go to DATA_FILE unless the caller decides
+DEFAULT_EXTERNAL_MB = 16.0  # weights above this stream to DATA_FILE (below: one model.onnx) unless the caller decides
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from ...ir.graph import Graph
 from ..base import Backend, BackendError, ExpertCostRow
-from ..onnx_io import DATA_FILE, MODEL_FILE, custom_domains, initializer_bytes, io_fields, require_folder, \
+from ..onnx_io import DATA_FILE, DEFAULT_EXTERNAL_MB, MODEL_FILE, custom_domains, initializer_bytes, io_fields, require_folder, \
     save_checked, use_external
 from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
 from .matmulnbits import MatMulNBitsProjection
@@ -38,7 +38,7 @@ class OrtCpuBackend(Backend):
         return ort_cpu_cost_table(graph, **options)
 
     def emit(self, graph: Graph, out_dir: Path, *, accuracy_level: int = 4, dispatch: str = DEFAULT_DISPATCH,
-             external_data: bool | None = None, external_data_threshold_mb: float = 100.0,
+             external_data: bool | None = None, external_data_threshold_mb: float = DEFAULT_EXTERNAL_MB,
              opset: int = OPSET) -> dict[str, Any]:
         """Write ``model.onnx`` (+ ``model.onnx.data`` when large) into ``out_dir``.
 

@@ -6,7 +6,7 @@ Quantized experts use, in order of preference: the exact tensors the ``quantize`
 
 Memory: a node's value is dropped as soon as its last consumer has run, and weights derived
 from the store (fp32 conversions, fake-quantized copies) live in a least-recently-used cache
-bounded by ``cache_bytes``. A run over one decoder layer (``resume`` at the previous layer's
+bounded by ``cache_bytes`` (used only when the whole model fits in it). A run over one decoder layer (``resume`` at the previous layer's
 output) therefore holds that layer's activations and at most ``cache_bytes`` of weights, so a
 caller that streams layer by layer (:func:`dmpq_compile.ir.stream.run_layers`) is bounded by
 the largest layer, not by the model.
@@ -26,7 +26,7 @@ from . import ops
 from .graph import QUANTIZABLE_KINDS, Graph, IRError
 
 DEFAULT_GROUP_SIZE = 64
-DEFAULT_CACHE_BYTES = 512 * 2**20  # derived weights kept between runs; a 4M-parameter sample fits whole
+DEFAULT_CACHE_BYTES = 256 * 2**20  # kept between runs when the whole model fits (the samples do)
 Observer = Callable[[str, str, Any], None]  # (node_id, kind, value)
 
 
@@ -57,6 +57,13 @@ class RunOptions:
 
 
 MLP_KINDS = ("expert", "shared_expert", "mlp")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 class WeightCache:
@@ -97,7 +104,12 @@ class Interpreter:
         self.quantize = quantize
         self.dtype = dtype
         self._order = graph.topo_order()
-        self._cache = WeightCache(cache_bytes)
+        # Cache derived weights only when the whole model fits: a small model then runs repeatedly
+        # from memory (allocation measurements, QAT), while a large one streams layer by layer and
+        # a cache that cannot hold it would only hold memory.
+        item = torch.empty((), dtype=dtype).element_size()
+        model_bytes = sum(_numel(graph.weights.shape(k)) * item for k in graph.weights)
+        self._cache = WeightCache(cache_bytes if model_bytes <= cache_bytes else 0)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.run(input_ids, RunOptions(quantize=self.quantize))["lm_head"]
