@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 COMMANDS = ("compile", "inspect", "passes", "eval", "run", "bench", "cost", "check", "build", "baseline")
 
@@ -29,6 +30,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Compile Mixture-of-Experts models into artifacts whose experts carry different bit-widths.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.epilog = "A bare MODEL means compile: `dmpq-compile MODEL --target trt-a100` = `dmpq-compile compile MODEL ...`."
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         mod = _load(name)  # every listed command exists; one that fails to import is an error, not hidden
@@ -41,7 +43,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith("-")), None)  # top-level options take no value
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)  # top-level options take no value
+    if first is not None and argv[first] not in COMMANDS:  # `dmpq-compile MODEL ...` means compile
+        token = argv[first]
+        if "/" not in token and not Path(token).exists():
+            print(f"dmpq-compile: {token!r} is neither a command ({', '.join(COMMANDS)}) nor a model folder; "
+                  "see dmpq-compile --help", file=sys.stderr)
+            return 2
+        argv.insert(first, "compile")
+    command = argv[first] if first is not None else None
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.version:

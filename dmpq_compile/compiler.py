@@ -16,6 +16,7 @@ import torch
 from .eval.tokens import eos_token, load_tokenizer
 from .extra_passes import PassInsertion, check_insertions, place_passes
 from .frontend import load
+from .frontend.source import resolve_model
 from .ir.graph import Graph
 from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
 from .passes.allocate_pass import NEEDS
@@ -210,7 +211,8 @@ def expert_table(graph: Graph) -> list[dict[str, Any]]:
 
 def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, progress: bool = True,
                   overwrite: bool = False, dump_dir: str | Path | None = None) -> Path:
-    """Compile ``model_dir`` for ``cfg.target`` into the artifact folder ``out`` (atomic).
+    """Compile ``model_dir`` (a folder, or a hub id in the local HF cache) for ``cfg.target`` into
+    the artifact folder ``out`` (atomic).
 
     The checkpoint is checked whole (every shard present and as long as its header says) and
     the output disk for room before any pass runs. Large intermediate results (quantized codes)
@@ -220,6 +222,7 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
     t0 = time.perf_counter()
+    model_dir = resolve_model(model_dir)
     graph = load(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(graph, cfg, out.parent)

@@ -1,4 +1,4 @@
-"""dmpq-compile compile MODEL_DIR --target ... --budget-bits ... -o OUT"""
+"""dmpq-compile [compile] MODEL --target ... --budget-bits ... [-o OUT]"""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 HELP = "compile a Hugging Face MoE checkpoint into a mixed-precision artifact"
-DESCRIPTION = """Lower MODEL_DIR into the IR, run the passes (profile, sensitivity, cost, allocate,
+DESCRIPTION = """Lower MODEL (a checkpoint folder, or a Hugging Face hub id in the local cache; nothing is
+downloaded) into the IR, run the passes (profile, sensitivity, cost, allocate,
 [qat], quantize) and emit an artifact for --target. Exactly one budget may be given; the default is
 --budget-bits 4. The artifact folder is written atomically.
 
@@ -31,8 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..compiler import CompileConfig
 
     d = CompileConfig()
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face checkpoint folder")
-    p.add_argument("-o", "--out", required=True, help="artifact folder to create")
+    p.add_argument("model_dir", metavar="MODEL",
+                   help="checkpoint folder (config.json + safetensors, single file or sharded; bf16/fp16/fp32) or a "
+                   "hub id (owner/name) found in the local Hugging Face cache")
+    p.add_argument("-o", "--out", help="artifact folder to create (default: ./NAME-TARGET, NAME being the "
+                   "model folder's or hub id's last part)")
     p.add_argument("--target", help=f"backend: ort-cpu | trt-a100 (default {d.target})")
     p.add_argument("--allocator", choices=ALLOCATORS,
                    help="bit allocator: optimal (default: exact optimum of the additive sensitivity + cost "
@@ -154,11 +158,17 @@ def _read_toml(path: str) -> dict:
     return dict(data.get("compile", data))
 
 
+def default_out(model: str, target: str) -> Path:
+    """``./NAME-TARGET`` for MODEL ``path/to/NAME`` or hub id ``owner/NAME``."""
+    return Path(f"{Path(str(model).rstrip('/')).name}-{target}")
+
+
 def main(args: argparse.Namespace) -> int:
     from ..compiler import compile_model
 
     cfg = config_from_args(args)
-    out = compile_model(args.model_dir, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
+    out = args.out or default_out(args.model_dir, cfg.target)
+    out = compile_model(args.model_dir, out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
                         dump_dir=args.dump_ir)
     report = json.loads((Path(out) / "report.json").read_text())
     bits = [r["bits"] for r in report["experts"]]
