@@ -86,13 +86,16 @@ def save_model(model: onnx.ModelProto, folder: str | Path, *, external: bool,
     if not external:
         for t in model.graph.initializer:
             if t.name in deferred:
-                t.raw_data = _as_proto_type(deferred.pop(t.name)(), t).tobytes()
+                t.raw_data = _bytes(_as_proto_type(deferred.pop(t.name)(), t))
         onnx.save_model(model, str(path))
         return path
     with open(Path(folder) / DATA_FILE, "wb") as f:
         for t in model.graph.initializer:
             if t.name in deferred:
-                data = _as_proto_type(deferred.pop(t.name)(), t).tobytes()
+                data = _bytes(_as_proto_type(deferred.pop(t.name)(), t))
+                if len(data) < EXTERNAL_MIN_BYTES:  # small constants stay inline (shape inference reads them)
+                    t.raw_data = data
+                    continue
             elif t.raw_data and len(t.raw_data) >= EXTERNAL_MIN_BYTES:
                 data = t.raw_data
             else:
@@ -109,7 +112,13 @@ def save_model(model: onnx.ModelProto, folder: str | Path, *, external: bool,
     return path
 
 
-def _as_proto_type(arr: np.ndarray, t: onnx.TensorProto) -> np.ndarray:
+def _bytes(data: np.ndarray | bytes) -> bytes:
+    return data if isinstance(data, bytes) else data.tobytes()
+
+
+def _as_proto_type(arr: np.ndarray | bytes, t: onnx.TensorProto) -> np.ndarray | bytes:
+    if isinstance(arr, bytes):  # already in the proto's storage format (e.g. packed INT4)
+        return arr
     want = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
     arr = np.asarray(arr)
     if tuple(arr.shape) != tuple(t.dims):

@@ -22,6 +22,7 @@ rows of a batch have the same length, as in the reference interpreter.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,10 +42,26 @@ OPSET = 21
 DISPATCHES = ("gather-if", "gather", "dense")
 
 
-class Builder:
-    """Accumulates ONNX nodes, initializers and graph I/O with unique value names."""
+SPILL_MIN_BYTES = 1 << 20  # initializers from this size on are spilled when the builder has a spill file
 
-    def __init__(self) -> None:
+
+def _spilled(fd: int, offset: int, size: int, dtype: Any, dims: tuple[int, ...]) -> Callable[[], Any]:
+    def read() -> Any:
+        data = os.pread(fd, size, offset)
+        return data if dtype is None else np.frombuffer(data, dtype=dtype).reshape(dims)
+    return read
+
+
+class Builder:
+    """Accumulates ONNX nodes, initializers and graph I/O with unique value names.
+
+    With ``spill`` (a binary file open for reading and writing), initializers made eagerly from
+    data (``add_initializer``, ``add_proto``) of 1 MiB or more are written to it at once and
+    become deferred, so a lowering holds no large tensor however many it makes.
+    """
+
+    def __init__(self, spill: Any = None) -> None:
+        self.spill = spill
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -88,8 +105,26 @@ class Builder:
     def add_initializer(self, name: str, array: np.ndarray) -> str:
         if name not in self.initializers:
             arr = np.asarray(array)  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
-            self.initializers[name] = numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(), name)
+            self.add_proto(numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(), name))
         return name
+
+    def add_proto(self, t: onnx.TensorProto) -> str:
+        """Add a ready TensorProto (e.g. packed INT4); large ones are spilled (see the class doc)."""
+        self.initializers[t.name] = t
+        if self.spill is not None and len(t.raw_data) >= SPILL_MIN_BYTES:
+            self.spill.seek(0, os.SEEK_END)
+            offset, size = self.spill.tell(), len(t.raw_data)
+            self.spill.write(t.raw_data)
+            self.spill.flush()
+            try:
+                dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            except (KeyError, ValueError):
+                dtype = None
+            packed = dtype is None or np.dtype(dtype).itemsize * int(np.prod(t.dims)) != size
+            t.ClearField("raw_data")
+            self.deferred[t.name] = _spilled(self.spill.fileno(), offset, size, None if packed else dtype,
+                                             tuple(t.dims))
+        return t.name
 
     def add_deferred(self, name: str, shape: tuple[int, ...], dtype: Any, make: Callable[[], np.ndarray]) -> str:
         """An initializer whose data ``make()`` produces only when the model is written.
@@ -299,29 +334,32 @@ class Lowered:
 
 
 def lower(graph: Graph, projection: Projection | None = None, options: LoweringOptions | None = None,
-          defer: bool = False) -> Lowered:
+          defer: bool = False, spill: Any = None) -> Lowered:
     """Lower ``graph`` to ONNX with ``projection`` for quantizable weights (fp32 MatMul by default).
 
     With ``defer`` the returned model holds no weight data: ``Lowered.deferred`` makes it when
     the model is written (``backends.onnx_io.save_checked``), one tensor at a time, which is
     what emitters do; without it every initializer carries its data (small models, tests).
+    ``spill``: a temporary binary file for initializers a projection makes eagerly (see
+    :class:`Builder`); it must stay open until the model is written.
     """
-    lowered = Lowering(graph, projection or FloatProjection(), options or LoweringOptions()).run()
+    lowered = Lowering(graph, projection or FloatProjection(), options or LoweringOptions(), spill).run()
     if not defer:
         for t in lowered.model.graph.initializer:
             if t.name in lowered.deferred:
                 arr = lowered.deferred.pop(t.name)()
-                t.raw_data = np.ascontiguousarray(arr, dtype=helper.tensor_dtype_to_np_dtype(t.data_type)).tobytes()
+                t.raw_data = arr if isinstance(arr, bytes) else \
+                    np.ascontiguousarray(arr, dtype=helper.tensor_dtype_to_np_dtype(t.data_type)).tobytes()
     return lowered
 
 
 class Lowering:
     """State of one lowering: the builder, node values and shared tensors (positions, masks)."""
 
-    def __init__(self, graph: Graph, projection: Projection, options: LoweringOptions) -> None:
+    def __init__(self, graph: Graph, projection: Projection, options: LoweringOptions, spill: Any = None) -> None:
         self.graph, self.projection, self.options = graph, projection, options
         self.dispatch = DISPATCH_CLASSES[options.dispatch]()
-        self.b = Builder()
+        self.b = Builder(spill)
         self.values: dict[str, Any] = {}
         self.kv: list[KVSpec] = []
         self.shared: dict[Any, str] = {}  # positions, masks, rope tables (keyed by what they depend on)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from dmpq_compile.passes import make_pass
 
 from dmpq_compile.compiler import (
     CompileConfig,
@@ -30,7 +31,6 @@ from dmpq_compile.compiler import (
 )
 from dmpq_compile.eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
 from dmpq_compile.frontend import load
-from dmpq_compile.passes import make_pass
 from dmpq_compile.runtime import load as load_artifact
 
 RESULTS = Path(__file__).parent / "results"

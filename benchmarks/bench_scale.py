@@ -61,11 +61,12 @@ def main() -> None:
             rows.append({"shape": name, "layers": int(layers), "target": target, **stats, "passes": passes,
                          "command": " ".join(cmd), "loadavg": os.getloadavg()})
             print(json.dumps(rows[-1]["passes"]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"commit": commit, "rows": rows, "argv": sys.argv}, indent=1))
-    print(f"| shape | layers | target | wall s | peak RSS MB | anon RSS MB |\n|---|---|---|---|---|---|")
+    print("| shape | layers | target | wall s | peak RSS MB | anon RSS MB |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['layers']} | {r['target']} | {r['seconds']} | {r['peak_rss_mb']} | "
               f"{r['peak_anon_rss_mb']} |")

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from dmpq_compile.passes import make_pass
 
 from dmpq_compile.compiler import CompileConfig, calibration_ids, run_passes
 from dmpq_compile.frontend import load
-from dmpq_compile.passes import make_pass
 
 RESULTS = Path(__file__).parent / "results"
 

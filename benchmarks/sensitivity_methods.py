@@ -22,11 +22,19 @@ import time
 from pathlib import Path
 
 import torch
+from dmpq_compile.passes import make_pass
 
-from dmpq_compile.compiler import CompileConfig, calibration_ids, emit, eos_token, get_backend, load_tokenizer, run_passes
+from dmpq_compile.compiler import (
+    CompileConfig,
+    calibration_ids,
+    emit,
+    eos_token,
+    get_backend,
+    load_tokenizer,
+    run_passes,
+)
 from dmpq_compile.eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
 from dmpq_compile.frontend import load
-from dmpq_compile.passes import make_pass
 from dmpq_compile.runtime import load as load_artifact
 
 RESULTS = Path(__file__).parent / "results"
@@ -88,7 +96,8 @@ def main() -> None:
                          "dppl_pct": 100 * (ppl / fp_ppl - 1), "kl": kl})
             print(f"{budget:>4g} {label:>9}: ppl {ppl:.4f} ({rows[-1]['dppl_pct']:+.3f} % vs FP {fp_ppl:.4f})  "
                   f"KL {kl:.5f}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"sensitivity-methods-{name}.json").write_text(json.dumps(
         {"model": args.model, "fp32_ppl": fp_ppl, "eval_tokens": len(ids), "sensitivity_seconds": seconds,

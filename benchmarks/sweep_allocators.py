@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from dmpq_compile.passes.allocate import InfeasibleBudgetError
 
 from dmpq_compile.bench import BenchConfig, bench
 from dmpq_compile.compiler import (
@@ -33,7 +34,6 @@ from dmpq_compile.compiler import (
     run_passes,
 )
 from dmpq_compile.frontend import load
-from dmpq_compile.passes.allocate import InfeasibleBudgetError
 
 ALLOCATORS = ("uniform", "frequency", "gradvar", "optimal", "rl")
 RESULTS = Path(__file__).parent / "results"

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend
-from .passes.manager import peak_rss_mb, reset_peak_rss
 from .fileio import default_modes
 from .ir.graph import Graph
+from .passes.manager import peak_rss_mb, reset_peak_rss
 from .runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, ArtifactError, file_entries
 
 log = logging.getLogger(__name__)

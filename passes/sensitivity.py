@@ -100,7 +100,7 @@ class SensitivityPass(Pass):
         n_layers = len(local.layer_outputs(graph))
         steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0))
         bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False)
-        tick = lambda: bar.update(1)  # noqa: E731
+        tick = lambda: bar.update(1)
         store, h_last = local.forward_boundaries(interp, ids, RunOptions(quantize=False), tick)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         scores: dict[str, list[dict]] = {}

@@ -126,7 +126,7 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             seq = token_idx // seq_len
             wr = routing.weights[token_idx, slot, None]
 
-            def fisher(delta: torch.Tensor) -> float:  # delta [n, H]: perturbation of the layer output
+            def fisher(delta: torch.Tensor, gt=gt, seq=seq) -> float:  # delta [n, H]: layer-output change
                 per_seq = torch.zeros(n_seq, dtype=torch.float64).index_add_(0, seq, (gt * delta).sum(-1).double())
                 return float(0.5 * per_seq.pow(2).sum() / positions)
 

@@ -2,10 +2,6 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from test_alloc_problem import FAST, KINDS, make_expert, problems, random_problem, with_budget
-
 from dmpq_compile.passes.allocate import (
     ALLOCATORS,
     AllocationProblem,
@@ -21,6 +17,9 @@ from dmpq_compile.passes.allocate import (
     min_feasible_budget,
     objective_value,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+from test_alloc_problem import FAST, KINDS, make_expert, problems, random_problem, with_budget
 
 QUICK_OPTIONS = {"rl": {"episodes": 8, "n_envs": 4, "progress": False}}
 
@@ -125,7 +124,6 @@ def test_optimal_beats_heuristics_on_a_realistic_problem():
 
 def test_average_ranks_handles_ties():
     import numpy as np
-
     from dmpq_compile.passes.allocate.gradvar import average_ranks
 
     assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]

@@ -2,9 +2,6 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
-from test_alloc_problem import FAST, brute_force, problems, random_problem, with_budget
-
 from dmpq_compile.passes.allocate import (
     ObjectiveWeights,
     OptimalAllocator,
@@ -12,6 +9,8 @@ from dmpq_compile.passes.allocate import (
     objective_value,
     solve,
 )
+from hypothesis import given
+from test_alloc_problem import FAST, brute_force, problems, random_problem, with_budget
 
 
 @FAST

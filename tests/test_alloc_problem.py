@@ -8,9 +8,6 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from dmpq_compile.passes.allocate import (
     AllocationProblem,
     Budget,
@@ -24,6 +21,8 @@ from dmpq_compile.passes.allocate import (
     min_feasible_budget,
     objective_value,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 KINDS = ("bits", "bytes", "latency")
 BITS_SETS = ((2, 4, 8, 16), (4, 8, 16), (2, 3, 4, 8), (8,))

@@ -1,10 +1,6 @@
 """The deterministic projection onto the budget and the exchange refinement."""
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from test_alloc_problem import FAST, brute_force, make_expert, problems
-
 from dmpq_compile.passes.allocate import (
     AllocationProblem,
     Budget,
@@ -14,6 +10,9 @@ from dmpq_compile.passes.allocate import (
     project,
     refine,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+from test_alloc_problem import FAST, brute_force, make_expert, problems
 
 
 def _proposal(problem, data):

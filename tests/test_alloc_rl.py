@@ -3,9 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from gymnasium.utils.env_checker import check_env
-from test_alloc_problem import make_expert, random_problem
-
 from dmpq_compile.passes.allocate import (
     AllocationEnv,
     AllocationProblem,
@@ -21,6 +18,8 @@ from dmpq_compile.passes.allocate import (
     solve,
 )
 from dmpq_compile.passes.allocate.rl_agent import RolloutBuffer
+from gymnasium.utils.env_checker import check_env
+from test_alloc_problem import make_expert, random_problem
 
 # Stated tolerance: on the small problems below RL (with its default projection + refinement)
 # must come within 1% of the DP optimum of the additive objective.

@@ -6,13 +6,13 @@ import logging
 
 import numpy as np
 import pytest
-
-from dmpq_compile.artifact import write_artifact
 from dmpq_compile.backends.base import BackendError
 from dmpq_compile.backends.ort_cpu import OrtCpuBackend
-from dmpq_compile.frontend import load
 from dmpq_compile.passes.base import PassContext
 from dmpq_compile.passes.quantize import QuantizePass
+
+from dmpq_compile.artifact import write_artifact
+from dmpq_compile.frontend import load
 from dmpq_compile.runtime.manifest import ArtifactError
 
 BITS_CYCLE = (2, 4, 8, 16)

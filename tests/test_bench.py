@@ -1,13 +1,13 @@
 import json
 
 import pytest
+from dmpq_compile.backends import get_backend
+from dmpq_compile.passes import PassContext, PassManager, make_pass
 
 from dmpq_compile.artifact import write_artifact
-from dmpq_compile.backends import get_backend
 from dmpq_compile.bench import BenchConfig, bench, format_results
 from dmpq_compile.cli import main
 from dmpq_compile.frontend import load
-from dmpq_compile.passes import PassContext, PassManager, make_pass
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ def test_passes_lists_builtins(capsys):
 
 
 def test_inspect_saved_ir(tiny_dirs, calib_ids, tmp_path, capsys):
+    from dmpq_compile.passes import PassContext, PassManager, make_pass
+
     from dmpq_compile.frontend import load
     from dmpq_compile.ir import save_graph
-    from dmpq_compile.passes import PassContext, PassManager, make_pass
 
     g = PassManager([make_pass("profile"), make_pass("sensitivity", bits=(2, 4), gradvar=False),
                      make_pass("allocate", allocator="frequency", budget=3.0, bits=(2, 4, 16))]).run(

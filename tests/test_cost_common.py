@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from dmpq_compile.backends.cost import (
     HOROWITZ_45NM,
     CostCache,
@@ -15,6 +14,7 @@ from dmpq_compile.backends.cost import (
     matmulnbits_bytes,
     matmulnbits_layout,
 )
+
 from dmpq_compile.ir.graph import Graph
 
 

@@ -4,11 +4,10 @@ import math
 
 import numpy as np
 import pytest
-from onnx import numpy_helper
-
 from dmpq_compile.backends.base import ExpertCostRow
 from dmpq_compile.backends.cost import CostError, matmulnbits_bytes
 from dmpq_compile.backends.ort_cpu import cost as oc
+from onnx import numpy_helper
 
 TINY = {"repeats": 1, "progress": False, "evict_bytes": 1 << 20}
 

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from dmpq_compile.backends.cost import CostError
 from dmpq_compile.backends.trt.cost import (
     KernelAssumptions,
@@ -14,6 +13,7 @@ from dmpq_compile.backends.trt.cost import (
     trt_expert_cost,
     trt_weight_bytes,
 )
+
 from dmpq_compile.ir.graph import Graph
 
 

@@ -8,16 +8,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from dmpq_compile.backends.base import BackendError
 from dmpq_compile.backends.onnx_lowering import DISPATCHES, LoweringOptions, lower
 from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend, pack_weight
+from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.quantize import QuantizePass
+
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter
 from dmpq_compile.ir.graph import Graph
 from dmpq_compile.ir.weights import WeightStore
-from dmpq_compile.passes.base import PassContext
-from dmpq_compile.passes.quantize import QuantizePass
 from dmpq_compile.quant import QuantSpec, dequantize, quantize
 from dmpq_compile.quant.stored import store_quantized
 from dmpq_compile.testing import TINY_FAMILIES, make_tiny_checkpoint

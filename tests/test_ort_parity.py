@@ -13,14 +13,14 @@ Tolerances (measured on the tiny models of all four families, experts at 2/4/8/1
 import numpy as np
 import pytest
 import torch
+from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend
+from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.quantize import QuantizePass
 
 from dmpq_compile import runtime
 from dmpq_compile.artifact import write_artifact
-from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter
-from dmpq_compile.passes.base import PassContext
-from dmpq_compile.passes.quantize import QuantizePass
 from dmpq_compile.testing import TINY_FAMILIES
 from dmpq_compile.testing.tiny import tiny_text
 

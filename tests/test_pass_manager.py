@@ -2,8 +2,6 @@ import sys
 import textwrap
 
 import pytest
-
-from dmpq_compile.frontend import load
 from dmpq_compile.passes import (
     DumpIR,
     Pass,
@@ -14,6 +12,8 @@ from dmpq_compile.passes import (
     Timing,
     make_pass,
 )
+
+from dmpq_compile.frontend import load
 from dmpq_compile.registry import PASS_GROUP, PluginError, Registry
 
 

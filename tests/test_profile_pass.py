@@ -1,8 +1,8 @@
 import pytest
 import torch
+from dmpq_compile.passes import PassContext, make_pass
 
 from dmpq_compile.frontend import load
-from dmpq_compile.passes import PassContext, make_pass
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

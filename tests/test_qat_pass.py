@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from dmpq_compile.passes import PassContext, PassError, PassManager, make_pass
+from dmpq_compile.passes.qat import QATOptions, QATPass, batch_stream, lr_factor, split_calibration
 
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter
-from dmpq_compile.passes import PassContext, PassError, PassManager, make_pass
-from dmpq_compile.passes.qat import QATOptions, QATPass, batch_stream, lr_factor, split_calibration
 from dmpq_compile.quant import fake_quantize
 
 FAMILY = "mixtral"

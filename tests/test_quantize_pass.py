@@ -1,9 +1,9 @@
 import pytest
 import torch
+from dmpq_compile.passes import PassContext, PassError, make_pass
 
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter, load_graph, save_graph
-from dmpq_compile.passes import PassContext, PassError, make_pass
 from dmpq_compile.quant import fake_quantize
 from dmpq_compile.quant.stored import dequantize_stored
 

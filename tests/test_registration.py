@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import dmpq_compile.backends as backends
-from dmpq_compile import cli
+from dmpq_compile import backends, cli
 from dmpq_compile.registry import PluginError
 
 

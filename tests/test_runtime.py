@@ -8,13 +8,13 @@ import textwrap
 
 import numpy as np
 import pytest
+from dmpq_compile.backends.ort_cpu import OrtCpuBackend
+from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.quantize import QuantizePass
 
 from dmpq_compile import runtime
 from dmpq_compile.artifact import write_artifact
-from dmpq_compile.backends.ort_cpu import OrtCpuBackend
 from dmpq_compile.frontend import load
-from dmpq_compile.passes.base import PassContext
-from dmpq_compile.passes.quantize import QuantizePass
 from dmpq_compile.runtime import ArtifactError, sample
 
 PROMPT = "the expert router sends"
@@ -181,11 +181,11 @@ def test_cli_run_streams_the_generation(artifact, model, capsys):
 def test_multi_token_logits_are_deterministic_with_two_threads(tiny_dirs, tmp_path):
     """onnxruntime's ScatterND(add) races on repeated rows with >1 thread; the combine must not use it."""
     import numpy as np
+    from dmpq_compile.backends import get_backend
+    from dmpq_compile.passes import PassContext, make_pass
 
     from dmpq_compile.artifact import write_artifact
-    from dmpq_compile.backends import get_backend
     from dmpq_compile.frontend import load
-    from dmpq_compile.passes import PassContext, make_pass
     from dmpq_compile.runtime import load as load_artifact
 
     g = load(tiny_dirs("olmoe"))

@@ -16,8 +16,8 @@ from dmpq_compile.testing.scale import write_random_checkpoint
 # 8 experts of 512 x 3072 per layer: 37.7 M parameters = 144 MiB in fp32 (72 MiB in bf16) per layer,
 # so six more layers add at least 432 MiB if anything keeps the whole model (the checkpoint, fp32
 # copies, codes, the ONNX proto). Both models exceed the interpreter's cache, so both stream.
-WIDTHS = dict(hidden_size=512, intermediate_size=3072, num_local_experts=8, num_experts_per_tok=2,
-              num_attention_heads=8, num_key_value_heads=4, vocab_size=512, max_position_embeddings=256)
+WIDTHS = {"hidden_size": 512, "intermediate_size": 3072, "num_local_experts": 8, "num_experts_per_tok": 2,
+          "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 256}
 
 
 def _peak_mb(cmd: list[str]) -> float:

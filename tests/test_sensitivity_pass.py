@@ -1,9 +1,9 @@
 import torch
 import torch.nn.functional as F
+from dmpq_compile.passes import PassContext, PassManager, make_pass
 
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter, RunOptions
-from dmpq_compile.passes import PassContext, PassManager, make_pass
 
 
 def _nll(logits, ids):
@@ -92,7 +92,7 @@ def test_local_fisher_estimate_tracks_whole_model_kl(tiny_dirs, calib_ids):
                       ).run(load(tiny_dirs("mixtral")), ctx)
     a = torch.tensor([n.ann["kl"][2] for n in whole.experts()])
     b = torch.tensor([loc.node(n.id).ann["kl"][2] for n in whole.experts()])
-    ranks = lambda v: v.argsort().argsort().double()  # noqa: E731
+    ranks = lambda v: v.argsort().argsort().double()
     corr = torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1]
     assert corr > 0.6, (a, b)
     assert 0.2 < float(b.sum() / a.sum()) < 5  # same units: KL per token

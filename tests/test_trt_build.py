@@ -12,8 +12,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from dmpq_compile.artifact import write_artifact
 from dmpq_compile.backends import BackendError, get_backend
 from dmpq_compile.backends.trt.backend import keep_fp32_names
 from dmpq_compile.backends.trt.build import (
@@ -24,11 +22,13 @@ from dmpq_compile.backends.trt.build import (
     trtexec_command,
 )
 from dmpq_compile.backends.trt.qdq import reference_weights
+from dmpq_compile.passes import PassContext, make_pass
+
+from dmpq_compile.artifact import write_artifact
 from dmpq_compile.cli import main as cli
 from dmpq_compile.engine import build_engine, open_engine, update_manifest
 from dmpq_compile.frontend import load
 from dmpq_compile.ir.interpreter import Interpreter, RunOptions
-from dmpq_compile.passes import PassContext, make_pass
 from dmpq_compile.runtime.manifest import load_manifest, sha256_file
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

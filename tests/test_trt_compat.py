@@ -3,10 +3,9 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from dmpq_compile.backends.trt.compat import check_model, errors, parse_trt_version
 from dmpq_compile.backends.trt.qdq import int4_initializer
+from onnx import TensorProto, helper, numpy_helper
 
 K, N = 64, 8
 

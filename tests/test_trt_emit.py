@@ -17,16 +17,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
-from dmpq_compile.artifact import write_artifact
 from dmpq_compile.backends import BackendError, get_backend
 from dmpq_compile.backends.trt.backend import keep_fp32_names
 from dmpq_compile.backends.trt.compat import check_model, errors
 from dmpq_compile.backends.trt.qdq import int4_initializer, reference_weights
+from dmpq_compile.passes import PassContext, make_pass
+
+from dmpq_compile.artifact import write_artifact
 from dmpq_compile.cli import main as cli
 from dmpq_compile.frontend import load
 from dmpq_compile.ir.interpreter import Interpreter, RunOptions
-from dmpq_compile.passes import PassContext, make_pass
 from dmpq_compile.testing import TINY_FAMILIES
 
 ATOL_ORT = 1e-4  # ORT vs reference with the emitted weights (measured ~1e-6)

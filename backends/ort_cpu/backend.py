@@ -8,13 +8,23 @@ attention keeps a KV cache (see ``docs/ort-cpu.md`` for the emitted graph and me
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ...ir.graph import Graph
 from ..base import Backend, BackendError, ExpertCostRow
-from ..onnx_io import DATA_FILE, DEFAULT_EXTERNAL_MB, MODEL_FILE, custom_domains, initializer_bytes, io_fields, require_folder, \
-    save_checked, use_external
+from ..onnx_io import (
+    DATA_FILE,
+    DEFAULT_EXTERNAL_MB,
+    MODEL_FILE,
+    custom_domains,
+    initializer_bytes,
+    io_fields,
+    require_folder,
+    save_checked,
+    use_external,
+)
 from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
 from .matmulnbits import MatMulNBitsProjection
 
@@ -65,11 +75,12 @@ class OrtCpuBackend(Backend):
         if dispatch not in DISPATCHES:
             raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         out_dir = require_folder(out_dir)
-        lowered = lower(graph, MatMulNBitsProjection(accuracy_level), LoweringOptions(dispatch=dispatch, opset=opset),
-                        defer=True)
-        size = initializer_bytes(lowered.model)
-        external = use_external(external_data, size, external_data_threshold_mb)
-        path = save_checked(lowered.model, out_dir, external=external, deferred=lowered.deferred)
+        with tempfile.TemporaryFile(dir=out_dir) as spill:  # large eager initializers wait here until written
+            lowered = lower(graph, MatMulNBitsProjection(accuracy_level), LoweringOptions(dispatch=dispatch, opset=opset),
+                            defer=True, spill=spill)
+            size = initializer_bytes(lowered.model)
+            external = use_external(external_data, size, external_data_threshold_mb)
+            path = save_checked(lowered.model, out_dir, external=external, deferred=lowered.deferred)
         log.info("emitted %s (%.1f MB weights%s, dispatch=%s, accuracy_level=%d)", path, size / 1e6,
                  ", external data" if external else "", dispatch, accuracy_level)
         return {

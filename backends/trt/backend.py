@@ -17,6 +17,7 @@ turns it into ``engine.plan`` on a GPU machine (:mod:`.build`).
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -78,19 +79,21 @@ class TrtA100Backend(Backend):
         except ValueError as e:
             raise BackendError(str(e)) from None
         out_dir = require_folder(out_dir)
-        projection = TrtQdqProjection(precision)
-        lowered = lower(graph, projection, LoweringOptions(dispatch=dispatch, opset=OPSET), defer=True)
-        model = lowered.model
-        converted = weights_to_fp16(model, keep_fp32_names(graph), lowered.deferred) if precision == "fp16" else 0
-        issues = check_model(model, trt_version)
-        oldest = "10.0" if not errors(check_model(model, "10.0")) else f"{checked_against[0]}.{checked_against[1]}"
-        if errors(issues):
-            listed = "\n  ".join(str(i) for i in errors(issues)[:10])
-            raise BackendError(f"the emitted model breaks {len(errors(issues))} TensorRT rule(s):\n  {listed}")
-        size = initializer_bytes(model)
-        path = save_checked(model, out_dir, external=True, deferred=lowered.deferred)
-        log.info("emitted %s: %.1f MB weights, precision=%s, dispatch=%s, %d weights fp16",
-                 path, size / 1e6, precision, dispatch, converted)
+        with tempfile.TemporaryFile(dir=out_dir) as spill:  # large eager initializers wait here until written
+            projection = TrtQdqProjection(precision)
+            lowered = lower(graph, projection, LoweringOptions(dispatch=dispatch, opset=OPSET), defer=True,
+                            spill=spill)
+            model = lowered.model
+            converted = weights_to_fp16(model, keep_fp32_names(graph), lowered.deferred) if precision == "fp16" else 0
+            issues = check_model(model, trt_version)
+            oldest = "10.0" if not errors(check_model(model, "10.0")) else f"{checked_against[0]}.{checked_against[1]}"
+            if errors(issues):
+                listed = "\n  ".join(str(i) for i in errors(issues)[:10])
+                raise BackendError(f"the emitted model breaks {len(errors(issues))} TensorRT rule(s):\n  {listed}")
+            size = initializer_bytes(model)
+            path = save_checked(model, out_dir, external=True, deferred=lowered.deferred)
+            log.info("emitted %s: %.1f MB weights, precision=%s, dispatch=%s, %d weights fp16",
+                     path, size / 1e6, precision, dispatch, converted)
         from .build import default_profile, trtexec_command
 
         io = io_fields(lowered)

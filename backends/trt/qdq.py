@@ -314,7 +314,7 @@ class TrtQdqProjection:
             x = b.op("Pad", [x, b.const(pads, np.int64)], prefix, mode="constant")
         name = f"{prefix}.int4"
         if name not in b.initializers:
-            b.initializers[name] = int4_initializer(name, w4.codes)
+            b.add_proto(int4_initializer(name, w4.codes))
         s = b.add_initializer(f"{prefix}.scale", to_scale_dtype(w4.scale, self.precision, prefix))
         w = b.op("DequantizeLinear", [name, s], prefix, axis=0, block_size=w4.block)
         main = self._cast_out(lw, b.op("MatMul", [self._cast_in(lw, x), w], prefix), prefix)

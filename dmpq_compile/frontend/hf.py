@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
 from ..ir.graph import Graph
 from ..ir.validate import validate
 from ..ir.weights import CheckpointFileError, TensorRef, WeightStore, index_safetensors

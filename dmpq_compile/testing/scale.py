@@ -18,12 +18,12 @@ from safetensors.torch import save_file
 from .tiny import _classes, save_tiny_tokenizer
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (family, config overrides)
-    "mixtral-8x7b": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
-                                     num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8,
-                                     vocab_size=32000, max_position_embeddings=4096)),
-    "olmoe-1b-7b": ("olmoe", dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
-                                  num_attention_heads=16, num_key_value_heads=16, num_hidden_layers=16,
-                                  vocab_size=50304, max_position_embeddings=4096)),
+    "mixtral-8x7b": ("mixtral", {"hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8,
+                                 "num_experts_per_tok": 2, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                 "vocab_size": 32000, "max_position_embeddings": 4096}),
+    "olmoe-1b-7b": ("olmoe", {"hidden_size": 2048, "intermediate_size": 1024, "num_experts": 64,
+                              "num_experts_per_tok": 8, "num_attention_heads": 16, "num_key_value_heads": 16,
+                              "num_hidden_layers": 16, "vocab_size": 50304, "max_position_embeddings": 4096}),
 }
 
 
