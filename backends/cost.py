@@ -65,10 +65,10 @@ def _one_expert_shape(graph: Graph, node_id: str, params: Mapping[str, str]) -> 
     for role in ("gate", "up", "down"):
         if role not in params:
             raise CostError(f"expert {node_id!r} has no {role!r} weight")
-        t = graph.weights[params[role]]
-        if t.dim() != 2:
-            raise CostError(f"expert {node_id!r}: {role} weight has shape {tuple(t.shape)}, expected 2-D [out, in]")
-        dims[role] = (int(t.shape[0]), int(t.shape[1]))
+        shape = graph.weights.shape(params[role])  # metadata only: nothing is read
+        if len(shape) != 2:
+            raise CostError(f"expert {node_id!r}: {role} weight has shape {shape}, expected 2-D [out, in]")
+        dims[role] = (int(shape[0]), int(shape[1]))
     i, h = dims["gate"]
     if dims["up"] != (i, h) or dims["down"] != (h, i):
         raise CostError(f"expert {node_id!r}: inconsistent weight shapes gate={dims['gate']} up={dims['up']} "

@@ -7,6 +7,7 @@ The pass only translates between the IR and the allocators' problem description
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,7 +153,7 @@ def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> Allocat
         cost = node.ann.get("cost", {}).get(target, {}) if target else {}
         experts.append(ExpertInfo(
             key=node.id, layer=node.attrs["layer"], expert=node.attrs["expert"],
-            n_params=sum(graph.weights[node.params[r]].numel() for r in ("gate", "up", "down")),
+            n_params=sum(math.prod(graph.weights.shape(node.params[r])) for r in ("gate", "up", "down")),
             freq=float(node.ann["freq"]), mass=float(node.ann.get("mass", 0.0)),
             sensitivity=dict(node.ann.get(o.metric if o.metric == "kl" else "sensitivity", {})),
             kl=dict(node.ann.get("kl", {})),

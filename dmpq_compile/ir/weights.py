@@ -140,6 +140,9 @@ class WeightStore(Mapping[str, torch.Tensor]):
             raise KeyError(f"weight {key!r} is not in the weight store ({len(self._t)} tensors)") from None
         return value.read() if isinstance(value, TensorRef) else value
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._t
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._t)
 
