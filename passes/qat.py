@@ -382,6 +382,7 @@ class QATPass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
+        check_fits(graph)
         tr = collect_trainables(graph, o)
         train_ids, eval_ids = split_calibration(ctx.calibration, o.eval_fraction)
         models = _Models(Interpreter(graph.copy(), quantize=False), Interpreter(graph, quantize=True), tr)
@@ -401,6 +402,34 @@ class QATPass(Pass):
         log.info("qat: %d steps, %d tokens, %.1fs (%s); held-out KL %.5f -> %.5f", loop.steps, loop.tokens,
                  seconds, loop.stop_reason, before.kl, after.kl)
         return PassResult(graph, modified=loop.best_state is not None, stats=stats)
+
+
+def check_fits(graph: Graph, available: int | None = None) -> None:
+    """Refuse whole-model QAT where it cannot fit in memory, before any work.
+
+    It keeps every weight in fp32 in memory twice (student parameters, and a teacher that reads
+    the store), with gradients and two Adam moments for the trained ones: about 20 bytes per
+    parameter. Block-wise (layer by layer) distillation is not implemented; a model over the
+    limit is compiled without ``--qat`` (post-training quantization streams layer by layer).
+    """
+    n = sum(math.prod(graph.weights.shape(k)) for k in graph.weights)
+    need = 20 * n
+    if available is None:
+        available = _available_bytes()
+    if available is not None and need > 0.8 * available:
+        raise PassError(f"QAT trains the whole model in memory: about {need / 2**30:.1f} GiB for {n / 1e9:.2f} B "
+                        f"parameters, but {available / 2**30:.1f} GiB are available; compile without --qat "
+                        "(block-wise QAT for models this size is not implemented)")
+
+
+def _available_bytes() -> int | None:
+    try:
+        for line in open("/proc/meminfo").read().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _summary(o: QATOptions, loop: _LoopResult, tr: _Trainables, before: _Eval, after: _Eval, fp_nll: float,

@@ -183,3 +183,14 @@ def test_schedule_and_batches():
     assert sorted(seen.tolist()) == sorted(list(range(5)) * 2)
     one = torch.zeros(1, 8, dtype=torch.long)
     assert split_calibration(one, 0.25)[1] is one
+
+
+def test_qat_refuses_a_model_that_cannot_fit_before_any_work(tiny_dirs):
+    from dmpq_compile.passes.base import PassError
+    from dmpq_compile.passes.qat import check_fits
+
+    g = _graph(tiny_dirs)
+    n = sum(g.weights[k].numel() for k in g.weights)
+    check_fits(g, available=100 * n)  # fits: nothing raised
+    with pytest.raises(PassError, match=r"compile without --qat"):
+        check_fits(g, available=10 * n)
