@@ -87,22 +87,27 @@ def write_artifact(graph: Graph, backend: Backend, out: str | Path, report: Mapp
 
 
 OWNER_FILE = ".dmpq-owner.json"  # inside a .partial folder while it is being written
-_PARTIAL = r"\.{}\.[a-z0-9_]+\.partial"  # what mkdtemp(prefix='.NAME.', suffix='.partial') makes
+_SCRATCH = r"\.{}\.[a-z0-9_]+{}"  # what mkdtemp(prefix='.NAME.', suffix=SUFFIX) makes
 _UNOWNED_STALE_S = 24 * 3600  # a .partial without owner record (older versions) is stale after a day
 
 
 def _new_partial(out: Path) -> Path:
-    """A new ``.{out.name}.*.partial`` folder beside ``out`` that records its owner process.
+    return scratch_folder(out, ".partial")
 
-    Stale ones of the same name go first: left by a killed write, their owner process is gone
+
+def scratch_folder(out: Path, suffix: str) -> Path:
+    """A new ``.{out.name}.*{suffix}`` folder beside ``out`` that records its owner process
+    (``.partial``: an artifact being written; ``.work``: a compile's scratch codes).
+
+    Stale ones of the same name and kind go first: left by a killed process, their owner is gone
     (same host, and a dead pid, a reused pid or another boot). Others are never touched.
     """
-    pattern = re.compile(_PARTIAL.format(re.escape(out.name)))
+    pattern = re.compile(_SCRATCH.format(re.escape(out.name), re.escape(suffix)))
     for old in out.parent.iterdir():
         if pattern.fullmatch(old.name) and old.is_dir() and not old.is_symlink() and _is_stale(old):
-            log.warning("removing %s, left by an interrupted write whose process is gone", old)
+            log.warning("removing %s, left by an interrupted compile whose process is gone", old)
             shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
     (tmp / OWNER_FILE).write_text(json.dumps(_owner_record()), encoding="utf-8")
     return tmp
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,7 +225,9 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     graph = load(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(graph, cfg, out.parent)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work", dir=out.parent))
+    from .artifact import scratch_folder
+
+    work = scratch_folder(out, ".work")  # removes .work folders that killed compiles left here
     try:
         graph, records = run_pipeline(graph, model_dir, cfg, progress, dump_dir, work)
         return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite)

@@ -1,0 +1,31 @@
+"""A compile's scratch folder (.NAME.*.work beside -o): removed after success and failure alike,
+and a stale one left by a killed compile is removed by the next compile into the same place."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dmpq_compile.artifact import OWNER_FILE, _owner_record
+from dmpq_compile.compiler import CompileConfig, compile_model
+
+
+def test_scratch_is_removed_and_stale_scratch_of_killed_compiles_too(tmp_path, tiny_dirs, tiny_corpus):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = tmp_path / ".art.dead0000.work"
+    stale.mkdir()
+    (stale / OWNER_FILE).write_text(json.dumps({**_owner_record(), "pid": int(done.stdout), "start": None}))
+    (stale / "quantized-L0.safetensors").write_bytes(b"x" * 1000)
+    cfg = CompileConfig(allocator="uniform", budget=4.0, calib_corpus=str(tiny_corpus), calib_sequences=2,
+                        seq_len=32)
+    compile_model(tiny_dirs("olmoe"), tmp_path / "art", cfg, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    bad = CompileConfig(allocator="uniform", budget=3.0, calib_corpus=str(tiny_corpus), calib_sequences=2,
+                        seq_len=32, target="trt-a100", bits=(3,))  # 3 bits: trt-a100 refuses
+    with pytest.raises(Exception):  # noqa: B017 - any refusal; what matters is what it leaves
+        compile_model(tiny_dirs("olmoe"), tmp_path / "art2", bad, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
