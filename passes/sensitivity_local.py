@@ -135,7 +135,7 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             y = F.linear(act, w["down"])
             kl = {16: 0.0}
             for b in bits:
-                wq = interp.weights(node.id, RunOptions(bits_override={node.id: b}))
+                wq = interp.fake_quantized(node.id, w, b)  # = weights(bits_override) without re-reading
                 kl[b] = fisher((ops.swiglu(xt, wq["gate"], wq["up"], wq["down"]) - y) * wr) if len(xt) else 0.0
             out[node.id] = {"kl": kl, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
                             "neuron_variance": float(act.var(dim=0).mean()) if len(xt) > 1 else 0.0}

@@ -185,9 +185,21 @@ class Interpreter:
             version = tuple(store.version(entry[k]) for k in ("q", "scale", "zero"))
             return self._cache.get(("stored", node_id, role, bits, version),
                                    lambda: dequantize_stored(store, quant, role).to(self.dtype))
-        group = int(ann.get("group_size", self.graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
-        return self._cache.get(("rtn", key, store.version(key), bits, group),
-                               lambda: fake_quantize(store[key].to(self.dtype), bits, group))
+        return self._cache.get(("rtn", key, store.version(key), bits, self.group_size(node_id)),
+                               lambda: fake_quantize(self.stored(key), bits, self.group_size(node_id)))
+
+    def group_size(self, node_id: str) -> int:
+        """The quantization group of ``node_id``: its annotation, else the graph's, else 64."""
+        ann = self.graph.g.nodes[node_id]["ann"]
+        return int(ann.get("group_size", self.graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
+
+    def fake_quantized(self, node_id: str, fp: Mapping[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+        """The MLP weights ``fp`` (already read at full precision) fake-quantized at ``bits`` exactly as
+        :meth:`weights` would without stored codes, without reading the store again."""
+        from ..quant import fake_quantize
+
+        group = self.group_size(node_id)
+        return {r: fake_quantize(w, bits, group) if r in ("gate", "up", "down") else w for r, w in fp.items()}
 
     def clear_cache(self) -> None:
         self._cache.clear()
