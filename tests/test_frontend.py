@@ -98,3 +98,28 @@ def test_truncated_checkpoint_is_refused(tiny_dirs, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(FrontendError, match="expert 3"):
         load(tmp_path)
+
+
+def test_damaged_or_missing_shards_are_named_before_any_work(tmp_path):
+    import shutil
+
+    from dmpq_compile.testing.scale import write_random_checkpoint
+
+    src = write_random_checkpoint("mixtral", tmp_path / "src", shard_bytes=200_000, **{
+        "hidden_size": 64, "intermediate_size": 128, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96})
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 2 and len(load(src).experts()) == 8  # sharded with an index, loads whole
+
+    cut = tmp_path / "cut"
+    shutil.copytree(src, cut)
+    data = (cut / shards[1].name).read_bytes()
+    (cut / shards[1].name).write_bytes(data[: len(data) - 100])  # an interrupted download
+    with pytest.raises(FrontendError, match=f"{shards[1].name} is truncated.*copy it again"):
+        load(cut)
+    (cut / shards[1].name).write_bytes(data[:5])
+    with pytest.raises(FrontendError, match=f"{shards[1].name} is empty or truncated"):
+        load(cut)
+    (cut / shards[1].name).unlink()
+    with pytest.raises(FrontendError, match=f"1 of {len(shards)} shards .* missing.*{shards[1].name}"):
+        load(cut)
