@@ -15,36 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
-import torch
+from alloc_common import BASE, RESULTS, ArtifactScorer, calibration, emit_allocation, machine
 from dmpq_compile.passes import make_pass
 
-from dmpq_compile.compiler import (
-    CompileConfig,
-    calibration_ids,
-    emit,
-    eos_token,
-    get_backend,
-    load_tokenizer,
-    run_passes,
-)
-from dmpq_compile.eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
+from dmpq_compile.compiler import get_backend, run_passes
 from dmpq_compile.frontend import load
-from dmpq_compile.runtime import load as load_artifact
 
-RESULTS = Path(__file__).parent / "results"
 METHODS = {"whole": {"method": "whole"}, "local": {"method": "local", "label_samples": 1},
            "local-4": {"method": "local", "label_samples": 4}}
 
 
-def logits_fn(path):
-    session = load_artifact(path, verify=False)
-    return lambda ids: torch.from_numpy(session.logits(ids.numpy()))
+def allocation(graph, model, calib, allocator: str, budget: float) -> dict[str, int]:
+    g, _ = run_passes(graph.copy(), [make_pass("allocate", allocator=allocator, budget=budget)], model, BASE,
+                      get_backend(BASE.target), False, calibration=calib)
+    return {n.id: int(n.ann["bits"]) for n in g.experts()}
 
 
 def main() -> None:
@@ -54,54 +42,38 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--work", default="/tmp/dmpq-sens-methods")
     args = ap.parse_args()
-    torch.set_num_threads(1)
     name = Path(args.model).name
-    cfg = CompileConfig(target="ort-cpu", allocator="optimal")
-    backend = get_backend(cfg.target)
-    calib = calibration_ids(args.model, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
+    calib = calibration(args.model)
     base = load(args.model)
-    base.meta["group_size"] = cfg.group_size
-    base, _ = run_passes(base, [make_pass("profile"), make_pass("cost")], args.model, cfg, backend, False,
-                         calibration=calib)
+    base.meta["group_size"] = BASE.group_size
+    base, _ = run_passes(base, [make_pass("profile"), make_pass("cost")], args.model, BASE, get_backend(BASE.target),
+                         False, calibration=calib)
     analysed, seconds = {}, {}
     for label, opts in METHODS.items():
         t0 = time.perf_counter()
-        g, _ = run_passes(base.copy(), [make_pass("sensitivity", gradvar=False, max_sequences=cfg.sensitivity_sequences,
-                                                   **opts)], args.model, cfg, backend, False, calibration=calib)
+        sens = make_pass("sensitivity", gradvar=False, max_sequences=BASE.sensitivity_sequences, **opts)
+        analysed[label], _ = run_passes(base.copy(), [sens], args.model, BASE, get_backend(BASE.target), False,
+                                        calibration=calib)
         seconds[label] = time.perf_counter() - t0
-        analysed[label] = g
         print(f"sensitivity {label:>8}: {seconds[label]:.1f} s", flush=True)
     work = Path(args.work) / name
     shutil.rmtree(work, ignore_errors=True)
-
-    def artifact(graph, allocator, budget, tag):
-        g, _ = run_passes(graph.copy(), [make_pass("allocate", allocator=allocator, budget=budget),
-                                         make_pass("quantize", group_size=cfg.group_size)],
-                          args.model, cfg, backend, False, calibration=calib)
-        return emit(g, cfg, work / tag, [], 0.0)
-
-    fp_fn = logits_fn(artifact(base, "uniform", 16.0, "fp32"))
-    tok = load_tokenizer(args.model)
-    ids = tokenize_corpus(load_corpus(cfg.calib_corpus, "test"), tok, separator=eos_token(tok),
-                          max_tokens=args.eval_tokens)
-    fp_ppl = perplexity(fp_fn, ids, progress=False).ppl
+    fp = emit_allocation(base, args.model, {n.id: 16 for n in base.experts()}, work, "fp32")
+    scorer = ArtifactScorer(args.model, fp, args.eval_tokens)
     rows = []
     for budget in (float(b) for b in args.budgets.split(",")):
         variants = [(label, g, "optimal") for label, g in analysed.items()] + [("frequency", base, "frequency")]
         for label, g, allocator in variants:
-            fn = logits_fn(artifact(g, allocator, budget, f"{label}-{budget:g}"))
-            ppl = perplexity(fn, ids, progress=False).ppl
-            kl = kl_divergence(fp_fn, fn, ids, progress=False).kl
-            rows.append({"budget": budget, "sensitivity": label, "allocator": allocator, "ppl": ppl,
-                         "dppl_pct": 100 * (ppl / fp_ppl - 1), "kl": kl})
-            print(f"{budget:>4g} {label:>9}: ppl {ppl:.4f} ({rows[-1]['dppl_pct']:+.3f} % vs FP {fp_ppl:.4f})  "
-                  f"KL {kl:.5f}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()
+            bits = allocation(g, args.model, calib, allocator, budget)
+            path = emit_allocation(base, args.model, bits, work, f"{label}-{budget:g}")
+            rows.append({"budget": budget, "sensitivity": label, "allocator": allocator,
+                         **scorer.score(path, f"{label}-{budget:g}")})
+            print(f"{budget:>4g} {label:>9}: ppl {rows[-1]['ppl']:.4f} ({rows[-1]['dppl_pct']:+.3f} % vs FP "
+                  f"{scorer.fp_ppl:.4f})  KL {rows[-1]['kl']:.5f}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"sensitivity-methods-{name}.json").write_text(json.dumps(
-        {"model": args.model, "fp32_ppl": fp_ppl, "eval_tokens": len(ids), "sensitivity_seconds": seconds,
-         "rows": rows, "commit": commit, "loadavg": os.getloadavg(),
+        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": len(scorer.ids),
+         "sensitivity_seconds": seconds, "rows": rows, "machine": machine(),
          "command": f"python benchmarks/sensitivity_methods.py --model {args.model} --budgets {args.budgets}"},
         indent=1))
 
