@@ -117,7 +117,9 @@ class PassManager:
 
     def check(self, graph: Graph) -> None:
         """Raise PassError naming the first pass whose requirements nothing before it provides."""
-        available = {k for n in graph.experts() for k in n.ann if graph.has_annotation(k)}
+        experts = graph.experts()
+        keys = {k for n in experts for k in n.ann}
+        available = {k for k in keys if all(k in n.ann for n in experts)}  # on every expert
         for i, p in enumerate(self.passes):
             missing = [k for k in p.requires if k not in available]
             if missing:

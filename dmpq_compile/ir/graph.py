@@ -62,6 +62,7 @@ class Graph:
 
     def __init__(self, meta: Mapping[str, Any] | None = None, weights: WeightStore | None = None):
         self.g = nx.DiGraph()
+        self._topo: tuple[tuple[int, int], list[str]] | None = None  # see topo_order
         self.meta: dict[str, Any] = dict(meta or {})
         self.weights = weights if weights is not None else WeightStore()
         self._order = 0
@@ -104,7 +105,12 @@ class Graph:
         return list(self.nodes("expert"))
 
     def topo_order(self) -> list[str]:
-        return list(nx.lexicographical_topological_sort(self.g, key=lambda n: self.g.nodes[n]["order"]))
+        """Execution order, cached until nodes or edges are added or removed (passes query it per
+        node: recomputing it each time made whole-graph queries quadratic in the expert count)."""
+        key = (self.g.number_of_nodes(), self.g.number_of_edges())
+        if self._topo is None or self._topo[0] != key:
+            self._topo = (key, list(nx.lexicographical_topological_sort(self.g, key=lambda n: self.g.nodes[n]["order"])))
+        return list(self._topo[1])
 
     def __contains__(self, node_id: str) -> bool:
         return node_id in self.g
