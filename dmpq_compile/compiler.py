@@ -224,6 +224,7 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     model_dir = resolve_model(model_dir)
     graph = load(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_bits_budget(cfg)
     check_disk_space(graph, cfg, out.parent)
     from .artifact import scratch_folder
 
@@ -233,6 +234,16 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
         return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def check_bits_budget(cfg: CompileConfig) -> None:
+    """Refuse, before hours of analysis, an average-bits budget below the target's smallest bits."""
+    if cfg.budget_kind != "bits":
+        return
+    supported = cfg.bits or getattr(get_backend(cfg.target), "supported_bits", None) or ()
+    if supported and cfg.budget < min(supported):
+        raise ValueError(f"--budget-bits {cfg.budget:g} is below the smallest bit-width {cfg.target} can emit "
+                         f"({min(supported)} of {tuple(supported)}); raise the budget to at least {min(supported)}")
 
 
 def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:

@@ -29,3 +29,13 @@ def test_scratch_is_removed_and_stale_scratch_of_killed_compiles_too(tmp_path, t
     with pytest.raises(Exception):  # noqa: B017 - any refusal; what matters is what it leaves
         compile_model(tiny_dirs("olmoe"), tmp_path / "art2", bad, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_an_infeasible_bits_budget_is_refused_before_any_pass(tmp_path, tiny_dirs, monkeypatch):
+    import dmpq_compile.compiler as compiler
+
+    monkeypatch.setattr(compiler, "run_pipeline", lambda *a, **k: pytest.fail("a pass ran"))
+    cfg = CompileConfig(target="trt-a100", budget=3.5)  # trt-a100 emits 4, 8 and 16 bits
+    with pytest.raises(ValueError, match=r"3.5 is below the smallest bit-width trt-a100 can emit \(4"):
+        compile_model(tiny_dirs("olmoe"), tmp_path / "art", cfg, progress=False)
+    assert not any(tmp_path.iterdir())
