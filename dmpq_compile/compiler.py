@@ -242,8 +242,9 @@ def check_bits_budget(cfg: CompileConfig) -> None:
         return
     supported = cfg.bits or getattr(get_backend(cfg.target), "supported_bits", None) or ()
     if supported and cfg.budget < min(supported):
-        raise ValueError(f"--budget-bits {cfg.budget:g} is below the smallest bit-width {cfg.target} can emit "
-                         f"({min(supported)} of {tuple(supported)}); raise the budget to at least {min(supported)}")
+        raise ValueError(f"budget {cfg.budget:.2f} average bits is infeasible for {cfg.target} (bits "
+                         f"{tuple(supported)}): the smallest feasible budget is {min(supported):.2f} average bits; "
+                         "raise --budget-bits")
 
 
 def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
