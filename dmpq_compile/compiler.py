@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -255,8 +256,8 @@ def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
     twice for the experts (scratch codes, then the artifact), plus 10 %.
     """
     expert_keys = {k for n in graph.experts() for k in n.params.values()}
-    n_expert = sum(_numel(graph.weights.shape(k)) for k in expert_keys)
-    n_other = sum(_numel(graph.weights.shape(k)) for k in graph.weights if k not in expert_keys)
+    n_expert = sum(math.prod(graph.weights.shape(k)) for k in expert_keys)
+    n_other = sum(math.prod(graph.weights.shape(k)) for k in graph.weights if k not in expert_keys)
     bits = cfg.budget if cfg.budget_kind == "bits" else 8.0
     need = 1.1 * (4 * n_other + 2 * n_expert * (bits + 1) / 8)
     free = shutil.disk_usage(folder).free
@@ -264,12 +265,6 @@ def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
         raise OSError(f"{folder} has {free / 1e9:.1f} GB free but this compile needs about {need / 1e9:.1f} GB "
                       f"(artifact + scratch codes); free space or choose another -o")
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, seconds: float,

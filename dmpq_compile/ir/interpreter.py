@@ -14,6 +14,7 @@ the largest layer, not by the model.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,12 +60,6 @@ class RunOptions:
 MLP_KINDS = ("expert", "shared_expert", "mlp")
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
 
 class WeightCache:
     """Least-recently-used tensors keyed by tuples, holding at most ``max_bytes`` in total.
@@ -108,7 +103,7 @@ class Interpreter:
         # from memory (allocation measurements, QAT), while a large one streams layer by layer and
         # a cache that cannot hold it would only hold memory.
         item = torch.empty((), dtype=dtype).element_size()
-        model_bytes = sum(_numel(graph.weights.shape(k)) * item for k in graph.weights)
+        model_bytes = sum(math.prod(graph.weights.shape(k)) * item for k in graph.weights)
         self._cache = WeightCache(cache_bytes if model_bytes <= cache_bytes else 0)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ pages read are not counted in the process's resident memory after the tensor is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -47,10 +48,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
     def read(self) -> torch.Tensor:
         size = self.nbytes
