@@ -54,6 +54,7 @@ class CompileConfig:
     qat_steps: int = 200
     qat_time_budget_s: float = 600.0
     qat_lr: float = 1e-4
+    qat_mode: str = "auto"  # whole | blockwise | auto (whole when it fits in memory)
     codesign_rounds: int = 0  # >0: alternate allocation and QAT this many times before the final round
 
     def __post_init__(self) -> None:
@@ -117,7 +118,7 @@ def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
         allocator_options=dict(cfg.allocator_options))]
     if cfg.qat or cfg.codesign_rounds:
         passes.append(make_pass("qat", steps=cfg.qat_steps, time_budget_s=cfg.qat_time_budget_s, lr=cfg.qat_lr,
-                                group_size=cfg.group_size))
+                                mode=cfg.qat_mode, group_size=cfg.group_size))
     if final:
         passes.append(make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size))
     return place_passes(passes, cfg.extra_passes, analysis=False, optional=() if final else ("quantize",))

@@ -5,6 +5,17 @@ fake quantization applied to every expert whose ``bits`` annotation is below 16,
 the recovered weights back into the weight store. The ``quantize`` pass and the backend run on
 them afterwards exactly as they would on the original weights.
 
+Modes (option ``mode``). ``whole`` trains the whole model at once (everything below). It keeps
+every weight in fp32 twice plus gradients and Adam moments of the trained ones, about
+``BYTES_PER_PARAM`` (20) bytes per parameter (:func:`whole_model_estimate`). ``blockwise``
+distils one decoder layer at a time (:mod:`~dmpq_compile.passes.qat_blockwise`): memory is one
+layer's weights plus the residual stream at one layer boundary, time is linear in depth. ``auto``
+(default) takes ``whole`` when its estimate is within ``FIT_FRACTION`` of the available memory,
+``blockwise`` otherwise; one INFO line says which mode runs and why, and the stats carry it
+(``mode``, ``mode_reason``). An explicit ``whole`` that cannot fit is refused before any work.
+The rest of this docstring describes ``whole``; block-wise shares the trainable selection, the
+optimizer and schedule, the keep-the-best rule and the write-back, per layer.
+
 What trains (everything else is read from the store untouched, so stays bit-identical):
 
 * experts with ``bits < 16``: always, through :func:`~dmpq_compile.quant.fake_quantize_ste` at
@@ -56,9 +67,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -72,6 +83,9 @@ from .base import Pass, PassContext, PassError, PassResult
 log = logging.getLogger(__name__)
 
 LOSSES = ("kl", "nll")
+MODES = ("auto", "whole", "blockwise")
+BYTES_PER_PARAM = 20  # whole-model QAT: fp32 student + teacher (8), gradient (4), two Adam moments (8)
+FIT_FRACTION = 0.8  # whole-model QAT may use at most this fraction of the available memory
 QUANT_ROLES = ("gate", "up", "down")
 NONEXPERT_KINDS = ("embed", "norm", "attention", "shared_expert", "mlp", "lm_head")
 SCALE_MULT_MIN = 0.25  # learnable scale multipliers are clamped to [SCALE_MULT_MIN, 1]
@@ -104,6 +118,11 @@ class QATOptions:
         eval_every: Evaluate on the held-out slice every this many steps (0: only before and
             after training); the best evaluation's weights are kept.
         eval_fraction: Fraction of the calibration sequences held out (at least one).
+        mode: ``"whole"`` (train the whole model at once), ``"blockwise"`` (distil one decoder
+            layer at a time; ``steps`` and ``max_tokens`` then apply to each layer, and
+            ``time_budget_s`` is shared by the layers) or ``"auto"`` (whole when it fits in
+            memory, else blockwise; see the module docstring). Blockwise trains on layer
+            outputs, so ``loss="nll"`` needs ``whole``.
     """
 
     steps: int = 200
@@ -122,10 +141,15 @@ class QATOptions:
     group_size: int | None = None
     eval_every: int = 0
     eval_fraction: float = 0.25
+    mode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "blockwise" and self.loss == "nll":
+            raise ValueError("loss='nll' needs mode='whole': block-wise QAT distils each layer's output")
         for name in ("train_router", "train_nonexpert", "train_fp_experts", "learnable_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -245,8 +269,8 @@ def _trains(kind: str, bits: int, o: QATOptions) -> bool:
     return kind in NONEXPERT_KINDS and o.train_nonexpert
 
 
-def collect_trainables(graph: Graph, o: QATOptions) -> _Trainables:
-    """Select the weights that train under ``o`` and how each node's forward pass reads them.
+def select_uses(graph: Graph, o: QATOptions) -> list[_Use]:
+    """The (node, role) weights that train under ``o`` and how the forward pass reads each; reads no tensor.
 
     Raises:
         PassError: the graph already carries ``quant`` records, or nothing would train.
@@ -255,17 +279,24 @@ def collect_trainables(graph: Graph, o: QATOptions) -> _Trainables:
     if stale:
         raise PassError(f"pass 'qat' must run before 'quantize': {len(stale)} node(s) (e.g. {stale[0]!r}) already "
                         "carry packed weights whose codes QAT would leave stale")
-    tr = _Trainables()
+    uses = []
     for node in graph.nodes():
         bits = _node_bits(node.kind, node.ann)
         if not _trains(node.kind, bits, o):
             continue
         group = _group_size(graph, node.ann, o.group_size)
         for role, key in node.params.items():
-            role_bits = bits if role in QUANT_ROLES else 16
-            tr.add(graph, _Use(node.id, role, key, role_bits, group), o.learnable_scales)
-    if not tr.params:
+            uses.append(_Use(node.id, role, key, bits if role in QUANT_ROLES else 16, group))
+    if not uses:
         raise PassError("pass 'qat': nothing to train (no expert has bits < 16 and every other part is frozen)")
+    return uses
+
+
+def collect_trainables(graph: Graph, o: QATOptions, uses: list[_Use] | None = None) -> _Trainables:
+    """fp32 trainable copies of the weights of ``uses`` (default: all of :func:`select_uses`)."""
+    tr = _Trainables()
+    for use in select_uses(graph, o) if uses is None else uses:
+        tr.add(graph, use, o.learnable_scales)
     return tr
 
 
@@ -313,13 +344,36 @@ def planned_steps(o: QATOptions, tokens_per_step: int) -> int:
 
 
 # -- the pass ------------------------------------------------------------------------------------
+class _Objective(Protocol):
+    """What the training loop optimises: the whole model (:class:`_Models`) or one layer (``qat_blockwise``)."""
+
+    trainables: _Trainables
+    label: str  # name of the held-out metric on the progress bar
+
+    def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        """Differentiable training loss on the training sequences at indices ``rows``."""
+
+    def heldout(self) -> Any:
+        """Held-out evaluation of the current weights."""
+
+    def metric(self, e: Any) -> float:
+        """The number of a :meth:`heldout` result that selects the best weights (lower is better)."""
+
+
 @dataclass
 class _Models:
-    """The frozen FP teacher and the fake-quantized student (both reference interpreters)."""
+    """Whole-model objective: the frozen FP teacher and the fake-quantized student (reference interpreters)."""
 
     teacher: Interpreter
     student: Interpreter
     trainables: _Trainables
+    train_ids: torch.Tensor
+    eval_ids: torch.Tensor
+    o: QATOptions
+
+    @property
+    def label(self) -> str:
+        return f"heldout_{self.o.loss}"
 
     def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Full-precision logits ``[B, T, V]`` of the original weights (no autograd)."""
@@ -330,6 +384,20 @@ class _Models:
         """Logits ``[B, T, V]`` with the trainable weights (fake-quantized where quantized), differentiable."""
         opts = RunOptions(quantize=True, weight_override=self.trainables.overrides())
         return self.student.run(ids, opts)["lm_head"]
+
+    def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        ids = self.train_ids[rows]
+        logits = self.student_logits(ids)
+        if self.o.loss == "nll":
+            return mean_nll(logits, ids)
+        return mean_kl(self.teacher_logits(ids), logits)
+
+    def heldout(self) -> _Eval:
+        return evaluate(self.student_logits, self.teacher_logits, self.eval_ids, self.o.batch_size)
+
+    def metric(self, e: _Eval) -> float:
+        """KL for ``kl`` training, NLL for ``nll``."""
+        return e.kl if self.o.loss == "kl" else e.nll
 
 
 @dataclass
@@ -342,18 +410,22 @@ class _Eval:
 
 def evaluate(logits_fn: Callable[[torch.Tensor], torch.Tensor], teacher_fn: Callable[[torch.Tensor], torch.Tensor],
              ids: torch.Tensor, batch_size: int) -> _Eval:
-    """KL of ``logits_fn`` to ``teacher_fn`` and its NLL on ``ids``, in batches of ``batch_size`` sequences.
+    """KL of ``logits_fn`` to ``teacher_fn`` and its NLL on ``ids``, in batches of ``batch_size`` sequences."""
+    with torch.no_grad():
+        return accumulate_eval(((part, logits_fn(part), teacher_fn(part)) for part in ids.split(batch_size)),
+                               len(ids))
+
+
+def accumulate_eval(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> _Eval:
+    """Mean KL and NLL over ``(ids, logits, teacher_logits)`` batches covering ``n`` sequences.
 
     Batch results are weighted by their sequence count (all sequences have the same length).
     """
     kl = nll = 0.0
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            part = ids[start:start + batch_size]
-            logits = logits_fn(part)
-            kl += float(mean_kl(teacher_fn(part), logits)) * len(part)
-            nll += float(mean_nll(logits, part)) * len(part)
-    return _Eval(kl / len(ids), nll / len(ids))
+    for ids, logits, teacher in batches:
+        kl += float(mean_kl(teacher, logits)) * len(ids)
+        nll += float(mean_nll(logits, ids)) * len(ids)
+    return _Eval(kl / n, nll / n)
 
 
 @dataclass
@@ -364,7 +436,7 @@ class _LoopResult:
     tokens: int = 0
     stop_reason: str = "steps"
     best_step: int = 0
-    best: _Eval | None = None
+    best: Any = None
     best_state: dict[Any, torch.Tensor] | None = None
     losses: list[float] = field(default_factory=list)
     postfix: dict[str, str] = field(default_factory=dict)  # what the progress bar shows
@@ -382,53 +454,119 @@ class QATPass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        check_fits(graph)
-        tr = collect_trainables(graph, o)
-        train_ids, eval_ids = split_calibration(ctx.calibration, o.eval_fraction)
-        models = _Models(Interpreter(graph.copy(), quantize=False), Interpreter(graph, quantize=True), tr)
-        before = evaluate(models.student_logits, models.teacher_logits, eval_ids, o.batch_size)
-        fp_nll = evaluate(models.teacher_logits, models.teacher_logits, eval_ids, o.batch_size).nll
-        log.info("qat: %d tensors train (%d fake-quantized nodes); held-out KL %.5f before",
-                 len(tr.params), len(tr.quantized_nodes()), before.kl)
-        t0 = time.perf_counter()
-        loop = _train(models, o, train_ids, eval_ids, before, ctx)
-        seconds = time.perf_counter() - t0
-        bake: dict[str, Any] = {}
-        if loop.best_state is not None:
-            tr.restore(loop.best_state)
-            bake = _write_back(graph, tr, o.learnable_scales)
-        after = evaluate(Interpreter(graph, quantize=True), models.teacher_logits, eval_ids, o.batch_size)
-        stats = {**_summary(o, loop, tr, before, after, fp_nll, seconds, train_ids, eval_ids), **bake}
-        log.info("qat: %d steps, %d tokens, %.1fs (%s); held-out KL %.5f -> %.5f", loop.steps, loop.tokens,
-                 seconds, loop.stop_reason, before.kl, after.kl)
-        return PassResult(graph, modified=loop.best_state is not None, stats=stats)
+        uses = select_uses(graph, o)
+        mode, reason = choose_mode(graph, o.mode)
+        log.info("qat: %s mode (%s)", mode, reason)
+        if mode == "blockwise":
+            from .qat_blockwise import run_blockwise  # it builds on this module's helpers
+
+            result = run_blockwise(graph, ctx, o, uses)
+        else:
+            result = run_whole(graph, ctx, o, uses)
+        return PassResult(result.graph, result.modified, {"mode": mode, "mode_reason": reason, **result.stats})
 
 
-def check_fits(graph: Graph, available: int | None = None) -> None:
+def run_whole(graph: Graph, ctx: PassContext, o: QATOptions, uses: list[_Use]) -> PassResult:
+    """Whole-model QAT (see the module docstring)."""
+    tr = collect_trainables(graph, o, uses)
+    train_ids, eval_ids = split_calibration(ctx.calibration, o.eval_fraction)
+    models = _Models(Interpreter(graph.copy(), quantize=False), Interpreter(graph, quantize=True), tr, train_ids,
+                     eval_ids, o)
+    before = models.heldout()
+    fp_nll = evaluate(models.teacher_logits, models.teacher_logits, eval_ids, o.batch_size).nll
+    log.info("qat: %d tensors train (%d fake-quantized nodes); held-out KL %.5f before",
+             len(tr.params), len(tr.quantized_nodes()), before.kl)
+    t0 = time.perf_counter()
+    loop = train(models, o, len(train_ids), train_ids.shape[1], before, ctx)
+    seconds = time.perf_counter() - t0
+    bake: dict[str, Any] = {}
+    if loop.best_state is not None:
+        tr.restore(loop.best_state)
+        fidelity = BakeFidelity() if o.learnable_scales else None
+        write_back(graph, tr, fidelity)
+        bake = fidelity.stats() if fidelity else {}
+    after = evaluate(Interpreter(graph, quantize=True), models.teacher_logits, eval_ids, o.batch_size)
+    stats = {**_summary(o, loop, tr, before, after, fp_nll, seconds, train_ids, eval_ids), **bake}
+    log.info("qat: %d steps, %d tokens, %.1fs (%s); held-out KL %.5f -> %.5f", loop.steps, loop.tokens,
+             seconds, loop.stop_reason, before.kl, after.kl)
+    return PassResult(graph, modified=loop.best_state is not None, stats=stats)
+
+
+# -- which mode ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Whole-model QAT's memory need (bytes) for ``params`` parameters; ``available`` None: unknown."""
+
+    params: int
+    need: int
+    available: int | None
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.need <= FIT_FRACTION * self.available
+
+    def describe(self) -> str:
+        avail = "unknown memory" if self.available is None else _size(self.available)
+        return (f"whole-model QAT needs about {_size(self.need)} for {self.params / 1e6:.3g} M parameters, "
+                f"{avail} available, limit {FIT_FRACTION:.0%}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def whole_model_estimate(graph: Graph, available: int | None = None) -> MemoryEstimate:
+    """``BYTES_PER_PARAM`` bytes per parameter against ``available`` (default: the system's MemAvailable)."""
+    n = sum(math.prod(graph.weights.shape(k)) for k in graph.weights)
+    return MemoryEstimate(n, BYTES_PER_PARAM * n, _available_bytes() if available is None else available)
+
+
+def check_fits(graph: Graph, available: int | None = None) -> MemoryEstimate:
     """Refuse whole-model QAT where it cannot fit in memory, before any work.
 
-    It keeps every weight in fp32 in memory twice (student parameters, and a teacher that reads
-    the store), with gradients and two Adam moments for the trained ones: about 20 bytes per
-    parameter. Block-wise (layer by layer) distillation is not implemented; a model over the
-    limit is compiled without ``--qat`` (post-training quantization streams layer by layer).
+    Whole-model QAT keeps every weight in fp32 twice (student parameters, and a teacher that reads
+    the store), with gradients and two Adam moments for the trained ones: about
+    ``BYTES_PER_PARAM`` bytes per parameter. Block-wise QAT holds one layer instead.
+
+    Returns:
+        The estimate, when it fits.
+
+    Raises:
+        PassError: over ``FIT_FRACTION`` of ``available``; the message suggests block-wise QAT.
     """
-    n = sum(math.prod(graph.weights.shape(k)) for k in graph.weights)
-    need = 20 * n
-    if available is None:
-        available = _available_bytes()
-    if available is not None and need > 0.8 * available:
-        raise PassError(f"QAT trains the whole model in memory: about {need / 2**30:.1f} GiB for {n / 1e9:.2f} B "
-                        f"parameters, but {available / 2**30:.1f} GiB are available; compile without --qat "
-                        "(block-wise QAT for models this size is not implemented)")
+    est = whole_model_estimate(graph, available)
+    if not est.fits:
+        raise PassError(f"QAT mode 'whole' trains the whole model in memory and does not fit: {est.describe()}; "
+                        "use --qat-mode blockwise or auto (QAT option mode='blockwise' / 'auto'), which distils "
+                        "one decoder layer at a time, or compile without --qat")
+    return est
+
+
+def choose_mode(graph: Graph, mode: str, available: int | None = None) -> tuple[str, str]:
+    """``(mode that runs, why)`` for option ``mode``; ``auto``: whole when :func:`check_fits` passes.
+
+    Raises:
+        PassError: ``mode="whole"`` on a model that does not fit.
+    """
+    if mode == "whole":
+        return "whole", f"requested; {check_fits(graph, available).describe()}"
+    est = whole_model_estimate(graph, available)
+    if mode == "blockwise":
+        return "blockwise", f"requested; {est.describe()}"
+    if est.fits:
+        return "whole", f"auto: {est.describe()}: fits"
+    return "blockwise", f"auto: {est.describe()}: does not fit, so layer by layer"
 
 
 def _available_bytes() -> int | None:
     try:
-        for line in open("/proc/meminfo").read().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            lines = f.read().splitlines()
     except OSError:
-        pass
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
     return None
 
 
@@ -446,25 +584,13 @@ def _summary(o: QATOptions, loop: _LoopResult, tr: _Trainables, before: _Eval, a
     }
 
 
-def _metric(e: _Eval, loss: str) -> float:
-    """The held-out metric that selects the best weights: KL for ``kl`` training, NLL for ``nll``."""
-    return e.kl if loss == "kl" else e.nll
-
-
+# -- the training loop (shared by both modes) ----------------------------------------------------
 def _optimizer(tr: _Trainables, o: QATOptions) -> torch.optim.Optimizer:
     """AdamW over the latent weights (with weight decay) and the scale multipliers (without)."""
     groups = [{"params": list(tr.params.values()), "weight_decay": o.weight_decay}]
     if tr.scales:
         groups.append({"params": list(tr.scales.values()), "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=o.lr)
-
-
-def _step_loss(models: _Models, ids: torch.Tensor, loss: str) -> torch.Tensor:
-    """Training loss of the student on one batch."""
-    logits = models.student_logits(ids)
-    if loss == "nll":
-        return mean_nll(logits, ids)
-    return mean_kl(models.teacher_logits(ids), logits)
 
 
 def _stop_reason(o: QATOptions, step: int, tokens: int, tokens_per_step: int, t0: float) -> str | None:
@@ -478,15 +604,19 @@ def _stop_reason(o: QATOptions, step: int, tokens: int, tokens_per_step: int, t0
     return None
 
 
-def _train(models: _Models, o: QATOptions, train_ids: torch.Tensor, eval_ids: torch.Tensor, before: _Eval,
-           ctx: PassContext) -> _LoopResult:
-    """The optimisation loop; returns the counters and the best weights (None: step 0 was best)."""
+def train(obj: _Objective, o: QATOptions, n_train: int, seq_len: int, before: Any, ctx: PassContext,
+          desc: str = "qat") -> _LoopResult:
+    """The optimisation loop over ``n_train`` training sequences of ``seq_len`` tokens.
+
+    ``before`` is the step-0 held-out evaluation; returns the counters and the best weights
+    (``best_state`` None: step 0 was best).
+    """
     t0 = time.perf_counter()
-    tr = models.trainables
-    batch_size = min(o.batch_size, len(train_ids))
+    tr = obj.trainables
+    batch_size = min(o.batch_size, n_train)
     if batch_size < o.batch_size:
-        log.info("qat: batch_size %d > %d training sequences; using %d", o.batch_size, len(train_ids), batch_size)
-    tokens_per_step = batch_size * train_ids.shape[1]
+        log.info("qat: batch_size %d > %d training sequences; using %d", o.batch_size, n_train, batch_size)
+    tokens_per_step = batch_size * seq_len
     total = planned_steps(o, tokens_per_step)
     if total == 0:
         log.warning("qat: max_tokens=%s is below one batch (%d tokens); nothing trains", o.max_tokens,
@@ -494,11 +624,11 @@ def _train(models: _Models, o: QATOptions, train_ids: torch.Tensor, eval_ids: to
     warmup = o.warmup_steps if o.warmup_steps is not None else max(1, total // 20)
     opt = _optimizer(tr, o)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
-    batches = batch_stream(len(train_ids), batch_size, ctx.seed)
+    batches = batch_stream(n_train, batch_size, ctx.seed)
     res = _LoopResult(best=before)
-    bar = tqdm(total=total, desc="qat", unit="step", disable=not ctx.progress, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not ctx.progress, leave=False)
     while (reason := _stop_reason(o, res.steps, res.tokens, tokens_per_step, t0)) is None:
-        loss = _optimize_step(models, opt, o, train_ids[next(batches)])
+        loss = _optimize_step(obj, opt, o, next(batches))
         sched.step()
         res.steps, res.tokens = res.steps + 1, res.tokens + tokens_per_step
         res.losses.append(loss)
@@ -506,19 +636,20 @@ def _train(models: _Models, o: QATOptions, train_ids: torch.Tensor, eval_ids: to
         res.postfix["loss"] = f"{loss:.4f}"
         bar.set_postfix(res.postfix)
         if o.eval_every and res.steps % o.eval_every == 0:
-            _consider(models, o, eval_ids, res, bar)
+            _consider(obj, res, bar)
     bar.close()
     res.stop_reason = reason
     if res.steps and (not o.eval_every or res.steps % o.eval_every):
-        _consider(models, o, eval_ids, res, bar)
+        _consider(obj, res, bar)
     return res
 
 
-def _optimize_step(models: _Models, opt: torch.optim.Optimizer, o: QATOptions, ids: torch.Tensor) -> float:
-    """One forward/backward/update on ``ids``; returns the loss before the update."""
-    tr = models.trainables
+
+def _optimize_step(obj: _Objective, opt: torch.optim.Optimizer, o: QATOptions, rows: torch.Tensor) -> float:
+    """One forward/backward/update on the training sequences ``rows``; returns the loss before the update."""
+    tr = obj.trainables
     opt.zero_grad(set_to_none=True)
-    loss = _step_loss(models, ids, o.loss)
+    loss = obj.loss(rows)
     if not torch.isfinite(loss):
         raise PassError(f"pass 'qat': training loss became {float(loss)}; lower lr (now {o.lr})")
     loss.backward()
@@ -529,25 +660,26 @@ def _optimize_step(models: _Models, opt: torch.optim.Optimizer, o: QATOptions, i
     return float(loss.detach())
 
 
-def _consider(models: _Models, o: QATOptions, eval_ids: torch.Tensor, res: _LoopResult, bar) -> None:
+def _consider(obj: _Objective, res: _LoopResult, bar) -> None:
     """Evaluate the current weights on the held-out slice and keep them if they are the best so far."""
-    current = evaluate(models.student_logits, models.teacher_logits, eval_ids, o.batch_size)
-    res.postfix["heldout_kl"] = f"{current.kl:.4f}"
+    current = obj.heldout()
+    value = obj.metric(current)
+    res.postfix[obj.label] = f"{value:.4g}"
     bar.set_postfix(res.postfix)
-    log.debug("qat: step %d held-out KL %.5f NLL %.5f", res.steps, current.kl, current.nll)
-    if _metric(current, o.loss) < _metric(res.best, o.loss):
-        res.best, res.best_step, res.best_state = current, res.steps, models.trainables.snapshot()
+    log.debug("qat: step %d held-out %s %.5g", res.steps, obj.label, value)
+    if value < obj.metric(res.best):
+        res.best, res.best_step, res.best_state = current, res.steps, obj.trainables.snapshot()
 
 
 # -- write-back ----------------------------------------------------------------------------------
-def _write_back(graph: Graph, tr: _Trainables, bake: bool) -> dict[str, Any]:
-    """Store the trained weights (baked to fake-quantized values when ``bake``) and annotate group sizes.
+def write_back(graph: Graph, tr: _Trainables, bake: BakeFidelity | None) -> None:
+    """Store the trained weights and annotate the fake-quantized nodes' group sizes.
 
-    Returns:
-        Bake fidelity stats when ``bake`` (see :func:`_bake_fidelity`), else ``{}``.
+    ``bake`` None writes the latent weights; otherwise each fake-quantized weight is baked to its
+    fake-quantized value and ``bake`` records how closely RTN re-quantization reproduces it.
     """
     baked: dict[str, tuple[torch.Tensor, _Use]] = {}
-    if bake:
+    if bake is not None:
         with torch.no_grad():
             baked = {u.key: (tr.value(u).detach(), u) for u in tr.uses if u.bits < 16}
     for key, p in tr.params.items():
@@ -555,28 +687,38 @@ def _write_back(graph: Graph, tr: _Trainables, bake: bool) -> dict[str, Any]:
         graph.weights.set(key, value.to(graph.weights[key].dtype).clone())
     for node_id, group in tr.quantized_nodes().items():
         graph.annotate(node_id, "group_size", group)
-    return _bake_fidelity(graph, baked) if bake else {}
-
-
-def _bake_fidelity(graph: Graph, baked: dict[str, tuple[torch.Tensor, _Use]]) -> dict[str, Any]:
-    """How closely RTN re-quantization of the stored baked tensors reproduces the trained values.
-
-    Returns:
-        ``bake_max_abs_diff`` (largest elementwise difference), ``bake_rel_rms_diff`` (RMS of the
-        differences over RMS of the values) and ``bake_mismatch_frac`` (fraction of elements off by
-        more than ``BAKE_TOLERANCE`` times their tensor's max |value|, i.e. a changed code).
-    """
-    max_abs, sq_diff, sq_val, mismatched, total = 0.0, 0.0, 0.0, 0, 0
     for key, (value, use) in baked.items():
-        requant = fake_quantize(graph.weights[key].to(torch.float32), use.bits, use.group_size)
-        diff = (requant - value).abs()
-        max_abs = max(max_abs, float(diff.max()))
-        sq_diff += float(diff.double().pow(2).sum())
-        sq_val += float(value.double().pow(2).sum())
-        mismatched += int((diff > BAKE_TOLERANCE * float(value.abs().max())).sum())
-        total += diff.numel()
-    stats = {"bake_max_abs_diff": max_abs, "bake_rel_rms_diff": math.sqrt(sq_diff / max(sq_val, 1e-30)),
-             "bake_mismatch_frac": mismatched / max(1, total)}
-    log.info("qat: baked %d tensors; RTN re-quantization max |diff| %.3g, rel RMS %.3g, mismatched %.3g",
-             len(baked), stats["bake_max_abs_diff"], stats["bake_rel_rms_diff"], stats["bake_mismatch_frac"])
-    return stats
+        bake.add(graph.weights[key], value, use)
+
+
+@dataclass
+class BakeFidelity:
+    """How closely RTN re-quantization of stored baked tensors reproduces the trained values (running sums)."""
+
+    tensors: int = 0
+    max_abs: float = 0.0
+    sq_diff: float = 0.0
+    sq_val: float = 0.0
+    mismatched: int = 0
+    total: int = 0
+
+    def add(self, stored: torch.Tensor, value: torch.Tensor, use: _Use) -> None:
+        """Compare the stored tensor of ``use``, re-quantized with RTN, with its trained value."""
+        diff = (fake_quantize(stored.to(torch.float32), use.bits, use.group_size) - value).abs()
+        self.tensors += 1
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.sq_diff += float(diff.double().pow(2).sum())
+        self.sq_val += float(value.double().pow(2).sum())
+        self.mismatched += int((diff > BAKE_TOLERANCE * float(value.abs().max())).sum())
+        self.total += diff.numel()
+
+    def stats(self) -> dict[str, Any]:
+        """``bake_max_abs_diff`` (largest elementwise difference), ``bake_rel_rms_diff`` (RMS of the
+        differences over RMS of the values) and ``bake_mismatch_frac`` (fraction of elements off by
+        more than ``BAKE_TOLERANCE`` times their tensor's max |value|, i.e. a changed code)."""
+        stats = {"bake_max_abs_diff": self.max_abs,
+                 "bake_rel_rms_diff": math.sqrt(self.sq_diff / max(self.sq_val, 1e-30)),
+                 "bake_mismatch_frac": self.mismatched / max(1, self.total)}
+        log.info("qat: baked %d tensors; RTN re-quantization max |diff| %.3g, rel RMS %.3g, mismatched %.3g",
+                 self.tensors, stats["bake_max_abs_diff"], stats["bake_rel_rms_diff"], stats["bake_mismatch_frac"])
+        return stats

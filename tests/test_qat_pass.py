@@ -192,5 +192,5 @@ def test_qat_refuses_a_model_that_cannot_fit_before_any_work(tiny_dirs):
     g = _graph(tiny_dirs)
     n = sum(g.weights[k].numel() for k in g.weights)
     check_fits(g, available=100 * n)  # fits: nothing raised
-    with pytest.raises(PassError, match=r"compile without --qat"):
+    with pytest.raises(PassError, match=r"does not fit.*use --qat-mode blockwise or auto.*or compile without --qat"):
         check_fits(g, available=10 * n)

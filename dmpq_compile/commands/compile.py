@@ -25,7 +25,7 @@ _FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_la
            "w_eng": "w_eng", "group_size": "group_size", "quant_method": "quant_method",
            "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
            "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
-           "codesign_rounds": "codesign_rounds", "seed": "seed"}
+           "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits")
     p.add_argument("--qat-steps", type=int, help=f"QAT optimizer steps (default {d.qat_steps})")
     p.add_argument("--qat-time-budget", type=float, help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
+    p.add_argument("--qat-mode", choices=("auto", "whole", "blockwise"),
+                   help="whole: train the whole model at once (about 20 bytes per parameter in memory); blockwise: "
+                   "distil one decoder layer at a time (one layer + one layer boundary's activations in memory; "
+                   "--qat-steps per layer, the time budget shared); auto (default): whole when it fits in 80%% of "
+                   "the available memory, else blockwise")
     p.add_argument("--codesign-rounds", type=int,
                    help="alternate allocation and QAT this many rounds before the final one (implies --qat)")
     p.add_argument("--rl-episodes", type=int, help="episodes for --allocator rl")

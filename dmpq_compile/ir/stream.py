@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+import networkx as nx
 import torch
 
 from .graph import Graph
@@ -35,6 +36,21 @@ def layer_outputs(graph: Graph) -> list[str]:
 def layer_input(graph: Graph, layer: int) -> str:
     """The node whose value enters decoder layer ``layer`` (``embed`` or the previous layer's output)."""
     return "embed" if layer == 0 else f"L{layer - 1}.moe_res"
+
+
+def layer_nodes(graph: Graph) -> list[set[str]]:
+    """The nodes each decoder layer runs (what :func:`run_layer` executes), in layer order.
+
+    Layer ``l``'s are its output's ancestors that are not upstream of its input; the embedding,
+    the final norm and the LM head belong to no layer.
+    """
+    seen = nx.ancestors(graph.g, "embed") | {"embed"}
+    out = []
+    for node in layer_outputs(graph):
+        nodes = (nx.ancestors(graph.g, node) | {node}) - seen
+        seen |= nodes
+        out.append(nodes)
+    return out
 
 
 def embed(interp: Interpreter, ids: torch.Tensor, opts: RunOptions) -> torch.Tensor:
