@@ -27,15 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..fileio import atomic_write_bytes
+from ..fileio import CACHE_ENV, atomic_write_bytes, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
 
 if TYPE_CHECKING:  # `bench` uses the energy model on artifacts without torch (ir/ imports it)
     from ..ir.graph import Graph
 
 log = logging.getLogger(__name__)
-
-CACHE_ENV = "DMPQ_CACHE_DIR"
-"""Environment variable naming the cache root (``<root>/cost/...``); default ``~/.cache/dmpq-compile``."""
 
 
 class CostError(ValueError):
@@ -245,9 +242,7 @@ def available_cpus() -> int:
 # -- disk cache -------------------------------------------------------------------------------
 def cost_cache_dir() -> Path:
     """``$DMPQ_CACHE_DIR/cost`` if set, else ``~/.cache/dmpq-compile/cost``."""
-    root = os.environ.get(CACHE_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "dmpq-compile"
-    return base / "cost"
+    return cache_root() / "cost"
 
 
 class CostCache:

@@ -21,6 +21,7 @@ from .ir.graph import Graph
 from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
 from .passes.allocate_pass import NEEDS
 from .passes.budget_guard import BudgetGuard
+from .passes.cache import PassCache
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +144,19 @@ def open_artifact(graph: Graph, backend: Any, folder: Path) -> Any:
 def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileConfig, backend: Any,
                progress: bool = True, dump_dir: str | Path | None = None,
                calibration: torch.Tensor | None = None, previous: list | None = None,
-               work_dir: str | Path | None = None) -> tuple[Graph, list]:
+               work_dir: str | Path | None = None, cache: PassCache | None = None) -> tuple[Graph, list]:
     """Run ``passes`` on ``graph`` with calibration loaded only if one needs it.
 
     ``previous``: records of passes already run on ``graph`` (named in error messages).
     ``work_dir``: scratch folder where passes put large results (see ``PassContext.work_dir``).
+    ``cache``: where cacheable passes (profile, sensitivity) reuse earlier results; None: off.
     """
     timing = Timing()
     instruments = [timing, Progress(len(passes), progress)]
     if dump_dir:
         instruments.append(DumpIR(dump_dir))
     instruments.append(BudgetGuard(backend, cfg.allow_budget_overrun))  # last: the breaking pass is dumped
-    manager = PassManager(passes, instruments, previous=[r.name for r in previous or []])
+    manager = PassManager(passes, instruments, previous=[r.name for r in previous or []], cache=cache)
     manager.check(graph)
     if manager.needs_calibration and calibration is None:
         calibration = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
@@ -166,8 +168,12 @@ def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileCo
 
 
 def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progress: bool = True,
-                 dump_dir: str | Path | None = None, work_dir: str | Path | None = None) -> tuple[Graph, list]:
+                 dump_dir: str | Path | None = None, work_dir: str | Path | None = None,
+                 cache: PassCache | None = None) -> tuple[Graph, list]:
     """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records.
+
+    ``cache``: reuse profile and sensitivity results of an earlier compile with the same
+    checkpoint, calibration and options (:mod:`dmpq_compile.passes.cache`); None: off.
 
     With ``codesign_rounds`` > 0, allocation and QAT alternate: each round allocates bits with
     the current sensitivities, fine-tunes at those bits, and re-measures sensitivity on the
@@ -181,13 +187,13 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):
         calib = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
     graph, records = run_passes(graph, analysis, model_dir, cfg, backend, progress, dump_dir, calib,
-                                work_dir=work_dir)
+                                work_dir=work_dir, cache=cache)
     for r in range(cfg.codesign_rounds):
         round_passes = allocation_passes(cfg, final=False)  # allocate, [extras], qat — no quantize yet
         round_passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
                                       gradvar=cfg.allocator == "gradvar"))
         graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib, records,
-                                 work_dir)
+                                 work_dir, cache)
         records += recs
         log.info("co-design round %d/%d done", r + 1, cfg.codesign_rounds)
     graph, recs = run_passes(graph, allocation_passes(cfg), model_dir, cfg, backend, progress, dump_dir, calib,
@@ -211,9 +217,13 @@ def expert_table(graph: Graph) -> list[dict[str, Any]]:
 
 
 def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, progress: bool = True,
-                  overwrite: bool = False, dump_dir: str | Path | None = None) -> Path:
+                  overwrite: bool = False, dump_dir: str | Path | None = None, cache: bool = False) -> Path:
     """Compile ``model_dir`` (a folder, or a hub id in the local HF cache) for ``cfg.target`` into
     the artifact folder ``out`` (atomic).
+
+    ``cache``: reuse (and store) profile and sensitivity results in the pass cache
+    (``$DMPQ_CACHE_DIR/passes``), so a compile of the same checkpoint at another budget or with
+    another allocator skips them. The command line turns it on unless ``--no-cache``.
 
     The checkpoint is checked whole (every shard present and as long as its header says) and
     the output disk for room before any pass runs. Large intermediate results (quantized codes)
@@ -232,7 +242,8 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
 
     work = scratch_folder(out, ".work")  # removes .work folders that killed compiles left here
     try:
-        graph, records = run_pipeline(graph, model_dir, cfg, progress, dump_dir, work)
+        graph, records = run_pipeline(graph, model_dir, cfg, progress, dump_dir, work,
+                                      PassCache() if cache else None)
         return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the artifact writer, the cost cache, the engine builder and manifest updates."""
+"""Small file helpers shared by the artifact writer, the caches, the engine builder and manifest updates."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ import secrets
 import stat
 import tempfile
 from pathlib import Path
+
+CACHE_ENV = "DMPQ_CACHE_DIR"
+"""Environment variable naming the cache root (cost tables, pass results); default ``~/.cache/dmpq-compile``."""
+
+
+def cache_root() -> Path:
+    """``$DMPQ_CACHE_DIR`` if set, else ``~/.cache/dmpq-compile``."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "dmpq-compile"
 
 
 def default_modes(folder: str | Path) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..ir.graph import Graph
 from ..ir.serialize import save_graph
 from .base import Pass, PassContext, PassError, PassResult
+from .cache import PassCache, run_cached
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,11 @@ class PassManager:
     """Runs passes in order after checking that every requirement is met by the input or an earlier pass."""
 
     def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = (),
-                 previous: Sequence[str] = ()) -> None:
-        """``previous`` names passes an earlier manager already ran on the graph (for error messages)."""
+                 previous: Sequence[str] = (), cache: PassCache | None = None) -> None:
+        """``previous`` names passes an earlier manager already ran on the graph (for error messages);
+        ``cache`` reuses the results of cacheable passes (see :mod:`.cache`), None runs every pass."""
         self.passes = list(passes)
+        self.cache = cache
         self.instruments = list(instruments)
         self.previous = list(previous)
 
@@ -135,7 +138,7 @@ class PassManager:
             for inst in self.instruments:
                 inst.before(step, p, graph)
             try:
-                result = p.call(graph, ctx)
+                result = run_cached(p, graph, ctx, self.cache)
             except PassError:
                 raise
             except Exception as e:

@@ -33,6 +33,7 @@ class ProfilePass(Pass):
     name = "profile"
     provides = ("freq", "mass", "tokens")
     needs_calibration = True
+    cacheable = True  # annotations only; reused across budgets and allocators
     Options = ProfileOptions
     description = "expert activation frequency, routing mass, token counts"
 

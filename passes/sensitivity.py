@@ -64,6 +64,7 @@ class SensitivityPass(Pass):
     name = "sensitivity"
     provides = ("sensitivity", "kl", "contribution")
     needs_calibration = True
+    cacheable = True  # annotations only; reused across budgets and allocators
     Options = SensitivityOptions
     description = "loss/KL increase per expert per bit-width, gradient contribution, gradvar features"
 

@@ -90,6 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute profile and sensitivity instead of reusing the results of an earlier compile of "
+                   "the same checkpoint, calibration and options (cached in $DMPQ_CACHE_DIR/passes, default "
+                   "~/.cache/dmpq-compile/passes)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -174,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = args.out or default_out(args.model_dir, cfg.target)
     out = compile_model(args.model_dir, out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
-                        dump_dir=args.dump_ir)
+                        dump_dir=args.dump_ir, cache=not args.no_cache)
     report = json.loads((Path(out) / "report.json").read_text())
     bits = [r["bits"] for r in report["experts"]]
     hist = {b: bits.count(b) for b in sorted(set(bits))}

@@ -163,6 +163,11 @@ class WeightStore(Mapping[str, torch.Tensor]):
     def is_on_disk(self, key: str) -> bool:
         return isinstance(self._t.get(key), TensorRef)
 
+    def ref(self, key: str) -> TensorRef | None:
+        """Where ``key`` lies on disk, or None when it is held in memory."""
+        value = self._t[key]
+        return value if isinstance(value, TensorRef) else None
+
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Add a new tensor; the key must not exist yet."""
         if not isinstance(tensor, torch.Tensor):

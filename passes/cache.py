@@ -1,0 +1,204 @@
+"""A disk cache of analysis-pass results, so a second compile of the same checkpoint skips them.
+
+Profiling and sensitivity take most of a real compile's time (OLMoE-1B-7B shape: 646 s of
+819 s) and depend neither on the budget nor on the allocator, so a user sweeping
+``--budget-bits`` or trying another allocator, or re-running a compile that was killed during
+quantization or emission, would otherwise pay for them again. A pass opts in with
+``cacheable = True``; it must change nothing but node annotations (the manager checks this and
+stores nothing otherwise).
+
+The key is a hash of everything the result can depend on:
+
+* the pass name and options, and the source of the code that computes it (every ``.py`` file
+  of the installed ``dmpq_compile`` packages, plus the pass class's own file for plug-ins), so
+  an upgraded or edited installation never reads an older result;
+* the graph: structure, ``meta`` and every annotation present before the pass;
+* the weights: for a tensor still on disk its file (resolved path, size, modification time in
+  nanoseconds), offset, shape and dtype; for a tensor in memory (e.g. after QAT) a hash of its
+  bytes. Above ``MAX_HASHED_BYTES`` of in-memory weights the pass is not cached (hashing would
+  cost more than it saves);
+* the calibration token ids, the seed, the target name and the backend's bit-widths and weight
+  formats.
+
+An entry is a small JSON file (the annotations the pass added or changed, and its stats): about
+100 KB for 1024 experts. Entries are written atomically; an unreadable entry is ignored and
+recomputed. The folder is ``$DMPQ_CACHE_DIR/passes`` (default ``~/.cache/dmpq-compile/passes``);
+``dmpq-compile compile --no-cache`` turns the cache off, and deleting the folder empties it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..fileio import atomic_write_bytes, cache_root
+from ..ir.annotations import decode_annotation
+from ..ir.graph import Graph
+from .base import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+MAX_HASHED_BYTES = 256 * 2**20
+FORMAT = 1
+
+
+def default_folder() -> Path:
+    return cache_root() / "passes"
+
+
+@cache
+def _source_digest(files: tuple[str, ...]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        h.update(f.encode())
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def code_digest(p: Pass) -> str:
+    """A hash of the installed project's Python sources and of the pass's own module file."""
+    roots = set()
+    for package in ("dmpq_compile", "dmpq_compile.passes", "dmpq_compile.backends"):  # located, not imported
+        spec = importlib.util.find_spec(package)
+        roots.update(Path(p) for p in (spec.submodule_search_locations or []) if spec)
+    files = sorted({str(f) for r in roots for f in r.rglob("*.py")})
+    own = inspect.getsourcefile(type(p))
+    if own and own not in files:
+        files.append(own)
+    return _source_digest(tuple(files))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def _weights_digest(graph: Graph) -> str | None:
+    """A hash identifying every weight's content, or None when too much lives only in memory."""
+    store, h, hashed = graph.weights, hashlib.blake2b(digest_size=16), 0
+    stats: dict[str, os.stat_result] = {}
+    for key in sorted(store):
+        raw = store.ref(key)
+        h.update(key.encode())
+        if raw is not None:
+            if raw.path not in stats:
+                stats[raw.path] = os.stat(raw.path)
+            st = stats[raw.path]
+            h.update(_json([os.path.realpath(raw.path), st.st_size, st.st_mtime_ns, raw.offset,
+                            list(raw.shape), str(raw.dtype)]).encode())
+        else:
+            t = store[key].detach().contiguous().reshape(-1)
+            hashed += t.numel() * t.element_size()
+            if hashed > MAX_HASHED_BYTES:
+                return None
+            h.update(_json([list(store.shape(key)), str(t.dtype)]).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _annotations(graph: Graph) -> dict[str, str]:
+    """Each node's annotations as canonical JSON (for keys and for the change a pass made)."""
+    return {n: _json(graph.g.nodes[n]["ann"]) for n in graph.topo_order()}
+
+
+def cache_key(p: Pass, graph: Graph, ctx: PassContext) -> str | None:
+    """The key of ``p``'s result on ``graph`` under ``ctx``, or None where it cannot be cached."""
+    weights = _weights_digest(graph)
+    if weights is None:
+        return None
+    backend = ctx.backend
+    structure = [(n, graph.g.nodes[n]["kind"], list(graph.inputs(n)), graph.g.nodes[n]["params"],
+                  graph.g.nodes[n]["attrs"]) for n in graph.topo_order()]
+    calib = ctx.calibration
+    parts = {
+        "format": FORMAT, "pass": p.name, "class": f"{type(p).__module__}.{type(p).__qualname__}",
+        "options": repr(p.options), "code": code_digest(p), "meta": graph.meta, "structure": structure,
+        "annotations": _annotations(graph), "weights": weights, "seed": ctx.seed, "target": ctx.target,
+        "bits": getattr(backend, "supported_bits", None), "formats": repr(getattr(backend, "weight_formats", None)),
+        "calibration": None if calib is None else [list(calib.shape), str(calib.dtype), hashlib.blake2b(
+            calib.contiguous().numpy().tobytes(), digest_size=16).hexdigest()],
+    }
+    return hashlib.blake2b(_json(parts).encode(), digest_size=20).hexdigest()
+
+
+class PassCache:
+    """Annotation results of cacheable passes, one JSON file per key in ``folder``."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else default_folder()
+
+    def _path(self, p: Pass, key: str) -> Path:
+        return self.folder / f"{p.name}-{key}.json"
+
+    def load(self, p: Pass, key: str, graph: Graph) -> PassResult | None:
+        """Apply a stored result to ``graph``; None (graph untouched) when there is none usable."""
+        path = self._path(p, key)
+        try:
+            entry = json.loads(path.read_text())
+            changes = entry["annotations"]
+            stats = entry["stats"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("pass cache: ignoring unreadable entry %s (%s); recomputing", path, e)
+            return None
+        if any(n not in graph.g.nodes for n in changes):
+            log.warning("pass cache: entry %s names nodes this graph lacks; recomputing", path)
+            return None
+        for node_id, ann in changes.items():
+            for k, v in ann.items():
+                graph.annotate(node_id, k, decode_annotation(k, v))
+        log.info("pass %s: reused the result cached in %s (compile with --no-cache to recompute)", p.name, path)
+        return PassResult(graph, modified=bool(changes), stats={**stats, "cached": True})
+
+    def store(self, p: Pass, key: str, before: dict[str, str], result: PassResult, versions: dict[str, int],
+              meta: str) -> None:
+        """Write the annotations ``p`` added or changed; nothing when it changed anything else."""
+        graph = result.graph
+        now = {k: graph.weights.version(k) for k in graph.weights}
+        if now != versions or _json(graph.meta) != meta or set(_annotations(graph)) != set(before):
+            log.info("pass cache: %s changed weights, meta or nodes; its result is not cached", p.name)
+            return
+        changes: dict[str, dict[str, Any]] = {}
+        for node_id in graph.topo_order():
+            ann = graph.g.nodes[node_id]["ann"]
+            old = json.loads(before[node_id])
+            if set(old) - set(ann):
+                log.info("pass cache: %s removed annotations; its result is not cached", p.name)
+                return
+            diff = {k: v for k, v in ann.items() if _json(v) != _json(old.get(k))}
+            if diff:
+                changes[node_id] = diff
+        entry = {"format": FORMAT, "pass": p.name, "annotations": changes, "stats": result.stats}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self._path(p, key), json.dumps(entry, default=repr).encode())
+        except OSError as e:  # a read-only or full cache disk must not fail the compile
+            log.warning("pass cache: could not write %s (%s)", self.folder, e)
+
+
+def run_cached(p: Pass, graph: Graph, ctx: PassContext, cache: PassCache | None) -> PassResult:
+    """``p.call`` through ``cache`` when ``p`` is cacheable and the key can be computed."""
+    if cache is None or not getattr(p, "cacheable", False):
+        return p.call(graph, ctx)
+    key = cache_key(p, graph, ctx)
+    if key is None:
+        log.info("pass cache: %s not cached (more than %d MiB of weights live only in memory)", p.name,
+                 MAX_HASHED_BYTES // 2**20)
+        return p.call(graph, ctx)
+    hit = cache.load(p, key, graph)
+    if hit is not None:
+        return hit
+    before, meta = _annotations(graph), _json(graph.meta)
+    versions = {k: graph.weights.version(k) for k in graph.weights}
+    result = p.call(graph, ctx)
+    cache.store(p, key, before, result, versions, meta)
+    return result
