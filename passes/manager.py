@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import resource
 import time
@@ -38,8 +39,22 @@ class PassRecord:
     stats: dict = field(default_factory=dict)
 
 
+def release_free_heap() -> None:
+    """Hand memory that ``free`` kept in the heap back to the system (glibc ``malloc_trim``; no-op elsewhere).
+
+    Measured on the OLMoE-1B-7B shape: about 2 GB that the sensitivity pass had freed stayed
+    resident through the later passes and emission without this.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), after
+    :func:`release_free_heap`, so the window starts from what is really in use."""
+    release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

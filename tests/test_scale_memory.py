@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dmpq_compile.testing import write_tiny_corpus
 from dmpq_compile.testing.scale import write_random_checkpoint
@@ -52,3 +54,24 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     layer_mb = 8 * 3 * 512 * 3072 * 4 / 2**20  # one layer's experts in fp32
     assert peaks[8] - peaks[2] < 1.5 * layer_mb, (peaks, layer_mb)  # whole-model copies would add >= 3 layers' worth
     assert {r["name"] for r in reports[8]["passes"]} >= {"profile", "sensitivity", "quantize"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="VmRSS and malloc_trim: Linux with glibc")
+def test_pass_boundaries_hand_freed_heap_back():
+    """A pass that freed many small tensors must not leave their heap resident for the next one."""
+    from dmpq_compile.passes.manager import reset_peak_rss
+
+    def rss_mb() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    base = rss_mb()
+    chunks = [torch.ones(2500) for _ in range(40000)]  # 400 MB in 10 KB heap blocks
+    keep = chunks[::1000]  # survivors pin the heap's top, so free() alone cannot shrink it
+    del chunks
+    freed = rss_mb()
+    reset_peak_rss()
+    assert freed - base > 200
+    assert rss_mb() - base < 0.25 * (freed - base)
+    del keep
