@@ -53,7 +53,7 @@ def main() -> None:
         for target in args.targets.split(","):
             out = work / f"out-{name}-L{layers}-{target}"
             cmd = ["dmpq-compile", "compile", str(ckpt), "--target", target, "--budget-bits", args.budget_bits,
-                   "-o", str(out), "--overwrite", "--no-progress"]
+                   "-o", str(out), "--overwrite", "--no-progress", "--no-cache"]  # time every pass
             stats = run_measured(cmd, f"{name} L{layers} {target}")
             report = json.loads((out / "report.json").read_text())
             passes = [{"pass": r["name"], "seconds": round(r["seconds"], 1), "peak_rss_mb": round(r["peak_rss_mb"])}

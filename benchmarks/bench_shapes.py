@@ -157,7 +157,7 @@ def compile_variants(name: str, ckpt: Path, corpus: Path, work: Path, args: argp
             continue
         cmd = ["dmpq-compile", "compile", str(ckpt), "--target", "ort-cpu", *flags, "--calib-corpus", str(corpus),
                "--calib-sequences", str(args.calib_sequences), "--seq-len", "128", "-o", str(out), "--overwrite",
-               "--no-progress"]
+               "--no-progress", "--no-cache"]
         stats[variant] = {**run_measured(cmd, f"{name}: compile {variant}"), "command": " ".join(cmd)}
     return stats
 
