@@ -1,4 +1,5 @@
-"""The backend contract: supported bits, a cost table, lowering into an artifact folder."""
+"""The backend contract: supported bits and their weight formats, a cost table, lowering into an
+artifact folder."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-if TYPE_CHECKING:  # annotations only: `check` and `bench` import backends without torch (ir/ imports it)
+if TYPE_CHECKING:  # annotations only: `check` and `bench` import backends without torch (ir/, quant/ do)
     from ..ir.graph import Graph
+    from ..quant.formats import WeightFormat
 
 
 class BackendError(RuntimeError):
@@ -27,10 +29,11 @@ class ExpertCostRow:
 class Backend:
     """Base class of a compilation target.
 
-    Subclasses set ``name``, ``supported_bits`` and ``description`` and implement
-    :meth:`cost_table` and :meth:`emit`. ``emit`` writes model files into a folder that the
-    artifact writer created (a temporary folder renamed into place only when complete) and
-    returns manifest fields of its own (format, files, runtime requirements).
+    Subclasses set ``name``, ``supported_bits`` and ``description``, implement
+    :meth:`cost_table` and :meth:`emit`, and override :meth:`weight_format` where a bit-width
+    runs in another format than group-wise asymmetric. ``emit`` writes model files into a folder
+    that the artifact writer created (a temporary folder renamed into place only when complete)
+    and returns manifest fields of its own (format, files, runtime requirements).
     """
 
     name: ClassVar[str] = ""
@@ -47,6 +50,39 @@ class Backend:
 
     def emit(self, graph: Graph, out_dir: Path, **options: Any) -> dict[str, Any]:
         raise NotImplementedError(f"backend {self.name!r} cannot emit")
+
+    def weight_format(self, bits: int) -> WeightFormat:
+        """The integer format this target runs ``bits``-bit expert weights in.
+
+        The ``quantize`` and ``sensitivity`` passes and the reference interpreter use it (through
+        ``graph.meta``, see :mod:`dmpq_compile.quant.formats`), and :meth:`emit` must write the
+        stored codes of that format unchanged. Default: group-wise asymmetric, the group size
+        being the compile's ``group_size``.
+        """
+        from ..quant.formats import WeightFormat
+
+        return WeightFormat(bits)
+
+    @property
+    def weight_formats(self) -> dict[int, WeightFormat]:
+        """``{bits: format}`` for every supported bit-width below 16 (what passes use and record)."""
+        return {b: self.weight_format(b) for b in self.supported_bits if b < 16}
+
+    def check_formats(self, graph: Graph) -> None:
+        """Refuse quantized experts whose stored codes are not in this target's declared format."""
+        bad = {}
+        for n in graph.experts():
+            spec, bits = (n.ann.get("quant") or {}).get("spec"), n.ann.get("bits", 16)
+            if not spec or bits == 16 or spec["bits"] != bits:  # nothing stored for these bits
+                continue
+            if spec["scheme"] != self.weight_format(bits).scheme:
+                bad[n.id] = f"{bits}-bit {spec['scheme']}"
+        if bad:
+            some = dict(list(bad.items())[:4])
+            wants = {b: f.describe() for b, f in self.weight_formats.items()}
+            raise BackendError(f"backend {self.name!r} runs {wants}, but {len(bad)} experts carry codes of "
+                               f"another format, e.g. {some}; re-run the quantize pass for this target "
+                               f"(--target {self.name})")
 
     def check_bits(self, graph: Graph) -> None:
         """Refuse a graph whose experts carry bits this backend cannot run."""

@@ -118,6 +118,10 @@ def _allocator_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> di
         opts.setdefault("progress", ctx.progress)
     wants = o.rl_measure_sequences > 0 or o.rl_hardware
     n_params = sum(t.numel() for t in graph.weights.values()) if wants else 0
+    if wants:  # measurements fake-quantize (and the hardware callback quantizes) in the target's formats
+        from ..quant.formats import declare_target_formats
+
+        declare_target_formats(graph.meta, ctx.backend)
     if n_params > MEASURE_MAX_PARAMS:
         log.warning("allocate %s: the model has %.3g parameters (> %.3g): whole-model measurements through the "
                     "interpreter or emitted artifacts are off at this size; using the proxy objective only "

@@ -4,6 +4,12 @@ Writes, per quantized node, the packed codes, scales and zero points into the we
 a ``quant`` annotation (spec + keys; see :mod:`dmpq_compile.quant.stored`). Methods: ``rtn``
 (round to nearest), ``hqq`` (half-quadratic zero/scale optimisation) and ``gptq`` (Hessian-aware
 rounding from calibration activations of the tokens routed to each expert).
+
+Format: each bit-width is quantized in the weight format the target declares for it
+(``ctx.backend.weight_formats``, recorded in ``graph.meta``; group-wise asymmetric at
+``group_size`` where nothing is declared), the format sensitivity measured and the backend
+emits. HQQ only optimises zero points: a symmetric format has none, so those experts fall back
+to ``rtn`` (logged) and their spec names ``rtn``, the method that made their codes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
 from ..ir.stream import embed, layer_outputs, run_layer
 from ..quant import QuantSpec, quantize
+from ..quant.formats import WeightFormat, declare_target_formats, declared_format
 from ..quant.stored import store_quantized
 from .base import Pass, PassContext, PassResult
 
@@ -59,6 +66,7 @@ class QuantizePass(Pass):
         """
         o = self.options
         graph.meta["group_size"] = o.group_size
+        declare_target_formats(graph.meta, ctx.backend)  # the stored codes' formats, for every later reader
         nodes = [n for n in graph.experts() if n.ann["bits"] < 16]
         layers = sorted({n.attrs["layer"] for n in nodes})
         bar = tqdm(total=len(nodes), desc=f"quantize ({o.method})", unit="expert", disable=not ctx.progress,
@@ -81,11 +89,12 @@ class QuantizePass(Pass):
         for node in graph.experts():  # kept experts carry an explicit "no quantization" record
             if node.ann["bits"] == 16:
                 graph.annotate(node.id, "quant", {"spec": QuantSpec(bits=16).to_dict(), "tensors": {}})
-        return PassResult(graph, modified=bool(nodes), stats={"quantized_experts": len(nodes)})
-
+        stats = {"quantized_experts": len(nodes), "methods": _methods_used(graph, nodes, o.method)}
+        return PassResult(graph, modified=bool(nodes), stats=stats)
 
     def _quantize_node(self, graph: Graph, node, hessians: dict) -> list[str]:
-        spec = QuantSpec(bits=node.ann["bits"], group_size=self.options.group_size, method=self.options.method)
+        fmt = declared_format(graph.meta, node.ann["bits"])
+        spec = fmt.spec(self.options.group_size, method_for(fmt, self.options.method))
         tensors = {}
         for role in ROLES:
             w = graph.weights[node.params[role]].float()
@@ -94,6 +103,25 @@ class QuantizePass(Pass):
         graph.annotate(node.id, "group_size", self.options.group_size)
         graph.annotate(node.id, "quant", {"spec": spec.to_dict(), "tensors": tensors})
         return [t[k] for t in tensors.values() for k in ("q", "scale", "zero")]
+
+
+def _methods_used(graph: Graph, nodes: list, asked: str) -> dict[str, int]:
+    """How many experts each method quantized; logs the bit-widths where ``asked`` fell back."""
+    methods: dict[str, int] = {}
+    for node in nodes:
+        used = node.ann["quant"]["spec"]["method"]
+        methods[used] = methods.get(used, 0) + 1
+    for bits in sorted({n.ann["bits"] for n in nodes if n.ann["quant"]["spec"]["method"] != asked}):
+        log.warning("%s cannot produce the target's %s weights (no zero point to optimise): those experts "
+                    "are quantized with rtn, and their spec says so", asked,
+                    declared_format(graph.meta, bits).describe())
+    return methods
+
+
+def method_for(fmt: WeightFormat, method: str) -> str:
+    """The method that can produce ``fmt``'s codes: ``method``, or ``rtn`` for ``hqq`` on a
+    symmetric format (HQQ optimises zero points; the format has none)."""
+    return "rtn" if method == "hqq" and fmt.symmetric else method
 
 
 def _quantize_one(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None):

@@ -21,6 +21,10 @@ Both write ``contribution`` (``whole``: |dL/ds_e| for a scale s_e on each expert
 (relative change of each expert's router-row gradient when all experts are quantized at
 ``gradvar_bits``) and ``neuron_variance`` (mean over the expert's intermediate neurons of the
 activation variance across its routed tokens).
+
+Every bit-width is fake-quantized in the weight format the target declares for it
+(``ctx.backend.weight_formats``, else the graph's declaration; see
+:mod:`dmpq_compile.quant.formats`), so what is measured is what the backend emits.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ class SensitivityPass(Pass):
         o = self.options
         bits = tuple(o.bits) if o.bits else _default_bits(ctx)
         ids = ctx.calibration[: o.max_sequences]
-        interp = Interpreter(graph, quantize=False)
+        # measure each bit-width in the format the target emits (the graph stays as it was)
+        interp = Interpreter(graph, quantize=False, formats=getattr(ctx.backend, "weight_formats", None))
         if o.method == "local":
             return self._run_local(graph, ctx, interp, ids, bits)
         fp = _reference(graph, interp, ids)

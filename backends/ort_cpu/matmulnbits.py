@@ -27,6 +27,7 @@ import numpy as np
 
 from ...ir.graph import Node
 from ...quant import QuantSpec, pack_bits, unpack_bits
+from ...quant.spec import ASYM_GROUP
 from ..base import BackendError
 from ..onnx_lowering import Lowering
 
@@ -54,6 +55,17 @@ def check_block_size(block_size: int, where: str) -> None:
                            "two >= 16; quantize with group_size 16, 32, 64 or 128")
 
 
+def check_spec(spec: QuantSpec, where: str) -> None:
+    """Raise unless ``spec``'s codes can run as MatMulNBits: 2/4/8 bits, group-wise asymmetric
+    (``affine-asym-v1``, ort-cpu's declared format), a power-of-two group size >= 16."""
+    if spec.bits not in NBITS:
+        raise BackendError(f"{where}: {spec.bits}-bit weights cannot run on MatMulNBits (CPU supports {NBITS})")
+    if spec.scheme != ASYM_GROUP:
+        raise BackendError(f"{where}: {spec.bits}-bit {spec.scheme} codes cannot run as MatMulNBits (group-wise "
+                           "asymmetric only); re-run the quantize pass for this target (--target ort-cpu)")
+    check_block_size(spec.group_size, where)
+
+
 def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str, where: str) -> NBitsWeight:
     """Convert one role's stored tensors (see :mod:`dmpq_compile.quant.stored`) to MatMulNBits layout.
 
@@ -67,9 +79,7 @@ def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str,
         BackendError: unsupported bits or group size, or missing/inconsistent stored tensors.
     """
     spec = QuantSpec.from_dict(quant["spec"])
-    if spec.bits not in NBITS:
-        raise BackendError(f"{where}: {spec.bits}-bit weights cannot run on MatMulNBits (CPU supports {NBITS})")
-    check_block_size(spec.group_size, where)
+    check_spec(spec, where)
     entry = quant["tensors"].get(role)
     if entry is None:
         raise BackendError(f"{where}: the quant annotation has no tensors for {role!r}; re-run the quantize pass")
@@ -111,9 +121,7 @@ class MatMulNBitsProjection:
             raise BackendError(f"node {node.id!r} is assigned {bits} bits but carries no matching packed weights "
                                "(annotation 'quant'); run the quantize pass before emitting")
         spec = QuantSpec.from_dict(quant["spec"])
-        if spec.bits not in NBITS:
-            raise BackendError(f"{node.id}: {spec.bits}-bit weights cannot run on MatMulNBits (CPU supports {NBITS})")
-        check_block_size(spec.group_size, node.id)
+        check_spec(spec, node.id)
         n, k = (int(v) for v in quant["tensors"][role]["shape"])
         bits, bs = spec.bits, spec.group_size
         blocks = -(-k // bs)

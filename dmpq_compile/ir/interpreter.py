@@ -2,7 +2,10 @@
 
 It is the oracle for emitted artifacts and what profiling, sensitivity and QAT run on.
 Quantized experts use, in order of preference: the exact tensors the ``quantize`` pass stored
-(annotation ``quant``), else round-to-nearest fake quantization at the annotated ``bits``.
+(annotation ``quant``), else round-to-nearest fake quantization at the annotated ``bits`` in the
+weight format the target declares for those bits (the interpreter's ``formats``, else
+``graph.meta["weight_formats"]``, see :mod:`dmpq_compile.quant.formats`; group-wise asymmetric
+where nothing is declared).
 
 Memory: a node's value is dropped as soon as its last consumer has run, and weights derived
 from the store (fp32 conversions, fake-quantized copies) live in a least-recently-used cache
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..quant.formats import WeightFormat, declared_format
+from ..quant.spec import QuantSpec
 from . import ops
 from .graph import QUANTIZABLE_KINDS, Graph, IRError
 
@@ -91,13 +96,19 @@ class WeightCache:
 
 
 class Interpreter:
-    """Executes a :class:`Graph`; call it with token ids ``[B, T]`` to get logits ``[B, T, V]``."""
+    """Executes a :class:`Graph`; call it with token ids ``[B, T]`` to get logits ``[B, T, V]``.
+
+    ``formats`` (``{bits: WeightFormat}``, e.g. ``Backend.weight_formats``) sets the target's
+    weight formats for fake quantization without writing them into ``graph.meta``; None reads
+    the graph's declaration.
+    """
 
     def __init__(self, graph: Graph, quantize: bool = True, dtype: torch.dtype = torch.float32,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, formats: Mapping[int, WeightFormat] | None = None):
         self.graph = graph
         self.quantize = quantize
         self.dtype = dtype
+        self.formats = dict(formats) if formats else None
         self._order = graph.topo_order()
         # Cache derived weights only when the whole model fits: a small model then runs repeatedly
         # from memory (allocation measurements, QAT), while a large one streams layer by layer and
@@ -170,7 +181,7 @@ class Interpreter:
         return self._cache.get(("fp", key, store.version(key), self.dtype), lambda: store[key].to(self.dtype))
 
     def _quantized(self, node_id: str, role: str, key: str, bits: int, ann: Mapping[str, Any]) -> torch.Tensor:
-        from ..quant import fake_quantize
+        from ..quant import fake_quantize_spec
         from ..quant.stored import dequantize_stored
 
         store = self.graph.weights
@@ -180,21 +191,29 @@ class Interpreter:
             version = tuple(store.version(entry[k]) for k in ("q", "scale", "zero"))
             return self._cache.get(("stored", node_id, role, bits, version),
                                    lambda: dequantize_stored(store, quant, role).to(self.dtype))
-        return self._cache.get(("rtn", key, store.version(key), bits, self.group_size(node_id)),
-                               lambda: fake_quantize(self.stored(key), bits, self.group_size(node_id)))
+        spec = self.spec(node_id, bits)
+        return self._cache.get(("rtn", key, store.version(key), spec),
+                               lambda: fake_quantize_spec(self.stored(key), spec))
 
     def group_size(self, node_id: str) -> int:
         """The quantization group of ``node_id``: its annotation, else the graph's, else 64."""
         ann = self.graph.g.nodes[node_id]["ann"]
         return int(ann.get("group_size", self.graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
 
+    def spec(self, node_id: str, bits: int) -> QuantSpec:
+        """The RTN spec fake quantization of ``node_id`` at ``bits`` uses: the target's declared
+        format for ``bits`` (``formats``, else ``graph.meta``) at the node's group size."""
+        if self.formats is not None and bits in self.formats:
+            return self.formats[bits].spec(self.group_size(node_id))
+        return declared_format(self.graph.meta, bits).spec(self.group_size(node_id))
+
     def fake_quantized(self, node_id: str, fp: Mapping[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
         """The MLP weights ``fp`` (already read at full precision) fake-quantized at ``bits`` exactly as
         :meth:`weights` would without stored codes, without reading the store again."""
-        from ..quant import fake_quantize
+        from ..quant import fake_quantize_spec
 
-        group = self.group_size(node_id)
-        return {r: fake_quantize(w, bits, group) if r in ("gate", "up", "down") else w for r, w in fp.items()}
+        spec = self.spec(node_id, bits)
+        return {r: fake_quantize_spec(w, spec) if r in ("gate", "up", "down") else w for r, w in fp.items()}
 
     def clear_cache(self) -> None:
         self._cache.clear()

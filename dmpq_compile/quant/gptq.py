@@ -18,7 +18,13 @@ of a group is reached the whole group is inside the current, fully updated block
 and integer zero point are then fixed from the *updated* weights, either with the plain RTN
 min/max rule (:func:`dmpq_compile.quant.rtn.affine_params`) or, by default, with a search over
 shrunk ranges (:func:`dmpq_compile.quant.rtn.clip_search_params`), which matters most at 2-3
-bits. The output format is exactly RTN's.
+bits. The output format is exactly RTN's for the spec's scheme.
+
+Per-channel symmetric specs (``sym-channel-v1``): the error feedback works with any quantizer
+grid, so only the grid changes. Each row's scale is fixed once, from the original weights
+before the first column (as the paper's per-channel quantizer does), and blocks are plain
+``block_size`` columns; codes are ``clamp(round(w / s), -qs, qs)``, clamped where the error
+feedback pushed a weight beyond the row's range.
 
 Conditioning: ``H += damp * mean(diag(H)) * I`` before factorisation (damping is multiplied by
 10 and retried, up to 4 times, if the Cholesky factorisation fails). Dead inputs
@@ -39,10 +45,10 @@ import torch
 
 from dmpq_compile.quant.rtn import (
     QuantizedTensor,
-    affine_params,
     check_weight,
     clip_search_params,
-    quantize_codes,
+    grid_codes,
+    grid_params,
 )
 from dmpq_compile.quant.spec import QuantSpec
 
@@ -146,17 +152,36 @@ def inverse_cholesky_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("GPTQ: Hessian is not positive definite even after damping")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    """The quantizer grid GPTQ rounds onto: bits, scheme and how group parameters are chosen."""
+
+    bits: int
+    symmetric: bool
+    clip_search: bool
+
+    def params(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.clip_search:
+            return clip_search_params(wg, self.bits, symmetric=self.symmetric)
+        return grid_params(wg, self.bits, self.symmetric)
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return grid_codes(w, scale, zero, self.bits, self.symmetric)
+
+
 def _quantize_block(
-    w_blk: torch.Tensor, u_blk: torch.Tensor, bits: int, group_size: int, clip_search: bool
+    w_blk: torch.Tensor, u_blk: torch.Tensor, grid: _Grid, group_size: int | None,
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Quantize one group-aligned block column by column with in-block error feedback.
+    """Quantize one block column by column with in-block error feedback.
 
     Args:
         w_blk: Updated weights of the block ``[N, B]`` (modified in place).
         u_blk: ``U[b0:b1, b0:b1]`` ``[B, B]``, upper triangular.
-        bits: Bit-width.
-        group_size: Group length; the block starts at a group boundary.
-        clip_search: Choose group parameters with :func:`clip_search_params` (else min/max).
+        grid: Bits, scheme and parameter rule.
+        group_size: Group length; the block starts at a group boundary. None: per-channel
+            parameters ``fixed`` for every column.
+        fixed: ``(scale, zero)`` ``[N]`` when ``group_size`` is None.
 
     Returns:
         ``(codes [N, B], err [N, B], scales, zeros)``; ``err`` are the scaled errors ``e``;
@@ -167,14 +192,14 @@ def _quantize_block(
     err = torch.empty_like(w_blk)
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
-    params = clip_search_params if clip_search else affine_params
+    scale, zero = fixed if fixed is not None else (None, None)
     for j in range(width):
-        if j % group_size == 0:
-            scale, zero = params(w_blk[:, j : j + group_size], bits)  # [N]
+        if group_size is not None and j % group_size == 0:
+            scale, zero = grid.params(w_blk[:, j : j + group_size])  # [N]
             scales.append(scale)
             zeros.append(zero)
         col = w_blk[:, j]  # [N]
-        q = quantize_codes(col, scale, zero, bits)
+        q = grid.codes(col, scale, zero)
         codes[:, j] = q
         err[:, j] = (col - (q - zero) * scale) / u_blk[j, j]
         w_blk[:, j + 1 :] -= err[:, j : j + 1] * u_blk[j : j + 1, j + 1 :]
@@ -196,14 +221,15 @@ def gptq_quantize(
         w: Weight ``[N, K]`` (float32/float16/bfloat16, finite).
         h: Input second moment ``[K, K]`` (``X^T X`` or its mean, e.g. from
             :func:`accumulate_hessian`); symmetric positive semi-definite.
-        spec: ``bits < 16`` and ``group_size``; the result records ``method="gptq"``.
+        spec: ``bits < 16``, ``group_size`` and scheme (group-wise affine or per-channel
+            symmetric); the result records ``method="gptq"``.
         damp: Relative dampening added to the diagonal (fraction of its mean), ``> 0``.
         block_size: Columns per lazy-update block (rounded to a multiple of ``group_size``).
-        clip_search: Pick each group's scale/zero by a shrunk-range error search
-            (:func:`clip_search_params`); ``False`` uses the plain RTN min/max rule.
+        clip_search: Pick each group's (or row's) scale/zero by a shrunk-range error search
+            (:func:`clip_search_params`); ``False`` uses the plain RTN rule.
 
     Returns:
-        :class:`QuantizedTensor` in the RTN format, on ``w``'s device.
+        :class:`QuantizedTensor` in the RTN format of ``spec.scheme``, on ``w``'s device.
 
     Raises:
         TypeError / ValueError: Bad shapes, dtypes, values or spec.
@@ -219,11 +245,15 @@ def gptq_quantize(
     _check_hessian(h, k)
     wk, hk = _prepare(w, h)  # [N, K], [K, K]
     upper = inverse_cholesky_upper(hk, damp)  # [K, K]
-    block = gs * max(1, block_size // gs)
+    grid = _Grid(spec.bits, spec.symmetric, clip_search)
+    fixed = grid.params(wk) if gs is None else None  # per channel: [N] from the original rows
+    block = block_size if gs is None else gs * max(1, block_size // gs)
     codes, scales, zeros = torch.empty_like(wk), [], []
+    if fixed is not None:
+        scales, zeros = [fixed[0]], [fixed[1]]
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        q, err, s, z = _quantize_block(wk[:, b0:b1], upper[b0:b1, b0:b1], spec.bits, gs, clip_search)
+        q, err, s, z = _quantize_block(wk[:, b0:b1], upper[b0:b1, b0:b1], grid, gs, fixed)
         codes[:, b0:b1] = q
         scales += s
         zeros += z

@@ -21,6 +21,7 @@ for that integer ``Z`` by alternating codes and the closed-form ``S = <W, q - Z>
 Finally each group keeps, among the RTN parameters, every iterate and the re-fit one, the
 candidate with the smallest squared weight error, so the result is never worse than RTN in
 weight MSE. Groups follow RTN's ragged-K rule (padded entries are masked out of all means).
+The symmetric per-channel scheme (``sym-channel-v1``) has no zero point to optimise: refused.
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ def hqq_quantize(w: torch.Tensor, spec: QuantSpec, config: HQQConfig | None = No
     check_weight(w)
     if not isinstance(spec, QuantSpec) or not spec.is_quantized:
         raise ValueError(f"hqq_quantize needs a QuantSpec with bits < 16, got {spec!r}")
+    if spec.symmetric:
+        raise ValueError(f"HQQ optimises zero points; scheme {spec.scheme!r} has none (use rtn or gptq)")
     cfg = config or HQQConfig()
     bits, gs, k = spec.bits, spec.group_size, w.shape[-1]
     wg = pad_to_groups(w.detach().to(torch.float32), gs)  # [*B, N, G, gs]

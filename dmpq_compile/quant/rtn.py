@@ -1,4 +1,5 @@
-"""Group-wise affine asymmetric round-to-nearest (RTN) quantization of linear weights.
+"""Round-to-nearest (RTN) quantization of linear weights: group-wise affine asymmetric, or
+per-output-channel symmetric.
 
 Format (scheme ``affine-asym-v1``). A weight ``W`` of shape ``[N, K]`` (out_features N,
 in_features K, as ``nn.Linear`` stores it; optional leading batch axes ``[*B, N, K]`` are
@@ -20,6 +21,16 @@ last real column is repeated up to the group size. Repeated values lie inside th
 range, so its scale and zero point equal those computed over the real columns alone; the
 padded codes are dropped, so ``q`` always has exactly K columns. Rounding is half-to-even
 (``torch.round``). All arithmetic is float32 on the input's device.
+
+Scheme ``sym-channel-v1`` (``QuantSpec.group_size`` None): one group per row spanning all of K,
+``qs = 2**(b-1) - 1`` (127 at 8 bits)::
+
+    S = max(|w|) / qs        (S := 1 for an all-zero row)
+    c = clamp(round(w / S), -qs, qs)                     # signed code, narrow range
+    w' = c * S
+
+stored as ``q = c + 2**(b-1)`` with zero point ``2**(b-1)``, so :func:`dequantize`'s
+``(q - Z) * S`` serves both schemes (see :mod:`.spec`).
 """
 
 from __future__ import annotations
@@ -101,10 +112,47 @@ def affine_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     return scale, zero
 
 
+def symmetric_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale ``max|w| / (2**(bits-1) - 1)`` and the fixed stored zero point ``2**(bits-1)`` per group.
+
+    Args:
+        wg: ``[..., M]`` float tensor; each slice along the last axis is one group (a whole row
+            for per-channel formats).
+        bits: Bit-width in 2..8.
+
+    Returns:
+        ``(scale, zero)``, float32 ``[...]``; ``scale > 0``.
+    """
+    half = float((1 << (bits - 1)) - 1)
+    amax = wg.detach().to(torch.float32).abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / half, torch.ones_like(amax))
+    return scale, torch.full_like(scale, float(1 << (bits - 1)))
+
+
+def symmetric_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored codes ``clamp(round(w / scale), -qs, qs) + zero`` (float32; ``zero = 2**(bits-1)``).
+
+    The signed code is rounded before the offset is added, so no precision is lost to it.
+    """
+    half = float((1 << (bits - 1)) - 1)
+    return torch.round(w.to(torch.float32) / scale).clamp(-half, half) + zero
+
+
+def grid_params(wg: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`symmetric_params` or :func:`affine_params`."""
+    return symmetric_params(wg, bits) if symmetric else affine_params(wg, bits)
+
+
+def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+               symmetric: bool = False) -> torch.Tensor:
+    """:func:`symmetric_codes` or :func:`quantize_codes` (stored codes, float32)."""
+    return symmetric_codes(w, scale, zero, bits) if symmetric else quantize_codes(w, scale, zero, bits)
+
+
 def clip_search_params(
-    wg: torch.Tensor, bits: int, n_grid: int = 20, min_ratio: float = 0.5
+    wg: torch.Tensor, bits: int, n_grid: int = 20, min_ratio: float = 0.5, symmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`affine_params`, but shrinks each group's range to minimise squared error.
+    """Like :func:`grid_params`, but shrinks each group's range to minimise squared error.
 
     Tries the ranges ``[r * lo, r * hi]`` for ``n_grid`` ratios ``r`` evenly spaced from 1
     down to ``min_ratio`` (``r = 1`` is the plain RTN range) and keeps, per group, the
@@ -115,18 +163,19 @@ def clip_search_params(
         bits: Bit-width in 1..8.
         n_grid: Number of ratios (``>= 1``).
         min_ratio: Smallest ratio, in ``(0, 1]``.
+        symmetric: Search symmetric ranges ``[-r * max|w|, r * max|w|]`` instead.
 
     Returns:
-        ``(scale, zero)`` float32 ``[...]`` in the same format as :func:`affine_params`; the
-        error is never larger than with :func:`affine_params`.
+        ``(scale, zero)`` float32 ``[...]`` in the same format as :func:`grid_params`; the
+        error is never larger than with :func:`grid_params`.
     """
     if n_grid < 1 or not 0 < min_ratio <= 1:
         raise ValueError(f"need n_grid >= 1 and 0 < min_ratio <= 1, got {n_grid}, {min_ratio}")
     wg = wg.detach().to(torch.float32)
     best_s, best_z, best_e = None, None, None
     for ratio in torch.linspace(1.0, min_ratio, n_grid).tolist():
-        scale, zero = affine_params(wg * ratio, bits)
-        q = quantize_codes(wg, scale[..., None], zero[..., None], bits)
+        scale, zero = grid_params(wg * ratio, bits, symmetric)
+        q = grid_codes(wg, scale[..., None], zero[..., None], bits, symmetric)
         err = (((q - zero[..., None]) * scale[..., None] - wg) ** 2).sum(dim=-1)
         if best_e is None:
             best_s, best_z, best_e = scale, zero, err
@@ -148,12 +197,13 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 @dataclass(frozen=True, eq=False)
 class QuantizedTensor:
-    """Quantized weight in the ``affine-asym-v1`` format (see module docstring).
+    """Quantized weight in the format of ``spec.scheme`` (see module docstring).
 
     Attributes:
-        q: uint8 codes ``[*B, N, K]``, each in ``[0, 2**bits - 1]`` (unpacked, one per byte).
-        scale: float32 ``[*B, N, G]``, strictly positive.
-        zero: uint8 ``[*B, N, G]``, each in ``[0, 2**bits - 1]``.
+        q: uint8 codes ``[*B, N, K]``, each in ``[0, 2**bits - 1]`` (unpacked, one per byte;
+            symmetric schemes: ``[1, 2**bits - 1]``, the signed code plus ``2**(bits-1)``).
+        scale: float32 ``[*B, N, G]``, strictly positive (``G = 1`` per channel).
+        zero: uint8 ``[*B, N, G]``, each in ``[0, 2**bits - 1]`` (symmetric: all ``2**(bits-1)``).
         spec: The :class:`QuantSpec` used (``bits < 16``).
         shape: Original weight shape ``(*B, N, K)``.
 
@@ -172,8 +222,8 @@ class QuantizedTensor:
 
     @property
     def num_groups(self) -> int:
-        """Number of groups G along K."""
-        return num_groups(self.shape[-1], self.spec.group_size)
+        """Number of groups G along K (1 per channel)."""
+        return num_groups(self.shape[-1], self.spec.group_len(self.shape[-1]))
 
 
 def _validate_qt(qt: QuantizedTensor) -> None:
@@ -190,7 +240,7 @@ def _validate_qt(qt: QuantizedTensor) -> None:
     shape = tuple(qt.shape)
     if len(shape) < 2 or 0 in shape or tuple(qt.q.shape) != shape:
         raise ValueError(f"q shape {tuple(qt.q.shape)} does not match shape {shape}")
-    gshape = (*shape[:-1], num_groups(shape[-1], qt.spec.group_size))
+    gshape = (*shape[:-1], num_groups(shape[-1], qt.spec.group_len(shape[-1])))
     if tuple(qt.scale.shape) != gshape or tuple(qt.zero.shape) != gshape:
         raise ValueError(
             f"scale/zero must have shape {gshape}, got {tuple(qt.scale.shape)} / {tuple(qt.zero.shape)}"
@@ -198,12 +248,16 @@ def _validate_qt(qt: QuantizedTensor) -> None:
     qmax = qt.spec.qmax
     if int(qt.q.max()) > qmax or int(qt.zero.max()) > qmax:
         raise ValueError(f"codes or zero points exceed {qmax} for {qt.spec.bits}-bit quantization")
+    if qt.spec.symmetric and (int(qt.q.min()) < 1 or bool((qt.zero != 1 << (qt.spec.bits - 1)).any())):
+        raise ValueError(f"{qt.spec.scheme}: stored codes must lie in [1, {qmax}] and zero points equal "
+                         f"{1 << (qt.spec.bits - 1)}")
     if not bool((qt.scale > 0).all()) or not bool(torch.isfinite(qt.scale).all()):
         raise ValueError("QuantizedTensor.scale must be finite and strictly positive")
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-    """Round-to-nearest group-wise affine quantization of ``w``.
+    """Round-to-nearest quantization of ``w`` in ``spec``'s scheme (group-wise affine or per-channel
+    symmetric).
 
     Args:
         w: Float weight ``[N, K]`` (or ``[*B, N, K]``), float32/float16/bfloat16, finite.
@@ -219,9 +273,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     if not isinstance(spec, QuantSpec) or not spec.is_quantized:
         raise ValueError(f"quantize needs a QuantSpec with bits < 16, got {spec!r}")
     k = w.shape[-1]
-    wg = pad_to_groups(w.detach().to(torch.float32), spec.group_size)  # [*B, N, G, gs]
-    scale, zero = affine_params(wg, spec.bits)  # [*B, N, G]
-    q = quantize_codes(wg, scale[..., None], zero[..., None], spec.bits)  # [*B, N, G, gs]
+    wg = pad_to_groups(w.detach().to(torch.float32), spec.group_len(k))  # [*B, N, G, gs]
+    scale, zero = grid_params(wg, spec.bits, spec.symmetric)  # [*B, N, G]
+    q = grid_codes(wg, scale[..., None], zero[..., None], spec.bits, spec.symmetric)  # [*B, N, G, gs]
     q = q.reshape(*w.shape[:-1], -1)[..., :k]  # [*B, N, K]
     return QuantizedTensor(
         q=q.to(torch.uint8), scale=scale, zero=zero.to(torch.uint8), spec=spec, shape=tuple(w.shape)
@@ -237,7 +291,7 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
     k = qt.shape[-1]
-    qg = pad_to_groups(qt.q.to(torch.float32), qt.spec.group_size)  # [*B, N, G, gs]
+    qg = pad_to_groups(qt.q.to(torch.float32), qt.spec.group_len(k))  # [*B, N, G, gs]
     w = (qg - qt.zero.to(torch.float32)[..., None]) * qt.scale[..., None]
     return w.reshape(*qt.shape[:-1], -1)[..., :k].contiguous()  # [*B, N, K]
 
@@ -254,10 +308,18 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
         Tensor with ``w``'s shape, dtype and device.
     """
     _check_bits_group(bits, group_size)
-    if bits == 16:
+    return fake_quantize_spec(w, QuantSpec(bits=bits, group_size=group_size))
+
+
+def fake_quantize_spec(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize then dequantize ``w`` in ``spec``'s format (RTN; ``w`` itself when ``bits == 16``).
+
+    Returns:
+        Tensor with ``w``'s shape, dtype and device.
+    """
+    if not spec.is_quantized:
         return w
-    qt = quantize(w, QuantSpec(bits=bits, group_size=group_size))
-    return dequantize(qt).to(w.dtype)
+    return dequantize(quantize(w, spec)).to(w.dtype)
 
 
 def init_scale_multiplier(w: torch.Tensor, group_size: int) -> torch.nn.Parameter:

@@ -15,12 +15,18 @@ from typing import Any
 VALID_BITS = (2, 3, 4, 8, 16)
 """Supported bit-widths; 16 means "keep the weight in floating point (not quantized)"."""
 
-VALID_SCHEMES = ("affine-asym-v1",)
+ASYM_GROUP = "affine-asym-v1"
+SYM_CHANNEL = "sym-channel-v1"
+VALID_SCHEMES = (ASYM_GROUP, SYM_CHANNEL)
 """Numeric schemes. ``affine-asym-v1``: per-group float32 scale and integer zero point in
-``[0, 2**bits - 1]``, ``w ~ (q - zero) * scale``, groups of ``group_size`` along K."""
+``[0, 2**bits - 1]``, ``w ~ (q - zero) * scale``, groups of ``group_size`` along K.
+``sym-channel-v1``: one float32 scale per output channel (``group_size`` is None), symmetric
+narrow-range signed codes ``c`` in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``, ``w ~ c * scale``;
+stored like the affine scheme with ``q = c + 2**(bits-1)`` and every zero point ``2**(bits-1)``,
+so ``(q - zero) * scale`` dequantizes both."""
 
 VALID_METHODS = ("rtn", "gptq", "hqq")
-"""Algorithms that choose the integer codes (all produce the same format)."""
+"""Algorithms that choose the integer codes (``hqq`` optimises zero points: affine scheme only)."""
 
 SPEC_VERSION = 1
 """Version written by :meth:`QuantSpec.to_dict`; bumped on incompatible changes."""
@@ -38,7 +44,8 @@ class QuantSpec:
     Attributes:
         bits: Bit-width of the integer codes, one of :data:`VALID_BITS`; 16 = not quantized.
         group_size: Number of consecutive input-dimension (K) elements sharing one scale and
-            zero point; a positive integer (typically 32, 64 or 128).
+            zero point; a positive integer (typically 32, 64 or 128), or None (required) for the
+            per-output-channel scheme ``sym-channel-v1``.
         scheme: Numeric scheme, one of :data:`VALID_SCHEMES`.
         method: Algorithm producing the codes, one of :data:`VALID_METHODS`.
 
@@ -47,17 +54,21 @@ class QuantSpec:
     """
 
     bits: int
-    group_size: int = 128
-    scheme: str = "affine-asym-v1"
+    group_size: int | None = 128
+    scheme: str = ASYM_GROUP
     method: str = "rtn"
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in VALID_BITS:
             raise ValueError(f"bits must be one of {VALID_BITS}, got {self.bits!r}")
-        if not _is_int(self.group_size) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
         if self.scheme not in VALID_SCHEMES:
             raise ValueError(f"scheme must be one of {VALID_SCHEMES}, got {self.scheme!r}")
+        if self.scheme == SYM_CHANNEL:
+            if self.group_size is not None:
+                raise ValueError(f"scheme {SYM_CHANNEL} is per output channel: group_size must be None, "
+                                 f"got {self.group_size!r}")
+        elif not _is_int(self.group_size) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
         if self.method not in VALID_METHODS:
             raise ValueError(f"method must be one of {VALID_METHODS}, got {self.method!r}")
 
@@ -68,8 +79,22 @@ class QuantSpec:
 
     @property
     def qmax(self) -> int:
-        """Largest integer code, ``2**bits - 1`` (only meaningful when quantized)."""
+        """Largest stored integer code, ``2**bits - 1`` (only meaningful when quantized)."""
         return (1 << self.bits) - 1
+
+    @property
+    def symmetric(self) -> bool:
+        """Codes centred on zero (no zero point): scheme ``sym-channel-v1``."""
+        return self.scheme == SYM_CHANNEL
+
+    @property
+    def per_channel(self) -> bool:
+        """One scale per output channel instead of per group along K."""
+        return self.group_size is None
+
+    def group_len(self, k: int) -> int:
+        """Columns sharing one scale in a weight with ``k`` input features (``k`` when per channel)."""
+        return k if self.group_size is None else self.group_size
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict including a ``version`` field.
