@@ -1,14 +1,15 @@
-"""Writing an ONNX model into an artifact folder: the one place for the file names, the
-external-data decision, saving and the ``onnx.checker`` gate.
+"""Writing an ONNX model into an artifact folder: the external-data decision, saving, the
+``onnx.checker`` gate, and the byte count of ONNX weights.
 
 Every producer of an ONNX artifact (both backends' ``emit`` and the ORT-quantizer peer baseline)
-goes through these functions, so ``model.onnx`` / ``model.onnx.data`` and the 2 GB rule are
-stated once.
+goes through these functions, so the 2 GB rule, the manifest's file fields and each expert's
+recorded bytes are stated once. The file names themselves (``MODEL_FILE``, ``DATA_FILE``) live in
+:mod:`dmpq_compile.fileio`, which the runtime can import without onnx.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,26 +17,57 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..fileio import DATA_FILE, MODEL_FILE
 from .base import BackendError
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 PROTOBUF_LIMIT = 1_800_000_000  # stay clear of protobuf's 2 GiB message limit
 DEFAULT_EXTERNAL_MB = 16.0  # weights above this stream to DATA_FILE (below: one model.onnx) unless the caller decides
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all initializers (``raw_data`` where set, else element count x item size)."""
-    return sum(_tensor_bytes(t) for t in model.graph.initializer)
+    """Bytes of all initializers (each as :func:`tensor_bytes` counts it)."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
+_PACKED_4BIT = frozenset(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+                         if hasattr(onnx.TensorProto, n))  # two elements per byte
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Stored bytes of one initializer: the ``length`` of its external data, else its ``raw_data``,
+    else (data not made yet, see :func:`save_model`'s ``deferred``) elements x item size, 4-bit
+    types packed two to a byte. The one byte count of every ONNX weight, on disk or in memory."""
+    external = {e.key: e.value for e in t.external_data}
+    if t.data_location == onnx.TensorProto.EXTERNAL and "length" in external:
+        return int(external["length"])
     if t.raw_data:
         return len(t.raw_data)
     if not t.dims:
         return 0
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return int(np.prod(t.dims)) * itemsize
+    count = int(np.prod(t.dims))
+    if t.data_type in _PACKED_4BIT:
+        return -(-count // 2)
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def owned_weights(model: onnx.ModelProto, owners: Mapping[str, str],
+                  keep: Container[str] | None = None) -> dict[str, dict[str, Any]]:
+    """``{owner: {"tensors": [initializer names], "bytes": their stored bytes}}``.
+
+    ``owners`` maps initializer names to who they belong to (an expert's IR node id, from
+    :attr:`Builder.owners`); ``keep`` restricts the result to those owners. Call it on the model
+    that :func:`save_model` wrote, so the bytes are what is on disk. This is what the manifest
+    records per expert, and what the bench and the allocator's hardware measurement read.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for t in model.graph.initializer:
+        owner = owners.get(t.name)
+        if owner is None or (keep is not None and owner not in keep):
+            continue
+        entry = out.setdefault(owner, {"tensors": [], "bytes": 0})
+        entry["tensors"].append(t.name)
+        entry["bytes"] += tensor_bytes(t)
+    return out
 
 
 def use_external(external_data: bool | None, size: int, threshold_mb: float = DEFAULT_EXTERNAL_MB) -> bool:
@@ -148,6 +180,14 @@ def save_checked(model: onnx.ModelProto, folder: str | Path, *, external: bool,
 def custom_domains(model: onnx.ModelProto) -> dict[str, int]:
     """``{domain: version}`` of the model's non-default opset imports (e.g. com.microsoft)."""
     return {d.domain: d.version for d in model.opset_import if d.domain not in ("", "ai.onnx")}
+
+
+def file_fields(model: onnx.ModelProto, external: bool) -> dict[str, Any]:
+    """The manifest's target fields that describe a model saved by :func:`save_model`: format, file
+    names (``external_data_file`` None for a single file), default-domain opset, custom domains."""
+    return {"format": "onnx", "model_file": MODEL_FILE, "external_data_file": DATA_FILE if external else None,
+            "opset": next(d.version for d in model.opset_import if d.domain in ("", "ai.onnx")),
+            "custom_domains": custom_domains(model)}
 
 
 def io_fields(lowered: Any) -> dict[str, Any]:

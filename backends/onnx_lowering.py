@@ -58,6 +58,10 @@ class Builder:
     With ``spill`` (a binary file open for reading and writing), initializers made eagerly from
     data (``add_initializer``, ``add_proto``) of 1 MiB or more are written to it at once and
     become deferred, so a lowering holds no large tensor however many it makes.
+
+    ``owners`` maps every initializer made inside :meth:`owned_by` to that owner (the IR node
+    being lowered), shared constants (:meth:`const`) excepted: it is how the manifest knows which
+    tensors hold each expert's weights without reading their names.
     """
 
     def __init__(self, spill: Any = None) -> None:
@@ -68,6 +72,8 @@ class Builder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.domains: dict[str, int] = {}
         self.deferred: dict[str, Callable[[], np.ndarray]] = {}  # initializer name -> makes its data
+        self.owners: dict[str, str] = {}  # initializer name -> IR node id that made it
+        self._owner: str | None = None
         self._count = 0
         self._consts: dict[tuple, str] = {}
 
@@ -91,7 +97,21 @@ class Builder:
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
             self._consts[key] = self.add_initializer(self.fresh("const"), arr)
+            self.owners.pop(self._consts[key], None)  # shared by whichever nodes need the value
         return self._consts[key]
+
+    @contextmanager
+    def owned_by(self, owner: str) -> Iterator[None]:
+        """Record ``owner`` for every initializer added inside the ``with`` block (see ``owners``)."""
+        saved, self._owner = self._owner, owner
+        try:
+            yield
+        finally:
+            self._owner = saved
+
+    def _own(self, name: str) -> None:
+        if self._owner is not None:
+            self.owners.setdefault(name, self._owner)
 
     @contextmanager
     def branch(self) -> Iterator[list[onnx.NodeProto]]:
@@ -111,6 +131,7 @@ class Builder:
     def add_proto(self, t: onnx.TensorProto) -> str:
         """Add a ready TensorProto (e.g. packed INT4); large ones are spilled (see the class doc)."""
         self.initializers[t.name] = t
+        self._own(t.name)
         if self.spill is not None and len(t.raw_data) >= SPILL_MIN_BYTES:
             self.spill.seek(0, os.SEEK_END)
             offset, size = self.spill.tell(), len(t.raw_data)
@@ -139,6 +160,7 @@ class Builder:
             t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
             self.initializers[name] = t
             self.deferred[name] = make
+            self._own(name)
         return name
 
     def add_input(self, name: str, elem_type: int, shape: list[Any]) -> str:
@@ -331,6 +353,7 @@ class Lowered:
     kv_cache: list[KVSpec]
     dispatch: str
     deferred: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # see Builder.add_deferred
+    owners: dict[str, str] = field(default_factory=dict)  # initializer -> IR node id (see Builder.owners)
 
 
 def lower(graph: Graph, projection: Projection | None = None, options: LoweringOptions | None = None,
@@ -371,7 +394,8 @@ class Lowering:
             if rule is None:
                 raise BackendError(f"node {node.id!r}: no ONNX lowering for IR kind {node.kind!r}; "
                                    f"known kinds: {sorted(RULES)}")
-            self.values[node.id] = rule(self, node, *[self.values[i] for i in node.inputs])
+            with self.b.owned_by(node.id):
+                self.values[node.id] = rule(self, node, *[self.values[i] for i in node.inputs])
         heads = [n for n in self.graph.nodes("lm_head")]
         if len(heads) != 1:
             raise BackendError(f"the graph needs exactly one lm_head node, found {len(heads)}")
@@ -379,7 +403,7 @@ class Lowering:
         doc = f"{meta.get('family', '?')} model lowered by dmpq-compile (dispatch={self.dispatch.name})"
         model = self.b.model(f"dmpq_{meta.get('family', 'model')}", self.options.opset, doc)
         onnx.helper.set_model_props(model, {"family": str(meta.get("family")), "dispatch": self.dispatch.name})
-        return Lowered(model, self.ids, "logits", self.kv, self.dispatch.name, self.b.deferred)
+        return Lowered(model, self.ids, "logits", self.kv, self.dispatch.name, self.b.deferred, self.b.owners)
 
     # -- weights and linear layers -------------------------------------------------------------
     def weight(self, key: str, transpose: bool = False) -> str:

@@ -3,8 +3,9 @@
 Layout of ``out/``::
 
     manifest.json      format + version, source model and its config, target and backend fields,
-                       per-expert bits / group size / method / quant spec, tool versions,
-                       sha256 + size of every other file, creation time
+                       per-expert bits / group size / method / quant spec and, where the
+                       backend reports them, the expert's tensors in the model file and their
+                       bytes; tool versions, sha256 + size of every other file, creation time
     report.json        the compile report (allocation, metrics) given by the caller
     model.onnx(.data)  whatever the backend emits
     tokenizer.json ... tokenizer files copied from the source checkpoint
@@ -25,7 +26,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -60,22 +61,71 @@ def write_artifact(graph: Graph, backend: Backend, out: str | Path, report: Mapp
     """
     if not isinstance(backend, Backend):
         raise TypeError(f"backend must be a Backend instance, got {type(backend).__name__}")
+
+    def emit(folder: Path) -> dict[str, Any]:
+        backend.check_bits(graph)
+        return backend.emit(graph, folder, **dict(emit_options or {}))
+
+    return _write(graph, backend.name, emit, out, report, overwrite)
+
+
+def write_prebuilt_artifact(graph: Graph, files: Iterable[str | Path], target: Mapping[str, Any],
+                            out: str | Path, report: Mapping[str, Any] | None = None,
+                            overwrite: bool = False) -> Path:
+    """Package model files that another tool built (a peer baseline) as an artifact at ``out``.
+
+    The files are moved (not copied) into the artifact; everything else is what
+    :func:`write_artifact` writes: manifest, report, tokenizer, checksums, atomic rename.
+
+    Args:
+        graph: the IR of the same checkpoint, annotated with what the files hold (``bits``,
+            ``quant`` spec and routing statistics per expert): the manifest describes it.
+        files: the model files (e.g. ``model.onnx`` and ``model.onnx.data``); each lands at the
+            artifact's top level under its own name.
+        target: the manifest's ``target`` fields; ``target["backend"]`` names the runtime that
+            runs the files (``"ort-cpu"``), and the rest says what they are (format, file names, I/O).
+        out, report, overwrite: as for :func:`write_artifact`.
+
+    Raises:
+        ArtifactError: as for :func:`write_artifact`, or ``target`` names no backend, or a
+            file is missing.
+    """
+    fields = dict(target)
+    name = fields.pop("backend", None)
+    if not isinstance(name, str) or not name:
+        raise ArtifactError("target must name the backend whose runtime runs the files (target['backend'])")
+    paths = [Path(f) for f in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ArtifactError(f"cannot package missing model files {missing}")
+
+    def place(folder: Path) -> dict[str, Any]:
+        for p in paths:
+            shutil.move(str(p), str(folder / p.name))
+        return fields
+
+    return _write(graph, name, place, out, report, overwrite)
+
+
+def _write(graph: Graph, backend_name: str, produce: Callable[[Path], Mapping[str, Any]], out: str | Path,
+           report: Mapping[str, Any] | None, overwrite: bool) -> Path:
+    """Write an artifact whose model files ``produce(folder)`` puts into ``folder`` (returning the
+    manifest's target fields), in a temporary folder renamed to ``out`` only when complete."""
     out = Path(out)
     _check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_partial(out)
     try:
         file_mode, folder_mode = default_modes(tmp)
-        backend.check_bits(graph)
         reset_peak_rss()
         t0 = time.perf_counter()
-        target = backend.emit(graph, tmp, **dict(emit_options or {}))
+        target = produce(tmp)
         report = {**dict(report or {}), "emit": {"seconds": round(time.perf_counter() - t0, 3),
                                                  "peak_rss_mb": round(peak_rss_mb(), 1)}}
         tokenizer = _copy_tokenizer(graph, tmp)
         _write_json(tmp / REPORT_NAME, dict(report or {}), "report")
         (tmp / OWNER_FILE).unlink()  # the owner record is not part of the artifact
-        manifest = build_manifest(graph, backend, target, tokenizer, file_entries(tmp))
+        manifest = build_manifest(graph, backend_name, target, tokenizer, file_entries(tmp))
         _write_json(tmp / MANIFEST_NAME, manifest, "manifest")
         _set_modes(tmp, file_mode, folder_mode)
         _move_into_place(tmp, out, overwrite)
@@ -155,10 +205,17 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
-def build_manifest(graph: Graph, backend: Backend, target: Mapping[str, Any], tokenizer: Mapping[str, Any],
+def build_manifest(graph: Graph, backend: str, target: Mapping[str, Any], tokenizer: Mapping[str, Any],
                    files: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest dict (see the module docstring) from the graph, the backend's fields and the files."""
+    """The manifest dict (see the module docstring) from the graph, the backend's name and fields, and the files.
+
+    ``target["expert_weights"]`` (``{expert id: {"tensors", "bytes"}}``, see
+    :func:`dmpq_compile.backends.onnx_io.owned_weights`), where present, moves into the
+    per-expert entries.
+    """
     meta = graph.meta
+    target = dict(target)
+    weights = target.pop("expert_weights", None) or {}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -167,9 +224,9 @@ def build_manifest(graph: Graph, backend: Backend, target: Mapping[str, Any], to
                    "architectures": meta.get("architectures"), "config": meta.get("source_config")},
         "model": {k: meta.get(k) for k in ("family", "vocab_size", "hidden_size", "num_layers", "num_experts",
                                            "top_k", "rope_theta", "max_position_embeddings")},
-        "target": {"backend": backend.name, **target},
+        "target": {"backend": backend, **target},
         "quantization": _quantization(graph),
-        "experts": {n.id: _expert_entry(n) for n in graph.experts()},
+        "experts": {n.id: {**_expert_entry(n), **weights.get(n.id, {})} for n in graph.experts()},
         "dense_nodes": {n.id: {"kind": n.kind, "bits": n.ann.get("bits", 16)}
                         for kind in ("shared_expert", "mlp") for n in graph.nodes(kind)},
         "tokenizer": dict(tokenizer),

@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .fileio import DATA_FILE, MODEL_FILE
+from .runtime.manifest import MANIFEST_NAME, ArtifactError
+
 log = logging.getLogger(__name__)
-_EXPERT_NAME = re.compile(r"^(?:L(\d+)\.E(\d+)\.|model\.layers\.(\d+)\.[\w.]*experts\.(\d+)\.)")
 
 
 @dataclass(frozen=True)
@@ -55,33 +57,55 @@ class WeightStats:
     macs_fp32: float
 
 
-def weight_stats(path: Path, freqs: dict[str, float]) -> WeightStats:
-    """Bytes on disk and expected bytes/MACs per decoded token, from the ONNX initializers.
+def weight_stats(path: Path, manifest: Mapping[str, Any], freqs: Mapping[str, float]) -> WeightStats:
+    """Bytes on disk and expected bytes/MACs read per decoded token.
 
-    ``freqs`` maps expert ids (``L{layer}.E{expert}``) to routing frequency.
+    Which initializers hold which expert, and each expert's bytes, come from the manifest
+    (``experts[id].tensors`` / ``.bytes``, written by the emitter or the baseline packager), never
+    from initializer names. Per token, an expert counts with its routing frequency (``freqs``,
+    expert id -> frequency), a table read only through ``Gather`` (the embedding) with one row,
+    and any other weight in full. MACs: ``K x N`` of every ``MatMulNBits`` (int8), elements of
+    every other 2-D fp32 weight (fp32).
+
+    Raises:
+        ArtifactError: the manifest does not list its experts' tensors (written before they were
+            recorded); re-create the artifact.
     """
     import onnx
 
-    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    files = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx"))
-    nbits = _matmulnbits_weights(model.graph)
-    read, int8, fp32 = 0.0, 0.0, 0.0
+    from .backends.onnx_io import tensor_bytes
+
+    experts = manifest.get("experts") or {}
+    if any("tensors" not in e or "bytes" not in e for e in experts.values()):
+        raise ArtifactError(f"{path / MANIFEST_NAME} does not list each expert's tensors and bytes (an artifact "
+                            "written before the manifest recorded them); re-create it to bench its bytes read")
+    owner = {name: key for key, e in experts.items() for name in e["tensors"]}
+    model = onnx.load(str(path / manifest["target"].get("model_file", MODEL_FILE)), load_external_data=False)
+    files = sum(f.stat().st_size for f in path.iterdir() if f.name in (MODEL_FILE, DATA_FILE))
+    nbits, rows = _matmulnbits_weights(model.graph), _gathered_tables(model.graph)
+    read = sum(freqs.get(key, 0.0) * e["bytes"] for key, e in experts.items())
+    int8, fp32 = 0.0, 0.0
     for init in model.graph.initializer:
-        nbytes, elems = _initializer_size(init)
-        m = _EXPERT_NAME.match(init.name)
-        if m:
-            layer, expert = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-            share = freqs.get(f"L{layer}.E{expert}", 0.0)
-        elif "embed_tokens" in init.name and "lm_head" not in init.name:
-            share = 1.0 / max(1, init.dims[0]) if init.dims else 1.0  # one row gathered per token
+        if init.name in owner:
+            share = freqs.get(owner[init.name], 0.0)
         else:
-            share = 1.0
-        read += share * nbytes
+            share = 1.0 / max(1, init.dims[0]) if init.name in rows and init.dims else 1.0  # one row per token
+            read += share * tensor_bytes(init)
         if init.name in nbits:  # packed codes of any layout (2-D or 3-D): count logical weights K x N
             int8 += share * nbits[init.name]
         elif init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
-            fp32 += share * elems
+            fp32 += share * int(np.prod(init.dims))
     return WeightStats(files, read, int8, fp32)
+
+
+def _subgraph_nodes(graph: Any) -> Any:
+    """Every node of ``graph`` and of its subgraphs (``If`` branches)."""
+    graphs = [graph]
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+            yield node
 
 
 def _matmulnbits_weights(graph: Any) -> dict[str, int]:
@@ -90,30 +114,22 @@ def _matmulnbits_weights(graph: Any) -> dict[str, int]:
     Read from the node's ``K``/``N`` attributes, so dmpq-compile's and onnxruntime's quantizer's
     weights count alike whatever their packing.
     """
-    out, graphs = {}, [graph]
-    while graphs:
-        g = graphs.pop()
-        for node in g.node:
-            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
-            if node.op_type == "MatMulNBits":
-                attrs = {a.name: a.i for a in node.attribute}
-                out[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
+    out = {}
+    for node in _subgraph_nodes(graph):
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            out[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
     return out
 
 
-def _initializer_size(init: Any) -> tuple[int, int]:
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    elems = int(np.prod(init.dims)) if init.dims else 1
-    ext = {e.key: e.value for e in init.external_data}
-    if init.data_location == onnx.TensorProto.EXTERNAL and "length" in ext:
-        nbytes = int(ext["length"])
-    elif init.raw_data:
-        nbytes = len(init.raw_data)
-    else:
-        nbytes = elems * np.dtype(tensor_dtype_to_np_dtype(init.data_type)).itemsize
-    return nbytes, elems
+def _gathered_tables(graph: Any) -> set[str]:
+    """Initializers whose every use is as the table (input 0) of a ``Gather``: an embedding, of
+    which a token reads one row. A table also used by a MatMul/Gemm (a tied lm_head) is read in full."""
+    gathered, other = set(), set()
+    for node in _subgraph_nodes(graph):
+        for i, name in enumerate(node.input):
+            (gathered if node.op_type == "Gather" and i == 0 else other).add(name)
+    return gathered - other
 
 
 def open_artifact(path: Path, threads: int | None = None) -> Any:
@@ -215,21 +231,25 @@ def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float],
 
     report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
     freqs = {row["id"]: row.get("freq", 0.0) for row in report.get("experts", [])}
-    ws = weight_stats(path, freqs)
     decode_ms = statistics.median(decode) * 1e3
-    ops = merge_ops(mac_ops(ws.macs_int8, "int8_mul", "int32_add"), mac_ops(ws.macs_fp32, "fp32_mul", "fp32_add"))
     out = {
         "artifact": str(path),
         "label": path.name,
         "prefill_tok_s": cfg.prefill_tokens / statistics.median(prefill),
         "decode_ms": decode_ms,
         "decode_ms_iqr": float(np.subtract(*np.percentile(decode, [75, 25])) * 1e3),
-        "weight_bytes": ws.file_bytes,
-        "read_bytes_per_token": ws.read_bytes_per_token,
-        "bandwidth_gb_s": ws.read_bytes_per_token / (decode_ms * 1e-3) / 1e9,
-        "energy_mj_per_token": energy_mj(ws.read_bytes_per_token, ops),
         "bits_histogram": session.manifest.get("quantization", {}).get("bits_histogram"),
     }
+    try:
+        ws = weight_stats(path, session.manifest, freqs)
+    except ArtifactError as e:
+        log.warning("%s: no bytes read, bandwidth or energy figures: %s", path, e)
+    else:
+        ops = merge_ops(mac_ops(ws.macs_int8, "int8_mul", "int32_add"),
+                        mac_ops(ws.macs_fp32, "fp32_mul", "fp32_add"))
+        out.update({"weight_bytes": ws.file_bytes, "read_bytes_per_token": ws.read_bytes_per_token,
+                    "bandwidth_gb_s": ws.read_bytes_per_token / (decode_ms * 1e-3) / 1e9,
+                    "energy_mj_per_token": energy_mj(ws.read_bytes_per_token, ops)})
     if cfg.rss and session.manifest["target"].get("backend") != "trt-a100":  # GPU memory is not RSS
         out["peak_rss_mb"] = _rss_probe(path, cfg, prompt[0].tolist())
     if cfg.corpus is not None:

@@ -8,6 +8,11 @@ import stat
 import tempfile
 from pathlib import Path
 
+MODEL_FILE = "model.onnx"
+"""An ONNX artifact's model file (the emitters, the baseline packager, the runtime and the bench read this name)."""
+DATA_FILE = "model.onnx.data"
+"""Its external weight data, present when the weights were too large to keep inside ``MODEL_FILE``."""
+
 CACHE_ENV = "DMPQ_CACHE_DIR"
 """Environment variable naming the cache root (cost tables, pass results); default ``~/.cache/dmpq-compile``."""
 

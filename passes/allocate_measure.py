@@ -7,7 +7,8 @@
   target into a temporary folder, load it with the runtime and time decoding. The measured
   decode time is expressed in the cost table's units (``latency_ms`` = table latency of the
   all-16-bit model × measured(allocation) / measured(all-16-bit)), so that the environment's
-  normalisation stays consistent; ``bytes`` is the artifact's exact expert weight size.
+  normalisation stays consistent; ``bytes`` is the artifact's expert weight size on disk, as its
+  manifest records it.
 * :func:`energy_source`: where energy figures can come from on this machine (a measured
   counter, Linux RAPL or NVML, or only the cost table's analytical model), for labelling.
 
@@ -120,7 +121,8 @@ def artifact_hardware_fn(graph: Graph, backend: Any, open_artifact: OpenArtifact
     """``allocation -> {"latency_ms", "bytes"}`` measured on an emitted artifact (see module doc).
 
     ``open_artifact`` writes and loads an artifact (``PassContext.open_artifact``, given by the
-    driver: the artifact writer and the runtime sit above the passes).
+    driver: the artifact writer and the runtime sit above the passes); the session it returns has
+    the artifact's ``manifest``, whose per-expert ``bytes`` are the measured bytes.
     """
     table = backend.cost_table(graph, progress=False)
     freq = {n.id: float(n.ann.get("freq", 0.0)) for n in graph.experts()}
@@ -143,12 +145,9 @@ def _measure(graph: Graph, backend: Any, open_artifact: OpenArtifact, allocation
     for node_id, bits in allocation.items():
         g.annotate(node_id, "bits", int(bits))
     g = QuantizePass(group_size=int(g.meta.get("group_size", 64))).call(g, PassContext(progress=False)).graph
-    expert_bytes = sum(g.weights[e["q"]].numel() + g.weights[e["scale"]].numel() * 4 + g.weights[e["zero"]].numel()
-                       for n in g.experts() for e in n.ann["quant"]["tensors"].values())
-    expert_bytes += sum(g.weights[n.params[r]].numel() * 4 for n in g.experts() if n.ann["bits"] == 16
-                        for r in ("gate", "up", "down"))
     with tempfile.TemporaryDirectory(prefix="dmpq-hw-") as tmp:
         session = open_artifact(g, backend, Path(tmp) / "a")
+        expert_bytes = sum(e["bytes"] for e in session.manifest["experts"].values())  # as emitted, on disk
         times = []
         for _ in range(repeats):
             logits, past = session.forward(np.zeros((1, 8), dtype=np.int64))

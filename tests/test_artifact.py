@@ -115,3 +115,42 @@ def test_without_tokenizer_warns(graph, tmp_path, caplog):
 def test_backend_must_be_an_instance(graph, tmp_path):
     with pytest.raises(TypeError, match="Backend instance"):
         write_artifact(graph, "ort-cpu", tmp_path / "art")
+
+
+def test_prebuilt_files_become_an_artifact_the_runtime_runs(graph, tmp_path):
+    """Model files built elsewhere (a peer baseline) are moved in, listed, checksummed and runnable."""
+    from dmpq_compile.artifact import write_prebuilt_artifact
+    from dmpq_compile.runtime import load as load_artifact
+
+    made = write_artifact(graph, OrtCpuBackend(), tmp_path / "made")
+    target = json.loads((made / "manifest.json").read_text())["target"]
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (made / "model.onnx").rename(staged / "model.onnx")
+    target = {**target, "producer": {"tool": "elsewhere"}}
+    first = graph.experts()[0].id
+    weights = {first: {"tensors": ["w.a", "w.b"], "bytes": 123}}  # as the packager measured them
+    out = write_prebuilt_artifact(graph, [staged / "model.onnx"], {**target, "expert_weights": weights},
+                                  tmp_path / "pre", report={"peer": 1})
+    assert not (staged / "model.onnx").exists()  # moved, not copied
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"] == target and next(iter(manifest["target"])) == "backend"
+    assert manifest["experts"][first]["tensors"] == ["w.a", "w.b"] and manifest["experts"][first]["bytes"] == 123
+    assert {"model.onnx", "report.json", "tokenizer.json"} <= set(manifest["files"])
+    assert json.loads((out / "report.json").read_text())["peer"] == 1
+    assert manifest["experts"][graph.experts()[0].id]["bits"] == graph.experts()[0].ann["bits"]
+    session = load_artifact(out)
+    logits, _ = session.forward(np.zeros((1, 3), dtype=np.int64))
+    assert logits.shape[:2] == (1, 3)
+    assert leftovers(tmp_path) == []
+
+
+def test_prebuilt_needs_a_backend_and_its_files(graph, tmp_path):
+    from dmpq_compile.artifact import write_prebuilt_artifact
+
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="target\\['backend'\\]"):
+        write_prebuilt_artifact(graph, [tmp_path / "model.onnx"], {"format": "onnx"}, tmp_path / "a")
+    with pytest.raises(ArtifactError, match="missing model files"):
+        write_prebuilt_artifact(graph, [tmp_path / "gone.onnx"], {"backend": "ort-cpu"}, tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

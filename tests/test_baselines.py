@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dmpq_compile.backends.cost import matmulnbits_bytes
 
 from dmpq_compile.baselines import (
     BaselineError,
@@ -27,8 +28,10 @@ from dmpq_compile.baselines import (
     write_baseline,
 )
 from dmpq_compile.baselines.ort_quantizer import GatherExperts, validation_inputs
+from dmpq_compile.bench import weight_stats
 
 EXACT = 1e-4
+HIDDEN, INTER = 64, 64  # the tiny Mixtral's widths (dmpq_compile/testing/tiny.py)
 
 
 def _limit(ref: np.ndarray) -> float:
@@ -133,6 +136,8 @@ def test_fp32_export_runs_through_the_runtime_like_pytorch(checked_export, mixtr
     manifest = load(art).manifest
     assert manifest["target"]["backend"] == "ort-cpu"
     assert set(manifest["quantization"]["bits_histogram"]) == {"16"}
+    for entry in manifest["experts"].values():  # fp32 gate_up [H, 2I] + down [I, H]
+        assert len(entry["tensors"]) == 2 and entry["bytes"] == 4 * 3 * HIDDEN * INTER
 
 
 def test_4bit_experts_artifact(checked_export, mixtral_dir, tiny_corpus, tmp_path, fresh_ids):
@@ -152,6 +157,11 @@ def test_4bit_experts_artifact(checked_export, mixtral_dir, tiny_corpus, tmp_pat
     assert abs(sum(r["freq"] for r in report["experts"]) - layers * 2) < 1e-6  # top-2 per layer
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["quantization"]["bits_histogram"] == {"4": layers * experts}
+    per_expert = matmulnbits_bytes(2 * INTER, HIDDEN, 4, 32) + matmulnbits_bytes(HIDDEN, INTER, 4, 32)
+    for entry in manifest["experts"].values():  # B, scales and zero points of two MatMulNBits, from the manifest
+        assert len(entry["tensors"]) == 6 and entry["bytes"] == per_expert
+    stats = weight_stats(art, manifest, {key: 1.0 for key in manifest["experts"]})
+    assert stats.macs_int8 == layers * experts * 3 * HIDDEN * INTER  # every expert counted, 3-D codes included
 
     ref = _torch_logits(mixtral_dir, fresh_ids)
     full, incremental = _runtime_logits(art, fresh_ids, prefill=6)

@@ -15,12 +15,11 @@ from typing import Any, ClassVar
 from ...ir.graph import Graph
 from ..base import Backend, BackendError, ExpertCostRow
 from ..onnx_io import (
-    DATA_FILE,
     DEFAULT_EXTERNAL_MB,
-    MODEL_FILE,
-    custom_domains,
+    file_fields,
     initializer_bytes,
     io_fields,
+    owned_weights,
     require_folder,
     save_checked,
     use_external,
@@ -65,13 +64,15 @@ class OrtCpuBackend(Backend):
             opset: default-domain ONNX opset.
 
         Returns:
-            Manifest fields: model file names, opset, I/O names and KV-cache shapes, options.
+            Manifest fields: model file names, opset, I/O names and KV-cache shapes, options, and
+            ``expert_weights`` (each expert's initializers and their bytes on disk).
 
         Raises:
             BackendError: unsupported bits, unquantized experts, bad options or a model the
                 ONNX checker rejects.
         """
         self.check_bits(graph)
+        self.check_formats(graph)
         if dispatch not in DISPATCHES:
             raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         out_dir = require_folder(out_dir)
@@ -84,16 +85,13 @@ class OrtCpuBackend(Backend):
         log.info("emitted %s (%.1f MB weights%s, dispatch=%s, accuracy_level=%d)", path, size / 1e6,
                  ", external data" if external else "", dispatch, accuracy_level)
         return {
-            "format": "onnx",
-            "model_file": MODEL_FILE,
-            "external_data_file": DATA_FILE if external else None,
-            "opset": opset,
-            "custom_domains": custom_domains(lowered.model),
+            **file_fields(lowered.model, external),
             "execution_provider": "CPUExecutionProvider",
             "dispatch": lowered.dispatch,
             "accuracy_level": accuracy_level,
             "weight_bytes": size,
             "io": io_fields(lowered),
             "requires": {"onnxruntime": ">=1.20", "numpy": ">=1.24", "tokenizers": ">=0.19"},
+            "expert_weights": owned_weights(lowered.model, lowered.owners, {n.id for n in graph.experts()}),
         }
 

@@ -41,6 +41,7 @@ from ..cost import (
     available_cpus,
     cpu_model,
     energy_mj,
+    expert_bytes,
     expert_projections,
     expert_shapes,
     layout_bytes,
@@ -95,7 +96,7 @@ def projection_layout(n: int, k: int, bits: int, group_size: int) -> dict[str, t
 def ort_cpu_expert_bytes(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
     """Weight bytes of one expert on ort-cpu (codes + scales + zero points, or fp32 weights)."""
     _check_bits(bits)
-    return sum(layout_bytes(projection_layout(n, k, bits, group_size)) for _, n, k in expert_projections(h, i))
+    return expert_bytes(h, i, lambda n, k: layout_bytes(projection_layout(n, k, bits, group_size)))
 
 
 def _check_bits(bits: int) -> None:

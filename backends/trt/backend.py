@@ -28,7 +28,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...ir.graph import Graph
 from ..base import Backend, BackendError, ExpertCostRow
-from ..onnx_io import DATA_FILE, MODEL_FILE, initializer_bytes, io_fields, require_folder, save_checked
+from ..onnx_io import (
+    DATA_FILE,
+    MODEL_FILE,
+    initializer_bytes,
+    io_fields,
+    owned_weights,
+    require_folder,
+    save_checked,
+)
 from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
 from .compat import check_model, errors, parse_trt_version
 from .qdq import PRECISIONS, TrtQdqProjection, emitted_formats
@@ -116,6 +124,7 @@ class TrtA100Backend(Backend):
             "engine": None,
             # the oldest encoded TensorRT table the model passes (10.0 documents opsets <= 20 only)
             "requires": {"tensorrt": f">={oldest},<11", "gpu": "NVIDIA A100 (sm_80); engines are GPU-specific"},
+            "expert_weights": owned_weights(model, lowered.owners, {n.id for n in graph.experts()}),
         }
 
 

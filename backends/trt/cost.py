@@ -36,6 +36,7 @@ from ..cost import (
     CostError,
     EnergyModel,
     energy_mj,
+    expert_bytes,
     expert_projections,
     expert_shapes,
     mac_ops,
@@ -179,7 +180,7 @@ def trt_weight_bytes(n: int, k: int, bits: int, group_size: int = DEFAULT_GROUP_
 
 def trt_expert_bytes(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
     """Weight bytes of one expert on trt-a100."""
-    return sum(trt_weight_bytes(n, k, bits, group_size) for _, n, k in expert_projections(h, i))
+    return expert_bytes(h, i, lambda n, k: trt_weight_bytes(n, k, bits, group_size))
 
 
 def projection_time_ms(n: int, k: int, m: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE,

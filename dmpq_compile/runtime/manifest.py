@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..fileio import DATA_FILE, MODEL_FILE
+
 FORMAT = "dmpq-artifact"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 REQUIRED_KEYS = ("format", "format_version", "target", "model", "files")
-ARTIFACT_FILES = ("model.onnx", "model.onnx.data", REPORT_NAME)  # what backends and the writer put beside it
+ARTIFACT_FILES = (MODEL_FILE, DATA_FILE, REPORT_NAME)  # what backends and the writer put beside it
 _CHUNK = 1 << 20
 
 
