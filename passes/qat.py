@@ -56,7 +56,7 @@ Every fake-quantized node is annotated with the ``group_size`` it was trained at
 trained forward; ``hqq``/``gptq`` re-optimise the rounding on the recovered weights). The pass
 refuses a graph that already carries ``quant`` records: its packed tensors would go stale.
 
-Stats: ``steps``, ``tokens``, ``seconds``, ``stop_reason``, ``kl_before`` / ``kl_after`` and
+Stats: ``mode`` and ``mode_reason`` (both modes), ``steps``, ``tokens``, ``seconds``, ``stop_reason``, ``kl_before`` / ``kl_after`` and
 ``nll_before`` / ``nll_after`` (held-out, fake-quantized model vs. the FP model, ``after``
 measured with RTN on the written-back store), ``nll_fp``, ``best_step``, ``train_loss_first`` /
 ``train_loss_last``, counts of trained tensors and held-out / training sequences.
@@ -450,7 +450,8 @@ class QATPass(Pass):
     provides = ()
     needs_calibration = True
     Options = QATOptions
-    description = "quantization-aware fine-tuning (STE, KL distillation from FP) at each expert's bits"
+    description = ("quantization-aware fine-tuning (STE) at each expert's bits: KL distillation from FP of the whole "
+                   "model, or of each layer's output in turn (mode blockwise / auto)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

@@ -36,7 +36,8 @@ parameter; ``peak_trainable_params``), its frozen weights, one batch's activatio
 and the residual streams for all S calibration sequences of T tokens at one boundary: FP (input,
 then target) and quantized prefix, ``S x T x H x 4`` bytes each (``x 2``), plus the untrained
 RTN prefix on the held-out sequences (stats ``activation_bytes``). An earlier layer's fp32
-copies and optimizer state are gone once it is written back. Time: per layer one FP forward,
+copies and optimizer state are gone once it is written back, and with ``ctx.work_dir`` its
+written-back weights are spilled there (``WeightStore.spill``) rather than kept in memory. Time: per layer one FP forward,
 one untrained forward of the held-out sequences, the training steps and one forward of the
 written-back layer, so linear in depth.
 
@@ -52,6 +53,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -191,6 +194,10 @@ def _train_layer(graph: Graph, interp: Interpreter, layer: int, nodes: set[str],
     if loop.best_state is not None:
         tr.restore(loop.best_state)
         write_back(graph, tr, fidelity)
+        if ctx.work_dir is not None:  # the trained weights go to disk, as the quantize pass's codes do
+            fd, path = tempfile.mkstemp(prefix=f"qat-L{layer}-", suffix=".safetensors", dir=ctx.work_dir)
+            os.close(fd)
+            graph.weights.spill(sorted(tr.params), path)
     rec.update(trained_tensors=len(tr.params), fake_quantized_nodes=len(tr.quantized_nodes()),
                trainable_params=sum(p.numel() for p in (*tr.params.values(), *tr.scales.values())),
                steps=loop.steps, tokens=loop.tokens, best_step=loop.best_step, stop_reason=loop.stop_reason,

@@ -3,12 +3,12 @@
 import gc
 import logging
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from dmpq_compile.passes import PassContext, PassError, make_pass
-from dmpq_compile.passes import qat, qat_blockwise
+from dmpq_compile.passes import PassContext, PassError, make_pass, qat, qat_blockwise
 from dmpq_compile.passes.qat import QATPass, choose_mode, split_calibration
 
 from dmpq_compile.frontend import load
@@ -136,13 +136,21 @@ def test_blockwise_holds_one_layer_at_a_time(tiny_dirs, calib_ids, monkeypatch, 
     assert layers_seen == [{0}, {1}]
     deep_dir = make_tiny_checkpoint(FAMILY, tmp_path / "deep", num_hidden_layers=4)
     layers_seen.clear()
-    deep = QATPass(steps=2, lr=1e-3, mode="blockwise").call(_graph(deep_dir), _ctx(calib_ids)).stats
+    deep_graph = _graph(deep_dir)
+    ctx = PassContext(calibration=calib_ids(FAMILY), progress=False, work_dir=tmp_path)
+    deep = QATPass(steps=2, lr=1e-3, mode="blockwise").call(deep_graph, ctx).stats
     assert layers_seen == [{0}, {1}, {2}, {3}]
     d = _graph(deep_dir)
     per_layer = sum(d.weights[k].numel() for n in d.experts() if n.attrs["layer"] == 0 for k in n.params.values())
     assert shallow["peak_trainable_params"] == deep["peak_trainable_params"] == per_layer
     assert shallow["activation_bytes"] == deep["activation_bytes"]
     assert deep["trained_tensors"] == 2 * shallow["trained_tensors"]
+    written = {r["layer"] for r in deep["layers"] if r["written"]}
+    assert written  # with a work_dir the written-back weights wait on disk, not in memory
+    for n in deep_graph.experts():
+        for k in n.params.values():
+            in_work_dir = Path(deep_graph.weights.ref(k).path).parent == tmp_path
+            assert in_work_dir == (n.attrs["layer"] in written), k
 
 
 def test_auto_picks_blockwise_when_whole_would_not_fit(tiny_dirs, calib_ids, monkeypatch, caplog):
