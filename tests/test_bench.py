@@ -86,7 +86,7 @@ def test_trt_artifact_without_engine_is_refused_clearly(tiny_dirs, calib_ids, tm
     g.meta["group_size"] = 32
     g = PassManager([make_pass("profile"), make_pass("allocate", allocator="uniform", budget=4, bits=(4, 8, 16)),
                      make_pass("quantize", group_size=32)]).run(
-        g, PassContext(calibration=calib_ids("qwen3_moe"), progress=False))
+        g, PassContext(calibration=calib_ids("qwen3_moe"), progress=False, backend=get_backend("trt-a100")))
     art = write_artifact(g, get_backend("trt-a100"), tmp_path / "trt")
     with pytest.raises(RuntimeError, match="without an engine.*dmpq-compile build"):
         bench([art], BenchConfig(corpus=None, rss=False), progress=False)

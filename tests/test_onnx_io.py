@@ -78,8 +78,8 @@ def test_spilled_and_deferred_weights_write_the_same_model(tmp_path, tiny_dirs, 
     bits = {"ort-cpu": (2, 4, 8, 16), "trt-a100": (4, 8, 16)}[target]
     for i, n in enumerate(g.experts()):
         g.annotate(n.id, "bits", bits[i % len(bits)])
-    g = PassManager([make_pass("quantize")]).run(g, PassContext(progress=False))
     backend = get_backend(target)
+    g = PassManager([make_pass("quantize")]).run(g, PassContext(progress=False, backend=backend))
     reference = {}
     for spill_min, folder in ((1 << 60, tmp_path / "plain"), (0, tmp_path / "spilled")):
         monkeypatch.setattr(onnx_lowering, "SPILL_MIN_BYTES", spill_min)

@@ -40,8 +40,9 @@ def artifact(tiny_dirs, tmp_path_factory):
     g = load(tiny_dirs("qwen3_moe"))
     for i, n in enumerate(g.experts()):
         g.annotate(n.id, "bits", (4, 8, 16)[i % 3])
-    g = make_pass("quantize", group_size=32).call(g, PassContext(progress=False)).graph
-    out = write_artifact(g, get_backend("trt-a100"), tmp_path_factory.mktemp("trt") / "art")
+    backend = get_backend("trt-a100")
+    g = make_pass("quantize", group_size=32).call(g, PassContext(progress=False, backend=backend)).graph
+    out = write_artifact(g, backend, tmp_path_factory.mktemp("trt") / "art")
     return g, out
 
 

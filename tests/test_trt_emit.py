@@ -37,7 +37,8 @@ def _quantized(tiny_dirs, family, bits=(4, 8, 16), group_size=64):
     g = load(tiny_dirs(family))
     for i, n in enumerate(g.experts()):
         g.annotate(n.id, "bits", bits[i % len(bits)])
-    return make_pass("quantize", group_size=group_size).call(g, PassContext(progress=False)).graph
+    ctx = PassContext(progress=False, backend=get_backend("trt-a100"))  # quantize in the target's formats
+    return make_pass("quantize", group_size=group_size).call(g, ctx).graph
 
 
 def _emit(graph, path, **options):

@@ -41,15 +41,24 @@ def _modes(root):
 
 @pytest.fixture(scope="module")
 def quantized(tiny_dirs):
-    g = load(tiny_dirs("mixtral"))
-    for i, n in enumerate(g.experts()):
-        g.annotate(n.id, "bits", (4, 8)[i % 2])
-    return make_pass("quantize", group_size=32).call(g, PassContext(progress=False)).graph
+    """target -> the tiny Mixtral at 4 and 8 bits, quantized in that target's weight formats."""
+    graphs = {}
+
+    def get(target):
+        if target not in graphs:
+            g = load(tiny_dirs("mixtral"))
+            for i, n in enumerate(g.experts()):
+                g.annotate(n.id, "bits", (4, 8)[i % 2])
+            ctx = PassContext(progress=False, backend=get_backend(target))
+            graphs[target] = make_pass("quantize", group_size=32).call(g, ctx).graph
+        return graphs[target]
+
+    return get
 
 
 @pytest.mark.parametrize("target", ["trt-a100", "ort-cpu"])
 def test_every_artifact_file_follows_the_umask(quantized, tmp_path, umask, target):
-    g = quantized
+    g = quantized(target)
     opts = {"external_data": True} if target == "ort-cpu" else {}
     out = write_artifact(g, get_backend(target), tmp_path / "art", emit_options=opts)
     files, folders = _modes(out)
@@ -60,7 +69,7 @@ def test_every_artifact_file_follows_the_umask(quantized, tmp_path, umask, targe
 
 
 def test_writer_never_sets_the_umask(quantized, tmp_path, umask, no_umask_calls):
-    out = write_artifact(quantized, get_backend("trt-a100"), tmp_path / "art")
+    out = write_artifact(quantized("trt-a100"), get_backend("trt-a100"), tmp_path / "art")
     assert stat.S_IMODE((out / "model.onnx.data").stat().st_mode) == 0o666 & ~umask
 
 

@@ -1,7 +1,8 @@
 """The ``trt-a100`` backend: a TensorRT-ready ONNX model (explicit Q/DQ, strongly typed).
 
 ``emit`` lowers the IR with the backend-neutral lowering and :class:`~.qdq.TrtQdqProjection`
-(INT4 block / INT8 per-channel / FP16 expert weights). The gather dispatch's combine needs no
+(INT4 block / INT8 per-channel / FP16 expert weights, written from the stored codes of the
+formats the target declares in :mod:`.formats`). The gather dispatch's combine needs no
 rewrite: the shared lowering already adds experts with ``ScatterND(reduction="none")`` on each
 expert's unique rows (TensorRT 10.x rejects ``reduction="add"``; see ``GatherDispatch``). With
 ``precision="fp16"`` every other matrix weight (attention, shared experts, embeddings, lm_head)
@@ -39,6 +40,7 @@ from ..onnx_io import (
 )
 from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
 from .compat import check_model, errors, parse_trt_version
+from .formats import TRT_WEIGHT_FORMATS
 from .qdq import PRECISIONS, TrtQdqProjection, emitted_formats
 
 log = logging.getLogger(__name__)
@@ -62,22 +64,29 @@ class TrtA100Backend(Backend):
         options.pop("progress", None)  # analytical: nothing slow to show
         return trt_a100_cost_table(graph, **options)
 
+    def weight_format(self, bits: int):
+        """4 bits group-wise asymmetric, 8 bits per-channel symmetric INT8 ``[-127, 127]`` (:mod:`.formats`)."""
+        return TRT_WEIGHT_FORMATS[bits] if bits in TRT_WEIGHT_FORMATS else super().weight_format(bits)
+
     def emit(self, graph: Graph, out_dir: Path, *, precision: str = "fp16", dispatch: str = "gather",
              trt_version: str = DEFAULT_TRT_VERSION) -> dict[str, Any]:
         """Write ``model.onnx`` + ``model.onnx.data`` into ``out_dir`` and return manifest fields.
 
         Args:
-            graph: The IR with ``bits`` in (4, 8, 16) on every expert and ``quant`` on 4-bit ones.
+            graph: The IR with ``bits`` in (4, 8, 16) on every expert and ``quant`` on 4- and 8-bit
+                ones, in the formats :meth:`weight_format` declares.
             out_dir: An existing folder (the artifact writer's temporary folder).
             precision: ``"fp16"`` (FP16 weights and GEMMs) or ``"fp32"``.
             dispatch: ``"gather"`` (each expert computes its own tokens) or ``"dense"``.
             trt_version: TensorRT release to validate against (``"10.x"`` = newest encoded table).
 
         Raises:
-            BackendError: Unsupported bits, bad options, missing quantized tensors, or a model
-                TensorRT would reject (the message lists the compat errors).
+            BackendError: Unsupported bits, bad options, missing quantized tensors or codes of
+                another format, or a model TensorRT would reject (the message lists the compat
+                errors).
         """
         self.check_bits(graph)
+        self.check_formats(graph)
         if precision not in PRECISIONS:
             raise BackendError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if dispatch not in DISPATCHES:

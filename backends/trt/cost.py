@@ -8,9 +8,10 @@ from NVIDIA's published A100 peak figures (cited next to the constants) and kern
 factors that are **assumptions** (named constants in :class:`KernelAssumptions`, each with the
 reason for its value). Decode is one token (M=1); prefill is M=128 reported per token.
 
-Storage per bit-width, exactly what the trt-a100 emitter writes with ``precision="fp16"``
-(:mod:`dmpq_compile.backends.trt.qdq`; TensorRT's explicit quantization is symmetric and its block
-quantization is INT4-only, NVIDIA TensorRT documentation, "Working with Quantized Types"):
+Storage per bit-width, exactly what the trt-a100 emitter writes with ``precision="fp16"`` in the
+weight formats the target declares (:mod:`.formats`, emitted by :mod:`dmpq_compile.backends.trt.qdq`;
+TensorRT's explicit quantization is symmetric and its block quantization is INT4-only, NVIDIA
+TensorRT documentation, "Working with Quantized Types"):
 
 * 16: FP16 weights ``[K, N]``; FP16 tensor-core GEMM.
 * 8: INT8 weights ``[K, N]`` with one fp16 scale per output channel, weight-only
@@ -43,6 +44,7 @@ from ..cost import (
     merge_ops,
     rows_for_graph,
 )
+from .formats import TRT_WEIGHT_FORMATS
 
 TARGET = "trt-a100"
 TRT_BITS: tuple[int, ...] = (4, 8, 16)
@@ -170,8 +172,8 @@ def trt_weight_bytes(n: int, k: int, bits: int, group_size: int = DEFAULT_GROUP_
     _check_bits(bits)
     if bits == 16:
         return 2 * n * k
-    if bits == 8:
-        return n * k + 2 * n
+    if TRT_WEIGHT_FORMATS[bits].per_channel:  # the declared 8-bit format: codes + one fp16 scale per channel
+        return n * k * bits // 8 + 2 * n
     if group_size < 2 or group_size % 2:
         raise CostError(f"INT4 group size must be even and >= 2 (TensorRT INT4 tensors), got {group_size}")
     groups = -(-k // group_size)

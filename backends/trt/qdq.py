@@ -3,10 +3,13 @@
 TensorRT's explicit quantization is **symmetric**: ``DequantizeLinear`` zero points must be zero
 (onnx-tensorrt ``docs/operators.md``, TensorRT 10.x: "DequantizeLinear | INT8, FP8, FP4, INT4 |
 ``x_zero_point`` must be zero"; the parser's ``QuantDequantLinearHelper`` rejects non-zero ones:
-"TensorRT only supports symmetric quantization"). The ``quantize`` pass stores affine *asymmetric*
-group-wise codes (``w ~ (q - z) * s``, q and z in ``[0, 2**b - 1]``, groups along K; see
-:mod:`dmpq_compile.quant.rtn`), so every bit-width is re-expressed here. Exact formats, for a
-projection ``y = x @ W.T`` with ``W [N, K]`` (ONNX ``MatMul`` takes ``B = W.T`` of shape ``[K, N]``):
+"TensorRT only supports symmetric quantization"). The target declares its formats per bit-width
+(:mod:`.formats`): the ``quantize`` pass stores 4-bit experts as affine *asymmetric* group-wise
+codes (``w ~ (q - z) * s``, q and z in ``[0, 2**b - 1]``, groups along K) and 8-bit experts as
+symmetric per-channel codes (see :mod:`dmpq_compile.quant.rtn`); sensitivity and the reference
+interpreter measured the same formats. Both are written bit for bit; the emitter refuses codes
+of another format (``Backend.check_formats``). For a projection ``y = x @ W.T`` with
+``W [N, K]`` (ONNX ``MatMul`` takes ``B = W.T`` of shape ``[K, N]``):
 
 **4 bits -- INT4 block quantization, exact.** With ``c = q - 8`` in ``[-8, 7]``::
 
@@ -24,13 +27,15 @@ group, so ``x @ term2.T = GroupSum(x) @ C.T`` with ``C = (8 - z) * s`` of shape 
 multiple of the group size is zero-padded on the activation side (``Pad``); padded codes are 8
 (c = 0). GPTQ/HQQ codes are kept bit for bit.
 
-**8 bits -- INT8 per output channel, re-quantized.** TensorRT block quantization is INT4 only
+**8 bits -- INT8 per output channel, exact.** TensorRT block quantization is INT4 only
 (TensorRT ``IDequantizeLayer``: "a 2-D tensor for block quantization (supported for
-DataType::kINT4 only)"), so group-wise INT8 cannot be kept. The codes are recomputed from the
-original float weight (the stored codes when it is gone): ``s[n] = max_k |W[n, k]| / 127``,
-``q = clamp(round_half_even(W / s), -127, 127)`` as an ``INT8`` initializer ``[K, N]`` feeding
-``DequantizeLinear(axis=1)`` with scales ``[N]`` -> ``MatMul``. Activations are not quantized
-(weight-only; see ``docs/trt-a100.md`` for what TensorRT documents about INT8 weight-only GEMMs).
+DataType::kINT4 only)"), so the target declares per-channel symmetric narrow-range INT8 and the
+passes quantize 8-bit experts in it (scheme ``sym-channel-v1``; RTN: ``s[n] = max_k |W[n, k]| /
+127``, ``c = clamp(round_half_even(W / s), -127, 127)``; GPTQ: its own codes on the same grid).
+The stored codes ``c = q - 128`` are written unchanged as an ``INT8`` initializer ``[K, N]``
+feeding ``DequantizeLinear(axis=1)`` with the stored scales ``[N]`` -> ``MatMul``. Activations are
+not quantized (weight-only; see ``docs/trt-a100.md`` for what TensorRT documents about INT8
+weight-only GEMMs).
 
 **16 bits -- FP16 weights** (``precision="fp16"``) or FP32 (``precision="fp32"``).
 
@@ -57,6 +62,7 @@ from ...ir.graph import Graph, Node
 from ...quant import QuantSpec, pack_bits
 from ...quant.stored import load_quantized
 from ..base import BackendError
+from .formats import TRT_WEIGHT_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +157,9 @@ def int4_from_stored(weights: Mapping[str, Any], quant: Mapping[str, Any], role:
             missing tensors.
     """
     spec = QuantSpec.from_dict(quant["spec"])
-    if spec.bits != 4:
-        raise BackendError(f"{where}.{role}: expected 4-bit stored codes, got {spec.bits}")
+    if spec.bits != 4 or spec.scheme != TRT_WEIGHT_FORMATS[4].scheme:
+        raise BackendError(f"{where}.{role}: expected 4-bit {TRT_WEIGHT_FORMATS[4].scheme} stored codes, got "
+                           f"{spec.bits}-bit {spec.scheme}")
     if spec.group_size < 2 or spec.group_size % 2:
         raise BackendError(f"{where}.{role}: group size {spec.group_size} is odd; TensorRT INT4 weights need an "
                            "even element count (quantize with group_size 32, 64 or 128)")
@@ -178,26 +185,27 @@ def int4_dequantized(w: Int4Weight, precision: str) -> np.ndarray:
     return np.ascontiguousarray((main + corr)[: w.k].T)
 
 
-def int8_per_channel(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel INT8 codes ``[K, N]`` (int8) and scales ``[N]`` of ``W [N, K]``."""
-    w32 = w.detach().to(torch.float32).cpu()
-    amax = w32.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / INT8_QMAX, torch.ones_like(amax))
-    q = torch.round(w32 / scale[:, None]).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
-    return np.ascontiguousarray(q.numpy().T), scale.numpy()
+def int8_from_stored(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str,
+                     where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The stored 8-bit per-channel codes of one role as INT8 ``[K, N]`` and scales ``[N]`` (bit for bit).
 
-
-def int8_source(graph: Graph, node: Node, role: str) -> torch.Tensor:
-    """The float weight INT8 codes are computed from: the original weight, else the stored codes."""
-    key = node.params[role]
-    if key in graph.weights:
-        return graph.weights[key]
-    quant = node.ann.get("quant")
-    if not quant or role not in quant.get("tensors", {}):
-        raise BackendError(f"{node.id}.{role}: neither the float weight {key!r} nor stored codes are available")
-    from ...quant.stored import dequantize_stored
-
-    return dequantize_stored(graph.weights, quant, role)
+    Raises:
+        BackendError: Not the declared 8-bit format (e.g. group-wise asymmetric codes quantized
+            without this target) or missing tensors.
+    """
+    spec, fmt = QuantSpec.from_dict(quant["spec"]), TRT_WEIGHT_FORMATS[8]
+    if spec.bits != 8 or spec.scheme != fmt.scheme:
+        raise BackendError(f"{where}.{role}: trt-a100 runs {fmt.describe()}, but the stored codes are "
+                           f"{spec.bits}-bit {spec.scheme}; re-run the quantize pass for this target "
+                           "(--target trt-a100)")
+    if role not in quant.get("tensors", {}):
+        raise BackendError(f"{where}: the quant annotation has no tensors for {role!r}; "
+                           "re-run the quantize pass")
+    qt = load_quantized(weights, quant, role)
+    codes = qt.q.numpy().astype(np.int16) - qt.zero.numpy().astype(np.int16)  # [N, K] in [-127, 127]
+    if codes.size and int(np.abs(codes).max()) > INT8_QMAX:
+        raise BackendError(f"{where}.{role}: stored INT8 codes leave [-{INT8_QMAX}, {INT8_QMAX}]")
+    return np.ascontiguousarray(codes.astype(np.int8).T), qt.scale.numpy().astype(np.float32)[:, 0]
 
 
 def int8_dequantized(codes: np.ndarray, scale: np.ndarray, precision: str) -> np.ndarray:
@@ -240,7 +248,7 @@ def reference_weights(graph: Graph, precision: str = "fp16",
                 w4 = int4_from_stored(graph.weights, _stored_quant(node, 4), role, node.id)
                 roles[role] = torch.from_numpy(int4_dequantized(w4, precision))
             elif role in ROLES and bits == 8:
-                codes, scale = int8_per_channel(int8_source(graph, node, role))
+                codes, scale = int8_from_stored(graph.weights, _stored_quant(node, 8), role, node.id)
                 roles[role] = torch.from_numpy(int8_dequantized(codes, scale, precision))
             elif precision == "fp16" and key not in keep_fp32 and graph.weights[key].dim() == 2:
                 roles[role] = graph.weights[key].detach().to(torch.float16).to(torch.float32)
@@ -297,7 +305,7 @@ class TrtQdqProjection:
         raise BackendError(f"node {node.id!r}: {bits}-bit weights have no TensorRT format (supported: 4, 8, 16)")
 
     def _int8(self, lw: Any, x: str, node: Node, role: str, prefix: str) -> str:
-        codes, scale = int8_per_channel(int8_source(lw.graph, node, role))
+        codes, scale = int8_from_stored(lw.graph.weights, _stored_quant(node, 8), role, node.id)
         b = lw.b
         q = b.add_initializer(f"{prefix}.int8", codes)
         s = b.add_initializer(f"{prefix}.scale", to_scale_dtype(scale, self.precision, prefix))
