@@ -17,23 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+from alloc_common import RESULTS, ArtifactScorer, calibration
 from dmpq_compile.passes import make_pass
 
-from dmpq_compile.compiler import (
-    CompileConfig,
-    analysis_passes,
-    calibration_ids,
-    emit,
-    eos_token,
-    get_backend,
-    load_tokenizer,
-    run_passes,
-)
-from dmpq_compile.eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
+from dmpq_compile.compiler import CompileConfig, analysis_passes, emit, get_backend, run_passes
 from dmpq_compile.frontend import load
-from dmpq_compile.runtime import load as load_artifact
 
-RESULTS = Path(__file__).parent / "results"
 VARIANTS = {  # name -> (qat, quantize method)
     "rtn": (False, "rtn"),
     "hqq": (False, "hqq"),
@@ -58,11 +47,6 @@ def variant_graph(graph, model, cfg, calib, qat_calib, budget, qat, method, qat_
     return g, recs + r, stats
 
 
-def logits_fn(path):
-    session = load_artifact(path, verify=False)
-    return lambda ids: torch.from_numpy(session.logits(ids.numpy()))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="samples/mixtral-tiny")
@@ -76,8 +60,8 @@ def main() -> None:
     torch.set_num_threads(1)
     name = Path(args.model).name
     cfg = CompileConfig(target="ort-cpu", allocator="optimal")
-    calib = calibration_ids(args.model, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
-    qat_calib = calibration_ids(args.model, cfg.calib_corpus, args.qat_sequences, cfg.seq_len)
+    calib = calibration(args.model, cfg)
+    qat_calib = calibration(args.model, CompileConfig.from_dict({**cfg.__dict__, "calib_sequences": args.qat_sequences}))
     graph = load(args.model)
     graph.meta["group_size"] = cfg.group_size
     graph, _ = run_passes(graph, analysis_passes(cfg, get_backend(cfg.target)), args.model, cfg,
@@ -85,12 +69,7 @@ def main() -> None:
     work = Path(args.work) / name
     shutil.rmtree(work, ignore_errors=True)
     fp_graph, _, _ = variant_graph(graph, args.model, cfg, calib, qat_calib, 16.0, False, "rtn", 0)
-    fp_path = emit(fp_graph, cfg, work / "fp32", [], 0.0)
-    tok = load_tokenizer(args.model)
-    ids = tokenize_corpus(load_corpus(cfg.calib_corpus, "test"), tok, separator=eos_token(tok),
-                          max_tokens=args.eval_tokens)
-    fp_fn = logits_fn(fp_path)
-    fp_ppl = perplexity(fp_fn, ids, progress=False).ppl
+    scorer = ArtifactScorer(args.model, emit(fp_graph, cfg, work / "fp32", [], 0.0), args.eval_tokens, cfg)
     rows = []
     for budget in (float(b) for b in args.budgets.split(",")):
         for variant in args.variants.split(","):
@@ -99,17 +78,14 @@ def main() -> None:
             g, recs, qat_stats = variant_graph(graph, args.model, cfg, calib, qat_calib, budget, qat, method,
                                                args.qat_steps)
             seconds = time.perf_counter() - t0
-            path = emit(g, cfg, work / f"{variant}-{budget:g}", recs, seconds)
-            fn = logits_fn(path)
-            ppl = perplexity(fn, ids, progress=False).ppl
-            kl = kl_divergence(fp_fn, fn, ids, progress=False).kl
-            rows.append({"budget": budget, "variant": variant, "ppl": ppl, "dppl_pct": 100 * (ppl / fp_ppl - 1),
-                         "kl": kl, "seconds": seconds, "qat": qat_stats})
-            print(f"{budget:>4g} {variant:>9}: ppl {ppl:.4f} ({rows[-1]['dppl_pct']:+.2f} % vs FP {fp_ppl:.4f})"
-                  f"  KL {kl:.5f}  ({seconds:.0f} s)", flush=True)
+            label = f"{variant}-{budget:g}"
+            score = scorer.score(emit(g, cfg, work / label, recs, seconds), label)
+            rows.append({"budget": budget, "variant": variant, **score, "seconds": seconds, "qat": qat_stats})
+            print(f"{budget:>4g} {variant:>9}: ppl {score['ppl']:.4f} ({score['dppl_pct']:+.2f} % vs FP "
+                  f"{scorer.fp_ppl:.4f})  KL {score['kl']:.5f}  ({seconds:.0f} s)", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ablation-{name}.json").write_text(json.dumps(
-        {"model": args.model, "fp32_ppl": fp_ppl, "eval_tokens": len(ids), "rows": rows,
+        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": len(scorer.ids), "rows": rows,
          "command": "python benchmarks/ablation_quant.py " + " ".join(
              f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}, indent=1))
 

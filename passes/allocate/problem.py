@@ -37,6 +37,14 @@ def _frozen_map(obj: object, name: str, value: Mapping) -> None:
     object.__setattr__(obj, name, MappingProxyType(dict(value)))
 
 
+def _require_finite_nonnegative(obj: object, prefix: str, names: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the first of ``obj``'s fields ``names`` that is not finite and >= 0."""
+    for name in names:
+        v = getattr(obj, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{prefix}{name} must be finite and >= 0, got {v}")
+
+
 @dataclass(frozen=True)
 class ExpertCost:
     """Cost of one expert at one bit-width, from the backend's cost table."""
@@ -47,10 +55,7 @@ class ExpertCost:
     energy_mj: float
 
     def __post_init__(self) -> None:
-        for name in ("decode_ms", "prefill_ms", "bytes", "energy_mj"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"ExpertCost.{name} must be finite and >= 0, got {v}")
+        _require_finite_nonnegative(self, "ExpertCost.", ("decode_ms", "prefill_ms", "bytes", "energy_mj"))
 
 
 @dataclass(frozen=True)
@@ -122,10 +127,7 @@ class ObjectiveWeights:
     w_eng: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("w_acc", "w_lat", "w_mem", "w_eng"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"objective weight {name} must be finite and >= 0, got {v}")
+        _require_finite_nonnegative(self, "objective weight ", ("w_acc", "w_lat", "w_mem", "w_eng"))
 
 
 @dataclass(frozen=True)

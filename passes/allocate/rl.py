@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .problem import Allocation, AllocationProblem, check_feasible
 from .rl_agent import PPOAgent, PPOConfig, RolloutBuffer, single_thread
 from .rl_env import AllocationEnv, Calibration
-from .search import BestTracker, SearchResult, past_limit
+from .search import BestTracker, SearchResult, past_limit, require_at_least
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +80,9 @@ class RLAllocator:
     ppo: PPOConfig = DEFAULT_PPO
 
     def __post_init__(self) -> None:
-        if self.refine_top < 0 or self.refine_kicks < 0:
-            raise ValueError(f"RLAllocator: refine_top and refine_kicks must be >= 0, got {self.refine_top}, "
-                             f"{self.refine_kicks}")
-        if self.episodes < 1 or self.n_envs < 1 or self.measure_every < 1:
-            raise ValueError(f"RLAllocator: episodes, n_envs and measure_every must be >= 1, got "
-                             f"{self.episodes}, {self.n_envs}, {self.measure_every}")
+        require_at_least("RLAllocator", 0, refine_top=self.refine_top, refine_kicks=self.refine_kicks)
+        require_at_least("RLAllocator", 1, episodes=self.episodes, n_envs=self.n_envs,
+                         measure_every=self.measure_every)
 
     def allocate(self, problem: AllocationProblem) -> Allocation:
         """Train on ``problem`` and return the best allocation found; see :meth:`train`."""

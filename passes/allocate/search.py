@@ -33,6 +33,17 @@ from .rl_env import AllocationEnv, Calibration
 logger = logging.getLogger(__name__)
 
 
+def require_at_least(owner: str, minimum: int, **settings: int) -> None:
+    """Raise ``ValueError`` unless every named setting is ``>= minimum`` (the message names them all).
+
+    The ``search`` and ``rl`` allocators share their proposal, refinement and measurement settings.
+    """
+    if any(v < minimum for v in settings.values()):
+        names = list(settings)
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        raise ValueError(f"{owner}: {listed} must be >= {minimum}, got {', '.join(map(str, settings.values()))}")
+
+
 @dataclass(frozen=True)
 class SearchResult:
     """Outcome of a search (``search``) or of PPO training (``rl``).
@@ -151,12 +162,9 @@ class SearchAllocator:
     time_limit_s: float | None = 240.0
 
     def __post_init__(self) -> None:
-        if min(self.proposals, self.per_round, self.measure_every) < 1:
-            raise ValueError(f"SearchAllocator: proposals, per_round and measure_every must be >= 1, got "
-                             f"{self.proposals}, {self.per_round}, {self.measure_every}")
-        if self.refine_top < 0 or self.refine_kicks < 0:
-            raise ValueError(f"SearchAllocator: refine_top and refine_kicks must be >= 0, got "
-                             f"{self.refine_top}, {self.refine_kicks}")
+        require_at_least("SearchAllocator", 1, proposals=self.proposals, per_round=self.per_round,
+                         measure_every=self.measure_every)
+        require_at_least("SearchAllocator", 0, refine_top=self.refine_top, refine_kicks=self.refine_kicks)
 
     def allocate(self, problem: AllocationProblem) -> Allocation:
         """Search and return the best allocation found; see :meth:`search`."""
