@@ -49,6 +49,13 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} has no cost table")
 
     def emit(self, graph: Graph, out_dir: Path, **options: Any) -> dict[str, Any]:
+        """Write the model files into ``out_dir`` and return the manifest's ``target`` fields.
+
+        The fields may include ``expert_weights``, ``{expert node id: {"tensors": [names in the
+        model file], "bytes": their bytes on disk}}`` (for ONNX, from
+        :func:`~dmpq_compile.backends.onnx_io.owned_weights`); the artifact writer moves it into
+        the manifest's per-expert entries, where the bench and the hardware measurement read it.
+        """
         raise NotImplementedError(f"backend {self.name!r} cannot emit")
 
     def weight_format(self, bits: int) -> WeightFormat:

@@ -25,12 +25,12 @@ from dmpq_compile.runtime.manifest import ArtifactError
 GROUP = 32
 
 
-def _quantized(model_dir, bits_cycle):
+def _quantized(model_dir, bits_cycle, backend=None):
     g = load(model_dir)
     g.meta["group_size"] = GROUP
     for i, node in enumerate(g.experts()):
         g.annotate(node.id, "bits", bits_cycle[i % len(bits_cycle)])
-    return QuantizePass(group_size=GROUP).call(g, PassContext(progress=False)).graph
+    return QuantizePass(group_size=GROUP).call(g, PassContext(progress=False, backend=backend)).graph
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,9 @@ def test_manifest_expert_bytes_are_the_cost_table_bytes(ort_artifact):
 
 
 def test_trt_manifest_expert_bytes_are_the_cost_table_bytes(tiny_dirs, tmp_path):
-    g = _quantized(tiny_dirs("qwen3_moe"), (4, 16))  # 8 bits: the target's own INT8 format (issue 10, in progress)
-    art = write_artifact(g, get_backend("trt-a100"), tmp_path / "trt")
+    backend = get_backend("trt-a100")
+    g = _quantized(tiny_dirs("qwen3_moe"), (4, 8, 16), backend)  # in the target's formats (8 bits: INT8 per channel)
+    art = write_artifact(g, backend, tmp_path / "trt")
     manifest, shapes = _manifest(art), expert_shapes(g)
     for node in g.experts():
         h, i = shapes[node.id]
