@@ -117,17 +117,17 @@ def _allocator_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> di
     if o.allocator == "rl":
         opts.setdefault("progress", ctx.progress)
     wants = o.rl_measure_sequences > 0 or o.rl_hardware
-    n_params = sum(t.numel() for t in graph.weights.values()) if wants else 0
-    if wants:  # measurements fake-quantize (and the hardware callback quantizes) in the target's formats
-        from ..quant.formats import declare_target_formats
-
-        declare_target_formats(graph.meta, ctx.backend)
+    n_params = sum(math.prod(graph.weights.shape(k)) for k in graph.weights) if wants else 0  # shapes: no reads
     if n_params > MEASURE_MAX_PARAMS:
         log.warning("allocate %s: the model has %.3g parameters (> %.3g): whole-model measurements through the "
                     "interpreter or emitted artifacts are off at this size; using the proxy objective only "
                     "(sum of per-expert sensitivities and cost-table costs)", o.allocator, n_params,
                     MEASURE_MAX_PARAMS)
         return opts
+    if wants:  # measurements fake-quantize (and the hardware callback quantizes) in the target's formats
+        from ..quant.formats import declare_target_formats
+
+        declare_target_formats(graph.meta, ctx.backend)
     if o.rl_measure_sequences > 0:
         opts.setdefault("accuracy_fn", interpreter_accuracy_fn(graph, ctx.calibration, o.rl_measure_sequences,
                                                                o.metric))

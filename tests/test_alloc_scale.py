@@ -21,6 +21,7 @@ from dmpq_compile.passes.allocate.synthetic import synthetic_problem
 from test_alloc_problem import random_problem
 
 from dmpq_compile.compiler import CompileConfig
+from dmpq_compile.ir.weights import WeightStore
 
 # OLMoE-1B-7B: 16 layers x 64 experts, top-8, bits the ort-cpu target offers
 FULL = {"n_layers": 16, "n_experts": 64, "top_k": 8, "bits": (2, 4, 8, 16)}
@@ -99,7 +100,8 @@ def test_measurements_are_off_above_the_size_limit(monkeypatch, caplog):
 
     class BigGraph:
         def __init__(self):
-            self.weights = {"w": torch.zeros(16)}
+            self.weights = WeightStore({"w": torch.zeros(16)})
+            self.meta = {}
 
     monkeypatch.setattr(allocate_measure, "MEASURE_MAX_PARAMS", 15)
     with caplog.at_level(logging.WARNING):
