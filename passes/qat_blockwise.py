@@ -27,8 +27,10 @@ For each decoder layer ``l``, in order:
   written-back store.
 
 Budgets: ``steps`` and ``max_tokens`` apply to each layer (a layer's step costs about ``1/L`` of a
-whole-model step); ``time_budget_s`` is shared, each layer getting the time left divided by the
-layers left (its forwards included).
+whole-model step); ``time_budget_s`` bounds the training loops of all layers together (as in whole
+mode, the loop and its evaluations count, the forwards between layers do not): each layer's loop
+gets the budget its predecessors' loops left, divided by the layers left: the forwards do not eat
+the later layers' training time, and a layer that stops early passes its time on.
 
 Memory, bounded by one layer plus one layer boundary's activations, not by the model: the
 layer's trainable tensors in fp32 with gradient and two Adam moments (16 bytes per trained
@@ -152,7 +154,7 @@ def run_blockwise(graph: Graph, ctx: PassContext, o: QATOptions, uses: list[_Use
         _advance(interp, layer, rtn, RunOptions(quantize=True), o.batch_size)  # untrained, before write-back
         layer_uses = [u for u in uses if u.node_id in nodes]
         rec = _train_layer(graph, interp, layer, nodes, layer_uses, q, fp, n_train,
-                           _layer_options(o, t0, len(layers) - layer), ctx, fidelity)
+                           _layer_options(o, records, len(layers) - layer), ctx, fidelity)
         _advance(interp, layer, q, RunOptions(quantize=True), o.batch_size)  # through the written-back layer
         rec["error_after"] = float((q[held] - fp[held]).pow(2).sum() / fp[held].pow(2).sum().clamp_min(1e-30))
         rec.setdefault("error_before", rec["error_after"])
@@ -184,13 +186,16 @@ def _train_layer(graph: Graph, interp: Interpreter, layer: int, nodes: set[str],
         The layer's stats record (``error_after`` is added by the caller).
     """
     rec: dict[str, Any] = {"layer": layer, "trained_tensors": 0, "trainable_params": 0, "steps": 0, "tokens": 0,
-                           "best_step": 0, "stop_reason": "nothing_to_train", "written": False}
+                           "best_step": 0, "stop_reason": "nothing_to_train", "written": False,
+                           "train_seconds": 0.0}
     if not uses:
         return rec
     tr = collect_trainables(graph, o, uses)
     obj = _LayerObjective(interp, layer, tr, _frozen_weights(interp, nodes, tr), inputs, targets, n_train, o.batch_size)
     before = obj.heldout()
+    t0 = time.perf_counter()
     loop = train(obj, o, n_train, inputs.shape[1], before, ctx, desc=f"qat L{layer}")
+    rec["train_seconds"] = round(time.perf_counter() - t0, 3)
     if loop.best_state is not None:
         tr.restore(loop.best_state)
         write_back(graph, tr, fidelity)
@@ -237,11 +242,12 @@ def _head_eval(interp: Interpreter, h: torch.Tensor, h_fp: torch.Tensor, ids: to
     return accumulate_eval(((ids[sl], logits, teacher) for (sl, logits), (_, teacher) in pairs), len(ids))
 
 
-def _layer_options(o: QATOptions, t0: float, layers_left: int) -> QATOptions:
-    """``o`` with the time left (shared evenly by the layers left) as the layer's ``time_budget_s``."""
+def _layer_options(o: QATOptions, records: list[dict[str, Any]], layers_left: int) -> QATOptions:
+    """``o`` with the layer's share of ``time_budget_s``: the training time the earlier layers'
+    loops (``records``) left, divided by the layers left."""
     if o.time_budget_s is None:
         return o
-    left = o.time_budget_s - (time.perf_counter() - t0)
+    left = o.time_budget_s - sum(r["train_seconds"] for r in records)
     return replace(o, time_budget_s=max(left / layers_left, 1e-9))
 
 

@@ -174,6 +174,13 @@ def test_auto_picks_blockwise_when_whole_would_not_fit(tiny_dirs, calib_ids, mon
     assert QATPass(steps=2, lr=1e-3).call(_graph(tiny_dirs(FAMILY)), _ctx(calib_ids)).stats["mode"] == "whole"
 
 
+def test_blockwise_time_budget_is_shared_by_the_layers(tiny_dirs, calib_ids):
+    s = QATPass(steps=10**6, lr=1e-4, time_budget_s=0.6, mode="blockwise").call(
+        _graph(tiny_dirs(FAMILY)), _ctx(calib_ids)).stats
+    assert all(r["stop_reason"] == "time_budget_s" and r["steps"] >= 1 for r in s["layers"])
+    assert s["stop_reason"] == "time_budget_s" and sum(r["train_seconds"] for r in s["layers"]) < 3.0
+
+
 @pytest.mark.parametrize("options, message", [
     ({"mode": "layers"}, "mode must be one of"),
     ({"mode": "blockwise", "loss": "nll"}, "loss='nll' needs mode='whole'"),
