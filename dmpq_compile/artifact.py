@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -120,12 +121,15 @@ def _write(graph: Graph, backend_name: str, produce: Callable[[Path], Mapping[st
         reset_peak_rss()
         t0 = time.perf_counter()
         target = produce(tmp)
+        storage = storage_summary(graph, target.get("expert_weights"),
+                                  sum(f.stat().st_size for f in tmp.iterdir() if f.is_file() and f.name != OWNER_FILE))
         report = {**dict(report or {}), "emit": {"seconds": round(time.perf_counter() - t0, 3),
-                                                 "peak_rss_mb": round(peak_rss_mb(), 1)}}
+                                                 "peak_rss_mb": round(peak_rss_mb(), 1)}, "storage": storage}
         tokenizer = _copy_tokenizer(graph, tmp)
         _write_json(tmp / REPORT_NAME, dict(report or {}), "report")
         (tmp / OWNER_FILE).unlink()  # the owner record is not part of the artifact
         manifest = build_manifest(graph, backend_name, target, tokenizer, file_entries(tmp))
+        manifest["storage"] = storage
         _write_json(tmp / MANIFEST_NAME, manifest, "manifest")
         _set_modes(tmp, file_mode, folder_mode)
         _move_into_place(tmp, out, overwrite)
@@ -226,13 +230,54 @@ def build_manifest(graph: Graph, backend: str, target: Mapping[str, Any], tokeni
                                            "top_k", "rope_theta", "max_position_embeddings")},
         "target": {"backend": backend, **target},
         "quantization": _quantization(graph),
-        "experts": {n.id: {**_expert_entry(n), **weights.get(n.id, {})} for n in graph.experts()},
+        "experts": {n.id: _stored_bits({**_expert_entry(n), **weights.get(n.id, {})}, _params(graph, n.params.values()))
+                    for n in graph.experts()},
         "dense_nodes": {n.id: {"kind": n.kind, "bits": n.ann.get("bits", 16)}
                         for kind in ("shared_expert", "mlp") for n in graph.nodes(kind)},
         "tokenizer": dict(tokenizer),
         "versions": {name: _version(name) for name in VERSIONED_PACKAGES},
         "files": dict(files),
     }
+
+
+def _params(graph: Graph, keys: Iterable[str]) -> int:
+    return sum(math.prod(graph.weights.shape(k)) for k in keys)
+
+
+def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]] | None,
+                    model_bytes: int) -> dict[str, Any]:
+    """Stored bits per weight of the model files: whole file, experts, and everything else.
+
+    ``bits_per_weight`` is stored bits over parameters: codes, scales, zero points and every
+    tensor kept in float, as a user compares tools (llama.cpp's figure for a GGUF file).
+    ``code_bits`` is the experts' assigned bit-width averaged over their parameters (what
+    ``--budget-bits`` constrains today). ``params`` counts each weight of the source model
+    once (tied embeddings once). ``other`` is the file less the experts' own tensors: non-expert
+    weights plus the graph's structure. ``experts`` is None where the backend does not report
+    per-expert bytes.
+    """
+    keys = {k for n in graph.nodes() for k in n.params.values()}
+    total = _params(graph, keys)
+    out: dict[str, Any] = {"params": total, "bytes": model_bytes,
+                           "bits_per_weight": round(8 * model_bytes / total, 4) if total else None, "experts": None}
+    experts = graph.experts()
+    if expert_weights and all(n.id in expert_weights for n in experts):
+        n_exp = _params(graph, {k for n in experts for k in n.params.values()})
+        b_exp = sum(int(expert_weights[n.id]["bytes"]) for n in experts)
+        code = sum(n.ann.get("bits", 16) * _params(graph, n.params.values()) for n in experts)
+        out["experts"] = {"params": n_exp, "bytes": b_exp, "bits_per_weight": round(8 * b_exp / n_exp, 4),
+                          "code_bits": round(code / n_exp, 4)}
+        out["other"] = {"params": total - n_exp, "bytes": model_bytes - b_exp,
+                        "bits_per_weight": round(8 * (model_bytes - b_exp) / (total - n_exp), 4)
+                        if total > n_exp else None}
+    return out
+
+
+def _stored_bits(entry: dict[str, Any], params: int) -> dict[str, Any]:
+    """An expert's manifest entry with its stored bits per weight, where its bytes are known."""
+    if "bytes" in entry and params:
+        entry["bits_per_weight"] = round(8 * int(entry["bytes"]) / params, 4)
+    return entry
 
 
 def _expert_entry(node: Any) -> dict[str, Any]:

@@ -58,7 +58,9 @@ def test_layout_and_manifest(graph, tmp_path):
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     report = json.loads((out / "report.json").read_text())
     emitted = report.pop("emit")  # the writer adds the emission's own wall time and peak RSS
+    storage = report.pop("storage")  # and the files' stored bits per weight
     assert report == {"ppl": 12.5, "bits": [2, 4]} and emitted["seconds"] > 0 and emitted["peak_rss_mb"] > 0
+    assert storage == manifest["storage"] and storage["bytes"] == (out / "model.onnx").stat().st_size
     assert leftovers(tmp_path) == []
 
 

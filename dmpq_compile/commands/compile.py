@@ -182,6 +182,8 @@ def main(args: argparse.Namespace) -> int:
     report = json.loads((Path(out) / "report.json").read_text())
     bits = [r["bits"] for r in report["experts"]]
     hist = {b: bits.count(b) for b in sorted(set(bits))}
-    print(f"wrote {out}  (target {cfg.target}, allocator {cfg.allocator}, experts by bits {hist}, "
+    storage = report.get("storage") or {}
+    stored = f", {storage['bits_per_weight']:.2f} stored bits per weight" if storage.get("bits_per_weight") else ""
+    print(f"wrote {out}  (target {cfg.target}, allocator {cfg.allocator}, experts by bits {hist}{stored}, "
           f"{report['compile_seconds']:.1f}s)")
     return 0

@@ -6,12 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-HELP = "print the per-expert table (layer, expert, freq, sensitivity, bits) of an artifact or IR"
+HELP = ("print the per-expert table (layer, expert, freq, sensitivity, bits) of an artifact or IR, and an "
+        "artifact's stored bits per weight")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help="artifact folder (report.json) or saved IR folder (graph.json)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help='print JSON instead: {"experts": [rows], "storage": stored bits per weight or null}')
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -50,7 +52,39 @@ def _num(v, fmt: str = ".4f") -> str:
     return f"{'-':>9}" if v is None else f"{v:>9{fmt}}"
 
 
+def load_storage(path: Path) -> dict | None:
+    """The artifact's stored-bits summary (``report.json`` or ``manifest.json`` ``storage``), if it has one."""
+    for name in ("report.json", "manifest.json"):
+        f = path / name
+        if f.is_file():
+            storage = json.loads(f.read_text()).get("storage")
+            if storage:
+                return storage
+    return None
+
+
+def format_storage(storage: dict) -> str:
+    """Stored bits per weight (codes + scales + zero points + float tensors) in total and by part."""
+    lines = [(f"stored bits per weight: {storage['bits_per_weight']:.3f} over {storage['params']:,} parameters "
+              f"({storage['bytes'] / 2**20:.1f} MiB of model files)")]
+    experts, other = storage.get("experts"), storage.get("other")
+    if experts:
+        lines.append(f"  experts: {experts['bits_per_weight']:.3f} stored, {experts['code_bits']:.3f} code bits "
+                     f"({experts['params']:,} parameters, {experts['bytes'] / 2**20:.1f} MiB)")
+    if other:
+        lines.append(f"  everything else (attention, embeddings, norms, routers, lm_head, graph): "
+                     f"{other['bits_per_weight']:.3f} ({other['params']:,} parameters, {other['bytes'] / 2**20:.1f} MiB)")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
-    rows = load_rows(Path(args.path))
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    path = Path(args.path)
+    rows = load_rows(path)
+    storage = load_storage(path)
+    if args.json:
+        print(json.dumps({"experts": rows, "storage": storage}, indent=1))
+        return 0
+    print(format_table(rows))
+    if storage:
+        print(format_storage(storage))
     return 0
