@@ -76,9 +76,12 @@ class Backend:
         return {b: self.weight_format(b) for b in self.supported_bits if b < 16}
 
     def check_formats(self, graph: Graph) -> None:
-        """Refuse quantized experts whose stored codes are not in this target's declared format."""
+        """Refuse quantized nodes (experts and non-expert kinds) whose stored codes are not in this
+        target's declared format."""
+        from ..ir.graph import QUANTIZABLE_KINDS
+
         bad = {}
-        for n in graph.experts():
+        for n in (n for n in graph.nodes() if n.kind in QUANTIZABLE_KINDS):
             spec, bits = (n.ann.get("quant") or {}).get("spec"), n.ann.get("bits", 16)
             if not spec or bits == 16 or spec["bits"] != bits:  # nothing stored for these bits
                 continue
@@ -87,14 +90,30 @@ class Backend:
         if bad:
             some = dict(list(bad.items())[:4])
             wants = {b: f.describe() for b, f in self.weight_formats.items()}
-            raise BackendError(f"backend {self.name!r} runs {wants}, but {len(bad)} experts carry codes of "
+            raise BackendError(f"backend {self.name!r} runs {wants}, but {len(bad)} nodes carry codes of "
                                f"another format, e.g. {some}; re-run the quantize pass for this target "
                                f"(--target {self.name})")
 
+    def supported_bits_for(self, kind: str) -> tuple[int, ...]:
+        """The bit-widths this target runs for the linear weights of IR nodes of ``kind`` (an
+        expert, or a non-expert kind of ``ir.graph.QUANT_ROLES``). Default: ``supported_bits``."""
+        return self.supported_bits
+
     def check_bits(self, graph: Graph) -> None:
-        """Refuse a graph whose experts carry bits this backend cannot run."""
+        """Refuse a graph whose experts, or non-expert nodes given bits by the ``precision`` pass,
+        carry bits this backend cannot run for their kind."""
         bad = {n.id: n.ann["bits"] for n in graph.experts() if n.ann.get("bits", 16) not in self.supported_bits}
         if bad:
             some = dict(list(bad.items())[:4])
             raise BackendError(f"backend {self.name!r} supports bits {self.supported_bits}, but {len(bad)} experts "
                                f"carry others, e.g. {some}; allocate for this target (--target {self.name})")
+        from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS
+
+        for kind in NONEXPERT_QUANTIZABLE_KINDS:
+            bad = {n.id: n.ann["bits"] for n in graph.nodes(kind)
+                   if n.ann.get("bits", 16) not in self.supported_bits_for(kind)}
+            if bad:
+                some = dict(list(bad.items())[:4])
+                raise BackendError(f"backend {self.name!r} cannot run {sorted(set(bad.values()))}-bit {kind} weights "
+                                   f"({some}); it runs {self.supported_bits_for(kind)} for {kind} nodes: choose "
+                                   "another --nonexpert-bits")

@@ -70,6 +70,14 @@ def owned_weights(model: onnx.ModelProto, owners: Mapping[str, str],
     return out
 
 
+def quantized_nonexpert_ids(graph: Any) -> set[str]:
+    """Ids of the non-expert nodes the ``precision`` policy gave fewer than 16 bits (whose tensors
+    the manifest's ``nonexpert`` entries list with their bytes)."""
+    from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS
+
+    return {n.id for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and n.ann.get("bits", 16) < 16}
+
+
 def use_external(external_data: bool | None, size: int, threshold_mb: float = DEFAULT_EXTERNAL_MB) -> bool:
     """Whether ``size`` weight bytes go to :data:`DATA_FILE`.
 

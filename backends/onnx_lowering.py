@@ -5,7 +5,8 @@ The lowering walks the IR in execution order and applies one rule per node kind
 pluggable because targets differ exactly there:
 
 * a :class:`Projection` decides how a quantizable node's projection weight (``gate``/``up``/
-  ``down`` of an expert, shared expert or dense MLP) becomes ONNX: the ORT CPU backend emits
+  ``down`` of an expert, shared expert or dense MLP; ``q``/``k``/``v``/``o`` of attention and
+  ``weight`` of lm_head when the ``precision`` policy gave them bits) becomes ONNX: the ORT CPU backend emits
   ``com.microsoft.MatMulNBits``, a TensorRT backend would emit ``DequantizeLinear`` + ``MatMul``;
   :class:`FloatProjection` (fp32 ``MatMul``) is the base they fall back to for 16-bit nodes;
 * a dispatch pattern (:class:`GatherDispatch`, :class:`GatherIfDispatch` or
@@ -418,6 +419,14 @@ class Lowering:
 
         return self.b.add_deferred(name, tuple(reversed(shape)) if transpose else shape, np.float32, make)
 
+    def project(self, x: str, node: Node, role: str, bias: str | None = None) -> str:
+        """A linear weight of a non-expert node (attention, lm_head): the projection when the
+        ``precision`` policy gave the node fewer than 16 bits, else the fp32 ``MatMul`` of :meth:`linear`."""
+        if node.ann.get("bits", 16) >= 16:
+            return self.linear(x, node.params[role], bias, hint=f"{node.id}.{role}")
+        y = self.projection(self, x, node, role)
+        return self.b.op("Add", [y, self.weight(bias)], f"{node.id}.{role}") if bias else y
+
     def linear(self, x: str, key: str, bias: str | None = None, hint: str = "linear") -> str:
         """``x @ W.T (+ b)`` with ``W [N, K]`` from the weight store, as an fp32 MatMul."""
         y = self.b.op("MatMul", [x, self.weight(key, transpose=True)], hint)
@@ -540,7 +549,12 @@ def _rule_lm_head(lw: Lowering, node: Node, x: str) -> str:
     b, key, h = lw.b, node.params["weight"], node.id
     vocab = int(lw.graph.weights.shape(key)[0])
     embeds = {n.params["weight"] for n in lw.graph.nodes("embed")}
-    if key in embeds:  # tied embeddings: reuse the [V, H] table through Gemm(transB=1), no transposed copy
+    if node.ann.get("bits", 16) < 16:
+        if key in embeds:
+            raise BackendError(f"{h}: an lm_head tied to the embedding table cannot be quantized (the table stays "
+                               "float for the row lookup); keep it at 16 bits")
+        logits = b.op("Identity", [lw.project(x, node, "weight")], h, outputs=["logits"])
+    elif key in embeds:  # tied embeddings: reuse the [V, H] table through Gemm(transB=1), no transposed copy
         flat = b.op("Reshape", [x, b.const([-1, lw.graph.weights.shape(key)[1]], np.int64)], h)
         y = b.op("Gemm", [flat, lw.weight(key)], h, transB=1)
         lead = b.op("Shape", [x], h, start=0, end=-1)
@@ -561,7 +575,7 @@ def _rule_attention(lw: Lowering, node: Node, x: str) -> str:
     for name in (kv.past_key, kv.past_value):
         b.add_input(name, TensorProto.FLOAT, ["batch", nkv, "past_sequence", hd])
     lw.kv.append(kv)
-    q, k, v = (lw.linear(x, p[r], p.get(f"{r}_bias"), hint=f"{h}.{r}") for r in "qkv")
+    q, k, v = (lw.project(x, node, r, p.get(f"{r}_bias")) for r in "qkv")
     if a["qk_norm"] == "full":
         q, k = lw.rms_norm(q, p["q_norm"], a["eps"], h), lw.rms_norm(k, p["k_norm"], a["eps"], h)
     if a.get("clip_qkv"):  # after the full q/k norm, as OLMoE does
@@ -586,7 +600,7 @@ def _rule_attention(lw: Lowering, node: Node, x: str) -> str:
     probs = b.op("Softmax", [b.op("Add", [scores, lw.mask(a.get("sliding_window"))], h)], h, axis=-1)
     out = b.op("Reshape", [b.op("MatMul", [probs, v5], h), b.const([0, nh, -1, hd], np.int64)], h)
     out = b.op("Reshape", [b.op("Transpose", [out], h, perm=[0, 2, 1, 3]), b.const([0, 0, nh * hd], np.int64)], h)
-    return lw.linear(out, p["o"], p.get("o_bias"), hint=f"{h}.o")
+    return lw.project(out, node, "o", p.get("o_bias"))
 
 
 def _rotate(lw: Lowering, x: str, cos: str, sin: str, hint: str) -> str:

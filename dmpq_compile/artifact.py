@@ -34,7 +34,7 @@ from typing import Any
 
 from .backends.base import Backend
 from .fileio import default_modes
-from .ir.graph import Graph
+from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph
 from .passes.manager import peak_rss_mb, reset_peak_rss
 from .runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, ArtifactError, file_entries
 
@@ -122,7 +122,8 @@ def _write(graph: Graph, backend_name: str, produce: Callable[[Path], Mapping[st
         t0 = time.perf_counter()
         target = produce(tmp)
         storage = storage_summary(graph, target.get("expert_weights"),
-                                  sum(f.stat().st_size for f in tmp.iterdir() if f.is_file() and f.name != OWNER_FILE))
+                                  sum(f.stat().st_size for f in tmp.iterdir() if f.is_file() and f.name != OWNER_FILE),
+                                  target.get("nonexpert_weights"))
         report = {**dict(report or {}), "emit": {"seconds": round(time.perf_counter() - t0, 3),
                                                  "peak_rss_mb": round(peak_rss_mb(), 1)}, "storage": storage}
         tokenizer = _copy_tokenizer(graph, tmp)
@@ -220,6 +221,7 @@ def build_manifest(graph: Graph, backend: str, target: Mapping[str, Any], tokeni
     meta = graph.meta
     target = dict(target)
     weights = target.pop("expert_weights", None) or {}
+    nonexpert_weights = target.pop("nonexpert_weights", None) or {}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -234,6 +236,9 @@ def build_manifest(graph: Graph, backend: str, target: Mapping[str, Any], tokeni
                     for n in graph.experts()},
         "dense_nodes": {n.id: {"kind": n.kind, "bits": n.ann.get("bits", 16)}
                         for kind in ("shared_expert", "mlp") for n in graph.nodes(kind)},
+        "nonexpert": {n.id: _stored_bits({**_nonexpert_entry(n), **nonexpert_weights.get(n.id, {})},
+                                         _params(graph, _quant_keys(n)))
+                      for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS},
         "tokenizer": dict(tokenizer),
         "versions": {name: _version(name) for name in VERSIONED_PACKAGES},
         "files": dict(files),
@@ -244,8 +249,25 @@ def _params(graph: Graph, keys: Iterable[str]) -> int:
     return sum(math.prod(graph.weights.shape(k)) for k in keys)
 
 
+def _quant_keys(node: Any) -> list[str]:
+    """Store keys of a node's quantizable linear weights (``QUANT_ROLES``)."""
+    return [node.params[r] for r in QUANT_ROLES.get(node.kind, ()) if r in node.params]
+
+
+def _nonexpert_entry(node: Any) -> dict[str, Any]:
+    """A non-expert node's manifest entry: its kind, the policy's bits and how they were made."""
+    spec = (node.ann.get("quant") or {}).get("spec")
+    bits = node.ann.get("bits", 16)
+    quantized = bool(spec) and bits < 16
+    return {"kind": node.kind, "bits": bits, "roles": list(QUANT_ROLES[node.kind]),
+            "group_size": spec.get("group_size") if quantized else None,
+            "method": spec.get("method") if quantized else None,
+            "scheme": spec.get("scheme") if quantized else None}
+
+
 def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]] | None,
-                    model_bytes: int) -> dict[str, Any]:
+                    model_bytes: int, nonexpert_weights: Mapping[str, Mapping[str, Any]] | None = None
+                    ) -> dict[str, Any]:
     """Stored bits per weight of the model files: whole file, experts, and everything else.
 
     ``bits_per_weight`` is stored bits over parameters: codes, scales, zero points and every
@@ -254,7 +276,10 @@ def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]
     ``--budget-bits`` constrains today). ``params`` counts each weight of the source model
     once (tied embeddings once). ``other`` is the file less the experts' own tensors: non-expert
     weights plus the graph's structure. ``experts`` is None where the backend does not report
-    per-expert bytes.
+    per-expert bytes. ``nonexpert`` (only where the ``precision`` policy quantized some) counts
+    the quantized non-expert nodes' tensors (their linear weights' codes, scales and zero points
+    plus any float tensors the node owns, e.g. q/k norms) over their linear weights' parameters;
+    it is part of ``other``.
     """
     keys = {k for n in graph.nodes() for k in n.params.values()}
     total = _params(graph, keys)
@@ -270,6 +295,13 @@ def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]
         out["other"] = {"params": total - n_exp, "bytes": model_bytes - b_exp,
                         "bits_per_weight": round(8 * (model_bytes - b_exp) / (total - n_exp), 4)
                         if total > n_exp else None}
+    quantized = [n for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and n.ann.get("bits", 16) < 16]
+    if quantized and nonexpert_weights and all(n.id in nonexpert_weights for n in quantized):
+        n_q = sum(_params(graph, _quant_keys(n)) for n in quantized)
+        b_q = sum(int(nonexpert_weights[n.id]["bytes"]) for n in quantized)
+        code = sum(n.ann["bits"] * _params(graph, _quant_keys(n)) for n in quantized)
+        out["nonexpert"] = {"params": n_q, "bytes": b_q, "bits_per_weight": round(8 * b_q / n_q, 4),
+                            "code_bits": round(code / n_q, 4)}
     return out
 
 

@@ -22,6 +22,7 @@ from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pas
 from .passes.allocate_pass import NEEDS
 from .passes.budget_guard import BudgetGuard
 from .passes.cache import PassCache
+from .passes.precision import check_nonexpert_bits
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,11 @@ class CompileConfig:
     qat_lr: float = 1e-4
     qat_mode: str = "auto"  # whole | blockwise | auto (whole when it fits in memory)
     codesign_rounds: int = 0  # >0: alternate allocation and QAT this many times before the final round
+    nonexpert_bits: int = 16  # attention, shared experts, dense MLPs, lm_head (passes/precision.py); 16 = float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra_passes", check_insertions(self.extra_passes))
+        check_nonexpert_bits(self.nonexpert_bits)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompileConfig:
@@ -109,11 +112,13 @@ def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
 
 
 def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
-    """Passes that depend on the allocator and budget: allocate, [qat], quantize, plus the extras.
+    """Passes that depend on the allocator and budget: [precision], allocate, [qat], quantize, plus
+    the extras. ``precision`` (the fixed non-expert bits) runs only when ``nonexpert_bits`` < 16.
 
     ``final=False``: without quantize and the extras anchored after it (a co-design round).
     """
-    passes = [make_pass(
+    passes = [make_pass("precision", nonexpert_bits=cfg.nonexpert_bits)] if cfg.nonexpert_bits < 16 else []
+    passes += [make_pass(
         "allocate", allocator=cfg.allocator, budget_kind=cfg.budget_kind, budget=cfg.budget, w_acc=cfg.w_acc,
         w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits, metric=cfg.metric,
         allocator_options=dict(cfg.allocator_options))]
@@ -250,7 +255,11 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
 
 
 def check_bits_budget(cfg: CompileConfig) -> None:
-    """Refuse, before hours of analysis, an average-bits budget below the target's smallest bits."""
+    """Refuse, before hours of analysis, an average-bits budget below the target's smallest bits,
+    and ``nonexpert_bits`` the target cannot run."""
+    backend = get_backend(cfg.target)
+    if backend is not None and cfg.nonexpert_bits < 16:
+        check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
     if cfg.budget_kind != "bits":
         return
     supported = cfg.bits or getattr(get_backend(cfg.target), "supported_bits", None) or ()

@@ -8,12 +8,13 @@ from .allocate_pass import AllocatePass
 from .base import Pass, PassContext, PassError, PassResult
 from .cost import CostPass
 from .manager import DumpIR, Instrument, PassManager, Progress, Timing
+from .precision import PrecisionPass
 from .profile import ProfilePass
 from .qat import QATPass
 from .quantize import QuantizePass
 from .sensitivity import SensitivityPass
 
-BUILTIN_PASSES = (ProfilePass, SensitivityPass, CostPass, AllocatePass, QATPass, QuantizePass)
+BUILTIN_PASSES = (ProfilePass, SensitivityPass, CostPass, PrecisionPass, AllocatePass, QATPass, QuantizePass)
 for _cls in BUILTIN_PASSES:
     PASSES.register(_cls)
 
@@ -35,6 +36,7 @@ __all__ = [
     "PassError",
     "PassManager",
     "PassResult",
+    "PrecisionPass",
     "ProfilePass",
     "Progress",
     "QATPass",

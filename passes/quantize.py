@@ -1,9 +1,11 @@
-"""``quantize``: quantize and pack every expert's weights at its assigned bits.
+"""``quantize``: quantize and pack every expert's weights at its assigned bits, and the non-expert
+linear weights (attention, shared experts, dense MLPs, lm_head) the ``precision`` pass gave bits.
 
 Writes, per quantized node, the packed codes, scales and zero points into the weight store and
 a ``quant`` annotation (spec + keys; see :mod:`dmpq_compile.quant.stored`). Methods: ``rtn``
 (round to nearest), ``hqq`` (half-quadratic zero/scale optimisation) and ``gptq`` (Hessian-aware
-rounding from calibration activations of the tokens routed to each expert).
+rounding from calibration activations of the tokens routed to each expert; non-expert weights
+fall back to ``rtn`` under ``gptq``, logged and named in their spec).
 
 Format: each bit-width is quantized in the weight format the target declares for it
 (``ctx.backend.weight_formats``, recorded in ``graph.meta``; group-wise asymmetric at
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..ir.graph import Graph
+from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph
 from ..ir.interpreter import Interpreter, RunOptions
 from ..ir.stream import embed, layer_outputs, run_layer
 from ..quant import QuantSpec, quantize
@@ -33,7 +35,6 @@ from .base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 METHODS = ("rtn", "hqq", "gptq")
-ROLES = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,34 @@ class QuantizePass(Pass):
         for node in graph.experts():  # kept experts carry an explicit "no quantization" record
             if node.ann["bits"] == 16:
                 graph.annotate(node.id, "quant", {"spec": QuantSpec(bits=16).to_dict(), "tensors": {}})
+        others = self._quantize_nonexpert(graph, ctx)
         stats = {"quantized_experts": len(nodes), "methods": _methods_used(graph, nodes, o.method)}
-        return PassResult(graph, modified=bool(nodes), stats=stats)
+        if others:
+            stats["quantized_nonexpert"] = len(others)
+            stats["nonexpert_methods"] = _methods_used(graph, others, nonexpert_method(o.method))
+        return PassResult(graph, modified=bool(nodes or others), stats=stats)
 
-    def _quantize_node(self, graph: Graph, node, hessians: dict) -> list[str]:
+    def _quantize_nonexpert(self, graph: Graph, ctx: PassContext) -> list:
+        """Quantize the non-expert nodes the ``precision`` pass gave bits, one node at a time.
+
+        GPTQ needs each projection's input Hessian; only the experts' are collected, so those
+        weights are quantized with RTN (logged, and their spec says ``rtn``).
+        """
+        nodes = [n for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and n.ann.get("bits", 16) < 16]
+        if nodes and self.options.method == "gptq":
+            log.warning("gptq: non-expert weights (attention, shared experts, MLPs, lm_head) are quantized with "
+                        "rtn (no Hessians are collected for them); their spec says so")
+        for node in nodes:
+            keys = self._quantize_node(graph, node, {}, nonexpert_method(self.options.method))
+            if ctx.work_dir is not None:
+                graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-{node.id}.safetensors")
+        return [graph.node(n.id) for n in nodes]
+
+    def _quantize_node(self, graph: Graph, node, hessians: dict, method: str | None = None) -> list[str]:
         fmt = declared_format(graph.meta, node.ann["bits"])
-        spec = fmt.spec(self.options.group_size, method_for(fmt, self.options.method))
+        spec = fmt.spec(self.options.group_size, method_for(fmt, method or self.options.method))
         tensors = {}
-        for role in ROLES:
+        for role in QUANT_ROLES[node.kind]:
             w = graph.weights[node.params[role]].float()
             qt = _quantize_one(w, spec, hessians.get((node.id, role)))
             tensors[role] = store_quantized(graph.weights, f"{node.id}.{role}", qt)
@@ -106,16 +127,21 @@ class QuantizePass(Pass):
 
 
 def _methods_used(graph: Graph, nodes: list, asked: str) -> dict[str, int]:
-    """How many experts each method quantized; logs the bit-widths where ``asked`` fell back."""
+    """How many nodes each method quantized; logs the bit-widths where ``asked`` fell back."""
     methods: dict[str, int] = {}
     for node in nodes:
         used = node.ann["quant"]["spec"]["method"]
         methods[used] = methods.get(used, 0) + 1
     for bits in sorted({n.ann["bits"] for n in nodes if n.ann["quant"]["spec"]["method"] != asked}):
-        log.warning("%s cannot produce the target's %s weights (no zero point to optimise): those experts "
+        log.warning("%s cannot produce the target's %s weights (no zero point to optimise): those weights "
                     "are quantized with rtn, and their spec says so", asked,
                     declared_format(graph.meta, bits).describe())
     return methods
+
+
+def nonexpert_method(method: str) -> str:
+    """The method non-expert weights are quantized with: ``method``, or ``rtn`` for ``gptq``."""
+    return "rtn" if method == "gptq" else method
 
 
 def method_for(fmt: WeightFormat, method: str) -> str:

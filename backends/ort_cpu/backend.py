@@ -20,6 +20,7 @@ from ..onnx_io import (
     initializer_bytes,
     io_fields,
     owned_weights,
+    quantized_nonexpert_ids,
     require_folder,
     save_checked,
     use_external,
@@ -93,5 +94,6 @@ class OrtCpuBackend(Backend):
             "io": io_fields(lowered),
             "requires": {"onnxruntime": ">=1.20", "numpy": ">=1.24", "tokenizers": ">=0.19"},
             "expert_weights": owned_weights(lowered.model, lowered.owners, {n.id for n in graph.experts()}),
+            "nonexpert_weights": owned_weights(lowered.model, lowered.owners, quantized_nonexpert_ids(graph)),
         }
 

@@ -35,6 +35,7 @@ from ..onnx_io import (
     initializer_bytes,
     io_fields,
     owned_weights,
+    quantized_nonexpert_ids,
     require_folder,
     save_checked,
 )
@@ -134,6 +135,7 @@ class TrtA100Backend(Backend):
             # the oldest encoded TensorRT table the model passes (10.0 documents opsets <= 20 only)
             "requires": {"tensorrt": f">={oldest},<11", "gpu": "NVIDIA A100 (sm_80); engines are GPU-specific"},
             "expert_weights": owned_weights(model, lowered.owners, {n.id for n in graph.experts()}),
+            "nonexpert_weights": owned_weights(model, lowered.owners, quantized_nonexpert_ids(graph)),
         }
 
 

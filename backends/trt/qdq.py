@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from ...ir.graph import Graph, Node
+from ...ir.graph import QUANT_ROLES, Graph, Node
 from ...quant import QuantSpec, pack_bits
 from ...quant.stored import load_quantized
 from ..base import BackendError
@@ -67,7 +67,6 @@ from .formats import TRT_WEIGHT_FORMATS
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp16", "fp32")
-ROLES = ("gate", "up", "down")
 INT4_OFFSET = 8  # c = q - 8 maps the stored 4-bit codes [0, 15] onto INT4's [-8, 7]
 INT8_QMAX = 127  # symmetric, narrow range: codes in [-127, 127]
 _FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
@@ -230,7 +229,8 @@ def reference_weights(graph: Graph, precision: str = "fp16",
                       keep_fp32: frozenset[str] = frozenset()) -> dict[str, dict[str, torch.Tensor]]:
     """``RunOptions.weight_override`` making the reference interpreter use the emitted weights.
 
-    Every quantizable projection gets the float weights its TensorRT format dequantizes to; with
+    Every quantized projection (experts, and the non-expert weights the ``precision`` policy gave
+    4 or 8 bits) gets the float weights its TensorRT format dequantizes to; with
     ``precision="fp16"`` every other matrix weight (attention, embeddings, lm_head, shared
     experts, except the keys in ``keep_fp32``: the routers) is rounded to fp16 as emitted.
     Remaining differences to the ONNX graph are activation roundings only.
@@ -242,12 +242,13 @@ def reference_weights(graph: Graph, precision: str = "fp16",
     out: dict[str, dict[str, torch.Tensor]] = {}
     for node in graph.nodes():
         roles: dict[str, torch.Tensor] = {}
-        bits = node_bits(node) if node.kind in ("expert", "shared_expert", "mlp") else 16
+        quantizable = QUANT_ROLES.get(node.kind, ())
+        bits = node_bits(node) if quantizable else 16
         for role, key in node.params.items():
-            if role in ROLES and bits == 4:
+            if role in quantizable and bits == 4:
                 w4 = int4_from_stored(graph.weights, _stored_quant(node, 4), role, node.id)
                 roles[role] = torch.from_numpy(int4_dequantized(w4, precision))
-            elif role in ROLES and bits == 8:
+            elif role in quantizable and bits == 8:
                 codes, scale = int8_from_stored(graph.weights, _stored_quant(node, 8), role, node.id)
                 roles[role] = torch.from_numpy(int8_dequantized(codes, scale, precision))
             elif precision == "fp16" and key not in keep_fp32 and graph.weights[key].dim() == 2:
@@ -259,7 +260,8 @@ def reference_weights(graph: Graph, precision: str = "fp16",
 
 # -- the projection strategy ------------------------------------------------------------------
 class TrtQdqProjection:
-    """Lowers expert/shared-expert/MLP projections to TensorRT-parsable Q/DQ + ``MatMul``.
+    """Lowers expert/shared-expert/MLP projections, and attention / lm_head weights given bits by
+    the ``precision`` policy, to TensorRT-parsable Q/DQ + ``MatMul``.
 
     Plugs into :func:`dmpq_compile.backends.onnx_lowering.lower` as its ``projection``.
 
@@ -315,7 +317,7 @@ class TrtQdqProjection:
 
     def _int4(self, lw: Any, x: str, node: Node, role: str, prefix: str) -> str:
         w4 = int4_from_stored(lw.graph.weights, _stored_quant(node, 4), role, node.id)
-        b, rank = lw.b, 2 if node.kind == "expert" else 3  # experts see flattened [n, K] tokens
+        b, rank = lw.b, 2 if node.kind == "expert" else 3  # experts see flattened [n, K] tokens, others [B, T, K]
         if w4.kp != w4.k:  # ragged K: zero-pad the activations to whole groups
             pads = [0] * (2 * rank)
             pads[-1] = w4.kp - w4.k

@@ -25,7 +25,8 @@ _FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_la
            "w_eng": "w_eng", "group_size": "group_size", "quant_method": "quant_method",
            "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
            "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
-           "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed"}
+           "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed",
+           "nonexpert_bits": "nonexpert_bits"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--w-{w}", type=float, help=f"objective weight (default {getattr(d, 'w_' + w):g})")
     p.add_argument("--bits", help="comma-separated bit-widths to choose from (default: all the target supports)")
     p.add_argument("--group-size", type=int, help=f"quantization group size along K (default {d.group_size})")
+    p.add_argument("--nonexpert-bits", type=int, metavar="N",
+                   help="bit-width of every linear weight outside the routed experts: attention q/k/v/o, shared "
+                   "experts, dense MLPs and an untied lm_head (ort-cpu: 2, 4, 8; trt-a100: 4, 8); routers, norms "
+                   f"and the embedding table stay float. Not allocated: a fixed policy (default {d.nonexpert_bits}: "
+                   "keep them float)")
     p.add_argument("--quant-method", choices=("rtn", "hqq", "gptq"), help=f"rounding (default {d.quant_method})")
     p.add_argument("--calib-corpus",
                    help="calibration text: 'pydoc' (built-in; its calib split) or your own text file or folder "

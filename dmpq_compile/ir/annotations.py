@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..quant.spec import VALID_BITS
+from .graph import QUANTIZABLE_KINDS
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,10 @@ SCHEMA: dict[str, AnnotationSpec] = {
     "contribution": AnnotationSpec(("expert",), _float(0.0), doc="|dL/ds| for a scale s on the expert output"),
     "router_grad_change": AnnotationSpec(("expert",), _float(0.0), doc="relative change of the router-row gradient"),
     "neuron_variance": AnnotationSpec(("expert",), _float(0.0), doc="mean variance of intermediate activations"),
-    "bits": AnnotationSpec(("expert",), _bits, doc="assigned weight bit-width (16 = keep)"),
-    "group_size": AnnotationSpec(("expert",), _int(1), doc="quantization group size"),
+    "bits": AnnotationSpec(QUANTIZABLE_KINDS, _bits, doc="assigned weight bit-width (16 = keep)"),
+    "group_size": AnnotationSpec(QUANTIZABLE_KINDS, _int(1), doc="quantization group size"),
     "cost": AnnotationSpec(("expert",), _cost_map, 2, "backend cost table rows: target -> bits -> metrics"),
-    "quant": AnnotationSpec(("expert",), _mapping, doc="packed weight keys + quant spec"),
+    "quant": AnnotationSpec(QUANTIZABLE_KINDS, _mapping, doc="packed weight keys + quant spec"),
     "routing": AnnotationSpec(("router",), _mapping, doc="profiling summary of a router"),
 }
 

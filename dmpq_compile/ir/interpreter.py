@@ -1,7 +1,8 @@
 """Reference interpreter: executes the IR in PyTorch, optionally with fake quantization.
 
 It is the oracle for emitted artifacts and what profiling, sensitivity and QAT run on.
-Quantized experts use, in order of preference: the exact tensors the ``quantize`` pass stored
+Quantized nodes (routed experts, and the attention, shared-expert, dense-MLP and lm_head nodes
+the non-expert precision policy gave bits; their linear roles are ``graph.QUANT_ROLES``) use, in order of preference: the exact tensors the ``quantize`` pass stored
 (annotation ``quant``), else round-to-nearest fake quantization at the annotated ``bits`` in the
 weight format the target declares for those bits (the interpreter's ``formats``, else
 ``graph.meta["weight_formats"]``, see :mod:`dmpq_compile.quant.formats`; group-wise asymmetric
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from ..quant.formats import WeightFormat, declared_format
 from ..quant.spec import QuantSpec
 from . import ops
-from .graph import QUANTIZABLE_KINDS, Graph, IRError
+from .graph import QUANT_ROLES, Graph, IRError
 
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_CACHE_BYTES = 256 * 2**20  # kept between runs when the whole model fits (the samples do)
@@ -164,12 +165,13 @@ class Interpreter:
     def weights(self, node_id: str, opts: RunOptions) -> dict[str, torch.Tensor]:
         d = self.graph.g.nodes[node_id]
         override = opts.weight_override.get(node_id, {})
-        bits = self.bits_of(node_id, opts) if d["kind"] in QUANTIZABLE_KINDS else 16
+        roles = QUANT_ROLES.get(d["kind"], ())
+        bits = self.bits_of(node_id, opts) if roles else 16
         out = {}
         for role, key in d["params"].items():
             if role in override:
                 out[role] = override[role]
-            elif bits < 16 and role in ("gate", "up", "down"):
+            elif bits < 16 and role in roles:
                 out[role] = self._quantized(node_id, role, key, bits, d["ann"])
             else:
                 out[role] = self.stored(key)
