@@ -1,0 +1,504 @@
+"""llama.cpp side by side with dmpq-compile at matching stored bits per weight (issue 13, item 3).
+
+For each model: convert the checkpoint to GGUF (f32 for the samples, f16 for the one-layer
+real-width checkpoints), quantize it to Q8_0, Q4_0, Q4_K_M, Q3_K_M, Q2_K, IQ3_XXS and IQ2_XS
+(with an importance matrix from llama-imatrix on the calibration split of the pydoc corpus),
+compile dmpq-compile ort-cpu artifacts whose stored bytes match each GGUF, and measure all of them
+in one interleaved run.
+
+Bits per weight (bpw) are *stored* bits: file bytes x 8 / all parameters of the checkpoint
+(embeddings, attention, norms, router, lm_head included). GGUF: the whole .gguf file (its
+tokenizer included). dmpq: every file of the artifact folder but ``report.json`` (model.onnx,
+model.onnx.data, tokenizer.json, manifest). "Expert bpw" is the routed experts' stored bytes x 8 /
+their parameters (GGUF ``*_exps`` tensors; the manifest's per-expert bytes: codes, scales, zero points).
+
+dmpq budgets: ``--budget-mb`` (stored expert bytes) set so that the artifact's whole-file bpw
+equals the GGUF's; where that is impossible because the parts dmpq keeps unquantized already weigh
+more (today attention, embeddings and lm_head stay fp32: issue 13, items 1-2), the budget matches
+the GGUF's expert bpw instead, and the row says which ("match" column).
+
+Measured, interleaved (order rotates each round), with ``--threads`` threads for both tools:
+
+* prefill tok/s of ``--prefill-tokens`` random tokens from an empty cache: ``llama-bench -p N -n 0``
+  and ``dmpq_compile.bench.bench`` (one round per call, each with its own warm-up);
+* decode ms/token over ``--decode-tokens`` tokens after a prefill of the same length:
+  ``llama-bench -p 0 -n 32 -d 128`` (tokens generated at depth 128) and ``bench``'s decode steps.
+  llama-bench reports the mean over the 32 tokens of a round, ``bench`` the median step; the
+  table gives the median over rounds;
+* on the samples, perplexity and KL to the fp32 model on the same test tokens with llama.cpp's
+  protocol: non-overlapping chunks of ``--context`` tokens, only the second half of each chunk
+  scored. llama.cpp: ``llama-perplexity`` (``--kl-divergence-base`` from the f32 GGUF, then
+  ``--kl-divergence``); dmpq: the artifact runtime's logits on the same chunks, KL to the dmpq
+  fp32 artifact. The test text is the pydoc test split joined by blank lines; the script checks
+  that ``llama-tokenize`` and ``tokenizers`` give the same ids for every scored token.
+
+``--llama-cpp`` is a cmake build folder of llama.cpp built from the source vendored in
+llama-cpp-python's sdist (``pip download --no-deps --no-binary :all: llama-cpp-python``; CPU only,
+Release, ``-DGGML_NATIVE=ON``; tools llama-quantize, llama-imatrix, llama-perplexity, llama-bench,
+llama-tokenize). ``--help`` prints the exact steps (``llamacpp.BUILD_HELP``), as does
+benchmarks/README.md. The samples' byte-level BPE pre-tokenizer is registered in the build's
+converter at run time, as ``convert_hf_to_gguf_update.py`` would (``llamacpp.register_pre_tokenizer``).
+
+    nice -n 19 python benchmarks/bench_llamacpp.py --llama-cpp BUILD                    # the two samples
+    nice -n 19 python benchmarks/bench_llamacpp.py --llama-cpp BUILD --models olmoe-1b-7b-1l mixtral-8x7b-1l
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import llamacpp as lc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ3_XXS", "IQ2_XS")
+# default pipeline for the samples: profile, local sensitivity, measured cost, optimal allocator
+SAMPLE_FLAGS = ((), ("--no-cache",))
+# random weights carry no sensitivity signal: allocate by routing frequency (as bench_shapes.py)
+SHAPE_FLAGS = (("--allocator", "frequency", "--no-sensitivity"),
+               ("--calib-sequences", "8", "--seq-len", "128", "--no-cache"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the comparison.
+
+    Attributes:
+        name: Label (and folder under the work directory).
+        shape: ``dmpq_compile.testing.scale.SHAPES`` key of a one-layer random checkpoint, or None.
+        quality: Score perplexity and KL (trained samples only; random weights have no quality).
+        base: GGUF type converted from the checkpoint (the speed and KL reference).
+        flags: dmpq-compile flags of the matched artifacts besides the budget (allocator), and of every
+            artifact (calibration, cache).
+        reference: (label, flags) of the dmpq artifact that gives the non-expert bytes (fp32: the KL reference).
+    """
+
+    name: str
+    shape: str | None
+    quality: bool
+    base: str
+    flags: tuple[tuple[str, ...], tuple[str, ...]]
+    reference: tuple[str, tuple[str, ...]]
+
+
+MODELS = {
+    "mixtral-tiny": ModelSpec("mixtral-tiny", None, True, "f32", SAMPLE_FLAGS,
+                              ("dmpq-fp32", ("--allocator", "uniform", "--budget-bits", "16", "--no-sensitivity"))),
+    "olmoe-tiny": ModelSpec("olmoe-tiny", None, True, "f32", SAMPLE_FLAGS,
+                            ("dmpq-fp32", ("--allocator", "uniform", "--budget-bits", "16", "--no-sensitivity"))),
+    "olmoe-1b-7b-1l": ModelSpec("olmoe-1b-7b-1l", "olmoe-1b-7b", False, "f16", SHAPE_FLAGS,
+                                ("dmpq-int4", ("--allocator", "uniform", "--budget-bits", "4", "--no-sensitivity"))),
+    "mixtral-8x7b-1l": ModelSpec("mixtral-8x7b-1l", "mixtral-8x7b", False, "f16", SHAPE_FLAGS,
+                                 ("dmpq-int4", ("--allocator", "uniform", "--budget-bits", "4", "--no-sensitivity"))),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=lc.BUILD_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llama-cpp", required=True, metavar="DIR", help="llama.cpp cmake build folder (see below)")
+    p.add_argument("--models", nargs="+", default=["mixtral-tiny", "olmoe-tiny"], choices=list(MODELS))
+    p.add_argument("--types", nargs="+", default=list(QUANT_TYPES), help="llama-quantize types")
+    p.add_argument("--work", default=str(ROOT / "out" / "bench-llamacpp"))
+    p.add_argument("--reuse", action="store_true", help="keep GGUF files and artifacts that already exist")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="threads of every tool and measurement (default 2)")
+    p.add_argument("--extra-speed-threads", type=int, nargs="*", default=[],
+                   help="also time prefill/decode with these thread counts (keys suffixed _t<N>), e.g. 1 on a "
+                   "loaded machine where two synchronising threads get preempted")
+    p.add_argument("--prefill-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--context", type=int, default=256, help="perplexity chunk length (both tools)")
+    p.add_argument("--chunks", type=int, default=64, help="perplexity chunks of the test text")
+    p.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of the calibration text")
+    p.add_argument("--group-size", type=int, default=64, help="dmpq group size (for the 2-bit floor)")
+    return p.parse_args(argv)
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def checkpoint(spec: ModelSpec, work: Path, reuse: bool) -> Path:
+    """The sample folder, or a one-layer random checkpoint at real widths with the sample's byte-level
+    tokenizer (so that both tools tokenize exactly alike; the converter pads the vocabulary)."""
+    if spec.shape is None:
+        return ROOT / "samples" / spec.name
+    out = work / "checkpoint"
+    if reuse and (out / "config.json").is_file():
+        return out
+    code = ("import sys\nfrom dmpq_compile.testing.scale import SHAPES, write_random_checkpoint\n"
+            "family, overrides = SHAPES[sys.argv[1]]\n"
+            "write_random_checkpoint(family, sys.argv[2], **{**overrides, 'num_hidden_layers': 1})\n")
+    subprocess.run([sys.executable, "-c", code, spec.shape, str(out)], check=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "samples" / "mixtral-tiny" / name, out / name)
+    add_architecture(out / "config.json")
+    unfuse_experts(out)
+    return out
+
+
+def unfuse_experts(ckpt: Path) -> None:
+    """Rewrite transformers 5's fused experts (``experts.gate_up_proj [E, 2I, H]``, ``down_proj``) as the
+    per-expert keys of the family's original checkpoints, which the llama.cpp converter reads (dmpq reads
+    both). Same values; the router moves with the experts when the family's module name differs."""
+    import re
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dmpq_compile.frontend.families import family_for
+
+    fam = family_for(json.loads((ckpt / "config.json").read_text())["model_type"])
+    gate, up, down = fam.expert_names
+    fused = re.compile(r"(.*\.layers\.\d+)\.\w+\.(experts\.(gate_up_proj|down_proj)|gate\.weight)$")
+    index_file = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        out = {}
+        with safe_open(str(shard), "pt") as f:
+            keys = list(f.keys())  # a safetensors handle, not a dict
+            if not any(fused.match(k) for k in keys):
+                continue
+            for key in keys:
+                m, t = fused.match(key), f.get_tensor(key)
+                if m is None:
+                    out[key] = t
+                    continue
+                moe = f"{m.group(1)}.{fam.moe_prefixes[0]}"
+                if m.group(3) == "gate_up_proj":
+                    inter = t.shape[1] // 2
+                    for e in range(t.shape[0]):
+                        out[f"{moe}.experts.{e}.{gate}.weight"] = t[e, :inter].clone()
+                        out[f"{moe}.experts.{e}.{up}.weight"] = t[e, inter:].clone()
+                elif m.group(3) == "down_proj":
+                    out.update({f"{moe}.experts.{e}.{down}.weight": t[e].clone() for e in range(t.shape[0])})
+                else:
+                    out[f"{moe}.gate.weight"] = t
+        save_file(out, str(shard), metadata={"format": "pt"})
+        if index is not None:
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name}
+            index["weight_map"].update({k: shard.name for k in out})
+        del out
+    if index is not None:
+        index_file.write_text(json.dumps(index, indent=1))
+
+
+def add_architecture(config_file: Path) -> None:
+    """Name the model class in ``config.json`` (the converter picks its converter by ``architectures``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = json.loads(config_file.read_text())
+    config.setdefault("architectures", [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]])
+    config_file.write_text(json.dumps(config, indent=2))
+
+
+def corpus_text(model_dir: Path, split: str, n_tokens: int, out: Path) -> list[int]:
+    """Write the first documents of a pydoc split, joined by blank lines, until they hold ``n_tokens``
+    tokens (plus a margin); return the ids ``tokenizers`` gives the whole text."""
+    from dmpq_compile.eval import load_corpus
+    from dmpq_compile.eval.tokens import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    texts, count = [], 0
+    for doc in load_corpus("pydoc", split):
+        texts.append(doc)
+        count += len(tok.encode(doc).ids)
+        if count >= n_tokens * 1.05 + 64:
+            break
+    text = "\n\n".join(texts)
+    out.write_text(text, encoding="utf-8")
+    ids = tok.encode(text).ids
+    if len(ids) < n_tokens:
+        raise RuntimeError(f"the pydoc {split} split holds {len(ids)} tokens, fewer than the {n_tokens} needed")
+    return ids
+
+
+def check_tokens(llama: lc.LlamaCpp, gguf: Path, text_file: Path, ids: list[int], n: int) -> dict:
+    """Compare llama.cpp's tokenization of ``text_file`` with ``ids`` over the first ``n`` tokens."""
+    out = lc.run([llama.tool("llama-tokenize"), "-m", str(gguf), "-f", str(text_file), "--ids", "--log-disable",
+                  "--no-bos"], "llama-tokenize")
+    theirs = lc.parse_token_ids(out)
+    diff = next((i for i, (a, b) in enumerate(zip(theirs[:n], ids[:n])) if a != b), None)
+    if diff is None and len(theirs) < n:
+        diff = len(theirs)
+    result = {"checked_tokens": n, "llama_tokens": len(theirs), "tokenizers_tokens": len(ids), "first_mismatch": diff}
+    if diff is not None:
+        raise RuntimeError(f"llama.cpp tokenizes {text_file} differently from tokenizers at token {diff}: {result}")
+    return result
+
+
+# -- building ----------------------------------------------------------------------------------------
+def gguf_files(llama: lc.LlamaCpp, spec: ModelSpec, ckpt: Path, work: Path, args: argparse.Namespace,
+               calib_file: Path) -> dict[str, Path]:
+    """The base GGUF and one file per quantization type (llama.cpp's own tools)."""
+    base = work / f"{spec.base.upper()}.gguf"
+    if not (args.reuse and base.is_file()):
+        lc.ensure_pre_tokenizer(llama, ckpt)
+        lc.run([sys.executable, str(llama.source / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", spec.base,
+                "--outfile", str(base)], f"convert {spec.name}")
+    imatrix = work / "imatrix.gguf"
+    if not (args.reuse and imatrix.is_file()):
+        lc.run([llama.tool("llama-imatrix"), "-m", str(base), "-f", str(calib_file), "-o", str(imatrix),
+                "-c", str(args.context), "--chunks", str(args.imatrix_chunks), "-t", str(args.threads)],
+               f"llama-imatrix {spec.name}")
+    files = {spec.base.upper(): base}
+    for qtype in args.types:
+        out = work / f"{qtype}.gguf"
+        if not (args.reuse and out.is_file()):
+            print(f"  llama-quantize {qtype}", flush=True)
+            lc.run([llama.tool("llama-quantize"), "--imatrix", str(imatrix), str(base), str(out), qtype,
+                    str(args.threads)], f"llama-quantize {qtype}")
+        files[qtype] = out
+    return files
+
+
+def gguf_row(llama: lc.LlamaCpp, path: Path, params: tuple[int, int]) -> dict:
+    tensors = lc.gguf_tensors(llama, path)
+    expert = [t for n, t in tensors.items() if lc.is_gguf_expert(n)]
+    types: dict[str, int] = {}
+    for t in tensors.values():
+        types[t["type"]] = types.get(t["type"], 0) + t["elements"]
+    return {"kind": "gguf", "path": str(path), "file_bytes": path.stat().st_size,
+            "bpw": lc.stored_bpw(path.stat().st_size, params[0]),
+            "tensor_bpw": lc.stored_bpw(sum(t["bytes"] for t in tensors.values()), params[0]),
+            "expert_bpw": lc.stored_bpw(sum(t["bytes"] for t in expert), params[1]),
+            "expert_types": sorted({t["type"] for t in expert}), "elements_by_type": types}
+
+
+def dmpq_row(path: Path, params: tuple[int, int]) -> dict:
+    manifest = json.loads((path / "manifest.json").read_text())
+    file_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != "report.json")
+    expert_bytes = sum(e["bytes"] for e in manifest["experts"].values())
+    hist = manifest["quantization"]["bits_histogram"]
+    return {"kind": "dmpq", "path": str(path), "file_bytes": file_bytes, "bpw": lc.stored_bpw(file_bytes, params[0]),
+            "expert_bpw": lc.stored_bpw(expert_bytes, params[1]), "expert_bytes": expert_bytes,
+            "bits_histogram": hist, "manifest_bpw": (manifest.get("storage") or {}).get("bits_per_weight"),
+            "expert_code_bits": sum(int(b) * n for b, n in hist.items()) / sum(hist.values())}
+
+
+def min_expert_bytes(shapes: dict[str, tuple[int, ...]], bits: int, group_size: int) -> int:
+    """Stored bytes of all routed experts at ``bits`` on ort-cpu ([out, in] weights, fused ones per expert)."""
+    from dmpq_compile.backends.cost import matmulnbits_bytes
+
+    total = 0
+    for name, shape in shapes.items():
+        if lc.is_hf_expert(name):
+            experts = shape[0] if len(shape) == 3 else 1
+            total += experts * matmulnbits_bytes(shape[-2], shape[-1], bits, group_size)
+    return total
+
+
+def dmpq_budget(target_bpw: float, target_expert_bpw: float, params: tuple[int, int], non_expert_bytes: float,
+                floor_bytes: float) -> tuple[float, str]:
+    """(stored expert bytes to allow, how matched): the whole file's bpw when the experts can be made that
+    small, else the GGUF's expert bpw (never below ``floor_bytes``, the experts at the lowest bit-width)."""
+    whole = target_bpw * params[0] / 8 - non_expert_bytes
+    if whole >= floor_bytes:
+        return whole, "whole file"
+    return max(target_expert_bpw * params[1] / 8, floor_bytes), "experts only"
+
+
+def compile_dmpq(ckpt: Path, out: Path, flags: list[str], reuse: bool) -> None:
+    if reuse and (out / "manifest.json").is_file():
+        return
+    cmd = ["dmpq-compile", "compile", str(ckpt), "--target", "ort-cpu", *flags, "-o", str(out), "--overwrite",
+           "--no-progress"]
+    print(f"  {' '.join(cmd)}", flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"dmpq-compile failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+
+
+def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict], args: argparse.Namespace,
+                  params: tuple[int, int]) -> dict[str, dict]:
+    """The reference artifact, then one artifact per distinct matched budget."""
+    ref_label, ref_flags = spec.reference
+    alloc_flags, common_flags = spec.flags
+    compile_dmpq(ckpt, work / ref_label, [*ref_flags, *common_flags], args.reuse)
+    rows = {ref_label: {**dmpq_row(work / ref_label, params), "flags": list(ref_flags)}}
+    non_expert = rows[ref_label]["file_bytes"] - rows[ref_label]["expert_bytes"]
+    floor = min_expert_bytes(lc.safetensors_shapes(ckpt), 2, args.group_size)
+    budgets: list[tuple[float, str, list[str]]] = []
+    for qtype in args.types:
+        g = ggufs[qtype]
+        nbytes, basis = dmpq_budget(g["bpw"], g["expert_bpw"], params, non_expert, floor)
+        same = next((b for b in budgets if abs(b[0] - nbytes) <= 0.01 * nbytes), None)
+        if same:
+            same[2].append(qtype)
+        else:
+            budgets.append((nbytes, basis, [qtype]))
+    for nbytes, basis, types in budgets:
+        label = "dmpq~" + "+".join(types)  # a folder name too
+        flags = ["--budget-mb", f"{nbytes / 2**20:.4f}", *alloc_flags, *common_flags]
+        compile_dmpq(ckpt, work / label, flags, args.reuse)
+        rows[label] = {**dmpq_row(work / label, params), "flags": flags, "match": basis, "matched_types": types,
+                       "budget_mb": nbytes / 2**20}
+    return rows
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+def time_gguf(llama: lc.LlamaCpp, path: Path, args: argparse.Namespace, threads: int) -> dict[str, float]:
+    common = [llama.tool("llama-bench"), "-m", str(path), "-t", str(threads), "-r", "1", "-o", "json"]
+    pre = lc.run([*common, "-p", str(args.prefill_tokens), "-n", "0"], "llama-bench prefill")
+    dec = lc.run([*common, "-p", "0", "-n", str(args.decode_tokens), "-d", str(args.prefill_tokens)],
+                 "llama-bench decode")
+    return {**lc.parse_bench_json(pre), **lc.parse_bench_json(dec)}
+
+
+def time_dmpq(path: Path, args: argparse.Namespace, threads: int) -> dict[str, float]:
+    from dmpq_compile.bench import BenchConfig, bench
+
+    cfg = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, rounds=1,
+                      threads=threads, corpus=None, rss=False)
+    r = bench([path], cfg, progress=False)[0]
+    return {"prefill_tok_s": r["prefill_tok_s"], "decode_ms": r["decode_ms"]}
+
+
+def interleaved_speed(llama: lc.LlamaCpp, rows: dict[str, dict], args: argparse.Namespace) -> None:
+    labels = list(rows)
+    samples: dict[str, list[dict]] = {k: [] for k in labels}
+    for r in range(args.rounds):
+        for i in range(len(labels)):
+            label = labels[(i + r) % len(labels)]
+            path, sample = Path(rows[label]["path"]), {}
+            for threads in (args.threads, *args.extra_speed_threads):
+                suffix = "" if threads == args.threads else f"_t{threads}"
+                timed = (time_gguf(llama, path, args, threads) if rows[label]["kind"] == "gguf"
+                         else time_dmpq(path, args, threads))
+                sample.update({k + suffix: v for k, v in timed.items()})
+            samples[label].append(sample)
+        print(f"  round {r + 1}/{args.rounds} done ({uptime()})", flush=True)
+    for label in labels:
+        for key in samples[label][0]:
+            values = [s[key] for s in samples[label]]
+            rows[label][key] = statistics.median(values)
+            rows[label][key + "_rounds"] = values
+
+
+def chunk_logprobs(path: Path, chunks: np.ndarray, threads: int) -> np.ndarray:
+    """Log-probabilities [chunks, C - 1 - C/2, V] at the positions llama-perplexity scores."""
+    from dmpq_compile.runtime import load
+
+    session, first = load(path, threads=threads), chunks.shape[1] // 2
+    out = []
+    for i in range(0, len(chunks), 4):
+        x = session.logits(chunks[i:i + 4])[:, first:-1].astype(np.float64)
+        x -= x.max(-1, keepdims=True)
+        out.append((x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32))
+    return np.concatenate(out)
+
+
+def dmpq_quality(rows: dict[str, dict], ref_label: str, ids: list[int], args: argparse.Namespace) -> None:
+    chunks = np.asarray(ids[: args.chunks * args.context], dtype=np.int64).reshape(args.chunks, args.context)
+    targets = chunks[:, args.context // 2 + 1:]
+    ref = chunk_logprobs(Path(rows[ref_label]["path"]), chunks, args.threads)
+    for label, row in rows.items():
+        if row["kind"] != "dmpq":
+            continue
+        lp = ref if label == ref_label else chunk_logprobs(Path(row["path"]), chunks, args.threads)
+        nll = -np.take_along_axis(lp, targets[..., None], -1)[..., 0].astype(np.float64)
+        kl = (np.exp(ref.astype(np.float64)) * (ref.astype(np.float64) - lp)).sum(-1)
+        row.update({"ppl": float(np.exp(nll.mean())), "kl": float(kl.mean()),
+                    "top1_vs_base": float((lp.argmax(-1) == ref.argmax(-1)).mean()), "scored_tokens": int(nll.size)})
+
+
+def gguf_quality(llama: lc.LlamaCpp, rows: dict[str, dict], base_label: str, test_file: Path, work: Path,
+                 args: argparse.Namespace) -> None:
+    kld = work / "base.kld"
+    common = ["-c", str(args.context), "--chunks", str(args.chunks), "-t", str(args.threads)]
+    out = lc.run([llama.tool("llama-perplexity"), "-m", rows[base_label]["path"], "-f", str(test_file), *common,
+                  "--kl-divergence-base", str(kld)], "llama-perplexity base")
+    rows[base_label].update({**lc.parse_perplexity(out), "kl": 0.0, "top1_vs_base": 1.0})
+    for label, row in rows.items():
+        if row["kind"] == "gguf" and label != base_label:
+            out = lc.run([llama.tool("llama-perplexity"), "-m", row["path"], *common, "--kl-divergence-base",
+                          str(kld), "--kl-divergence"], f"llama-perplexity {label}")
+            row.update(lc.parse_perplexity(out))
+
+
+# -- one model ---------------------------------------------------------------------------------------
+def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> dict:
+    work = Path(args.work) / spec.name
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"{spec.name}: {uptime()}", flush=True)
+    ckpt = checkpoint(spec, work, args.reuse)
+    params = lc.count_params(lc.safetensors_shapes(ckpt))
+    calib_file, test_file = work / "calib.txt", work / "test.txt"
+    corpus_text(ckpt, "calib", args.imatrix_chunks * args.context, calib_file)  # never committed: out/ is ignored
+    files = gguf_files(llama, spec, ckpt, work, args, calib_file)
+    rows = {f"gguf-{k}": {**gguf_row(llama, p, params)} for k, p in files.items()}
+    ggufs = {k: rows[f"gguf-{k}"] for k in args.types}
+    rows.update(dmpq_variants(spec, ckpt, work, ggufs, args, params))
+    result: dict = {"model": spec.name, "checkpoint": str(ckpt), "params": params[0], "expert_params": params[1]}
+    if spec.quality:
+        ids = corpus_text(ckpt, "test", args.chunks * args.context, test_file)
+        base = f"gguf-{spec.base.upper()}"
+        result["tokens"] = check_tokens(llama, Path(rows[base]["path"]), test_file, ids, args.chunks * args.context)
+        gguf_quality(llama, rows, base, test_file, work, args)
+        dmpq_quality(rows, spec.reference[0], ids, args)
+    result["uptime_before_speed"] = uptime()
+    interleaved_speed(llama, rows, args)
+    result["uptime_after_speed"] = uptime()
+    result["rows"] = rows
+    print(table(rows), flush=True)
+    return result
+
+
+def table(rows: dict[str, dict]) -> str:
+    base = next(iter(rows.values()))
+    head = "| variant | match | bpw | expert bpw | file MB | prefill tok/s | decode ms/tok | ppl | KL | top-1 |"
+    lines = [head, "|" + "---|" * 10]
+    for label, r in rows.items():
+        def f(key: str, fmt: str, r: dict = r) -> str:
+            return fmt.format(r[key]) if key in r else "-"
+        lines.append(f"| {label} | {r.get('match', '')} | {r['bpw']:.2f} | {r['expert_bpw']:.2f} | "
+                     f"{r['file_bytes'] / 1e6:.2f} | {f('prefill_tok_s', '{:.0f}')} "
+                     f"({r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x) | {f('decode_ms', '{:.3f}')} "
+                     f"({r['decode_ms'] / base['decode_ms']:.2f}x) | {f('ppl', '{:.3f}')} | {f('kl', '{:.5f}')} | "
+                     f"{f('top1_vs_base', '{:.3f}')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dmpq_compile.bench import _cpu
+
+    args = parse_args(argv)
+    try:
+        llama = lc.find_llama_cpp(args.llama_cpp)
+    except lc.LlamaCppError as e:
+        sys.exit(str(e))
+    start = {"uptime": uptime(), "commit": git("rev-parse", "--short", "HEAD"), "time": time.strftime("%F %T")}
+    print(f"start: {start}", flush=True)
+    models = [run_model(llama, MODELS[name], args) for name in args.models]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"llamacpp-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_llamacpp.py", *sys.argv[1:]]),
+                               "start": start, "end_uptime": uptime(), "cpu": _cpu(),
+                               "llama_cpp": {"source": str(llama.source), "version": llama_version(llama)},
+                               "args": vars(args), "models": models}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def llama_version(llama: lc.LlamaCpp) -> str:
+    res = subprocess.run([llama.tool("llama-bench"), "--version"], capture_output=True, text=True, check=False)
+    return (res.stdout + res.stderr).strip().splitlines()[0] if (res.stdout + res.stderr).strip() else "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
