@@ -5,7 +5,10 @@ Layout of ``out/``::
     manifest.json      format + version, source model and its config, target and backend fields,
                        per-expert bits / group size / method / quant spec and, where the
                        backend reports them, the expert's tensors in the model file and their
-                       bytes; tool versions, sha256 + size of every other file, creation time
+                       bytes; the non-expert nodes (attention, shared experts, MLPs, lm_head)
+                       with the bits of the --nonexpert-bits policy, method and, when quantized,
+                       tensors and bytes (``nonexpert``); the storage summary; tool versions,
+                       sha256 + size of every other file, creation time
     report.json        the compile report (allocation, metrics) given by the caller
     model.onnx(.data)  whatever the backend emits
     tokenizer.json ... tokenizer files copied from the source checkpoint
