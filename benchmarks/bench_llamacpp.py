@@ -460,17 +460,18 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
 
 
 def table(rows: dict[str, dict]) -> str:
+    """Markdown table; speed columns for every thread count measured, ratios to the first row."""
     base = next(iter(rows.values()))
-    head = "| variant | match | bpw | expert bpw | file MB | prefill tok/s | decode ms/tok | ppl | KL | top-1 |"
-    lines = [head, "|" + "---|" * 10]
+    speed = [k for k in base if k.startswith(("prefill_tok_s", "decode_ms")) and not k.endswith("_rounds")]
+    head = ["variant", "match", "bpw", "expert bpw", "file MB", *speed, "ppl", "KL", "top-1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
         def f(key: str, fmt: str, r: dict = r) -> str:
             return fmt.format(r[key]) if key in r else "-"
-        lines.append(f"| {label} | {r.get('match', '')} | {r['bpw']:.2f} | {r['expert_bpw']:.2f} | "
-                     f"{r['file_bytes'] / 1e6:.2f} | {f('prefill_tok_s', '{:.0f}')} "
-                     f"({r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x) | {f('decode_ms', '{:.3f}')} "
-                     f"({r['decode_ms'] / base['decode_ms']:.2f}x) | {f('ppl', '{:.3f}')} | {f('kl', '{:.5f}')} | "
-                     f"{f('top1_vs_base', '{:.3f}')} |")
+        cells = [label, r.get("match", ""), f"{r['bpw']:.2f}", f"{r['expert_bpw']:.2f}", f"{r['file_bytes'] / 1e6:.2f}",
+                 *(f"{r[k]:.{0 if k.startswith('prefill') else 3}f} ({r[k] / base[k]:.2f}x)" for k in speed),
+                 f("ppl", "{:.3f}"), f("kl", "{:.5f}"), f("top1_vs_base", "{:.3f}")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -484,15 +485,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(str(e))
     start = {"uptime": uptime(), "commit": git("rev-parse", "--short", "HEAD"), "time": time.strftime("%F %T")}
     print(f"start: {start}", flush=True)
-    models = [run_model(llama, MODELS[name], args) for name in args.models]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"llamacpp-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_llamacpp.py", *sys.argv[1:]]),
-                               "start": start, "end_uptime": uptime(), "cpu": _cpu(),
-                               "llama_cpp": {"source": str(llama.source), "version": llama_version(llama)},
-                               "args": vars(args), "models": models}, indent=1))
-    print(f"wrote {out}")
-    return 0
+    models = []
+    for name in args.models:  # the JSON is rewritten after each model: a later failure keeps the earlier rows
+        try:
+            models.append(run_model(llama, MODELS[name], args))
+        except (lc.LlamaCppError, RuntimeError) as e:
+            print(f"{name} failed: {e}", file=sys.stderr, flush=True)
+            models.append({"model": name, "error": str(e)[-2000:]})
+        out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_llamacpp.py", *sys.argv[1:]]),
+                                   "start": start, "end_uptime": uptime(), "cpu": _cpu(),
+                                   "llama_cpp": {"source": str(llama.source), "version": llama_version(llama)},
+                                   "args": vars(args), "models": models}, indent=1))
+        print(f"wrote {out}", flush=True)
+    return 1 if any("error" in m for m in models) else 0
 
 
 def llama_version(llama: lc.LlamaCpp) -> str:
