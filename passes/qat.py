@@ -19,12 +19,16 @@ optimizer and schedule, the keep-the-best rule and the write-back, per layer.
 What trains (everything else is read from the store untouched, so stays bit-identical):
 
 * experts with ``bits < 16``: always, through :func:`~dmpq_compile.quant.fake_quantize_ste` at
-  their bits and group size (optionally with LSQ-style learnable per-group scale multipliers);
+  their bits and group size, in the weight format the target stores those bits in
+  (``ctx.backend.weight_formats``: e.g. trt-a100's per-channel symmetric INT8), optionally with
+  LSQ-style learnable per-group scale multipliers (group-wise asymmetric formats only; a
+  per-channel symmetric weight trains by plain STE);
 * experts kept at 16 bits: in full precision when ``train_fp_experts`` (default);
 * routers: when ``train_router``;
 * embeddings, attention, norms, shared experts, dense MLPs and the LM head: in full precision when
-  ``train_nonexpert`` (a shared expert or dense MLP that carries ``bits < 16`` trains through STE
-  at those bits, matching what the reference interpreter executes for it).
+  ``train_nonexpert`` (an attention, shared expert, dense MLP or LM head whose weights carry
+  ``bits < 16`` from the non-expert precision policy trains through STE at those bits and the
+  target's format, matching what the reference interpreter executes for it).
 
 Loss: ``kl`` (default) distils from the full-precision model (the same graph run with
 ``quantize=False`` on the original weights, logits computed on the fly under ``no_grad``), the
@@ -75,9 +79,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..eval.metrics import mean_kl, mean_nll
-from ..ir.graph import Graph
+from ..ir.graph import QUANT_ROLES, Graph
 from ..ir.interpreter import DEFAULT_GROUP_SIZE, Interpreter, RunOptions
-from ..quant import fake_quantize, fake_quantize_ste, init_scale_multiplier
+from ..quant import QuantSpec, fake_quantize, fake_quantize_spec, fake_quantize_ste, init_scale_multiplier
+from ..quant.formats import WeightFormat
+from ..quant.spec import ASYM_GROUP
 from .base import Pass, PassContext, PassError, PassResult
 
 log = logging.getLogger(__name__)
@@ -86,7 +92,6 @@ LOSSES = ("kl", "nll")
 MODES = ("auto", "whole", "blockwise")
 BYTES_PER_PARAM = 20  # whole-model QAT: fp32 student + teacher (8), gradient (4), two Adam moments (8)
 FIT_FRACTION = 0.8  # whole-model QAT may use at most this fraction of the available memory
-QUANT_ROLES = ("gate", "up", "down")
 NONEXPERT_KINDS = ("embed", "norm", "attention", "shared_expert", "mlp", "lm_head")
 SCALE_MULT_MIN = 0.25  # learnable scale multipliers are clamped to [SCALE_MULT_MIN, 1]
 BAKE_TOLERANCE = 1e-5  # relative to a tensor's max |value|: a larger difference counts as a mismatch
@@ -192,6 +197,12 @@ class _Use:
     key: str
     bits: int = 16
     group_size: int = DEFAULT_GROUP_SIZE
+    spec: QuantSpec | None = None  # the target's format for ``bits``; None: group-wise asymmetric
+
+    @property
+    def learnable(self) -> bool:
+        """Whether LSQ scale multipliers can train for this use (group-wise asymmetric formats only)."""
+        return self.bits < 16 and (self.spec is None or self.spec.scheme == ASYM_GROUP)
 
 
 @dataclass
@@ -206,7 +217,7 @@ class _Trainables:
         """Register ``use``, creating the key's parameter (and scale multiplier) on first sight."""
         if use.key not in self.params:
             self.params[use.key] = torch.nn.Parameter(graph.weights[use.key].detach().to(torch.float32).clone())
-        if use.bits < 16 and learnable_scales:
+        if learnable_scales and use.learnable:  # per-channel symmetric formats train by plain STE
             skey = (use.key, use.bits, use.group_size)
             if skey not in self.scales:
                 self.scales[skey] = init_scale_multiplier(self.params[use.key], use.group_size)
@@ -222,7 +233,7 @@ class _Trainables:
         if use.bits >= 16:
             return w
         scale = self.scales.get((use.key, use.bits, use.group_size))
-        return fake_quantize_ste(w, use.bits, use.group_size, scale_mult=scale)
+        return fake_quantize_ste(w, use.bits, use.group_size, scale_mult=scale, spec=use.spec)
 
     def overrides(self) -> dict[str, dict[str, torch.Tensor]]:
         """``RunOptions.weight_override`` for the current parameter values."""
@@ -256,8 +267,9 @@ def _group_size(graph: Graph, ann: dict[str, Any], option: int | None) -> int:
 
 
 def _node_bits(kind: str, ann: dict[str, Any]) -> int:
-    """Bits the reference interpreter applies to a node's gate/up/down weights (16: none)."""
-    return int(ann.get("bits", 16)) if kind == "expert" else 16
+    """Bits the reference interpreter applies to a node's quantizable weights (16: none):
+    an expert's allocation, or the non-expert precision policy's bits."""
+    return int(ann.get("bits", 16)) if kind in QUANT_ROLES else 16
 
 
 def _trains(kind: str, bits: int, o: QATOptions) -> bool:
@@ -269,8 +281,11 @@ def _trains(kind: str, bits: int, o: QATOptions) -> bool:
     return kind in NONEXPERT_KINDS and o.train_nonexpert
 
 
-def select_uses(graph: Graph, o: QATOptions) -> list[_Use]:
+def select_uses(graph: Graph, o: QATOptions, formats: dict[int, WeightFormat] | None = None) -> list[_Use]:
     """The (node, role) weights that train under ``o`` and how the forward pass reads each; reads no tensor.
+
+    ``formats`` (``Backend.weight_formats``) are the target's weight formats: a weight trains
+    toward the format it will be stored in (e.g. trt-a100's per-channel symmetric INT8).
 
     Raises:
         PassError: the graph already carries ``quant`` records, or nothing would train.
@@ -286,7 +301,9 @@ def select_uses(graph: Graph, o: QATOptions) -> list[_Use]:
             continue
         group = _group_size(graph, node.ann, o.group_size)
         for role, key in node.params.items():
-            uses.append(_Use(node.id, role, key, bits if role in QUANT_ROLES else 16, group))
+            b = bits if role in QUANT_ROLES.get(node.kind, ()) else 16
+            fmt = (formats or {}).get(b) if b < 16 else None
+            uses.append(_Use(node.id, role, key, b, group, fmt.spec(group) if fmt else None))
     if not uses:
         raise PassError("pass 'qat': nothing to train (no expert has bits < 16 and every other part is frozen)")
     return uses
@@ -455,7 +472,7 @@ class QATPass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        uses = select_uses(graph, o)
+        uses = select_uses(graph, o, getattr(ctx.backend, "weight_formats", None))
         mode, reason = choose_mode(graph, o.mode)
         log.info("qat: %s mode (%s)", mode, reason)
         if mode == "blockwise":
@@ -471,7 +488,8 @@ def run_whole(graph: Graph, ctx: PassContext, o: QATOptions, uses: list[_Use]) -
     """Whole-model QAT (see the module docstring)."""
     tr = collect_trainables(graph, o, uses)
     train_ids, eval_ids = split_calibration(ctx.calibration, o.eval_fraction)
-    models = _Models(Interpreter(graph.copy(), quantize=False), Interpreter(graph, quantize=True), tr, train_ids,
+    formats = getattr(ctx.backend, "weight_formats", None)
+    models = _Models(Interpreter(graph.copy(), quantize=False), Interpreter(graph, quantize=True, formats=formats), tr, train_ids,
                      eval_ids, o)
     before = models.heldout()
     fp_nll = evaluate(models.teacher_logits, models.teacher_logits, eval_ids, o.batch_size).nll
@@ -486,7 +504,8 @@ def run_whole(graph: Graph, ctx: PassContext, o: QATOptions, uses: list[_Use]) -
         fidelity = BakeFidelity() if o.learnable_scales else None
         write_back(graph, tr, fidelity)
         bake = fidelity.stats() if fidelity else {}
-    after = evaluate(Interpreter(graph, quantize=True), models.teacher_logits, eval_ids, o.batch_size)
+    after = evaluate(Interpreter(graph, quantize=True, formats=formats), models.teacher_logits, eval_ids,
+                     o.batch_size)
     stats = {**_summary(o, loop, tr, before, after, fp_nll, seconds, train_ids, eval_ids), **bake}
     log.info("qat: %d steps, %d tokens, %.1fs (%s); held-out KL %.5f -> %.5f", loop.steps, loop.tokens,
              seconds, loop.stop_reason, before.kl, after.kl)
@@ -705,7 +724,9 @@ class BakeFidelity:
 
     def add(self, stored: torch.Tensor, value: torch.Tensor, use: _Use) -> None:
         """Compare the stored tensor of ``use``, re-quantized with RTN, with its trained value."""
-        diff = (fake_quantize(stored.to(torch.float32), use.bits, use.group_size) - value).abs()
+        w = stored.to(torch.float32)
+        requant = fake_quantize(w, use.bits, use.group_size) if use.spec is None else fake_quantize_spec(w, use.spec)
+        diff = (requant - value).abs()
         self.tensors += 1
         self.max_abs = max(self.max_abs, float(diff.max()))
         self.sq_diff += float(diff.double().pow(2).sum())

@@ -131,7 +131,7 @@ def run_blockwise(graph: Graph, ctx: PassContext, o: QATOptions, uses: list[_Use
     """Block-wise QAT of ``graph`` in place (see the module docstring); ``uses``: what trains."""
     train_ids, eval_ids = split_calibration(ctx.calibration, o.eval_fraction)
     n_train, held = len(train_ids), slice(len(train_ids), None)
-    interp = Interpreter(graph, quantize=True)
+    interp = Interpreter(graph, quantize=True, formats=getattr(ctx.backend, "weight_formats", None))
     layers = layer_nodes(graph)
     outside = sorted({u.node_id for u in uses} - set().union(*layers))
     if outside:

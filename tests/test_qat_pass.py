@@ -194,3 +194,46 @@ def test_qat_refuses_a_model_that_cannot_fit_before_any_work(tiny_dirs):
     check_fits(g, available=100 * n)  # fits: nothing raised
     with pytest.raises(PassError, match=r"does not fit.*use --qat-mode blockwise or auto.*or compile without --qat"):
         check_fits(g, available=10 * n)
+
+
+def test_qat_trains_toward_the_targets_formats(tiny_dirs, calib_ids):
+    """trt-a100 stores 8-bit weights per-channel symmetric: QAT's forward must use that grid (and
+    learnable scales, which exist only for the group-wise asymmetric format, stay off there)."""
+    from dmpq_compile.backends import get_backend
+    from dmpq_compile.passes.qat import collect_trainables, select_uses
+
+    from dmpq_compile.quant import fake_quantize_spec
+
+    trt = get_backend("trt-a100")
+    g = _graph(tiny_dirs, bits=lambda i, n: 8 if i % 2 else 4)
+    o = QATOptions(learnable_scales=True)
+    uses = [u for u in select_uses(g, o, trt.weight_formats) if u.bits < 16]
+    tr = collect_trainables(g, o, uses)
+    sym = trt.weight_formats[8].spec(64)
+    assert {u.bits for u in uses} == {4, 8}
+    for u in uses:
+        w = tr.params[u.key].detach()
+        if u.bits == 8:
+            assert u.spec == sym and (u.key, 8, u.group_size) not in tr.scales
+            assert torch.equal(tr.value(u).detach(), fake_quantize_spec(w, sym))
+            assert not torch.equal(tr.value(u).detach(), fake_quantize(w, 8, 64))  # not the asymmetric grid
+        else:
+            assert (u.key, 4, u.group_size) in tr.scales
+    ctx = PassContext(calibration=calib_ids(FAMILY), progress=False, backend=trt, target="trt-a100")
+    g = _graph(tiny_dirs, bits=lambda i, n: 8)
+    result = QATPass(steps=5, lr=1e-3).call(g, ctx)
+    assert result.stats["kl_after"] <= result.stats["kl_before"]
+
+
+def test_nonexpert_weights_with_bits_train_through_ste(tiny_dirs):
+    from dmpq_compile.passes.qat import select_uses
+
+    g = _graph(tiny_dirs)
+    att = next(g.nodes("attention"))
+    g.annotate(att.id, "bits", 8)
+    uses = {(u.node_id, u.role): u.bits for u in select_uses(g, QATOptions(train_nonexpert=True))}
+    experts = {e.id for e in g.experts()}
+    for (node, role), bits in uses.items():
+        expected = 8 if node == att.id else 2 if node in experts and role in ("gate", "up", "down") else 16
+        assert bits == expected, (node, role)
+    assert all(uses[(att.id, r)] == 8 for r in ("q", "k", "v", "o"))

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dmpq_compile.quant.spec import QuantSpec
+from dmpq_compile.quant.spec import ASYM_GROUP, QuantSpec
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -376,6 +376,7 @@ def fake_quantize_ste(
     group_size: int,
     scale_mult: torch.Tensor | None = None,
     grad_scale: float | None = None,
+    spec: QuantSpec | None = None,
 ) -> torch.Tensor:
     """Differentiable fake quantization for quantization-aware training.
 
@@ -393,6 +394,9 @@ def fake_quantize_ste(
         group_size: Group length along K.
         scale_mult: Optional learnable scale multiplier ``[*B, N, G]``.
         grad_scale: Optional LSQ gradient scale for ``scale_mult``.
+        spec: The target's format for these bits (e.g. per-channel symmetric INT8, see
+            :mod:`~dmpq_compile.quant.formats`); None is group-wise asymmetric at ``bits`` and
+            ``group_size``. Learnable scales exist for the group-wise asymmetric format only.
 
     Returns:
         Tensor with ``w``'s shape and dtype, connected to the autograd graph.
@@ -401,7 +405,9 @@ def fake_quantize_ste(
     if bits == 16:
         return w
     check_weight(w)
+    if spec is not None and spec.scheme != ASYM_GROUP and scale_mult is not None:
+        raise ValueError(f"learnable scale multipliers need the group-wise asymmetric format, not {spec.scheme!r}")
     if scale_mult is None:
-        fq = fake_quantize(w.detach(), bits, group_size)
+        fq = fake_quantize(w.detach(), bits, group_size) if spec is None else fake_quantize_spec(w.detach(), spec)
         return w + (fq - w).detach()
     return _lsq_fake_quantize(w, bits, group_size, scale_mult, grad_scale).to(w.dtype)
