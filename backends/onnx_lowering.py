@@ -144,6 +144,11 @@ class Builder:
                 dtype = None
             packed = dtype is None or np.dtype(dtype).itemsize * int(np.prod(t.dims)) != size
             t.ClearField("raw_data")
+            # a fresh message: clearing a field does not free the bytes from the message's arena
+            # (upb protobuf), so keeping ``t`` would keep every spilled tensor in memory after all
+            small = TensorProto()
+            small.CopyFrom(t)
+            self.initializers[t.name] = small
             self.deferred[t.name] = _spilled(self.spill.fileno(), offset, size, None if packed else dtype,
                                              tuple(t.dims))
         return t.name

@@ -75,3 +75,30 @@ def test_pass_boundaries_hand_freed_heap_back():
     assert freed - base > 200
     assert rss_mb() - base < 0.25 * (freed - base)
     del keep
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_spilled_initializers_leave_no_bytes_in_memory(tmp_path):
+    """Initializers the lowering spills must not stay resident in their protobuf messages (clearing
+    a field does not free the bytes of a upb message's arena; a layer's codes stayed in memory)."""
+    import tempfile
+
+    import numpy as np
+    from dmpq_compile.backends.onnx_lowering import Builder
+    from dmpq_compile.passes.manager import release_free_heap
+    from onnx import numpy_helper
+
+    def rss_mb() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    with tempfile.TemporaryFile(dir=tmp_path) as spill:
+        b = Builder(spill)
+        release_free_heap()
+        base = rss_mb()
+        for i in range(150):  # 300 MB of 2 MiB tensors
+            b.add_proto(numpy_helper.from_array(np.full((512, 1024), i, np.float32), f"w{i}"))
+        release_free_heap()
+        grown = rss_mb() - base
+        assert len(b.deferred) == 150 and b.deferred["w7"]()[0, 0] == 7
+    assert grown < 60, f"{grown:.0f} MB stayed resident after spilling 300 MB"
