@@ -63,7 +63,9 @@ def test_compile_run_inspect_eval_end_to_end(tiny_dirs, tiny_corpus, tmp_path, c
     bits = [e["bits"] for e in manifest["experts"].values()]
     assert set(bits) <= {2, 4, 8, 16} and len(set(bits)) > 1
     assert main(["inspect", str(art)]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + len(bits)
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = next(i for i, line in enumerate(lines) if line.startswith("stored bits per weight:"))
+    assert summary == 1 + len(bits)  # header + one row per expert, then the stored-bits summary
     assert main(["run", str(art), "the expert", "--max-new-tokens", "5"]) == 0
     assert main(["eval", str(art), "--corpus", str(tiny_corpus), "--context", "32", "--no-progress"]) == 0
     assert "ppl=" in capsys.readouterr().out
