@@ -60,12 +60,13 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
                     reason="VmRSS and malloc_trim: Linux with glibc")
 def test_pass_boundaries_hand_freed_heap_back():
     """A pass that freed many small tensors must not leave their heap resident for the next one."""
-    from dmpq_compile.passes.manager import reset_peak_rss
+    from dmpq_compile.passes.manager import release_free_heap, reset_peak_rss
 
     def rss_mb() -> float:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
         return int(line.split()[1]) / 1024
 
+    release_free_heap()  # free heap left by earlier tests would absorb the allocations below
     base = rss_mb()
     chunks = [torch.ones(2500) for _ in range(40000)]  # 400 MB in 10 KB heap blocks
     keep = chunks[::1000]  # survivors pin the heap's top, so free() alone cannot shrink it
