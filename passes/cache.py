@@ -84,16 +84,16 @@ def _json(value: Any) -> str:
 def _weights_digest(graph: Graph) -> str | None:
     """A hash identifying every weight's content, or None when too much lives only in memory."""
     store, h, hashed = graph.weights, hashlib.blake2b(digest_size=16), 0
-    stats: dict[str, os.stat_result] = {}
+    files: dict[str, str] = {}  # path -> its identity as JSON, one stat per file
     for key in sorted(store):
         raw = store.ref(key)
         h.update(key.encode())
         if raw is not None:
-            if raw.path not in stats:
-                stats[raw.path] = os.stat(raw.path)
-            st = stats[raw.path]
-            h.update(_json([os.path.realpath(raw.path), st.st_size, st.st_mtime_ns, raw.offset,
-                            list(raw.shape), str(raw.dtype)]).encode())
+            if raw.path not in files:
+                st = os.stat(raw.path)
+                files[raw.path] = _json([os.path.realpath(raw.path), st.st_size, st.st_mtime_ns])
+            h.update(files[raw.path].encode())
+            h.update(_json([raw.offset, list(raw.shape), str(raw.dtype)]).encode())
         else:
             t = store[key].detach().contiguous().reshape(-1)
             hashed += t.numel() * t.element_size()
@@ -109,8 +109,9 @@ def _annotations(graph: Graph) -> dict[str, str]:
     return {n: _json(graph.g.nodes[n]["ann"]) for n in graph.topo_order()}
 
 
-def cache_key(p: Pass, graph: Graph, ctx: PassContext) -> str | None:
-    """The key of ``p``'s result on ``graph`` under ``ctx``, or None where it cannot be cached."""
+def cache_key(p: Pass, graph: Graph, ctx: PassContext, annotations: dict[str, str] | None = None) -> str | None:
+    """The key of ``p``'s result on ``graph`` under ``ctx``, or None where it cannot be cached;
+    ``annotations``: :func:`_annotations` of ``graph`` when the caller has them already."""
     weights = _weights_digest(graph)
     if weights is None:
         return None
@@ -121,7 +122,7 @@ def cache_key(p: Pass, graph: Graph, ctx: PassContext) -> str | None:
     parts = {
         "format": FORMAT, "pass": p.name, "class": f"{type(p).__module__}.{type(p).__qualname__}",
         "options": repr(p.options), "code": code_digest(p), "meta": graph.meta, "structure": structure,
-        "annotations": _annotations(graph), "weights": weights, "seed": ctx.seed, "target": ctx.target,
+        "annotations": annotations if annotations is not None else _annotations(graph), "weights": weights, "seed": ctx.seed, "target": ctx.target,
         "bits": getattr(backend, "supported_bits", None), "formats": repr(getattr(backend, "weight_formats", None)),
         "calibration": None if calib is None else [list(calib.shape), str(calib.dtype), hashlib.blake2b(
             calib.contiguous().numpy().tobytes(), digest_size=16).hexdigest()],
@@ -164,7 +165,7 @@ class PassCache:
         """Write the annotations ``p`` added or changed; nothing when it changed anything else."""
         graph = result.graph
         now = {k: graph.weights.version(k) for k in graph.weights}
-        if now != versions or _json(graph.meta) != meta or set(_annotations(graph)) != set(before):
+        if now != versions or _json(graph.meta) != meta or set(graph.topo_order()) != set(before):
             log.info("pass cache: %s changed weights, meta or nodes; its result is not cached", p.name)
             return
         changes: dict[str, dict[str, Any]] = {}
@@ -189,7 +190,8 @@ def run_cached(p: Pass, graph: Graph, ctx: PassContext, cache: PassCache | None)
     """``p.call`` through ``cache`` when ``p`` is cacheable and the key can be computed."""
     if cache is None or not getattr(p, "cacheable", False):
         return p.call(graph, ctx)
-    key = cache_key(p, graph, ctx)
+    before, meta = _annotations(graph), _json(graph.meta)
+    key = cache_key(p, graph, ctx, before)
     if key is None:
         log.info("pass cache: %s not cached (more than %d MiB of weights live only in memory)", p.name,
                  MAX_HASHED_BYTES // 2**20)
@@ -197,7 +199,6 @@ def run_cached(p: Pass, graph: Graph, ctx: PassContext, cache: PassCache | None)
     hit = cache.load(p, key, graph)
     if hit is not None:
         return hit
-    before, meta = _annotations(graph), _json(graph.meta)
     versions = {k: graph.weights.version(k) for k in graph.weights}
     result = p.call(graph, ctx)
     cache.store(p, key, before, result, versions, meta)
