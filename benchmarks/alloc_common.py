@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import platform
 import subprocess
@@ -59,7 +61,8 @@ def machine() -> dict[str, Any]:
 
 
 def analysed_graph(model: str, work: Path, reuse: bool, calib: torch.Tensor, cfg: CompileConfig = BASE):
-    """The analysed graph of ``model`` (profile, sensitivity, ort-cpu cost), cached in ``work``.
+    """The analysed graph of ``model`` (profile, sensitivity with the gradvar features, ort-cpu
+    cost), cached in ``work``: every allocator the benchmarks compare can run on it.
 
     Returns:
         ``(graph, seconds)``; seconds is 0.0 when the cached analysis was reused.
@@ -71,7 +74,8 @@ def analysed_graph(model: str, work: Path, reuse: bool, calib: torch.Tensor, cfg
     t0 = time.perf_counter()
     graph = load(model)
     graph.meta["group_size"] = cfg.group_size
-    graph, _ = run_passes(graph, analysis_passes(cfg, backend), model, cfg, backend, progress=False,
+    passes = analysis_passes(dataclasses.replace(cfg, allocator="gradvar", sensitivity=True), backend)
+    graph, _ = run_passes(graph, passes, model, cfg, backend, progress=False,
                           calibration=calib)
     seconds = time.perf_counter() - t0
     save_graph(graph, path)
