@@ -94,6 +94,19 @@ class Backend:
                                f"another format, e.g. {some}; re-run the quantize pass for this target "
                                f"(--target {self.name})")
 
+    def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
+        """Bytes :meth:`emit` stores for one linear weight ``K -> N`` (an expert projection, or a
+        non-expert one the ``precision`` pass gave bits) at ``bits``: codes, scales and zero points,
+        or the float weight at 16 bits. :func:`~dmpq_compile.backends.cost.stored_weight_bytes`
+        adds these up for the stored-bits budget; ``tests/test_stored_budget.py`` checks them
+        against emitted files."""
+        raise NotImplementedError(f"backend {self.name!r} does not say how it stores weights")
+
+    def float_bytes(self, kind: str, role: str) -> int:
+        """Bytes per parameter of a weight :meth:`emit` keeps in float (not a linear weight of
+        ``ir.graph.QUANT_ROLES``): norms, routers, biases, the embedding table. Default: fp32."""
+        return 4
+
     def supported_bits_for(self, kind: str) -> tuple[int, ...]:
         """The bit-widths this target runs for the linear weights of IR nodes of ``kind`` (an
         expert, or a non-expert kind of ``ir.graph.QUANT_ROLES``). Default: ``supported_bits``."""

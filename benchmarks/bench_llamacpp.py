@@ -92,13 +92,13 @@ class ModelSpec:
 
 MODELS = {
     "mixtral-tiny": ModelSpec("mixtral-tiny", None, True, "f32", SAMPLE_FLAGS,
-                              ("dmpq-fp32", ("--allocator", "uniform", "--budget-bits", "16", "--no-sensitivity"))),
+                              ("dmpq-fp32", ("--allocator", "uniform", "--budget-code-bits", "16", "--no-sensitivity"))),
     "olmoe-tiny": ModelSpec("olmoe-tiny", None, True, "f32", SAMPLE_FLAGS,
-                            ("dmpq-fp32", ("--allocator", "uniform", "--budget-bits", "16", "--no-sensitivity"))),
+                            ("dmpq-fp32", ("--allocator", "uniform", "--budget-code-bits", "16", "--no-sensitivity"))),
     "olmoe-1b-7b-1l": ModelSpec("olmoe-1b-7b-1l", "olmoe-1b-7b", False, "f16", SHAPE_FLAGS,
-                                ("dmpq-int4", ("--allocator", "uniform", "--budget-bits", "4", "--no-sensitivity"))),
+                                ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"))),
     "mixtral-8x7b-1l": ModelSpec("mixtral-8x7b-1l", "mixtral-8x7b", False, "f16", SHAPE_FLAGS,
-                                 ("dmpq-int4", ("--allocator", "uniform", "--budget-bits", "4", "--no-sensitivity"))),
+                                 ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"))),
 }
 
 

@@ -1,8 +1,9 @@
 """Stored bits per weight and quality of artifacts at several ``--nonexpert-bits`` (issue 13, item 1).
 
-For each model and non-expert bit-width: compile at one expert budget (``--budget-bits``), read the
-artifact's storage summary, and, for ort-cpu, score it with ``dmpq-compile eval`` (perplexity on
-the pydoc test split and KL to the fp32 checkpoint). trt-a100 artifacts are compiled for their
+For each model and non-expert bit-width: compile at one budget of expert code bits (this script's
+``--budget-bits``, the compile's ``--budget-code-bits``), read the artifact's storage summary,
+and, for ort-cpu, score it with ``dmpq-compile eval`` (perplexity on the pydoc test split and KL
+to the fp32 checkpoint). trt-a100 artifacts are compiled for their
 stored bytes only (running them needs TensorRT on a GPU), at ``--trt-budget-bits`` (its smallest
 expert bit-width is 4).
 

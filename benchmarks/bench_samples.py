@@ -2,12 +2,12 @@
 
 Variants (all ``--target ort-cpu``, group/block size 64):
 
-* ``fp32``, ``int8``, ``int4``: ``--allocator uniform --budget-bits 16|8|4 --no-sensitivity``;
+* ``fp32``, ``int8``, ``int4``: ``--allocator uniform --budget-code-bits 16|8|4 --no-sensitivity``;
 * ``ortq-all``: the peer baseline, a torch.onnx export quantized to 4 bits by ONNX Runtime's
   ``MatMulNBitsQuantizer`` on every MatMul with a constant weight (attention and lm_head too);
 * ``ortq-experts``: the same quantizer restricted to the expert MatMuls (the tensors
   dmpq-compile quantizes);
-* ``mixed-3.5``, ``mixed-3``: ``--allocator optimal --budget-bits 3.5|3`` with the sensitivity pass.
+* ``mixed-3.5``, ``mixed-3``: ``--allocator optimal --budget-code-bits 3.5|3`` with the sensitivity pass.
 
 Then ``dmpq_compile.bench.bench`` measures all of them in one interleaved run (ratios to fp32).
 Peak RSS is probed here, one fresh process per artifact, from ``VmHWM`` in

@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="mixtral-8x7b:2,mixtral-8x7b:4,olmoe-1b-7b:16",
                     help="NAME:LAYERS,... with NAME in " + ", ".join(SHAPES))
     ap.add_argument("--targets", default="ort-cpu,trt-a100")
-    ap.add_argument("--budget-bits", default="3.5")
+    ap.add_argument("--budget-code-bits", default="3.5", help="experts' code bits of every compile")
     ap.add_argument("--work", default="/tmp/dmpq-scale")
     args = ap.parse_args()
     work = Path(args.work)
@@ -52,7 +52,7 @@ def main() -> None:
         ckpt = build(name, int(layers), work)
         for target in args.targets.split(","):
             out = work / f"out-{name}-L{layers}-{target}"
-            cmd = ["dmpq-compile", "compile", str(ckpt), "--target", target, "--budget-bits", args.budget_bits,
+            cmd = ["dmpq-compile", "compile", str(ckpt), "--target", target, "--budget-code-bits", args.budget_code_bits,
                    "-o", str(out), "--overwrite", "--no-progress", "--no-cache"]  # time every pass
             stats = run_measured(cmd, f"{name} L{layers} {target}")
             report = json.loads((out / "report.json").read_text())

@@ -52,10 +52,10 @@ SHAPES = {
 # 17.5 GB at Mixtral widths, 5.4 GB at OLMoE widths, see benchmarks/README.md) plus a margin.
 MIN_AVAILABLE_GB = {"mixtral-8x7b": 19.0, "olmoe-1b-7b": 7.0}
 VARIANTS = (
-    ("fp32", ["--allocator", "uniform", "--budget-bits", "16", "--no-sensitivity"]),
-    ("int8", ["--allocator", "uniform", "--budget-bits", "8", "--no-sensitivity"]),
-    ("int4", ["--allocator", "uniform", "--budget-bits", "4", "--no-sensitivity"]),
-    ("mixed-3", ["--allocator", "frequency", "--budget-bits", "3", "--no-sensitivity"]),
+    ("fp32", ["--allocator", "uniform", "--budget-code-bits", "16", "--no-sensitivity"]),
+    ("int8", ["--allocator", "uniform", "--budget-code-bits", "8", "--no-sensitivity"]),
+    ("int4", ["--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"]),
+    ("mixed-3", ["--allocator", "frequency", "--budget-code-bits", "3", "--no-sensitivity"]),
 )
 
 

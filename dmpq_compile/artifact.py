@@ -126,7 +126,7 @@ def _write(graph: Graph, backend_name: str, produce: Callable[[Path], Mapping[st
         target = produce(tmp)
         storage = storage_summary(graph, target.get("expert_weights"),
                                   sum(f.stat().st_size for f in tmp.iterdir() if f.is_file() and f.name != OWNER_FILE),
-                                  target.get("nonexpert_weights"))
+                                  target.get("nonexpert_weights"), target.get("weight_bytes"))
         report = {**dict(report or {}), "emit": {"seconds": round(time.perf_counter() - t0, 3),
                                                  "peak_rss_mb": round(peak_rss_mb(), 1)}, "storage": storage}
         tokenizer = _copy_tokenizer(graph, tmp)
@@ -269,14 +269,16 @@ def _nonexpert_entry(node: Any) -> dict[str, Any]:
 
 
 def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]] | None,
-                    model_bytes: int, nonexpert_weights: Mapping[str, Mapping[str, Any]] | None = None
-                    ) -> dict[str, Any]:
+                    model_bytes: int, nonexpert_weights: Mapping[str, Mapping[str, Any]] | None = None,
+                    weight_bytes: int | None = None) -> dict[str, Any]:
     """Stored bits per weight of the model files: whole file, experts, and everything else.
 
     ``bits_per_weight`` is stored bits over parameters: codes, scales, zero points and every
-    tensor kept in float, as a user compares tools (llama.cpp's figure for a GGUF file).
-    ``code_bits`` is the experts' assigned bit-width averaged over their parameters (what
-    ``--budget-bits`` constrains today). ``params`` counts each weight of the source model
+    tensor kept in float, over the model files, as a user compares tools (llama.cpp's figure for
+    a GGUF file). ``weights`` (where the backend reports its initializers' ``weight_bytes``) is the
+    same over the weight tensors alone, without the graph's structure and the external-data
+    alignment: what ``--budget-bits`` constrains. ``code_bits`` is the experts' assigned bit-width
+    averaged over their parameters (what ``--budget-code-bits`` constrains). ``params`` counts each weight of the source model
     once (tied embeddings once). ``other`` is the file less the experts' own tensors: non-expert
     weights plus the graph's structure. ``experts`` is None where the backend does not report
     per-expert bytes. ``nonexpert`` (only where the ``precision`` policy quantized some) counts
@@ -287,7 +289,9 @@ def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]
     keys = {k for n in graph.nodes() for k in n.params.values()}
     total = _params(graph, keys)
     out: dict[str, Any] = {"params": total, "bytes": model_bytes,
-                           "bits_per_weight": round(8 * model_bytes / total, 4) if total else None, "experts": None}
+                           "bits_per_weight": round(8 * model_bytes / total, 4) if total else None, "experts": None,
+                           "weights": {"bytes": int(weight_bytes), "bits_per_weight": round(8 * weight_bytes / total, 4)}
+                           if weight_bytes and total else None}
     experts = graph.experts()
     if expert_weights and all(n.id in expert_weights for n in experts):
         n_exp = _params(graph, {k for n in experts for k in n.params.values()})

@@ -33,7 +33,7 @@ class CompileConfig:
 
     target: str = "ort-cpu"
     allocator: str = "optimal"  # won the allocator ablation (docs/allocators.md)
-    budget_kind: str = "bits"  # bits | bytes | latency
+    budget_kind: str = "bits"  # bits (experts' code bits) | stored-bits (whole model) | bytes | latency
     budget: float = 4.0
     w_acc: float = 1.0
     w_lat: float = 0.0
@@ -241,7 +241,7 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     model_dir = resolve_model(model_dir)
     graph = load(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_bits_budget(cfg)
+    check_bits_budget(cfg, graph)
     check_disk_space(graph, cfg, out.parent)
     from .artifact import scratch_folder
 
@@ -254,19 +254,35 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
         shutil.rmtree(work, ignore_errors=True)
 
 
-def check_bits_budget(cfg: CompileConfig) -> None:
-    """Refuse, before hours of analysis, an average-bits budget below the target's smallest bits,
-    and ``nonexpert_bits`` the target cannot run."""
+def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
+    """Refuse, before hours of analysis, a bits budget no allocation can meet (code bits below the
+    target's smallest bits; stored bits below what the weights outside the experts plus every
+    expert at its smallest bits store, computed from ``graph``'s shapes), and ``nonexpert_bits``
+    the target cannot run."""
     backend = get_backend(cfg.target)
     if backend is not None and cfg.nonexpert_bits < 16:
         check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
-    if cfg.budget_kind != "bits":
-        return
-    supported = cfg.bits or getattr(get_backend(cfg.target), "supported_bits", None) or ()
-    if supported and cfg.budget < min(supported):
+    supported = cfg.bits or getattr(backend, "supported_bits", None) or ()
+    if cfg.budget_kind == "bits" and supported and cfg.budget < min(supported):
         raise ValueError(f"budget {cfg.budget:.2f} average bits is infeasible for {cfg.target} (bits "
                          f"{tuple(supported)}): the smallest feasible budget is {min(supported):.2f} average bits; "
-                         "raise --budget-bits")
+                         "raise --budget-code-bits")
+    if cfg.budget_kind == "stored-bits" and graph is not None:
+        from .passes.allocate.problem import AllocationProblem, ExpertInfo, min_feasible_budget
+        from .passes.allocate_pass import stored_bits_budget
+
+        choices = tuple(sorted(supported or (16,)))
+        budget, stored = stored_bits_budget(graph, backend, cfg.budget, choices, cfg.nonexpert_bits)
+        experts = tuple(ExpertInfo(key=k, layer=0, expert=0, n_params=1, freq=0.0, mass=0.0, sensitivity={},
+                                   stored_bytes=v) for k, v in stored.items())
+        smallest = min_feasible_budget(AllocationProblem(experts, choices, budget))
+        if cfg.budget < smallest:
+            alone = f"the weights outside the experts alone store {budget.fixed:.2f} bits per weight of the model"
+            hint = (f"or lower --nonexpert-bits to quantize them ({alone} in float)" if cfg.nonexpert_bits == 16 else
+                    f"({alone}; the embedding table, norms and routers stay float)")
+            raise ValueError(f"--budget-bits {cfg.budget:.2f} is infeasible for {cfg.target}: with every expert at "
+                             f"{min(choices)} bits the model stores {smallest:.2f} bits per weight; raise the budget "
+                             f"{hint}")
 
 
 def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
@@ -279,7 +295,7 @@ def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
     expert_keys = {k for n in graph.experts() for k in n.params.values()}
     n_expert = sum(math.prod(graph.weights.shape(k)) for k in expert_keys)
     n_other = sum(math.prod(graph.weights.shape(k)) for k in graph.weights if k not in expert_keys)
-    bits = cfg.budget if cfg.budget_kind == "bits" else 8.0
+    bits = cfg.budget if cfg.budget_kind in ("bits", "stored-bits") else 8.0
     need = 1.1 * (4 * n_other + 2 * n_expert * (bits + 1) / 8)
     free = shutil.disk_usage(folder).free
     if need > free:

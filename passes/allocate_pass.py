@@ -45,7 +45,7 @@ MEASURING = ("search", "rl")  # allocators that can measure allocations through 
 @dataclass(frozen=True)
 class AllocateOptions:
     allocator: str = "frequency"
-    budget_kind: str = "bits"  # bits | bytes | latency
+    budget_kind: str = "bits"  # bits (experts' code bits) | stored-bits (whole model) | bytes | latency
     budget: float = 4.0
     w_acc: float = 1.0
     w_lat: float = 0.0
@@ -74,7 +74,7 @@ class AllocatePass(Pass):
         if o.metric not in ("kl", "nll"):
             raise PassError(f"metric must be 'kl' or 'nll', got {o.metric!r}")
         extra = tuple("kl" if k == "sensitivity" and o.metric == "kl" else k for k in extra)
-        needs_cost = o.budget_kind != "bits" or max(o.w_lat, o.w_mem, o.w_eng) > 0
+        needs_cost = o.budget_kind in ("bytes", "latency") or max(o.w_lat, o.w_mem, o.w_eng) > 0
         self.requires = ("freq", *extra, *(("cost",) if needs_cost else ()))
         self.needs_calibration = o.allocator in MEASURING and o.rl_measure_sequences > 0
 
@@ -152,6 +152,10 @@ def bits_choices(o: AllocateOptions, ctx: PassContext) -> tuple[int, ...]:
 
 def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> AllocationProblem:
     target = getattr(ctx.backend, "name", None)
+    choices = bits_choices(o, ctx)
+    budget, stored = Budget(o.budget_kind, o.budget), {}
+    if o.budget_kind == "stored-bits":
+        budget, stored = stored_bits_budget(graph, ctx.backend, o.budget, choices)
     experts = []
     for node in graph.experts():
         cost = node.ann.get("cost", {}).get(target, {}) if target else {}
@@ -165,6 +169,36 @@ def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> Allocat
             router_grad_change=node.ann.get("router_grad_change"),
             neuron_variance=node.ann.get("neuron_variance"),
             cost={int(b): ExpertCost(**row) for b, row in cost.items()},
+            stored_bytes=stored.get(node.id, {}),
         ))
-    return AllocationProblem(tuple(experts), bits_choices(o, ctx), Budget(o.budget_kind, o.budget),
-                             ObjectiveWeights(o.w_acc, o.w_lat, o.w_mem, o.w_eng))
+    return AllocationProblem(tuple(experts), choices, budget, ObjectiveWeights(o.w_acc, o.w_lat, o.w_mem, o.w_eng))
+
+
+def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[int, ...],
+                       nonexpert_bits: int | None = None) -> tuple[Budget, dict[str, dict[int, int]]]:
+    """The stored-bits budget of ``graph`` on ``backend`` and each expert's stored bytes per bits.
+
+    The fixed part is every weight outside the routed experts as ``backend`` stores it, at the
+    bits the ``precision`` pass gave (or ``nonexpert_bits`` for the nodes it would give them to,
+    for an estimate before the pass ran); the parameter count is every weight's, tied ones once.
+    Shapes only: nothing is read.
+    """
+    from ..backends.cost import expert_shapes, expert_stored_bytes, stored_weight_bytes
+    from .precision import policy_bits
+
+    if backend is None or not hasattr(backend, "weight_bytes"):
+        raise PassError("a stored-bits budget (--budget-bits) needs a target whose storage is known (--target); "
+                        "use --budget-code-bits without one")
+    gs = int(graph.meta.get("group_size", 64))
+    override = policy_bits(graph, nonexpert_bits) if nonexpert_bits is not None else None
+    try:
+        per_node = stored_weight_bytes(graph, backend, gs, override)
+    except NotImplementedError as e:
+        raise PassError(f"{e}: a stored-bits budget (--budget-bits) cannot be met there; use --budget-code-bits") \
+            from None
+    expert_ids = {n.id for n in graph.experts()}
+    fixed = sum(b for k, b in per_node.items() if k not in expert_ids)
+    params = sum(math.prod(graph.weights.shape(k)) for k in {k for n in graph.nodes() for k in n.params.values()})
+    stored = {k: {b: expert_stored_bytes(backend, h, i, b, gs) for b in choices}
+              for k, (h, i) in expert_shapes(graph).items()}
+    return Budget("stored-bits", value, fixed=8 * fixed / params, params=params), stored

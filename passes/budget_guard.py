@@ -4,7 +4,7 @@ the experts' bits still meet allocate's budget and bit-widths.
 Passes run after allocate (plugins through ``--pass``, for instance) may rewrite ``bits``; the
 allocators keep to the budget, but nothing else did. Usage is computed exactly as allocate
 computes it (:func:`.allocate.problem.budget_usage` on the problem :func:`.allocate_pass.build_problem`
-builds), for the ``bits``, ``bytes`` and ``latency`` budget kinds alike.
+builds), for every budget kind (code bits, stored bits, bytes, latency) alike.
 
 Two kinds of breakage:
 

@@ -57,6 +57,19 @@ def tied_head(graph: Graph, node_id: str) -> bool:
     return any(n.params.get("weight") == key for n in graph.nodes("embed"))
 
 
+def policy_bits(graph: Graph, nonexpert_bits: int) -> dict[str, int]:
+    """``{node id: bits}`` the policy gives at ``nonexpert_bits``: every node of
+    ``NONEXPERT_QUANTIZABLE_KINDS`` except an ``lm_head`` tied to the embedding (logged)."""
+    out = {}
+    for kind in NONEXPERT_QUANTIZABLE_KINDS:
+        for node in graph.nodes(kind):
+            if kind == "lm_head" and tied_head(graph, node.id):
+                log.info("precision: %s is tied to the embedding table, which stays float; kept at 16 bits", node.id)
+                continue
+            out[node.id] = nonexpert_bits
+    return out
+
+
 class PrecisionPass(Pass):
     name = "precision"
     Options = PrecisionOptions
@@ -74,13 +87,9 @@ class PrecisionPass(Pass):
                 raise PassError(f"precision: target {backend.name} cannot run {bits}-bit weights for "
                                 f"{sorted(kinds)} nodes (it runs {supported}); choose another --nonexpert-bits")
         counts: dict[str, int] = {}
-        for kind in NONEXPERT_QUANTIZABLE_KINDS:
-            for node in graph.nodes(kind):
-                if kind == "lm_head" and tied_head(graph, node.id):
-                    log.info("precision: %s is tied to the embedding table, which stays float; kept at 16 bits",
-                             node.id)
-                    continue
-                graph.annotate(node.id, "bits", bits)
-                counts[kind] = counts.get(kind, 0) + 1
+        for node_id, b in policy_bits(graph, bits).items():
+            graph.annotate(node_id, "bits", b)
+            kind = graph.node(node_id).kind
+            counts[kind] = counts.get(kind, 0) + 1
         log.info("precision: %d-bit non-expert weights on %s", bits, counts)
         return PassResult(graph, modified=bool(counts), stats={"nonexpert_bits": bits, "nodes": counts})

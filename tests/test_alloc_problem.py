@@ -24,7 +24,7 @@ from dmpq_compile.passes.allocate import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-KINDS = ("bits", "bytes", "latency")
+KINDS = ("bits", "bytes", "latency", "stored-bits")
 BITS_SETS = ((2, 4, 8, 16), (4, 8, 16), (2, 3, 4, 8), (8,))
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -34,13 +34,24 @@ def make_expert(i, bits, n_params=1024, freq=0.5, sens=None, extra_bytes=0, deco
     sens = sens if sens is not None else {b: 16.0 / b - 1.0 for b in bits}
     cost = {b: ExpertCost(decode_ms=(decode or 0.01) * b, prefill_ms=0.05 * b,
                           bytes=n_params * b // 8 + extra_bytes, energy_mj=0.02 * b) for b in bits}
+    kw.setdefault("stored_bytes", {b: c.bytes + n_params // 16 for b, c in cost.items()})  # + scales
     return ExpertInfo(key=kw.pop("key", f"L{i // 4}.E{i % 4}"), layer=i // 4, expert=i % 4, n_params=n_params,
                       freq=freq, mass=freq / 2, sensitivity=sens, cost=cost, **kw)
 
 
+def make_budget(kind, value, experts, like=None):
+    """A budget of ``kind``; stored bits get a fixed part (weights outside the experts, 0.9 bits
+    per weight of the model) and a model 30 % larger than its experts."""
+    if kind != "stored-bits":
+        return Budget(kind, value)
+    if like is not None and like.kind == kind:
+        return Budget(kind, value, fixed=like.fixed, params=like.params)
+    return Budget(kind, value, fixed=0.9, params=int(1.3 * sum(e.n_params for e in experts)))
+
+
 def with_budget(problem, value, kind=None):
     """The same problem with another budget."""
-    budget = Budget(kind or problem.budget.kind, value)
+    budget = make_budget(kind or problem.budget.kind, value, problem.experts, problem.budget)
     return AllocationProblem(problem.experts, problem.bits_choices, budget, problem.weights)
 
 
@@ -67,7 +78,7 @@ def problems(draw, kind=None, bits=None, max_experts=6, equal=False, frac=None, 
             extra_bytes=0 if equal else draw(st.integers(0, 100)),
             decode=None if equal else draw(st.floats(0.001, 1.0)),
             router_grad_change=draw(st.floats(0.0, 1.0)), neuron_variance=draw(st.floats(0.0, 1.0))))
-    problem = AllocationProblem(tuple(experts), bits, Budget(kind, 0.0), weights or ObjectiveWeights())
+    problem = AllocationProblem(tuple(experts), bits, make_budget(kind, 0.0, experts), weights or ObjectiveWeights())
     return budget_between(problem, draw(st.floats(0.0, 1.2)) if frac is None else frac)
 
 
@@ -83,7 +94,7 @@ def random_problem(seed, n=12, kind="bits", frac=0.4, bits=(2, 4, 8, 16)):
             i, bits, n_params=256 * int(rng.integers(1, 8)), freq=float(rng.uniform(0.05, 1)), sens=sens,
             extra_bytes=int(rng.integers(0, 64)), decode=float(rng.uniform(0.005, 0.05)),
             router_grad_change=float(rng.random()), neuron_variance=float(rng.random())))
-    problem = AllocationProblem(tuple(experts), bits, Budget(kind, 0.0))
+    problem = AllocationProblem(tuple(experts), bits, make_budget(kind, 0.0, experts))
     return budget_between(problem, frac)
 
 
@@ -96,7 +107,7 @@ def brute_force(problem):
     usage = t.usage[rows, combos].sum(axis=1)
     obj = t.objective[rows, combos].sum(axis=1)
     tol = 1e-9 * max(1.0, abs(problem.budget.value))
-    obj = np.where(usage <= problem.budget.value + tol, obj, np.inf)
+    obj = np.where(usage <= problem.capacity + tol, obj, np.inf)
     k = int(np.argmin(obj))
     return float(obj[k]), t.allocation(combos[k])
 
@@ -180,5 +191,5 @@ def test_objective_weights_add_normalised_costs():
 @given(problems())
 def test_min_feasible_budget_is_the_least_usage(problem):
     t = build_tables(problem, with_objective=False)
-    assert min_feasible_budget(problem) == pytest.approx(float(t.usage.min(axis=1).sum()))
+    assert min_feasible_budget(problem) == pytest.approx(problem.budget.fixed + float(t.usage.min(axis=1).sum()))
     assert math.isfinite(min_feasible_budget(problem))

@@ -55,7 +55,7 @@ def test_bench_cli_writes_json(artifacts, tmp_path, capsys):
 def test_compile_run_inspect_eval_end_to_end(tiny_dirs, tiny_corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DMPQ_CACHE_DIR", str(tmp_path / "cache"))
     art = tmp_path / "art"
-    assert main(["compile", str(tiny_dirs("olmoe")), "-o", str(art), "--budget-bits", "3", "--allocator", "optimal",
+    assert main(["compile", str(tiny_dirs("olmoe")), "-o", str(art), "--budget-code-bits", "3", "--allocator", "optimal",
                  "--calib-corpus", str(tiny_corpus), "--calib-sequences", "4", "--seq-len", "32",
                  "--group-size", "32", "--no-progress"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -75,7 +75,7 @@ def test_compile_run_inspect_eval_end_to_end(tiny_dirs, tiny_corpus, tmp_path, c
 
 
 def test_infeasible_budget_names_smallest(tiny_dirs, tiny_corpus, tmp_path, capsys):
-    assert main(["compile", str(tiny_dirs("mixtral")), "-o", str(tmp_path / "a"), "--budget-bits", "1.5",
+    assert main(["compile", str(tiny_dirs("mixtral")), "-o", str(tmp_path / "a"), "--budget-code-bits", "1.5",
                  "--no-sensitivity", "--calib-corpus", str(tiny_corpus), "--calib-sequences", "2",
                  "--seq-len", "16", "--no-progress", "--target", "trt-a100"]) == 1
     err = capsys.readouterr().err

@@ -53,7 +53,7 @@ def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "dmpq_compile.cli", "compile", "--help"], capture_output=True, check=False,
                          text=True)
     assert res.returncode == 0
-    for flag in ("--target", "--budget-bits", "--budget-mb", "--budget-ms", "--allocator", "--w-lat"):
+    for flag in ("--target", "--budget-bits", "--budget-code-bits", "--budget-mb", "--budget-ms", "--allocator", "--w-lat"):
         assert flag in res.stdout
 
 

@@ -32,7 +32,7 @@ def test_scratch_is_removed_and_stale_scratch_of_killed_compiles_too(tmp_path, t
 
 
 def test_an_infeasible_bits_budget_is_refused_before_any_pass(tmp_path, tiny_dirs, monkeypatch):
-    import dmpq_compile.compiler as compiler
+    from dmpq_compile import compiler
 
     monkeypatch.setattr(compiler, "run_pipeline", lambda *a, **k: pytest.fail("a pass ran"))
     cfg = CompileConfig(target="trt-a100", budget=3.5)  # trt-a100 emits 4, 8 and 16 bits

@@ -40,7 +40,7 @@ def test_default_output_is_named_after_model_and_target():
 def test_bare_model_means_compile_with_default_output(tmp_path, tiny_dirs, tiny_corpus, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     model = tiny_dirs("mixtral")
-    rc = main([str(model), "--target", "ort-cpu", "--allocator", "uniform", "--budget-bits", "4",
+    rc = main([str(model), "--target", "ort-cpu", "--allocator", "uniform", "--budget-code-bits", "4",
                "--calib-corpus", str(tiny_corpus), "--calib-sequences", "2", "--seq-len", "32", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / f"{model.name}-ort-cpu" / "manifest.json").is_file()

@@ -71,8 +71,9 @@ def test_spilled_and_deferred_weights_write_the_same_model(tmp_path, tiny_dirs, 
     """Emission holds no weight in memory (every initializer deferred or spilled); the files it
     writes hold exactly the tensors of an in-memory lowering."""
     from dmpq_compile.backends import get_backend, onnx_lowering
-    from dmpq_compile.frontend import load
     from dmpq_compile.passes import PassContext, PassManager, make_pass
+
+    from dmpq_compile.frontend import load
 
     g = load(tiny_dirs("olmoe"))
     bits = {"ort-cpu": (2, 4, 8, 16), "trt-a100": (4, 8, 16)}[target]

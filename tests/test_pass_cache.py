@@ -144,7 +144,7 @@ def test_command_line_uses_the_cache_unless_told_not_to(tmp_path, tiny_dirs, tin
 
     args = [str(tiny_dirs("olmoe")), "--allocator", "uniform", "--calib-corpus", str(tiny_corpus),
             "--calib-sequences", "2", "--seq-len", "32", "--no-progress", *flag]
-    assert main([*args, "-o", str(tmp_path / "a"), "--budget-bits", "4"]) == 0
-    assert main([*args, "-o", str(tmp_path / "b"), "--budget-bits", "8"]) == 0
+    assert main([*args, "-o", str(tmp_path / "a"), "--budget-code-bits", "4"]) == 0
+    assert main([*args, "-o", str(tmp_path / "b"), "--budget-code-bits", "8"]) == 0
     cached = _passes(_report(tmp_path / "b"))["profile"]["stats"].get("cached", False)
     assert cached is (not flag)

@@ -13,15 +13,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from dmpq_compile.backends import BackendError, get_backend
+from dmpq_compile.passes import PassContext, PassError, make_pass
 
 from dmpq_compile.artifact import write_artifact
-from dmpq_compile.backends import BackendError, get_backend
 from dmpq_compile.cli import main
 from dmpq_compile.compiler import CompileConfig, compile_model
 from dmpq_compile.frontend import load
 from dmpq_compile.ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES
 from dmpq_compile.ir.interpreter import Interpreter, RunOptions
-from dmpq_compile.passes import PassContext, PassError, make_pass
 from dmpq_compile.testing import make_tiny_checkpoint
 
 IDS = np.random.default_rng(0).integers(0, 96, size=(2, 12)).astype(np.int64)
@@ -170,8 +170,9 @@ def test_bad_values_give_clear_errors(tiny_dirs, tmp_path):
 
 
 def test_cli_flag_reaches_the_config(tiny_dirs, capsys):
-    from dmpq_compile.commands.compile import add_arguments, config_from_args
     import argparse
+
+    from dmpq_compile.commands.compile import add_arguments, config_from_args
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -185,8 +186,8 @@ def test_cli_flag_reaches_the_config(tiny_dirs, capsys):
 @pytest.mark.parametrize("target", ["ort-cpu", "trt-a100"])
 def test_compile_storage_drops_and_default_is_unchanged(tmp_path, tiny_dirs, tiny_corpus, target):
     model = tiny_dirs("olmoe")
-    common = dict(target=target, allocator="uniform", budget=4.0, calib_corpus=str(tiny_corpus),
-                  calib_sequences=2, seq_len=32, sensitivity=False)
+    common = {"target": target, "allocator": "uniform", "budget": 4.0, "calib_corpus": str(tiny_corpus),
+              "calib_sequences": 2, "seq_len": 32, "sensitivity": False}
     base = compile_model(model, tmp_path / "base", CompileConfig(**common), progress=False)
     same = compile_model(model, tmp_path / "same", CompileConfig(**common, nonexpert_bits=16), progress=False)
     q8 = compile_model(model, tmp_path / "q8", CompileConfig(**common, nonexpert_bits=8), progress=False)

@@ -47,7 +47,7 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
                                        shard_bytes=64 * 2**20, **WIDTHS)
         out = tmp_path / f"out{layers}"
         peaks[layers] = _peak_mb([sys.executable, "-m", "dmpq_compile.cli", "compile", str(ckpt), "--target",
-                                  "ort-cpu", "--allocator", "optimal", "--budget-bits", "3", "--calib-corpus",
+                                  "ort-cpu", "--allocator", "optimal", "--budget-code-bits", "3", "--calib-corpus",
                                   str(corpus), "--calib-sequences", "8", "--seq-len", "64", "-o", str(out),
                                   "--no-progress"])
         reports[layers] = json.loads((out / "report.json").read_text())

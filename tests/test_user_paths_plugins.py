@@ -76,7 +76,7 @@ def test_installed_distribution_exposes_the_entry_point(plugin_site):
 
 def test_compile_runs_the_plugin_where_asked(plugin_site, tiny_dirs, tiny_corpus, tmp_path):
     out = tmp_path / "art"
-    res = _cli(plugin_site, *_compile_argv(tiny_dirs("mixtral"), tiny_corpus, out, "--budget-bits", "6",
+    res = _cli(plugin_site, *_compile_argv(tiny_dirs("mixtral"), tiny_corpus, out, "--budget-code-bits", "6",
                                            "--bits", "4,8", "--pass", "pin-bits:layers=[0],bits=8",
                                            "--after", "allocate"))
     assert res.returncode == 0, res.stderr
@@ -89,7 +89,7 @@ def test_compile_runs_the_plugin_where_asked(plugin_site, tiny_dirs, tiny_corpus
 
 def test_a_pass_that_breaks_the_budget_is_named(plugin_site, tiny_dirs, tiny_corpus, tmp_path):
     out = tmp_path / "art"
-    argv = _compile_argv(tiny_dirs("mixtral"), tiny_corpus, out, "--budget-bits", "4", "--pass",
+    argv = _compile_argv(tiny_dirs("mixtral"), tiny_corpus, out, "--budget-code-bits", "4", "--pass",
                          "pin-bits:layers=[0],bits=8")
     res = _cli(plugin_site, *argv)  # used to write a 6-bit model under a 4-bit budget, silently
     assert res.returncode == 1 and not out.exists()

@@ -47,6 +47,13 @@ class OrtCpuBackend(Backend):
         options.setdefault("group_size", int(graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
         return ort_cpu_cost_table(graph, **options)
 
+    def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
+        """MatMulNBits codes + fp32 scales + packed zero points, or the fp32 weight at 16 bits."""
+        from ..cost import layout_bytes
+        from .cost import projection_layout
+
+        return layout_bytes(projection_layout(n, k, bits, group_size))
+
     def emit(self, graph: Graph, out_dir: Path, *, accuracy_level: int = 4, dispatch: str = DEFAULT_DISPATCH,
              external_data: bool | None = None, external_data_threshold_mb: float = DEFAULT_EXTERNAL_MB,
              opset: int = OPSET) -> dict[str, Any]:

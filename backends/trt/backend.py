@@ -65,6 +65,20 @@ class TrtA100Backend(Backend):
         options.pop("progress", None)  # analytical: nothing slow to show
         return trt_a100_cost_table(graph, **options)
 
+    def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
+        """INT4/INT8 codes with fp16 scales (and the INT4 zero-point correction), or the fp16
+        weight at 16 bits: what :meth:`emit` writes with its default ``precision="fp16"``."""
+        from .cost import trt_weight_bytes
+
+        return trt_weight_bytes(n, k, bits, group_size)
+
+    def float_bytes(self, kind: str, role: str) -> int:
+        """fp16 for the matrices ``weights_to_fp16`` converts (embedding, float linear weights, the
+        shared expert's gate); fp32 for routers, norms and biases."""
+        if kind in ("router", "norm") or role in ("q_norm", "k_norm") or role.endswith("_bias"):
+            return 4
+        return 2
+
     def weight_format(self, bits: int):
         """4 bits group-wise asymmetric, 8 bits per-channel symmetric INT8 ``[-127, 127]`` (:mod:`.formats`)."""
         return TRT_WEIGHT_FORMATS[bits] if bits in TRT_WEIGHT_FORMATS else super().weight_format(bits)
@@ -115,6 +129,8 @@ class TrtA100Backend(Backend):
         from .build import default_profile, trtexec_command
 
         io = io_fields(lowered)
+        # weights_to_fp16 renames what it converts (NAME -> NAME.fp16): they keep their owners
+        owners = {**lowered.owners, **{f"{k}.fp16": v for k, v in lowered.owners.items()}}
         profile = default_profile(io, int(graph.meta.get("max_position_embeddings") or 4096))
         return {
             "format": "onnx",
@@ -134,8 +150,8 @@ class TrtA100Backend(Backend):
             "engine": None,
             # the oldest encoded TensorRT table the model passes (10.0 documents opsets <= 20 only)
             "requires": {"tensorrt": f">={oldest},<11", "gpu": "NVIDIA A100 (sm_80); engines are GPU-specific"},
-            "expert_weights": owned_weights(model, lowered.owners, {n.id for n in graph.experts()}),
-            "nonexpert_weights": owned_weights(model, lowered.owners, quantized_nonexpert_ids(graph)),
+            "expert_weights": owned_weights(model, owners, {n.id for n in graph.experts()}),
+            "nonexpert_weights": owned_weights(model, owners, quantized_nonexpert_ids(graph)),
         }
 
 

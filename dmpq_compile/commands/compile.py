@@ -9,8 +9,11 @@ from pathlib import Path
 HELP = "compile a Hugging Face MoE checkpoint into a mixed-precision artifact"
 DESCRIPTION = """Lower MODEL (a checkpoint folder, or a Hugging Face hub id in the local cache; nothing is
 downloaded) into the IR, run the passes (profile, sensitivity, cost, allocate,
-[qat], quantize) and emit an artifact for --target. Exactly one budget may be given; the default is
---budget-bits 4. The artifact folder is written atomically.
+[precision], allocate, [qat], quantize) and emit an artifact for --target. Exactly one budget may be
+given; the default is --budget-code-bits 4. --budget-bits is the whole model's stored bits per weight
+(codes, scales, zero points and every float tensor, over all parameters: how GGUF files are
+compared); lower it together with --nonexpert-bits, since weights kept in float count in full.
+The artifact folder is written atomically.
 
 Registered passes (built-in or plugins, see `dmpq-compile passes`) can be inserted with
 --pass NAME[:KEY=VALUE,...], each optionally followed by --after PASS (default: allocate); e.g.
@@ -48,7 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "gradient / neuron variance ranks); frequency (routing frequency); uniform (one bit-width). "
                    "See docs/allocators.md")
     b = p.add_mutually_exclusive_group()
-    b.add_argument("--budget-bits", type=float, help=f"average bits per expert weight (default {d.budget:g})")
+    b.add_argument("--budget-bits", type=float,
+                   help="stored bits per weight of the whole model: every weight as the target stores it (codes, "
+                   "scales, zero points, float tensors) over every parameter; the compile stops early, naming the "
+                   "smallest feasible value, when the weights outside the experts alone exceed it")
+    b.add_argument("--budget-code-bits", type=float,
+                   help=f"average code bits per routed-expert weight, scales and the rest not counted (default "
+                   f"{d.budget:g} when no budget is given)")
     b.add_argument("--budget-mb", type=float, help="total expert weight megabytes (MiB)")
     b.add_argument("--budget-ms", type=float, help="expected expert decode latency per token, ms")
     for w in ("acc", "lat", "mem", "eng"):
@@ -112,7 +121,9 @@ def config_from_args(args: argparse.Namespace):
     elif args.budget_ms is not None:
         data.update(budget_kind="latency", budget=args.budget_ms)
     elif args.budget_bits is not None:
-        data.update(budget_kind="bits", budget=args.budget_bits)
+        data.update(budget_kind="stored-bits", budget=args.budget_bits)
+    elif args.budget_code_bits is not None:
+        data.update(budget_kind="bits", budget=args.budget_code_bits)
     data.update({field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag) is not None})
     if args.no_sensitivity:
         data["sensitivity"] = False
@@ -190,6 +201,8 @@ def main(args: argparse.Namespace) -> int:
     hist = {b: bits.count(b) for b in sorted(set(bits))}
     storage = report.get("storage") or {}
     stored = f", {storage['bits_per_weight']:.2f} stored bits per weight" if storage.get("bits_per_weight") else ""
+    if stored and storage.get("weights"):
+        stored += f" ({storage['weights']['bits_per_weight']:.2f} in the weight tensors)"
     print(f"wrote {out}  (target {cfg.target}, allocator {cfg.allocator}, experts by bits {hist}{stored}, "
           f"{report['compile_seconds']:.1f}s)")
     return 0

@@ -67,6 +67,10 @@ def format_storage(storage: dict) -> str:
     """Stored bits per weight (codes + scales + zero points + float tensors) in total and by part."""
     lines = [(f"stored bits per weight: {storage['bits_per_weight']:.3f} over {storage['params']:,} parameters "
               f"({storage['bytes'] / 2**20:.1f} MiB of model files)")]
+    if storage.get("weights"):
+        w = storage["weights"]
+        lines.append(f"  weight tensors alone (what --budget-bits counts): {w['bits_per_weight']:.3f} "
+                     f"({w['bytes'] / 2**20:.1f} MiB)")
     experts, other = storage.get("experts"), storage.get("other")
     if experts:
         lines.append(f"  experts: {experts['bits_per_weight']:.3f} stored, {experts['code_bits']:.3f} code bits "

@@ -62,7 +62,7 @@ def greedy_by_priority(problem: AllocationProblem, priority: np.ndarray) -> Allo
     while heap:
         *_, i, j = heapq.heappop(heap)
         inc = usage[i][j + 1] - usage[i][j]
-        if not fits(used + inc, problem.budget.value):
+        if not fits(used + inc, problem.capacity):
             continue
         used += inc
         idx[i] = j + 1

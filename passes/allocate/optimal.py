@@ -118,10 +118,10 @@ def solve(problem: AllocationProblem, max_cells: int = 100_000, latency_cells: i
     t = build_tables(problem)
     base = t.raw_usage.min(axis=1)
     extra = t.raw_usage - base[:, None]
-    cap = problem.budget.value
+    cap = problem.capacity
     cap_raw = t.usage_scale * (cap + FEASIBILITY_RTOL * max(1.0, abs(cap)))
     cap_extra = max(0.0, cap_raw - float(base.sum()))
-    integral = problem.budget.kind in ("bits", "bytes")
+    integral = problem.budget.kind in ("bits", "bytes", "stored-bits")
     g, exact = _grid(extra, cap_extra, integral, max_cells, latency_cells)
     q = np.ceil(extra / g - (0.0 if not exact else 1e-9)).astype(np.int64)
     cells = math.floor(cap_extra / g + (1e-9 if exact else 0.0))
@@ -144,8 +144,8 @@ def _finish(problem: AllocationProblem, t: ProblemTables, idx: np.ndarray, exact
             cells: int) -> Solution:
     rows = np.arange(len(idx))
     used = float(t.usage[rows, idx].sum())
-    if not fits(used, problem.budget.value):
-        raise RuntimeError(f"internal error: DP allocation uses {problem.budget.describe(used)} > "
+    if not fits(used, problem.capacity):
+        raise RuntimeError(f"internal error: DP allocation uses {problem.budget.describe(problem.budget.fixed + used)} > "
                            f"{problem.budget.describe()}; please report this with the problem")
     value = float(t.objective[rows, idx].sum())
     logger.debug("optimal: objective %.6g, %d cells of %.4g (exact=%s)", value, cells, g, exact)

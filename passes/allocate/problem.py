@@ -8,6 +8,16 @@ Budget definitions (``Budget.kind``):
 * ``"latency"``: expected per-token decode latency of the experts,
   ``sum_i freq_i * cost_i[b_i].decode_ms``; ``freq_i`` is the fraction of tokens routed to
   expert ``i`` (so the ``freq`` of one layer sums to top-k); unit "ms per token".
+* ``"stored-bits"``: stored bits per weight of the whole model,
+  ``(fixed_bytes + sum_i stored_bytes_i[b_i]) * 8 / params``: every weight as the target stores
+  it (codes, scales, zero points, float tensors) over every parameter, experts or not. What the
+  experts' bits do not change (non-expert weights at the ``precision`` policy's bits, norms,
+  embedding) is ``Budget.fixed`` (already in stored bits per weight); ``Budget.params`` is the
+  model's parameter count and ``ExpertInfo.stored_bytes`` each expert's bytes per bit-width.
+  Unit "stored bits per weight".
+
+Every kind is ``fixed + sum_i usage_i[b_i]`` (``fixed`` is 0 except for stored bits), so the
+allocators see the per-expert part against ``AllocationProblem.capacity = value - fixed``.
 
 Objective (minimised): ``sum_i w_acc * sensitivity_i[b_i] + w_lat * L + w_mem * M + w_eng * E``
 with the cost terms normalised by the all-highest-bits allocation (``max(bits_choices)``,
@@ -27,9 +37,10 @@ from typing import Literal, Protocol
 import numpy as np
 
 Allocation = dict[str, int]
-BudgetKind = Literal["bits", "bytes", "latency"]
-BUDGET_KINDS: tuple[str, ...] = ("bits", "bytes", "latency")
-BUDGET_UNITS = {"bits": "average bits", "bytes": "bytes", "latency": "ms per token"}
+BudgetKind = Literal["bits", "bytes", "latency", "stored-bits"]
+BUDGET_KINDS: tuple[str, ...] = ("bits", "bytes", "latency", "stored-bits")
+BUDGET_UNITS = {"bits": "average bits", "bytes": "bytes", "latency": "ms per token",
+                "stored-bits": "stored bits per weight"}
 FEASIBILITY_RTOL = 1e-9
 
 
@@ -74,9 +85,10 @@ class ExpertInfo:
     router_grad_change: float | None = None
     neuron_variance: float | None = None
     cost: Mapping[int, ExpertCost] = field(default_factory=dict)
+    stored_bytes: Mapping[int, int] = field(default_factory=dict)  # bytes the target stores, per bits
 
     def __post_init__(self) -> None:
-        for name in ("sensitivity", "kl", "cost"):
+        for name in ("sensitivity", "kl", "cost", "stored_bytes"):
             _frozen_map(self, name, getattr(self, name))
         if self.n_params <= 0:
             raise ValueError(f"expert {self.key!r}: n_params must be > 0, got {self.n_params}")
@@ -99,21 +111,32 @@ class ExpertInfo:
 
 @dataclass(frozen=True)
 class Budget:
-    """A resource limit; see the module docstring for the three kinds."""
+    """A resource limit; see the module docstring for the kinds.
+
+    ``fixed`` (budget units) is the usage no allocation changes and ``params`` the parameter
+    count stored bits are averaged over; both are only for ``"stored-bits"``.
+    """
 
     kind: BudgetKind
     value: float
+    fixed: float = 0.0
+    params: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
             raise ValueError(f"unknown budget kind {self.kind!r}; use one of {BUDGET_KINDS}")
         if not math.isfinite(self.value):
             raise ValueError(f"budget value must be finite, got {self.value}")
+        if not (math.isfinite(self.fixed) and self.fixed >= 0):
+            raise ValueError(f"budget fixed usage must be finite and >= 0, got {self.fixed}")
+        if self.kind != "stored-bits" and (self.fixed or self.params):
+            raise ValueError(f"only a stored-bits budget has fixed usage and a parameter count, not {self.kind!r}")
 
     def describe(self, value: float | None = None) -> str:
         """Format ``value`` (default: this budget's value) with its unit."""
         v = self.value if value is None else value
-        text = f"{v:.0f}" if self.kind == "bytes" else f"{v:.2f}" if self.kind == "bits" else f"{v:.4g}"
+        text = f"{v:.0f}" if self.kind == "bytes" else f"{v:.2f}" if self.kind in ("bits", "stored-bits") \
+            else f"{v:.4g}"
         return f"{text} {BUDGET_UNITS[self.kind]}"
 
 
@@ -154,11 +177,28 @@ class AllocationProblem:
         if self.needs_costs:
             self._check_costs()
 
+        if self.budget.kind == "stored-bits":
+            self._check_stored_bytes()
+
+    @property
+    def capacity(self) -> float:
+        """What the experts' own usage may add up to: the budget less its fixed part."""
+        return self.budget.value - self.budget.fixed
+
     @property
     def needs_costs(self) -> bool:
         """Whether the budget or the objective reads the backend cost table."""
         w = self.weights
-        return self.budget.kind != "bits" or max(w.w_lat, w.w_mem, w.w_eng) > 0
+        return self.budget.kind in ("bytes", "latency") or max(w.w_lat, w.w_mem, w.w_eng) > 0
+
+    def _check_stored_bytes(self) -> None:
+        if self.budget.params <= 0:
+            raise ValueError("a stored-bits budget needs the model's parameter count (Budget.params > 0)")
+        for e in self.experts:
+            missing = [b for b in self.bits_choices if b not in e.stored_bytes]
+            if missing:
+                raise ValueError(f"expert {e.key!r} has no stored bytes for bits {missing}, needed by the "
+                                 "stored-bits budget: build the problem with the target backend")
 
     def _check_costs(self) -> None:
         for e in self.experts:
@@ -196,7 +236,8 @@ class InfeasibleBudgetError(ValueError):
 class ProblemTables:
     """Per-expert x per-bits matrices (rows follow ``problem.experts``, columns ``bits``).
 
-    ``usage`` is in budget units and sums over experts to :func:`budget_usage`; ``raw_usage`` is
+    ``usage`` is in budget units and sums over experts to :func:`budget_usage` less the budget's
+    fixed part; ``capacity`` is :attr:`AllocationProblem.capacity`; ``raw_usage`` is
     ``usage * usage_scale`` (integers for the bits budget: ``n_params * bits``); ``objective`` is
     ``None`` unless built with ``with_objective``.
     """
@@ -242,6 +283,9 @@ def _raw_usage(problem: AllocationProblem) -> tuple[np.ndarray, float]:
         return raw, float(sum(e.n_params for e in ex))
     if kind == "bytes":
         return np.array([[e.cost[b].bytes for b in bits] for e in ex], dtype=np.float64), 1.0
+    if kind == "stored-bits":
+        return np.array([[8 * e.stored_bytes[b] for b in bits] for e in ex], dtype=np.float64), \
+            float(problem.budget.params)
     return np.array([[e.freq * e.cost[b].decode_ms for b in bits] for e in ex], dtype=np.float64), 1.0
 
 
@@ -285,7 +329,7 @@ def build_tables(problem: AllocationProblem, with_objective: bool = True) -> Pro
                                                  np.zeros_like(sens))
     return ProblemTables(keys=tuple(e.key for e in problem.experts),
                          bits=np.array(problem.bits_choices, dtype=np.int64), usage=raw / scale,
-                         raw_usage=raw, usage_scale=scale, capacity=float(problem.budget.value),
+                         raw_usage=raw, usage_scale=scale, capacity=float(problem.capacity),
                          sens=sens, objective=obj)
 
 
@@ -295,10 +339,10 @@ def fits(usage: float, capacity: float) -> bool:
 
 
 def budget_usage(problem: AllocationProblem, allocation: Mapping[str, int]) -> float:
-    """Resource ``allocation`` uses, in the budget's unit."""
+    """Resource ``allocation`` uses, in the budget's unit (the fixed part included)."""
     t = build_tables(problem, with_objective=False)
     idx = t.index(allocation)
-    return float(t.usage[np.arange(len(idx)), idx].sum())
+    return problem.budget.fixed + float(t.usage[np.arange(len(idx)), idx].sum())
 
 
 def is_feasible(problem: AllocationProblem, allocation: Mapping[str, int]) -> bool:
@@ -311,7 +355,7 @@ def min_feasible_budget(problem: AllocationProblem) -> float:
 
     With costs that grow with bits (the usual case) that is every expert at the lowest bits.
     """
-    return float(build_tables(problem, with_objective=False).usage.min(axis=1).sum())
+    return problem.budget.fixed + float(build_tables(problem, with_objective=False).usage.min(axis=1).sum())
 
 
 def check_feasible(problem: AllocationProblem) -> None:

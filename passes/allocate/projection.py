@@ -74,7 +74,7 @@ def project_indices(t: ProblemTables, idx: np.ndarray,
         if used is None:
             if problem is None:
                 raise ValueError(f"budget {t.capacity} is infeasible for these experts")
-            raise InfeasibleBudgetError(problem, float(t.usage.min(axis=1).sum()))
+            raise InfeasibleBudgetError(problem, problem.budget.fixed + float(t.usage.min(axis=1).sum()))
     _upgrade(t, idx, used, usage, obj)
     return idx
 

@@ -89,7 +89,7 @@ def expert_features(problem: AllocationProblem, usage: np.ndarray, sens: np.ndar
     ex = problem.experts
     layers = np.array([e.layer for e in ex], dtype=np.float64)
     span = layers.max() - layers.min()
-    share = problem.budget.value / len(ex)
+    share = problem.capacity / len(ex)
     cols = [
         np.array([[e.freq, e.mass] for e in ex]),
         _standardise(np.log10(np.maximum(sens, 0.0) + 1e-9), axis=None),
@@ -138,7 +138,7 @@ class AllocationEnv(gym.Env):
         self._used = self._proxy = 0.0
 
     def _obs(self) -> np.ndarray:
-        t, cap = min(self._t, self._n - 1), self.problem.budget.value
+        t, cap = min(self._t, self._n - 1), self.problem.capacity
         rest_min = float(self._min_use[self._t:].sum())
         room = float(self._max_use[self._t:].sum()) - rest_min
         afford = (cap - self._used - rest_min) / room if room > 0 else 1.0

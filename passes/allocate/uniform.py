@@ -27,9 +27,10 @@ class UniformAllocator:
         check_feasible(problem)
         t = build_tables(problem, with_objective=False)
         totals = t.usage.sum(axis=0)
-        fitting = [int(b) for b, total in zip(t.bits, totals) if fits(float(total), problem.budget.value)]
+        fitting = [int(b) for b, total in zip(t.bits, totals) if fits(float(total), problem.capacity)]
         if not fitting:
-            raise InfeasibleBudgetError(problem, float(totals.min()), " with one bit-width for all experts")
+            raise InfeasibleBudgetError(problem, problem.budget.fixed + float(totals.min()),
+                                        " with one bit-width for all experts")
         bits = max(fitting)
         logger.debug("uniform: %d bits for %d experts", bits, len(t.keys))
         return {k: bits for k in t.keys}

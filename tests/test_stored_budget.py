@@ -1,0 +1,91 @@
+"""`--budget-bits`: the whole model's stored bits per weight (issue 13, item 2).
+
+The budget rests on each backend's account of how it stores a weight
+(``Backend.weight_bytes`` / ``float_bytes``, summed by ``backends.cost.stored_weight_bytes``).
+These tests check that account against what the emitters write, tensor class by tensor class,
+and that a compile at ``--budget-bits B`` emits weights of at most ``B`` stored bits per
+parameter, using the room it has."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from dmpq_compile.backends import get_backend
+from dmpq_compile.backends.cost import stored_weight_bytes
+from dmpq_compile.passes import PassManager, make_pass
+from dmpq_compile.passes.base import PassContext
+
+from dmpq_compile.artifact import write_artifact
+from dmpq_compile.cli import main
+from dmpq_compile.frontend import load
+
+# constants of the graph that are not weights (shapes, axes, epsilons, rotary frequencies)
+SMALL_CONSTANTS = 4096
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("target,nonexpert", [("ort-cpu", 16), ("ort-cpu", 8), ("trt-a100", 16), ("trt-a100", 4)])
+def test_predicted_bytes_equal_the_emitted_ones(tmp_path, tiny_dirs, calib_ids, family, target, nonexpert):
+    backend = get_backend(target)
+    graph = load(tiny_dirs(family))
+    graph.meta["group_size"] = 32
+    bits = tuple(b for b in backend.supported_bits)
+    passes = [make_pass("profile"), make_pass("precision", nonexpert_bits=nonexpert),
+              make_pass("allocate", allocator="frequency", budget=sum(bits) / len(bits), bits=bits),
+              make_pass("quantize", group_size=32)]
+    graph = PassManager(passes).run(graph, PassContext(calibration=calib_ids(family), backend=backend,
+                                                       progress=False))
+    assert len({n.ann["bits"] for n in graph.experts()}) > 1  # a mix, so every expert format is checked
+    predicted = stored_weight_bytes(graph, backend)
+    art = write_artifact(graph, backend, tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    for node_id, entry in {**manifest["experts"], **manifest["nonexpert"]}.items():
+        if "bytes" in entry:
+            assert predicted[node_id] == entry["bytes"], node_id
+    emitted = manifest["storage"]["weights"]["bytes"]  # every initializer of the model file
+    assert 0 <= emitted - sum(predicted.values()) < SMALL_CONSTANTS
+    params = sum(math.prod(graph.weights.shape(k)) for k in {k for n in graph.nodes() for k in n.params.values()})
+    assert manifest["storage"]["weights"]["bits_per_weight"] == pytest.approx(8 * emitted / params, abs=1e-3)
+
+
+def _compile(tiny_dirs, tiny_corpus, out, *flags):
+    return main(["compile", str(tiny_dirs("mixtral")), "-o", str(out), "--calib-corpus", str(tiny_corpus),
+                 "--calib-sequences", "4", "--seq-len", "32", "--no-progress", *flags])
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "trt-a100"])
+def test_budget_bits_bounds_the_stored_weights_and_uses_the_room(tmp_path, tiny_dirs, tiny_corpus, target, capsys):
+    # the smallest feasible budget, from the refusal of one below it
+    assert _compile(tiny_dirs, tiny_corpus, tmp_path / "low", "--target", target, "--budget-bits", "1",
+                    "--nonexpert-bits", "4") == 1
+    err = capsys.readouterr().err
+    assert "--budget-bits 1.00 is infeasible" in err and "stores" in err
+    smallest = float(err.split("the model stores ")[1].split(" bits")[0])
+    assert not (tmp_path / "low").exists()
+    budgets = (smallest + 0.01, smallest + 1.5)
+    stored = []
+    for i, budget in enumerate(budgets):
+        out = tmp_path / f"a{i}"
+        assert _compile(tiny_dirs, tiny_corpus, out, "--target", target, "--budget-bits", str(budget),
+                        "--nonexpert-bits", "4") == 0
+        assert "in the weight tensors" in capsys.readouterr().out
+        storage = json.loads((out / "report.json").read_text())["storage"]
+        stored.append(storage["weights"]["bits_per_weight"])
+        assert stored[-1] <= budget + 8 * SMALL_CONSTANTS / storage["params"]
+        report = json.loads((out / "report.json").read_text())
+        stats = next(p["stats"] for p in report["passes"] if p["name"] == "allocate")
+        used = float(stats["used"].split()[0])
+        assert stats["budget"] == f"{budget:.2f} stored bits per weight"
+        assert used == pytest.approx(stored[-1], abs=SMALL_CONSTANTS * 8 / storage["params"])
+    # at the smallest budget every expert has the lowest bits; more room buys more bits
+    low = min(get_backend(target).supported_bits)
+    assert {r["bits"] for r in json.loads((tmp_path / "a0" / "report.json").read_text())["experts"]} == {low}
+    assert stored[1] > stored[0] + 0.5
+
+
+def test_float_nonexperts_name_the_fix(tmp_path, tiny_dirs, tiny_corpus, capsys):
+    assert _compile(tiny_dirs, tiny_corpus, tmp_path / "a", "--budget-bits", "4") == 1
+    err = capsys.readouterr().err
+    assert "lower --nonexpert-bits" in err and "weights outside the experts alone store" in err
