@@ -108,9 +108,10 @@ class Backend:
         return 4
 
     def supported_bits_for(self, kind: str) -> tuple[int, ...]:
-        """The bit-widths this target runs for the linear weights of IR nodes of ``kind`` (an
-        expert, or a non-expert kind of ``ir.graph.QUANT_ROLES``). Default: ``supported_bits``."""
-        return self.supported_bits
+        """The bit-widths this target runs for the weight matrices of IR nodes of ``kind`` (an
+        expert, or a non-expert kind of ``ir.graph.QUANT_ROLES``). Default: ``supported_bits``,
+        except for the embedding table, which a target keeps float unless it says otherwise."""
+        return (16,) if kind == "embed" else self.supported_bits
 
     def check_bits(self, graph: Graph) -> None:
         """Refuse a graph whose experts, or non-expert nodes given bits by the ``precision`` pass,

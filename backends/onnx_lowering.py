@@ -504,6 +504,12 @@ def _rule_input(lw: Lowering, node: Node) -> str:
 
 
 def _rule_embed(lw: Lowering, node: Node, ids: str) -> str:
+    if node.ann.get("bits", 16) < 16:  # a quantized table: the target's lookup of its stored codes
+        gather = getattr(lw.projection, "gather", None)
+        if gather is None:
+            raise BackendError(f"{node.id}: this target cannot look up rows of a quantized embedding table; "
+                               "keep it float (--nonexpert-bits applies to it only where the target supports it)")
+        return gather(lw, node, ids)
     return lw.b.op("Gather", [lw.weight(node.params["weight"]), ids], node.id, axis=0)
 
 

@@ -91,11 +91,15 @@ def digest(allocation: Mapping[str, int]) -> str:
 
 def emit_allocation(graph, model: str, allocation: Mapping[str, int], out: Path, label: str,
                     cfg: CompileConfig = BASE) -> Path:
-    """Quantize (RTN, the config's group size) a copy of ``graph`` at ``allocation`` and emit it."""
+    """Quantize (RTN, the config's group size) a copy of ``graph`` at ``allocation`` and emit it;
+    the weights outside the experts at the config's ``nonexpert_bits`` (the ``precision`` pass)."""
     g = graph.copy()
     for node_id, bits in allocation.items():
         g.annotate(node_id, "bits", int(bits))
-    g, recs = run_passes(g, [make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size)], model,
+    passes = [make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size)]
+    if cfg.nonexpert_bits < 16:
+        passes.insert(0, make_pass("precision", nonexpert_bits=cfg.nonexpert_bits))
+    g, recs = run_passes(g, passes, model,
                          CompileConfig.from_dict({**cfg.__dict__, "allocator": "uniform"}), get_backend(cfg.target),
                          progress=False)
     return emit(g, cfg, out / label, recs, 0.0, overwrite=True)

@@ -279,7 +279,7 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
         if cfg.budget < smallest:
             alone = f"the weights outside the experts alone store {budget.fixed:.2f} bits per weight of the model"
             hint = (f"or lower --nonexpert-bits to quantize them ({alone} in float)" if cfg.nonexpert_bits == 16 else
-                    f"({alone}; the embedding table, norms and routers stay float)")
+                    f"({alone})")
             raise ValueError(f"--budget-bits {cfg.budget:.2f} is infeasible for {cfg.target}: with every expert at "
                              f"{min(choices)} bits the model stores {smallest:.2f} bits per weight; raise the budget "
                              f"{hint}")

@@ -190,7 +190,7 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
         raise PassError("a stored-bits budget (--budget-bits) needs a target whose storage is known (--target); "
                         "use --budget-code-bits without one")
     gs = int(graph.meta.get("group_size", 64))
-    override = policy_bits(graph, nonexpert_bits) if nonexpert_bits is not None else None
+    override = policy_bits(graph, nonexpert_bits, backend) if nonexpert_bits is not None else None
     try:
         per_node = stored_weight_bytes(graph, backend, gs, override)
     except NotImplementedError as e:

@@ -3,10 +3,12 @@
 Rule: with ``nonexpert_bits`` below 16, every linear weight of the attention projections
 (q, k, v, o), shared experts and dense MLPs (gate, up, down) and an untied ``lm_head`` gets that
 bit-width (annotation ``bits`` on its node; the ``quantize`` pass stores the codes, the backends
-emit them as they emit experts). Routers, norms, the shared expert's sigmoid gate and the
-embedding table stay at full precision. An ``lm_head`` tied to the embedding stays at full
-precision as well: its table is the embedding's, which both targets keep in float for the row
-lookup, so quantizing the head would add a second copy instead of shrinking the file (logged).
+emit them as they emit experts). The embedding table gets it too where the target runs quantized
+row lookups at that width (ort-cpu: 4 and 8 bits, ``GatherBlockQuantized``; trt-a100: none) and
+the table is not tied to the ``lm_head``; otherwise it stays float (logged). Routers, norms and
+the shared expert's sigmoid gate stay at full precision. Tied embeddings stay float on both
+sides: the head reads the lookup's table, so quantizing either would add a second copy instead
+of shrinking the file.
 
 The allocator assigns bits to routed experts only; this policy is fixed, and the pass runs
 before ``allocate`` so that allocators measuring the model (search, rl) see the quantized
@@ -57,14 +59,27 @@ def tied_head(graph: Graph, node_id: str) -> bool:
     return any(n.params.get("weight") == key for n in graph.nodes("embed"))
 
 
-def policy_bits(graph: Graph, nonexpert_bits: int) -> dict[str, int]:
+def tied_table(graph: Graph, node_id: str) -> bool:
+    """Whether embedding node ``node_id``'s table is also an ``lm_head``'s weight."""
+    key = graph.node(node_id).params["weight"]
+    return any(n.params.get("weight") == key for n in graph.nodes("lm_head"))
+
+
+def policy_bits(graph: Graph, nonexpert_bits: int, backend: object = None) -> dict[str, int]:
     """``{node id: bits}`` the policy gives at ``nonexpert_bits``: every node of
-    ``NONEXPERT_QUANTIZABLE_KINDS`` except an ``lm_head`` tied to the embedding (logged)."""
+    ``NONEXPERT_QUANTIZABLE_KINDS`` except an ``lm_head`` tied to the embedding, and the embedding
+    table only where ``backend`` runs ``nonexpert_bits``-bit lookups and it is not tied (logged)."""
+    lookups = () if backend is None else backend.supported_bits_for("embed")
     out = {}
     for kind in NONEXPERT_QUANTIZABLE_KINDS:
         for node in graph.nodes(kind):
             if kind == "lm_head" and tied_head(graph, node.id):
                 log.info("precision: %s is tied to the embedding table, which stays float; kept at 16 bits", node.id)
+                continue
+            if kind == "embed" and (nonexpert_bits not in lookups or tied_table(graph, node.id)):
+                why = "tied to the lm_head" if nonexpert_bits in lookups else \
+                    f"target runs {tuple(b for b in lookups if b < 16) or 'no'} quantized lookups"
+                log.info("precision: embedding %s stays float (%s)", node.id, why)
                 continue
             out[node.id] = nonexpert_bits
     return out
@@ -82,12 +97,13 @@ class PrecisionPass(Pass):
         backend = ctx.backend
         if backend is not None:
             supported = backend.supported_bits_for(NONEXPERT_QUANTIZABLE_KINDS[0])
-            kinds = {k for k in NONEXPERT_QUANTIZABLE_KINDS if bits not in backend.supported_bits_for(k)}
+            kinds = {k for k in NONEXPERT_QUANTIZABLE_KINDS
+                     if k != "embed" and bits not in backend.supported_bits_for(k)}
             if kinds:
                 raise PassError(f"precision: target {backend.name} cannot run {bits}-bit weights for "
                                 f"{sorted(kinds)} nodes (it runs {supported}); choose another --nonexpert-bits")
         counts: dict[str, int] = {}
-        for node_id, b in policy_bits(graph, bits).items():
+        for node_id, b in policy_bits(graph, bits, backend).items():
             graph.annotate(node_id, "bits", b)
             kind = graph.node(node_id).kind
             counts[kind] = counts.get(kind, 0) + 1

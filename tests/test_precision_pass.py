@@ -69,10 +69,11 @@ def test_precision_annotates_every_nonexpert_linear_node(tiny_dirs):
     g, result = _graph(tiny_dirs("qwen2_moe"), "ort-cpu", 8)
     assert result.modified
     kinds = {n.kind for n in g.nodes() if n.kind != "expert" and "bits" in n.ann}
-    assert kinds == {"attention", "shared_expert", "lm_head"}  # the tiny qwen2_moe has no dense MLP layer
+    # the tiny qwen2_moe has no dense MLP layer; ort-cpu looks up 8-bit embedding rows
+    assert kinds == {"attention", "shared_expert", "lm_head", "embed"}
     assert all(n.ann["bits"] == 8 for n in g.nodes() if n.kind in kinds)
-    assert all("bits" not in n.ann for n in g.nodes() if n.kind in ("router", "embed", "norm"))
-    assert result.stats["nodes"] == {"attention": 2, "shared_expert": 2, "lm_head": 1}
+    assert all("bits" not in n.ann for n in g.nodes() if n.kind in ("router", "norm"))
+    assert result.stats["nodes"] == {"attention": 2, "shared_expert": 2, "lm_head": 1, "embed": 1}
     for n in (n for n in g.nodes() if n.kind in kinds):  # quantized in ort-cpu's format, all linear roles
         assert set(n.ann["quant"]["tensors"]) == set(QUANT_ROLES[n.kind])
         assert n.ann["quant"]["spec"]["scheme"] == "affine-asym-v1" and n.ann["quant"]["spec"]["bits"] == 8
@@ -97,6 +98,7 @@ def test_tied_lm_head_stays_float(tmp_path):
     path = make_tiny_checkpoint("mixtral", tmp_path / "m", tie_word_embeddings=True)
     g, result = _graph(path, "ort-cpu", 8)
     assert "bits" not in g.node("lm_head").ann and "lm_head" not in result.stats["nodes"]
+    assert all("bits" not in n.ann for n in g.nodes("embed"))  # the head reads the lookup's table
     art = write_artifact(g, get_backend("ort-cpu"), tmp_path / "art", emit_options=_options("ort-cpu"))
     got, _ = _ort_logits(art)
     with torch.no_grad():
@@ -105,15 +107,18 @@ def test_tied_lm_head_stays_float(tmp_path):
 
 
 # -- emitted quantized, matching the interpreter --------------------------------------------------
-@pytest.mark.parametrize("target,bits,op", [("ort-cpu", 8, "MatMulNBits"), ("ort-cpu", 2, "MatMulNBits"),
-                                            ("trt-a100", 8, "DequantizeLinear"), ("trt-a100", 4, "DequantizeLinear")])
+@pytest.mark.parametrize("target,bits,op", [("ort-cpu", 8, "MatMulNBits"), ("ort-cpu", 4, "MatMulNBits"),
+                                            ("ort-cpu", 2, "MatMulNBits"), ("trt-a100", 8, "DequantizeLinear"),
+                                            ("trt-a100", 4, "DequantizeLinear")])
 def test_nonexpert_weights_are_emitted_quantized(tiny_dirs, tmp_path, target, bits, op):
     g, _ = _graph(tiny_dirs("qwen2_moe"), target, bits)
     art = write_artifact(g, get_backend(target), tmp_path / "art", emit_options=_options(target))
     got, manifest = _ort_logits(art)
     model = onnx.load(str(art / manifest["target"]["model_file"]))
-    quantized = _consumers(model, op)
-    for n in (n for n in g.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS):
+    lookups = target == "ort-cpu" and bits in (4, 8)  # GatherBlockQuantized rows; else the table stays float
+    assert all(("bits" in n.ann) == lookups for n in g.nodes("embed"))
+    for n in (n for n in g.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and "bits" in n.ann):
+        quantized = _consumers(model, "GatherBlockQuantized" if n.kind == "embed" else op)
         for role in QUANT_ROLES[n.kind]:
             assert any(name.startswith(f"{n.id}.{role}.") for name in quantized), f"{n.id}.{role} is not {op}"
             assert n.params[role] not in {t.name for t in model.graph.initializer}  # no float copy left
@@ -204,6 +209,8 @@ def test_compile_storage_drops_and_default_is_unchanged(tmp_path, tiny_dirs, tin
     assert s8["nonexpert"]["code_bits"] == 8.0 and 8.0 < s8["nonexpert"]["bits_per_weight"] < 12.0
     assert "nonexpert" not in s16
     assert s8["nonexpert"]["bytes"] == sum(e.get("bytes", 0) for e in manifest["nonexpert"].values())
-    assert {e["bits"] for e in manifest["nonexpert"].values()} == {8}
+    assert {e["bits"] for e in manifest["nonexpert"].values() if e["kind"] != "embed"} == {8}
+    embed_bits = {e["bits"] for e in manifest["nonexpert"].values() if e["kind"] == "embed"}
+    assert embed_bits == ({8} if target == "ort-cpu" else {16})  # trt-a100 keeps its lookup table fp16
     assert [r["name"] for r in json.loads((q8 / "report.json").read_text())["passes"]][-3:] == \
         ["precision", "allocate", "quantize"]

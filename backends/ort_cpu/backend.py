@@ -47,6 +47,14 @@ class OrtCpuBackend(Backend):
         options.setdefault("group_size", int(graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
         return ort_cpu_cost_table(graph, **options)
 
+    def supported_bits_for(self, kind: str) -> tuple[int, ...]:
+        """Embedding tables run as GatherBlockQuantized at 4 and 8 bits; everything else 2/4/8/16."""
+        if kind == "embed":
+            from .matmulnbits import LOOKUP_BITS
+
+            return (*LOOKUP_BITS, 16)
+        return self.supported_bits
+
     def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
         """MatMulNBits codes + fp32 scales + packed zero points, or the fp32 weight at 16 bits."""
         from ..cost import layout_bytes

@@ -116,28 +116,53 @@ class MatMulNBitsProjection:
         bits = node.ann.get("bits", 16)
         if bits >= 16:
             return lw.linear(x, node.params[role], hint=f"{node.id}.{role}")
-        quant = node.ann.get("quant")
-        if not quant or quant["spec"]["bits"] != bits:
-            raise BackendError(f"node {node.id!r} is assigned {bits} bits but carries no matching packed weights "
-                               "(annotation 'quant'); run the quantize pass before emitting")
-        spec = QuantSpec.from_dict(quant["spec"])
-        check_spec(spec, node.id)
-        n, k = (int(v) for v in quant["tensors"][role]["shape"])
-        bits, bs = spec.bits, spec.group_size
-        blocks = -(-k // bs)
-        prefix = f"{node.id}.{role}"
-        packed: dict[str, NBitsWeight] = {}  # packed once, when the first of its three tensors is written
+        spec, (n, k), inputs = _packed_inputs(lw, node, role, flat=False)
+        return lw.b.op("MatMulNBits", [x, *inputs], f"{node.id}.{role}", domain="com.microsoft", K=k, N=n,
+                       bits=spec.bits, block_size=spec.group_size, accuracy_level=self.accuracy_level)
 
-        def part(field: str):
-            def make() -> np.ndarray:
-                if prefix not in packed:
-                    packed.clear()
-                    packed[prefix] = pack_weight(lw.graph.weights, quant, role, node.id)
-                return getattr(packed[prefix], field)
-            return make
+    def gather(self, lw: Lowering, node: Node, ids: str) -> str:
+        """Rows ``ids`` of a quantized embedding table as ``com.microsoft.GatherBlockQuantized``
+        (4 or 8 bits): the same packed codes, fp32 scales and packed zero points as a MatMulNBits
+        weight of the table ``[vocab, hidden]``, blocks along ``hidden``; fp32 rows out."""
+        spec, (_, k), inputs = _packed_inputs(lw, node, "weight", flat=True)
+        if spec.bits not in LOOKUP_BITS or k % spec.group_size:
+            raise BackendError(f"{node.id}: a {spec.bits}-bit table with hidden size {k} and group {spec.group_size} "
+                               f"cannot run as GatherBlockQuantized ({LOOKUP_BITS} bits, whole groups only)")
+        data, scales, zeros = inputs
+        return lw.b.op("GatherBlockQuantized", [data, ids, scales, zeros], node.id, domain="com.microsoft",
+                       gather_axis=0, quantize_axis=1, block_size=spec.group_size, bits=spec.bits)
 
-        inputs = [lw.b.add_deferred(f"{prefix}.qweight", (n, blocks, bs * bits // 8), np.uint8, part("b")),
-                  lw.b.add_deferred(f"{prefix}.scales", (n, blocks), np.float32, part("scales")),
-                  lw.b.add_deferred(f"{prefix}.qzeros", (n, -(-blocks * bits // 8)), np.uint8, part("zero_points"))]
-        return lw.b.op("MatMulNBits", [x, *inputs], prefix, domain="com.microsoft", K=k, N=n, bits=bits,
-                       block_size=bs, accuracy_level=self.accuracy_level)
+
+LOOKUP_BITS = (4, 8)  # GatherBlockQuantized's uint8 data (checked with onnxruntime 1.32)
+
+
+def _packed_inputs(lw: Lowering, node: Node, role: str, flat: bool) -> tuple[QuantSpec, tuple[int, int], list[str]]:
+    """Deferred initializers (codes, scales, zero points) of ``node``'s quantized ``role``;
+    codes ``[N, k_blocks, blob]`` (MatMulNBits) or, ``flat``, ``[N, k_blocks * blob]``."""
+    bits = node.ann.get("bits", 16)
+    quant = node.ann.get("quant")
+    if not quant or quant["spec"]["bits"] != bits:
+        raise BackendError(f"node {node.id!r} is assigned {bits} bits but carries no matching packed weights "
+                           "(annotation 'quant'); run the quantize pass before emitting")
+    spec = QuantSpec.from_dict(quant["spec"])
+    check_spec(spec, node.id)
+    n, k = (int(v) for v in quant["tensors"][role]["shape"])
+    bits, bs = spec.bits, spec.group_size
+    blocks = -(-k // bs)
+    prefix = f"{node.id}.{role}"
+    packed: dict[str, NBitsWeight] = {}  # packed once, when the first of its three tensors is written
+
+    def part(field: str):
+        def make() -> np.ndarray:
+            if prefix not in packed:
+                packed.clear()
+                packed[prefix] = pack_weight(lw.graph.weights, quant, role, node.id)
+            value = getattr(packed[prefix], field)
+            return value.reshape(n, -1) if flat and field == "b" else value
+        return make
+
+    codes = (n, blocks * bs * bits // 8) if flat else (n, blocks, bs * bits // 8)
+    inputs = [lw.b.add_deferred(f"{prefix}.qweight", codes, np.uint8, part("b")),
+              lw.b.add_deferred(f"{prefix}.scales", (n, blocks), np.float32, part("scales")),
+              lw.b.add_deferred(f"{prefix}.qzeros", (n, -(-blocks * bits // 8)), np.uint8, part("zero_points"))]
+    return spec, (n, k), inputs

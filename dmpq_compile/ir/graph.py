@@ -37,16 +37,19 @@ KINDS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "lm_head": (("weight",), 1),
 }
 
-# Kind -> the roles of its linear weights that may be quantized. Routed experts get their bits
-# from the allocator; the other kinds from the fixed non-expert policy (``precision`` pass,
-# ``--nonexpert-bits``). Routers, norms, the shared expert's gate and the embedding table are
-# kept at full precision on purpose.
+# Kind -> the roles of its weight matrices ``[out, in]`` that may be quantized, group-wise along
+# ``in``. Routed experts get their bits from the allocator; the other kinds from the fixed
+# non-expert policy (``precision`` pass, ``--nonexpert-bits``). The embedding table ``[vocab,
+# hidden]`` is quantized along ``hidden`` like a linear weight, where the target runs quantized
+# lookups (``Backend.supported_bits_for("embed")``). Routers, norms and the shared expert's gate
+# are kept at full precision on purpose.
 QUANT_ROLES: dict[str, tuple[str, ...]] = {
     "expert": ("gate", "up", "down"),
     "shared_expert": ("gate", "up", "down"),
     "mlp": ("gate", "up", "down"),
     "attention": ("q", "k", "v", "o"),
     "lm_head": ("weight",),
+    "embed": ("weight",),
 }
 QUANTIZABLE_KINDS = tuple(QUANT_ROLES)
 NONEXPERT_QUANTIZABLE_KINDS = tuple(k for k in QUANT_ROLES if k != "expert")
