@@ -13,9 +13,11 @@ model.onnx.data, tokenizer.json, manifest). "Expert bpw" is the routed experts' 
 their parameters (GGUF ``*_exps`` tensors; the manifest's per-expert bytes: codes, scales, zero points).
 
 dmpq budgets: ``--budget-mb`` (stored expert bytes) set so that the artifact's whole-file bpw
-equals the GGUF's; where that is impossible because the parts dmpq keeps unquantized already weigh
-more (today attention, embeddings and lm_head stay fp32: issue 13, items 1-2), the budget matches
-the GGUF's expert bpw instead, and the row says which ("match" column).
+equals the GGUF's, the weights outside the experts at ``--nonexpert-bits`` (attention, shared
+experts, lm_head and, on ort-cpu at 4/8 bits, the embedding table; 16 keeps them fp32), their
+bytes read from a uniform 4-bit reference artifact with the same policy; where that is impossible
+because those parts alone already weigh more, the budget matches the GGUF's expert bpw instead,
+and the row says which ("match" column).
 
 Measured, interleaved (order rotates each round), with ``--threads`` threads for both tools:
 
@@ -121,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=64, help="perplexity chunks of the test text")
     p.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of the calibration text")
     p.add_argument("--group-size", type=int, default=64, help="dmpq group size (for the 2-bit floor)")
+    p.add_argument("--nonexpert-bits", type=int, default=4, choices=(4, 8, 16),
+                   help="--nonexpert-bits of the matched dmpq artifacts (default 4, as llama.cpp quantizes every "
+                   "matrix; 16: float, the runs before issue 13 item 2)")
     return p.parse_args(argv)
 
 
@@ -331,7 +336,14 @@ def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict
     alloc_flags, common_flags = spec.flags
     compile_dmpq(ckpt, work / ref_label, [*ref_flags, *common_flags], args.reuse)
     rows = {ref_label: {**dmpq_row(work / ref_label, params), "flags": list(ref_flags)}}
-    non_expert = rows[ref_label]["file_bytes"] - rows[ref_label]["expert_bytes"]
+    policy = ["--nonexpert-bits", str(args.nonexpert_bits)] if args.nonexpert_bits < 16 else []
+    sizer = ref_label
+    if policy:  # the non-expert bytes of the matched artifacts' policy
+        sizer = f"dmpq-int4-ne{args.nonexpert_bits}"
+        flags = ["--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity", *policy]
+        compile_dmpq(ckpt, work / sizer, [*flags, *common_flags], args.reuse)
+        rows[sizer] = {**dmpq_row(work / sizer, params), "flags": flags}
+    non_expert = rows[sizer]["file_bytes"] - rows[sizer]["expert_bytes"]
     floor = min_expert_bytes(lc.safetensors_shapes(ckpt), 2, args.group_size)
     budgets: list[tuple[float, str, list[str]]] = []
     for qtype in args.types:
@@ -344,7 +356,7 @@ def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict
             budgets.append((nbytes, basis, [qtype]))
     for nbytes, basis, types in budgets:
         label = "dmpq~" + "+".join(types)  # a folder name too
-        flags = ["--budget-mb", f"{nbytes / 2**20:.4f}", *alloc_flags, *common_flags]
+        flags = ["--budget-mb", f"{nbytes / 2**20:.4f}", *policy, *alloc_flags, *common_flags]
         compile_dmpq(ckpt, work / label, flags, args.reuse)
         rows[label] = {**dmpq_row(work / label, params), "flags": flags, "match": basis, "matched_types": types,
                        "budget_mb": nbytes / 2**20}
