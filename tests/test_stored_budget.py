@@ -89,3 +89,27 @@ def test_float_nonexperts_name_the_fix(tmp_path, tiny_dirs, tiny_corpus, capsys)
     assert _compile(tiny_dirs, tiny_corpus, tmp_path / "a", "--budget-bits", "4") == 1
     err = capsys.readouterr().err
     assert "lower --nonexpert-bits" in err and "weights outside the experts alone store" in err
+
+
+def test_budget_guard_counts_stored_bits(tiny_dirs):
+    from dmpq_compile.passes.allocate_pass import stored_bits_budget
+    from dmpq_compile.passes.base import PassResult
+    from dmpq_compile.passes.budget_guard import BudgetGuard, BudgetOverrunError
+
+    backend = get_backend("ort-cpu")
+    g = load(tiny_dirs("mixtral"))
+    g.meta["group_size"] = 32
+    for n in g.experts():
+        g.annotate(n.id, "freq", 0.5)
+        g.annotate(n.id, "bits", 4)
+    budget, stored = stored_bits_budget(g, backend, 0.0, backend.supported_bits)
+    used = budget.fixed + 8 * sum(v[4] for v in stored.values()) / budget.params  # all experts at 4 bits
+    predicted = stored_weight_bytes(g, backend)
+    assert used == pytest.approx(8 * sum(predicted.values()) / budget.params)
+    alloc = make_pass("allocate", allocator="uniform", budget_kind="stored-bits", budget=used)
+    guard = BudgetGuard(backend)
+    guard.after(2, alloc, PassResult(g, True))  # exactly at the budget: fine
+    assert guard.broken_by is None
+    g.annotate(g.experts()[0].id, "bits", 8)
+    with pytest.raises(BudgetOverrunError, match=r"stored bits per weight used, over the budget of"):
+        guard.after(3, make_pass("quantize"), PassResult(g, True))
