@@ -8,8 +8,11 @@ Two one-layer models with random weights (``dmpq_compile.testing.make_tiny_check
 * ``olmoe-1b-7b``: OLMoE-1B-7B widths: hidden 2048, expert intermediate 1024, 64 experts
   top-8, 16 heads. The vocabulary is cut to 8192 (the real one has 50304).
 
-Each is compiled for ``ort-cpu`` as fp32 / uniform int8 / uniform int4 / mixed ~3 bits
-(``--allocator frequency``: random weights have no meaningful sensitivity). Each compile runs
+Each is compiled for ``ort-cpu`` as fp32 / uniform int8 / uniform int4 / mixed ~3 code bits
+(``--allocator frequency``: random weights have no meaningful sensitivity), experts only, and as
+two whole-model variants: ``int8-all`` (every matrix and the embedding table at 8 bits) and
+``mixed-3bpw`` (3 stored bits per weight over the whole model, the weights outside the experts at
+4 bits). Each compile runs
 in its own process, one after the other, so a variant's memory is released before the next
 one starts. The routing profile runs on random-word text. All variants of one shape are then
 benchmarked in one interleaved ``bench`` run with random token ids (no perplexity). Peak RSS
@@ -56,12 +59,17 @@ VARIANTS = (
     ("int8", ["--allocator", "uniform", "--budget-code-bits", "8", "--no-sensitivity"]),
     ("int4", ["--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"]),
     ("mixed-3", ["--allocator", "frequency", "--budget-code-bits", "3", "--no-sensitivity"]),
+    # whole model (issue 13): every matrix quantized, the embedding table included
+    ("int8-all", ["--allocator", "uniform", "--budget-code-bits", "8", "--nonexpert-bits", "8", "--no-sensitivity"]),
+    ("mixed-3bpw", ["--allocator", "frequency", "--budget-bits", "3", "--nonexpert-bits", "4", "--no-sensitivity"]),
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--variants", nargs="+", default=[v for v, _ in VARIANTS], choices=[v for v, _ in VARIANTS],
+                   help="variants to compile and bench, in this order; ratios are to the first (default: all)")
     p.add_argument("--work", default=str(ROOT / "out" / "bench-shapes"), help="checkpoints and artifacts go here")
     p.add_argument("--reuse", action="store_true", help="keep checkpoints/artifacts that already exist")
     p.add_argument("--cleanup", action="store_true", help="delete each shape's files after benchmarking it")
@@ -149,9 +157,15 @@ def build_checkpoint(name: str, work: Path, reuse: bool) -> tuple[Path, dict]:
     return out, stats
 
 
+def selected(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """``(variant, flags)`` of ``--variants``, in their order."""
+    flags = dict(VARIANTS)
+    return [(v, flags[v]) for v in args.variants]
+
+
 def compile_variants(name: str, ckpt: Path, corpus: Path, work: Path, args: argparse.Namespace) -> dict:
     stats = {}
-    for variant, flags in VARIANTS:
+    for variant, flags in selected(args):
         out = work / name / variant
         if args.reuse and (out / "manifest.json").is_file():
             continue
@@ -169,7 +183,7 @@ def bench_shape(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
 
     from dmpq_compile.bench import BenchConfig, bench
 
-    paths = [work / name / v for v, _ in VARIANTS]
+    paths = [work / name / v for v, _ in selected(args)]
     cfg = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, rounds=args.rounds,
                       threads=args.threads, corpus=None, rss=False)
     results = bench(paths, cfg, progress=False)
@@ -213,7 +227,7 @@ def check_memory(name: str, args: argparse.Namespace) -> None:
 
 
 def run_shape(name: str, work: Path, corpus: Path, args: argparse.Namespace) -> dict:
-    if not (args.reuse and all((work / name / v / "manifest.json").is_file() for v, _ in VARIANTS)):
+    if not (args.reuse and all((work / name / v / "manifest.json").is_file() for v, _ in selected(args))):
         check_memory(name, args)
     ckpt, ckpt_stats = build_checkpoint(name, work, args.reuse)
     compile_stats = compile_variants(name, ckpt, corpus, work, args)

@@ -123,12 +123,14 @@ def _matmulnbits_weights(graph: Any) -> dict[str, int]:
 
 
 def _gathered_tables(graph: Any) -> set[str]:
-    """Initializers whose every use is as the table (input 0) of a ``Gather``: an embedding, of
-    which a token reads one row. A table also used by a MatMul/Gemm (a tied lm_head) is read in full."""
+    """Initializers whose every use is as a table of a ``Gather`` (input 0) or of a quantized
+    ``GatherBlockQuantized`` (codes, scales and zero points: inputs 0, 2, 3): an embedding, of which
+    a token reads one row. A table also used by a MatMul/Gemm (a tied lm_head) is read in full."""
+    tables = {"Gather": (0,), "GatherBlockQuantized": (0, 2, 3)}
     gathered, other = set(), set()
     for node in _subgraph_nodes(graph):
         for i, name in enumerate(node.input):
-            (gathered if node.op_type == "Gather" and i == 0 else other).add(name)
+            (gathered if i in tables.get(node.op_type, ()) else other).add(name)
     return gathered - other
 
 

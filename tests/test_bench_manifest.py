@@ -133,6 +133,12 @@ def test_embedding_counts_one_row_unless_also_read_as_a_matrix(ort_artifact):
         [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
     assert _gathered_tables(tied) == {"pos"}  # the tied table is read in full by the lm_head
+    quantized = helper.make_graph(  # a quantized table: codes, scales and zero points are all row-read
+        [helper.make_node("GatherBlockQuantized", ["q", "ids", "s", "z"], ["x"], domain="com.microsoft"),
+         helper.make_node("MatMul", ["x", "w"], ["logits"])], "quantized",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    assert _gathered_tables(quantized) == {"q", "s", "z"}
 
 
 def test_manifest_without_expert_tensors_gives_no_byte_figures(ort_artifact, tmp_path, caplog):
