@@ -14,7 +14,10 @@ the distribution fitted to samples/olmoe-tiny given each expert's measured routi
 (:func:`dmpq_compile.passes.allocate.synthetic.draw_sensitivities`). For each latency weight
 ``w_lat`` and table, the exact optimum of ``KL + w_lat * L`` under a 4-average-bit budget is
 emitted, and every distinct artifact's decode latency is measured interleaved (1 thread,
-teacher-forced on the profiling text, so the routing matches the profile). The attention
+teacher-forced on the profiling text, so the routing matches the profile). Every artifact decodes
+the same tokens, so each row also gets paired ratios: the median over tokens of its time over
+the control's (``w_lat = 0``) and over the bytes-proxy allocation's at the same ``w_lat``, with a
+95 % bootstrap interval. The attention
 projections and the lm_head are stored at ``--nonexpert-bits`` (default 4) in every artifact, so
 that the experts, not fp32 attention, dominate what a decoded token reads. ``w_lat = 0`` is the
 control: the accuracy term alone, the same allocation whatever the table.
@@ -103,6 +106,16 @@ def decode_ms(paths: dict[str, Path], stream: np.ndarray, rounds: int, prompt: i
     return times
 
 
+def paired_ratio(t: list[float], ref: list[float], seed: int, resamples: int = 2000) -> dict:
+    """Median over tokens of ``t[i] / ref[i]`` (the same token of the same round, so routing and
+    position cancel) with a 95 % bootstrap interval over tokens."""
+    ratio = np.asarray(t) / np.asarray(ref)
+    rng = np.random.default_rng(seed)
+    boot = np.median(ratio[rng.integers(0, len(ratio), (resamples, len(ratio)))], axis=1)
+    return {"median": float(np.median(ratio)), "ci95": [float(x) for x in np.percentile(boot, [2.5, 97.5])],
+            "faster_share": float(np.mean(ratio < 1.0))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", type=int, default=16)
@@ -148,18 +161,26 @@ def main() -> None:
     stream = calib.reshape(-1).numpy().astype(np.int64)
     load_before = loadavg()
     times = decode_ms(paths, stream, args.rounds, 16, args.steps)
+    control = next(r["digest"] for r in rows if r["w_lat"] == min(x["w_lat"] for x in rows))
     for r in rows:
         t = times[r["digest"]]
-        r.update(decode_ms=statistics.median(t), decode_ms_iqr=float(np.subtract(*np.percentile(t, [75, 25]))))
+        proxy = next(x["digest"] for x in rows if x["w_lat"] == r["w_lat"] and x["table"] == "bytes-proxy")
+        r.update(decode_ms=statistics.median(t), decode_ms_iqr=float(np.subtract(*np.percentile(t, [75, 25]))),
+                 vs_control=paired_ratio(t, times[control], args.seed),
+                 vs_bytes_proxy=paired_ratio(t, times[proxy], args.seed))
     for r in rows:
+        c, p = r["vs_control"], r["vs_bytes_proxy"]
         print(f"w_lat {r['w_lat']:g} {r['table']:>13}: measured decode {r['decode_ms']:.3f} ms/token "
-              f"(IQR {r['decode_ms_iqr']:.3f}), KL proxy {r['kl_proxy']:.3g}, avg bits {r['avg_bits']:.2f}")
+              f"(IQR {r['decode_ms_iqr']:.3f}), vs control {c['median']:.4f} [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}], "
+              f"vs bytes proxy {p['median']:.4f} [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}], KL proxy "
+              f"{r['kl_proxy']:.3g}, avg bits {r['avg_bits']:.2f}")
     out = {"model": f"one-layer random OLMoE widths {SHAPE}, {args.experts} experts top-{args.top_k}, "
                     f"attention and lm_head at {args.nonexpert_bits} bits",
            "energy": f"{energy_source()} (no energy term in this objective)",
            "cost_measurement": raw, "tables": {k: {b: dataclasses.asdict(c) for b, c in t.items()}
                                                for k, t in tables.items()},
-           "freq": freq.tolist(), "rows": rows, "timing_loadavg": [load_before, loadavg()],
+           "freq": freq.tolist(), "rows": rows, "timing_loadavg": [load_before, loadavg()], "control": control,
+           "times_ms": times,
            "machine_start": meta, "machine_end": machine(), "command": "python benchmarks/hil_allocators.py " +
            " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}
     RESULTS.mkdir(exist_ok=True)
