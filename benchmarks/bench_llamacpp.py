@@ -123,9 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=64, help="perplexity chunks of the test text")
     p.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of the calibration text")
     p.add_argument("--group-size", type=int, default=64, help="dmpq group size (for the 2-bit floor)")
-    p.add_argument("--nonexpert-bits", type=int, default=4, choices=(4, 8, 16),
-                   help="--nonexpert-bits of the matched dmpq artifacts (default 4, as llama.cpp quantizes every "
-                   "matrix; 16: float, the runs before issue 13 item 2)")
+    p.add_argument("--nonexpert-bits", default="4",
+                   help="--nonexpert-bits of the matched dmpq artifacts, N or KIND=N,... (default 4: every matrix, "
+                   "as llama.cpp quantizes every matrix; e.g. 4,attention=8,lm_head=8; 16: float, the runs before "
+                   "issue 13 item 2)")
     return p.parse_args(argv)
 
 
@@ -336,10 +337,10 @@ def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict
     alloc_flags, common_flags = spec.flags
     compile_dmpq(ckpt, work / ref_label, [*ref_flags, *common_flags], args.reuse)
     rows = {ref_label: {**dmpq_row(work / ref_label, params), "flags": list(ref_flags)}}
-    policy = ["--nonexpert-bits", str(args.nonexpert_bits)] if args.nonexpert_bits < 16 else []
+    policy = [] if str(args.nonexpert_bits).strip() == "16" else ["--nonexpert-bits", str(args.nonexpert_bits)]
     sizer = ref_label
     if policy:  # the non-expert bytes of the matched artifacts' policy
-        sizer = f"dmpq-int4-ne{args.nonexpert_bits}"
+        sizer = "dmpq-int4-ne" + str(args.nonexpert_bits).replace(",", "+").replace("=", "")
         flags = ["--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity", *policy]
         compile_dmpq(ckpt, work / sizer, [*flags, *common_flags], args.reuse)
         rows[sizer] = {**dmpq_row(work / sizer, params), "flags": flags}

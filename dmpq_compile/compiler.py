@@ -22,7 +22,7 @@ from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pas
 from .passes.allocate_pass import NEEDS
 from .passes.budget_guard import BudgetGuard
 from .passes.cache import PassCache
-from .passes.precision import check_nonexpert_bits
+from .passes.precision import PrecisionOptions, check_kinds, check_nonexpert_bits
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,12 @@ class CompileConfig:
     qat_mode: str = "auto"  # whole | blockwise | auto (whole when it fits in memory)
     codesign_rounds: int = 0  # >0: alternate allocation and QAT this many times before the final round
     nonexpert_bits: int = 16  # attention, shared experts, dense MLPs, lm_head (passes/precision.py); 16 = float
+    nonexpert_kinds: dict[str, int] = field(default_factory=dict)  # per-kind bits replacing nonexpert_bits
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra_passes", check_insertions(self.extra_passes))
         check_nonexpert_bits(self.nonexpert_bits)
+        check_kinds(self.nonexpert_kinds)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompileConfig:
@@ -113,11 +115,13 @@ def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
 
 def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
     """Passes that depend on the allocator and budget: [precision], allocate, [qat], quantize, plus
-    the extras. ``precision`` (the fixed non-expert bits) runs only when ``nonexpert_bits`` < 16.
+    the extras. ``precision`` (the fixed non-expert bits) runs only when it quantizes something
+    (``nonexpert_bits`` or a ``nonexpert_kinds`` entry below 16).
 
     ``final=False``: without quantize and the extras anchored after it (a co-design round).
     """
-    passes = [make_pass("precision", nonexpert_bits=cfg.nonexpert_bits)] if cfg.nonexpert_bits < 16 else []
+    policy = PrecisionOptions(cfg.nonexpert_bits, dict(cfg.nonexpert_kinds))
+    passes = [make_pass("precision", nonexpert_bits=policy.nonexpert_bits, kinds=policy.kinds)] if policy.active else []
     passes += [make_pass(
         "allocate", allocator=cfg.allocator, budget_kind=cfg.budget_kind, budget=cfg.budget, w_acc=cfg.w_acc,
         w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits, metric=cfg.metric,
@@ -262,6 +266,8 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
     backend = get_backend(cfg.target)
     if backend is not None and cfg.nonexpert_bits < 16:
         check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
+    if backend is not None:
+        check_kinds(cfg.nonexpert_kinds, backend)
     supported = cfg.bits or getattr(backend, "supported_bits", None) or ()
     if cfg.budget_kind == "bits" and supported and cfg.budget < min(supported):
         raise ValueError(f"budget {cfg.budget:.2f} average bits is infeasible for {cfg.target} (bits "
@@ -272,13 +278,15 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
         from .passes.allocate_pass import stored_bits_budget
 
         choices = tuple(sorted(supported or (16,)))
-        budget, stored = stored_bits_budget(graph, backend, cfg.budget, choices, cfg.nonexpert_bits)
+        budget, stored = stored_bits_budget(graph, backend, cfg.budget, choices, cfg.nonexpert_bits,
+                                            cfg.nonexpert_kinds)
         experts = tuple(ExpertInfo(key=k, layer=0, expert=0, n_params=1, freq=0.0, mass=0.0, sensitivity={},
                                    stored_bytes=v) for k, v in stored.items())
         smallest = min_feasible_budget(AllocationProblem(experts, choices, budget))
         if cfg.budget < smallest:
             alone = f"the weights outside the experts alone store {budget.fixed:.2f} bits per weight of the model"
-            hint = (f"or lower --nonexpert-bits to quantize them ({alone} in float)" if cfg.nonexpert_bits == 16 else
+            floats = cfg.nonexpert_bits == 16 and not cfg.nonexpert_kinds
+            hint = (f"or lower --nonexpert-bits to quantize them ({alone} in float)" if floats else
                     f"({alone})")
             raise ValueError(f"--budget-bits {cfg.budget:.2f} is infeasible for {cfg.target}: with every expert at "
                              f"{min(choices)} bits the model stores {smallest:.2f} bits per weight; raise the budget "

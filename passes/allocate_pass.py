@@ -175,12 +175,13 @@ def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> Allocat
 
 
 def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[int, ...],
-                       nonexpert_bits: int | None = None) -> tuple[Budget, dict[str, dict[int, int]]]:
+                       nonexpert_bits: int | None = None, kinds: dict[str, int] | None = None
+                       ) -> tuple[Budget, dict[str, dict[int, int]]]:
     """The stored-bits budget of ``graph`` on ``backend`` and each expert's stored bytes per bits.
 
     The fixed part is every weight outside the routed experts as ``backend`` stores it, at the
-    bits the ``precision`` pass gave (or ``nonexpert_bits`` for the nodes it would give them to,
-    for an estimate before the pass ran); the parameter count is every weight's, tied ones once.
+    bits the ``precision`` pass gave (or ``nonexpert_bits`` and the per-kind ``kinds`` for the
+    nodes it would give them to, for an estimate before the pass ran); the parameter count is every weight's, tied ones once.
     Shapes only: nothing is read.
     """
     from ..backends.cost import expert_shapes, expert_stored_bytes, stored_weight_bytes
@@ -190,7 +191,7 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
         raise PassError("a stored-bits budget (--budget-bits) needs a target whose storage is known (--target); "
                         "use --budget-code-bits without one")
     gs = int(graph.meta.get("group_size", 64))
-    override = policy_bits(graph, nonexpert_bits, backend) if nonexpert_bits is not None else None
+    override = policy_bits(graph, nonexpert_bits, backend, kinds) if nonexpert_bits is not None else None
     try:
         per_node = stored_weight_bytes(graph, backend, gs, override)
     except NotImplementedError as e:

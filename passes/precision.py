@@ -20,7 +20,7 @@ graph, hence the artifact, is the one a compile without the pass makes.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS, Graph
 from ..quant.spec import VALID_BITS
@@ -35,12 +35,21 @@ class PrecisionOptions:
 
     Attributes:
         nonexpert_bits: Bit-width of every linear weight outside the routed experts (16: keep float).
+        kinds: Per-kind bit-widths that replace ``nonexpert_bits`` for those kinds (keys from
+            ``ir.graph.NONEXPERT_QUANTIZABLE_KINDS``), e.g. ``{"lm_head": 8}``.
     """
 
     nonexpert_bits: int = 16
+    kinds: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_nonexpert_bits(self.nonexpert_bits)
+        check_kinds(self.kinds)
+
+    @property
+    def active(self) -> bool:
+        """Whether the policy quantizes anything (else the pass changes nothing)."""
+        return any(b < 16 for b in (self.nonexpert_bits, *self.kinds.values()))
 
 
 def check_nonexpert_bits(bits: object, supported: tuple[int, ...] | None = None, target: str | None = None) -> None:
@@ -51,6 +60,40 @@ def check_nonexpert_bits(bits: object, supported: tuple[int, ...] | None = None,
     if supported is not None and bits not in supported:
         raise ValueError(f"--nonexpert-bits {bits}: target {target} cannot run {bits}-bit attention, shared-expert, "
                          f"MLP or lm_head weights; it runs {tuple(supported)}")
+
+
+def check_kinds(kinds: object, backend: object = None) -> None:
+    """Raise ``ValueError`` unless ``kinds`` maps non-expert kinds to bit-widths (that ``backend``,
+    when given, runs for that kind: asking for an embedding lookup the target lacks is an error)."""
+    if not isinstance(kinds, dict):
+        raise ValueError(f"per-kind non-expert bits must be a mapping kind -> bits, got {kinds!r}")  # noqa: TRY004 (a config error, reported as one)
+    for kind, bits in kinds.items():
+        if kind not in NONEXPERT_QUANTIZABLE_KINDS:
+            raise ValueError(f"unknown non-expert kind {kind!r} in the per-kind bits; choose from "
+                             f"{NONEXPERT_QUANTIZABLE_KINDS}")
+        check_nonexpert_bits(bits)
+        if backend is not None and bits < 16 and bits not in backend.supported_bits_for(kind):
+            raise ValueError(f"--nonexpert-bits {kind}={bits}: target {backend.name} runs "
+                             f"{backend.supported_bits_for(kind)} for {kind} weights")
+
+
+def parse_policy(text: str) -> tuple[int, dict[str, int]]:
+    """``--nonexpert-bits`` text: ``N`` (every kind), ``KIND=N,...`` (the rest float) or both,
+    e.g. ``4,lm_head=8,attention=8`` -> ``(4, {"lm_head": 8, "attention": 8})``."""
+    default, kinds = 16, {}
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        key, eq, value = part.partition("=")
+        try:
+            bits = int(value if eq else key)
+        except ValueError:
+            raise ValueError(f"--nonexpert-bits: {part!r} is not N or KIND=N (e.g. 4,lm_head=8)") from None
+        if eq:
+            kinds[key.strip()] = bits
+        else:
+            default = bits
+    check_nonexpert_bits(default)
+    check_kinds(kinds)
+    return default, kinds
 
 
 def tied_head(graph: Graph, node_id: str) -> bool:
@@ -65,23 +108,29 @@ def tied_table(graph: Graph, node_id: str) -> bool:
     return any(n.params.get("weight") == key for n in graph.nodes("lm_head"))
 
 
-def policy_bits(graph: Graph, nonexpert_bits: int, backend: object = None) -> dict[str, int]:
-    """``{node id: bits}`` the policy gives at ``nonexpert_bits``: every node of
-    ``NONEXPERT_QUANTIZABLE_KINDS`` except an ``lm_head`` tied to the embedding, and the embedding
-    table only where ``backend`` runs ``nonexpert_bits``-bit lookups and it is not tied (logged)."""
+def policy_bits(graph: Graph, nonexpert_bits: int, backend: object = None,
+                kinds: dict[str, int] | None = None) -> dict[str, int]:
+    """``{node id: bits}`` the policy gives: ``kinds[kind]``, else ``nonexpert_bits``, to every node
+    of ``NONEXPERT_QUANTIZABLE_KINDS`` with fewer than 16 bits, except an ``lm_head`` tied to the
+    embedding, and the embedding table only where ``backend`` runs lookups at those bits and it
+    is not tied (logged)."""
+    kinds = kinds or {}
     lookups = () if backend is None else backend.supported_bits_for("embed")
     out = {}
     for kind in NONEXPERT_QUANTIZABLE_KINDS:
+        bits = kinds.get(kind, nonexpert_bits)
+        if bits >= 16:
+            continue
         for node in graph.nodes(kind):
             if kind == "lm_head" and tied_head(graph, node.id):
                 log.info("precision: %s is tied to the embedding table, which stays float; kept at 16 bits", node.id)
                 continue
-            if kind == "embed" and (nonexpert_bits not in lookups or tied_table(graph, node.id)):
-                why = "tied to the lm_head" if nonexpert_bits in lookups else \
+            if kind == "embed" and (bits not in lookups or tied_table(graph, node.id)):
+                why = "tied to the lm_head" if bits in lookups else \
                     f"target runs {tuple(b for b in lookups if b < 16) or 'no'} quantized lookups"
                 log.info("precision: embedding %s stays float (%s)", node.id, why)
                 continue
-            out[node.id] = nonexpert_bits
+            out[node.id] = bits
     return out
 
 
@@ -91,21 +140,27 @@ class PrecisionPass(Pass):
     description = "fixed bit-width of the non-expert linear weights (attention, shared experts, MLPs, lm_head)"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        bits = self.options.nonexpert_bits
-        if bits == 16:
-            return PassResult(graph, modified=False, stats={"nonexpert_bits": 16, "nodes": {}})
+        o = self.options
+        bits = o.nonexpert_bits
+        stats = {"nonexpert_bits": bits, **({"kinds": dict(o.kinds)} if o.kinds else {})}
+        if not o.active:
+            return PassResult(graph, modified=False, stats={**stats, "nodes": {}})
         backend = ctx.backend
         if backend is not None:
+            try:
+                check_kinds(o.kinds, backend)
+            except ValueError as e:
+                raise PassError(f"precision: {e}") from None
             supported = backend.supported_bits_for(NONEXPERT_QUANTIZABLE_KINDS[0])
-            kinds = {k for k in NONEXPERT_QUANTIZABLE_KINDS
-                     if k != "embed" and bits not in backend.supported_bits_for(k)}
+            kinds = {k for k in NONEXPERT_QUANTIZABLE_KINDS if k != "embed" and k not in o.kinds
+                     and bits < 16 and bits not in backend.supported_bits_for(k)}
             if kinds:
                 raise PassError(f"precision: target {backend.name} cannot run {bits}-bit weights for "
                                 f"{sorted(kinds)} nodes (it runs {supported}); choose another --nonexpert-bits")
         counts: dict[str, int] = {}
-        for node_id, b in policy_bits(graph, bits, backend).items():
+        for node_id, b in policy_bits(graph, bits, backend, o.kinds).items():
             graph.annotate(node_id, "bits", b)
             kind = graph.node(node_id).kind
             counts[kind] = counts.get(kind, 0) + 1
-        log.info("precision: %d-bit non-expert weights on %s", bits, counts)
-        return PassResult(graph, modified=bool(counts), stats={"nonexpert_bits": bits, "nodes": counts})
+        log.info("precision: non-expert bits %d%s on %s", bits, f", by kind {o.kinds}" if o.kinds else "", counts)
+        return PassResult(graph, modified=bool(counts), stats={**stats, "nodes": counts})

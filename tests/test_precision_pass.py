@@ -185,6 +185,34 @@ def test_cli_flag_reaches_the_config(tiny_dirs, capsys):
     assert config_from_args(p.parse_args(["m"])).nonexpert_bits == 16
     assert main(["compile", str(tiny_dirs("mixtral")), "--nonexpert-bits", "6", "-o", "/nonexistent/x"]) != 0
     assert "nonexpert_bits must be one of" in capsys.readouterr().err
+    cfg = config_from_args(p.parse_args(["m", "--nonexpert-bits", "4,lm_head=8,embed=8"]))
+    assert (cfg.nonexpert_bits, cfg.nonexpert_kinds) == (4, {"lm_head": 8, "embed": 8})
+
+
+# -- per-kind bits ------------------------------------------------------------------------------------
+def test_policy_text_is_parsed_and_checked():
+    from dmpq_compile.passes.precision import parse_policy
+
+    assert parse_policy("4") == (4, {})
+    assert parse_policy("4, lm_head=8") == (4, {"lm_head": 8})
+    assert parse_policy("attention=8,lm_head=8") == (16, {"attention": 8, "lm_head": 8})
+    for bad, msg in (("four", "is not N or KIND=N"), ("router=8", "unknown non-expert kind 'router'"),
+                     ("lm_head=5", "must be one of"), ("6", "must be one of")):
+        with pytest.raises(ValueError, match=msg):
+            parse_policy(bad)
+
+
+def test_per_kind_bits_replace_the_default(tiny_dirs):
+    g = load(tiny_dirs("qwen2_moe"))
+    ctx = PassContext(progress=False, backend=get_backend("ort-cpu"))
+    g = make_pass("precision", nonexpert_bits=4, kinds={"lm_head": 8, "shared_expert": 16}).call(g, ctx).graph
+    bits = {n.kind: n.ann.get("bits") for n in g.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS}
+    assert bits == {"attention": 4, "lm_head": 8, "shared_expert": None, "embed": 4}
+    only = make_pass("precision", nonexpert_bits=16, kinds={"attention": 8}).call(load(tiny_dirs("qwen2_moe")), ctx)
+    assert only.stats["nodes"] == {"attention": 2}
+    with pytest.raises(PassError, match=r"embed=4: target trt-a100 runs \(16,\) for embed"):
+        make_pass("precision", nonexpert_bits=16, kinds={"embed": 4}).call(
+            load(tiny_dirs("qwen2_moe")), PassContext(progress=False, backend=get_backend("trt-a100")))
 
 
 # -- the compile driver: storage, default byte identity, uniform -----------------------------------

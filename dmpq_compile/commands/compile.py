@@ -28,8 +28,7 @@ _FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_la
            "w_eng": "w_eng", "group_size": "group_size", "quant_method": "quant_method",
            "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
            "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
-           "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed",
-           "nonexpert_bits": "nonexpert_bits"}
+           "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,10 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--w-{w}", type=float, help=f"objective weight (default {getattr(d, 'w_' + w):g})")
     p.add_argument("--bits", help="comma-separated bit-widths to choose from (default: all the target supports)")
     p.add_argument("--group-size", type=int, help=f"quantization group size along K (default {d.group_size})")
-    p.add_argument("--nonexpert-bits", type=int, metavar="N",
-                   help="bit-width of every linear weight outside the routed experts: attention q/k/v/o, shared "
-                   "experts, dense MLPs and an untied lm_head (ort-cpu: 2, 4, 8; trt-a100: 4, 8); routers, norms "
-                   f"and the embedding table stay float. Not allocated: a fixed policy (default {d.nonexpert_bits}: "
+    p.add_argument("--nonexpert-bits", metavar="N|KIND=N,...",
+                   help="bit-width of the weights outside the routed experts: attention q/k/v/o, shared experts, "
+                   "dense MLPs, an untied lm_head (ort-cpu: 2, 4, 8; trt-a100: 4, 8) and an untied embedding table "
+                   "(ort-cpu only, 4 or 8; else it stays float). N sets every kind; KIND=N (attention, shared_expert, "
+                   "mlp, lm_head, embed) sets one, e.g. 4,lm_head=8 or attention=8,lm_head=8 (kinds not named stay "
+                   f"float). Routers and norms stay float. Not allocated: a fixed policy (default {d.nonexpert_bits}: "
                    "keep them float)")
     p.add_argument("--quant-method", choices=("rtn", "hqq", "gptq"), help=f"rounding (default {d.quant_method})")
     p.add_argument("--calib-corpus",
@@ -125,6 +126,10 @@ def config_from_args(args: argparse.Namespace):
     elif args.budget_code_bits is not None:
         data.update(budget_kind="bits", budget=args.budget_code_bits)
     data.update({field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag) is not None})
+    if args.nonexpert_bits is not None:
+        from ..passes.precision import parse_policy
+
+        data["nonexpert_bits"], data["nonexpert_kinds"] = parse_policy(args.nonexpert_bits)
     if args.no_sensitivity:
         data["sensitivity"] = False
     if args.qat:
