@@ -123,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=64, help="perplexity chunks of the test text")
     p.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of the calibration text")
     p.add_argument("--group-size", type=int, default=64, help="dmpq group size (for the 2-bit floor)")
+    p.add_argument("--dmpq-flags", default="", help="extra dmpq-compile flags of the matched artifacts, e.g. "
+                   "'--quant-method gptq' (one string)")
     p.add_argument("--nonexpert-bits", default="4",
                    help="--nonexpert-bits of the matched dmpq artifacts, N or KIND=N,... (default 4: every matrix, "
                    "as llama.cpp quantizes every matrix; e.g. 4,attention=8,lm_head=8; 16: float, the runs before "
@@ -357,7 +359,8 @@ def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict
             budgets.append((nbytes, basis, [qtype]))
     for nbytes, basis, types in budgets:
         label = "dmpq~" + "+".join(types)  # a folder name too
-        flags = ["--budget-mb", f"{nbytes / 2**20:.4f}", *policy, *alloc_flags, *common_flags]
+        flags = ["--budget-mb", f"{nbytes / 2**20:.4f}", *policy, *alloc_flags, *args.dmpq_flags.split(),
+                 *common_flags]
         compile_dmpq(ckpt, work / label, flags, args.reuse)
         rows[label] = {**dmpq_row(work / label, params), "flags": flags, "match": basis, "matched_types": types,
                        "budget_mb": nbytes / 2**20}
