@@ -4,8 +4,10 @@ linear weights (attention, shared experts, dense MLPs, lm_head) the ``precision`
 Writes, per quantized node, the packed codes, scales and zero points into the weight store and
 a ``quant`` annotation (spec + keys; see :mod:`dmpq_compile.quant.stored`). Methods: ``rtn``
 (round to nearest), ``hqq`` (half-quadratic zero/scale optimisation) and ``gptq`` (Hessian-aware
-rounding from calibration activations of the tokens routed to each expert; non-expert weights
-fall back to ``rtn`` under ``gptq``, logged and named in their spec).
+rounding from calibration activations: of the tokens routed to each expert, of every token for
+attention q/k/v (the attention's input) and o (the attention context), shared experts, dense
+MLPs and the lm_head (the final norm's output); the embedding table, a lookup and not a product,
+falls back to ``rtn`` under ``gptq``, logged and named in its spec).
 
 Format: each bit-width is quantized in the weight format the target declares for it
 (``ctx.backend.weight_formats``, recorded in ``graph.meta``; group-wise asymmetric at
@@ -69,20 +71,26 @@ class QuantizePass(Pass):
         graph.meta["group_size"] = o.group_size
         declare_target_formats(graph.meta, ctx.backend)  # the stored codes' formats, for every later reader
         nodes = [n for n in graph.experts() if n.ann["bits"] < 16]
-        layers = sorted({n.attrs["layer"] for n in nodes})
+        # non-expert linear weights GPTQ rounds along with their layer (the lm_head after the last)
+        others = [n for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and n.kind != "embed"
+                  and n.ann.get("bits", 16) < 16] if o.method == "gptq" else []
+        layers = sorted({n.attrs["layer"] for n in nodes} | {_layer(n) for n in others if _layer(n) is not None})
         bar = tqdm(total=len(nodes), desc=f"quantize ({o.method})", unit="expert", disable=not ctx.progress,
                    leave=False)
 
-        def finish(layer: int, hessians: dict) -> None:
+        def finish(layer: int | None, hessians: dict) -> None:
             keys = []
             for node in (n for n in nodes if n.attrs["layer"] == layer):
                 keys += self._quantize_node(graph, node, hessians)
                 bar.update(1)
+            for node in (n for n in others if _layer(n) == layer):
+                keys += self._quantize_node(graph, node, hessians)
             if ctx.work_dir is not None and keys:
-                graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-L{layer}.safetensors")
+                name = "head" if layer is None else f"L{layer}"
+                graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-{name}.safetensors")
 
         if o.method == "gptq":
-            _stream_hessians(graph, ctx.calibration[: o.max_sequences], set(layers), finish)
+            _stream_hessians(graph, ctx.calibration[: o.max_sequences], set(layers), finish, others)
         else:
             for layer in layers:
                 finish(layer, {})
@@ -90,23 +98,22 @@ class QuantizePass(Pass):
         for node in graph.experts():  # kept experts carry an explicit "no quantization" record
             if node.ann["bits"] == 16:
                 graph.annotate(node.id, "quant", {"spec": QuantSpec(bits=16).to_dict(), "tensors": {}})
-        others = self._quantize_nonexpert(graph, ctx)
+        others = others + self._quantize_nonexpert(graph, ctx, {n.id for n in others})
         stats = {"quantized_experts": len(nodes), "methods": _methods_used(graph, nodes, o.method)}
         if others:
             stats["quantized_nonexpert"] = len(others)
             stats["nonexpert_methods"] = _methods_used(graph, others, nonexpert_method(o.method))
         return PassResult(graph, modified=bool(nodes or others), stats=stats)
 
-    def _quantize_nonexpert(self, graph: Graph, ctx: PassContext) -> list:
-        """Quantize the non-expert nodes the ``precision`` pass gave bits, one node at a time.
-
-        GPTQ needs each projection's input Hessian; only the experts' are collected, so those
-        weights are quantized with RTN (logged, and their spec says ``rtn``).
-        """
-        nodes = [n for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and n.ann.get("bits", 16) < 16]
+    def _quantize_nonexpert(self, graph: Graph, ctx: PassContext, done: set[str]) -> list:
+        """Quantize the non-expert nodes the ``precision`` pass gave bits that ``run`` did not
+        (``done``: GPTQ-rounded with their layer), one node at a time: all of them under rtn and
+        hqq, the embedding table under gptq (a lookup has no input Hessian: rtn, logged)."""
+        nodes = [n for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and n.ann.get("bits", 16) < 16
+                 and n.id not in done]
         if nodes and self.options.method == "gptq":
-            log.warning("gptq: non-expert weights (attention, shared experts, MLPs, lm_head) are quantized with "
-                        "rtn (no Hessians are collected for them); their spec says so")
+            log.warning("gptq: the embedding table is quantized with rtn (a row lookup has no input Hessian); "
+                        "its spec says so")
         for node in nodes:
             keys = self._quantize_node(graph, node, {}, nonexpert_method(self.options.method))
             if ctx.work_dir is not None:
@@ -140,8 +147,15 @@ def _methods_used(graph: Graph, nodes: list, asked: str) -> dict[str, int]:
 
 
 def nonexpert_method(method: str) -> str:
-    """The method non-expert weights are quantized with: ``method``, or ``rtn`` for ``gptq``."""
+    """The method non-expert weights quantized outside the Hessian stream (the embedding table
+    under gptq, everything under rtn/hqq) get: ``method``, or ``rtn`` for ``gptq``."""
     return "rtn" if method == "gptq" else method
+
+
+def _layer(node) -> int | None:
+    """The decoder layer of a non-expert node (None for the lm_head)."""
+    layer = node.attrs.get("layer")
+    return None if layer is None else int(layer)
 
 
 def method_for(fmt: WeightFormat, method: str) -> str:
@@ -163,24 +177,68 @@ def _quantize_one(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None
 
 
 def _stream_hessians(graph: Graph, ids: torch.Tensor, layers: set[int],
-                     finish: Callable[[int, dict], None]) -> None:
+                     finish: Callable[[int | None, dict], None], others: list | None = None) -> None:
     """Run the full-precision model layer-major and hand each layer in ``layers`` its experts'
-    Hessians ``H = X^T X / n`` (inputs of each projection over the routed calibration tokens)."""
+    Hessians ``H = X^T X / n`` (inputs of each projection over the routed calibration tokens)
+    and those of the non-expert nodes ``others`` in it (:func:`_nonexpert_hessians`); an
+    ``lm_head`` among ``others`` is handed over last, with layer None."""
     interp = Interpreter(graph, quantize=False)
+    others = others or []
+    inputs = {graph.inputs(n.id)[0]: n for n in others}
     seen: dict = {}
 
     def observe(node_id, kind, value):
-        if node_id.endswith(".moe_norm") or kind == "router":
+        if node_id.endswith(".moe_norm") or kind == "router" or node_id in inputs:
             seen[node_id] = value
 
     opts = RunOptions(quantize=False, observer=observe)
     with torch.no_grad():
         h = embed(interp, ids, opts)
-        for layer in range(len(layer_outputs(graph))):
+        outs = layer_outputs(graph)
+        for layer in range(len(outs)):
             seen.clear()
             h = run_layer(interp, layer, h, opts)
             if layer in layers:
-                finish(layer, _layer_hessians(graph, interp, layer, seen))
+                hessians = _layer_hessians(graph, interp, layer, seen)
+                for inp, node in inputs.items():
+                    if _layer(node) == layer:
+                        hessians.update(_nonexpert_hessians(interp, node, seen[inp]))
+                finish(layer, hessians)
+        heads = [(inp, n) for inp, n in inputs.items() if _layer(n) is None]
+        if heads:
+            run = RunOptions(quantize=False, resume={outs[-1]: h})
+            values = interp.run(None, run, outputs=tuple(inp for inp, _ in heads))
+            hessians = {}
+            for inp, node in heads:
+                hessians.update(_nonexpert_hessians(interp, node, values[inp]))
+            finish(None, hessians)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``X^T X / n`` over the rows of ``x`` flattened to ``[n, features]``."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    return x.T @ x / max(1, len(x))
+
+
+def _nonexpert_hessians(interp: Interpreter, node, x: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+    """Input Hessians of a non-expert node's linear weights, from its input ``x`` (every token):
+    attention q/k/v read ``x`` and o the attention context (the same attention with an identity
+    output projection); a shared expert or MLP's gate/up read ``x`` and down the gated product;
+    the lm_head reads ``x``."""
+    from ..ir import ops
+
+    w = interp.weights(node.id, RunOptions(quantize=False))
+    h = _gram(x)
+    if node.kind == "attention":
+        d = w["o"].shape[1]
+        ident = {k: v for k, v in w.items() if k != "o_bias"}
+        ident["o"] = torch.eye(d, dtype=w["o"].dtype)
+        context = ops.attention(x, ident, node.attrs)
+        return {(node.id, "q"): h, (node.id, "k"): h, (node.id, "v"): h, (node.id, "o"): _gram(context)}
+    if node.kind in ("shared_expert", "mlp"):
+        mid = F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"])
+        return {(node.id, "gate"): h, (node.id, "up"): h, (node.id, "down"): _gram(mid)}
+    return {(node.id, role): h for role in QUANT_ROLES[node.kind]}
 
 
 def _layer_hessians(graph: Graph, interp: Interpreter, layer: int, acts: dict) -> dict[tuple[str, str], torch.Tensor]:
