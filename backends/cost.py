@@ -149,47 +149,6 @@ def expert_bytes(h: int, i: int, proj_bytes: Callable[[int, int], int]) -> int:
     return sum(proj_bytes(n, k) for _, n, k in expert_projections(h, i))
 
 
-def stored_weight_bytes(graph: Graph, backend: Any, group_size: int | None = None,
-                        bits: Mapping[str, int] | None = None) -> dict[str, int]:
-    """``{node id: bytes}``: the weights each node owns as ``backend`` stores them, from shapes.
-
-    A linear weight of :data:`~dmpq_compile.ir.graph.QUANT_ROLES` costs
-    ``backend.weight_bytes(N, K, bits)`` at the node's bits (``bits[node id]``, else its ``bits``
-    annotation, else 16); every other weight ``backend.float_bytes(kind, role)`` per parameter. A
-    tensor read by two nodes (a tied ``lm_head``) counts once, for the first node. Nothing is read
-    from disk. Graph structure and computed constants are not weights: an emitted file is a little
-    larger (``tests/test_stored_budget.py`` bounds the difference).
-    """
-    from ..ir.graph import QUANT_ROLES
-
-    gs = int(group_size if group_size is not None else graph.meta.get("group_size", 64))
-    seen: set[str] = set()
-    out: dict[str, int] = {}
-    for node in graph.nodes():
-        b = int((bits or {}).get(node.id, node.ann.get("bits", 16)))
-        linear = QUANT_ROLES.get(node.kind, ())
-        total = 0
-        for role, key in node.params.items():
-            if key in seen:
-                continue
-            seen.add(key)
-            shape = graph.weights.shape(key)
-            if role in linear:
-                total += backend.weight_bytes(int(shape[0]), int(shape[1]), b, gs)
-            else:
-                count = 1
-                for d in shape:
-                    count *= int(d)
-                total += count * backend.float_bytes(node.kind, role)
-        out[node.id] = total
-    return out
-
-
-def expert_stored_bytes(backend: Any, h: int, i: int, bits: int, group_size: int) -> int:
-    """Stored bytes of one expert ``(H, I)`` at ``bits`` on ``backend`` (its three projections)."""
-    return expert_bytes(h, i, lambda n, k: backend.weight_bytes(n, k, bits, group_size))
-
-
 # -- energy -----------------------------------------------------------------------------------
 # Horowitz, "Computing's energy problem (and what we can do about it)", ISSCC 2014, paper 1.1,
 # Figure 1.1.9 ("rough energy costs for various operations in 45nm 0.9V"). Values in pJ per op.

@@ -184,8 +184,8 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
     nodes it would give them to, for an estimate before the pass ran); the parameter count is every weight's, tied ones once.
     Shapes only: nothing is read.
     """
-    from ..backends.cost import expert_shapes, expert_stored_bytes, stored_weight_bytes
     from .precision import policy_bits
+    from .storage import expert_stored_bytes, stored_weight_bytes
 
     if backend is None or not hasattr(backend, "weight_bytes"):
         raise PassError("a stored-bits budget (--budget-bits) needs a target whose storage is known (--target); "
@@ -200,6 +200,5 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
     expert_ids = {n.id for n in graph.experts()}
     fixed = sum(b for k, b in per_node.items() if k not in expert_ids)
     params = sum(math.prod(graph.weights.shape(k)) for k in {k for n in graph.nodes() for k in n.params.values()})
-    stored = {k: {b: expert_stored_bytes(backend, h, i, b, gs) for b in choices}
-              for k, (h, i) in expert_shapes(graph).items()}
+    stored = expert_stored_bytes(graph, backend, choices, gs)
     return Budget("stored-bits", value, fixed=8 * fixed / params, params=params), stored

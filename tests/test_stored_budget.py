@@ -1,7 +1,7 @@
 """`--budget-bits`: the whole model's stored bits per weight (issue 13, item 2).
 
 The budget rests on each backend's account of how it stores a weight
-(``Backend.weight_bytes`` / ``float_bytes``, summed by ``backends.cost.stored_weight_bytes``).
+(``Backend.weight_bytes`` / ``float_bytes``, summed by ``passes.storage.stored_weight_bytes``).
 These tests check that account against what the emitters write, tensor class by tensor class,
 and that a compile at ``--budget-bits B`` emits weights of at most ``B`` stored bits per
 parameter, using the room it has."""
@@ -13,9 +13,9 @@ import math
 
 import pytest
 from dmpq_compile.backends import get_backend
-from dmpq_compile.backends.cost import stored_weight_bytes
 from dmpq_compile.passes import PassManager, make_pass
 from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.storage import stored_weight_bytes
 
 from dmpq_compile.artifact import write_artifact
 from dmpq_compile.cli import main

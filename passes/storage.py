@@ -1,0 +1,59 @@
+"""What a target stores for a graph's weights, from shapes: the stored-bits budget's arithmetic.
+
+A backend says how it stores one weight (``Backend.weight_bytes`` for a weight matrix at some
+bits, ``Backend.float_bytes`` for what it keeps in float); this module adds that up per node and
+per expert. The backend is duck-typed, so passes can use it without importing the backends;
+``tests/test_stored_budget.py`` checks the sums against emitted files byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..ir.graph import QUANT_ROLES, Graph
+
+
+def stored_weight_bytes(graph: Graph, backend: Any, group_size: int | None = None,
+                        bits: Mapping[str, int] | None = None) -> dict[str, int]:
+    """``{node id: bytes}``: the weights each node owns as ``backend`` stores them, from shapes.
+
+    A weight matrix of :data:`~dmpq_compile.ir.graph.QUANT_ROLES` costs
+    ``backend.weight_bytes(N, K, bits)`` at the node's bits (``bits[node id]``, else its ``bits``
+    annotation, else 16); every other weight ``backend.float_bytes(kind, role)`` per parameter. A
+    tensor read by two nodes (a tied ``lm_head``) counts once, for the first node. Nothing is read
+    from disk. Graph structure and computed constants are not weights: an emitted file is a little
+    larger (``tests/test_stored_budget.py`` bounds the difference).
+    """
+    gs = int(group_size if group_size is not None else graph.meta.get("group_size", 64))
+    seen: set[str] = set()
+    out: dict[str, int] = {}
+    for node in graph.nodes():
+        b = int((bits or {}).get(node.id, node.ann.get("bits", 16)))
+        matrices = QUANT_ROLES.get(node.kind, ())
+        total = 0
+        for role, key in node.params.items():
+            if key in seen:
+                continue
+            seen.add(key)
+            shape = graph.weights.shape(key)
+            if role in matrices:
+                total += backend.weight_bytes(int(shape[0]), int(shape[1]), b, gs)
+            else:
+                count = 1
+                for d in shape:
+                    count *= int(d)
+                total += count * backend.float_bytes(node.kind, role)
+        out[node.id] = total
+    return out
+
+
+def expert_stored_bytes(graph: Graph, backend: Any, choices: tuple[int, ...], group_size: int
+                        ) -> dict[str, dict[int, int]]:
+    """``{expert node id: {bits: stored bytes}}`` for every routed expert and bit-width in ``choices``."""
+    out = {}
+    for node in graph.experts():
+        shapes = [graph.weights.shape(node.params[r]) for r in QUANT_ROLES["expert"]]
+        out[node.id] = {b: sum(backend.weight_bytes(int(n), int(k), b, group_size) for n, k in shapes)
+                        for b in choices}
+    return out
