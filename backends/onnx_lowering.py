@@ -271,12 +271,18 @@ class GatherDispatch:
 
 
 class GatherIfDispatch(GatherDispatch):
-    """:class:`GatherDispatch` with each expert's work inside an ``If`` on "any token routed here".
+    """:class:`GatherDispatch` with each expert's work, and its add into the output, inside an
+    ``If`` on "any token routed here".
 
-    An idle expert then costs two small nodes (a ``Gather`` of its flag and the ``If``) instead
-    of about a dozen; at decode (one token, ``k`` of ``E`` experts busy) that is most of them.
-    The projection's nodes land inside the branch, so a projection must not reuse a value it
-    built for another node (initializers are fine: they live in the outer graph).
+    The output buffer is threaded through the experts in order: expert ``e``'s ``If`` takes the
+    buffer after expert ``e - 1`` and returns it with its rows added (then-branch) or unchanged
+    (else-branch, one ``Identity``). An idle expert therefore costs three small nodes (a
+    ``Gather`` of its flag, the ``If``, the ``Identity``) instead of about a dozen, and no
+    ``GatherND``/``Add``/``ScatterND`` on empty rows; at decode (one token, ``k`` of ``E`` experts
+    busy) that is most of them. The sum is the same, in the same expert order, as
+    :meth:`GatherDispatch.combine`. The projection's nodes land inside the branch, so a
+    projection must not reuse a value it built for another node (initializers are fine: they
+    live in the outer graph).
     """
 
     name = "gather-if"
@@ -287,20 +293,25 @@ class GatherIfDispatch(GatherDispatch):
         if "active" not in route.cache:
             counts = b.op("ReduceSum", [selected, b.const([0], np.int64)], route.node.id, keepdims=0)  # [E]
             route.cache["active"] = b.op("Greater", [counts, b.const(0.0)], route.node.id)
+            route.cache["acc"] = b.op("ConstantOfShape", [b.op("Shape", [route.flat], route.node.id)], route.node.id,
+                                      value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))  # [N, H]
         cond = b.op("Gather", [route.cache["active"], b.const(node.attrs["expert"], np.int64)], h, axis=0)
+        acc = route.cache["acc"]
         with b.branch() as then_nodes:
             part = super().expert(lw, route, node)
-        hidden = int(lw.graph.meta["hidden_size"])
+            added = b.op("ScatterND", [acc, part.rows, b.op("Add", [b.op("GatherND", [acc, part.rows], h), part.y], h)],
+                         h)
         with b.branch() as else_nodes:
-            idle = (b.op("Identity", [b.const(np.zeros((0, 1)), np.int64)], h),
-                    b.op("Identity", [b.const(np.zeros((0, hidden)))], h))
-        branches = {}
-        for key, nodes, (rows, y) in (("then_branch", then_nodes, (part.rows, part.y)), ("else_branch", else_nodes, idle)):
-            outs = [helper.make_tensor_value_info(rows, TensorProto.INT64, None),
-                    helper.make_tensor_value_info(y, TensorProto.FLOAT, None)]
-            branches[key] = helper.make_graph(nodes, f"{h}.{key}", [], outs)
-        rows, y = b.op("If", [cond], h, n_out=2, **branches)
-        return ExpertPart(rows, y)
+            kept = b.op("Identity", [acc], h)
+        branches = {key: helper.make_graph(nodes, f"{h}.{key}", [], [helper.make_tensor_value_info(
+                        out, TensorProto.FLOAT, None)])
+                    for key, nodes, out in (("then_branch", then_nodes, added), ("else_branch", else_nodes, kept))}
+        route.cache["acc"] = b.op("If", [cond], h, **branches)
+        return ExpertPart(None, route.cache["acc"])
+
+    def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:
+        """The buffer after the last expert (each expert's ``If`` already added its rows)."""
+        return route.cache["acc"]
 
 
 class DenseDispatch:

@@ -64,6 +64,27 @@ def test_fp32_lowering_matches_interpreter(family, dispatch, tiny_dirs):
     assert len(present) == graph.meta["num_layers"] and present[0][0].shape[2] == 11
 
 
+def test_gather_if_keeps_idle_experts_to_three_nodes(tiny_dirs):
+    """Each expert's If adds its rows into the threaded output buffer; an idle expert runs only its
+    flag Gather, the If and the else-branch Identity: no GatherND/Add/ScatterND outside the Ifs."""
+    graph = load(tiny_dirs("olmoe"))
+    lowered = lower(graph, options=LoweringOptions(dispatch="gather-if"))
+    top = lowered.model.graph.node
+    ifs = [n for n in top if n.op_type == "If"]
+    assert len(ifs) == len(graph.experts())
+    assert not [n for n in top if n.op_type in ("GatherND", "ScatterND")]
+    for node in ifs:
+        branches = {a.name: a.g for a in node.attribute}
+        assert [n.op_type for n in branches["else_branch"].node] == ["Identity"]
+        assert branches["then_branch"].node[-1].op_type == "ScatterND"
+    produced = {out: n.op_type for n in top for out in n.output}
+    kept = [{a.name: a.g for a in n.attribute}["else_branch"].node[0].input[0] for n in ifs]
+    per_layer = len(graph.experts()) // int(graph.meta["num_layers"])
+    for i, node in enumerate(ifs):  # the buffer an If leaves unchanged is the previous expert's result
+        assert kept[i] == (ifs[i - 1].output[0] if i % per_layer else kept[i]) and kept[i] in produced
+        assert i % per_layer or produced[kept[i]] == "ConstantOfShape"  # each layer starts from zeros
+
+
 def _attn(graph):
     return next(graph.nodes("attention")).attrs
 
