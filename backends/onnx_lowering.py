@@ -449,8 +449,12 @@ class Lowering:
         return self.b.op("Add", [y, self.weight(bias)], hint) if bias else y
 
     def swiglu(self, x: str, node: Node) -> str:
-        gate = self.projection(self, x, node, "gate")
-        up = self.projection(self, x, node, "up")
+        fused = getattr(self.projection, "gate_up", None)  # one product for both, where the target has one
+        if fused is not None and node.ann.get("bits", 16) < 16:
+            gate, up = fused(self, x, node)
+        else:
+            gate = self.projection(self, x, node, "gate")
+            up = self.projection(self, x, node, "up")
         act = self.b.op("Mul", [self.b.op("Mul", [gate, self.b.op("Sigmoid", [gate], node.id)], node.id), up],
                         node.id)
         return self.projection(self, act, node, "down")

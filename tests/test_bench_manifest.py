@@ -55,7 +55,7 @@ def test_manifest_expert_bytes_are_the_cost_table_bytes(ort_artifact):
         h, i = shapes[node.id]
         assert entry["bytes"] == ort_cpu_expert_bytes(h, i, node.ann["bits"], GROUP)
         assert entry["bytes"] == sum(sizes[t] for t in entry["tensors"])  # the tensors are in the model file
-        assert len(entry["tensors"]) == (3 if node.ann["bits"] == 16 else 9)  # W, or B + scales + zero points
+        assert len(entry["tensors"]) == (3 if node.ann["bits"] == 16 else 6)  # W, or gate_up + down: B, scales, zeros
         assert not seen & set(entry["tensors"])  # no tensor belongs to two experts
         seen |= set(entry["tensors"])
 

@@ -20,8 +20,9 @@ def _initializer_bytes(model, prefix):
 @pytest.mark.parametrize("h,i", [(64, 128), (100, 48), (32, 96)])
 def test_bytes_model_matches_the_initializers_ort_accepts(bits, h, i):
     model = oc.build_expert_model(h, i, bits, group_size=64)
-    if bits != 16:  # each projection on its own against the MatMulNBits layout
-        assert _initializer_bytes(model, "gate.") == matmulnbits_bytes(i, h, bits, 64)
+    if bits != 16:  # gate and up stacked (as emitted), down on its own, against the MatMulNBits layout
+        assert _initializer_bytes(model, "gate_up.") == matmulnbits_bytes(2 * i, h, bits, 64)
+        assert matmulnbits_bytes(2 * i, h, bits, 64) == 2 * matmulnbits_bytes(i, h, bits, 64)
         assert _initializer_bytes(model, "down.") == matmulnbits_bytes(h, i, bits, 64)
     assert _initializer_bytes(model, "") == oc.ort_cpu_expert_bytes(h, i, bits, 64)
     y = oc.make_session(model, 1).run(None, {"x": np.ones((3, h), np.float32)})[0]  # ORT checks the shapes

@@ -62,7 +62,7 @@ ACCURACY_LEVEL = 4
 PREFILL_TOKENS = 128
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_REPEATS = 5
-BENCH_VERSION = 2
+BENCH_VERSION = 3  # 3: quantized gate and up in one MatMulNBits, as emitted
 """Bumped when the benchmark changes in a way that invalidates cached results."""
 SETTLE_S = 0.01
 """Untimed sleep after each cache flush. The flush is ~0.1 s of CPU; without yielding, the OS
@@ -162,18 +162,24 @@ def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROU
 
     _check_bits(bits)
     rng = np.random.default_rng(seed)
-    gate, gate_w = _projection("gate", "x", i, h, bits, group_size, rng)
-    up, up_w = _projection("up", "x", i, h, bits, group_size, rng)
+    if bits == 16:
+        gate, gate_w = _projection("gate", "x", i, h, bits, group_size, rng)
+        up, up_w = _projection("up", "x", i, h, bits, group_size, rng)
+        gate, up = [gate], [up]
+    else:  # as the emitter lowers quantized experts: gate and up stacked in one MatMulNBits, then Split
+        fused, gate_w = _projection("gate_up", "x", 2 * i, h, bits, group_size, rng)
+        gate = [fused, helper.make_node("Split", ["gate_up"], ["gate", "up"], axis=-1, num_outputs=2)]
+        up, up_w = [], []
     act = [helper.make_node("Sigmoid", ["gate"], ["gate_sig"]),
            helper.make_node("Mul", ["gate", "gate_sig"], ["gate_act"]),
            helper.make_node("Mul", ["gate_act", "up"], ["hidden"])]
     down, down_w = _projection("down", "hidden", h, i, bits, group_size, rng)
     graph = helper.make_graph(
-        [gate, up, *act, down], f"expert_{h}x{i}_b{bits}",
+        [*gate, *up, *act, down], f"expert_{h}x{i}_b{bits}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", h])],
         [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["M", h])],
         gate_w + up_w + down_w)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]  # Split(num_outputs): >= 18
     return helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile-cost")
 
 

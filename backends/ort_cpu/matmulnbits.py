@@ -120,6 +120,17 @@ class MatMulNBitsProjection:
         return lw.b.op("MatMulNBits", [x, *inputs], f"{node.id}.{role}", domain="com.microsoft", K=k, N=n,
                        bits=spec.bits, block_size=spec.group_size, accuracy_level=self.accuracy_level)
 
+    def gate_up(self, lw: Lowering, x: str, node: Node) -> tuple[str, str]:
+        """A quantized SwiGLU's gate and up projections as one MatMulNBits of ``N = 2 I`` (their
+        codes, scales and zero points stacked row-wise: MatMulNBits quantizes each output row on
+        its own, so the result is exactly the two products side by side), then ``Split``. One
+        kernel call instead of two per expert, on a weight twice as wide."""
+        spec, (n, k), inputs = _packed_inputs(lw, node, ("gate", "up"), flat=False)
+        y = lw.b.op("MatMulNBits", [x, *inputs], f"{node.id}.gate_up", domain="com.microsoft", K=k, N=n,
+                    bits=spec.bits, block_size=spec.group_size, accuracy_level=self.accuracy_level)
+        gate, up = lw.b.op("Split", [y], f"{node.id}.gate_up", n_out=2, axis=-1, num_outputs=2)
+        return gate, up
+
     def gather(self, lw: Lowering, node: Node, ids: str) -> str:
         """Rows ``ids`` of a quantized embedding table as ``com.microsoft.GatherBlockQuantized``
         (4 or 8 bits): the same packed codes, fp32 scales and packed zero points as a MatMulNBits
@@ -136,9 +147,11 @@ class MatMulNBitsProjection:
 LOOKUP_BITS = (4, 8)  # GatherBlockQuantized's uint8 data (checked with onnxruntime 1.32)
 
 
-def _packed_inputs(lw: Lowering, node: Node, role: str, flat: bool) -> tuple[QuantSpec, tuple[int, int], list[str]]:
-    """Deferred initializers (codes, scales, zero points) of ``node``'s quantized ``role``;
-    codes ``[N, k_blocks, blob]`` (MatMulNBits) or, ``flat``, ``[N, k_blocks * blob]``."""
+def _packed_inputs(lw: Lowering, node: Node, role: str | tuple[str, ...], flat: bool
+                   ) -> tuple[QuantSpec, tuple[int, int], list[str]]:
+    """Deferred initializers (codes, scales, zero points) of ``node``'s quantized ``role`` (or of
+    several roles of the same input width, stacked row-wise); codes ``[N, k_blocks, blob]``
+    (MatMulNBits) or, ``flat``, ``[N, k_blocks * blob]``."""
     bits = node.ann.get("bits", 16)
     quant = node.ann.get("quant")
     if not quant or quant["spec"]["bits"] != bits:
@@ -146,18 +159,23 @@ def _packed_inputs(lw: Lowering, node: Node, role: str, flat: bool) -> tuple[Qua
                            "(annotation 'quant'); run the quantize pass before emitting")
     spec = QuantSpec.from_dict(quant["spec"])
     check_spec(spec, node.id)
-    n, k = (int(v) for v in quant["tensors"][role]["shape"])
+    roles = (role,) if isinstance(role, str) else tuple(role)
+    shapes = [tuple(int(v) for v in quant["tensors"][r]["shape"]) for r in roles]
+    if len({k for _, k in shapes}) != 1:
+        raise BackendError(f"{node.id}: {roles} have different input widths {shapes}; they cannot share a product")
+    n, k = sum(s[0] for s in shapes), shapes[0][1]
     bits, bs = spec.bits, spec.group_size
     blocks = -(-k // bs)
-    prefix = f"{node.id}.{role}"
-    packed: dict[str, NBitsWeight] = {}  # packed once, when the first of its three tensors is written
+    prefix = f"{node.id}.{'_'.join(roles)}"
+    packed: dict[str, list[NBitsWeight]] = {}  # packed once, when the first of its three tensors is written
 
     def part(field: str):
         def make() -> np.ndarray:
             if prefix not in packed:
                 packed.clear()
-                packed[prefix] = pack_weight(lw.graph.weights, quant, role, node.id)
-            value = getattr(packed[prefix], field)
+                packed[prefix] = [pack_weight(lw.graph.weights, quant, r, node.id) for r in roles]
+            value = np.concatenate([getattr(p, field) for p in packed[prefix]], axis=0) if len(roles) > 1 \
+                else getattr(packed[prefix][0], field)
             return value.reshape(n, -1) if flat and field == "b" else value
         return make
 
