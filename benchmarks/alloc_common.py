@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from dmpq_compile.passes import make_pass
+from dmpq_compile.passes.precision import PrecisionOptions
 
 from dmpq_compile.compiler import (
     CompileConfig,
@@ -92,13 +93,14 @@ def digest(allocation: Mapping[str, int]) -> str:
 def emit_allocation(graph, model: str, allocation: Mapping[str, int], out: Path, label: str,
                     cfg: CompileConfig = BASE) -> Path:
     """Quantize (RTN, the config's group size) a copy of ``graph`` at ``allocation`` and emit it;
-    the weights outside the experts at the config's ``nonexpert_bits`` (the ``precision`` pass)."""
+    the weights outside the experts at the config's non-expert policy (the ``precision`` pass)."""
     g = graph.copy()
     for node_id, bits in allocation.items():
         g.annotate(node_id, "bits", int(bits))
     passes = [make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size)]
-    if cfg.nonexpert_bits < 16:
-        passes.insert(0, make_pass("precision", nonexpert_bits=cfg.nonexpert_bits))
+    policy = PrecisionOptions(cfg.nonexpert_bits, dict(cfg.nonexpert_kinds))
+    if policy.active:
+        passes.insert(0, make_pass("precision", nonexpert_bits=policy.nonexpert_bits, kinds=policy.kinds))
     g, recs = run_passes(g, passes, model,
                          CompileConfig.from_dict({**cfg.__dict__, "allocator": "uniform"}), get_backend(cfg.target),
                          progress=False)

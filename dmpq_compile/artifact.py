@@ -286,8 +286,9 @@ def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]
     plus any float tensors the node owns, e.g. q/k norms) over their linear weights' parameters;
     it is part of ``other``.
     """
-    keys = {k for n in graph.nodes() for k in n.params.values()}
-    total = _params(graph, keys)
+    from .passes.storage import param_count
+
+    total = param_count(graph)
     out: dict[str, Any] = {"params": total, "bytes": model_bytes,
                            "bits_per_weight": round(8 * model_bytes / total, 4) if total else None, "experts": None,
                            "weights": {"bytes": int(weight_bytes), "bits_per_weight": round(8 * weight_bytes / total, 4)}

@@ -274,15 +274,13 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
                          f"{tuple(supported)}): the smallest feasible budget is {min(supported):.2f} average bits; "
                          "raise --budget-code-bits")
     if cfg.budget_kind == "stored-bits" and graph is not None:
-        from .passes.allocate.problem import AllocationProblem, ExpertInfo, min_feasible_budget
         from .passes.allocate_pass import stored_bits_budget
 
         choices = tuple(sorted(supported or (16,)))
         budget, stored = stored_bits_budget(graph, backend, cfg.budget, choices, cfg.nonexpert_bits,
                                             cfg.nonexpert_kinds)
-        experts = tuple(ExpertInfo(key=k, layer=0, expert=0, n_params=1, freq=0.0, mass=0.0, sensitivity={},
-                                   stored_bytes=v) for k, v in stored.items())
-        smallest = min_feasible_budget(AllocationProblem(experts, choices, budget))
+        # the fixed part plus every expert at its cheapest bits (min_feasible_budget, without a problem)
+        smallest = budget.fixed + 8 * sum(min(v.values()) for v in stored.values()) / budget.params
         if cfg.budget < smallest:
             alone = f"the weights outside the experts alone store {budget.fixed:.2f} bits per weight of the model"
             floats = cfg.nonexpert_bits == 16 and not cfg.nonexpert_kinds

@@ -181,11 +181,11 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
 
     The fixed part is every weight outside the routed experts as ``backend`` stores it, at the
     bits the ``precision`` pass gave (or ``nonexpert_bits`` and the per-kind ``kinds`` for the
-    nodes it would give them to, for an estimate before the pass ran); the parameter count is every weight's, tied ones once.
-    Shapes only: nothing is read.
+    nodes it would give them to, for an estimate before the pass ran); the parameter count is
+    every weight's, tied ones once. Shapes only: nothing is read.
     """
     from .precision import policy_bits
-    from .storage import expert_stored_bytes, stored_weight_bytes
+    from .storage import expert_stored_bytes, param_count, stored_weight_bytes
 
     if backend is None or not hasattr(backend, "weight_bytes"):
         raise PassError("a stored-bits budget (--budget-bits) needs a target whose storage is known (--target); "
@@ -199,6 +199,6 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
             from None
     expert_ids = {n.id for n in graph.experts()}
     fixed = sum(b for k, b in per_node.items() if k not in expert_ids)
-    params = sum(math.prod(graph.weights.shape(k)) for k in {k for n in graph.nodes() for k in n.params.values()})
+    params = param_count(graph)
     stored = expert_stored_bytes(graph, backend, choices, gs)
     return Budget("stored-bits", value, fixed=8 * fixed / params, params=params), stored

@@ -96,16 +96,12 @@ def parse_policy(text: str) -> tuple[int, dict[str, int]]:
     return default, kinds
 
 
-def tied_head(graph: Graph, node_id: str) -> bool:
-    """Whether ``lm_head`` node ``node_id`` reads the embedding table (tied word embeddings)."""
-    key = graph.node(node_id).params["weight"]
-    return any(n.params.get("weight") == key for n in graph.nodes("embed"))
-
-
-def tied_table(graph: Graph, node_id: str) -> bool:
-    """Whether embedding node ``node_id``'s table is also an ``lm_head``'s weight."""
-    key = graph.node(node_id).params["weight"]
-    return any(n.params.get("weight") == key for n in graph.nodes("lm_head"))
+def tied(graph: Graph, node_id: str) -> bool:
+    """Whether ``embed`` or ``lm_head`` node ``node_id`` shares its table with a node of the other
+    kind (tied word embeddings)."""
+    node = graph.node(node_id)
+    key, other = node.params["weight"], "embed" if node.kind == "lm_head" else "lm_head"
+    return any(n.params.get("weight") == key for n in graph.nodes(other))
 
 
 def policy_bits(graph: Graph, nonexpert_bits: int, backend: object = None,
@@ -122,10 +118,10 @@ def policy_bits(graph: Graph, nonexpert_bits: int, backend: object = None,
         if bits >= 16:
             continue
         for node in graph.nodes(kind):
-            if kind == "lm_head" and tied_head(graph, node.id):
+            if kind == "lm_head" and tied(graph, node.id):
                 log.info("precision: %s is tied to the embedding table, which stays float; kept at 16 bits", node.id)
                 continue
-            if kind == "embed" and (bits not in lookups or tied_table(graph, node.id)):
+            if kind == "embed" and (bits not in lookups or tied(graph, node.id)):
                 why = "tied to the lm_head" if bits in lookups else \
                     f"target runs {tuple(b for b in lookups if b < 16) or 'no'} quantized lookups"
                 log.info("precision: embedding %s stays float (%s)", node.id, why)

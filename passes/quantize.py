@@ -236,9 +236,16 @@ def _nonexpert_hessians(interp: Interpreter, node, x: torch.Tensor) -> dict[tupl
         context = ops.attention(x, ident, node.attrs)
         return {(node.id, "q"): h, (node.id, "k"): h, (node.id, "v"): h, (node.id, "o"): _gram(context)}
     if node.kind in ("shared_expert", "mlp"):
-        mid = F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"])
-        return {(node.id, "gate"): h, (node.id, "up"): h, (node.id, "down"): _gram(mid)}
+        return _swiglu_hessians(node.id, x, w, h)
     return {(node.id, role): h for role in QUANT_ROLES[node.kind]}
+
+
+def _swiglu_hessians(node_id: str, x: torch.Tensor, w: dict, h: torch.Tensor | None = None
+                     ) -> dict[tuple[str, str], torch.Tensor]:
+    """gate/up read ``x`` (whose Gram ``h`` may be given), down the gated product ``silu(x Wg) * x Wu``."""
+    h = _gram(x) if h is None else h
+    mid = F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"])
+    return {(node_id, "gate"): h, (node_id, "up"): h, (node_id, "down"): _gram(mid)}
 
 
 def _layer_hessians(graph: Graph, interp: Interpreter, layer: int, acts: dict) -> dict[tuple[str, str], torch.Tensor]:
@@ -246,10 +253,5 @@ def _layer_hessians(graph: Graph, interp: Interpreter, layer: int, acts: dict) -
     x = acts[f"L{layer}.moe_norm"].reshape(-1, graph.meta["hidden_size"])
     for node in (n for n in graph.experts() if n.attrs["layer"] == layer):
         token_idx, _ = torch.where(acts[f"L{layer}.router"].indices == node.attrs["expert"])
-        xt = x[token_idx]  # [n, H]
-        w = interp.weights(node.id, RunOptions(quantize=False))
-        mid = F.silu(F.linear(xt, w["gate"])) * F.linear(xt, w["up"])  # [n, I]
-        n = max(1, len(token_idx))
-        out[(node.id, "gate")] = out[(node.id, "up")] = xt.T @ xt / n
-        out[(node.id, "down")] = mid.T @ mid / n
+        out.update(_swiglu_hessians(node.id, x[token_idx], interp.weights(node.id, RunOptions(quantize=False))))
     return out

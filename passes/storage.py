@@ -8,6 +8,7 @@ per expert. The backend is duck-typed, so passes can use it without importing th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,12 +41,14 @@ def stored_weight_bytes(graph: Graph, backend: Any, group_size: int | None = Non
             if role in matrices:
                 total += backend.weight_bytes(int(shape[0]), int(shape[1]), b, gs)
             else:
-                count = 1
-                for d in shape:
-                    count *= int(d)
-                total += count * backend.float_bytes(node.kind, role)
+                total += math.prod(shape) * backend.float_bytes(node.kind, role)
         out[node.id] = total
     return out
+
+
+def param_count(graph: Graph) -> int:
+    """Parameters of every weight the graph's nodes read, a shared (tied) tensor once."""
+    return sum(math.prod(graph.weights.shape(k)) for k in {k for n in graph.nodes() for k in n.params.values()})
 
 
 def expert_stored_bytes(graph: Graph, backend: Any, choices: tuple[int, ...], group_size: int

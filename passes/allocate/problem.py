@@ -176,7 +176,6 @@ class AllocationProblem:
             raise ValueError(f"duplicate expert keys {dupes[:5]}: every expert needs a unique key")
         if self.needs_costs:
             self._check_costs()
-
         if self.budget.kind == "stored-bits":
             self._check_stored_bytes()
 
