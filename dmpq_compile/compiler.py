@@ -17,7 +17,7 @@ from .eval.tokens import eos_token, load_tokenizer
 from .extra_passes import PassInsertion, check_insertions, place_passes
 from .frontend import load
 from .frontend.source import resolve_model
-from .ir.graph import Graph
+from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS, Graph
 from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
 from .passes.allocate_pass import NEEDS
 from .passes.budget_guard import BudgetGuard
@@ -60,11 +60,22 @@ class CompileConfig:
     codesign_rounds: int = 0  # >0: alternate allocation and QAT this many times before the final round
     nonexpert_bits: int = 16  # attention, shared experts, dense MLPs, lm_head (passes/precision.py); 16 = float
     nonexpert_kinds: dict[str, int] = field(default_factory=dict)  # per-kind bits replacing nonexpert_bits
+    nonexpert_allocate: bool = False  # --nonexpert-bits auto: the kinds not in nonexpert_kinds are allocated
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra_passes", check_insertions(self.extra_passes))
         check_nonexpert_bits(self.nonexpert_bits)
         check_kinds(self.nonexpert_kinds)
+        if self.nonexpert_allocate and self.nonexpert_bits != 16:
+            raise ValueError("nonexpert_allocate places the non-expert weights; nonexpert_bits must stay 16 (give "
+                             "fixed kinds in nonexpert_kinds, e.g. --nonexpert-bits auto,lm_head=8)")
+
+    @property
+    def allocated_kinds(self) -> tuple[str, ...]:
+        """The non-expert kinds the allocator places with the experts (``--nonexpert-bits auto``)."""
+        if not self.nonexpert_allocate:
+            return ()
+        return tuple(k for k in NONEXPERT_QUANTIZABLE_KINDS if k not in self.nonexpert_kinds)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompileConfig:
@@ -105,12 +116,19 @@ def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
         raise ValueError(f"unknown allocator {cfg.allocator!r}; choose one of {sorted(NEEDS)}")
     passes = [make_pass("profile")]
     needs_sens = any(k in NEEDS[cfg.allocator] for k in ("sensitivity", "router_grad_change"))
+    if cfg.allocated_kinds and not cfg.sensitivity:
+        raise ValueError("--nonexpert-bits auto allocates non-expert weights by their measured sensitivity; "
+                         "drop --no-sensitivity")
     if cfg.sensitivity or needs_sens:
-        passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
-                                gradvar=cfg.allocator == "gradvar"))
+        passes.append(sensitivity_pass(cfg))
     if backend is not None:
         passes.append(make_pass("cost"))
     return place_passes(passes, cfg.extra_passes, analysis=True)
+
+
+def sensitivity_pass(cfg: CompileConfig):
+    return make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences, gradvar=cfg.allocator == "gradvar",
+                     **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))
 
 
 def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
@@ -125,7 +143,8 @@ def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
     passes += [make_pass(
         "allocate", allocator=cfg.allocator, budget_kind=cfg.budget_kind, budget=cfg.budget, w_acc=cfg.w_acc,
         w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits, metric=cfg.metric,
-        allocator_options=dict(cfg.allocator_options))]
+        allocator_options=dict(cfg.allocator_options),
+        **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))]
     if cfg.qat or cfg.codesign_rounds:
         passes.append(make_pass("qat", steps=cfg.qat_steps, time_budget_s=cfg.qat_time_budget_s, lr=cfg.qat_lr,
                                 mode=cfg.qat_mode, group_size=cfg.group_size))
@@ -199,8 +218,7 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
                                 work_dir=work_dir, cache=cache)
     for r in range(cfg.codesign_rounds):
         round_passes = allocation_passes(cfg, final=False)  # allocate, [extras], qat — no quantize yet
-        round_passes.append(make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences,
-                                      gradvar=cfg.allocator == "gradvar"))
+        round_passes.append(sensitivity_pass(cfg))
         graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib, records,
                                  work_dir, cache)
         records += recs
@@ -268,6 +286,10 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
         check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
     if backend is not None:
         check_kinds(cfg.nonexpert_kinds, backend)
+    if cfg.allocated_kinds:
+        from .passes.allocate_pass import check_nonexpert_allocation
+
+        check_nonexpert_allocation(cfg.allocator, cfg.budget_kind, max(cfg.w_lat, cfg.w_mem, cfg.w_eng) > 0)
     supported = cfg.bits or getattr(backend, "supported_bits", None) or ()
     if cfg.budget_kind == "bits" and supported and cfg.budget < min(supported):
         raise ValueError(f"budget {cfg.budget:.2f} average bits is infeasible for {cfg.target} (bits "
@@ -275,18 +297,20 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
                          "raise --budget-code-bits")
     if cfg.budget_kind == "stored-bits" and graph is not None:
         from .passes.allocate_pass import stored_bits_budget
+        from .passes.precision import allocatable
 
         choices = tuple(sorted(supported or (16,)))
         budget, stored = stored_bits_budget(graph, backend, cfg.budget, choices, cfg.nonexpert_bits,
-                                            cfg.nonexpert_kinds)
+                                            cfg.nonexpert_kinds, allocatable(graph, backend, cfg.allocated_kinds, choices))
         # the fixed part plus every expert at its cheapest bits (min_feasible_budget, without a problem)
         smallest = budget.fixed + 8 * sum(min(v.values()) for v in stored.values()) / budget.params
         if cfg.budget < smallest:
             alone = f"the weights outside the experts alone store {budget.fixed:.2f} bits per weight of the model"
-            floats = cfg.nonexpert_bits == 16 and not cfg.nonexpert_kinds
+            floats = cfg.nonexpert_bits == 16 and not cfg.nonexpert_kinds and not cfg.nonexpert_allocate
             hint = (f"or lower --nonexpert-bits to quantize them ({alone} in float)" if floats else
                     f"({alone})")
-            raise ValueError(f"--budget-bits {cfg.budget:.2f} is infeasible for {cfg.target}: with every expert at "
+            lowest = "expert and allocated non-expert weight" if cfg.allocated_kinds else "expert"
+            raise ValueError(f"--budget-bits {cfg.budget:.2f} is infeasible for {cfg.target}: with every {lowest} at "
                              f"{min(choices)} bits the model stores {smallest:.2f} bits per weight; raise the budget "
                              f"{hint}")
 

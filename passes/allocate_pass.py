@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..ir.graph import Graph
+from ..ir.graph import QUANT_ROLES, Graph
 from .allocate import get_allocator
 from .allocate.problem import (
     AllocationProblem,
@@ -40,6 +40,9 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "rl": ("sensitivity",),
 }
 MEASURING = ("search", "rl")  # allocators that can measure allocations through callbacks
+# allocators that can place non-expert items (--nonexpert-bits auto): they read only the additive
+# objective and the budget; the others read router features or measure the model by expert
+NONEXPERT_ALLOCATORS = ("optimal", "uniform")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class AllocateOptions:
     metric: str = "kl"  # what "accuracy loss" means for optimal/rl: per-expert "kl" or "nll" increase
     rl_measure_sequences: int = 8  # rl/search: calibration sequences for measured accuracy (0: proxy only)
     rl_hardware: bool = False  # rl/search: also time emitted artifacts every measure_every proposals
+    nonexpert: tuple[str, ...] = ()  # non-expert kinds allocated with the experts (--nonexpert-bits auto)
 
 
 class AllocatePass(Pass):
@@ -77,19 +81,25 @@ class AllocatePass(Pass):
         needs_cost = o.budget_kind in ("bytes", "latency") or max(o.w_lat, o.w_mem, o.w_eng) > 0
         self.requires = ("freq", *extra, *(("cost",) if needs_cost else ()))
         self.needs_calibration = o.allocator in MEASURING and o.rl_measure_sequences > 0
+        if o.nonexpert:
+            check_nonexpert_allocation(o.allocator, o.budget_kind, max(o.w_lat, o.w_mem, o.w_eng) > 0)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         problem = build_problem(graph, self.options, ctx)
         check_feasible(problem)
         allocator = get_allocator(self.options.allocator, **_allocator_options(self.options, ctx, graph))
         allocation = allocator.allocate(problem)
+        columns = nonexpert_items(graph, self.options, ctx)
         for node_id, bits in allocation.items():
-            graph.annotate(node_id, "bits", int(bits))
+            graph.annotate(node_id, "bits", int(columns[node_id][bits] if node_id in columns else bits))
         used = budget_usage(problem, allocation)
         log.info("allocate %s: budget %s, used %s", self.options.allocator, problem.budget.describe(),
                  problem.budget.describe(used))
         stats = {"allocator": self.options.allocator, "budget": problem.budget.describe(),
                  "used": problem.budget.describe(used)}
+        if columns:
+            stats["nonexpert"] = {k: graph.node(k).ann["bits"] for k in columns}
+            log.info("allocate: non-expert bits %s", stats["nonexpert"])
         if self.options.w_eng > 0:
             stats["energy_source"] = _energy_label()
             log.info("allocate: energy term from %s", stats["energy_source"])
@@ -150,12 +160,36 @@ def bits_choices(o: AllocateOptions, ctx: PassContext) -> tuple[int, ...]:
     return tuple(o.bits)
 
 
+def check_nonexpert_allocation(allocator: str, budget_kind: str, cost_terms: bool) -> None:
+    """Refuse settings under which non-expert nodes cannot be allocated (``--nonexpert-bits auto``)."""
+    if allocator not in NONEXPERT_ALLOCATORS:
+        raise PassError(f"--nonexpert-bits auto places non-expert weights with allocators {NONEXPERT_ALLOCATORS}, "
+                        f"not {allocator!r} (it reads router features or measures experts only); choose one of "
+                        "them or give the non-expert bits as a policy (e.g. --nonexpert-bits 4,lm_head=8)")
+    if budget_kind != "stored-bits":
+        raise PassError("--nonexpert-bits auto needs a whole-model budget: --budget-bits (stored bits per weight); "
+                        f"a {budget_kind!r} budget counts experts only")
+    if cost_terms:
+        raise PassError("--nonexpert-bits auto has no cost table for non-expert nodes: set --w-lat, --w-mem and "
+                        "--w-eng to 0, or give the non-expert bits as a policy")
+
+
+def nonexpert_items(graph: Graph, o: AllocateOptions, ctx: PassContext) -> dict[str, dict[int, int]]:
+    """The non-expert nodes the allocator places, each with ``{column: bits}`` (``precision.allocatable``)."""
+    if not o.nonexpert:
+        return {}
+    from .precision import allocatable
+
+    return allocatable(graph, ctx.backend, o.nonexpert, bits_choices(o, ctx))
+
+
 def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> AllocationProblem:
     target = getattr(ctx.backend, "name", None)
     choices = bits_choices(o, ctx)
+    columns = nonexpert_items(graph, o, ctx)
     budget, stored = Budget(o.budget_kind, o.budget), {}
     if o.budget_kind == "stored-bits":
-        budget, stored = stored_bits_budget(graph, ctx.backend, o.budget, choices)
+        budget, stored = stored_bits_budget(graph, ctx.backend, o.budget, choices, items=columns)
     experts = []
     for node in graph.experts():
         cost = node.ann.get("cost", {}).get(target, {}) if target else {}
@@ -171,21 +205,36 @@ def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> Allocat
             cost={int(b): ExpertCost(**row) for b, row in cost.items()},
             stored_bytes=stored.get(node.id, {}),
         ))
+    for node_id, col in columns.items():
+        node = graph.node(node_id)
+        kl = {int(b): float(v) for b, v in node.ann.get("kl", {}).items()}
+        missing = sorted({b for b in col.values() if b not in kl and b < 16})
+        if missing:
+            raise PassError(f"allocate: non-expert node {node_id} has no sensitivity for bits {missing}; run the "
+                            "sensitivity pass with the same non-expert kinds (nonexpert=...) before allocate")
+        per_column = {c: kl.get(b, 0.0) for c, b in col.items()}
+        experts.append(ExpertInfo(
+            key=node_id, layer=int(node.attrs.get("layer", -1)), expert=-1,
+            n_params=sum(math.prod(graph.weights.shape(node.params[r])) for r in QUANT_ROLES[node.kind]),
+            freq=1.0, mass=1.0, sensitivity=per_column, kl=per_column, stored_bytes=stored.get(node_id, {})))
     return AllocationProblem(tuple(experts), choices, budget, ObjectiveWeights(o.w_acc, o.w_lat, o.w_mem, o.w_eng))
 
 
 def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[int, ...],
-                       nonexpert_bits: int | None = None, kinds: dict[str, int] | None = None
+                       nonexpert_bits: int | None = None, kinds: dict[str, int] | None = None,
+                       items: dict[str, dict[int, int]] | None = None
                        ) -> tuple[Budget, dict[str, dict[int, int]]]:
-    """The stored-bits budget of ``graph`` on ``backend`` and each expert's stored bytes per bits.
+    """The stored-bits budget of ``graph`` on ``backend`` and each allocated node's stored bytes
+    per bits column: every routed expert, and the non-expert ``items`` (``{node id: {column:
+    bits}}``, :func:`~.precision.allocatable`).
 
-    The fixed part is every weight outside the routed experts as ``backend`` stores it, at the
-    bits the ``precision`` pass gave (or ``nonexpert_bits`` and the per-kind ``kinds`` for the
-    nodes it would give them to, for an estimate before the pass ran); the parameter count is
-    every weight's, tied ones once. Shapes only: nothing is read.
+    The fixed part is every other weight as ``backend`` stores it, at the bits the ``precision``
+    pass gave (or ``nonexpert_bits`` and the per-kind ``kinds`` for the nodes it would give them
+    to, for an estimate before the pass ran); the parameter count is every weight's, tied ones
+    once. Shapes only: nothing is read.
     """
     from .precision import policy_bits
-    from .storage import expert_stored_bytes, param_count, stored_weight_bytes
+    from .storage import node_stored_bytes, param_count, stored_weight_bytes
 
     if backend is None or not hasattr(backend, "weight_bytes"):
         raise PassError("a stored-bits budget (--budget-bits) needs a target whose storage is known (--target); "
@@ -197,8 +246,8 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
     except NotImplementedError as e:
         raise PassError(f"{e}: a stored-bits budget (--budget-bits) cannot be met there; use --budget-code-bits") \
             from None
-    expert_ids = {n.id for n in graph.experts()}
-    fixed = sum(b for k, b in per_node.items() if k not in expert_ids)
+    columns = {n.id: {b: b for b in choices} for n in graph.experts()} | dict(items or {})
+    fixed = sum(b for k, b in per_node.items() if k not in columns)
     params = param_count(graph)
-    stored = expert_stored_bytes(graph, backend, choices, gs)
+    stored = node_stored_bytes(graph, backend, columns, gs)
     return Budget("stored-bits", value, fixed=8 * fixed / params, params=params), stored

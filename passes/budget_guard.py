@@ -1,5 +1,6 @@
 """The budget guard: an instrument that checks, after every pass that follows ``allocate``, that
-the experts' bits still meet allocate's budget and bit-widths.
+the experts' bits (and those of the non-expert nodes it placed) still meet allocate's budget and
+bit-widths.
 
 Passes run after allocate (plugins through ``--pass``, for instance) may rewrite ``bits``; the
 allocators keep to the budget, but nothing else did. Usage is computed exactly as allocate
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..ir.graph import Graph
 from .allocate.problem import Budget, budget_usage, fits
-from .allocate_pass import AllocatePass, build_problem
+from .allocate_pass import AllocatePass, build_problem, nonexpert_items
 from .base import PassContext, PassError
 from .manager import Instrument
 
@@ -83,10 +84,13 @@ class BudgetGuard(Instrument):
             BudgetOverrunError: experts without bits, or bits the target cannot emit (never allowed).
         """
         o = self.options
-        bits = {n.id: n.ann.get("bits") for n in graph.experts()}
-        missing = [k for k, b in bits.items() if b is None]
         supported = tuple(getattr(self.backend, "supported_bits", ()) or DEFAULT_BITS)
-        unsupported = {k: b for k, b in bits.items() if b is not None and b not in supported}
+        ctx = PassContext(backend=self.backend)
+        items = nonexpert_items(graph, dataclasses.replace(o, bits=supported), ctx)  # --nonexpert-bits auto
+        bits = {n.id: n.ann.get("bits") for n in graph.experts()} | {k: graph.node(k).ann.get("bits") for k in items}
+        missing = [k for k, b in bits.items() if b is None]
+        unsupported = {k: b for k, b in bits.items() if b is not None
+                       and b not in (set(items[k].values()) if k in items else supported)}
         if missing or unsupported:
             target = getattr(self.backend, "name", None) or "no target"
             raise BudgetOverrunError(
@@ -98,7 +102,7 @@ class BudgetGuard(Instrument):
         if outside:
             problems.append(f"{len(outside)} expert(s) use bits outside the allowed {tuple(o.bits)} "
                             f"(e.g. {dict(list(outside.items())[:3])})")
-        problem = build_problem(graph, dataclasses.replace(o, bits=supported), PassContext(backend=self.backend))
+        problem = build_problem(graph, dataclasses.replace(o, bits=supported), ctx)
         used = budget_usage(problem, bits)
         if not fits(used, problem.budget.value):
             problems.append(f"{self.budget.describe(used)} used, over the budget of {self.budget.describe()}")

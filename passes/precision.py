@@ -77,6 +77,20 @@ def check_kinds(kinds: object, backend: object = None) -> None:
                              f"{backend.supported_bits_for(kind)} for {kind} weights")
 
 
+def split_auto(text: str) -> tuple[bool, str]:
+    """``--nonexpert-bits auto[,KIND=N,...]`` -> ``(True, "KIND=N,...")``: the named kinds keep
+    their bits and the allocator places the others; any other text -> ``(False, text)``."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if "auto" not in parts:
+        return False, str(text)
+    rest = [p for p in parts if p != "auto"]
+    bare = [p for p in rest if "=" not in p]
+    if bare:
+        raise ValueError(f"--nonexpert-bits auto allocates every kind not named as KIND=N; {bare[0]!r} would set them "
+                         "all (write e.g. auto,lm_head=8)")
+    return True, ",".join(rest)
+
+
 def parse_policy(text: str) -> tuple[int, dict[str, int]]:
     """``--nonexpert-bits`` text: ``N`` (every kind), ``KIND=N,...`` (the rest float) or both,
     e.g. ``4,lm_head=8,attention=8`` -> ``(4, {"lm_head": 8, "attention": 8})``."""
@@ -128,6 +142,40 @@ def policy_bits(graph: Graph, nonexpert_bits: int, backend: object = None,
                 continue
             out[node.id] = bits
     return out
+
+
+def allocatable(graph: Graph, backend: object, kinds: tuple[str, ...] | list[str],
+                choices: tuple[int, ...]) -> dict[str, dict[int, int]]:
+    """The non-expert nodes of ``kinds`` that the allocator places (``--nonexpert-bits auto``), each
+    with ``{column: bits}``: the bits the node gets when the allocator picks column ``column`` of
+    ``choices``, i.e. the smallest width ``>= column`` that ``backend`` runs for the node's kind (an
+    embedding table on ort-cpu has 4, 8 and 16, so column 2 means 4). One table of columns for
+    every item keeps the allocators unchanged; the ``allocate`` pass maps the columns back.
+
+    Left out (they keep the policy's, else full, precision): an ``lm_head`` or embedding tied to
+    the other (quantizing one would add a copy), and kinds the target runs at no width below 16.
+    """
+    out = {}
+    for kind in kinds:
+        if kind not in NONEXPERT_QUANTIZABLE_KINDS:
+            raise ValueError(f"unknown non-expert kind {kind!r}; choose from {NONEXPERT_QUANTIZABLE_KINDS}")
+        runs = backend.supported_bits_for(kind) if backend is not None else \
+            ((16,) if kind == "embed" else tuple(choices))
+        runs = tuple(sorted({*runs, 16}))
+        if len(runs) == 1:
+            continue
+        columns = {c: min(b for b in runs if b >= c) for c in choices}
+        for node in graph.nodes(kind):
+            if kind in ("embed", "lm_head") and tied(graph, node.id):
+                log.info("allocate: %s is tied and stays float", node.id)
+                continue
+            out[node.id] = columns
+    return out
+
+
+def measured_bits(columns: dict[int, int]) -> tuple[int, ...]:
+    """The bit-widths below 16 a node placed with ``columns`` (:func:`allocatable`) can get."""
+    return tuple(sorted({b for b in columns.values() if b < 16}))
 
 
 class PrecisionPass(Pass):

@@ -42,6 +42,7 @@ from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
 from . import sensitivity_local as local
 from .base import Pass, PassContext, PassResult
+from .precision import allocatable, measured_bits
 
 log = logging.getLogger(__name__)
 METHODS = ("local", "whole")
@@ -56,12 +57,17 @@ class SensitivityOptions:
     gradvar_bits: int = 3
     method: str = "local"  # local (Fisher-weighted layer-local error, linear in depth) | whole
     label_samples: int = 1  # local: sampled-label backward passes averaged
+    nonexpert: tuple[str, ...] = ()  # local: also score these non-expert kinds (--nonexpert-bits auto)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"sensitivity method must be one of {METHODS}, got {self.method!r}")
         if self.label_samples < 1:
             raise ValueError(f"label_samples must be >= 1, got {self.label_samples}")
+        if self.nonexpert and self.method != "local":
+            raise ValueError("non-expert sensitivity (nonexpert kinds) is measured by the local method only; "
+                             "use method='local'")
+        object.__setattr__(self, "nonexpert", tuple(self.nonexpert))
 
 
 class SensitivityPass(Pass):
@@ -110,6 +116,10 @@ class SensitivityPass(Pass):
         store, h_last = local.forward_boundaries(interp, ids, RunOptions(quantize=False), tick)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         scores: dict[str, list[dict]] = {}
+        items = {k: measured_bits(c) for k, c in allocatable(graph, ctx.backend, o.nonexpert, (*bits, 16)).items()}
+        layer_of = {k: graph.node(k).attrs["layer"] for k in items if "layer" in graph.node(k).attrs}
+        n_seq, positions = ids.shape[0], ids.shape[0] * (ids.shape[1] - 1)
+        nonexpert: dict[str, list[dict]] = {}
 
         def at_layer(layer, seen, g):
             if f"L{layer}.router" in seen:
@@ -117,12 +127,30 @@ class SensitivityPass(Pass):
                                                        seen[f"L{layer}.router"], g, bits, ids.shape[1]).items():
                     scores.setdefault(node_id, []).append(sc)
 
+        def after_backward(layer, values, grads, g_in):
+            for node_id in (k for k, lay in layer_of.items() if lay == layer):
+                resume = {i: values[i] for i in graph.inputs(node_id)}
+                nonexpert.setdefault(node_id, []).append(local.perturbation_scores(
+                    interp, node_id, resume, values[node_id], grads[node_id], items[node_id], n_seq, positions))
+            for node_id in (k for k in items if graph.node(k).kind == "embed"):
+                if layer == 0:  # the table's rows are the residual stream entering layer 0
+                    nonexpert.setdefault(node_id, []).append(local.perturbation_scores(
+                        interp, node_id, {"tokens": ids}, store.get(0), g_in, items[node_id], n_seq, positions))
+
+        watch = (lambda layer: {k for k, lay in layer_of.items() if lay == layer}) if items else None
         try:
             for _ in range(o.label_samples):
                 g = local.head_gradient(interp, h_last, ids, "sampled", gen)
-                local.backward_layers(interp, store, g, RunOptions(quantize=False), at_layer, tick)
+                local.backward_layers(interp, store, g, RunOptions(quantize=False), at_layer, tick, watch,
+                                      after_backward)
         finally:
             store.close()
+        for node_id in (k for k in items if graph.node(k).kind == "lm_head"):
+            nonexpert[node_id] = [local.head_kl(interp, h_last, node_id, items[node_id])]
+        for node_id, runs in nonexpert.items():
+            kl = {b: sum(r[b] for r in runs) / len(runs) for b in runs[0]}
+            graph.annotate(node_id, "kl", kl)
+            graph.annotate(node_id, "sensitivity", dict(kl))
         for node_id, runs in scores.items():
             kl = {b: sum(r["kl"][b] for r in runs) / len(runs) for b in runs[0]["kl"]}
             graph.annotate(node_id, "kl", kl)
@@ -137,7 +165,8 @@ class SensitivityPass(Pass):
             _annotate_router_change(graph, fp_g, q_g)
         bar.close()
         return PassResult(graph, modified=True, stats={
-            "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel())})
+            "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel()),
+            **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})
 
 
 def _streamed_router_grads(graph: Graph, interp: Interpreter, ids: torch.Tensor, opts: RunOptions,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..ir import ops
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
+from ..eval.metrics import next_token_logprobs, token_kl
 from ..ir.stream import embed, layer_input, layer_outputs, run_layer
 
 log = logging.getLogger(__name__)
@@ -86,30 +87,93 @@ def head_gradient(interp: Interpreter, h_last: torch.Tensor, ids: torch.Tensor, 
 
 
 def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Tensor, opts: RunOptions,
-                    at_layer: Callable[[int, dict, torch.Tensor], None], tick: Callable[[], None]) -> None:
+                    at_layer: Callable[[int, dict, torch.Tensor], None], tick: Callable[[], None],
+                    watch: Callable[[int], set[str]] | None = None,
+                    after_backward: Callable[[int, dict, dict, torch.Tensor], None] | None = None) -> None:
     """From the last layer down: recompute layer l from its stored input with autograd, call
     ``at_layer(l, values, g)`` with the layer's observed values (MoE input, routing) and the
-    gradient ``g`` of its output, then carry the gradient to the layer's input."""
+    gradient ``g`` of its output, then carry the gradient to the layer's input.
+
+    ``watch(l)``: node ids of layer l whose value, input values and output gradient
+    ``after_backward(l, values, grads, g_in)`` then receives (``g_in``: the gradient of the
+    residual stream entering layer l); with it every layer, layer 0 included, is back-propagated.
+    """
     g = grad_out
-    for layer in reversed(range(len(layer_outputs(interp.graph)))):
+    graph = interp.graph
+    for layer in reversed(range(len(layer_outputs(graph)))):
         h = store.get(layer).requires_grad_(True)
         seen: dict = {}
         prefix = f"L{layer}."
+        watched = watch(layer) if watch is not None else set()
+        inputs = {i for n in watched for i in graph.inputs(n)}
 
-        def observe(node_id, kind, value, seen=seen, prefix=prefix):
-            if node_id.startswith(prefix) and (kind == "router" or node_id.endswith(".moe_norm")):
+        def observe(node_id, kind, value, seen=seen, prefix=prefix, watched=watched, inputs=inputs):
+            if node_id in watched:
+                value.retain_grad()
+                seen[node_id] = value
+            elif node_id in inputs or (node_id.startswith(prefix) and (kind == "router" or node_id.endswith(".moe_norm"))):
                 seen[node_id] = value
 
         out_id = f"L{layer}.moe_res"
         run = RunOptions(quantize=opts.quantize, bits_override=opts.bits_override, observer=observe,
                          weight_override=opts.weight_override, checkpoint=True,
-                         resume={layer_input(interp.graph, layer): h})
+                         resume={layer_input(graph, layer): h})
         out = interp.run(None, run, outputs=(out_id,))[out_id]
         at_layer(layer, seen, g)
-        if layer > 0 or opts.weight_override:
+        if layer > 0 or opts.weight_override or watch is not None:
             out.backward(g)
+            if watch is not None and after_backward is not None:
+                grads = {n: seen[n].grad for n in watched if n in seen}
+                values = {n: v.detach() for n, v in seen.items() if isinstance(v, torch.Tensor)}
+                after_backward(layer, values, grads, h.grad)
             g = h.grad
         tick()
+
+
+def fisher_kl(g: torch.Tensor, delta: torch.Tensor, n_seq: int, positions: int,
+              seq: torch.Tensor | None = None) -> float:
+    """``1/2 sum_seq (sum_{t in seq} g_t . delta_t)^2 / positions``: the Fisher estimate of the mean
+    KL per position when a value whose gradient is ``g`` changes by ``delta`` (module docstring).
+    Rows of ``g`` and ``delta`` are tokens of sequence ``seq[row]``; without ``seq`` the tensors
+    cover all ``n_seq`` sequences in order (``[S, T, H]`` or ``[S * T, H]``)."""
+    if seq is None:
+        per_seq = (g.reshape(n_seq, -1).double() * delta.reshape(n_seq, -1).double()).sum(-1)
+    else:
+        per_seq = torch.zeros(n_seq, dtype=torch.float64).index_add_(0, seq, (g * delta).sum(-1).double())
+    return float(0.5 * per_seq.pow(2).sum() / positions)
+
+
+def perturbation_scores(interp: Interpreter, node_id: str, resume: dict, y: torch.Tensor, g: torch.Tensor,
+                        bits: tuple[int, ...], n_seq: int, positions: int) -> dict[int, float]:
+    """The Fisher KL estimate per bits of quantizing non-expert node ``node_id`` alone: its value
+    recomputed from its inputs ``resume`` with fake-quantized weights, against its full-precision
+    value ``y`` whose gradient is ``g``. Cost: one evaluation of the node per bit-width."""
+    kl = {16: 0.0}
+    with torch.no_grad():
+        for b in bits:
+            yq = interp.run(None, RunOptions(quantize=False, bits_override={node_id: b}, resume=resume),
+                            outputs=(node_id,))[node_id]
+            kl[b] = fisher_kl(g, yq - y, n_seq, positions)
+    return kl
+
+
+def head_kl(interp: Interpreter, h_last: torch.Tensor, node_id: str, bits: tuple[int, ...]) -> dict[int, float]:
+    """The measured mean KL per position of quantizing the LM head ``node_id`` alone (exact: the
+    head is the last op, so its effect needs no estimate), from the last layer's output ``h_last``.
+    Cost per bit-width: one head projection of every calibration token, 4 sequences at a time."""
+    last = layer_outputs(interp.graph)[-1]
+    total, positions = dict.fromkeys(bits, 0.0), 0
+    with torch.no_grad():
+        for start in range(0, len(h_last), 4):  # 4 sequences bound the [s, T, V] logits
+            resume = {last: h_last[start:start + 4]}
+            ref = next_token_logprobs(interp.run(None, RunOptions(quantize=False, resume=resume),
+                                                 outputs=(node_id,))[node_id])
+            positions += ref.shape[0] * ref.shape[1]
+            for b in bits:
+                logits = interp.run(None, RunOptions(quantize=False, bits_override={node_id: b}, resume=resume),
+                                    outputs=(node_id,))[node_id]
+                total[b] += float(token_kl(ref, next_token_logprobs(logits)).sum())
+    return {16: 0.0, **{b: max(0.0, v / positions) for b, v in total.items()}}
 
 
 def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor, routing: ops.Routing,
@@ -127,8 +191,7 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             wr = routing.weights[token_idx, slot, None]
 
             def fisher(delta: torch.Tensor, gt=gt, seq=seq) -> float:  # delta [n, H]: layer-output change
-                per_seq = torch.zeros(n_seq, dtype=torch.float64).index_add_(0, seq, (gt * delta).sum(-1).double())
-                return float(0.5 * per_seq.pow(2).sum() / positions)
+                return fisher_kl(gt, delta, n_seq, positions, seq)
 
             w = interp.weights(node.id, RunOptions(quantize=False))
             act = F.silu(F.linear(xt, w["gate"])) * F.linear(xt, w["up"])  # [n, I]

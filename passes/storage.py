@@ -28,22 +28,25 @@ def stored_weight_bytes(graph: Graph, backend: Any, group_size: int | None = Non
     """
     gs = int(group_size if group_size is not None else graph.meta.get("group_size", 64))
     seen: set[str] = set()
-    out: dict[str, int] = {}
-    for node in graph.nodes():
-        b = int((bits or {}).get(node.id, node.ann.get("bits", 16)))
-        matrices = QUANT_ROLES.get(node.kind, ())
-        total = 0
-        for role, key in node.params.items():
-            if key in seen:
-                continue
-            seen.add(key)
-            shape = graph.weights.shape(key)
-            if role in matrices:
-                total += backend.weight_bytes(int(shape[0]), int(shape[1]), b, gs)
-            else:
-                total += math.prod(shape) * backend.float_bytes(node.kind, role)
-        out[node.id] = total
-    return out
+    return {node.id: _node_bytes(graph, backend, node, int((bits or {}).get(node.id, node.ann.get("bits", 16))), gs,
+                                 seen) for node in graph.nodes()}
+
+
+def _node_bytes(graph: Graph, backend: Any, node: Any, bits: int, group_size: int, seen: set[str]) -> int:
+    """Bytes of ``node``'s weights at ``bits`` (its matrices; other weights in float), skipping
+    and then adding to ``seen`` the tensor keys already counted."""
+    matrices = QUANT_ROLES.get(node.kind, ())
+    total = 0
+    for role, key in node.params.items():
+        if key in seen:
+            continue
+        seen.add(key)
+        shape = graph.weights.shape(key)
+        if role in matrices:
+            total += backend.weight_bytes(int(shape[0]), int(shape[1]), bits, group_size)
+        else:
+            total += math.prod(shape) * backend.float_bytes(node.kind, role)
+    return total
 
 
 def param_count(graph: Graph) -> int:
@@ -51,12 +54,10 @@ def param_count(graph: Graph) -> int:
     return sum(math.prod(graph.weights.shape(k)) for k in {k for n in graph.nodes() for k in n.params.values()})
 
 
-def expert_stored_bytes(graph: Graph, backend: Any, choices: tuple[int, ...], group_size: int
-                        ) -> dict[str, dict[int, int]]:
-    """``{expert node id: {bits: stored bytes}}`` for every routed expert and bit-width in ``choices``."""
-    out = {}
-    for node in graph.experts():
-        shapes = [graph.weights.shape(node.params[r]) for r in QUANT_ROLES["expert"]]
-        out[node.id] = {b: sum(backend.weight_bytes(int(n), int(k), b, group_size) for n, k in shapes)
-                        for b in choices}
-    return out
+def node_stored_bytes(graph: Graph, backend: Any, columns: Mapping[str, Mapping[int, int]], group_size: int
+                      ) -> dict[str, dict[int, int]]:
+    """``{node id: {column: stored bytes}}``: the weights of each node of ``columns`` (``{node id:
+    {column: bits}}``) with its matrices stored at the bits of every column (its other weights,
+    e.g. biases and q/k norms, in float, the same in every column)."""
+    return {node_id: {c: _node_bytes(graph, backend, graph.node(node_id), b, group_size, set()) for c, b in col.items()}
+            for node_id, col in columns.items()}

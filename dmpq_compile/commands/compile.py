@@ -63,13 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--w-{w}", type=float, help=f"objective weight (default {getattr(d, 'w_' + w):g})")
     p.add_argument("--bits", help="comma-separated bit-widths to choose from (default: all the target supports)")
     p.add_argument("--group-size", type=int, help=f"quantization group size along K (default {d.group_size})")
-    p.add_argument("--nonexpert-bits", metavar="N|KIND=N,...",
+    p.add_argument("--nonexpert-bits", metavar="auto|N|KIND=N,...",
                    help="bit-width of the weights outside the routed experts: attention q/k/v/o, shared experts, "
                    "dense MLPs, an untied lm_head (ort-cpu: 2, 4, 8; trt-a100: 4, 8) and an untied embedding table "
-                   "(ort-cpu only, 4 or 8; else it stays float). N sets every kind; KIND=N (attention, shared_expert, "
+                   "(ort-cpu only, 4 or 8; else it stays float). 'auto': the allocator places them with the experts "
+                   "by their measured sensitivity and stored bytes (needs --budget-bits and the optimal or uniform "
+                   "allocator); auto,KIND=N fixes some kinds. N sets every kind; KIND=N (attention, shared_expert, "
                    "mlp, lm_head, embed) sets one, e.g. 4,lm_head=8 or attention=8,lm_head=8 (kinds not named stay "
-                   f"float). Routers and norms stay float. Not allocated: a fixed policy (default {d.nonexpert_bits}: "
-                   "keep them float)")
+                   f"float). Routers and norms stay float (default {d.nonexpert_bits}: keep them float)")
     p.add_argument("--quant-method", choices=("rtn", "hqq", "gptq"), help=f"rounding (default {d.quant_method})")
     p.add_argument("--calib-corpus",
                    help="calibration text: 'pydoc' (built-in; its calib split) or your own text file or folder "
@@ -127,9 +128,10 @@ def config_from_args(args: argparse.Namespace):
         data.update(budget_kind="bits", budget=args.budget_code_bits)
     data.update({field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag) is not None})
     if args.nonexpert_bits is not None:
-        from ..passes.precision import parse_policy
+        from ..passes.precision import parse_policy, split_auto
 
-        data["nonexpert_bits"], data["nonexpert_kinds"] = parse_policy(args.nonexpert_bits)
+        data["nonexpert_allocate"], policy = split_auto(args.nonexpert_bits)
+        data["nonexpert_bits"], data["nonexpert_kinds"] = parse_policy(policy)
     if args.no_sensitivity:
         data["sensitivity"] = False
     if args.qat:
