@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..eval.metrics import next_token_logprobs, token_kl
 from ..ir import ops
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
-from ..eval.metrics import next_token_logprobs, token_kl
 from ..ir.stream import embed, layer_input, layer_outputs, run_layer
 
 log = logging.getLogger(__name__)
