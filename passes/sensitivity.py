@@ -132,12 +132,8 @@ class SensitivityPass(Pass):
                 resume = {i: values[i] for i in graph.inputs(node_id)}
                 nonexpert.setdefault(node_id, []).append(local.perturbation_scores(
                     interp, node_id, resume, values[node_id], grads[node_id], items[node_id], n_seq, positions))
-            for node_id in (k for k in items if graph.node(k).kind == "embed"):
-                if layer == 0:  # the table's rows are the residual stream entering layer 0
-                    nonexpert.setdefault(node_id, []).append(local.perturbation_scores(
-                        interp, node_id, {"tokens": ids}, store.get(0), g_in, items[node_id], n_seq, positions))
 
-        watch = (lambda layer: {k for k, lay in layer_of.items() if lay == layer}) if items else None
+        watch = (lambda layer: {k for k, lay in layer_of.items() if lay == layer}) if layer_of else None
         try:
             for _ in range(o.label_samples):
                 g = local.head_gradient(interp, h_last, ids, "sampled", gen)
@@ -145,8 +141,8 @@ class SensitivityPass(Pass):
                                       after_backward)
         finally:
             store.close()
-        for node_id in (k for k in items if graph.node(k).kind == "lm_head"):
-            nonexpert[node_id] = [local.head_kl(interp, h_last, node_id, items[node_id])]
+        for node_id in (k for k in items if graph.node(k).kind in ("lm_head", "embed")):
+            nonexpert[node_id] = [local.measured_kl(interp, ids, h_last, node_id, items[node_id])]
         for node_id, runs in nonexpert.items():
             kl = {b: sum(r[b] for r in runs) / len(runs) for b in runs[0]}
             graph.annotate(node_id, "kl", kl)

@@ -31,7 +31,7 @@ from ..eval.metrics import next_token_logprobs, token_kl
 from ..ir import ops
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
-from ..ir.stream import embed, layer_input, layer_outputs, run_layer
+from ..ir.stream import embed, layer_input, layer_outputs, run_layer, run_layers
 
 log = logging.getLogger(__name__)
 
@@ -157,21 +157,31 @@ def perturbation_scores(interp: Interpreter, node_id: str, resume: dict, y: torc
     return kl
 
 
-def head_kl(interp: Interpreter, h_last: torch.Tensor, node_id: str, bits: tuple[int, ...]) -> dict[int, float]:
-    """The measured mean KL per position of quantizing the LM head ``node_id`` alone (exact: the
-    head is the last op, so its effect needs no estimate), from the last layer's output ``h_last``.
-    Cost per bit-width: one head projection of every calibration token, 4 sequences at a time."""
-    last = layer_outputs(interp.graph)[-1]
+def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor, node_id: str,
+                bits: tuple[int, ...]) -> dict[int, float]:
+    """The measured mean KL per position of quantizing ``node_id`` alone: the LM head (the last
+    op: one head projection of every calibration token per bit-width) or the embedding table (the
+    first: one layer-major forward of the calibration set per bit-width), against the
+    full-precision model whose last layer's output is ``h_last``. Memory: the residual stream
+    and the logits of 4 sequences at a time."""
+    graph = interp.graph
+    kind = graph.node(node_id).kind
+    if kind not in ("lm_head", "embed"):
+        raise ValueError(f"measured_kl measures the LM head or the embedding table, not {kind} node {node_id}")
+    last = layer_outputs(graph)[-1]
     total, positions = dict.fromkeys(bits, 0.0), 0
     with torch.no_grad():
+        suffix = {b: run_layers(interp, ids, RunOptions(quantize=False, bits_override={node_id: b}))
+                  for b in bits} if kind == "embed" else dict.fromkeys(bits, h_last)
         for start in range(0, len(h_last), 4):  # 4 sequences bound the [s, T, V] logits
-            resume = {last: h_last[start:start + 4]}
-            ref = next_token_logprobs(interp.run(None, RunOptions(quantize=False, resume=resume),
-                                                 outputs=(node_id,))[node_id])
+            sl = slice(start, start + 4)
+            ref = next_token_logprobs(interp.run(None, RunOptions(quantize=False, resume={last: h_last[sl]}),
+                                                 outputs=("lm_head",))["lm_head"])
             positions += ref.shape[0] * ref.shape[1]
             for b in bits:
-                logits = interp.run(None, RunOptions(quantize=False, bits_override={node_id: b}, resume=resume),
-                                    outputs=(node_id,))[node_id]
+                over = {node_id: b} if kind == "lm_head" else {}
+                logits = interp.run(None, RunOptions(quantize=False, bits_override=over,
+                                                     resume={last: suffix[b][sl]}), outputs=("lm_head",))["lm_head"]
                 total[b] += float(token_kl(ref, next_token_logprobs(logits)).sum())
     return {16: 0.0, **{b: max(0.0, v / positions) for b, v in total.items()}}
 
