@@ -59,6 +59,7 @@ from pathlib import Path
 
 import llamacpp as lc
 import numpy as np
+from dmpq_compile.passes.precision import split_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -126,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dmpq-flags", default="", help="extra dmpq-compile flags of the matched artifacts, e.g. "
                    "'--quant-method gptq' (one string)")
     p.add_argument("--nonexpert-bits", default="4",
-                   help="--nonexpert-bits of the matched dmpq artifacts, N or KIND=N,... (default 4: every matrix, "
+                   help="--nonexpert-bits of the matched dmpq artifacts, auto[,KIND=N], N or KIND=N,... (auto: matched "
+                   "by --budget-bits, the optimal allocator placing non-experts too; default 4: every matrix, "
                    "as llama.cpp quantizes every matrix; e.g. 4,attention=8,lm_head=8; 16: float, the runs before "
                    "issue 13 item 2)")
     return p.parse_args(argv)
@@ -340,6 +342,8 @@ def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict
     compile_dmpq(ckpt, work / ref_label, [*ref_flags, *common_flags], args.reuse)
     rows = {ref_label: {**dmpq_row(work / ref_label, params), "flags": list(ref_flags)}}
     policy = [] if str(args.nonexpert_bits).strip() == "16" else ["--nonexpert-bits", str(args.nonexpert_bits)]
+    if split_auto(str(args.nonexpert_bits))[0]:
+        return rows | auto_variants(ckpt, work, ggufs, args, params, policy, common_flags)
     sizer = ref_label
     if policy:  # the non-expert bytes of the matched artifacts' policy
         sizer = "dmpq-int4-ne" + str(args.nonexpert_bits).replace(",", "+").replace("=", "")
@@ -364,6 +368,36 @@ def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict
         compile_dmpq(ckpt, work / label, flags, args.reuse)
         rows[label] = {**dmpq_row(work / label, params), "flags": flags, "match": basis, "matched_types": types,
                        "budget_mb": nbytes / 2**20}
+    return rows
+
+
+def auto_variants(ckpt: Path, work: Path, ggufs: dict[str, dict], args: argparse.Namespace, params: tuple[int, int],
+                  policy: list[str], common_flags: tuple[str, ...]) -> dict[str, dict]:
+    """``--nonexpert-bits auto[,KIND=N]``: one artifact per GGUF type at ``--budget-bits`` = the GGUF's whole-file
+    bpw less what a dmpq folder stores besides its weight tensors (graph structure, tokenizer.json,
+    manifest; read from a uniform 4-bit artifact). The allocator places experts and non-experts in it,
+    so only the optimal and uniform allocators apply; a type below the smallest feasible budget is
+    skipped with the reason."""
+    sizer = "dmpq-int4-ne4"
+    flags = ["--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity", "--nonexpert-bits", "4"]
+    compile_dmpq(ckpt, work / sizer, [*flags, *common_flags], args.reuse)
+    rows = {sizer: {**dmpq_row(work / sizer, params), "flags": flags}}
+    manifest = json.loads((work / sizer / "manifest.json").read_text())
+    overhead_bpw = lc.stored_bpw(rows[sizer]["file_bytes"] - manifest["storage"]["weights"]["bytes"], params[0])
+    alloc = ["--allocator", "optimal"]  # places non-experts by sensitivity (random-weight shapes too)
+    for qtype in args.types:
+        budget = ggufs[qtype]["bpw"] - overhead_bpw
+        label = f"dmpq~{qtype}"
+        flags = ["--budget-bits", f"{budget:.4f}", *policy, *alloc, *args.dmpq_flags.split(), *common_flags]
+        try:
+            compile_dmpq(ckpt, work / label, flags, args.reuse)
+        except RuntimeError as e:
+            if "infeasible" not in str(e):
+                raise
+            print(f"  {label}: skipped, --budget-bits {budget:.2f} is infeasible", flush=True)
+            continue
+        rows[label] = {**dmpq_row(work / label, params), "flags": flags, "match": "whole file",
+                       "matched_types": [qtype], "budget_bits": budget}
     return rows
 
 
