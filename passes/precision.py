@@ -10,7 +10,9 @@ the shared expert's sigmoid gate stay at full precision. Tied embeddings stay fl
 sides: the head reads the lookup's table, so quantizing either would add a second copy instead
 of shrinking the file.
 
-The allocator assigns bits to routed experts only; this policy is fixed, and the pass runs
+With ``--nonexpert-bits auto`` the allocator places these nodes (:func:`allocatable`); the pass
+then writes only the kinds named as ``KIND=N``. Otherwise the allocator assigns bits to routed
+experts only; this policy is fixed, and the pass runs
 before ``allocate`` so that allocators measuring the model (search, rl) see the quantized
 non-expert weights. Sensitivity and cost tables are measured per expert with everything else
 at full precision and are not affected. ``nonexpert_bits=16`` (the default) writes nothing: the

@@ -15,6 +15,12 @@ one forward, one backward with recomputation (about three forwards), and per lay
 fake quantizations plus each expert's MLP on its routed tokens: linear in L. Memory: one
 layer's activations, one expert's weights at a time (``RunOptions.checkpoint``), and the
 residual stream at every layer boundary, kept on disk.
+
+Non-expert nodes (attention, shared experts, dense MLPs; ``--nonexpert-bits auto``) use the same
+estimate with the gradient of their own output, retained during that backward pass
+(``backward_layers(watch=...)``): per layer and bit-width one evaluation of the node on every
+calibration token, so the added cost is about |b| attention forwards per layer, linear in L.
+The LM head and the embedding table are measured instead (:func:`measured_kl`).
 """
 
 from __future__ import annotations
