@@ -44,6 +44,7 @@ Every bit-width is fake-quantized in the weight format the target declares for i
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -155,8 +156,12 @@ class SensitivityPass(Pass):
                                       after_backward)
         finally:
             store.close()
-        for node_id in (k for k in items if graph.node(k).kind in ("lm_head", "embed")):
-            nonexpert[node_id] = [local.measured_kl(interp, ids, h_last, node_id, items[node_id])]
+        measured = {k: b for k, b in items.items() if graph.node(k).kind in ("lm_head", "embed")}
+        if measured:
+            t0 = time.perf_counter()
+            nonexpert.update({k: [kl] for k, kl in local.measured_kl(interp, ids, h_last, measured).items()})
+            log.info("sensitivity: %s measured through the whole model in %.1f s", sorted(measured),
+                     time.perf_counter() - t0)
         for node_id, runs in nonexpert.items():
             kl = {b: sum(r[b] for r in runs) / len(runs) for b in runs[0]}
             graph.annotate(node_id, "kl", kl)
