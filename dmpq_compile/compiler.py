@@ -243,6 +243,21 @@ def expert_table(graph: Graph) -> list[dict[str, Any]]:
     return rows
 
 
+def nonexpert_table(graph: Graph) -> list[dict[str, Any]]:
+    """One row per quantizable node outside the routed experts (attention, shared experts, dense
+    MLPs, lm_head, embedding) with its bits and, under ``--nonexpert-bits auto``, its measured KL
+    per bits (what ``inspect`` prints and reports store)."""
+    rows = []
+    for n in graph.nodes():
+        if n.kind in NONEXPERT_QUANTIZABLE_KINDS:
+            row = {"id": n.id, "kind": n.kind, **({"layer": n.attrs["layer"]} if "layer" in n.attrs else {}),
+                   "bits": n.ann.get("bits", 16)}
+            if "kl" in n.ann:
+                row["kl"] = n.ann["kl"]
+            rows.append(row)
+    return rows
+
+
 def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, progress: bool = True,
                   overwrite: bool = False, dump_dir: str | Path | None = None, cache: bool = False) -> Path:
     """Compile ``model_dir`` (a folder, or a hub id in the local HF cache) for ``cfg.target`` into
@@ -340,5 +355,6 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
     from .artifact import write_artifact
 
     report = {"config": dataclasses.asdict(cfg), "passes": [dataclasses.asdict(r) for r in records],
-              "experts": expert_table(graph), "compile_seconds": round(seconds, 3)}
+              "experts": expert_table(graph), "nonexpert": nonexpert_table(graph),
+              "compile_seconds": round(seconds, 3)}
     return write_artifact(graph, get_backend(cfg.target), out, report=report, overwrite=overwrite)

@@ -165,3 +165,20 @@ def test_auto_refuses_what_it_cannot_do(tiny_dirs, tiny_corpus, tmp_path, cfg, m
 def test_auto_and_fixed_bits_are_exclusive():
     with pytest.raises(ValueError, match="nonexpert_bits must stay 16"):
         CompileConfig(nonexpert_allocate=True, nonexpert_bits=4)
+
+
+def test_inspect_prints_the_placed_nonexpert_bits_and_their_sensitivity(tiny_dirs, tiny_corpus, tmp_path, capsys):
+    from dmpq_compile.cli import main
+
+    art = _compile(tiny_dirs("mixtral"), tmp_path / "auto", corpus=str(tiny_corpus), budget=5.0)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert main(["inspect", str(art)]) == 0
+    text = capsys.readouterr().out
+    assert "weights outside the experts:" in text and "KL@2" in text and "of which quantized outside" in text
+    row = next(line.split() for line in text.splitlines() if line.split()[:1] == ["lm_head"])
+    assert int(row[2]) == manifest["nonexpert"]["lm_head"]["bits"]
+    assert float(row[3]) == pytest.approx(manifest["nonexpert"]["lm_head"]["bits_per_weight"], abs=1e-3)
+    assert main(["inspect", str(art), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_id = {r["id"]: r for r in out["nonexpert"]}
+    assert by_id["L0.attn"]["kl"]["2"] > by_id["L0.attn"]["kl"]["8"] >= 0

@@ -6,14 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-HELP = ("print the per-expert table (layer, expert, freq, sensitivity, bits) of an artifact or IR, and an "
-        "artifact's stored bits per weight")
+HELP = ("print the per-expert table (layer, expert, freq, sensitivity, bits) of an artifact or IR, the bits "
+        "of the weights outside the experts, and an artifact's stored bits per weight")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help="artifact folder (report.json) or saved IR folder (graph.json)")
     p.add_argument("--json", action="store_true",
-                   help='print JSON instead: {"experts": [rows], "storage": stored bits per weight or null}')
+                   help='print JSON instead: {"experts": [rows], "nonexpert": [rows], "storage": stored bits per weight '
+                   'or null}')
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -48,8 +49,38 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _num(v, fmt: str = ".4f") -> str:
-    return f"{'-':>9}" if v is None else f"{v:>9{fmt}}"
+def load_nonexpert(path: Path) -> list[dict]:
+    """Rows of the quantizable nodes outside the experts (bits, measured KL under --nonexpert-bits auto,
+    and an artifact's stored bits per weight of each), from the report, manifest or IR; [] if none."""
+    if (path / "graph.json").is_file() and not (path / "report.json").is_file():
+        from ..compiler import nonexpert_table
+        from ..ir import load_graph
+
+        return nonexpert_table(load_graph(path))
+    rows = json.loads((path / "report.json").read_text()).get("nonexpert", []) if (path / "report.json").is_file() \
+        else []
+    stored = json.loads((path / "manifest.json").read_text()).get("nonexpert", {}) \
+        if (path / "manifest.json").is_file() else {}
+    if not rows:  # an artifact compiled before the report had the table: the manifest's bits
+        rows = [{"id": k, "kind": v["kind"], "bits": v["bits"]} for k, v in stored.items()]
+    return [{**r, **({"bits_per_weight": stored[r["id"]]["bits_per_weight"]}
+                     if "bits_per_weight" in stored.get(r["id"], {}) else {})} for r in rows]
+
+
+def format_nonexpert(rows: list[dict]) -> str:
+    kl_bits = sorted({int(b) for r in rows for b in r.get("kl", {}) if int(b) < 16})
+    head = ["node", "kind", "bits", "stored bpw"] + [f"KL@{b}" for b in kl_bits]
+    lines = ["weights outside the experts:", "  ".join(f"{h:>13}" for h in head)]
+    for r in rows:
+        kl = {int(b): v for b, v in r.get("kl", {}).items()}
+        cells = [f"{r['id']:>13}", f"{r['kind']:>13}", f"{r['bits']:>13}", _num(r.get("bits_per_weight"), ".3f", 13)]
+        cells += [_num(kl.get(b), ".2e", 13) for b in kl_bits]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def _num(v, fmt: str = ".4f", width: int = 9) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
 
 
 def load_storage(path: Path) -> dict | None:
@@ -78,17 +109,24 @@ def format_storage(storage: dict) -> str:
     if other:
         lines.append(f"  everything else (attention, embeddings, norms, routers, lm_head, graph): "
                      f"{other['bits_per_weight']:.3f} ({other['params']:,} parameters, {other['bytes'] / 2**20:.1f} MiB)")
+    if storage.get("nonexpert"):
+        n = storage["nonexpert"]
+        lines.append(f"    of which quantized outside the experts: {n['bits_per_weight']:.3f} stored, {n['code_bits']:.3f} "
+                     f"code bits ({n['params']:,} parameters, {n['bytes'] / 2**20:.1f} MiB)")
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     path = Path(args.path)
     rows = load_rows(path)
+    nonexpert = load_nonexpert(path)
     storage = load_storage(path)
     if args.json:
-        print(json.dumps({"experts": rows, "storage": storage}, indent=1))
+        print(json.dumps({"experts": rows, "nonexpert": nonexpert, "storage": storage}, indent=1))
         return 0
     print(format_table(rows))
+    if any(r["bits"] < 16 for r in nonexpert):
+        print(format_nonexpert(nonexpert))
     if storage:
         print(format_storage(storage))
     return 0
