@@ -471,14 +471,14 @@ def gguf_quality(llama: lc.LlamaCpp, rows: dict[str, dict], base_label: str, tes
                  args: argparse.Namespace) -> None:
     kld = work / "base.kld"
     common = ["-c", str(args.context), "--chunks", str(args.chunks), "-t", str(args.threads)]
-    out = lc.run([llama.tool("llama-perplexity"), "-m", rows[base_label]["path"], "-f", str(test_file), *common,
-                  "--kl-divergence-base", str(kld)], "llama-perplexity base")
-    rows[base_label].update({**lc.parse_perplexity(out), "kl": 0.0, "top1_vs_base": 1.0})
+    base = lc.run_perplexity([llama.tool("llama-perplexity"), "-m", rows[base_label]["path"], "-f", str(test_file),
+                              *common, "--kl-divergence-base", str(kld)], "llama-perplexity base")
+    rows[base_label].update({**base, "kl": 0.0, "top1_vs_base": 1.0})
     for label, row in rows.items():
         if row["kind"] == "gguf" and label != base_label:
-            out = lc.run([llama.tool("llama-perplexity"), "-m", row["path"], *common, "--kl-divergence-base",
-                          str(kld), "--kl-divergence"], f"llama-perplexity {label}")
-            row.update(lc.parse_perplexity(out))
+            row.update(lc.run_perplexity([llama.tool("llama-perplexity"), "-m", row["path"], *common,
+                                          "--kl-divergence-base", str(kld), "--kl-divergence"],
+                                         f"llama-perplexity {label}"))
 
 
 # -- one model ---------------------------------------------------------------------------------------

@@ -246,6 +246,20 @@ def parse_perplexity(text: str) -> dict[str, float]:
     return out
 
 
+def run_perplexity(cmd: list[str], what: str, tries: int = 2) -> dict[str, float]:
+    """Run ``llama-perplexity`` and parse its figures, running it again (up to ``tries`` times in all)
+    when the output lacks them: a run once ended without its final lines (exit status 0)."""
+    for attempt in range(1, tries + 1):
+        out = run(cmd, what)
+        try:
+            return parse_perplexity(out)
+        except LlamaCppError:
+            if attempt == tries:
+                raise
+            print(f"  {what}: no figures in its output (attempt {attempt} of {tries}); running it again", flush=True)
+    raise AssertionError("unreachable")
+
+
 def parse_token_ids(text: str) -> list[int]:
     """Token ids from ``llama-tokenize --ids`` output (a Python-style list on the last list line)."""
     lines = [ln for ln in text.splitlines() if ln.startswith("[") and ln.rstrip().endswith("]")]

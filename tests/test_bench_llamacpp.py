@@ -116,6 +116,16 @@ def test_parsers():
     assert lc.parse_token_ids("load...\n[0, 12, 345]\n") == [0, 12, 345]
 
 
+def test_perplexity_is_run_again_when_its_output_lacks_the_figures(monkeypatch):
+    outputs = iter(["[1]42.1,[2]43.0,\n", "[1]42.1,[2]43.0,\nFinal estimate: PPL = 43.0123 +/- 0.5\n"])
+    calls = []
+    monkeypatch.setattr(lc, "run", lambda cmd, what: calls.append(cmd) or next(outputs))
+    assert lc.run_perplexity(["llama-perplexity"], "base") == {"ppl": 43.0123} and len(calls) == 2
+    monkeypatch.setattr(lc, "run", lambda cmd, what: "truncated")
+    with pytest.raises(lc.LlamaCppError, match="no perplexity"):
+        lc.run_perplexity(["llama-perplexity"], "base")
+
+
 def test_missing_build_is_a_clear_error(tmp_path):
     with pytest.raises(lc.LlamaCppError, match="pip download"):
         lc.find_llama_cpp(tmp_path)
