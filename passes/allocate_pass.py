@@ -195,7 +195,7 @@ def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> Allocat
         cost = node.ann.get("cost", {}).get(target, {}) if target else {}
         experts.append(ExpertInfo(
             key=node.id, layer=node.attrs["layer"], expert=node.attrs["expert"],
-            n_params=sum(math.prod(graph.weights.shape(node.params[r])) for r in ("gate", "up", "down")),
+            n_params=_matrix_params(graph, node),
             freq=float(node.ann["freq"]), mass=float(node.ann.get("mass", 0.0)),
             sensitivity=dict(node.ann.get(o.metric if o.metric == "kl" else "sensitivity", {})),
             kl=dict(node.ann.get("kl", {})),
@@ -215,9 +215,14 @@ def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> Allocat
         per_column = {c: kl.get(b, 0.0) for c, b in col.items()}
         experts.append(ExpertInfo(
             key=node_id, layer=int(node.attrs.get("layer", -1)), expert=-1,
-            n_params=sum(math.prod(graph.weights.shape(node.params[r])) for r in QUANT_ROLES[node.kind]),
+            n_params=_matrix_params(graph, node),
             freq=1.0, mass=1.0, sensitivity=per_column, kl=per_column, stored_bytes=stored.get(node_id, {})))
     return AllocationProblem(tuple(experts), choices, budget, ObjectiveWeights(o.w_acc, o.w_lat, o.w_mem, o.w_eng))
+
+
+def _matrix_params(graph: Graph, node: Any) -> int:
+    """Parameters of the weight matrices whose bits the allocator sets (``QUANT_ROLES`` of the kind)."""
+    return sum(math.prod(graph.weights.shape(node.params[r])) for r in QUANT_ROLES[node.kind])
 
 
 def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[int, ...],

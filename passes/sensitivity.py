@@ -163,13 +163,9 @@ class SensitivityPass(Pass):
             log.info("sensitivity: %s measured through the whole model in %.1f s", sorted(measured),
                      time.perf_counter() - t0)
         for node_id, runs in nonexpert.items():
-            kl = {b: sum(r[b] for r in runs) / len(runs) for b in runs[0]}
-            graph.annotate(node_id, "kl", kl)
-            graph.annotate(node_id, "sensitivity", dict(kl))
+            _annotate_kl(graph, node_id, runs)
         for node_id, runs in scores.items():
-            kl = {b: sum(r["kl"][b] for r in runs) / len(runs) for b in runs[0]["kl"]}
-            graph.annotate(node_id, "kl", kl)
-            graph.annotate(node_id, "sensitivity", dict(kl))
+            _annotate_kl(graph, node_id, [r["kl"] for r in runs])
             graph.annotate(node_id, "contribution", sum(r["contribution"] for r in runs) / len(runs))
             if o.gradvar:
                 graph.annotate(node_id, "neuron_variance", runs[0]["neuron_variance"])
@@ -182,6 +178,14 @@ class SensitivityPass(Pass):
         return PassResult(graph, modified=True, stats={
             "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel()),
             **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})
+
+
+def _annotate_kl(graph: Graph, node_id: str, runs: list[dict[int, float]]) -> None:
+    """Write the mean over label samples of ``{bits: KL}`` as ``kl`` and ``sensitivity`` (the
+    expected NLL increase under the model's own distribution is the KL)."""
+    kl = {b: sum(r[b] for r in runs) / len(runs) for b in runs[0]}
+    graph.annotate(node_id, "kl", kl)
+    graph.annotate(node_id, "sensitivity", dict(kl))
 
 
 def _streamed_router_grads(graph: Graph, interp: Interpreter, ids: torch.Tensor, opts: RunOptions,
