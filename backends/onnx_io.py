@@ -199,6 +199,7 @@ def file_fields(model: onnx.ModelProto, external: bool) -> dict[str, Any]:
 
 
 def io_fields(lowered: Any) -> dict[str, Any]:
-    """The manifest's ``io`` entry of a lowered model: input/logits names and KV-cache specs."""
-    return {"input_ids": lowered.input_ids, "logits": lowered.logits,
+    """The manifest's ``io`` entry of a lowered model: input/logits names, KV-cache specs and the optional
+    ``logits_to_keep`` input (None where the graph has none: every position's logits)."""
+    return {"input_ids": lowered.input_ids, "logits": lowered.logits, "logits_to_keep": lowered.logits_to_keep,
             "kv_cache": [asdict(kv) for kv in lowered.kv_cache]}

@@ -83,6 +83,7 @@ class ModelSpec:
         flags: dmpq-compile flags of the matched artifacts besides the budget (allocator), and of every
             artifact (calibration, cache).
         reference: (label, flags) of the dmpq artifact that gives the non-expert bytes (fp32: the KL reference).
+        path: Checkpoint folder of a trained model (None: ``samples/NAME``, or built from ``shape``).
     """
 
     name: str
@@ -91,13 +92,13 @@ class ModelSpec:
     base: str
     flags: tuple[tuple[str, ...], tuple[str, ...]]
     reference: tuple[str, tuple[str, ...]]
+    path: Path | None = None
 
 
+FP32_REFERENCE = ("dmpq-fp32", ("--allocator", "uniform", "--budget-code-bits", "16", "--no-sensitivity"))
 MODELS = {
-    "mixtral-tiny": ModelSpec("mixtral-tiny", None, True, "f32", SAMPLE_FLAGS,
-                              ("dmpq-fp32", ("--allocator", "uniform", "--budget-code-bits", "16", "--no-sensitivity"))),
-    "olmoe-tiny": ModelSpec("olmoe-tiny", None, True, "f32", SAMPLE_FLAGS,
-                            ("dmpq-fp32", ("--allocator", "uniform", "--budget-code-bits", "16", "--no-sensitivity"))),
+    "mixtral-tiny": ModelSpec("mixtral-tiny", None, True, "f32", SAMPLE_FLAGS, FP32_REFERENCE),
+    "olmoe-tiny": ModelSpec("olmoe-tiny", None, True, "f32", SAMPLE_FLAGS, FP32_REFERENCE),
     "olmoe-1b-7b-1l": ModelSpec("olmoe-1b-7b-1l", "olmoe-1b-7b", False, "f16", SHAPE_FLAGS,
                                 ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"))),
     "mixtral-8x7b-1l": ModelSpec("mixtral-8x7b-1l", "mixtral-8x7b", False, "f16", SHAPE_FLAGS,
@@ -109,7 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=lc.BUILD_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp", required=True, metavar="DIR", help="llama.cpp cmake build folder (see below)")
-    p.add_argument("--models", nargs="+", default=["mixtral-tiny", "olmoe-tiny"], choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=["mixtral-tiny", "olmoe-tiny"], metavar="MODEL",
+                   help=f"{', '.join(MODELS)}, or the folder of a trained checkpoint with the samples' tokenizer "
+                   "(e.g. one from samples/train.py --hidden 256: K- and i-quants need rows of 256), scored like "
+                   "the samples (default: the two samples)")
     p.add_argument("--types", nargs="+", default=list(QUANT_TYPES), help="llama-quantize types")
     p.add_argument("--work", default=str(ROOT / "out" / "bench-llamacpp"))
     p.add_argument("--reuse", action="store_true", help="keep GGUF files and artifacts that already exist")
@@ -131,7 +135,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "by --budget-bits, the optimal allocator placing non-experts too; default 4: every matrix, "
                    "as llama.cpp quantizes every matrix; e.g. 4,attention=8,lm_head=8; 16: float, the runs before "
                    "issue 13 item 2)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.specs = [model_spec(name) for name in args.models]
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def model_spec(name: str) -> ModelSpec:
+    """A named model of ``MODELS``, or a trained checkpoint folder (scored for quality like the samples)."""
+    if name in MODELS:
+        return MODELS[name]
+    path = Path(name)
+    if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
+        raise ValueError(f"--models {name!r} is neither one of {', '.join(MODELS)} nor a checkpoint folder with "
+                         "config.json and tokenizer.json")
+    return ModelSpec(path.resolve().name, None, True, "f32", SAMPLE_FLAGS, FP32_REFERENCE, path.resolve())
 
 
 def uptime() -> str:
@@ -146,6 +166,8 @@ def git(*args: str) -> str:
 def checkpoint(spec: ModelSpec, work: Path, reuse: bool) -> Path:
     """The sample folder, or a one-layer random checkpoint at real widths with the sample's byte-level
     tokenizer (so that both tools tokenize exactly alike; the converter pads the vocabulary)."""
+    if spec.path is not None:
+        return spec.path
     if spec.shape is None:
         return ROOT / "samples" / spec.name
     out = work / "checkpoint"
@@ -495,6 +517,9 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
     ggufs = {k: rows[f"gguf-{k}"] for k in args.types}
     rows.update(dmpq_variants(spec, ckpt, work, ggufs, args, params))
     result: dict = {"model": spec.name, "checkpoint": str(ckpt), "params": params[0], "expert_params": params[1]}
+    if spec.path is not None and (ckpt / "training.json").is_file():  # a checkpoint not in the repository
+        trained = json.loads((ckpt / "training.json").read_text())
+        result["training"] = {k: v for k, v in trained.items() if k not in ("loss_curve", "expert_frequency")}
     if spec.quality:
         ids = corpus_text(ckpt, "test", args.chunks * args.context, test_file)
         base = f"gguf-{spec.base.upper()}"
@@ -538,16 +563,17 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"llamacpp-{time.strftime('%Y%m%d-%H%M%S')}.json"
     models = []
-    for name in args.models:  # the JSON is rewritten after each model: a later failure keeps the earlier rows
+    for spec in args.specs:  # the JSON is rewritten after each model: a later failure keeps the earlier rows
         try:
-            models.append(run_model(llama, MODELS[name], args))
+            models.append(run_model(llama, spec, args))
         except (lc.LlamaCppError, RuntimeError) as e:
-            print(f"{name} failed: {e}", file=sys.stderr, flush=True)
-            models.append({"model": name, "error": str(e)[-2000:]})
+            print(f"{spec.name} failed: {e}", file=sys.stderr, flush=True)
+            models.append({"model": spec.name, "error": str(e)[-2000:]})
+        record = {k: v for k, v in vars(args).items() if k != "specs"}
         out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_llamacpp.py", *sys.argv[1:]]),
                                    "start": start, "end_uptime": uptime(), "cpu": _cpu(),
                                    "llama_cpp": {"source": str(llama.source), "version": llama_version(llama)},
-                                   "args": vars(args), "models": models}, indent=1))
+                                   "args": record, "models": models}, indent=1))
         print(f"wrote {out}", flush=True)
     return 1 if any("error" in m for m in models) else 0
 

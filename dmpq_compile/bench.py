@@ -4,7 +4,9 @@ Every artifact is loaded once and measured in interleaved rounds (artifact order
 round), so slow drift of a shared machine hits all of them alike; results are reported as
 ratios to the first artifact. Per artifact:
 
-* prefill tokens/s on ``prefill_tokens`` real text tokens (batch 1),
+* prefill tokens/s on ``prefill_tokens`` real text tokens (batch 1), asking for the last position's
+  logits only, as generation does (``logits_to_keep=1``; artifacts compiled before that input compute
+  every position, and the row says so: ``prefill_logits``),
 * decode ms/token (batch 1, KV cache, greedy continuation of the prefill),
 * peak RSS of a fresh process that loads the artifact and runs one prefill + decode,
 * weight bytes (model files) and expected weight bytes *read* per decoded token (non-expert
@@ -160,7 +162,7 @@ def _rss_probe(path: Path, cfg: BenchConfig, ids: list[int]) -> float:
         "import json,sys\n"
         "from dmpq_compile.runtime import load\n"
         "a=json.loads(sys.argv[2]); m=load(sys.argv[1], threads=a['threads'])\n"
-        "lo,past=m.forward([a['ids']])\n"
+        "lo,past=m.forward([a['ids']],logits_to_keep=1)\n"
         "for _ in range(a['decode']):\n"
         "    lo,past=m.forward([[int(lo[0,-1].argmax())]],past)\n"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (possibly large) parent
@@ -175,7 +177,7 @@ def _rss_probe(path: Path, cfg: BenchConfig, ids: list[int]) -> float:
 
 def _time_one(session: Any, ids: np.ndarray, decode_tokens: int) -> tuple[float, list[float]]:
     t0 = time.perf_counter()
-    logits, past = session.forward(ids)
+    logits, past = session.forward(ids, logits_to_keep=1)  # what generation asks of a prefill
     prefill = time.perf_counter() - t0
     steps = []
     for _ in range(decode_tokens):
@@ -238,6 +240,7 @@ def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float],
         "artifact": str(path),
         "label": path.name,
         "prefill_tok_s": cfg.prefill_tokens / statistics.median(prefill),
+        "prefill_logits": "last" if getattr(session, "keeps_logits", False) else "all",
         "decode_ms": decode_ms,
         "decode_ms_iqr": float(np.subtract(*np.percentile(decode, [75, 25])) * 1e3),
         "bits_histogram": session.manifest.get("quantization", {}).get("bits_histogram"),

@@ -101,6 +101,20 @@ def test_budget_matches_the_whole_file_when_it_can():
     assert dmpq_budget(2.0, 0.5, params, 600, 100) == (100, "experts only")  # never below the 2-bit floor
 
 
+def test_models_are_names_or_trained_checkpoint_folders(tmp_path, capsys):
+    import bench_llamacpp as bench
+
+    SAMPLES = ROOT / "samples"
+    args = bench.parse_args(["--llama-cpp", "x", "--models", "mixtral-tiny", str(SAMPLES / "olmoe-tiny")])
+    assert args.specs[0] is bench.MODELS["mixtral-tiny"]
+    folder = args.specs[1]
+    assert (folder.name, folder.path, folder.quality, folder.shape) == ("olmoe-tiny", SAMPLES / "olmoe-tiny", True, None)
+    assert bench.checkpoint(folder, tmp_path, reuse=False) == SAMPLES / "olmoe-tiny"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--llama-cpp", "x", "--models", str(tmp_path)])
+    assert "neither one of mixtral-tiny" in capsys.readouterr().err
+
+
 def test_parsers():
     bench = ('[{"n_prompt": 128, "n_gen": 0, "avg_ts": 640.0}, '
              '{"n_prompt": 0, "n_gen": 32, "n_depth": 128, "avg_ts": 250.0}]')

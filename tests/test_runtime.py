@@ -53,6 +53,29 @@ def test_logits_shapes_and_kv_cache(model):
     assert np.abs(model.logits([4], past=model.forward([1, 2, 3])[1]) - step[0]).max() <= 1e-4
 
 
+def test_logits_to_keep_projects_only_the_last_positions(model):
+    ids = [[5, 6, 7, 8, 9]]
+    full, past_full = model.forward(ids)
+    assert model.keeps_logits and model.manifest["target"]["io"]["logits_to_keep"] == "logits_to_keep"
+    for keep, rows in ((1, 1), (3, 3), (5, 5), (9, 5), (0, 5)):
+        got, past = model.forward(ids, logits_to_keep=keep)
+        assert got.shape == (1, rows, model.vocab_size)  # the graph slices: ORT did not fold the default away
+        assert np.abs(got - full[:, 5 - rows:]).max() <= 1e-5
+        assert past.length == 5 and np.abs(past.keys[-1] - past_full.keys[-1]).max() <= 1e-6
+    assert model.logits([5, 6, 7]).shape == (3, model.vocab_size)  # the default keeps every position
+    # an artifact compiled before the input existed: the runtime slices what the graph returns
+    model._keep_name = None
+    try:
+        assert not model.keeps_logits
+        got, _ = model.forward(ids, logits_to_keep=2)
+        assert got.shape == (1, 2, model.vocab_size) and np.abs(got - full[:, 3:]).max() <= 1e-5
+    finally:
+        model._keep_name = "logits_to_keep"
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+            model.forward(ids, logits_to_keep=bad)
+
+
 def test_greedy_generation_is_the_argmax_loop(model):
     ids = model.encode(PROMPT)
     expected = []

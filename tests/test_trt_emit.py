@@ -47,6 +47,7 @@ def _emit(graph, path, **options):
 
 
 def _feeds(target, ids, past=None):
+    assert target["io"]["logits_to_keep"] is None  # the engine keeps every position; its runner slices
     feeds = {target["io"]["input_ids"]: ids}
     for i, kv in enumerate(target["io"]["kv_cache"]):
         for j, name in enumerate((kv["past_key"], kv["past_value"])):

@@ -93,8 +93,8 @@ class OrtCpuBackend(Backend):
             raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         out_dir = require_folder(out_dir)
         with tempfile.TemporaryFile(dir=out_dir) as spill:  # large eager initializers wait here until written
-            lowered = lower(graph, MatMulNBitsProjection(accuracy_level), LoweringOptions(dispatch=dispatch, opset=opset),
-                            defer=True, spill=spill)
+            options = LoweringOptions(dispatch=dispatch, opset=opset, logits_to_keep=True)
+            lowered = lower(graph, MatMulNBitsProjection(accuracy_level), options, defer=True, spill=spill)
             size = initializer_bytes(lowered.model)
             external = use_external(external_data, size, external_data_threshold_mb)
             path = save_checked(lowered.model, out_dir, external=external, deferred=lowered.deferred)

@@ -210,8 +210,13 @@ class TrtEngineRunner:
         return [self.torch.zeros(batch, kv["num_kv_heads"], 0, kv["head_dim"], device="cuda")
                 for kv in self.io["kv_cache"] for _ in range(2)]
 
-    def forward(self, ids: Any, past: list[Any] | None = None) -> tuple[Any, list[Any]]:
-        """Logits ``[B, T, V]`` and the new KV list for ``ids [B, T]`` after ``past`` (CUDA tensors)."""
+    keeps_logits = False  # the engine computes every position; forward slices (see Session.forward)
+
+    def forward(self, ids: Any, past: list[Any] | None = None, logits_to_keep: int = 0) -> tuple[Any, list[Any]]:
+        """Logits ``[B, T, V]`` (the last ``logits_to_keep`` positions when > 0) and the new KV list for
+        ``ids [B, T]`` after ``past`` (CUDA tensors)."""
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
         torch = self.torch
         self._scratch: list[Any] = []
         ids = torch.as_tensor(ids, dtype=torch.int64, device="cuda")
@@ -234,7 +239,7 @@ class TrtEngineRunner:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise BackendError("TensorRT execute_async_v3 failed; see the TensorRT log")
         self.stream.synchronize()
-        return outs[0], outs[1:]
+        return (outs[0][:, -logits_to_keep:] if logits_to_keep else outs[0]), outs[1:]
 
     def logits(self, ids: Any, past: list[Any] | None = None) -> Any:
         """float32 numpy logits ``[B, T, V]`` (the runtime Session's interface, for eval and bench)."""

@@ -69,6 +69,9 @@ class Session:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT warns at load that the optional ``logits_to_keep`` input (an initializer holding its default) is not
+        # folded as a constant, which is its purpose; its load-time warnings are for model authors (-vv shows them)
+        options.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 3
         if threads:
             options.intra_op_num_threads = int(threads)
         self.root, self.manifest = root, manifest
@@ -79,6 +82,7 @@ class Session:
             raise ArtifactError(f"onnxruntime cannot load {root / target['model_file']}: {e}") from e
         io = target["io"]
         self._ids_name, self._logits_name, self._kv = io["input_ids"], io["logits"], io["kv_cache"]
+        self._keep_name: str | None = io.get("logits_to_keep")  # artifacts before it compute every position
         self._outputs = [self._logits_name] + [n for kv in self._kv for n in (kv["present_key"], kv["present_value"])]
         self.vocab_size = int(manifest["model"]["vocab_size"])
         limit = manifest["model"].get("max_position_embeddings")
@@ -94,13 +98,27 @@ class Session:
         shapes = [(batch, kv["num_kv_heads"], 0, kv["head_dim"]) for kv in self._kv]
         return KVCache([np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes])
 
-    def forward(self, ids: Any, past: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the artifact itself skips the positions ``logits_to_keep`` drops (compiled since that input
+        exists); older artifacts compute every position's logits and :meth:`forward` slices them."""
+        return self._keep_name is not None
+
+    def forward(self, ids: Any, past: KVCache | None = None, logits_to_keep: int = 0) -> tuple[np.ndarray, KVCache]:
         """Run new tokens ``ids`` (``[T]`` or ``[B, T]``) after the cached ``past`` positions.
 
+        ``logits_to_keep``: return the logits of the last N new positions only (0: all of them). A
+        prefill that only samples the next token passes 1, and the artifact skips the other
+        positions' vocabulary projection (see :attr:`keeps_logits`).
+
         Returns:
-            ``(logits, present)``: float32 logits ``[B, T, V]`` (``[T, V]`` for 1-D ``ids``) and
-            the cache extended by the new tokens (pass it as ``past`` to continue).
+            ``(logits, present)``: float32 logits ``[B, T', V]`` (``[T', V]`` for 1-D ``ids``), ``T' = T``
+            or ``min(logits_to_keep, T)``, and the cache extended by all new tokens (pass it as ``past``
+            to continue).
         """
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) \
+                or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
         arr, squeeze = self._check_ids(ids)
         past = past if past is not None else self.empty_cache(arr.shape[0])
         if len(past.keys) != len(self._kv) or past.batch != arr.shape[0]:
@@ -114,11 +132,14 @@ class Session:
                              "output would silently degrade; feed at most that many tokens (generate(..., "
                              "truncate=True) keeps the newest prompt tokens; perplexity uses shorter windows)")
         feed = {self._ids_name: arr}
+        if self._keep_name is not None:
+            feed[self._keep_name] = np.array(logits_to_keep, np.int64)
         for kv, k, v in zip(self._kv, past.keys, past.values):
             feed[kv["past_key"]], feed[kv["past_value"]] = k, v
         out = self._sess.run(self._outputs, feed)
         present = KVCache(out[1::2], out[2::2])
-        return (out[0][0] if squeeze else out[0]), present
+        logits = out[0] if self._keep_name is not None or not logits_to_keep else out[0][:, -logits_to_keep:]
+        return (logits[0] if squeeze else logits), present
 
     def logits(self, ids: Any, past: KVCache | None = None) -> np.ndarray:
         """Logits of ``ids`` (``[T]`` -> ``[T, V]``, ``[B, T]`` -> ``[B, T, V]``), optionally after ``past``."""
@@ -156,7 +177,7 @@ class Session:
         _check_sampling(max_new_tokens, temperature, top_p)
         prompt_ids = self.fit_prompt(prompt_ids, max_new_tokens, truncate)
         rng = np.random.default_rng(seed)
-        logits, past = self.forward(np.asarray(prompt_ids, dtype=np.int64)[None, :])
+        logits, past = self.forward(np.asarray(prompt_ids, dtype=np.int64)[None, :], logits_to_keep=1)
         for _ in range(max_new_tokens):
             token = sample(logits[0, -1], temperature, top_p, rng)
             if token in self.eos_token_ids:
