@@ -47,6 +47,7 @@ class CompileConfig:
     seq_len: int = 128
     sensitivity_sequences: int = 16
     sensitivity: bool = True
+    flip_probe: bool = True  # sensitivity: add the KL of routing flips downstream (one probe per MoE layer)
     metric: str = "kl"  # accuracy model of optimal/rl: per-expert "kl" or "nll" increase
     seed: int = 0
     allocator_options: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +129,7 @@ def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
 
 def sensitivity_pass(cfg: CompileConfig):
     return make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences, gradvar=cfg.allocator == "gradvar",
-                     **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))
+                     flips=cfg.flip_probe, **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))
 
 
 def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
@@ -233,7 +234,7 @@ def expert_table(graph: Graph) -> list[dict[str, Any]]:
     rows = []
     for n in graph.experts():
         row = {"id": n.id, "layer": n.attrs["layer"], "expert": n.attrs["expert"]}
-        for key in ("freq", "mass", "tokens", "sensitivity", "kl", "contribution", "router_grad_change",
+        for key in ("freq", "mass", "tokens", "sensitivity", "kl", "flip_kl", "contribution", "router_grad_change",
                     "neuron_variance", "bits", "group_size"):
             if key in n.ann:
                 row[key] = n.ann[key]

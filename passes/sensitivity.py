@@ -36,6 +36,13 @@ the allocator will place (:func:`.precision.allocatable`), writing ``kl`` and ``
   the measured KL for the embedding table at 4 bits, which made the allocator leave the table at
   4 bits where 8 paid most; for a single node a measurement costs one forward.
 
+The layer-local estimate sees the model with every router frozen; with ``flips`` (the default;
+``--no-flip-probe`` turns it off) ``local`` adds the KL of top-k routing flips downstream:
+``flip_kl[b] = c_l x`` the node's mean output-change norm at ``b`` bits, ``c_l`` measured once per MoE
+layer by :func:`.sensitivity_local.flip_rates` (every expert of the layer at ``flip_bits``, the rest of
+the model run with routers free and frozen, on a disjoint group of the calibration sequences:
+about three forwards in all). ``kl`` and ``sensitivity`` are the sum; ``flip_kl`` is kept apart.
+
 Every bit-width is fake-quantized in the weight format the target declares for it
 (``ctx.backend.weight_formats``, else the graph's declaration; see
 :mod:`dmpq_compile.quant.formats`), so what is measured is what the backend emits.
@@ -73,6 +80,8 @@ class SensitivityOptions:
     method: str = "local"  # local (Fisher-weighted layer-local error, linear in depth) | whole
     label_samples: int = 1  # local: sampled-label backward passes averaged
     nonexpert: tuple[str, ...] = ()  # local: also score these non-expert kinds (--nonexpert-bits auto)
+    flips: bool = True  # local: add the KL of routing flips downstream, rated by one probe per layer
+    flip_bits: int | None = None  # bits of the flip probe (default: 3 if measured, else the nearest)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +91,8 @@ class SensitivityOptions:
         if self.nonexpert and self.method != "local":
             raise ValueError("non-expert sensitivity (nonexpert kinds) is measured by the local method only; "
                              "use method='local'")
+        if self.flip_bits is not None and self.flip_bits not in (2, 3, 4, 5, 6, 8):
+            raise ValueError(f"flip_bits must be a quantized bit-width (2-8), got {self.flip_bits!r}")
         object.__setattr__(self, "nonexpert", tuple(self.nonexpert))
 
 
@@ -125,7 +136,9 @@ class SensitivityPass(Pass):
                    bits: tuple[int, ...]) -> PassResult:
         o = self.options
         n_layers = len(local.layer_outputs(graph))
-        steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0))
+        moe_layers = sorted({n.attrs["layer"] for n in graph.experts()})
+        flips = o.flips and len(moe_layers) > 1
+        steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0)) + (len(moe_layers) - 1 if flips else 0)
         bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False)
         tick = lambda: bar.update(1)
         store, h_last = local.forward_boundaries(interp, ids, RunOptions(quantize=False), tick)
@@ -149,23 +162,29 @@ class SensitivityPass(Pass):
                     interp, node_id, resume, values[node_id], grads[node_id], items[node_id], n_seq, positions))
 
         watch = (lambda layer: {k for k, lay in layer_of.items() if lay == layer}) if layer_of else None
+        rates: dict[int, float] = {}
         try:
             for _ in range(o.label_samples):
                 g = local.head_gradient(interp, h_last, ids, "sampled", gen)
                 local.backward_layers(interp, store, g, RunOptions(quantize=False), at_layer, tick, watch,
                                       after_backward)
+            if flips:
+                t0 = time.perf_counter()
+                rates = local.flip_rates(interp, store, ids, _probe_bits(bits, o.flip_bits), tick)
+                log.info("sensitivity: routing-flip rates per layer %s (probe %.1f s)",
+                         {k: float(f"{v:.3g}") for k, v in rates.items()}, time.perf_counter() - t0)
         finally:
             store.close()
         measured = {k: b for k, b in items.items() if graph.node(k).kind in ("lm_head", "embed")}
-        if measured:
+        if measured:  # measured through the whole model: flips included
             t0 = time.perf_counter()
-            nonexpert.update({k: [kl] for k, kl in local.measured_kl(interp, ids, h_last, measured).items()})
+            nonexpert.update({k: [{"kl": kl}] for k, kl in local.measured_kl(interp, ids, h_last, measured).items()})
             log.info("sensitivity: %s measured through the whole model in %.1f s", sorted(measured),
                      time.perf_counter() - t0)
         for node_id, runs in nonexpert.items():
-            _annotate_kl(graph, node_id, runs)
+            _annotate_kl(graph, node_id, runs, _flip_rate(rates, graph.node(node_id).attrs.get("layer"), False))
         for node_id, runs in scores.items():
-            _annotate_kl(graph, node_id, [r["kl"] for r in runs])
+            _annotate_kl(graph, node_id, runs, _flip_rate(rates, graph.node(node_id).attrs["layer"], True))
             graph.annotate(node_id, "contribution", sum(r["contribution"] for r in runs) / len(runs))
             if o.gradvar:
                 graph.annotate(node_id, "neuron_variance", runs[0]["neuron_variance"])
@@ -177,13 +196,40 @@ class SensitivityPass(Pass):
         bar.close()
         return PassResult(graph, modified=True, stats={
             "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel()),
+            **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}),
             **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})
 
 
-def _annotate_kl(graph: Graph, node_id: str, runs: list[dict[int, float]]) -> None:
-    """Write the mean over label samples of ``{bits: KL}`` as ``kl`` and ``sensitivity`` (the
+def _probe_bits(bits: tuple[int, ...], wanted: int | None) -> int:
+    """The flip probe's bit-width: ``wanted``, else 3 or the measured width nearest to it (the flip
+    rate was flat over 2-4 bits; 3 flips enough decisions to measure on a few sequences)."""
+    if wanted is not None:
+        return wanted
+    return min(bits, key=lambda b: (abs(b - 3), b))
+
+
+def _flip_rate(rates: dict[int, float], layer: int | None, expert: bool) -> float:
+    """The flip rate of a node of ``layer``: an expert's output enters the residual stream after its
+    own router, so the rate of its layer; an attention/shared/MLP node's before (attention) or beside
+    (shared expert, dense MLP) it: the previous MoE layer's rate, whose downstream routers are this
+    layer's and later ones (layer 0: its own, which misses its router; nodes outside layers: 0)."""
+    if layer is None or not rates:
+        return 0.0
+    if expert:
+        return rates.get(layer, 0.0)
+    earlier = [k for k in rates if k < layer]
+    return rates[max(earlier)] if earlier else rates[min(rates)]
+
+
+def _annotate_kl(graph: Graph, node_id: str, runs: list[dict], flip_rate: float = 0.0) -> None:
+    """Write the mean over label samples of ``{bits: KL}`` (``run["kl"]``) plus the routing-flip term
+    ``flip_rate x run["norm"]`` (written alone as ``flip_kl``) as ``kl`` and ``sensitivity`` (the
     expected NLL increase under the model's own distribution is the KL)."""
-    kl = {b: sum(r[b] for r in runs) / len(runs) for b in runs[0]}
+    kl = {b: sum(r["kl"][b] for r in runs) / len(runs) for b in runs[0]["kl"]}
+    if "norm" in runs[0] and flip_rate > 0:
+        flip = {b: flip_rate * runs[0]["norm"][b] for b in kl}
+        graph.annotate(node_id, "flip_kl", flip)
+        kl = {b: kl[b] + flip[b] for b in kl}
     graph.annotate(node_id, "kl", kl)
     graph.annotate(node_id, "sensitivity", dict(kl))
 

@@ -1,6 +1,7 @@
+import pytest
 import torch
 import torch.nn.functional as F
-from dmpq_compile.passes import PassContext, PassManager, make_pass
+from dmpq_compile.passes import PassContext, PassError, PassManager, make_pass
 
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter, RunOptions
@@ -98,3 +99,87 @@ def test_local_fisher_estimate_tracks_whole_model_kl(tiny_dirs, calib_ids):
     assert 0.2 < float(b.sum() / a.sum()) < 5  # same units: KL per token
     for n in loc.experts():
         assert n.ann["sensitivity"] == n.ann["kl"] and n.ann["router_grad_change"] >= 0
+
+
+def test_probe_groups_are_disjoint_or_round_robin():
+    from dmpq_compile.passes.sensitivity_local import probe_groups
+
+    groups = probe_groups(16, [0, 1, 2])
+    assert sorted(i for g in groups.values() for i in g) == list(range(16)) and min(map(len, groups.values())) >= 5
+    assert probe_groups(2, [0, 1, 2, 3]) == {0: [0], 1: [1], 2: [0], 3: [1]}
+
+
+def test_flip_rates_are_the_measured_flip_kl_per_unit_norm(tiny_dirs, calib_ids):
+    """A direct measurement of layer 0's rate (experts at 2 bits on the whole group, routers free
+    vs frozen at their full-precision decisions) equals the probe's; the last MoE layer's is 0."""
+    from dmpq_compile.eval.metrics import next_token_logprobs, token_kl
+    from dmpq_compile.ir import ops
+    from dmpq_compile.passes import sensitivity_local as local
+
+    ids = calib_ids("mixtral")
+    g = load(tiny_dirs("mixtral"))
+    interp = Interpreter(g, quantize=False)
+    store, _ = local.forward_boundaries(interp, ids, RunOptions(quantize=False), lambda: None)
+    try:
+        rates = local.flip_rates(interp, store, ids, 2)
+    finally:
+        store.close()
+    layers = sorted({n.attrs["layer"] for n in g.experts()})
+    assert set(rates) == set(layers) and rates[layers[-1]] == 0.0 and min(rates.values()) >= 0
+    sub = ids[local.probe_groups(len(ids), layers[:-1])[0]]
+    routes, x = {}, {}
+
+    def keep(node_id, kind, value):
+        if kind == "router":
+            routes[node_id] = value
+        if node_id == "L0.moe_norm":
+            x["L0"] = value
+
+    with torch.no_grad():
+        ref = next_token_logprobs(interp.run(sub, RunOptions(quantize=False, observer=keep))["lm_head"])
+        over = {n.id: 2 for n in g.experts() if n.attrs["layer"] == 0}
+        free = token_kl(ref, next_token_logprobs(interp.run(sub, RunOptions(quantize=False, bits_override=over))[
+            "lm_head"])).mean()
+        frozen = token_kl(ref, next_token_logprobs(interp.run(sub, RunOptions(
+            quantize=False, bits_override=over, resume=dict(routes)))["lm_head"])).mean()
+        norm = 0.0
+        for n in (n for n in g.experts() if n.attrs["layer"] == 0):
+            fp = ops.expert(x["L0"], routes["L0.router"], n.attrs["expert"], interp.weights(n.id, RunOptions(quantize=False)))
+            q = ops.expert(x["L0"], routes["L0.router"], n.attrs["expert"], interp.weights(n.id, RunOptions(bits_override={n.id: 2})))
+            scale = routes["L0.router"].weights[fp.token_idx, fp.slot, None]
+            norm += float(((q.y - fp.y) * scale).norm(dim=-1).sum()) / (sub.shape[0] * (sub.shape[1] - 1))
+    assert float(free) > float(frozen)  # random routers flip too
+    assert rates[0] == pytest.approx(float(free - frozen) / norm, rel=1e-3)
+
+
+def test_flip_term_is_added_to_the_local_estimate(tiny_dirs, calib_ids):
+    """kl = the layer-local estimate (what --no-flip-probe writes) + flip_kl, per node and bits."""
+    ids = calib_ids("mixtral")
+    ctx = PassContext(calibration=ids, progress=False, seed=3)
+    runs = {flips: PassManager([make_pass("profile"), make_pass("sensitivity", bits=(2, 4), gradvar=False,
+                                                                 flips=flips)]).run(load(tiny_dirs("mixtral")), ctx)
+            for flips in (True, False)}
+    last = max(n.attrs["layer"] for n in runs[True].experts())
+    for n in runs[True].experts():
+        plain = runs[False].node(n.id).ann["kl"]
+        if n.attrs["layer"] == last:
+            assert "flip_kl" not in n.ann and n.ann["kl"] == plain
+            continue
+        flip = n.ann["flip_kl"]
+        assert flip[16] == 0 and flip[2] >= flip[4] >= 0
+        for b in (2, 4):
+            assert n.ann["kl"][b] == pytest.approx(plain[b] + flip[b], rel=1e-9, abs=1e-15)
+    with pytest.raises(PassError, match="flip_bits must be"):
+        make_pass("sensitivity", flip_bits=7)
+
+
+def test_no_flip_probe_flag_reaches_the_sensitivity_pass():
+    import argparse
+
+    from dmpq_compile.commands.compile import add_arguments, config_from_args
+    from dmpq_compile.compiler import sensitivity_pass
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert sensitivity_pass(config_from_args(p.parse_args(["m"]))).options.flips
+    assert not sensitivity_pass(config_from_args(p.parse_args(["m", "--no-flip-probe"]))).options.flips

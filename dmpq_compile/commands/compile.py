@@ -80,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", choices=("kl", "nll"),
                    help="accuracy model of optimal/rl: per-expert KL to FP (default) or NLL increase")
     p.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity pass when not needed")
+    p.add_argument("--no-flip-probe", action="store_true",
+                   help="sensitivity without its routing-flip term: the layer-local estimate alone, as before it "
+                   "existed (the probe costs about three forwards of the sensitivity sequences)")
     p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits")
     p.add_argument("--qat-steps", type=int, help=f"QAT optimizer steps (default {d.qat_steps})")
     p.add_argument("--qat-time-budget", type=float, help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
@@ -134,6 +137,8 @@ def config_from_args(args: argparse.Namespace):
         data["nonexpert_bits"], data["nonexpert_kinds"] = parse_policy(policy)
     if args.no_sensitivity:
         data["sensitivity"] = False
+    if args.no_flip_probe:
+        data["flip_probe"] = False
     if args.qat:
         data["qat"] = True
     if args.bits:

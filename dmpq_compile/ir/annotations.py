@@ -82,6 +82,8 @@ SCHEMA: dict[str, AnnotationSpec] = {
     "tokens": AnnotationSpec(("expert",), _int(), doc="tokens routed to the expert during profiling"),
     "sensitivity": AnnotationSpec(QUANTIZABLE_KINDS, _bit_map, 1, "NLL increase when only this node is quantized"),
     "kl": AnnotationSpec(QUANTIZABLE_KINDS, _bit_map, 1, "KL(FP || quantized) when only this node is quantized"),
+    "flip_kl": AnnotationSpec(QUANTIZABLE_KINDS, _bit_map, 1, "the part of kl that routing flips downstream add "
+                              "(the sensitivity pass's probe rate x the node's output-change norm)"),
     "contribution": AnnotationSpec(("expert",), _float(0.0), doc="|dL/ds| for a scale s on the expert output"),
     "router_grad_change": AnnotationSpec(("expert",), _float(0.0), doc="relative change of the router-row gradient"),
     "neuron_variance": AnnotationSpec(("expert",), _float(0.0), doc="mean variance of intermediate activations"),
