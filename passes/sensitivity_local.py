@@ -266,57 +266,101 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
     KL; at 2-4 bits 1.4-7x). The flip KL divided by the norm was nearly constant over 2-4 bits
     within a layer and fell with depth (zero for the last MoE layer).
 
-    The probe: quantize every expert of layer l at ``bits`` on a group of calibration sequences
-    (:func:`probe_groups`), run the rest of the model once with its routers free and once frozen at
-    the full-precision decisions, and divide the KL difference by the summed per-expert
-    :func:`change_norm` on those sequences (the same sum the allocator adds up). Cost: three runs of
-    layers l..L per layer on its group of sequences, about three forwards of the calibration set
-    when it has at least as many sequences as layers; memory: one group's activations.
+    The probe of layer l: every expert of layer l quantized at ``bits`` on a group of calibration
+    sequences (:func:`probe_groups`), the rest of the model run with its routers free and with
+    them frozen at the full-precision decisions; the KL difference over the summed per-expert
+    :func:`change_norm` on those sequences (the sum the allocator adds up) is ``c_l``.
+
+    All probes run together, layer-major: at layer m one full-precision run (its routing is what
+    the frozen run resumes), one free and one frozen run over every probe started before m, and the
+    quantized run that starts probe m, so each layer's weights are read four times whatever the
+    depth. Cost: about three forwards of the calibration set when it has at least as many
+    sequences as there are probed layers (one sequence a probe otherwise); memory: three residual
+    streams of the probed sequences.
     """
     graph = interp.graph
     outs = layer_outputs(graph)
     moe = sorted({n.attrs["layer"] for n in graph.experts()})
     groups = probe_groups(len(ids), moe[:-1])
-    rates = {moe[-1]: 0.0} if moe else {}
+    t = ids.shape[1]
     fp = RunOptions(quantize=False)
+    order: list[int] = []  # probes started so far; their rows are stacked in this order
+    h: dict[str, torch.Tensor] = {}
+    norms: dict[int, float] = {}
+
+    def run(x: torch.Tensor, layer: int, opts: RunOptions, resume: dict | None = None) -> torch.Tensor:
+        return interp.run(None, replace(opts, resume={layer_input(graph, layer): x, **(resume or {})}),
+                          outputs=(outs[layer],))[outs[layer]]
+
     with torch.no_grad():
-        for layer, seqs in groups.items():
-            rows = torch.tensor(seqs)
-            h0, sub = store.get(layer)[rows], ids[rows]
-            positions = sub.shape[0] * (sub.shape[1] - 1)
-            experts = [n for n in graph.experts() if n.attrs["layer"] == layer]
-            over = {n.id: bits for n in experts}
+        for m in range(min(groups), len(outs)) if groups else ():
             seen: dict = {}
 
-            def keep(node_id, kind, value, seen=seen):
-                if kind == "router" or node_id == f"L{layer}.moe_norm":
+            def keep(node_id, kind, value, seen=seen, m=m):
+                if node_id in (f"L{m}.router", f"L{m}.moe_norm"):
                     seen[node_id] = value
 
-            def suffix(opts: RunOptions, routes: dict) -> torch.Tensor:
-                h = h0
-                for m in range(layer, len(outs)):
-                    resume = {layer_input(graph, m): h, **{k: v for k, v in routes.items() if k.startswith(f"L{m}.")}}
-                    h = interp.run(None, replace(opts, resume=resume), outputs=(outs[m],))[outs[m]]
-                logits = interp.run(None, RunOptions(quantize=False, resume={outs[-1]: h}),
-                                    outputs=("lm_head",))["lm_head"]
-                return next_token_logprobs(logits)
-
-            ref = suffix(replace(fp, observer=keep), {})
-            routes = {k: v for k, v in seen.items() if k.endswith(".router")}
-            x, routing = seen[f"L{layer}.moe_norm"], routes[f"L{layer}.router"]
-            norm = 0.0
-            for node in experts:
-                w = interp.weights(node.id, fp)
-                out = ops.expert(x, routing, node.attrs["expert"], w)
-                if out.token_idx.numel():
-                    wq = interp.fake_quantized(node.id, w, bits)
-                    yq = ops.swiglu(x.reshape(-1, x.shape[-1])[out.token_idx], wq["gate"], wq["up"], wq["down"])
-                    norm += change_norm((yq - out.y) * routing.weights[out.token_idx, out.slot, None], positions)
-            q = RunOptions(quantize=False, bits_override=over)
-            free = float(token_kl(ref, suffix(q, {})).mean())
-            frozen = float(token_kl(ref, suffix(q, routes)).mean())
-            rates[layer] = max(0.0, free - frozen) / norm if norm > 0 else 0.0
-            log.debug("flip probe L%d (%d sequences, %d bits): KL %.3g free, %.3g frozen, norm %.3g -> %.3g",
-                      layer, len(seqs), bits, free, frozen, norm, rates[layer])
+            old = h["fp"].shape[0] if order else 0
+            start = store.get(m)[torch.tensor(groups[m])] if m in groups else None
+            fp_in = torch.cat([x for x in (h.get("fp"), start) if x is not None])
+            fp_out = run(fp_in, m, replace(fp, observer=keep))
+            if order:
+                route = seen.get(f"L{m}.router")
+                frozen = {f"L{m}.router": _route_rows(route, 0, old, t)} if route is not None else {}
+                h["free"], h["frozen"] = run(h["free"], m, fp), run(h["frozen"], m, fp, frozen)
+            if start is not None:
+                experts = [n for n in graph.experts() if n.attrs["layer"] == m]
+                q = run(start, m, RunOptions(quantize=False, bits_override={n.id: bits for n in experts}))
+                norms[m] = _probe_norm(interp, experts, seen[f"L{m}.moe_norm"][old:],
+                                       _route_rows(seen[f"L{m}.router"], old, fp_in.shape[0], t), bits)
+                h["free"] = torch.cat([h["free"], q]) if order else q
+                h["frozen"] = torch.cat([h["frozen"], q]) if order else q
+                order.append(m)
+            h["fp"] = fp_out
             tick()
+        rates = {moe[-1]: 0.0} if moe else {}
+        if not order:
+            return rates
+        parts: dict[str, list[torch.Tensor]] = {"free": [], "frozen": []}
+        for i in range(0, len(h["fp"]), 4):  # 4 sequences at a time bound the [s, T, V] log-probabilities
+            ref = _logprobs(interp, h["fp"][i:i + 4])
+            for k, rows in parts.items():
+                rows.append(token_kl(ref, _logprobs(interp, h[k][i:i + 4])).mean(-1))
+        kl = {k: torch.cat(v) for k, v in parts.items()}  # each row's mean KL per position
+        row = 0
+        for layer in order:
+            sl = slice(row, row + len(groups[layer]))
+            row = sl.stop
+            free, frozen = float(kl["free"][sl].mean()), float(kl["frozen"][sl].mean())
+            rates[layer] = max(0.0, free - frozen) / norms[layer] if norms[layer] > 0 else 0.0
+            log.debug("flip probe L%d (%d sequences, %d bits): KL %.3g free, %.3g frozen, norm %.3g -> %.3g",
+                      layer, len(groups[layer]), bits, free, frozen, norms[layer], rates[layer])
     return rates
+
+
+def _route_rows(route: ops.Routing, start: int, stop: int, seq_len: int) -> ops.Routing:
+    """The routing of sequences ``start:stop`` of a batch (rows of ``seq_len`` flattened tokens)."""
+    sl = slice(start * seq_len, stop * seq_len)
+    shape = (stop - start, *route.shape[1:]) if route.shape else ()
+    return ops.Routing(route.weights[sl], route.indices[sl], route.logits[sl], shape)
+
+
+def _probe_norm(interp: Interpreter, experts: list, x: torch.Tensor, route: ops.Routing, bits: int) -> float:
+    """The summed per-expert :func:`change_norm` of quantizing ``experts`` at ``bits`` on input ``x``."""
+    positions = x.shape[0] * (x.shape[1] - 1)
+    total = 0.0
+    for node in experts:
+        w = interp.weights(node.id, RunOptions(quantize=False))
+        out = ops.expert(x, route, node.attrs["expert"], w)
+        if out.token_idx.numel():
+            wq = interp.fake_quantized(node.id, w, bits)
+            yq = ops.swiglu(x.reshape(-1, x.shape[-1])[out.token_idx], wq["gate"], wq["up"], wq["down"])
+            total += change_norm((yq - out.y) * route.weights[out.token_idx, out.slot, None], positions)
+    return total
+
+
+def _logprobs(interp: Interpreter, h: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities ``[s, T-1, V]`` of the last layer's output ``h``."""
+    last = layer_outputs(interp.graph)[-1]
+    return next_token_logprobs(interp.run(None, RunOptions(quantize=False, resume={last: h}),
+                                          outputs=("lm_head",))["lm_head"])
