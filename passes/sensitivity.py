@@ -138,7 +138,7 @@ class SensitivityPass(Pass):
         n_layers = len(local.layer_outputs(graph))
         moe_layers = sorted({n.attrs["layer"] for n in graph.experts()})
         flips = o.flips and len(moe_layers) > 1
-        steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0)) + (len(moe_layers) - 1 if flips else 0)
+        steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0)) + (n_layers - moe_layers[0] if flips else 0)
         bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False)
         tick = lambda: bar.update(1)
         store, h_last = local.forward_boundaries(interp, ids, RunOptions(quantize=False), tick)

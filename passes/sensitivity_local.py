@@ -245,8 +245,8 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
 
 def probe_groups(n_seq: int, layers: list[int]) -> dict[int, list[int]]:
     """Calibration sequences each probed layer uses: disjoint groups when there are enough sequences
-    (the probes then cost one pass over the calibration set, about one forward), else one sequence
-    each, round-robin."""
+    (each sequence then runs once through the layers after its own probe's, in each of the probe's
+    three runs), else one sequence each, round-robin."""
     if n_seq >= len(layers):
         bounds = torch.linspace(0, n_seq, len(layers) + 1).round().long().tolist()
         return {layer: list(range(bounds[i], bounds[i + 1])) for i, layer in enumerate(layers)}
