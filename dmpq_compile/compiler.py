@@ -67,6 +67,11 @@ class CompileConfig:
         object.__setattr__(self, "extra_passes", check_insertions(self.extra_passes))
         check_nonexpert_bits(self.nonexpert_bits)
         check_kinds(self.nonexpert_kinds)
+        if (self.qat or self.codesign_rounds) and self.quant_method != "rtn":
+            raise ValueError(f"--qat trains the weights for RTN's rounding grid and --quant-method {self.quant_method} "
+                             "re-rounds them afterwards, which undoes most of it: QAT + GPTQ had 1.6-3.1x the KL of "
+                             "QAT + RTN in all five measured cases (benchmarks/README.md, 'Rounding and QAT'); use "
+                             "--quant-method rtn with --qat, or drop --qat")
         if self.nonexpert_allocate and self.nonexpert_bits != 16:
             raise ValueError("nonexpert_allocate places the non-expert weights; nonexpert_bits must stay 16 (give "
                              "fixed kinds in nonexpert_kinds, e.g. --nonexpert-bits auto,lm_head=8)")

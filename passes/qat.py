@@ -57,7 +57,8 @@ reports ``bake_max_abs_diff``, ``bake_rel_rms_diff`` and ``bake_mismatch_frac`` 
 
 Every fake-quantized node is annotated with the ``group_size`` it was trained at. Run the
 ``quantize`` pass with that same group size (and method ``rtn`` for a bit-exact match with the
-trained forward; ``hqq``/``gptq`` re-optimise the rounding on the recovered weights). The pass
+trained forward; ``hqq``/``gptq`` re-optimise the rounding on the recovered weights, which undid
+most of the gain in every measured case, so ``compile`` refuses ``--qat`` with them). The pass
 refuses a graph that already carries ``quant`` records: its packed tensors would go stale.
 
 Stats: ``mode`` and ``mode_reason`` (both modes), ``steps``, ``tokens``, ``seconds``, ``stop_reason``, ``kl_before`` / ``kl_after`` and

@@ -30,6 +30,14 @@ def test_codesign_alternates_allocation_and_qat(tiny_dirs, tiny_corpus):
     assert names == ["profile", "sensitivity", "allocate", "qat", "sensitivity", "allocate", "qat", "quantize"]
 
 
+@pytest.mark.parametrize("fields", [{"qat": True}, {"codesign_rounds": 1}])
+@pytest.mark.parametrize("method", ["gptq", "hqq"])
+def test_qat_with_a_re_rounding_method_is_refused(fields, method):
+    with pytest.raises(ValueError, match=f"--quant-method {method} re-rounds them"):
+        CompileConfig(quant_method=method, **fields)
+    CompileConfig(quant_method="rtn", **fields)  # what QAT trains for
+
+
 def test_unknown_setting_rejected():
     with pytest.raises(ValueError, match="unknown compile setting.*'budgt'"):
         CompileConfig.from_dict({"budgt": 3})

@@ -83,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flip-probe", action="store_true",
                    help="sensitivity without its routing-flip term: the layer-local estimate alone, as before it "
                    "existed (the probe costs about three forwards of the sensitivity sequences)")
-    p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits")
+    p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
+                   "--quant-method rtn, the default; GPTQ/HQQ would re-round the trained weights)")
     p.add_argument("--qat-steps", type=int, help=f"QAT optimizer steps (default {d.qat_steps})")
     p.add_argument("--qat-time-budget", type=float, help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
     p.add_argument("--qat-mode", choices=("auto", "whole", "blockwise"),
