@@ -62,6 +62,7 @@ from ..eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
 from ..ir import ops
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
+from ..quant.spec import VALID_BITS
 from . import sensitivity_local as local
 from .base import Pass, PassContext, PassResult
 from .precision import allocatable, measured_bits
@@ -91,8 +92,8 @@ class SensitivityOptions:
         if self.nonexpert and self.method != "local":
             raise ValueError("non-expert sensitivity (nonexpert kinds) is measured by the local method only; "
                              "use method='local'")
-        if self.flip_bits is not None and self.flip_bits not in (2, 3, 4, 5, 6, 8):
-            raise ValueError(f"flip_bits must be a quantized bit-width (2-8), got {self.flip_bits!r}")
+        if self.flip_bits is not None and (self.flip_bits not in VALID_BITS or self.flip_bits >= 16):
+            raise ValueError(f"flip_bits must be a quantized bit-width {VALID_BITS[:-1]}, got {self.flip_bits!r}")
         object.__setattr__(self, "nonexpert", tuple(self.nonexpert))
 
 

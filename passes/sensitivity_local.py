@@ -234,8 +234,7 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             y = F.linear(act, w["down"])
             kl, norm = {16: 0.0}, {16: 0.0}
             for b in bits:
-                wq = interp.fake_quantized(node.id, w, b)  # = weights(bits_override) without re-reading
-                delta = (ops.swiglu(xt, wq["gate"], wq["up"], wq["down"]) - y) * wr
+                delta = _routed_change(interp, node.id, w, xt, y, wr, b)
                 kl[b] = fisher(delta) if len(xt) else 0.0
                 norm[b] = change_norm(delta, positions) if len(xt) else 0.0
             out[node.id] = {"kl": kl, "norm": norm, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
@@ -353,10 +352,18 @@ def _probe_norm(interp: Interpreter, experts: list, x: torch.Tensor, route: ops.
         w = interp.weights(node.id, RunOptions(quantize=False))
         out = ops.expert(x, route, node.attrs["expert"], w)
         if out.token_idx.numel():
-            wq = interp.fake_quantized(node.id, w, bits)
-            yq = ops.swiglu(x.reshape(-1, x.shape[-1])[out.token_idx], wq["gate"], wq["up"], wq["down"])
-            total += change_norm((yq - out.y) * route.weights[out.token_idx, out.slot, None], positions)
+            xt, wr = x.reshape(-1, x.shape[-1])[out.token_idx], route.weights[out.token_idx, out.slot, None]
+            total += change_norm(_routed_change(interp, node.id, w, xt, out.y, wr, bits), positions)
     return total
+
+
+def _routed_change(interp: Interpreter, node_id: str, w: dict, xt: torch.Tensor, y: torch.Tensor, wr: torch.Tensor,
+                   bits: int) -> torch.Tensor:
+    """How expert ``node_id``'s weighted output on its routed tokens ``xt`` (full-precision output
+    ``y``, routing weights ``wr``) changes when its weights ``w`` are fake-quantized at ``bits`` (as
+    ``weights(bits_override)`` would, without reading the store again)."""
+    wq = interp.fake_quantized(node_id, w, bits)
+    return (ops.swiglu(xt, wq["gate"], wq["up"], wq["down"]) - y) * wr
 
 
 def _logprobs(interp: Interpreter, h: torch.Tensor) -> torch.Tensor:
