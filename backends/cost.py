@@ -99,23 +99,27 @@ def _check_quant_args(n: int, k: int, bits: int, block_size: int) -> None:
         raise CostError(f"MatMulNBits block_size must be a power of two >= 16, got {block_size}")
 
 
-def matmulnbits_layout(n: int, k: int, bits: int, block_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Initializer shapes and dtypes of one ``com.microsoft.MatMulNBits`` weight (fp32 activations).
+def matmulnbits_layout(n: int, k: int, bits: int, block_size: int, scale_dtype: str = "float32"
+                       ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Initializer shapes and dtypes of one ``com.microsoft.MatMulNBits`` weight.
 
     Per the ONNX Runtime contrib-operator spec (``docs/ContribOperators.md``,
     ``com.microsoft.MatMulNBits``, inputs ``B``, ``scales``, ``zero_points``):
     ``B`` is uint8 ``[N, k_blocks, blob_size]`` with ``k_blocks = ceil(K / block_size)`` and
-    ``blob_size = block_size * bits / 8``; ``scales`` has the dtype of A (float32 here) and shape
-    ``[N, k_blocks]``; packed uint8 ``zero_points`` are ``[N, ceil(k_blocks * bits / 8)]``.
+    ``blob_size = block_size * bits / 8``; ``scales`` has the dtype of A (``scale_dtype``:
+    float32, or float16 when the activations are cast to float16) and shape ``[N, k_blocks]``;
+    packed uint8 ``zero_points`` are ``[N, ceil(k_blocks * bits / 8)]``.
 
     Returns:
-        ``{"B": (shape, "uint8"), "scales": (shape, "float32"), "zero_points": (shape, "uint8")}``.
+        ``{"B": (shape, "uint8"), "scales": (shape, scale_dtype), "zero_points": (shape, "uint8")}``.
     """
     _check_quant_args(n, k, bits, block_size)
+    if scale_dtype not in ("float32", "float16"):
+        raise CostError(f"MatMulNBits scales are float32 or float16, not {scale_dtype!r}")
     k_blocks = _ceil_div(k, block_size)
     return {
         "B": ((n, k_blocks, block_size * bits // 8), "uint8"),
-        "scales": ((n, k_blocks), "float32"),
+        "scales": ((n, k_blocks), scale_dtype),
         "zero_points": ((n, _ceil_div(k_blocks * bits, 8)), "uint8"),
     }
 
@@ -134,9 +138,9 @@ def layout_bytes(layout: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
     return total
 
 
-def matmulnbits_bytes(n: int, k: int, bits: int, block_size: int) -> int:
-    """Bytes stored for one MatMulNBits weight: packed codes + fp32 scales + packed uint8 zero points."""
-    return layout_bytes(matmulnbits_layout(n, k, bits, block_size))
+def matmulnbits_bytes(n: int, k: int, bits: int, block_size: int, scale_dtype: str = "float32") -> int:
+    """Bytes stored for one MatMulNBits weight: packed codes + scales + packed uint8 zero points."""
+    return layout_bytes(matmulnbits_layout(n, k, bits, block_size, scale_dtype))
 
 
 def dense_bytes(n: int, k: int, dtype_bytes: int) -> int:

@@ -144,7 +144,8 @@ def _measure(graph: Graph, backend: Any, open_artifact: OpenArtifact, allocation
     g = graph.copy()
     for node_id, bits in allocation.items():
         g.annotate(node_id, "bits", int(bits))
-    g = QuantizePass(group_size=int(g.meta.get("group_size", 64))).call(g, PassContext(progress=False)).graph
+    ctx = PassContext(progress=False, backend=backend)  # quantized in the target's formats
+    g = QuantizePass(group_size=int(g.meta.get("group_size", 64))).call(g, ctx).graph
     with tempfile.TemporaryDirectory(prefix="dmpq-hw-") as tmp:
         session = open_artifact(g, backend, Path(tmp) / "a")
         expert_bytes = sum(e["bytes"] for e in session.manifest["experts"].values())  # as emitted, on disk

@@ -35,7 +35,7 @@ def _quantized(model_dir, bits_cycle, backend=None):
 
 @pytest.fixture(scope="module")
 def ort_artifact(tiny_dirs, tmp_path_factory):
-    g = _quantized(tiny_dirs("olmoe"), (2, 4, 8, 16))
+    g = _quantized(tiny_dirs("olmoe"), (2, 4, 8, 16), OrtCpuBackend())
     return g, write_artifact(g, OrtCpuBackend(), tmp_path_factory.mktemp("ort") / "art")
 
 

@@ -21,18 +21,22 @@ def _initializer_bytes(model, prefix):
 def test_bytes_model_matches_the_initializers_ort_accepts(bits, h, i):
     model = oc.build_expert_model(h, i, bits, group_size=64)
     if bits != 16:  # gate and up stacked (as emitted), down on its own, against the MatMulNBits layout
-        assert _initializer_bytes(model, "gate_up.") == matmulnbits_bytes(2 * i, h, bits, 64)
-        assert matmulnbits_bytes(2 * i, h, bits, 64) == 2 * matmulnbits_bytes(i, h, bits, 64)
-        assert _initializer_bytes(model, "down.") == matmulnbits_bytes(h, i, bits, 64)
+        half = oc.SCALE_DTYPE
+        assert half == "float16"  # the emitted format (ort-cpu's weight_format)
+        assert _initializer_bytes(model, "gate_up.") == matmulnbits_bytes(2 * i, h, bits, 64, half)
+        assert matmulnbits_bytes(2 * i, h, bits, 64, half) == 2 * matmulnbits_bytes(i, h, bits, 64, half)
+        assert _initializer_bytes(model, "down.") == matmulnbits_bytes(h, i, bits, 64, half)
+        assert [t.data_type for t in model.graph.initializer if t.name.endswith(".scales")] == [10, 10]  # FLOAT16
     assert _initializer_bytes(model, "") == oc.ort_cpu_expert_bytes(h, i, bits, 64)
     y = oc.make_session(model, 1).run(None, {"x": np.ones((3, h), np.float32)})[0]  # ORT checks the shapes
     assert y.shape == (3, h) and np.isfinite(y).all()
 
 
 def test_energy_hand_computed():
-    # 64x128 at 4 bits, block 64: weights 4736 + 4736 + 4672 bytes, activations 3 x (64 + 128) x 4 bytes,
+    # 64x128 at 4 bits, block 64, float16 scales: weights 4480 + 4480 + 4416 bytes (codes 4096, scales
+    # 128 x 1 x 2 or 64 x 2 x 2, zero points 128 or 64), activations 3 x (64 + 128) x 4 bytes,
     # 3*64*128 int8 MACs (0.2 + 0.1 pJ), 384 (output, block) pairs x (3.7 + 0.9 pJ); DRAM 162.5 pJ/byte.
-    pj = (14144 + 2304) * 162.5 + 24576 * 0.3 + 384 * 4.6
+    pj = (13376 + 2304) * 162.5 + 24576 * 0.3 + 384 * 4.6
     assert math.isclose(oc.ort_cpu_expert_energy_mj(64, 128, 4, 64), pj * 1e-9, rel_tol=1e-12)
     pj16 = (3 * 64 * 128 * 4 + 2304) * 162.5 + 24576 * 4.6
     assert math.isclose(oc.ort_cpu_expert_energy_mj(64, 128, 16), pj16 * 1e-9, rel_tol=1e-12)

@@ -277,3 +277,42 @@ def _timing_session(path, threads):
     for m in (1, 128):
         sess.run(None, {"input_ids": np.zeros((1, m), dtype=np.int64)})
     return sess
+
+
+def _producers(model):
+    return {out: n for n in model.graph.node for out in n.output}
+
+
+@pytest.mark.parametrize("backend", [OrtCpuBackend(), None], ids=["float16-scales", "float32-scales"])
+def test_matmulnbits_scales_follow_the_stored_spec(tiny_dirs, backend):
+    """ort-cpu quantizes with float16 scales: each MatMulNBits reads float16 scales and a float16
+    input (a Cast of the fp32 value) and its output is cast back; at accuracy_level 0 the scales
+    are widened instead and the result is exact. Codes stored with float32 scales (quantized
+    without the target's declaration) run as they are, with no Cast."""
+    from onnx import TensorProto
+
+    from dmpq_compile.backends.ort_cpu.matmulnbits import MatMulNBitsProjection
+
+    graph = load(tiny_dirs("mixtral"))
+    for i, n in enumerate(graph.experts()):
+        graph.annotate(n.id, "bits", (2, 4, 8)[i % 3])
+    graph = QuantizePass(group_size=32).call(graph, PassContext(progress=False, backend=backend)).graph
+    half = backend is not None
+    ids = ids_for(graph, (2, 7))
+    ref = reference(graph, ids, quantize=True)
+    for level, tol in ((0, 1e-4), (4, 0.05)):
+        lowered = lower(graph, MatMulNBitsProjection(accuracy_level=level))
+        model, made = lowered.model, _producers(lowered.model)
+        scales = {t.name: t.data_type for t in model.graph.initializer if t.name.endswith(".scales")}
+        assert scales and set(scales.values()) == {TensorProto.FLOAT16 if half else TensorProto.FLOAT}
+        for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
+            before, scale_src = made.get(node.input[0]), made.get(node.input[2])
+            if half and level == 4:
+                assert before.op_type == "Cast" and before.attribute[0].i == TensorProto.FLOAT16
+                after = [n for n in model.graph.node if node.output[0] in n.input]
+                assert [n.op_type for n in after] == ["Cast"] and after[0].attribute[0].i == TensorProto.FLOAT
+            else:
+                assert before is None or before.op_type != "Cast"
+                assert (scale_src is not None and scale_src.op_type == "Cast") == half  # widened at level 0
+        got, _ = run(session(model), lowered, ids)
+        assert np.abs(got - ref).max() < tol, (level, np.abs(got - ref).max())

@@ -74,7 +74,8 @@ def test_formats_validate_and_name_their_code_range():
 def test_targets_declare_their_formats():
     trt, ort_cpu = get_backend("trt-a100"), get_backend("ort-cpu")
     assert trt.weight_formats == {4: WeightFormat(4), 8: INT8}
-    assert ort_cpu.weight_formats == {b: WeightFormat(b) for b in (2, 4, 8)}  # today's format, unchanged
+    # group-wise asymmetric codes as before, with float16 scales (MatMulNBits on float16 activations)
+    assert ort_cpu.weight_formats == {b: WeightFormat(b, scale_dtype="float16") for b in (2, 4, 8)}
 
 
 def test_symmetric_rtn_is_per_channel_narrow_range():

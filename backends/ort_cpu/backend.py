@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ...ir.graph import Graph
+from ...quant.formats import WeightFormat
 from ..base import Backend, BackendError, ExpertCostRow
 from ..onnx_io import (
     DEFAULT_EXTERNAL_MB,
@@ -38,7 +39,8 @@ class OrtCpuBackend(Backend):
 
     name: ClassVar[str] = "ort-cpu"
     supported_bits: ClassVar[tuple[int, ...]] = (2, 4, 8, 16)
-    description: ClassVar[str] = "ONNX Runtime CPU: MatMulNBits experts at 2/4/8 bits, fp32 elsewhere, KV cache"
+    description: ClassVar[str] = ("ONNX Runtime CPU: MatMulNBits experts at 2/4/8 bits (float16 scales), fp32 "
+                                  "elsewhere, KV cache")
 
     def cost_table(self, graph: Graph, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
         """Measured MatMulNBits/MatMul costs per expert and bits (see :mod:`.cost`; cached on disk)."""
@@ -55,8 +57,14 @@ class OrtCpuBackend(Backend):
             return (*LOOKUP_BITS, 16)
         return self.supported_bits
 
+    def weight_format(self, bits: int) -> WeightFormat:
+        """Group-wise asymmetric codes with float16 scales (:data:`.cost.SCALE_DTYPE`) at 2/4/8 bits."""
+        from .cost import SCALE_DTYPE
+
+        return WeightFormat(bits, scale_dtype=SCALE_DTYPE)
+
     def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
-        """MatMulNBits codes + fp32 scales + packed zero points, or the fp32 weight at 16 bits."""
+        """MatMulNBits codes + float16 scales + packed zero points, or the fp32 weight at 16 bits."""
         from ..cost import layout_bytes
         from .cost import projection_layout
 

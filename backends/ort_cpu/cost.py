@@ -3,7 +3,8 @@
 Each distinct expert shape ``(H, I)`` and bit-width is micro-benchmarked with exactly the
 kernels the emitter uses: a tiny ONNX model of one expert (gate and up ``H -> I``, SiLU(gate) *
 up, down ``I -> H``) whose projections are ``com.microsoft.MatMulNBits`` (bits 2/4/8,
-``block_size`` = group size, ``accuracy_level=4``, packed uint8 zero points, fp32 scales) or a
+``block_size`` = group size, ``accuracy_level=4``, packed uint8 zero points, float16 scales and
+so float16 activations, cast from and back to fp32 around each product as the emitter does) or a
 plain fp32 ``MatMul`` (bits 16, the weight kept in floating point). The model runs in an
 ``onnxruntime.InferenceSession`` with a configurable number of intra-op threads.
 
@@ -56,13 +57,19 @@ log = logging.getLogger(__name__)
 TARGET = "ort-cpu"
 ORT_CPU_BITS: tuple[int, ...] = (2, 4, 8, 16)
 """Bit-widths the ort-cpu kernels run: MatMulNBits 2/4/8 and fp32 MatMul for 16."""
+SCALE_DTYPE = "float16"
+"""The scales of every ort-cpu MatMulNBits (and GatherBlockQuantized) weight. MatMulNBits takes its
+scales in the type of its activations, so the emitter casts each product's input to float16 and
+its output back to fp32. Measured with onnxruntime 1.32 on this 2-core AVX2 machine
+(``benchmarks/bench_scale_dtype.py``): the float16 kernels run as fast as the fp32 ones, while the
+scales take half the bytes (4-bit group 64: 4.28 instead of 4.53 stored bits per weight)."""
 ACCURACY_LEVEL = 4
 """MatMulNBits ``accuracy_level`` the emitter uses (A quantized to int8 per block; with 0 the
 2- and 8-bit CPU kernels were measured ~40x slower)."""
 PREFILL_TOKENS = 128
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_REPEATS = 5
-BENCH_VERSION = 3  # 3: quantized gate and up in one MatMulNBits, as emitted
+BENCH_VERSION = 4  # 3: quantized gate and up in one MatMulNBits, as emitted; 4: float16 scales
 """Bumped when the benchmark changes in a way that invalidates cached results."""
 SETTLE_S = 0.01
 """Untimed sleep after each cache flush. The flush is ~0.1 s of CPU; without yielding, the OS
@@ -86,17 +93,20 @@ def _ort() -> Any:
 
 
 # -- layout and bytes -------------------------------------------------------------------------
-def projection_layout(n: int, k: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Initializer ``{name: (shape, dtype)}`` of one projection ``K -> N`` as the emitter stores it."""
+def projection_layout(n: int, k: int, bits: int, group_size: int, scale_dtype: str = SCALE_DTYPE
+                      ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Initializer ``{name: (shape, dtype)}`` of one projection ``K -> N`` as the emitter stores it
+    (``scale_dtype``: the emitted :data:`SCALE_DTYPE`; float32 for comparisons)."""
     if bits == 16:
         return {"W": ((k, n), "float32")}
-    return matmulnbits_layout(n, k, bits, group_size)
+    return matmulnbits_layout(n, k, bits, group_size, scale_dtype)
 
 
-def ort_cpu_expert_bytes(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+def ort_cpu_expert_bytes(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
+                         scale_dtype: str = SCALE_DTYPE) -> int:
     """Weight bytes of one expert on ort-cpu (codes + scales + zero points, or fp32 weights)."""
     _check_bits(bits)
-    return expert_bytes(h, i, lambda n, k: layout_bytes(projection_layout(n, k, bits, group_size)))
+    return expert_bytes(h, i, lambda n, k: layout_bytes(projection_layout(n, k, bits, group_size, scale_dtype)))
 
 
 def _check_bits(bits: int) -> None:
@@ -107,7 +117,7 @@ def _check_bits(bits: int) -> None:
 
 # -- energy -----------------------------------------------------------------------------------
 def ort_cpu_expert_energy_mj(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
-                             model: EnergyModel = HOROWITZ_45NM) -> float:
+                             model: EnergyModel = HOROWITZ_45NM, scale_dtype: str = SCALE_DTYPE) -> float:
     """Estimated energy (mJ) of one decoded token through one expert on ort-cpu.
 
     Bytes moved: every weight byte once from DRAM (cold decode) plus fp32 activations in and out
@@ -116,7 +126,7 @@ def ort_cpu_expert_energy_mj(h: int, i: int, bits: int, group_size: int = DEFAUL
     multiply and add per output and K-block (scaling and accumulating each block's partial sum).
     The SiLU and elementwise product (O(I) ops) are left out.
     """
-    weight = ort_cpu_expert_bytes(h, i, bits, group_size)
+    weight = ort_cpu_expert_bytes(h, i, bits, group_size, scale_dtype)
     activations = sum(4 * (n + k) for _, n, k in expert_projections(h, i))
     macs = 3 * h * i
     if bits == 16:
@@ -136,24 +146,32 @@ def _random_array(shape: tuple[int, ...], dtype: str, rng: np.random.Generator, 
 
 
 def _projection(role: str, x: str, n: int, k: int, bits: int, group_size: int,
-                rng: np.random.Generator) -> tuple[Any, list[Any]]:
-    """``(node, initializers)`` of one projection ``x [M, K] -> role [M, N]``."""
-    from onnx import helper, numpy_helper
+                rng: np.random.Generator, scale_dtype: str = SCALE_DTYPE) -> tuple[list[Any], list[Any]]:
+    """``(nodes, initializers)`` of one projection ``x [M, K] -> role [M, N]`` (float16 scales:
+    with the Casts of its input and output, as emitted)."""
+    from onnx import TensorProto, helper, numpy_helper
 
-    layout = projection_layout(n, k, bits, group_size)
+    layout = projection_layout(n, k, bits, group_size, scale_dtype)
     inits = [numpy_helper.from_array(_random_array(shape, dtype, rng, k ** -0.5 if name == "W" else 0.01),
                                      f"{role}.{name}")
              for name, (shape, dtype) in layout.items()]
     if bits == 16:
-        return helper.make_node("MatMul", [x, f"{role}.W"], [role], name=role), inits
-    node = helper.make_node("MatMulNBits", [x, f"{role}.B", f"{role}.scales", f"{role}.zero_points"], [role],
+        return [helper.make_node("MatMul", [x, f"{role}.W"], [role], name=role)], inits
+    half = scale_dtype == "float16"
+    a, y = (f"{x}.h", f"{role}.h") if half else (x, role)
+    node = helper.make_node("MatMulNBits", [a, f"{role}.B", f"{role}.scales", f"{role}.zero_points"], [y],
                             name=role, domain="com.microsoft", K=k, N=n, bits=bits, block_size=group_size,
                             accuracy_level=ACCURACY_LEVEL)
-    return node, inits
+    if not half:
+        return [node], inits
+    return [helper.make_node("Cast", [x], [a], to=TensorProto.FLOAT16), node,
+            helper.make_node("Cast", [y], [role], to=TensorProto.FLOAT)], inits
 
 
-def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0) -> Any:
-    """An ONNX model of one SwiGLU expert ``x [M, H] -> y [M, H]`` at ``bits`` (random weights).
+def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0,
+                       scale_dtype: str = SCALE_DTYPE) -> Any:
+    """An ONNX model of one SwiGLU expert ``x [M, H] -> y [M, H]`` at ``bits`` (random weights;
+    ``scale_dtype`` of the MatMulNBits weights: the emitted one, or float32 for comparisons).
 
     Returns:
         ``onnx.ModelProto`` with input ``x`` and output ``y`` (``M`` symbolic).
@@ -163,19 +181,18 @@ def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROU
     _check_bits(bits)
     rng = np.random.default_rng(seed)
     if bits == 16:
-        gate, gate_w = _projection("gate", "x", i, h, bits, group_size, rng)
-        up, up_w = _projection("up", "x", i, h, bits, group_size, rng)
-        gate, up = [gate], [up]
+        gate, gate_w = _projection("gate", "x", i, h, bits, group_size, rng, scale_dtype)
+        up, up_w = _projection("up", "x", i, h, bits, group_size, rng, scale_dtype)
     else:  # as the emitter lowers quantized experts: gate and up stacked in one MatMulNBits, then Split
-        fused, gate_w = _projection("gate_up", "x", 2 * i, h, bits, group_size, rng)
-        gate = [fused, helper.make_node("Split", ["gate_up"], ["gate", "up"], axis=-1, num_outputs=2)]
+        fused, gate_w = _projection("gate_up", "x", 2 * i, h, bits, group_size, rng, scale_dtype)
+        gate = [*fused, helper.make_node("Split", ["gate_up"], ["gate", "up"], axis=-1, num_outputs=2)]
         up, up_w = [], []
     act = [helper.make_node("Sigmoid", ["gate"], ["gate_sig"]),
            helper.make_node("Mul", ["gate", "gate_sig"], ["gate_act"]),
            helper.make_node("Mul", ["gate_act", "up"], ["hidden"])]
-    down, down_w = _projection("down", "hidden", h, i, bits, group_size, rng)
+    down, down_w = _projection("down", "hidden", h, i, bits, group_size, rng, scale_dtype)
     graph = helper.make_graph(
-        [*gate, *up, *act, down], f"expert_{h}x{i}_b{bits}",
+        [*gate, *up, *act, *down], f"expert_{h}x{i}_b{bits}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", h])],
         [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["M", h])],
         gate_w + up_w + down_w)
@@ -318,7 +335,8 @@ def _time_runs(run: Callable[[], Any], repeats: int, before: Callable[[], None] 
 
 def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None,
                         repeats: int = DEFAULT_REPEATS, prefill_tokens: int = PREFILL_TOKENS,
-                        evictor: CacheEvictor | None = None, seed: int = 0) -> ExpertMeasurement:
+                        evictor: CacheEvictor | None = None, seed: int = 0,
+                        scale_dtype: str = SCALE_DTYPE) -> ExpertMeasurement:
     """Benchmark one expert of shape ``(h, i)`` at ``bits`` on this machine (no cache).
 
     Args:
@@ -331,6 +349,7 @@ def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GRO
         prefill_tokens: Rows of the prefill input.
         evictor: Cache flusher for cold runs; default one of :func:`default_evict_bytes`.
         seed: Seed of the random weights and inputs.
+        scale_dtype: MatMulNBits scales (the emitted :data:`SCALE_DTYPE`, or float32 to compare).
 
     Returns:
         The four sample lists, the weight bytes and the energy estimate.
@@ -340,7 +359,7 @@ def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GRO
         raise CostError(f"repeats and prefill_tokens must be >= 1, got {repeats}, {prefill_tokens}")
     threads = threads or available_cpus()
     evictor = evictor or CacheEvictor(default_evict_bytes())
-    sess = make_session(build_expert_model(h, i, bits, group_size, seed), threads)
+    sess = make_session(build_expert_model(h, i, bits, group_size, seed, scale_dtype), threads)
     rng = np.random.default_rng(seed + 1)
     decode = {"x": rng.standard_normal((1, h), dtype=np.float32)}
     prefill = {"x": rng.standard_normal((prefill_tokens, h), dtype=np.float32)}
@@ -362,8 +381,8 @@ def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GRO
     for name in ("prefill_warm", "prefill_cold"):
         samples[name] = [ms / prefill_tokens for ms in samples[name]]
     return ExpertMeasurement(h=h, i=i, bits=bits, group_size=group_size, threads=threads,
-                             bytes=ort_cpu_expert_bytes(h, i, bits, group_size),
-                             energy_mj=ort_cpu_expert_energy_mj(h, i, bits, group_size),
+                             bytes=ort_cpu_expert_bytes(h, i, bits, group_size, scale_dtype),
+                             energy_mj=ort_cpu_expert_energy_mj(h, i, bits, group_size, scale_dtype=scale_dtype),
                              prefill_tokens=prefill_tokens, **samples)
 
 
@@ -373,6 +392,7 @@ def cache_key(h: int, i: int, bits: int, group_size: int, threads: int, prefill_
     return {"target": TARGET, "bench_version": BENCH_VERSION, "cpu": cpu_model(), "threads": threads,
             "onnxruntime": _ort().__version__, "group_size": group_size if bits != 16 else 0,
             "h": h, "i": i, "bits": bits, "accuracy_level": ACCURACY_LEVEL, "prefill_tokens": prefill_tokens,
+            "scale_dtype": SCALE_DTYPE if bits != 16 else None,
             "evict_mib": evict_bytes >> 20}
 
 

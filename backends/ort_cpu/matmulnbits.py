@@ -6,7 +6,11 @@ blocks of ``block_size`` along K (ORT contrib-op schema, onnxruntime 1.32):
 * ``B``: uint8 ``[N, k_blocks, block_size * bits / 8]``, codes bit-packed LSB-first inside each
   block (4-bit: low nibble first) -- exactly :func:`dmpq_compile.quant.pack_bits` of the codes
   padded to whole blocks;
-* ``scales``: float32 ``[N, k_blocks]``;
+* ``scales``: ``[N, k_blocks]`` in the type of ``A``. Weights quantized with float16 scales
+  (ort-cpu's format) store them as float16; their products take ``A`` cast to float16 and give
+  float16 out, cast back to fp32 (one Cast per distinct input, one per output), except at
+  ``accuracy_level`` 0, where the scales are cast to fp32 (folded at load) and ``A`` stays fp32.
+  Weights with float32 scales run on fp32 ``A`` as they are;
 * ``zero_points``: uint8 ``[N, ceil(k_blocks * bits / 8)]``, packed like ``B`` (for 8 bits that
   is one uint8 per block);
 * attributes ``K``, ``N``, ``bits`` (the CPU kernel accepts 2, 4 and 8; 3 fails at session
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto
 
 from ...ir.graph import Node
 from ...quant import QuantSpec, pack_bits, unpack_bits
@@ -40,7 +45,7 @@ class NBitsWeight:
     """The three MatMulNBits inputs of one ``[N, K]`` weight plus its attributes."""
 
     b: np.ndarray  # uint8 [N, k_blocks, blob]
-    scales: np.ndarray  # float32 [N, k_blocks]
+    scales: np.ndarray  # float32 or float16 (the spec's scale_dtype) [N, k_blocks]
     zero_points: np.ndarray  # uint8 [N, ceil(k_blocks * bits / 8)]
     n: int
     k: int
@@ -88,6 +93,12 @@ def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str,
     blocks = -(-k // bs)
     packed = weights[entry["q"]].cpu().numpy()
     scales = weights[entry["scale"]].cpu().numpy().astype(np.float32, copy=False)
+    if spec.scale_dtype == "float16":
+        half = scales.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), scales):
+            raise BackendError(f"{where}.{role}: the spec stores float16 scales but the stored scales are not float16 "
+                               "values; re-run the quantize pass")
+        scales = half
     zeros = weights[entry["zero"]].cpu().numpy().astype(np.uint8, copy=False)
     if scales.shape != (n, blocks) or zeros.shape != (n, blocks):
         raise BackendError(f"{where}.{role}: scales {scales.shape} / zeros {zeros.shape} do not match "
@@ -111,14 +122,32 @@ class MatMulNBitsProjection:
         if accuracy_level not in ACCURACY_LEVELS:
             raise BackendError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
         self.accuracy_level = accuracy_level
+        self._halves: dict[tuple[int, str], str] = {}  # (node list, fp32 value) -> its float16 Cast
 
     def __call__(self, lw: Lowering, x: str, node: Node, role: str) -> str:
         bits = node.ann.get("bits", 16)
         if bits >= 16:
             return lw.linear(x, node.params[role], hint=f"{node.id}.{role}")
         spec, (n, k), inputs = _packed_inputs(lw, node, role, flat=False)
-        return lw.b.op("MatMulNBits", [x, *inputs], f"{node.id}.{role}", domain="com.microsoft", K=k, N=n,
-                       bits=spec.bits, block_size=spec.group_size, accuracy_level=self.accuracy_level)
+        return self._matmul(lw, x, inputs, spec, n, k, f"{node.id}.{role}")
+
+    def _matmul(self, lw: Lowering, x: str, inputs: list[str], spec: QuantSpec, n: int, k: int, hint: str) -> str:
+        """One MatMulNBits on fp32 ``x``, fp32 out. Float16 scales: ``x`` cast to float16 (once per
+        value and node list: If branches get their own) and the product cast back; at
+        ``accuracy_level`` 0 (fp32 activations, the exact mode) the scales are cast to fp32
+        instead, a constant ONNX Runtime folds when it loads the model."""
+        half = spec.scale_dtype == "float16"
+        if half and self.accuracy_level == 0:
+            codes, scales, zeros = inputs
+            inputs, half = [codes, lw.b.op("Cast", [scales], f"{hint}.scales", to=TensorProto.FLOAT), zeros], False
+        if half:
+            key = (id(lw.b.nodes), x)
+            if key not in self._halves:
+                self._halves[key] = lw.b.op("Cast", [x], f"{x}.half", to=TensorProto.FLOAT16)
+            x = self._halves[key]
+        y = lw.b.op("MatMulNBits", [x, *inputs], hint, domain="com.microsoft", K=k, N=n, bits=spec.bits,
+                    block_size=spec.group_size, accuracy_level=self.accuracy_level)
+        return lw.b.op("Cast", [y], hint, to=TensorProto.FLOAT) if half else y
 
     def gate_up(self, lw: Lowering, x: str, node: Node) -> tuple[str, str]:
         """A quantized SwiGLU's gate and up projections as one MatMulNBits of ``N = 2 I`` (their
@@ -126,20 +155,23 @@ class MatMulNBitsProjection:
         its own, so the result is exactly the two products side by side), then ``Split``. One
         kernel call instead of two per expert, on a weight twice as wide."""
         spec, (n, k), inputs = _packed_inputs(lw, node, ("gate", "up"), flat=False)
-        y = lw.b.op("MatMulNBits", [x, *inputs], f"{node.id}.gate_up", domain="com.microsoft", K=k, N=n,
-                    bits=spec.bits, block_size=spec.group_size, accuracy_level=self.accuracy_level)
+        y = self._matmul(lw, x, inputs, spec, n, k, f"{node.id}.gate_up")
         gate, up = lw.b.op("Split", [y], f"{node.id}.gate_up", n_out=2, axis=-1, num_outputs=2)
         return gate, up
 
     def gather(self, lw: Lowering, node: Node, ids: str) -> str:
         """Rows ``ids`` of a quantized embedding table as ``com.microsoft.GatherBlockQuantized``
         (4 or 8 bits): the same packed codes, fp32 scales and packed zero points as a MatMulNBits
-        weight of the table ``[vocab, hidden]``, blocks along ``hidden``; fp32 rows out."""
+        weight of the table ``[vocab, hidden]``, blocks along ``hidden``; fp32 rows out. Float16
+        scales are cast to fp32 (a constant ONNX Runtime folds at load: the rows stay exact, and a
+        lookup reads a few rows, so the wider scales cost memory, not time)."""
         spec, (_, k), inputs = _packed_inputs(lw, node, "weight", flat=True)
         if spec.bits not in LOOKUP_BITS or k % spec.group_size:
             raise BackendError(f"{node.id}: a {spec.bits}-bit table with hidden size {k} and group {spec.group_size} "
                                f"cannot run as GatherBlockQuantized ({LOOKUP_BITS} bits, whole groups only)")
         data, scales, zeros = inputs
+        if spec.scale_dtype == "float16":
+            scales = lw.b.op("Cast", [scales], f"{node.id}.scales", to=TensorProto.FLOAT)
         return lw.b.op("GatherBlockQuantized", [data, ids, scales, zeros], node.id, domain="com.microsoft",
                        gather_axis=0, quantize_axis=1, block_size=spec.group_size, bits=spec.bits)
 
@@ -181,6 +213,6 @@ def _packed_inputs(lw: Lowering, node: Node, role: str | tuple[str, ...], flat: 
 
     codes = (n, blocks * bs * bits // 8) if flat else (n, blocks, bs * bits // 8)
     inputs = [lw.b.add_deferred(f"{prefix}.qweight", codes, np.uint8, part("b")),
-              lw.b.add_deferred(f"{prefix}.scales", (n, blocks), np.float32, part("scales")),
+              lw.b.add_deferred(f"{prefix}.scales", (n, blocks), np.dtype(spec.scale_dtype), part("scales")),
               lw.b.add_deferred(f"{prefix}.qzeros", (n, -(-blocks * bits // 8)), np.uint8, part("zero_points"))]
     return spec, (n, k), inputs

@@ -10,8 +10,9 @@ backend emits are one format. A graph without a declaration uses the group-wise 
 format at every bit-width (``ort-cpu``'s).
 
 Rule: a format is group-wise asymmetric (scheme ``affine-asym-v1``; its group size is the
-compile's ``group_size``) or per-output-channel symmetric narrow-range (``sym-channel-v1``);
-:meth:`WeightFormat.spec` turns it into the :class:`~.spec.QuantSpec` a quantizer takes.
+compile's ``group_size``) or per-output-channel symmetric narrow-range (``sym-channel-v1``),
+with float32 or float16 scales; :meth:`WeightFormat.spec` turns it into the
+:class:`~.spec.QuantSpec` a quantizer takes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from .spec import ASYM_GROUP, SYM_CHANNEL, VALID_BITS, QuantSpec
+from .spec import ASYM_GROUP, SYM_CHANNEL, VALID_BITS, VALID_SCALE_DTYPES, QuantSpec
 
 META_KEY = "weight_formats"
 """``graph.meta`` key: ``{str(bits): WeightFormat.to_dict()}`` (string keys survive JSON)."""
@@ -36,15 +37,18 @@ class WeightFormat:
             else affine codes ``0..2**bits - 1`` with an integer zero point.
         per_channel: One scale per output channel; else one per group of the compile's
             ``group_size`` consecutive input features.
+        scale_dtype: How the target stores the scales (``float32`` or ``float16``; see
+            :data:`~.spec.VALID_SCALE_DTYPES`).
 
     Raises:
-        ValueError: Invalid bits, or a combination no quantizer implements (asymmetric
-            per-channel, symmetric group-wise).
+        ValueError: Invalid bits or scale dtype, or a combination no quantizer implements
+            (asymmetric per-channel, symmetric group-wise).
     """
 
     bits: int
     symmetric: bool = False
     per_channel: bool = False
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.bits not in VALID_BITS or isinstance(self.bits, bool):
@@ -53,6 +57,8 @@ class WeightFormat:
             raise ValueError(f"{self.bits}-bit format: symmetric={self.symmetric}, per_channel="
                              f"{self.per_channel} has no quantizer (formats: group-wise asymmetric, "
                              "per-channel symmetric)")
+        if self.scale_dtype not in VALID_SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {VALID_SCALE_DTYPES}, got {self.scale_dtype!r}")
 
     @property
     def scheme(self) -> str:
@@ -72,24 +78,29 @@ class WeightFormat:
         if self.bits == 16:
             return QuantSpec(bits=16, group_size=group_size, method=method)
         return QuantSpec(bits=self.bits, group_size=None if self.per_channel else group_size,
-                         scheme=self.scheme, method=method)
+                         scheme=self.scheme, method=method, scale_dtype=self.scale_dtype)
 
     def describe(self) -> str:
-        """Short human-readable name, e.g. ``8-bit per-channel symmetric [-127, 127]``."""
+        """Short human-readable name, e.g. ``8-bit per-channel symmetric [-127, 127]``
+        (``, float16 scales`` appended where the scales are float16)."""
         lo, hi = self.code_range
         layout = "per-channel symmetric" if self.per_channel else "group-wise asymmetric"
-        return f"{self.bits}-bit {layout} [{lo}, {hi}]"
+        scales = ", float16 scales" if self.scale_dtype == "float16" else ""
+        return f"{self.bits}-bit {layout} [{lo}, {hi}]{scales}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "symmetric": self.symmetric, "per_channel": self.per_channel}
+        return {"bits": self.bits, "symmetric": self.symmetric, "per_channel": self.per_channel,
+                "scale_dtype": self.scale_dtype}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WeightFormat:
-        unknown = set(data) - {"bits", "symmetric", "per_channel"}
+        """Rebuild a format from :meth:`to_dict` (declarations without ``scale_dtype``: float32)."""
+        unknown = set(data) - {"bits", "symmetric", "per_channel", "scale_dtype"}
         if unknown:
             raise ValueError(f"unknown WeightFormat keys: {sorted(unknown)}")
         return cls(bits=data["bits"], symmetric=bool(data.get("symmetric", False)),
-                   per_channel=bool(data.get("per_channel", False)))
+                   per_channel=bool(data.get("per_channel", False)),
+                   scale_dtype=str(data.get("scale_dtype", "float32")))
 
 
 def declare_formats(meta: MutableMapping[str, Any], formats: Iterable[WeightFormat]) -> None:

@@ -18,7 +18,8 @@ of a group is reached the whole group is inside the current, fully updated block
 and integer zero point are then fixed from the *updated* weights, either with the plain RTN
 min/max rule (:func:`dmpq_compile.quant.rtn.affine_params`) or, by default, with a search over
 shrunk ranges (:func:`dmpq_compile.quant.rtn.clip_search_params`), which matters most at 2-3
-bits. The output format is exactly RTN's for the spec's scheme.
+bits. The output format is exactly RTN's for the spec's scheme (float16 scales included: the
+scales are rounded before the group's codes are chosen).
 
 Per-channel symmetric specs (``sym-channel-v1``): the error feedback works with any quantizer
 grid, so only the grid changes. Each row's scale is fixed once, from the original weights
@@ -159,11 +160,12 @@ class _Grid:
     bits: int
     symmetric: bool
     clip_search: bool
+    scale_dtype: str = "float32"
 
     def params(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.clip_search:
-            return clip_search_params(wg, self.bits, symmetric=self.symmetric)
-        return grid_params(wg, self.bits, self.symmetric)
+            return clip_search_params(wg, self.bits, symmetric=self.symmetric, scale_dtype=self.scale_dtype)
+        return grid_params(wg, self.bits, self.symmetric, self.scale_dtype)
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return grid_codes(w, scale, zero, self.bits, self.symmetric)
@@ -245,7 +247,7 @@ def gptq_quantize(
     _check_hessian(h, k)
     wk, hk = _prepare(w, h)  # [N, K], [K, K]
     upper = inverse_cholesky_upper(hk, damp)  # [K, K]
-    grid = _Grid(spec.bits, spec.symmetric, clip_search)
+    grid = _Grid(spec.bits, spec.symmetric, clip_search, spec.scale_dtype)
     fixed = grid.params(wk) if gs is None else None  # per channel: [N] from the original rows
     block = block_size if gs is None else gs * max(1, block_size // gs)
     codes, scales, zeros = torch.empty_like(wk), [], []

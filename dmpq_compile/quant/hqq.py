@@ -37,6 +37,7 @@ from dmpq_compile.quant.rtn import (
     num_groups,
     pad_to_groups,
     quantize_codes,
+    round_scales,
 )
 from dmpq_compile.quant.spec import QuantSpec
 
@@ -179,8 +180,9 @@ def hqq_quantize(w: torch.Tensor, spec: QuantSpec, config: HQQConfig | None = No
     bits, gs, k = spec.bits, spec.group_size, w.shape[-1]
     wg = pad_to_groups(w.detach().to(torch.float32), gs)  # [*B, N, G, gs]
     mask = _valid_mask(k, gs, w.device)  # [G, gs]
-    scale, zero = affine_params(wg, bits)  # RTN start, [*B, N, G]
-    best = (scale, zero, _group_sq_error(wg, scale, zero, bits, mask))
+    scale, zero = affine_params(wg, bits, spec.scale_dtype)  # RTN start, [*B, N, G]
+    rtn = (scale, zero, _group_sq_error(wg, scale, zero, bits, mask))
+    best = rtn
     beta = cfg.beta
     for _ in range(cfg.iters):
         scale, zero = _hq_step(wg, scale, zero, beta, bits, mask, cfg)
@@ -189,7 +191,13 @@ def hqq_quantize(w: torch.Tensor, spec: QuantSpec, config: HQQConfig | None = No
         best = _keep_better(best, scale, z_int, _group_sq_error(wg, scale, z_int, bits, mask))
     z_int = torch.round(best[1])
     s_fit = _refit_scale(wg, best[0], z_int, bits, mask, cfg.refit_iters)
-    scale, zero, _ = _keep_better(best, s_fit, z_int, _group_sq_error(wg, s_fit, z_int, bits, mask))
+    # the candidates with their scales as stored (float16: rounded up), each kept only if it beats
+    # the (stored-exact) RTN start
+    final = rtn
+    for s in (best[0], s_fit):
+        s = round_scales(s, spec.scale_dtype)
+        final = _keep_better(final, s, z_int, _group_sq_error(wg, s, z_int, bits, mask))
+    scale, zero, _ = final
     q = quantize_codes(wg, scale[..., None], zero[..., None], bits).reshape(*w.shape[:-1], -1)[..., :k]
     return QuantizedTensor(
         q=q.to(torch.uint8),

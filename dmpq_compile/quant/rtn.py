@@ -31,6 +31,12 @@ Scheme ``sym-channel-v1`` (``QuantSpec.group_size`` None): one group per row spa
 
 stored as ``q = c + 2**(b-1)`` with zero point ``2**(b-1)``, so :func:`dequantize`'s
 ``(q - Z) * S`` serves both schemes (see :mod:`.spec`).
+
+Float16 scales (``QuantSpec.scale_dtype == "float16"``): each scale ``S`` above is rounded *up*
+to the next value float16 represents (:func:`round_scales`) before ``Z`` and ``q`` are computed
+from it, so the range still fits the codes (``|w - w'| <= S / 2`` holds with the rounded ``S``)
+and the backend stores exactly the scale the codes were made with. Scales above float16's
+largest value (65504: weights around a million) are refused.
 """
 
 from __future__ import annotations
@@ -91,12 +97,39 @@ def pad_to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(*w.shape[:-1], -1, group_size)
 
 
-def affine_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+FLOAT16_MAX = 65504.0
+
+
+def round_scales(scale: torch.Tensor, scale_dtype: str = "float32") -> torch.Tensor:
+    """``scale`` as stored in ``scale_dtype``: unchanged for float32; for float16, each value
+    rounded up to the nearest value float16 represents (float32 tensor out).
+
+    Raises:
+        ValueError: A scale above float16's largest finite value.
+    """
+    if scale_dtype == "float32":
+        return scale
+    if scale_dtype != "float16":
+        raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")
+    big = float(scale.max()) if scale.numel() else 0.0
+    if big > FLOAT16_MAX:
+        raise ValueError(f"a quantization scale of {big:.4g} exceeds float16's range ({FLOAT16_MAX:g}): the "
+                         "weights are too large for float16 scales")
+    half = scale.to(torch.float16)
+    low = half.to(torch.float32) < scale
+    if bool(low.any()):
+        half = torch.where(low, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    return half.to(torch.float32)
+
+
+def affine_params(wg: torch.Tensor, bits: int, scale_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point of each group (min/max over the last axis).
 
     Args:
         wg: ``[..., M]`` float tensor; each slice along the last axis is one group.
         bits: Bit-width in 1..8.
+        scale_dtype: ``float16`` rounds each scale up to a float16 value (:func:`round_scales`)
+            before the zero point is computed from it.
 
     Returns:
         ``(scale, zero)``, both float32 ``[...]``; ``scale > 0`` and ``zero`` is an integer
@@ -107,25 +140,26 @@ def affine_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     lo = wg.amin(dim=-1).clamp(max=0.0)
     hi = wg.amax(dim=-1).clamp(min=0.0)
     scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = round_scales(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
     zero = torch.round(-lo / scale).clamp(0.0, qmax)
     return scale, zero
 
 
-def symmetric_params(wg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def symmetric_params(wg: torch.Tensor, bits: int, scale_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale ``max|w| / (2**(bits-1) - 1)`` and the fixed stored zero point ``2**(bits-1)`` per group.
 
     Args:
         wg: ``[..., M]`` float tensor; each slice along the last axis is one group (a whole row
             for per-channel formats).
         bits: Bit-width in 2..8.
+        scale_dtype: ``float16`` rounds each scale up to a float16 value (:func:`round_scales`).
 
     Returns:
         ``(scale, zero)``, float32 ``[...]``; ``scale > 0``.
     """
     half = float((1 << (bits - 1)) - 1)
     amax = wg.detach().to(torch.float32).abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / half, torch.ones_like(amax))
+    scale = round_scales(torch.where(amax > 0, amax / half, torch.ones_like(amax)), scale_dtype)
     return scale, torch.full_like(scale, float(1 << (bits - 1)))
 
 
@@ -138,9 +172,10 @@ def symmetric_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return torch.round(w.to(torch.float32) / scale).clamp(-half, half) + zero
 
 
-def grid_params(wg: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(wg: torch.Tensor, bits: int, symmetric: bool = False, scale_dtype: str = "float32"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`symmetric_params` or :func:`affine_params`."""
-    return symmetric_params(wg, bits) if symmetric else affine_params(wg, bits)
+    return symmetric_params(wg, bits, scale_dtype) if symmetric else affine_params(wg, bits, scale_dtype)
 
 
 def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
@@ -150,7 +185,8 @@ def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
 
 
 def clip_search_params(
-    wg: torch.Tensor, bits: int, n_grid: int = 20, min_ratio: float = 0.5, symmetric: bool = False
+    wg: torch.Tensor, bits: int, n_grid: int = 20, min_ratio: float = 0.5, symmetric: bool = False,
+    scale_dtype: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`grid_params`, but shrinks each group's range to minimise squared error.
 
@@ -164,6 +200,8 @@ def clip_search_params(
         n_grid: Number of ratios (``>= 1``).
         min_ratio: Smallest ratio, in ``(0, 1]``.
         symmetric: Search symmetric ranges ``[-r * max|w|, r * max|w|]`` instead.
+        scale_dtype: The scales' storage (``float16``: every candidate's scale is rounded up
+            to a float16 value before its error is measured).
 
     Returns:
         ``(scale, zero)`` float32 ``[...]`` in the same format as :func:`grid_params`; the
@@ -174,7 +212,7 @@ def clip_search_params(
     wg = wg.detach().to(torch.float32)
     best_s, best_z, best_e = None, None, None
     for ratio in torch.linspace(1.0, min_ratio, n_grid).tolist():
-        scale, zero = grid_params(wg * ratio, bits, symmetric)
+        scale, zero = grid_params(wg * ratio, bits, symmetric, scale_dtype)
         q = grid_codes(wg, scale[..., None], zero[..., None], bits, symmetric)
         err = (((q - zero[..., None]) * scale[..., None] - wg) ** 2).sum(dim=-1)
         if best_e is None:
@@ -253,6 +291,9 @@ def _validate_qt(qt: QuantizedTensor) -> None:
                          f"{1 << (qt.spec.bits - 1)}")
     if not bool((qt.scale > 0).all()) or not bool(torch.isfinite(qt.scale).all()):
         raise ValueError("QuantizedTensor.scale must be finite and strictly positive")
+    if qt.spec.scale_dtype == "float16" and not bool((qt.scale.to(torch.float16).to(torch.float32) == qt.scale).all()):
+        raise ValueError("QuantizedTensor.scale holds values float16 cannot represent, but the spec stores "
+                         "float16 scales; quantize with this spec (round_scales)")
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
@@ -274,7 +315,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
         raise ValueError(f"quantize needs a QuantSpec with bits < 16, got {spec!r}")
     k = w.shape[-1]
     wg = pad_to_groups(w.detach().to(torch.float32), spec.group_len(k))  # [*B, N, G, gs]
-    scale, zero = grid_params(wg, spec.bits, spec.symmetric)  # [*B, N, G]
+    scale, zero = grid_params(wg, spec.bits, spec.symmetric, spec.scale_dtype)  # [*B, N, G]
     q = grid_codes(wg, scale[..., None], zero[..., None], spec.bits, spec.symmetric)  # [*B, N, G, gs]
     q = q.reshape(*w.shape[:-1], -1)[..., :k]  # [*B, N, K]
     return QuantizedTensor(

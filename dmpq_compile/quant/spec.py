@@ -25,11 +25,19 @@ narrow-range signed codes ``c`` in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``, ``
 stored like the affine scheme with ``q = c + 2**(bits-1)`` and every zero point ``2**(bits-1)``,
 so ``(q - zero) * scale`` dequantizes both."""
 
+VALID_SCALE_DTYPES = ("float32", "float16")
+"""How the scales are stored. ``float16``: every scale is a value float16 represents exactly,
+chosen by the quantizer (rounded *up* from the float32 scale, so a group's range still fits its
+codes) and stored as float16 by the backend; half the scale bytes of ``float32``."""
+
 VALID_METHODS = ("rtn", "gptq", "hqq")
 """Algorithms that choose the integer codes (``hqq`` optimises zero points: affine scheme only)."""
 
 SPEC_VERSION = 1
 """Version written by :meth:`QuantSpec.to_dict`; bumped on incompatible changes."""
+
+
+FIELDS = ("bits", "group_size", "scheme", "method", "scale_dtype")
 
 
 def _is_int(value: Any) -> bool:
@@ -48,6 +56,7 @@ class QuantSpec:
             per-output-channel scheme ``sym-channel-v1``.
         scheme: Numeric scheme, one of :data:`VALID_SCHEMES`.
         method: Algorithm producing the codes, one of :data:`VALID_METHODS`.
+        scale_dtype: How the scales are stored, one of :data:`VALID_SCALE_DTYPES`.
 
     Raises:
         ValueError: On construction, if any field is invalid.
@@ -57,6 +66,7 @@ class QuantSpec:
     group_size: int | None = 128
     scheme: str = ASYM_GROUP
     method: str = "rtn"
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in VALID_BITS:
@@ -71,6 +81,8 @@ class QuantSpec:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
         if self.method not in VALID_METHODS:
             raise ValueError(f"method must be one of {VALID_METHODS}, got {self.method!r}")
+        if self.scale_dtype not in VALID_SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {VALID_SCALE_DTYPES}, got {self.scale_dtype!r}")
 
     @property
     def is_quantized(self) -> bool:
@@ -97,18 +109,22 @@ class QuantSpec:
         return k if self.group_size is None else self.group_size
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict including a ``version`` field.
+        """JSON-ready dict including a ``version`` field (``scale_dtype`` only when not float32,
+        so the dicts of float32 specs read as before).
 
         Postconditions:
             ``QuantSpec.from_dict(spec.to_dict()) == spec``.
         """
-        return {
+        out = {
             "version": SPEC_VERSION,
             "bits": self.bits,
             "group_size": self.group_size,
             "scheme": self.scheme,
             "method": self.method,
         }
+        if self.scale_dtype != "float32":
+            out["scale_dtype"] = self.scale_dtype
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
@@ -116,7 +132,7 @@ class QuantSpec:
 
         Args:
             data: Mapping with ``version`` (must be :data:`SPEC_VERSION`), ``bits`` and
-                optionally ``group_size``, ``scheme``, ``method``.
+                optionally ``group_size``, ``scheme``, ``method``, ``scale_dtype``.
 
         Raises:
             TypeError: ``data`` is not a mapping.
@@ -127,10 +143,10 @@ class QuantSpec:
         version = data.get("version")
         if version != SPEC_VERSION:
             raise ValueError(f"unsupported QuantSpec version {version!r} (expected {SPEC_VERSION})")
-        unknown = set(data) - {"version", "bits", "group_size", "scheme", "method"}
+        unknown = set(data) - {"version", *FIELDS}
         if unknown:
             raise ValueError(f"unknown QuantSpec keys: {sorted(unknown)}")
         if "bits" not in data:
             raise ValueError("QuantSpec dict is missing 'bits'")
-        fields = {k: data[k] for k in ("bits", "group_size", "scheme", "method") if k in data}
+        fields = {k: data[k] for k in FIELDS if k in data}
         return cls(**fields)
