@@ -325,13 +325,13 @@ def dmpq_row(path: Path, params: tuple[int, int]) -> dict:
 
 def min_expert_bytes(shapes: dict[str, tuple[int, ...]], bits: int, group_size: int) -> int:
     """Stored bytes of all routed experts at ``bits`` on ort-cpu ([out, in] weights, fused ones per expert)."""
-    from dmpq_compile.backends.cost import matmulnbits_bytes
+    from dmpq_compile.backends.ort_cpu import OrtCpuBackend
 
-    total = 0
+    backend, total = OrtCpuBackend(), 0
     for name, shape in shapes.items():
         if lc.is_hf_expert(name):
             experts = shape[0] if len(shape) == 3 else 1
-            total += experts * matmulnbits_bytes(shape[-2], shape[-1], bits, group_size)
+            total += experts * backend.weight_bytes(shape[-2], shape[-1], bits, group_size)
     return total
 
 

@@ -62,7 +62,7 @@ SCALE_DTYPE = "float16"
 scales in the type of its activations, so the emitter casts each product's input to float16 and
 its output back to fp32. Measured with onnxruntime 1.32 on this 2-core AVX2 machine
 (``benchmarks/bench_scale_dtype.py``): the float16 kernels run as fast as the fp32 ones, while the
-scales take half the bytes (4-bit group 64: 4.28 instead of 4.53 stored bits per weight)."""
+scales take half the bytes (4-bit group 64: 4.31 instead of 4.56 stored bits per weight)."""
 ACCURACY_LEVEL = 4
 """MatMulNBits ``accuracy_level`` the emitter uses (A quantized to int8 per block; with 0 the
 2- and 8-bit CPU kernels were measured ~40x slower)."""
