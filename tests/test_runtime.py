@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from dmpq_compile.backends.ort_cpu import OrtCpuBackend
 from dmpq_compile.passes.base import PassContext
 from dmpq_compile.passes.quantize import QuantizePass
@@ -15,6 +16,7 @@ from dmpq_compile.passes.quantize import QuantizePass
 from dmpq_compile import runtime
 from dmpq_compile.artifact import write_artifact
 from dmpq_compile.frontend import load
+from dmpq_compile.ir import Interpreter
 from dmpq_compile.runtime import ArtifactError, sample
 
 PROMPT = "the expert router sends"
@@ -25,7 +27,7 @@ def artifact(tiny_dirs, tmp_path_factory):
     graph = load(tiny_dirs("qwen3_moe"))
     for i, node in enumerate(graph.experts()):
         graph.annotate(node.id, "bits", (2, 4, 8, 16)[i % 4])
-    QuantizePass(group_size=32).call(graph, PassContext(progress=False))
+    QuantizePass(group_size=32).call(graph, PassContext(progress=False, backend=OrtCpuBackend()))
     return write_artifact(graph, OrtCpuBackend(), tmp_path_factory.mktemp("rt") / "art")
 
 
@@ -37,6 +39,22 @@ def model(artifact):
 @pytest.fixture
 def copy(artifact, tmp_path):
     return shutil.copytree(artifact, tmp_path / "copy")
+
+
+def test_a_float16_overflow_is_an_error_not_a_number(tiny_dirs, tmp_path):
+    """ort-cpu's quantized products run on float16 activations: an expert whose output exceeds 65504
+    overflows. The session refuses the non-finite logits and says why, instead of returning them."""
+    graph = load(tiny_dirs("qwen3_moe"))
+    for node in graph.experts():
+        graph.annotate(node.id, "bits", 4)
+        key = node.params["down"]
+        graph.weights.set(key, graph.weights[key] * 1e6)  # outputs far beyond float16's range
+    QuantizePass(group_size=32).call(graph, PassContext(progress=False, backend=OrtCpuBackend()))
+    with torch.no_grad():  # in fp32 the model is fine: the norms undo the scale
+        assert torch.isfinite(Interpreter(graph)(torch.tensor([[1, 2, 3]]))).all()
+    session = runtime.load(write_artifact(graph, OrtCpuBackend(), tmp_path / "art"), threads=1)
+    with pytest.raises(FloatingPointError, match="float16 activations"):
+        session.logits([1, 2, 3])
 
 
 def test_logits_shapes_and_kv_cache(model):

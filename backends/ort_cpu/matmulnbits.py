@@ -122,7 +122,9 @@ class MatMulNBitsProjection:
         if accuracy_level not in ACCURACY_LEVELS:
             raise BackendError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
         self.accuracy_level = accuracy_level
-        self._halves: dict[tuple[int, str], str] = {}  # (node list, fp32 value) -> its float16 Cast
+        # (id of a node list, fp32 value) -> (that list, its float16 Cast); the list is held so that its
+        # id cannot be reused by a later If branch while the entry exists
+        self._halves: dict[tuple[int, str], tuple[list, str]] = {}
 
     def __call__(self, lw: Lowering, x: str, node: Node, role: str) -> str:
         bits = node.ann.get("bits", 16)
@@ -142,9 +144,9 @@ class MatMulNBitsProjection:
             inputs, half = [codes, lw.b.op("Cast", [scales], f"{hint}.scales", to=TensorProto.FLOAT), zeros], False
         if half:
             key = (id(lw.b.nodes), x)
-            if key not in self._halves:
-                self._halves[key] = lw.b.op("Cast", [x], f"{x}.half", to=TensorProto.FLOAT16)
-            x = self._halves[key]
+            if key not in self._halves or self._halves[key][0] is not lw.b.nodes:
+                self._halves[key] = (lw.b.nodes, lw.b.op("Cast", [x], f"{x}.half", to=TensorProto.FLOAT16))
+            x = self._halves[key][1]
         y = lw.b.op("MatMulNBits", [x, *inputs], hint, domain="com.microsoft", K=k, N=n, bits=spec.bits,
                     block_size=spec.group_size, accuracy_level=self.accuracy_level)
         return lw.b.op("Cast", [y], hint, to=TensorProto.FLOAT) if half else y
@@ -161,7 +163,7 @@ class MatMulNBitsProjection:
 
     def gather(self, lw: Lowering, node: Node, ids: str) -> str:
         """Rows ``ids`` of a quantized embedding table as ``com.microsoft.GatherBlockQuantized``
-        (4 or 8 bits): the same packed codes, fp32 scales and packed zero points as a MatMulNBits
+        (4 or 8 bits): the same packed codes, scales and packed zero points as a MatMulNBits
         weight of the table ``[vocab, hidden]``, blocks along ``hidden``; fp32 rows out. Float16
         scales are cast to fp32 (a constant ONNX Runtime folds at load: the rows stay exact, and a
         lookup reads a few rows, so the wider scales cost memory, not time)."""

@@ -139,6 +139,13 @@ class Session:
         out = self._sess.run(self._outputs, feed)
         present = KVCache(out[1::2], out[2::2])
         logits = out[0] if self._keep_name is not None or not logits_to_keep else out[0][:, -logits_to_keep:]
+        if not np.isfinite(logits).all():
+            raise FloatingPointError(
+                "the artifact computed non-finite logits (inf or NaN). ort-cpu runs its quantized products on "
+                "float16 activations (largest value 65504), as fp16 GPU kernels do: if the source checkpoint gives "
+                "finite logits for these tokens, an activation overflowed float16 here. Emitting with "
+                "accuracy_level=0 keeps fp32 activations (write_artifact(..., emit_options={'accuracy_level': 0}), "
+                "much slower at 2 and 8 bits)")
         return (logits[0] if squeeze else logits), present
 
     def logits(self, ids: Any, past: KVCache | None = None) -> np.ndarray:
