@@ -284,7 +284,8 @@ def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]
     per-expert bytes. ``nonexpert`` (only where the ``precision`` policy quantized some) counts
     the quantized non-expert nodes' tensors (their linear weights' codes, scales and zero points
     plus any float tensors the node owns, e.g. q/k norms) over their linear weights' parameters;
-    it is part of ``other``.
+    it is part of ``other``. ``scales`` counts the quantized nodes by how their scales are stored
+    (e.g. ``{"float16": 40}``).
     """
     from .passes.storage import param_count
 
@@ -310,6 +311,14 @@ def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]
         code = sum(n.ann["bits"] * _params(graph, _quant_keys(n)) for n in quantized)
         out["nonexpert"] = {"params": n_q, "bytes": b_q, "bits_per_weight": round(8 * b_q / n_q, 4),
                             "code_bits": round(code / n_q, 4)}
+    scales: dict[str, int] = {}
+    for node in graph.nodes():
+        spec = (node.ann.get("quant") or {}).get("spec")
+        if spec and spec["bits"] < 16:
+            dtype = spec.get("scale_dtype", "float32")
+            scales[dtype] = scales.get(dtype, 0) + 1
+    if scales:
+        out["scales"] = dict(sorted(scales.items()))
     return out
 
 

@@ -23,7 +23,7 @@ def graph(tiny_dirs):
     g = load(tiny_dirs("olmoe"))
     for i, node in enumerate(g.experts()):
         g.annotate(node.id, "bits", BITS_CYCLE[i % 4])
-    QuantizePass(group_size=32).call(g, PassContext(progress=False))
+    QuantizePass(group_size=32).call(g, PassContext(progress=False, backend=OrtCpuBackend()))
     return g
 
 
@@ -61,6 +61,7 @@ def test_layout_and_manifest(graph, tmp_path):
     storage = report.pop("storage")  # and the files' stored bits per weight
     assert report == {"ppl": 12.5, "bits": [2, 4]} and emitted["seconds"] > 0 and emitted["peak_rss_mb"] > 0
     assert storage == manifest["storage"] and storage["bytes"] == (out / "model.onnx").stat().st_size
+    assert storage["scales"] == {"float16": 9}  # the 2/4/8-bit experts, in ort-cpu's format
     assert leftovers(tmp_path) == []
 
 

@@ -113,6 +113,8 @@ def format_storage(storage: dict) -> str:
         n = storage["nonexpert"]
         lines.append(f"    of which quantized outside the experts: {n['bits_per_weight']:.3f} stored, {n['code_bits']:.3f} "
                      f"code bits ({n['params']:,} parameters, {n['bytes'] / 2**20:.1f} MiB)")
+    if storage.get("scales"):
+        lines.append("  scales: " + ", ".join(f"{dtype} ({count} nodes)" for dtype, count in storage["scales"].items()))
     return "\n".join(lines)
 
 
