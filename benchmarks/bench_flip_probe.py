@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_nonexpert_alloc import score  # noqa: E402
+from bench_nonexpert_alloc import score
+from dmpq_compile.passes import sensitivity_local
 
-from dmpq_compile.compiler import CompileConfig, compile_model  # noqa: E402
-from dmpq_compile.passes import sensitivity_local  # noqa: E402
+from dmpq_compile.compiler import CompileConfig, compile_model
 
 VARIANTS = ("probe", "no-probe", "flat")
 
@@ -82,11 +82,12 @@ def compile_row(model: str, budget: float, variant: str, folder: Path, eval_toke
 def estimate_rows(model: str, sequences: int, seq_len: int) -> list[dict]:
     """Per MoE layer and bits: every expert of the layer quantized; summed estimates vs measured KL."""
     from dmpq_compile.backends import get_backend
+    from dmpq_compile.passes import PassContext, PassManager, make_pass
+
     from dmpq_compile.compiler import calibration_ids
     from dmpq_compile.eval.metrics import next_token_logprobs, token_kl
     from dmpq_compile.frontend import load
     from dmpq_compile.ir import Interpreter, RunOptions
-    from dmpq_compile.passes import PassContext, PassManager, make_pass
 
     backend = get_backend("ort-cpu")
     ids = calibration_ids(model, "pydoc", sequences, seq_len)
@@ -118,6 +119,7 @@ def estimate_rows(model: str, sequences: int, seq_len: int) -> list[dict]:
 def cost_row(checkpoint: str, sequences: int, seq_len: int) -> dict:
     """Time of the flip probe against one layer-major forward of the calibration set, and peak RSS."""
     from dmpq_compile.backends import get_backend
+
     from dmpq_compile.compiler import calibration_ids
     from dmpq_compile.frontend import load
     from dmpq_compile.ir import Interpreter, RunOptions
@@ -187,7 +189,7 @@ def main() -> int:
     if result["estimate"]:
         print("\n| model | layer | bits | measured KL | estimate (ratio) | without flips (ratio) |\n|---|---:|---:|---:|---|---|")
         for r in result["estimate"]:
-            fmt = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
+            fmt = lambda v: f"{v:.2f}x" if v is not None else "-"
             print(f"| {Path(r['model']).name} | {r['layer']} | {r['bits']} | {r['measured']:.2e} | "
                   f"{r['estimate']:.2e} ({fmt(r['ratio'])}) | {r['estimate_without_flips']:.2e} "
                   f"({fmt(r['ratio_without_flips'])}) |")

@@ -289,9 +289,8 @@ def test_matmulnbits_scales_follow_the_stored_spec(tiny_dirs, backend):
     input (a Cast of the fp32 value) and its output is cast back; at accuracy_level 0 the scales
     are widened instead and the result is exact. Codes stored with float32 scales (quantized
     without the target's declaration) run as they are, with no Cast."""
-    from onnx import TensorProto
-
     from dmpq_compile.backends.ort_cpu.matmulnbits import MatMulNBitsProjection
+    from onnx import TensorProto
 
     graph = load(tiny_dirs("mixtral"))
     for i, n in enumerate(graph.experts()):

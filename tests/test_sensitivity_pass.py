@@ -112,9 +112,10 @@ def test_probe_groups_are_disjoint_or_round_robin():
 def test_flip_rates_are_the_measured_flip_kl_per_unit_norm(tiny_dirs, calib_ids):
     """A direct measurement of layer 0's rate (experts at 2 bits on the whole group, routers free
     vs frozen at their full-precision decisions) equals the probe's; the last MoE layer's is 0."""
+    from dmpq_compile.passes import sensitivity_local as local
+
     from dmpq_compile.eval.metrics import next_token_logprobs, token_kl
     from dmpq_compile.ir import ops
-    from dmpq_compile.passes import sensitivity_local as local
 
     ids = calib_ids("mixtral")
     g = load(tiny_dirs("mixtral"))
