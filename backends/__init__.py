@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+from typing import Any
 
 from ..registry import BACKENDS, PluginError
 from .base import Backend, BackendError, ExpertCostRow
@@ -30,13 +32,21 @@ def _register_builtins() -> None:
                               "the installation is broken (reinstall dmpq-compile)") from e
 
 
-def get_backend(name: str) -> Backend:
-    """A fresh instance of the backend called ``name``."""
+def get_backend(name: str, **options: Any) -> Backend:
+    """A fresh instance of the backend called ``name``, constructed with ``options`` (e.g. ort-cpu's
+    ``scale_dtype``)."""
     _register_builtins()
     try:
-        return BACKENDS.get(name)()
+        cls = BACKENDS.get(name)
     except KeyError as e:
         raise BackendError(str(e).strip("'\"")) from None
+    if options:
+        params = inspect.signature(cls).parameters
+        unknown = sorted(k for k in options if k not in params)
+        if unknown:
+            raise BackendError(f"backend {name!r} takes no option {unknown} (its options: "
+                               f"{sorted(k for k in params if k not in ('args', 'kwargs')) or 'none'})")
+    return cls(**options)
 
 
 def available_backends() -> list[tuple[str, type, str]]:

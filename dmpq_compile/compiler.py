@@ -41,6 +41,7 @@ class CompileConfig:
     w_eng: float = 0.0
     bits: tuple[int, ...] | None = None
     group_size: int = 64
+    scale_dtype: str | None = None  # ort-cpu: float16 (None: the target's default) or float32 scales
     quant_method: str = "rtn"
     calib_corpus: str = "pydoc"
     calib_sequences: int = 32
@@ -72,6 +73,9 @@ class CompileConfig:
                              "re-rounds them afterwards, which undoes most of it: QAT + GPTQ had 1.6-3.1x the KL of "
                              "QAT + RTN in all five measured cases (benchmarks/README.md, 'Rounding and QAT'); use "
                              "--quant-method rtn with --qat, or drop --qat")
+        if self.scale_dtype is not None and self.target != "ort-cpu":
+            raise ValueError(f"--scale-dtype chooses how ort-cpu stores its scales; target {self.target!r} has its own "
+                             "format (trt-a100: float16 scales); drop --scale-dtype")
         if self.nonexpert_allocate and self.nonexpert_bits != 16:
             raise ValueError("nonexpert_allocate places the non-expert weights; nonexpert_bits must stay 16 (give "
                              "fixed kinds in nonexpert_kinds, e.g. --nonexpert-bits auto,lm_head=8)")
@@ -159,12 +163,13 @@ def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
     return place_passes(passes, cfg.extra_passes, analysis=False, optional=() if final else ("quantize",))
 
 
-def get_backend(target: str | None):
+def get_backend(target: str | None, scale_dtype: str | None = None):
+    """The compile's target backend (None without a target), with ``scale_dtype`` where given."""
     if target is None:
         return None
     from .backends import get_backend as _get
 
-    return _get(target)
+    return _get(target) if scale_dtype is None else _get(target, scale_dtype=scale_dtype)
 
 
 def open_artifact(graph: Graph, backend: Any, folder: Path) -> Any:
@@ -214,7 +219,7 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     fine-tuned model, so the next allocation sees the recovered model; a final round then
     allocates, fine-tunes and quantizes.
     """
-    backend = get_backend(cfg.target)
+    backend = get_backend(cfg.target, cfg.scale_dtype)
     graph.meta["group_size"] = cfg.group_size  # one group size for cost tables, QAT and quantize
     analysis = analysis_passes(cfg, backend)
     calib = None
@@ -302,7 +307,7 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
     target's smallest bits; stored bits below what the weights outside the experts plus every
     expert at its smallest bits store, computed from ``graph``'s shapes), and ``nonexpert_bits``
     the target cannot run."""
-    backend = get_backend(cfg.target)
+    backend = get_backend(cfg.target, cfg.scale_dtype)
     if backend is not None and cfg.nonexpert_bits < 16:
         check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
     if backend is not None:
@@ -363,4 +368,4 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
     report = {"config": dataclasses.asdict(cfg), "passes": [dataclasses.asdict(r) for r in records],
               "experts": expert_table(graph), "nonexpert": nonexpert_table(graph),
               "compile_seconds": round(seconds, 3)}
-    return write_artifact(graph, get_backend(cfg.target), out, report=report, overwrite=overwrite)
+    return write_artifact(graph, get_backend(cfg.target, cfg.scale_dtype), out, report=report, overwrite=overwrite)

@@ -43,18 +43,23 @@ def copy(artifact, tmp_path):
 
 def test_a_float16_overflow_is_an_error_not_a_number(tiny_dirs, tmp_path):
     """ort-cpu's quantized products run on float16 activations: an expert whose output exceeds 65504
-    overflows. The session refuses the non-finite logits and says why, instead of returning them."""
-    graph = load(tiny_dirs("qwen3_moe"))
-    for node in graph.experts():
-        graph.annotate(node.id, "bits", 4)
-        key = node.params["down"]
-        graph.weights.set(key, graph.weights[key] * 1e6)  # outputs far beyond float16's range
-    QuantizePass(group_size=32).call(graph, PassContext(progress=False, backend=OrtCpuBackend()))
-    with torch.no_grad():  # in fp32 the model is fine: the norms undo the scale
-        assert torch.isfinite(Interpreter(graph)(torch.tensor([[1, 2, 3]]))).all()
-    session = runtime.load(write_artifact(graph, OrtCpuBackend(), tmp_path / "art"), threads=1)
-    with pytest.raises(FloatingPointError, match="float16 activations"):
-        session.logits([1, 2, 3])
+    overflows. The session refuses the non-finite logits and names the fix, --scale-dtype float32,
+    which runs the same model in fp32 activations."""
+    sessions = {}
+    for scales in ("float16", "float32"):
+        graph = load(tiny_dirs("qwen3_moe"))
+        for node in graph.experts():
+            graph.annotate(node.id, "bits", 4)
+            key = node.params["down"]
+            graph.weights.set(key, graph.weights[key] * 1e6)  # outputs far beyond float16's range
+        backend = OrtCpuBackend(scale_dtype=scales)
+        QuantizePass(group_size=32).call(graph, PassContext(progress=False, backend=backend))
+        with torch.no_grad():  # in fp32 the model is fine: the norms undo the scale
+            assert torch.isfinite(Interpreter(graph)(torch.tensor([[1, 2, 3]]))).all()
+        sessions[scales] = runtime.load(write_artifact(graph, backend, tmp_path / scales), threads=1)
+    with pytest.raises(FloatingPointError, match="float16 activations.*--scale-dtype float32"):
+        sessions["float16"].logits([1, 2, 3])
+    assert np.isfinite(sessions["float32"].logits([1, 2, 3])).all()
 
 
 def test_logits_shapes_and_kv_cache(model):

@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import math
 
+import onnx
 import pytest
-from dmpq_compile.backends import get_backend
+from dmpq_compile.backends import BackendError, get_backend
 from dmpq_compile.passes import PassManager, make_pass
 from dmpq_compile.passes.base import PassContext
 from dmpq_compile.passes.storage import stored_weight_bytes
 
 from dmpq_compile.artifact import write_artifact
 from dmpq_compile.cli import main
+from dmpq_compile.compiler import CompileConfig
 from dmpq_compile.frontend import load
 
 # constants of the graph that are not weights (shapes, axes, epsilons, rotary frequencies)
@@ -26,9 +28,11 @@ SMALL_CONSTANTS = 4096
 
 
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
-@pytest.mark.parametrize("target,nonexpert", [("ort-cpu", 16), ("ort-cpu", 8), ("trt-a100", 16), ("trt-a100", 4)])
+@pytest.mark.parametrize("target,nonexpert", [("ort-cpu", 16), ("ort-cpu", 8), ("ort-cpu:float32", 8),
+                                              ("trt-a100", 16), ("trt-a100", 4)])
 def test_predicted_bytes_equal_the_emitted_ones(tmp_path, tiny_dirs, calib_ids, family, target, nonexpert):
-    backend = get_backend(target)
+    name, _, scales = target.partition(":")  # ort-cpu:float32 = --scale-dtype float32
+    backend = get_backend(name, scale_dtype=scales) if scales else get_backend(name)
     graph = load(tiny_dirs(family))
     graph.meta["group_size"] = 32
     bits = tuple(b for b in backend.supported_bits)
@@ -44,6 +48,9 @@ def test_predicted_bytes_equal_the_emitted_ones(tmp_path, tiny_dirs, calib_ids, 
     for node_id, entry in {**manifest["experts"], **manifest["nonexpert"]}.items():
         if "bytes" in entry:
             assert predicted[node_id] == entry["bytes"], node_id
+    if name == "ort-cpu":
+        assert manifest["storage"]["scales"] == {scales or "float16": len([n for n in graph.nodes()
+                                                  if n.ann.get("bits", 16) < 16])}
     emitted = manifest["storage"]["weights"]["bytes"]  # every initializer of the model file
     assert 0 <= emitted - sum(predicted.values()) < SMALL_CONSTANTS
     params = sum(math.prod(graph.weights.shape(k)) for k in {k for n in graph.nodes() for k in n.params.values()})
@@ -113,3 +120,24 @@ def test_budget_guard_counts_stored_bits(tiny_dirs):
     g.annotate(g.experts()[0].id, "bits", 8)
     with pytest.raises(BudgetOverrunError, match=r"stored bits per weight used, over the budget of"):
         guard.after(3, make_pass("quantize"), PassResult(g, True))
+
+
+def test_scale_dtype_option(tiny_dirs, tiny_corpus, tmp_path):
+    """--scale-dtype float32 stores float32 scales at 0.25 more bits per weight (group 64) and keeps the
+    products' activations fp32; trt-a100 has its own format, and backends refuse options they lack."""
+    half, full = tmp_path / "f16", tmp_path / "f32"
+    assert _compile(tiny_dirs, tiny_corpus, half, "--budget-bits", "4", "--nonexpert-bits", "4") == 0
+    assert _compile(tiny_dirs, tiny_corpus, full, "--budget-bits", "4", "--nonexpert-bits", "4",
+                    "--scale-dtype", "float32") == 0
+    storage = {p: json.loads((p / "manifest.json").read_text())["storage"] for p in (half, full)}
+    assert set(storage[half]["scales"]) == {"float16"} and set(storage[full]["scales"]) == {"float32"}
+    model = onnx.load(str(full / "model.onnx"), load_external_data=False)
+    assert not [n for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16]
+    # the same budget buys fewer code bits with the wider scales
+    assert storage[full]["experts"]["code_bits"] <= storage[half]["experts"]["code_bits"]
+    with pytest.raises(ValueError, match="--scale-dtype chooses how ort-cpu"):
+        CompileConfig(target="trt-a100", scale_dtype="float32")
+    with pytest.raises(BackendError, match="takes no option"):
+        get_backend("trt-a100", scale_dtype="float32")
+    with pytest.raises(BackendError, match="scale_dtype must be one of"):
+        get_backend("ort-cpu", scale_dtype="bfloat16")

@@ -39,14 +39,26 @@ class OrtCpuBackend(Backend):
 
     name: ClassVar[str] = "ort-cpu"
     supported_bits: ClassVar[tuple[int, ...]] = (2, 4, 8, 16)
-    description: ClassVar[str] = ("ONNX Runtime CPU: MatMulNBits experts at 2/4/8 bits (float16 scales), fp32 "
-                                  "elsewhere, KV cache")
+    description: ClassVar[str] = ("ONNX Runtime CPU: MatMulNBits experts at 2/4/8 bits (float16 scales by "
+                                  "default), fp32 elsewhere, KV cache")
+
+    def __init__(self, scale_dtype: str | None = None) -> None:
+        """``scale_dtype``: how the scales of 2/4/8-bit weights are stored, ``float16`` (default,
+        :data:`.cost.SCALE_DTYPE`: the products run on float16 activations) or ``float32`` (0.25
+        more bits per weight at group 64, fp32 activations)."""
+        from ...quant.spec import VALID_SCALE_DTYPES
+        from .cost import SCALE_DTYPE
+
+        self.scale_dtype = SCALE_DTYPE if scale_dtype is None else scale_dtype
+        if self.scale_dtype not in VALID_SCALE_DTYPES:
+            raise BackendError(f"ort-cpu scale_dtype must be one of {VALID_SCALE_DTYPES}, got {scale_dtype!r}")
 
     def cost_table(self, graph: Graph, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
         """Measured MatMulNBits/MatMul costs per expert and bits (see :mod:`.cost`; cached on disk)."""
         from .cost import DEFAULT_GROUP_SIZE, ort_cpu_cost_table
 
         options.setdefault("group_size", int(graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
+        options.setdefault("scale_dtype", self.scale_dtype)
         return ort_cpu_cost_table(graph, **options)
 
     def supported_bits_for(self, kind: str) -> tuple[int, ...]:
@@ -58,17 +70,15 @@ class OrtCpuBackend(Backend):
         return self.supported_bits
 
     def weight_format(self, bits: int) -> WeightFormat:
-        """Group-wise asymmetric codes with float16 scales (:data:`.cost.SCALE_DTYPE`) at 2/4/8 bits."""
-        from .cost import SCALE_DTYPE
-
-        return WeightFormat(bits, scale_dtype=SCALE_DTYPE)
+        """Group-wise asymmetric codes with this backend's ``scale_dtype`` scales at 2/4/8 bits."""
+        return WeightFormat(bits, scale_dtype=self.scale_dtype)
 
     def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
-        """MatMulNBits codes + float16 scales + packed zero points, or the fp32 weight at 16 bits."""
+        """MatMulNBits codes + scales + packed zero points, or the fp32 weight at 16 bits."""
         from ..cost import layout_bytes
         from .cost import projection_layout
 
-        return layout_bytes(projection_layout(n, k, bits, group_size))
+        return layout_bytes(projection_layout(n, k, bits, group_size, self.scale_dtype))
 
     def emit(self, graph: Graph, out_dir: Path, *, accuracy_level: int = 4, dispatch: str = DEFAULT_DISPATCH,
              external_data: bool | None = None, external_data_threshold_mb: float = DEFAULT_EXTERNAL_MB,

@@ -387,12 +387,12 @@ def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GRO
 
 
 def cache_key(h: int, i: int, bits: int, group_size: int, threads: int, prefill_tokens: int,
-              evict_bytes: int) -> dict[str, Any]:
+              evict_bytes: int, scale_dtype: str = SCALE_DTYPE) -> dict[str, Any]:
     """Everything that changes an ort-cpu measurement (the disk-cache key)."""
     return {"target": TARGET, "bench_version": BENCH_VERSION, "cpu": cpu_model(), "threads": threads,
             "onnxruntime": _ort().__version__, "group_size": group_size if bits != 16 else 0,
             "h": h, "i": i, "bits": bits, "accuracy_level": ACCURACY_LEVEL, "prefill_tokens": prefill_tokens,
-            "scale_dtype": SCALE_DTYPE if bits != 16 else None,
+            "scale_dtype": scale_dtype if bits != 16 else None,
             "evict_mib": evict_bytes >> 20}
 
 
@@ -408,7 +408,7 @@ def _check_request(bits: Sequence[int], group_size: int, repeats: int) -> None:
 def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_CPU_BITS,
                    group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None, repeats: int = DEFAULT_REPEATS,
                    cache: bool = True, progress: bool = True, prefill_tokens: int = PREFILL_TOKENS,
-                   evict_bytes: int | None = None, cache_dir: Path | None = None,
+                   evict_bytes: int | None = None, cache_dir: Path | None = None, scale_dtype: str = SCALE_DTYPE,
                    ) -> dict[tuple[int, int], dict[int, ExpertMeasurement]]:
     """Measure (or read from the disk cache) every shape at every bit-width.
 
@@ -424,6 +424,7 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
         prefill_tokens: Rows of the prefill input.
         evict_bytes: Cache-flush buffer size; default :func:`default_evict_bytes`.
         cache_dir: Cache root; default :func:`dmpq_compile.backends.cost.cost_cache_dir`.
+        scale_dtype: MatMulNBits scales (and so activations) as the emitter will store them.
 
     Returns:
         ``{(H, I): {bits: ExpertMeasurement}}``.
@@ -442,14 +443,15 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
     bar = _progress(len(todo), progress)
     try:
         for (h, i), b in todo:
-            key = cache_key(h, i, b, group_size, threads, prefill_tokens, evict_bytes)
+            key = cache_key(h, i, b, group_size, threads, prefill_tokens, evict_bytes, scale_dtype)
             hit = store.get(key) if store else None
             if hit is not None:
                 out.setdefault((h, i), {})[b] = ExpertMeasurement.from_dict(hit)
             else:
                 evictor = evictor or CacheEvictor(evict_bytes)
                 log.info("measuring ort-cpu expert %dx%d at %d bits (%d threads)", h, i, b, threads)
-                m = measure_expert_cost(h, i, b, group_size, threads, repeats, prefill_tokens, evictor)
+                m = measure_expert_cost(h, i, b, group_size, threads, repeats, prefill_tokens, evictor,
+                                        scale_dtype=scale_dtype)
                 out.setdefault((h, i), {})[b] = m
                 if store:
                     _store(store, key, m)
@@ -491,7 +493,8 @@ def ort_cpu_cost_table(graph: Graph, group_size: int = DEFAULT_GROUP_SIZE, threa
         cache: Use the disk cache (see :func:`measure_shapes`).
         progress: Show a progress bar on stderr.
         bits: Bit-widths to cost (default all of :data:`ORT_CPU_BITS`).
-        **options: ``prefill_tokens``, ``evict_bytes`` or ``cache_dir`` for :func:`measure_shapes`.
+        **options: ``prefill_tokens``, ``evict_bytes``, ``cache_dir`` or ``scale_dtype`` for
+            :func:`measure_shapes`.
 
     Returns:
         Rows whose ``decode_ms`` and ``prefill_ms`` are cold medians (prefill per token),

@@ -25,7 +25,7 @@ ALLOCATORS = ("optimal", "search", "rl", "gradvar", "frequency", "uniform")
 
 # flag -> CompileConfig field, for flags whose value is copied as given (None = not given)
 _FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_lat": "w_lat", "w_mem": "w_mem",
-           "w_eng": "w_eng", "group_size": "group_size", "quant_method": "quant_method",
+           "w_eng": "w_eng", "group_size": "group_size", "scale_dtype": "scale_dtype", "quant_method": "quant_method",
            "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
            "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
            "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed"}
@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--w-{w}", type=float, help=f"objective weight (default {getattr(d, 'w_' + w):g})")
     p.add_argument("--bits", help="comma-separated bit-widths to choose from (default: all the target supports)")
     p.add_argument("--group-size", type=int, help=f"quantization group size along K (default {d.group_size})")
+    p.add_argument("--scale-dtype", choices=("float16", "float32"),
+                   help="ort-cpu: how the scales of quantized weights are stored (default float16: 0.25 fewer bits "
+                   "per weight at group 64, the quantized products run on float16 activations; float32: fp32 "
+                   "activations, for models whose activations overflow float16's 65504)")
     p.add_argument("--nonexpert-bits", metavar="auto|N|KIND=N,...",
                    help="bit-width of the weights outside the routed experts: attention q/k/v/o, shared experts, "
                    "dense MLPs, an untied lm_head (ort-cpu: 2, 4, 8; trt-a100: 4, 8) and an untied embedding table "

@@ -143,9 +143,8 @@ class Session:
             raise FloatingPointError(
                 "the artifact computed non-finite logits (inf or NaN). ort-cpu runs its quantized products on "
                 "float16 activations (largest value 65504), as fp16 GPU kernels do: if the source checkpoint gives "
-                "finite logits for these tokens, an activation overflowed float16 here. Emitting with "
-                "accuracy_level=0 keeps fp32 activations (write_artifact(..., emit_options={'accuracy_level': 0}), "
-                "much slower at 2 and 8 bits)")
+                "finite logits for these tokens, an activation overflowed float16 here: compile again with "
+                "--scale-dtype float32, which keeps fp32 activations")
         return (logits[0] if squeeze else logits), present
 
     def logits(self, ids: Any, past: KVCache | None = None) -> np.ndarray:
