@@ -61,8 +61,10 @@ SCALE_DTYPE = "float16"
 """The scales of every ort-cpu MatMulNBits (and GatherBlockQuantized) weight. MatMulNBits takes its
 scales in the type of its activations, so the emitter casts each product's input to float16 and
 its output back to fp32. Measured with onnxruntime 1.32 on this 2-core AVX2 machine
-(``benchmarks/bench_scale_dtype.py``): the float16 kernels run as fast as the fp32 ones, while the
-scales take half the bytes (4-bit group 64: 4.31 instead of 4.56 stored bits per weight)."""
+(``benchmarks/bench_scale_dtype.py``): the scales take half the bytes (4-bit group 64: 4.31 instead
+of 4.56 stored bits per weight); the 2- and 8-bit kernels run as fast as with fp32 scales, the 4-bit
+one 8-9 % slower per expert at Mixtral width. ``OrtCpuBackend(scale_dtype="float32")``
+(``--scale-dtype float32``) keeps fp32 scales and activations."""
 ACCURACY_LEVEL = 4
 """MatMulNBits ``accuracy_level`` the emitter uses (A quantized to int8 per block; with 0 the
 2- and 8-bit CPU kernels were measured ~40x slower)."""
