@@ -114,7 +114,7 @@ def matmulnbits_layout(n: int, k: int, bits: int, block_size: int, scale_dtype: 
         ``{"B": (shape, "uint8"), "scales": (shape, scale_dtype), "zero_points": (shape, "uint8")}``.
     """
     _check_quant_args(n, k, bits, block_size)
-    if scale_dtype not in ("float32", "float16"):
+    if scale_dtype not in ("float32", "float16"):  # quant.spec.VALID_SCALE_DTYPES (quant/ imports torch)
         raise CostError(f"MatMulNBits scales are float32 or float16, not {scale_dtype!r}")
     k_blocks = _ceil_div(k, block_size)
     return {

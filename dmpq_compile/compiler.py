@@ -169,7 +169,7 @@ def get_backend(target: str | None, scale_dtype: str | None = None):
         return None
     from .backends import get_backend as _get
 
-    return _get(target) if scale_dtype is None else _get(target, scale_dtype=scale_dtype)
+    return _get(target, **({} if scale_dtype is None else {"scale_dtype": scale_dtype}))
 
 
 def open_artifact(graph: Graph, backend: Any, folder: Path) -> Any:

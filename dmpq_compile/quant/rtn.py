@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dmpq_compile.quant.spec import ASYM_GROUP, QuantSpec
+from dmpq_compile.quant.spec import ASYM_GROUP, VALID_SCALE_DTYPES, QuantSpec
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -109,8 +109,8 @@ def round_scales(scale: torch.Tensor, scale_dtype: str = "float32") -> torch.Ten
     """
     if scale_dtype == "float32":
         return scale
-    if scale_dtype != "float16":
-        raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")
+    if scale_dtype not in VALID_SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {VALID_SCALE_DTYPES}, got {scale_dtype!r}")
     big = float(scale.max()) if scale.numel() else 0.0
     if big > FLOAT16_MAX:
         raise ValueError(f"a quantization scale of {big:.4g} exceeds float16's range ({FLOAT16_MAX:g}): the "
