@@ -317,7 +317,9 @@ def dmpq_row(path: Path, params: tuple[int, int]) -> dict:
     file_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != "report.json")
     expert_bytes = sum(e["bytes"] for e in manifest["experts"].values())
     hist = manifest["quantization"]["bits_histogram"]
+    weights = ((manifest.get("storage") or {}).get("weights") or {}).get("bytes")
     return {"kind": "dmpq", "path": str(path), "file_bytes": file_bytes, "bpw": lc.stored_bpw(file_bytes, params[0]),
+            "tensor_bpw": None if weights is None else lc.stored_bpw(weights, params[0]),
             "expert_bpw": lc.stored_bpw(expert_bytes, params[1]), "expert_bytes": expert_bytes,
             "bits_histogram": hist, "manifest_bpw": (manifest.get("storage") or {}).get("bits_per_weight"),
             "expert_code_bits": sum(int(b) * n for b, n in hist.items()) / sum(hist.values())}
@@ -538,12 +540,14 @@ def table(rows: dict[str, dict]) -> str:
     """Markdown table; speed columns for every thread count measured, ratios to the first row."""
     base = next(iter(rows.values()))
     speed = [k for k in base if k.startswith(("prefill_tok_s", "decode_ms")) and not k.endswith("_rounds")]
-    head = ["variant", "match", "bpw", "expert bpw", "file MB", *speed, "ppl", "KL", "top-1"]
+    head = ["variant", "match", "bpw", "tensor bpw", "expert bpw", "file MB", *speed, "ppl", "KL", "top-1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
         def f(key: str, fmt: str, r: dict = r) -> str:
             return fmt.format(r[key]) if key in r else "-"
-        cells = [label, r.get("match", ""), f"{r['bpw']:.2f}", f"{r['expert_bpw']:.2f}", f"{r['file_bytes'] / 1e6:.2f}",
+        tensor = "-" if r.get("tensor_bpw") is None else f"{r['tensor_bpw']:.2f}"
+        cells = [label, r.get("match", ""), f"{r['bpw']:.2f}", tensor, f"{r['expert_bpw']:.2f}",
+                 f"{r['file_bytes'] / 1e6:.2f}",
                  *(f"{r[k]:.{0 if k.startswith('prefill') else 3}f} ({r[k] / base[k]:.2f}x)" for k in speed),
                  f("ppl", "{:.3f}"), f("kl", "{:.5f}"), f("top1_vs_base", "{:.3f}")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -358,13 +358,28 @@ def _copy_tokenizer(graph: Graph, dest: Path) -> dict[str, Any]:
         if not src.is_file():
             raise ArtifactError(f"tokenizer file {src} is missing (the source checkpoint changed since it was "
                                 "loaded); restore it or reload the model")
-        shutil.copy2(src, dest / name)
+        _copy_compact(src, dest / name)
     if "tokenizer.json" not in names:
         log.warning("the source model has no tokenizer.json: the artifact can only be run on token ids")
     eos = graph.meta.get("eos_token_id")
     eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
     return {"files": names, "tokenizer_file": "tokenizer.json" if "tokenizer.json" in names else None,
             "eos_token_ids": eos_ids, "bos_token_id": graph.meta.get("bos_token_id")}
+
+
+def _copy_compact(src: Path, dst: Path) -> None:
+    """Copy one tokenizer file; a JSON file is rewritten without indentation (the same object: a
+    Hugging Face ``tokenizer.json`` shrinks by about 60 %, 156 KB on the 4,096-word samples, which
+    is 0.14 stored bits per weight of a 9 M-parameter model). Other files are copied byte for byte."""
+    if src.suffix == ".json":
+        try:
+            data = json.loads(src.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass  # not ours to judge: copied as it is, and the tokenizer loader reports it
+        else:
+            dst.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+            return
+    shutil.copy2(src, dst)
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:

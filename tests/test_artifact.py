@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,23 @@ def test_without_tokenizer_warns(graph, tmp_path, caplog):
         out = write_artifact(bare, OrtCpuBackend(), tmp_path / "art")
     assert "no tokenizer.json" in caplog.text
     assert json.loads((out / "manifest.json").read_text())["tokenizer"]["tokenizer_file"] is None
+
+
+def test_tokenizer_json_is_written_compact_and_tokenizes_the_same(graph, tmp_path):
+    from tokenizers import Tokenizer
+
+    src = Path(graph.meta["source"])
+    indented = src / "tokenizer.json"
+    assert b"\n  " in indented.read_bytes()  # the checkpoint's file, as Hugging Face writes it
+    out = write_artifact(graph, OrtCpuBackend(), tmp_path / "art")
+    compact = out / "tokenizer.json"
+    assert json.loads(compact.read_text()) == json.loads(indented.read_text())
+    assert compact.stat().st_size < 0.8 * indented.stat().st_size and b"\n" not in compact.read_bytes()
+    text = "def f(x):\n    return x ** 2  # ünïcode"
+    assert Tokenizer.from_file(str(compact)).encode(text).ids == Tokenizer.from_file(str(indented)).encode(text).ids
+    for name in graph.meta["tokenizer_files"]:  # every file is there; a non-JSON one byte for byte
+        if not name.endswith(".json"):
+            assert (out / name).read_bytes() == (src / name).read_bytes()
 
 
 def test_backend_must_be_an_instance(graph, tmp_path):

@@ -22,7 +22,7 @@ KINDS = ("attention", "shared_expert", "mlp", "lm_head", "embed")
 def test_columns_follow_what_the_target_runs_per_kind(tiny_dirs):
     g = load(tiny_dirs("qwen2_moe"))
     ort = allocatable(g, get_backend("ort-cpu"), KINDS, (2, 4, 8, 16))
-    assert ort["embed"] == {2: 4, 4: 4, 8: 8, 16: 16}  # GatherBlockQuantized runs 4 and 8 bits
+    assert ort["embed"] == {2: 2, 4: 4, 8: 8, 16: 16}  # rows looked up at 2 (unpacked), 4 and 8 bits
     assert ort["lm_head"] == {2: 2, 4: 4, 8: 8, 16: 16}
     assert {g.node(k).kind for k in ort} == {"attention", "shared_expert", "lm_head", "embed"}
     trt = allocatable(g, get_backend("trt-a100"), KINDS, (4, 8, 16))

@@ -62,7 +62,8 @@ class OrtCpuBackend(Backend):
         return ort_cpu_cost_table(graph, **options)
 
     def supported_bits_for(self, kind: str) -> tuple[int, ...]:
-        """Embedding tables run as GatherBlockQuantized at 4 and 8 bits; everything else 2/4/8/16."""
+        """Embedding tables are looked up at 2, 4 and 8 bits (see ``MatMulNBitsProjection.gather``) or
+        kept fp32; everything else runs 2/4/8/16."""
         if kind == "embed":
             from .matmulnbits import LOOKUP_BITS
 

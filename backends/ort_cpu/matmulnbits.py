@@ -162,23 +162,50 @@ class MatMulNBitsProjection:
         return gate, up
 
     def gather(self, lw: Lowering, node: Node, ids: str) -> str:
-        """Rows ``ids`` of a quantized embedding table as ``com.microsoft.GatherBlockQuantized``
-        (4 or 8 bits): the same packed codes, scales and packed zero points as a MatMulNBits
-        weight of the table ``[vocab, hidden]``, blocks along ``hidden``; fp32 rows out. Float16
+        """Rows ``ids`` of a quantized embedding table, fp32 rows out: the same packed codes, scales
+        and packed zero points as a MatMulNBits weight of the table ``[vocab, hidden]``, blocks along
+        ``hidden``. At 4 and 8 bits one ``com.microsoft.GatherBlockQuantized``; at 2 bits, which that
+        op does not take, standard ops unpack the gathered rows (:meth:`_unpack_rows`). Float16
         scales are cast to fp32 (a constant ONNX Runtime folds at load: the rows stay exact, and a
         lookup reads a few rows, so the wider scales cost memory, not time)."""
         spec, (_, k), inputs = _packed_inputs(lw, node, "weight", flat=True)
         if spec.bits not in LOOKUP_BITS or k % spec.group_size:
             raise BackendError(f"{node.id}: a {spec.bits}-bit table with hidden size {k} and group {spec.group_size} "
-                               f"cannot run as GatherBlockQuantized ({LOOKUP_BITS} bits, whole groups only)")
+                               f"cannot be looked up ({LOOKUP_BITS} bits, whole groups only)")
         data, scales, zeros = inputs
         if spec.scale_dtype == "float16":
             scales = lw.b.op("Cast", [scales], f"{node.id}.scales", to=TensorProto.FLOAT)
-        return lw.b.op("GatherBlockQuantized", [data, ids, scales, zeros], node.id, domain="com.microsoft",
-                       gather_axis=0, quantize_axis=1, block_size=spec.group_size, bits=spec.bits)
+        if spec.bits in GBQ_BITS:
+            return lw.b.op("GatherBlockQuantized", [data, ids, scales, zeros], node.id, domain="com.microsoft",
+                           gather_axis=0, quantize_axis=1, block_size=spec.group_size, bits=spec.bits)
+        blocks, b = k // spec.group_size, lw.b
+        codes = self._unpack_rows(lw, b.op("Gather", [data, ids], node.id, axis=0), spec.bits, node.id)
+        codes = b.op("Reshape", [codes, b.const([0, 0, blocks, spec.group_size], np.int64)], node.id)
+        zeros = self._unpack_rows(lw, b.op("Gather", [zeros, ids], f"{node.id}.zeros", axis=0), spec.bits, node.id)
+        zeros = b.op("Slice", [b.op("Reshape", [zeros, b.const([0, 0, -1], np.int64)], node.id),
+                               b.const([0], np.int64), b.const([blocks], np.int64), b.const([2], np.int64)], node.id)
+        scales = b.op("Unsqueeze", [b.op("Gather", [scales, ids], f"{node.id}.scales", axis=0),
+                                    b.const([-1], np.int64)], node.id)
+        rows = b.op("Mul", [b.op("Sub", [b.op("Cast", [codes], node.id, to=TensorProto.FLOAT),
+                                         b.op("Unsqueeze", [b.op("Cast", [zeros], node.id, to=TensorProto.FLOAT),
+                                                            b.const([-1], np.int64)], node.id)], node.id),
+                            scales], node.id)
+        return b.op("Reshape", [rows, b.const([0, 0, k], np.int64)], node.id)
+
+    @staticmethod
+    def _unpack_rows(lw: Lowering, packed: str, bits: int, hint: str) -> str:
+        """uint8 ``[B, T, n]`` of LSB-first packed ``bits``-bit codes -> uint8 ``[B, T, n, 8 / bits]``
+        (code ``j`` of a byte is ``byte >> (j * bits) & (2**bits - 1)``)."""
+        b = lw.b
+        per = 8 // bits
+        shifted = b.op("BitShift", [b.op("Unsqueeze", [packed, b.const([-1], np.int64)], hint),
+                                    b.const(np.arange(per) * bits, np.uint8)], hint, direction="RIGHT")
+        return b.op("BitwiseAnd", [shifted, b.const(2 ** bits - 1, np.uint8)], hint)
 
 
-LOOKUP_BITS = (4, 8)  # GatherBlockQuantized's uint8 data (checked with onnxruntime 1.32)
+GBQ_BITS = (4, 8)  # GatherBlockQuantized's uint8 data (checked with onnxruntime 1.32)
+UNPACK_BITS = (2,)  # unpacked with standard ops after the row Gather
+LOOKUP_BITS = (*UNPACK_BITS, *GBQ_BITS)
 
 
 def _packed_inputs(lw: Lowering, node: Node, role: str | tuple[str, ...], flat: bool
