@@ -4,7 +4,7 @@ Rule: with ``nonexpert_bits`` below 16, every linear weight of the attention pro
 (q, k, v, o), shared experts and dense MLPs (gate, up, down) and an untied ``lm_head`` gets that
 bit-width (annotation ``bits`` on its node; the ``quantize`` pass stores the codes, the backends
 emit them as they emit experts). The embedding table gets it too where the target runs quantized
-row lookups at that width (ort-cpu: 4 and 8 bits, ``GatherBlockQuantized``; trt-a100: none) and
+row lookups at that width (ort-cpu: 2, 4 and 8 bits; trt-a100: none) and
 the table is not tied to the ``lm_head``; otherwise it stays float (logged). Routers, norms and
 the shared expert's sigmoid gate stay at full precision. Tied embeddings stay float on both
 sides: the head reads the lookup's table, so quantizing either would add a second copy instead

@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nonexpert-bits", metavar="auto|N|KIND=N,...",
                    help="bit-width of the weights outside the routed experts: attention q/k/v/o, shared experts, "
                    "dense MLPs, an untied lm_head (ort-cpu: 2, 4, 8; trt-a100: 4, 8) and an untied embedding table "
-                   "(ort-cpu only, 4 or 8; else it stays float). 'auto': the allocator places them with the experts "
+                   "(ort-cpu only, 2, 4 or 8; else it stays float). 'auto': the allocator places them with the experts "
                    "by their measured sensitivity and stored bytes (needs --budget-bits and the optimal or uniform "
                    "allocator); auto,KIND=N fixes some kinds. N sets every kind; KIND=N (attention, shared_expert, "
                    "mlp, lm_head, embed) sets one, e.g. 4,lm_head=8 or attention=8,lm_head=8 (kinds not named stay "
