@@ -90,3 +90,34 @@ def test_gptq_needs_calibration(tiny_dirs):
     g = _bits_graph(tiny_dirs)
     with pytest.raises(PassError, match="needs calibration data"):
         make_pass("quantize", method="gptq").call(g, PassContext(progress=False))
+
+
+def test_gptq_quantizes_roles_sharing_a_hessian_together_with_the_same_codes(tiny_dirs):
+    """An expert's gate and up read one Hessian: the pass runs GPTQ once over their stacked rows,
+    and the codes are those of one run per role (rows are independent given H)."""
+    from dmpq_compile.passes.quantize import QuantizePass, _shared_hessian_groups
+    from dmpq_compile.quant import QuantSpec
+    from dmpq_compile.quant.gptq import gptq_quantize
+
+    g = load(tiny_dirs("mixtral"))
+    node = next(iter(g.experts()))
+    g.annotate(node.id, "bits", 2)
+    k_in, k_mid = g.weights[node.params["gate"]].shape[1], g.weights[node.params["down"]].shape[1]
+    torch.manual_seed(0)
+    x, mid = torch.randn(512, k_in), torch.randn(512, k_mid)
+    h, h_down = x.T @ x / 512, mid.T @ mid / 512
+    hessians = {(node.id, "gate"): h, (node.id, "up"): h, (node.id, "down"): h_down}
+    spec = QuantSpec(bits=2, group_size=32, method="gptq")
+    assert _shared_hessian_groups(node, spec, hessians) == [("gate", "up"), ("down",)]
+    assert _shared_hessian_groups(node, QuantSpec(bits=2, group_size=32), hessians) == [("gate",), ("up",), ("down",)]
+    equal_copy = {**hessians, (node.id, "up"): h.clone()}  # equal values, another tensor: not grouped
+    assert _shared_hessian_groups(node, spec, equal_copy) == [("gate",), ("up",), ("down",)]
+    QuantizePass(method="gptq", group_size=32)._quantize_node(g, g.node(node.id), hessians)
+    quant = g.node(node.id).ann["quant"]
+    for role, hr in (("gate", h), ("up", h), ("down", h_down)):
+        alone = gptq_quantize(g.weights[node.params[role]].float(), hr, spec)
+        stored = quant["tensors"][role]
+        assert torch.equal(g.weights[stored["scale"]].float(), alone.scale)
+        assert torch.equal(dequantize_stored(g.weights, quant, role),
+                           (alone.q.float() - alone.zero.float().repeat_interleave(32, 1)) *
+                           alone.scale.repeat_interleave(32, 1))

@@ -172,13 +172,17 @@ class _Grid:
 
 
 def _quantize_block(
-    w_blk: torch.Tensor, u_blk: torch.Tensor, grid: _Grid, group_size: int | None,
+    wt_blk: torch.Tensor, u_blk: torch.Tensor, grid: _Grid, group_size: int | None,
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Quantize one block column by column with in-block error feedback.
 
+    The block is held transposed, one weight column per contiguous row, so reading a column and
+    the rank-1 update of the columns after it run over contiguous memory (column-major work on a
+    row-major ``[N, B]`` view touched one cache line per element: 2.6x slower at N = 1024).
+
     Args:
-        w_blk: Updated weights of the block ``[N, B]`` (modified in place).
+        wt_blk: Updated weights of the block, transposed: ``[B, N]`` contiguous (modified in place).
         u_blk: ``U[b0:b1, b0:b1]`` ``[B, B]``, upper triangular.
         grid: Bits, scheme and parameter rule.
         group_size: Group length; the block starts at a group boundary. None: per-channel
@@ -186,25 +190,27 @@ def _quantize_block(
         fixed: ``(scale, zero)`` ``[N]`` when ``group_size`` is None.
 
     Returns:
-        ``(codes [N, B], err [N, B], scales, zeros)``; ``err`` are the scaled errors ``e``;
-        ``scales``/``zeros`` hold one ``[N]`` float32 tensor per group started in the block.
+        ``(codes [B, N], err [B, N], scales, zeros)`` (transposed like ``wt_blk``); ``err`` are the
+        scaled errors ``e``; ``scales``/``zeros`` hold one ``[N]`` float32 tensor per group started
+        in the block.
     """
-    width = w_blk.shape[1]
-    codes = torch.empty_like(w_blk)
-    err = torch.empty_like(w_blk)
+    width = wt_blk.shape[0]
+    codes = torch.empty_like(wt_blk)
+    err = torch.empty_like(wt_blk)
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
     scale, zero = fixed if fixed is not None else (None, None)
     for j in range(width):
         if group_size is not None and j % group_size == 0:
-            scale, zero = grid.params(w_blk[:, j : j + group_size])  # [N]
+            scale, zero = grid.params(wt_blk[j : j + group_size].T)  # [N]
             scales.append(scale)
             zeros.append(zero)
-        col = w_blk[:, j]  # [N]
+        col = wt_blk[j]  # [N]
         q = grid.codes(col, scale, zero)
-        codes[:, j] = q
-        err[:, j] = (col - (q - zero) * scale) / u_blk[j, j]
-        w_blk[:, j + 1 :] -= err[:, j : j + 1] * u_blk[j : j + 1, j + 1 :]
+        codes[j] = q
+        err[j] = (col - (q - zero) * scale) / u_blk[j, j]
+        if j + 1 < width:
+            wt_blk[j + 1 :].sub_(u_blk[j, j + 1 :, None] * err[j][None, :])
     return codes, err, scales, zeros
 
 
@@ -250,18 +256,21 @@ def gptq_quantize(
     grid = _Grid(spec.bits, spec.symmetric, clip_search, spec.scale_dtype)
     fixed = grid.params(wk) if gs is None else None  # per channel: [N] from the original rows
     block = block_size if gs is None else gs * max(1, block_size // gs)
-    codes, scales, zeros = torch.empty_like(wk), [], []
+    wt = wk.T.contiguous()  # [K, N]: the column loop reads contiguous rows (see _quantize_block)
+    del wk
+    codes, scales, zeros = torch.empty(wt.shape, dtype=torch.uint8, device=wt.device), [], []
     if fixed is not None:
         scales, zeros = [fixed[0]], [fixed[1]]
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        q, err, s, z = _quantize_block(wk[:, b0:b1], upper[b0:b1, b0:b1], grid, gs, fixed)
-        codes[:, b0:b1] = q
+        q, err, s, z = _quantize_block(wt[b0:b1], upper[b0:b1, b0:b1], grid, gs, fixed)
+        codes[b0:b1] = q
         scales += s
         zeros += z
-        wk[:, b1:] -= err @ upper[b0:b1, b1:]  # lazy update of later columns
+        if b1 < k:  # lazy update of later columns: W[:, b1:] -= E U[b0:b1, b1:], transposed
+            wt[b1:].addmm_(upper[b0:b1, b1:].T, err, alpha=-1.0)
     return QuantizedTensor(
-        q=codes.to(torch.uint8),
+        q=codes.T.contiguous(),
         scale=torch.stack(scales, dim=1),  # [N, G]
         zero=torch.stack(zeros, dim=1).to(torch.uint8),  # [N, G]
         spec=dataclasses.replace(spec, method="gptq"),
