@@ -64,8 +64,9 @@ class QuantizePass(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Quantize layer by layer; with ``ctx.work_dir`` each finished layer's codes go to disk.
 
-        Memory holds one layer's weights (and, for gptq, its Hessians and activations), never
-        the model's codes; time is linear in the number of quantized weights.
+        Memory holds one layer's weights (and, for gptq, its activations and one node's
+        Hessians at a time), never the model's codes; time is linear in the number of quantized
+        weights.
         """
         o = self.options
         graph.meta["group_size"] = o.group_size
@@ -78,13 +79,13 @@ class QuantizePass(Pass):
         bar = tqdm(total=len(nodes), desc=f"quantize ({o.method})", unit="expert", disable=not ctx.progress,
                    leave=False)
 
-        def finish(layer: int | None, hessians: dict) -> None:
+        def finish(layer: int | None, hessians_of: Callable[[object], dict]) -> None:
             keys = []
             for node in (n for n in nodes if n.attrs["layer"] == layer):
-                keys += self._quantize_node(graph, node, hessians)
+                keys += self._quantize_node(graph, node, hessians_of(node))
                 bar.update(1)
             for node in (n for n in others if _layer(n) == layer):
-                keys += self._quantize_node(graph, node, hessians)
+                keys += self._quantize_node(graph, node, hessians_of(node))
             if ctx.work_dir is not None and keys:
                 name = "head" if layer is None else f"L{layer}"
                 graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-{name}.safetensors")
@@ -93,7 +94,7 @@ class QuantizePass(Pass):
             _stream_hessians(graph, ctx.calibration[: o.max_sequences], set(layers), finish, others)
         else:
             for layer in layers:
-                finish(layer, {})
+                finish(layer, lambda node: {})
         bar.close()
         for node in graph.experts():  # kept experts carry an explicit "no quantization" record
             if node.ann["bits"] == 16:
@@ -102,7 +103,7 @@ class QuantizePass(Pass):
         stats = {"quantized_experts": len(nodes), "methods": _methods_used(graph, nodes, o.method)}
         if others:
             stats["quantized_nonexpert"] = len(others)
-            stats["nonexpert_methods"] = _methods_used(graph, others, nonexpert_method(o.method))
+            stats["nonexpert_methods"] = _methods_used(graph, others, o.method)
         return PassResult(graph, modified=bool(nodes or others), stats=stats)
 
     def _quantize_nonexpert(self, graph: Graph, ctx: PassContext, done: set[str]) -> list:
@@ -140,12 +141,15 @@ class QuantizePass(Pass):
 
 
 def _methods_used(graph: Graph, nodes: list, asked: str) -> dict[str, int]:
-    """How many nodes each method quantized; logs the bit-widths where ``asked`` fell back."""
+    """How many nodes each method quantized; logs the bit-widths whose format made ``asked``
+    fall back (:func:`method_for`; not the embedding table's RTN under gptq, logged apart)."""
     methods: dict[str, int] = {}
     for node in nodes:
         used = node.ann["quant"]["spec"]["method"]
         methods[used] = methods.get(used, 0) + 1
-    for bits in sorted({n.ann["bits"] for n in nodes if n.ann["quant"]["spec"]["method"] != asked}):
+    fell_back = {n.ann["bits"] for n in nodes if n.ann["quant"]["spec"]["method"] != asked
+                 and method_for(declared_format(graph.meta, n.ann["bits"]), asked) != asked}
+    for bits in sorted(fell_back):
         log.warning("%s cannot produce the target's %s weights (no zero point to optimise): those weights "
                     "are quantized with rtn, and their spec says so", asked,
                     declared_format(graph.meta, bits).describe())
@@ -217,11 +221,15 @@ def _quantize_one(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None
 
 
 def _stream_hessians(graph: Graph, ids: torch.Tensor, layers: set[int],
-                     finish: Callable[[int | None, dict], None], others: list | None = None) -> None:
-    """Run the full-precision model layer-major and hand each layer in ``layers`` its experts'
-    Hessians ``H = X^T X / n`` (inputs of each projection over the routed calibration tokens)
-    and those of the non-expert nodes ``others`` in it (:func:`_nonexpert_hessians`); an
-    ``lm_head`` among ``others`` is handed over last, with layer None."""
+                     finish: Callable[[int | None, Callable[[object], dict]], None],
+                     others: list | None = None) -> None:
+    """Run the full-precision model layer-major and hand each layer in ``layers`` a function that
+    computes one node's Hessians ``H = X^T X / n`` from the layer's recorded activations: an
+    expert's over its routed calibration tokens, a non-expert node's in ``others`` over every
+    token (:func:`_nonexpert_hessians`). An ``lm_head`` among ``others`` is handed over last,
+    with layer None. Computed per node when asked, so memory holds one node's Hessians, not the
+    layer's (64 experts' at OLMoE widths are 1.3 GB; a Mixtral-width expert's down_proj alone
+    reads a 14336^2 Hessian, 0.8 GB)."""
     interp = Interpreter(graph, quantize=False)
     others = others or []
     inputs = {graph.inputs(n.id)[0]: n for n in others}
@@ -239,19 +247,12 @@ def _stream_hessians(graph: Graph, ids: torch.Tensor, layers: set[int],
             seen.clear()
             h = run_layer(interp, layer, h, opts)
             if layer in layers:
-                hessians = _layer_hessians(graph, interp, layer, seen)
-                for inp, node in inputs.items():
-                    if _layer(node) == layer:
-                        hessians.update(_nonexpert_hessians(interp, node, seen[inp]))
-                finish(layer, hessians)
+                finish(layer, lambda node, layer=layer: _node_hessians(graph, interp, layer, node, seen))
         heads = [(inp, n) for inp, n in inputs.items() if _layer(n) is None]
         if heads:
             run = RunOptions(quantize=False, resume={outs[-1]: h})
             values = interp.run(None, run, outputs=tuple(inp for inp, _ in heads))
-            hessians = {}
-            for inp, node in heads:
-                hessians.update(_nonexpert_hessians(interp, node, values[inp]))
-            finish(None, hessians)
+            finish(None, lambda node: _nonexpert_hessians(interp, node, values[graph.inputs(node.id)[0]]))
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -288,10 +289,12 @@ def _swiglu_hessians(node_id: str, x: torch.Tensor, w: dict, h: torch.Tensor | N
     return {(node_id, "gate"): h, (node_id, "up"): h, (node_id, "down"): _gram(mid)}
 
 
-def _layer_hessians(graph: Graph, interp: Interpreter, layer: int, acts: dict) -> dict[tuple[str, str], torch.Tensor]:
-    out = {}
+def _node_hessians(graph: Graph, interp: Interpreter, layer: int, node, acts: dict
+                   ) -> dict[tuple[str, str], torch.Tensor]:
+    """One node's Hessians from the layer's recorded activations ``acts``: an expert's from the
+    MoE input of the tokens routed to it, a non-expert node's from its own input."""
+    if node.kind != "expert":
+        return _nonexpert_hessians(interp, node, acts[graph.inputs(node.id)[0]])
     x = acts[f"L{layer}.moe_norm"].reshape(-1, graph.meta["hidden_size"])
-    for node in (n for n in graph.experts() if n.attrs["layer"] == layer):
-        token_idx, _ = torch.where(acts[f"L{layer}.router"].indices == node.attrs["expert"])
-        out.update(_swiglu_hessians(node.id, x[token_idx], interp.weights(node.id, RunOptions(quantize=False))))
-    return out
+    token_idx, _ = torch.where(acts[f"L{layer}.router"].indices == node.attrs["expert"])
+    return _swiglu_hessians(node.id, x[token_idx], interp.weights(node.id, RunOptions(quantize=False)))

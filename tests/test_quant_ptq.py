@@ -143,6 +143,24 @@ def test_clip_search_params_never_worse_than_minmax():
         clip_search_params(wg, 4, min_ratio=0.0)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_gives_the_same_choice_whatever_ratios_run_together(monkeypatch, symmetric):
+    """The search evaluates several ratios per step (memory-capped); with one ratio per step, or
+    uneven steps, every group must pick the same (scale, zero), ties to the larger ratio."""
+    import dmpq_compile.quant.rtn as rtn
+
+    torch.manual_seed(3)
+    wg = torch.randn(64, 3, 32) * 0.02
+    wg[..., :2] = wg[..., 2:4]  # repeated values make equal errors across ratios likely
+    for bits in QBITS:
+        together = clip_search_params(wg, bits, symmetric=symmetric, scale_dtype="float16")
+        for elements in (1, wg.numel() * 3):  # one ratio per step; steps of 3 (20 = 6 x 3 + 2)
+            monkeypatch.setattr(rtn, "_CLIP_SEARCH_ELEMENTS", elements)
+            apart = clip_search_params(wg, bits, symmetric=symmetric, scale_dtype="float16")
+            assert torch.equal(together[0], apart[0]) and torch.equal(together[1], apart[1])
+        monkeypatch.undo()
+
+
 def test_gptq_dead_inputs(layer):
     w, x, _ = layer
     x = x.clone()
