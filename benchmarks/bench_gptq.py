@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from dmpq_compile.quant import QuantSpec, quantize
 from dmpq_compile.quant.gptq import gptq_quantize, inverse_cholesky_upper
 

@@ -147,7 +147,7 @@ def test_clip_search_params_never_worse_than_minmax():
 def test_clip_search_gives_the_same_choice_whatever_ratios_run_together(monkeypatch, symmetric):
     """The search evaluates several ratios per step (memory-capped); with one ratio per step, or
     uneven steps, every group must pick the same (scale, zero), ties to the larger ratio."""
-    import dmpq_compile.quant.rtn as rtn
+    from dmpq_compile.quant import rtn
 
     torch.manual_seed(3)
     wg = torch.randn(64, 3, 32) * 0.02

@@ -96,6 +96,7 @@ def test_gptq_quantizes_roles_sharing_a_hessian_together_with_the_same_codes(tin
     """An expert's gate and up read one Hessian: the pass runs GPTQ once over their stacked rows,
     and the codes are those of one run per role (rows are independent given H)."""
     from dmpq_compile.passes.quantize import QuantizePass, _shared_hessian_groups
+
     from dmpq_compile.quant import QuantSpec
     from dmpq_compile.quant.gptq import gptq_quantize
 
