@@ -114,8 +114,8 @@ def _check_hessian(h: torch.Tensor, k: int) -> None:
 def _prepare(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 working copies of ``w [N, K]`` and ``h [K, K]`` with dead inputs decoupled."""
     w = w.detach().to(torch.float32).clone()
-    h = h.detach().to(device=w.device, dtype=torch.float32).clone()
-    h = 0.5 * (h + h.T)  # enforce symmetry against accumulation round-off
+    h = h.detach().to(device=w.device, dtype=torch.float32)
+    h = (h + h.T).mul_(0.5)  # a symmetric copy (against accumulation round-off); one [K, K] temporary
     dead = torch.diagonal(h) <= 0  # [K]
     if bool(dead.any()):
         logger.debug("GPTQ: %d dead input columns", int(dead.sum()))
@@ -141,11 +141,16 @@ def inverse_cholesky_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
         ValueError: Factorisation still fails after the retries.
     """
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(_DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(h + (damp * 10**attempt) * mean_diag * eye)
+        # at most two [K, K] matrices besides ``h`` at a time (no identity matrix): at K = 14336,
+        # a Mixtral-width down_proj, each is 0.8 GB
+        damped = h.clone()
+        damped.diagonal().add_((damp * 10**attempt) * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             h_inv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(h_inv, upper=True)
             if int(info) == 0:
                 return upper
@@ -253,6 +258,7 @@ def gptq_quantize(
     _check_hessian(h, k)
     wk, hk = _prepare(w, h)  # [N, K], [K, K]
     upper = inverse_cholesky_upper(hk, damp)  # [K, K]
+    del hk
     grid = _Grid(spec.bits, spec.symmetric, clip_search, spec.scale_dtype)
     fixed = grid.params(wk) if gs is None else None  # per channel: [N] from the original rows
     block = block_size if gs is None else gs * max(1, block_size // gs)
