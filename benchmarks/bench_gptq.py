@@ -11,8 +11,10 @@ and down ``[H, I]`` weights and Hessians from random activations, then times, in
 - ``gptq-per-role``: GPTQ on gate, up and down, one run each;
 - ``gptq-stacked``: GPTQ on ``[gate; up]`` in one run, then on down (what the pass does).
 
-It checks that both GPTQ variants give the same codes, and prints medians and ratios, and the
-time one GPTQ run spends factorising its Hessian (``inverse_cholesky_upper``), per input width.
+It checks that both GPTQ variants give the same codes, and prints medians and ratios, each
+variant's peak memory above its inputs (the process's ``VmHWM`` reset before each call, Linux),
+and the time one GPTQ run spends factorising its Hessian (``inverse_cholesky_upper``), per input
+width.
 
     python benchmarks/bench_gptq.py --shapes 2048x1024 4096x14336 --bits 2 --rounds 3
 
@@ -73,6 +75,24 @@ def expert(h: int, i: int, tokens: int) -> dict:
     return {"w": w, "h": x.T @ x / tokens, "h_down": mid.T @ mid / tokens}
 
 
+def _status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak() -> float | None:
+    """Reset the process's peak RSS (``/proc/self/clear_refs``); the current RSS in MB, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_mb("VmRSS")
+
+
 def run(variant: str, e: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
     w, h, hd = e["w"], e["h"], e["h_down"]
     if variant == "rtn":
@@ -96,12 +116,18 @@ def main(argv: list[str] | None = None) -> None:
         h, i = shape(text)
         e = expert(h, i, args.tokens)
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        peak: dict[str, float | None] = {v: None for v in VARIANTS}
         codes: dict[str, dict] = {}
         for _ in range(args.rounds):
             for v in VARIANTS:
+                codes.pop(v, None)
+                base = reset_peak()
                 t = time.perf_counter()
                 codes[v] = run(v, e, spec)
                 times[v].append(time.perf_counter() - t)
+                high = _status_mb("VmHWM")
+                if base is not None and high is not None:
+                    peak[v] = max(peak[v] or 0.0, high - base)
         same = all(torch.equal(codes["gptq-per-role"][r], codes["gptq-stacked"][r]) for r in e["w"])
         factor = {}
         for name, hm in (("H", e["h"]), ("I", e["h_down"])):
@@ -109,13 +135,15 @@ def main(argv: list[str] | None = None) -> None:
             inverse_cholesky_upper(hm, 0.01)
             factor[f"factorise K={hm.shape[0]} s"] = time.perf_counter() - t
         med = {v: statistics.median(ts) for v, ts in times.items()}
-        row = {"shape": text, "bits": args.bits, "median_s": med, "rounds_s": times, "same_codes": same,
+        row = {"shape": text, "bits": args.bits, "median_s": med, "rounds_s": times, "peak_above_inputs_mb": peak,
+               "same_codes": same,
                "stacked_over_per_role": med["gptq-stacked"] / med["gptq-per-role"],
                "gptq_stacked_over_rtn": med["gptq-stacked"] / med["rtn"], **factor}
         result["rows"].append(row)
         print(f"{text}: rtn {med['rtn']:.2f} s, gptq per role {med['gptq-per-role']:.2f} s, "
               f"stacked {med['gptq-stacked']:.2f} s (stacked / per role {row['stacked_over_per_role']:.2f}, "
-              f"stacked / rtn {row['gptq_stacked_over_rtn']:.1f}); same codes: {same}; "
+              f"stacked / rtn {row['gptq_stacked_over_rtn']:.1f}); same codes: {same}; peak above inputs "
+              + ", ".join(f"{v} {m:.0f} MB" for v, m in peak.items() if m is not None) + "; "
               + ", ".join(f"{k} {v:.2f}" for k, v in factor.items()), flush=True)
         if not same:
             raise SystemExit("stacked GPTQ gave different codes from one run per role: a bug")
