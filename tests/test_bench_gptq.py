@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_gptq  # noqa: E402
+import bench_gptq
 
 
 def test_bench_gptq_runs_and_records(tmp_path, capsys):
