@@ -291,3 +291,18 @@ def test_hqq_config_validation(kwargs, msg):
 def test_hqq_rejects_16_bits():
     with pytest.raises(ValueError, match="bits < 16"):
         hqq_quantize(torch.randn(2, 8), QuantSpec(16, 8))
+
+
+@pytest.mark.parametrize("k", [7, 256, 700])  # one direct block; a split; uneven splits
+def test_inverse_cholesky_upper_factors_the_damped_inverse(k):
+    """U is upper triangular with a positive diagonal and U^T U = (H + d mean(diag H) I)^{-1}."""
+    from dmpq_compile.quant.gptq import inverse_cholesky_upper
+
+    torch.manual_seed(k)
+    x = torch.randn(k // 2 + 3, k)  # fewer rows than columns: H is singular, the damping makes it PD
+    h = x.T @ x / len(x)
+    u = inverse_cholesky_upper(h, 0.01)
+    assert torch.equal(torch.triu(u), u) and bool((u.diagonal() > 0).all())
+    damped = h.double() + 0.01 * float(h.diagonal().mean()) * torch.eye(k, dtype=torch.float64)
+    torch.testing.assert_close(u.double().T @ u.double() @ damped, torch.eye(k, dtype=torch.float64),
+                               atol=2e-3, rtol=0)
