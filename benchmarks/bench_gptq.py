@@ -32,12 +32,14 @@ import time
 from pathlib import Path
 
 import torch
+from dmpq_compile.passes.manager import peak_rss_mb, reset_peak_rss
 
 from dmpq_compile.quant import QuantSpec, quantize
 from dmpq_compile.quant.gptq import gptq_quantize, inverse_cholesky_upper
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("rtn", "gptq-per-role", "gptq-stacked")
+PEAK_RESETS = Path("/proc/self/clear_refs").exists()  # else no per-call peak: reported as missing
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,24 +77,6 @@ def expert(h: int, i: int, tokens: int) -> dict:
     return {"w": w, "h": x.T @ x / tokens, "h_down": mid.T @ mid / tokens}
 
 
-def _status_mb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
-    except (OSError, StopIteration):
-        return None
-
-
-def reset_peak() -> float | None:
-    """Reset the process's peak RSS (``/proc/self/clear_refs``); the current RSS in MB, or None."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _status_mb("VmRSS")
-
-
 def run(variant: str, e: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
     w, h, hd = e["w"], e["h"], e["h_down"]
     if variant == "rtn":
@@ -121,13 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.rounds):
             for v in VARIANTS:
                 codes.pop(v, None)
-                base = reset_peak()
+                reset_peak_rss()
+                base = peak_rss_mb()  # right after the reset, the peak is what is resident
                 t = time.perf_counter()
                 codes[v] = run(v, e, spec)
                 times[v].append(time.perf_counter() - t)
-                high = _status_mb("VmHWM")
-                if base is not None and high is not None:
-                    peak[v] = max(peak[v] or 0.0, high - base)
+                if PEAK_RESETS:
+                    peak[v] = max(peak[v] or 0.0, peak_rss_mb() - base)
         same = all(torch.equal(codes["gptq-per-role"][r], codes["gptq-stacked"][r]) for r in e["w"])
         factor = {}
         for name, hm in (("H", e["h"]), ("I", e["h_down"])):

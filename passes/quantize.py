@@ -32,6 +32,7 @@ from ..ir.interpreter import Interpreter, RunOptions
 from ..ir.stream import embed, layer_outputs, run_layer
 from ..quant import QuantSpec, quantize
 from ..quant.formats import WeightFormat, declare_target_formats, declared_format
+from ..quant.rtn import QuantizedTensor
 from ..quant.stored import store_quantized
 from .base import Pass, PassContext, PassResult
 
@@ -195,10 +196,8 @@ def _shared_hessian_groups(node, spec: QuantSpec, hessians: dict) -> list[tuple[
     return [tuple(g) for g in groups]
 
 
-def _split_rows(qt, rows: list[int]) -> list:
+def _split_rows(qt: QuantizedTensor, rows: list[int]) -> list[QuantizedTensor]:
     """A :class:`QuantizedTensor` of stacked weights split back into one per weight (by rows)."""
-    from ..quant.rtn import QuantizedTensor
-
     out, start = [], 0
     for n in rows:
         rows_of = slice(start, start + n)  # copies: a view would keep the stacked tensors alive
