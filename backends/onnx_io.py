@@ -9,7 +9,7 @@ recorded bytes are stated once. The file names themselves (``MODEL_FILE``, ``DAT
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -201,5 +201,29 @@ def file_fields(model: onnx.ModelProto, external: bool) -> dict[str, Any]:
 def io_fields(lowered: Any) -> dict[str, Any]:
     """The manifest's ``io`` entry of a lowered model: input/logits names, KV-cache specs and the optional
     ``logits_to_keep`` input (None where the graph has none: every position's logits)."""
-    return {"input_ids": lowered.input_ids, "logits": lowered.logits, "logits_to_keep": lowered.logits_to_keep,
-            "kv_cache": [asdict(kv) for kv in lowered.kv_cache]}
+    io = {"input_ids": lowered.input_ids, "logits": lowered.logits, "logits_to_keep": lowered.logits_to_keep,
+          "kv_cache": [asdict(kv) for kv in lowered.kv_cache]}
+    if lowered.attention_mask:  # the genai contract (LoweringOptions.genai); absent from other graphs' manifests
+        io["attention_mask"] = lowered.attention_mask
+    return io
+
+
+def decoder_feed(session: Any, ids: np.ndarray, past: Sequence[np.ndarray] | None = None,
+                 logits_to_keep: int = 0) -> dict[str, np.ndarray]:
+    """A feed for an ``onnxruntime.InferenceSession`` of a lowered decoder, by its input names:
+    ``input_ids``, the KV inputs in the session's order (``past``, or empty caches), and where the graph
+    has them an ``attention_mask`` of ones (no padding) and ``logits_to_keep`` (default 0: every
+    position). For tests and benchmarks that drive a model file without the runtime."""
+    ids = np.asarray(ids, dtype=np.int64)
+    kv_inputs = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    feed: dict[str, np.ndarray] = {"input_ids": ids}
+    for j, inp in enumerate(kv_inputs):
+        feed[inp.name] = past[j] if past is not None else \
+            np.zeros((ids.shape[0], inp.shape[1], 0, inp.shape[3]), np.float32)
+    names = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
+    if "attention_mask" in names:
+        cached = int(feed[kv_inputs[0].name].shape[2]) if kv_inputs else 0
+        feed["attention_mask"] = np.ones((ids.shape[0], cached + ids.shape[1]), np.int64)
+    if "logits_to_keep" in names:
+        feed["logits_to_keep"] = np.array(logits_to_keep, np.int64)
+    return feed

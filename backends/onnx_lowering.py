@@ -338,13 +338,19 @@ DISPATCH_CLASSES = {"gather-if": GatherIfDispatch, "gather": GatherDispatch, "de
 
 @dataclass(frozen=True)
 class LoweringOptions:
-    """How to lower: the dispatch pattern, the ONNX opset, and whether the graph takes ``logits_to_keep``."""
+    """How to lower: the dispatch pattern, the ONNX opset, whether the graph takes ``logits_to_keep``, and
+    whether it follows onnxruntime-genai's decoder contract (``genai``: an ``attention_mask`` input,
+    ``com.microsoft.GroupQueryAttention`` over a KV buffer that may be shared between past and present,
+    and ``logits_to_keep`` defaulting to 1, each row's last real token; see :func:`_attention_gqa`)."""
 
     dispatch: str = "gather"
     opset: int = OPSET
     logits_to_keep: bool = False
+    genai: bool = False
 
     def __post_init__(self) -> None:
+        if self.genai and not self.logits_to_keep:
+            object.__setattr__(self, "logits_to_keep", True)  # the genai contract includes it (default 1)
         if self.dispatch not in DISPATCH_CLASSES:
             raise BackendError(f"unknown dispatch {self.dispatch!r}; choose one of {DISPATCHES}")
         if self.opset < 18:
@@ -375,6 +381,7 @@ class Lowered:
     kv_cache: list[KVSpec]
     dispatch: str
     logits_to_keep: str | None = None  # name of the optional input (LoweringOptions.logits_to_keep)
+    attention_mask: str | None = None  # name of the [batch, total_sequence] input (LoweringOptions.genai)
     deferred: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # see Builder.add_deferred
     owners: dict[str, str] = field(default_factory=dict)  # initializer -> IR node id (see Builder.owners)
 
@@ -410,6 +417,7 @@ class Lowering:
         self.kv: list[KVSpec] = []
         self.shared: dict[Any, str] = {}  # positions, masks, rope tables (keyed by what they depend on)
         self.ids = ""
+        self.genai = options.genai
 
     def run(self) -> Lowered:
         for node in self.graph.nodes():
@@ -427,7 +435,7 @@ class Lowering:
         model = self.b.model(f"dmpq_{meta.get('family', 'model')}", self.options.opset, doc)
         onnx.helper.set_model_props(model, {"family": str(meta.get("family")), "dispatch": self.dispatch.name})
         return Lowered(model, self.ids, "logits", self.kv, self.dispatch.name, self.shared.get("logits_to_keep"),
-                       self.b.deferred, self.b.owners)
+                       self.shared.get("attention_mask"), self.b.deferred, self.b.owners)
 
     # -- weights and linear layers -------------------------------------------------------------
     def weight(self, key: str, transpose: bool = False) -> str:
@@ -476,11 +484,31 @@ class Lowering:
     def _lengths(self) -> tuple[str, str]:
         """Scalars ``past`` (cached tokens) and ``total`` (past + new), int64."""
         if "past" not in self.shared:
-            b, first = self.b, self.kv[0].past_key
-            past = b.op("Squeeze", [b.op("Shape", [first], "pos", start=2, end=3)], "pos")
+            b = self.b
             new = b.op("Squeeze", [b.op("Shape", [self.ids], "pos", start=1, end=2)], "pos")
-            self.shared["past"], self.shared["total"] = past, b.op("Add", [past, new], "pos")
+            if self.genai:  # the mask spans past + new; a shared KV buffer's length is its capacity, not the past
+                total = b.op("Squeeze", [b.op("Shape", [self.shared["attention_mask"]], "pos", start=1, end=2)], "pos")
+                self.shared["past"], self.shared["total"] = b.op("Sub", [total, new], "pos"), total
+            else:
+                past = b.op("Squeeze", [b.op("Shape", [self.kv[0].past_key], "pos", start=2, end=3)], "pos")
+                self.shared["past"], self.shared["total"] = past, b.op("Add", [past, new], "pos")
         return self.shared["past"], self.shared["total"]
+
+    def row_positions(self) -> tuple[str, str]:
+        """genai contract: positions of every column of the mask ``[B, total]`` and of the new tokens
+        ``[B, T]`` (int64), counted over the columns the mask marks real (``cumsum(mask) - 1``, 0 before a
+        row's first real token), so left and right padding leave each row's positions as if it were alone."""
+        if "row_positions" not in self.shared:
+            b = self.b
+            past, total = self._lengths()
+            mask = self.shared["attention_mask"]
+            count = b.op("CumSum", [mask, b.const(1, np.int64)], "pos")
+            every = b.op("Max", [b.op("Sub", [count, b.const(1, np.int64)], "pos"), b.const(0, np.int64)], "pos")
+            new = b.op("Slice", [every, b.op("Unsqueeze", [past, b.const([0], np.int64)], "pos"),
+                                 b.op("Unsqueeze", [total, b.const([0], np.int64)], "pos"), b.const([1], np.int64)],
+                       "pos")
+            self.shared["row_positions"] = (every, new)
+        return self.shared["row_positions"]
 
     def positions(self) -> str:
         """Absolute positions of the new tokens ``[T]`` (int64): ``past .. past + T - 1``."""
@@ -492,6 +520,8 @@ class Lowering:
     def mask(self, window: int | None) -> str:
         """Additive attention bias ``[T, past + T]``: 0 where allowed (causal, in window), -inf elsewhere."""
         key = ("mask", window)
+        if key not in self.shared and self.genai:
+            self.shared[key] = self._bias(window)
         if key not in self.shared:
             b = self.b
             _, total = self._lengths()
@@ -505,16 +535,43 @@ class Lowering:
             self.shared[key] = b.op("Where", [allowed, b.const(0.0), b.const(-np.inf)], "mask")
         return self.shared[key]
 
+    def _bias(self, window: int | None) -> str:
+        """genai contract: additive bias ``[B, 1, T, total]`` for GroupQueryAttention: 0 where row ``b``'s
+        new token ``t`` may attend column ``j`` (the mask marks ``j`` real, ``j`` is not after ``t``'s column,
+        and with a sliding window their positions are less than ``window`` apart), else the lowest float32.
+        A finite floor, not -inf: a padding row that may attend nothing then averages padding instead of
+        producing NaN, which the next layer's values would carry into real rows (0 * NaN)."""
+        b = self.b
+        past, total = self._lengths()
+        every, new = self.row_positions()
+        mask = self.shared["attention_mask"]
+        cols = b.op("Range", [b.const(0, np.int64), total, b.const(1, np.int64)], "mask")  # [S]
+        rows = b.op("Unsqueeze", [b.op("Range", [past, total, b.const(1, np.int64)], "mask"),
+                                  b.const([1], np.int64)], "mask")  # [T, 1]
+        allowed = b.op("And", [b.op("GreaterOrEqual", [rows, cols], "mask"),  # [T, S]
+                               b.op("Unsqueeze", [b.op("Cast", [mask], "mask", to=TensorProto.BOOL),
+                                                  b.const([1], np.int64)], "mask")], "mask")  # [B, T, S]
+        if window:
+            gap = b.op("Sub", [b.op("Unsqueeze", [new, b.const([2], np.int64)], "mask"),
+                               b.op("Unsqueeze", [every, b.const([1], np.int64)], "mask")], "mask")
+            allowed = b.op("And", [allowed, b.op("Less", [gap, b.const(int(window), np.int64)], "mask")], "mask")
+        bias = b.op("Where", [allowed, b.const(0.0), b.const(np.finfo(np.float32).min)], "mask")
+        return b.op("Unsqueeze", [bias, b.const([1], np.int64)], "mask")
+
     def rope(self, head_dim: int, theta: float) -> tuple[str, str]:
-        """``cos, sin [T, head_dim]`` in the half-rotation layout of :func:`ops.rope_cos_sin`."""
+        """``cos, sin [T, head_dim]`` in the half-rotation layout of :func:`ops.rope_cos_sin`; under the genai
+        contract ``[B, T, 1, head_dim]`` from each row's own positions, for ``[B, T, heads, head_dim]``."""
         key = ("rope", head_dim, theta)
         if key not in self.shared:
             b = self.b
             inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-            pos = b.op("Unsqueeze", [b.op("Cast", [self.positions()], "rope", to=TensorProto.FLOAT),
-                                     b.const([1], np.int64)], "rope")
+            where = self.row_positions()[1] if self.genai else self.positions()
+            pos = b.op("Unsqueeze", [b.op("Cast", [where], "rope", to=TensorProto.FLOAT),
+                                     b.const([-1], np.int64)], "rope")
             freqs = b.op("Mul", [pos, b.const(inv.numpy()[None, :])], "rope")  # [T, hd/2]
             emb = b.op("Concat", [freqs, freqs], "rope", axis=-1)
+            if self.genai:
+                emb = b.op("Unsqueeze", [emb, b.const([2], np.int64)], "rope")
             self.shared[key] = b.op("Cos", [emb], "rope")
             self.shared[("sin",) + key[1:]] = b.op("Sin", [emb], "rope")
         return self.shared[key], self.shared[("sin",) + key[1:]]
@@ -522,6 +579,8 @@ class Lowering:
 
 def _rule_input(lw: Lowering, node: Node) -> str:
     lw.ids = lw.b.add_input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    if lw.genai:
+        lw.shared["attention_mask"] = lw.b.add_input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
     return lw.ids
 
 
@@ -581,42 +640,90 @@ def _rule_combine(lw: Lowering, node: Node, route: RouteValue, *outs: Any) -> st
 def _keep_last(lw: Lowering, x: str, hint: str) -> str:
     """``x[:, T - n:]`` with ``n = logits_to_keep`` clipped to ``[1, T]``, or all T positions when it is 0.
 
-    The input is optional: an initializer of the same name holds its default 0 (ONNX Runtime lets a
-    caller override an initializer that is also a graph input and never folds it as a constant).
+    The input is optional: an initializer of the same name holds its default, 0 (every position). Under
+    the genai contract ``n = 1`` keeps each row's last real token instead (the last new column the
+    attention mask marks 1: what a right-padded row samples from), and the default is -1: the same row,
+    which :func:`_spread_last` lays into the full ``[B, T, V]`` that onnxruntime-genai (which never feeds
+    the input) binds. ONNX Runtime lets a caller override an initializer that is also a graph input and
+    never folds it as a constant.
     """
     b = lw.b
     name = b.add_input("logits_to_keep", TensorProto.INT64, [])
-    b.add_initializer(name, np.array(0, np.int64))
+    b.add_initializer(name, np.array(-1 if lw.genai else 0, np.int64))
     b.owners.pop(name, None)  # part of the interface, not the lm_head's weights
     lw.shared["logits_to_keep"] = name
     t = b.op("Shape", [x], hint, start=1, end=2)  # [1]
     keep = b.op("Reshape", [name, b.const([1], np.int64)], hint)
+    if lw.genai:  # -1 (the default) keeps what 1 keeps; _spread_last lays it back into every position
+        keep = b.op("Where", [b.op("Less", [keep, b.const([0], np.int64)], hint), b.const([1], np.int64), keep],
+                    hint)
     n = b.op("Where", [b.op("Equal", [keep, b.const([0], np.int64)], hint), t, b.op("Min", [keep, t], hint)], hint)
-    return b.op("Slice", [x, b.op("Sub", [t, n], hint), b.const([np.iinfo(np.int64).max], np.int64),
-                          b.const([1], np.int64)], hint)
+    if not lw.genai:
+        return b.op("Slice", [x, b.op("Sub", [t, n], hint), b.const([np.iinfo(np.int64).max], np.int64),
+                              b.const([1], np.int64)], hint)
+    past, total = lw._lengths()
+    new_mask = b.op("Slice", [lw.shared["attention_mask"], b.op("Unsqueeze", [past, b.const([0], np.int64)], hint),
+                              b.op("Unsqueeze", [total, b.const([0], np.int64)], hint), b.const([1], np.int64)], hint)
+    last = b.op("ArgMax", [new_mask], hint, axis=1, keepdims=1, select_last_index=1)  # [B, 1]
+    lw.shared["last_real"] = b.op("Unsqueeze", [last, b.const([2], np.int64)], hint)  # [B, 1, 1]
+    span = b.op("Add", [b.op("Range", [b.const(0, np.int64), b.op("Squeeze", [n], hint), b.const(1, np.int64)], hint),
+                        b.op("Sub", [t, n], hint)], hint)  # [n]: the last n columns
+    index = b.op("Where", [b.op("Equal", [keep, b.const([1], np.int64)], hint), last,
+                           b.op("Unsqueeze", [span, b.const([0], np.int64)], hint)], hint)  # [B, n]
+    width = b.op("Shape", [x], hint, start=2, end=3)
+    index = b.op("Expand", [b.op("Unsqueeze", [index, b.const([2], np.int64)], hint),
+                            b.op("Concat", [b.op("Shape", [index], hint), width], hint, axis=0)], hint)
+    return b.op("GatherElements", [x, index], hint, axis=1)
 
 
 def _rule_lm_head(lw: Lowering, node: Node, x: str) -> str:
     b, key, h = lw.b, node.params["weight"], node.id
     vocab = int(lw.graph.weights.shape(key)[0])
+    rows = x
     if lw.options.logits_to_keep:
         x = _keep_last(lw, x, h)
+    name = [b.fresh(f"{h}/kept")] if lw.genai else ["logits"]  # genai: spread into the full shape below
     embeds = {n.params["weight"] for n in lw.graph.nodes("embed")}
     if node.ann.get("bits", 16) < 16:
         if key in embeds:
             raise BackendError(f"{h}: an lm_head tied to the embedding table cannot be quantized (the table stays "
                                "float for the row lookup); keep it at 16 bits")
-        logits = b.op("Identity", [lw.project(x, node, "weight")], h, outputs=["logits"])
+        logits = b.op("Identity", [lw.project(x, node, "weight")], h, outputs=name)
     elif key in embeds:  # tied embeddings: reuse the [V, H] table through Gemm(transB=1), no transposed copy
         flat = b.op("Reshape", [x, b.const([-1, lw.graph.weights.shape(key)[1]], np.int64)], h)
         y = b.op("Gemm", [flat, lw.weight(key)], h, transB=1)
         lead = b.op("Shape", [x], h, start=0, end=-1)
         logits = b.op("Reshape", [y, b.op("Concat", [lead, b.const([vocab], np.int64)], h, axis=0)], h,
-                      outputs=["logits"])
+                      outputs=name)
     else:
-        logits = b.op("MatMul", [x, lw.weight(key, transpose=True)], h, outputs=["logits"])
+        logits = b.op("MatMul", [x, lw.weight(key, transpose=True)], h, outputs=name)
+    if lw.genai:
+        logits = _spread_last(lw, rows, logits, vocab, h)
     b.add_output(logits, TensorProto.FLOAT, ["batch", "sequence", vocab], first=True)
     return logits
+
+
+def _spread_last(lw: Lowering, rows: str, kept: str, vocab: int, hint: str) -> str:
+    """genai contract, ``logits_to_keep = -1`` (the default): the kept logits ``[B, 1, V]`` of each row's last
+    real token written into zeros of the full ``[B, T, V]``, which is the shape onnxruntime-genai binds
+    (it preallocates ``[batch, new tokens, vocab]`` and reads each row's last real position). Zeros cost a
+    fill of the buffer genai holds anyway; the ``T - 1`` vocabulary-wide products are skipped. Any other
+    value returns the kept logits as they are."""
+    b = lw.b
+    keep = lw.shared["logits_to_keep"]
+    with b.branch() as then_nodes:
+        shape = b.op("Concat", [b.op("Shape", [rows], hint, start=0, end=2), b.const([vocab], np.int64)], hint,
+                     axis=0)
+        zeros = b.op("ConstantOfShape", [shape], hint, value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
+        index = b.op("Expand", [lw.shared["last_real"], b.op("Shape", [kept], hint)], hint)
+        spread = b.op("ScatterElements", [zeros, index, kept], hint, axis=1)
+    with b.branch() as else_nodes:
+        same = b.op("Identity", [kept], hint)
+    branches = {key: helper.make_graph(nodes, f"{hint}.{key}", [], [helper.make_tensor_value_info(
+                    out, TensorProto.FLOAT, None)])
+                for key, nodes, out in (("then_branch", then_nodes, spread), ("else_branch", else_nodes, same))}
+    negative = b.op("Less", [keep, b.const(0, np.int64)], hint)
+    return b.op("If", [negative], hint, outputs=["logits"], **branches)
 
 
 def _rule_attention(lw: Lowering, node: Node, x: str) -> str:
@@ -637,6 +744,8 @@ def _rule_attention(lw: Lowering, node: Node, x: str) -> str:
     q, k, v = (b.op("Reshape", [t, b.const([0, 0, n, hd], np.int64)], h) for t, n in ((q, nh), (k, nkv), (v, nkv)))
     if a["qk_norm"] == "head":
         q, k = lw.rms_norm(q, p["q_norm"], a["eps"], h), lw.rms_norm(k, p["k_norm"], a["eps"], h)
+    if lw.genai:
+        return lw.project(_attention_gqa(lw, node, kv, q, k, v), node, "o", p.get("o_bias"))
     q, k, v = (b.op("Transpose", [t], h, perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, T, hd]
     cos, sin = lw.rope(hd, float(a["rope_theta"]))
     q, k = _rotate(lw, q, cos, sin, h), _rotate(lw, k, cos, sin, h)
@@ -654,6 +763,44 @@ def _rule_attention(lw: Lowering, node: Node, x: str) -> str:
     out = b.op("Reshape", [b.op("MatMul", [probs, v5], h), b.const([0, nh, -1, hd], np.int64)], h)
     out = b.op("Reshape", [b.op("Transpose", [out], h, perm=[0, 2, 1, 3]), b.const([0, 0, nh * hd], np.int64)], h)
     return lw.project(out, node, "o", p.get("o_bias"))
+
+
+def _attention_gqa(lw: Lowering, node: Node, kv: KVSpec, q: str, k: str, v: str) -> str:
+    """onnxruntime-genai's contract: ``com.microsoft.GroupQueryAttention`` on ``q, k, v [B, T, heads, hd]``
+    (normed and clipped as the family does), returning the context ``[B, T, heads * hd]``.
+
+    * RoPE is applied here, from each row's positions (:meth:`Lowering.row_positions`), not by the
+      kernel (``do_rotary=0``), whose rotary takes positions from the cache length: under padding a
+      row's cache length is not its position.
+    * Every row of a call has the same cache length (``seqlens_k = total - 1`` for all rows,
+      ``query_seqlens = T``): padding occupies cache slots like tokens and the additive bias
+      (:meth:`Lowering._bias`: mask, causality, sliding window) keeps every row from attending it.
+    * The KV inputs may be the growing cache (``present`` = past + T positions) or a buffer of a fixed
+      capacity shared with ``present`` (genai's ``past_present_share_buffer``): the kernel writes the
+      new rows at ``[past, total)`` and reads ``[0, total)``; the graph is the same for both.
+    """
+    b, h, a = lw.b, node.id, node.attrs
+    nh, nkv, hd = int(a["num_heads"]), kv.num_kv_heads, kv.head_dim
+    cos, sin = lw.rope(hd, float(a["rope_theta"]))
+    q, k = _rotate(lw, q, cos, sin, h), _rotate(lw, k, cos, sin, h)
+    q, k, v = (b.op("Reshape", [t, b.const([0, 0, n * hd], np.int64)], h) for t, n in ((q, nh), (k, nkv), (v, nkv)))
+    if "gqa_lengths" not in lw.shared:
+        past, total = lw._lengths()
+        batch = b.op("Shape", [lw.ids], "gqa", start=0, end=1)
+        seqlens = b.op("Expand", [b.op("Cast", [b.op("Sub", [total, b.const(1, np.int64)], "gqa")], "gqa",
+                                       to=TensorProto.INT32), batch], "gqa")
+        new = b.op("Expand", [b.op("Cast", [b.op("Sub", [total, past], "gqa")], "gqa", to=TensorProto.INT32),
+                              batch], "gqa")
+        lw.shared["gqa_lengths"] = (seqlens, b.op("Cast", [total], "gqa", to=TensorProto.INT32), new)
+    seqlens, total32, new = lw.shared["gqa_lengths"]
+    bias = lw.mask(a.get("sliding_window"))
+    inputs = [q, k, v, kv.past_key, kv.past_value, seqlens, total32, "", "", "", bias, "", "", "", "", "", new]
+    out, _, _ = b.op("GroupQueryAttention", inputs, h, n_out=3, outputs=[b.fresh(f"{h}/gqa"), kv.present_key,
+                                                                         kv.present_value],
+                     domain="com.microsoft", num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5))
+    for name in (kv.present_key, kv.present_value):
+        b.add_output(name, TensorProto.FLOAT, ["batch", nkv, "total_sequence", hd])
+    return out
 
 
 def _rotate(lw: Lowering, x: str, cos: str, sin: str, hint: str) -> str:

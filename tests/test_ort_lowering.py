@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 from dmpq_compile.backends.base import BackendError
+from dmpq_compile.backends.onnx_io import decoder_feed
 from dmpq_compile.backends.onnx_lowering import DISPATCHES, LoweringOptions, lower
 from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend, pack_weight
 from dmpq_compile.passes.base import PassContext
@@ -34,10 +35,7 @@ def session(model):
 
 def run(sess, lowered, ids, past=None):
     """logits and the new cache for ``ids [B, T]`` after ``past`` (list of (k, v) per layer)."""
-    feed = {lowered.input_ids: ids}
-    for i, kv in enumerate(lowered.kv_cache):
-        empty = np.zeros((ids.shape[0], kv.num_kv_heads, 0, kv.head_dim), np.float32)
-        feed[kv.past_key], feed[kv.past_value] = past[i] if past else (empty, empty)
+    feed = decoder_feed(sess, ids, [t for pair in past for t in pair] if past else None)
     names = [lowered.logits] + [n for kv in lowered.kv_cache for n in (kv.present_key, kv.present_value)]
     out = sess.run(names, feed)
     return out[0], list(zip(out[1::2], out[2::2]))
@@ -237,8 +235,8 @@ def test_dispatch_patterns_agree_on_a_moe_block(tmp_path):
         folder.mkdir()
         OrtCpuBackend().emit(graph, folder, dispatch=dispatch, accuracy_level=0)
         sess = session(str(folder / MODEL_FILE))
-        assert np.abs(sess.run(["logits"], {"input_ids": ids})[0] - ref).max() <= 1e-4
-        one = sess.run(["logits"], {"input_ids": ids[:, :1]})[0]  # decode-sized: most experts idle
+        assert np.abs(sess.run(["logits"], decoder_feed(sess, ids))[0] - ref).max() <= 1e-4
+        one = sess.run(["logits"], decoder_feed(sess, ids[:, :1]))[0]  # decode-sized: most experts idle
         assert np.abs(one - ref[:, :1]).max() <= 1e-4
 
 
@@ -256,7 +254,7 @@ def test_dispatch_timing(shape, tmp_path, capsys):
     for threads, clock in ((2, time.perf_counter), (1, time.process_time)):
         sessions = {d: _timing_session(tmp_path / d / MODEL_FILE, threads) for d in DISPATCHES}
         for m, reps in ((1, 200), (128, 8)):
-            feed = {"input_ids": (np.arange(m, dtype=np.int64)[None, :] * 7) % 256}
+            feed = decoder_feed(next(iter(sessions.values())), (np.arange(m, dtype=np.int64)[None, :] * 7) % 256)
             times = {d: [] for d in DISPATCHES}
             for _ in range(reps):  # interleaved, so load changes hit every pattern alike
                 for d, sess in sessions.items():
@@ -275,7 +273,7 @@ def _timing_session(path, threads):
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads == 1 else "1")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     for m in (1, 128):
-        sess.run(None, {"input_ids": np.zeros((1, m), dtype=np.int64)})
+        sess.run(None, decoder_feed(sess, np.zeros((1, m), dtype=np.int64)))
     return sess
 
 

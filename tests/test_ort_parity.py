@@ -13,6 +13,7 @@ Tolerances (measured on the tiny models of all four families, experts at 2/4/8/1
 import numpy as np
 import pytest
 import torch
+from dmpq_compile.backends.onnx_io import decoder_feed
 from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend
 from dmpq_compile.passes.base import PassContext
 from dmpq_compile.passes.quantize import QuantizePass
@@ -58,11 +59,7 @@ def emitted(graph, folder, accuracy_level):
 
 
 def run(sess, ids, past=None):
-    feed = {"input_ids": ids}
-    kv_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    for j, inp in enumerate(kv_inputs):
-        feed[inp.name] = past[j] if past else np.zeros((ids.shape[0], inp.shape[1], 0, inp.shape[3]), np.float32)
-    out = sess.run(None, feed)
+    out = sess.run(None, decoder_feed(sess, ids, past))
     return out[0], out[1:]
 
 

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from dmpq_compile.backends import BackendError, get_backend
+from dmpq_compile.backends.onnx_io import decoder_feed
 from dmpq_compile.passes import PassContext, PassError, make_pass
 
 from dmpq_compile.artifact import write_artifact
@@ -44,14 +45,11 @@ def _options(target):
 def _ort_logits(art):
     manifest = json.loads((art / "manifest.json").read_text())
     io = manifest["target"]["io"]
-    feeds = {io["input_ids"]: IDS}
-    for kv in io["kv_cache"]:
-        for name in (kv["past_key"], kv["past_value"]):
-            feeds[name] = np.zeros((IDS.shape[0], kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(str(art / manifest["target"]["model_file"]), so, providers=["CPUExecutionProvider"])
-    return sess.run(["logits"], feeds)[0], manifest
+    assert io["input_ids"] == "input_ids"
+    return sess.run(["logits"], decoder_feed(sess, IDS))[0], manifest
 
 
 def _consumers(model: onnx.ModelProto, op_type: str) -> set[str]:

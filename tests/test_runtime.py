@@ -86,14 +86,21 @@ def test_logits_to_keep_projects_only_the_last_positions(model):
         assert np.abs(got - full[:, 5 - rows:]).max() <= 1e-5
         assert past.length == 5 and np.abs(past.keys[-1] - past_full.keys[-1]).max() <= 1e-6
     assert model.logits([5, 6, 7]).shape == (3, model.vocab_size)  # the default keeps every position
-    # an artifact compiled before the input existed: the runtime slices what the graph returns
-    model._keep_name = None
+    # an artifact compiled before the input existed returns every position: the runtime slices them
+    sess = model._sess
+
+    class Old:  # the graph's every-position behaviour, without the input in the feed
+        def run(self, names, feed):
+            assert "logits_to_keep" not in feed
+            return sess.run(names, {**feed, "logits_to_keep": np.array(0, np.int64)})
+
+    model._keep_name, model._sess = None, Old()
     try:
         assert not model.keeps_logits
         got, _ = model.forward(ids, logits_to_keep=2)
         assert got.shape == (1, 2, model.vocab_size) and np.abs(got - full[:, 3:]).max() <= 1e-5
     finally:
-        model._keep_name = "logits_to_keep"
+        model._keep_name, model._sess = "logits_to_keep", sess
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
             model.forward(ids, logits_to_keep=bad)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from dmpq_compile.backends import BackendError, get_backend
+from dmpq_compile.backends.onnx_io import decoder_feed
 from dmpq_compile.backends.trt.cost import trt_expert_bytes
 from dmpq_compile.passes import PassContext, make_pass
 
@@ -153,14 +154,10 @@ def test_interpreter_runs_the_emitted_int8_weights(tiny_dirs, tmp_path):
             assert np.array_equal(stored[role].numpy(), emitted)
             assert np.array_equal(fake[role].numpy(), emitted)  # sensitivity measured these very weights
     target = manifest["target"]
-    feeds = {target["io"]["input_ids"]: IDS}
-    for kv in target["io"]["kv_cache"]:
-        for name in (kv["past_key"], kv["past_value"]):
-            feeds[name] = np.zeros((2, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    got = ort.InferenceSession(str(out / target["model_file"]), so, providers=["CPUExecutionProvider"]).run(
-        ["logits"], feeds)[0]
+    sess = ort.InferenceSession(str(out / target["model_file"]), so, providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], decoder_feed(sess, IDS))[0]
     with torch.no_grad():  # no weight override: the interpreter dequantizes the stored codes itself
         ref = interp(torch.from_numpy(IDS)).numpy()
     assert np.abs(got - ref).max() < 1e-5

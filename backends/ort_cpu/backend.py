@@ -7,6 +7,7 @@ attention keeps a KV cache (see ``docs/ort-cpu.md`` for the emitted graph and me
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..onnx_io import (
     use_external,
 )
 from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
+from .genai import GENAI_CONFIG, genai_config, kv_bytes_per_token, resolve_max_length
 from .matmulnbits import MatMulNBitsProjection
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,12 @@ class OrtCpuBackend(Backend):
 
     def emit(self, graph: Graph, out_dir: Path, *, accuracy_level: int = 4, dispatch: str = DEFAULT_DISPATCH,
              external_data: bool | None = None, external_data_threshold_mb: float = DEFAULT_EXTERNAL_MB,
-             opset: int = OPSET) -> dict[str, Any]:
-        """Write ``model.onnx`` (+ ``model.onnx.data`` when large) into ``out_dir``.
+             opset: int = OPSET, max_length: int | None = None) -> dict[str, Any]:
+        """Write ``model.onnx`` (+ ``model.onnx.data`` when large) and ``genai_config.json`` into ``out_dir``.
+
+        The graph follows onnxruntime-genai's decoder contract (``attention_mask`` input,
+        ``GroupQueryAttention`` over a KV buffer that past and present may share), so the folder is an
+        onnxruntime-genai model as it is (:mod:`.genai`).
 
         Args:
             graph: the IR with ``bits`` on every expert and, for quantized ones, ``quant``.
@@ -97,6 +103,9 @@ class OrtCpuBackend(Backend):
                 size against ``external_data_threshold_mb``.
             external_data_threshold_mb: weight size above which weights go to ``model.onnx.data``.
             opset: default-domain ONNX opset.
+            max_length: positions (prompt + generated) onnxruntime-genai preallocates its shared KV buffer for,
+                per sequence (``search.max_length`` in ``genai_config.json``; apps may lower it at load).
+                None: the model's ``max_position_embeddings``, at most 4096.
 
         Returns:
             Manifest fields: model file names, opset, I/O names and KV-cache shapes, options, and
@@ -111,21 +120,31 @@ class OrtCpuBackend(Backend):
         if dispatch not in DISPATCHES:
             raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         out_dir = require_folder(out_dir)
+        max_length = resolve_max_length(graph, max_length)
         with tempfile.TemporaryFile(dir=out_dir) as spill:  # large eager initializers wait here until written
-            options = LoweringOptions(dispatch=dispatch, opset=opset, logits_to_keep=True)
+            options = LoweringOptions(dispatch=dispatch, opset=opset, genai=True)
             lowered = lower(graph, MatMulNBitsProjection(accuracy_level), options, defer=True, spill=spill)
             size = initializer_bytes(lowered.model)
             external = use_external(external_data, size, external_data_threshold_mb)
             path = save_checked(lowered.model, out_dir, external=external, deferred=lowered.deferred)
+        io = io_fields(lowered)
+        files = file_fields(lowered.model, external)
+        genai = None
+        if io["kv_cache"]:  # a decoder; a graph without attention (a lone MoE block in tests) is no genai model
+            config = genai_config(graph, io, files["model_file"], max_length)
+            (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            genai = {"config": GENAI_CONFIG, "max_length": max_length,
+                     "kv_bytes_per_token": kv_bytes_per_token(io["kv_cache"])}
         log.info("emitted %s (%.1f MB weights%s, dispatch=%s, accuracy_level=%d)", path, size / 1e6,
                  ", external data" if external else "", dispatch, accuracy_level)
         return {
-            **file_fields(lowered.model, external),
+            **files,
             "execution_provider": "CPUExecutionProvider",
             "dispatch": lowered.dispatch,
             "accuracy_level": accuracy_level,
             "weight_bytes": size,
-            "io": io_fields(lowered),
+            "io": io,
+            "genai": genai,
             "requires": {"onnxruntime": ">=1.20", "numpy": ">=1.24", "tokenizers": ">=0.19"},
             "expert_weights": owned_weights(lowered.model, lowered.owners, {n.id for n in graph.experts()}),
             "nonexpert_weights": owned_weights(lowered.model, lowered.owners, quantized_nonexpert_ids(graph)),

@@ -83,6 +83,7 @@ class Session:
         io = target["io"]
         self._ids_name, self._logits_name, self._kv = io["input_ids"], io["logits"], io["kv_cache"]
         self._keep_name: str | None = io.get("logits_to_keep")  # artifacts before it compute every position
+        self._mask_name: str | None = io.get("attention_mask")  # the genai contract; older artifacts have none
         self._outputs = [self._logits_name] + [n for kv in self._kv for n in (kv["present_key"], kv["present_value"])]
         self.vocab_size = int(manifest["model"]["vocab_size"])
         limit = manifest["model"].get("max_position_embeddings")
@@ -104,12 +105,25 @@ class Session:
         exists); older artifacts compute every position's logits and :meth:`forward` slices them."""
         return self._keep_name is not None
 
-    def forward(self, ids: Any, past: KVCache | None = None, logits_to_keep: int = 0) -> tuple[np.ndarray, KVCache]:
+    @property
+    def takes_mask(self) -> bool:
+        """Whether the artifact takes an ``attention_mask`` (compiled with onnxruntime-genai's contract), so
+        that rows of a batch may carry padding (see :meth:`forward`)."""
+        return self._mask_name is not None
+
+    def forward(self, ids: Any, past: KVCache | None = None, logits_to_keep: int = 0,
+                attention_mask: Any = None) -> tuple[np.ndarray, KVCache]:
         """Run new tokens ``ids`` (``[T]`` or ``[B, T]``) after the cached ``past`` positions.
 
         ``logits_to_keep``: return the logits of the last N new positions only (0: all of them). A
         prefill that only samples the next token passes 1, and the artifact skips the other
-        positions' vocabulary projection (see :attr:`keeps_logits`).
+        positions' vocabulary projection (see :attr:`keeps_logits`). With an ``attention_mask``, 1 keeps
+        each row's last real new token instead (the last new column its mask marks 1).
+
+        ``attention_mask``: ``[B, past + T]`` of 0/1 (or ``[past + T]`` for 1-D ``ids``): 0 marks padding
+        in either cached or new columns, which no row attends and which does not advance a row's
+        positions, so a padded row computes what it would alone (left or right padding). None: no padding.
+        Only artifacts that take a mask (:attr:`takes_mask`) accept one.
 
         Returns:
             ``(logits, present)``: float32 logits ``[B, T', V]`` (``[T', V]`` for 1-D ``ids``), ``T' = T``
@@ -132,6 +146,8 @@ class Session:
                              "output would silently degrade; feed at most that many tokens (generate(..., "
                              "truncate=True) keeps the newest prompt tokens; perplexity uses shorter windows)")
         feed = {self._ids_name: arr}
+        if attention_mask is not None or self._mask_name is not None:
+            feed.update(self._mask_feed(attention_mask, arr.shape[0], total))
         if self._keep_name is not None:
             feed[self._keep_name] = np.array(logits_to_keep, np.int64)
         for kv, k, v in zip(self._kv, past.keys, past.values):
@@ -263,6 +279,19 @@ class Session:
             shown = text
 
     # -- checks --------------------------------------------------------------------------------
+    def _mask_feed(self, mask: Any, batch: int, total: int) -> dict[str, np.ndarray]:
+        if self._mask_name is None:
+            raise ValueError(f"{self.root} takes no attention_mask (compiled before ort-cpu artifacts followed "
+                             "onnxruntime-genai's contract): its rows cannot carry padding; compile it again")
+        if mask is None:
+            return {self._mask_name: np.ones((batch, total), np.int64)}
+        arr = np.asarray(mask)
+        arr = arr[None, :] if arr.ndim == 1 else arr
+        if arr.shape != (batch, total) or arr.dtype.kind not in "iub" or not np.isin(arr, (0, 1)).all():
+            raise ValueError(f"attention_mask must be 0/1 integers of shape [batch, past + new] = [{batch}, {total}], "
+                             f"got dtype {arr.dtype} shape {arr.shape}")
+        return {self._mask_name: arr.astype(np.int64, copy=False)}
+
     def _check_ids(self, ids: Any) -> tuple[np.ndarray, bool]:
         arr = np.asarray(ids)
         if arr.ndim not in (1, 2) or arr.size == 0 or (arr.dtype.kind not in "iu"):
