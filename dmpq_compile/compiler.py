@@ -16,6 +16,7 @@ import torch
 from .eval.tokens import eos_token, load_tokenizer
 from .extra_passes import PassInsertion, check_insertions, place_passes
 from .frontend import load
+from .frontend.hf import chat_template_source
 from .frontend.source import resolve_model
 from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS, Graph
 from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
@@ -42,6 +43,7 @@ class CompileConfig:
     bits: tuple[int, ...] | None = None
     group_size: int = 64
     scale_dtype: str | None = None  # ort-cpu: float16 (None: the target's default) or float32 scales
+    max_length: int | None = None  # ort-cpu: onnxruntime-genai's KV buffer positions (None: context, at most 4096)
     quant_method: str = "rtn"
     calib_corpus: str = "pydoc"
     calib_sequences: int = 32
@@ -76,6 +78,9 @@ class CompileConfig:
         if self.scale_dtype is not None and self.target != "ort-cpu":
             raise ValueError(f"--scale-dtype chooses how ort-cpu stores its scales; target {self.target!r} has its own "
                              "format (trt-a100: float16 scales); drop --scale-dtype")
+        if self.max_length is not None and self.target != "ort-cpu":
+            raise ValueError(f"--max-length sets the KV buffer of ort-cpu's onnxruntime-genai config; target "
+                             f"{self.target!r} has none; drop --max-length")
         if self.nonexpert_allocate and self.nonexpert_bits != 16:
             raise ValueError("nonexpert_allocate places the non-expert weights; nonexpert_bits must stay 16 (give "
                              "fixed kinds in nonexpert_kinds, e.g. --nonexpert-bits auto,lm_head=8)")
@@ -280,7 +285,8 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
 
     The checkpoint is checked whole (every shard present and as long as its header says) and
     the output disk for room before any pass runs. Large intermediate results (quantized codes)
-    live in a scratch folder beside ``out`` that is removed afterwards, whatever happens.
+    live in a scratch folder beside ``out`` that is removed afterwards, whatever happens. A
+    checkpoint with a tokenizer but no chat template compiles, with a warning.
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -288,6 +294,10 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     t0 = time.perf_counter()
     model_dir = resolve_model(model_dir)
     graph = load(model_dir)
+    if (Path(model_dir) / "tokenizer.json").is_file() and chat_template_source(model_dir) is None:
+        log.warning("%s has no chat template (neither chat_template.jinja nor a chat_template key in "
+                    "tokenizer_config.json): apply_chat_template on the artifact will fail; pass a template "
+                    "yourself, or add one to the checkpoint and compile again", model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_bits_budget(cfg, graph)
     check_disk_space(graph, cfg, out.parent)

@@ -50,11 +50,12 @@ def ids_for(graph, shape, seed=0):
     return np.random.default_rng(seed).integers(0, graph.meta["vocab_size"], shape, dtype=np.int64)
 
 
+@pytest.mark.parametrize("genai", [False, True], ids=["plain-attention", "genai-gqa"])
 @pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_fp32_lowering_matches_interpreter(family, dispatch, tiny_dirs):
+def test_fp32_lowering_matches_interpreter(family, dispatch, genai, tiny_dirs):
     graph = load(tiny_dirs(family))
-    lowered = lower(graph, options=LoweringOptions(dispatch=dispatch))
+    lowered = lower(graph, options=LoweringOptions(dispatch=dispatch, genai=genai))
     onnx.checker.check_model(lowered.model, full_check=True)
     ids = ids_for(graph, (2, 11))
     got, present = run(session(lowered.model), lowered, ids)
@@ -97,12 +98,13 @@ FEATURES = {  # family, checkpoint overrides, check that the IR really carries t
 }
 
 
+@pytest.mark.parametrize("genai", [False, True], ids=["plain-attention", "genai-gqa"])
 @pytest.mark.parametrize("feature", sorted(FEATURES))
-def test_ir_features_and_incremental_decoding(feature, tmp_path):
+def test_ir_features_and_incremental_decoding(feature, genai, tmp_path):
     family, overrides, present = FEATURES[feature]
     graph = load(make_tiny_checkpoint(family, tmp_path, **overrides))
     assert present(graph)
-    lowered = lower(graph)
+    lowered = lower(graph, options=LoweringOptions(genai=genai))
     sess = session(lowered.model)
     ids = ids_for(graph, (1, 12), seed=3)
     full, _ = run(sess, lowered, ids)

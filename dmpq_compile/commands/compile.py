@@ -25,7 +25,8 @@ ALLOCATORS = ("optimal", "search", "rl", "gradvar", "frequency", "uniform")
 
 # flag -> CompileConfig field, for flags whose value is copied as given (None = not given)
 _FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_lat": "w_lat", "w_mem": "w_mem",
-           "w_eng": "w_eng", "group_size": "group_size", "scale_dtype": "scale_dtype", "quant_method": "quant_method",
+           "w_eng": "w_eng", "group_size": "group_size", "scale_dtype": "scale_dtype", "max_length": "max_length",
+           "quant_method": "quant_method",
            "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
            "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
            "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed"}
@@ -67,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ort-cpu: how the scales of quantized weights are stored (default float16: 0.25 fewer bits "
                    "per weight at group 64, the quantized products run on float16 activations; float32: fp32 "
                    "activations, for models whose activations overflow float16's 65504)")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="ort-cpu: positions (prompt + generated tokens) per sequence that onnxruntime-genai "
+                   "preallocates its KV buffer for: search.max_length in genai_config.json (apps may lower it at "
+                   "load). Default: the model's max_position_embeddings, at most 4096. The buffer takes "
+                   "N x 8 x layers x kv_heads x head_dim bytes per sequence (inspect prints it)")
     p.add_argument("--nonexpert-bits", metavar="auto|N|KIND=N,...",
                    help="bit-width of the weights outside the routed experts: attention q/k/v/o, shared experts, "
                    "dense MLPs, an untied lm_head (ort-cpu: 2, 4, 8; trt-a100: 4, 8) and an untied embedding table "

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ArtifactError", "KVCache", "Score", "Session", "load", "sample"]
 
 
-def load(path: str | Path, *, verify: bool = True, threads: int | None = None) -> Session:
+def load(path: str | Path, *, verify: bool = True, threads: int | None = None,
+         max_length: int | None = None) -> Session:
     """Open the artifact folder at ``path``.
 
     Args:
@@ -38,6 +39,11 @@ def load(path: str | Path, *, verify: bool = True, threads: int | None = None) -
         verify: check every listed file's size and sha256 first (recommended; costs one read
             of the weights).
         threads: onnxruntime intra-op threads (None: onnxruntime's default).
+        max_length: the most positions (cached + new) any call may run, which bounds the KV cache this
+            runtime grows (``8 x layers x kv_heads x head_dim`` bytes per position and sequence); None:
+            the model's ``max_position_embeddings``. onnxruntime-genai preallocates its own buffer for
+            ``search.max_length`` of ``genai_config.json`` (``--max-length`` at compile,
+            ``GeneratorParams.set_search_options(max_length=...)`` in an app).
 
     Raises:
         ArtifactError: the folder is not an artifact, a file is missing, truncated or
@@ -46,4 +52,4 @@ def load(path: str | Path, *, verify: bool = True, threads: int | None = None) -
     root = Path(path)
     manifest = load_manifest(root, verify=verify)
     log.info("loading %s (%s, target %s)", root, manifest["model"].get("family"), manifest["target"].get("backend"))
-    return Session(root, manifest, threads=threads)
+    return Session(root, manifest, threads=threads, max_length=max_length)

@@ -60,7 +60,8 @@ class Session:
     ``truncate=True`` shorten the prompt instead (dropping its oldest tokens, with a warning).
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None = None,
+                 max_length: int | None = None) -> None:
         target = manifest["target"]
         if target.get("backend") != BACKEND or target.get("format") != "onnx":
             raise ArtifactError(f"{root} targets {target.get('backend')!r}; this runtime runs {BACKEND!r} artifacts "
@@ -88,6 +89,10 @@ class Session:
         self.vocab_size = int(manifest["model"]["vocab_size"])
         limit = manifest["model"].get("max_position_embeddings")
         self.max_positions: int | None = int(limit) if limit else None  # None: the manifest records no limit
+        if max_length is not None:  # a caller's bound on positions, hence on the KV cache's memory
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+                raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+            self.max_positions = min(max_length, self.max_positions or max_length)
         tok = manifest.get("tokenizer", {})
         self.eos_token_ids = frozenset(int(i) for i in tok.get("eos_token_ids", []))
         self._tokenizer_file = tok.get("tokenizer_file")
