@@ -232,3 +232,17 @@ def test_genai_appends_tokens_after_a_generation(artifacts, og):
     prefix = seq[:-5]
     assert prefix[len(first) + 5:] == second
     assert _until_eos(seq[len(prefix):], session.eos_token_ids) == _ours(session, prefix, 5)
+
+
+def test_the_documented_app_example_runs_on_a_sample_artifact(tmp_path, og):
+    """docs/examples/genai-app/chat.py, as a user runs it, on the bundled sample's artifact."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    art = _artifact(repo / "samples" / "mixtral-tiny", tmp_path / "art", (4, 8))
+    out = subprocess.run([sys.executable, str(repo / "docs/examples/genai-app/chat.py"), str(art), "The list type",
+                          "--max-new-tokens", "12"], capture_output=True, text=True, check=True, timeout=120).stdout
+    expected = runtime.load(art).generate("The list type", max_new_tokens=12)
+    assert out.strip() == f"{'The list type'!r} -> {expected!r}"
