@@ -85,7 +85,7 @@ class OrtCpuBackend(Backend):
 
     def emit(self, graph: Graph, out_dir: Path, *, accuracy_level: int = 4, dispatch: str = DEFAULT_DISPATCH,
              external_data: bool | None = None, external_data_threshold_mb: float = DEFAULT_EXTERNAL_MB,
-             opset: int = OPSET, max_length: int | None = None) -> dict[str, Any]:
+             opset: int = OPSET, max_length: int | None = None, genai: bool = True) -> dict[str, Any]:
         """Write ``model.onnx`` (+ ``model.onnx.data`` when large) and ``genai_config.json`` into ``out_dir``.
 
         The graph follows onnxruntime-genai's decoder contract (``attention_mask`` input,
@@ -106,6 +106,9 @@ class OrtCpuBackend(Backend):
             max_length: positions (prompt + generated) onnxruntime-genai preallocates its shared KV buffer for,
                 per sequence (``search.max_length`` in ``genai_config.json``; apps may lower it at load).
                 None: the model's ``max_position_embeddings``, at most 4096.
+            genai: False emits the graph that came before onnxruntime-genai's contract (plain-op attention
+                with a growing cache, no ``attention_mask``, no padding, no ``genai_config.json``), which
+                ``dmpq_compile.runtime`` still runs; for benchmarks against it.
 
         Returns:
             Manifest fields: model file names, opset, I/O names and KV-cache shapes, options, and
@@ -122,18 +125,18 @@ class OrtCpuBackend(Backend):
         out_dir = require_folder(out_dir)
         max_length = resolve_max_length(graph, max_length)
         with tempfile.TemporaryFile(dir=out_dir) as spill:  # large eager initializers wait here until written
-            options = LoweringOptions(dispatch=dispatch, opset=opset, genai=True)
+            options = LoweringOptions(dispatch=dispatch, opset=opset, logits_to_keep=True, genai=genai)
             lowered = lower(graph, MatMulNBitsProjection(accuracy_level), options, defer=True, spill=spill)
             size = initializer_bytes(lowered.model)
             external = use_external(external_data, size, external_data_threshold_mb)
             path = save_checked(lowered.model, out_dir, external=external, deferred=lowered.deferred)
         io = io_fields(lowered)
         files = file_fields(lowered.model, external)
-        genai = None
-        if io["kv_cache"]:  # a decoder; a graph without attention (a lone MoE block in tests) is no genai model
+        genai_fields = None
+        if genai and io["kv_cache"]:  # a decoder: a lone MoE block (tests) has no attention, no genai model
             config = genai_config(graph, io, files["model_file"], max_length)
             (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            genai = {"config": GENAI_CONFIG, "max_length": max_length,
+            genai_fields = {"config": GENAI_CONFIG, "max_length": max_length,
                      "kv_bytes_per_token": kv_bytes_per_token(io["kv_cache"])}
         log.info("emitted %s (%.1f MB weights%s, dispatch=%s, accuracy_level=%d)", path, size / 1e6,
                  ", external data" if external else "", dispatch, accuracy_level)
@@ -144,7 +147,7 @@ class OrtCpuBackend(Backend):
             "accuracy_level": accuracy_level,
             "weight_bytes": size,
             "io": io,
-            "genai": genai,
+            "genai": genai_fields,
             "requires": {"onnxruntime": ">=1.20", "numpy": ">=1.24", "tokenizers": ">=0.19"},
             "expert_weights": owned_weights(lowered.model, lowered.owners, {n.id for n in graph.experts()}),
             "nonexpert_weights": owned_weights(lowered.model, lowered.owners, quantized_nonexpert_ids(graph)),
