@@ -12,7 +12,10 @@ Layout of ``out/``::
     report.json        the compile report (allocation, metrics) given by the caller
     model.onnx(.data)  whatever the backend emits
     tokenizer.json ... tokenizer files from the source checkpoint (JSON ones rewritten without
-                       indentation: the same object, about 60 % fewer bytes)
+                       indentation: the same object, about 60 % fewer bytes); tokenizer_config.json
+                       made what onnxruntime-genai needs (see _tokenizer_config_for_genai); the
+                       manifest's ``tokenizer.chat_template`` names the source file of the chat
+                       template (null: the checkpoint has none)
 
 Everything is written into a temporary folder next to ``out`` and renamed into place only when
 complete, so a crash or an error never leaves a half-written artifact under ``out``. That folder
@@ -38,6 +41,7 @@ from typing import Any
 
 from .backends.base import Backend
 from .fileio import default_modes
+from .frontend.hf import CHAT_TEMPLATE_FILE, chat_template_source
 from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph
 from .passes.manager import peak_rss_mb, reset_peak_rss
 from .runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, ArtifactError, file_entries
@@ -362,10 +366,44 @@ def _copy_tokenizer(graph: Graph, dest: Path) -> dict[str, Any]:
         _copy_compact(src, dest / name)
     if "tokenizer.json" not in names:
         log.warning("the source model has no tokenizer.json: the artifact can only be run on token ids")
+    chat_template = chat_template_source(dest)
+    _tokenizer_config_for_genai(dest, names, chat_template)
     eos = graph.meta.get("eos_token_id")
     eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
     return {"files": names, "tokenizer_file": "tokenizer.json" if "tokenizer.json" in names else None,
-            "eos_token_ids": eos_ids, "bos_token_id": graph.meta.get("bos_token_id")}
+            "eos_token_ids": eos_ids, "bos_token_id": graph.meta.get("bos_token_id"), "chat_template": chat_template}
+
+
+def _tokenizer_config_for_genai(dest: Path, names: list[str], chat_template: str | None) -> None:
+    """Make ``dest/tokenizer_config.json`` what onnxruntime-genai needs, adding it to ``names`` when created.
+
+    onnxruntime-genai (0.18, measured) loads no tokenizer without a tokenizer_config.json, so one is
+    created beside a tokenizer.json, holding the generic ``tokenizer_class`` (without a class it
+    ignores the file's chat template). It reads the ``chat_template`` key before chat_template.jinja,
+    the reverse of transformers' order, so a chat_template.jinja's text is written into the key: it
+    then applies the template transformers applies, whichever of the two files it reads.
+    """
+    path = dest / "tokenizer_config.json"
+    embed = chat_template == CHAT_TEMPLATE_FILE
+    if path.is_file():
+        if not embed:
+            return
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            config = None
+        if not isinstance(config, dict):
+            log.warning("the source's tokenizer_config.json is not a JSON object, so %s is carried but not written "
+                        "into it: onnxruntime-genai may not find the chat template", CHAT_TEMPLATE_FILE)
+            return
+    elif embed or "tokenizer.json" in names:
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        names.append(path.name)
+    else:
+        return
+    if embed:
+        config["chat_template"] = (dest / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    path.write_text(json.dumps(config, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
 def _copy_compact(src: Path, dst: Path) -> None:

@@ -378,4 +378,6 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
     report = {"config": dataclasses.asdict(cfg), "passes": [dataclasses.asdict(r) for r in records],
               "experts": expert_table(graph), "nonexpert": nonexpert_table(graph),
               "compile_seconds": round(seconds, 3)}
-    return write_artifact(graph, get_backend(cfg.target, cfg.scale_dtype), out, report=report, overwrite=overwrite)
+    options = {} if cfg.max_length is None else {"max_length": cfg.max_length}
+    return write_artifact(graph, get_backend(cfg.target, cfg.scale_dtype), out, report=report, overwrite=overwrite,
+                          emit_options=options)

@@ -1,54 +1,75 @@
-"""dmpq-compile check ARTIFACT: verify an artifact's files, then validate its ONNX model (onnx.checker,
-TensorRT's ONNX support)."""
+"""dmpq-compile check ARTIFACT: verify an artifact's files, run onnx.checker on its ONNX model, then
+the checks of its own target: onnxruntime (and onnxruntime-genai) for ort-cpu, TensorRT's ONNX support
+for trt-a100."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 NAME = "check"
-HELP = "check an artifact's ONNX model against TensorRT 10.x's documented ONNX support"
+TARGETS = ("ort-cpu", "trt-a100")  # the backends whose artifacts check knows
+HELP = ("check an artifact against its own target: ort-cpu (onnxruntime and onnxruntime-genai load it) or "
+        "trt-a100 (TensorRT 10.x's documented ONNX support)")
 DESCRIPTION = """First verify every file the artifact's manifest lists (size and sha256, as loading does),
-then run onnx.checker on the model file (by path, so models over 2 GB with external data work), then
-validate it against TensorRT's documented ONNX support: operators and their types, per-operator
+then run onnx.checker on the model file (by path, so models over 2 GB with external data work), then the
+checks of the target the manifest names. ort-cpu: onnxruntime loads the model on the CPU; where the
+artifact has a genai_config.json, onnxruntime-genai parses it and loads the model, the tokenizer and the
+chat template (skipped with a warning when onnxruntime-genai is not installed). trt-a100: the model is
+validated against TensorRT's documented ONNX support: operators and their types, per-operator
 restrictions, dtypes, Q/DQ placement and quantization granularity, opset range (sources:
-docs/trt-a100.md). ARTIFACT is an artifact folder or a .onnx file (checksums are verified when its
-folder holds a manifest). Needs neither a GPU nor TensorRT. Exit status 1 when there is at least one
-error."""
+docs/trt-a100.md); needs neither a GPU nor TensorRT. ARTIFACT is an artifact folder or a .onnx file
+(checksums are verified and the target read when its folder holds a manifest; otherwise --target says
+which checks run). Exit status 1 when there is at least one error."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", metavar="ARTIFACT", help="artifact folder (manifest.json) or an .onnx file")
-    p.add_argument("--trt-version", default="10.x", help="TensorRT release to check against (default 10.x = newest "
-                   "encoded table; e.g. 10.0, 10.8)")
+    p.add_argument("--target", choices=TARGETS, help="the checks for an .onnx file without a manifest beside it "
+                   "(default trt-a100); an artifact's manifest names its target, which this must then match")
+    p.add_argument("--trt-version", default="10.x", help="trt-a100: TensorRT release to check against (default "
+                   "10.x = newest encoded table; e.g. 10.0, 10.8)")
     p.add_argument("--json", action="store_true", help="print the issues as JSON")
     p.add_argument("--max-warnings", type=int, default=20, help="warnings printed one by one before they are only "
                    "counted per rule (default 20)")
     p.add_argument("--no-verify", action="store_true", help="skip the size and sha256 check of the artifact's files")
 
 
-def model_path(artifact: str | Path, verify: bool = True) -> Path:
-    """The ONNX file of an artifact folder (from its manifest) or the file itself.
+def resolve(artifact: str | Path, verify: bool = True,
+            target: str | None = None) -> tuple[Path, str, dict[str, Any] | None]:
+    """``(ONNX file, target backend, manifest or None)`` of an artifact folder or an .onnx file.
 
-    With ``verify``, every file the manifest lists is checked (size, sha256) first; a bare .onnx
-    file is verified when its folder holds a manifest.
+    The manifest is the folder's (the file's folder for an .onnx file); with ``verify``, every file
+    it lists is checked (size, sha256) first. A bare .onnx file without a manifest is checked as
+    ``target`` (default ``trt-a100``).
 
     Raises:
         ArtifactError: the manifest is missing or invalid, or a listed file is missing or changed.
+        ValueError: the manifest names a target check does not know, or another than ``target``,
+            or has no ONNX model.
     """
     from ..runtime.manifest import MANIFEST_NAME, load_manifest
 
     path = Path(artifact)
+    folder = path.parent if path.is_file() else path
+    if path.is_file() and not (folder / MANIFEST_NAME).is_file():
+        return path, target or "trt-a100", None
+    manifest = load_manifest(folder, verify=verify)
+    fields = manifest["target"]
+    backend = fields.get("backend")
+    if backend not in TARGETS:
+        raise ValueError(f"{folder} targets {backend!r}; check knows the targets {', '.join(TARGETS)}")
+    if target is not None and target != backend:
+        raise ValueError(f"{folder}'s manifest names target {backend!r}, not --target {target}; leave --target out")
     if path.is_file():
-        if verify and (path.parent / MANIFEST_NAME).is_file():
-            load_manifest(path.parent, verify=True)
-        return path
-    target = load_manifest(path, verify=verify)["target"]
-    if target.get("format") != "onnx" or not target.get("model_file"):
-        raise ValueError(f"{path} targets {target.get('backend')!r} without an ONNX model; nothing to check")
-    return path / target["model_file"]
+        return path, backend, manifest
+    if fields.get("format") != "onnx" or not fields.get("model_file"):
+        raise ValueError(f"{path} targets {backend!r} without an ONNX model; nothing to check")
+    return path / fields["model_file"], backend, manifest
 
 
 def onnx_checker_errors(path: Path) -> list[str]:
@@ -64,15 +85,25 @@ def onnx_checker_errors(path: Path) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..backends.trt.compat import check_model
-
-    path = model_path(args.artifact, verify=not args.no_verify)
+    path, backend, manifest = resolve(args.artifact, verify=not args.no_verify, target=args.target)
     invalid = onnx_checker_errors(path)
     if invalid:
         print("\n".join(invalid))
         print(f"{path}: FAILS onnx.checker; re-create the artifact")
         return 1
-    issues = check_model(path, args.trt_version)
+    if backend == "ort-cpu":
+        from ..runtime.check import check_ort_cpu
+
+        findings, checked = check_ort_cpu(path, manifest)
+        return report(findings, f"ort-cpu checks ({', '.join(['onnx.checker', *checked])})", path, args)
+    from ..backends.trt.compat import check_model
+
+    return report(check_model(path, args.trt_version), f"TensorRT {args.trt_version} checks", path, args)
+
+
+def report(issues: Sequence[Any], checks: str, path: Path, args: argparse.Namespace) -> int:
+    """Print ``issues`` (each with ``severity``, ``rule`` and a one-line ``str``; errors first) and
+    the verdict line on ``checks``; 1 when one of them is an error, else 0."""
     errs = [i for i in issues if i.severity == "error"]
     warns = [i for i in issues if i.severity != "error"]
     if args.json:
@@ -84,5 +115,5 @@ def main(args: argparse.Namespace) -> int:
     for rule, n in sorted(Counter(i.rule for i in rest).items()):
         print(f"warning: [{rule}] {n} more")
     verdict = "FAILS" if errs else "passes"
-    print(f"{path}: {verdict} TensorRT {args.trt_version} checks ({len(errs)} errors, {len(warns)} warnings)")
+    print(f"{path}: {verdict} {checks} ({len(errs)} errors, {len(warns)} warnings)")
     return 1 if errs else 0

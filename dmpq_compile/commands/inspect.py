@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 HELP = ("print the per-expert table (layer, expert, freq, sensitivity, bits) of an artifact or IR, the bits "
-        "of the weights outside the experts, and an artifact's stored bits per weight")
+        "of the weights outside the experts, and an artifact's stored bits per weight and chat template")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,6 +118,20 @@ def format_storage(storage: dict) -> str:
     return "\n".join(lines)
 
 
+def chat_template_line(path: Path) -> str | None:
+    """One line on an artifact's chat template: the source checkpoint's file that held it, or that it
+    had none (from the manifest's ``tokenizer.chat_template``); None for a folder without a manifest."""
+    f = path / "manifest.json"
+    if not f.is_file():
+        return None
+    tokenizer = json.loads(f.read_text()).get("tokenizer") or {}
+    if "chat_template" not in tokenizer:
+        return "chat template: not recorded (the artifact was compiled before dmpq-compile recorded it)"
+    if tokenizer["chat_template"] is None:
+        return "chat template: none in the source checkpoint (apply_chat_template will fail; pass a template yourself)"
+    return f"chat template: from the source checkpoint's {tokenizer['chat_template']}"
+
+
 def main(args: argparse.Namespace) -> int:
     path = Path(args.path)
     rows = load_rows(path)
@@ -131,4 +145,7 @@ def main(args: argparse.Namespace) -> int:
         print(format_nonexpert(nonexpert))
     if storage:
         print(format_storage(storage))
+    template = chat_template_line(path)
+    if template:
+        print(template)
     return 0

@@ -15,8 +15,9 @@ from .families import SUPPORTED, Family, family_for
 
 log = logging.getLogger(__name__)
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where recent transformers save a checkpoint's chat template
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json")
+                   "merges.txt", "tokenizer.model", "generation_config.json", CHAT_TEMPLATE_FILE)
 
 
 class FrontendError(ValueError):
@@ -42,6 +43,22 @@ def load(model_dir: str | Path) -> Graph:
     validate(graph)
     log.info("lowered %s: %s", model_dir, graph.summary())
     return graph
+
+
+def chat_template_source(model_dir: str | Path) -> str | None:
+    """The file of ``model_dir`` whose chat template transformers uses, or None when it has none.
+
+    ``chat_template.jinja`` wins over a ``chat_template`` key in ``tokenizer_config.json`` (as in
+    transformers' ``from_pretrained``); an empty key or an unreadable config counts as none.
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / CHAT_TEMPLATE_FILE).is_file():
+        return CHAT_TEMPLATE_FILE
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return "tokenizer_config.json" if isinstance(config, dict) and config.get("chat_template") else None
 
 
 def _read_config(model_dir: Path) -> dict:
