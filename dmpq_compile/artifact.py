@@ -129,8 +129,7 @@ def _write(graph: Graph, backend_name: str, produce: Callable[[Path], Mapping[st
         reset_peak_rss()
         t0 = time.perf_counter()
         target = produce(tmp)
-        storage = storage_summary(graph, target.get("expert_weights"),
-                                  sum(f.stat().st_size for f in tmp.iterdir() if f.is_file() and f.name != OWNER_FILE),
+        storage = storage_summary(graph, target.get("expert_weights"), _model_bytes(tmp, target),
                                   target.get("nonexpert_weights"), target.get("weight_bytes"))
         report = {**dict(report or {}), "emit": {"seconds": round(time.perf_counter() - t0, 3),
                                                  "peak_rss_mb": round(peak_rss_mb(), 1)}, "storage": storage}
@@ -147,6 +146,16 @@ def _write(graph: Graph, backend_name: str, produce: Callable[[Path], Mapping[st
         raise
     log.info("wrote artifact %s (%d files)", out, len(manifest["files"]))
     return out
+
+
+def _model_bytes(folder: Path, target: Mapping[str, Any]) -> int:
+    """Bytes of the model files the target fields name (``model_file``, ``external_data_file``), or of every
+    file the backend wrote when they name none; runtime configs beside them (``genai_config.json``) are
+    not the model."""
+    names = [target.get(k) for k in ("model_file", "external_data_file") if target.get(k)]
+    files = [folder / n for n in names] if names else \
+        [f for f in folder.iterdir() if f.is_file() and f.name != OWNER_FILE]
+    return sum(f.stat().st_size for f in files)
 
 
 OWNER_FILE = ".dmpq-owner.json"  # inside a .partial folder while it is being written
