@@ -67,7 +67,8 @@ def test_compile_run_inspect_eval_end_to_end(tiny_dirs, tiny_corpus, tmp_path, c
     summary = next(i for i, line in enumerate(lines) if line.startswith("stored bits per weight:"))
     assert summary == 1 + len(bits)  # header + one row per expert, then the stored-bits summary
     quantized = sum(b < 16 for b in bits)
-    assert lines[-2] == f"  scales: float16 ({quantized} nodes)"  # ort-cpu's default format
+    assert lines[-3] == f"  scales: float16 ({quantized} nodes)"  # ort-cpu's default format
+    assert lines[-2].startswith("onnxruntime-genai: genai_config.json, max_length ")
     assert lines[-1].startswith("chat template: none in the source checkpoint")  # tiny checkpoints have none
     assert main(["run", str(art), "the expert", "--max-new-tokens", "5"]) == 0
     assert main(["eval", str(art), "--corpus", str(tiny_corpus), "--context", "32", "--no-progress"]) == 0

@@ -111,6 +111,11 @@ def test_every_ort_cpu_artifact_carries_a_genai_config(artifacts):
     kv = io["kv_cache"][0]
     assert genai["kv_bytes_per_token"] == len(io["kv_cache"]) * 2 * 4 * kv["num_kv_heads"] * kv["head_dim"]
     assert "genai_config.json" in manifest["files"]  # checksummed like the model
+    from dmpq_compile.commands.inspect import genai_line
+
+    per_sequence = genai["kv_bytes_per_token"] * genai["max_length"] / 2**20
+    assert genai_line(art).startswith(f"onnxruntime-genai: genai_config.json, max_length {genai['max_length']} "
+                                      f"(KV buffer {per_sequence:.1f} MiB per sequence")
 
 
 def test_max_length_is_set_at_compile_and_checked(tiny_dirs, tmp_path):

@@ -132,6 +132,19 @@ def chat_template_line(path: Path) -> str | None:
     return f"chat template: from the source checkpoint's {tokenizer['chat_template']}"
 
 
+def genai_line(path: Path) -> str | None:
+    """One line on the onnxruntime-genai config of an ort-cpu artifact: its KV buffer's positions and size
+    per sequence; None where the manifest records none (trt-a100, or compiled before the genai contract)."""
+    f = path / "manifest.json"
+    genai = json.loads(f.read_text()).get("target", {}).get("genai") if f.is_file() else None
+    if not genai:
+        return None
+    per_token = int(genai["kv_bytes_per_token"])
+    return (f"onnxruntime-genai: {genai['config']}, max_length {genai['max_length']} (KV buffer "
+            f"{per_token * int(genai['max_length']) / 2**20:.1f} MiB per sequence, {per_token / 1024:.1f} KiB a "
+            "position; set it with compile --max-length or the app's max_length)")
+
+
 def main(args: argparse.Namespace) -> int:
     path = Path(args.path)
     rows = load_rows(path)
@@ -145,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
         print(format_nonexpert(nonexpert))
     if storage:
         print(format_storage(storage))
-    template = chat_template_line(path)
-    if template:
-        print(template)
+    for line in (genai_line(path), chat_template_line(path)):
+        if line:
+            print(line)
     return 0
