@@ -55,18 +55,22 @@ def owned_weights(model: onnx.ModelProto, owners: Mapping[str, str],
     """``{owner: {"tensors": [initializer names], "bytes": their stored bytes}}``.
 
     ``owners`` maps initializer names to who they belong to (an expert's IR node id, from
-    :attr:`Builder.owners`); ``keep`` restricts the result to those owners. Call it on the model
-    that :func:`save_model` wrote, so the bytes are what is on disk. This is what the manifest
-    records per expert, and what the bench and the allocator's hardware measurement read.
+    :attr:`Builder.owners`), or to a tuple of ids for a tensor that stacks several experts of the
+    same shape (a fused MoE op's weights), whose bytes each of them gets an equal share of;
+    ``keep`` restricts the result to those owners. Call it on the model that :func:`save_model`
+    wrote, so the bytes are what is on disk. This is what the manifest records per expert, and what
+    the bench and the allocator's hardware measurement read.
     """
     out: dict[str, dict[str, Any]] = {}
     for t in model.graph.initializer:
         owner = owners.get(t.name)
-        if owner is None or (keep is not None and owner not in keep):
-            continue
-        entry = out.setdefault(owner, {"tensors": [], "bytes": 0})
-        entry["tensors"].append(t.name)
-        entry["bytes"] += tensor_bytes(t)
+        ids = () if owner is None else (owner,) if isinstance(owner, str) else tuple(owner)
+        for key in ids:
+            if keep is not None and key not in keep:
+                continue
+            entry = out.setdefault(key, {"tensors": [], "bytes": 0})
+            entry["tensors"].append(t.name)
+            entry["bytes"] += tensor_bytes(t) // len(ids)
     return out
 
 

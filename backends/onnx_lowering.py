@@ -9,8 +9,9 @@ pluggable because targets differ exactly there:
   ``weight`` of lm_head when the ``precision`` policy gave them bits) becomes ONNX: the ORT CPU backend emits
   ``com.microsoft.MatMulNBits``, a TensorRT backend would emit ``DequantizeLinear`` + ``MatMul``;
   :class:`FloatProjection` (fp32 ``MatMul``) is the base they fall back to for 16-bit nodes;
-* a dispatch pattern (:class:`GatherDispatch`, :class:`GatherIfDispatch` or
-  :class:`DenseDispatch`) decides how tokens reach the experts routed to them.
+* a dispatch pattern (:class:`GatherDispatch`, :class:`GatherIfDispatch`, :class:`DenseDispatch`,
+  or :class:`FusedDispatch`, one fused MoE op per layer and bit-width where the projection has one)
+  decides how tokens reach the experts routed to them.
 
 Graph interface (all float tensors fp32): input ``input_ids [batch, sequence]`` (int64) and per
 attention layer ``past_key_values.{l}.key|value [batch, kv_heads, past_sequence, head_dim]``;
@@ -44,7 +45,7 @@ from .base import BackendError
 log = logging.getLogger(__name__)
 
 OPSET = 21
-DISPATCHES = ("gather-if", "gather", "dense")
+DISPATCHES = ("gather-if", "gather", "dense", "fused")
 
 
 SPILL_MIN_BYTES = 1 << 20  # initializers from this size on are spilled when the builder has a spill file
@@ -217,6 +218,7 @@ class RouteValue:
     top_i: str  # [N, k] int64
     node: Node
     cache: dict[str, str] = field(default_factory=dict)
+    fused: list[Node] = field(default_factory=list)  # experts FusedDispatch leaves to the combine
 
     def dense(self, lw: Lowering, what: str) -> str:
         """``[N, E]``: routing weight (``"weights"``) or 1.0 (``"selected"``) at the chosen experts, else 0."""
@@ -333,7 +335,39 @@ class DenseDispatch:
         return lw.b.op("Sum", [p.y for p in parts], hint) if len(parts) > 1 else parts[0].y
 
 
-DISPATCH_CLASSES = {"gather-if": GatherIfDispatch, "gather": GatherDispatch, "dense": DenseDispatch}
+class FusedDispatch(GatherIfDispatch):
+    """Each layer's experts of one bit-width run as one fused MoE op of the target (ort-cpu:
+    ``com.microsoft.QMoE``), the others (16-bit, shapes or modes the op does not serve exactly) as
+    :class:`GatherIfDispatch`.
+
+    The projection decides: ``fusable(lw, node)`` says whether an expert can join a fused op,
+    ``fusion_key(node)`` which experts share one (same bits and format), and ``fused_moe(lw, route,
+    nodes, hint)`` emits the op for a group, fed the layer's one routing (``RouteValue.dense``): each
+    expert gets exactly its routing weight. The combine adds the fused groups' outputs to the
+    gather-if buffer (fp32 sums in another order than the interpreter's: ~1e-7 relative).
+    """
+
+    name = "fused"
+
+    def expert(self, lw: Lowering, route: RouteValue, node: Node) -> ExpertPart:
+        fusable = getattr(lw.projection, "fusable", None)
+        if fusable is not None and fusable(lw, node):
+            route.fused.append(node)
+            return ExpertPart(None, "")
+        return super().expert(lw, route, node)
+
+    def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:
+        outs = [route.cache["acc"]] if "acc" in route.cache else []
+        groups: dict[Any, list[Node]] = {}
+        for node in route.fused:
+            groups.setdefault(lw.projection.fusion_key(node), []).append(node)
+        for key in sorted(groups, key=str):
+            outs.append(lw.projection.fused_moe(lw, route, groups[key], hint))
+        return outs[0] if len(outs) == 1 else lw.b.op("Sum", outs, hint)
+
+
+DISPATCH_CLASSES = {"gather-if": GatherIfDispatch, "gather": GatherDispatch, "dense": DenseDispatch,
+                    "fused": FusedDispatch}
 
 
 @dataclass(frozen=True)

@@ -81,15 +81,18 @@ def weight_stats(path: Path, manifest: Mapping[str, Any], freqs: Mapping[str, fl
     if any("tensors" not in e or "bytes" not in e for e in experts.values()):
         raise ArtifactError(f"{path / MANIFEST_NAME} does not list each expert's tensors and bytes (an artifact "
                             "written before the manifest recorded them); re-create it to bench its bytes read")
-    owner = {name: key for key, e in experts.items() for name in e["tensors"]}
+    owner: dict[str, list[str]] = {}  # a fused MoE op's tensor belongs to every expert it stacks
+    for key, e in experts.items():
+        for name in e["tensors"]:
+            owner.setdefault(name, []).append(key)
     model = onnx.load(str(path / manifest["target"].get("model_file", MODEL_FILE)), load_external_data=False)
     files = sum(f.stat().st_size for f in path.iterdir() if f.name in (MODEL_FILE, DATA_FILE))
     nbits, rows = _matmulnbits_weights(model.graph), _gathered_tables(model.graph)
     read = sum(freqs.get(key, 0.0) * e["bytes"] for key, e in experts.items())
     int8, fp32 = 0.0, 0.0
     for init in model.graph.initializer:
-        if init.name in owner:
-            share = freqs.get(owner[init.name], 0.0)
+        if init.name in owner:  # per token: its experts' frequencies, each over its share of the tensor
+            share = sum(freqs.get(k, 0.0) for k in owner[init.name]) / len(owner[init.name])
         else:
             share = 1.0 / max(1, init.dims[0]) if init.name in rows and init.dims else 1.0  # one row per token
             read += share * tensor_bytes(init)
@@ -111,16 +114,23 @@ def _subgraph_nodes(graph: Any) -> Any:
 
 
 def _matmulnbits_weights(graph: Any) -> dict[str, int]:
-    """``{B initializer: K * N}`` of every ``MatMulNBits`` node, subgraphs (``If`` branches) included.
+    """``{B initializer: K * N}`` of every ``MatMulNBits`` node, subgraphs (``If`` branches) included, and
+    ``{fc1/fc2 codes: E * N * K}`` of every ``QMoE`` node.
 
     Read from the node's ``K``/``N`` attributes, so dmpq-compile's and onnxruntime's quantizer's
     weights count alike whatever their packing.
     """
     out = {}
+    dims = {t.name: list(t.dims) for t in graph.initializer}
     for node in _subgraph_nodes(graph):
+        attrs = {a.name: a.i for a in node.attribute}
         if node.op_type == "MatMulNBits":
-            attrs = {a.name: a.i for a in node.attribute}
             out[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
+        elif node.op_type == "QMoE":  # fc1 / fc2 codes [E, N, K * bits / 8]: E x N x K weights
+            for i in (2, 5):
+                if node.input[i] in dims:
+                    e, n, packed = dims[node.input[i]]
+                    out[node.input[i]] = e * n * packed * 8 // int(attrs["expert_weight_bits"])
     return out
 
 

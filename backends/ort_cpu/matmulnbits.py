@@ -203,6 +203,123 @@ class MatMulNBitsProjection:
         return b.op("BitwiseAnd", [shifted, b.const(2 ** bits - 1, np.uint8)], hint)
 
 
+    # -- fused experts: com.microsoft.QMoE (FusedDispatch) ----------------------------------------
+    def fusable(self, lw: Lowering, node: Node) -> bool:
+        """Whether routed expert ``node`` can run inside a ``QMoE`` node (:meth:`fused_moe`) with the
+        result the per-expert MatMulNBits graph gives at this accuracy level.
+
+        QMoE (onnxruntime 1.32, CPU) takes 2/4/8-bit block-wise codes whose widths are whole blocks, and
+        ``accuracy_level`` 0 or 4. At level 4 it quantizes activations to int8 like MatMulNBits. At level
+        0 (the exact mode) its 4-bit kernel keeps fp32 activations, but its 8-bit kernel uses int8
+        activations at every level and its 2-bit kernel a lookup table for blocks of 32 or more (~1e-2
+        error), so those experts stay per-expert there (docs/qmoe-findings.md)."""
+        bits, quant = node.ann.get("bits", 16), node.ann.get("quant")
+        if node.kind != "expert" or bits not in NBITS or not quant or quant["spec"]["bits"] != bits:
+            return False
+        spec = QuantSpec.from_dict(quant["spec"])
+        if spec.scheme != ASYM_GROUP or self.accuracy_level not in (0, 4):
+            return False
+        shapes = [tuple(int(v) for v in quant["tensors"][r]["shape"]) for r in ("gate", "up", "down")]
+        if any(k % spec.group_size for _, k in shapes):
+            return False
+        return self.accuracy_level == 4 or bits == 4 or (bits == 2 and spec.group_size <= 16)
+
+    @staticmethod
+    def fusion_key(node: Node) -> tuple[Any, ...]:
+        """Experts that share one QMoE node: the same bits and stored format (one width per node)."""
+        spec = node.ann["quant"]["spec"]
+        return (int(spec["bits"]), int(spec["group_size"]), spec.get("scale_dtype", "float32"))
+
+    def fused_moe(self, lw: Lowering, route: Any, nodes: list[Node], hint: str) -> str:
+        """One ``com.microsoft.QMoE`` for ``nodes`` (one layer's experts of one bit-width): ``[N, H]`` out.
+
+        Routing: the layer's dense weights ``[N, E]`` (its own TopK and normalization, computed once) at
+        the group's columns are both ``router_probs`` (the kernel's top-``k`` choice, ``k = min(top_k,
+        group size)``) and ``router_weights`` (the mixing weights), with ``normalize_routing_weights =
+        0``. A token has at most ``k`` experts of the group with a positive weight; the kernel fills the
+        remaining slots with zero-weight experts and skips every (token, expert) whose weight is at
+        most 1e-8, so each chosen expert is computed once with exactly its weight and no other expert
+        is. The weights go in scaled by 2^32 and the output comes out scaled by 2^-32 (exact in fp32),
+        which moves that 1e-8 cut below any weight a softmax gives a chosen expert.
+
+        Weights: the stored codes, byte for byte (:func:`qmoe_tensors`); the float16 scales are cast to
+        fp32 (a constant ONNX Runtime folds at load), since the CPU kernel takes scales in the
+        activations' type and runs on fp32 activations.
+        """
+        b = lw.b
+        spec = QuantSpec.from_dict(nodes[0].ann["quant"]["spec"])
+        ids = tuple(n.id for n in nodes)
+        (inter, hidden), top_k = (int(v) for v in nodes[0].ann["quant"]["tensors"]["gate"]["shape"]), \
+            int(route.node.attrs["top_k"])
+        prefix = f"{route.node.id}.qmoe{spec.bits}"
+        inputs = {}
+        for field, shape, dtype in qmoe_layout(len(nodes), hidden, inter, spec):
+            name = b.add_deferred(f"{prefix}.{field}", shape, dtype, _qmoe_part(lw, nodes, field))
+            b.owners[name] = ids  # one tensor, several experts: each owns an equal share (owned_weights)
+            inputs[field] = name
+            if field.endswith("scales") and dtype == np.float16:
+                inputs[field] = b.op("Cast", [name], f"{prefix}.{field}", to=TensorProto.FLOAT)
+        experts = [int(n.attrs["expert"]) for n in nodes]
+        dense = route.dense(lw, "weights")
+        if experts != list(range(int(route.node.attrs["num_experts"]))):
+            dense = b.op("Gather", [dense, b.const(experts, np.int64)], prefix, axis=1)
+        weights = b.op("Mul", [dense, b.const(QMOE_WEIGHT_SCALE)], prefix)
+        y = b.op("QMoE", [route.flat, dense, inputs["fc1"], inputs["fc1_scales"], "", inputs["fc2"],
+                          inputs["fc2_scales"], "", "", "", "", inputs["fc1_zero_points"], inputs["fc2_zero_points"],
+                          "", weights], prefix, domain="com.microsoft", k=min(top_k, len(nodes)),
+                 activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                 swiglu_limit=float("inf"), expert_weight_bits=spec.bits, block_size=spec.group_size,
+                 normalize_routing_weights=0, accuracy_level=self.accuracy_level, weights_prepacked=0,
+                 quant_type="int")
+        return b.op("Mul", [y, b.const(1.0 / QMOE_WEIGHT_SCALE)], prefix)
+
+
+QMOE_WEIGHT_SCALE = 2.0 ** 32  # routing weights x this into QMoE, its output x the inverse (see fused_moe)
+
+
+def qmoe_layout(experts: int, hidden: int, inter: int, spec: QuantSpec) -> list[tuple[str, tuple[int, ...], Any]]:
+    """QMoE's six weight inputs for ``experts`` SwiGLU experts ``H -> I -> H``: name, shape, dtype.
+    ``fc1`` holds gate and up rows interleaved (row ``2j`` gate ``j``, ``2j + 1`` up ``j``:
+    ``swiglu_fusion=1``), ``fc2`` the down projection; codes ``[E, N, K * bits / 8]`` (each row the
+    MatMulNBits blocks of that row, flattened), scales ``[E, N, K / block]``, zero points packed like
+    MatMulNBits' ``[E, N, ceil(K / block * bits / 8)]``."""
+    bits, bs, scale = spec.bits, spec.group_size, np.dtype(spec.scale_dtype)
+    out = []
+    for fc, (n, k) in (("fc1", (2 * inter, hidden)), ("fc2", (hidden, inter))):
+        blocks = k // bs
+        out += [(fc, (experts, n, k * bits // 8), np.uint8), (f"{fc}_scales", (experts, n, blocks), scale),
+                (f"{fc}_zero_points", (experts, n, -(-blocks * bits // 8)), np.uint8)]
+    return out
+
+
+def qmoe_tensors(packed: dict[str, NBitsWeight], field: str) -> np.ndarray:
+    """One expert's slice of QMoE input ``field`` from its packed MatMulNBits roles (byte copies)."""
+    part = {"": "b", "_scales": "scales", "_zero_points": "zero_points"}[field[3:]]
+    rows = {role: getattr(w, part).reshape(w.n, -1) for role, w in packed.items()}
+    if field.startswith("fc2"):
+        return rows["down"]
+    gate, up = rows["gate"], rows["up"]
+    return np.stack([gate, up], axis=1).reshape(2 * gate.shape[0], gate.shape[1])
+
+
+def _qmoe_part(lw: Lowering, nodes: list[Node], field: str):
+    """Makes QMoE input ``field`` of ``nodes`` when the model is written, one expert at a time (the
+    result is the only group-sized array held)."""
+    roles = ("down",) if field.startswith("fc2") else ("gate", "up")
+
+    def make() -> np.ndarray:
+        out = None
+        for i, node in enumerate(nodes):
+            packed = {r: pack_weight(lw.graph.weights, node.ann["quant"], r, node.id) for r in roles}
+            part = qmoe_tensors(packed, field)
+            if out is None:
+                out = np.empty((len(nodes), *part.shape), part.dtype)
+            out[i] = part
+        return out
+
+    return make
+
+
 GBQ_BITS = (4, 8)  # GatherBlockQuantized's uint8 data (checked with onnxruntime 1.32)
 UNPACK_BITS = (2,)  # unpacked with standard ops after the row Gather
 LOOKUP_BITS = (*UNPACK_BITS, *GBQ_BITS)
