@@ -53,7 +53,7 @@ SHAPES = {
                             "num_experts_per_tok": 2, "num_attention_heads": 32, "num_key_value_heads": 8,
                             "vocab_size": 8192, "max_position_embeddings": 4096}),
 }
-COMPOSITIONS = {"4bit": (4,), "mixed": (4, 2), "mixed3": (2, 4, 8)}
+COMPOSITIONS = {"4bit": (4,), "mixed": (4, 2), "mixed48": (4, 8), "mixed3": (2, 4, 8), "8bit": (8,)}
 DISPATCHES = ("gather-if", "fused")
 
 

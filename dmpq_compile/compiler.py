@@ -44,6 +44,7 @@ class CompileConfig:
     group_size: int = 64
     scale_dtype: str | None = None  # ort-cpu: float16 (None: the target's default) or float32 scales
     max_length: int | None = None  # ort-cpu: onnxruntime-genai's KV buffer positions (None: context, at most 4096)
+    dispatch: str | None = None  # ort-cpu: how tokens reach experts (None: the backend's default, fused)
     quant_method: str = "rtn"
     calib_corpus: str = "pydoc"
     calib_sequences: int = 32
@@ -78,6 +79,9 @@ class CompileConfig:
         if self.scale_dtype is not None and self.target != "ort-cpu":
             raise ValueError(f"--scale-dtype chooses how ort-cpu stores its scales; target {self.target!r} has its own "
                              "format (trt-a100: float16 scales); drop --scale-dtype")
+        if self.dispatch is not None and self.target != "ort-cpu":
+            raise ValueError(f"--dispatch chooses ort-cpu's expert dispatch; target {self.target!r} has its own; "
+                             "drop --dispatch")
         if self.max_length is not None and self.target != "ort-cpu":
             raise ValueError(f"--max-length sets the KV buffer of ort-cpu's onnxruntime-genai config; target "
                              f"{self.target!r} has none; drop --max-length")
@@ -378,6 +382,6 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
     report = {"config": dataclasses.asdict(cfg), "passes": [dataclasses.asdict(r) for r in records],
               "experts": expert_table(graph), "nonexpert": nonexpert_table(graph),
               "compile_seconds": round(seconds, 3)}
-    options = {} if cfg.max_length is None else {"max_length": cfg.max_length}
+    options = {k: v for k, v in (("max_length", cfg.max_length), ("dispatch", cfg.dispatch)) if v is not None}
     return write_artifact(graph, get_backend(cfg.target, cfg.scale_dtype), out, report=report, overwrite=overwrite,
                           emit_options=options)

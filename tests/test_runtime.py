@@ -42,9 +42,10 @@ def copy(artifact, tmp_path):
 
 
 def test_a_float16_overflow_is_an_error_not_a_number(tiny_dirs, tmp_path):
-    """ort-cpu's quantized products run on float16 activations: an expert whose output exceeds 65504
-    overflows. The session refuses the non-finite logits and names the fix, --scale-dtype float32,
-    which runs the same model in fp32 activations."""
+    """ort-cpu's per-expert quantized products run on float16 activations: an expert whose output exceeds
+    65504 overflows. The session refuses the non-finite logits and names the fix, --scale-dtype float32,
+    which runs the same model in fp32 activations. The fused dispatch's QMoE takes fp32 activations
+    (its float16 scales are widened), so the same 4-bit experts fused do not overflow."""
     sessions = {}
     for scales in ("float16", "float32"):
         graph = load(tiny_dirs("qwen3_moe"))
@@ -56,7 +57,11 @@ def test_a_float16_overflow_is_an_error_not_a_number(tiny_dirs, tmp_path):
         QuantizePass(group_size=32).call(graph, PassContext(progress=False, backend=backend))
         with torch.no_grad():  # in fp32 the model is fine: the norms undo the scale
             assert torch.isfinite(Interpreter(graph)(torch.tensor([[1, 2, 3]]))).all()
-        sessions[scales] = runtime.load(write_artifact(graph, backend, tmp_path / scales), threads=1)
+        sessions[scales] = runtime.load(write_artifact(graph, backend, tmp_path / scales,
+                                                       emit_options={"dispatch": "gather-if"}), threads=1)
+        if scales == "float16":
+            fused = runtime.load(write_artifact(graph, backend, tmp_path / "fused"), threads=1)
+            assert np.isfinite(fused.logits([1, 2, 3])).all()
     with pytest.raises(FloatingPointError, match="float16 activations.*--scale-dtype float32"):
         sessions["float16"].logits([1, 2, 3])
     assert np.isfinite(sessions["float32"].logits([1, 2, 3])).all()

@@ -1,8 +1,10 @@
 """The ``ort-cpu`` backend: an ONNX model for ONNX Runtime's CPU execution provider.
 
-Experts run as ``com.microsoft.MatMulNBits`` at their own bit-width (2/4/8), 16-bit experts and
-everything else as fp32 ``MatMul``; tokens reach experts through gather/scatter dispatch and
-attention keeps a KV cache (see ``docs/ort-cpu.md`` for the emitted graph and measurements).
+A layer's 4-bit experts run as one ``com.microsoft.QMoE`` node, its 8-bit ones as another; 2-bit
+experts as ``com.microsoft.MatMulNBits`` each, reached through gather/scatter inside an ``If``;
+16-bit experts and everything else as fp32 ``MatMul`` (or ``MatMulNBits`` at the ``precision``
+pass's bits). Attention is ``GroupQueryAttention`` over onnxruntime-genai's KV contract (see
+``docs/ort-cpu.md`` for the emitted graph and measurements).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from .matmulnbits import MatMulNBitsProjection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DISPATCH = "gather-if"  # measured fastest on CPU, see docs/ort-cpu.md
+# measured fastest on CPU (docs/ort-cpu.md, "Dispatch"): QMoE for 4/8-bit experts, gather-if for the rest
+DEFAULT_DISPATCH = "fused"
 
 
 class OrtCpuBackend(Backend):
@@ -97,8 +100,10 @@ class OrtCpuBackend(Backend):
             out_dir: an existing (empty) folder.
             accuracy_level: MatMulNBits ``accuracy_level``; 4 quantizes activations to int8 inside
                 the kernel (fast), 0 keeps them fp32 (exact match with the interpreter).
-            dispatch: ``gather-if`` (experts compute only their tokens; idle experts skipped by an
-                ``If``), ``gather`` (same without the ``If``) or ``dense`` (all experts, all tokens).
+            dispatch: ``fused`` (one ``com.microsoft.QMoE`` per layer for its 4-bit and one for its 8-bit
+                experts, the rest as ``gather-if``), ``gather-if`` (experts compute only their tokens; idle
+                experts skipped by an ``If``), ``gather`` (same without the ``If``) or ``dense`` (all
+                experts, all tokens).
             external_data: force (True) or forbid (False) external weight data; None decides by
                 size against ``external_data_threshold_mb``.
             external_data_threshold_mb: weight size above which weights go to ``model.onnx.data``.

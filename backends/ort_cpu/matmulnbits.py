@@ -209,10 +209,14 @@ class MatMulNBitsProjection:
         result the per-expert MatMulNBits graph gives at this accuracy level.
 
         QMoE (onnxruntime 1.32, CPU) takes 2/4/8-bit block-wise codes whose widths are whole blocks, and
-        ``accuracy_level`` 0 or 4. At level 4 it quantizes activations to int8 like MatMulNBits. At level
-        0 (the exact mode) its 4-bit kernel keeps fp32 activations, but its 8-bit kernel uses int8
-        activations at every level and its 2-bit kernel a lookup table for blocks of 32 or more (~1e-2
-        error), so those experts stay per-expert there (docs/qmoe-findings.md)."""
+        ``accuracy_level`` 0 or 4. Measured against the per-expert graph (docs/ort-cpu.md, "Dispatch"):
+
+        * 4 and 8 bits at level 4 (int8 activations, as MatMulNBits): the same next-token distributions
+          (KL 5e-11 and 5e-14 at OLMoE and Qwen3 widths), decode 0.81-0.90x and 0.85x the time: fused;
+        * 2 bits: its kernel uses a lookup table for blocks of 32 or more (~1e-2 error, KL 6-8e-5 to
+          the per-expert graph, prefill 1.06-1.14x slower): per expert, except blocks of 16 at level 0;
+        * level 0 (the exact mode): its 4-bit kernel keeps fp32 activations, but its 8-bit kernel uses
+          int8 activations at every level: 8-bit experts stay per expert there."""
         bits, quant = node.ann.get("bits", 16), node.ann.get("quant")
         if node.kind != "expert" or bits not in NBITS or not quant or quant["spec"]["bits"] != bits:
             return False
@@ -222,7 +226,9 @@ class MatMulNBitsProjection:
         shapes = [tuple(int(v) for v in quant["tensors"][r]["shape"]) for r in ("gate", "up", "down")]
         if any(k % spec.group_size for _, k in shapes):
             return False
-        return self.accuracy_level == 4 or bits == 4 or (bits == 2 and spec.group_size <= 16)
+        if bits == 2:
+            return self.accuracy_level == 0 and spec.group_size <= 16
+        return bits == 4 or self.accuracy_level == 4
 
     @staticmethod
     def fusion_key(node: Node) -> tuple[Any, ...]:

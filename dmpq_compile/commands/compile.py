@@ -25,7 +25,7 @@ ALLOCATORS = ("optimal", "search", "rl", "gradvar", "frequency", "uniform")
 
 # flag -> CompileConfig field, for flags whose value is copied as given (None = not given)
 _FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_lat": "w_lat", "w_mem": "w_mem",
-           "w_eng": "w_eng", "group_size": "group_size", "scale_dtype": "scale_dtype", "max_length": "max_length",
+           "w_eng": "w_eng", "group_size": "group_size", "scale_dtype": "scale_dtype", "max_length": "max_length", "dispatch": "dispatch",
            "quant_method": "quant_method",
            "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
            "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "preallocates its KV buffer for: search.max_length in genai_config.json (apps may lower it at "
                    "load). Default: the model's max_position_embeddings, at most 4096. The buffer takes "
                    "N x 8 x layers x kv_heads x head_dim bytes per sequence (inspect prints it)")
+    p.add_argument("--dispatch", choices=("fused", "gather-if", "gather", "dense"),
+                   help="ort-cpu: how tokens reach the experts. fused (default): one com.microsoft.QMoE per layer "
+                   "and bit-width, 16-bit experts per expert; gather-if: each expert gathers its tokens inside an "
+                   "If (2-bit experts prefill faster so on some CPUs); gather, dense: see docs/ort-cpu.md")
     p.add_argument("--nonexpert-bits", metavar="auto|N|KIND=N,...",
                    help="bit-width of the weights outside the routed experts: attention q/k/v/o, shared experts, "
                    "dense MLPs, an untied lm_head (ort-cpu: 2, 4, 8; trt-a100: 4, 8) and an untied embedding table "
