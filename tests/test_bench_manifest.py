@@ -49,15 +49,20 @@ def test_manifest_expert_bytes_are_the_cost_table_bytes(ort_artifact):
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)
     sizes = {t.name: tensor_bytes(t) for t in model.graph.initializer}
     shapes = expert_shapes(g)
-    seen = set()
+    owners: dict[str, list[str]] = {}
+    for key, entry in manifest["experts"].items():
+        for t in entry["tensors"]:
+            owners.setdefault(t, []).append(key)
     for node in g.experts():
         entry = manifest["experts"][node.id]
         h, i = shapes[node.id]
         assert entry["bytes"] == ort_cpu_expert_bytes(h, i, node.ann["bits"], GROUP)
-        assert entry["bytes"] == sum(sizes[t] for t in entry["tensors"])  # the tensors are in the model file
-        assert len(entry["tensors"]) == (3 if node.ann["bits"] == 16 else 6)  # W, or gate_up + down: B, scales, zeros
-        assert not seen & set(entry["tensors"])  # no tensor belongs to two experts
-        seen |= set(entry["tensors"])
+        # the tensors are in the model file; a fused group's stacked tensors are shared out equally
+        assert entry["bytes"] == sum(sizes[t] // len(owners[t]) for t in entry["tensors"])
+        # W (fp32), gate_up + down (B, scales, zeros), or a QMoE group's fc1 + fc2 (codes, scales, zeros)
+        assert len(entry["tensors"]) == (3 if node.ann["bits"] == 16 else 6)
+        for t in entry["tensors"]:  # a tensor of several experts holds one layer's experts of one width
+            assert len({(g.node(k).attrs["layer"], g.node(k).ann["bits"]) for k in owners[t]}) == 1
 
 
 def test_trt_manifest_expert_bytes_are_the_cost_table_bytes(tiny_dirs, tmp_path):

@@ -20,14 +20,21 @@ def _initializer_bytes(model, prefix):
 @pytest.mark.parametrize("h,i", [(64, 128), (100, 48), (32, 96)])
 def test_bytes_model_matches_the_initializers_ort_accepts(bits, h, i):
     model = oc.build_expert_model(h, i, bits, group_size=64)
-    if bits != 16:  # gate and up stacked (as emitted), down on its own, against the MatMulNBits layout
+    ops = {n.op_type for n in model.graph.node}
+    # the layout the emitter ships: 4/8-bit experts of whole blocks as QMoE, the rest as MatMulNBits
+    assert ("QMoE" in ops) == (bits in oc.FUSED_BITS and (h, i) == (64, 128))
+    if "QMoE" in ops:
+        assert _initializer_bytes(model, "fc1") + _initializer_bytes(model, "fc2") == \
+            oc.ort_cpu_expert_bytes(h, i, bits, 64)
+        assert [t.data_type for t in model.graph.initializer if t.name.endswith("_scales")] == [10, 10]
+    elif bits != 16:  # gate and up stacked (as emitted), down on its own, against the MatMulNBits layout
         half = oc.SCALE_DTYPE
         assert half == "float16"  # the emitted format (ort-cpu's weight_format)
         assert _initializer_bytes(model, "gate_up.") == matmulnbits_bytes(2 * i, h, bits, 64, half)
         assert matmulnbits_bytes(2 * i, h, bits, 64, half) == 2 * matmulnbits_bytes(i, h, bits, 64, half)
         assert _initializer_bytes(model, "down.") == matmulnbits_bytes(h, i, bits, 64, half)
         assert [t.data_type for t in model.graph.initializer if t.name.endswith(".scales")] == [10, 10]  # FLOAT16
-    assert _initializer_bytes(model, "") == oc.ort_cpu_expert_bytes(h, i, bits, 64)
+    assert _initializer_bytes(model, "") - _initializer_bytes(model, "one_col") == oc.ort_cpu_expert_bytes(h, i, bits, 64)
     y = oc.make_session(model, 1).run(None, {"x": np.ones((3, h), np.float32)})[0]  # ORT checks the shapes
     assert y.shape == (3, h) and np.isfinite(y).all()
 

@@ -2,7 +2,10 @@
 
 Each distinct expert shape ``(H, I)`` and bit-width is micro-benchmarked with exactly the
 kernels the emitter uses: a tiny ONNX model of one expert (gate and up ``H -> I``, SiLU(gate) *
-up, down ``I -> H``) whose projections are ``com.microsoft.MatMulNBits`` (bits 2/4/8,
+up, down ``I -> H``). 4- and 8-bit experts whose widths are whole blocks run as the default
+``fused`` dispatch runs them, one ``com.microsoft.QMoE`` (here of this one expert, so its per-node
+part is included in the expert's cost: the allocator has no per-group term yet); other quantized
+experts' projections are ``com.microsoft.MatMulNBits`` (bits 2/4/8,
 ``block_size`` = group size, ``accuracy_level=4``, packed uint8 zero points, float16 scales and
 so float16 activations, cast from and back to fp32 around each product as the emitter does) or a
 plain fp32 ``MatMul`` (bits 16, the weight kept in floating point). The model runs in an
@@ -71,7 +74,10 @@ ACCURACY_LEVEL = 4
 PREFILL_TOKENS = 128
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_REPEATS = 5
-BENCH_VERSION = 4  # 3: quantized gate and up in one MatMulNBits, as emitted; 4: float16 scales
+FUSED_BITS: tuple[int, ...] = (4, 8)
+"""Widths the default (``fused``) dispatch runs as one ``com.microsoft.QMoE`` per layer and width
+(``MatMulNBitsProjection.fusable`` at ``accuracy_level`` 4); their experts are timed in that layout."""
+BENCH_VERSION = 5  # 3: gate and up in one MatMulNBits; 4: float16 scales; 5: 4/8-bit experts as QMoE
 """Bumped when the benchmark changes in a way that invalidates cached results."""
 SETTLE_S = 0.01
 """Untimed sleep after each cache flush. The flush is ~0.1 s of CPU; without yielding, the OS
@@ -171,9 +177,14 @@ def _projection(role: str, x: str, n: int, k: int, bits: int, group_size: int,
 
 
 def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0,
-                       scale_dtype: str = SCALE_DTYPE) -> Any:
+                       scale_dtype: str = SCALE_DTYPE, layout: str | None = None) -> Any:
     """An ONNX model of one SwiGLU expert ``x [M, H] -> y [M, H]`` at ``bits`` (random weights;
     ``scale_dtype`` of the MatMulNBits weights: the emitted one, or float32 for comparisons).
+
+    ``layout``: ``qmoe`` (one ``com.microsoft.QMoE`` of this one expert, every row routed to it with
+    weight 1: how the default dispatch runs :data:`FUSED_BITS` experts, its per-node part included) or
+    ``matmulnbits`` (gate and up in one MatMulNBits, down in another, as per-expert dispatch runs
+    them); None: the layout the emitter ships for ``bits`` (fp32 MatMul at 16).
 
     Returns:
         ``onnx.ModelProto`` with input ``x`` and output ``y`` (``M`` symbolic).
@@ -182,6 +193,10 @@ def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROU
 
     _check_bits(bits)
     rng = np.random.default_rng(seed)
+    if layout is None:  # what the emitter ships: QMoE takes only widths of whole blocks
+        layout = "qmoe" if bits in FUSED_BITS and not (h % group_size or i % group_size) else "matmulnbits"
+    if layout == "qmoe" and bits != 16:
+        return _qmoe_expert_model(h, i, bits, group_size, rng, scale_dtype)
     if bits == 16:
         gate, gate_w = _projection("gate", "x", i, h, bits, group_size, rng, scale_dtype)
         up, up_w = _projection("up", "x", i, h, bits, group_size, rng, scale_dtype)
@@ -199,6 +214,43 @@ def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROU
         [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["M", h])],
         gate_w + up_w + down_w)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]  # Split(num_outputs): >= 18
+    return helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile-cost")
+
+
+def _qmoe_expert_model(h: int, i: int, bits: int, group_size: int, rng: np.random.Generator,
+                       scale_dtype: str) -> Any:
+    """One expert as the fused dispatch emits a width group of one: QMoE with ``k = 1``, routing weight 1."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .matmulnbits import qmoe_layout
+    from ...quant import QuantSpec
+
+    spec = QuantSpec(bits=bits, group_size=group_size, scale_dtype=scale_dtype)
+    inits, names = [], {}
+    for field, shape, dtype in qmoe_layout(1, h, i, spec):
+        inits.append(numpy_helper.from_array(_random_array(shape, np.dtype(dtype).name, rng, 0.01), field))
+        names[field] = field
+    nodes = []
+    for field in ("fc1_scales", "fc2_scales"):
+        if scale_dtype == "float16":
+            nodes.append(helper.make_node("Cast", [field], [f"{field}.f32"], to=TensorProto.FLOAT))
+            names[field] = f"{field}.f32"
+    nodes += [helper.make_node("Shape", ["x"], ["rows"], start=0, end=1),
+              helper.make_node("Concat", ["rows", "one_col"], ["probs_shape"], axis=0),
+              helper.make_node("ConstantOfShape", ["probs_shape"], ["probs"],
+                               value=helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])),
+              helper.make_node("QMoE", ["x", "probs", names["fc1"], names["fc1_scales"], "", names["fc2"],
+                                        names["fc2_scales"], "", "", "", "", names["fc1_zero_points"],
+                                        names["fc2_zero_points"], "", "probs"], ["down"], domain="com.microsoft",
+                               k=1, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                               activation_beta=0.0, swiglu_limit=float("inf"), expert_weight_bits=bits,
+                               block_size=group_size, normalize_routing_weights=0, accuracy_level=ACCURACY_LEVEL,
+                               weights_prepacked=0, quant_type="int")]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "one_col"))
+    graph = helper.make_graph(nodes, f"expert_{h}x{i}_b{bits}_qmoe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", h])],
+                              [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["M", h])], inits)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile-cost")
 
 
