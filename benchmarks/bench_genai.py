@@ -2,8 +2,9 @@
 
 For each model the script quantizes one graph (every expert at ``--bits``, RTN, group 64) and emits
 it twice from the same codes: the current ort-cpu graph (``attention_mask``, ``GroupQueryAttention``,
-a KV buffer past and present may share, ``genai_config.json``) and the graph before it
-(``emit(genai=False)``: plain-op attention, a growing cache). It then times, interleaved round by
+a KV buffer past and present may share, ``genai_config.json``, the default ``fused`` expert
+dispatch) and the graph before both changes (``emit(genai=False, dispatch="gather-if")``: plain-op
+attention, a growing cache, per-expert ``If`` dispatch). It then times, interleaved round by
 round (the order rotates each round, each runner warmed up first), with the same random prompt:
 
 * ``genai``: onnxruntime-genai on the current graph (shared KV buffer, its defaults);
@@ -118,8 +119,8 @@ def build(name: str, work: Path, bits: int) -> dict[str, Path]:
     for node in graph.experts():
         graph.annotate(node.id, "bits", bits)
     QuantizePass(group_size=64).call(graph, PassContext(progress=False))
-    for key, genai in (("new", True), ("old", False)):
-        write_artifact(graph, OrtCpuBackend(), arts[key], overwrite=True, emit_options={"genai": genai})
+    for key, options in (("new", {}), ("old", {"genai": False, "dispatch": "gather-if"})):
+        write_artifact(graph, OrtCpuBackend(), arts[key], overwrite=True, emit_options=options)
     return arts
 
 

@@ -43,6 +43,7 @@ converter at run time, as ``convert_hf_to_gguf_update.py`` would (``llamacpp.reg
 
     nice -n 19 python benchmarks/bench_llamacpp.py --llama-cpp BUILD                    # the two samples
     nice -n 19 python benchmarks/bench_llamacpp.py --llama-cpp BUILD --models olmoe-1b-7b-1l mixtral-8x7b-1l
+    nice -n 19 python benchmarks/bench_llamacpp.py --llama-cpp BUILD --models qwen3-30b-a3b-1l --types Q4_0 Q4_K_M
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ MODELS = {
                                 ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"))),
     "mixtral-8x7b-1l": ModelSpec("mixtral-8x7b-1l", "mixtral-8x7b", False, "f16", SHAPE_FLAGS,
                                  ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"))),
+    "qwen3-30b-a3b-1l": ModelSpec("qwen3-30b-a3b-1l", "qwen3-30b-a3b", False, "f16", SHAPE_FLAGS,
+                                  ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4",
+                                                 "--no-sensitivity"))),
 }
 
 

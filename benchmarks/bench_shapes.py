@@ -5,6 +5,9 @@ Two one-layer models with random weights (``dmpq_compile.testing.make_tiny_check
 * ``mixtral-8x7b``: Mixtral-8x7B widths: hidden 4096, expert intermediate 14336, 8 experts
   top-2, 32 heads / 8 KV heads. The vocabulary is cut to 8192 (the real one has 32000), so
   the fp32 lm_head is 134 MB instead of 524 MB.
+* ``qwen3-30b-a3b``: Qwen3-30B-A3B widths: hidden 2048, expert intermediate 768, 128 experts
+  top-8 (renormalized), 32 heads / 4 KV heads of 128 with q/k norm. The vocabulary is cut to 8192
+  (the real one has 151936).
 * ``olmoe-1b-7b``: OLMoE-1B-7B widths: hidden 2048, expert intermediate 1024, 64 experts
   top-8, 16 heads. The vocabulary is cut to 8192 (the real one has 50304).
 
@@ -50,10 +53,14 @@ SHAPES = {
     "olmoe-1b-7b": ("olmoe", {"num_hidden_layers": 1, "hidden_size": 2048, "intermediate_size": 1024,
                               "num_experts": 64, "num_experts_per_tok": 8, "num_attention_heads": 16,
                               "num_key_value_heads": 16, "vocab_size": 8192, "max_position_embeddings": 4096}),
+    "qwen3-30b-a3b": ("qwen3_moe", {"num_hidden_layers": 1, "hidden_size": 2048, "intermediate_size": 6144,
+                                    "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                                    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                                    "norm_topk_prob": True, "vocab_size": 8192, "max_position_embeddings": 4096}),
 }
 # Free memory (GB) a shape needs: the largest peak anonymous RSS measured for its steps (the fp32 compile:
 # 17.5 GB at Mixtral widths, 5.4 GB at OLMoE widths, see benchmarks/README.md) plus a margin.
-MIN_AVAILABLE_GB = {"mixtral-8x7b": 19.0, "olmoe-1b-7b": 7.0}
+MIN_AVAILABLE_GB = {"mixtral-8x7b": 19.0, "olmoe-1b-7b": 7.0, "qwen3-30b-a3b": 7.0}
 VARIANTS = (
     ("fp32", ["--allocator", "uniform", "--budget-code-bits", "16", "--no-sensitivity"]),
     ("int8", ["--allocator", "uniform", "--budget-code-bits", "8", "--no-sensitivity"]),

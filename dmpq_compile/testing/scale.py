@@ -24,6 +24,13 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (family, config ove
     "olmoe-1b-7b": ("olmoe", {"hidden_size": 2048, "intermediate_size": 1024, "num_experts": 64,
                               "num_experts_per_tok": 8, "num_attention_heads": 16, "num_key_value_heads": 16,
                               "num_hidden_layers": 16, "vocab_size": 50304, "max_position_embeddings": 4096}),
+    # as the hub's Qwen3MoeForCausalLM config of Qwen3-30B-A3B says (about 61 GB in bf16)
+    "qwen3-30b-a3b": ("qwen3_moe", {"hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                                    "num_experts": 128, "num_experts_per_tok": 8, "num_attention_heads": 32,
+                                    "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 48,
+                                    "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1e6,
+                                    "rms_norm_eps": 1e-6, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                                    "mlp_only_layers": [], "tie_word_embeddings": False}),
 }
 
 
