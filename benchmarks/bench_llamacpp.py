@@ -85,6 +85,7 @@ class ModelSpec:
             artifact (calibration, cache).
         reference: (label, flags) of the dmpq artifact that gives the non-expert bytes (fp32: the KL reference).
         path: Checkpoint folder of a trained model (None: ``samples/NAME``, or built from ``shape``).
+        layers: Decoder layers of a checkpoint built from ``shape`` (None: all of the shape's).
     """
 
     name: str
@@ -94,6 +95,7 @@ class ModelSpec:
     flags: tuple[tuple[str, ...], tuple[str, ...]]
     reference: tuple[str, tuple[str, ...]]
     path: Path | None = None
+    layers: int | None = 1
 
 
 FP32_REFERENCE = ("dmpq-fp32", ("--allocator", "uniform", "--budget-code-bits", "16", "--no-sensitivity"))
@@ -104,6 +106,11 @@ MODELS = {
                                 ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"))),
     "mixtral-8x7b-1l": ModelSpec("mixtral-8x7b-1l", "mixtral-8x7b", False, "f16", SHAPE_FLAGS,
                                  ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"))),
+    # the whole model (16 layers, 6.9 B parameters, 13.8 GB in bf16): pass cache on, so the matched variants
+    # share one routing profile
+    "olmoe-1b-7b": ModelSpec("olmoe-1b-7b", "olmoe-1b-7b", False, "f16", (SHAPE_FLAGS[0], ("--calib-sequences", "8",
+                             "--seq-len", "128")), ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4",
+                                                                  "--no-sensitivity")), layers=None),
     "qwen3-30b-a3b-1l": ModelSpec("qwen3-30b-a3b-1l", "qwen3-30b-a3b", False, "f16", SHAPE_FLAGS,
                                   ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4",
                                                  "--no-sensitivity"))),
@@ -177,10 +184,11 @@ def checkpoint(spec: ModelSpec, work: Path, reuse: bool) -> Path:
     out = work / "checkpoint"
     if reuse and (out / "config.json").is_file():
         return out
-    code = ("import sys\nfrom dmpq_compile.testing.scale import SHAPES, write_random_checkpoint\n"
-            "family, overrides = SHAPES[sys.argv[1]]\n"
-            "write_random_checkpoint(family, sys.argv[2], **{**overrides, 'num_hidden_layers': 1})\n")
-    subprocess.run([sys.executable, "-c", code, spec.shape, str(out)], check=True)
+    code = ("import json, sys\nfrom dmpq_compile.testing.scale import SHAPES, write_random_checkpoint\n"
+            "family, overrides = SHAPES[sys.argv[1]]\nlayers = json.loads(sys.argv[3])\n"
+            "write_random_checkpoint(family, sys.argv[2], **{**overrides, **({} if layers is None else "
+            "{'num_hidden_layers': layers})})\n")
+    subprocess.run([sys.executable, "-c", code, spec.shape, str(out), json.dumps(spec.layers)], check=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ROOT / "samples" / "mixtral-tiny" / name, out / name)
     add_architecture(out / "config.json")
