@@ -25,8 +25,8 @@ Measured, interleaved (order rotates each round), with ``--threads`` threads for
   and ``dmpq_compile.bench.bench`` (one round per call, each with its own warm-up);
 * decode ms/token over ``--decode-tokens`` tokens after a prefill of the same length:
   ``llama-bench -p 0 -n 32 -d 128`` (tokens generated at depth 128) and ``bench``'s decode steps.
-  llama-bench reports the mean over the 32 tokens of a round, ``bench`` the median step; the
-  table gives the median over rounds;
+  both report the mean time of a round's 32 tokens (llama-bench's ``avg_ts``; ``bench``'s
+  ``decode_mean_ms``), and the table gives the median over rounds;
 * on the samples, perplexity and KL to the fp32 model on the same test tokens with llama.cpp's
   protocol: non-overlapping chunks of ``--context`` tokens, only the second half of each chunk
   scored. llama.cpp: ``llama-perplexity`` (``--kl-divergence-base`` from the f32 GGUF, then
@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--types", nargs="+", default=list(QUANT_TYPES), help="llama-quantize types")
     p.add_argument("--work", default=str(ROOT / "out" / "bench-llamacpp"))
     p.add_argument("--reuse", action="store_true", help="keep GGUF files and artifacts that already exist")
+    p.add_argument("--old-dispatch", action="store_true",
+                   help="also compile every matched dmpq artifact with --dispatch gather-if (the per-expert dispatch "
+                   "before the fused one), as rows labelled ...@gather-if")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="threads of every tool and measurement (default 2)")
     p.add_argument("--extra-speed-threads", type=int, nargs="*", default=[],
@@ -404,6 +407,11 @@ def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict
         compile_dmpq(ckpt, work / label, flags, args.reuse)
         rows[label] = {**dmpq_row(work / label, params), "flags": flags, "match": basis, "matched_types": types,
                        "budget_mb": nbytes / 2**20}
+        if args.old_dispatch:
+            old = [*flags, "--dispatch", "gather-if"]
+            compile_dmpq(ckpt, work / f"{label}@gather-if", old, args.reuse)
+            rows[f"{label}@gather-if"] = {**dmpq_row(work / f"{label}@gather-if", params), "flags": old,
+                                          "match": basis, "matched_types": types, "budget_mb": nbytes / 2**20}
     return rows
 
 
@@ -452,7 +460,8 @@ def time_dmpq(path: Path, args: argparse.Namespace, threads: int) -> dict[str, f
     cfg = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, rounds=1,
                       threads=threads, corpus=None, rss=False)
     r = bench([path], cfg, progress=False)[0]
-    return {"prefill_tok_s": r["prefill_tok_s"], "decode_ms": r["decode_ms"]}
+    # the same statistic as llama-bench's: the mean time of the round's decoded tokens (its avg_ts)
+    return {"prefill_tok_s": r["prefill_tok_s"], "decode_ms": r["decode_mean_ms"]}
 
 
 def interleaved_speed(llama: lc.LlamaCpp, rows: dict[str, dict], args: argparse.Namespace) -> None:

@@ -252,6 +252,7 @@ def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float],
         "prefill_tok_s": cfg.prefill_tokens / statistics.median(prefill),
         "prefill_logits": "last" if session.keeps_logits else "all",
         "decode_ms": decode_ms,
+        "decode_mean_ms": statistics.fmean(decode) * 1e3,  # llama-bench's statistic: mean time a token
         "decode_ms_iqr": float(np.subtract(*np.percentile(decode, [75, 25])) * 1e3),
         "bits_histogram": session.manifest.get("quantization", {}).get("bits_histogram"),
     }
