@@ -251,3 +251,31 @@ def test_the_documented_app_example_runs_on_a_sample_artifact(tmp_path, og):
                           "--max-new-tokens", "12"], capture_output=True, text=True, check=True, timeout=120).stdout
     expected = runtime.load(art).generate("The list type", max_new_tokens=12)
     assert out.strip() == f"{'The list type'!r} -> {expected!r}"
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_fp32_artifact_logits_match_transformers(family, artifacts, tiny_dirs):
+    """The GroupQueryAttention graph of a 16-bit artifact (fp32 throughout) against transformers' fp32 model,
+    prefill and a decode step, to 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    session = runtime.load(artifacts(family))
+    ids = np.array([_prompt(session.vocab_size, 11, 7)])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs(family), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    logits, past = session.forward(ids[:, :10])
+    step, _ = session.forward(ids[:, 10:], past)
+    assert np.abs(logits - ref[:, :10]).max() <= 1e-4 and np.abs(step - ref[:, 10:]).max() <= 1e-4
+
+
+def test_genai_runs_olmoe_with_clip_qkv(tmp_path, og):
+    from dmpq_compile.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint("olmoe", tmp_path / "ckpt", clip_qkv=0.3)
+    art = _artifact(ckpt, tmp_path / "art")
+    session = runtime.load(art)
+    prompt = _prompt(session.vocab_size, 8, 9)
+    ours = _ours(session, prompt)
+    assert _until_eos(_og_generate(og, og.Model(str(art)), [prompt])[0], session.eos_token_ids) == ours
+    assert _until_eos(_hf_greedy(ckpt, prompt), session.eos_token_ids) == ours
