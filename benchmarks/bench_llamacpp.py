@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--types", nargs="+", default=list(QUANT_TYPES), help="llama-quantize types")
     p.add_argument("--work", default=str(ROOT / "out" / "bench-llamacpp"))
     p.add_argument("--reuse", action="store_true", help="keep GGUF files and artifacts that already exist")
+    p.add_argument("--extra-artifacts", nargs="*", default=[], metavar="DIR",
+                   help="more dmpq artifacts of the same checkpoint to time in the same interleaved rounds (e.g. the "
+                   "same compile with --dispatch gather-if), as rows labelled by their folder names")
     p.add_argument("--old-dispatch", action="store_true",
                    help="also compile every matched dmpq artifact with --dispatch gather-if (the per-expert dispatch "
                    "before the fused one), as rows labelled ...@gather-if")
@@ -539,6 +542,10 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
     rows = {f"gguf-{k}": {**gguf_row(llama, p, params)} for k, p in files.items()}
     ggufs = {k: rows[f"gguf-{k}"] for k in args.types}
     rows.update(dmpq_variants(spec, ckpt, work, ggufs, args, params))
+    for extra in map(Path, args.extra_artifacts):
+        if not (extra / "manifest.json").is_file():
+            raise SystemExit(f"--extra-artifacts {extra} is not an artifact folder (no manifest.json)")
+        rows[extra.name] = {**dmpq_row(extra, params), "flags": "(given)"}
     result: dict = {"model": spec.name, "checkpoint": str(ckpt), "params": params[0], "expert_params": params[1]}
     if spec.path is not None and (ckpt / "training.json").is_file():  # a checkpoint not in the repository
         trained = json.loads((ckpt / "training.json").read_text())
