@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_genai import cpu  # noqa: E402  (same folder)
+from bench_genai import cpu
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = {

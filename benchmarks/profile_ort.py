@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_genai import cpu  # noqa: E402  (same folder)
+from bench_genai import cpu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -222,8 +222,8 @@ def _qmoe_expert_model(h: int, i: int, bits: int, group_size: int, rng: np.rando
     """One expert as the fused dispatch emits a width group of one: QMoE with ``k = 1``, routing weight 1."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from .matmulnbits import qmoe_layout
     from ...quant import QuantSpec
+    from .matmulnbits import qmoe_layout
 
     spec = QuantSpec(bits=bits, group_size=group_size, scale_dtype=scale_dtype)
     inits, names = [], {}
