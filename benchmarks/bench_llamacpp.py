@@ -131,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-artifacts", nargs="*", default=[], metavar="DIR",
                    help="more dmpq artifacts of the same checkpoint to time in the same interleaved rounds (e.g. the "
                    "same compile with --dispatch gather-if), as rows labelled by their folder names")
+    p.add_argument("--genai-artifacts", nargs="*", default=[], metavar="DIR",
+                   help="dmpq artifacts to time through onnxruntime-genai too (its shared KV buffer, the threads of "
+                   "the other tools), in the same rounds, as rows labelled genai:NAME")
     p.add_argument("--old-dispatch", action="store_true",
                    help="also compile every matched dmpq artifact with --dispatch gather-if (the per-expert dispatch "
                    "before the fused one), as rows labelled ...@gather-if")
@@ -467,6 +470,34 @@ def time_dmpq(path: Path, args: argparse.Namespace, threads: int) -> dict[str, f
     return {"prefill_tok_s": r["prefill_tok_s"], "decode_ms": r["decode_mean_ms"]}
 
 
+def time_genai(path: Path, args: argparse.Namespace, threads: int) -> dict[str, float]:
+    """onnxruntime-genai on an artifact: prefill tok/s of one ``append_tokens`` of the prompt, and the mean
+    time of ``--decode-tokens`` generated tokens after a prompt as long (llama-bench's ``-d``)."""
+    import onnxruntime_genai as og
+    from bench_genai import with_threads  # same folder
+
+    model = og.Model(str(with_threads(path, threads)))
+    ids = np.random.default_rng(0).integers(2, 256, (1, args.prefill_tokens)).astype(np.int32)
+
+    def generator(length: int):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=length, do_sample=False)
+        return og.Generator(model, params)
+
+    gen = generator(args.prefill_tokens + 1)
+    t0 = time.perf_counter()
+    gen.append_tokens(ids)
+    prefill = time.perf_counter() - t0
+    gen = generator(args.prefill_tokens + args.decode_tokens + 1)
+    gen.append_tokens(ids)
+    steps = []
+    for _ in range(args.decode_tokens):
+        t0 = time.perf_counter()
+        gen.generate_next_token()
+        steps.append(time.perf_counter() - t0)
+    return {"prefill_tok_s": args.prefill_tokens / prefill, "decode_ms": statistics.fmean(steps) * 1e3}
+
+
 def interleaved_speed(llama: lc.LlamaCpp, rows: dict[str, dict], args: argparse.Namespace) -> None:
     labels = list(rows)
     samples: dict[str, list[dict]] = {k: [] for k in labels}
@@ -476,8 +507,9 @@ def interleaved_speed(llama: lc.LlamaCpp, rows: dict[str, dict], args: argparse.
             path, sample = Path(rows[label]["path"]), {}
             for threads in (args.threads, *args.extra_speed_threads):
                 suffix = "" if threads == args.threads else f"_t{threads}"
-                timed = (time_gguf(llama, path, args, threads) if rows[label]["kind"] == "gguf"
-                         else time_dmpq(path, args, threads))
+                kind = rows[label]["kind"]
+                timed = (time_gguf(llama, path, args, threads) if kind == "gguf" else
+                         time_genai(path, args, threads) if kind == "genai" else time_dmpq(path, args, threads))
                 sample.update({k + suffix: v for k, v in timed.items()})
             samples[label].append(sample)
         print(f"  round {r + 1}/{args.rounds} done ({uptime()})", flush=True)
@@ -546,6 +578,11 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
         if not (extra / "manifest.json").is_file():
             raise SystemExit(f"--extra-artifacts {extra} is not an artifact folder (no manifest.json)")
         rows[extra.name] = {**dmpq_row(extra, params), "flags": "(given)"}
+    for path in map(Path, args.genai_artifacts):
+        if not (path / "genai_config.json").is_file():
+            raise SystemExit(f"--genai-artifacts {path} has no genai_config.json (an ort-cpu artifact compiled "
+                             "before onnxruntime-genai's contract?)")
+        rows[f"genai:{path.name}"] = {**dmpq_row(path, params), "kind": "genai", "flags": "(given)"}
     result: dict = {"model": spec.name, "checkpoint": str(ckpt), "params": params[0], "expert_params": params[1]}
     if spec.path is not None and (ckpt / "training.json").is_file():  # a checkpoint not in the repository
         trained = json.loads((ckpt / "training.json").read_text())
