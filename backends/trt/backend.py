@@ -39,7 +39,7 @@ from ..onnx_io import (
     require_folder,
     save_checked,
 )
-from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
+from ..onnx_lowering import OPSET, LoweringOptions, lower
 from .compat import check_model, errors, parse_trt_version
 from .formats import TRT_WEIGHT_FORMATS
 from .qdq import PRECISIONS, TrtQdqProjection, emitted_formats
@@ -47,6 +47,7 @@ from .qdq import PRECISIONS, TrtQdqProjection, emitted_formats
 log = logging.getLogger(__name__)
 
 DEFAULT_TRT_VERSION = "10.x"
+TRT_DISPATCHES = ("gather", "dense")  # the lowering's dispatches TensorRT parses (no If, no com.microsoft)
 
 
 class TrtA100Backend(Backend):
@@ -104,8 +105,8 @@ class TrtA100Backend(Backend):
         self.check_formats(graph)
         if precision not in PRECISIONS:
             raise BackendError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if dispatch not in DISPATCHES:
-            raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+        if dispatch not in TRT_DISPATCHES:  # If (gather-if) and com.microsoft ops (fused) are not for TensorRT
+            raise BackendError(f"trt-a100 dispatch must be one of {TRT_DISPATCHES}, got {dispatch!r}")
         try:
             checked_against, _ = parse_trt_version(trt_version)
         except ValueError as e:
