@@ -23,6 +23,12 @@ vocabulary-wide projections (the lm_head was 43 % of a 128-token prefill at OLMo
 positions continue from the past length, so prefill followed by one-token steps computes the
 same logits as one pass over the whole sequence. Padding inside a batch is not supported: all
 rows of a batch have the same length, as in the reference interpreter.
+
+With ``LoweringOptions.genai`` (ort-cpu) the graph follows onnxruntime-genai's decoder contract
+instead: an ``attention_mask [batch, total_sequence]`` input (0 marks padding, on either side),
+positions counted over each row's real columns, ``com.microsoft.GroupQueryAttention`` over KV
+inputs that are either the growing cache or a fixed-capacity buffer shared with ``present``, and
+``logits_to_keep`` defaulting to -1 (see :func:`_keep_last`).
 """
 
 from __future__ import annotations
@@ -375,7 +381,8 @@ class LoweringOptions:
     """How to lower: the dispatch pattern, the ONNX opset, whether the graph takes ``logits_to_keep``, and
     whether it follows onnxruntime-genai's decoder contract (``genai``: an ``attention_mask`` input,
     ``com.microsoft.GroupQueryAttention`` over a KV buffer that may be shared between past and present,
-    and ``logits_to_keep`` defaulting to 1, each row's last real token; see :func:`_attention_gqa`)."""
+    and ``logits_to_keep`` defaulting to -1: each row's last real token, spread into the full logits
+    shape genai binds; see :func:`_attention_gqa` and :func:`_keep_last`)."""
 
     dispatch: str = "gather"
     opset: int = OPSET
@@ -384,7 +391,7 @@ class LoweringOptions:
 
     def __post_init__(self) -> None:
         if self.genai and not self.logits_to_keep:
-            object.__setattr__(self, "logits_to_keep", True)  # the genai contract includes it (default 1)
+            object.__setattr__(self, "logits_to_keep", True)  # the genai contract includes it (default -1)
         if self.dispatch not in DISPATCH_CLASSES:
             raise BackendError(f"unknown dispatch {self.dispatch!r}; choose one of {DISPATCHES}")
         if self.opset < 18:
@@ -417,7 +424,8 @@ class Lowered:
     logits_to_keep: str | None = None  # name of the optional input (LoweringOptions.logits_to_keep)
     attention_mask: str | None = None  # name of the [batch, total_sequence] input (LoweringOptions.genai)
     deferred: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # see Builder.add_deferred
-    owners: dict[str, str] = field(default_factory=dict)  # initializer -> IR node id (see Builder.owners)
+    # initializer -> IR node id, or the ids of the experts a fused op's stacked tensor holds (Builder.owners)
+    owners: dict[str, Any] = field(default_factory=dict)
 
 
 def lower(graph: Graph, projection: Projection | None = None, options: LoweringOptions | None = None,
