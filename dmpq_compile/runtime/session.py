@@ -89,7 +89,8 @@ class Session:
         self.vocab_size = int(manifest["model"]["vocab_size"])
         limit = manifest["model"].get("max_position_embeddings")
         self.max_positions: int | None = int(limit) if limit else None  # None: the manifest records no limit
-        if max_length is not None:  # a caller's bound on positions, hence on the KV cache's memory
+        self.max_length = max_length  # a caller's bound on positions, hence on the KV cache's memory
+        if max_length is not None:
             if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
                 raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
             self.max_positions = min(max_length, self.max_positions or max_length)
@@ -145,6 +146,10 @@ class Session:
                              f"{len(self._kv)} layers and ids have batch {arr.shape[0]}; pass the cache this "
                              "session returned for the same sequences")
         total = past.length + arr.shape[1]
+        if self.max_length is not None and total > self.max_length:
+            raise ValueError(f"{total} positions ({past.length} cached + {arr.shape[1]} new) exceed max_length "
+                             f"{self.max_length} given to load(), which bounds this session's KV cache; load the "
+                             "artifact with a larger max_length (at most the model's max_position_embeddings)")
         if self.max_positions and total > self.max_positions:
             raise ValueError(f"{total} positions ({past.length} cached + {arr.shape[1]} new) exceed this model's "
                              f"max_position_embeddings {self.max_positions}: it was not trained that far and its "
