@@ -223,13 +223,15 @@ class Session:
         ids, limit = list(prompt_ids), self.max_positions
         if not limit or len(ids) + max_new_tokens <= limit:
             return ids
+        what = f"max_length {limit} given to load()" if self.max_length == limit else \
+            f"this model's max_position_embeddings {limit}"
         if max_new_tokens >= limit:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in this model's "
-                             f"max_position_embeddings {limit}; ask for fewer new tokens")
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in {what}; ask for fewer "
+                             "new tokens")
         drop = len(ids) + max_new_tokens - limit
         if not truncate:
             raise ValueError(f"the prompt has {len(ids)} tokens and max_new_tokens={max_new_tokens}: together "
-                             f"more than this model's max_position_embeddings {limit}; shorten the prompt, lower "
+                             f"more than {what}; shorten the prompt, lower "
                              f"max_new_tokens, or truncate (truncate=True, `run --truncate`) to drop the oldest "
                              f"{drop} prompt tokens")
         log.warning("the prompt has %d tokens: dropped the oldest %d so that it and max_new_tokens=%d fit in the "
