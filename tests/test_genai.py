@@ -98,7 +98,7 @@ def _hf_greedy(model_dir, prompt, n=NEW):
 
 # -- the graph and our runtime (no onnxruntime-genai needed) ------------------------------------
 
-def test_every_ort_cpu_artifact_carries_a_genai_config(artifacts):
+def test_every_ort_cpu_artifact_carries_a_genai_config(artifacts, capsys):
     art = artifacts("olmoe")
     manifest = json.loads((art / "manifest.json").read_text())
     config = json.loads((art / "genai_config.json").read_text())
@@ -111,11 +111,16 @@ def test_every_ort_cpu_artifact_carries_a_genai_config(artifacts):
     kv = io["kv_cache"][0]
     assert genai["kv_bytes_per_token"] == len(io["kv_cache"]) * 2 * 4 * kv["num_kv_heads"] * kv["head_dim"]
     assert "genai_config.json" in manifest["files"]  # checksummed like the model
+    from dmpq_compile.cli import main
     from dmpq_compile.commands.inspect import genai_line
 
     per_sequence = genai["kv_bytes_per_token"] * genai["max_length"] / 2**20
     assert genai_line(art).startswith(f"onnxruntime-genai: genai_config.json, max_length {genai['max_length']} "
                                       f"(KV buffer {per_sequence:.1f} MiB per sequence")
+    capsys.readouterr()
+    assert main(["inspect", str(art), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["genai"] == genai and "chat_template" in shown
 
 
 def test_max_length_is_set_at_compile_and_checked(tiny_dirs, tmp_path):

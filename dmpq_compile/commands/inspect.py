@@ -151,7 +151,10 @@ def main(args: argparse.Namespace) -> int:
     nonexpert = load_nonexpert(path)
     storage = load_storage(path)
     if args.json:
-        print(json.dumps({"experts": rows, "nonexpert": nonexpert, "storage": storage}, indent=1))
+        manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else {}
+        extra = {"genai": manifest.get("target", {}).get("genai"),
+                 "chat_template": (manifest.get("tokenizer") or {}).get("chat_template")} if manifest else {}
+        print(json.dumps({"experts": rows, "nonexpert": nonexpert, "storage": storage, **extra}, indent=1))
         return 0
     print(format_table(rows))
     if any(r["bits"] < 16 for r in nonexpert):
