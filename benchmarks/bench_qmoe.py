@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnx
 import onnxruntime as ort
+from dmpq_compile.backends.ort_cpu.matmulnbits import qmoe_attributes
 from onnx import TensorProto, helper, numpy_helper
 
 from dmpq_compile.quant import pack_bits, unpack_bits
@@ -251,18 +252,6 @@ def bit_groups(layer: dict[str, Any]) -> dict[int, list[int]]:
     return groups
 
 
-def qmoe_attrs(bits: int, block: int, accuracy_level: int) -> dict[str, Any]:
-    """Plain SwiGLU ``silu(gate) * up`` on raw (not prepacked) block-wise codes, weights used as given.
-
-    alpha, beta and the limit are spelled out: the CPU defaults are 1 / 0 / +inf, the CUDA ones
-    the GPT-OSS 1.702 / 1 / 7. ``weights_prepacked=1`` would select another CPU path that takes no
-    zero points.
-    """
-    return {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0,
-            "swiglu_limit": float("inf"), "expert_weight_bits": bits, "block_size": block,
-            "normalize_routing_weights": 0, "accuracy_level": accuracy_level, "weights_prepacked": 0, "quant_type": "int"}
-
-
 def qmoe_layer(layer: dict[str, Any], accuracy_level: int, weight_scale_exp: int = 0) -> onnx.ModelProto:
     """The router, then one QMoE per bit-width group fed the group's columns of the dense weights.
 
@@ -284,7 +273,7 @@ def qmoe_layer(layer: dict[str, Any], accuracy_level: int, weight_scale_exp: int
         z1 = g.init(t["fc1_zero_points"], f"q{bits}.fc1_zp")
         z2 = g.init(t["fc2_zero_points"], f"q{bits}.fc2_zp")
         outs.append(g.op("QMoE", ["x", w, fc1, s1, "", fc2, s2, "", "", "", "", z1, z2, "", rw], domain="com.microsoft",
-                         k=min(layer["top_k"], len(members)), **qmoe_attrs(bits, layer["block"], accuracy_level)))
+                         k=min(layer["top_k"], len(members)), **qmoe_attributes(bits, layer["block"], accuracy_level)))
     y = outs[0] if len(outs) == 1 else g.op("Sum", outs)
     if weight_scale_exp:
         y = g.op("Mul", [y, g.const(2.0 ** -weight_scale_exp)])
@@ -374,7 +363,7 @@ def run_checks(threads: int, big: bool) -> dict[str, Any]:
         ins = ["x", "p", g.init(t["fc1"], "fc1"), g.op("Cast", [g.init(t["fc1_scales"], "s1")], to=TensorProto.FLOAT), "",
                g.init(t["fc2"], "fc2"), g.op("Cast", [g.init(t["fc2_scales"], "s2")], to=TensorProto.FLOAT), "", "", "", "",
                g.init(t["fc1_zero_points"], "z1"), g.init(t["fc2_zero_points"], "z2"), "", "p"]
-        y = g.op("QMoE", ins, domain="com.microsoft", k=4, **qmoe_attrs(4, 64, 0))
+        y = g.op("QMoE", ins, domain="com.microsoft", k=4, **qmoe_attributes(4, 64, 0))
         res = session(g.model(["x", "p"], [y], {"x": [None, 256], "p": [None, 16]}), threads).run(None, {"x": x, "p": d})[0]
         probe[label] = "computed (NaN in output)" if np.isnan(res).any() else "skipped (output finite)"
         print(f"  NaN-scaled expert routed with {label}: {probe[label]}", flush=True)

@@ -142,7 +142,7 @@ class OrtCpuBackend(Backend):
             config = genai_config(graph, io, files["model_file"], max_length)
             (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             genai_fields = {"config": GENAI_CONFIG, "max_length": max_length,
-                     "kv_bytes_per_token": kv_bytes_per_token(io["kv_cache"])}
+                            "kv_bytes_per_token": kv_bytes_per_token(io["kv_cache"])}
         log.info("emitted %s (%.1f MB weights%s, dispatch=%s, accuracy_level=%d)", path, size / 1e6,
                  ", external data" if external else "", dispatch, accuracy_level)
         return {

@@ -223,7 +223,7 @@ def _qmoe_expert_model(h: int, i: int, bits: int, group_size: int, rng: np.rando
     from onnx import TensorProto, helper, numpy_helper
 
     from ...quant import QuantSpec
-    from .matmulnbits import qmoe_layout
+    from .matmulnbits import qmoe_attributes, qmoe_layout
 
     spec = QuantSpec(bits=bits, group_size=group_size, scale_dtype=scale_dtype)
     inits, names = [], {}
@@ -242,10 +242,7 @@ def _qmoe_expert_model(h: int, i: int, bits: int, group_size: int, rng: np.rando
               helper.make_node("QMoE", ["x", "probs", names["fc1"], names["fc1_scales"], "", names["fc2"],
                                         names["fc2_scales"], "", "", "", "", names["fc1_zero_points"],
                                         names["fc2_zero_points"], "", "probs"], ["down"], domain="com.microsoft",
-                               k=1, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                               activation_beta=0.0, swiglu_limit=float("inf"), expert_weight_bits=bits,
-                               block_size=group_size, normalize_routing_weights=0, accuracy_level=ACCURACY_LEVEL,
-                               weights_prepacked=0, quant_type="int")]
+                               k=1, **qmoe_attributes(bits, group_size, ACCURACY_LEVEL))]
     inits.append(numpy_helper.from_array(np.array([1], np.int64), "one_col"))
     graph = helper.make_graph(nodes, f"expert_{h}x{i}_b{bits}_qmoe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", h])],

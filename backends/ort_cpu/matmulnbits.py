@@ -273,14 +273,21 @@ class MatMulNBitsProjection:
         y = b.op("QMoE", [route.flat, dense, inputs["fc1"], inputs["fc1_scales"], "", inputs["fc2"],
                           inputs["fc2_scales"], "", "", "", "", inputs["fc1_zero_points"], inputs["fc2_zero_points"],
                           "", weights], prefix, domain="com.microsoft", k=min(top_k, len(nodes)),
-                 activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                 swiglu_limit=float("inf"), expert_weight_bits=spec.bits, block_size=spec.group_size,
-                 normalize_routing_weights=0, accuracy_level=self.accuracy_level, weights_prepacked=0,
-                 quant_type="int")
+                 **qmoe_attributes(spec.bits, spec.group_size, self.accuracy_level))
         return b.op("Mul", [y, b.const(1.0 / QMOE_WEIGHT_SCALE)], prefix)
 
 
 QMOE_WEIGHT_SCALE = 2.0 ** 32  # routing weights x this into QMoE, its output x the inverse (see fused_moe)
+
+
+def qmoe_attributes(bits: int, block_size: int, accuracy_level: int) -> dict[str, Any]:
+    """QMoE's attributes (all but ``k``) for plain SwiGLU ``silu(gate) * up`` on the stored block-wise codes,
+    weights used as given: alpha, beta and the limit spelled out, since the CUDA defaults are gpt-oss's;
+    ``weights_prepacked=1`` would select a CPU path that takes no zero points."""
+    return {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0,
+            "swiglu_limit": float("inf"), "expert_weight_bits": bits, "block_size": block_size,
+            "normalize_routing_weights": 0, "accuracy_level": accuracy_level, "weights_prepacked": 0,
+            "quant_type": "int"}
 
 
 def qmoe_layout(experts: int, hidden: int, inter: int, spec: QuantSpec) -> list[tuple[str, tuple[int, ...], Any]]:
