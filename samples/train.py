@@ -38,13 +38,17 @@ from dmpq_compile.eval import (
     unigram_perplexity,
 )
 
-FAMILIES = ("mixtral", "olmoe")
+FAMILIES = ("mixtral", "olmoe", "qwen3_moe")
 # Suggested recipes; every value can be overridden on the command line.
 RECIPES = {
     "mixtral": {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 256, "experts": 8,
                 "top_k": 2, "aux_coef": 0.02},
     "olmoe": {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 64, "experts": 32,
               "top_k": 4, "aux_coef": 0.01},
+    # fine-grained, the shape of Qwen3-30B-A3B / OLMoE-1B-7B (many narrow experts, top-8), with every
+    # width a multiple of 256 so that llama.cpp's K- and i-quants apply to each row
+    "qwen3_moe": {"hidden": 256, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 256, "experts": 64,
+                  "top_k": 8, "aux_coef": 0.01},
 }
 
 
@@ -57,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--steps", type=int, help="maximum optimizer steps")
     p.add_argument("--time-budget-min", type=float, help="stop training after this many minutes")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N steps with the learning-rate schedule of --steps: the first N steps of that run, "
+                   "bit for bit (samples/rebuild.py --prefix checks a machine's determinism this way)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -74,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps is None and args.time_budget_min is None:
         p.error("give --steps and/or --time-budget-min so that training knows when to stop")
+    if args.stop_after is not None and (args.steps is None or args.time_budget_min is not None
+                                        or not 0 < args.stop_after <= args.steps):
+        p.error("--stop-after N needs --steps (at least N) and no --time-budget-min: it stops a deterministic run early")
     for key, value in RECIPES[args.family].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -116,7 +126,14 @@ def save_tokenizer(tok, out: Path, model_max_length: int) -> None:
 # ------------------------------------------------------------------------------------------- model
 def build_model(args: argparse.Namespace, vocab_size: int, special_id: int):
     """Build the family's untrained transformers model in fp32 from the recipe in ``args``."""
-    from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        OlmoeConfig,
+        OlmoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     common = {"vocab_size": vocab_size, "hidden_size": args.hidden, "intermediate_size": args.intermediate,
               "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
@@ -126,8 +143,12 @@ def build_model(args: argparse.Namespace, vocab_size: int, special_id: int):
               "pad_token_id": special_id}
     if args.family == "mixtral":
         model = MixtralForCausalLM(MixtralConfig(num_local_experts=args.experts, **common))
-    else:
+    elif args.family == "olmoe":
         model = OlmoeForCausalLM(OlmoeConfig(num_experts=args.experts, **common))
+    else:  # qwen3_moe: intermediate_size is the (unused) dense MLP's width; the experts' is moe_intermediate_size
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(num_experts=args.experts, moe_intermediate_size=args.intermediate,
+                                                   head_dim=args.hidden // args.heads, norm_topk_prob=True,
+                                                   **common))
     return model.float()
 
 
@@ -175,8 +196,9 @@ def train(model, train_ids: np.ndarray, args: argparse.Namespace) -> dict:
     max_steps = args.steps or sys.maxsize
     model.train()
     losses, aux_losses, step, t0 = [], [], 0, time.time()
-    bar = tqdm(total=args.steps, desc=f"train {args.family}", unit="step", mininterval=5)
-    while step < max_steps and time.time() - t0 < budget_s:
+    stop = min(max_steps, args.stop_after or max_steps)
+    bar = tqdm(total=args.stop_after or args.steps, desc=f"train {args.family}", unit="step", mininterval=5)
+    while step < stop and time.time() - t0 < budget_s:
         progress = max(step / max_steps, (time.time() - t0) / budget_s)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, progress, args)

@@ -131,3 +131,49 @@ def test_train_script_requires_a_stop_condition(tmp_path):
     proc = subprocess.run([sys.executable, str(SAMPLES / "train.py"), "--family", "mixtral", "--out",
                            str(tmp_path / "x")], cwd=ROOT, check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--time-budget-min" in proc.stderr
+
+
+def test_train_script_qwen3_moe_and_stop_after(tmp_path, tiny_corpus):
+    """The fine-grained family trains; --stop-after N is deterministic and keeps the schedule of --steps."""
+    outs = [tmp_path / "q1", tmp_path / "q2"]
+    for out in outs:
+        _run_train(["--family", "qwen3_moe", "--out", str(out), "--corpus", str(tiny_corpus), "--experts", "8",
+                    "--top-k", "4", "--stop-after", "2"])  # of _run_train's --steps 3
+    record = json.loads((outs[0] / "training.json").read_text())
+    assert record["architecture"] == "Qwen3MoeForCausalLM" and record["steps"] == 2
+    assert record["recipe"]["steps"] == 3 and record["recipe"]["stop_after"] == 2
+    model, _ = _load(outs[0])
+    cfg = model.config
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (8, 4, 32)
+    assert sum(record["expert_frequency"][0]["frequency"]) == pytest.approx(4.0, abs=1e-3)
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(o / "model.safetensors")) for o in outs)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_stop_after_needs_a_step_count(tmp_path):
+    proc = subprocess.run([sys.executable, str(SAMPLES / "train.py"), "--family", "qwen3_moe", "--out",
+                           str(tmp_path / "x"), "--time-budget-min", "1", "--stop-after", "2"], cwd=ROOT,
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--stop-after N needs --steps" in proc.stderr
+
+
+def test_rebuild_recipes_are_deterministic_fine_grained_and_llama_cpp_shaped():
+    """Every rebuild recipe is a fixed step count on one thread (never wall time), its widths are
+    multiples of 256 (llama.cpp's K- and i-quants apply), and the fine-grained one has >= 64 experts, top-8."""
+    sys.path.insert(0, str(SAMPLES))
+    try:
+        import rebuild
+        import train
+    finally:
+        sys.path.remove(str(SAMPLES))
+    assert {"mixtral-h256", "qwen3-moe-fine"} <= set(rebuild.RECIPES)
+    for name, recipe in rebuild.RECIPES.items():
+        args = train.parse_args([*recipe["args"], "--out", "x"])
+        assert args.steps and args.time_budget_min is None and args.threads == 1 and args.seed == 0, name
+        assert args.hidden % 256 == 0 and args.intermediate % 256 == 0, name
+        if recipe["sha256"] is not None:
+            assert len(recipe["sha256"]) == 64 and recipe["prefix"]["sha256"] is not None
+    fine = train.parse_args([*rebuild.RECIPES["qwen3-moe-fine"]["args"], "--out", "x"])
+    assert fine.family == "qwen3_moe" and fine.experts >= 64 and fine.top_k == 8
