@@ -496,3 +496,32 @@ def format_interval(d: Mapping[str, float], fmt: str = "{:.4g}") -> str:
     return Interval(d["value"], d["lo"], d["hi"]).format(fmt)
 
 
+
+
+def format_quality(quality: Mapping[str, Mapping]) -> str:
+    """One line for a ``{set name: summary}`` mapping (every set: ppl, and KL / ratios where present) with
+    95% intervals: what the benchmark scripts print per row, so that every domain is reported."""
+    parts = []
+    for name, q in quality.items():
+        cells = [f"{name} ppl {format_interval(q['ppl'], '{:.4f}')}"]
+        if "kl" in q:
+            cells.append(f"KL {format_interval(q['kl'], '{:.3e}')}")
+        if "ppl_ratio" in q:
+            cells.append(f"ppl ratio {format_interval(q['ppl_ratio'], '{:.4f}')}")
+        parts.append(" ".join(cells))
+    return "; ".join(parts)
+
+
+def flatten_eval(result: Mapping) -> dict:
+    """The ``dmpq-compile eval --json`` result as one row: the first set's ``ppl`` / ``kl`` / ``tokens``, the
+    others' suffixed with their domain (``ppl_pystdlib``), and every set's summary under ``quality``."""
+    row: dict[str, Any] = {"quality": {}}
+    for i, s in enumerate(result["sets"]):
+        suffix = "" if i == 0 else "_" + s["set"].split("/")[0]
+        row["ppl" + suffix] = s["ppl"]["value"]
+        if "kl" in s:
+            row["kl" + suffix] = s["kl"]["value"]
+        row["tokens" + suffix] = s["scored_tokens"]
+        row["quality"][s["set"]] = {k: s[k] for k in ("ppl", "kl", "top1", "ppl_ratio", "documents", "windows")
+                                    if k in s}
+    return row
