@@ -284,17 +284,18 @@ def run_logprobs(cmd: list[str], what: str, out_file: Path, tries: int = 5, paus
     the figures it printed when they reached the pipe or its log (a cross-check), else ``{}``.
 
     Raises:
-        LlamaCppError: no run wrote a complete file (the message names the tries and quotes the output).
+        LlamaCppError: the tool failed (non-zero exit: not retried), or no run wrote a complete file (the
+            message names the tries and quotes the output).
     """
     out, why = "", ""
     log_file = out_file.with_suffix(out_file.suffix + ".log")
     for attempt in range(1, tries + 1):
         out_file.unlink(missing_ok=True)
         log_file.unlink(missing_ok=True)
+        out = run([*cmd, "--kl-divergence-base", str(out_file), "--log-file", str(log_file)], what)  # failed: raised
         try:
-            out = run([*cmd, "--kl-divergence-base", str(out_file), "--log-file", str(log_file)], what)
             read_logprobs_header(out_file)
-        except LlamaCppError as e:
+        except LlamaCppError as e:  # exited 0 before the end of its work reached the disk: run it again
             why = str(e)
             print(f"  {what}: try {attempt} of {tries} failed ({why.splitlines()[0][:200]}); running it again",
                   flush=True)
