@@ -14,7 +14,9 @@ One protocol, described for users in docs/evaluation.md:
   so each window scores ``context // 2 - 1`` tokens, every one with at least ``context // 2`` tokens of
   history from its own document. The windows of one document never score a token twice.
 * **Balance.** Windows are drawn across every document of the set: each document long enough for a
-  window gets some, spread evenly over the document, and no document gets more than ``max_share``
+  window gets some (when the set has more such documents than ``max_windows``, one window each for
+  ``max_windows`` documents spread evenly over the set's key order, the others recorded as
+  ``undrawn``), spread evenly over the document, and no document gets more than ``max_share``
   (15 %) of the windows, hence of the scored tokens (every window scores as many). The number of
   windows is the largest ``<= max_windows`` that allows this; a set where it is impossible (fewer
   than ``1 / max_share`` usable documents) is an error.
@@ -82,6 +84,7 @@ class EvalWindows:
     text_exact: bool
     source: str = ""
     max_share: float = DEFAULT_MAX_SHARE
+    undrawn: tuple[str, ...] = ()
 
     @property
     def first(self) -> int:
@@ -111,7 +114,7 @@ class EvalWindows:
         ids = self.ids.copy()
         ids[:, 0] = token_id
         return EvalWindows(self.name, self.context, ids, self.doc_of_window, self.starts, self.doc_keys, self.skipped,
-                           self.text, self.text_exact, self.source, self.max_share)
+                           self.text, self.text_exact, self.source, self.max_share, self.undrawn)
 
     def record(self) -> dict:
         """What a results file records about the set (enough to rebuild and audit it)."""
@@ -119,6 +122,7 @@ class EvalWindows:
         return {"set": self.name, "source": self.source, "context": self.context, "windows": int(self.ids.shape[0]),
                 "scored_per_window": self.scored_per_window, "scored_tokens": self.n_scored,
                 "documents": len(self.doc_keys), "skipped_short_documents": list(self.skipped),
+                "undrawn_documents": len(self.undrawn),
                 "max_doc_share": max(shares.values()), "max_share_allowed": self.max_share,
                 "windows_per_document": {k: round(v * len(self.doc_of_window)) for k, v in shares.items()},
                 "ids_sha256": hashlib.sha256(np.ascontiguousarray(self.ids).tobytes()).hexdigest()[:16],
@@ -189,6 +193,11 @@ def build_windows(docs: Sequence[Document], tokenizer: Any, name: str, context: 
     if not usable:
         raise ProtocolError(f"{name}: none of its {len(docs)} documents holds the {piece} tokens of one window; "
                             "use a shorter --context or a corpus of longer documents")
+    undrawn: list[str] = []
+    if len(usable) > max_windows:  # more documents than windows: one window each for documents spread over the set
+        keep = set(_spread(len(usable), max_windows))
+        undrawn = [d.key for i, d in enumerate(usable) if i not in keep]
+        usable, token_ids, places = ([x for i, x in enumerate(seq) if i in keep] for seq in (usable, token_ids, places))
     counts = allocate_windows([len(p) for p in places], max_windows, max_share, name)
     rows, doc_of, starts, pieces = [], [], [], []
     sep_token = sep_id if sep_id is not None else _eos_id(tok)
@@ -206,7 +215,7 @@ def build_windows(docs: Sequence[Document], tokenizer: Any, name: str, context: 
         exact = len(back) == windows.size and bool(np.array_equal(np.asarray(back), windows.reshape(-1)))
         text = text if exact else ""
     return EvalWindows(name, context, windows, np.asarray(doc_of, dtype=np.int64), np.asarray(starts, dtype=np.int64),
-                       tuple(d.key for d in usable), tuple(skipped), text, exact, source, max_share)
+                       tuple(d.key for d in usable), tuple(skipped), text, exact, source, max_share, tuple(undrawn))
 
 
 def _eos_id(tok: Any) -> int:
