@@ -216,3 +216,18 @@ def test_more_documents_than_windows_gives_one_window_each_to_a_spread(tok):
     assert w.ids.shape[0] == 8 and len(w.doc_keys) == 8 and len(w.undrawn) == 4
     assert max(w.doc_shares().values()) == 1 / 8 and w.record()["undrawn_documents"] == 4
     assert w.doc_keys[0] == "doc00.txt" and w.doc_keys[-1] == "doc11.txt"
+
+
+def test_eval_json_flattens_to_one_row_per_artifact_with_every_domain():
+    from dmpq_compile.eval.protocol import flatten_eval, format_quality
+
+    iv = {"value": 2.0, "lo": 1.5, "hi": 2.5}
+    result = {"sets": [{"set": "pydoc/test", "ppl": iv, "kl": iv, "top1": iv, "ppl_ratio": iv, "scored_tokens": 8001,
+                        "documents": 7, "windows": 63},
+                       {"set": "pystdlib/test", "ppl": {**iv, "value": 3.0}, "kl": iv, "scored_tokens": 8128,
+                        "documents": 13, "windows": 64}]}
+    row = flatten_eval(result)
+    assert (row["ppl"], row["ppl_pystdlib"], row["tokens"], row["tokens_pystdlib"]) == (2.0, 3.0, 8001, 8128)
+    assert set(row["quality"]) == {"pydoc/test", "pystdlib/test"}
+    line = format_quality(row["quality"])
+    assert "pydoc/test ppl 2.0000 [1.5000, 2.5000]" in line and "pystdlib/test ppl 3.0000" in line
