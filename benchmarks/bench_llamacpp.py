@@ -307,8 +307,9 @@ def quality_sets(model_dir: Path, args: argparse.Namespace) -> list:
 
 def check_tokens(llama: lc.LlamaCpp, gguf: Path, text_file: Path, ids: list[int], n: int) -> dict:
     """Compare llama.cpp's tokenization of ``text_file`` with ``ids`` over the first ``n`` tokens."""
+    # --no-escape: llama-tokenize turns "\\xe0" in a file into a byte by default; llama-perplexity reads files verbatim
     out = lc.run([llama.tool("llama-tokenize"), "-m", str(gguf), "-f", str(text_file), "--ids", "--log-disable",
-                  "--no-bos"], "llama-tokenize")
+                  "--no-bos", "--no-escape"], "llama-tokenize")
     theirs = lc.parse_token_ids(out)
     diff = next((i for i, (a, b) in enumerate(zip(theirs[:n], ids[:n])) if a != b), None)
     if diff is None and len(theirs) < n:

@@ -310,3 +310,17 @@ def test_registration_against_the_built_converter():
     new = lc.register_pre_tokenizer(text, "0" * 64, "gpt-2", "test")
     assert new.count('if chkhsh == "' + "0" * 64 + '":') == 1
     compile(new, "converter", "exec")
+
+
+def test_token_check_reads_the_file_verbatim(monkeypatch, tmp_path):
+    """llama-tokenize processes escapes (a literal backslash-x-e-0 in pydoc's text) unless told not to;
+    llama-perplexity reads the file verbatim, so the check must too."""
+    import bench_llamacpp as bench
+
+    seen = []
+    monkeypatch.setattr(lc, "run", lambda cmd, what: seen.append(cmd) or "[1, 2, 3]")
+    assert bench.check_tokens(lc.LlamaCpp(tmp_path, tmp_path), tmp_path / "m.gguf", tmp_path / "t.txt", [1, 2, 3], 3)[
+        "first_mismatch"] is None
+    assert "--no-escape" in seen[0] and "--no-bos" in seen[0]
+    with pytest.raises(RuntimeError, match="differently from tokenizers at token 1"):
+        bench.check_tokens(lc.LlamaCpp(tmp_path, tmp_path), tmp_path / "m.gguf", tmp_path / "t.txt", [1, 5, 3], 3)
