@@ -223,7 +223,7 @@ def test_artifact_commands_run_without_torch_or_transformers(artifact, tmp_path)
         ["check", art],
         ["eval", art, "--corpus", str(corpus), "--split", "all", "--context", "16", "--max-doc-share", "0.5",
          "--no-progress"],
-        ["bench", art, "--corpus", str(corpus), "--split", "train", "--rounds", "1", "--prefill-tokens", "8",
+        ["bench", art, "--corpus", str(corpus), "--rounds", "1", "--prefill-tokens", "8",
          "--decode-tokens", "2", "--windows", "8", "--context", "16", "--max-doc-share", "0.5", "--threads", "1",
          "--no-rss", "--no-progress"],
     ]
