@@ -143,7 +143,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--old-dispatch", action="store_true",
                    help="also compile every matched dmpq artifact with --dispatch gather-if (the per-expert dispatch "
                    "before the fused one), as rows labelled ...@gather-if")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--pass-cache", action="store_true",
+                   help="let the matched artifacts of one trained checkpoint share dmpq-compile's pass cache (profile and "
+                   "sensitivity computed once, $DMPQ_CACHE_DIR) instead of --no-cache in every compile; the same "
+                   "results, less time on a busy machine")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (0: quality only, no timing)")
     p.add_argument("--threads", type=int, default=2, help="threads of every tool and measurement (default 2)")
     p.add_argument("--extra-speed-threads", type=int, nargs="*", default=[],
                    help="also time prefill/decode with these thread counts (keys suffixed _t<N>), e.g. 1 on a "
@@ -409,6 +413,8 @@ def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict
     """The reference artifact, then one artifact per distinct matched budget."""
     ref_label, ref_flags = spec.reference
     alloc_flags, common_flags = spec.flags
+    if args.pass_cache:
+        common_flags = tuple(f for f in common_flags if f != "--no-cache")
     compile_dmpq(ckpt, work / ref_label, [*ref_flags, *common_flags], args.reuse)
     rows = {ref_label: {**dmpq_row(work / ref_label, params), "flags": list(ref_flags)}}
     policy = [] if str(args.nonexpert_bits).strip() == "16" else ["--nonexpert-bits", str(args.nonexpert_bits)]
@@ -525,6 +531,8 @@ def time_genai(path: Path, args: argparse.Namespace, threads: int) -> dict[str, 
 
 def interleaved_speed(llama: lc.LlamaCpp, rows: dict[str, dict], args: argparse.Namespace) -> None:
     labels = list(rows)
+    if args.rounds < 1:  # --rounds 0: a quality-only run
+        return
     samples: dict[str, list[dict]] = {k: [] for k in labels}
     for r in range(args.rounds):
         for i in range(len(labels)):
@@ -699,15 +707,28 @@ def table(rows: dict[str, dict]) -> str:
     for k in speed:
         key, _, threads = k.rpartition("_t") if k not in SPEED_NAMES else (k, "", "")
         names.append(SPEED_NAMES[key] + (f" [{threads} threads]" if threads else ""))
-    head = ["variant", "match", "bpw", "tensor bpw", "expert bpw", "file MB", *names]
+    head = ["variant", "match", "bpw", "tensor bpw", "expert bpw", "file MB", "types held (GGUF: share of parameters)",
+            *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
         tensor = "-" if r.get("tensor_bpw") is None else f"{r['tensor_bpw']:.2f}"
         cells = [label, r.get("match", ""), f"{r['bpw']:.2f}", tensor, f"{r['expert_bpw']:.2f}",
-                 f"{r['file_bytes'] / 1e6:.2f}",
+                 f"{r['file_bytes'] / 1e6:.2f}", types_held(r),
                  *(f"{r[k]:.{0 if k.startswith('prefill') else 3}f} ({r[k] / base[k]:.2f}x)" for k in speed)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def types_held(row: dict) -> str:
+    """What a file really stores: a GGUF's tensor types (llama-quantize falls back to other types where a row is not
+    a multiple of the type's block) or a dmpq artifact's expert bit-widths, each with its share of the parameters."""
+    if row["kind"] != "gguf":
+        hist = row.get("bits_histogram") or {}
+        total = sum(hist.values()) or 1
+        return "experts: " + ", ".join(f"{b}-bit {100 * n / total:.0f}%" for b, n in
+                                       sorted(hist.items(), key=lambda kv: int(kv[0])))
+    counts, total = row["elements_by_type"], sum(row["elements_by_type"].values()) or 1
+    return ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def quality_table(rows: dict[str, dict], set_name: str) -> str:

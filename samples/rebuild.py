@@ -35,19 +35,20 @@ RECIPES: dict[str, dict] = {
     "mixtral-h256": {
         "args": ["--family", "mixtral", "--tokenizer", str(HERE / "mixtral-tiny"), "--hidden", "256",
                  "--intermediate", "256", "--steps", "250", "--warmup-steps", "30", "--threads", "1", "--seed", "0"],
-        "sha256": None,
-        "prefix": {"steps": 3, "sha256": None},
+        "sha256": "5b65fdb4d798cf176eaadb4b61f25a14b3f2330f4f5b7e39c5bb0986da9d28d6",
+        "prefix": {"steps": 3, "sha256": "fefaf2954adabfa7f5ad9ff570eacbe9537559237599403495e0d37cb7c89599"},
     },
     # fine-grained, the shape users run (Qwen3-30B-A3B: 128 experts, top-8): 64 experts of width 256, top-8
     "qwen3-moe-fine": {
         "args": ["--family", "qwen3_moe", "--tokenizer", str(HERE / "mixtral-tiny"), "--steps", "160",
                  "--warmup-steps", "30", "--threads", "1", "--seed", "0"],
-        "sha256": None,
-        "prefix": {"steps": 3, "sha256": None},
+        "sha256": "3260fa29c5c830708d238b97b9703ea522c326b1cbc4286edf4850e777d8a540",
+        "prefix": {"steps": 3, "sha256": "79cf5077b2a1b4f4acd26805852c5f9be8890a8a2170dfaff92d4cc155cdd569"},
     },
 }
 # where the recorded values come from
-RECORDED_ON = {"torch": None, "transformers": None, "cpu": None}
+RECORDED_ON = {"torch": "2.13.0+cpu", "transformers": "5.25.0", "python": "3.11.7",
+               "cpu": "AMD EPYC (avx2, avx512f/bw/vl/vnni/bf16)"}
 
 
 def sha256_of(path: Path) -> str:

@@ -102,6 +102,29 @@ def test_budget_matches_the_whole_file_when_it_can():
     assert dmpq_budget(2.0, 0.5, params, 600, 100) == (100, "experts only")  # never below the 2-bit floor
 
 
+def test_rows_print_what_the_files_really_hold():
+    """A GGUF named Q2_K whose rows fell back to Q4_0 says so; a dmpq row gives its experts' bit-widths."""
+    from bench_llamacpp import table, types_held
+
+    gguf = {"kind": "gguf", "elements_by_type": {"Q4_0": 750, "Q2_K": 0, "F32": 250}, "bpw": 4.6, "tensor_bpw": 4.5,
+            "expert_bpw": 4.5, "file_bytes": 10**6}
+    dmpq = {"kind": "dmpq", "bits_histogram": {"4": 1, "2": 3}, "bpw": 4.6, "tensor_bpw": 4.5, "expert_bpw": 2.6,
+            "file_bytes": 10**6}
+    assert types_held(gguf) == "Q4_0 75%, F32 25%, Q2_K 0%"
+    assert types_held(dmpq) == "experts: 2-bit 75%, 4-bit 25%"
+    text = table({"gguf-Q2_K": gguf, "dmpq~Q2_K": dmpq})
+    assert "| gguf-Q2_K |" in text and "Q4_0 75%" in text and "experts: 2-bit 75%" in text
+
+
+def test_quality_only_run_skips_timing():
+    import bench_llamacpp as bench
+
+    args = bench.parse_args(["--llama-cpp", "x", "--models", "mixtral-tiny", "--rounds", "0", "--pass-cache"])
+    rows = {"dmpq-fp32": {"kind": "dmpq", "path": "/nonexistent"}}
+    bench.interleaved_speed(None, rows, args)  # would fail on the missing artifact if it timed anything
+    assert rows == {"dmpq-fp32": {"kind": "dmpq", "path": "/nonexistent"}} and args.pass_cache
+
+
 def test_models_are_names_or_trained_checkpoint_folders(tmp_path, capsys):
     import bench_llamacpp as bench
 
