@@ -52,6 +52,8 @@ class CompileConfig:
     sensitivity_sequences: int = 16
     sensitivity: bool = True
     flip_probe: bool = True  # sensitivity: add the KL of routing flips downstream (one probe per MoE layer)
+    min_routed_tokens: int = 8  # experts measured on fewer routed calibration tokens are rare (passes/rare_experts.py)
+    rare_sensitivity: str = "estimate"  # estimate: price rare experts from their weights | measured: as measured
     metric: str = "kl"  # accuracy model of optimal/rl: per-expert "kl" or "nll" increase
     seed: int = 0
     allocator_options: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +87,10 @@ class CompileConfig:
         if self.max_length is not None and self.target != "ort-cpu":
             raise ValueError(f"--max-length sets the KV buffer of ort-cpu's onnxruntime-genai config; target "
                              f"{self.target!r} has none; drop --max-length")
+        if self.min_routed_tokens < 0:
+            raise ValueError(f"--min-routed-tokens must be >= 0, got {self.min_routed_tokens}")
+        if self.rare_sensitivity not in ("estimate", "measured"):
+            raise ValueError(f"--rare-sensitivity must be estimate or measured, got {self.rare_sensitivity!r}")
         if self.nonexpert_allocate and self.nonexpert_bits != 16:
             raise ValueError("nonexpert_allocate places the non-expert weights; nonexpert_bits must stay 16 (give "
                              "fixed kinds in nonexpert_kinds, e.g. --nonexpert-bits auto,lm_head=8)")
@@ -147,7 +153,7 @@ def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
 
 def sensitivity_pass(cfg: CompileConfig):
     return make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences, gradvar=cfg.allocator == "gradvar",
-                     flips=cfg.flip_probe, **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))
+                     flips=cfg.flip_probe, min_tokens=cfg.min_routed_tokens, rare=cfg.rare_sensitivity, **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))
 
 
 def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
@@ -254,7 +260,7 @@ def expert_table(graph: Graph) -> list[dict[str, Any]]:
     for n in graph.experts():
         row = {"id": n.id, "layer": n.attrs["layer"], "expert": n.attrs["expert"]}
         for key in ("freq", "mass", "tokens", "sensitivity", "kl", "flip_kl", "contribution", "router_grad_change",
-                    "neuron_variance", "bits", "group_size"):
+                    "neuron_variance", "sensitivity_tokens", "sensitivity_estimated", "bits", "group_size"):
             if key in n.ann:
                 row[key] = n.ann[key]
         if "quant" in n.ann:
@@ -378,9 +384,13 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
          overwrite: bool = False) -> Path:
     """Write the artifact for an annotated, quantized graph (atomic), with its report."""
     from .artifact import write_artifact
+    from .passes.rare_experts import rare_counts
 
+    experts = expert_table(graph)
     report = {"config": dataclasses.asdict(cfg), "passes": [dataclasses.asdict(r) for r in records],
-              "experts": expert_table(graph), "nonexpert": nonexpert_table(graph),
+              "experts": experts, "nonexpert": nonexpert_table(graph),
+              "rare_experts": {"min_routed_tokens": cfg.min_routed_tokens, "mode": cfg.rare_sensitivity,
+                               "per_layer": {str(k): v for k, v in rare_counts(experts, cfg.min_routed_tokens).items()}},
               "compile_seconds": round(seconds, 3)}
     options = {k: v for k, v in (("max_length", cfg.max_length), ("dispatch", cfg.dispatch)) if v is not None}
     return write_artifact(graph, get_backend(cfg.target, cfg.scale_dtype), out, report=report, overwrite=overwrite,

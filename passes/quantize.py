@@ -35,6 +35,7 @@ from ..quant.formats import WeightFormat, declare_target_formats, declared_forma
 from ..quant.rtn import QuantizedTensor
 from ..quant.stored import store_quantized
 from .base import Pass, PassContext, PassResult
+from .layer_clock import LayerClock
 
 log = logging.getLogger(__name__)
 METHODS = ("rtn", "hqq", "gptq")
@@ -79,6 +80,7 @@ class QuantizePass(Pass):
         layers = sorted({n.attrs["layer"] for n in nodes} | {_layer(n) for n in others if _layer(n) is not None})
         bar = tqdm(total=len(nodes), desc=f"quantize ({o.method})", unit="expert", disable=not ctx.progress,
                    leave=False)
+        clock = LayerClock("quantize", len(layers) + any(_layer(n) is None for n in others))
 
         def finish(layer: int | None, hessians_of: Callable[[object], dict]) -> None:
             keys = []
@@ -90,6 +92,7 @@ class QuantizePass(Pass):
             if ctx.work_dir is not None and keys:
                 name = "head" if layer is None else f"L{layer}"
                 graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-{name}.safetensors")
+            clock.step("head" if layer is None else f"L{layer}")
 
         if o.method == "gptq":
             _stream_hessians(graph, ctx.calibration[: o.max_sequences], set(layers), finish, others)

@@ -63,8 +63,10 @@ from ..ir import ops
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
 from ..quant.spec import VALID_BITS
+from . import rare_experts
 from . import sensitivity_local as local
 from .base import Pass, PassContext, PassResult
+from .layer_clock import LayerClock
 from .precision import allocatable, measured_bits
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ class SensitivityOptions:
     nonexpert: tuple[str, ...] = ()  # local: also score these non-expert kinds (--nonexpert-bits auto)
     flips: bool = True  # local: add the KL of routing flips downstream, rated by one probe per layer
     flip_bits: int | None = None  # bits of the flip probe (default: 3 if measured, else the nearest)
+    min_tokens: int = 8  # local: experts measured on fewer routed tokens are "rare" (see rare_experts.py)
+    rare: str = "estimate"  # local: estimate | measured (take a rare expert's measurement as it is, 0 if unrouted)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -94,6 +98,10 @@ class SensitivityOptions:
                              "use method='local'")
         if self.flip_bits is not None and (self.flip_bits not in VALID_BITS or self.flip_bits >= 16):
             raise ValueError(f"flip_bits must be a quantized bit-width {VALID_BITS[:-1]}, got {self.flip_bits!r}")
+        if self.rare not in rare_experts.MODES:
+            raise ValueError(f"rare must be one of {rare_experts.MODES}, got {self.rare!r}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         object.__setattr__(self, "nonexpert", tuple(self.nonexpert))
 
 
@@ -141,7 +149,11 @@ class SensitivityPass(Pass):
         flips = o.flips and len(moe_layers) > 1
         steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0)) + (n_layers - moe_layers[0] if flips else 0)
         bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False)
-        tick = lambda: bar.update(1)
+        clock = LayerClock("sensitivity", steps)
+
+        def tick() -> None:
+            bar.update(1)
+            clock.step()
         store, h_last = local.forward_boundaries(interp, ids, RunOptions(quantize=False), tick)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         scores: dict[str, list[dict]] = {}
@@ -150,10 +162,13 @@ class SensitivityPass(Pass):
         n_seq, positions = ids.shape[0], ids.shape[0] * (ids.shape[1] - 1)
         nonexpert: dict[str, list[dict]] = {}
 
+        by_layer = graph.experts_by_layer()
+
         def at_layer(layer, seen, g):
             if f"L{layer}.router" in seen:
                 for node_id, sc in local.expert_scores(graph, interp, layer, seen[f"L{layer}.moe_norm"],
-                                                       seen[f"L{layer}.router"], g, bits, ids.shape[1]).items():
+                                                       seen[f"L{layer}.router"], g, bits, ids.shape[1],
+                                                       by_layer.get(layer, [])).items():
                     scores.setdefault(node_id, []).append(sc)
 
         def after_backward(layer, values, grads, g_in):
@@ -187,8 +202,11 @@ class SensitivityPass(Pass):
         for node_id, runs in scores.items():
             _annotate_kl(graph, node_id, runs, _flip_rate(rates, graph.node(node_id).attrs["layer"], True))
             graph.annotate(node_id, "contribution", sum(r["contribution"] for r in runs) / len(runs))
+            graph.annotate(node_id, "sensitivity_tokens", runs[0]["tokens"])
             if o.gradvar:
                 graph.annotate(node_id, "neuron_variance", runs[0]["neuron_variance"])
+        rare = rare_experts.price_rare(graph, {k: runs[0]["weight_error"] for k, runs in scores.items()},
+                                       o.min_tokens, o.rare)
         if o.gradvar:
             fp_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False), tick)
             all_q = {n.id: o.gradvar_bits for n in graph.experts()}
@@ -197,7 +215,7 @@ class SensitivityPass(Pass):
         bar.close()
         return PassResult(graph, modified=True, stats={
             "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel()),
-            **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}),
+            **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}), "rare_experts": rare,
             **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})
 
 

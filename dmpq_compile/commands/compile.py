@@ -29,7 +29,8 @@ _FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_la
            "quant_method": "quant_method",
            "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
            "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
-           "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed"}
+           "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed",
+           "min_routed_tokens": "min_routed_tokens", "rare_sensitivity": "rare_sensitivity"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,6 +98,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flip-probe", action="store_true",
                    help="sensitivity without its routing-flip term: the layer-local estimate alone, as before it "
                    "existed (the probe costs about three forwards of the sensitivity sequences)")
+    p.add_argument("--min-routed-tokens", type=int, metavar="N",
+                   help=f"an expert the sensitivity pass measured on fewer than N routed calibration tokens is rare: "
+                   f"the report and inspect count them per layer (default {d.min_routed_tokens})")
+    p.add_argument("--rare-sensitivity", choices=("estimate", "measured"),
+                   help="estimate (default): price a rare expert from its weights' quantization error and its layer's "
+                   "measured experts (never below its measurement), so calibration that missed it does not send it "
+                   "to the fewest bits; measured: take its measurement as it is (0 for an expert no token reached). "
+                   "See passes/rare_experts.py")
     p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
                    "--quant-method rtn, the default; GPTQ/HQQ would re-round the trained weights)")
     p.add_argument("--qat-steps", type=int, help=f"QAT optimizer steps (default {d.qat_steps})")

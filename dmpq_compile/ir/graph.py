@@ -118,6 +118,14 @@ class Graph:
     def experts(self) -> list[Node]:
         return list(self.nodes("expert"))
 
+    def experts_by_layer(self) -> dict[int, list[Node]]:
+        """The routed experts grouped by layer, each group in execution order, from one walk of the
+        graph (a per-layer ``[n for n in experts() if ...]`` is quadratic in the layer count)."""
+        out: dict[int, list[Node]] = {}
+        for n in self.experts():
+            out.setdefault(n.attrs["layer"], []).append(n)
+        return out
+
     def topo_order(self) -> list[str]:
         """Execution order, cached until nodes or edges are added or removed (passes query it per
         node: recomputing it each time made whole-graph queries quadratic in the expert count)."""
