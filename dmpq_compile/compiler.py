@@ -198,12 +198,14 @@ def open_artifact(graph: Graph, backend: Any, folder: Path) -> Any:
 def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileConfig, backend: Any,
                progress: bool = True, dump_dir: str | Path | None = None,
                calibration: torch.Tensor | None = None, previous: list | None = None,
-               work_dir: str | Path | None = None, cache: PassCache | None = None) -> tuple[Graph, list]:
+               work_dir: str | Path | None = None, cache: PassCache | None = None,
+               executor: Any = None) -> tuple[Graph, list]:
     """Run ``passes`` on ``graph`` with calibration loaded only if one needs it.
 
     ``previous``: records of passes already run on ``graph`` (named in error messages).
     ``work_dir``: scratch folder where passes put large results (see ``PassContext.work_dir``).
     ``cache``: where cacheable passes (profile, sensitivity) reuse earlier results; None: off.
+    ``executor``: where per-layer tasks run (:mod:`dmpq_compile.distributed`); None: here.
     """
     timing = Timing()
     instruments = [timing, Progress(len(passes), progress)]
@@ -217,13 +219,13 @@ def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileCo
     torch.manual_seed(cfg.seed)
     ctx = PassContext(calibration=calibration, target=cfg.target, backend=backend, seed=cfg.seed,
                       progress=progress, open_artifact=open_artifact,
-                      work_dir=Path(work_dir) if work_dir else None)
+                      work_dir=Path(work_dir) if work_dir else None, executor=executor)
     return manager.run(graph, ctx), timing.records
 
 
 def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progress: bool = True,
                  dump_dir: str | Path | None = None, work_dir: str | Path | None = None,
-                 cache: PassCache | None = None) -> tuple[Graph, list]:
+                 cache: PassCache | None = None, executor: Any = None) -> tuple[Graph, list]:
     """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records.
 
     ``cache``: reuse profile and sensitivity results of an earlier compile with the same
@@ -241,16 +243,16 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):
         calib = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
     graph, records = run_passes(graph, analysis, model_dir, cfg, backend, progress, dump_dir, calib,
-                                work_dir=work_dir, cache=cache)
+                                work_dir=work_dir, cache=cache, executor=executor)
     for r in range(cfg.codesign_rounds):
         round_passes = allocation_passes(cfg, final=False)  # allocate, [extras], qat — no quantize yet
         round_passes.append(sensitivity_pass(cfg))
         graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib, records,
-                                 work_dir, cache)
+                                 work_dir, cache, executor)
         records += recs
         log.info("co-design round %d/%d done", r + 1, cfg.codesign_rounds)
     graph, recs = run_passes(graph, allocation_passes(cfg), model_dir, cfg, backend, progress, dump_dir, calib,
-                             records, work_dir)
+                             records, work_dir, executor=executor)
     return graph, records + recs
 
 
@@ -285,13 +287,18 @@ def nonexpert_table(graph: Graph) -> list[dict[str, Any]]:
 
 
 def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, progress: bool = True,
-                  overwrite: bool = False, dump_dir: str | Path | None = None, cache: bool = False) -> Path:
+                  overwrite: bool = False, dump_dir: str | Path | None = None, cache: bool = False,
+                  ray: str | None = None) -> Path:
     """Compile ``model_dir`` (a folder, or a hub id in the local HF cache) for ``cfg.target`` into
     the artifact folder ``out`` (atomic).
 
     ``cache``: reuse (and store) profile and sensitivity results in the pass cache
     (``$DMPQ_CACHE_DIR/passes``), so a compile of the same checkpoint at another budget or with
     another allocator skips them. The command line turns it on unless ``--no-cache``.
+
+    ``ray``: a Ray cluster address (``auto``, ``HOST:PORT``, ``local:N``) where the per-layer
+    sensitivity and quantization tasks run (:mod:`dmpq_compile.distributed`); the artifact is the
+    same as without it.
 
     The checkpoint is checked whole (every shard present and as long as its header says) and
     the output disk for room before any pass runs. Large intermediate results (quantized codes)
@@ -313,13 +320,18 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     check_disk_space(graph, cfg, out.parent)
     from .artifact import scratch_folder
 
+    from .distributed import connect
+
+    executor = connect(ray)
     work = scratch_folder(out, ".work")  # removes .work folders that killed compiles left here
     try:
         graph, records = run_pipeline(graph, model_dir, cfg, progress, dump_dir, work,
-                                      PassCache() if cache else None)
+                                      PassCache() if cache else None, executor)
         return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if executor is not None:
+            executor.close()
 
 
 def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:

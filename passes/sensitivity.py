@@ -163,13 +163,23 @@ class SensitivityPass(Pass):
         nonexpert: dict[str, list[dict]] = {}
 
         by_layer = graph.experts_by_layer()
+        remote = _remote(ctx, graph)
+        pending: list = []  # remote: one future per (label sample, layer), in the serial order
 
         def at_layer(layer, seen, g):
-            if f"L{layer}.router" in seen:
-                for node_id, sc in local.expert_scores(graph, interp, layer, seen[f"L{layer}.moe_norm"],
-                                                       seen[f"L{layer}.router"], g, bits, ids.shape[1],
-                                                       by_layer.get(layer, [])).items():
-                    scores.setdefault(node_id, []).append(sc)
+            if f"L{layer}.router" not in seen:
+                return
+            x, route = seen[f"L{layer}.moe_norm"], seen[f"L{layer}.router"]
+            if remote is not None:  # scored by a worker while this process back-propagates further
+                from ..distributed import layer_expert_scores
+
+                route = ops.Routing(route.weights.detach(), route.indices, route.logits.detach(), route.shape)
+                pending.append(ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer, x.detach(),
+                                                   route, g.detach(), bits, ids.shape[1]))
+                return
+            for node_id, sc in local.expert_scores(graph, interp, layer, x, route, g, bits, ids.shape[1],
+                                                   by_layer.get(layer, [])).items():
+                scores.setdefault(node_id, []).append(sc)
 
         def after_backward(layer, values, grads, g_in):
             for node_id in (k for k, lay in layer_of.items() if lay == layer):
@@ -184,6 +194,9 @@ class SensitivityPass(Pass):
                 g = local.head_gradient(interp, h_last, ids, "sampled", gen)
                 local.backward_layers(interp, store, g, RunOptions(quantize=False), at_layer, tick, watch,
                                       after_backward)
+            for result in ctx.executor.get(pending) if pending else ():
+                for node_id, sc in result.items():
+                    scores.setdefault(node_id, []).append(sc)
             if flips:
                 t0 = time.perf_counter()
                 rates = local.flip_rates(interp, store, ids, _probe_bits(bits, o.flip_bits), tick)
@@ -216,7 +229,17 @@ class SensitivityPass(Pass):
         return PassResult(graph, modified=True, stats={
             "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel()),
             **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}), "rare_experts": rare,
+            **({"remote_tasks": len(pending)} if pending else {}),
             **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})
+
+
+def _remote(ctx: PassContext, graph: Graph):
+    """The graph put in the executor's object store (None: score the layers in this process)."""
+    if ctx.executor is None:
+        return None
+    from ..distributed import sendable
+
+    return ctx.executor.put(graph) if sendable(graph) else None
 
 
 def _probe_bits(bits: tuple[int, ...], wanted: int | None) -> int:

@@ -129,6 +129,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a pass after allocate that breaks the budget or the --bits choices only warns "
                    "(bits the target cannot emit are always an error)")
     # -- end extra passes ---------------------------------------------------------------------------
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run the per-layer sensitivity and quantization tasks on a Ray cluster: auto (the cluster "
+                   "this machine belongs to), HOST:PORT or ray://HOST:PORT, or local:N (start N worker processes "
+                   "here). Workers must see the checkpoint and -o at the same paths; the artifact is the same as "
+                   "without --ray. Needs pip install 'dmpq-compile[ray]'")
     p.add_argument("--config", help="TOML file with compile settings ([compile] table; flags given win)")
     p.add_argument("--dump-ir", help="save the IR after every pass into this folder")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
@@ -231,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = args.out or default_out(args.model_dir, cfg.target)
     out = compile_model(args.model_dir, out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
-                        dump_dir=args.dump_ir, cache=not args.no_cache)
+                        dump_dir=args.dump_ir, cache=not args.no_cache, ray=args.ray)
     report = json.loads((Path(out) / "report.json").read_text())
     bits = [r["bits"] for r in report["experts"]]
     hist = {b: bits.count(b) for b in sorted(set(bits))}

@@ -77,6 +77,11 @@ def pack_bits(q: Any, bits: int) -> np.ndarray:
     q = _check_codes(_to_numpy(q, "q"), bits)
     if 8 % bits == 0:
         return _pack_whole_bytes(q, bits)
+    return _pack_general(q, bits)
+
+
+def _pack_general(q: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`pack_bits` for any width 1..8 on validated uint8 codes: 8 codes to a uint64 word."""
     *lead, k = q.shape
     n_chunks = -(-k // _CHUNK)
     padded = np.zeros((*lead, n_chunks * _CHUNK), dtype=np.uint64)  # [..., C*8]
