@@ -319,7 +319,6 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     check_bits_budget(cfg, graph)
     check_disk_space(graph, cfg, out.parent)
     from .artifact import scratch_folder
-
     from .distributed import connect
 
     executor = connect(ray)

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph
 from ..ir.interpreter import Interpreter, RunOptions
-from ..ir.weights import index_safetensors
 from ..ir.stream import embed, layer_outputs, run_layer
+from ..ir.weights import index_safetensors
 from ..quant import QuantSpec, quantize
 from ..quant.formats import WeightFormat, declare_target_formats, declared_format
 from ..quant.rtn import QuantizedTensor
