@@ -165,6 +165,7 @@ class SensitivityPass(Pass):
         by_layer = graph.experts_by_layer()
         remote = _remote(ctx, graph)
         pending: list = []  # remote: one future per (label sample, layer), in the serial order
+        split = {"expert_scores_s": 0.0, "expert_scores_cpu_s": 0.0}  # the part --ray sends to workers
 
         def at_layer(layer, seen, g):
             if f"L{layer}.router" not in seen:
@@ -177,9 +178,12 @@ class SensitivityPass(Pass):
                 pending.append(ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer, x.detach(),
                                                    route, g.detach(), bits, ids.shape[1]))
                 return
+            t0, c0 = time.perf_counter(), time.process_time()
             for node_id, sc in local.expert_scores(graph, interp, layer, x, route, g, bits, ids.shape[1],
                                                    by_layer.get(layer, [])).items():
                 scores.setdefault(node_id, []).append(sc)
+            split["expert_scores_s"] += time.perf_counter() - t0
+            split["expert_scores_cpu_s"] += time.process_time() - c0
 
         def after_backward(layer, values, grads, g_in):
             for node_id in (k for k, lay in layer_of.items() if lay == layer):
@@ -229,7 +233,7 @@ class SensitivityPass(Pass):
         return PassResult(graph, modified=True, stats={
             "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel()),
             **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}), "rare_experts": rare,
-            **({"remote_tasks": len(pending)} if pending else {}),
+            **({"remote_tasks": len(pending)} if pending else {k: round(v, 2) for k, v in split.items()}),
             **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})
 
 
