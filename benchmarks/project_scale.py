@@ -51,7 +51,7 @@ def main() -> None:
     passes = {p["name"]: p for p in report["passes"]}
     key = "cpu_seconds" if args.cpu else "seconds"
     layers = len({r["layer"] for r in report["experts"]})
-    h, i, e, k, _, v, _ = SHAPES[args.measured_shape]
+    h, i, e, k, _, _v, _ = SHAPES[args.measured_shape]
     pe = 3 * h * i
     sens = passes["sensitivity"]
     scores = sens["stats"]["expert_scores_cpu_s" if args.cpu else "expert_scores_s"] / layers
@@ -66,7 +66,7 @@ def main() -> None:
     fq, routed = scores * share, scores * (1 - share)
     rows = []
     for name in args.shapes.split(","):
-        H, I, E, K, L, V, S = SHAPES[name]
+        H, I, E, K, L, V, _S = SHAPES[name]
         PE = 3 * H * I
         dense = K * PE / (k * pe)  # routed-token work per layer relative to the measured shape
         total = E * PE / (e * pe)  # all experts' weights per layer relative to the measured shape
