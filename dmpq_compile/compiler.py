@@ -318,6 +318,7 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     out.parent.mkdir(parents=True, exist_ok=True)
     check_bits_budget(cfg, graph)
     check_disk_space(graph, cfg, out.parent)
+    check_memory(graph, cfg)
     from .artifact import scratch_folder
     from .distributed import connect
 
@@ -389,6 +390,52 @@ def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
         raise OSError(f"{folder} has {free / 1e9:.1f} GB free but this compile needs about {need / 1e9:.1f} GB "
                       f"(artifact + scratch codes); free space or choose another -o")
 
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the smaller of the kernel's MemAvailable and the
+    room left under an address-space limit (``ulimit -v``); None where neither is known."""
+    import resource
+
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            used = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+        except OSError:
+            used = 0
+        avail = soft - used if avail is None else min(avail, soft - used)
+    return avail
+
+
+def check_memory(graph: Graph, cfg: CompileConfig) -> None:
+    """Refuse to start when memory cannot hold what any compile of ``graph`` holds at once.
+
+    A floor, not a forecast (measured peaks are higher: OLMoE-1B-7B shape 3.5-4.4 GB against a
+    floor of 1.6 GB): the largest weight (the LM head or embedding table) read and converted to
+    fp32 (6 bytes a weight from a bf16 checkpoint, counted as 4 x 1.5), three chunks of 4
+    sequences' logits ``[4, T, V]`` in fp32 (logits, log-probabilities, their gradient), eight
+    residual streams of the sensitivity sequences and 0.5 GB for the libraries.
+    """
+    avail = available_memory()
+    if avail is None:
+        return
+    largest = max((math.prod(graph.weights.shape(k)) for k in graph.weights), default=0)
+    vocab = int(graph.meta.get("vocab_size") or 0)
+    hidden = int(graph.meta.get("hidden_size") or 0)
+    seqs = min(cfg.sensitivity_sequences, cfg.calib_sequences)
+    need = 4 * (1.5 * largest + 3 * 4 * cfg.seq_len * vocab + 8 * seqs * cfg.seq_len * hidden) + 2**29
+    if need > avail:
+        raise MemoryError(f"this compile needs at least {need / 2**30:.1f} GiB of memory at once (the largest weight "
+                          f"in fp32, logits of 4 sequences over a {vocab}-token vocabulary, the "
+                          f"calibration residual streams) but {avail / 2**30:.1f} GiB is available; free memory, "
+                          "raise the limit (ulimit -v) or lower --calib-sequences/--seq-len")
 
 
 def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, seconds: float,
