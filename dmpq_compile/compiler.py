@@ -418,7 +418,7 @@ def check_memory(graph: Graph, cfg: CompileConfig) -> None:
     """Refuse to start when memory cannot hold what any compile of ``graph`` holds at once.
 
     A floor, not a forecast (measured peaks are higher: OLMoE-1B-7B shape 3.5-4.4 GB against a
-    floor of 1.6 GB): the largest weight (the LM head or embedding table) read and converted to
+    floor of 1.5 GB): the largest weight (the LM head or embedding table) read and converted to
     fp32 (6 bytes a weight from a bf16 checkpoint, counted as 4 x 1.5), three chunks of 4
     sequences' logits ``[4, T, V]`` in fp32 (logits, log-probabilities, their gradient), eight
     residual streams of the sensitivity sequences and 0.5 GB for the libraries.
