@@ -225,6 +225,7 @@ class RouteValue:
     node: Node
     cache: dict[str, str] = field(default_factory=dict)
     fused: list[Node] = field(default_factory=list)  # experts FusedDispatch leaves to the combine
+    plan: set[str] | None = None  # FusedDispatch: ids of the layer's experts that run fused
 
     def dense(self, lw: Lowering, what: str) -> str:
         """``[N, E]``: routing weight (``"weights"``) or 1.0 (``"selected"``) at the chosen experts, else 0."""
@@ -356,11 +357,30 @@ class FusedDispatch(GatherIfDispatch):
     name = "fused"
 
     def expert(self, lw: Lowering, route: RouteValue, node: Node) -> ExpertPart:
-        fusable = getattr(lw.projection, "fusable", None)
-        if fusable is not None and fusable(lw, node):
+        if route.plan is None:
+            route.plan = self._plan(lw, route)
+        if node.id in route.plan:
             route.fused.append(node)
             return ExpertPart(None, "")
         return super().expert(lw, route, node)
+
+    @staticmethod
+    def _plan(lw: Lowering, route: RouteValue) -> set[str]:
+        """The ids of the layer's experts that run fused: per fusion group, the projection's
+        ``fusion_choice`` (measured costs) where it has one, else every fusable expert."""
+        fusable = getattr(lw.projection, "fusable", None)
+        if fusable is None:
+            return set()
+        groups: dict[Any, list[Node]] = {}
+        for node in lw.graph.consumers(route.node.id, kind="expert"):
+            if fusable(lw, node):
+                groups.setdefault(lw.projection.fusion_key(node), []).append(node)
+        choose = getattr(lw.projection, "fusion_choice", None)
+        plan: set[str] = set()
+        for key in sorted(groups, key=str):
+            nodes = groups[key]
+            plan |= set(choose(lw, nodes)) if choose is not None else {n.id for n in nodes}
+        return plan
 
     def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:
         outs = [route.cache["acc"]] if "acc" in route.cache else []
