@@ -119,7 +119,8 @@ def format_counts(counts: dict[int, dict[str, int]], min_tokens: int) -> str:
     """``inspect``'s lines: per layer, rare / unrouted / estimated experts (only layers with any)."""
     total = {k: sum(c[k] for c in counts.values()) for k in ("rare", "unrouted", "estimated")}
     lines = [(f"experts with fewer than {min_tokens} routed calibration tokens: {total['rare']} "
-             f"({total['unrouted']} never routed; sensitivity estimated from the weights for {total['estimated']})")]
+              f"({total['unrouted']} never routed); sensitivity estimated from the weights (the sensitivity pass "
+              f"saw too few of its tokens routed to them): {total['estimated']}")]
     for layer, c in counts.items():
         if c["rare"] or c["estimated"]:
             lines.append(f"  layer {layer}: {c['rare']} of {c['experts']} rare, {c['unrouted']} never routed, "
