@@ -99,8 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sensitivity without its routing-flip term: the layer-local estimate alone, as before it "
                    "existed (the probe costs about three forwards of the sensitivity sequences)")
     p.add_argument("--min-routed-tokens", type=int, metavar="N",
-                   help=f"an expert the sensitivity pass measured on fewer than N routed calibration tokens is rare: "
-                   f"the report and inspect count them per layer (default {d.min_routed_tokens})")
+                   help=f"rare experts: the report and inspect count per layer the experts with fewer than N routed "
+                   f"calibration tokens, and the sensitivity pass prices those it measured on fewer than N of its "
+                   f"own tokens by --rare-sensitivity (default {d.min_routed_tokens})")
     p.add_argument("--rare-sensitivity", choices=("estimate", "measured"),
                    help="estimate (default): price a rare expert from its weights' quantization error and its layer's "
                    "measured experts (never below its measurement), so calibration that missed it does not send it "
