@@ -442,7 +442,7 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
          overwrite: bool = False) -> Path:
     """Write the artifact for an annotated, quantized graph (atomic), with its report."""
     from .artifact import write_artifact
-    from .passes.rare_experts import rare_counts
+    from .rare_counts import rare_counts
 
     experts = expert_table(graph)
     report = {"config": dataclasses.asdict(cfg), "passes": [dataclasses.asdict(r) for r in records],

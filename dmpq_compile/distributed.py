@@ -26,7 +26,7 @@ artifact byte-identical to the serial compile.
 Every worker must see the checkpoint and the output folder at the same paths as the driver (one
 machine, or a shared file system) and have ``dmpq-compile`` installed (``pip install
 dmpq-compile[ray]``). A graph whose weights live in memory (after QAT) is not sent: more than
-``MAX_SENT_BYTES`` of in-memory weights make those passes run in the driver, logged.
+``passes.remote_tasks.MAX_SENT_BYTES`` of in-memory weights make those passes run in the driver, logged.
 
 Addresses: ``auto`` (the cluster this machine belongs to, Ray's own lookup), ``ray://HOST:PORT`` or
 ``HOST:PORT`` (a running cluster), ``local:N`` (start a cluster of N worker processes on this
@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
-MAX_SENT_BYTES = 64 * 2**20  # in-memory weights sent with the graph (beyond: run in the driver)
 
 
 def _need_ray():
@@ -84,6 +82,8 @@ class RayExecutor:
         return self._remote[fn]
 
     def submit(self, fn, *args) -> Any:
+        """Run ``fn(*args, threads)`` as a task (``fn``: a module-level function, e.g. of
+        ``dmpq_compile.passes.remote_tasks``); returns its future."""
         return self.remote(fn).remote(*args, self.threads)
 
     def put(self, value: Any) -> Any:
@@ -100,42 +100,3 @@ class RayExecutor:
 
 def connect(address: str | None) -> RayExecutor | None:
     return RayExecutor(address) if address else None
-
-
-def sendable(graph) -> bool:
-    """Whether ``graph`` can go to workers: its weights on disk but at most ``MAX_SENT_BYTES``."""
-    store = graph.weights
-    held = sum(store.nbytes([k]) for k in store if store.ref(k) is None)
-    if held > MAX_SENT_BYTES:
-        log.info("ray: %.0f MB of weights live only in memory (not in the checkpoint's files); this pass runs in "
-                 "the driver", held / 2**20)
-        return False
-    return True
-
-
-# -- tasks (run in the workers; module-level so that Ray can import them) ------------------------------
-def layer_expert_scores(graph, formats, layer: int, x, routing, g, bits, seq_len: int, threads: int) -> dict:
-    """:func:`~dmpq_compile.passes.sensitivity_local.expert_scores` of one layer, in a worker."""
-    from .ir.interpreter import Interpreter
-    from .passes import sensitivity_local as local
-
-    torch.set_num_threads(threads)
-    interp = Interpreter(graph, quantize=False, formats=formats)
-    with torch.no_grad():
-        return local.expert_scores(graph, interp, layer, x, routing, g, bits, seq_len,
-                                   graph.experts_by_layer().get(layer, []))
-
-
-def layer_quantize(graph, options, node_ids: list[str], path: str, threads: int) -> dict[str, dict]:
-    """Quantize the nodes ``node_ids`` (one layer's) with the quantize pass's ``options`` in a worker,
-    write their codes into the safetensors file ``path`` and return each node's annotations."""
-    from .passes.quantize import QuantizePass
-
-    torch.set_num_threads(threads)
-    qp = QuantizePass(options)
-    keys: list[str] = []
-    for node_id in node_ids:
-        keys += qp._quantize_node(graph, graph.node(node_id), {})
-    if keys:
-        graph.weights.spill(keys, Path(path))
-    return {n: {"group_size": graph.node(n).ann["group_size"], "quant": graph.node(n).ann["quant"]} for n in node_ids}

@@ -124,7 +124,7 @@ class QuantizePass(Pass):
         """RTN/HQQ of each layer's experts as executor tasks (``compile --ray``): every task writes the
         file the serial loop would spill that layer's codes to; the annotations are applied here, in
         layer order, so the graph ends up exactly as after the serial loop."""
-        from ..distributed import layer_quantize
+        from .remote_tasks import layer_quantize
 
         remote = ctx.executor.put(graph)
         futures = [ctx.executor.submit(layer_quantize, remote, self.options, [n.id for n in by_layer[layer]],
@@ -179,7 +179,7 @@ def _remote_ok(ctx: PassContext, graph: Graph) -> bool:
     write their layers' codes to, and a graph that can be sent (weights on disk)."""
     if ctx.executor is None or ctx.work_dir is None:
         return False
-    from ..distributed import sendable
+    from .remote_tasks import sendable
 
     return sendable(graph)
 

@@ -36,10 +36,10 @@ import logging
 import statistics
 
 from ..ir.graph import Graph
+from ..rare_counts import DEFAULT_MIN_TOKENS  # noqa: F401  (the default N, one definition)
 
 log = logging.getLogger(__name__)
 MODES = ("estimate", "measured")
-DEFAULT_MIN_TOKENS = 8
 
 
 def price_rare(graph: Graph, weight_errors: dict[str, dict[int, float]], min_tokens: int, mode: str) -> dict:
@@ -97,32 +97,3 @@ def _median_ratios(ref: list, weight_errors: dict[str, dict[int, float]]) -> dic
         ratios = [float(n.ann["kl"][b]) / weight_errors[n.id][b] for n in ref if weight_errors[n.id].get(b, 0.0) > 0]
         out[b] = statistics.median(ratios) if ratios else 0.0
     return out
-
-
-def rare_counts(rows: list[dict], min_tokens: int) -> dict[int, dict[str, int]]:
-    """Per layer, from expert rows with the profile's ``tokens``: the experts with fewer than
-    ``min_tokens`` routed calibration tokens (``rare``), those with none (``unrouted``) and those
-    whose sensitivity was estimated (``estimated``). Layers without ``tokens`` are left out."""
-    out: dict[int, dict[str, int]] = {}
-    for r in rows:
-        if "tokens" not in r:
-            continue
-        row = out.setdefault(int(r["layer"]), {"experts": 0, "rare": 0, "unrouted": 0, "estimated": 0})
-        row["experts"] += 1
-        row["rare"] += int(r["tokens"] < min_tokens)
-        row["unrouted"] += int(r["tokens"] == 0)
-        row["estimated"] += int(bool(r.get("sensitivity_estimated")))
-    return dict(sorted(out.items()))
-
-
-def format_counts(counts: dict[int, dict[str, int]], min_tokens: int) -> str:
-    """``inspect``'s lines: per layer, rare / unrouted / estimated experts (only layers with any)."""
-    total = {k: sum(c[k] for c in counts.values()) for k in ("rare", "unrouted", "estimated")}
-    lines = [(f"experts with fewer than {min_tokens} routed calibration tokens: {total['rare']} "
-              f"({total['unrouted']} never routed); sensitivity estimated from the weights (the sensitivity pass "
-              f"saw too few of its tokens routed to them): {total['estimated']}")]
-    for layer, c in counts.items():
-        if c["rare"] or c["estimated"]:
-            lines.append(f"  layer {layer}: {c['rare']} of {c['experts']} rare, {c['unrouted']} never routed, "
-                         f"{c['estimated']} estimated")
-    return "\n".join(lines)

@@ -172,7 +172,7 @@ class SensitivityPass(Pass):
                 return
             x, route = seen[f"L{layer}.moe_norm"], seen[f"L{layer}.router"]
             if remote is not None:  # scored by a worker while this process back-propagates further
-                from ..distributed import layer_expert_scores
+                from .remote_tasks import layer_expert_scores
 
                 route = ops.Routing(route.weights.detach(), route.indices, route.logits.detach(), route.shape)
                 pending.append(ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer, x.detach(),
@@ -241,7 +241,7 @@ def _remote(ctx: PassContext, graph: Graph):
     """The graph put in the executor's object store (None: score the layers in this process)."""
     if ctx.executor is None:
         return None
-    from ..distributed import sendable
+    from .remote_tasks import sendable
 
     return ctx.executor.put(graph) if sendable(graph) else None
 

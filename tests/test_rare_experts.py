@@ -49,7 +49,7 @@ def test_never_routed_expert_is_not_sent_to_lowest_bits_for_lack_of_data(tiny_di
 
 
 def test_estimate_never_lowers_a_measurement_and_counts_per_layer(tiny_dirs, calib_ids):
-    from dmpq_compile.passes.rare_experts import rare_counts
+    from dmpq_compile.rare_counts import rare_counts
 
     ids = calib_ids("qwen3_moe")[:2, :16]
     g = load(tiny_dirs("qwen3_moe"))

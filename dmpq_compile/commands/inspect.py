@@ -150,7 +150,7 @@ def genai_line(path: Path) -> str | None:
 
 def min_routed_tokens(path: Path, given: int | None) -> int:
     """N of the rare-expert count: ``given``, else the compile's (report.json), else the default."""
-    from ..passes.rare_experts import DEFAULT_MIN_TOKENS
+    from ..rare_counts import DEFAULT_MIN_TOKENS
 
     if given is not None:
         if given < 0:
@@ -163,7 +163,7 @@ def min_routed_tokens(path: Path, given: int | None) -> int:
 
 def rare_lines(path: Path, rows: list[dict], given: int | None) -> str | None:
     """The per-layer count of rarely routed experts (None when the rows carry no token counts)."""
-    from ..passes.rare_experts import format_counts, rare_counts
+    from ..rare_counts import format_counts, rare_counts
 
     n = min_routed_tokens(path, given)
     counts = rare_counts(rows, n)
@@ -179,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
         manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else {}
         extra = {"genai": manifest.get("target", {}).get("genai"),
                  "chat_template": (manifest.get("tokenizer") or {}).get("chat_template")} if manifest else {}
-        from ..passes.rare_experts import rare_counts
+        from ..rare_counts import rare_counts
 
         n = min_routed_tokens(path, args.min_routed_tokens)
         rare = {"min_routed_tokens": n, "per_layer": {str(k): v for k, v in rare_counts(rows, n).items()}}
