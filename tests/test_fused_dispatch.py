@@ -179,3 +179,36 @@ def test_the_cost_table_chooses_the_layout(group_ms, fused, tiny_dirs, tmp_path)
     b = plain.run(["logits"], decoder_feed(plain, ids))[0]
     lp, lq = _log_softmax(b), _log_softmax(a)
     assert float((np.exp(lp) * (lp - lq)).sum(-1).mean()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+def test_quantized_qkv_run_as_one_product(family, tiny_dirs, tmp_path):
+    """4-bit attention: q, k and v as one MatMulNBits over their stacked rows, then Split; the logits are
+    the three separate products' (MatMulNBits computes each output row on its own)."""
+    from dmpq_compile.passes import make_pass
+
+    graph = _graph(tiny_dirs(family), (4,))
+    make_pass("precision", nonexpert_bits=4).call(graph, PassContext(progress=False, backend=OrtCpuBackend()))
+    QuantizePass(group_size=32).call(graph, PassContext(progress=False))
+
+    class Separate(MatMulNBitsProjection):
+        def stacked(self, lw, x, node, roles):  # q, k and v one by one; other stacks as before
+            if roles == ("q", "k", "v"):
+                return tuple(self(lw, x, node, r) for r in roles)
+            return super().stacked(lw, x, node, roles)
+
+    models = {}
+    for name, projection in (("stacked", MatMulNBitsProjection(4)), ("separate", Separate(4))):
+        from dmpq_compile.backends.onnx_lowering import LoweringOptions, lower
+
+        models[name] = lower(graph, projection, LoweringOptions(dispatch="fused", logits_to_keep=True,
+                                                                genai=True)).model
+    layers = len({n.attrs["layer"] for n in graph.experts()})
+    count = {k: sum(n.op_type == "MatMulNBits" for n in m.graph.node) for k, m in models.items()}
+    assert count["separate"] - count["stacked"] == 2 * layers
+    ids = _ids(graph, (2, 12), seed=3)
+    out = {}
+    for name, model in models.items():
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        out[name] = sess.run(["logits"], decoder_feed(sess, ids, logits_to_keep=0))[0]
+    np.testing.assert_allclose(out["stacked"], out["separate"], rtol=0, atol=1e-5)

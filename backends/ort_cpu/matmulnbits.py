@@ -167,10 +167,19 @@ class MatMulNBitsProjection:
         codes, scales and zero points stacked row-wise: MatMulNBits quantizes each output row on
         its own, so the result is exactly the two products side by side), then ``Split``. One
         kernel call instead of two per expert, on a weight twice as wide."""
-        spec, (n, k), inputs = _packed_inputs(lw, node, ("gate", "up"), flat=False)
-        y = self._matmul(lw, x, inputs, spec, n, k, f"{node.id}.gate_up")
-        gate, up = lw.b.op("Split", [y], f"{node.id}.gate_up", n_out=2, axis=-1, num_outputs=2)
+        gate, up = self.stacked(lw, x, node, ("gate", "up"))
         return gate, up
+
+    def stacked(self, lw: Lowering, x: str, node: Node, roles: tuple[str, ...]) -> tuple[str, ...]:
+        """Several quantized projections of ``node`` that read the same input (a SwiGLU's gate and up,
+        attention's q, k and v) as one MatMulNBits over their rows stacked, then ``Split`` by their
+        widths: MatMulNBits computes each output row on its own, so the results are the separate
+        products exactly, for one kernel call (and one thread-pool round) instead of several."""
+        spec, (n, k), inputs = _packed_inputs(lw, node, roles, flat=False)
+        hint = f"{node.id}.{'_'.join(roles)}"
+        y = self._matmul(lw, x, inputs, spec, n, k, hint)
+        widths = [int(node.ann["quant"]["tensors"][r]["shape"][0]) for r in roles]
+        return tuple(lw.b.op("Split", [y, lw.b.const(widths, np.int64)], hint, n_out=len(roles), axis=-1))
 
     def gather(self, lw: Lowering, node: Node, ids: str) -> str:
         """Rows ``ids`` of a quantized embedding table, fp32 rows out: the same packed codes, scales
