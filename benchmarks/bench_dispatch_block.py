@@ -1,7 +1,7 @@
 """Expert dispatch patterns on one MoE block (formerly the test ``test_dispatch_timing``, which asserted nothing).
 
 One MoE layer with random weights (4-bit RTN, group 32) between an embedding and a 256-token head
-(``dmpq_compile.testing.blocks.moe_block_graph``), emitted once per dispatch pattern of
+(:func:`moe_block_graph`, also the graph of ``tests/test_ort_lowering.py``'s dispatch test), emitted once per dispatch pattern of
 ``onnx_lowering.DISPATCHES`` and run by onnxruntime directly, interleaved run by run so that load
 changes hit every pattern alike. Statistic, the same for every pattern: the median over ``--reps``
 runs of M=1 (decode-sized) and ``--reps-prefill`` runs of M=128, measured two ways: 2-thread wall
@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,43 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = {"olmoe": (2048, 1024, 64, 8), "mixtral-quarter": (1024, 3584, 8, 2)}  # hidden, inter, experts, top-k
 STATISTIC = "median over runs (interleaved across patterns); wall clock at 2 threads, CPU time at 1 thread"
+
+
+def moe_block_graph(hidden: int, inter: int, experts: int, top_k: int, bits: int = 4, vocab: int = 256,
+                    seed: int = 0) -> Any:
+    """embed -> norm -> one MoE layer (random weights, RTN-quantized to ``bits``, group 32) -> lm_head."""
+    import torch
+    from dmpq_compile.passes.base import PassContext
+    from dmpq_compile.passes.quantize import QuantizePass
+
+    from dmpq_compile.ir.graph import Graph
+    from dmpq_compile.ir.weights import WeightStore
+
+    gen = torch.Generator().manual_seed(seed)
+    store = WeightStore()
+
+    def w(key, *shape, std=0.02):
+        store.add(key, torch.randn(*shape, generator=gen) * std)
+        return key
+
+    g = Graph({"family": "bench", "hidden_size": hidden, "vocab_size": vocab, "num_layers": 1,
+               "num_experts": experts, "top_k": top_k}, store)
+    g.add("tokens", "input")
+    g.add("embed", "embed", ["tokens"], {"weight": w("emb", vocab, hidden, std=1.0)})
+    g.add("norm", "norm", ["embed"], {"weight": w("norm", hidden)}, eps=1e-6)
+    g.add("router", "router", ["norm"], {"weight": w("router", experts, hidden, std=0.1)}, layer=0,
+          num_experts=experts, top_k=top_k, norm_topk_prob=False)
+    for e in range(experts):
+        shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        g.add(f"E{e}", "expert", ["norm", "router"], {r: w(f"E{e}.{r}", *s) for r, s in shapes.items()},
+              layer=0, expert=e)
+    g.add("combine", "combine", ["router"] + [f"E{e}" for e in range(experts)], layer=0)
+    g.add("res", "add", ["embed", "combine"])
+    g.add("lm_head", "lm_head", ["res"], {"weight": w("head", vocab, hidden)})
+    for n in g.experts():
+        g.annotate(n.id, "bits", bits)
+    QuantizePass(group_size=32).call(g, PassContext(progress=False))
+    return g
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +97,6 @@ def bench_shape(shape: tuple[int, int, int, int], work: Path, args: argparse.Nam
     from dmpq_compile.backends.onnx_lowering import DISPATCHES
     from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend
 
-    from dmpq_compile.testing.blocks import moe_block_graph
 
     graph = moe_block_graph(*shape)
     for dispatch in DISPATCHES:

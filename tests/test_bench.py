@@ -92,7 +92,9 @@ def test_compile_run_inspect_eval_end_to_end(tiny_dirs, tiny_corpus, tmp_path, c
     assert main(["inspect", str(art)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = next(i for i, line in enumerate(lines) if line.startswith("stored bits per weight:"))
-    assert summary == 1 + len(bits)  # header + one row per expert, then the stored-bits summary
+    rare = next(i for i, line in enumerate(lines) if line.startswith("experts with fewer than 8 routed"))
+    assert rare == 1 + len(bits)  # header + one row per expert, the rare-expert count, then the stored-bits summary
+    assert all(line.startswith("  layer ") for line in lines[rare + 1:summary])
     quantized = sum(b < 16 for b in bits)
     assert lines[-3] == f"  scales: float16 ({quantized} nodes)"  # ort-cpu's default format
     assert lines[-2].startswith("onnxruntime-genai: genai_config.json, max_length ")

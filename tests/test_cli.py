@@ -28,10 +28,11 @@ def test_inspect_saved_ir(tiny_dirs, calib_ids, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "ir")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["layer", "expert", "freq", "mass", "dNLL@2", "dNLL@4", "bits"]
-    assert len(lines) == 1 + 2 * 4
+    assert len(lines) >= 1 + 2 * 4 and lines[1 + 2 * 4].startswith("experts with fewer than 8 routed calibration tokens")
     assert main(["inspect", str(tmp_path / "ir"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {r["bits"] for r in out["experts"]} <= {2, 4, 16} and out["storage"] is None  # an IR has no files
+    assert out["rare_experts"]["min_routed_tokens"] == 8 and set(out["rare_experts"]["per_layer"]) == {"0", "1"}
 
 
 def test_eval_checkpoint_on_text_folder(tiny_dirs, tiny_corpus, tmp_path, capsys):

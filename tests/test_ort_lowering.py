@@ -1,6 +1,9 @@
 """The ONNX lowering: fp32 parity with the interpreter per family and IR feature, MatMulNBits
-packing, external data, option errors; a slow dispatch-pattern timing on a realistic shape."""
+packing, external data, option errors (the dispatch patterns' timing: benchmarks/bench_dispatch_block.py)."""
 
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,9 +22,10 @@ from dmpq_compile.ir.weights import WeightStore
 from dmpq_compile.quant import QuantSpec, dequantize, quantize
 from dmpq_compile.quant.stored import store_quantized
 from dmpq_compile.testing import TINY_FAMILIES, make_tiny_checkpoint
-from dmpq_compile.testing.blocks import moe_block_graph
 
 ort = pytest.importorskip("onnxruntime")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_dispatch_block import moe_block_graph
 
 
 def session(model):

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "perplexity (and KL to a reference) on held-out text, with 95% bootstrap intervals over documents"
+HELP = "perplexity (and KL to a reference) on held-out text, with 95%% bootstrap intervals over documents"
 DESCRIPTION = """Scores a checkpoint or artifact under the project's evaluation protocol (docs/evaluation.md).
 Each set (a domain and a split) is scored on windows of --context tokens drawn across every document
 of the set (none above --max-doc-share of the scored tokens), the second half of each window scored as
