@@ -39,6 +39,9 @@ class Backend:
     name: ClassVar[str] = ""
     supported_bits: ClassVar[tuple[int, ...]] = (16,)
     description: ClassVar[str] = ""
+    # whole-model stored bits per weight of a compile without budget flags (the compile driver's
+    # resolve_defaults); None: such a compile budgets the experts' code bits instead
+    default_budget_bits: ClassVar[float | None] = None
 
     def cost_table(self, graph: Graph, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
         """``{expert node id: {bits: ExpertCostRow}}`` for every expert and supported bit-width.

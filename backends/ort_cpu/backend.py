@@ -44,6 +44,10 @@ class OrtCpuBackend(Backend):
 
     name: ClassVar[str] = "ort-cpu"
     supported_bits: ClassVar[tuple[int, ...]] = (2, 4, 8, 16)
+    # 4-bit weights store 4.31 bits at group 64 (float16 scales, 4-bit zero points), so the
+    # allocator has room for 8 bits where they lower KL most and 2 bits where they cost least;
+    # below llama.cpp's Q4_K_M (about 4.8). Measured: docs/defaults.md
+    default_budget_bits: ClassVar[float] = 4.5
     description: ClassVar[str] = ("ONNX Runtime CPU: MatMulNBits experts at 2/4/8 bits (float16 scales by "
                                   "default), fp32 elsewhere, KV cache")
 

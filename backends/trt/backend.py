@@ -55,6 +55,9 @@ class TrtA100Backend(Backend):
 
     name: ClassVar[str] = "trt-a100"
     supported_bits: ClassVar[tuple[int, ...]] = (4, 8, 16)
+    # llama.cpp's Q4_K_M (about 4.8); INT4 block weights are the smallest this target runs and the
+    # embedding stays fp16, so the samples cannot reach it (docs/defaults.md)
+    default_budget_bits: ClassVar[float] = 4.8
     description: ClassVar[str] = ("TensorRT 10.x (A100): INT4 block / INT8 per-channel / FP16 experts, "
                                   "strongly typed Q/DQ ONNX; engine built on the GPU with `dmpq-compile build`")
 

@@ -8,19 +8,19 @@ from pathlib import Path
 
 HELP = "compile a Hugging Face MoE checkpoint into a mixed-precision artifact"
 DESCRIPTION = """Lower MODEL (a checkpoint folder, or a Hugging Face hub id in the local cache; nothing is
-downloaded) into the IR, run the passes (profile, sensitivity, cost, allocate,
-[precision], allocate, [qat], quantize) and emit an artifact for --target. Exactly one budget may be
-given; the default is --budget-code-bits 4. --budget-bits is the whole model's stored bits per weight
-(codes, scales, zero points and every float tensor, over all parameters: how GGUF files are
-compared); lower it together with --nonexpert-bits, since weights kept in float count in full.
-The artifact folder is written atomically.
+downloaded) into the IR, run the passes (profile, [sensitivity], [cost], [precision], allocate,
+[qat], quantize) and emit an artifact for --target. Exactly one budget may be
+given. --budget-bits is the whole model's stored bits per weight (codes, scales, zero points and
+every float tensor, over all parameters: how GGUF files are compared); without a budget the
+compile uses the target's default --budget-bits (about llama.cpp's Q4_K_M or smaller) with the
+non-expert weights placed by the allocator (--nonexpert-bits auto; 4 bits with an allocator that
+cannot place them). The artifact folder is written atomically.
 
 Registered passes (built-in or plugins, see `dmpq-compile passes`) can be inserted with
 --pass NAME[:KEY=VALUE,...], each optionally followed by --after PASS (default: allocate); e.g.
 --pass pin-bits:layers=[0],bits=8 --after allocate. After allocate the bits are checked after every
 pass: a pass that breaks the budget or the bit-widths is an error naming it (see
 --allow-budget-overrun). docs/extending.md has a worked plugin."""
-ALLOCATORS = ("optimal", "search", "rl", "gradvar", "frequency", "uniform")
 
 
 # flag -> CompileConfig field, for flags whose value is copied as given (None = not given)
@@ -32,8 +32,28 @@ _FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_la
            "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed"}
 
 
+def default_budgets() -> str:
+    """The registered targets' default ``--budget-bits``, e.g. ``4.5 on ort-cpu, 4.8 on trt-a100``."""
+    from ..backends import available_backends
+
+    found = [(n, cls.default_budget_bits) for n, cls, _ in available_backends()
+             if getattr(cls, "default_budget_bits", None) is not None]
+    return ", ".join(f"{v:g} on {n}" for n, v in found) or "none"
+
+
+def allocator_help(default: str) -> str:
+    """``--allocator``'s help, from the registered allocators' declared summaries (default first)."""
+    from ..passes.allocate import allocators
+
+    found = allocators()
+    order = [default, *(n for n in found if n != default)]
+    parts = [f"{n} ({'default: ' if n == default else ''}{found[n].summary})" for n in order]
+    return "bit allocator: " + "; ".join(parts) + ". See docs/allocators.md"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..compiler import CompileConfig
+    from ..passes.allocate import allocators
 
     d = CompileConfig()
     p.add_argument("model_dir", metavar="MODEL",
@@ -42,22 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", help="artifact folder to create (default: ./NAME-TARGET, NAME being the "
                    "model folder's or hub id's last part)")
     p.add_argument("--target", help=f"backend: ort-cpu | trt-a100 (default {d.target})")
-    p.add_argument("--allocator", choices=ALLOCATORS,
-                   help="bit allocator: optimal (default: exact optimum of the additive sensitivity + cost "
-                   "objective, dynamic programming); search (random proposals, each projected onto the budget and "
-                   "polished by an exchange local search, re-ranked by whole-model interpreter measurements on "
-                   "models up to 100M parameters); rl (PPO proposals through the same projection and local "
-                   "search; measured to reach the same objective as search, more slowly); gradvar (router "
-                   "gradient / neuron variance ranks); frequency (routing frequency); uniform (one bit-width). "
-                   "See docs/allocators.md")
+    p.add_argument("--allocator", choices=sorted(allocators()), help=allocator_help(d.allocator))
     b = p.add_mutually_exclusive_group()
     b.add_argument("--budget-bits", type=float,
                    help="stored bits per weight of the whole model: every weight as the target stores it (codes, "
                    "scales, zero points, float tensors) over every parameter; the compile stops early, naming the "
-                   "smallest feasible value, when the weights outside the experts alone exceed it")
+                   "smallest feasible value, when the weights outside the experts alone exceed it. Default, when "
+                   f"no budget is given: {default_budgets()} with --nonexpert-bits auto (docs/defaults.md)")
     b.add_argument("--budget-code-bits", type=float,
-                   help=f"average code bits per routed-expert weight, scales and the rest not counted (default "
-                   f"{d.budget:g} when no budget is given)")
+                   help="average code bits per routed-expert weight, scales and the rest not counted")
     b.add_argument("--budget-mb", type=float, help="total expert weight megabytes (MiB)")
     b.add_argument("--budget-ms", type=float, help="expected expert decode latency per token, ms")
     for w in ("acc", "lat", "mem", "eng"):
