@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+from dmpq_compile.passes.cache import PassCache
 
 from dmpq_compile.compiler import CompileConfig, calibration_ids, emit, resolve_defaults, run_pipeline
 from dmpq_compile.eval.metrics import next_token_logprobs, token_kl
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter, RunOptions
-from dmpq_compile.passes.cache import PassCache
 from dmpq_compile.sysinfo import cpu_model, git_commit, load_average
 
 

@@ -10,11 +10,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-
-from dmpq_compile.cli import build_parser
-from dmpq_compile.compiler import CompileConfig, analysis_passes, run_pipeline
-from dmpq_compile.frontend import load
 from dmpq_compile.passes import make_pass
+from dmpq_compile.passes.allocate import _REGISTRY as REGISTRY
 from dmpq_compile.passes.allocate import (
     ALLOCATORS,
     Allocation,
@@ -23,9 +20,12 @@ from dmpq_compile.passes.allocate import (
     allocators,
     register_allocator,
 )
-from dmpq_compile.passes.allocate import _REGISTRY as REGISTRY
 from dmpq_compile.passes.allocate_pass import check_nonexpert_allocation
 from dmpq_compile.passes.base import PassError
+
+from dmpq_compile.cli import build_parser
+from dmpq_compile.compiler import CompileConfig, analysis_passes, run_pipeline
+from dmpq_compile.frontend import load
 from dmpq_compile.registry import PluginError
 
 
