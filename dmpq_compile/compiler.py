@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import pipeline
 from .eval.tokens import eos_token, load_tokenizer
 from .extra_passes import PassInsertion, check_insertions, place_passes
 from .frontend import load
@@ -24,7 +25,7 @@ from .passes.allocate import allocator_class
 from .passes.allocate_pass import DEFAULT_ALLOCATOR, DEFAULT_CODE_BITS
 from .passes.budget_guard import BudgetGuard
 from .passes.cache import PassCache
-from .passes.precision import PrecisionOptions, check_kinds, check_nonexpert_bits
+from .passes.precision import check_kinds, check_nonexpert_bits
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def resolve_defaults(cfg: CompileConfig, graph: Graph | None = None) -> CompileC
     Rules, in order: a budget without a kind is code bits (``--budget-code-bits``); a code-bits
     kind without a value is :data:`DEFAULT_CODE_BITS`; no budget at all on a target with a
     ``default_budget_bits`` is a stored-bits budget of that value, with the non-expert weights
-    placed by the allocator when it can (``places_nonexperts`` and no cost weights), else at
+    placed by the allocator when it can (``places_nonexperts``, sensitivity on, no cost weights), else at
     :data:`FIXED_NONEXPERT_BITS` (where the user gave no ``--nonexpert-bits``); without a target
     it is code bits. ``graph`` (shapes only) raises a default stored-bits budget that the
     weights the target keeps in float make infeasible to the smallest feasible one plus
@@ -159,7 +160,8 @@ def resolve_defaults(cfg: CompileConfig, graph: Graph | None = None) -> CompileC
     fields: dict[str, Any] = {"budget_kind": kind, "budget": float(budget)}
     untouched = cfg.nonexpert_bits == 16 and not cfg.nonexpert_kinds
     if allocate is None:
-        placing = allocator_class(cfg.allocator).places_nonexperts and max(cfg.w_lat, cfg.w_mem, cfg.w_eng) == 0
+        placing = (allocator_class(cfg.allocator).places_nonexperts and cfg.sensitivity
+                   and max(cfg.w_lat, cfg.w_mem, cfg.w_eng) == 0)
         allocate = defaulted and untouched and placing
         if defaulted and untouched and not placing:
             fields["nonexpert_bits"] = FIXED_NONEXPERT_BITS
@@ -204,44 +206,24 @@ def calibration_ids(model_dir: str | Path, corpus: str, sequences: int, seq_len:
 
 
 def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
-    """Passes whose results do not depend on the budget: profile, [sensitivity], [cost]."""
-    needs = allocator_class(cfg.allocator).needs  # ValueError naming the registered ones
-    passes = [make_pass("profile")]
-    needs_sens = bool(set(needs) - {"freq", "cost"})  # the sensitivity pass provides every other annotation
-    if cfg.allocated_kinds and not cfg.sensitivity:
-        raise ValueError("--nonexpert-bits auto allocates non-expert weights by their measured sensitivity; "
-                         "drop --no-sensitivity")
-    if cfg.sensitivity or needs_sens:
-        passes.append(sensitivity_pass(cfg))
-    if backend is not None:
-        passes.append(make_pass("cost"))
-    return place_passes(passes, cfg.extra_passes, analysis=True)
+    """Passes whose results do not depend on the budget: the ``analysis`` steps of
+    :data:`~dmpq_compile.pipeline.PIPELINE` (profile, [sensitivity], [cost]) plus the extras."""
+    allocator_class(cfg.allocator)  # ValueError naming the registered ones
+    return place_passes(pipeline.build(cfg, backend, ("analysis",)), cfg.extra_passes, analysis=True)
 
 
 def sensitivity_pass(cfg: CompileConfig):
-    return make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences, gradvar="router_grad_change" in allocator_class(cfg.allocator).needs,
-                     flips=cfg.flip_probe, **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))
+    return make_pass("sensitivity", **pipeline.step("sensitivity").options(cfg))
 
 
 def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
-    """Passes that depend on the allocator and budget: [precision], allocate, [qat], quantize, plus
-    the extras. ``precision`` (the fixed non-expert bits) runs only when it quantizes something
-    (``nonexpert_bits`` or a ``nonexpert_kinds`` entry below 16).
+    """Passes that depend on the allocator and budget: the ``allocation`` steps of
+    :data:`~dmpq_compile.pipeline.PIPELINE` ([precision], allocate, [qat]), the ``final`` one
+    (quantize), plus the extras.
 
     ``final=False``: without quantize and the extras anchored after it (a co-design round).
     """
-    policy = PrecisionOptions(cfg.nonexpert_bits, dict(cfg.nonexpert_kinds))
-    passes = [make_pass("precision", nonexpert_bits=policy.nonexpert_bits, kinds=policy.kinds)] if policy.active else []
-    passes += [make_pass(
-        "allocate", allocator=cfg.allocator, budget_kind=cfg.budget_kind, budget=cfg.budget, w_acc=cfg.w_acc,
-        w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits, metric=cfg.metric,
-        allocator_options=dict(cfg.allocator_options),
-        **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))]
-    if cfg.qat or cfg.codesign_rounds:
-        passes.append(make_pass("qat", steps=cfg.qat_steps, time_budget_s=cfg.qat_time_budget_s, lr=cfg.qat_lr,
-                                mode=cfg.qat_mode, group_size=cfg.group_size))
-    if final:
-        passes.append(make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size))
+    passes = pipeline.build(cfg, None, ("allocation", "final") if final else ("allocation",))
     return place_passes(passes, cfg.extra_passes, analysis=False, optional=() if final else ("quantize",))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,13 +24,20 @@ pass: a pass that breaks the budget or the bit-widths is an error naming it (see
 --allow-budget-overrun). docs/extending.md has a worked plugin."""
 
 
-# flag -> CompileConfig field, for flags whose value is copied as given (None = not given)
-_FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_lat": "w_lat", "w_mem": "w_mem",
-           "w_eng": "w_eng", "group_size": "group_size", "scale_dtype": "scale_dtype", "max_length": "max_length", "dispatch": "dispatch",
-           "quant_method": "quant_method",
-           "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
-           "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
-           "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed"}
+# Flags whose dest is a CompileConfig field are copied onto it when given (argparse's default is
+# None for all of them), so a new setting needs only its field and its flag; the flags below
+# set more than one field, or a field's part, and are translated in config_from_args.
+SPECIAL_DESTS = ("budget_bits", "budget_code_bits", "budget_mb", "budget_ms", "nonexpert_bits", "rl_episodes",
+                 "extra_passes")
+SET_BY_SPECIAL = ("budget", "budget_kind", "nonexpert_kinds", "nonexpert_allocate", "allocator_options")
+CONFIG_ONLY = ("qat_lr", "sensitivity_sequences")  # settings of the --config file without a flag
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits takes comma-separated integers, e.g. 2,4,8; got {text!r}") from None
 
 
 def default_budgets() -> str:
@@ -53,7 +61,9 @@ def allocator_help(default: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..compiler import CompileConfig
+    from ..extra_passes import DEFAULT_ANCHOR
     from ..passes.allocate import allocators
+    from ..pipeline import STEP_NAMES
 
     d = CompileConfig()
     p.add_argument("model_dir", metavar="MODEL",
@@ -75,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--budget-ms", type=float, help="expected expert decode latency per token, ms")
     for w in ("acc", "lat", "mem", "eng"):
         p.add_argument(f"--w-{w}", type=float, help=f"objective weight (default {getattr(d, 'w_' + w):g})")
-    p.add_argument("--bits", help="comma-separated bit-widths to choose from (default: all the target supports)")
+    p.add_argument("--bits", type=_bits, help="comma-separated bit-widths to choose from (default: all the target supports)")
     p.add_argument("--group-size", type=int, help=f"quantization group size along K (default {d.group_size})")
     p.add_argument("--scale-dtype", choices=("float16", "float32"),
                    help="ort-cpu: how the scales of quantized weights are stored (default float16: 0.25 fewer bits "
@@ -106,14 +116,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
     p.add_argument("--metric", choices=("kl", "nll"),
                    help="accuracy model of optimal/rl: per-expert KL to FP (default) or NLL increase")
-    p.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity pass when not needed")
-    p.add_argument("--no-flip-probe", action="store_true",
+    p.add_argument("--no-sensitivity", dest="sensitivity", action="store_const", const=False, help="skip the sensitivity pass when not needed")
+    p.add_argument("--no-flip-probe", dest="flip_probe", action="store_const", const=False,
                    help="sensitivity without its routing-flip term: the layer-local estimate alone, as before it "
                    "existed (the probe costs about three forwards of the sensitivity sequences)")
-    p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
+    p.add_argument("--qat", action="store_const", const=True, help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
                    "--quant-method rtn, the default; GPTQ/HQQ would re-round the trained weights)")
     p.add_argument("--qat-steps", type=int, help=f"QAT optimizer steps (default {d.qat_steps})")
-    p.add_argument("--qat-time-budget", type=float, help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
+    p.add_argument("--qat-time-budget", dest="qat_time_budget_s", type=float, help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
     p.add_argument("--qat-mode", choices=("auto", "whole", "blockwise"),
                    help="whole: train the whole model at once (about 20 bytes per parameter in memory); blockwise: "
                    "distil one decoder layer at a time (one layer + one layer boundary's activations in memory; "
@@ -122,14 +132,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codesign-rounds", type=int,
                    help="alternate allocation and QAT this many rounds before the final one (implies --qat)")
     p.add_argument("--rl-episodes", type=int, help="episodes for --allocator rl")
-    # -- extra passes (issue 15): ordered --pass/--after pairs, typed by the pass's Options --------------
+    # -- extra passes: ordered --pass/--after pairs, typed by the pass's Options -----------------------
     p.add_argument("--pass", dest="extra_passes", action=_Ordered, metavar="NAME[:KEY=VALUE,...]",
                    help="insert a registered pass (repeatable); values are converted to its option types: "
                    "numbers, true/false, none, [a,b] for tuples. Replaces the --config file's extra_passes")
     p.add_argument("--after", dest="extra_passes", action=_Ordered, metavar="PASS",
-                   help="where the preceding --pass runs: right after profile, sensitivity, cost, allocate "
-                   "(default), qat, quantize or an earlier --pass")
-    p.add_argument("--allow-budget-overrun", action="store_true",
+                   help="where the preceding --pass runs: right after a step of the pipeline ("
+                   f"{', '.join(n + (' (default)' if n == DEFAULT_ANCHOR else '') for n in STEP_NAMES)}) "
+                   "or an earlier --pass")
+    p.add_argument("--allow-budget-overrun", action="store_const", const=True,
                    help="a pass after allocate that breaks the budget or the --bits choices only warns "
                    "(bits the target cannot emit are always an error)")
     # -- end extra passes ---------------------------------------------------------------------------
@@ -157,30 +168,21 @@ def config_from_args(args: argparse.Namespace):
         data.update(budget_kind="stored-bits", budget=args.budget_bits)
     elif args.budget_code_bits is not None:
         data.update(budget_kind="bits", budget=args.budget_code_bits)
-    data.update({field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag) is not None})
+    data.update({f.name: getattr(args, f.name) for f in dataclasses.fields(CompileConfig)
+                 if f.name not in SPECIAL_DESTS and getattr(args, f.name, None) is not None})
     if args.nonexpert_bits is not None:
         from ..passes.precision import parse_policy, split_auto
 
         data["nonexpert_allocate"], policy = split_auto(args.nonexpert_bits)
         data["nonexpert_bits"], data["nonexpert_kinds"] = parse_policy(policy)
-    if args.no_sensitivity:
-        data["sensitivity"] = False
-    if args.no_flip_probe:
-        data["flip_probe"] = False
-    if args.qat:
-        data["qat"] = True
-    if args.bits:
-        data["bits"] = tuple(int(b) for b in args.bits.split(","))
     if args.rl_episodes:
         data.setdefault("allocator_options", {})["episodes"] = args.rl_episodes
     if args.extra_passes:
         data["extra_passes"] = pass_insertions(args.extra_passes)
-    if args.allow_budget_overrun:
-        data["allow_budget_overrun"] = True
     return CompileConfig.from_dict(data)
 
 
-# -- extra passes (issue 15) ---------------------------------------------------------------------
+# -- extra passes ---------------------------------------------------------------------------------
 class _Ordered(argparse.Action):
     """Keeps --pass and --after in the order given, as (flag, value) pairs in one list."""
 
