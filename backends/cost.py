@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import platform
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,26 +221,6 @@ def merge_ops(*parts: Mapping[str, float]) -> dict[str, float]:
 
 
 # -- machine identity -------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (falls back to :func:`platform.processor`)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (affinity-aware)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 # -- disk cache -------------------------------------------------------------------------------
 def cost_cache_dir() -> Path:
     """``$DMPQ_CACHE_DIR/cost`` if set, else ``~/.cache/dmpq-compile/cost``."""

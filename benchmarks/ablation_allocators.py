@@ -63,10 +63,10 @@ from dmpq_compile.passes.allocate import (
     objective_value,
     solve,
 )
+from dmpq_compile.passes.allocate.base import AllocateOptions, build_problem
+from dmpq_compile.passes.allocate.measure import interpreter_accuracy_fn
 from dmpq_compile.passes.allocate.synthetic import synthetic_problem
-from dmpq_compile.passes.allocate_measure import interpreter_accuracy_fn
-from dmpq_compile.passes.allocate_pass import AllocateOptions, build_problem
-from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.infra.base import PassContext
 
 STOCHASTIC = ("rl", "search-matched", "rl-norefine", "search-norefine", "search")
 DETERMINISTIC = ("optimal", "gradvar", "frequency", "uniform")

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(shape: str, composition: str, work: Path) -> dict[str, Path]:
     from dmpq_compile.backends.ort_cpu import OrtCpuBackend
-    from dmpq_compile.passes.base import PassContext
+    from dmpq_compile.passes.infra.base import PassContext
     from dmpq_compile.passes.quantize import QuantizePass
 
     from dmpq_compile.artifact import write_artifact

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nonexpert_alloc import score
-from dmpq_compile.passes import sensitivity_local
+from dmpq_compile.passes.sensitivity import local as sensitivity_local
 
 from dmpq_compile.compiler import CompileConfig, compile_model
 
@@ -123,10 +123,7 @@ def cost_row(checkpoint: str, sequences: int, seq_len: int) -> dict:
     from dmpq_compile.compiler import calibration_ids
     from dmpq_compile.frontend import load
     from dmpq_compile.ir import Interpreter, RunOptions
-
-    def vm_hwm_mb() -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024
+    from dmpq_compile.sysinfo import peak_rss_mb as vm_hwm_mb
 
     graph = load(checkpoint)
     interp = Interpreter(graph, quantize=False, formats=get_backend("ort-cpu").weight_formats)

@@ -62,6 +62,9 @@ import llamacpp as lc
 import numpy as np
 from dmpq_compile.passes.precision import split_auto
 
+from dmpq_compile.sysinfo import cpu_model
+from dmpq_compile.sysinfo import load_average as uptime
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ3_XXS", "IQ2_XS")
@@ -172,10 +175,6 @@ def model_spec(name: str) -> ModelSpec:
         raise ValueError(f"--models {name!r} is neither one of {', '.join(MODELS)} nor a checkpoint folder with "
                          "config.json and tokenizer.json")
     return ModelSpec(path.resolve().name, None, True, "f32", SAMPLE_FLAGS, FP32_REFERENCE, path.resolve())
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def git(*args: str) -> str:
@@ -620,7 +619,6 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dmpq_compile.bench import _cpu
 
     args = parse_args(argv)
     try:
@@ -640,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             models.append({"model": spec.name, "error": str(e)[-2000:]})
         record = {k: v for k, v in vars(args).items() if k != "specs"}
         out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_llamacpp.py", *sys.argv[1:]]),
-                                   "start": start, "end_uptime": uptime(), "cpu": _cpu(),
+                                   "start": start, "end_uptime": uptime(), "cpu": cpu_model(),
                                    "llama_cpp": {"source": str(llama.source), "version": llama_version(llama)},
                                    "args": record, "models": models}, indent=1))
         print(f"wrote {out}", flush=True)

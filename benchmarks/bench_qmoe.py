@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -67,6 +66,7 @@ from dmpq_compile.backends.ort_cpu.matmulnbits import qmoe_attributes
 from onnx import TensorProto, helper, numpy_helper
 
 from dmpq_compile.quant import pack_bits, unpack_bits
+from dmpq_compile.sysinfo import cpu_model
 
 SHAPES = {  # hidden, expert intermediate, experts, top-k, renormalize the top-k weights
     "olmoe": {"hidden": 2048, "inter": 1024, "experts": 64, "top_k": 8, "norm": False},
@@ -405,13 +405,6 @@ def run_checks(threads: int, big: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
 def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 

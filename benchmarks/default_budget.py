@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from dmpq_compile.passes.cache import PassCache
+from dmpq_compile.passes.infra.cache import PassCache
 
 from dmpq_compile.compiler import CompileConfig, calibration_ids, emit, resolve_defaults, run_pipeline
 from dmpq_compile.eval.metrics import next_token_logprobs, token_kl

@@ -31,9 +31,9 @@ from alloc_common import (
     machine,
 )
 from dmpq_compile.passes.allocate import solve
-from dmpq_compile.passes.allocate_measure import energy_source
-from dmpq_compile.passes.allocate_pass import AllocateOptions, build_problem
-from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.allocate.base import AllocateOptions, build_problem
+from dmpq_compile.passes.allocate.measure import energy_source
+from dmpq_compile.passes.infra.base import PassContext
 
 from dmpq_compile.bench import BenchConfig, bench
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from .fileio import DATA_FILE, MODEL_FILE
 from .runtime.manifest import MANIFEST_NAME, ArtifactError
+from .sysinfo import machine
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,8 @@ def _rss_probe(path: Path, cfg: BenchConfig, ids: list[int]) -> float:
         "lo,past=m.forward([a['ids']],logits_to_keep=1)\n"
         "for _ in range(a['decode']):\n"
         "    lo,past=m.forward([[int(lo[0,-1].argmax())]],past)\n"
-        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (possibly large) parent
-        "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
-        "print(int(hwm)/1024)\n")
+        "from dmpq_compile.sysinfo import peak_rss_mb\n"  # VmHWM: ru_maxrss carries the parent's over
+        "print(peak_rss_mb())\n")
     arg = json.dumps({"ids": ids, "decode": cfg.decode_tokens, "threads": cfg.threads})
     res = subprocess.run([sys.executable, "-c", code, str(path), arg], capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -311,13 +311,6 @@ def format_results(results: list[dict]) -> str:
 
 
 def to_json(results: list[dict], cfg: BenchConfig) -> dict:
-    import platform
 
-    return {"config": asdict(cfg), "machine": {"cpu": _cpu(), "python": platform.python_version()},
+    return {"config": asdict(cfg), "machine": machine(),
             "results": results}
-
-
-def _cpu() -> str:
-    from .backends.cost import cpu_model
-
-    return cpu_model()

@@ -22,9 +22,9 @@ from .frontend.source import resolve_model
 from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS, Graph
 from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
 from .passes.allocate import allocator_class
-from .passes.allocate_pass import DEFAULT_ALLOCATOR, DEFAULT_CODE_BITS
-from .passes.budget_guard import BudgetGuard
-from .passes.cache import PassCache
+from .passes.allocate.base import DEFAULT_ALLOCATOR, DEFAULT_CODE_BITS
+from .passes.infra.budget_guard import BudgetGuard
+from .passes.infra.cache import PassCache
 from .passes.precision import check_kinds, check_nonexpert_bits
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
     if backend is not None:
         check_kinds(cfg.nonexpert_kinds, backend)
     if cfg.allocated_kinds:
-        from .passes.allocate_pass import check_nonexpert_allocation
+        from .passes.allocate.base import check_nonexpert_allocation
 
         check_nonexpert_allocation(cfg.allocator, cfg.budget_kind, max(cfg.w_lat, cfg.w_mem, cfg.w_eng) > 0)
     supported = cfg.bits or getattr(backend, "supported_bits", None) or ()
@@ -411,7 +411,7 @@ def smallest_stored_bits(cfg: CompileConfig, graph: Graph, backend: Any, with_fi
     """The smallest whole-model stored bits per weight ``cfg`` can reach on ``graph``: the weights
     outside the allocation as ``cfg`` fixes them plus every allocated item at its cheapest bits
     (with ``with_fixed``: also the fixed part alone). Shapes only."""
-    from .passes.allocate_pass import stored_bits_budget
+    from .passes.allocate.base import stored_bits_budget
     from .passes.precision import allocatable
 
     choices = tuple(sorted(cfg.bits or getattr(backend, "supported_bits", None) or (16,)))

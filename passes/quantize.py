@@ -34,7 +34,7 @@ from ..quant import QuantSpec, quantize
 from ..quant.formats import WeightFormat, declare_target_formats, declared_format
 from ..quant.rtn import QuantizedTensor
 from ..quant.stored import store_quantized
-from .base import Pass, PassContext, PassResult
+from .infra.base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 METHODS = ("rtn", "hqq", "gptq")

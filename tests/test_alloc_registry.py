@@ -20,8 +20,8 @@ from dmpq_compile.passes.allocate import (
     allocators,
     register_allocator,
 )
-from dmpq_compile.passes.allocate_pass import check_nonexpert_allocation
-from dmpq_compile.passes.base import PassError
+from dmpq_compile.passes.allocate.base import check_nonexpert_allocation
+from dmpq_compile.passes.infra.base import PassError
 
 from dmpq_compile.cli import build_parser
 from dmpq_compile.compiler import CompileConfig, analysis_passes, run_pipeline

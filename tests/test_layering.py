@@ -130,8 +130,8 @@ def test_loading_the_runtime_loads_no_heavy_framework():
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):
-    fake = tmp_path / "allocate_measure.py"
-    fake.write_text("def f():\n    from ..artifact import write_artifact\n    from ..runtime import load\n")
-    found = _project(imports("dmpq_compile.passes.allocate_measure", fake))
+    fake = tmp_path / "measure.py"
+    fake.write_text("def f():\n    from ...artifact import write_artifact\n    from ...runtime import load\n")
+    found = _project(imports("dmpq_compile.passes.allocate.measure", fake))
     assert found == {"dmpq_compile.artifact", "dmpq_compile.runtime"}
     assert all(layer_of(n) > layer_of("dmpq_compile.passes.x") for n in found)

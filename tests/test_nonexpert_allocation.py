@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from dmpq_compile.backends import get_backend
 from dmpq_compile.passes import PassContext, PassError, PassManager, make_pass
-from dmpq_compile.passes import sensitivity_local as local
 from dmpq_compile.passes.precision import allocatable, split_auto
+from dmpq_compile.passes.sensitivity import local
 
 from dmpq_compile.compiler import CompileConfig, compile_model
 from dmpq_compile.eval.metrics import next_token_logprobs, token_kl

@@ -36,14 +36,13 @@ from typing import Any
 import numpy as np
 
 from ...ir.graph import Graph
+from ...sysinfo import available_cpus, cpu_model
 from ..base import ExpertCostRow
 from ..cost import (
     HOROWITZ_45NM,
     CostCache,
     CostError,
     EnergyModel,
-    available_cpus,
-    cpu_model,
     energy_mj,
     expert_bytes,
     expert_projections,

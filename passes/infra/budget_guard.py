@@ -21,9 +21,9 @@ import dataclasses
 import logging
 from typing import Any
 
-from ..ir.graph import Graph
-from .allocate.problem import Budget, budget_usage, fits
-from .allocate_pass import AllocatePass, build_problem, nonexpert_items
+from ...ir.graph import Graph
+from ..allocate.base import AllocatePass, build_problem, nonexpert_items
+from ..allocate.problem import Budget, budget_usage, fits
 from .base import PassContext, PassError
 from .manager import Instrument
 

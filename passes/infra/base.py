@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..ir.graph import Graph
+from ...ir.graph import Graph
 
 log = logging.getLogger(__name__)
 

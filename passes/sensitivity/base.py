@@ -58,14 +58,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
-from ..ir import ops
-from ..ir.graph import Graph
-from ..ir.interpreter import Interpreter, RunOptions
-from ..quant.spec import VALID_BITS
-from . import sensitivity_local as local
-from .base import Pass, PassContext, PassResult
-from .precision import allocatable, measured_bits
+from ...eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
+from ...ir import ops
+from ...ir.graph import Graph, layer_node
+from ...ir.interpreter import Interpreter, RunOptions
+from ...quant.spec import VALID_BITS
+from ..infra.base import Pass, PassContext, PassResult
+from ..precision import allocatable, measured_bits
+from . import local
 
 log = logging.getLogger(__name__)
 METHODS = ("local", "whole")
@@ -151,9 +151,9 @@ class SensitivityPass(Pass):
         nonexpert: dict[str, list[dict]] = {}
 
         def at_layer(layer, seen, g):
-            if f"L{layer}.router" in seen:
-                for node_id, sc in local.expert_scores(graph, interp, layer, seen[f"L{layer}.moe_norm"],
-                                                       seen[f"L{layer}.router"], g, bits, ids.shape[1]).items():
+            if layer_node(layer, "router") in seen:
+                for node_id, sc in local.expert_scores(graph, interp, layer, seen[layer_node(layer, "moe_norm")],
+                                                       seen[layer_node(layer, "router")], g, bits, ids.shape[1]).items():
                     scores.setdefault(node_id, []).append(sc)
 
         def after_backward(layer, values, grads, g_in):
@@ -246,7 +246,7 @@ def _streamed_router_grads(graph: Graph, interp: Interpreter, ids: torch.Tensor,
         local.backward_layers(interp, store, g, opts, lambda *a: None, tick)
     finally:
         store.close()
-    return {graph.g.nodes[rid]["attrs"]["layer"]: p.grad for rid, p in params.items()}
+    return {graph.node(rid).attrs["layer"]: p.grad for rid, p in params.items()}
 
 
 def _annotate_router_change(graph: Graph, g_fp: dict, g_q: dict) -> None:
@@ -290,9 +290,9 @@ def _reference(graph: Graph, interp: Interpreter, ids: torch.Tensor) -> dict:
 
 def _layer_sensitivity(graph: Graph, interp: Interpreter, ids: torch.Tensor, fp: dict, layer: int,
                        bits: tuple[int, ...], chunk: int, bar) -> None:
-    x, routing = fp[f"L{layer}.moe_norm"], fp[f"L{layer}.router"]
-    base = fp[f"L{layer}.combine"].reshape(-1, x.shape[-1])  # [N, H]
-    resid = fp[f"L{layer}.attn_res"]
+    x, routing = fp[layer_node(layer, "moe_norm")], fp[layer_node(layer, "router")]
+    base = fp[layer_node(layer, "combine")].reshape(-1, x.shape[-1])  # [N, H]
+    resid = fp[layer_node(layer, "attn_res")]
     experts = [n for n in graph.experts() if n.attrs["layer"] == layer]
     todo, results = [], {}
     with torch.no_grad():
@@ -311,7 +311,7 @@ def _layer_sensitivity(graph: Graph, interp: Interpreter, ids: torch.Tensor, fp:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             stacked = torch.cat([value for _, value in part])  # [P*B, T, H]
-            logits = interp.run(None, RunOptions(quantize=False, resume={f"L{layer}.moe_res": stacked}))["lm_head"]
+            logits = interp.run(None, RunOptions(quantize=False, resume={layer_node(layer, "moe_res"): stacked}))["lm_head"]
             reps = len(part)
             nll, kl = _nll_kl(logits, ids.repeat(reps, 1), fp["ref_logp"].repeat(reps, 1, 1))
             for i, (key, _) in enumerate(part):
@@ -354,7 +354,7 @@ def _gradvar(graph: Graph, interp: Interpreter, ids: torch.Tensor, bits: int, fp
     for node in graph.experts():
         layer, e = node.attrs["layer"], node.attrs["expert"]
         w = interp.weights(node.id, RunOptions(quantize=False))
-        x, routing = fp[f"L{layer}.moe_norm"], fp[f"L{layer}.router"]
+        x, routing = fp[layer_node(layer, "moe_norm")], fp[layer_node(layer, "router")]
         token_idx, _ = torch.where(routing.indices == e)
         with torch.no_grad():
             xt = x.reshape(-1, x.shape[-1])[token_idx]

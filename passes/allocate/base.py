@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..ir.graph import QUANT_ROLES, Graph
-from .allocate import allocator_class, allocators, get_allocator
-from .allocate.problem import (
+from ...ir.graph import QUANT_ROLES, Graph
+from ..infra.base import Pass, PassContext, PassError, PassResult
+from . import allocator_class, allocators, get_allocator
+from .problem import (
     AllocationProblem,
     Budget,
     ExpertCost,
@@ -22,7 +23,6 @@ from .allocate.problem import (
     budget_usage,
     check_feasible,
 )
-from .base import Pass, PassContext, PassError, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class AllocatePass(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         problem = build_problem(graph, self.options, ctx)
         check_feasible(problem)
-        allocator = get_allocator(self.options.allocator, **_allocator_options(self.options, ctx, graph))
+        allocator = get_allocator(self.options.allocator, **allocator_call_options(self.options, ctx, graph))
         allocation = allocator.allocate(problem)
         columns = nonexpert_items(graph, self.options, ctx)
         for node_id, bits in allocation.items():
@@ -98,7 +98,7 @@ class AllocatePass(Pass):
 
 def _energy_label() -> str:
     """What the energy term of the objective rests on, for logs and reports."""
-    from .allocate_measure import energy_source
+    from .measure import energy_source
 
     source = energy_source()
     if source == "analytical":
@@ -107,11 +107,11 @@ def _energy_label() -> str:
             "tables do not read it yet")
 
 
-def _allocator_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> dict[str, Any]:
+def allocator_call_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> dict[str, Any]:
     opts = dict(o.allocator_options)
     if not allocator_class(o.allocator).measures:
         return opts
-    from .allocate_measure import MEASURE_MAX_PARAMS, artifact_hardware_fn, interpreter_accuracy_fn
+    from .measure import MEASURE_MAX_PARAMS, artifact_hardware_fn, interpreter_accuracy_fn
 
     opts.setdefault("seed", ctx.seed)
     if o.allocator == "rl":
@@ -125,7 +125,7 @@ def _allocator_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> di
                     MEASURE_MAX_PARAMS)
         return opts
     if wants:  # measurements fake-quantize (and the hardware callback quantizes) in the target's formats
-        from ..quant.formats import declare_target_formats
+        from ...quant.formats import declare_target_formats
 
         declare_target_formats(graph.meta, ctx.backend)
     if o.rl_measure_sequences > 0:
@@ -169,7 +169,7 @@ def nonexpert_items(graph: Graph, o: AllocateOptions, ctx: PassContext) -> dict[
     """The non-expert nodes the allocator places, each with ``{column: bits}`` (``precision.allocatable``)."""
     if not o.nonexpert:
         return {}
-    from .precision import allocatable
+    from ..precision import allocatable
 
     return allocatable(graph, ctx.backend, o.nonexpert, bits_choices(o, ctx))
 
@@ -229,8 +229,8 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
     to, for an estimate before the pass ran); the parameter count is every weight's, tied ones
     once. Shapes only: nothing is read.
     """
-    from .precision import policy_bits
-    from .storage import node_stored_bytes, param_count, stored_weight_bytes
+    from ..infra.storage import node_stored_bytes, param_count, stored_weight_bytes
+    from ..precision import policy_bits
 
     if backend is None:
         raise PassError("a stored-bits budget (--budget-bits) needs a target whose storage is known (--target); "
