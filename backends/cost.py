@@ -141,11 +141,6 @@ def matmulnbits_bytes(n: int, k: int, bits: int, block_size: int, scale_dtype: s
     return layout_bytes(matmulnbits_layout(n, k, bits, block_size, scale_dtype))
 
 
-def dense_bytes(n: int, k: int, dtype_bytes: int) -> int:
-    """Bytes of an unquantized ``[K, N]`` weight with ``dtype_bytes`` per element."""
-    return n * k * dtype_bytes
-
-
 def expert_bytes(h: int, i: int, proj_bytes: Callable[[int, int], int]) -> int:
     """Weight bytes of one expert: ``proj_bytes(N, K)`` summed over gate, up and down."""
     return sum(proj_bytes(n, k) for _, n, k in expert_projections(h, i))

@@ -1,6 +1,6 @@
 """Ablation: does the RL policy add anything over random proposals + the same local search?
 
-Variants (issue 14), each allocating the same analysed problem:
+Variants, each allocating the same analysed problem:
 
 * ``rl``: PPO proposals + refinement (the ``rl`` allocator with its defaults);
 * ``search-matched``: random proposals + the same refinement with the same number of evaluated

@@ -2,7 +2,7 @@
 
 The layer-local Fisher estimate sees the model with every router frozen; the flip probe adds, per
 node and bit-width, ``c_l x`` the node's mean output-change norm, ``c_l`` measured per MoE layer
-(``passes.sensitivity_local.flip_rates``). For each model and budget this compiles
+(``passes.sensitivity.local.flip_rates``). For each model and budget this compiles
 
 * ``probe``: the default (sensitivity with the flip term);
 * ``no-probe``: ``--no-flip-probe``, the layer-local estimate alone (what compiles did before);

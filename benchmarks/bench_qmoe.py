@@ -27,7 +27,8 @@ take float32 activations as QMoE's do: separates the dispatch cost from the floa
 Layers (``--layers``): ``olmoe-4bit`` (hidden 2048, 64 experts x 1024, top-8, softmax without
 renormalization), ``qwen3-4bit`` (hidden 2048, 128 experts x 768, top-8, renormalized),
 ``olmoe-mixed`` / ``qwen3-mixed`` (the same with even experts at 4 bits and odd ones at 2 bits:
-two QMoE nodes); ``olmoe-2bit`` / ``qwen3-2bit`` (all experts at 2 bits) on request. Block (group) size 64, asymmetric codes with packed zero points.
+two QMoE nodes); ``olmoe-2bit`` / ``qwen3-2bit`` (all experts at 2 bits) on request. Block (group) size 64,
+asymmetric codes with packed zero points.
 Each layer is timed at decode (1 token) and prefill (``--prefill-tokens``, default 128),
 interleaved rounds with the order rotating, per-round median of ``--reps`` runs; the table shows
 the median over rounds and the spread (min..max of the round medians), and the median (min..max)

@@ -69,7 +69,7 @@ VARIANTS = (
     ("int8", ["--allocator", "uniform", "--budget-code-bits", "8", "--no-sensitivity"]),
     ("int4", ["--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"]),
     ("mixed-3", ["--allocator", "frequency", "--budget-code-bits", "3", "--no-sensitivity"]),
-    # whole model (issue 13): every matrix quantized, the embedding table included
+    # whole model: every matrix quantized, the embedding table included
     ("int8-all", ["--allocator", "uniform", "--budget-code-bits", "8", "--nonexpert-bits", "8", "--no-sensitivity"]),
     ("mixed-3bpw", ["--allocator", "frequency", "--budget-bits", "3", "--nonexpert-bits", "4", "--no-sensitivity"]),
 )

@@ -26,6 +26,7 @@ from .passes.allocate.base import DEFAULT_ALLOCATOR, DEFAULT_CODE_BITS
 from .passes.infra.budget_guard import BudgetGuard
 from .passes.infra.cache import PassCache
 from .passes.precision import check_kinds, check_nonexpert_bits
+from .quant.spec import DEFAULT_GROUP_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class CompileConfig:
     w_mem: float = 0.0
     w_eng: float = 0.0
     bits: tuple[int, ...] | None = None
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP_SIZE
     scale_dtype: str | None = None  # ort-cpu: float16 (None: the target's default) or float32 scales
     max_length: int | None = None  # ort-cpu: onnxruntime-genai's KV buffer positions (None: context, at most 4096)
     dispatch: str | None = None  # ort-cpu: how tokens reach experts (None: the backend's default, fused)
@@ -276,7 +277,7 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records.
 
     ``cache``: reuse profile and sensitivity results of an earlier compile with the same
-    checkpoint, calibration and options (:mod:`dmpq_compile.passes.cache`); None: off.
+    checkpoint, calibration and options (:mod:`dmpq_compile.passes.infra.cache`); None: off.
 
     With ``codesign_rounds`` > 0, allocation and QAT alternate: each round allocates bits with
     the current sensitivities, fine-tunes at those bits, and re-measures sensitivity on the

@@ -33,6 +33,7 @@ from ..ir.stream import embed, layer_outputs, run_layer
 from ..quant import QuantSpec, quantize
 from ..quant.formats import WeightFormat, declare_target_formats, declared_format
 from ..quant.rtn import QuantizedTensor
+from ..quant.spec import DEFAULT_GROUP_SIZE
 from ..quant.stored import store_quantized
 from .infra.base import Pass, PassContext, PassResult
 
@@ -43,7 +44,7 @@ METHODS = ("rtn", "hqq", "gptq")
 @dataclass(frozen=True)
 class QuantizeOptions:
     method: str = "rtn"
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP_SIZE
     max_sequences: int = 16  # calibration sequences for gptq
 
     def __post_init__(self) -> None:

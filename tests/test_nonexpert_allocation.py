@@ -1,5 +1,5 @@
 """``--nonexpert-bits auto``: attention, shared experts, dense MLPs, lm_head and the embedding table
-as allocation items with their own sensitivity and stored bytes (issue 13, item 1)."""
+as allocation items with their own sensitivity and stored bytes."""
 
 import json
 

@@ -146,7 +146,8 @@ def test_flip_rates_are_the_measured_flip_kl_per_unit_norm(tiny_dirs, calib_ids)
         norm = 0.0
         for n in (n for n in g.experts() if n.attrs["layer"] == 0):
             fp = ops.expert(x["L0"], routes["L0.router"], n.attrs["expert"], interp.weights(n.id, RunOptions(quantize=False)))
-            q = ops.expert(x["L0"], routes["L0.router"], n.attrs["expert"], interp.weights(n.id, RunOptions(bits_override={n.id: 2})))
+            q = ops.expert(x["L0"], routes["L0.router"], n.attrs["expert"],
+                           interp.weights(n.id, RunOptions(bits_override={n.id: 2})))
             scale = routes["L0.router"].weights[fp.token_idx, fp.slot, None]
             norm += float(((q.y - fp.y) * scale).norm(dim=-1).sum()) / (sub.shape[0] * (sub.shape[1] - 1))
     assert float(free) > float(frozen)  # random routers flip too

@@ -1,7 +1,7 @@
-"""`--budget-bits`: the whole model's stored bits per weight (issue 13, item 2).
+"""`--budget-bits`: the whole model's stored bits per weight.
 
 The budget rests on each backend's account of how it stores a weight
-(``Backend.weight_bytes`` / ``float_bytes``, summed by ``passes.storage.stored_weight_bytes``).
+(``Backend.weight_bytes`` / ``float_bytes``, summed by ``passes.infra.storage.stored_weight_bytes``).
 These tests check that account against what the emitters write, tensor class by tensor class,
 and that a compile at ``--budget-bits B`` emits weights of at most ``B`` stored bits per
 parameter, using the room it has."""

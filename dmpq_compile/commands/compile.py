@@ -116,14 +116,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
     p.add_argument("--metric", choices=("kl", "nll"),
                    help="accuracy model of optimal/rl: per-expert KL to FP (default) or NLL increase")
-    p.add_argument("--no-sensitivity", dest="sensitivity", action="store_const", const=False, help="skip the sensitivity pass when not needed")
+    p.add_argument("--no-sensitivity", dest="sensitivity", action="store_const", const=False,
+                   help="skip the sensitivity pass when not needed")
     p.add_argument("--no-flip-probe", dest="flip_probe", action="store_const", const=False,
                    help="sensitivity without its routing-flip term: the layer-local estimate alone, as before it "
                    "existed (the probe costs about three forwards of the sensitivity sequences)")
-    p.add_argument("--qat", action="store_const", const=True, help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
+    p.add_argument("--qat", action="store_const", const=True,
+                   help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
                    "--quant-method rtn, the default; GPTQ/HQQ would re-round the trained weights)")
     p.add_argument("--qat-steps", type=int, help=f"QAT optimizer steps (default {d.qat_steps})")
-    p.add_argument("--qat-time-budget", dest="qat_time_budget_s", type=float, help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
+    p.add_argument("--qat-time-budget", dest="qat_time_budget_s", type=float,
+                   help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
     p.add_argument("--qat-mode", choices=("auto", "whole", "blockwise"),
                    help="whole: train the whole model at once (about 20 bytes per parameter in memory); blockwise: "
                    "distil one decoder layer at a time (one layer + one layer boundary's activations in memory; "

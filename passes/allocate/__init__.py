@@ -122,7 +122,8 @@ __all__ = [
     "ExpertCost", "ExpertInfo", "FrequencyAllocator", "GradVarAllocator", "InfeasibleBudgetError",
     "ObjectiveWeights", "OptimalAllocator", "PPOAgent", "PPOConfig", "RLAllocator", "RLResult", "SearchAllocator",
     "SearchResult", "Solution",
-    "UniformAllocator", "allocator_class", "allocators", "budget_usage", "build_tables", "check_feasible", "get_allocator", "gradvar_scores",
+    "UniformAllocator", "allocator_class", "allocators", "budget_usage", "build_tables", "check_feasible",
+    "get_allocator", "gradvar_scores",
     "greedy_by_priority", "is_feasible", "min_feasible_budget", "objective_value", "project", "refine", "register_allocator",
     "solve",
 ]

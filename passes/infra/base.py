@@ -31,7 +31,6 @@ class PassContext:
         backend: the backend object (cost tables, supported bits), or None.
         seed: base random seed; passes derive theirs from it.
         progress: show progress bars.
-        state: scratch space passes may use to hand non-annotation results to later passes.
         open_artifact: ``(quantized graph, backend, folder) -> session`` that writes an artifact
             into ``folder`` and loads it with the runtime (``session.forward``, ``.manifest``).
             The artifact writer and the runtime sit above the passes, so the driver injects this;
@@ -46,7 +45,6 @@ class PassContext:
     backend: Any = None
     seed: int = 0
     progress: bool = True
-    state: dict[str, Any] = field(default_factory=dict)
     work_dir: Path | None = None
     open_artifact: Callable[[Graph, Any, Path], Any] | None = None
 

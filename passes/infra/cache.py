@@ -121,7 +121,8 @@ def cache_key(p: Pass, graph: Graph, ctx: PassContext, annotations: dict[str, st
     parts = {
         "format": FORMAT, "pass": p.name, "class": f"{type(p).__module__}.{type(p).__qualname__}",
         "options": repr(p.options), "code": code_digest(p), "meta": graph.meta, "structure": structure,
-        "annotations": annotations if annotations is not None else _annotations(graph), "weights": weights, "seed": ctx.seed, "target": ctx.target,
+        "annotations": annotations if annotations is not None else _annotations(graph), "weights": weights,
+        "seed": ctx.seed, "target": ctx.target,
         "bits": getattr(backend, "supported_bits", None), "formats": repr(getattr(backend, "weight_formats", None)),
         "calibration": None if calib is None else [list(calib.shape), str(calib.dtype), hashlib.blake2b(
             calib.contiguous().numpy().tobytes(), digest_size=16).hexdigest()],

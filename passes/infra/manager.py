@@ -108,7 +108,8 @@ class PassManager:
             missing = [k for k in p.requires if k not in available]
             if missing:
                 before = self.previous + [q.name for q in self.passes[:i]] or ["(none)"]
-                raise PassError(f"pipeline invalid: pass {p.name!r} (#{len(self.previous) + i + 1}) requires {missing}, which neither "
+                raise PassError(f"pipeline invalid: pass {p.name!r} (#{len(self.previous) + i + 1}) requires {missing}, "
+                                "which neither "
                                 f"the input graph nor the passes before it ({', '.join(before)}) provide")
             available.update(p.provides)
 

@@ -61,7 +61,8 @@ trained forward; ``hqq``/``gptq`` re-optimise the rounding on the recovered weig
 most of the gain in every measured case, so ``compile`` refuses ``--qat`` with them). The pass
 refuses a graph that already carries ``quant`` records: its packed tensors would go stale.
 
-Stats: ``mode`` and ``mode_reason`` (both modes), ``steps``, ``tokens``, ``seconds``, ``stop_reason``, ``kl_before`` / ``kl_after`` and
+Stats: ``mode`` and ``mode_reason`` (both modes), ``steps``, ``tokens``, ``seconds``, ``stop_reason``,
+``kl_before`` / ``kl_after`` and
 ``nll_before`` / ``nll_after`` (held-out, fake-quantized model vs. the FP model, ``after``
 measured with RTN on the written-back store), ``nll_fp``, ``best_step``, ``train_loss_first`` /
 ``train_loss_last``, counts of trained tensors and held-out / training sequences.
@@ -81,10 +82,9 @@ from tqdm.auto import tqdm
 
 from ...eval.metrics import mean_kl, mean_nll
 from ...ir.graph import QUANT_ROLES, Graph
-from ...ir.interpreter import DEFAULT_GROUP_SIZE
 from ...quant import QuantSpec, fake_quantize, fake_quantize_spec, fake_quantize_ste, init_scale_multiplier
 from ...quant.formats import WeightFormat
-from ...quant.spec import ASYM_GROUP
+from ...quant.spec import ASYM_GROUP, DEFAULT_GROUP_SIZE
 from ...sysinfo import available_memory_bytes
 from ..infra.base import PassContext, PassError
 
@@ -364,7 +364,7 @@ def planned_steps(o: QATOptions, tokens_per_step: int) -> int:
 
 # -- the pass ------------------------------------------------------------------------------------
 class Objective(Protocol):
-    """What the training loop optimises: the whole model (:class:`_Models`) or one layer (``qat_blockwise``)."""
+    """What the training loop optimises: the whole model (:class:`~.whole.Models`) or one layer (``blockwise``)."""
 
     trainables: Trainables
     label: str  # name of the held-out metric on the progress bar

@@ -4,7 +4,7 @@ Two methods (``method``):
 
 * ``local`` (default): each expert's output error at its own layer on the tokens routed to it,
   weighted by the gradient of the model's output distribution at that layer: a Fisher estimate
-  of the KL increase (see :mod:`.sensitivity_local`). One forward and one backward per label
+  of the KL increase (see :mod:`.local`). One forward and one backward per label
   sample, layer-major: cost linear in depth, memory bounded by one layer. ``sensitivity``
   (the NLL-increase annotation) is set to the same estimate: the expected NLL increase under
   the model's own next-token distribution is exactly the KL.
@@ -39,7 +39,7 @@ the allocator will place (:func:`.precision.allocatable`), writing ``kl`` and ``
 The layer-local estimate sees the model with every router frozen; with ``flips`` (the default;
 ``--no-flip-probe`` turns it off) ``local`` adds the KL of top-k routing flips downstream:
 ``flip_kl[b] = c_l x`` the node's mean output-change norm at ``b`` bits, ``c_l`` measured once per MoE
-layer by :func:`.sensitivity_local.flip_rates` (every expert of the layer at ``flip_bits``, the rest of
+layer by :func:`.local.flip_rates` (every expert of the layer at ``flip_bits``, the rest of
 the model run with routers free and frozen, on a disjoint group of the calibration sequences:
 about three forwards in all). ``kl`` and ``sensitivity`` are the sum; ``flip_kl`` is kept apart.
 
