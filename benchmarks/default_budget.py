@@ -106,6 +106,7 @@ def main() -> int:
     p.add_argument("--budget-bits", type=float, nargs="*", default=[4.0, 4.8])
     p.add_argument("--sequences", type=int, default=32, help="test-split sequences of 256 tokens for the KL")
     p.add_argument("--eval-tokens", type=int, default=16384, help="tokens `dmpq-compile eval` scores (ort-cpu)")
+    p.add_argument("--variants", nargs="*", help="run only these variants (default: all)")
     p.add_argument("--json")
     a = p.parse_args()
     meta = {"command": " ".join(sys.argv), "commit": git_commit(), "cpu": cpu_model(), "load_start": load_average()}
@@ -116,6 +117,8 @@ def main() -> int:
             for target in a.targets:
                 budgets = [b for b in a.budget_bits if target == "ort-cpu"]  # trt-a100: infeasible on the samples
                 for name, cfg in variants(target, budgets).items():
+                    if a.variants and name not in a.variants:
+                        continue
                     rows.append(row(model, target, name, dataclasses.replace(cfg), Path(tmp), ids, a.eval_tokens))
     meta["load_end"] = load_average()
     print("\n| model | target | variant | budget | stored bpw (file) | weights bpw | KL (interpreter) | KL (artifact eval) |")
