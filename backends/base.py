@@ -18,12 +18,26 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExpertCostRow:
-    """Cost of one expert at one bit-width on one target (what a cost table holds)."""
+    """Cost of one expert at one bit-width on one target (what a cost table holds).
+
+    ``decode_ms`` / ``prefill_ms`` are the expert's cost when a token is routed to it under
+    per-expert dispatch; ``idle_*`` what that dispatch costs per token when it is not (a
+    conditional that runs every token). Targets with a fused MoE op also give ``fused_*`` (the
+    routed cost inside the op) and ``group_*`` (the op's per-token fixed part, paid once per layer
+    and bit-width that runs fused); ``fused_decode_ms`` is None where the width cannot fuse.
+    :func:`dmpq_compile.passes.allocate.fusion.fused_subset` turns these into the layer's layout.
+    """
 
     decode_ms: float  # one token (M=1) through the expert's three projections
     prefill_ms: float  # per token, amortised over a 128-token prefill
     bytes: int  # weight bytes including scales/zero points
     energy_mj: float  # estimated energy per decoded token
+    idle_decode_ms: float = 0.0
+    idle_prefill_ms: float = 0.0
+    fused_decode_ms: float | None = None
+    fused_prefill_ms: float | None = None
+    group_decode_ms: float = 0.0
+    group_prefill_ms: float = 0.0
 
 
 class Backend:

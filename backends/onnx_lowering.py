@@ -225,6 +225,7 @@ class RouteValue:
     node: Node
     cache: dict[str, str] = field(default_factory=dict)
     fused: list[Node] = field(default_factory=list)  # experts FusedDispatch leaves to the combine
+    plan: set[str] | None = None  # FusedDispatch: ids of the layer's experts that run fused
 
     def dense(self, lw: Lowering, what: str) -> str:
         """``[N, E]``: routing weight (``"weights"``) or 1.0 (``"selected"``) at the chosen experts, else 0."""
@@ -356,11 +357,30 @@ class FusedDispatch(GatherIfDispatch):
     name = "fused"
 
     def expert(self, lw: Lowering, route: RouteValue, node: Node) -> ExpertPart:
-        fusable = getattr(lw.projection, "fusable", None)
-        if fusable is not None and fusable(lw, node):
+        if route.plan is None:
+            route.plan = self._plan(lw, route)
+        if node.id in route.plan:
             route.fused.append(node)
             return ExpertPart(None, "")
         return super().expert(lw, route, node)
+
+    @staticmethod
+    def _plan(lw: Lowering, route: RouteValue) -> set[str]:
+        """The ids of the layer's experts that run fused: per fusion group, the projection's
+        ``fusion_choice`` (measured costs) where it has one, else every fusable expert."""
+        fusable = getattr(lw.projection, "fusable", None)
+        if fusable is None:
+            return set()
+        groups: dict[Any, list[Node]] = {}
+        for node in lw.graph.consumers(route.node.id, kind="expert"):
+            if fusable(lw, node):
+                groups.setdefault(lw.projection.fusion_key(node), []).append(node)
+        choose = getattr(lw.projection, "fusion_choice", None)
+        plan: set[str] = set()
+        for key in sorted(groups, key=str):
+            nodes = groups[key]
+            plan |= set(choose(lw, nodes)) if choose is not None else {n.id for n in nodes}
+        return plan
 
     def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:
         outs = [route.cache["acc"]] if "acc" in route.cache else []
@@ -777,7 +797,7 @@ def _rule_attention(lw: Lowering, node: Node, x: str) -> str:
     for name in (kv.past_key, kv.past_value):
         b.add_input(name, TensorProto.FLOAT, ["batch", nkv, "past_sequence", hd])
     lw.kv.append(kv)
-    q, k, v = (lw.project(x, node, r, p.get(f"{r}_bias")) for r in "qkv")
+    q, k, v = _qkv(lw, node, x)
     if a["qk_norm"] == "full":
         q, k = lw.rms_norm(q, p["q_norm"], a["eps"], h), lw.rms_norm(k, p["k_norm"], a["eps"], h)
     if a.get("clip_qkv"):  # after the full q/k norm, as OLMoE does
@@ -805,6 +825,18 @@ def _rule_attention(lw: Lowering, node: Node, x: str) -> str:
     out = b.op("Reshape", [b.op("MatMul", [probs, v5], h), b.const([0, nh, -1, hd], np.int64)], h)
     out = b.op("Reshape", [b.op("Transpose", [out], h, perm=[0, 2, 1, 3]), b.const([0, 0, nh * hd], np.int64)], h)
     return lw.project(out, node, "o", p.get("o_bias"))
+
+
+def _qkv(lw: Lowering, node: Node, x: str) -> tuple[str, str, str]:
+    """The q, k and v projections: one stacked product where the target has one and the node is
+    quantized (the projection's ``stacked``), else three."""
+    p = node.params
+    stacked = getattr(lw.projection, "stacked", None)
+    if stacked is None or node.ann.get("bits", 16) >= 16:
+        return tuple(lw.project(x, node, r, p.get(f"{r}_bias")) for r in "qkv")
+    q, k, v = stacked(lw, x, node, ("q", "k", "v"))
+    return tuple(lw.b.op("Add", [t, lw.weight(p[f"{r}_bias"])], f"{node.id}.{r}") if p.get(f"{r}_bias") else t
+                 for t, r in ((q, "q"), (k, "k"), (v, "v")))
 
 
 def _attention_gqa(lw: Lowering, node: Node, kv: KVSpec, q: str, k: str, v: str) -> str:

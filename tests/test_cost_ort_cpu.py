@@ -20,23 +20,32 @@ def _initializer_bytes(model, prefix):
 @pytest.mark.parametrize("h,i", [(64, 128), (100, 48), (32, 96)])
 def test_bytes_model_matches_the_initializers_ort_accepts(bits, h, i):
     model = oc.build_expert_model(h, i, bits, group_size=64)
-    ops = {n.op_type for n in model.graph.node}
-    # the layout the emitter ships: 4/8-bit experts of whole blocks as QMoE, the rest as MatMulNBits
-    assert ("QMoE" in ops) == (bits in oc.FUSED_BITS and (h, i) == (64, 128))
-    if "QMoE" in ops:
-        assert _initializer_bytes(model, "fc1") + _initializer_bytes(model, "fc2") == \
-            oc.ort_cpu_expert_bytes(h, i, bits, 64)
-        assert [t.data_type for t in model.graph.initializer if t.name.endswith("_scales")] == [10, 10]
-    elif bits != 16:  # gate and up stacked (as emitted), down on its own, against the MatMulNBits layout
+    assert "QMoE" not in {n.op_type for n in model.graph.node}  # per-expert layout by default
+    if bits != 16:  # gate and up stacked (as emitted), down on its own, against the MatMulNBits layout
         half = oc.SCALE_DTYPE
         assert half == "float16"  # the emitted format (ort-cpu's weight_format)
         assert _initializer_bytes(model, "gate_up.") == matmulnbits_bytes(2 * i, h, bits, 64, half)
         assert matmulnbits_bytes(2 * i, h, bits, 64, half) == 2 * matmulnbits_bytes(i, h, bits, 64, half)
         assert _initializer_bytes(model, "down.") == matmulnbits_bytes(h, i, bits, 64, half)
         assert [t.data_type for t in model.graph.initializer if t.name.endswith(".scales")] == [10, 10]  # FLOAT16
-    assert _initializer_bytes(model, "") - _initializer_bytes(model, "one_col") == oc.ort_cpu_expert_bytes(h, i, bits, 64)
-    y = oc.make_session(model, 1).run(None, {"x": np.ones((3, h), np.float32)})[0]  # ORT checks the shapes
+    assert _initializer_bytes(model, "") == oc.ort_cpu_expert_bytes(h, i, bits, 64)
+    x = np.ones((3, h), np.float32)
+    y = oc.make_session(model, 1).run(None, {"x": x})[0]  # ORT checks the shapes
     assert y.shape == (3, h) and np.isfinite(y).all()
+    # per-expert dispatch: the routed rows get the expert's output times their weight, the others 0
+    w = np.array([1.0, 0.0, 0.5], np.float32)
+    d = oc.make_session(oc.build_dispatch_model(h, i, bits, group_size=64), 1).run(None, {"x": x, "w": w})[0]
+    np.testing.assert_allclose(d, y * w[:, None], rtol=1e-5, atol=1e-6)
+    assert oc.fuses(h, i, bits, 64) == (bits in oc.FUSED_BITS and (h, i) == (64, 128))
+    if oc.fuses(h, i, bits, 64):  # the same expert as one QMoE: same bytes, same product
+        q = oc.build_expert_model(h, i, bits, group_size=64, layout="qmoe")
+        assert _initializer_bytes(q, "fc1") + _initializer_bytes(q, "fc2") == oc.ort_cpu_expert_bytes(h, i, bits, 64)
+        assert [t.data_type for t in q.graph.initializer if t.name.endswith("_scales")] == [10, 10]
+        out = oc.make_session(q, 1).run(None, {"x": x, "w": w})[0]
+        assert out.shape == (3, h) and np.isfinite(out).all() and not out[1].any()
+    else:
+        with pytest.raises(CostError, match="QMoE does not run"):
+            oc.build_expert_model(h, i, bits, group_size=64, layout="qmoe")
 
 
 def test_energy_hand_computed():
@@ -95,5 +104,12 @@ def test_measurement_is_sane_on_a_larger_shape():
     assert m16.bytes > 6 * m4.bytes
     assert m16.decode_ms > m4.decode_ms, (m16.decode_cold, m4.decode_cold)
     assert all(x > 0 for m in (m4, m16) for x in m.decode_warm + m.prefill_cold + m.prefill_warm)
-    assert m4.row() == ExpertCostRow(m4.decode_ms, m4.prefill_ms, m4.bytes, m4.energy_mj)
+    assert all(x > 0 for m in (m4, m16) for x in m.idle_decode + m.idle_prefill)
+    # 4 bits fuses: the QMoE routed run and its fixed part are measured, the row carries their difference
+    assert m4.fused_decode and m4.group_decode and not m16.fused_decode
+    row = m4.row()
+    assert (row.decode_ms, row.prefill_ms, row.bytes) == (m4.decode_ms, m4.prefill_ms, m4.bytes)
+    assert row.fused_decode_ms == max(0.0, float(np.median(m4.fused_decode)) - row.group_decode_ms)
+    assert row.group_decode_ms == float(np.median(m4.group_decode)) < row.decode_ms
+    assert m16.row().fused_decode_ms is None and m16.row().group_decode_ms == 0.0
     assert oc.ExpertMeasurement.from_dict(m4.to_dict()) == m4

@@ -139,3 +139,76 @@ def test_fused_experts_store_the_same_bytes_as_per_expert(tiny_dirs, tmp_path):
     assert manifests["fused"]["storage"]["bytes"] <= manifests["gather-if"]["storage"]["bytes"]
     shared = [k for k, v in fused.items() if any(".qmoe" in t for t in v["tensors"])]
     assert shared and all(graph.node(k).ann["bits"] < 16 for k in shared)
+
+
+def _annotate_costs(graph, group_ms):
+    """Cost rows of the ort-cpu shape: per-expert routed 1.0 ms, idle 0.01 ms; fused 0.8 ms plus a fixed
+    ``group_ms`` per layer and width (4/8 bits); routing frequencies 1/8."""
+    for node in graph.experts():
+        rows = {}
+        for b in (2, 4, 8, 16):
+            fused = {"fused_decode_ms": 0.8, "fused_prefill_ms": 0.1, "group_decode_ms": group_ms,
+                     "group_prefill_ms": group_ms / 100} if b in (4, 8) else {}
+            rows[b] = {"decode_ms": 1.0, "prefill_ms": 0.1, "bytes": 1, "energy_mj": 0.0, "idle_decode_ms": 0.01,
+                       "idle_prefill_ms": 0.0001, **fused}
+        graph.annotate(node.id, "cost", {"ort-cpu": rows})
+        graph.annotate(node.id, "freq", 0.125)
+
+
+@pytest.mark.parametrize("group_ms, fused", [(0.0, True), (100.0, False)])
+def test_the_cost_table_chooses_the_layout(group_ms, fused, tiny_dirs, tmp_path):
+    """Where the fused op's fixed part outweighs what its experts save, the group runs per expert (no
+    QMoE); the manifest says what was chosen and on what basis, and the logits agree either way."""
+    graph = _graph(tiny_dirs("olmoe"), (4,))
+    plain, plain_model = _emit(graph, tmp_path / "plain", "fused", 4)  # no cost table: fused
+    _annotate_costs(graph, group_ms)
+    art = write_artifact(graph, OrtCpuBackend(), tmp_path / "costed", emit_options={"dispatch": "fused"})
+    model = onnx.load(str(art / MODEL_FILE), load_external_data=False)
+    layers = {n.attrs["layer"] for n in graph.experts()}
+    assert sum(n.op_type == "QMoE" for n in plain_model.graph.node) == len(layers)
+    assert sum(n.op_type == "QMoE" for n in model.graph.node) == (len(layers) if fused else 0)
+    summary = json.loads((art / "manifest.json").read_text())["target"]["fusion"]
+    assert summary["basis"] == ["cost table (decode)"] and summary["groups"] == len(layers)
+    assert summary["fused_groups"] == (len(layers) if fused else 0)
+    d = summary["decisions"][0]
+    per_layer = len(graph.experts()) // len(layers)
+    assert d["decode_ms"]["per_expert"] == pytest.approx(per_layer * (0.125 + 0.01))
+    sess = ort.InferenceSession(str(art / MODEL_FILE), providers=["CPUExecutionProvider"])
+    ids = _ids(graph, (1, 16), seed=2)
+    a = sess.run(["logits"], decoder_feed(sess, ids))[0]
+    b = plain.run(["logits"], decoder_feed(plain, ids))[0]
+    lp, lq = _log_softmax(b), _log_softmax(a)
+    assert float((np.exp(lp) * (lp - lq)).sum(-1).mean()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+def test_quantized_qkv_run_as_one_product(family, tiny_dirs, tmp_path):
+    """4-bit attention: q, k and v as one MatMulNBits over their stacked rows, then Split; the logits are
+    the three separate products' (MatMulNBits computes each output row on its own)."""
+    from dmpq_compile.passes import make_pass
+
+    graph = _graph(tiny_dirs(family), (4,))
+    make_pass("precision", nonexpert_bits=4).call(graph, PassContext(progress=False, backend=OrtCpuBackend()))
+    QuantizePass(group_size=32).call(graph, PassContext(progress=False))
+
+    class Separate(MatMulNBitsProjection):
+        def stacked(self, lw, x, node, roles):  # q, k and v one by one; other stacks as before
+            if roles == ("q", "k", "v"):
+                return tuple(self(lw, x, node, r) for r in roles)
+            return super().stacked(lw, x, node, roles)
+
+    models = {}
+    for name, projection in (("stacked", MatMulNBitsProjection(4)), ("separate", Separate(4))):
+        from dmpq_compile.backends.onnx_lowering import LoweringOptions, lower
+
+        models[name] = lower(graph, projection, LoweringOptions(dispatch="fused", logits_to_keep=True,
+                                                                genai=True)).model
+    layers = len({n.attrs["layer"] for n in graph.experts()})
+    count = {k: sum(n.op_type == "MatMulNBits" for n in m.graph.node) for k, m in models.items()}
+    assert count["separate"] - count["stacked"] == 2 * layers
+    ids = _ids(graph, (2, 12), seed=3)
+    out = {}
+    for name, model in models.items():
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        out[name] = sess.run(["logits"], decoder_feed(sess, ids, logits_to_keep=0))[0]
+    np.testing.assert_allclose(out["stacked"], out["separate"], rtol=0, atol=1e-5)

@@ -136,7 +136,8 @@ class OrtCpuBackend(Backend):
         max_length = resolve_max_length(graph, max_length)
         with tempfile.TemporaryFile(dir=out_dir) as spill:  # large eager initializers wait here until written
             options = LoweringOptions(dispatch=dispatch, opset=opset, logits_to_keep=True, genai=genai)
-            lowered = lower(graph, MatMulNBitsProjection(accuracy_level), options, defer=True, spill=spill)
+            projection = MatMulNBitsProjection(accuracy_level)
+            lowered = lower(graph, projection, options, defer=True, spill=spill)
             size = initializer_bytes(lowered.model)
             external = use_external(external_data, size, external_data_threshold_mb)
             path = save_checked(lowered.model, out_dir, external=external, deferred=lowered.deferred)
@@ -154,6 +155,7 @@ class OrtCpuBackend(Backend):
             **files,
             "execution_provider": "CPUExecutionProvider",
             "dispatch": lowered.dispatch,
+            "fusion": fusion_summary(projection.decisions),
             "accuracy_level": accuracy_level,
             "weight_bytes": size,
             "io": io,
@@ -163,3 +165,12 @@ class OrtCpuBackend(Backend):
             "nonexpert_weights": owned_weights(lowered.model, lowered.owners, quantized_nonexpert_ids(graph)),
         }
 
+
+def fusion_summary(decisions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The manifest's account of the fused dispatch's choices (None when nothing could fuse): how many
+    layer-width groups and experts run fused, what decided, and each group's decision."""
+    if not decisions:
+        return None
+    return {"groups": len(decisions), "fused_groups": sum(d["fused"] > 0 for d in decisions),
+            "experts": sum(d["experts"] for d in decisions), "fused_experts": sum(d["fused"] for d in decisions),
+            "basis": sorted({d["basis"] for d in decisions}), "decisions": decisions}

@@ -1,21 +1,30 @@
 """Measured cost table of the ``ort-cpu`` target (ONNX Runtime, CPU execution provider).
 
 Each distinct expert shape ``(H, I)`` and bit-width is micro-benchmarked with exactly the
-kernels the emitter uses: a tiny ONNX model of one expert (gate and up ``H -> I``, SiLU(gate) *
-up, down ``I -> H``). 4- and 8-bit experts whose widths are whole blocks run as the default
-``fused`` dispatch runs them, one ``com.microsoft.QMoE`` (here of this one expert, so its per-node
-part is included in the expert's cost: the allocator has no per-group term yet); other quantized
-experts' projections are ``com.microsoft.MatMulNBits`` (bits 2/4/8,
-``block_size`` = group size, ``accuracy_level=4``, packed uint8 zero points, float16 scales and
-so float16 activations, cast from and back to fp32 around each product as the emitter does) or a
-plain fp32 ``MatMul`` (bits 16, the weight kept in floating point). The model runs in an
-``onnxruntime.InferenceSession`` with a configurable number of intra-op threads.
+kernels the emitter uses, in both layouts the default ``fused`` dispatch can ship
+(:mod:`dmpq_compile.passes.allocate.fusion` picks between them per layer and width, in the lowering
+and in the allocator's latency term alike):
 
-Four medians are taken per shape and bit-width: decode (M=1) and prefill (M=128, reported per
-token), each **cold** (the last-level cache flushed before every run by streaming a buffer twice
-its size, so the weights come from DRAM) and **warm** (back-to-back runs). The table's
-``decode_ms`` and ``prefill_ms`` are the cold medians: in a real MoE model an expert's weights
-are rarely still cached when the router picks it again. Results are cached on disk per CPU
+* **per-expert dispatch** (:func:`build_dispatch_model`): the expert inside the ``If`` that
+  ``gather-if`` emits, with its row gather, weighting and scatter-add. Its projections are
+  ``com.microsoft.MatMulNBits`` (bits 2/4/8, ``block_size`` = group size, ``accuracy_level=4``, packed
+  uint8 zero points, float16 scales and so float16 activations, cast from and back to fp32 around
+  each product as the emitter does) or a plain fp32 ``MatMul`` (bits 16). Timed with the rows
+  routed (``decode_ms`` / ``prefill_ms``) and with none routed (``idle_*``: what the ``If`` costs
+  every token that does not pick the expert);
+* **fused** (4- and 8-bit experts whose widths are whole blocks): one ``com.microsoft.QMoE`` of this
+  one expert, timed with the rows routed and with none (its fixed part, ``group_*``: the per-node
+  cost a layer pays once per width it runs fused); ``fused_*`` is the difference.
+
+The models run in an ``onnxruntime.InferenceSession`` with a configurable number of intra-op
+threads.
+
+Medians are taken per shape and bit-width of decode (M=1) and prefill (M=128, reported per token):
+routed runs **cold** (the last-level cache flushed before every run by streaming a buffer twice its
+size, so the weights come from DRAM) and, for per-expert dispatch, also **warm** (back-to-back
+runs); the runs with no row routed read no weights and are timed warm. The table's ``decode_ms``
+and ``prefill_ms`` (and ``fused_*``) are cold medians: in a real MoE model an expert's weights are
+rarely still cached when the router picks it again. Results are cached on disk per CPU
 model, thread count, onnxruntime version, group size, shape and bits (see
 :class:`dmpq_compile.backends.cost.CostCache`).
 
@@ -30,6 +39,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +84,10 @@ ACCURACY_LEVEL = 4
 PREFILL_TOKENS = 128
 DEFAULT_REPEATS = 5
 FUSED_BITS: tuple[int, ...] = (4, 8)
-"""Widths the default (``fused``) dispatch runs as one ``com.microsoft.QMoE`` per layer and width
-(``MatMulNBitsProjection.fusable`` at ``accuracy_level`` 4); their experts are timed in that layout."""
-BENCH_VERSION = 5  # 3: gate and up in one MatMulNBits; 4: float16 scales; 5: 4/8-bit experts as QMoE
+"""Widths the default (``fused``) dispatch can run as one ``com.microsoft.QMoE`` per layer and width
+(``MatMulNBitsProjection.fusable`` at ``accuracy_level`` 4); their experts are timed in both layouts."""
+BENCH_VERSION = 6  # 3: gate and up in one MatMulNBits; 4: float16 scales; 5: 4/8-bit experts as QMoE;
+# 6: per-expert dispatch (If, gather, scatter) routed and idle, QMoE routed and fixed
 """Bumped when the benchmark changes in a way that invalidates cached results."""
 SETTLE_S = 0.01
 """Untimed sleep after each cache flush. The flush is ~0.1 s of CPU; without yielding, the OS
@@ -180,21 +191,23 @@ def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROU
     """An ONNX model of one SwiGLU expert ``x [M, H] -> y [M, H]`` at ``bits`` (random weights;
     ``scale_dtype`` of the MatMulNBits weights: the emitted one, or float32 for comparisons).
 
-    ``layout``: ``qmoe`` (one ``com.microsoft.QMoE`` of this one expert, every row routed to it with
-    weight 1: how the default dispatch runs :data:`FUSED_BITS` experts, its per-node part included) or
-    ``matmulnbits`` (gate and up in one MatMulNBits, down in another, as per-expert dispatch runs
-    them); None: the layout the emitter ships for ``bits`` (fp32 MatMul at 16).
+    ``layout``: ``matmulnbits`` (the default: gate and up in one MatMulNBits, down in another, as
+    per-expert dispatch runs them; fp32 MatMul at 16) or ``qmoe`` (one ``com.microsoft.QMoE`` of this
+    one expert, with a second input ``w [M]``, the routing weight: how the fused dispatch runs
+    :data:`FUSED_BITS` experts).
 
     Returns:
-        ``onnx.ModelProto`` with input ``x`` and output ``y`` (``M`` symbolic).
+        ``onnx.ModelProto`` with input ``x`` (and ``w`` for ``qmoe``) and output ``down`` (``M`` symbolic).
     """
     from onnx import TensorProto, helper
 
     _check_bits(bits)
     rng = np.random.default_rng(seed)
-    if layout is None:  # what the emitter ships: QMoE takes only widths of whole blocks
-        layout = "qmoe" if bits in FUSED_BITS and not (h % group_size or i % group_size) else "matmulnbits"
-    if layout == "qmoe" and bits != 16:
+    if layout not in (None, "matmulnbits", "qmoe"):
+        raise CostError(f"unknown expert layout {layout!r}: use 'matmulnbits' or 'qmoe'")
+    if layout == "qmoe":
+        if not fuses(h, i, bits, group_size):
+            raise CostError(f"QMoE does not run {h}x{i} experts at {bits} bits with group size {group_size}")
         return _qmoe_expert_model(h, i, bits, group_size, rng, scale_dtype)
     if bits == 16:
         gate, gate_w = _projection("gate", "x", i, h, bits, group_size, rng, scale_dtype)
@@ -216,9 +229,64 @@ def build_expert_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROU
     return helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile-cost")
 
 
+def build_dispatch_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0,
+                         scale_dtype: str = SCALE_DTYPE) -> Any:
+    """One expert as per-expert (``gather-if``) dispatch emits it: inputs ``x [M, H]`` and ``w [M]``
+    (the expert's column of the routing weights, 0 where not routed); an ``If`` on "any row routed"
+    whose then-branch gathers the routed rows (``NonZero``), runs the expert (:func:`build_expert_model`'s
+    nodes), weights it and adds it into a zero ``[M, H]`` buffer (``GatherND``/``Add``/``ScatterND``),
+    and whose else-branch passes the buffer through. With ``w`` all 0 it times what an expert costs a
+    token that does not pick it."""
+    from onnx import TensorProto, helper
+
+    expert = build_expert_model(h, i, bits, group_size, seed, scale_dtype, layout="matmulnbits").graph
+    rename = {"x": "rows_x", "down": "y"}
+    body = [helper.make_node("NonZero", ["w"], ["nz"]), helper.make_node("Transpose", ["nz"], ["rows"], perm=[1, 0]),
+            helper.make_node("Reshape", ["rows", "minus_one"], ["flat_rows"]),
+            helper.make_node("Gather", ["x", "flat_rows"], ["rows_x"], axis=0)]
+    for node in expert.node:
+        copy = helper.make_node(node.op_type, [rename.get(v, v) for v in node.input],
+                                [rename.get(v, v) for v in node.output], domain=node.domain)
+        copy.attribute.extend(node.attribute)
+        body.append(copy)
+    body += [helper.make_node("Gather", ["w", "rows"], ["row_w"], axis=0),  # [n, 1]
+             helper.make_node("Mul", ["y", "row_w"], ["wy"]),
+             helper.make_node("GatherND", ["acc", "rows"], ["old"]),
+             helper.make_node("Add", ["old", "wy"], ["new"]),
+             helper.make_node("ScatterND", ["acc", "rows", "new"], ["added"])]
+    out = [helper.make_tensor_value_info("added", TensorProto.FLOAT, None)]
+    then_branch = helper.make_graph(body, "routed", [], out)
+    else_branch = helper.make_graph([helper.make_node("Identity", ["acc"], ["kept"])], "idle", [],
+                                    [helper.make_tensor_value_info("kept", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"]),
+             helper.make_node("ConstantOfShape", ["x_shape"], ["acc"],
+                              value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])),
+             helper.make_node("ReduceSum", ["w", "axis0"], ["count"], keepdims=0),
+             helper.make_node("Greater", ["count", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["down"], then_branch=then_branch, else_branch=else_branch)]
+    from onnx import numpy_helper
+
+    consts = [numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+              numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+              numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    graph = helper.make_graph(nodes, f"dispatch_{h}x{i}_b{bits}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", h]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, ["M"])],
+                              [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["M", h])],
+                              list(expert.initializer) + consts)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile-cost")
+
+
+def fuses(h: int, i: int, bits: int, group_size: int) -> bool:
+    """Whether the fused dispatch can run this expert shape at ``bits`` (``FUSED_BITS``, whole blocks)."""
+    return bits in FUSED_BITS and not (h % group_size or i % group_size)
+
+
 def _qmoe_expert_model(h: int, i: int, bits: int, group_size: int, rng: np.random.Generator,
                        scale_dtype: str) -> Any:
-    """One expert as the fused dispatch emits a width group of one: QMoE with ``k = 1``, routing weight 1."""
+    """One expert as the fused dispatch emits a width group of one: QMoE with ``k = 1``; input ``w [M]``
+    is the routing weight (1: routed; 0: the kernel skips the row, which times the node's fixed part)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from ...quant import QuantSpec
@@ -234,17 +302,15 @@ def _qmoe_expert_model(h: int, i: int, bits: int, group_size: int, rng: np.rando
         if scale_dtype == "float16":
             nodes.append(helper.make_node("Cast", [field], [f"{field}.f32"], to=TensorProto.FLOAT))
             names[field] = f"{field}.f32"
-    nodes += [helper.make_node("Shape", ["x"], ["rows"], start=0, end=1),
-              helper.make_node("Concat", ["rows", "one_col"], ["probs_shape"], axis=0),
-              helper.make_node("ConstantOfShape", ["probs_shape"], ["probs"],
-                               value=helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])),
+    nodes += [helper.make_node("Unsqueeze", ["w", "one_col"], ["probs"]),  # [M, 1]
               helper.make_node("QMoE", ["x", "probs", names["fc1"], names["fc1_scales"], "", names["fc2"],
                                         names["fc2_scales"], "", "", "", "", names["fc1_zero_points"],
                                         names["fc2_zero_points"], "", "probs"], ["down"], domain="com.microsoft",
                                k=1, **qmoe_attributes(bits, group_size, ACCURACY_LEVEL))]
     inits.append(numpy_helper.from_array(np.array([1], np.int64), "one_col"))
     graph = helper.make_graph(nodes, f"expert_{h}x{i}_b{bits}_qmoe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", h])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", h]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, ["M"])],
                               [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["M", h])], inits)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile-cost")
@@ -316,7 +382,13 @@ class CacheEvictor:
 # -- measuring --------------------------------------------------------------------------------
 @dataclass
 class ExpertMeasurement:
-    """Timings of one expert shape at one bit-width (samples in ms; prefill samples per token)."""
+    """Timings of one expert shape at one bit-width (samples in ms; prefill samples per token).
+
+    ``decode_*`` / ``prefill_*``: the expert under per-expert dispatch with every row routed to it
+    (:func:`build_dispatch_model`), cold and warm; ``idle_*``: the same with no row routed (warm).
+    Where the width fuses (:func:`fuses`): ``fused_*`` one QMoE of this expert with every row routed
+    (cold) and ``group_*`` with none (warm: the node's fixed part); empty lists otherwise.
+    """
 
     h: int
     i: int
@@ -330,6 +402,12 @@ class ExpertMeasurement:
     prefill_cold: list[float]
     prefill_warm: list[float]
     prefill_tokens: int = PREFILL_TOKENS
+    idle_decode: list[float] = dc_field(default_factory=list)
+    idle_prefill: list[float] = dc_field(default_factory=list)
+    fused_decode: list[float] = dc_field(default_factory=list)
+    fused_prefill: list[float] = dc_field(default_factory=list)
+    group_decode: list[float] = dc_field(default_factory=list)
+    group_prefill: list[float] = dc_field(default_factory=list)
 
     @property
     def decode_ms(self) -> float:
@@ -360,8 +438,17 @@ class ExpertMeasurement:
         return (max(samples) - min(samples)) / statistics.median(samples)
 
     def row(self) -> ExpertCostRow:
+        """The cost-table row: medians; the fused parts as routed minus fixed (>= 0), None where it cannot fuse."""
+        med = statistics.median
+        idle = (med(self.idle_decode), med(self.idle_prefill)) if self.idle_decode else (0.0, 0.0)
+        fused: dict[str, Any] = {}
+        if self.fused_decode:
+            group = med(self.group_decode), med(self.group_prefill)
+            fused = {"group_decode_ms": group[0], "group_prefill_ms": group[1],
+                     "fused_decode_ms": max(0.0, med(self.fused_decode) - group[0]),
+                     "fused_prefill_ms": max(0.0, med(self.fused_prefill) - group[1])}
         return ExpertCostRow(decode_ms=self.decode_ms, prefill_ms=self.prefill_ms, bytes=self.bytes,
-                             energy_mj=self.energy_mj)
+                             energy_mj=self.energy_mj, idle_decode_ms=idle[0], idle_prefill_ms=idle[1], **fused)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -381,6 +468,18 @@ def _time_runs(run: Callable[[], Any], repeats: int, before: Callable[[], None] 
         run()
         samples.append((_clock() - start) * 1e3)
     return samples
+
+
+def _time_model(sess: Any, feeds: Mapping[str, Mapping[str, np.ndarray]], repeats: int, evictor: CacheEvictor,
+                plan: Mapping[str, tuple[str, bool]]) -> dict[str, list[float]]:
+    """``{sample name: ms per run}`` for ``plan``'s ``{name: (feed, cold)}`` on ``sess``, after warm-up runs
+    of every feed (the first runs prepack weights and size buffers); cold runs flush the caches first."""
+    used = {feed for feed, _ in plan.values()}
+    for name in sorted(used) + sorted(used):
+        sess.run(None, dict(feeds[name]))
+    return {name: _time_runs(lambda f=feeds[feed]: sess.run(None, dict(f)), repeats,
+                             evictor.evict_and_settle if cold else None)
+            for name, (feed, cold) in plan.items()}
 
 
 def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None,
@@ -409,27 +508,25 @@ def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GRO
         raise CostError(f"repeats and prefill_tokens must be >= 1, got {repeats}, {prefill_tokens}")
     threads = threads or available_cpus()
     evictor = evictor or CacheEvictor(default_evict_bytes())
-    sess = make_session(build_expert_model(h, i, bits, group_size, seed, scale_dtype), threads)
     rng = np.random.default_rng(seed + 1)
-    decode = {"x": rng.standard_normal((1, h), dtype=np.float32)}
-    prefill = {"x": rng.standard_normal((prefill_tokens, h), dtype=np.float32)}
-
-    def run_decode() -> Any:
-        return sess.run(None, decode)
-
-    def run_prefill() -> Any:
-        return sess.run(None, prefill)
-
-    for run in (run_decode, run_prefill, run_decode):  # first runs prepack weights and size buffers
-        run()
-    samples = {
-        "decode_warm": _time_runs(run_decode, repeats),
-        "prefill_warm": _time_runs(run_prefill, repeats),
-        "decode_cold": _time_runs(run_decode, repeats, evictor.evict_and_settle),
-        "prefill_cold": _time_runs(run_prefill, repeats, evictor.evict_and_settle),
-    }
-    for name in ("prefill_warm", "prefill_cold"):
-        samples[name] = [ms / prefill_tokens for ms in samples[name]]
+    x1 = rng.standard_normal((1, h), dtype=np.float32)
+    xp = rng.standard_normal((prefill_tokens, h), dtype=np.float32)
+    feeds = {"decode": {"x": x1, "w": np.ones(1, np.float32)}, "prefill": {"x": xp, "w": np.ones(prefill_tokens, np.float32)},
+             "idle_decode": {"x": x1, "w": np.zeros(1, np.float32)},
+             "idle_prefill": {"x": xp, "w": np.zeros(prefill_tokens, np.float32)}}
+    samples = _time_model(make_session(build_dispatch_model(h, i, bits, group_size, seed, scale_dtype), threads),
+                          feeds, repeats, evictor, {"decode_warm": ("decode", False), "prefill_warm": ("prefill", False),
+                                                    "decode_cold": ("decode", True), "prefill_cold": ("prefill", True),
+                                                    "idle_decode": ("idle_decode", False),
+                                                    "idle_prefill": ("idle_prefill", False)})
+    if fuses(h, i, bits, group_size):
+        sess = make_session(build_expert_model(h, i, bits, group_size, seed, scale_dtype, layout="qmoe"), threads)
+        samples |= _time_model(sess, feeds, repeats, evictor, {
+            "fused_decode": ("decode", True), "fused_prefill": ("prefill", True),
+            "group_decode": ("idle_decode", False), "group_prefill": ("idle_prefill", False)})
+    for name in samples:
+        if "prefill" in name:
+            samples[name] = [ms / prefill_tokens for ms in samples[name]]
     return ExpertMeasurement(h=h, i=i, bits=bits, group_size=group_size, threads=threads,
                              bytes=ort_cpu_expert_bytes(h, i, bits, group_size, scale_dtype),
                              energy_mj=ort_cpu_expert_energy_mj(h, i, bits, group_size, scale_dtype=scale_dtype),

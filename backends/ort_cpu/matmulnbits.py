@@ -111,6 +111,16 @@ def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str,
     return NBitsWeight(b, np.ascontiguousarray(scales), pack_bits(zeros, bits), n, k, bits, bs)
 
 
+def _cost_row(node: Node, target: str, bits: int) -> dict[str, Any] | None:
+    """``node``'s cost-table row for ``target`` at ``bits`` (annotation keys are ints, or strings after JSON)."""
+    rows = node.ann.get("cost", {}).get(target, {})
+    row = rows.get(bits, rows.get(str(bits)))
+    if row is None:
+        return None
+    return {"idle_decode_ms": 0.0, "idle_prefill_ms": 0.0, "group_decode_ms": 0.0, "group_prefill_ms": 0.0,
+            "fused_decode_ms": None, "fused_prefill_ms": None, **row}
+
+
 class MatMulNBitsProjection:
     """Lowers quantized projections to ``MatMulNBits`` and 16-bit ones to fp32 ``MatMul``.
 
@@ -122,6 +132,7 @@ class MatMulNBitsProjection:
         if accuracy_level not in ACCURACY_LEVELS:
             raise BackendError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
         self.accuracy_level = accuracy_level
+        self.decisions: list[dict[str, Any]] = []  # fusion_choice's, one per layer and width group
         # (id of a node list, fp32 value) -> (that list, its float16 Cast); the list is held so that its
         # id cannot be reused by a later If branch while the entry exists
         self._halves: dict[tuple[int, str], tuple[list, str]] = {}
@@ -156,10 +167,19 @@ class MatMulNBitsProjection:
         codes, scales and zero points stacked row-wise: MatMulNBits quantizes each output row on
         its own, so the result is exactly the two products side by side), then ``Split``. One
         kernel call instead of two per expert, on a weight twice as wide."""
-        spec, (n, k), inputs = _packed_inputs(lw, node, ("gate", "up"), flat=False)
-        y = self._matmul(lw, x, inputs, spec, n, k, f"{node.id}.gate_up")
-        gate, up = lw.b.op("Split", [y], f"{node.id}.gate_up", n_out=2, axis=-1, num_outputs=2)
+        gate, up = self.stacked(lw, x, node, ("gate", "up"))
         return gate, up
+
+    def stacked(self, lw: Lowering, x: str, node: Node, roles: tuple[str, ...]) -> tuple[str, ...]:
+        """Several quantized projections of ``node`` that read the same input (a SwiGLU's gate and up,
+        attention's q, k and v) as one MatMulNBits over their rows stacked, then ``Split`` by their
+        widths: MatMulNBits computes each output row on its own, so the results are the separate
+        products exactly, for one kernel call (and one thread-pool round) instead of several."""
+        spec, (n, k), inputs = _packed_inputs(lw, node, roles, flat=False)
+        hint = f"{node.id}.{'_'.join(roles)}"
+        y = self._matmul(lw, x, inputs, spec, n, k, hint)
+        widths = [int(node.ann["quant"]["tensors"][r]["shape"][0]) for r in roles]
+        return tuple(lw.b.op("Split", [y, lw.b.const(widths, np.int64)], hint, n_out=len(roles), axis=-1))
 
     def gather(self, lw: Lowering, node: Node, ids: str) -> str:
         """Rows ``ids`` of a quantized embedding table, fp32 rows out: the same packed codes, scales
@@ -235,6 +255,37 @@ class MatMulNBitsProjection:
         """Experts that share one QMoE node: the same bits and stored format (one width per node)."""
         spec = node.ann["quant"]["spec"]
         return (int(spec["bits"]), int(spec["group_size"]), spec.get("scale_dtype", "float32"))
+
+    def fusion_choice(self, lw: Lowering, nodes: list[Node]) -> list[str]:
+        """Which of ``nodes`` (one layer's fusable experts of one width) run in the group's QMoE.
+
+        With the ort-cpu cost table on every node (the ``cost`` pass) and routing frequencies (``profile``),
+        :func:`~dmpq_compile.passes.allocate.fusion.fused_subset` decides on the measured decode costs, the
+        same rule the allocator's latency term prices; without them every node fuses (what those
+        measurements gave on every shape tried, docs/ort-cpu.md). Each decision is kept in
+        :attr:`decisions` for the manifest."""
+        from ...passes.allocate.fusion import fused_subset
+        from .cost import TARGET
+
+        bits = int(nodes[0].ann["bits"])
+        rows = [_cost_row(n, TARGET, bits) for n in nodes]
+        layer = int(nodes[0].attrs.get("layer", -1))
+        if any(r is None or r.get("fused_decode_ms") is None for r in rows) or any("freq" not in n.ann for n in nodes):
+            self.decisions.append({"layer": layer, "bits": bits, "experts": len(nodes), "fused": len(nodes),
+                                   "basis": "no cost table"})
+            return [n.id for n in nodes]
+        freq = [float(n.ann["freq"]) for n in nodes]
+        choice = {}
+        for phase in ("decode", "prefill"):
+            choice[phase] = fused_subset(freq, [r[f"{phase}_ms"] for r in rows], [r[f"idle_{phase}_ms"] for r in rows],
+                                         [r[f"fused_{phase}_ms"] for r in rows], max(r[f"group_{phase}_ms"] for r in rows))
+        mask = choice["decode"][0]
+        self.decisions.append({
+            "layer": layer, "bits": bits, "experts": len(nodes), "fused": int(mask.sum()), "basis": "cost table (decode)",
+            "decode_ms": {"per_expert": choice["decode"][1], "chosen": choice["decode"][2]},
+            "prefill_ms_per_token": {"per_expert": choice["prefill"][1], "fused": choice["prefill"][2]},
+            "prefill_agrees": bool((choice["prefill"][0] == mask).all())})
+        return [n.id for n, m in zip(nodes, mask) if m]
 
     def fused_moe(self, lw: Lowering, route: Any, nodes: list[Node], hint: str) -> str:
         """One ``com.microsoft.QMoE`` for ``nodes`` (one layer's experts of one bit-width): ``[N, H]`` out.

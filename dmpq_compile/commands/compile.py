@@ -107,7 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "by their measured sensitivity and stored bytes (needs --budget-bits and the optimal or uniform "
                    "allocator); auto,KIND=N fixes some kinds. N sets every kind; KIND=N (attention, shared_expert, "
                    "mlp, lm_head, embed) sets one, e.g. 4,lm_head=8 or attention=8,lm_head=8 (kinds not named stay "
-                   f"float). Routers and norms stay float (default {d.nonexpert_bits}: keep them float)")
+                   "float). Routers and norms stay float. Default: auto without a budget flag (4 with an allocator "
+                   f"that cannot place them), else {d.nonexpert_bits} (float)")
     p.add_argument("--quant-method", choices=("rtn", "hqq", "gptq"), help=f"rounding (default {d.quant_method})")
     p.add_argument("--calib-corpus",
                    help="calibration text: 'pydoc' (built-in; its calib split) or your own text file or folder "

@@ -135,6 +135,12 @@ class Graph:
     def experts(self) -> list[Node]:
         return list(self.nodes("expert"))
 
+    def consumers(self, node_id: str, kind: str | None = None) -> list[Node]:
+        """Nodes that take ``node_id``'s output (optionally of one kind), in execution order."""
+        order = self.g.nodes
+        ids = sorted(set(self.g.successors(node_id)), key=lambda n: order[n]["order"])
+        return [self.node(n) for n in ids if kind is None or order[n]["kind"] == kind]
+
     def topo_order(self) -> list[str]:
         """Execution order, cached until nodes or edges are added or removed (passes query it per
         node: recomputing it each time made whole-graph queries quadratic in the expert count)."""

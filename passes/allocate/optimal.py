@@ -76,15 +76,23 @@ def _dp(q: np.ndarray, v: np.ndarray, cells: int) -> np.ndarray:
     ``dp[c]`` is the least objective of the experts so far using at most ``c`` cells. Ties go
     to the lower column (fewer bits) for determinism.
     """
+    _, choice = _dp_rows(q, v, np.zeros(cells + 1))
+    idx, _ = _backtrack(q, choice, cells)
+    return idx
+
+
+def _dp_rows(q: np.ndarray, v: np.ndarray, dp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Extend the DP vector ``dp`` (``cells + 1`` entries) by the rows of ``q`` / ``v``; returns the new
+    vector and the chosen column per row and cell. O(rows x columns x cells) time."""
     n, m = q.shape
-    dp = np.zeros(cells + 1)
+    cells = len(dp) - 1
     choice = np.zeros((n, cells + 1), dtype=np.int8 if m < 128 else np.int16)
     for i in range(n):
         new = np.full(cells + 1, np.inf)
         arg = choice[i]
         for j in range(m):
             qj = int(q[i, j])
-            if qj > cells:
+            if qj > cells or not np.isfinite(v[i, j]):
                 continue
             cand = np.full(cells + 1, np.inf)
             cand[qj:] = dp[: cells + 1 - qj] + v[i, j]
@@ -92,11 +100,76 @@ def _dp(q: np.ndarray, v: np.ndarray, cells: int) -> np.ndarray:
             new[better] = cand[better]
             arg[better] = j
         dp = new
+    return dp, choice
+
+
+def _backtrack(q: np.ndarray, choice: np.ndarray, c: int) -> tuple[np.ndarray, int]:
+    """Columns of the rows of ``choice`` ending at cell ``c``, and the cell before the first row."""
+    n = len(choice)
     idx = np.zeros(n, dtype=np.int64)
-    c = cells
     for i in range(n - 1, -1, -1):
         idx[i] = int(choice[i, c])
         c -= int(q[i, idx[i]])
+    return idx, c
+
+
+def _fused_dp(t: ProblemTables, extra_raw: np.ndarray, g: float, exact: bool, cells: int) -> np.ndarray:
+    """The DP with fused-dispatch groups (:mod:`.fusion`): exact for the true cost, not the additive bound.
+
+    Rows that never fuse go first, as in :func:`_dp`. Then each layer with fusable experts is one
+    stage: for every set ``M`` of widths that run fused there (``2^f`` sets for ``f`` fusable widths),
+    the layer's experts at a width in ``M`` take their fused objective and use (less their saving),
+    and the stage pays ``M``'s fixed parts; the stage keeps, per cell, the best ``M``. Since fixed
+    parts are >= 0, a set with a width whose group saves less than its fixed part never beats the
+    same set without it, so the stage's value is the true ``min(0, fixed - savings)`` cost. Time:
+    ``2^f + 1`` times the plain DP over the layer's rows; memory: one DP vector per layer plus one
+    layer's choices.
+    """
+    fz = t.fusion
+    rows = np.arange(len(fz.layer))
+    masks = fz.masks()
+
+    def cells_of(raw: np.ndarray) -> np.ndarray:
+        return np.ceil(raw / g - (1e-9 if exact else 0.0)).astype(np.int64)
+
+    def stage(members: np.ndarray, layer: int, mask: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int, float]:
+        v = t.objective[members].copy()
+        raw = extra_raw[members].copy()
+        for j in mask:
+            v[:, j] -= fz.saving_obj[members, j]
+            raw[:, j] -= fz.saving_use[members, j] * t.usage_scale
+        fixed_q = int(cells_of(np.array([sum(fz.fixed_use[layer, j] for j in mask) * t.usage_scale]))[0])
+        return cells_of(np.maximum(raw, 0.0)), v, fixed_q, float(sum(fz.fixed_obj[layer, j] for j in mask))
+
+    free = rows[fz.layer < 0]
+    q_free = cells_of(extra_raw[free])
+    dp, free_choice = _dp_rows(q_free, t.objective[free], np.zeros(cells + 1))
+    stages = []
+    for layer in range(fz.layers):
+        members = rows[fz.layer == layer]
+        best, best_mask = np.full(cells + 1, np.inf), np.zeros(cells + 1, dtype=np.int64)
+        for k, mask in enumerate(masks):
+            q, v, fixed_q, fixed_v = stage(members, layer, mask)
+            h, _ = _dp_rows(q, v, dp)
+            cand = np.full(cells + 1, np.inf)
+            if fixed_q <= cells:
+                cand[fixed_q:] = h[: cells + 1 - fixed_q] + fixed_v
+            better = cand < best
+            best[better], best_mask[better] = cand[better], k
+        stages.append((members, dp, best_mask))
+        dp = best
+    if not np.isfinite(dp[cells]):
+        raise RuntimeError("internal error: the fused-dispatch DP found no feasible allocation for a feasible "
+                           "budget; please report this with the problem")
+    idx = np.zeros(len(rows), dtype=np.int64)
+    c = cells
+    for layer in range(fz.layers - 1, -1, -1):
+        members, before, best_mask = stages[layer]
+        mask = masks[int(best_mask[c])]
+        q, v, fixed_q, _ = stage(members, layer, mask)
+        _, choice = _dp_rows(q, v, before)
+        idx[members], c = _backtrack(q, choice, c - fixed_q)
+    idx[free], _ = _backtrack(q_free, free_choice, c)
     return idx
 
 
@@ -116,7 +189,8 @@ def solve(problem: AllocationProblem, max_cells: int = 100_000, latency_cells: i
     """
     check_feasible(problem)
     t = build_tables(problem)
-    base = t.raw_usage.min(axis=1)
+    lowest = t.raw_usage if t.fusion is None else t.raw_usage - t.fusion.saving_use * t.usage_scale
+    base = lowest.min(axis=1)
     extra = t.raw_usage - base[:, None]
     cap = problem.capacity
     cap_raw = t.usage_scale * (cap + FEASIBILITY_RTOL * max(1.0, abs(cap)))
@@ -125,6 +199,8 @@ def solve(problem: AllocationProblem, max_cells: int = 100_000, latency_cells: i
     g, exact = _grid(extra, cap_extra, integral, max_cells, latency_cells)
     q = np.ceil(extra / g - (0.0 if not exact else 1e-9)).astype(np.int64)
     cells = math.floor(cap_extra / g + (1e-9 if exact else 0.0))
+    if t.fusion is not None:  # the additive polish below would optimise the per-expert bound, not the cost
+        return _finish(problem, t, _fused_dp(t, extra, g, exact, cells), exact, g, cells)
     idx = _dp(q, t.objective, cells)
     if not exact:
         idx = _polish(problem, t, idx)
@@ -142,12 +218,11 @@ def _polish(problem: AllocationProblem, t: ProblemTables, idx: np.ndarray) -> np
 
 def _finish(problem: AllocationProblem, t: ProblemTables, idx: np.ndarray, exact: bool, g: float,
             cells: int) -> Solution:
-    rows = np.arange(len(idx))
-    used = float(t.usage[rows, idx].sum())
+    used = t.used(idx)
     if not fits(used, problem.capacity):
         raise RuntimeError(f"internal error: DP allocation uses {problem.budget.describe(problem.budget.fixed + used)} > "
                            f"{problem.budget.describe()}; please report this with the problem")
-    value = float(t.objective[rows, idx].sum())
+    value = t.value(idx)
     logger.debug("optimal: objective %.6g, %d cells of %.4g (exact=%s)", value, cells, g, exact)
     return Solution(t.allocation(idx), value, exact, g, cells)
 

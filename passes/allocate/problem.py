@@ -6,8 +6,11 @@ Budget definitions (``Budget.kind``):
   ``sum_i n_params_i * b_i / sum_i n_params_i``; unit "average bits".
 * ``"bytes"``: total expert weight bytes, ``sum_i cost_i[b_i].bytes``; unit "bytes".
 * ``"latency"``: expected per-token decode latency of the experts,
-  ``sum_i freq_i * cost_i[b_i].decode_ms``; ``freq_i`` is the fraction of tokens routed to
-  expert ``i`` (so the ``freq`` of one layer sums to top-k); unit "ms per token".
+  ``sum_i (freq_i * cost_i[b_i].decode_ms + cost_i[b_i].idle_decode_ms)``; ``freq_i`` is the
+  fraction of tokens routed to expert ``i`` (so the ``freq`` of one layer sums to top-k); unit
+  "ms per token". Where the target fuses a layer's experts of one width into one op, the layer's
+  groups pay the op's fixed part once and their experts the fused cost (:mod:`.fusion`): not a
+  per-expert sum, so :class:`ProblemTables` carries it as a correction (``fusion``).
 * ``"stored-bits"``: stored bits per weight of the whole model,
   ``(fixed_bytes + sum_i stored_bytes_i[b_i]) * 8 / params``: every weight as the target stores
   it (codes, scales, zero points, float tensors) over every parameter, experts or not. What the
@@ -22,8 +25,9 @@ allocators see the per-expert part against ``AllocationProblem.capacity = value 
 Objective (minimised): ``sum_i w_acc * sensitivity_i[b_i] + w_lat * L + w_mem * M + w_eng * E``
 with the cost terms normalised by the all-highest-bits allocation (``max(bits_choices)``,
 normally 16): ``L = sum freq*decode_ms / ref``, ``M = sum bytes / ref``,
-``E = sum freq*energy_mj / ref``. Every term is a per-expert sum, so the objective is additive
-and :func:`build_tables` lays it out as an ``experts x bits`` matrix.
+``E = sum freq*energy_mj / ref``. Every term but the fused-dispatch correction of ``L`` is a per-expert
+sum, laid out by :func:`build_tables` as an ``experts x bits`` matrix; the correction depends on
+which widths each layer uses (:class:`~.fusion.FusionTables`, exact in :mod:`.optimal`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from types import MappingProxyType
 from typing import ClassVar, Literal, Protocol
 
 import numpy as np
+
+from .fusion import FusionTables, fusion_tables
 
 Allocation = dict[str, int]
 BudgetKind = Literal["bits", "bytes", "latency", "stored-bits"]
@@ -58,15 +64,33 @@ def _require_finite_nonnegative(obj: object, prefix: str, names: tuple[str, ...]
 
 @dataclass(frozen=True)
 class ExpertCost:
-    """Cost of one expert at one bit-width, from the backend's cost table."""
+    """Cost of one expert at one bit-width, from the backend's cost table (the fields of
+    :class:`dmpq_compile.backends.base.ExpertCostRow`; ``fused_*`` None where the width cannot run
+    in the target's fused MoE op, see :mod:`.fusion`)."""
 
     decode_ms: float
     prefill_ms: float
     bytes: int
     energy_mj: float
+    idle_decode_ms: float = 0.0
+    idle_prefill_ms: float = 0.0
+    fused_decode_ms: float | None = None
+    fused_prefill_ms: float | None = None
+    group_decode_ms: float = 0.0
+    group_prefill_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        _require_finite_nonnegative(self, "ExpertCost.", ("decode_ms", "prefill_ms", "bytes", "energy_mj"))
+        _require_finite_nonnegative(self, "ExpertCost.", ("decode_ms", "prefill_ms", "bytes", "energy_mj",
+                                                          "idle_decode_ms", "idle_prefill_ms", "group_decode_ms",
+                                                          "group_prefill_ms"))
+        if (self.fused_decode_ms is None) != (self.fused_prefill_ms is None):
+            raise ValueError("ExpertCost: give both fused_decode_ms and fused_prefill_ms, or neither")
+        if self.fused_decode_ms is not None:
+            _require_finite_nonnegative(self, "ExpertCost.", ("fused_decode_ms", "fused_prefill_ms"))
+
+    def latency(self, freq: float) -> float:
+        """Mean per-token decode cost under per-expert dispatch of an expert routed ``freq`` of tokens."""
+        return freq * self.decode_ms + self.idle_decode_ms
 
 
 @dataclass(frozen=True)
@@ -250,7 +274,10 @@ class ProblemTables:
     ``usage`` is in budget units and sums over experts to :func:`budget_usage` less the budget's
     fixed part; ``capacity`` is :attr:`AllocationProblem.capacity`; ``raw_usage`` is
     ``usage * usage_scale`` (integers for the bits budget: ``n_params * bits``); ``objective`` is
-    ``None`` unless built with ``with_objective``.
+    ``None`` unless built with ``with_objective``. ``fusion`` (None when the target fuses nothing
+    or latency plays no part) corrects both for the layers' fused groups: :meth:`value` and
+    :meth:`used` give an allocation's true objective and use; the additive tables alone price every
+    expert under per-expert dispatch, an upper bound.
     """
 
     keys: tuple[str, ...]
@@ -261,6 +288,20 @@ class ProblemTables:
     capacity: float
     sens: np.ndarray | None
     objective: np.ndarray | None
+    fusion: FusionTables | None = None
+
+    def value(self, idx: np.ndarray) -> float:
+        """Objective of the allocation ``idx`` (column per expert), fused dispatch included."""
+        return float(self.objective[np.arange(len(idx)), idx].sum()) + self.fused(idx)
+
+    def fused(self, idx: np.ndarray) -> float:
+        """The (<= 0) fused-dispatch correction of the objective of ``idx`` (0 without ``fusion``)."""
+        return self.fusion.correction(idx) if self.fusion is not None else 0.0
+
+    def used(self, idx: np.ndarray) -> float:
+        """Budget use (less the fixed part) of the allocation ``idx``, fused dispatch included."""
+        u = float(self.usage[np.arange(len(idx)), idx].sum())
+        return u + self.fusion.correction(idx, usage=True) if self.fusion is not None else u
 
     def index(self, allocation: Mapping[str, int]) -> np.ndarray:
         """Column index of each expert's bits in ``allocation``."""
@@ -297,7 +338,7 @@ def _raw_usage(problem: AllocationProblem) -> tuple[np.ndarray, float]:
     if kind == "stored-bits":
         return np.array([[8 * e.stored_bytes[b] for b in bits] for e in ex], dtype=np.float64), \
             float(problem.budget.params)
-    return np.array([[e.freq * e.cost[b].decode_ms for b in bits] for e in ex], dtype=np.float64), 1.0
+    return np.array([[e.cost[b].latency(e.freq) for b in bits] for e in ex], dtype=np.float64), 1.0
 
 
 COST_METRICS = ("latency_ms", "bytes", "energy_mj")
@@ -312,7 +353,7 @@ def cost_terms(problem: AllocationProblem) -> dict[str, tuple[float, np.ndarray,
         all-highest-bits total (latency and energy are ``freq``-weighted per-token values).
     """
     w, ex, bits = problem.weights, problem.experts, problem.bits_choices
-    metrics = {"latency_ms": (w.w_lat, lambda e, b: e.freq * e.cost[b].decode_ms),
+    metrics = {"latency_ms": (w.w_lat, lambda e, b: e.cost[b].latency(e.freq)),
                "bytes": (w.w_mem, lambda e, b: float(e.cost[b].bytes)),
                "energy_mj": (w.w_eng, lambda e, b: e.freq * e.cost[b].energy_mj)}
     terms = {}
@@ -334,14 +375,34 @@ def build_tables(problem: AllocationProblem, with_objective: bool = True) -> Pro
     """Lay the problem out as matrices; ``with_objective`` needs every sensitivity."""
     raw, scale = _raw_usage(problem)
     sens = obj = None
+    terms = cost_terms(problem)
     if with_objective:
         sens = np.array([[e.sens(b) for b in problem.bits_choices] for e in problem.experts])
-        obj = problem.weights.w_acc * sens + sum((w * m for w, m, _ in cost_terms(problem).values()),
-                                                 np.zeros_like(sens))
+        obj = problem.weights.w_acc * sens + sum((w * m for w, m, _ in terms.values()), np.zeros_like(sens))
     return ProblemTables(keys=tuple(e.key for e in problem.experts),
                          bits=np.array(problem.bits_choices, dtype=np.int64), usage=raw / scale,
                          raw_usage=raw, usage_scale=scale, capacity=float(problem.capacity),
-                         sens=sens, objective=obj)
+                         sens=sens, objective=obj, fusion=_fusion(problem, terms))
+
+
+def _fusion(problem: AllocationProblem, terms: dict[str, tuple[float, np.ndarray, float]]) -> FusionTables | None:
+    """The fused-dispatch correction when latency is in the objective or the budget, else None."""
+    lat = terms.get("latency_ms")
+    obj_scale = lat[0] / lat[2] if lat is not None else 0.0
+    use_scale = 1.0 if problem.budget.kind == "latency" else 0.0
+    if not (obj_scale or use_scale):
+        return None
+    ex, bits = problem.experts, problem.bits_choices
+    if not any(e.cost[b].fused_decode_ms is not None for e in ex for b in bits):
+        return None
+
+    def matrix(fn) -> np.ndarray:
+        return np.array([[fn(e.cost[b]) for b in bits] for e in ex], dtype=np.float64)
+
+    return fusion_tables([e.layer for e in ex], np.array([e.freq for e in ex]), matrix(lambda c: c.decode_ms),
+                         matrix(lambda c: c.idle_decode_ms),
+                         matrix(lambda c: np.nan if c.fused_decode_ms is None else c.fused_decode_ms),
+                         matrix(lambda c: c.group_decode_ms), obj_scale, use_scale)
 
 
 def fits(usage: float, capacity: float) -> bool:
@@ -352,8 +413,7 @@ def fits(usage: float, capacity: float) -> bool:
 def budget_usage(problem: AllocationProblem, allocation: Mapping[str, int]) -> float:
     """Resource ``allocation`` uses, in the budget's unit (the fixed part included)."""
     t = build_tables(problem, with_objective=False)
-    idx = t.index(allocation)
-    return problem.budget.fixed + float(t.usage[np.arange(len(idx)), idx].sum())
+    return problem.budget.fixed + t.used(t.index(allocation))
 
 
 def is_feasible(problem: AllocationProblem, allocation: Mapping[str, int]) -> bool:
@@ -364,9 +424,13 @@ def is_feasible(problem: AllocationProblem, allocation: Mapping[str, int]) -> bo
 def min_feasible_budget(problem: AllocationProblem) -> float:
     """Smallest budget any allocation meets: each expert at its cheapest bit-width.
 
-    With costs that grow with bits (the usual case) that is every expert at the lowest bits.
+    With costs that grow with bits (the usual case) that is every expert at the lowest bits. With
+    fused dispatch in a latency budget, each layer also takes its best set of fused widths.
     """
-    return problem.budget.fixed + float(build_tables(problem, with_objective=False).usage.min(axis=1).sum())
+    t = build_tables(problem, with_objective=False)
+    if t.fusion is None or not t.fusion.saving_use.any():
+        return problem.budget.fixed + float(t.usage.min(axis=1).sum())
+    return problem.budget.fixed + t.fusion.least_use(t.usage)
 
 
 def check_feasible(problem: AllocationProblem) -> None:
@@ -379,5 +443,4 @@ def check_feasible(problem: AllocationProblem) -> None:
 def objective_value(problem: AllocationProblem, allocation: Mapping[str, int]) -> float:
     """The additive objective (module docstring) of ``allocation``; lower is better."""
     t = build_tables(problem)
-    idx = t.index(allocation)
-    return float(t.objective[np.arange(len(idx)), idx].sum())
+    return t.value(t.index(allocation))

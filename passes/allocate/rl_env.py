@@ -187,7 +187,7 @@ class AllocationEnv(gym.Env):
         idx = project_indices(t, proposal, self.problem)
         rows = np.arange(self._n)
         proxy = float(t.sens[rows, idx].sum())
-        cost = float(self._cost_obj[rows, idx].sum())
+        cost = float(self._cost_obj[rows, idx].sum()) + t.fused(idx)  # the objective optimal and search use
         allocation = t.allocation(idx)
         loss, measured = self.calibration.scale * proxy, False
         if self.calibration.due():

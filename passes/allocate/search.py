@@ -90,7 +90,7 @@ class BestTracker:
         """Measured objective of ``idx`` if it was measured, else the calibrated proxy objective."""
         record = self.calibration.measured.get(tuple(idx.tolist()), {})
         loss = record.get("loss", self.calibration.scale * float(self.t.sens[self.rows, idx].sum()))
-        cost = record.get("cost", float(self.cost[self.rows, idx].sum()))
+        cost = record.get("cost", float(self.cost[self.rows, idx].sum()) + self.t.fused(idx))
         return self.w_acc * loss + cost
 
     def _offer(self, idx: np.ndarray) -> None:
@@ -119,7 +119,7 @@ class BestTracker:
                stopped_early: bool) -> SearchResult:
         best = self.best
         return SearchResult(allocation=self.t.allocation(best), objective=self.score(best),
-                            table_objective=float(self.t.objective[self.rows, best].sum()),
+                            table_objective=self.t.value(best),
                             history=tuple(history), measurements=calibration.measurements,
                             proposals=self.proposals, refinements=self.refinements, seconds=seconds,
                             stopped_early=stopped_early)

@@ -73,7 +73,7 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = False
-    cacheable: ClassVar[bool] = False  # results may be reused from the pass cache (see passes/cache.py)
+    cacheable: ClassVar[bool] = False  # results may be reused from the pass cache (see passes/infra/cache.py)
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
 
