@@ -169,6 +169,7 @@ def resolve_defaults(cfg: CompileConfig, graph: Graph | None = None) -> CompileC
     fields["nonexpert_allocate"] = allocate
     out = dataclasses.replace(cfg, **fields)
     if defaulted and graph is not None:
+        check_nonexpert_target(out, backend)  # before the storage of bits it cannot run is asked for
         smallest = smallest_stored_bits(out, graph, backend)
         if smallest + DEFAULT_HEADROOM_BITS > out.budget:
             log.warning("default budget: %.2f stored bits per weight is infeasible for this model on %s (the "
@@ -375,16 +376,21 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
         shutil.rmtree(work, ignore_errors=True)
 
 
+def check_nonexpert_target(cfg: CompileConfig, backend: Any) -> None:
+    """Refuse ``nonexpert_bits`` and ``nonexpert_kinds`` the target cannot run (``ValueError``)."""
+    if backend is not None and cfg.nonexpert_bits < 16:
+        check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
+    if backend is not None:
+        check_kinds(cfg.nonexpert_kinds, backend)
+
+
 def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
     """Refuse, before hours of analysis, a bits budget no allocation can meet (code bits below the
     target's smallest bits; stored bits below what the weights outside the experts plus every
     expert at its smallest bits store, computed from ``graph``'s shapes), and ``nonexpert_bits``
     the target cannot run."""
     backend = get_backend(cfg.target, cfg.scale_dtype)
-    if backend is not None and cfg.nonexpert_bits < 16:
-        check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
-    if backend is not None:
-        check_kinds(cfg.nonexpert_kinds, backend)
+    check_nonexpert_target(cfg, backend)
     if cfg.allocated_kinds:
         from .passes.allocate.base import check_nonexpert_allocation
 
