@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..fileio import CACHE_ENV, atomic_write_bytes, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
+from ..sysinfo import available_cpus, cpu_flags, cpu_model  # noqa: F401 (re-exported; their home is sysinfo)
 
 if TYPE_CHECKING:  # `bench` uses the energy model on artifacts without torch (ir/ imports it)
     from ..ir.graph import Graph

@@ -68,6 +68,8 @@ from dmpq_compile.passes.allocate.measure import interpreter_accuracy_fn
 from dmpq_compile.passes.allocate.synthetic import synthetic_problem
 from dmpq_compile.passes.infra.base import PassContext
 
+from dmpq_compile.eval.protocol import format_quality
+
 STOCHASTIC = ("rl", "search-matched", "rl-norefine", "search-norefine", "search")
 DETERMINISTIC = ("optimal", "gradvar", "frequency", "uniform")
 
@@ -149,14 +151,14 @@ def run_samples(args) -> None:
             row["allocation"] = None if variant in STOCHASTIC else row["allocation"]
             rows.append(row)
             print(f"{budget:>4g} s{seed} {variant:>15}: obj {row['table_objective']:.6g} calibKL "
-                  f"{row['calib_kl']:.5f} ppl {row['ppl']:.4f} KL {row['kl']:.5f} {row['seconds']:.1f}s "
+                  f"{row['calib_kl']:.5f} {format_quality(row['quality'])} {row['seconds']:.1f}s "
                   f"[{row['loadavg']}]", flush=True)
         shutil.rmtree(work / "artifacts", ignore_errors=True)
         write({"model": args.model, "part": "samples", "machine_start": meta, "rows": rows, "partial": True,
                "fp32_ppl": scorer.fp_ppl, "command": command(args)}, f"ablation-allocators-{name}{args.tag}.json",
               quiet=True)
     out = {"model": args.model, "part": "samples", "analysis_seconds": analysis_s, "fp32_ppl": scorer.fp_ppl,
-           "eval_tokens": len(scorer.ids), "episodes": args.episodes, "machine_start": meta,
+           "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows], "episodes": args.episodes, "machine_start": meta,  # noqa: E501
            "machine_end": machine(), "rows": rows, "command": command(args)}
     write(out, f"ablation-allocators-{name}{args.tag}.json")
 

@@ -21,6 +21,7 @@ from alloc_common import RESULTS, ArtifactScorer, calibration
 from dmpq_compile.passes import make_pass
 
 from dmpq_compile.compiler import CompileConfig, analysis_passes, emit, get_backend, run_passes
+from dmpq_compile.eval.protocol import format_quality
 from dmpq_compile.frontend import load
 
 VARIANTS = {  # name -> (qat, quantize method)
@@ -81,11 +82,10 @@ def main() -> None:
             label = f"{variant}-{budget:g}"
             score = scorer.score(emit(g, cfg, work / label, recs, seconds), label)
             rows.append({"budget": budget, "variant": variant, **score, "seconds": seconds, "qat": qat_stats})
-            print(f"{budget:>4g} {variant:>9}: ppl {score['ppl']:.4f} ({score['dppl_pct']:+.2f} % vs FP "
-                  f"{scorer.fp_ppl:.4f})  KL {score['kl']:.5f}  ({seconds:.0f} s)", flush=True)
+            print(f"{budget:>4g} {variant:>9}: {format_quality(score['quality'])}  ({seconds:.0f} s)", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ablation-{name}.json").write_text(json.dumps(
-        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": len(scorer.ids), "rows": rows,
+        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows], "rows": rows,  # noqa: E501
          "command": "python benchmarks/ablation_quant.py " + " ".join(
              f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}, indent=1))
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from dmpq_compile.passes import make_pass
 from dmpq_compile.passes.precision import PrecisionOptions
@@ -29,12 +30,12 @@ from dmpq_compile.compiler import (
     analysis_passes,
     calibration_ids,
     emit,
-    eos_token,
     get_backend,
     load_tokenizer,
     run_passes,
 )
-from dmpq_compile.eval import kl_divergence, load_corpus, perplexity, tokenize_corpus
+from dmpq_compile.eval import DOMAINS, NumpyLogits, eval_windows, score, summarize, window_logprobs
+from dmpq_compile.eval.protocol import DEFAULT_CONTEXT
 from dmpq_compile.frontend import load
 from dmpq_compile.ir.serialize import load_graph, save_graph
 from dmpq_compile.runtime import load as load_artifact
@@ -53,10 +54,10 @@ def machine() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
-    from dmpq_compile.sysinfo import cpu_model
+    from dmpq_compile.sysinfo import cpu_flags, cpu_model
 
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": git("status", "--short", "-uno").splitlines(),
-            "loadavg": loadavg(), "cpu": cpu_model(), "python": platform.python_version(),
+            "loadavg": loadavg(), "cpu": cpu_model(), "cpu_flags": cpu_flags(), "python": platform.python_version(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -113,26 +114,41 @@ def average_bits(graph, allocation: Mapping[str, int]) -> float:
 
 
 class ArtifactScorer:
-    """Test perplexity and KL(FP32 || artifact) on the first ``tokens`` test tokens, one thread."""
+    """Perplexity and KL(FP32 || artifact) under the evaluation protocol (docs/evaluation.md), one thread.
 
-    def __init__(self, model: str, fp_path: Path, tokens: int, cfg: CompileConfig = BASE) -> None:
+    Scores every set of ``domains`` (default: pydoc and pystdlib) on ``split`` (default test; pass dev when the
+    figures decide something) with at most ``tokens // 256`` windows each. :meth:`score` gives the first
+    domain's figures as ``ppl`` / ``dppl_pct`` / ``kl``, the others' as ``ppl_<domain>`` / ``kl_<domain>``, and
+    every set's with 95% bootstrap intervals (and the paired ratio to FP32's perplexity) under ``quality``.
+    """
+
+    def __init__(self, model: str, fp_path: Path, tokens: int, cfg: CompileConfig = BASE, split: str = "test",
+                 domains: tuple[str, ...] = DOMAINS) -> None:
         tok = load_tokenizer(model)
-        self.ids = tokenize_corpus(load_corpus(cfg.calib_corpus, "test"), tok, separator=eos_token(tok),
-                                   max_tokens=tokens)
-        self.fp_fn = self._fn(fp_path)
-        self.fp_ppl = perplexity(self.fp_fn, self.ids, progress=False).ppl
-        self._cache: dict[str, dict[str, float]] = {}
+        self.windows = [eval_windows(d, split, tok, max_windows=max(1, tokens // DEFAULT_CONTEXT)) for d in domains]
+        self.n_scored = sum(w.n_scored for w in self.windows)
+        fp = self._fn(fp_path)
+        self.fp_logprobs = [window_logprobs(fp, w) for w in self.windows]
+        self.fp_scores = [score(fp, w) for w in self.windows]
+        self.fp_ppl = float(np.exp(self.fp_scores[0].nll.mean()))
+        self._cache: dict[str, dict] = {}
 
     @staticmethod
-    def _fn(path: Path):
-        session = load_artifact(path, verify=False, threads=1)
-        return lambda ids: torch.from_numpy(session.logits(ids.numpy()))
+    def _fn(path: Path) -> NumpyLogits:
+        return NumpyLogits(load_artifact(path, verify=False, threads=1).logits)
 
-    def score(self, path: Path, key: str) -> dict[str, float]:
-        """``{"ppl", "dppl_pct", "kl"}`` of the artifact at ``path`` (cached under ``key``)."""
+    def score(self, path: Path, key: str) -> dict:
+        """``{"ppl", "dppl_pct", "kl", "ppl_<domain>", "kl_<domain>", "quality"}`` of the artifact at ``path``
+        (cached under ``key``)."""
         if key not in self._cache:
             fn = self._fn(path)
-            ppl = perplexity(fn, self.ids, progress=False).ppl
-            kl = kl_divergence(self.fp_fn, fn, self.ids, progress=False).kl
-            self._cache[key] = {"ppl": ppl, "dppl_pct": 100 * (ppl / self.fp_ppl - 1), "kl": kl}
+            out: dict = {"quality": {}}
+            for i, (w, ref, fp) in enumerate(zip(self.windows, self.fp_logprobs, self.fp_scores)):
+                s = score(fn, w, reference=ref)
+                q = summarize(w, {"fp32": fp, "artifact": s}, baseline="fp32")["artifact"]
+                out["quality"][w.name] = {**q, "windows": w.record()["windows"], "documents": len(w.doc_keys)}
+                suffix = "" if i == 0 else "_" + w.name.split("/")[0]
+                out["ppl" + suffix], out["kl" + suffix] = q["ppl"]["value"], q["kl"]["value"]
+            out["dppl_pct"] = 100 * (out["ppl"] / self.fp_ppl - 1)
+            self._cache[key] = out
         return self._cache[key]

@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_dispatch.py",
                                                     *(argv if argv is not None else sys.argv[1:])]),
                                "commit": commit, "cpu": cpu(), "threads": args.threads, "load_start": load_start,
+                               "statistic": "decode: each round's median step; prefill: one call; median over rounds, "
+                                            "the same for both dispatches",
                                "load_end": load_end, "rows": rows}, indent=1))
     print(f"results: {out}")
     return 0

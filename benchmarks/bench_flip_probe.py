@@ -39,6 +39,7 @@ from bench_nonexpert_alloc import score
 from dmpq_compile.passes.sensitivity import local as sensitivity_local
 
 from dmpq_compile.compiler import CompileConfig, compile_model
+from dmpq_compile.eval.protocol import format_quality
 
 VARIANTS = ("probe", "no-probe", "flat")
 
@@ -74,7 +75,7 @@ def compile_row(model: str, budget: float, variant: str, folder: Path, eval_toke
            "experts_by_bits": manifest["quantization"]["bits_histogram"],
            "nonexpert_bits": {k: v["bits"] for k, v in manifest.get("nonexpert", {}).items()},
            "flip_rates": sens.get("stats", {}).get("flip_rates")}
-    row.update({k: score(model, art, eval_tokens).get(k) for k in ("kl", "ppl", "tokens")})
+    row.update(score(model, art, eval_tokens))  # every set: ppl, kl (first set), *_pystdlib, quality
     print(json.dumps(row), flush=True)
     return row
 
@@ -179,10 +180,10 @@ def main() -> int:
     result["load_end"] = os.getloadavg()
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"load average {os.getloadavg()}; wrote {a.out}")
-    print("\n| model | budget | variant | weights bpw | KL | / best |\n|---|---:|---|---:|---:|---:|")
+    print("\n| model | budget | variant | weights bpw | KL | / best | every set [95%] |\n|---|---:|---|---:|---:|---:|---|")
     for r in result["compare"]:
         print(f"| {Path(r['model']).name} | {r['budget_bits']} | {r['variant']} | {r['weights_bpw']:.2f} | "
-              f"{r['kl']:.5f} | {r['kl_over_best']:.2f} |")
+              f"{r['kl']:.5f} | {r['kl_over_best']:.2f} | {format_quality(r['quality'])} |")
     if result["estimate"]:
         print("\n| model | layer | bits | measured KL | estimate (ratio) | without flips (ratio) |\n|---|---:|---:|---:|---|---|")
         for r in result["estimate"]:

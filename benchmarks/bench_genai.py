@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_genai.py", *(argv or sys.argv[1:])]),
                                "commit": commit, "cpu": cpu(), "threads": args.threads, "bits": args.bits,
+                               "statistic": "decode: each round's median step of --decode greedy steps, median over "
+                                            "rounds; prefill: median over rounds; the same for every runner",
                                "load_start": load_start, "load_end": load_end, "rows": rows}, indent=1))
     print(f"results: {out}")
     return 0

@@ -26,13 +26,19 @@ Measured, interleaved (order rotates each round), with ``--threads`` threads for
 * decode ms/token over ``--decode-tokens`` tokens after a prefill of the same length:
   ``llama-bench -p 0 -n 32 -d 128`` (tokens generated at depth 128) and ``bench``'s decode steps.
   both report the mean time of a round's 32 tokens (llama-bench's ``avg_ts``; ``bench``'s
-  ``decode_mean_ms``), and the table gives the median over rounds;
-* on the samples, perplexity and KL to the fp32 model on the same test tokens with llama.cpp's
-  protocol: non-overlapping chunks of ``--context`` tokens, only the second half of each chunk
-  scored. llama.cpp: ``llama-perplexity`` (``--kl-divergence-base`` from the f32 GGUF, then
-  ``--kl-divergence``); dmpq: the artifact runtime's logits on the same chunks, KL to the dmpq
-  fp32 artifact. The test text is the pydoc test split joined by blank lines; the script checks
-  that ``llama-tokenize`` and ``tokenizers`` give the same ids for every scored token.
+  ``decode_mean_ms``), and the table gives the median over rounds (the same statistic on both sides,
+  named in the table's header and in the results file's ``statistics``);
+* on trained checkpoints, quality under the project's evaluation protocol (docs/evaluation.md), on
+  each of ``--domains`` (default pydoc and pystdlib, ``--split`` test): windows of ``--context``
+  tokens drawn across every document of the set (none above 15 % of the scored tokens), the second
+  half of each scored, as llama-perplexity scores a chunk. llama.cpp: ``llama-perplexity
+  --kl-divergence-base FILE`` on every GGUF writes that model's log-probabilities at every scored
+  position, read back per token (``llamacpp.iter_logprobs``); dmpq: the artifact runtime's logits on
+  the same windows. Both tools' KL is to one reference, the dmpq fp32 artifact's log-probabilities;
+  the f32 GGUF's agreement with it is recorded per set (``reference_agreement``). Perplexity, KL and
+  top-1 agreement carry 95 % bootstrap intervals over documents, and each matched dmpq row's paired
+  ratios to the GGUF type(s) it matches (``vs``). The script checks that ``llama-tokenize`` gives
+  the windows' ids for the set's text and that llama-perplexity's file holds exactly those tokens.
 
 ``--llama-cpp`` is a cmake build folder of llama.cpp built from the source vendored in
 llama-cpp-python's sdist (``pip download --no-deps --no-binary :all: llama-cpp-python``; CPU only,
@@ -62,7 +68,6 @@ import llamacpp as lc
 import numpy as np
 from dmpq_compile.passes.precision import split_auto
 
-from dmpq_compile.sysinfo import cpu_model
 from dmpq_compile.sysinfo import load_average as uptime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,8 +152,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "loaded machine where two synchronising threads get preempted")
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--context", type=int, default=256, help="perplexity chunk length (both tools)")
-    p.add_argument("--chunks", type=int, default=64, help="perplexity chunks of the test text")
+    p.add_argument("--context", type=int, default=256, help="evaluation window length (both tools)")
+    p.add_argument("--chunks", type=int, default=64, help="at most this many evaluation windows per set")
+    p.add_argument("--domains", nargs="+", default=["pydoc", "pystdlib"], help="evaluation domains (default both)")
+    p.add_argument("--split", default="test", choices=("dev", "test"), help="evaluation split (default test)")
+    p.add_argument("--tries", type=int, default=5,
+                   help="runs of a llama.cpp tool before giving up when its output is cut short (default 5)")
     p.add_argument("--imatrix-chunks", type=int, default=64, help="llama-imatrix chunks of the calibration text")
     p.add_argument("--group-size", type=int, default=64, help="dmpq group size (for the 2-bit floor)")
     p.add_argument("--dmpq-flags", default="", help="extra dmpq-compile flags of the matched artifacts, e.g. "
@@ -259,8 +268,8 @@ def add_architecture(config_file: Path) -> None:
 
 
 def corpus_text(model_dir: Path, split: str, n_tokens: int, out: Path) -> list[int]:
-    """Write the first documents of a pydoc split, joined by blank lines, until they hold ``n_tokens``
-    tokens (plus a margin); return the ids ``tokenizers`` gives the whole text."""
+    """Write the first documents of a pydoc split (the calibration text of llama-imatrix), joined by blank
+    lines, until they hold ``n_tokens`` tokens (plus a margin); return the ids ``tokenizers`` gives it."""
     from dmpq_compile.eval import load_corpus
     from dmpq_compile.eval.tokens import load_tokenizer
 
@@ -279,10 +288,25 @@ def corpus_text(model_dir: Path, split: str, n_tokens: int, out: Path) -> list[i
     return ids
 
 
+def quality_sets(model_dir: Path, args: argparse.Namespace) -> list:
+    """The protocol's windows of every ``--domains`` set (``--split``), with the checkpoint's tokenizer."""
+    from dmpq_compile.eval import eval_windows
+    from dmpq_compile.eval.tokens import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    sets = [eval_windows(d, args.split, tok, context=args.context, max_windows=args.chunks) for d in args.domains]
+    for w in sets:
+        if not w.text_exact:
+            raise RuntimeError(f"{w.name}: the windows' text does not tokenize back to their ids with {model_dir}'s "
+                               "tokenizer, so llama.cpp could not score the same tokens; use a byte-level BPE tokenizer")
+    return sets
+
+
 def check_tokens(llama: lc.LlamaCpp, gguf: Path, text_file: Path, ids: list[int], n: int) -> dict:
     """Compare llama.cpp's tokenization of ``text_file`` with ``ids`` over the first ``n`` tokens."""
+    # --no-escape: llama-tokenize turns "\\xe0" in a file into a byte by default; llama-perplexity reads files verbatim
     out = lc.run([llama.tool("llama-tokenize"), "-m", str(gguf), "-f", str(text_file), "--ids", "--log-disable",
-                  "--no-bos"], "llama-tokenize")
+                  "--no-bos", "--no-escape"], "llama-tokenize")
     theirs = lc.parse_token_ids(out)
     diff = next((i for i, (a, b) in enumerate(zip(theirs[:n], ids[:n])) if a != b), None)
     if diff is None and len(theirs) < n:
@@ -518,45 +542,104 @@ def interleaved_speed(llama: lc.LlamaCpp, rows: dict[str, dict], args: argparse.
             rows[label][key + "_rounds"] = values
 
 
-def chunk_logprobs(path: Path, chunks: np.ndarray, threads: int) -> np.ndarray:
-    """Log-probabilities [chunks, C - 1 - C/2, V] at the positions llama-perplexity scores."""
+def chunk_logprobs(path: Path, windows, threads: int) -> np.ndarray:
+    """Log-probabilities ``[windows, C - 1 - C/2, V]`` of an artifact at the positions llama-perplexity scores
+    (the protocol's :func:`~dmpq_compile.eval.protocol.window_logprobs` through the artifact's runtime)."""
+    from dmpq_compile.eval import NumpyLogits, window_logprobs
     from dmpq_compile.runtime import load
 
-    session, first = load(path, threads=threads), chunks.shape[1] // 2
-    out = []
-    for i in range(0, len(chunks), 4):
-        x = session.logits(chunks[i:i + 4])[:, first:-1].astype(np.float64)
-        x -= x.max(-1, keepdims=True)
-        out.append((x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32))
-    return np.concatenate(out)
+    return window_logprobs(NumpyLogits(load(path, threads=threads).logits), windows)
 
 
-def dmpq_quality(rows: dict[str, dict], ref_label: str, ids: list[int], args: argparse.Namespace) -> None:
-    chunks = np.asarray(ids[: args.chunks * args.context], dtype=np.int64).reshape(args.chunks, args.context)
-    targets = chunks[:, args.context // 2 + 1:]
-    ref = chunk_logprobs(Path(rows[ref_label]["path"]), chunks, args.threads)
+def dmpq_quality(rows: dict[str, dict], ref: np.ndarray, windows, args: argparse.Namespace) -> dict:
+    """Per-token scores of every dmpq row on ``windows``, KL to ``ref`` (the fp32 artifact's log-probs)."""
+    from dmpq_compile.eval import NumpyLogits, score
+    from dmpq_compile.runtime import load
+
+    return {label: score(NumpyLogits(load(Path(row["path"]), threads=args.threads).logits), windows, reference=ref)
+            for label, row in rows.items() if row["kind"] == "dmpq"}
+
+
+def gguf_scores(llama: lc.LlamaCpp, path: Path, windows, text_file: Path, ref: np.ndarray, work: Path,
+                args: argparse.Namespace):
+    """Per-token scores of a GGUF on ``windows``: llama-perplexity writes its log-probabilities at every scored
+    position (``--kl-divergence-base``), which are checked to be for the windows' tokens and compared with
+    ``ref`` here, as the dmpq rows are."""
+    from dmpq_compile.eval import Scores
+
+    out = work / f"{path.stem}.{windows.name.replace('/', '-')}.logprobs"
+    k, c = windows.ids.shape
+    printed = lc.run_logprobs([llama.tool("llama-perplexity"), "-m", str(path), "-f", str(text_file), "-c", str(c),
+                               "--chunks", str(k), "-t", str(args.threads)], f"llama-perplexity {path.name} "
+                              f"{windows.name}", out, tries=args.tries)
+    n_ctx, n_vocab, n_chunk, tokens = lc.read_logprobs_header(out)
+    if (n_ctx, n_chunk) != (c, k) or not np.array_equal(tokens, windows.ids):
+        raise RuntimeError(f"llama-perplexity scored other tokens than the {windows.name} windows ({n_chunk} chunks of "
+                           f"{n_ctx}; first difference at {_first_difference(tokens, windows.ids)}): does the GGUF "
+                           "add a BOS token, or tokenize the text differently?")
+    vocab = ref.shape[-1]
+    if n_vocab < vocab:
+        raise RuntimeError(f"{path} has a vocabulary of {n_vocab}, the reference {vocab}")
+    targets = windows.targets
+    nll, kl = np.empty(targets.shape), np.empty(targets.shape)
+    top1 = np.empty(targets.shape, dtype=bool)
+    for i, lp in zip(range(0, k, 4), lc.iter_logprobs(out, batch=4)):
+        rows = slice(i, i + lp.shape[0])
+        lp = lp[..., :vocab]  # a converter may pad the vocabulary: those rows carry no mass
+        r = ref[rows].astype(np.float64)
+        nll[rows] = -np.take_along_axis(lp, targets[rows, :, None], axis=-1)[..., 0]
+        kl[rows] = (np.exp(r) * (r - lp)).sum(-1)
+        top1[rows] = r.argmax(-1) == lp.argmax(-1)
+    out.unlink()  # ~1 MB a window: the scores are what is kept
+    scores = Scores(nll, kl, top1)
+    scores.printed = printed  # llama-perplexity's own figures, when they reached the pipe or its log
+    return scores
+
+
+def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
+    a, b = a.reshape(-1), b.reshape(-1)
+    n = min(a.size, b.size)
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else (None if a.size == b.size else n)
+
+
+def set_quality(llama: lc.LlamaCpp, rows: dict[str, dict], spec: ModelSpec, windows, work: Path,
+                args: argparse.Namespace) -> dict:
+    """Quality of every row on one evaluation set, with intervals; each row gets ``quality[set]``."""
+    from dmpq_compile.eval import DocBootstrap, summarize
+
+    text_file = work / f"{windows.name.replace('/', '-')}.txt"  # never committed: out/ is ignored
+    text_file.write_text(windows.text, encoding="utf-8")
+    base = f"gguf-{spec.base.upper()}"
+    check = check_tokens(llama, Path(rows[base]["path"]), text_file, windows.ids.reshape(-1).tolist(), windows.ids.size)
+    ref = chunk_logprobs(Path(rows[spec.reference[0]]["path"]), windows, args.threads)
+    scores = dmpq_quality(rows, ref, windows, args)
     for label, row in rows.items():
-        if row["kind"] != "dmpq":
+        if row["kind"] == "gguf":
+            scores[label] = gguf_scores(llama, Path(row["path"]), windows, text_file, ref, work, args)
+    boot = DocBootstrap(windows)
+    summary = summarize(windows, scores, boot=boot)
+    for label, row in rows.items():
+        if label not in summary:
             continue
-        lp = ref if label == ref_label else chunk_logprobs(Path(row["path"]), chunks, args.threads)
-        nll = -np.take_along_axis(lp, targets[..., None], -1)[..., 0].astype(np.float64)
-        kl = (np.exp(ref.astype(np.float64)) * (ref.astype(np.float64) - lp)).sum(-1)
-        row.update({"ppl": float(np.exp(nll.mean())), "kl": float(kl.mean()),
-                    "top1_vs_base": float((lp.argmax(-1) == ref.argmax(-1)).mean()), "scored_tokens": int(nll.size)})
-
-
-def gguf_quality(llama: lc.LlamaCpp, rows: dict[str, dict], base_label: str, test_file: Path, work: Path,
-                 args: argparse.Namespace) -> None:
-    kld = work / "base.kld"
-    common = ["-c", str(args.context), "--chunks", str(args.chunks), "-t", str(args.threads)]
-    base = lc.run_perplexity([llama.tool("llama-perplexity"), "-m", rows[base_label]["path"], "-f", str(test_file),
-                              *common, "--kl-divergence-base", str(kld)], "llama-perplexity base")
-    rows[base_label].update({**base, "kl": 0.0, "top1_vs_base": 1.0})
-    for label, row in rows.items():
-        if row["kind"] == "gguf" and label != base_label:
-            row.update(lc.run_perplexity([llama.tool("llama-perplexity"), "-m", row["path"], *common,
-                                          "--kl-divergence-base", str(kld), "--kl-divergence"],
-                                         f"llama-perplexity {label}"))
+        q = summary[label]
+        if getattr(scores[label], "printed", None):
+            q["llama_perplexity_printed"] = scores[label].printed
+        vs = {}
+        for t in row.get("matched_types", []):
+            other = f"gguf-{t}"
+            if other in scores:
+                vs[other] = {"ppl_ratio": boot.ppl_ratio(scores[label].nll, scores[other].nll).as_dict(),
+                             "kl_ratio": boot.ratio(scores[label].kl, scores[other].kl).as_dict()}
+        if vs:
+            q["vs"] = vs
+        row.setdefault("quality", {})[windows.name] = q
+    agree = scores[base]
+    return {**windows.record(), "bootstrap": boot.record(), "tokens_check": check,
+            "reference": spec.reference[0],
+            "reference_agreement": {"gguf": base, "mean_kl": float(agree.kl.mean()), "max_kl": float(agree.kl.max()),
+                                    "max_abs_nll_diff": float(np.abs(agree.nll - scores[spec.reference[0]].nll).max()),
+                                    "top1": float(agree.top1.mean())}}
 
 
 # -- one model ---------------------------------------------------------------------------------------
@@ -566,7 +649,7 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
     print(f"{spec.name}: {uptime()}", flush=True)
     ckpt = checkpoint(spec, work, args.reuse)
     params = lc.count_params(lc.safetensors_shapes(ckpt))
-    calib_file, test_file = work / "calib.txt", work / "test.txt"
+    calib_file = work / "calib.txt"
     corpus_text(ckpt, "calib", args.imatrix_chunks * args.context, calib_file)  # never committed: out/ is ignored
     files = gguf_files(llama, spec, ckpt, work, args, calib_file)
     rows = {f"gguf-{k}": {**gguf_row(llama, p, params)} for k, p in files.items()}
@@ -586,38 +669,64 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
         trained = json.loads((ckpt / "training.json").read_text())
         result["training"] = {k: v for k, v in trained.items() if k not in ("loss_curve", "expert_frequency")}
     if spec.quality:
-        ids = corpus_text(ckpt, "test", args.chunks * args.context, test_file)
-        base = f"gguf-{spec.base.upper()}"
-        result["tokens"] = check_tokens(llama, Path(rows[base]["path"]), test_file, ids, args.chunks * args.context)
-        gguf_quality(llama, rows, base, test_file, work, args)
-        dmpq_quality(rows, spec.reference[0], ids, args)
+        result["quality_sets"] = [set_quality(llama, rows, spec, w, work, args) for w in quality_sets(ckpt, args)]
     result["uptime_before_speed"] = uptime()
     interleaved_speed(llama, rows, args)
     result["uptime_after_speed"] = uptime()
     result["rows"] = rows
     print(table(rows), flush=True)
+    for q in result.get("quality_sets", []):
+        print(quality_table(rows, q["set"]), flush=True)
     return result
 
 
+SPEED_NAMES = {"prefill_tok_s": "prefill tok/s (median of rounds)",
+               "decode_ms": "decode ms/token (mean of a round's tokens, median of rounds)"}
+STATISTICS = {"prefill_tok_s": "prompt tokens / time of one prefill (llama-bench -p N -n 0, -r 1: its avg_ts); median "
+                               "over rounds",
+              "decode_ms": "mean time per token of --decode-tokens tokens after a prefill of --prefill-tokens "
+                           "(llama-bench -n N -d P, -r 1: 1000/avg_ts; dmpq bench: decode_mean_ms); median over rounds"}
+
+
 def table(rows: dict[str, dict]) -> str:
-    """Markdown table; speed columns for every thread count measured, ratios to the first row."""
+    """Markdown table of sizes and speed (columns for every thread count measured), ratios to the first row."""
     base = next(iter(rows.values()))
     speed = [k for k in base if k.startswith(("prefill_tok_s", "decode_ms")) and not k.endswith("_rounds")]
-    head = ["variant", "match", "bpw", "tensor bpw", "expert bpw", "file MB", *speed, "ppl", "KL", "top-1"]
+    names = []
+    for k in speed:
+        key, _, threads = k.rpartition("_t") if k not in SPEED_NAMES else (k, "", "")
+        names.append(SPEED_NAMES[key] + (f" [{threads} threads]" if threads else ""))
+    head = ["variant", "match", "bpw", "tensor bpw", "expert bpw", "file MB", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
-        def f(key: str, fmt: str, r: dict = r) -> str:
-            return fmt.format(r[key]) if key in r else "-"
         tensor = "-" if r.get("tensor_bpw") is None else f"{r['tensor_bpw']:.2f}"
         cells = [label, r.get("match", ""), f"{r['bpw']:.2f}", tensor, f"{r['expert_bpw']:.2f}",
                  f"{r['file_bytes'] / 1e6:.2f}",
-                 *(f"{r[k]:.{0 if k.startswith('prefill') else 3}f} ({r[k] / base[k]:.2f}x)" for k in speed),
-                 f("ppl", "{:.3f}"), f("kl", "{:.5f}"), f("top1_vs_base", "{:.3f}")]
+                 *(f"{r[k]:.{0 if k.startswith('prefill') else 3}f} ({r[k] / base[k]:.2f}x)" for k in speed)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def quality_table(rows: dict[str, dict], set_name: str) -> str:
+    """Markdown table of one evaluation set: ppl, KL to the fp32 reference, top-1 agreement with 95% intervals,
+    and each matched dmpq row's paired ratios to its GGUF type(s)."""
+    from dmpq_compile.eval.protocol import format_interval
+
+    head = ["variant", f"{set_name} ppl [95%]", "KL [95%]", "top-1 [95%]", "vs GGUF: ppl ratio, KL ratio [95%]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows.items():
+        q = (r.get("quality") or {}).get(set_name)
+        if q is None:
+            continue
+        vs = "; ".join(f"{other}: {format_interval(v['ppl_ratio'], '{:.3f}')}, {format_interval(v['kl_ratio'], '{:.2f}')}"
+                       for other, v in q.get("vs", {}).items())
+        lines.append("| " + " | ".join([label, format_interval(q["ppl"], "{:.3f}"), format_interval(q["kl"], "{:.2e}"),
+                                         format_interval(q["top1"], "{:.3f}"), vs or "-"]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from dmpq_compile.bench import machine
 
     args = parse_args(argv)
     try:
@@ -628,20 +737,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"start: {start}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"llamacpp-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    models = []
+    models, failed = [], []
     for spec in args.specs:  # the JSON is rewritten after each model: a later failure keeps the earlier rows
         try:
             models.append(run_model(llama, spec, args))
         except (lc.LlamaCppError, RuntimeError) as e:
             print(f"{spec.name} failed: {e}", file=sys.stderr, flush=True)
-            models.append({"model": spec.name, "error": str(e)[-2000:]})
+            failed.append({"model": spec.name, "error": str(e)[-2000:]})
+        if not models:  # never a results file that holds only errors
+            continue
         record = {k: v for k, v in vars(args).items() if k != "specs"}
         out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_llamacpp.py", *sys.argv[1:]]),
-                                   "start": start, "end_uptime": uptime(), "cpu": cpu_model(),
+                                   "start": start, "end_uptime": uptime(), "machine": machine(),
+                                   "statistics": STATISTICS, "protocol": "docs/evaluation.md",
                                    "llama_cpp": {"source": str(llama.source), "version": llama_version(llama)},
-                                   "args": record, "models": models}, indent=1))
+                                   "args": record, "models": models, "failed": failed}, indent=1))
         print(f"wrote {out}", flush=True)
-    return 1 if any("error" in m for m in models) else 0
+    if not models:
+        print("no model finished: no results file written", file=sys.stderr, flush=True)
+    return 1 if failed else 0
 
 
 def llama_version(llama: lc.LlamaCpp) -> str:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from dmpq_compile.compiler import CompileConfig, compile_model
+from dmpq_compile.eval.protocol import flatten_eval
 
 
 def run(model: str, target: str, bits: int, budget: float, folder: Path, eval_tokens: int) -> dict:
@@ -39,9 +40,8 @@ def run(model: str, target: str, bits: int, budget: float, folder: Path, eval_to
     if target == "ort-cpu":
         out = folder / f"{art.name}.eval.json"
         subprocess.run([sys.executable, "-m", "dmpq_compile.cli", "eval", str(art), "--reference", model,
-                        "--max-tokens", str(eval_tokens), "--json", str(out), "--no-progress"], check=True)
-        result = json.loads(out.read_text())
-        row.update({k: result.get(k) for k in ("ppl", "kl", "tokens")})
+                        "--windows", str(max(1, eval_tokens // 256)), "--json", str(out), "--no-progress"], check=True)
+        row.update(flatten_eval(json.loads(out.read_text())))
     print(json.dumps(row), flush=True)
     return row
 

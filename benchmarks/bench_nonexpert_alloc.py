@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from dmpq_compile.compiler import CompileConfig, compile_model
+from dmpq_compile.eval.protocol import flatten_eval, format_quality
 
 POLICIES = ("4", "8", "4,lm_head=8", "4,attention=8,lm_head=8")
 
@@ -42,8 +43,8 @@ POLICIES = ("4", "8", "4,lm_head=8", "4,attention=8,lm_head=8")
 def score(model: str, art: Path, eval_tokens: int) -> dict:
     out = art.with_suffix(".eval.json")
     subprocess.run([sys.executable, "-m", "dmpq_compile.cli", "eval", str(art), "--reference", model,
-                    "--max-tokens", str(eval_tokens), "--json", str(out), "--no-progress"], check=True)
-    return json.loads(out.read_text())
+                    "--windows", str(max(1, eval_tokens // 256)), "--json", str(out), "--no-progress"], check=True)
+    return flatten_eval(json.loads(out.read_text()))
 
 
 def compare_row(model: str, budget: float, variant: str, folder: Path, eval_tokens: int) -> dict:
@@ -68,7 +69,7 @@ def compare_row(model: str, budget: float, variant: str, folder: Path, eval_toke
                 "experts_by_bits": manifest["quantization"]["bits_histogram"],
                 "nonexpert_bits": {k: v["bits"] for k, v in manifest.get("nonexpert", {}).items()},
                 "allocated": alloc.get("nonexpert")})
-    row.update({k: score(model, art, eval_tokens).get(k) for k in ("kl", "ppl", "tokens")})
+    row.update(score(model, art, eval_tokens))  # every set: ppl, kl (first set), *_pystdlib, quality
     print(json.dumps(row), flush=True)
     return row
 
@@ -146,12 +147,13 @@ def main() -> int:
     result["load_end"] = os.getloadavg()
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"load average {os.getloadavg()}; wrote {a.out}")
-    print("\n| model | budget | variant | weights bpw | KL | / best | non-expert bits |\n|---|---:|---|---:|---:|---:|---|")
+    print("\n| model | budget | variant | weights bpw | KL | / best | non-expert bits | every set [95%] |\n"
+          "|---|---:|---|---:|---:|---:|---|---|")
     for r in result["compare"]:
         if "kl" in r:
             ne = ",".join(f"{k}={v}" for k, v in r["nonexpert_bits"].items())
             print(f"| {Path(r['model']).name} | {r['budget_bits']} | {r['variant']} | {r['weights_bpw']:.2f} | "
-                  f"{r['kl']:.5f} | {r['kl_over_best']:.2f} | {ne} |")
+                  f"{r['kl']:.5f} | {r['kl_over_best']:.2f} | {ne} | {format_quality(r['quality'])} |")
     return 0
 
 

@@ -489,7 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "threads": args.threads,
+    from dmpq_compile.backends.cost import cpu_flags
+
+    info = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "threads": args.threads,  # noqa: E501
             "loadavg_before": loadavg(), "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"cpu {info['cpu']} ({info['cores']} cores), onnxruntime {ort.__version__}, {args.threads} threads, "
           f"load {info['loadavg_before']}", flush=True)

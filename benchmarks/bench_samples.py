@@ -13,9 +13,10 @@ Then ``dmpq_compile.bench.bench`` measures all of them in one interleaved run (r
 Peak RSS is probed here, one fresh process per artifact, from ``VmHWM`` in
 ``/proc/self/status``: ``bench``'s own probe reads ``ru_maxrss``, which on Linux keeps the
 parent's high-water mark across ``exec`` and so reports this (large) process's RSS for every
-artifact. Perplexity on the test split is close for every variant of a small trained model, so
+artifact. Perplexity (under the evaluation protocol, docs/evaluation.md: test split of pydoc and
+pystdlib, 95 % intervals over documents) is close for every variant of a small trained model, so
 the script also reports the mean KL(fp32 || variant) and top-1 agreement with fp32 on the same
-text, computed with one onnxruntime thread, so that the comparison stays exact even when a
+windows, computed with one onnxruntime thread, so that the comparison stays exact even when a
 multi-threaded kernel is not: onnxruntime 1.32's ``ScatterND(reduction="add")`` loses updates
 when indices repeat, which made the compiled artifacts' logits vary from run to run until
 commit 4505894 changed the gather dispatch. Results go to
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10: tiny models time fast)")
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--ppl-tokens", type=int, default=8192)
+    p.add_argument("--windows", type=int, default=64, help="evaluation windows per set (docs/evaluation.md)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--corpus", default="pydoc")
     return p.parse_args(argv)
@@ -129,32 +130,34 @@ def peak_rss_mb(path: Path, ids: list[int], decode: int, threads: int | None) ->
     return int(res.stdout.split()[-1]) / 1024
 
 
-def agreement_with_fp32(paths: list[Path], corpus: str, tokens: int = 4096, context: int = 256) -> dict[str, dict]:
-    """Mean KL(fp32 || variant) in nats and top-1 agreement, over ``tokens`` test-split tokens in
-    windows of ``context`` (the first path is fp32)."""
+def agreement_with_fp32(paths: list[Path], corpus: str, windows: int = 64, split: str = "test") -> dict[str, dict]:
+    """KL(fp32 || variant) in nats and top-1 agreement with fp32 under the evaluation protocol (docs/evaluation.md),
+    on every set of ``corpus`` (pydoc: pydoc and pystdlib), with 95% bootstrap intervals over documents (the first
+    path is fp32). Flat keys hold the first set's values; ``agreement`` every set's."""
     from tokenizers import Tokenizer
 
-    from dmpq_compile.compiler import eos_token
-    from dmpq_compile.eval import load_corpus, tokenize_corpus
+    from dmpq_compile.eval import DOMAINS, NumpyLogits, eval_windows, score, summarize, window_logprobs
     from dmpq_compile.runtime import load
 
     tok = Tokenizer.from_file(str(paths[0] / "tokenizer.json"))
-    ids = tokenize_corpus(load_corpus(corpus, "test"), tok, separator=eos_token(tok), max_tokens=tokens)
-    windows = ids[: len(ids) // context * context].reshape(-1, context)
+    sets = DOMAINS if corpus in DOMAINS else (corpus,)
+    out: dict[str, dict] = {p.name: {"agreement": {}} for p in paths}
+    for i, spec in enumerate(sets):
+        w = eval_windows(spec, split, tok, max_windows=windows)
 
-    def log_probs(path: Path) -> np.ndarray:
-        session = load(path, threads=1)  # one thread: deterministic (see the module docstring)
-        logits = np.concatenate([session.logits(windows[i:i + 4]) for i in range(0, len(windows), 4)])
-        x = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+        def fn(path: Path) -> NumpyLogits:
+            return NumpyLogits(load(path, threads=1).logits)  # one thread: deterministic (see the module docstring)
 
-    ref = log_probs(paths[0])
-    out = {}
-    for path in paths:
-        lp = log_probs(path)
-        out[path.name] = {"kl_vs_fp32": float((np.exp(ref) * (ref - lp)).sum(-1).mean()),
-                          "top1_vs_fp32": float((lp.argmax(-1) == ref.argmax(-1)).mean()),
-                          "tokens": int(windows.size)}
+        ref = window_logprobs(fn(paths[0]), w)
+        scores = {p.name: score(fn(p), w, reference=ref) for p in paths}
+        summary = summarize(w, scores)
+        for p in paths:
+            q = summary[p.name]
+            out[p.name]["agreement"][w.name] = {"kl_vs_fp32": q["kl"], "top1_vs_fp32": q["top1"], "ppl": q["ppl"],
+                                                "tokens": w.n_scored, "documents": len(w.doc_keys)}
+            if i == 0:
+                out[p.name].update({"kl_vs_fp32": q["kl"]["value"], "top1_vs_fp32": q["top1"]["value"],
+                                    "tokens": w.n_scored})
     return out
 
 
@@ -166,6 +169,7 @@ def average_bits(path: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from dmpq_compile.bench import BenchConfig, bench, format_results, to_json
+    from dmpq_compile.eval.protocol import format_interval
 
     args = parse_args(argv)
     model_dir = Path(args.model_dir) if args.model_dir else ROOT / "samples" / args.sample
@@ -179,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = [work / n for n in ORDER]
     corpus = None if args.corpus == "none" else args.corpus
     cfg = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, rounds=args.rounds,
-                      threads=args.threads, corpus=corpus, ppl_tokens=args.ppl_tokens, rss=False)
+                      threads=args.threads, corpus=corpus, windows=args.windows, rss=False)
     load_bench = uptime()
     results = bench(paths, cfg, progress=False)
     load_after = uptime()
     prompt = np.random.default_rng(0).integers(0, 64, args.prefill_tokens).tolist()
-    agree = agreement_with_fp32(paths, corpus) if corpus else {}
+    agree = agreement_with_fp32(paths, corpus, args.windows) if corpus else {}
     for r, path in zip(results, paths):
         r["peak_rss_mb"] = peak_rss_mb(path, prompt, args.decode_tokens, args.threads)
         r.update(agree.get(path.name, {}))
@@ -192,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         r["build_seconds"] = seconds.get(r["label"])
     print(format_results(results))
     print("\n".join(f"{r['label']:>14}: avg expert bits {r['average_expert_bits']:.2f}"
-                    + (f", KL vs fp32 {r['kl_vs_fp32']:.5f} nats, top-1 vs fp32 {r['top1_vs_fp32']:.3f}"
-                       if "kl_vs_fp32" in r else "") for r in results))
+                    + "".join(f"; {name}: KL vs fp32 {format_interval(a['kl_vs_fp32'], '{:.2e}')} nats, top-1 vs fp32 "
+                              f"{format_interval(a['top1_vs_fp32'], '{:.3f}')}"
+                              for name, a in r.get("agreement", {}).items()) for r in results))
     print(f"after: {load_after}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"samples-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"

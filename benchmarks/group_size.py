@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--model", default="samples/mixtral-tiny")
     ap.add_argument("--groups", default="32,64,128")
     ap.add_argument("--bits", default="4,2")
-    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--windows", type=int, default=64, help="evaluation windows per set (docs/evaluation.md)")
     ap.add_argument("--work", default="/tmp/dmpq-groups")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def main() -> None:
         for group in (int(g) for g in args.groups.split(",")):
             cfg = CompileConfig.from_dict({**base, "budget": float(bits), "group_size": group})
             paths.append(compile_model(args.model, work / f"b{bits}-g{group}", cfg, progress=False))
-    results = bench(paths, BenchConfig(rounds=2, decode_tokens=16, threads=1, ppl_tokens=args.ppl_tokens,
+    results = bench(paths, BenchConfig(rounds=2, decode_tokens=16, threads=1, windows=args.windows,
                                        rss=False))
     print(format_results(results))
     RESULTS.mkdir(exist_ok=True)

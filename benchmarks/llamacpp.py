@@ -10,13 +10,17 @@ from __future__ import annotations
 import ast
 import json
 import re
+import struct
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-tokenize")
 BUILD_HELP = """\
@@ -246,18 +250,165 @@ def parse_perplexity(text: str) -> dict[str, float]:
     return out
 
 
-def run_perplexity(cmd: list[str], what: str, tries: int = 2) -> dict[str, float]:
+def run_perplexity(cmd: list[str], what: str, tries: int = 5, log_file: Path | None = None,
+                   pause: float = 1.0) -> dict[str, float]:
     """Run ``llama-perplexity`` and parse its figures, running it again (up to ``tries`` times in all)
-    when the output lacks them: a run once ended without its final lines (exit status 0)."""
+    when they are missing: on a loaded machine it often exits 0 before its final lines reach the pipe.
+
+    With ``log_file``, the tool also writes its log there (``--log-file``) and the figures are read from
+    the pipe's output or from that file, whichever holds them.
+
+    Raises:
+        LlamaCppError: no try produced the figures (the message names the tries and quotes the output).
+    """
+    out = ""
     for attempt in range(1, tries + 1):
-        out = run(cmd, what)
+        full = [*cmd, "--log-file", str(log_file)] if log_file is not None else cmd
+        if log_file is not None:
+            log_file.unlink(missing_ok=True)
+        out = run(full, what)
+        for text in (out, _read_log(log_file)):
+            try:
+                return parse_perplexity(text)
+            except LlamaCppError:
+                pass
+        print(f"  {what}: no figures in its output (try {attempt} of {tries}); running it again", flush=True)
+        time.sleep(pause)
+    raise LlamaCppError(f"{what}: no perplexity in llama-perplexity's output after {tries} tries (it exits 0 "
+                        f"before its last lines are written on a loaded machine); last output: {out[-800:]}")
+
+
+def run_logprobs(cmd: list[str], what: str, out_file: Path, tries: int = 5, pause: float = 1.0) -> dict[str, float]:
+    """Run ``llama-perplexity ... --kl-divergence-base OUT_FILE`` until ``out_file`` is complete (at most
+    ``tries`` runs); the per-token log-probabilities are read from that file, not from the pipe. Returns
+    the figures it printed when they reached the pipe or its log (a cross-check), else ``{}``.
+
+    Raises:
+        LlamaCppError: the tool failed (non-zero exit: not retried), or no run wrote a complete file (the
+            message names the tries and quotes the output).
+    """
+    out, why = "", ""
+    log_file = out_file.with_suffix(out_file.suffix + ".log")
+    for attempt in range(1, tries + 1):
+        out_file.unlink(missing_ok=True)
+        log_file.unlink(missing_ok=True)
+        out = run([*cmd, "--kl-divergence-base", str(out_file), "--log-file", str(log_file)], what)  # failed: raised
         try:
-            return parse_perplexity(out)
-        except LlamaCppError:
-            if attempt == tries:
-                raise
-            print(f"  {what}: no figures in its output (attempt {attempt} of {tries}); running it again", flush=True)
-    raise AssertionError("unreachable")
+            read_logprobs_header(out_file)
+        except LlamaCppError as e:  # exited 0 before the end of its work reached the disk: run it again
+            why = str(e)
+            print(f"  {what}: try {attempt} of {tries} failed ({why.splitlines()[0][:200]}); running it again",
+                  flush=True)
+            time.sleep(pause)
+            continue
+        for text in (out, _read_log(log_file)):
+            try:
+                return parse_perplexity(text)
+            except LlamaCppError:
+                pass
+        return {}
+    raise LlamaCppError(f"{what}: no complete log-probability file after {tries} tries: {why[-1500:]}\n"
+                        f"last output: {out[-800:]}")
+
+
+def _read_log(path: Path | None) -> str:
+    if path is None or not path.is_file():
+        return ""
+    for _ in range(10):  # the log thread may still be flushing when the process has exited
+        text = path.read_text(errors="replace")
+        if "Final estimate" in text or "Mean    KLD" in text:
+            return text
+        time.sleep(0.2)
+    return path.read_text(errors="replace")
+
+
+# -- llama-perplexity's log-probability files (--kl-divergence-base) ------------------------------
+LOGITS_MAGIC = b"_logits_"
+
+
+def logprob_row_width(n_vocab: int) -> int:
+    """uint16 words one scored position takes: two float32 (scale, min log-prob) and ``n_vocab`` codes, padded."""
+    return 2 * ((n_vocab + 1) // 2) + 4
+
+
+def logprobs_file_size(n_ctx: int, n_vocab: int, n_chunk: int) -> int:
+    """Bytes of a complete file for ``n_chunk`` chunks (header, tokens, ``n_ctx - 1 - n_ctx/2`` rows a chunk)."""
+    scored = n_ctx - 1 - n_ctx // 2
+    return 8 + 4 + 4 + 4 + 4 * n_ctx * n_chunk + 2 * logprob_row_width(n_vocab) * scored * n_chunk
+
+
+def read_logprobs_header(path: Path) -> tuple[int, int, int, np.ndarray]:
+    """``(n_ctx, n_vocab, n_chunk, tokens [n_chunk, n_ctx])`` of a ``--kl-divergence-base`` file.
+
+    Raises:
+        LlamaCppError: no such file, not such a file, or cut short (the tool stopped before writing every chunk).
+    """
+    if not path.is_file():
+        raise LlamaCppError(f"{path} was not written: llama-perplexity stopped before writing its log-probabilities")
+    with open(path, "rb") as f:
+        head = f.read(20)
+        if len(head) < 20 or head[:8] != LOGITS_MAGIC:
+            raise LlamaCppError(f"{path} is not a llama-perplexity log-probability file (no '_logits_' header)")
+        n_ctx, n_vocab, n_chunk = struct.unpack("<Iii", head[8:20])
+        tokens = np.fromfile(f, dtype="<i4", count=n_ctx * n_chunk)
+    size, want = path.stat().st_size, logprobs_file_size(n_ctx, n_vocab, n_chunk)
+    if size != want or tokens.size != n_ctx * n_chunk:
+        raise LlamaCppError(f"{path} holds {size} bytes, a complete file of {n_chunk} chunks of {n_ctx} tokens "
+                            f"(vocabulary {n_vocab}) {want}: llama-perplexity stopped before the end")
+    return n_ctx, n_vocab, n_chunk, tokens.reshape(n_chunk, n_ctx).astype(np.int64)
+
+
+def iter_logprobs(path: Path, batch: int = 4) -> Iterator[np.ndarray]:
+    """The stored log-probabilities, ``float64 [<=batch, n_ctx - 1 - n_ctx/2, n_vocab]`` per step, chunk order.
+
+    Row ``i`` of a chunk is position ``n_ctx/2 + i``'s distribution over the next token (llama.cpp
+    stores ``min_log_prob + code * scale``; codes are 16-bit, so values carry an error of at most
+    ``scale / 2`` = 1.2e-4 nats and values below ``max - 16`` are clipped there).
+    """
+    n_ctx, n_vocab, n_chunk, _ = read_logprobs_header(path)
+    scored, width = n_ctx - 1 - n_ctx // 2, logprob_row_width(n_vocab)
+    offset = 20 + 4 * n_ctx * n_chunk
+    data = np.memmap(path, dtype="<u2", mode="r", offset=offset, shape=(n_chunk, scored, width))
+    for i in range(0, n_chunk, batch):
+        rows = np.asarray(data[i:i + batch])
+        head = rows[..., :4].copy().view("<f4")  # [b, scored, 2]: scale, min log-prob
+        codes = rows[..., 4:4 + n_vocab].astype(np.float64)
+        yield head[..., 1:2].astype(np.float64) + codes * head[..., 0:1].astype(np.float64)
+
+
+def write_logprobs_file(path: Path, tokens: np.ndarray, logprobs: Iterable[np.ndarray]) -> None:
+    """Write a ``--kl-divergence-base`` file from ``tokens [n_chunk, n_ctx]`` and log-probabilities
+    ``[n_ctx - 1 - n_ctx/2, n_vocab]`` per chunk, as llama-perplexity writes it: ``llama-perplexity
+    --kl-divergence`` then measures a GGUF against these (e.g. another tool's fp32 reference)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n_chunk, n_ctx = tokens.shape
+    with open(path, "wb") as f:
+        f.write(LOGITS_MAGIC + struct.pack("<I", n_ctx))
+        n_vocab = None
+        for i, lp in enumerate(logprobs):
+            lp = np.asarray(lp, dtype=np.float64)
+            if n_vocab is None:
+                n_vocab = lp.shape[-1]
+                f.write(struct.pack("<ii", n_vocab, n_chunk))
+                f.write(tokens.astype("<i4").tobytes())
+            f.write(_encode_logprobs(lp, n_vocab).tobytes())
+        if n_vocab is None or i + 1 != n_chunk:
+            raise ValueError(f"write_logprobs_file: {n_chunk} chunks of tokens but log-probabilities for "
+                             f"{0 if n_vocab is None else i + 1}")
+
+
+def _encode_logprobs(lp: np.ndarray, n_vocab: int) -> np.ndarray:
+    """llama.cpp's 16-bit code of log-probabilities ``[rows, n_vocab]`` (``log_softmax`` in perplexity.cpp)."""
+    top = lp.max(-1, keepdims=True)
+    low = np.maximum(lp.min(-1, keepdims=True), top - 16)
+    scale = ((top - low) / 65535.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)
+    codes = np.where(lp > low, np.rint((lp - low) / safe), 0).clip(0, 65535).astype("<u2")
+    out = np.zeros((lp.shape[0], logprob_row_width(n_vocab)), dtype="<u2")
+    head = np.concatenate([scale, low.astype(np.float32)], axis=-1).astype("<f4")
+    out[:, :4] = head.view("<u2").reshape(lp.shape[0], 4)
+    out[:, 4:4 + n_vocab] = codes
+    return out
 
 
 def parse_token_ids(text: str) -> list[int]:

@@ -23,6 +23,7 @@ from alloc_common import BASE, RESULTS, ArtifactScorer, calibration, emit_alloca
 from dmpq_compile.passes import make_pass
 
 from dmpq_compile.compiler import get_backend, run_passes
+from dmpq_compile.eval.protocol import format_quality
 from dmpq_compile.frontend import load
 
 METHODS = {"whole": {"method": "whole"}, "local": {"method": "local", "label_samples": 1},
@@ -68,11 +69,10 @@ def main() -> None:
             path = emit_allocation(base, args.model, bits, work, f"{label}-{budget:g}")
             rows.append({"budget": budget, "sensitivity": label, "allocator": allocator,
                          **scorer.score(path, f"{label}-{budget:g}")})
-            print(f"{budget:>4g} {label:>9}: ppl {rows[-1]['ppl']:.4f} ({rows[-1]['dppl_pct']:+.3f} % vs FP "
-                  f"{scorer.fp_ppl:.4f})  KL {rows[-1]['kl']:.5f}", flush=True)
+            print(f"{budget:>4g} {label:>9}: {format_quality(rows[-1]['quality'])}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"sensitivity-methods-{name}.json").write_text(json.dumps(
-        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": len(scorer.ids),
+        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows],  # noqa: E501
          "sensitivity_seconds": seconds, "rows": rows, "machine": machine(),
          "command": f"python benchmarks/sensitivity_methods.py --model {args.model} --budgets {args.budgets}"},
         indent=1))

@@ -33,6 +33,7 @@ from dmpq_compile.compiler import (
     get_backend,
     run_passes,
 )
+from dmpq_compile.eval.protocol import format_quality
 from dmpq_compile.frontend import load
 
 ALLOCATORS = ("uniform", "frequency", "gradvar", "optimal", "rl")
@@ -101,7 +102,7 @@ def main() -> None:
     ap.add_argument("--model", default="samples/mixtral-tiny")
     ap.add_argument("--budgets", default="2.5,3,3.5,4,5,6")
     ap.add_argument("--allocators", default=",".join(ALLOCATORS))
-    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--windows", type=int, default=64, help="evaluation windows per set (docs/evaluation.md)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="/tmp/dmpq-sweep", help="where the artifacts are written")
@@ -119,10 +120,10 @@ def main() -> None:
     built = build(graph, args.model, base, calib, work, budgets, args.allocators.split(","))
     fp = emit(analyse_fp(graph, args.model, base, calib), base, work / "fp32", [], 0.0, overwrite=True)
     results = bench([fp] + [b["artifact"] for b in built], BenchConfig(
-        rounds=args.rounds, decode_tokens=16, threads=args.threads, ppl_tokens=args.ppl_tokens, rss=False))
+        rounds=args.rounds, decode_tokens=16, threads=args.threads, windows=args.windows, rss=False))
     fp_row, rows = results[0], []
     for b, r in zip(built, results[1:]):
-        rows.append({**b, **{k: r[k] for k in ("decode_ms", "weight_bytes", "ppl", "prefill_tok_s")}})
+        rows.append({**b, **{k: r[k] for k in ("decode_ms", "weight_bytes", "ppl", "prefill_tok_s", "quality")}})
     RESULTS.mkdir(exist_ok=True)
     out = {"model": args.model, "analysis_seconds": analysis_s, "fp32": fp_row, "rows": rows,
            "command": "python benchmarks/sweep_allocators.py " + " ".join(
@@ -146,7 +147,8 @@ def report(rows: list[dict], fp: dict) -> None:
     print(f"{'allocator':>10} {'budget':>6} {'avg bits':>8} {'ppl':>9} {'dppl%':>7} {'decode ms':>9} {'MB':>7}")
     for r in sorted(rows, key=lambda r: (r["budget"], r["allocator"])):
         print(f"{r['allocator']:>10} {r['budget']:>6g} {r['avg_bits']:>8.3f} {r['ppl']:>9.4f} "
-              f"{100 * (r['ppl'] / fp['ppl'] - 1):>7.2f} {r['decode_ms']:>9.3f} {r['weight_bytes'] / 2**20:>7.2f}")
+              f"{100 * (r['ppl'] / fp['ppl'] - 1):>7.2f} {r['decode_ms']:>9.3f} {r['weight_bytes'] / 2**20:>7.2f}  "
+              f"{format_quality(r['quality'])}")
     by = {(r["allocator"], r["budget"]): r for r in rows}
     for budget in sorted({r["budget"] for r in rows}):
         rl, opt = by.get(("rl", budget)), by.get(("optimal", budget))

@@ -36,6 +36,7 @@ from dmpq_compile.passes.allocate.measure import energy_source
 from dmpq_compile.passes.infra.base import PassContext
 
 from dmpq_compile.bench import BenchConfig, bench
+from dmpq_compile.eval.protocol import format_quality
 
 
 def pareto(points: list[dict], keys=("decode_ms", "weight_bytes", "ppl")) -> list[bool]:
@@ -104,7 +105,7 @@ def main() -> None:
     scorer = ArtifactScorer(args.model, fp, args.eval_tokens)
     keys = list(paths)
     measured = bench([paths[k] for k in keys], BenchConfig(rounds=args.rounds, decode_tokens=16, threads=1,
-                                                           ppl_tokens=128, rss=False), progress=False)
+                                                           quality=(), rss=False), progress=False)
     by = {k: {"decode_ms": m["decode_ms"], "decode_ms_iqr": m["decode_ms_iqr"], "weight_bytes": m["weight_bytes"],
               "weight_mb": m["weight_bytes"] / 2**20, **scorer.score(paths[k], k)} for k, m in zip(keys, measured)}
     for r in rows:
@@ -117,8 +118,8 @@ def main() -> None:
         r["pareto"] = next(d["pareto"] for d in distinct if d["digest"] == r["digest"])
     for d in sorted(distinct, key=lambda d: d["decode_ms"]):
         print(f"w_lat {d['w_lat']:<6g} w_mem {d['w_mem']:<6g} bits {d['avg_bits']:5.2f} decode {d['decode_ms']:.3f} ms "
-              f"MB {d['weight_mb']:.2f} ppl {d['ppl']:.3f} KL {d['kl']:.5f} {'*' if d['pareto'] else ''}")
-    out = {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": len(scorer.ids),
+              f"MB {d['weight_mb']:.2f} {format_quality(d['quality'])} {'*' if d['pareto'] else ''}")
+    out = {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows],  # noqa: E501
            "energy": f"{energy_source()}: not swept", "machine_start": meta, "machine_end": machine(),
            "rows": rows, "distinct": distinct, "command": "python benchmarks/sweep_weights.py " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}

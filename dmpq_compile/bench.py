@@ -7,13 +7,17 @@ ratios to the first artifact. Per artifact:
 * prefill tokens/s on ``prefill_tokens`` real text tokens (batch 1), asking for the last position's
   logits only, as generation does (``logits_to_keep=1``; artifacts compiled before that input compute
   every position, and the row says so: ``prefill_logits``),
-* decode ms/token (batch 1, KV cache, greedy continuation of the prefill),
+* decode ms/token (batch 1, KV cache, greedy continuation of the prefill): the mean time per token over
+  all rounds' decode steps (``decode_ms``; llama-bench's statistic), with the median step
+  (``decode_median_ms``) and its IQR beside it,
 * peak RSS of a fresh process that loads the artifact and runs one prefill + decode,
 * weight bytes (model files) and expected weight bytes *read* per decoded token (non-expert
   weights + each expert's bytes times its routing frequency; the embedding reads one row),
 * achieved bandwidth = bytes read per token / decode time,
 * energy per decoded token, estimated with :mod:`dmpq_compile.backends.cost`'s energy model,
-* perplexity measured on the artifact itself (strided windows over a corpus split).
+* perplexity measured on the artifact itself under the evaluation protocol (docs/evaluation.md): on
+  each set (default: the test split of pydoc and of pystdlib), with a 95 % bootstrap interval over
+  documents and the paired ratio to the first artifact's perplexity.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import numpy as np
 
 from .fileio import DATA_FILE, MODEL_FILE
 from .runtime.manifest import MANIFEST_NAME, ArtifactError
-from .sysinfo import machine
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,21 @@ class BenchConfig:
     rounds: int = 3
     threads: int | None = None
     corpus: str | None = "pydoc"  # None: random token ids for speed, no perplexity
-    split: str = "test"
-    ppl_tokens: int = 8192
+    split: str = "auto"  # auto: test of a built-in domain, all of a user's corpus
+    quality: tuple[str, ...] | None = None  # sets scored for perplexity (None: corpus alone, or both domains for pydoc)
+    windows: int = 64  # protocol windows per set
     context: int = 256
-    stride: int = 128
+    max_doc_share: float = 0.15
     rss: bool = True
+
+    def quality_sets(self) -> tuple[str, ...]:
+        if self.corpus is None:
+            return ()
+        if self.quality is not None:
+            return self.quality
+        from .eval import DOMAINS
+
+        return DOMAINS if self.corpus in DOMAINS else (self.corpus,)
 
 
 @dataclass
@@ -205,11 +218,12 @@ def _token_stream(path: Path, cfg: BenchConfig, n: int) -> np.ndarray:
         vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size() if (
             path / "tokenizer.json").is_file() else 1000
         return np.random.default_rng(0).integers(0, vocab, n)
-    from .eval import load_corpus, tokenize_corpus
+    from .eval import load_corpus, resolve_split, tokenize_corpus
     from .eval.tokens import eos_token
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    return tokenize_corpus(load_corpus(cfg.corpus, cfg.split), tok, separator=eos_token(tok), max_tokens=n)
+    split = resolve_split(cfg.corpus, cfg.split, "test")
+    return tokenize_corpus(load_corpus(cfg.corpus, split), tok, separator=eos_token(tok), max_tokens=n)
 
 
 def bench(paths: list[str | Path], cfg: BenchConfig = BenchConfig(), progress: bool = True) -> list[dict]:
@@ -218,7 +232,7 @@ def bench(paths: list[str | Path], cfg: BenchConfig = BenchConfig(), progress: b
 
     paths = [Path(p) for p in paths]
     sessions = [open_artifact(p, cfg.threads) for p in paths]
-    stream = _token_stream(paths[0], cfg, max(cfg.ppl_tokens, cfg.prefill_tokens))
+    stream = _token_stream(paths[0], cfg, cfg.prefill_tokens)
     prompt = stream[: cfg.prefill_tokens][None, :].astype(np.int64)
     for s in sessions:  # warm-up: first-run allocations and kernel selection
         _time_one(s, prompt, 2)
@@ -235,24 +249,27 @@ def bench(paths: list[str | Path], cfg: BenchConfig = BenchConfig(), progress: b
     bar.close()
     results = []
     for i, path in enumerate(paths):
-        results.append(_summarise(path, sessions[i], cfg, prefill[i], decode[i], stream, prompt, progress))
+        results.append(_summarise(path, sessions[i], cfg, prefill[i], decode[i], prompt))
+    if cfg.quality_sets():
+        _quality(paths, sessions, cfg, results, progress)
     return results
 
 
 def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float], decode: list[float],
-               stream: np.ndarray, prompt: np.ndarray, progress: bool) -> dict:
+               prompt: np.ndarray) -> dict:
     from .backends.cost import energy_mj, mac_ops, merge_ops
 
     report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
     freqs = {row["id"]: row.get("freq", 0.0) for row in report.get("experts", [])}
-    decode_ms = statistics.median(decode) * 1e3
+    decode_ms = statistics.fmean(decode) * 1e3  # llama-bench's statistic: the mean time a token
     out = {
         "artifact": str(path),
         "label": path.name,
         "prefill_tok_s": cfg.prefill_tokens / statistics.median(prefill),
         "prefill_logits": "last" if session.keeps_logits else "all",
         "decode_ms": decode_ms,
-        "decode_mean_ms": statistics.fmean(decode) * 1e3,  # llama-bench's statistic: mean time a token
+        "decode_mean_ms": decode_ms,  # the same figure under its explicit name (bench_llamacpp reads it)
+        "decode_median_ms": statistics.median(decode) * 1e3,
         "decode_ms_iqr": float(np.subtract(*np.percentile(decode, [75, 25])) * 1e3),
         "bits_histogram": session.manifest.get("quantization", {}).get("bits_histogram"),
     }
@@ -268,29 +285,56 @@ def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float],
                     "energy_mj_per_token": energy_mj(ws.read_bytes_per_token, ops)})
     if cfg.rss and session.manifest["target"].get("backend") != "trt-a100":  # GPU memory is not RSS
         out["peak_rss_mb"] = _rss_probe(path, cfg, prompt[0].tolist())
-    if cfg.corpus is not None:
-        out.update(_perplexity(session, cfg, stream, progress))
     return out
 
 
-def _perplexity(session: Any, cfg: BenchConfig, stream: np.ndarray, progress: bool) -> dict:
-    from .eval import NumpyLogits, perplexity
+def _quality(paths: list[Path], sessions: list[Any], cfg: BenchConfig, results: list[dict], progress: bool) -> None:
+    """Perplexity of every artifact on every quality set under the protocol, with intervals and the paired
+    ratio to the first artifact (artifacts of one model share its tokenizer: checked)."""
+    from tokenizers import Tokenizer
 
-    limit = getattr(session, "max_positions", None)  # windows never run past the model's context
-    context = min(cfg.context, limit) if limit else cfg.context
-    res = perplexity(NumpyLogits(session.logits), stream[: cfg.ppl_tokens], context=context,
-                     stride=min(cfg.stride, context), batch_size=4, progress=progress)
-    return {"ppl": res.ppl, "ppl_tokens": res.n_tokens, "ppl_context": context}
+    from .eval import DocBootstrap, NumpyLogits, eval_windows, score, summarize
+    from .eval.corpus import resolve_split
+
+    texts = {(p / "tokenizer.json").read_text() if (p / "tokenizer.json").is_file() else None for p in paths}
+    if len(texts) != 1 or None in texts:
+        raise ValueError("bench's perplexity needs artifacts with one and the same tokenizer.json (of one model); "
+                         "pass --corpus none to time artifacts of different models")
+    tok = Tokenizer.from_file(str(paths[0] / "tokenizer.json"))
+    limits = [getattr(s, "max_positions", None) for s in sessions]  # windows never run past a model's context
+    context = min([cfg.context, *[lim for lim in limits if lim]])
+    context -= context % 2
+    for spec in cfg.quality_sets():
+        windows = eval_windows(spec, resolve_split(spec, cfg.split, "test"), tok, context=context,
+                               max_windows=cfg.windows, max_share=cfg.max_doc_share)
+        scores = {r["label"] + f"#{i}": score(NumpyLogits(s.logits), windows, progress=progress)
+                  for i, (r, s) in enumerate(zip(results, sessions))}
+        boot = DocBootstrap(windows)
+        summary = summarize(windows, scores, baseline=next(iter(scores)), boot=boot)
+        for r, q in zip(results, summary.values()):
+            r.setdefault("quality", {})[windows.name] = {**q, "set": windows.record(), "bootstrap": boot.record()}
+    first = results[0].get("quality", {})
+    if first:  # the first set's perplexity is the table's ppl column
+        name = next(iter(first))
+        for r in results:
+            r["ppl"] = r["quality"][name]["ppl"]["value"]
+            r["ppl_set"] = name
 
 
-METRICS = (("prefill_tok_s", "prefill tok/s", "{:.1f}"), ("decode_ms", "decode ms/tok", "{:.3f}"),
+STATISTICS = {"prefill_tok_s": "prefill tokens / median prefill time over rounds",
+              "decode_ms": "mean time per decoded token over all rounds' steps (llama-bench's statistic)",
+              "decode_median_ms": "median decode step", "ppl": "protocol perplexity (docs/evaluation.md)"}
+METRICS = (("prefill_tok_s", "prefill tok/s", "{:.1f}"), ("decode_ms", "decode ms/tok (mean)", "{:.3f}"),
            ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("weight_bytes", "weight MB", "{:.2f}"),
            ("bandwidth_gb_s", "GB/s", "{:.2f}"), ("energy_mj_per_token", "mJ/tok", "{:.3f}"),
            ("ppl", "ppl", "{:.3f}"))
 
 
 def format_results(results: list[dict]) -> str:
-    """A table with absolute values and ratios to the first artifact."""
+    """A table with absolute values and ratios to the first artifact, then one line per artifact and quality
+    set: perplexity and its paired ratio to the first artifact's, with 95% bootstrap intervals."""
+    from .eval.protocol import format_interval
+
     base = results[0]
     head = ["artifact"] + [h for key, h, _ in METRICS if key in base]
     lines = ["  ".join(f"{h:>16}" for h in head)]
@@ -307,10 +351,34 @@ def format_results(results: list[dict]) -> str:
             ratio = v / base[key] if base.get(key) else float("nan")
             cells.append(f"{fmt.format(shown) + f' ({ratio:.2f}x)':>16}")
         lines.append("  ".join(cells))
+    if "ppl_set" in base:
+        lines.append(f"ppl: {base['ppl_set']}; per set, with 95% bootstrap intervals over documents (ratios paired):")
+    for r in results:
+        for name, q in (r.get("quality") or {}).items():
+            ratio = f"  ppl/ppl({base['label']}) {format_interval(q['ppl_ratio'], '{:.4f}')}" if "ppl_ratio" in q else ""
+            lines.append(f"  {r['label'][:24]:>24}  {name:<14} ppl {format_interval(q['ppl'], '{:.3f}')}{ratio}  "
+                         f"({q['set']['windows']} windows, {q['set']['documents']} documents)")
     return "\n".join(lines)
 
 
 def to_json(results: list[dict], cfg: BenchConfig) -> dict:
+    return {"config": asdict(cfg), "machine": machine(), "statistics": STATISTICS, "results": results}
 
-    return {"config": asdict(cfg), "machine": machine(),
-            "results": results}
+
+def machine() -> dict:
+    """What a timing depends on: CPU model, its SIMD flags (AVX2-only and AVX-512 VNNI machines differ),
+    the CPUs this process may use, the load average, Python."""
+    import os
+    import platform
+
+    from .sysinfo import available_cpus, cpu_flags, cpu_model
+
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpus": available_cpus(),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "python": platform.python_version()}
+
+
+def _cpu() -> str:
+    """CPU model and SIMD flags in one line (printed by the benchmark scripts)."""
+    m = machine()
+    return f"{m['cpu']} ({' '.join(m['cpu_flags']) or 'flags unknown'})"

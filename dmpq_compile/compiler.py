@@ -57,6 +57,8 @@ class CompileConfig:
     sensitivity_sequences: int = 16
     sensitivity: bool = True
     flip_probe: bool = True  # sensitivity: add the KL of routing flips downstream (one probe per MoE layer)
+    min_routed_tokens: int = 8  # experts measured on fewer routed calibration tokens are rare (passes/rare_experts.py)
+    rare_sensitivity: str = "estimate"  # estimate: price rare experts from their weights | measured: as measured
     metric: str = "kl"  # accuracy model of optimal/rl: per-expert "kl" or "nll" increase
     seed: int = 0
     allocator_options: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +94,10 @@ class CompileConfig:
         if self.max_length is not None and self.target != "ort-cpu":
             raise ValueError(f"--max-length sets the KV buffer of ort-cpu's onnxruntime-genai config; target "
                              f"{self.target!r} has none; drop --max-length")
+        if self.min_routed_tokens < 0:
+            raise ValueError(f"--min-routed-tokens must be >= 0, got {self.min_routed_tokens}")
+        if self.rare_sensitivity not in ("estimate", "measured"):
+            raise ValueError(f"--rare-sensitivity must be estimate or measured, got {self.rare_sensitivity!r}")
         if self.nonexpert_allocate and self.nonexpert_bits != 16:
             raise ValueError("nonexpert_allocate places the non-expert weights; nonexpert_bits must stay 16 (give "
                              "fixed kinds in nonexpert_kinds, e.g. --nonexpert-bits auto,lm_head=8)")
@@ -249,12 +255,14 @@ def open_artifact(graph: Graph, backend: Any, folder: Path) -> Any:
 def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileConfig, backend: Any,
                progress: bool = True, dump_dir: str | Path | None = None,
                calibration: torch.Tensor | None = None, previous: list | None = None,
-               work_dir: str | Path | None = None, cache: PassCache | None = None) -> tuple[Graph, list]:
+               work_dir: str | Path | None = None, cache: PassCache | None = None,
+               executor: Any = None) -> tuple[Graph, list]:
     """Run ``passes`` on ``graph`` with calibration loaded only if one needs it.
 
     ``previous``: records of passes already run on ``graph`` (named in error messages).
     ``work_dir``: scratch folder where passes put large results (see ``PassContext.work_dir``).
     ``cache``: where cacheable passes (profile, sensitivity) reuse earlier results; None: off.
+    ``executor``: where per-layer tasks run (:mod:`dmpq_compile.distributed`); None: here.
     """
     timing = Timing()
     instruments = [timing, Progress(len(passes), progress)]
@@ -268,13 +276,13 @@ def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileCo
     torch.manual_seed(cfg.seed)
     ctx = PassContext(calibration=calibration, target=cfg.target, backend=backend, seed=cfg.seed,
                       progress=progress, open_artifact=open_artifact,
-                      work_dir=Path(work_dir) if work_dir else None)
+                      work_dir=Path(work_dir) if work_dir else None, executor=executor)
     return manager.run(graph, ctx), timing.records
 
 
 def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progress: bool = True,
                  dump_dir: str | Path | None = None, work_dir: str | Path | None = None,
-                 cache: PassCache | None = None) -> tuple[Graph, list]:
+                 cache: PassCache | None = None, executor: Any = None) -> tuple[Graph, list]:
     """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records.
 
     ``cache``: reuse profile and sensitivity results of an earlier compile with the same
@@ -293,16 +301,16 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):
         calib = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
     graph, records = run_passes(graph, analysis, model_dir, cfg, backend, progress, dump_dir, calib,
-                                work_dir=work_dir, cache=cache)
+                                work_dir=work_dir, cache=cache, executor=executor)
     for r in range(cfg.codesign_rounds):
         round_passes = allocation_passes(cfg, final=False)  # allocate, [extras], qat — no quantize yet
         round_passes.append(sensitivity_pass(cfg))
         graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib, records,
-                                 work_dir, cache)
+                                 work_dir, cache, executor)
         records += recs
         log.info("co-design round %d/%d done", r + 1, cfg.codesign_rounds)
     graph, recs = run_passes(graph, allocation_passes(cfg), model_dir, cfg, backend, progress, dump_dir, calib,
-                             records, work_dir)
+                             records, work_dir, executor=executor)
     return graph, records + recs
 
 
@@ -312,7 +320,7 @@ def expert_table(graph: Graph) -> list[dict[str, Any]]:
     for n in graph.experts():
         row = {"id": n.id, "layer": n.attrs["layer"], "expert": n.attrs["expert"]}
         for key in ("freq", "mass", "tokens", "sensitivity", "kl", "flip_kl", "contribution", "router_grad_change",
-                    "neuron_variance", "bits", "group_size"):
+                    "neuron_variance", "sensitivity_tokens", "sensitivity_estimated", "bits", "group_size"):
             if key in n.ann:
                 row[key] = n.ann[key]
         if "quant" in n.ann:
@@ -337,13 +345,18 @@ def nonexpert_table(graph: Graph) -> list[dict[str, Any]]:
 
 
 def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, progress: bool = True,
-                  overwrite: bool = False, dump_dir: str | Path | None = None, cache: bool = False) -> Path:
+                  overwrite: bool = False, dump_dir: str | Path | None = None, cache: bool = False,
+                  ray: str | None = None) -> Path:
     """Compile ``model_dir`` (a folder, or a hub id in the local HF cache) for ``cfg.target`` into
     the artifact folder ``out`` (atomic).
 
     ``cache``: reuse (and store) profile and sensitivity results in the pass cache
     (``$DMPQ_CACHE_DIR/passes``), so a compile of the same checkpoint at another budget or with
     another allocator skips them. The command line turns it on unless ``--no-cache``.
+
+    ``ray``: a Ray cluster address (``auto``, ``HOST:PORT``, ``local:N``) where the per-layer
+    sensitivity and quantization tasks run (:mod:`dmpq_compile.distributed`); the artifact is the
+    same as without it.
 
     The checkpoint is checked whole (every shard present and as long as its header says) and
     the output disk for room before any pass runs. Large intermediate results (quantized codes)
@@ -365,15 +378,20 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     cfg = resolve_defaults(cfg, graph)
     check_bits_budget(cfg, graph)
     check_disk_space(graph, cfg, out.parent)
+    check_memory(graph, cfg)
     from .artifact import scratch_folder
+    from .distributed import connect
 
+    executor = connect(ray)
     work = scratch_folder(out, ".work")  # removes .work folders that killed compiles left here
     try:
         graph, records = run_pipeline(graph, model_dir, cfg, progress, dump_dir, work,
-                                      PassCache() if cache else None)
+                                      PassCache() if cache else None, executor)
         return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if executor is not None:
+            executor.close()
 
 
 def check_nonexpert_target(cfg: CompileConfig, backend: Any) -> None:
@@ -447,13 +465,63 @@ def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
 
 
 
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the smaller of the kernel's MemAvailable and the
+    room left under an address-space limit (``ulimit -v``); None where neither is known."""
+    import resource
+
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            used = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+        except OSError:
+            used = 0
+        avail = soft - used if avail is None else min(avail, soft - used)
+    return avail
+
+
+def check_memory(graph: Graph, cfg: CompileConfig) -> None:
+    """Refuse to start when memory cannot hold what any compile of ``graph`` holds at once.
+
+    A floor, not a forecast (measured peaks are higher: OLMoE-1B-7B shape 3.5-4.4 GB against a
+    floor of 1.5 GB): the largest weight (the LM head or embedding table) read and converted to
+    fp32 (6 bytes a weight from a bf16 checkpoint, counted as 4 x 1.5), three chunks of 4
+    sequences' logits ``[4, T, V]`` in fp32 (logits, log-probabilities, their gradient), eight
+    residual streams of the sensitivity sequences and 0.5 GB for the libraries.
+    """
+    avail = available_memory()
+    if avail is None:
+        return
+    largest = max((math.prod(graph.weights.shape(k)) for k in graph.weights), default=0)
+    vocab = int(graph.meta.get("vocab_size") or 0)
+    hidden = int(graph.meta.get("hidden_size") or 0)
+    seqs = min(cfg.sensitivity_sequences, cfg.calib_sequences)
+    need = 4 * (1.5 * largest + 3 * 4 * cfg.seq_len * vocab + 8 * seqs * cfg.seq_len * hidden) + 2**29
+    if need > avail:
+        raise MemoryError(f"this compile needs at least {need / 2**30:.1f} GiB of memory at once (the largest weight "
+                          f"in fp32, logits of 4 sequences over a {vocab}-token vocabulary, the "
+                          f"calibration residual streams) but {avail / 2**30:.1f} GiB is available; free memory, "
+                          "raise the limit (ulimit -v) or lower --calib-sequences/--seq-len")
+
+
 def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, seconds: float,
          overwrite: bool = False) -> Path:
     """Write the artifact for an annotated, quantized graph (atomic), with its report."""
     from .artifact import write_artifact
+    from .rare_counts import rare_counts
 
+    experts = expert_table(graph)
     report = {"config": dataclasses.asdict(cfg), "passes": [dataclasses.asdict(r) for r in records],
-              "experts": expert_table(graph), "nonexpert": nonexpert_table(graph),
+              "experts": experts, "nonexpert": nonexpert_table(graph),
+              "rare_experts": {"min_routed_tokens": cfg.min_routed_tokens, "mode": cfg.rare_sensitivity,
+                               "per_layer": {str(k): v for k, v in rare_counts(experts, cfg.min_routed_tokens).items()}},
               "compile_seconds": round(seconds, 3)}
     options = {k: v for k, v in (("max_length", cfg.max_length), ("dispatch", cfg.dispatch)) if v is not None}
     return write_artifact(graph, get_backend(cfg.target, cfg.scale_dtype), out, report=report, overwrite=overwrite,

@@ -57,7 +57,8 @@ def _needs_sensitivity(cfg: Any, backend: Any) -> bool:
 
 
 def _sensitivity(cfg: Any) -> dict[str, Any]:
-    return {"max_sequences": cfg.sensitivity_sequences, "flips": cfg.flip_probe,
+    return {"max_sequences": cfg.sensitivity_sequences, "flips": cfg.flip_probe, "min_tokens": cfg.min_routed_tokens,
+            "rare": cfg.rare_sensitivity,
             "gradvar": "router_grad_change" in allocator_class(cfg.allocator).needs,
             **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {})}
 

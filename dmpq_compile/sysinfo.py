@@ -88,13 +88,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
+SIMD_FLAGS = ("sse4_2", "fma", "f16c", "avx", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "sve2", "i8mm")
+
+
 def cpu_flags() -> list[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` ([] where absent)."""
+    """The SIMD features of the CPU that matter to the kernels (AVX2, AVX-512, VNNI, AMX, NEON dot product,
+    ...), from ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on Arm); empty when it cannot be read."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].split()
+                if line.lower().startswith(("flags", "features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in SIMD_FLAGS if flag in have]
     except OSError:
         pass
     return []

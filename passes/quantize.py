@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph
 from ..ir.interpreter import Interpreter, RunOptions
 from ..ir.stream import embed, layer_outputs, run_layer
+from ..ir.weights import index_safetensors
 from ..quant import QuantSpec, quantize
 from ..quant.formats import WeightFormat, declare_target_formats, declared_format
 from ..quant.rtn import QuantizedTensor
 from ..quant.spec import DEFAULT_GROUP_SIZE
 from ..quant.stored import store_quantized
 from .infra.base import Pass, PassContext, PassResult
+from .layer_clock import LayerClock
 
 log = logging.getLogger(__name__)
 METHODS = ("rtn", "hqq", "gptq")
@@ -80,10 +82,16 @@ class QuantizePass(Pass):
         layers = sorted({n.attrs["layer"] for n in nodes} | {_layer(n) for n in others if _layer(n) is not None})
         bar = tqdm(total=len(nodes), desc=f"quantize ({o.method})", unit="expert", disable=not ctx.progress,
                    leave=False)
+        clock = LayerClock("quantize", len(layers) + any(_layer(n) is None for n in others))
+        remote = 0
+
+        by_layer: dict = {}
+        for n in nodes:
+            by_layer.setdefault(n.attrs["layer"], []).append(n)
 
         def finish(layer: int | None, hessians_of: Callable[[object], dict]) -> None:
             keys = []
-            for node in (n for n in nodes if n.attrs["layer"] == layer):
+            for node in by_layer.get(layer, []):
                 keys += self._quantize_node(graph, node, hessians_of(node))
                 bar.update(1)
             for node in (n for n in others if _layer(n) == layer):
@@ -91,9 +99,13 @@ class QuantizePass(Pass):
             if ctx.work_dir is not None and keys:
                 name = "head" if layer is None else f"L{layer}"
                 graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-{name}.safetensors")
+            clock.step("head" if layer is None else f"L{layer}")
 
         if o.method == "gptq":
             _stream_hessians(graph, ctx.calibration[: o.max_sequences], set(layers), finish, others)
+        elif _remote_ok(ctx, graph):
+            self._run_remote(graph, ctx, layers, by_layer, bar, clock)
+            remote = len(layers)
         else:
             for layer in layers:
                 finish(layer, lambda node: {})
@@ -102,11 +114,32 @@ class QuantizePass(Pass):
             if node.ann["bits"] == 16:
                 graph.annotate(node.id, "quant", {"spec": QuantSpec(bits=16).to_dict(), "tensors": {}})
         others = others + self._quantize_nonexpert(graph, ctx, {n.id for n in others})
-        stats = {"quantized_experts": len(nodes), "methods": _methods_used(graph, nodes, o.method)}
+        stats = {"quantized_experts": len(nodes), "methods": _methods_used(graph, nodes, o.method),
+                 **({"remote_tasks": remote} if remote else {})}
         if others:
             stats["quantized_nonexpert"] = len(others)
             stats["nonexpert_methods"] = _methods_used(graph, others, o.method)
         return PassResult(graph, modified=bool(nodes or others), stats=stats)
+
+    def _run_remote(self, graph: Graph, ctx: PassContext, layers: list[int], by_layer: dict, bar, clock) -> None:
+        """RTN/HQQ of each layer's experts as executor tasks (``compile --ray``): every task writes the
+        file the serial loop would spill that layer's codes to; the annotations are applied here, in
+        layer order, so the graph ends up exactly as after the serial loop."""
+        from .remote_tasks import layer_quantize
+
+        remote = ctx.executor.put(graph)
+        futures = [ctx.executor.submit(layer_quantize, remote, self.options, [n.id for n in by_layer[layer]],
+                                       str(Path(ctx.work_dir) / f"quantized-L{layer}.safetensors")) for layer in layers]
+        for layer, anns in zip(layers, ctx.executor.get(futures)):
+            path = Path(ctx.work_dir) / f"quantized-L{layer}.safetensors"
+            if path.is_file():
+                for key, ref in index_safetensors(path).items():
+                    graph.weights.add_ref(key, ref)
+            for node_id, ann in anns.items():
+                graph.annotate(node_id, "group_size", ann["group_size"])
+                graph.annotate(node_id, "quant", ann["quant"])
+                bar.update(1)
+            clock.step(f"L{layer}")
 
     def _quantize_nonexpert(self, graph: Graph, ctx: PassContext, done: set[str]) -> list:
         """Quantize the non-expert nodes the ``precision`` pass gave bits that ``run`` did not
@@ -140,6 +173,16 @@ class QuantizePass(Pass):
         graph.annotate(node.id, "group_size", self.options.group_size)
         graph.annotate(node.id, "quant", {"spec": spec.to_dict(), "tensors": tensors})
         return [t[k] for t in tensors.values() for k in ("q", "scale", "zero")]
+
+
+def _remote_ok(ctx: PassContext, graph: Graph) -> bool:
+    """Whether the experts' RTN/HQQ runs as executor tasks: an executor, a scratch folder the tasks
+    write their layers' codes to, and a graph that can be sent (weights on disk)."""
+    if ctx.executor is None or ctx.work_dir is None:
+        return False
+    from .remote_tasks import sendable
+
+    return sendable(graph)
 
 
 def _methods_used(graph: Graph, nodes: list, asked: str) -> dict[str, int]:

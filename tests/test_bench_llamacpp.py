@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,14 +131,168 @@ def test_parsers():
     assert lc.parse_token_ids("load...\n[0, 12, 345]\n") == [0, 12, 345]
 
 
-def test_perplexity_is_run_again_when_its_output_lacks_the_figures(monkeypatch):
+def test_perplexity_is_run_again_when_its_output_lacks_the_figures(monkeypatch, tmp_path):
     outputs = iter(["[1]42.1,[2]43.0,\n", "[1]42.1,[2]43.0,\nFinal estimate: PPL = 43.0123 +/- 0.5\n"])
     calls = []
     monkeypatch.setattr(lc, "run", lambda cmd, what: calls.append(cmd) or next(outputs))
-    assert lc.run_perplexity(["llama-perplexity"], "base") == {"ppl": 43.0123} and len(calls) == 2
-    monkeypatch.setattr(lc, "run", lambda cmd, what: "truncated")
-    with pytest.raises(lc.LlamaCppError, match="no perplexity"):
-        lc.run_perplexity(["llama-perplexity"], "base")
+    assert lc.run_perplexity(["llama-perplexity"], "base", pause=0) == {"ppl": 43.0123} and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(lc, "run", lambda cmd, what: calls.append(cmd) or "truncated")
+    with pytest.raises(lc.LlamaCppError, match="after 5 tries"):
+        lc.run_perplexity(["llama-perplexity"], "base", pause=0)
+    assert len(calls) == 5  # bounded
+
+    # the pipe lost the last lines but the tool's own log file has them: one run is enough
+    log = tmp_path / "ppl.log"
+
+    def cut_pipe(cmd, what):
+        calls.append(cmd)
+        log.write_text("[1]42.1,\nFinal estimate: PPL = 41.5 +/- 0.5\n")
+        return "[1]42.1,"
+
+    calls.clear()
+    monkeypatch.setattr(lc, "run", cut_pipe)
+    assert lc.run_perplexity(["llama-perplexity"], "base", log_file=log, pause=0) == {"ppl": 41.5}
+    assert calls == [["llama-perplexity", "--log-file", str(log)]]
+
+
+def _logprobs(rng, rows: int, vocab: int) -> np.ndarray:
+    x = rng.normal(0, 3, (rows, vocab))
+    x -= x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_logprobs_file_round_trip_and_cut_files(tmp_path):
+    rng = np.random.default_rng(0)
+    n_ctx, vocab, chunks = 16, 37, 3
+    tokens = rng.integers(0, vocab, (chunks, n_ctx))
+    lps = [_logprobs(rng, n_ctx - 1 - n_ctx // 2, vocab) for _ in range(chunks)]
+    path = tmp_path / "base.kld"
+    lc.write_logprobs_file(path, tokens, lps)
+    assert path.stat().st_size == lc.logprobs_file_size(n_ctx, vocab, chunks)
+    assert lc.logprob_row_width(37) == 42  # llama.cpp: 2 * ((n_vocab + 1) / 2) + 4
+    n, v, k, back = lc.read_logprobs_header(path)
+    assert (n, v, k) == (n_ctx, vocab, chunks) and np.array_equal(back, tokens)
+    got = np.concatenate(list(lc.iter_logprobs(path, batch=2)))
+    want = np.stack(lps)
+    kept = want > want.max(-1, keepdims=True) - 16  # llama.cpp clips the rest to max - 16
+    assert np.abs(got - want)[kept].max() <= 16 / 65535 / 2 + 1e-6  # half a 16-bit step
+    path.write_bytes(path.read_bytes()[:-10])  # the tool stopped before the end
+    with pytest.raises(lc.LlamaCppError, match="stopped before the end"):
+        lc.read_logprobs_header(path)
+    (tmp_path / "other").write_bytes(b"GGUF" + bytes(40))
+    with pytest.raises(lc.LlamaCppError, match="not a llama-perplexity log-probability file"):
+        lc.read_logprobs_header(tmp_path / "other")
+
+
+def test_logprobs_are_read_from_a_complete_file_after_retries(monkeypatch, tmp_path):
+    tokens = np.zeros((2, 8), dtype=np.int64)
+    lps = [_logprobs(np.random.default_rng(1), 3, 5) for _ in range(2)]
+    tries = []
+
+    def tool(cmd, what):  # the first run dies after half the file, the second completes
+        out = Path(cmd[cmd.index("--kl-divergence-base") + 1])
+        lc.write_logprobs_file(out, tokens, lps)
+        if not tries:
+            out.write_bytes(out.read_bytes()[:40])
+        tries.append(cmd)
+        return "log without the final lines"
+
+    monkeypatch.setattr(lc, "run", tool)
+    out = tmp_path / "q.kld"
+    assert lc.run_logprobs(["llama-perplexity"], "q", out, tries=3, pause=0) == {}  # figures come from the file
+    assert len(tries) == 2 and lc.read_logprobs_header(out)[2] == 2
+    tries.clear()
+    monkeypatch.setattr(lc, "run", lambda cmd, what: tries.append(cmd) or "")
+    with pytest.raises(lc.LlamaCppError, match="after 3 tries"):
+        lc.run_logprobs(["llama-perplexity"], "q", out, tries=3, pause=0)
+    assert len(tries) == 3
+
+
+def _bigram_table(vocab: int) -> np.ndarray:
+    return np.random.default_rng(2).normal(0, 2, (vocab, vocab)).astype(np.float32)
+
+
+def _llama_perplexity_file(text: str, tok, n_ctx: int, n_chunk: int, table: np.ndarray, out: Path) -> None:
+    """What llama-perplexity --kl-divergence-base writes, written the way perplexity.cpp loops: tokenize the
+    whole text, cut chunks of n_ctx, for i in [n_ctx/2, n_ctx - 1) store the distribution at position i (over
+    tokens[i + 1]). The model here is a bigram table (logits depend on the token at the position only)."""
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids[: n_ctx * n_chunk]).reshape(n_chunk, n_ctx)
+    first = n_ctx // 2
+    rows = []
+    for chunk in ids:
+        logits = table[chunk].astype(np.float64)
+        lp = logits - logits.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        rows.append(lp[first:n_ctx - 1])
+    lc.write_logprobs_file(out, ids, rows)
+
+
+def test_dmpq_and_llama_cpp_score_the_same_tokens_at_the_same_positions(monkeypatch, tmp_path):
+    """The windows' text, read by llama-perplexity, gives the windows' tokens, and its scored positions are
+    the ones dmpq_quality / chunk_logprobs score: the same model gives the same per-token NLL on both sides."""
+    import bench_llamacpp as bench
+
+    from dmpq_compile import runtime
+    from dmpq_compile.eval import Document, NumpyLogits, build_windows, score
+    from dmpq_compile.eval.tokens import load_tokenizer
+
+    tok = load_tokenizer(ROOT / "samples" / "olmoe-tiny")
+    rng = np.random.default_rng(0)
+    words = ["expert", "router", "def", "return", "(x)", "=", "Python", "docs", "\n", "    "]
+    docs = [Document(f"d{i}.txt", " ".join(rng.choice(words, 400))) for i in range(8)]
+    w = build_windows(docs, tok, "t/test", context=32, max_windows=24)
+    assert w.text_exact
+    vocab = tok.get_vocab_size()
+    table = _bigram_table(vocab)
+    fn = NumpyLogits(lambda ids: table[ids])
+
+    # the dmpq side: the artifact runtime is this bigram model
+    monkeypatch.setattr(runtime, "load", lambda path, threads=None: type("S", (), {"logits": staticmethod(fn)})())
+    ref = bench.chunk_logprobs(tmp_path / "fp32", w, 1)
+    args = bench.parse_args(["--llama-cpp", "x", "--tries", "2"])
+    rows = {"dmpq-fp32": {"kind": "dmpq", "path": str(tmp_path / "fp32")}}
+    dmpq = bench.dmpq_quality(rows, ref, w, args)["dmpq-fp32"]
+    assert np.allclose(dmpq.nll, score(fn, w).nll) and np.allclose(dmpq.kl, 0, atol=1e-9)
+
+    # the llama.cpp side: the same model, through the file llama-perplexity would write from the text
+    text = tmp_path / "t.txt"
+    text.write_text(w.text)
+
+    def fake_tool(cmd, what, out_file, tries, pause=1.0):
+        assert cmd[cmd.index("-c") + 1] == "32" and cmd[cmd.index("--chunks") + 1] == str(w.ids.shape[0])
+        _llama_perplexity_file(Path(cmd[cmd.index("-f") + 1]).read_text(), tok, 32, w.ids.shape[0], table, out_file)
+        return {}
+
+    monkeypatch.setattr(lc, "run_logprobs", fake_tool)
+    llama = bench.gguf_scores(lc.LlamaCpp(tmp_path, tmp_path), tmp_path / "F32.gguf", w, text, ref, tmp_path, args)
+    assert np.abs(llama.nll - dmpq.nll).max() < 2e-4  # 16-bit codes: same tokens, same positions
+    assert abs(llama.kl.mean()) < 1e-5 and llama.top1.all()  # the 16-bit codes: ~1e-6, far below real KLs
+
+    # a file for other tokens (e.g. a BOS the GGUF adds) is refused, not scored
+    def shifted(cmd, what, out_file, tries, pause=1.0):
+        _llama_perplexity_file("x" + w.text, tok, 32, w.ids.shape[0], table, out_file)
+        return {}
+
+    monkeypatch.setattr(lc, "run_logprobs", shifted)
+    with pytest.raises(RuntimeError, match="scored other tokens than the t/test windows"):
+        bench.gguf_scores(lc.LlamaCpp(tmp_path, tmp_path), tmp_path / "F32.gguf", w, text, ref, tmp_path, args)
+
+
+def test_no_results_file_holds_only_errors(monkeypatch, tmp_path, capsys):
+    import bench_llamacpp as bench
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(lc, "find_llama_cpp", lambda d: lc.LlamaCpp(tmp_path, tmp_path))
+    monkeypatch.setattr(bench, "llama_version", lambda llama: "test")
+
+    def fail(llama, spec, args):
+        raise RuntimeError("llama-perplexity failed")
+
+    monkeypatch.setattr(bench, "run_model", fail)
+    assert bench.main(["--llama-cpp", str(tmp_path), "--models", "olmoe-tiny"]) == 1
+    assert not list(tmp_path.glob("llamacpp-*.json"))
+    assert "no results file written" in capsys.readouterr().err
 
 
 def test_missing_build_is_a_clear_error(tmp_path):
@@ -155,3 +310,17 @@ def test_registration_against_the_built_converter():
     new = lc.register_pre_tokenizer(text, "0" * 64, "gpt-2", "test")
     assert new.count('if chkhsh == "' + "0" * 64 + '":') == 1
     compile(new, "converter", "exec")
+
+
+def test_token_check_reads_the_file_verbatim(monkeypatch, tmp_path):
+    """llama-tokenize processes escapes (a literal backslash-x-e-0 in pydoc's text) unless told not to;
+    llama-perplexity reads the file verbatim, so the check must too."""
+    import bench_llamacpp as bench
+
+    seen = []
+    monkeypatch.setattr(lc, "run", lambda cmd, what: seen.append(cmd) or "[1, 2, 3]")
+    assert bench.check_tokens(lc.LlamaCpp(tmp_path, tmp_path), tmp_path / "m.gguf", tmp_path / "t.txt", [1, 2, 3], 3)[
+        "first_mismatch"] is None
+    assert "--no-escape" in seen[0] and "--no-bos" in seen[0]
+    with pytest.raises(RuntimeError, match="differently from tokenizers at token 1"):
+        bench.check_tokens(lc.LlamaCpp(tmp_path, tmp_path), tmp_path / "m.gguf", tmp_path / "t.txt", [1, 5, 3], 3)

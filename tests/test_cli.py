@@ -28,18 +28,23 @@ def test_inspect_saved_ir(tiny_dirs, calib_ids, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "ir")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["layer", "expert", "freq", "mass", "dNLL@2", "dNLL@4", "bits"]
-    assert len(lines) == 1 + 2 * 4
+    assert len(lines) >= 1 + 2 * 4 and lines[1 + 2 * 4].startswith("experts with fewer than 8 routed calibration tokens")
     assert main(["inspect", str(tmp_path / "ir"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {r["bits"] for r in out["experts"]} <= {2, 4, 16} and out["storage"] is None  # an IR has no files
+    assert out["rare_experts"]["min_routed_tokens"] == 8 and set(out["rare_experts"]["per_layer"]) == {"0", "1"}
 
 
 def test_eval_checkpoint_on_text_folder(tiny_dirs, tiny_corpus, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", str(tiny_dirs("olmoe")), "--corpus", str(tiny_corpus), "--split", "test",
-                 "--context", "32", "--stride", "16", "--no-progress", "--json", str(out)]) == 0
-    res = json.loads(out.read_text())
-    assert res["tokens"] > 0 and 1.0 < res["ppl"] < 200  # random tiny model, vocab 96
+    assert main(["eval", str(tiny_dirs("olmoe")), "--corpus", str(tiny_corpus), "--context", "32", "--no-progress",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["sets"][0]
+    assert res["split"] == "all" and res["scored_tokens"] == res["windows"] * 15
+    assert res["ppl"]["lo"] < res["ppl"]["value"] < res["ppl"]["hi"] and 1.0 < res["ppl"]["value"] < 200
+    assert res["max_doc_share"] <= 0.15 and res["bootstrap"]["n_boot"] == 2000
+    out_line = capsys.readouterr().out
+    assert f"/all  ppl={res['ppl']['value']:.4f} [" in out_line and "95% bootstrap over documents" in out_line
 
 
 def test_errors_are_one_line_messages(tmp_path, capsys):

@@ -39,3 +39,19 @@ def test_an_infeasible_bits_budget_is_refused_before_any_pass(tmp_path, tiny_dir
     with pytest.raises(ValueError, match=r"3.50 average bits is infeasible for trt-a100.*smallest feasible budget is 4.00"):
         compile_model(tiny_dirs("olmoe"), tmp_path / "art", cfg, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_compile_refuses_before_any_pass_when_memory_cannot_suffice(tiny_dirs, tmp_path, monkeypatch):
+    """A clear error naming the need and what is available, before profiling starts."""
+    import pytest
+
+    from dmpq_compile import compiler
+    from dmpq_compile.compiler import CompileConfig, compile_model
+
+    monkeypatch.setattr(compiler, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(compiler, "run_pipeline", lambda *a, **k: pytest.fail("a pass ran"))
+    with pytest.raises(MemoryError, match=r"needs at least .* GiB of memory .* 0\.0 GiB is available"):
+        compile_model(tiny_dirs("olmoe"), tmp_path / "art", CompileConfig(), progress=False)
+    assert not (tmp_path / "art").exists()
+    monkeypatch.undo()
+    assert compiler.available_memory() is None or compiler.available_memory() > 0

@@ -62,7 +62,7 @@ def test_split_is_a_deterministic_partition(text_folder):
     parts = {s: split_documents(docs, s) for s in SPLITS}
     keys = [d.key for s in SPLITS for d in parts[s]]
     assert sorted(keys) == sorted(d.key for d in docs)
-    assert all(parts[s] for s in SPLITS), "train, calib and test are all non-empty"
+    assert all(parts[s] for s in SPLITS), "train, calib, dev and test are all non-empty"
     assert split_documents(docs, None) == docs
     assert load_corpus(text_folder, "test") == [d.text for d in parts["test"]]
     # independent of order and of the other documents present
@@ -70,12 +70,14 @@ def test_split_is_a_deterministic_partition(text_folder):
     big = [f"file{i}.txt" for i in range(2000)]
     counts = Counter(split_of(k) for k in big)
     assert 0.85 < counts["train"] / 2000 < 0.95
-    assert 0.03 < counts["test"] / 2000 < 0.07 and 0.03 < counts["calib"] / 2000 < 0.07
+    assert 0.03 < counts["calib"] / 2000 < 0.07
+    assert 0.01 < counts["test"] / 2000 < 0.04 and 0.01 < counts["dev"] / 2000 < 0.04
 
 
 def test_small_corpora_still_get_calib_and_test():
     keys = ["a", "b", "c"]
     assert sorted(assign_splits(keys).values()) == ["calib", "test", "train"]
+    assert sorted(assign_splits(["a", "b", "c", "d"]).values()) == ["calib", "dev", "test", "train"]
     assert set(assign_splits(["only"]).values()) <= set(SPLITS)
 
 

@@ -221,9 +221,11 @@ def test_artifact_commands_run_without_torch_or_transformers(artifact, tmp_path)
         ["run", art, PROMPT, "--max-new-tokens", "3", "--threads", "1", "--truncate"],
         ["inspect", art],
         ["check", art],
-        ["eval", art, "--corpus", str(corpus), "--split", "all", "--context", "16", "--no-progress"],
-        ["bench", art, "--corpus", str(corpus), "--split", "train", "--rounds", "1", "--prefill-tokens", "8",
-         "--decode-tokens", "2", "--ppl-tokens", "64", "--threads", "1", "--no-rss", "--no-progress"],
+        ["eval", art, "--corpus", str(corpus), "--split", "all", "--context", "16", "--max-doc-share", "0.5",
+         "--no-progress"],
+        ["bench", art, "--corpus", str(corpus), "--rounds", "1", "--prefill-tokens", "8",
+         "--decode-tokens", "2", "--windows", "8", "--context", "16", "--max-doc-share", "0.5", "--threads", "1",
+         "--no-rss", "--no-progress"],
     ]
     for argv in commands:
         done = subprocess.run([sys.executable, "-m", "dmpq_compile.cli", *argv], env=env, capture_output=True,

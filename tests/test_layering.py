@@ -24,15 +24,15 @@ ROOTS = {"dmpq_compile": REPO / "dmpq_compile", "dmpq_compile.passes": REPO / "p
 # (compiler, peer baseline), the bench and the CLI sit on top and inject what passes need.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("dmpq_compile", "dmpq_compile.fileio", "dmpq_compile.registry", "dmpq_compile.sysinfo",
-                    "dmpq_compile.quant",
-                    "dmpq_compile.eval", "dmpq_compile.testing")),
+                    "dmpq_compile.quant", "dmpq_compile.eval", "dmpq_compile.testing", "dmpq_compile.rare_counts")),
     ("ir", ("dmpq_compile.ir",)),
     ("frontend", ("dmpq_compile.frontend",)),
     ("passes", ("dmpq_compile.passes",)),
     ("backends", ("dmpq_compile.backends",)),
     ("artifact/runtime", ("dmpq_compile.artifact", "dmpq_compile.runtime", "dmpq_compile.engine")),
     ("tools", ("dmpq_compile.bench",)),
-    ("driver", ("dmpq_compile.compiler", "dmpq_compile.pipeline", "dmpq_compile.extra_passes", "dmpq_compile.baselines")),
+    ("driver", ("dmpq_compile.compiler", "dmpq_compile.pipeline", "dmpq_compile.extra_passes", "dmpq_compile.baselines",
+                "dmpq_compile.distributed")),
     ("cli", ("dmpq_compile.commands", "dmpq_compile.cli")),
 )
 RUNTIME_FORBIDDEN = ("torch", "onnx", "transformers")

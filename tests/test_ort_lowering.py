@@ -1,8 +1,9 @@
 """The ONNX lowering: fp32 parity with the interpreter per family and IR feature, MatMulNBits
-packing, external data, option errors; a slow dispatch-pattern timing on a realistic shape."""
+packing, external data, option errors (the dispatch patterns' timing: benchmarks/bench_dispatch_block.py)."""
 
-import os
-import time
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,13 +18,14 @@ from dmpq_compile.passes.quantize import QuantizePass
 
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter
-from dmpq_compile.ir.graph import Graph
 from dmpq_compile.ir.weights import WeightStore
 from dmpq_compile.quant import QuantSpec, dequantize, quantize
 from dmpq_compile.quant.stored import store_quantized
 from dmpq_compile.testing import TINY_FAMILIES, make_tiny_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_dispatch_block import moe_block_graph
 
 
 def session(model):
@@ -199,35 +201,6 @@ def test_external_data_passes_path_checker_and_runs(tiny_dirs, tmp_path):
     assert OrtCpuBackend().emit(graph, auto)["external_data_file"] is None  # tiny: below the 100 MB default
 
 
-def moe_block_graph(hidden, inter, experts, top_k, bits=4, vocab=256, seed=0):
-    """embed -> norm -> one MoE layer (random weights, quantized) -> lm_head: the dispatch benchmark."""
-    gen = torch.Generator().manual_seed(seed)
-    store = WeightStore()
-
-    def w(key, *shape, std=0.02):
-        store.add(key, torch.randn(*shape, generator=gen) * std)
-        return key
-
-    g = Graph({"family": "bench", "hidden_size": hidden, "vocab_size": vocab, "num_layers": 1,
-               "num_experts": experts, "top_k": top_k}, store)
-    g.add("tokens", "input")
-    g.add("embed", "embed", ["tokens"], {"weight": w("emb", vocab, hidden, std=1.0)})
-    g.add("norm", "norm", ["embed"], {"weight": w("norm", hidden)}, eps=1e-6)
-    g.add("router", "router", ["norm"], {"weight": w("router", experts, hidden, std=0.1)}, layer=0,
-          num_experts=experts, top_k=top_k, norm_topk_prob=False)
-    for e in range(experts):
-        shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-        g.add(f"E{e}", "expert", ["norm", "router"], {r: w(f"E{e}.{r}", *s) for r, s in shapes.items()},
-              layer=0, expert=e)
-    g.add("combine", "combine", ["router"] + [f"E{e}" for e in range(experts)], layer=0)
-    g.add("res", "add", ["embed", "combine"])
-    g.add("lm_head", "lm_head", ["res"], {"weight": w("head", vocab, hidden)})
-    for n in g.experts():
-        g.annotate(n.id, "bits", bits)
-    QuantizePass(group_size=32).call(g, PassContext(progress=False))
-    return g
-
-
 def test_dispatch_patterns_agree_on_a_moe_block(tmp_path):
     graph = moe_block_graph(64, 32, 8, 2)
     ids = np.arange(40, dtype=np.int64)[None, :]
@@ -240,43 +213,6 @@ def test_dispatch_patterns_agree_on_a_moe_block(tmp_path):
         assert np.abs(sess.run(["logits"], decoder_feed(sess, ids))[0] - ref).max() <= 1e-4
         one = sess.run(["logits"], decoder_feed(sess, ids[:, :1]))[0]  # decode-sized: most experts idle
         assert np.abs(one - ref[:, :1]).max() <= 1e-4
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DMPQ_TIMING"), reason="minutes-long timing run; set DMPQ_TIMING=1")
-@pytest.mark.parametrize("shape", [(2048, 1024, 64, 8), (1024, 3584, 8, 2)], ids=["olmoe", "mixtral-quarter"])
-def test_dispatch_timing(shape, tmp_path, capsys):
-    """Dispatch patterns at M=1 and M=128: 2-thread wall clock and 1-thread CPU time (the latter is
-    robust to other processes on a shared machine). Numbers are recorded in docs/ort-cpu.md."""
-    graph = moe_block_graph(*shape)
-    for dispatch in DISPATCHES:
-        (tmp_path / dispatch).mkdir()
-        OrtCpuBackend().emit(graph, tmp_path / dispatch, dispatch=dispatch)
-    lines = []
-    for threads, clock in ((2, time.perf_counter), (1, time.process_time)):
-        sessions = {d: _timing_session(tmp_path / d / MODEL_FILE, threads) for d in DISPATCHES}
-        for m, reps in ((1, 200), (128, 8)):
-            feed = decoder_feed(next(iter(sessions.values())), (np.arange(m, dtype=np.int64)[None, :] * 7) % 256)
-            times = {d: [] for d in DISPATCHES}
-            for _ in range(reps):  # interleaved, so load changes hit every pattern alike
-                for d, sess in sessions.items():
-                    t0 = clock()
-                    sess.run(None, feed)
-                    times[d].append(clock() - t0)
-            lines.append(f"threads={threads} M={m}: " + ", ".join(
-                f"{d} {1e3 * float(np.median(t)):.2f} ms" for d, t in times.items()))
-    with capsys.disabled():
-        print(f"\nH,I,E,k={shape}\n  " + "\n  ".join(lines))
-
-
-def _timing_session(path, threads):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads == 1 else "1")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    for m in (1, 128):
-        sess.run(None, decoder_feed(sess, np.zeros((1, m), dtype=np.int64)))
-    return sess
 
 
 def _producers(model):

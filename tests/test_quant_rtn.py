@@ -14,6 +14,7 @@ from dmpq_compile.quant import (
     QuantSpec,
     dequantize,
     fake_quantize,
+    fake_quantize_spec,
     fake_quantize_ste,
     init_scale_multiplier,
     quantize,
@@ -329,3 +330,32 @@ def test_cuda_device():
     w = torch.randn(8, 64, device="cuda", dtype=torch.float16)
     qt = quantize(w, QuantSpec(4, 32))
     assert qt.q.device.type == "cuda" and dequantize(qt).device.type == "cuda"
+
+
+@pytest.mark.parametrize("scheme", ["affine", "symmetric"])
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quantize_spec_is_bitwise_dequantize_of_quantize(scheme, scale_dtype, dtype):
+    """The fast path (no uint8 round trip, no validation) gives exactly the reference's values,
+    for every bit-width, ragged last groups, per-channel symmetric formats and constant rows."""
+    from dmpq_compile.quant.formats import WeightFormat
+
+    torch.manual_seed(7)
+    for bits in QBITS:
+        for shape in ((6, 80), (3, 64), (2, 4, 70)):
+            w = (torch.randn(*shape) * 0.3).to(dtype)
+            w[0] = 0.25  # a constant row
+            fmt = WeightFormat(bits, symmetric=scheme == "symmetric", per_channel=scheme == "symmetric",
+                               scale_dtype=scale_dtype)
+            spec = fmt.spec(32)
+            ref = dequantize(quantize(w, spec)).to(dtype)
+            assert torch.equal(fake_quantize_spec(w, spec), ref), (bits, shape)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fake_quantize_and_quantize_reject_non_finite(bad):
+    w = torch.randn(4, 64)
+    w[2, 17] = bad
+    for f in (lambda: quantize(w, QuantSpec(4, 32)), lambda: fake_quantize_spec(w, QuantSpec(4, 32))):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            f()

@@ -96,9 +96,9 @@ def test_resolve_split(spec, split, builtin, expected):
 
 def _eval(model, corpus, tmp_path, *extra):
     out = tmp_path / "eval.json"
-    assert main(["eval", str(model), "--corpus", str(corpus), "--context", "32", "--stride", "32",
-                 "--no-progress", "--json", str(out), *extra]) == 0
-    return json.loads(out.read_text())
+    assert main(["eval", str(model), "--corpus", str(corpus), "--context", "32", "--no-progress", "--json", str(out),
+                 *extra]) == 0
+    return json.loads(out.read_text())["sets"][0]
 
 
 @pytest.mark.parametrize("corpus", ["py_folder", "tiny_corpus"])  # .txt files: the split was the only issue
@@ -106,19 +106,22 @@ def test_eval_scores_the_whole_user_corpus_by_default(tiny_dirs, corpus, request
     py_folder = request.getfixturevalue(corpus)
     model = tiny_dirs("olmoe")
     tok = load_tokenizer(model)
-    whole = len(tokenize_corpus(load_corpus(py_folder), tok))
+    docs = load_documents(py_folder)
+    long_enough = [d for d in docs if len(tok.encode(d.text).ids) >= 31]  # one window: 1 separator + 31 tokens
     res = _eval(model, py_folder, tmp_path)
-    assert res["split"] == "all" and res["tokens"] == whole - 1  # every token but the first is scored
-    assert "split=all" in capsys.readouterr().out
+    assert res["split"] == "all" and res["documents"] == len(long_enough)  # windows in every document
+    assert len(res["skipped_short_documents"]) == len(docs) - len(long_enough)
+    assert "/all  ppl=" in capsys.readouterr().out
 
 
 def test_eval_hash_split_of_a_user_corpus_is_announced(tiny_dirs, py_folder, tmp_path, capsys):
-    res = _eval(tiny_dirs("olmoe"), py_folder, tmp_path, "--split", "test")
     n_test = len(split_documents(load_documents(py_folder), "test"))
-    assert res["split"] == "test"
+    assert main(["eval", str(tiny_dirs("olmoe")), "--corpus", str(py_folder), "--split", "test", "--context", "32",
+                 "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"scoring only the 'test' hash split of {py_folder}: {n_test} of 25 documents" in err
     assert "--split all" in err
+    assert "cannot hold windows with none above 15%" in err  # a handful of documents: no interval over them
 
 
 @pytest.mark.parametrize("corpus", ["py_folder", "tiny_corpus"])

@@ -122,6 +122,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flip-probe", dest="flip_probe", action="store_const", const=False,
                    help="sensitivity without its routing-flip term: the layer-local estimate alone, as before it "
                    "existed (the probe costs about three forwards of the sensitivity sequences)")
+    p.add_argument("--min-routed-tokens", type=int, metavar="N",
+                   help=f"rare experts: the report and inspect count per layer the experts with fewer than N routed "
+                   f"calibration tokens, and the sensitivity pass prices those it measured on fewer than N of its "
+                   f"own tokens by --rare-sensitivity (default {d.min_routed_tokens})")
+    p.add_argument("--rare-sensitivity", choices=("estimate", "measured"),
+                   help="estimate (default): price a rare expert from its weights' quantization error and its layer's "
+                   "measured experts (never below its measurement), so calibration that missed it does not send it "
+                   "to the fewest bits; measured: take its measurement as it is (0 for an expert no token reached). "
+                   "See passes/rare_experts.py")
     p.add_argument("--qat", action="store_const", const=True,
                    help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
                    "--quant-method rtn, the default; GPTQ/HQQ would re-round the trained weights)")
@@ -148,6 +157,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a pass after allocate that breaks the budget or the --bits choices only warns "
                    "(bits the target cannot emit are always an error)")
     # -- end extra passes ---------------------------------------------------------------------------
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run the per-layer sensitivity and quantization tasks on a Ray cluster: auto (the cluster "
+                   "this machine belongs to), HOST:PORT or ray://HOST:PORT, or local:N (start N worker processes "
+                   "here). Workers must see the checkpoint and -o at the same paths; the artifact is the same as "
+                   "without --ray. Needs pip install 'dmpq-compile[ray]'")
     p.add_argument("--config", help="TOML file with compile settings ([compile] table; flags given win)")
     p.add_argument("--dump-ir", help="save the IR after every pass into this folder")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
@@ -241,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = args.out or default_out(args.model_dir, cfg.target)
     out = compile_model(args.model_dir, out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
-                        dump_dir=args.dump_ir, cache=not args.no_cache)
+                        dump_dir=args.dump_ir, cache=not args.no_cache, ray=args.ray)
     report = json.loads((Path(out) / "report.json").read_text())
     bits = [r["bits"] for r in report["experts"]]
     hist = {b: bits.count(b) for b in sorted(set(bits))}

@@ -12,9 +12,12 @@ HELP = ("print the per-expert table (layer, expert, freq, sensitivity, bits) of 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help="artifact folder (report.json) or saved IR folder (graph.json)")
+    p.add_argument("--min-routed-tokens", type=int, metavar="N",
+                   help="count per layer the experts with fewer than N routed calibration tokens (default: the "
+                   "compile's --min-routed-tokens, else 8)")
     p.add_argument("--json", action="store_true",
                    help='print JSON instead: {"experts": [rows], "nonexpert": [rows], "storage": stored bits per weight '
-                   'or null}')
+                   'or null, "rare_experts": per-layer counts}')
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -145,6 +148,28 @@ def genai_line(path: Path) -> str | None:
             "position; set it with compile --max-length or the app's max_length)")
 
 
+def min_routed_tokens(path: Path, given: int | None) -> int:
+    """N of the rare-expert count: ``given``, else the compile's (report.json), else the default."""
+    from ..rare_counts import DEFAULT_MIN_TOKENS
+
+    if given is not None:
+        if given < 0:
+            raise ValueError(f"--min-routed-tokens must be >= 0, got {given}")
+        return given
+    f = path / "report.json"
+    cfg = json.loads(f.read_text()).get("config", {}) if f.is_file() else {}
+    return int(cfg.get("min_routed_tokens", DEFAULT_MIN_TOKENS))
+
+
+def rare_lines(path: Path, rows: list[dict], given: int | None) -> str | None:
+    """The per-layer count of rarely routed experts (None when the rows carry no token counts)."""
+    from ..rare_counts import format_counts, rare_counts
+
+    n = min_routed_tokens(path, given)
+    counts = rare_counts(rows, n)
+    return format_counts(counts, n) if counts else None
+
+
 def main(args: argparse.Namespace) -> int:
     path = Path(args.path)
     rows = load_rows(path)
@@ -154,9 +179,17 @@ def main(args: argparse.Namespace) -> int:
         manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else {}
         extra = {"genai": manifest.get("target", {}).get("genai"),
                  "chat_template": (manifest.get("tokenizer") or {}).get("chat_template")} if manifest else {}
-        print(json.dumps({"experts": rows, "nonexpert": nonexpert, "storage": storage, **extra}, indent=1))
+        from ..rare_counts import rare_counts
+
+        n = min_routed_tokens(path, args.min_routed_tokens)
+        rare = {"min_routed_tokens": n, "per_layer": {str(k): v for k, v in rare_counts(rows, n).items()}}
+        print(json.dumps({"experts": rows, "nonexpert": nonexpert, "storage": storage, "rare_experts": rare, **extra},
+                         indent=1))
         return 0
     print(format_table(rows))
+    rare = rare_lines(path, rows, args.min_routed_tokens)
+    if rare:
+        print(rare)
     if any(r["bits"] < 16 for r in nonexpert):
         print(format_nonexpert(nonexpert))
     if storage:

@@ -1,4 +1,5 @@
-"""Evaluation: text corpora, language-model metrics (perplexity, KL, unigram baseline), routing stats."""
+"""Evaluation: text corpora, the evaluation protocol (windows, scores, bootstrap intervals; docs/evaluation.md),
+language-model metrics (perplexity, KL, unigram baseline), routing stats."""
 
 from .corpus import (
     AUTO_SPLIT,
@@ -13,6 +14,7 @@ from .corpus import (
     load_corpus,
     load_documents,
     pydoc_dir,
+    pystdlib_dir,
     resolve_split,
     split_documents,
     split_of,
@@ -29,22 +31,46 @@ from .metrics import (
     perplexity,
     unigram_perplexity,
 )
+from .protocol import (
+    DOMAINS,
+    EVAL_SPLITS,
+    DocBootstrap,
+    EvalWindows,
+    Interval,
+    ProtocolError,
+    Scores,
+    build_windows,
+    eval_windows,
+    score,
+    scored_positions,
+    summarize,
+    window_logprobs,
+)
 from .routing import LayerRouting, expert_frequencies
 
 __all__ = [
     "AUTO_SPLIT",
     "DEFAULT_SEPARATOR",
+    "DOMAINS",
+    "EVAL_SPLITS",
     "PYDOC_ENV",
     "SPLITS",
     "BinaryFileError",
     "CorpusError",
+    "DocBootstrap",
     "Document",
+    "EvalWindows",
+    "Interval",
     "KLResult",
     "LayerRouting",
     "NumpyLogits",
     "PerplexityResult",
+    "ProtocolError",
+    "Scores",
     "Window",
     "assign_splits",
+    "build_windows",
+    "eval_windows",
     "expert_frequencies",
     "hf_logits_fn",
     "is_builtin",
@@ -54,9 +80,14 @@ __all__ = [
     "make_windows",
     "perplexity",
     "pydoc_dir",
+    "pystdlib_dir",
     "resolve_split",
+    "score",
+    "scored_positions",
     "split_documents",
     "split_of",
+    "summarize",
     "tokenize_corpus",
     "unigram_perplexity",
+    "window_logprobs",
 ]

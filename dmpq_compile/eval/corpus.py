@@ -1,8 +1,16 @@
 """Text corpora for training, calibrating and evaluating models.
 
-A corpus *spec* is either the word ``pydoc`` (the built-in corpus: the Python 3.11 documentation
-sources shipped by the Debian ``python3.11-doc`` package) or a path of the user's own: a single
-text file, a folder, or a folder saved with Hugging Face ``datasets.Dataset.save_to_disk``.
+A corpus *spec* is the name of a built-in corpus or a path of the user's own: a single text file,
+a folder, or a folder saved with Hugging Face ``datasets.Dataset.save_to_disk``. Built-in corpora:
+
+* ``pydoc``: the reStructuredText sources of the Python 3.11 documentation shipped by the Debian
+  ``python3.11-doc`` package (the samples' training text);
+* ``pystdlib``: the standard library's own ``.py`` files shipped with the running interpreter
+  (``sysconfig.get_paths()["stdlib"]``), without test packages (``test``, ``tests``,
+  ``idle_test``), ``site-packages`` / ``dist-packages`` and machine-generated files (codec tables,
+  ``pydoc_data``'s copy of the documentation, ...: ``auto-generated``, ``generated from``,
+  ``do not edit`` or ``Character Mapping Codec`` in the first 1500 characters), a second,
+  held-out domain (code, not prose).
 
 In a folder every file counts whatever its name: ``*.jsonl`` / ``*.json`` are read as records
 with a ``text`` field, every other file as one document of UTF-8 text. Whether a file is text is
@@ -10,9 +18,13 @@ decided by its content (no NUL byte, valid UTF-8), never by its suffix; a binary
 error naming the file. Hidden files and folders (``.git``) and ``__pycache__`` are skipped.
 
 Every document carries a stable *key* (its path relative to the corpus root, plus a record index
-for multi-record files). The ``train`` / ``calib`` / ``test`` split is decided by the sha256 of that
-key, so it is deterministic, independent of file order, and a document never moves between splits
-when other documents are added. Which split a command reads by default (:func:`resolve_split`):
+for multi-record files). The ``train`` / ``calib`` / ``dev`` / ``test`` split is decided by the
+sha256 of that key (90 / 5 / 2.5 / 2.5 % of the hash range), so it is deterministic, independent of
+file order, and a document never moves between splits when other documents are added. ``dev`` and
+``test`` are the two halves of what was the held-out ``test`` range ([0, 0.05)) before issue 26:
+the bundled samples were trained on ``train`` and calibrated on ``calib``, which stay as they were;
+``dev`` (for choices) holds the documents that the earlier tables were read on. See
+docs/evaluation.md. Which split a command reads by default (:func:`resolve_split`):
 for the built-in corpus the one for the purpose (``calib`` for calibration, ``test`` for
 evaluation); for a user's own corpus the whole of it, since it was chosen for the purpose.
 """
@@ -23,6 +35,9 @@ import hashlib
 import json
 import logging
 import os
+import re
+import sys
+import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +49,16 @@ log = logging.getLogger(__name__)
 
 PYDOC_ENV = "DMPQ_PYDOC_DIR"
 PYDOC_DEFAULT_DIR = Path("/usr/share/doc/python3.11/html/_sources")
-SPLITS = ("train", "calib", "test")
-# Fractions of the hash range [0, 1) given to each split, in order: test, calib, then train.
-SPLIT_FRACTIONS = {"test": 0.05, "calib": 0.05, "train": 0.90}
-BUILTIN_CORPORA = ("pydoc",)
+PYSTDLIB_ENV = "DMPQ_PYSTDLIB_DIR"
+SPLITS = ("train", "calib", "dev", "test")
+# Fractions of the hash range [0, 1) given to each split, in order: dev, test, calib, then train.
+# dev + test is the old held-out "test" range [0, 0.05); calib [0.05, 0.10) and train are unchanged.
+SPLIT_FRACTIONS = {"dev": 0.025, "test": 0.025, "calib": 0.05, "train": 0.90}
+BUILTIN_CORPORA = ("pydoc", "pystdlib")
+# pystdlib: folders that hold tests or third-party packages, and the marks of a machine-generated file
+PYSTDLIB_SKIPPED_FOLDERS = ("test", "tests", "idle_test", "site-packages", "dist-packages")
+GENERATED_MARK = re.compile(r"auto-?generated|generated from|do not edit|character mapping codec", re.IGNORECASE)
+GENERATED_SCAN_CHARS = 1500
 AUTO_SPLIT = "auto"  # the default split: see resolve_split
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")  # only where no content is read: a datasets folder's fallback
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -71,21 +92,22 @@ def split_fraction(key: str) -> float:
 
 
 def split_of(key: str) -> str:
-    """Return the split (``train``, ``calib`` or ``test``) a key falls in by hash alone."""
-    u = split_fraction(key)
-    if u < SPLIT_FRACTIONS["test"]:
-        return "test"
-    if u < SPLIT_FRACTIONS["test"] + SPLIT_FRACTIONS["calib"]:
-        return "calib"
+    """Return the split (``train``, ``calib``, ``dev`` or ``test``) a key falls in by hash alone."""
+    u, edge = split_fraction(key), 0.0
+    for split in ("dev", "test", "calib"):
+        edge += SPLIT_FRACTIONS[split]
+        if u < edge:
+            return split
     return "train"
 
 
 def assign_splits(keys: Sequence[str]) -> dict[str, str]:
-    """Assign every key to a split, making ``calib`` and ``test`` non-empty when there are >= 3 keys.
+    """Assign every key to a split, making ``test``, ``calib`` and ``dev`` non-empty when there are enough keys.
 
-    Keys are first placed by :func:`split_of`. If ``test`` (then ``calib``) came out empty, the
-    ``train`` key with the smallest hash value moves there, so small corpora still get a held-out
-    document while the assignment stays deterministic.
+    Keys are first placed by :func:`split_of`. If ``test`` (then ``calib``, then ``dev``) came out
+    empty and at least 3 (for ``dev``: 4) keys exist, the ``train`` key with the smallest hash value
+    moves there, so small corpora still get held-out documents while the assignment stays
+    deterministic.
 
     Args:
         keys: Unique document keys.
@@ -96,7 +118,9 @@ def assign_splits(keys: Sequence[str]) -> dict[str, str]:
     assignment = {k: split_of(k) for k in keys}
     if len(assignment) < 3:
         return assignment
-    for split in ("test", "calib"):
+    for split in ("test", "calib", "dev"):
+        if split == "dev" and len(assignment) < 4:
+            break
         if split not in assignment.values():
             train_keys = [k for k, s in assignment.items() if s == "train"]
             assignment[min(train_keys, key=split_fraction)] = split
@@ -125,7 +149,7 @@ def is_builtin(spec: str | Path) -> bool:
 def resolve_split(spec: str | Path, split: str | None, builtin_split: str) -> str | None:
     """The split to read from ``spec``: ``split`` itself, unless it is ``"auto"``.
 
-    ``"auto"`` means ``builtin_split`` (``calib`` for calibration, ``test`` for evaluation) for a
+    ``"auto"`` means ``builtin_split`` (``calib`` for calibration, ``test`` for reports) for a
     built-in corpus, and the whole corpus (None) for a user's own corpus: the project's hash split
     exists to keep the built-in corpus's evaluation text out of training and calibration, while a
     user who hands over a corpus for one purpose means all of it.
@@ -152,6 +176,44 @@ def pydoc_dir() -> Path:
         f"`apt-get install -y python3.11-doc`, or without root: "
         f"`apt-get download python3.11-doc && dpkg -x python3.11-doc_*.deb DIR` and then "
         f"`export {PYDOC_ENV}=DIR/usr/share/doc/python3.11/html/_sources`.")
+
+
+def pystdlib_dir() -> Path:
+    """The folder of the interpreter's standard library (``$DMPQ_PYSTDLIB_DIR`` or ``sysconfig``'s ``stdlib``).
+
+    Raises:
+        CorpusError: The folder does not exist or holds no ``.py`` file.
+    """
+    override = os.environ.get(PYSTDLIB_ENV)
+    path = Path(override) if override else Path(sysconfig.get_paths()["stdlib"])
+    if path.is_dir() and any(path.glob("*.py")):
+        return path
+    raise CorpusError(f"no Python standard library found at {path} ({'$' + PYSTDLIB_ENV if override else 'sysconfig'}); "
+                      f"set ${PYSTDLIB_ENV} to a folder of the standard library's .py files")
+
+
+def pystdlib_version() -> str:
+    """Which standard library ``pystdlib`` reads: the interpreter's version, or the override folder."""
+    override = os.environ.get(PYSTDLIB_ENV)
+    return f"{PYSTDLIB_ENV}={override}" if override else f"python {sys.version.split()[0]}"
+
+
+def load_pystdlib() -> list[Document]:
+    """Every ``.py`` file of the standard library, sorted by relative path, without tests, third-party
+    packages and machine-generated files (see the module docstring)."""
+    root = pystdlib_dir()
+    docs = []
+    for p in _sorted_files(root, (".py",)):
+        rel = p.relative_to(root)
+        if any(part in PYSTDLIB_SKIPPED_FOLDERS for part in rel.parts[:-1]):
+            continue
+        try:
+            text = _read_text(p)
+        except BinaryFileError:
+            continue  # a stray non-UTF-8 file is not part of the domain
+        if text.strip() and not GENERATED_MARK.search(text[:GENERATED_SCAN_CHARS]):
+            docs.append(Document(rel.as_posix(), text))
+    return docs
 
 
 def load_pydoc() -> list[Document]:
@@ -259,19 +321,21 @@ def _load_plain_folder(root: Path, suffixes: tuple[str, ...] | None = None) -> l
 
 
 def load_documents(spec: str | Path) -> list[Document]:
-    """Load all documents of a corpus spec (``pydoc``, a text file, or a folder).
+    """Load all documents of a corpus spec (``pydoc``, ``pystdlib``, a text file, or a folder).
 
     Raises:
-        CorpusError: The spec names neither ``pydoc`` nor an existing file or folder.
+        CorpusError: The spec names neither a built-in corpus nor an existing file or folder.
     """
     if str(spec) == "pydoc":
         return load_pydoc()
+    if str(spec) == "pystdlib":
+        return load_pystdlib()
     path = Path(spec).expanduser()
     if path.is_file():
         return load_text_file(path)
     if path.is_dir():
         return load_folder(path)
-    raise CorpusError(f"corpus {str(spec)!r} not found: give 'pydoc', a text file, or a folder of "
+    raise CorpusError(f"corpus {str(spec)!r} not found: give 'pydoc', 'pystdlib', a text file, or a folder of "
                       f"text/jsonl files or a saved Hugging Face dataset")
 
 
@@ -279,8 +343,8 @@ def load_corpus(spec: str | Path, split: str | None = None) -> list[str]:
     """Load the texts of one split of a corpus.
 
     Args:
-        spec: ``pydoc`` or a path to a text file / folder / saved ``datasets`` folder.
-        split: ``train``, ``calib``, ``test``, or None for every document.
+        spec: ``pydoc``, ``pystdlib`` or a path to a text file / folder / saved ``datasets`` folder.
+        split: ``train``, ``calib``, ``dev``, ``test``, or None for every document.
 
     Returns:
         The document texts in deterministic (sorted key) order.

@@ -72,6 +72,10 @@ def _cost_map(v: Any) -> str | None:
     return None
 
 
+def _flag(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"expected true or false, got {v!r}"
+
+
 def _mapping(v: Any) -> str | None:
     return None if isinstance(v, Mapping) else f"expected a mapping, got {type(v).__name__}"
 
@@ -87,6 +91,10 @@ SCHEMA: dict[str, AnnotationSpec] = {
     "contribution": AnnotationSpec(("expert",), _float(0.0), doc="|dL/ds| for a scale s on the expert output"),
     "router_grad_change": AnnotationSpec(("expert",), _float(0.0), doc="relative change of the router-row gradient"),
     "neuron_variance": AnnotationSpec(("expert",), _float(0.0), doc="mean variance of intermediate activations"),
+    "sensitivity_tokens": AnnotationSpec(("expert",), _int(), doc="routed tokens the sensitivity pass measured "
+                                         "the expert on"),
+    "sensitivity_estimated": AnnotationSpec(("expert",), _flag, doc="kl/sensitivity estimated from the weights: "
+                                            "too few routed tokens to measure (passes/rare_experts.py)"),
     "bits": AnnotationSpec(QUANTIZABLE_KINDS, _bits, doc="assigned weight bit-width (16 = keep)"),
     "group_size": AnnotationSpec(QUANTIZABLE_KINDS, _int(1), doc="quantization group size"),
     "cost": AnnotationSpec(("expert",), _cost_map, 2, "backend cost table rows: target -> bits -> metrics"),

@@ -135,6 +135,14 @@ class Graph:
     def experts(self) -> list[Node]:
         return list(self.nodes("expert"))
 
+    def experts_by_layer(self) -> dict[int, list[Node]]:
+        """The routed experts grouped by layer, each group in execution order, from one walk of the
+        graph (a per-layer ``[n for n in experts() if ...]`` is quadratic in the layer count)."""
+        out: dict[int, list[Node]] = {}
+        for n in self.experts():
+            out.setdefault(n.attrs["layer"], []).append(n)
+        return out
+
     def consumers(self, node_id: str, kind: str | None = None) -> list[Node]:
         """Nodes that take ``node_id``'s output (optionally of one kind), in execution order."""
         order = self.g.nodes

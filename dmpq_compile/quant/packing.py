@@ -75,6 +75,13 @@ def pack_bits(q: Any, bits: int) -> np.ndarray:
     """
     _check_bits(bits)
     q = _check_codes(_to_numpy(q, "q"), bits)
+    if 8 % bits == 0:
+        return _pack_whole_bytes(q, bits)
+    return _pack_general(q, bits)
+
+
+def _pack_general(q: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`pack_bits` for any width 1..8 on validated uint8 codes: 8 codes to a uint64 word."""
     *lead, k = q.shape
     n_chunks = -(-k // _CHUNK)
     padded = np.zeros((*lead, n_chunks * _CHUNK), dtype=np.uint64)  # [..., C*8]
@@ -85,6 +92,24 @@ def pack_bits(q: Any, bits: int) -> np.ndarray:
     byte_shifts = np.arange(bits, dtype=np.uint64) * np.uint64(8)
     out = ((words[..., None] >> byte_shifts) & np.uint64(0xFF)).astype(np.uint8)  # [..., C, bits]
     return np.ascontiguousarray(out.reshape(*lead, n_chunks * bits)[..., : packed_size(k, bits)])
+
+
+def _pack_whole_bytes(q: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`pack_bits` for widths that divide 8 (1, 2, 4, 8): ``8 // bits`` codes per byte,
+    combined in uint8 (the general path widens every code to uint64; at OLMoE widths this is
+    several times faster, with the same bytes)."""
+    per = 8 // bits
+    *lead, k = q.shape
+    if per == 1:
+        return np.ascontiguousarray(q)
+    pad = -k % per
+    if pad:
+        q = np.concatenate([q, np.zeros((*lead, pad), dtype=np.uint8)], axis=-1)
+    codes = q.reshape(*lead, q.shape[-1] // per, per)
+    out = codes[..., 0].copy()
+    for i in range(1, per):
+        out |= codes[..., i] << np.uint8(i * bits)
+    return out
 
 
 def unpack_bits(packed: Any, bits: int, k: int) -> np.ndarray:

@@ -56,8 +56,11 @@ def num_groups(k: int, group_size: int) -> int:
     return -(-k // group_size)
 
 
-def check_weight(w: torch.Tensor, name: str = "w") -> None:
+def check_weight(w: torch.Tensor, name: str = "w", finite: bool = True) -> None:
     """Validate a weight tensor before quantization.
+
+    ``finite=False`` skips the scan for NaN and Inf values (a full pass over ``w``); callers
+    that compute every group's min and max anyway check those instead (:func:`check_finite`).
 
     Raises:
         TypeError: ``w`` is not a torch tensor or not float32/float16/bfloat16.
@@ -71,7 +74,14 @@ def check_weight(w: torch.Tensor, name: str = "w") -> None:
         raise ValueError(f"{name} must have shape [N, K] (or [*B, N, K]), got {tuple(w.shape)}")
     if w.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(w.shape)}")
-    if not bool(torch.isfinite(w).all()):
+    if finite and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_finite(*extrema: torch.Tensor, name: str = "w") -> None:
+    """Raise when a group's minimum or maximum (``extrema``, small ``[..., G]`` tensors) is NaN or
+    Inf: min and max propagate both, so this is :func:`check_weight`'s scan at a group's cost."""
+    if not all(bool(torch.isfinite(t).all()) for t in extrema):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -139,6 +149,7 @@ def affine_params(wg: torch.Tensor, bits: int, scale_dtype: str = "float32") -> 
     wg = wg.detach().to(torch.float32)
     lo = wg.amin(dim=-1).clamp(max=0.0)
     hi = wg.amax(dim=-1).clamp(min=0.0)
+    check_finite(lo, hi)
     scale = (hi - lo) / qmax
     scale = round_scales(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
     zero = torch.round(-lo / scale).clamp(0.0, qmax)
@@ -159,6 +170,7 @@ def symmetric_params(wg: torch.Tensor, bits: int, scale_dtype: str = "float32") 
     """
     half = float((1 << (bits - 1)) - 1)
     amax = wg.detach().to(torch.float32).abs().amax(dim=-1)
+    check_finite(amax)
     scale = round_scales(torch.where(amax > 0, amax / half, torch.ones_like(amax)), scale_dtype)
     return scale, torch.full_like(scale, float(1 << (bits - 1)))
 
@@ -169,7 +181,7 @@ def symmetric_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     The signed code is rounded before the offset is added, so no precision is lost to it.
     """
     half = float((1 << (bits - 1)) - 1)
-    return torch.round(w.to(torch.float32) / scale).clamp(-half, half) + zero
+    return (w.to(torch.float32) / scale).round_().clamp_(-half, half).add_(zero)
 
 
 def grid_params(wg: torch.Tensor, bits: int, symmetric: bool = False, scale_dtype: str = "float32"
@@ -240,7 +252,7 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     Shapes broadcast: e.g. ``w [..., M]`` with ``scale``/``zero`` ``[..., 1]``.
     """
     qmax = float((1 << bits) - 1)
-    return torch.round(w.to(torch.float32) / scale + zero).clamp(0.0, qmax)
+    return (w.to(torch.float32) / scale).add_(zero).round_().clamp_(0.0, qmax)  # in place: the same values
 
 
 @dataclass(frozen=True, eq=False)
@@ -320,7 +332,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     Raises:
         TypeError / ValueError: Bad ``w`` (see :func:`check_weight`) or a 16-bit spec.
     """
-    check_weight(w)
+    check_weight(w, finite=False)  # NaN/Inf: checked on each group's min and max (grid_params)
     if not isinstance(spec, QuantSpec) or not spec.is_quantized:
         raise ValueError(f"quantize needs a QuantSpec with bits < 16, got {spec!r}")
     k = w.shape[-1]
@@ -370,7 +382,15 @@ def fake_quantize_spec(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """
     if not spec.is_quantized:
         return w
-    return dequantize(quantize(w, spec)).to(w.dtype)
+    # dequantize(quantize(w, spec)) without the uint8 round trip and its validation: the codes and
+    # zero points are small integers in float32 either way, so the values are identical (tested)
+    check_weight(w, finite=False)
+    k = w.shape[-1]
+    wg = pad_to_groups(w.detach().to(torch.float32), spec.group_len(k))  # [*B, N, G, gs]
+    scale, zero = grid_params(wg, spec.bits, spec.symmetric, spec.scale_dtype)  # checks NaN/Inf
+    scale, zero = scale[..., None], zero[..., None]
+    out = grid_codes(wg, scale, zero, spec.bits, spec.symmetric).sub_(zero).mul_(scale)
+    return out.reshape(*w.shape[:-1], -1)[..., :k].contiguous().to(w.dtype)
 
 
 def init_scale_multiplier(w: torch.Tensor, group_size: int) -> torch.nn.Parameter:

@@ -38,6 +38,9 @@ class PassContext:
         work_dir: a scratch folder for the compile (removed by the driver afterwards) where
             passes put large results on disk instead of in memory, e.g. quantized codes
             (:meth:`WeightStore.spill`); None keeps them in memory.
+        executor: where per-layer tasks run (:class:`dmpq_compile.distributed.RayExecutor`, from
+            ``compile --ray``); None runs them in this process. Passes that use it must write
+            exactly what they write without it.
     """
 
     calibration: torch.Tensor | None = None
@@ -47,6 +50,7 @@ class PassContext:
     progress: bool = True
     work_dir: Path | None = None
     open_artifact: Callable[[Graph, Any, Path], Any] | None = None
+    executor: Any = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class PassRecord:
     modified: bool
     peak_rss_mb: float
     stats: dict = field(default_factory=dict)
+    cpu_seconds: float | None = None  # the process's CPU time (all threads): robust to other load, unlike wall time
 
 
 class Timing(Instrument):
@@ -47,13 +48,13 @@ class Timing(Instrument):
 
     def before(self, index, p, graph):
         reset_peak_rss()
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def after(self, index, p, result):
-        dt = time.perf_counter() - self._t0
+        dt, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
         rss = peak_rss_mb()
-        self.records.append(PassRecord(p.name, dt, result.modified, rss, dict(result.stats)))
-        log.info("pass %-12s %7.2fs  modified=%s  peak_rss=%.0f MB", p.name, dt, result.modified, rss)
+        self.records.append(PassRecord(p.name, dt, result.modified, rss, dict(result.stats), round(cpu, 3)))
+        log.info("pass %-12s %7.2fs (cpu %.1fs)  modified=%s  peak_rss=%.0f MB", p.name, dt, cpu, result.modified, rss)
 
 
 class DumpIR(Instrument):

@@ -63,7 +63,9 @@ from ...ir import ops
 from ...ir.graph import Graph, layer_node
 from ...ir.interpreter import Interpreter, RunOptions
 from ...quant.spec import VALID_BITS
+from .. import rare_experts
 from ..infra.base import Pass, PassContext, PassResult
+from ..layer_clock import LayerClock
 from ..precision import allocatable, measured_bits
 from . import local
 
@@ -83,6 +85,8 @@ class SensitivityOptions:
     nonexpert: tuple[str, ...] = ()  # local: also score these non-expert kinds (--nonexpert-bits auto)
     flips: bool = True  # local: add the KL of routing flips downstream, rated by one probe per layer
     flip_bits: int | None = None  # bits of the flip probe (default: 3 if measured, else the nearest)
+    min_tokens: int = 8  # local: experts measured on fewer routed tokens are "rare" (see rare_experts.py)
+    rare: str = "estimate"  # local: estimate | measured (take a rare expert's measurement as it is, 0 if unrouted)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -94,6 +98,10 @@ class SensitivityOptions:
                              "use method='local'")
         if self.flip_bits is not None and (self.flip_bits not in VALID_BITS or self.flip_bits >= 16):
             raise ValueError(f"flip_bits must be a quantized bit-width {VALID_BITS[:-1]}, got {self.flip_bits!r}")
+        if self.rare not in rare_experts.MODES:
+            raise ValueError(f"rare must be one of {rare_experts.MODES}, got {self.rare!r}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         object.__setattr__(self, "nonexpert", tuple(self.nonexpert))
 
 
@@ -141,7 +149,11 @@ class SensitivityPass(Pass):
         flips = o.flips and len(moe_layers) > 1
         steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0)) + (n_layers - moe_layers[0] if flips else 0)
         bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False)
-        tick = lambda: bar.update(1)
+        clock = LayerClock("sensitivity", steps)
+
+        def tick() -> None:
+            bar.update(1)
+            clock.step()
         store, h_last = local.forward_boundaries(interp, ids, RunOptions(quantize=False), tick)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         scores: dict[str, list[dict]] = {}
@@ -150,11 +162,28 @@ class SensitivityPass(Pass):
         n_seq, positions = ids.shape[0], ids.shape[0] * (ids.shape[1] - 1)
         nonexpert: dict[str, list[dict]] = {}
 
+        by_layer = graph.experts_by_layer()
+        remote = _remote(ctx, graph)
+        pending: list = []  # remote: one future per (label sample, layer), in the serial order
+        split = {"expert_scores_s": 0.0, "expert_scores_cpu_s": 0.0}  # the part --ray sends to workers
+
         def at_layer(layer, seen, g):
-            if layer_node(layer, "router") in seen:
-                for node_id, sc in local.expert_scores(graph, interp, layer, seen[layer_node(layer, "moe_norm")],
-                                                       seen[layer_node(layer, "router")], g, bits, ids.shape[1]).items():
-                    scores.setdefault(node_id, []).append(sc)
+            if layer_node(layer, "router") not in seen:
+                return
+            x, route = seen[layer_node(layer, "moe_norm")], seen[layer_node(layer, "router")]
+            if remote is not None:  # scored by a worker while this process back-propagates further
+                from ..remote_tasks import layer_expert_scores
+
+                route = ops.Routing(route.weights.detach(), route.indices, route.logits.detach(), route.shape)
+                pending.append(ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer, x.detach(),
+                                                   route, g.detach(), bits, ids.shape[1]))
+                return
+            t0, c0 = time.perf_counter(), time.process_time()
+            for node_id, sc in local.expert_scores(graph, interp, layer, x, route, g, bits, ids.shape[1],
+                                                   by_layer.get(layer, [])).items():
+                scores.setdefault(node_id, []).append(sc)
+            split["expert_scores_s"] += time.perf_counter() - t0
+            split["expert_scores_cpu_s"] += time.process_time() - c0
 
         def after_backward(layer, values, grads, g_in):
             for node_id in (k for k, lay in layer_of.items() if lay == layer):
@@ -169,6 +198,9 @@ class SensitivityPass(Pass):
                 g = local.head_gradient(interp, h_last, ids, "sampled", gen)
                 local.backward_layers(interp, store, g, RunOptions(quantize=False), at_layer, tick, watch,
                                       after_backward)
+            for result in ctx.executor.get(pending) if pending else ():
+                for node_id, sc in result.items():
+                    scores.setdefault(node_id, []).append(sc)
             if flips:
                 t0 = time.perf_counter()
                 rates = local.flip_rates(interp, store, ids, _probe_bits(bits, o.flip_bits), tick)
@@ -187,8 +219,11 @@ class SensitivityPass(Pass):
         for node_id, runs in scores.items():
             _annotate_kl(graph, node_id, runs, _flip_rate(rates, graph.node(node_id).attrs["layer"], True))
             graph.annotate(node_id, "contribution", sum(r["contribution"] for r in runs) / len(runs))
+            graph.annotate(node_id, "sensitivity_tokens", runs[0]["tokens"])
             if o.gradvar:
                 graph.annotate(node_id, "neuron_variance", runs[0]["neuron_variance"])
+        rare = rare_experts.price_rare(graph, {k: runs[0]["weight_error"] for k, runs in scores.items()},
+                                       o.min_tokens, o.rare)
         if o.gradvar:
             fp_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False), tick)
             all_q = {n.id: o.gradvar_bits for n in graph.experts()}
@@ -197,8 +232,18 @@ class SensitivityPass(Pass):
         bar.close()
         return PassResult(graph, modified=True, stats={
             "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel()),
-            **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}),
+            **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}), "rare_experts": rare,
+            **({"remote_tasks": len(pending)} if pending else {k: round(v, 2) for k, v in split.items()}),
             **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})
+
+
+def _remote(ctx: PassContext, graph: Graph):
+    """The graph put in the executor's object store (None: score the layers in this process)."""
+    if ctx.executor is None:
+        return None
+    from ..remote_tasks import sendable
+
+    return ctx.executor.put(graph) if sendable(graph) else None
 
 
 def _probe_bits(bits: tuple[int, ...], wanted: int | None) -> int:

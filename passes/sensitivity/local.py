@@ -213,14 +213,17 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
 
 
 def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor, routing: ops.Routing,
-                  g: torch.Tensor, bits: tuple[int, ...], seq_len: int) -> dict[str, dict]:
-    """Per expert of ``layer``: the Fisher KL estimate per bits, the Fisher magnitude of its whole
-    output (``contribution``) and the mean variance of its intermediate neurons."""
+                  g: torch.Tensor, bits: tuple[int, ...], seq_len: int, experts: list | None = None) -> dict[str, dict]:
+    """Per expert of ``layer`` (``experts``: that layer's nodes, when the caller has them grouped):
+    the Fisher KL estimate per bits, the Fisher magnitude of its whole output (``contribution``),
+    the mean variance of its intermediate neurons, the routed tokens it was measured on
+    (``tokens``) and the squared error of its weights fake-quantized at each bits (``weight_error``,
+    what :mod:`.rare_experts` prices experts with too few tokens by)."""
     x, g = x.detach().reshape(-1, x.shape[-1]), g.detach().reshape(-1, g.shape[-1])  # [N, H]
     n_seq, positions = x.shape[0] // seq_len, x.shape[0] // seq_len * (seq_len - 1)
     out = {}
     with torch.no_grad():
-        for node in (n for n in graph.experts() if n.attrs["layer"] == layer):
+        for node in experts if experts is not None else graph.experts_by_layer().get(layer, []):
             token_idx, slot = torch.where(routing.indices == node.attrs["expert"])
             xt, gt = x[token_idx], g[token_idx]
             seq = token_idx // seq_len
@@ -232,13 +235,16 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             w = interp.weights(node.id, RunOptions(quantize=False))
             act = F.silu(F.linear(xt, w["gate"])) * F.linear(xt, w["up"])  # [n, I]
             y = F.linear(act, w["down"])
-            kl, norm = {16: 0.0}, {16: 0.0}
+            kl, norm, werr = {16: 0.0}, {16: 0.0}, {16: 0.0}
             for b in bits:
-                delta = _routed_change(interp, node.id, w, xt, y, wr, b)
+                wq = interp.fake_quantized(node.id, w, b)
+                werr[b] = weight_error(w, wq)
+                delta = _routed_change(interp, node.id, w, xt, y, wr, b, wq)
                 kl[b] = fisher(delta) if len(xt) else 0.0
                 norm[b] = change_norm(delta, positions) if len(xt) else 0.0
             out[node.id] = {"kl": kl, "norm": norm, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
-                            "neuron_variance": float(act.var(dim=0).mean()) if len(xt) > 1 else 0.0}
+                            "neuron_variance": float(act.var(dim=0).mean()) if len(xt) > 1 else 0.0,
+                            "tokens": len(xt), "weight_error": werr}
     return out
 
 
@@ -279,7 +285,8 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
     """
     graph = interp.graph
     outs = layer_outputs(graph)
-    moe = sorted({n.attrs["layer"] for n in graph.experts()})
+    by_layer = graph.experts_by_layer()
+    moe = sorted(by_layer)
     groups = probe_groups(len(ids), moe[:-1])
     t = ids.shape[1]
     fp = RunOptions(quantize=False)
@@ -308,7 +315,7 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
                 frozen = {layer_node(m, "router"): _route_rows(route, 0, old, t)} if route is not None else {}
                 h["free"], h["frozen"] = run(h["free"], m, fp), run(h["frozen"], m, fp, frozen)
             if start is not None:
-                experts = [n for n in graph.experts() if n.attrs["layer"] == m]
+                experts = by_layer.get(m, [])
                 q = run(start, m, RunOptions(quantize=False, bits_override={n.id: bits for n in experts}))
                 norms[m] = _probe_norm(interp, experts, seen[layer_node(m, "moe_norm")][old:],
                                        _route_rows(seen[layer_node(m, "router")], old, fp_in.shape[0], t), bits)
@@ -358,12 +365,20 @@ def _probe_norm(interp: Interpreter, experts: list, x: torch.Tensor, route: ops.
 
 
 def _routed_change(interp: Interpreter, node_id: str, w: dict, xt: torch.Tensor, y: torch.Tensor, wr: torch.Tensor,
-                   bits: int) -> torch.Tensor:
+                   bits: int, wq: dict | None = None) -> torch.Tensor:
     """How expert ``node_id``'s weighted output on its routed tokens ``xt`` (full-precision output
     ``y``, routing weights ``wr``) changes when its weights ``w`` are fake-quantized at ``bits`` (as
-    ``weights(bits_override)`` would, without reading the store again)."""
-    wq = interp.fake_quantized(node_id, w, bits)
+    ``weights(bits_override)`` would, without reading the store again; ``wq``: those weights, when
+    the caller has them)."""
+    if wq is None:
+        wq = interp.fake_quantized(node_id, w, bits)
     return (ops.swiglu(xt, wq["gate"], wq["up"], wq["down"]) - y) * wr
+
+
+def weight_error(w: dict, wq: dict) -> float:
+    """``sum ||W_q - W||^2`` over an expert's gate, up and down weights: what its weights alone say
+    about the error of quantizing it, whatever tokens reach it."""
+    return float(sum(float((wq[r] - w[r]).pow(2).sum(dtype=torch.float64)) for r in ("gate", "up", "down")))
 
 
 def _logprobs(interp: Interpreter, h: torch.Tensor) -> torch.Tensor:

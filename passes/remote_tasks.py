@@ -1,0 +1,51 @@
+"""The per-layer tasks ``compile --ray`` runs on workers (``dmpq_compile/distributed.py`` holds the
+connection; see docs/scaling.md). Module-level functions, so that Ray can import them by name;
+each runs exactly what the serial pass runs for that layer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+MAX_SENT_BYTES = 64 * 2**20  # in-memory weights sent with the graph (beyond: the pass runs in the driver)
+
+
+def sendable(graph) -> bool:
+    """Whether ``graph`` can go to workers: its weights on disk but at most ``MAX_SENT_BYTES``."""
+    store = graph.weights
+    held = sum(store.nbytes([k]) for k in store if store.ref(k) is None)
+    if held > MAX_SENT_BYTES:
+        log.info("ray: %.0f MB of weights live only in memory (not in the checkpoint's files); this pass runs in "
+                 "the driver", held / 2**20)
+        return False
+    return True
+
+
+def layer_expert_scores(graph, formats, layer: int, x, routing, g, bits, seq_len: int, threads: int) -> dict:
+    """:func:`~dmpq_compile.passes.sensitivity.local.expert_scores` of one layer, in a worker."""
+    from ..ir.interpreter import Interpreter
+    from .sensitivity import local
+
+    torch.set_num_threads(threads)
+    interp = Interpreter(graph, quantize=False, formats=formats)
+    with torch.no_grad():
+        return local.expert_scores(graph, interp, layer, x, routing, g, bits, seq_len,
+                                   graph.experts_by_layer().get(layer, []))
+
+
+def layer_quantize(graph, options, node_ids: list[str], path: str, threads: int) -> dict[str, dict]:
+    """Quantize the nodes ``node_ids`` (one layer's) with the quantize pass's ``options`` in a worker,
+    write their codes into the safetensors file ``path`` and return each node's annotations."""
+    from .quantize import QuantizePass
+
+    torch.set_num_threads(threads)
+    qp = QuantizePass(options)
+    keys: list[str] = []
+    for node_id in node_ids:
+        keys += qp._quantize_node(graph, graph.node(node_id), {})
+    if keys:
+        graph.weights.spill(keys, Path(path))
+    return {n: {"group_size": graph.node(n).ann["group_size"], "quant": graph.node(n).ann["quant"]} for n in node_ids}

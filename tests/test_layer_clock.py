@@ -1,0 +1,39 @@
+"""Per-layer progress lines with an ETA (passes/layer_clock.py) and per-pass CPU time."""
+
+import logging
+
+from dmpq_compile.passes.layer_clock import LayerClock, _clock
+
+
+def test_layer_clock_logs_progress_and_eta(caplog):
+    caplog.set_level(logging.INFO, logger="dmpq_compile.passes.layer_clock")
+    clock = LayerClock("sensitivity", 3, every=0.0)
+    for label in ("L2", "L1", "L0"):
+        clock.step(label)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and lines[0].startswith("sensitivity: step 1/3 (L2)") and "ETA" in lines[0]
+    assert lines[-1].startswith("sensitivity: step 3/3 (L0)") and lines[-1].endswith("ETA 0:00")
+
+
+def test_layer_clock_rate_limits_but_always_logs_the_last_step(caplog):
+    caplog.set_level(logging.INFO, logger="dmpq_compile.passes.layer_clock")
+    clock = LayerClock("quantize", 50, every=3600)
+    for _ in range(50):
+        clock.step()
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["quantize: step 50/50"]
+
+
+def test_clock_format():
+    assert _clock(59.6) == "1:00" and _clock(3725) == "1:02:05"
+
+
+def test_pass_records_carry_cpu_time(tiny_dirs, calib_ids):
+    from dmpq_compile.passes import PassContext, PassManager, Timing, make_pass
+
+    from dmpq_compile.frontend import load
+
+    timing = Timing()
+    PassManager([make_pass("profile")], [timing]).run(load(tiny_dirs("olmoe")),
+                                                      PassContext(calibration=calib_ids("olmoe"), progress=False))
+    (rec,) = timing.records
+    assert rec.cpu_seconds is not None and rec.cpu_seconds >= 0 and rec.seconds > 0
