@@ -53,6 +53,9 @@ class Backend:
     name: ClassVar[str] = ""
     supported_bits: ClassVar[tuple[int, ...]] = (16,)
     description: ClassVar[str] = ""
+    # whole-model stored bits per weight of a compile without budget flags (the compile driver's
+    # resolve_defaults); None: such a compile budgets the experts' code bits instead
+    default_budget_bits: ClassVar[float | None] = None
 
     def cost_table(self, graph: Graph, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
         """``{expert node id: {bits: ExpertCostRow}}`` for every expert and supported bit-width.
@@ -111,7 +114,7 @@ class Backend:
     def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
         """Bytes :meth:`emit` stores for one linear weight ``K -> N`` (an expert projection, or a
         non-expert one the ``precision`` pass gave bits) at ``bits``: codes, scales and zero points,
-        or the float weight at 16 bits. :func:`~dmpq_compile.passes.storage.stored_weight_bytes`
+        or the float weight at 16 bits. :func:`~dmpq_compile.passes.infra.storage.stored_weight_bytes`
         adds these up for the stored-bits budget; ``tests/test_stored_budget.py`` checks them
         against emitted files."""
         raise NotImplementedError(f"backend {self.name!r} does not say how it stores weights")

@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import platform
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..fileio import CACHE_ENV, atomic_write_bytes, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
+from ..sysinfo import available_cpus, cpu_flags, cpu_model  # noqa: F401 (re-exported; their home is sysinfo)
 
 if TYPE_CHECKING:  # `bench` uses the energy model on artifacts without torch (ir/ imports it)
     from ..ir.graph import Graph
@@ -143,11 +142,6 @@ def matmulnbits_bytes(n: int, k: int, bits: int, block_size: int, scale_dtype: s
     return layout_bytes(matmulnbits_layout(n, k, bits, block_size, scale_dtype))
 
 
-def dense_bytes(n: int, k: int, dtype_bytes: int) -> int:
-    """Bytes of an unquantized ``[K, N]`` weight with ``dtype_bytes`` per element."""
-    return n * k * dtype_bytes
-
-
 def expert_bytes(h: int, i: int, proj_bytes: Callable[[int, int], int]) -> int:
     """Weight bytes of one expert: ``proj_bytes(N, K)`` summed over gate, up and down."""
     return sum(proj_bytes(n, k) for _, n, k in expert_projections(h, i))
@@ -223,44 +217,6 @@ def merge_ops(*parts: Mapping[str, float]) -> dict[str, float]:
 
 
 # -- machine identity -------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (falls back to :func:`platform.processor`)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-SIMD_FLAGS = ("sse4_2", "fma", "f16c", "avx", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "sve2", "i8mm")
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD features of the CPU that matter to the kernels (AVX2, AVX-512, VNNI, AMX, NEON dot product,
-    ...), from ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on Arm); empty when it cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith(("flags", "features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in SIMD_FLAGS if flag in have]
-    except OSError:
-        pass
-    return []
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (affinity-aware)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 # -- disk cache -------------------------------------------------------------------------------
 def cost_cache_dir() -> Path:
     """``$DMPQ_CACHE_DIR/cost`` if set, else ``~/.cache/dmpq-compile/cost``."""

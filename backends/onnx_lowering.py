@@ -7,7 +7,7 @@ pluggable because targets differ exactly there:
 * a :class:`Projection` decides how a quantizable node's projection weight (``gate``/``up``/
   ``down`` of an expert, shared expert or dense MLP; ``q``/``k``/``v``/``o`` of attention and
   ``weight`` of lm_head when the ``precision`` policy gave them bits) becomes ONNX: the ORT CPU backend emits
-  ``com.microsoft.MatMulNBits``, a TensorRT backend would emit ``DequantizeLinear`` + ``MatMul``;
+  ``com.microsoft.MatMulNBits``, the trt-a100 backend ``DequantizeLinear`` + ``MatMul`` (``backends/trt/qdq.py``);
   :class:`FloatProjection` (fp32 ``MatMul``) is the base they fall back to for 16-bit nodes;
 * a dispatch pattern (:class:`GatherDispatch`, :class:`GatherIfDispatch`, :class:`DenseDispatch`,
   or :class:`FusedDispatch`, one fused MoE op per layer and bit-width where the projection has one)

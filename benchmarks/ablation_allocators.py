@@ -1,6 +1,6 @@
 """Ablation: does the RL policy add anything over random proposals + the same local search?
 
-Variants (issue 14), each allocating the same analysed problem:
+Variants, each allocating the same analysed problem:
 
 * ``rl``: PPO proposals + refinement (the ``rl`` allocator with its defaults);
 * ``search-matched``: random proposals + the same refinement with the same number of evaluated
@@ -63,10 +63,10 @@ from dmpq_compile.passes.allocate import (
     objective_value,
     solve,
 )
+from dmpq_compile.passes.allocate.base import AllocateOptions, build_problem
+from dmpq_compile.passes.allocate.measure import interpreter_accuracy_fn
 from dmpq_compile.passes.allocate.synthetic import synthetic_problem
-from dmpq_compile.passes.allocate_measure import interpreter_accuracy_fn
-from dmpq_compile.passes.allocate_pass import AllocateOptions, build_problem
-from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.infra.base import PassContext
 
 from dmpq_compile.eval.protocol import format_quality
 
@@ -158,7 +158,7 @@ def run_samples(args) -> None:
                "fp32_ppl": scorer.fp_ppl, "command": command(args)}, f"ablation-allocators-{name}{args.tag}.json",
               quiet=True)
     out = {"model": args.model, "part": "samples", "analysis_seconds": analysis_s, "fp32_ppl": scorer.fp_ppl,
-           "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows], "episodes": args.episodes, "machine_start": meta,
+           "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows], "episodes": args.episodes, "machine_start": meta,  # noqa: E501
            "machine_end": machine(), "rows": rows, "command": command(args)}
     write(out, f"ablation-allocators-{name}{args.tag}.json")
 

@@ -85,7 +85,7 @@ def main() -> None:
             print(f"{budget:>4g} {variant:>9}: {format_quality(score['quality'])}  ({seconds:.0f} s)", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ablation-{name}.json").write_text(json.dumps(
-        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows], "rows": rows,
+        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows], "rows": rows,  # noqa: E501
          "command": "python benchmarks/ablation_quant.py " + " ".join(
              f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}, indent=1))
 

@@ -54,7 +54,7 @@ def machine() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
-    from dmpq_compile.backends.cost import cpu_flags, cpu_model
+    from dmpq_compile.sysinfo import cpu_flags, cpu_model
 
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": git("status", "--short", "-uno").splitlines(),
             "loadavg": loadavg(), "cpu": cpu_model(), "cpu_flags": cpu_flags(), "python": platform.python_version(),

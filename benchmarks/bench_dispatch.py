@@ -2,7 +2,8 @@
 
 For each shape the script writes a one-decoder-layer random checkpoint at real widths
 (``dmpq_compile.testing.scale``; the vocabulary cut to 8192, as in ``bench_shapes.py``, so that the
-fp32 head does not hide the experts: Qwen3's real 151936-token head alone reads 1.2 GB a token), quantizes one graph (RTN, group 64) for each expert
+fp32 head does not hide the experts: Qwen3's real 151936-token head alone reads 1.2 GB a token), quantizes one
+graph (RTN, group 64) for each expert
 composition (``4bit``: every expert 4-bit; ``mixed``: even experts 4-bit, odd 2-bit; ``mixed3``:
 experts cycling 2/4/8 bits) and emits it twice from the same codes, ``--dispatch gather-if`` and
 ``fused``. It then times both artifacts with ``dmpq_compile.runtime`` interleaved round by round
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(shape: str, composition: str, work: Path) -> dict[str, Path]:
     from dmpq_compile.backends.ort_cpu import OrtCpuBackend
-    from dmpq_compile.passes.base import PassContext
+    from dmpq_compile.passes.infra.base import PassContext
     from dmpq_compile.passes.quantize import QuantizePass
 
     from dmpq_compile.artifact import write_artifact

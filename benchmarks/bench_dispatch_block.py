@@ -37,7 +37,7 @@ def moe_block_graph(hidden: int, inter: int, experts: int, top_k: int, bits: int
                     seed: int = 0) -> Any:
     """embed -> norm -> one MoE layer (random weights, RTN-quantized to ``bits``, group 32) -> lm_head."""
     import torch
-    from dmpq_compile.passes.base import PassContext
+    from dmpq_compile.passes.infra.base import PassContext
     from dmpq_compile.passes.quantize import QuantizePass
 
     from dmpq_compile.ir.graph import Graph

@@ -2,7 +2,7 @@
 
 The layer-local Fisher estimate sees the model with every router frozen; the flip probe adds, per
 node and bit-width, ``c_l x`` the node's mean output-change norm, ``c_l`` measured per MoE layer
-(``passes.sensitivity_local.flip_rates``). For each model and budget this compiles
+(``passes.sensitivity.local.flip_rates``). For each model and budget this compiles
 
 * ``probe``: the default (sensitivity with the flip term);
 * ``no-probe``: ``--no-flip-probe``, the layer-local estimate alone (what compiles did before);
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nonexpert_alloc import score
-from dmpq_compile.passes import sensitivity_local
+from dmpq_compile.passes.sensitivity import local as sensitivity_local
 
 from dmpq_compile.compiler import CompileConfig, compile_model
 from dmpq_compile.eval.protocol import format_quality
@@ -124,10 +124,7 @@ def cost_row(checkpoint: str, sequences: int, seq_len: int) -> dict:
     from dmpq_compile.compiler import calibration_ids
     from dmpq_compile.frontend import load
     from dmpq_compile.ir import Interpreter, RunOptions
-
-    def vm_hwm_mb() -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024
+    from dmpq_compile.sysinfo import peak_rss_mb as vm_hwm_mb
 
     graph = load(checkpoint)
     interp = Interpreter(graph, quantize=False, formats=get_backend("ort-cpu").weight_formats)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -64,7 +63,8 @@ else:
     logits, past = s.forward(ids[None, :], logits_to_keep=1)
     for _ in range(8):
         logits, past = s.forward(np.array([[int(logits[0, -1].argmax())]]), past)
-print([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1])
+from dmpq_compile.sysinfo import proc_status
+print(proc_status()["VmHWM"])
 """
 
 
@@ -83,10 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cpu() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    from dmpq_compile.sysinfo import cpu_flags, cpu_model
+
+    model, flags = cpu_model(), cpu_flags()
     return {"model": model, "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
                                     if f in flags]}
 
@@ -106,7 +105,7 @@ def checkpoint(name: str, work: Path) -> Path:
 def build(name: str, work: Path, bits: int) -> dict[str, Path]:
     """The two artifacts of one model, from one quantized graph."""
     from dmpq_compile.backends.ort_cpu import OrtCpuBackend
-    from dmpq_compile.passes.base import PassContext
+    from dmpq_compile.passes.infra.base import PassContext
     from dmpq_compile.passes.quantize import QuantizePass
 
     from dmpq_compile.artifact import write_artifact

@@ -32,10 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-from dmpq_compile.passes.manager import peak_rss_mb, reset_peak_rss
+from dmpq_compile.passes.infra.manager import peak_rss_mb, reset_peak_rss
 
 from dmpq_compile.quant import QuantSpec, quantize
 from dmpq_compile.quant.gptq import gptq_quantize, inverse_cholesky_upper
+from dmpq_compile.sysinfo import load_average as uptime
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("rtn", "gptq-per-role", "gptq-stacked")
@@ -53,10 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/gptq-TIME.json)")
     return p.parse_args(argv)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def shape(text: str) -> tuple[int, int]:

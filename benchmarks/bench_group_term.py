@@ -108,8 +108,8 @@ def settings(problem: AllocationProblem) -> list[tuple[str, Budget, ObjectiveWei
 
 
 def sample_problem(model: str, work: Path) -> AllocationProblem:
-    from dmpq_compile.passes.allocate_pass import AllocateOptions, build_problem
-    from dmpq_compile.passes.base import PassContext
+    from dmpq_compile.passes.allocate.base import AllocateOptions, build_problem
+    from dmpq_compile.passes.infra.base import PassContext
 
     from dmpq_compile.compiler import get_backend
 

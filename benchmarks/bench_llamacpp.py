@@ -1,4 +1,4 @@
-"""llama.cpp side by side with dmpq-compile at matching stored bits per weight (issue 13, item 3).
+"""llama.cpp side by side with dmpq-compile at matching stored bits per weight.
 
 For each model: convert the checkpoint to GGUF (f32 for the samples, f16 for the one-layer
 real-width checkpoints), quantize it to Q8_0, Q4_0, Q4_K_M, Q3_K_M, Q2_K, IQ3_XXS and IQ2_XS
@@ -67,6 +67,8 @@ from pathlib import Path
 import llamacpp as lc
 import numpy as np
 from dmpq_compile.passes.precision import split_auto
+
+from dmpq_compile.sysinfo import load_average as uptime
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -167,8 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nonexpert-bits", default="4",
                    help="--nonexpert-bits of the matched dmpq artifacts, auto[,KIND=N], N or KIND=N,... (auto: matched "
                    "by --budget-bits, the optimal allocator placing non-experts too; default 4: every matrix, "
-                   "as llama.cpp quantizes every matrix; e.g. 4,attention=8,lm_head=8; 16: float, the runs before "
-                   "issue 13 item 2)")
+                   "as llama.cpp quantizes every matrix; e.g. 4,attention=8,lm_head=8; 16: float non-experts)")
     args = p.parse_args(argv)
     try:
         args.specs = [model_spec(name) for name in args.models]
@@ -186,10 +187,6 @@ def model_spec(name: str) -> ModelSpec:
         raise ValueError(f"--models {name!r} is neither one of {', '.join(MODELS)} nor a checkpoint folder with "
                          "config.json and tokenizer.json")
     return ModelSpec(path.resolve().name, None, True, "f32", SAMPLE_FLAGS, FP32_REFERENCE, path.resolve())
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def git(*args: str) -> str:

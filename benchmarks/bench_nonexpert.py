@@ -1,4 +1,4 @@
-"""Stored bits per weight and quality of artifacts at several ``--nonexpert-bits`` (issue 13, item 1).
+"""Stored bits per weight and quality of artifacts at several ``--nonexpert-bits``.
 
 For each model and non-expert bit-width: compile at one budget of expert code bits (this script's
 ``--budget-bits``, the compile's ``--budget-code-bits``), read the artifact's storage summary,

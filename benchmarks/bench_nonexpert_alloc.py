@@ -1,4 +1,4 @@
-"""Allocated vs fixed non-expert bits at equal whole-model stored bits (issue 13, item 1).
+"""Allocated vs fixed non-expert bits at equal whole-model stored bits.
 
 Part ``compare``: for each model and ``--budget-bits`` (stored bits per weight of the weight
 tensors), compile

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dmpq_compile.runtime import load
+from dmpq_compile.sysinfo import load_average as uptime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,10 +38,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/prefill-logits-TIME.json)")
     return p.parse_args(argv)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def measure(path: Path, args: argparse.Namespace) -> dict:

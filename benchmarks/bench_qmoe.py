@@ -27,7 +27,8 @@ take float32 activations as QMoE's do: separates the dispatch cost from the floa
 Layers (``--layers``): ``olmoe-4bit`` (hidden 2048, 64 experts x 1024, top-8, softmax without
 renormalization), ``qwen3-4bit`` (hidden 2048, 128 experts x 768, top-8, renormalized),
 ``olmoe-mixed`` / ``qwen3-mixed`` (the same with even experts at 4 bits and odd ones at 2 bits:
-two QMoE nodes); ``olmoe-2bit`` / ``qwen3-2bit`` (all experts at 2 bits) on request. Block (group) size 64, asymmetric codes with packed zero points.
+two QMoE nodes); ``olmoe-2bit`` / ``qwen3-2bit`` (all experts at 2 bits) on request. Block (group) size 64,
+asymmetric codes with packed zero points.
 Each layer is timed at decode (1 token) and prefill (``--prefill-tokens``, default 128),
 interleaved rounds with the order rotating, per-round median of ``--reps`` runs; the table shows
 the median over rounds and the spread (min..max of the round medians), and the median (min..max)
@@ -49,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -67,6 +67,7 @@ from dmpq_compile.backends.ort_cpu.matmulnbits import qmoe_attributes
 from onnx import TensorProto, helper, numpy_helper
 
 from dmpq_compile.quant import pack_bits, unpack_bits
+from dmpq_compile.sysinfo import cpu_model
 
 SHAPES = {  # hidden, expert intermediate, experts, top-k, renormalize the top-k weights
     "olmoe": {"hidden": 2048, "inter": 1024, "experts": 64, "top_k": 8, "norm": False},
@@ -405,13 +406,6 @@ def run_checks(threads: int, big: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
 def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
@@ -497,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from dmpq_compile.backends.cost import cpu_flags
 
-    info = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "threads": args.threads,
+    info = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "threads": args.threads,  # noqa: E501
             "loadavg_before": loadavg(), "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"cpu {info['cpu']} ({info['cores']} cores), onnxruntime {ort.__version__}, {args.threads} threads, "
           f"load {info['loadavg_before']}", flush=True)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dmpq_compile.sysinfo import load_average as uptime
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 COMPILED = (
@@ -64,10 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--corpus", default="pydoc")
     return p.parse_args(argv)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def build_compiled(model_dir: Path, work: Path, reuse: bool) -> dict[str, float | None]:
@@ -118,7 +116,8 @@ m = load(sys.argv[1], threads=a["threads"])
 logits, past = m.forward([a["ids"]])
 for _ in range(a["decode"]):
     logits, past = m.forward([[int(logits[0, -1].argmax())]], past)
-print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+from dmpq_compile.sysinfo import proc_status
+print(proc_status()["VmHWM"])
 """
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from dmpq_compile.backends.ort_cpu.cost import CacheEvictor, default_evict_bytes, measure_expert_cost
 
+from dmpq_compile.sysinfo import load_average as uptime
+
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float16", "float32")
 
@@ -41,10 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per round and variant (default 5)")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/scale-dtype-TIME.json)")
     return p.parse_args(argv)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> None:

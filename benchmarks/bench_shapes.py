@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dmpq_compile.sysinfo import available_memory_bytes, cpu_model, proc_status
+from dmpq_compile.sysinfo import load_average as uptime
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = {
@@ -66,7 +69,7 @@ VARIANTS = (
     ("int8", ["--allocator", "uniform", "--budget-code-bits", "8", "--no-sensitivity"]),
     ("int4", ["--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity"]),
     ("mixed-3", ["--allocator", "frequency", "--budget-code-bits", "3", "--no-sensitivity"]),
-    # whole model (issue 13): every matrix quantized, the embedding table included
+    # whole model: every matrix quantized, the embedding table included
     ("int8-all", ["--allocator", "uniform", "--budget-code-bits", "8", "--nonexpert-bits", "8", "--no-sensitivity"]),
     ("mixed-3bpw", ["--allocator", "frequency", "--budget-bits", "3", "--nonexpert-bits", "4", "--no-sensitivity"]),
 )
@@ -91,10 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-
-
 # -- machine bandwidth -----------------------------------------------------------------------------
 def stream_read_gb_s(array: np.ndarray, threads: int, repeats: int = 5) -> float:
     """Best-of-``repeats`` read bandwidth of summing ``array`` split over ``threads`` threads
@@ -117,14 +116,6 @@ def machine_bandwidth(mb: int) -> dict[str, float]:
 
 
 # -- building --------------------------------------------------------------------------------------
-def _proc_status_kb(pid: int) -> dict[str, int]:
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return {}
-    return {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in lines) if k in ("VmHWM", "RssAnon")}
-
-
 def run_measured(cmd: list[str], what: str) -> dict[str, float]:
     """Run ``cmd``, sampling ``/proc/<pid>/status`` every 0.2 s; returns wall seconds, the peak RSS
     (``VmHWM``: counts file pages the process maps, e.g. the safetensors it reads) and the largest
@@ -135,7 +126,7 @@ def run_measured(cmd: list[str], what: str) -> dict[str, float]:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
         hwm, anon = 0, 0
         while proc.poll() is None:
-            status = _proc_status_kb(proc.pid)
+            status = proc_status(proc.pid)
             hwm, anon = max(hwm, status.get("VmHWM", 0)), max(anon, status.get("RssAnon", 0))
             time.sleep(0.2)
         err.seek(0)
@@ -217,11 +208,8 @@ def table(results: list[dict], machine: dict[str, float]) -> str:
 
 
 def available_gb() -> float | None:
-    try:
-        line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-    return int(line.split()[1]) / 2**20
+    free = available_memory_bytes()
+    return None if free is None else free / 2**30
 
 
 def check_memory(name: str, args: argparse.Namespace) -> None:
@@ -254,19 +242,18 @@ def run_shape(name: str, work: Path, corpus: Path, args: argparse.Namespace) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dmpq_compile.bench import _cpu
     from dmpq_compile.testing import write_tiny_corpus
 
     args = parse_args(argv)
     work = Path(args.work)
     corpus = write_tiny_corpus(work / "corpus")
-    print(f"start: {uptime()}  (cpus: {os.cpu_count()}, {_cpu()})")
+    print(f"start: {uptime()}  (cpus: {os.cpu_count()}, {cpu_model()})")
     shapes = [run_shape(name, work, corpus, args) for name in args.shapes]
     print(f"end: {uptime()}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"shapes-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_shapes.py", *sys.argv[1:]]),
-                               "cpu": _cpu(), "shapes": shapes}, indent=1))
+                               "cpu": cpu_model(), "shapes": shapes}, indent=1))
     print(f"wrote {out}")
     return 0
 

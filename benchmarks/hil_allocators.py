@@ -49,8 +49,8 @@ from dmpq_compile.passes.allocate import (
     ObjectiveWeights,
     solve,
 )
+from dmpq_compile.passes.allocate.measure import energy_source
 from dmpq_compile.passes.allocate.synthetic import draw_sensitivities
-from dmpq_compile.passes.allocate_measure import energy_source
 
 from dmpq_compile.compiler import CompileConfig, calibration_ids, run_passes
 from dmpq_compile.frontend import load

@@ -72,7 +72,7 @@ def main() -> None:
             print(f"{budget:>4g} {label:>9}: {format_quality(rows[-1]['quality'])}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"sensitivity-methods-{name}.json").write_text(json.dumps(
-        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows],
+        {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows],  # noqa: E501
          "sensitivity_seconds": seconds, "rows": rows, "machine": machine(),
          "command": f"python benchmarks/sensitivity_methods.py --model {args.model} --budgets {args.budgets}"},
         indent=1))

@@ -31,9 +31,9 @@ from alloc_common import (
     machine,
 )
 from dmpq_compile.passes.allocate import solve
-from dmpq_compile.passes.allocate_measure import energy_source
-from dmpq_compile.passes.allocate_pass import AllocateOptions, build_problem
-from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.allocate.base import AllocateOptions, build_problem
+from dmpq_compile.passes.allocate.measure import energy_source
+from dmpq_compile.passes.infra.base import PassContext
 
 from dmpq_compile.bench import BenchConfig, bench
 from dmpq_compile.eval.protocol import format_quality
@@ -119,7 +119,7 @@ def main() -> None:
     for d in sorted(distinct, key=lambda d: d["decode_ms"]):
         print(f"w_lat {d['w_lat']:<6g} w_mem {d['w_mem']:<6g} bits {d['avg_bits']:5.2f} decode {d['decode_ms']:.3f} ms "
               f"MB {d['weight_mb']:.2f} {format_quality(d['quality'])} {'*' if d['pareto'] else ''}")
-    out = {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows],
+    out = {"model": args.model, "fp32_ppl": scorer.fp_ppl, "eval_tokens": scorer.n_scored, "eval_sets": [w.record() for w in scorer.windows],  # noqa: E501
            "energy": f"{energy_source()}: not swept", "machine_start": meta, "machine_end": machine(),
            "rows": rows, "distinct": distinct, "command": "python benchmarks/sweep_weights.py " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}

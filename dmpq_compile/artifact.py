@@ -43,8 +43,8 @@ from .backends.base import Backend
 from .fileio import default_modes
 from .frontend.hf import CHAT_TEMPLATE_FILE, chat_template_source
 from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph
-from .passes.manager import peak_rss_mb, reset_peak_rss
 from .runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, REPORT_NAME, ArtifactError, file_entries
+from .sysinfo import peak_rss_mb, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def storage_summary(graph: Graph, expert_weights: Mapping[str, Mapping[str, Any]
     it is part of ``other``. ``scales`` counts the quantized nodes by how their scales are stored
     (e.g. ``{"float16": 40}``).
     """
-    from .passes.storage import param_count
+    from .passes.infra.storage import param_count
 
     total = param_count(graph)
     out: dict[str, Any] = {"params": total, "bytes": model_bytes,

@@ -189,9 +189,8 @@ def _rss_probe(path: Path, cfg: BenchConfig, ids: list[int]) -> float:
         "lo,past=m.forward([a['ids']],logits_to_keep=1)\n"
         "for _ in range(a['decode']):\n"
         "    lo,past=m.forward([[int(lo[0,-1].argmax())]],past)\n"
-        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (possibly large) parent
-        "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
-        "print(int(hwm)/1024)\n")
+        "from dmpq_compile.sysinfo import peak_rss_mb\n"  # VmHWM: ru_maxrss carries the parent's over
+        "print(peak_rss_mb())\n")
     arg = json.dumps({"ids": ids, "decode": cfg.decode_tokens, "threads": cfg.threads})
     res = subprocess.run([sys.executable, "-c", code, str(path), arg], capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -372,7 +371,7 @@ def machine() -> dict:
     import os
     import platform
 
-    from .backends.cost import available_cpus, cpu_flags, cpu_model
+    from .sysinfo import available_cpus, cpu_flags, cpu_model
 
     return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpus": available_cpus(),
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

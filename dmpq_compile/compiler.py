@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import pipeline
 from .eval.tokens import eos_token, load_tokenizer
 from .extra_passes import PassInsertion, check_insertions, place_passes
 from .frontend import load
@@ -20,10 +21,12 @@ from .frontend.hf import chat_template_source
 from .frontend.source import resolve_model
 from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS, Graph
 from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
-from .passes.allocate_pass import NEEDS
-from .passes.budget_guard import BudgetGuard
-from .passes.cache import PassCache
-from .passes.precision import PrecisionOptions, check_kinds, check_nonexpert_bits
+from .passes.allocate import allocator_class
+from .passes.allocate.base import DEFAULT_ALLOCATOR, DEFAULT_CODE_BITS
+from .passes.infra.budget_guard import BudgetGuard
+from .passes.infra.cache import PassCache
+from .passes.precision import check_kinds, check_nonexpert_bits
+from .quant.spec import DEFAULT_GROUP_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +36,17 @@ class CompileConfig:
     """Everything that decides what ``compile`` produces (typed, closed: unknown keys are errors)."""
 
     target: str = "ort-cpu"
-    allocator: str = "optimal"  # won the allocator ablation (docs/allocators.md)
-    budget_kind: str = "bits"  # bits (experts' code bits) | stored-bits (whole model) | bytes | latency
-    budget: float = 4.0
+    allocator: str = DEFAULT_ALLOCATOR
+    # bits (experts' code bits) | stored-bits (whole model) | bytes | latency; None: "bits" when a
+    # budget is given, else the target's default budget (resolve_defaults)
+    budget_kind: str | None = None
+    budget: float | None = None  # None: the kind's default (resolve_defaults)
     w_acc: float = 1.0
     w_lat: float = 0.0
     w_mem: float = 0.0
     w_eng: float = 0.0
     bits: tuple[int, ...] | None = None
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP_SIZE
     scale_dtype: str | None = None  # ort-cpu: float16 (None: the target's default) or float32 scales
     max_length: int | None = None  # ort-cpu: onnxruntime-genai's KV buffer positions (None: context, at most 4096)
     dispatch: str | None = None  # ort-cpu: how tokens reach experts (None: the backend's default, fused)
@@ -67,7 +72,9 @@ class CompileConfig:
     codesign_rounds: int = 0  # >0: alternate allocation and QAT this many times before the final round
     nonexpert_bits: int = 16  # attention, shared experts, dense MLPs, lm_head (passes/precision.py); 16 = float
     nonexpert_kinds: dict[str, int] = field(default_factory=dict)  # per-kind bits replacing nonexpert_bits
-    nonexpert_allocate: bool = False  # --nonexpert-bits auto: the kinds not in nonexpert_kinds are allocated
+    # --nonexpert-bits auto: the kinds not in nonexpert_kinds are allocated; None: under the default
+    # budget when the allocator can place them, else not (resolve_defaults)
+    nonexpert_allocate: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra_passes", check_insertions(self.extra_passes))
@@ -102,6 +109,11 @@ class CompileConfig:
             return ()
         return tuple(k for k in NONEXPERT_QUANTIZABLE_KINDS if k not in self.nonexpert_kinds)
 
+    @property
+    def resolved(self) -> bool:
+        """Whether the budget and the non-expert placement are concrete (see :func:`resolve_defaults`)."""
+        return None not in (self.budget_kind, self.budget, self.nonexpert_allocate)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompileConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -109,6 +121,72 @@ class CompileConfig:
         if unknown:
             raise ValueError(f"unknown compile setting(s) {unknown}; valid: {sorted(known)}")
         return cls(**data)
+
+
+# What a compile without budget flags makes: a whole-model stored-bits budget, the target's
+# ``default_budget_bits`` (ort-cpu 4.5, trt-a100 4.8: llama.cpp's Q4_K_M stores about 4.8), with
+# the non-expert weights placed by the allocator; where the weights the target keeps in float make
+# that infeasible (tiny models whose embedding is a large share, on trt-a100), the smallest
+# feasible budget plus DEFAULT_HEADROOM_BITS. Measured: docs/defaults.md.
+DEFAULT_HEADROOM_BITS = 0.25
+FIXED_NONEXPERT_BITS = 4  # the default's non-expert bits for allocators that cannot place them
+
+
+def resolve_defaults(cfg: CompileConfig, graph: Graph | None = None) -> CompileConfig:
+    """``cfg`` with a concrete budget and non-expert placement.
+
+    Rules, in order: a budget without a kind is code bits (``--budget-code-bits``); a code-bits
+    kind without a value is :data:`DEFAULT_CODE_BITS`; no budget at all on a target with a
+    ``default_budget_bits`` is a stored-bits budget of that value, with the non-expert weights
+    placed by the allocator when it can (``places_nonexperts``, sensitivity on, no cost weights), else at
+    :data:`FIXED_NONEXPERT_BITS` (where the user gave no ``--nonexpert-bits``); without a target
+    it is code bits. ``graph`` (shapes only) raises a default stored-bits budget that the
+    weights the target keeps in float make infeasible to the smallest feasible one plus
+    :data:`DEFAULT_HEADROOM_BITS`, logged.
+
+    Raises:
+        ValueError: A bytes or latency budget kind without a value, or a stored-bits one
+            without a value on a target that has no default.
+    """
+    if cfg.resolved:
+        return cfg
+    kind, budget, allocate = cfg.budget_kind, cfg.budget, cfg.nonexpert_allocate
+    backend = get_backend(cfg.target, cfg.scale_dtype)
+    target_default = getattr(backend, "default_budget_bits", None)
+    defaulted = budget is None and kind in (None, "stored-bits") and target_default is not None
+    if kind is None:
+        kind = "stored-bits" if defaulted else "bits"
+    if budget is None:
+        if kind == "bits":
+            budget = DEFAULT_CODE_BITS
+        elif defaulted:
+            budget = target_default
+        else:
+            raise ValueError(f"a {kind!r} budget needs a value" + (
+                f"; target {cfg.target!r} has no default stored-bits budget" if kind == "stored-bits" else ""))
+    fields: dict[str, Any] = {"budget_kind": kind, "budget": float(budget)}
+    untouched = cfg.nonexpert_bits == 16 and not cfg.nonexpert_kinds
+    if allocate is None:
+        placing = (allocator_class(cfg.allocator).places_nonexperts and cfg.sensitivity
+                   and max(cfg.w_lat, cfg.w_mem, cfg.w_eng) == 0)
+        allocate = defaulted and untouched and placing
+        if defaulted and untouched and not placing:
+            fields["nonexpert_bits"] = FIXED_NONEXPERT_BITS
+    fields["nonexpert_allocate"] = allocate
+    out = dataclasses.replace(cfg, **fields)
+    if defaulted and graph is not None:
+        check_nonexpert_target(out, backend)  # before the storage of bits it cannot run is asked for
+        smallest = smallest_stored_bits(out, graph, backend)
+        if smallest + DEFAULT_HEADROOM_BITS > out.budget:
+            log.warning("default budget: %.2f stored bits per weight is infeasible for this model on %s (the "
+                        "weights it keeps in float alone make it store at least %.2f); using %.2f. Give "
+                        "--budget-bits to choose", out.budget, cfg.target, smallest,
+                        smallest + DEFAULT_HEADROOM_BITS)
+            out = dataclasses.replace(out, budget=math.ceil(100 * (smallest + DEFAULT_HEADROOM_BITS)) / 100)
+    if defaulted:
+        log.info("no budget given: --budget-bits %.2f with %s non-expert weights (the %s default)", out.budget,
+                 "allocated" if out.nonexpert_allocate else f"{out.nonexpert_bits}-bit", cfg.target)
+    return out
 
 
 def calibration_ids(model_dir: str | Path, corpus: str, sequences: int, seq_len: int,
@@ -136,45 +214,24 @@ def calibration_ids(model_dir: str | Path, corpus: str, sequences: int, seq_len:
 
 
 def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
-    """Passes whose results do not depend on the budget: profile, [sensitivity], [cost]."""
-    if cfg.allocator not in NEEDS:
-        raise ValueError(f"unknown allocator {cfg.allocator!r}; choose one of {sorted(NEEDS)}")
-    passes = [make_pass("profile")]
-    needs_sens = any(k in NEEDS[cfg.allocator] for k in ("sensitivity", "router_grad_change"))
-    if cfg.allocated_kinds and not cfg.sensitivity:
-        raise ValueError("--nonexpert-bits auto allocates non-expert weights by their measured sensitivity; "
-                         "drop --no-sensitivity")
-    if cfg.sensitivity or needs_sens:
-        passes.append(sensitivity_pass(cfg))
-    if backend is not None:
-        passes.append(make_pass("cost"))
-    return place_passes(passes, cfg.extra_passes, analysis=True)
+    """Passes whose results do not depend on the budget: the ``analysis`` steps of
+    :data:`~dmpq_compile.pipeline.PIPELINE` (profile, [sensitivity], [cost]) plus the extras."""
+    allocator_class(cfg.allocator)  # ValueError naming the registered ones
+    return place_passes(pipeline.build(cfg, backend, ("analysis",)), cfg.extra_passes, analysis=True)
 
 
 def sensitivity_pass(cfg: CompileConfig):
-    return make_pass("sensitivity", max_sequences=cfg.sensitivity_sequences, gradvar=cfg.allocator == "gradvar",
-                     flips=cfg.flip_probe, min_tokens=cfg.min_routed_tokens, rare=cfg.rare_sensitivity, **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))
+    return make_pass("sensitivity", **pipeline.step("sensitivity").options(cfg))
 
 
 def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
-    """Passes that depend on the allocator and budget: [precision], allocate, [qat], quantize, plus
-    the extras. ``precision`` (the fixed non-expert bits) runs only when it quantizes something
-    (``nonexpert_bits`` or a ``nonexpert_kinds`` entry below 16).
+    """Passes that depend on the allocator and budget: the ``allocation`` steps of
+    :data:`~dmpq_compile.pipeline.PIPELINE` ([precision], allocate, [qat]), the ``final`` one
+    (quantize), plus the extras.
 
     ``final=False``: without quantize and the extras anchored after it (a co-design round).
     """
-    policy = PrecisionOptions(cfg.nonexpert_bits, dict(cfg.nonexpert_kinds))
-    passes = [make_pass("precision", nonexpert_bits=policy.nonexpert_bits, kinds=policy.kinds)] if policy.active else []
-    passes += [make_pass(
-        "allocate", allocator=cfg.allocator, budget_kind=cfg.budget_kind, budget=cfg.budget, w_acc=cfg.w_acc,
-        w_lat=cfg.w_lat, w_mem=cfg.w_mem, w_eng=cfg.w_eng, bits=cfg.bits, metric=cfg.metric,
-        allocator_options=dict(cfg.allocator_options),
-        **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {}))]
-    if cfg.qat or cfg.codesign_rounds:
-        passes.append(make_pass("qat", steps=cfg.qat_steps, time_budget_s=cfg.qat_time_budget_s, lr=cfg.qat_lr,
-                                mode=cfg.qat_mode, group_size=cfg.group_size))
-    if final:
-        passes.append(make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size))
+    passes = pipeline.build(cfg, None, ("allocation", "final") if final else ("allocation",))
     return place_passes(passes, cfg.extra_passes, analysis=False, optional=() if final else ("quantize",))
 
 
@@ -229,15 +286,16 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records.
 
     ``cache``: reuse profile and sensitivity results of an earlier compile with the same
-    checkpoint, calibration and options (:mod:`dmpq_compile.passes.cache`); None: off.
+    checkpoint, calibration and options (:mod:`dmpq_compile.passes.infra.cache`); None: off.
 
     With ``codesign_rounds`` > 0, allocation and QAT alternate: each round allocates bits with
     the current sensitivities, fine-tunes at those bits, and re-measures sensitivity on the
     fine-tuned model, so the next allocation sees the recovered model; a final round then
     allocates, fine-tunes and quantizes.
     """
-    backend = get_backend(cfg.target, cfg.scale_dtype)
     graph.meta["group_size"] = cfg.group_size  # one group size for cost tables, QAT and quantize
+    cfg = resolve_defaults(cfg, graph)
+    backend = get_backend(cfg.target, cfg.scale_dtype)
     analysis = analysis_passes(cfg, backend)
     calib = None
     if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):
@@ -316,6 +374,8 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
                     "tokenizer_config.json): apply_chat_template on the artifact will fail; pass a template "
                     "yourself, or add one to the checkpoint and compile again", model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    graph.meta["group_size"] = cfg.group_size
+    cfg = resolve_defaults(cfg, graph)
     check_bits_budget(cfg, graph)
     check_disk_space(graph, cfg, out.parent)
     check_memory(graph, cfg)
@@ -334,18 +394,23 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
             executor.close()
 
 
+def check_nonexpert_target(cfg: CompileConfig, backend: Any) -> None:
+    """Refuse ``nonexpert_bits`` and ``nonexpert_kinds`` the target cannot run (``ValueError``)."""
+    if backend is not None and cfg.nonexpert_bits < 16:
+        check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
+    if backend is not None:
+        check_kinds(cfg.nonexpert_kinds, backend)
+
+
 def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
     """Refuse, before hours of analysis, a bits budget no allocation can meet (code bits below the
     target's smallest bits; stored bits below what the weights outside the experts plus every
     expert at its smallest bits store, computed from ``graph``'s shapes), and ``nonexpert_bits``
     the target cannot run."""
     backend = get_backend(cfg.target, cfg.scale_dtype)
-    if backend is not None and cfg.nonexpert_bits < 16:
-        check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
-    if backend is not None:
-        check_kinds(cfg.nonexpert_kinds, backend)
+    check_nonexpert_target(cfg, backend)
     if cfg.allocated_kinds:
-        from .passes.allocate_pass import check_nonexpert_allocation
+        from .passes.allocate.base import check_nonexpert_allocation
 
         check_nonexpert_allocation(cfg.allocator, cfg.budget_kind, max(cfg.w_lat, cfg.w_mem, cfg.w_eng) > 0)
     supported = cfg.bits or getattr(backend, "supported_bits", None) or ()
@@ -354,16 +419,10 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
                          f"{tuple(supported)}): the smallest feasible budget is {min(supported):.2f} average bits; "
                          "raise --budget-code-bits")
     if cfg.budget_kind == "stored-bits" and graph is not None:
-        from .passes.allocate_pass import stored_bits_budget
-        from .passes.precision import allocatable
-
+        smallest, fixed = smallest_stored_bits(cfg, graph, backend, with_fixed=True)
         choices = tuple(sorted(supported or (16,)))
-        budget, stored = stored_bits_budget(graph, backend, cfg.budget, choices, cfg.nonexpert_bits,
-                                            cfg.nonexpert_kinds, allocatable(graph, backend, cfg.allocated_kinds, choices))
-        # the fixed part plus every expert at its cheapest bits (min_feasible_budget, without a problem)
-        smallest = budget.fixed + 8 * sum(min(v.values()) for v in stored.values()) / budget.params
         if cfg.budget < smallest:
-            alone = f"the weights outside the experts alone store {budget.fixed:.2f} bits per weight of the model"
+            alone = f"the weights outside the experts alone store {fixed:.2f} bits per weight of the model"
             floats = cfg.nonexpert_bits == 16 and not cfg.nonexpert_kinds and not cfg.nonexpert_allocate
             hint = (f"or lower --nonexpert-bits to quantize them ({alone} in float)" if floats else
                     f"({alone})")
@@ -371,6 +430,20 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
             raise ValueError(f"--budget-bits {cfg.budget:.2f} is infeasible for {cfg.target}: with every {lowest} at "
                              f"{min(choices)} bits the model stores {smallest:.2f} bits per weight; raise the budget "
                              f"{hint}")
+
+
+def smallest_stored_bits(cfg: CompileConfig, graph: Graph, backend: Any, with_fixed: bool = False):
+    """The smallest whole-model stored bits per weight ``cfg`` can reach on ``graph``: the weights
+    outside the allocation as ``cfg`` fixes them plus every allocated item at its cheapest bits
+    (with ``with_fixed``: also the fixed part alone). Shapes only."""
+    from .passes.allocate.base import stored_bits_budget
+    from .passes.precision import allocatable
+
+    choices = tuple(sorted(cfg.bits or getattr(backend, "supported_bits", None) or (16,)))
+    budget, stored = stored_bits_budget(graph, backend, cfg.budget, choices, cfg.nonexpert_bits,
+                                        cfg.nonexpert_kinds, allocatable(graph, backend, cfg.allocated_kinds, choices))
+    smallest = budget.fixed + 8 * sum(min(v.values()) for v in stored.values()) / budget.params
+    return (smallest, budget.fixed) if with_fixed else smallest
 
 
 def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .passes import PASSES, PassError, make_pass
+from .pipeline import ANALYSIS_STEPS, STEP_NAMES
 
-ANALYSIS_ANCHORS = ("profile", "sensitivity", "cost")  # passes that run before the budget is known
+ANALYSIS_ANCHORS = ANALYSIS_STEPS  # passes that run before the budget is known
 DEFAULT_ANCHOR = "allocate"
 _ANCHOR_HINTS = {"qat": "add --qat", "sensitivity": "drop --no-sensitivity",
                  "cost": "give a --target (the cost pass needs a backend)"}
@@ -68,7 +69,7 @@ def check_insertions(entries: Iterable[Any]) -> tuple[PassInsertion, ...]:
         others = {o.name for j, o in enumerate(given) if j != k}
         if ins.after not in others and (ins.after == ins.name or ins.after not in _registered()):
             raise ValueError(f"--pass {ins.name} --after {ins.after}: no other pass is named {ins.after!r}; anchor "
-                             f"it after a pipeline pass ({', '.join(ANALYSIS_ANCHORS)}, allocate, qat, quantize) "
+                             f"it after a pipeline pass ({', '.join(STEP_NAMES)}) "
                              "or another --pass")
         try:
             typed = {key: check_value(cls, key, v) for key, v in ins.options.items()}

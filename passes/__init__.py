@@ -1,13 +1,16 @@
-"""Passes over the IR, their manager, and the explicit list of built-ins.
+"""Passes over the IR and the explicit list of built-ins.
 
-Third-party passes register through the entry-point group ``dmpq_compile.passes``.
+A pass with more than one module is a folder (``allocate/``: the pass, its measurement and the
+allocators; ``qat/``; ``sensitivity/``); the infrastructure (pass contract, manager, cache,
+budget guard, storage accounting) is in ``infra/``. Third-party passes register through the
+entry-point group ``dmpq_compile.passes``.
 """
 
 from ..registry import PASSES
-from .allocate_pass import AllocatePass
-from .base import Pass, PassContext, PassError, PassResult
+from .allocate.base import AllocatePass
 from .cost import CostPass
-from .manager import DumpIR, Instrument, PassManager, Progress, Timing
+from .infra.base import Pass, PassContext, PassError, PassResult
+from .infra.manager import DumpIR, Instrument, PassManager, Progress, Timing
 from .precision import PrecisionPass
 from .profile import ProfilePass
 from .qat import QATPass

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..ir.graph import Graph
-from .base import Pass, PassContext, PassError, PassResult
+from .infra.base import Pass, PassContext, PassError, PassResult
 
 
 @dataclass(frozen=True)

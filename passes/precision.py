@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS, Graph
 from ..quant.spec import VALID_BITS
-from .base import Pass, PassContext, PassError, PassResult
+from .infra.base import Pass, PassContext, PassError, PassResult
 
 log = logging.getLogger(__name__)
 

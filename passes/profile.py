@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions
 from ..ir.stream import layer_outputs, run_layers
-from .base import Pass, PassContext, PassResult
+from .infra.base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def route_statistics(graph: Graph, ids: torch.Tensor,
 
     def observe(node_id, kind, value):
         if kind == "router":
-            layer = graph.g.nodes[node_id]["attrs"]["layer"]
+            layer = graph.node(node_id).attrs["layer"]
             counts[layer] += torch.bincount(value.indices.reshape(-1), minlength=n_exp)
             mass[layer].index_add_(0, value.indices.reshape(-1), value.weights.reshape(-1).double())
 

@@ -34,8 +34,9 @@ from ..ir.weights import index_safetensors
 from ..quant import QuantSpec, quantize
 from ..quant.formats import WeightFormat, declare_target_formats, declared_format
 from ..quant.rtn import QuantizedTensor
+from ..quant.spec import DEFAULT_GROUP_SIZE
 from ..quant.stored import store_quantized
-from .base import Pass, PassContext, PassResult
+from .infra.base import Pass, PassContext, PassResult
 from .layer_clock import LayerClock
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ METHODS = ("rtn", "hqq", "gptq")
 @dataclass(frozen=True)
 class QuantizeOptions:
     method: str = "rtn"
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP_SIZE
     max_sequences: int = 16  # calibration sequences for gptq
 
     def __post_init__(self) -> None:

@@ -25,9 +25,9 @@ def sendable(graph) -> bool:
 
 
 def layer_expert_scores(graph, formats, layer: int, x, routing, g, bits, seq_len: int, threads: int) -> dict:
-    """:func:`~dmpq_compile.passes.sensitivity_local.expert_scores` of one layer, in a worker."""
+    """:func:`~dmpq_compile.passes.sensitivity.local.expert_scores` of one layer, in a worker."""
     from ..ir.interpreter import Interpreter
-    from . import sensitivity_local as local
+    from .sensitivity import local
 
     torch.set_num_threads(threads)
     interp = Interpreter(graph, quantize=False, formats=formats)

@@ -9,7 +9,7 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _isolated_pass_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own empty pass cache (command-line compiles use it by default)."""
-    from dmpq_compile.passes import cache
+    from dmpq_compile.passes.infra import cache
 
     folder = tmp_path_factory.mktemp("pass-cache")
     monkeypatch.setattr(cache, "default_folder", lambda: folder)

@@ -6,7 +6,7 @@ from dmpq_compile.backends.base import ExpertCostRow
 from dmpq_compile.backends.cost import expert_shapes
 from dmpq_compile.backends.ort_cpu import OrtCpuBackend
 from dmpq_compile.backends.ort_cpu.cost import ort_cpu_expert_bytes
-from dmpq_compile.passes.allocate_measure import artifact_hardware_fn
+from dmpq_compile.passes.allocate.measure import artifact_hardware_fn
 
 from dmpq_compile.compiler import open_artifact
 from dmpq_compile.frontend import load

@@ -94,9 +94,9 @@ def test_search_is_seeded_and_no_worse_than_its_proposals():
 
 
 def test_measurements_are_off_above_the_size_limit(monkeypatch, caplog):
-    from dmpq_compile.passes import allocate_measure
-    from dmpq_compile.passes.allocate_pass import AllocateOptions, _allocator_options
-    from dmpq_compile.passes.base import PassContext
+    from dmpq_compile.passes.allocate import measure as allocate_measure
+    from dmpq_compile.passes.allocate.base import AllocateOptions, allocator_call_options
+    from dmpq_compile.passes.infra.base import PassContext
 
     class BigGraph:
         def __init__(self):
@@ -105,13 +105,13 @@ def test_measurements_are_off_above_the_size_limit(monkeypatch, caplog):
 
     monkeypatch.setattr(allocate_measure, "MEASURE_MAX_PARAMS", 15)
     with caplog.at_level(logging.WARNING):
-        opts = _allocator_options(AllocateOptions(allocator="rl"), PassContext(progress=False), BigGraph())
+        opts = allocator_call_options(AllocateOptions(allocator="rl"), PassContext(progress=False), BigGraph())
     assert "accuracy_fn" not in opts and opts["seed"] == 0
     assert "using the proxy objective only" in caplog.text
 
 
 def test_interpreter_accuracy_cache_is_bounded(monkeypatch, tiny_dirs, calib_ids):
-    from dmpq_compile.passes import allocate_measure
+    from dmpq_compile.passes.allocate import measure as allocate_measure
 
     from dmpq_compile.frontend import load
 

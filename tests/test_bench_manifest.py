@@ -14,7 +14,7 @@ from dmpq_compile.backends.onnx_io import tensor_bytes
 from dmpq_compile.backends.ort_cpu import OrtCpuBackend
 from dmpq_compile.backends.ort_cpu.cost import ort_cpu_expert_bytes
 from dmpq_compile.backends.trt.cost import trt_expert_bytes
-from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.infra.base import PassContext
 from dmpq_compile.passes.quantize import QuantizePass
 
 from dmpq_compile.artifact import write_artifact

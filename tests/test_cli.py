@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from dmpq_compile.cli import main
+from dmpq_compile.cli import build_parser, main
 
 
 def test_passes_lists_builtins(capsys):
@@ -85,3 +85,16 @@ def test_compile_config_file_and_flags(tmp_path):
     cfg_file.write_text("[compile]\nbudgett = 3\n")
     with pytest.raises(ValueError, match="unknown compile setting"):
         cmd.config_from_args(parser.parse_args(["m", "-o", "o", "--config", str(cfg_file)]))
+
+
+def test_every_compile_setting_has_a_flag_or_is_declared_config_only():
+    import dataclasses
+
+    from dmpq_compile.commands.compile import CONFIG_ONLY, SET_BY_SPECIAL, SPECIAL_DESTS
+    from dmpq_compile.compiler import CompileConfig
+
+    sub = next(a for a in build_parser("compile")._actions if a.dest == "command").choices["compile"]
+    dests = {a.dest for a in sub._actions}
+    fields = {f.name for f in dataclasses.fields(CompileConfig)}
+    assert fields - dests == set(SET_BY_SPECIAL) | set(CONFIG_ONLY)
+    assert set(SPECIAL_DESTS) <= dests

@@ -25,7 +25,7 @@ PROMPT = "the expert router sends each token to a few experts and the model adds
 def artifact(tmp_path_factory):
     """A tiny OLMoE artifact with a short context (24 positions) and its weights in model.onnx.data."""
     from dmpq_compile.backends.ort_cpu import OrtCpuBackend
-    from dmpq_compile.passes.base import PassContext
+    from dmpq_compile.passes.infra.base import PassContext
     from dmpq_compile.passes.quantize import QuantizePass
 
     from dmpq_compile.artifact import write_artifact

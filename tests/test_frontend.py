@@ -105,7 +105,9 @@ def test_damaged_or_missing_shards_are_named_before_any_work(tmp_path):
 
     from dmpq_compile.testing.scale import write_random_checkpoint
 
-    src = write_random_checkpoint("mixtral", tmp_path / "src", shard_bytes=200_000, hidden_size=64, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
+    src = write_random_checkpoint("mixtral", tmp_path / "src", shard_bytes=200_000, hidden_size=64,
+                                  intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
     shards = sorted(src.glob("model-*.safetensors"))
     assert len(shards) > 2 and len(load(src).experts()) == 8  # sharded with an index, loads whole
 

@@ -20,7 +20,7 @@ import torch
 from dmpq_compile.backends.onnx_io import decoder_feed
 from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend
 from dmpq_compile.backends.ort_cpu.matmulnbits import MatMulNBitsProjection, _qmoe_part, qmoe_layout
-from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.infra.base import PassContext
 from dmpq_compile.passes.quantize import QuantizePass
 
 from dmpq_compile.artifact import write_artifact

@@ -22,7 +22,7 @@ import pytest
 import torch
 from dmpq_compile.backends.onnx_io import decoder_feed
 from dmpq_compile.backends.ort_cpu import OrtCpuBackend
-from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.infra.base import PassContext
 from dmpq_compile.passes.quantize import QuantizePass
 
 from dmpq_compile import runtime

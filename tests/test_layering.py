@@ -23,15 +23,15 @@ ROOTS = {"dmpq_compile": REPO / "dmpq_compile", "dmpq_compile.passes": REPO / "p
 # foundation (formats, kernels, metrics, file helpers) sits under all of it, and the drivers
 # (compiler, peer baseline), the bench and the CLI sit on top and inject what passes need.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("dmpq_compile", "dmpq_compile.fileio", "dmpq_compile.registry", "dmpq_compile.quant",
-                    "dmpq_compile.eval", "dmpq_compile.testing", "dmpq_compile.rare_counts")),
+    ("foundation", ("dmpq_compile", "dmpq_compile.fileio", "dmpq_compile.registry", "dmpq_compile.sysinfo",
+                    "dmpq_compile.quant", "dmpq_compile.eval", "dmpq_compile.testing", "dmpq_compile.rare_counts")),
     ("ir", ("dmpq_compile.ir",)),
     ("frontend", ("dmpq_compile.frontend",)),
     ("passes", ("dmpq_compile.passes",)),
     ("backends", ("dmpq_compile.backends",)),
     ("artifact/runtime", ("dmpq_compile.artifact", "dmpq_compile.runtime", "dmpq_compile.engine")),
     ("tools", ("dmpq_compile.bench",)),
-    ("driver", ("dmpq_compile.compiler", "dmpq_compile.extra_passes", "dmpq_compile.baselines",
+    ("driver", ("dmpq_compile.compiler", "dmpq_compile.pipeline", "dmpq_compile.extra_passes", "dmpq_compile.baselines",
                 "dmpq_compile.distributed")),
     ("cli", ("dmpq_compile.commands", "dmpq_compile.cli")),
 )
@@ -130,8 +130,8 @@ def test_loading_the_runtime_loads_no_heavy_framework():
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):
-    fake = tmp_path / "allocate_measure.py"
-    fake.write_text("def f():\n    from ..artifact import write_artifact\n    from ..runtime import load\n")
-    found = _project(imports("dmpq_compile.passes.allocate_measure", fake))
+    fake = tmp_path / "measure.py"
+    fake.write_text("def f():\n    from ...artifact import write_artifact\n    from ...runtime import load\n")
+    found = _project(imports("dmpq_compile.passes.allocate.measure", fake))
     assert found == {"dmpq_compile.artifact", "dmpq_compile.runtime"}
     assert all(layer_of(n) > layer_of("dmpq_compile.passes.x") for n in found)

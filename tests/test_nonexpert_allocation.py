@@ -1,5 +1,5 @@
 """``--nonexpert-bits auto``: attention, shared experts, dense MLPs, lm_head and the embedding table
-as allocation items with their own sensitivity and stored bytes (issue 13, item 1)."""
+as allocation items with their own sensitivity and stored bytes."""
 
 import json
 
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from dmpq_compile.backends import get_backend
 from dmpq_compile.passes import PassContext, PassError, PassManager, make_pass
-from dmpq_compile.passes import sensitivity_local as local
 from dmpq_compile.passes.precision import allocatable, split_auto
+from dmpq_compile.passes.sensitivity import local
 
 from dmpq_compile.compiler import CompileConfig, compile_model
 from dmpq_compile.eval.metrics import next_token_logprobs, token_kl

@@ -13,7 +13,7 @@ from dmpq_compile.backends.base import BackendError
 from dmpq_compile.backends.onnx_io import decoder_feed
 from dmpq_compile.backends.onnx_lowering import DISPATCHES, LoweringOptions, lower
 from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend, pack_weight
-from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.infra.base import PassContext
 from dmpq_compile.passes.quantize import QuantizePass
 
 from dmpq_compile.frontend import load

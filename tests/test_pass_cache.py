@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 from dmpq_compile.passes import PassContext, make_pass
-from dmpq_compile.passes.base import Pass, PassResult
-from dmpq_compile.passes.cache import PassCache, cache_key, run_cached
+from dmpq_compile.passes.infra.base import Pass, PassResult
+from dmpq_compile.passes.infra.cache import PassCache, cache_key, run_cached
 
 from dmpq_compile.compiler import CompileConfig, compile_model
 from dmpq_compile.frontend import load
@@ -107,7 +107,7 @@ def test_a_pass_that_changes_weights_is_not_stored(tmp_path, tiny_dirs, calib_id
 
     cache = PassCache(tmp_path / "cache")
     graph = load(tiny_dirs("olmoe"))
-    with caplog.at_level(logging.INFO, logger="dmpq_compile.passes.cache"):
+    with caplog.at_level(logging.INFO, logger="dmpq_compile.passes.infra.cache"):
         run_cached(Scales(), graph, PassContext(progress=False), cache)
     assert "not cached" in caplog.text
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
@@ -129,7 +129,7 @@ def test_an_unreadable_entry_is_recomputed(tmp_path, tiny_dirs, calib_ids, caplo
 
 
 def test_too_much_in_memory_weight_is_not_cached(tiny_dirs, monkeypatch):
-    from dmpq_compile.passes import cache as cache_mod
+    from dmpq_compile.passes.infra import cache as cache_mod
 
     graph = load(tiny_dirs("olmoe"))
     for k in list(graph.weights)[:3]:

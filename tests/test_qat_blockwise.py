@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from dmpq_compile.passes import PassContext, PassError, make_pass, qat, qat_blockwise
+from dmpq_compile.passes import PassContext, PassError, make_pass
 from dmpq_compile.passes.qat import QATPass, choose_mode, split_calibration
+from dmpq_compile.passes.qat import blockwise as qat_blockwise
+from dmpq_compile.passes.qat import training as qat
 
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter
@@ -163,14 +165,14 @@ def test_auto_picks_blockwise_when_whole_would_not_fit(tiny_dirs, calib_ids, mon
     with pytest.raises(PassError, match="mode 'whole'.*does not fit.*--qat-mode blockwise"):
         choose_mode(g, "whole", available=10 * n)
 
-    monkeypatch.setattr(qat, "_available_bytes", lambda: 10 * n)
+    monkeypatch.setattr(qat, "available_memory_bytes", lambda: 10 * n)
     with caplog.at_level(logging.INFO, logger="dmpq_compile.passes.qat"):
         s = QATPass(steps=2, lr=1e-3).call(g, _ctx(calib_ids)).stats
     assert s["mode"] == "blockwise" and s["mode_reason"].startswith("auto:") and "layers" in s
     assert any(r.getMessage().startswith("qat: blockwise mode (auto: whole-model QAT needs about") for r in caplog.records)
     with pytest.raises(PassError, match="--qat-mode blockwise"):
         QATPass(steps=2, mode="whole").call(_graph(tiny_dirs(FAMILY)), _ctx(calib_ids))
-    monkeypatch.setattr(qat, "_available_bytes", lambda: 100 * n)
+    monkeypatch.setattr(qat, "available_memory_bytes", lambda: 100 * n)
     assert QATPass(steps=2, lr=1e-3).call(_graph(tiny_dirs(FAMILY)), _ctx(calib_ids)).stats["mode"] == "whole"
 
 

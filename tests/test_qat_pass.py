@@ -186,7 +186,7 @@ def test_schedule_and_batches():
 
 
 def test_qat_refuses_a_model_that_cannot_fit_before_any_work(tiny_dirs):
-    from dmpq_compile.passes.base import PassError
+    from dmpq_compile.passes.infra.base import PassError
     from dmpq_compile.passes.qat import check_fits
 
     g = _graph(tiny_dirs)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from dmpq_compile.backends.ort_cpu import OrtCpuBackend
-from dmpq_compile.passes.base import PassContext
+from dmpq_compile.passes.infra.base import PassContext
 from dmpq_compile.passes.quantize import QuantizePass
 
 from dmpq_compile import runtime

@@ -60,7 +60,7 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
                     reason="VmRSS and malloc_trim: Linux with glibc")
 def test_pass_boundaries_hand_freed_heap_back():
     """A pass that freed many small tensors must not leave their heap resident for the next one."""
-    from dmpq_compile.passes.manager import release_free_heap, reset_peak_rss
+    from dmpq_compile.sysinfo import release_free_heap, reset_peak_rss
 
     def rss_mb() -> float:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
@@ -86,8 +86,9 @@ def test_spilled_initializers_leave_no_bytes_in_memory(tmp_path):
 
     import numpy as np
     from dmpq_compile.backends.onnx_lowering import Builder
-    from dmpq_compile.passes.manager import release_free_heap
     from onnx import numpy_helper
+
+    from dmpq_compile.sysinfo import release_free_heap
 
     def rss_mb() -> float:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))

@@ -56,7 +56,7 @@ def test_contribution_and_gradvar_features(tiny_dirs, calib_ids):
 
 
 def test_layerwise_backward_equals_whole_model_autograd(tiny_dirs, calib_ids):
-    from dmpq_compile.passes import sensitivity_local as local
+    from dmpq_compile.passes.sensitivity import local
 
     ids = calib_ids("olmoe")[:3]
     g = load(tiny_dirs("olmoe"))
@@ -102,7 +102,7 @@ def test_local_fisher_estimate_tracks_whole_model_kl(tiny_dirs, calib_ids):
 
 
 def test_probe_groups_are_disjoint_or_round_robin():
-    from dmpq_compile.passes.sensitivity_local import probe_groups
+    from dmpq_compile.passes.sensitivity.local import probe_groups
 
     groups = probe_groups(16, [0, 1, 2])
     assert sorted(i for g in groups.values() for i in g) == list(range(16)) and min(map(len, groups.values())) >= 5
@@ -112,7 +112,7 @@ def test_probe_groups_are_disjoint_or_round_robin():
 def test_flip_rates_are_the_measured_flip_kl_per_unit_norm(tiny_dirs, calib_ids):
     """A direct measurement of layer 0's rate (experts at 2 bits on the whole group, routers free
     vs frozen at their full-precision decisions) equals the probe's; the last MoE layer's is 0."""
-    from dmpq_compile.passes import sensitivity_local as local
+    from dmpq_compile.passes.sensitivity import local
 
     from dmpq_compile.eval.metrics import next_token_logprobs, token_kl
     from dmpq_compile.ir import ops
@@ -146,7 +146,8 @@ def test_flip_rates_are_the_measured_flip_kl_per_unit_norm(tiny_dirs, calib_ids)
         norm = 0.0
         for n in (n for n in g.experts() if n.attrs["layer"] == 0):
             fp = ops.expert(x["L0"], routes["L0.router"], n.attrs["expert"], interp.weights(n.id, RunOptions(quantize=False)))
-            q = ops.expert(x["L0"], routes["L0.router"], n.attrs["expert"], interp.weights(n.id, RunOptions(bits_override={n.id: 2})))
+            q = ops.expert(x["L0"], routes["L0.router"], n.attrs["expert"],
+                           interp.weights(n.id, RunOptions(bits_override={n.id: 2})))
             scale = routes["L0.router"].weights[fp.token_idx, fp.slot, None]
             norm += float(((q.y - fp.y) * scale).norm(dim=-1).sum()) / (sub.shape[0] * (sub.shape[1] - 1))
     assert float(free) > float(frozen)  # random routers flip too

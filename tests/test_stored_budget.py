@@ -1,7 +1,7 @@
-"""`--budget-bits`: the whole model's stored bits per weight (issue 13, item 2).
+"""`--budget-bits`: the whole model's stored bits per weight.
 
 The budget rests on each backend's account of how it stores a weight
-(``Backend.weight_bytes`` / ``float_bytes``, summed by ``passes.storage.stored_weight_bytes``).
+(``Backend.weight_bytes`` / ``float_bytes``, summed by ``passes.infra.storage.stored_weight_bytes``).
 These tests check that account against what the emitters write, tensor class by tensor class,
 and that a compile at ``--budget-bits B`` emits weights of at most ``B`` stored bits per
 parameter, using the room it has."""
@@ -15,8 +15,8 @@ import onnx
 import pytest
 from dmpq_compile.backends import BackendError, get_backend
 from dmpq_compile.passes import PassManager, make_pass
-from dmpq_compile.passes.base import PassContext
-from dmpq_compile.passes.storage import stored_weight_bytes
+from dmpq_compile.passes.infra.base import PassContext
+from dmpq_compile.passes.infra.storage import stored_weight_bytes
 
 from dmpq_compile.artifact import write_artifact
 from dmpq_compile.cli import main
@@ -99,9 +99,9 @@ def test_float_nonexperts_name_the_fix(tmp_path, tiny_dirs, tiny_corpus, capsys)
 
 
 def test_budget_guard_counts_stored_bits(tiny_dirs):
-    from dmpq_compile.passes.allocate_pass import stored_bits_budget
-    from dmpq_compile.passes.base import PassResult
-    from dmpq_compile.passes.budget_guard import BudgetGuard, BudgetOverrunError
+    from dmpq_compile.passes.allocate.base import stored_bits_budget
+    from dmpq_compile.passes.infra.base import PassResult
+    from dmpq_compile.passes.infra.budget_guard import BudgetGuard, BudgetOverrunError
 
     backend = get_backend("ort-cpu")
     g = load(tiny_dirs("mixtral"))

@@ -106,16 +106,16 @@ def test_a_pass_that_breaks_the_budget_is_named(plugin_site, tiny_dirs, tiny_cor
 @pytest.mark.parametrize(("kind", "budget"), [("bits", 3.0), ("bytes", None)])
 def test_every_budget_kind_is_checked_after_each_pass(plugin_registry, tiny_dirs, tiny_corpus, kind, budget):
     """uniform at the lowest bits fits any feasible budget; pinning layer 0 to 8 bits then breaks it."""
-    from dmpq_compile.passes.budget_guard import BudgetOverrunError
+    from dmpq_compile.passes.infra.budget_guard import BudgetOverrunError
 
     path = tiny_dirs("mixtral")
     cfg = CompileConfig(target="ort-cpu", allocator="uniform", budget_kind=kind, budget=budget or 1.0,
                         bits=(2, 4, 8), sensitivity=False, calib_corpus=str(tiny_corpus), calib_sequences=4,
                         seq_len=32, group_size=32, extra_passes=({"name": "pin-bits", "options": {"bits": 8}},))
     if budget is None:  # what every expert at 2 bits uses (the smallest feasible budget), plus 1%
+        from dmpq_compile.passes.allocate.base import build_problem
         from dmpq_compile.passes.allocate.problem import min_feasible_budget
-        from dmpq_compile.passes.allocate_pass import build_problem
-        from dmpq_compile.passes.base import PassContext
+        from dmpq_compile.passes.infra.base import PassContext
 
         from dmpq_compile.compiler import get_backend, run_passes
 
@@ -139,7 +139,7 @@ def test_every_budget_kind_is_checked_after_each_pass(plugin_registry, tiny_dirs
 def test_guard_on_a_hand_built_allocation(plugin_registry, tiny_dirs, kind, caplog):
     """Cost rows by hand (latency grows with bits here; measured CPU latencies need not)."""
     from dmpq_compile.passes import PassContext
-    from dmpq_compile.passes.budget_guard import BudgetGuard, BudgetOverrunError
+    from dmpq_compile.passes.infra.budget_guard import BudgetGuard, BudgetOverrunError
 
     backend = type("Fake", (), {"name": "fake", "supported_bits": (2, 4, 8, 16)})()
     g = load(tiny_dirs("mixtral"))
@@ -185,7 +185,7 @@ class _SetBits(Pass):
 
 
 def test_bits_the_target_cannot_emit_are_always_an_error(plugin_registry, tiny_dirs, tiny_corpus):
-    from dmpq_compile.passes.budget_guard import BudgetOverrunError
+    from dmpq_compile.passes.infra.budget_guard import BudgetOverrunError
 
     plugin_registry.register(_SetBits)
     path = tiny_dirs("mixtral")

@@ -30,6 +30,7 @@ from ..onnx_io import (
     use_external,
 )
 from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
+from .cost import ORT_CPU_BITS
 from .genai import GENAI_CONFIG, genai_config, kv_bytes_per_token, resolve_max_length
 from .matmulnbits import MatMulNBitsProjection
 
@@ -43,7 +44,11 @@ class OrtCpuBackend(Backend):
     """ONNX Runtime CPU target (MatMulNBits experts, KV-cached attention)."""
 
     name: ClassVar[str] = "ort-cpu"
-    supported_bits: ClassVar[tuple[int, ...]] = (2, 4, 8, 16)
+    supported_bits: ClassVar[tuple[int, ...]] = ORT_CPU_BITS
+    # 4-bit weights store 4.31 bits at group 64 (float16 scales, 4-bit zero points), so the
+    # allocator has room for 8 bits where they lower KL most and 2 bits where they cost least;
+    # below llama.cpp's Q4_K_M (about 4.8). Measured: docs/defaults.md
+    default_budget_bits: ClassVar[float] = 4.5
     description: ClassVar[str] = ("ONNX Runtime CPU: MatMulNBits experts at 2/4/8 bits (float16 scales by "
                                   "default), fp32 elsewhere, KV cache")
 

@@ -46,14 +46,14 @@ from typing import Any
 import numpy as np
 
 from ...ir.graph import Graph
+from ...quant.spec import DEFAULT_GROUP_SIZE
+from ...sysinfo import available_cpus, cpu_model
 from ..base import ExpertCostRow
 from ..cost import (
     HOROWITZ_45NM,
     CostCache,
     CostError,
     EnergyModel,
-    available_cpus,
-    cpu_model,
     energy_mj,
     expert_bytes,
     expert_projections,
@@ -82,7 +82,6 @@ ACCURACY_LEVEL = 4
 """MatMulNBits ``accuracy_level`` the emitter uses (A quantized to int8 per block; with 0 the
 2- and 8-bit CPU kernels were measured ~40x slower)."""
 PREFILL_TOKENS = 128
-DEFAULT_GROUP_SIZE = 64
 DEFAULT_REPEATS = 5
 FUSED_BITS: tuple[int, ...] = (4, 8)
 """Widths the default (``fused``) dispatch can run as one ``com.microsoft.QMoE`` per layer and width

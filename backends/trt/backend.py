@@ -41,6 +41,7 @@ from ..onnx_io import (
 )
 from ..onnx_lowering import OPSET, LoweringOptions, lower
 from .compat import check_model, errors, parse_trt_version
+from .cost import TRT_BITS
 from .formats import TRT_WEIGHT_FORMATS
 from .qdq import PRECISIONS, TrtQdqProjection, emitted_formats
 
@@ -54,7 +55,10 @@ class TrtA100Backend(Backend):
     """TensorRT 10.x on an NVIDIA A100: INT4/INT8/FP16 experts as explicit Q/DQ ONNX."""
 
     name: ClassVar[str] = "trt-a100"
-    supported_bits: ClassVar[tuple[int, ...]] = (4, 8, 16)
+    supported_bits: ClassVar[tuple[int, ...]] = TRT_BITS
+    # llama.cpp's Q4_K_M (about 4.8); INT4 block weights are the smallest this target runs and the
+    # embedding stays fp16, so the samples cannot reach it (docs/defaults.md)
+    default_budget_bits: ClassVar[float] = 4.8
     description: ClassVar[str] = ("TensorRT 10.x (A100): INT4 block / INT8 per-channel / FP16 experts, "
                                   "strongly typed Q/DQ ONNX; engine built on the GPU with `dmpq-compile build`")
 

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ...ir.graph import Graph
+from ...quant.spec import DEFAULT_GROUP_SIZE
 from ..base import ExpertCostRow
 from ..cost import (
     HOROWITZ_45NM,
@@ -48,7 +49,6 @@ from .formats import TRT_WEIGHT_FORMATS
 
 TARGET = "trt-a100"
 TRT_BITS: tuple[int, ...] = (4, 8, 16)
-DEFAULT_GROUP_SIZE = 128
 PREFILL_TOKENS = 128
 ACTIVATION_BYTES = 2  # FP16 activations in and out of every projection
 

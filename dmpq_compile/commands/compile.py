@@ -3,38 +3,67 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 HELP = "compile a Hugging Face MoE checkpoint into a mixed-precision artifact"
 DESCRIPTION = """Lower MODEL (a checkpoint folder, or a Hugging Face hub id in the local cache; nothing is
-downloaded) into the IR, run the passes (profile, sensitivity, cost, allocate,
-[precision], allocate, [qat], quantize) and emit an artifact for --target. Exactly one budget may be
-given; the default is --budget-code-bits 4. --budget-bits is the whole model's stored bits per weight
-(codes, scales, zero points and every float tensor, over all parameters: how GGUF files are
-compared); lower it together with --nonexpert-bits, since weights kept in float count in full.
-The artifact folder is written atomically.
+downloaded) into the IR, run the passes (profile, [sensitivity], [cost], [precision], allocate,
+[qat], quantize) and emit an artifact for --target. Exactly one budget may be
+given. --budget-bits is the whole model's stored bits per weight (codes, scales, zero points and
+every float tensor, over all parameters: how GGUF files are compared); without a budget the
+compile uses the target's default --budget-bits (about llama.cpp's Q4_K_M or smaller) with the
+non-expert weights placed by the allocator (--nonexpert-bits auto; 4 bits with an allocator that
+cannot place them). The artifact folder is written atomically.
 
 Registered passes (built-in or plugins, see `dmpq-compile passes`) can be inserted with
 --pass NAME[:KEY=VALUE,...], each optionally followed by --after PASS (default: allocate); e.g.
 --pass pin-bits:layers=[0],bits=8 --after allocate. After allocate the bits are checked after every
 pass: a pass that breaks the budget or the bit-widths is an error naming it (see
 --allow-budget-overrun). docs/extending.md has a worked plugin."""
-ALLOCATORS = ("optimal", "search", "rl", "gradvar", "frequency", "uniform")
 
 
-# flag -> CompileConfig field, for flags whose value is copied as given (None = not given)
-_FIELDS = {"target": "target", "allocator": "allocator", "w_acc": "w_acc", "w_lat": "w_lat", "w_mem": "w_mem",
-           "w_eng": "w_eng", "group_size": "group_size", "scale_dtype": "scale_dtype", "max_length": "max_length", "dispatch": "dispatch",
-           "quant_method": "quant_method",
-           "calib_corpus": "calib_corpus", "calib_sequences": "calib_sequences", "seq_len": "seq_len",
-           "metric": "metric", "qat_steps": "qat_steps", "qat_time_budget": "qat_time_budget_s",
-           "qat_mode": "qat_mode", "codesign_rounds": "codesign_rounds", "seed": "seed",
-           "min_routed_tokens": "min_routed_tokens", "rare_sensitivity": "rare_sensitivity"}
+# Flags whose dest is a CompileConfig field are copied onto it when given (argparse's default is
+# None for all of them), so a new setting needs only its field and its flag; the flags below
+# set more than one field, or a field's part, and are translated in config_from_args.
+SPECIAL_DESTS = ("budget_bits", "budget_code_bits", "budget_mb", "budget_ms", "nonexpert_bits", "rl_episodes",
+                 "extra_passes")
+SET_BY_SPECIAL = ("budget", "budget_kind", "nonexpert_kinds", "nonexpert_allocate", "allocator_options")
+CONFIG_ONLY = ("qat_lr", "sensitivity_sequences")  # settings of the --config file without a flag
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits takes comma-separated integers, e.g. 2,4,8; got {text!r}") from None
+
+
+def default_budgets() -> str:
+    """The registered targets' default ``--budget-bits``, e.g. ``4.5 on ort-cpu, 4.8 on trt-a100``."""
+    from ..backends import available_backends
+
+    found = [(n, cls.default_budget_bits) for n, cls, _ in available_backends()
+             if getattr(cls, "default_budget_bits", None) is not None]
+    return ", ".join(f"{v:g} on {n}" for n, v in found) or "none"
+
+
+def allocator_help(default: str) -> str:
+    """``--allocator``'s help, from the registered allocators' declared summaries (default first)."""
+    from ..passes.allocate import allocators
+
+    found = allocators()
+    order = [default, *(n for n in found if n != default)]
+    parts = [f"{n} ({'default: ' if n == default else ''}{found[n].summary})" for n in order]
+    return "bit allocator: " + "; ".join(parts) + ". See docs/allocators.md"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..compiler import CompileConfig
+    from ..extra_passes import DEFAULT_ANCHOR
+    from ..passes.allocate import allocators
+    from ..pipeline import STEP_NAMES
 
     d = CompileConfig()
     p.add_argument("model_dir", metavar="MODEL",
@@ -43,27 +72,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", help="artifact folder to create (default: ./NAME-TARGET, NAME being the "
                    "model folder's or hub id's last part)")
     p.add_argument("--target", help=f"backend: ort-cpu | trt-a100 (default {d.target})")
-    p.add_argument("--allocator", choices=ALLOCATORS,
-                   help="bit allocator: optimal (default: exact optimum of the additive sensitivity + cost "
-                   "objective, dynamic programming); search (random proposals, each projected onto the budget and "
-                   "polished by an exchange local search, re-ranked by whole-model interpreter measurements on "
-                   "models up to 100M parameters); rl (PPO proposals through the same projection and local "
-                   "search; measured to reach the same objective as search, more slowly); gradvar (router "
-                   "gradient / neuron variance ranks); frequency (routing frequency); uniform (one bit-width). "
-                   "See docs/allocators.md")
+    p.add_argument("--allocator", choices=sorted(allocators()), help=allocator_help(d.allocator))
     b = p.add_mutually_exclusive_group()
     b.add_argument("--budget-bits", type=float,
                    help="stored bits per weight of the whole model: every weight as the target stores it (codes, "
                    "scales, zero points, float tensors) over every parameter; the compile stops early, naming the "
-                   "smallest feasible value, when the weights outside the experts alone exceed it")
+                   "smallest feasible value, when the weights outside the experts alone exceed it. Default, when "
+                   f"no budget is given: {default_budgets()} with --nonexpert-bits auto (docs/defaults.md)")
     b.add_argument("--budget-code-bits", type=float,
-                   help=f"average code bits per routed-expert weight, scales and the rest not counted (default "
-                   f"{d.budget:g} when no budget is given)")
+                   help="average code bits per routed-expert weight, scales and the rest not counted")
     b.add_argument("--budget-mb", type=float, help="total expert weight megabytes (MiB)")
     b.add_argument("--budget-ms", type=float, help="expected expert decode latency per token, ms")
     for w in ("acc", "lat", "mem", "eng"):
         p.add_argument(f"--w-{w}", type=float, help=f"objective weight (default {getattr(d, 'w_' + w):g})")
-    p.add_argument("--bits", help="comma-separated bit-widths to choose from (default: all the target supports)")
+    p.add_argument("--bits", type=_bits, help="comma-separated bit-widths to choose from (default: all the target supports)")
     p.add_argument("--group-size", type=int, help=f"quantization group size along K (default {d.group_size})")
     p.add_argument("--scale-dtype", choices=("float16", "float32"),
                    help="ort-cpu: how the scales of quantized weights are stored (default float16: 0.25 fewer bits "
@@ -85,7 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "by their measured sensitivity and stored bytes (needs --budget-bits and the optimal or uniform "
                    "allocator); auto,KIND=N fixes some kinds. N sets every kind; KIND=N (attention, shared_expert, "
                    "mlp, lm_head, embed) sets one, e.g. 4,lm_head=8 or attention=8,lm_head=8 (kinds not named stay "
-                   f"float). Routers and norms stay float (default {d.nonexpert_bits}: keep them float)")
+                   "float). Routers and norms stay float. Default: auto without a budget flag (4 with an allocator "
+                   f"that cannot place them), else {d.nonexpert_bits} (float)")
     p.add_argument("--quant-method", choices=("rtn", "hqq", "gptq"), help=f"rounding (default {d.quant_method})")
     p.add_argument("--calib-corpus",
                    help="calibration text: 'pydoc' (built-in; its calib split) or your own text file or folder "
@@ -94,8 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
     p.add_argument("--metric", choices=("kl", "nll"),
                    help="accuracy model of optimal/rl: per-expert KL to FP (default) or NLL increase")
-    p.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity pass when not needed")
-    p.add_argument("--no-flip-probe", action="store_true",
+    p.add_argument("--no-sensitivity", dest="sensitivity", action="store_const", const=False,
+                   help="skip the sensitivity pass when not needed")
+    p.add_argument("--no-flip-probe", dest="flip_probe", action="store_const", const=False,
                    help="sensitivity without its routing-flip term: the layer-local estimate alone, as before it "
                    "existed (the probe costs about three forwards of the sensitivity sequences)")
     p.add_argument("--min-routed-tokens", type=int, metavar="N",
@@ -107,10 +131,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "measured experts (never below its measurement), so calibration that missed it does not send it "
                    "to the fewest bits; measured: take its measurement as it is (0 for an expert no token reached). "
                    "See passes/rare_experts.py")
-    p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
+    p.add_argument("--qat", action="store_const", const=True,
+                   help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
                    "--quant-method rtn, the default; GPTQ/HQQ would re-round the trained weights)")
     p.add_argument("--qat-steps", type=int, help=f"QAT optimizer steps (default {d.qat_steps})")
-    p.add_argument("--qat-time-budget", type=float, help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
+    p.add_argument("--qat-time-budget", dest="qat_time_budget_s", type=float,
+                   help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
     p.add_argument("--qat-mode", choices=("auto", "whole", "blockwise"),
                    help="whole: train the whole model at once (about 20 bytes per parameter in memory); blockwise: "
                    "distil one decoder layer at a time (one layer + one layer boundary's activations in memory; "
@@ -119,14 +145,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codesign-rounds", type=int,
                    help="alternate allocation and QAT this many rounds before the final one (implies --qat)")
     p.add_argument("--rl-episodes", type=int, help="episodes for --allocator rl")
-    # -- extra passes (issue 15): ordered --pass/--after pairs, typed by the pass's Options --------------
+    # -- extra passes: ordered --pass/--after pairs, typed by the pass's Options -----------------------
     p.add_argument("--pass", dest="extra_passes", action=_Ordered, metavar="NAME[:KEY=VALUE,...]",
                    help="insert a registered pass (repeatable); values are converted to its option types: "
                    "numbers, true/false, none, [a,b] for tuples. Replaces the --config file's extra_passes")
     p.add_argument("--after", dest="extra_passes", action=_Ordered, metavar="PASS",
-                   help="where the preceding --pass runs: right after profile, sensitivity, cost, allocate "
-                   "(default), qat, quantize or an earlier --pass")
-    p.add_argument("--allow-budget-overrun", action="store_true",
+                   help="where the preceding --pass runs: right after a step of the pipeline ("
+                   f"{', '.join(n + (' (default)' if n == DEFAULT_ANCHOR else '') for n in STEP_NAMES)}) "
+                   "or an earlier --pass")
+    p.add_argument("--allow-budget-overrun", action="store_const", const=True,
                    help="a pass after allocate that breaks the budget or the --bits choices only warns "
                    "(bits the target cannot emit are always an error)")
     # -- end extra passes ---------------------------------------------------------------------------
@@ -159,30 +186,21 @@ def config_from_args(args: argparse.Namespace):
         data.update(budget_kind="stored-bits", budget=args.budget_bits)
     elif args.budget_code_bits is not None:
         data.update(budget_kind="bits", budget=args.budget_code_bits)
-    data.update({field: getattr(args, flag) for flag, field in _FIELDS.items() if getattr(args, flag) is not None})
+    data.update({f.name: getattr(args, f.name) for f in dataclasses.fields(CompileConfig)
+                 if f.name not in SPECIAL_DESTS and getattr(args, f.name, None) is not None})
     if args.nonexpert_bits is not None:
         from ..passes.precision import parse_policy, split_auto
 
         data["nonexpert_allocate"], policy = split_auto(args.nonexpert_bits)
         data["nonexpert_bits"], data["nonexpert_kinds"] = parse_policy(policy)
-    if args.no_sensitivity:
-        data["sensitivity"] = False
-    if args.no_flip_probe:
-        data["flip_probe"] = False
-    if args.qat:
-        data["qat"] = True
-    if args.bits:
-        data["bits"] = tuple(int(b) for b in args.bits.split(","))
     if args.rl_episodes:
         data.setdefault("allocator_options", {})["episodes"] = args.rl_episodes
     if args.extra_passes:
         data["extra_passes"] = pass_insertions(args.extra_passes)
-    if args.allow_budget_overrun:
-        data["allow_budget_overrun"] = True
     return CompileConfig.from_dict(data)
 
 
-# -- extra passes (issue 15) ---------------------------------------------------------------------
+# -- extra passes ---------------------------------------------------------------------------------
 class _Ordered(argparse.Action):
     """Keeps --pass and --after in the order given, as (flag, value) pairs in one list."""
 

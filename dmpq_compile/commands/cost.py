@@ -139,7 +139,7 @@ def _header(args: argparse.Namespace) -> str:
         return f"trt-a100 (analytical roofline, {A100_VARIANTS[args.variant].source})"
     import onnxruntime
 
-    from ..backends.cost import available_cpus, cpu_model
+    from ..sysinfo import available_cpus, cpu_model
 
     return (f"ort-cpu (measured: {cpu_model()}, {args.threads or available_cpus()} threads, "
             f"onnxruntime {onnxruntime.__version__}; table decode/prefill = cold medians)")

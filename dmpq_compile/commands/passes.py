@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..backends import available_backends
     from ..passes import PASSES
-    from ..passes.base import options_doc
+    from ..passes.infra.base import options_doc
 
     print("passes:")
     for name, cls, origin in PASSES.items():

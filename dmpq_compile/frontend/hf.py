@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..ir.graph import Graph
+from ..ir.graph import Graph, expert_node, layer_node
 from ..ir.validate import validate
 from ..ir.weights import CheckpointFileError, TensorRef, WeightStore, index_safetensors
 from .families import SUPPORTED, Family, family_for
@@ -185,17 +185,17 @@ class _Lowering:
 
     def layer(self, i: int, h: str) -> str:
         p, eps = f"model.layers.{i}", float(self.cfg.rms_norm_eps)
-        n1 = self.g.add(f"L{i}.attn_norm", "norm", [h], {"weight": self.take(f"{p}.input_layernorm.weight")},
+        n1 = self.g.add(layer_node(i, "attn_norm"), "norm", [h], {"weight": self.take(f"{p}.input_layernorm.weight")},
                         eps=eps)
         attn = self.attention(i, n1)
-        h = self.g.add(f"L{i}.attn_res", "add", [h, attn])
-        n2 = self.g.add(f"L{i}.moe_norm", "norm", [h],
+        h = self.g.add(layer_node(i, "attn_res"), "add", [h, attn])
+        n2 = self.g.add(layer_node(i, "moe_norm"), "norm", [h],
                         {"weight": self.take(f"{p}.post_attention_layernorm.weight")}, eps=eps)
         if self.fam.is_moe_layer(self.cfg, i):
             out = self.moe(i, n2)
         else:
-            out = self.g.add(f"L{i}.mlp", "mlp", [n2], self.mlp_params(f"{p}.mlp"), layer=i)
-        return self.g.add(f"L{i}.moe_res", "add", [h, out])
+            out = self.g.add(layer_node(i, "mlp"), "mlp", [n2], self.mlp_params(f"{p}.mlp"), layer=i)
+        return self.g.add(layer_node(i, "moe_res"), "add", [h, out])
 
     def attention(self, i: int, x: str) -> str:
         cfg, p = self.cfg, f"model.layers.{i}.self_attn"
@@ -210,7 +210,7 @@ class _Lowering:
         if getattr(cfg, "use_sliding_window", True) is False:
             window = None
         return self.g.add(
-            f"L{i}.attn", "attention", [x], params, layer=i,
+            layer_node(i, "attn"), "attention", [x], params, layer=i,
             num_heads=int(cfg.num_attention_heads), num_kv_heads=int(cfg.num_key_value_heads),
             head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
             rope_theta=float(self.g.meta["rope_theta"]), qk_norm=self.fam.qk_norm,
@@ -229,16 +229,16 @@ class _Lowering:
             raise FrontendError(f"{fam.name}: layer {i} has no router weight "
                                 f"(looked for model.layers.{i}.{{{','.join(fam.moe_prefixes)}}}.gate.weight)")
         n_exp = fam.num_experts(cfg)
-        router = self.g.add(f"L{i}.router", "router", [x], {"weight": self.take(f"{prefix}.gate.weight")},
+        router = self.g.add(layer_node(i, "router"), "router", [x], {"weight": self.take(f"{prefix}.gate.weight")},
                             layer=i, num_experts=n_exp, top_k=int(cfg.num_experts_per_tok),
                             norm_topk_prob=fam.norm_topk(cfg))
-        experts = [self.g.add(f"L{i}.E{e}", "expert", [x, router], self.expert_params(prefix, e),
+        experts = [self.g.add(expert_node(i, e), "expert", [x, router], self.expert_params(prefix, e),
                               layer=i, expert=e) for e in range(n_exp)]
         if fam.has_shared_expert:
             params = self.mlp_params(f"{prefix}.shared_expert")
             params["shared_gate"] = self.take(f"{prefix}.shared_expert_gate.weight")
-            experts.append(self.g.add(f"L{i}.shared", "shared_expert", [x], params, layer=i))
-        return self.g.add(f"L{i}.combine", "combine", [router, *experts], layer=i)
+            experts.append(self.g.add(layer_node(i, "shared"), "shared_expert", [x], params, layer=i))
+        return self.g.add(layer_node(i, "combine"), "combine", [router, *experts], layer=i)
 
     def expert_params(self, prefix: str, e: int) -> dict[str, str]:
         gate, up, down = self.fam.expert_names

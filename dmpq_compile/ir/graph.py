@@ -59,6 +59,23 @@ class IRError(ValueError):
     """The graph is malformed; the message names the node and what is wrong."""
 
 
+# Node ids: the frontend names every per-layer node ``L{layer}.{role}`` and every routed expert
+# ``L{layer}.E{expert}``; passes build ids through these two functions, never by formatting.
+LAYER_ROLES = ("attn_norm", "attn", "attn_res", "moe_norm", "router", "mlp", "shared", "combine", "moe_res")
+
+
+def layer_node(layer: int, role: str) -> str:
+    """The id of layer ``layer``'s node ``role`` (one of :data:`LAYER_ROLES`)."""
+    if role not in LAYER_ROLES:
+        raise IRError(f"unknown layer role {role!r}; roles: {LAYER_ROLES}")
+    return f"L{layer}.{role}"
+
+
+def expert_node(layer: int, expert: int) -> str:
+    """The id of routed expert ``expert`` of layer ``layer``."""
+    return f"L{layer}.E{expert}"
+
+
 @dataclass(frozen=True)
 class Node:
     """A read-only view of one node (the graph owns the data)."""

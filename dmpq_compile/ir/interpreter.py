@@ -2,7 +2,8 @@
 
 It is the oracle for emitted artifacts and what profiling, sensitivity and QAT run on.
 Quantized nodes (routed experts, and the attention, shared-expert, dense-MLP and lm_head nodes
-the non-expert precision policy gave bits; their linear roles are ``graph.QUANT_ROLES``) use, in order of preference: the exact tensors the ``quantize`` pass stored
+the non-expert precision policy gave bits; their linear roles are ``graph.QUANT_ROLES``) use, in order of
+preference: the exact tensors the ``quantize`` pass stored
 (annotation ``quant``), else round-to-nearest fake quantization at the annotated ``bits`` in the
 weight format the target declares for those bits (the interpreter's ``formats``, else
 ``graph.meta["weight_formats"]``, see :mod:`dmpq_compile.quant.formats`; group-wise asymmetric
@@ -10,7 +11,8 @@ where nothing is declared).
 
 Memory: a node's value is dropped as soon as its last consumer has run, and weights derived
 from the store (fp32 conversions, fake-quantized copies) live in a least-recently-used cache
-bounded by ``cache_bytes`` (used only when the whole model fits in it). A run over one decoder layer (``resume`` at the previous layer's
+bounded by ``cache_bytes`` (used only when the whole model fits in it). A run over one decoder layer
+(``resume`` at the previous layer's
 output) therefore holds that layer's activations and at most ``cache_bytes`` of weights, so a
 caller that streams layer by layer (:func:`dmpq_compile.ir.stream.run_layers`) is bounded by
 the largest layer, not by the model.
@@ -28,11 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.formats import WeightFormat, declared_format
-from ..quant.spec import QuantSpec
+from ..quant.spec import DEFAULT_GROUP_SIZE, QuantSpec
 from . import ops
 from .graph import QUANT_ROLES, Graph, IRError
 
-DEFAULT_GROUP_SIZE = 64
 DEFAULT_CACHE_BYTES = 256 * 2**20  # kept between runs when the whole model fits (the samples do)
 Observer = Callable[[str, str, Any], None]  # (node_id, kind, value)
 

@@ -18,14 +18,14 @@ from dataclasses import replace
 import networkx as nx
 import torch
 
-from .graph import Graph
+from .graph import Graph, layer_node
 from .interpreter import Interpreter, RunOptions
 
 
 def layer_outputs(graph: Graph) -> list[str]:
     """Node ids of each decoder layer's output, in order (``L0.moe_res`` ...)."""
     n = int(graph.meta["num_layers"])
-    ids = [f"L{i}.moe_res" for i in range(n)]
+    ids = [layer_node(i, "moe_res") for i in range(n)]
     missing = [i for i in ids if i not in graph.g]
     if missing:
         raise ValueError(f"the graph has no layer outputs {missing[:3]}: layer-major execution needs the "
@@ -35,7 +35,7 @@ def layer_outputs(graph: Graph) -> list[str]:
 
 def layer_input(graph: Graph, layer: int) -> str:
     """The node whose value enters decoder layer ``layer`` (``embed`` or the previous layer's output)."""
-    return "embed" if layer == 0 else f"L{layer - 1}.moe_res"
+    return "embed" if layer == 0 else layer_node(layer - 1, "moe_res")
 
 
 def layer_nodes(graph: Graph) -> list[set[str]]:
@@ -59,7 +59,7 @@ def embed(interp: Interpreter, ids: torch.Tensor, opts: RunOptions) -> torch.Ten
 
 def run_layer(interp: Interpreter, layer: int, h: torch.Tensor, opts: RunOptions) -> torch.Tensor:
     """Layer ``layer``'s output for the residual stream ``h`` entering it."""
-    out = f"L{layer}.moe_res"
+    out = layer_node(layer, "moe_res")
     return interp.run(None, replace(opts, resume={layer_input(interp.graph, layer): h}), outputs=(out,))[out]
 
 

@@ -15,6 +15,8 @@ from typing import Any
 VALID_BITS = (2, 3, 4, 8, 16)
 """Supported bit-widths; 16 means "keep the weight in floating point (not quantized)"."""
 
+# the quantization group size along K of every target, compile, cost table and pass unless set
+DEFAULT_GROUP_SIZE = 64
 ASYM_GROUP = "affine-asym-v1"
 SYM_CHANNEL = "sym-channel-v1"
 VALID_SCHEMES = (ASYM_GROUP, SYM_CHANNEL)

@@ -64,7 +64,10 @@ def make_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0, **over
     return out
 
 
-_WORDS = ["the", "expert", "router", "sends", "each", "token", "to", "a", "few", "experts", "and", "the", "model", "adds", "their", "weighted", "outputs", "while", "quantization", "keeps", "rare", "experts", "small", "and", "frequent", "experts", "precise", "so", "that", "memory", "traffic", "falls", "and", "decoding", "runs", "faster", "on", "every", "machine", "we", "measured", "today"]
+_WORDS = ["the", "expert", "router", "sends", "each", "token", "to", "a", "few", "experts", "and", "the",
+          "model", "adds", "their", "weighted", "outputs", "while", "quantization", "keeps", "rare", "experts",
+          "small", "and", "frequent", "experts", "precise", "so", "that", "memory", "traffic", "falls", "and",
+          "decoding", "runs", "faster", "on", "every", "machine", "we", "measured", "today"]
 
 
 def tiny_text(n_sentences: int, seed: int = 0) -> str:

@@ -76,6 +76,10 @@ class FrequencyAllocator:
     """Upgrade experts greedily by routing frequency per unit of added size."""
 
     name: ClassVar[str] = "frequency"
+    needs: ClassVar[tuple[str, ...]] = ()
+    measures: ClassVar[bool] = False
+    places_nonexperts: ClassVar[bool] = False
+    summary: ClassVar[str] = "routing frequency"
 
     def allocate(self, problem: AllocationProblem) -> Allocation:
         """Return the frequency-greedy allocation (module docstring)."""

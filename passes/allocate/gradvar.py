@@ -54,6 +54,10 @@ class GradVarAllocator:
     """More bits to experts with stable router gradients and high neuron variance."""
 
     name: ClassVar[str] = "gradvar"
+    needs: ClassVar[tuple[str, ...]] = ("router_grad_change", "neuron_variance")
+    measures: ClassVar[bool] = False
+    places_nonexperts: ClassVar[bool] = False
+    summary: ClassVar[str] = "router gradient / neuron variance ranks"
 
     def allocate(self, problem: AllocationProblem) -> Allocation:
         """Return the gradvar-greedy allocation (module docstring)."""

@@ -237,6 +237,11 @@ class OptimalAllocator:
     """
 
     name: ClassVar[str] = "optimal"
+    needs: ClassVar[tuple[str, ...]] = ("sensitivity",)
+    measures: ClassVar[bool] = False
+    places_nonexperts: ClassVar[bool] = True
+    summary: ClassVar[str] = ("exact optimum of the additive sensitivity + cost objective, dynamic "
+                              "programming")
     max_cells: int = 100_000
     latency_cells: int = 50_000
 

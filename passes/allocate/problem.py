@@ -36,7 +36,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 
@@ -234,9 +234,21 @@ class AllocationProblem:
 
 
 class Allocator(Protocol):
-    """What every allocator implements."""
+    """What every allocator implements, and what it declares as class attributes.
 
-    name: str
+    ``needs``: the annotations it reads beyond ``freq`` (``"sensitivity"`` stands for the chosen
+    metric's, per-expert KL or NLL increase), so the driver runs the passes that provide them;
+    ``measures``: it takes ``accuracy_fn`` / ``hardware_fn`` callbacks that measure whole
+    allocations; ``places_nonexperts``: it reads only the additive objective and the budget, so
+    non-expert items (``--nonexpert-bits auto``) can be among its experts; ``summary``: one
+    phrase for ``--allocator``'s help.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]]
+    measures: ClassVar[bool]
+    places_nonexperts: ClassVar[bool]
+    summary: ClassVar[str]
 
     def allocate(self, problem: AllocationProblem) -> Allocation:
         """Return ``key -> bits`` for every expert, within the budget, bits from ``bits_choices``."""

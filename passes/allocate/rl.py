@@ -66,6 +66,11 @@ class RLAllocator:
     """
 
     name: ClassVar[str] = "rl"
+    needs: ClassVar[tuple[str, ...]] = ("sensitivity",)
+    measures: ClassVar[bool] = True
+    places_nonexperts: ClassVar[bool] = False
+    summary: ClassVar[str] = ("PPO proposals through the same projection and local search; measured to reach "
+                              "the same objective as search, more slowly")
     episodes: int = 256
     seed: int = 0
     accuracy_fn: Callable[[Allocation], float] | None = None

@@ -151,6 +151,12 @@ class SearchAllocator:
     """
 
     name: ClassVar[str] = "search"
+    needs: ClassVar[tuple[str, ...]] = ("sensitivity",)
+    measures: ClassVar[bool] = True
+    places_nonexperts: ClassVar[bool] = False
+    summary: ClassVar[str] = ("random proposals, each projected onto the budget and polished by an exchange "
+                              "local search, re-ranked by whole-model interpreter measurements on models up to 100M "
+                              "parameters")
     proposals: int = 32
     per_round: int = 8
     refine_top: int = 2

@@ -16,6 +16,10 @@ class UniformAllocator:
     """Every expert gets the same bit-width: the largest one whose total usage fits the budget."""
 
     name: ClassVar[str] = "uniform"
+    needs: ClassVar[tuple[str, ...]] = ()
+    measures: ClassVar[bool] = False
+    places_nonexperts: ClassVar[bool] = True
+    summary: ClassVar[str] = "one bit-width for all"
 
     def allocate(self, problem: AllocationProblem) -> Allocation:
         """Return ``{key: b}`` for the largest ``b`` in ``bits_choices`` that fits.

@@ -31,7 +31,8 @@
    MatMuls, the same tensors that dmpq-compile quantizes.
 6. Package the files as an ``ort-cpu`` artifact with
    :func:`dmpq_compile.artifact.write_prebuilt_artifact` (:mod:`.build`): the manifest, a report
-   with routing frequencies from the ``profile`` statistics, and the tokenizer. ``dmpq_compile.runtime.load`` and ``dmpq-compile bench`` run it like a compiled
+   with routing frequencies from the ``profile`` statistics, and the tokenizer. ``dmpq_compile.runtime.load``
+   and ``dmpq-compile bench`` run it like a compiled
    artifact.
 """
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from ...backends.onnx_io import MODEL_FILE
 from ...backends.onnx_lowering import KVSpec
+from ...ir.graph import expert_node
 from .check import ValidationInputs, check_onnx_logits, validate_export, validation_inputs
 from .config import DEFAULT_CONFIG, EXPORT_ONLY, BaselineError, OrtQuantizerConfig
 from .experts import make_experts_exportable
@@ -128,7 +129,7 @@ def _annotate(graph: Any, cfg: OrtQuantizerConfig, expert_weights: list[str]) ->
     spec = {"bits": cfg.bits, "group_size": cfg.block_size, "method": f"ort-{cfg.algo}",
             "scheme": "ort-sym" if cfg.is_symmetric else "ort-asym", "tool": "MatMulNBitsQuantizer"}
     for node in graph.experts():
-        key = f"L{node.attrs['layer']}.E{node.attrs['expert']}"
+        key = expert_node(node.attrs['layer'], node.attrs['expert'])
         if done.get(key) == 2:
             graph.annotate(node.id, "bits", cfg.bits)
             graph.annotate(node.id, "quant", {"spec": spec})

@@ -18,6 +18,7 @@ from ...backends.onnx_io import (
     save_model,
     use_external,
 )
+from ...ir.graph import expert_node
 from .config import EXPORT_ONLY, BaselineError, OrtQuantizerConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def expert_of(weight: str) -> str | None:
     """``"L{layer}.E{expert}"`` of an exported expert weight (``model.layers.{l}...experts.{e}.gate_up|down``),
     None for any other initializer. The names are those :class:`~.experts.GatherExperts` gives its parameters."""
     m = _EXPERT_WEIGHT.match(weight)
-    return f"L{m.group(1)}.E{m.group(2)}" if m else None
+    return expert_node(int(m.group(1)), int(m.group(2))) if m else None
 
 
 def _ort_quantizer_module() -> Any:

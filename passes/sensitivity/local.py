@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..eval.metrics import next_token_logprobs, token_kl
-from ..ir import ops
-from ..ir.graph import Graph
-from ..ir.interpreter import Interpreter, RunOptions
-from ..ir.stream import embed, layer_input, layer_outputs, run_layer, run_layers
+from ...eval.metrics import next_token_logprobs, token_kl
+from ...ir import ops
+from ...ir.graph import Graph, layer_node
+from ...ir.interpreter import Interpreter, RunOptions
+from ...ir.stream import embed, layer_input, layer_outputs, run_layer, run_layers
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +110,18 @@ def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Ten
     for layer in reversed(range(len(layer_outputs(graph)))):
         h = store.get(layer).requires_grad_(True)
         seen: dict = {}
-        prefix = f"L{layer}."
+        own = {layer_node(layer, "router"), layer_node(layer, "moe_norm")}
         watched = watch(layer) if watch is not None else set()
         inputs = {i for n in watched for i in graph.inputs(n)}
 
-        def observe(node_id, kind, value, seen=seen, prefix=prefix, watched=watched, inputs=inputs):
+        def observe(node_id, kind, value, seen=seen, own=own, watched=watched, inputs=inputs):
             if node_id in watched:
                 value.retain_grad()
                 seen[node_id] = value
-            elif node_id in inputs or (node_id.startswith(prefix) and (kind == "router" or node_id.endswith(".moe_norm"))):
+            elif node_id in inputs or node_id in own:
                 seen[node_id] = value
 
-        out_id = f"L{layer}.moe_res"
+        out_id = layer_node(layer, "moe_res")
         run = RunOptions(quantize=opts.quantize, bits_override=opts.bits_override, observer=observe,
                          weight_override=opts.weight_override, checkpoint=True,
                          resume={layer_input(graph, layer): h})
@@ -303,7 +303,7 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
             seen: dict = {}
 
             def keep(node_id, kind, value, seen=seen, m=m):
-                if node_id in (f"L{m}.router", f"L{m}.moe_norm"):
+                if node_id in (layer_node(m, "router"), layer_node(m, "moe_norm")):
                     seen[node_id] = value
 
             old = h["fp"].shape[0] if order else 0
@@ -311,14 +311,14 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
             fp_in = torch.cat([x for x in (h.get("fp"), start) if x is not None])
             fp_out = run(fp_in, m, replace(fp, observer=keep))
             if order:
-                route = seen.get(f"L{m}.router")
-                frozen = {f"L{m}.router": _route_rows(route, 0, old, t)} if route is not None else {}
+                route = seen.get(layer_node(m, "router"))
+                frozen = {layer_node(m, "router"): _route_rows(route, 0, old, t)} if route is not None else {}
                 h["free"], h["frozen"] = run(h["free"], m, fp), run(h["frozen"], m, fp, frozen)
             if start is not None:
                 experts = by_layer.get(m, [])
                 q = run(start, m, RunOptions(quantize=False, bits_override={n.id: bits for n in experts}))
-                norms[m] = _probe_norm(interp, experts, seen[f"L{m}.moe_norm"][old:],
-                                       _route_rows(seen[f"L{m}.router"], old, fp_in.shape[0], t), bits)
+                norms[m] = _probe_norm(interp, experts, seen[layer_node(m, "moe_norm")][old:],
+                                       _route_rows(seen[layer_node(m, "router")], old, fp_in.shape[0], t), bits)
                 h["free"] = torch.cat([h["free"], q]) if order else q
                 h["frozen"] = torch.cat([h["frozen"], q]) if order else q
                 order.append(m)

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..ir.graph import Graph
+from ...ir.graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ class PassContext:
         backend: the backend object (cost tables, supported bits), or None.
         seed: base random seed; passes derive theirs from it.
         progress: show progress bars.
-        state: scratch space passes may use to hand non-annotation results to later passes.
         open_artifact: ``(quantized graph, backend, folder) -> session`` that writes an artifact
             into ``folder`` and loads it with the runtime (``session.forward``, ``.manifest``).
             The artifact writer and the runtime sit above the passes, so the driver injects this;
@@ -49,7 +48,6 @@ class PassContext:
     backend: Any = None
     seed: int = 0
     progress: bool = True
-    state: dict[str, Any] = field(default_factory=dict)
     work_dir: Path | None = None
     open_artifact: Callable[[Graph, Any, Path], Any] | None = None
     executor: Any = None
@@ -79,7 +77,7 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = False
-    cacheable: ClassVar[bool] = False  # results may be reused from the pass cache (see passes/cache.py)
+    cacheable: ClassVar[bool] = False  # results may be reused from the pass cache (see passes/infra/cache.py)
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
 

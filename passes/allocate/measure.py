@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..eval.metrics import next_token_logprobs, token_kl, token_nll
-from ..ir.graph import Graph
-from ..ir.interpreter import Interpreter, RunOptions
+from ...eval.metrics import next_token_logprobs, token_kl, token_nll
+from ...ir.graph import Graph
+from ...ir.interpreter import Interpreter, RunOptions
 
 log = logging.getLogger(__name__)
 Allocation = Mapping[str, int]
@@ -138,8 +138,8 @@ def artifact_hardware_fn(graph: Graph, backend: Any, open_artifact: OpenArtifact
 
 def _measure(graph: Graph, backend: Any, open_artifact: OpenArtifact, allocation: Allocation, decode_tokens: int,
              repeats: int) -> dict:
-    from .base import PassContext
-    from .quantize import QuantizePass
+    from ..infra.base import PassContext
+    from ..quantize import QuantizePass
 
     g = graph.copy()
     for node_id, bits in allocation.items():

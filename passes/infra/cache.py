@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write_bytes, cache_root
-from ..ir.annotations import decode_annotation
-from ..ir.graph import Graph
+from ...fileio import atomic_write_bytes, cache_root
+from ...ir.annotations import decode_annotation
+from ...ir.graph import Graph
 from .base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _weights_digest(graph: Graph) -> str | None:
 
 def _annotations(graph: Graph) -> dict[str, str]:
     """Each node's annotations as canonical JSON (for keys and for the change a pass made)."""
-    return {n: _json(graph.g.nodes[n]["ann"]) for n in graph.topo_order()}
+    return {n: _json(graph.node(n).ann) for n in graph.topo_order()}
 
 
 def cache_key(p: Pass, graph: Graph, ctx: PassContext, annotations: dict[str, str] | None = None) -> str | None:
@@ -116,13 +116,13 @@ def cache_key(p: Pass, graph: Graph, ctx: PassContext, annotations: dict[str, st
     if weights is None:
         return None
     backend = ctx.backend
-    structure = [(n, graph.g.nodes[n]["kind"], list(graph.inputs(n)), graph.g.nodes[n]["params"],
-                  graph.g.nodes[n]["attrs"]) for n in graph.topo_order()]
+    structure = [(n.id, n.kind, list(n.inputs), n.params, n.attrs) for n in graph.nodes()]
     calib = ctx.calibration
     parts = {
         "format": FORMAT, "pass": p.name, "class": f"{type(p).__module__}.{type(p).__qualname__}",
         "options": repr(p.options), "code": code_digest(p), "meta": graph.meta, "structure": structure,
-        "annotations": annotations if annotations is not None else _annotations(graph), "weights": weights, "seed": ctx.seed, "target": ctx.target,
+        "annotations": annotations if annotations is not None else _annotations(graph), "weights": weights,
+        "seed": ctx.seed, "target": ctx.target,
         "bits": getattr(backend, "supported_bits", None), "formats": repr(getattr(backend, "weight_formats", None)),
         "calibration": None if calib is None else [list(calib.shape), str(calib.dtype), hashlib.blake2b(
             calib.contiguous().numpy().tobytes(), digest_size=16).hexdigest()],
@@ -151,7 +151,7 @@ class PassCache:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("pass cache: ignoring unreadable entry %s (%s); recomputing", path, e)
             return None
-        if any(n not in graph.g.nodes for n in changes):
+        if any(n not in graph for n in changes):
             log.warning("pass cache: entry %s names nodes this graph lacks; recomputing", path)
             return None
         for node_id, ann in changes.items():
@@ -170,7 +170,7 @@ class PassCache:
             return
         changes: dict[str, dict[str, Any]] = {}
         for node_id in graph.topo_order():
-            ann = graph.g.nodes[node_id]["ann"]
+            ann = graph.node(node_id).ann
             old = json.loads(before[node_id])
             if set(old) - set(ann):
                 log.info("pass cache: %s removed annotations; its result is not cached", p.name)

@@ -4,7 +4,7 @@ bit-widths.
 
 Passes run after allocate (plugins through ``--pass``, for instance) may rewrite ``bits``; the
 allocators keep to the budget, but nothing else did. Usage is computed exactly as allocate
-computes it (:func:`.allocate.problem.budget_usage` on the problem :func:`.allocate_pass.build_problem`
+computes it (:func:`.allocate.problem.budget_usage` on the problem :func:`..allocate.base.build_problem`
 builds), for every budget kind (code bits, stored bits, bytes, latency) alike.
 
 Two kinds of breakage:
@@ -21,15 +21,15 @@ import dataclasses
 import logging
 from typing import Any
 
-from ..ir.graph import Graph
-from .allocate.problem import Budget, budget_usage, fits
-from .allocate_pass import AllocatePass, build_problem, nonexpert_items
+from ...ir.graph import Graph
+from ..allocate.base import AllocatePass, build_problem, nonexpert_items
+from ..allocate.problem import Budget, budget_usage, fits
 from .base import PassContext, PassError
 from .manager import Instrument
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BITS = (2, 3, 4, 8, 16)  # what allocate offers without a backend (allocate_pass.bits_choices)
+DEFAULT_BITS = (2, 3, 4, 8, 16)  # what allocate offers without a backend (allocate.base.bits_choices)
 
 
 class BudgetOverrunError(PassError):

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..ir.graph import QUANT_ROLES, Graph
+from ...ir.graph import QUANT_ROLES, Graph
 
 
 def stored_weight_bytes(graph: Graph, backend: Any, group_size: int | None = None,

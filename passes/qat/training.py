@@ -8,7 +8,7 @@ them afterwards exactly as they would on the original weights.
 Modes (option ``mode``). ``whole`` trains the whole model at once (everything below). It keeps
 every weight in fp32 twice plus gradients and Adam moments of the trained ones, about
 ``BYTES_PER_PARAM`` (20) bytes per parameter (:func:`whole_model_estimate`). ``blockwise``
-distils one decoder layer at a time (:mod:`~dmpq_compile.passes.qat_blockwise`): memory is one
+distils one decoder layer at a time (:mod:`~dmpq_compile.passes.qat.blockwise`): memory is one
 layer's weights plus the residual stream at one layer boundary, time is linear in depth. ``auto``
 (default) takes ``whole`` when its estimate is within ``FIT_FRACTION`` of the available memory,
 ``blockwise`` otherwise; one INFO line says which mode runs and why, and the stats carry it
@@ -61,7 +61,8 @@ trained forward; ``hqq``/``gptq`` re-optimise the rounding on the recovered weig
 most of the gain in every measured case, so ``compile`` refuses ``--qat`` with them). The pass
 refuses a graph that already carries ``quant`` records: its packed tensors would go stale.
 
-Stats: ``mode`` and ``mode_reason`` (both modes), ``steps``, ``tokens``, ``seconds``, ``stop_reason``, ``kl_before`` / ``kl_after`` and
+Stats: ``mode`` and ``mode_reason`` (both modes), ``steps``, ``tokens``, ``seconds``, ``stop_reason``,
+``kl_before`` / ``kl_after`` and
 ``nll_before`` / ``nll_after`` (held-out, fake-quantized model vs. the FP model, ``after``
 measured with RTN on the written-back store), ``nll_fp``, ``best_step``, ``train_loss_first`` /
 ``train_loss_last``, counts of trained tensors and held-out / training sequences.
@@ -79,13 +80,13 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..eval.metrics import mean_kl, mean_nll
-from ..ir.graph import QUANT_ROLES, Graph
-from ..ir.interpreter import DEFAULT_GROUP_SIZE, Interpreter, RunOptions
-from ..quant import QuantSpec, fake_quantize, fake_quantize_spec, fake_quantize_ste, init_scale_multiplier
-from ..quant.formats import WeightFormat
-from ..quant.spec import ASYM_GROUP
-from .base import Pass, PassContext, PassError, PassResult
+from ...eval.metrics import mean_kl, mean_nll
+from ...ir.graph import QUANT_ROLES, Graph
+from ...quant import QuantSpec, fake_quantize, fake_quantize_spec, fake_quantize_ste, init_scale_multiplier
+from ...quant.formats import WeightFormat
+from ...quant.spec import ASYM_GROUP, DEFAULT_GROUP_SIZE
+from ...sysinfo import available_memory_bytes
+from ..infra.base import PassContext, PassError
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def _check_number(name: str, value: Any, positive: bool) -> None:
 
 # -- what trains ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Use:
+class Use:
     """One (node, role) reading a trainable weight key, with its fake quantization (bits 16: none)."""
 
     node_id: str
@@ -207,14 +208,14 @@ class _Use:
 
 
 @dataclass
-class _Trainables:
+class Trainables:
     """Trainable float32 copies of weight-store tensors and how the forward pass reads them."""
 
     params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # weight key -> latent weight
     scales: dict[tuple[str, int, int], torch.nn.Parameter] = field(default_factory=dict)  # LSQ multipliers
-    uses: list[_Use] = field(default_factory=list)
+    uses: list[Use] = field(default_factory=list)
 
-    def add(self, graph: Graph, use: _Use, learnable_scales: bool) -> None:
+    def add(self, graph: Graph, use: Use, learnable_scales: bool) -> None:
         """Register ``use``, creating the key's parameter (and scale multiplier) on first sight."""
         if use.key not in self.params:
             self.params[use.key] = torch.nn.Parameter(graph.weights[use.key].detach().to(torch.float32).clone())
@@ -228,7 +229,7 @@ class _Trainables:
         """``node_id -> group_size`` of every node trained through fake quantization."""
         return {u.node_id: u.group_size for u in self.uses if u.bits < 16}
 
-    def value(self, use: _Use) -> torch.Tensor:
+    def value(self, use: Use) -> torch.Tensor:
         """The tensor the forward pass uses for ``use`` (STE fake-quantized when ``bits < 16``)."""
         w = self.params[use.key]
         if use.bits >= 16:
@@ -282,7 +283,7 @@ def _trains(kind: str, bits: int, o: QATOptions) -> bool:
     return kind in NONEXPERT_KINDS and o.train_nonexpert
 
 
-def select_uses(graph: Graph, o: QATOptions, formats: dict[int, WeightFormat] | None = None) -> list[_Use]:
+def select_uses(graph: Graph, o: QATOptions, formats: dict[int, WeightFormat] | None = None) -> list[Use]:
     """The (node, role) weights that train under ``o`` and how the forward pass reads each; reads no tensor.
 
     ``formats`` (``Backend.weight_formats``) are the target's weight formats: a weight trains
@@ -304,15 +305,15 @@ def select_uses(graph: Graph, o: QATOptions, formats: dict[int, WeightFormat] | 
         for role, key in node.params.items():
             b = bits if role in QUANT_ROLES.get(node.kind, ()) else 16
             fmt = (formats or {}).get(b) if b < 16 else None
-            uses.append(_Use(node.id, role, key, b, group, fmt.spec(group) if fmt else None))
+            uses.append(Use(node.id, role, key, b, group, fmt.spec(group) if fmt else None))
     if not uses:
         raise PassError("pass 'qat': nothing to train (no expert has bits < 16 and every other part is frozen)")
     return uses
 
 
-def collect_trainables(graph: Graph, o: QATOptions, uses: list[_Use] | None = None) -> _Trainables:
+def collect_trainables(graph: Graph, o: QATOptions, uses: list[Use] | None = None) -> Trainables:
     """fp32 trainable copies of the weights of ``uses`` (default: all of :func:`select_uses`)."""
-    tr = _Trainables()
+    tr = Trainables()
     for use in select_uses(graph, o) if uses is None else uses:
         tr.add(graph, use, o.learnable_scales)
     return tr
@@ -362,10 +363,10 @@ def planned_steps(o: QATOptions, tokens_per_step: int) -> int:
 
 
 # -- the pass ------------------------------------------------------------------------------------
-class _Objective(Protocol):
-    """What the training loop optimises: the whole model (:class:`_Models`) or one layer (``qat_blockwise``)."""
+class Objective(Protocol):
+    """What the training loop optimises: the whole model (:class:`~.whole.Models`) or one layer (``blockwise``)."""
 
-    trainables: _Trainables
+    trainables: Trainables
     label: str  # name of the held-out metric on the progress bar
 
     def loss(self, rows: torch.Tensor) -> torch.Tensor:
@@ -379,47 +380,7 @@ class _Objective(Protocol):
 
 
 @dataclass
-class _Models:
-    """Whole-model objective: the frozen FP teacher and the fake-quantized student (reference interpreters)."""
-
-    teacher: Interpreter
-    student: Interpreter
-    trainables: _Trainables
-    train_ids: torch.Tensor
-    eval_ids: torch.Tensor
-    o: QATOptions
-
-    @property
-    def label(self) -> str:
-        return f"heldout_{self.o.loss}"
-
-    def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Full-precision logits ``[B, T, V]`` of the original weights (no autograd)."""
-        with torch.no_grad():
-            return self.teacher.run(ids, RunOptions(quantize=False))["lm_head"]
-
-    def student_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, T, V]`` with the trainable weights (fake-quantized where quantized), differentiable."""
-        opts = RunOptions(quantize=True, weight_override=self.trainables.overrides())
-        return self.student.run(ids, opts)["lm_head"]
-
-    def loss(self, rows: torch.Tensor) -> torch.Tensor:
-        ids = self.train_ids[rows]
-        logits = self.student_logits(ids)
-        if self.o.loss == "nll":
-            return mean_nll(logits, ids)
-        return mean_kl(self.teacher_logits(ids), logits)
-
-    def heldout(self) -> _Eval:
-        return evaluate(self.student_logits, self.teacher_logits, self.eval_ids, self.o.batch_size)
-
-    def metric(self, e: _Eval) -> float:
-        """KL for ``kl`` training, NLL for ``nll``."""
-        return e.kl if self.o.loss == "kl" else e.nll
-
-
-@dataclass
-class _Eval:
+class Eval:
     """Held-out metrics: mean KL to the FP model per token and mean next-token NLL."""
 
     kl: float
@@ -427,14 +388,14 @@ class _Eval:
 
 
 def evaluate(logits_fn: Callable[[torch.Tensor], torch.Tensor], teacher_fn: Callable[[torch.Tensor], torch.Tensor],
-             ids: torch.Tensor, batch_size: int) -> _Eval:
+             ids: torch.Tensor, batch_size: int) -> Eval:
     """KL of ``logits_fn`` to ``teacher_fn`` and its NLL on ``ids``, in batches of ``batch_size`` sequences."""
     with torch.no_grad():
         return accumulate_eval(((part, logits_fn(part), teacher_fn(part)) for part in ids.split(batch_size)),
                                len(ids))
 
 
-def accumulate_eval(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> _Eval:
+def accumulate_eval(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> Eval:
     """Mean KL and NLL over ``(ids, logits, teacher_logits)`` batches covering ``n`` sequences.
 
     Batch results are weighted by their sequence count (all sequences have the same length).
@@ -443,11 +404,11 @@ def accumulate_eval(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
     for ids, logits, teacher in batches:
         kl += float(mean_kl(teacher, logits)) * len(ids)
         nll += float(mean_nll(logits, ids)) * len(ids)
-    return _Eval(kl / n, nll / n)
+    return Eval(kl / n, nll / n)
 
 
 @dataclass
-class _LoopResult:
+class LoopResult:
     """Counters of the training loop and the best held-out evaluation (``best_state`` None: step 0)."""
 
     steps: int = 0
@@ -458,59 +419,6 @@ class _LoopResult:
     best_state: dict[Any, torch.Tensor] | None = None
     losses: list[float] = field(default_factory=list)
     postfix: dict[str, str] = field(default_factory=dict)  # what the progress bar shows
-
-
-class QATPass(Pass):
-    """Quantization-aware fine-tuning of the experts at their assigned bits (see module docstring)."""
-
-    name = "qat"
-    requires = ("bits",)
-    provides = ()
-    needs_calibration = True
-    Options = QATOptions
-    description = ("quantization-aware fine-tuning (STE) at each expert's bits: KL distillation from FP of the whole "
-                   "model, or of each layer's output in turn (mode blockwise / auto)")
-
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        o = self.options
-        uses = select_uses(graph, o, getattr(ctx.backend, "weight_formats", None))
-        mode, reason = choose_mode(graph, o.mode)
-        log.info("qat: %s mode (%s)", mode, reason)
-        if mode == "blockwise":
-            from .qat_blockwise import run_blockwise  # it builds on this module's helpers
-
-            result = run_blockwise(graph, ctx, o, uses)
-        else:
-            result = run_whole(graph, ctx, o, uses)
-        return PassResult(result.graph, result.modified, {"mode": mode, "mode_reason": reason, **result.stats})
-
-
-def run_whole(graph: Graph, ctx: PassContext, o: QATOptions, uses: list[_Use]) -> PassResult:
-    """Whole-model QAT (see the module docstring)."""
-    tr = collect_trainables(graph, o, uses)
-    train_ids, eval_ids = split_calibration(ctx.calibration, o.eval_fraction)
-    formats = getattr(ctx.backend, "weight_formats", None)
-    models = _Models(Interpreter(graph.copy(), quantize=False), Interpreter(graph, quantize=True, formats=formats), tr, train_ids,
-                     eval_ids, o)
-    before = models.heldout()
-    fp_nll = evaluate(models.teacher_logits, models.teacher_logits, eval_ids, o.batch_size).nll
-    log.info("qat: %d tensors train (%d fake-quantized nodes); held-out KL %.5f before",
-             len(tr.params), len(tr.quantized_nodes()), before.kl)
-    t0 = time.perf_counter()
-    loop = train(models, o, len(train_ids), train_ids.shape[1], before, ctx)
-    seconds = time.perf_counter() - t0
-    bake: dict[str, Any] = {}
-    if loop.best_state is not None:
-        tr.restore(loop.best_state)
-        fidelity = BakeFidelity() if o.learnable_scales else None
-        write_back(graph, tr, fidelity)
-        bake = fidelity.stats() if fidelity else {}
-    after = evaluate(Interpreter(graph, quantize=True, formats=formats), models.teacher_logits, eval_ids,
-                     o.batch_size)
-    stats = {**_summary(o, loop, tr, before, after, fp_nll, seconds, train_ids, eval_ids), **bake}
-    log.info("qat: %d steps, %d tokens, %.1fs (%s); held-out KL %.5f -> %.5f", loop.steps, loop.tokens,
-             seconds, loop.stop_reason, before.kl, after.kl)
-    return PassResult(graph, modified=loop.best_state is not None, stats=stats)
 
 
 # -- which mode ----------------------------------------------------------------------------------
@@ -539,7 +447,7 @@ def _size(n: int) -> str:
 def whole_model_estimate(graph: Graph, available: int | None = None) -> MemoryEstimate:
     """``BYTES_PER_PARAM`` bytes per parameter against ``available`` (default: the system's MemAvailable)."""
     n = sum(math.prod(graph.weights.shape(k)) for k in graph.weights)
-    return MemoryEstimate(n, BYTES_PER_PARAM * n, _available_bytes() if available is None else available)
+    return MemoryEstimate(n, BYTES_PER_PARAM * n, available_memory_bytes() if available is None else available)
 
 
 def check_fits(graph: Graph, available: int | None = None) -> MemoryEstimate:
@@ -579,34 +487,7 @@ def choose_mode(graph: Graph, mode: str, available: int | None = None) -> tuple[
     return "blockwise", f"auto: {est.describe()}: does not fit, so layer by layer"
 
 
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
-def _summary(o: QATOptions, loop: _LoopResult, tr: _Trainables, before: _Eval, after: _Eval, fp_nll: float,
-             seconds: float, train_ids: torch.Tensor, eval_ids: torch.Tensor) -> dict[str, Any]:
-    """The pass's stats dictionary (see the module docstring)."""
-    return {
-        "steps": loop.steps, "tokens": loop.tokens, "seconds": round(seconds, 3), "stop_reason": loop.stop_reason,
-        "loss": o.loss, "kl_before": before.kl, "kl_after": after.kl, "nll_before": before.nll,
-        "nll_after": after.nll, "nll_fp": fp_nll, "best_step": loop.best_step,
-        "train_loss_first": loop.losses[0] if loop.losses else None,
-        "train_loss_last": loop.losses[-1] if loop.losses else None,
-        "trained_tensors": len(tr.params), "fake_quantized_nodes": len(tr.quantized_nodes()),
-        "train_sequences": len(train_ids), "eval_sequences": len(eval_ids),
-    }
-
-
-# -- the training loop (shared by both modes) ----------------------------------------------------
-def _optimizer(tr: _Trainables, o: QATOptions) -> torch.optim.Optimizer:
+def _optimizer(tr: Trainables, o: QATOptions) -> torch.optim.Optimizer:
     """AdamW over the latent weights (with weight decay) and the scale multipliers (without)."""
     groups = [{"params": list(tr.params.values()), "weight_decay": o.weight_decay}]
     if tr.scales:
@@ -625,8 +506,8 @@ def _stop_reason(o: QATOptions, step: int, tokens: int, tokens_per_step: int, t0
     return None
 
 
-def train(obj: _Objective, o: QATOptions, n_train: int, seq_len: int, before: Any, ctx: PassContext,
-          desc: str = "qat") -> _LoopResult:
+def train(obj: Objective, o: QATOptions, n_train: int, seq_len: int, before: Any, ctx: PassContext,
+          desc: str = "qat") -> LoopResult:
     """The optimisation loop over ``n_train`` training sequences of ``seq_len`` tokens.
 
     ``before`` is the step-0 held-out evaluation; returns the counters and the best weights
@@ -646,7 +527,7 @@ def train(obj: _Objective, o: QATOptions, n_train: int, seq_len: int, before: An
     opt = _optimizer(tr, o)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
     batches = batch_stream(n_train, batch_size, ctx.seed)
-    res = _LoopResult(best=before)
+    res = LoopResult(best=before)
     bar = tqdm(total=total, desc=desc, unit="step", disable=not ctx.progress, leave=False)
     while (reason := _stop_reason(o, res.steps, res.tokens, tokens_per_step, t0)) is None:
         loss = _optimize_step(obj, opt, o, next(batches))
@@ -666,7 +547,7 @@ def train(obj: _Objective, o: QATOptions, n_train: int, seq_len: int, before: An
 
 
 
-def _optimize_step(obj: _Objective, opt: torch.optim.Optimizer, o: QATOptions, rows: torch.Tensor) -> float:
+def _optimize_step(obj: Objective, opt: torch.optim.Optimizer, o: QATOptions, rows: torch.Tensor) -> float:
     """One forward/backward/update on the training sequences ``rows``; returns the loss before the update."""
     tr = obj.trainables
     opt.zero_grad(set_to_none=True)
@@ -681,7 +562,7 @@ def _optimize_step(obj: _Objective, opt: torch.optim.Optimizer, o: QATOptions, r
     return float(loss.detach())
 
 
-def _consider(obj: _Objective, res: _LoopResult, bar) -> None:
+def _consider(obj: Objective, res: LoopResult, bar) -> None:
     """Evaluate the current weights on the held-out slice and keep them if they are the best so far."""
     current = obj.heldout()
     value = obj.metric(current)
@@ -693,13 +574,13 @@ def _consider(obj: _Objective, res: _LoopResult, bar) -> None:
 
 
 # -- write-back ----------------------------------------------------------------------------------
-def write_back(graph: Graph, tr: _Trainables, bake: BakeFidelity | None) -> None:
+def write_back(graph: Graph, tr: Trainables, bake: BakeFidelity | None) -> None:
     """Store the trained weights and annotate the fake-quantized nodes' group sizes.
 
     ``bake`` None writes the latent weights; otherwise each fake-quantized weight is baked to its
     fake-quantized value and ``bake`` records how closely RTN re-quantization reproduces it.
     """
-    baked: dict[str, tuple[torch.Tensor, _Use]] = {}
+    baked: dict[str, tuple[torch.Tensor, Use]] = {}
     if bake is not None:
         with torch.no_grad():
             baked = {u.key: (tr.value(u).detach(), u) for u in tr.uses if u.bits < 16}
@@ -723,7 +604,7 @@ class BakeFidelity:
     mismatched: int = 0
     total: int = 0
 
-    def add(self, stored: torch.Tensor, value: torch.Tensor, use: _Use) -> None:
+    def add(self, stored: torch.Tensor, value: torch.Tensor, use: Use) -> None:
         """Compare the stored tensor of ``use``, re-quantized with RTN, with its trained value."""
         w = stored.to(torch.float32)
         requant = fake_quantize(w, use.bits, use.group_size) if use.spec is None else fake_quantize_spec(w, use.spec)

@@ -4,7 +4,7 @@ Two methods (``method``):
 
 * ``local`` (default): each expert's output error at its own layer on the tokens routed to it,
   weighted by the gradient of the model's output distribution at that layer: a Fisher estimate
-  of the KL increase (see :mod:`.sensitivity_local`). One forward and one backward per label
+  of the KL increase (see :mod:`.local`). One forward and one backward per label
   sample, layer-major: cost linear in depth, memory bounded by one layer. ``sensitivity``
   (the NLL-increase annotation) is set to the same estimate: the expected NLL increase under
   the model's own next-token distribution is exactly the KL.
@@ -39,7 +39,7 @@ the allocator will place (:func:`.precision.allocatable`), writing ``kl`` and ``
 The layer-local estimate sees the model with every router frozen; with ``flips`` (the default;
 ``--no-flip-probe`` turns it off) ``local`` adds the KL of top-k routing flips downstream:
 ``flip_kl[b] = c_l x`` the node's mean output-change norm at ``b`` bits, ``c_l`` measured once per MoE
-layer by :func:`.sensitivity_local.flip_rates` (every expert of the layer at ``flip_bits``, the rest of
+layer by :func:`.local.flip_rates` (every expert of the layer at ``flip_bits``, the rest of
 the model run with routers free and frozen, on a disjoint group of the calibration sequences:
 about three forwards in all). ``kl`` and ``sensitivity`` are the sum; ``flip_kl`` is kept apart.
 
@@ -58,16 +58,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
-from ..ir import ops
-from ..ir.graph import Graph
-from ..ir.interpreter import Interpreter, RunOptions
-from ..quant.spec import VALID_BITS
-from . import rare_experts
-from . import sensitivity_local as local
-from .base import Pass, PassContext, PassResult
-from .layer_clock import LayerClock
-from .precision import allocatable, measured_bits
+from ...eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
+from ...ir import ops
+from ...ir.graph import Graph, layer_node
+from ...ir.interpreter import Interpreter, RunOptions
+from ...quant.spec import VALID_BITS
+from .. import rare_experts
+from ..infra.base import Pass, PassContext, PassResult
+from ..layer_clock import LayerClock
+from ..precision import allocatable, measured_bits
+from . import local
 
 log = logging.getLogger(__name__)
 METHODS = ("local", "whole")
@@ -168,11 +168,11 @@ class SensitivityPass(Pass):
         split = {"expert_scores_s": 0.0, "expert_scores_cpu_s": 0.0}  # the part --ray sends to workers
 
         def at_layer(layer, seen, g):
-            if f"L{layer}.router" not in seen:
+            if layer_node(layer, "router") not in seen:
                 return
-            x, route = seen[f"L{layer}.moe_norm"], seen[f"L{layer}.router"]
+            x, route = seen[layer_node(layer, "moe_norm")], seen[layer_node(layer, "router")]
             if remote is not None:  # scored by a worker while this process back-propagates further
-                from .remote_tasks import layer_expert_scores
+                from ..remote_tasks import layer_expert_scores
 
                 route = ops.Routing(route.weights.detach(), route.indices, route.logits.detach(), route.shape)
                 pending.append(ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer, x.detach(),
@@ -241,7 +241,7 @@ def _remote(ctx: PassContext, graph: Graph):
     """The graph put in the executor's object store (None: score the layers in this process)."""
     if ctx.executor is None:
         return None
-    from .remote_tasks import sendable
+    from ..remote_tasks import sendable
 
     return ctx.executor.put(graph) if sendable(graph) else None
 
@@ -291,7 +291,7 @@ def _streamed_router_grads(graph: Graph, interp: Interpreter, ids: torch.Tensor,
         local.backward_layers(interp, store, g, opts, lambda *a: None, tick)
     finally:
         store.close()
-    return {graph.g.nodes[rid]["attrs"]["layer"]: p.grad for rid, p in params.items()}
+    return {graph.node(rid).attrs["layer"]: p.grad for rid, p in params.items()}
 
 
 def _annotate_router_change(graph: Graph, g_fp: dict, g_q: dict) -> None:
@@ -335,9 +335,9 @@ def _reference(graph: Graph, interp: Interpreter, ids: torch.Tensor) -> dict:
 
 def _layer_sensitivity(graph: Graph, interp: Interpreter, ids: torch.Tensor, fp: dict, layer: int,
                        bits: tuple[int, ...], chunk: int, bar) -> None:
-    x, routing = fp[f"L{layer}.moe_norm"], fp[f"L{layer}.router"]
-    base = fp[f"L{layer}.combine"].reshape(-1, x.shape[-1])  # [N, H]
-    resid = fp[f"L{layer}.attn_res"]
+    x, routing = fp[layer_node(layer, "moe_norm")], fp[layer_node(layer, "router")]
+    base = fp[layer_node(layer, "combine")].reshape(-1, x.shape[-1])  # [N, H]
+    resid = fp[layer_node(layer, "attn_res")]
     experts = [n for n in graph.experts() if n.attrs["layer"] == layer]
     todo, results = [], {}
     with torch.no_grad():
@@ -356,7 +356,7 @@ def _layer_sensitivity(graph: Graph, interp: Interpreter, ids: torch.Tensor, fp:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             stacked = torch.cat([value for _, value in part])  # [P*B, T, H]
-            logits = interp.run(None, RunOptions(quantize=False, resume={f"L{layer}.moe_res": stacked}))["lm_head"]
+            logits = interp.run(None, RunOptions(quantize=False, resume={layer_node(layer, "moe_res"): stacked}))["lm_head"]
             reps = len(part)
             nll, kl = _nll_kl(logits, ids.repeat(reps, 1), fp["ref_logp"].repeat(reps, 1, 1))
             for i, (key, _) in enumerate(part):
@@ -399,7 +399,7 @@ def _gradvar(graph: Graph, interp: Interpreter, ids: torch.Tensor, bits: int, fp
     for node in graph.experts():
         layer, e = node.attrs["layer"], node.attrs["expert"]
         w = interp.weights(node.id, RunOptions(quantize=False))
-        x, routing = fp[f"L{layer}.moe_norm"], fp[f"L{layer}.router"]
+        x, routing = fp[layer_node(layer, "moe_norm")], fp[layer_node(layer, "router")]
         token_idx, _ = torch.where(routing.indices == e)
         with torch.no_grad():
             xt = x.reshape(-1, x.shape[-1])[token_idx]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,8 +10,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..ir.graph import Graph
-from ..ir.serialize import save_graph
+from ...ir.graph import Graph
+from ...ir.serialize import save_graph
+from ...sysinfo import peak_rss_mb, reset_peak_rss
 from .base import Pass, PassContext, PassError, PassResult
 from .cache import PassCache, run_cached
 
@@ -38,39 +37,6 @@ class PassRecord:
     peak_rss_mb: float
     stats: dict = field(default_factory=dict)
     cpu_seconds: float | None = None  # the process's CPU time (all threads): robust to other load, unlike wall time
-
-
-def release_free_heap() -> None:
-    """Hand memory that ``free`` kept in the heap back to the system (glibc ``malloc_trim``; no-op elsewhere).
-
-    Measured on the OLMoE-1B-7B shape: about 2 GB that the sensitivity pass had freed stayed
-    resident through the later passes and emission without this.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), after
-    :func:`release_free_heap`, so the window starts from what is really in use."""
-    release_free_heap()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory since the last :func:`reset_peak_rss` (else since the start), MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Timing(Instrument):
@@ -143,7 +109,8 @@ class PassManager:
             missing = [k for k in p.requires if k not in available]
             if missing:
                 before = self.previous + [q.name for q in self.passes[:i]] or ["(none)"]
-                raise PassError(f"pipeline invalid: pass {p.name!r} (#{len(self.previous) + i + 1}) requires {missing}, which neither "
+                raise PassError(f"pipeline invalid: pass {p.name!r} (#{len(self.previous) + i + 1}) requires {missing}, "
+                                "which neither "
                                 f"the input graph nor the passes before it ({', '.join(before)}) provide")
             available.update(p.provides)
 

@@ -64,16 +64,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..ir.graph import Graph
-from ..ir.interpreter import Interpreter, RunOptions
-from ..ir.stream import embed, head_chunks, layer_nodes, run_layer
-from .base import PassContext, PassResult
-from .qat import (
+from ...ir.graph import Graph
+from ...ir.interpreter import Interpreter, RunOptions
+from ...ir.stream import embed, head_chunks, layer_nodes, run_layer
+from ..infra.base import PassContext, PassResult
+from .training import (
     BakeFidelity,
+    Eval,
     QATOptions,
-    _Eval,
-    _Trainables,
-    _Use,
+    Trainables,
+    Use,
     accumulate_eval,
     collect_trainables,
     split_calibration,
@@ -93,7 +93,7 @@ class _LayerObjective:
 
     interp: Interpreter
     layer: int
-    trainables: _Trainables
+    trainables: Trainables
     frozen: dict[str, dict[str, torch.Tensor]]
     inputs: torch.Tensor  # [S, T, H] the quantized prefix's hidden states entering the layer
     targets: torch.Tensor  # [S, T, H] the FP layer output
@@ -127,7 +127,7 @@ class _LayerObjective:
         return e
 
 
-def run_blockwise(graph: Graph, ctx: PassContext, o: QATOptions, uses: list[_Use]) -> PassResult:
+def run_blockwise(graph: Graph, ctx: PassContext, o: QATOptions, uses: list[Use]) -> PassResult:
     """Block-wise QAT of ``graph`` in place (see the module docstring); ``uses``: what trains."""
     train_ids, eval_ids = split_calibration(ctx.calibration, o.eval_fraction)
     n_train, held = len(train_ids), slice(len(train_ids), None)
@@ -177,7 +177,7 @@ def run_blockwise(graph: Graph, ctx: PassContext, o: QATOptions, uses: list[_Use
     return PassResult(graph, modified=stats["written_layers"] > 0, stats=stats)
 
 
-def _train_layer(graph: Graph, interp: Interpreter, layer: int, nodes: set[str], uses: list[_Use], inputs: torch.Tensor,
+def _train_layer(graph: Graph, interp: Interpreter, layer: int, nodes: set[str], uses: list[Use], inputs: torch.Tensor,
                  targets: torch.Tensor, n_train: int, o: QATOptions, ctx: PassContext,
                  fidelity: BakeFidelity | None) -> dict[str, Any]:
     """Train the ``uses`` of layer ``layer`` (node ids ``nodes``) on ``inputs -> targets``; write the best back.
@@ -212,14 +212,14 @@ def _train_layer(graph: Graph, interp: Interpreter, layer: int, nodes: set[str],
     return rec
 
 
-def _frozen_weights(interp: Interpreter, nodes: set[str], tr: _Trainables) -> dict[str, dict[str, torch.Tensor]]:
+def _frozen_weights(interp: Interpreter, nodes: set[str], tr: Trainables) -> dict[str, dict[str, torch.Tensor]]:
     """The weights of the layer's ``nodes`` that do not train, as the interpreter reads them, read once
     for all the layer's steps (a model over the interpreter's cache bound would read them from the
     store at every step)."""
     trained = {(u.node_id, u.role) for u in tr.uses}
     out = {}
     for node_id in nodes:
-        roles = [r for r in interp.graph.g.nodes[node_id]["params"] if (node_id, r) not in trained]
+        roles = [r for r in interp.graph.node(node_id).params if (node_id, r) not in trained]
         if roles:
             w = interp.weights(node_id, RunOptions(quantize=True))
             out[node_id] = {r: w[r] for r in roles}
@@ -235,7 +235,7 @@ def _advance(interp: Interpreter, layer: int, h: torch.Tensor, opts: RunOptions,
             h[sl] = run_layer(interp, layer, h[sl], opts)
 
 
-def _head_eval(interp: Interpreter, h: torch.Tensor, h_fp: torch.Tensor, ids: torch.Tensor) -> _Eval:
+def _head_eval(interp: Interpreter, h: torch.Tensor, h_fp: torch.Tensor, ids: torch.Tensor) -> Eval:
     """Held-out KL / NLL of the model whose last layer outputs ``h``, against the FP model's ``h_fp``."""
     opts = RunOptions(quantize=False)  # final norm and LM head are never quantized
     pairs = zip(head_chunks(interp, h, opts), head_chunks(interp, h_fp, opts))
@@ -251,13 +251,13 @@ def _layer_options(o: QATOptions, records: list[dict[str, Any]], layers_left: in
     return replace(o, time_budget_s=max(left / layers_left, 1e-9))
 
 
-def _largest_layer(graph: Graph, uses: list[_Use], layers: list[set[str]]) -> int:
+def _largest_layer(graph: Graph, uses: list[Use], layers: list[set[str]]) -> int:
     """Trainable parameters of the layer with the most (without reading any tensor)."""
     per_layer = [{u.key for u in uses if u.node_id in nodes} for nodes in layers]
     return max((sum(math.prod(graph.weights.shape(k)) for k in keys) for keys in per_layer), default=0)
 
 
-def _summary(records: list[dict[str, Any]], before: _Eval, after: _Eval, fp_nll: float, seconds: float,
+def _summary(records: list[dict[str, Any]], before: Eval, after: Eval, fp_nll: float, seconds: float,
              activation_bytes: int, train_ids: torch.Tensor, eval_ids: torch.Tensor) -> dict[str, Any]:
     """The pass's stats in block-wise mode (see the module docstring)."""
     return {

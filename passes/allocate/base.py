@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..ir.graph import QUANT_ROLES, Graph
-from .allocate import get_allocator
-from .allocate.problem import (
+from ...ir.graph import QUANT_ROLES, Graph
+from ..infra.base import Pass, PassContext, PassError, PassResult
+from . import allocator_class, allocators, get_allocator
+from .problem import (
     AllocationProblem,
     Budget,
     ExpertCost,
@@ -22,34 +23,22 @@ from .allocate.problem import (
     budget_usage,
     check_feasible,
 )
-from .base import Pass, PassContext, PassError, PassResult
 
 log = logging.getLogger(__name__)
 
-# what each allocator reads beyond freq (and cost, for non-bits budgets); "sensitivity" stands for
-# the chosen metric's annotation: per-expert KL (default) or NLL increase. KL is the default because
-# it measured better: on samples/mixtral-tiny the exact optimum of the KL model gave lower test
-# perplexity than that of the NLL model at 2.5, 3 and 3.5 average bits (43.33/43.26/43.13 vs
-# 43.52/43.41/43.30); NLL increases of single experts are small and noisy (often negative).
-NEEDS: dict[str, tuple[str, ...]] = {
-    "uniform": (),
-    "frequency": (),
-    "optimal": ("sensitivity",),
-    "gradvar": ("router_grad_change", "neuron_variance"),
-    "search": ("sensitivity",),
-    "rl": ("sensitivity",),
-}
-MEASURING = ("search", "rl")  # allocators that can measure allocations through callbacks
-# allocators that can place non-expert items (--nonexpert-bits auto): they read only the additive
-# objective and the budget; the others read router features or measure the model by expert
-NONEXPERT_ALLOCATORS = ("optimal", "uniform")
+# KL is the default metric ("sensitivity" in an allocator's needs) because it measured better:
+# on samples/mixtral-tiny the exact optimum of the KL model gave lower test perplexity than that
+# of the NLL model at 2.5, 3 and 3.5 average bits (43.33/43.26/43.13 vs 43.52/43.41/43.30); NLL
+# increases of single experts are small and noisy (often negative).
+DEFAULT_ALLOCATOR = "optimal"  # won the allocator ablation (docs/allocators.md)
+DEFAULT_CODE_BITS = 4.0  # a code-bits budget (--budget-code-bits) given without a value
 
 
 @dataclass(frozen=True)
 class AllocateOptions:
-    allocator: str = "frequency"
+    allocator: str = DEFAULT_ALLOCATOR
     budget_kind: str = "bits"  # bits (experts' code bits) | stored-bits (whole model) | bytes | latency
-    budget: float = 4.0
+    budget: float = DEFAULT_CODE_BITS
     w_acc: float = 1.0
     w_lat: float = 0.0
     w_mem: float = 0.0
@@ -67,27 +56,28 @@ class AllocatePass(Pass):
     requires = ("freq",)
     provides = ("bits",)
     Options = AllocateOptions
-    description = "bit assignment per expert under a budget (uniform|frequency|optimal|gradvar|search|rl)"
+    description = "bit assignment per expert under a budget, by a registered allocator (optimal, search, ...)"
 
     def __init__(self, options=None, **kwargs) -> None:
         super().__init__(options, **kwargs)
         o = self.options
-        extra = NEEDS.get(o.allocator)
-        if extra is None:
-            raise PassError(f"unknown allocator {o.allocator!r}; choose one of {sorted(NEEDS)}")
+        try:
+            cls = allocator_class(o.allocator)
+        except ValueError as e:
+            raise PassError(str(e)) from None
         if o.metric not in ("kl", "nll"):
             raise PassError(f"metric must be 'kl' or 'nll', got {o.metric!r}")
-        extra = tuple("kl" if k == "sensitivity" and o.metric == "kl" else k for k in extra)
+        extra = tuple("kl" if k == "sensitivity" and o.metric == "kl" else k for k in cls.needs)
         needs_cost = o.budget_kind in ("bytes", "latency") or max(o.w_lat, o.w_mem, o.w_eng) > 0
         self.requires = ("freq", *extra, *(("cost",) if needs_cost else ()))
-        self.needs_calibration = o.allocator in MEASURING and o.rl_measure_sequences > 0
+        self.needs_calibration = cls.measures and o.rl_measure_sequences > 0
         if o.nonexpert:
             check_nonexpert_allocation(o.allocator, o.budget_kind, max(o.w_lat, o.w_mem, o.w_eng) > 0)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         problem = build_problem(graph, self.options, ctx)
         check_feasible(problem)
-        allocator = get_allocator(self.options.allocator, **_allocator_options(self.options, ctx, graph))
+        allocator = get_allocator(self.options.allocator, **allocator_call_options(self.options, ctx, graph))
         allocation = allocator.allocate(problem)
         columns = nonexpert_items(graph, self.options, ctx)
         for node_id, bits in allocation.items():
@@ -108,7 +98,7 @@ class AllocatePass(Pass):
 
 def _energy_label() -> str:
     """What the energy term of the objective rests on, for logs and reports."""
-    from .allocate_measure import energy_source
+    from .measure import energy_source
 
     source = energy_source()
     if source == "analytical":
@@ -117,11 +107,11 @@ def _energy_label() -> str:
             "tables do not read it yet")
 
 
-def _allocator_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> dict[str, Any]:
+def allocator_call_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> dict[str, Any]:
     opts = dict(o.allocator_options)
-    if o.allocator not in MEASURING:
+    if not allocator_class(o.allocator).measures:
         return opts
-    from .allocate_measure import MEASURE_MAX_PARAMS, artifact_hardware_fn, interpreter_accuracy_fn
+    from .measure import MEASURE_MAX_PARAMS, artifact_hardware_fn, interpreter_accuracy_fn
 
     opts.setdefault("seed", ctx.seed)
     if o.allocator == "rl":
@@ -135,7 +125,7 @@ def _allocator_options(o: AllocateOptions, ctx: PassContext, graph: Graph) -> di
                     MEASURE_MAX_PARAMS)
         return opts
     if wants:  # measurements fake-quantize (and the hardware callback quantizes) in the target's formats
-        from ..quant.formats import declare_target_formats
+        from ...quant.formats import declare_target_formats
 
         declare_target_formats(graph.meta, ctx.backend)
     if o.rl_measure_sequences > 0:
@@ -162,8 +152,9 @@ def bits_choices(o: AllocateOptions, ctx: PassContext) -> tuple[int, ...]:
 
 def check_nonexpert_allocation(allocator: str, budget_kind: str, cost_terms: bool) -> None:
     """Refuse settings under which non-expert nodes cannot be allocated (``--nonexpert-bits auto``)."""
-    if allocator not in NONEXPERT_ALLOCATORS:
-        raise PassError(f"--nonexpert-bits auto places non-expert weights with allocators {NONEXPERT_ALLOCATORS}, "
+    placing = tuple(n for n, cls in allocators().items() if cls.places_nonexperts)
+    if allocator not in placing:
+        raise PassError(f"--nonexpert-bits auto places non-expert weights with allocators {placing}, "
                         f"not {allocator!r} (it reads router features or measures experts only); choose one of "
                         "them or give the non-expert bits as a policy (e.g. --nonexpert-bits 4,lm_head=8)")
     if budget_kind != "stored-bits":
@@ -178,7 +169,7 @@ def nonexpert_items(graph: Graph, o: AllocateOptions, ctx: PassContext) -> dict[
     """The non-expert nodes the allocator places, each with ``{column: bits}`` (``precision.allocatable``)."""
     if not o.nonexpert:
         return {}
-    from .precision import allocatable
+    from ..precision import allocatable
 
     return allocatable(graph, ctx.backend, o.nonexpert, bits_choices(o, ctx))
 
@@ -238,10 +229,10 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
     to, for an estimate before the pass ran); the parameter count is every weight's, tied ones
     once. Shapes only: nothing is read.
     """
-    from .precision import policy_bits
-    from .storage import node_stored_bytes, param_count, stored_weight_bytes
+    from ..infra.storage import node_stored_bytes, param_count, stored_weight_bytes
+    from ..precision import policy_bits
 
-    if backend is None or not hasattr(backend, "weight_bytes"):
+    if backend is None:
         raise PassError("a stored-bits budget (--budget-bits) needs a target whose storage is known (--target); "
                         "use --budget-code-bits without one")
     gs = int(graph.meta.get("group_size", 64))

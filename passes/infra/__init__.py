@@ -1,0 +1,4 @@
+"""Pass infrastructure, apart from the passes: the pass contract (:mod:`.base`), the manager and
+its instruments (:mod:`.manager`), the result cache (:mod:`.cache`), the budget guard run after
+every pass past ``allocate`` (:mod:`.budget_guard`) and the stored-bytes accounting the budget,
+the report and the artifact share (:mod:`.storage`)."""
