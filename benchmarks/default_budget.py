@@ -62,15 +62,19 @@ def interpreter_kl(graph, fp_graph, ids: torch.Tensor, batch: int = 8) -> float:
     return total / count
 
 
-def artifact_eval(model: str, art: Path, tokens: int) -> dict:
+def artifact_eval(model: str, art: Path, windows: int) -> dict:
+    """KL and perplexity of the artifact on the protocol's pydoc test set (docs/evaluation.md), each
+    ``{"value", "lo", "hi"}`` (95 % bootstrap over documents), and the scored tokens."""
     out = art.with_suffix(".eval.json")
     subprocess.run([sys.executable, "-m", "dmpq_compile.cli", "eval", str(art), "--reference", model,
-                    "--max-tokens", str(tokens), "--json", str(out), "--no-progress"], check=True)
-    return json.loads(out.read_text())
+                    "--corpus", "pydoc", "--windows", str(windows), "--json", str(out), "--no-progress"], check=True)
+    pydoc = next(s for s in json.loads(out.read_text())["sets"] if s["set"] == "pydoc/test")
+    return {"kl": pydoc["kl"]["value"], "kl_interval": [pydoc["kl"]["lo"], pydoc["kl"]["hi"]],
+            "ppl": pydoc["ppl"]["value"], "tokens": pydoc["scored_tokens"]}
 
 
 def row(model: str, target: str, name: str, cfg: CompileConfig, folder: Path, ids: torch.Tensor,
-        eval_tokens: int) -> dict:
+        eval_windows: int) -> dict:
     graph = load(model)
     graph.meta["group_size"] = cfg.group_size
     cfg = resolve_defaults(cfg, graph)
@@ -93,8 +97,9 @@ def row(model: str, target: str, name: str, cfg: CompileConfig, folder: Path, id
            "nonexpert_bits": {r["id"]: r["bits"] for r in report["nonexpert"]},
            "interpreter_kl": kl, "interpreter_tokens": int(ids.numel())}
     if target == "ort-cpu":
-        ev = artifact_eval(model, art, eval_tokens)
-        out.update(artifact_kl=ev.get("kl"), artifact_ppl=ev.get("ppl"), artifact_tokens=ev.get("tokens"))
+        ev = artifact_eval(model, art, eval_windows)
+        out.update(artifact_kl=ev["kl"], artifact_kl_interval=ev["kl_interval"], artifact_ppl=ev["ppl"],
+                   artifact_tokens=ev["tokens"])
     print(json.dumps(out), flush=True)
     return out
 
@@ -105,7 +110,8 @@ def main() -> int:
     p.add_argument("--targets", nargs="+", default=["ort-cpu", "trt-a100"])
     p.add_argument("--budget-bits", type=float, nargs="*", default=[4.0, 4.8])
     p.add_argument("--sequences", type=int, default=32, help="test-split sequences of 256 tokens for the KL")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="tokens `dmpq-compile eval` scores (ort-cpu)")
+    p.add_argument("--eval-windows", type=int, default=64,
+                   help="evaluation windows `dmpq-compile eval` scores on pydoc/test (ort-cpu)")
     p.add_argument("--variants", nargs="*", help="run only these variants (default: all)")
     p.add_argument("--json")
     a = p.parse_args()
@@ -119,7 +125,7 @@ def main() -> int:
                 for name, cfg in variants(target, budgets).items():
                     if a.variants and name not in a.variants:
                         continue
-                    rows.append(row(model, target, name, dataclasses.replace(cfg), Path(tmp), ids, a.eval_tokens))
+                    rows.append(row(model, target, name, dataclasses.replace(cfg), Path(tmp), ids, a.eval_windows))
     meta["load_end"] = load_average()
     print("\n| model | target | variant | budget | stored bpw (file) | weights bpw | KL (interpreter) | KL (artifact eval) |")
     print("|---|---|---|---|---:|---:|---:|---:|")
