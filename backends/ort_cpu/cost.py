@@ -237,7 +237,7 @@ def build_dispatch_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GR
     nodes), weights it and adds it into a zero ``[M, H]`` buffer (``GatherND``/``Add``/``ScatterND``),
     and whose else-branch passes the buffer through. With ``w`` all 0 it times what an expert costs a
     token that does not pick it."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     expert = build_expert_model(h, i, bits, group_size, seed, scale_dtype, layout="matmulnbits").graph
     rename = {"x": "rows_x", "down": "y"}
@@ -264,8 +264,6 @@ def build_dispatch_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GR
              helper.make_node("ReduceSum", ["w", "axis0"], ["count"], keepdims=0),
              helper.make_node("Greater", ["count", "zero"], ["cond"]),
              helper.make_node("If", ["cond"], ["down"], then_branch=then_branch, else_branch=else_branch)]
-    from onnx import numpy_helper
-
     consts = [numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
               numpy_helper.from_array(np.array([0], np.int64), "axis0"),
               numpy_helper.from_array(np.array(0.0, np.float32), "zero")]

@@ -33,7 +33,7 @@ from onnx import TensorProto
 from ...ir.graph import Node
 from ...quant import QuantSpec, pack_bits, unpack_bits
 from ...quant.spec import ASYM_GROUP
-from ..base import BackendError
+from ..base import BackendError, ExpertCostRow
 from ..onnx_lowering import Lowering
 
 NBITS = (2, 4, 8)
@@ -111,14 +111,12 @@ def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str,
     return NBitsWeight(b, np.ascontiguousarray(scales), pack_bits(zeros, bits), n, k, bits, bs)
 
 
-def _cost_row(node: Node, target: str, bits: int) -> dict[str, Any] | None:
-    """``node``'s cost-table row for ``target`` at ``bits`` (annotation keys are ints, or strings after JSON)."""
+def _cost_row(node: Node, target: str, bits: int) -> ExpertCostRow | None:
+    """``node``'s cost-table row for ``target`` at ``bits`` (annotation keys are ints, or strings after JSON);
+    fields an older table lacks take the row's defaults."""
     rows = node.ann.get("cost", {}).get(target, {})
     row = rows.get(bits, rows.get(str(bits)))
-    if row is None:
-        return None
-    return {"idle_decode_ms": 0.0, "idle_prefill_ms": 0.0, "group_decode_ms": 0.0, "group_prefill_ms": 0.0,
-            "fused_decode_ms": None, "fused_prefill_ms": None, **row}
+    return None if row is None else ExpertCostRow(**row)
 
 
 class MatMulNBitsProjection:
@@ -270,15 +268,15 @@ class MatMulNBitsProjection:
         bits = int(nodes[0].ann["bits"])
         rows = [_cost_row(n, TARGET, bits) for n in nodes]
         layer = int(nodes[0].attrs.get("layer", -1))
-        if any(r is None or r.get("fused_decode_ms") is None for r in rows) or any("freq" not in n.ann for n in nodes):
+        if any(r is None or r.fused_decode_ms is None for r in rows) or any("freq" not in n.ann for n in nodes):
             self.decisions.append({"layer": layer, "bits": bits, "experts": len(nodes), "fused": len(nodes),
                                    "basis": "no cost table"})
             return [n.id for n in nodes]
         freq = [float(n.ann["freq"]) for n in nodes]
         choice = {}
         for phase in ("decode", "prefill"):
-            choice[phase] = fused_subset(freq, [r[f"{phase}_ms"] for r in rows], [r[f"idle_{phase}_ms"] for r in rows],
-                                         [r[f"fused_{phase}_ms"] for r in rows], max(r[f"group_{phase}_ms"] for r in rows))
+            field = {name: [getattr(r, f"{name}{phase}_ms") for r in rows] for name in ("", "idle_", "fused_", "group_")}
+            choice[phase] = fused_subset(freq, field[""], field["idle_"], field["fused_"], max(field["group_"]))
         mask = choice["decode"][0]
         self.decisions.append({
             "layer": layer, "bits": bits, "experts": len(nodes), "fused": int(mask.sum()), "basis": "cost table (decode)",

@@ -80,7 +80,6 @@ class FusionTables:
         np.add.at(total, (self.layer[ok], idx[ok]), saving[rows[ok], idx[ok]])
         return float(np.minimum(0.0, fixed - total).sum())
 
-
     def fusable_columns(self) -> list[int]:
         """Columns where some layer can fuse (a saving or a fixed part somewhere)."""
         return [j for j in range(self.fixed_obj.shape[1])
