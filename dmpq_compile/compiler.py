@@ -55,6 +55,9 @@ class CompileConfig:
     calib_sequences: int = 32
     seq_len: int = 128
     sensitivity_sequences: int = 16
+    # dtype of the calibration runs' products (profile, sensitivity): auto = bfloat16 when the CPU
+    # multiplies it natively and the experts are stored in bf16, else float32 (ir.interpreter.compute_dtype)
+    calib_dtype: str = "auto"
     sensitivity: bool = True
     flip_probe: bool = True  # sensitivity: add the KL of routing flips downstream (one probe per MoE layer)
     min_routed_tokens: int = 8  # experts measured on fewer routed calibration tokens are rare (passes/rare_experts.py)

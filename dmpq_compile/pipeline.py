@@ -58,7 +58,7 @@ def _needs_sensitivity(cfg: Any, backend: Any) -> bool:
 
 def _sensitivity(cfg: Any) -> dict[str, Any]:
     return {"max_sequences": cfg.sensitivity_sequences, "flips": cfg.flip_probe, "min_tokens": cfg.min_routed_tokens,
-            "rare": cfg.rare_sensitivity,
+            "rare": cfg.rare_sensitivity, "compute_dtype": cfg.calib_dtype,
             "gradvar": "router_grad_change" in allocator_class(cfg.allocator).needs,
             **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {})}
 
@@ -89,7 +89,7 @@ def _quantize(cfg: Any) -> dict[str, Any]:
 
 
 PIPELINE: tuple[Step, ...] = (
-    Step("profile", "analysis"),
+    Step("profile", "analysis", options=lambda cfg: {"compute_dtype": cfg.calib_dtype}),
     Step("sensitivity", "analysis", _needs_sensitivity, _sensitivity),
     Step("cost", "analysis", lambda cfg, backend: backend is not None),
     Step("precision", "allocation", _precision_active, _precision),

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ir.graph import Graph
-from ..ir.interpreter import Interpreter, RunOptions
+from ..ir.interpreter import COMPUTE_DTYPES, Interpreter, RunOptions, compute_dtype
 from ..ir.stream import layer_outputs, run_layers
 from .infra.base import Pass, PassContext, PassResult
 
@@ -19,7 +19,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProfileOptions:
-    """No options: profiling runs layer-major over all calibration sequences at once."""
+    """Profiling runs layer-major over all calibration sequences at once.
+
+    ``compute_dtype``: the dtype of its matrix products (:func:`~dmpq_compile.ir.interpreter.compute_dtype`;
+    the routing decisions themselves are always made in fp32).
+    """
+
+    compute_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
 
 
 class ProfilePass(Pass):
@@ -38,7 +48,8 @@ class ProfilePass(Pass):
     description = "expert activation frequency, routing mass, token counts"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        counts, mass, total = route_statistics(graph, ctx.calibration, ctx.progress)
+        cast = compute_dtype(graph, self.options.compute_dtype)
+        counts, mass, total = route_statistics(graph, ctx.calibration, ctx.progress, cast)
         for node in graph.experts():
             layer, e = node.attrs["layer"], node.attrs["expert"]
             graph.annotate(node.id, "tokens", int(counts[layer][e]))
@@ -51,12 +62,14 @@ class ProfilePass(Pass):
             graph.annotate(router.id, "routing", {
                 "tokens": total, "load_entropy": entropy, "max_entropy": math.log(len(load)),
                 "max_freq": float(load.max()) / total, "min_freq": float(load.min()) / total})
-        return PassResult(graph, modified=True, stats={"tokens": total})
+        return PassResult(graph, modified=True, stats={
+            "tokens": total, "compute_dtype": str(cast or torch.float32).removeprefix("torch.")})
 
 
-def route_statistics(graph: Graph, ids: torch.Tensor,
-                     progress: bool = True) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
-    """Per layer: tokens routed to each expert ``[E]`` and summed routing weights ``[E]``; total tokens."""
+def route_statistics(graph: Graph, ids: torch.Tensor, progress: bool = True, autocast: torch.dtype | None = None
+                     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
+    """Per layer: tokens routed to each expert ``[E]`` and summed routing weights ``[E]``; total tokens
+    (the products in ``autocast``, None: fp32)."""
     interp = Interpreter(graph, quantize=False)
     n_exp = graph.meta["num_experts"]
     layers = [r.attrs["layer"] for r in graph.nodes("router")]
@@ -69,7 +82,7 @@ def route_statistics(graph: Graph, ids: torch.Tensor,
             counts[layer] += torch.bincount(value.indices.reshape(-1), minlength=n_exp)
             mass[layer].index_add_(0, value.indices.reshape(-1), value.weights.reshape(-1).double())
 
-    opts = RunOptions(quantize=False, observer=observe)
+    opts = RunOptions(quantize=False, observer=observe, autocast=autocast)
     bar = tqdm(total=len(layer_outputs(graph)), desc="profile", unit="layer", disable=not progress, leave=False)
     with torch.no_grad():  # layer-major: each weight is read once, memory holds one layer
         run_layers(interp, ids, opts, progress=lambda layer: bar.update(1))

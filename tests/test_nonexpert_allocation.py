@@ -106,6 +106,21 @@ def test_nonexpert_sensitivity_tracks_measured_kl(tiny_dirs, calib_ids):
     assert torch.corrcoef(torch.stack([ranks(est), ranks(true)]))[0, 1] > 0.8, (est, true)
 
 
+def test_embedding_kl_is_measured_on_its_sequences(tiny_dirs, calib_ids):
+    from dmpq_compile.ir.stream import run_layers
+    from dmpq_compile.passes.sensitivity import local
+
+    ids = calib_ids("mixtral")
+    g = load(tiny_dirs("mixtral"))
+    interp = Interpreter(g, quantize=False, formats=get_backend("ort-cpu").weight_formats)
+    with torch.no_grad():
+        h_last = run_layers(interp, ids, RunOptions(quantize=False))
+    got = local.measured_kl(interp, ids, h_last, {"embed": (2, 4)}, embed_sequences=3)["embed"]
+    for b in (2, 4):
+        assert got[b] == pytest.approx(_measured_kl(g, ids[:3], "embed", b), rel=1e-4)
+    assert got[2] > got[4] > 0
+
+
 def test_whole_method_refuses_nonexpert():
     with pytest.raises(PassError, match="local method only"):
         make_pass("sensitivity", method="whole", nonexpert=("attention",))

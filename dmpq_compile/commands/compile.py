@@ -115,6 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"of text files, read whole (default {d.calib_corpus})")
     p.add_argument("--calib-sequences", type=int, help=f"calibration sequences (default {d.calib_sequences})")
     p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
+    p.add_argument("--calib-dtype", choices=("auto", "float32", "bfloat16"),
+                   help="dtype of the matrix products of the calibration runs (profile, sensitivity): auto "
+                   "(default) is bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX) and the "
+                   "experts are stored in bf16, else float32; the changes it weights stay float32")
     p.add_argument("--metric", choices=("kl", "nll"),
                    help="accuracy model of optimal/rl: per-expert KL to FP (default) or NLL increase")
     p.add_argument("--no-sensitivity", dest="sensitivity", action="store_const", const=False,

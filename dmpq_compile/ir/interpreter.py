@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,10 @@ class RunOptions:
             neither their weights nor their intermediates for the backward pass; it recomputes
             them (weights are read again), so a backward through a layer holds one expert's
             weights at a time.
+        autocast: run the matrix products in this dtype (``torch.autocast``: weights and inputs
+            cast per product, fp32 accumulation; norms, softmax and reductions stay fp32), e.g.
+            ``torch.bfloat16`` on a CPU that multiplies it natively (:func:`compute_dtype`).
+            None: everything in the interpreter's dtype.
     """
 
     quantize: bool = True
@@ -62,6 +67,32 @@ class RunOptions:
     resume: Mapping[str, Any] = field(default_factory=dict)
     weight_override: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
     checkpoint: bool = False
+    autocast: torch.dtype | None = None
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def compute_dtype(graph: Graph, wanted: str = "auto") -> torch.dtype | None:
+    """The dtype of the matrix products of calibration runs (:attr:`RunOptions.autocast`; None: fp32).
+
+    ``auto`` is ``bfloat16`` when the CPU multiplies bf16 natively (AVX-512 BF16 or AMX: about 2.3x
+    fp32's products per second on an AVX-512 BF16 EPYC, at the same memory traffic) and every
+    routed expert's weights are stored in bf16 (the checkpoint's own precision, so the weights lose
+    nothing; only activations are rounded); else fp32. ``float32`` / ``bfloat16`` force it.
+    """
+    if wanted not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {wanted!r}")
+    if wanted != "auto":
+        return torch.bfloat16 if wanted == "bfloat16" else None
+    from ..sysinfo import cpu_flags
+
+    if not {"avx512_bf16", "amx_bf16"} & set(cpu_flags()):
+        return None
+    keys = [key for node in graph.experts() for key in node.params.values()]
+    if keys and all(graph.weights.dtype(key) == torch.bfloat16 for key in keys):
+        return torch.bfloat16
+    return None
 
 
 MLP_KINDS = ("expert", "shared_expert", "mlp")
@@ -135,13 +166,14 @@ class Interpreter:
         for i, node_id in enumerate(todo):
             for src in self.graph.inputs(node_id):
                 last_use[src] = i
-        for i, node_id in enumerate(todo):
-            values[node_id] = self._eval(node_id, values, opts)
-            if opts.observer is not None:
-                opts.observer(node_id, self.graph.g.nodes[node_id]["kind"], values[node_id])
-            for src in self.graph.inputs(node_id):
-                if last_use.get(src) == i and src not in outputs:
-                    del values[src]
+        with torch.autocast("cpu", dtype=opts.autocast) if opts.autocast is not None else nullcontext():
+            for i, node_id in enumerate(todo):
+                values[node_id] = self._eval(node_id, values, opts)
+                if opts.observer is not None:
+                    opts.observer(node_id, self.graph.g.nodes[node_id]["kind"], values[node_id])
+                for src in self.graph.inputs(node_id):
+                    if last_use.get(src) == i and src not in outputs:
+                        del values[src]
         return {o: values[o] for o in outputs}
 
     def _needed(self, outputs: tuple[str, ...], resume: Mapping[str, Any]) -> set[str]:

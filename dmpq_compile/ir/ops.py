@@ -96,7 +96,8 @@ def attention(x: torch.Tensor, w: Mapping[str, torch.Tensor], a: Mapping[str, An
 def route(x: torch.Tensor, weight: torch.Tensor, a: Mapping[str, Any]) -> Routing:
     """Softmax top-k routing of ``x [B, T, H]`` (flattened to N tokens)."""
     flat = x.reshape(-1, x.shape[-1])
-    logits = F.linear(flat, weight)  # [N, E]
+    with torch.autocast(flat.device.type, enabled=False):  # decisions at full precision under autocast
+        logits = F.linear(flat, weight.to(flat.dtype))  # [N, E]
     probs = torch.softmax(logits.float(), dim=-1)
     top_w, top_i = torch.topk(probs, a["top_k"], dim=-1)  # [N, k]
     if a["norm_topk_prob"]:
@@ -133,7 +134,7 @@ def combine(shape: torch.Size, routing: Routing, outs: list[ExpertOut | torch.Te
         contrib = o.y * routing.weights[o.token_idx, o.slot, None]
         if scales is not None:
             contrib = contrib * scales[e]
-        base = torch.zeros(n, h, dtype=o.y.dtype, device=o.y.device) if out is None else out
+        base = torch.zeros(n, h, dtype=contrib.dtype, device=o.y.device) if out is None else out
         out = base.index_add(0, o.token_idx, contrib)
     if out is None:
         raise ValueError("combine needs at least one expert output")

@@ -152,6 +152,11 @@ class WeightStore(Mapping[str, torch.Tensor]):
         value = self._t[key] if key in self._t else self[key]
         return tuple(value.shape)
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype ``key`` is stored in, without reading it."""
+        value = self._t[key] if key in self._t else self[key]
+        return value.dtype
+
     def version(self, key: str) -> int:
         """A number that changes whenever ``key`` is replaced (for caches of derived tensors)."""
         return self._versions.get(key, 0)

@@ -31,7 +31,8 @@ the allocator will place (:func:`.precision.allocatable`), writing ``kl`` and ``
   per bit-width, linear in depth, nothing kept beyond the layer;
 * the LM head and the embedding table: measured, not estimated, as the whole model's KL with
   only that node quantized (the head: one head projection per bit-width; the table: one
-  layer-major forward per bit-width, linear in depth). The Fisher estimate misses what it cannot
+  layer-major forward per bit-width of the first ``embed_sequences`` sequences (4 of 16: a
+  forward of the whole model per bit-width was a fifth of the pass at OLMoE's depth), linear in depth). The Fisher estimate misses what it cannot
   differentiate (top-k routing flips downstream): on ``samples/mixtral-tiny`` it read 0.14-0.27x
   the measured KL for the embedding table at 4 bits, which made the allocator leave the table at
   4 bits where 8 paid most; for a single node a measurement costs one forward.
@@ -61,7 +62,7 @@ from tqdm.auto import tqdm
 from ...eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
 from ...ir import ops
 from ...ir.graph import Graph, layer_node
-from ...ir.interpreter import Interpreter, RunOptions
+from ...ir.interpreter import COMPUTE_DTYPES, Interpreter, RunOptions, compute_dtype
 from ...quant.spec import VALID_BITS
 from .. import rare_experts
 from ..infra.base import Pass, PassContext, PassResult
@@ -87,6 +88,8 @@ class SensitivityOptions:
     flip_bits: int | None = None  # bits of the flip probe (default: 3 if measured, else the nearest)
     min_tokens: int = 8  # local: experts measured on fewer routed tokens are "rare" (see rare_experts.py)
     rare: str = "estimate"  # local: estimate | measured (take a rare expert's measurement as it is, 0 if unrouted)
+    compute_dtype: str = "auto"  # local: products of the calibration runs (ir.interpreter.compute_dtype)
+    embed_sequences: int = 4  # local: sequences of the embedding table's measured KL (a forward per bit-width)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,6 +105,10 @@ class SensitivityOptions:
             raise ValueError(f"rare must be one of {rare_experts.MODES}, got {self.rare!r}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.embed_sequences < 1:
+            raise ValueError(f"embed_sequences must be >= 1, got {self.embed_sequences}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         object.__setattr__(self, "nonexpert", tuple(self.nonexpert))
 
 
@@ -154,7 +161,11 @@ class SensitivityPass(Pass):
         def tick() -> None:
             bar.update(1)
             clock.step()
-        store, h_last = local.forward_boundaries(interp, ids, RunOptions(quantize=False), tick)
+        # the runs through the model (forward, backward, flip probe) multiply in ``cast``; the
+        # per-expert and per-node changes they weight, and the measured KLs, stay in fp32
+        cast = compute_dtype(graph, o.compute_dtype)
+        run_fp = RunOptions(quantize=False, autocast=cast)
+        store, h_last = local.forward_boundaries(interp, ids, run_fp, tick)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         scores: dict[str, list[dict]] = {}
         items = {k: measured_bits(c) for k, c in allocatable(graph, ctx.backend, o.nonexpert, (*bits, 16)).items()}
@@ -176,11 +187,11 @@ class SensitivityPass(Pass):
 
                 route = ops.Routing(route.weights.detach(), route.indices, route.logits.detach(), route.shape)
                 pending.append(ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer, x.detach(),
-                                                   route, g.detach(), bits, ids.shape[1]))
+                                                   route, g.detach(), bits, ids.shape[1], cast))
                 return
             t0, c0 = time.perf_counter(), time.process_time()
             for node_id, sc in local.expert_scores(graph, interp, layer, x, route, g, bits, ids.shape[1],
-                                                   by_layer.get(layer, [])).items():
+                                                   by_layer.get(layer, []), cast).items():
                 scores.setdefault(node_id, []).append(sc)
             split["expert_scores_s"] += time.perf_counter() - t0
             split["expert_scores_cpu_s"] += time.process_time() - c0
@@ -195,15 +206,14 @@ class SensitivityPass(Pass):
         rates: dict[int, float] = {}
         try:
             for _ in range(o.label_samples):
-                g = local.head_gradient(interp, h_last, ids, "sampled", gen)
-                local.backward_layers(interp, store, g, RunOptions(quantize=False), at_layer, tick, watch,
-                                      after_backward)
+                g = local.head_gradient(interp, h_last, ids, "sampled", gen, cast)
+                local.backward_layers(interp, store, g, run_fp, at_layer, tick, watch, after_backward)
             for result in ctx.executor.get(pending) if pending else ():
                 for node_id, sc in result.items():
                     scores.setdefault(node_id, []).append(sc)
             if flips:
                 t0 = time.perf_counter()
-                rates = local.flip_rates(interp, store, ids, _probe_bits(bits, o.flip_bits), tick)
+                rates = local.flip_rates(interp, store, ids, _probe_bits(bits, o.flip_bits), tick, cast)
                 log.info("sensitivity: routing-flip rates per layer %s (probe %.1f s)",
                          {k: float(f"{v:.3g}") for k, v in rates.items()}, time.perf_counter() - t0)
         finally:
@@ -211,7 +221,8 @@ class SensitivityPass(Pass):
         measured = {k: b for k, b in items.items() if graph.node(k).kind in ("lm_head", "embed")}
         if measured:  # measured through the whole model: flips included
             t0 = time.perf_counter()
-            nonexpert.update({k: [{"kl": kl}] for k, kl in local.measured_kl(interp, ids, h_last, measured).items()})
+            nonexpert.update({k: [{"kl": kl}] for k, kl in local.measured_kl(interp, ids, h_last, measured,
+                                                                                    o.embed_sequences).items()})
             log.info("sensitivity: %s measured through the whole model in %.1f s", sorted(measured),
                      time.perf_counter() - t0)
         for node_id, runs in nonexpert.items():
@@ -225,13 +236,14 @@ class SensitivityPass(Pass):
         rare = rare_experts.price_rare(graph, {k: runs[0]["weight_error"] for k, runs in scores.items()},
                                        o.min_tokens, o.rare)
         if o.gradvar:
-            fp_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False), tick)
+            fp_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False, autocast=cast), tick)
             all_q = {n.id: o.gradvar_bits for n in graph.experts()}
-            q_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False, bits_override=all_q), tick)
+            q_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False, bits_override=all_q,
+                                                                        autocast=cast), tick)
             _annotate_router_change(graph, fp_g, q_g)
         bar.close()
         return PassResult(graph, modified=True, stats={
-            "method": "local", "bits": list(bits), "label_samples": o.label_samples, "tokens": int(ids.numel()),
+            "method": "local", "bits": list(bits), "compute_dtype": str(cast or torch.float32).removeprefix("torch."), "label_samples": o.label_samples, "tokens": int(ids.numel()),
             **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}), "rare_experts": rare,
             **({"remote_tasks": len(pending)} if pending else {k: round(v, 2) for k, v in split.items()}),
             **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})

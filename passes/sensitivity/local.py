@@ -73,15 +73,17 @@ def forward_boundaries(interp: Interpreter, ids: torch.Tensor, opts: RunOptions,
 
 
 def head_gradient(interp: Interpreter, h_last: torch.Tensor, ids: torch.Tensor, labels: str,
-                  gen: torch.Generator | None) -> torch.Tensor:
+                  gen: torch.Generator | None, autocast: torch.dtype | None = None) -> torch.Tensor:
     """``d/dh_L`` of the summed next-token log-likelihood: of labels drawn from the model
-    (``labels="sampled"``) or of the text's own tokens (``"true"``), ``[S, T, H]``."""
+    (``labels="sampled"``) or of the text's own tokens (``"true"``), ``[S, T, H]``; the head's
+    products in ``autocast`` (None: fp32)."""
     grad = torch.zeros_like(h_last)
     last = layer_outputs(interp.graph)[-1]
     for start in range(0, len(h_last), 4):  # 4 sequences at a time bound the [s, T, V] logits
         sl = slice(start, start + 4)
         h = h_last[sl].clone().requires_grad_(True)
-        logits = interp.run(None, RunOptions(quantize=False, resume={last: h}), outputs=("lm_head",))["lm_head"]
+        logits = interp.run(None, RunOptions(quantize=False, resume={last: h}, autocast=autocast),
+                            outputs=("lm_head",))["lm_head"]
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [s, T-1, V]
         if labels == "sampled":
             with torch.no_grad():
@@ -123,7 +125,7 @@ def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Ten
 
         out_id = layer_node(layer, "moe_res")
         run = RunOptions(quantize=opts.quantize, bits_override=opts.bits_override, observer=observe,
-                         weight_override=opts.weight_override, checkpoint=True,
+                         weight_override=opts.weight_override, checkpoint=True, autocast=opts.autocast,
                          resume={layer_input(graph, layer): h})
         out = interp.run(None, run, outputs=(out_id,))[out_id]
         at_layer(layer, seen, g)
@@ -155,9 +157,14 @@ def perturbation_scores(interp: Interpreter, node_id: str, resume: dict, y: torc
     """The Fisher KL estimate (``kl``) and the mean output-change norm (``norm``, see
     :func:`change_norm`) per bits of quantizing non-expert node ``node_id`` alone: its value
     recomputed from its inputs ``resume`` with fake-quantized weights, against its full-precision
-    value ``y`` whose gradient is ``g``. Cost: one evaluation of the node per bit-width."""
+    value ``y`` whose gradient is ``g``. Cost: one evaluation of the node per bit-width (plus one at
+    full precision when ``y`` comes from a run in a lower precision)."""
     kl, norm = {16: 0.0}, {16: 0.0}
     with torch.no_grad():
+        if y.dtype != torch.float32:  # observed in a lower-precision run: both sides of the change in fp32
+            resume = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                      for k, v in resume.items()}
+            y = interp.run(None, RunOptions(quantize=False, resume=resume), outputs=(node_id,))[node_id]
         for b in bits:
             yq = interp.run(None, RunOptions(quantize=False, bits_override={node_id: b}, resume=resume),
                             outputs=(node_id,))[node_id]
@@ -174,20 +181,23 @@ def change_norm(delta: torch.Tensor, positions: int) -> float:
 
 
 def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
-                items: dict[str, tuple[int, ...]]) -> dict[str, dict[int, float]]:
+                items: dict[str, tuple[int, ...]], embed_sequences: int | None = None) -> dict[str, dict[int, float]]:
     """The measured mean KL per position of quantizing each node of ``items`` (``{node id: bits}``)
     alone: an LM head (the last op: one head projection of every calibration token per
-    bit-width) or an embedding table (the first: one layer-major forward of the calibration set
-    per bit-width), against the full-precision model whose last layer's output is ``h_last``.
+    bit-width) or an embedding table (the first: one layer-major forward per bit-width, of the
+    first ``embed_sequences`` sequences, None: all), against the full-precision model whose last
+    layer's output is ``h_last``.
 
     The reference log-probabilities are computed once and kept (``[S, T-1, V]`` fp32: 0.4 GB for
     16 x 128 tokens at OLMoE's 50k vocabulary) so that each head's weights are fake-quantized
-    once per bit-width rather than once per chunk of sequences."""
+    once per bit-width rather than once per chunk of sequences. Everything runs in fp32: a bf16
+    product would round the weights by about an eighth of an 8-bit step."""
     graph = interp.graph
     bad = {k: graph.node(k).kind for k in items if graph.node(k).kind not in ("lm_head", "embed")}
     if bad:
         raise ValueError(f"measured_kl measures LM heads and embedding tables, not {bad}")
     last, chunk = layer_outputs(graph)[-1], 4  # 4 sequences bound the [s, T, V] logits
+    n_embed = len(ids) if embed_sequences is None else max(1, min(len(ids), embed_sequences))
 
     def logp(h: torch.Tensor, opts: RunOptions) -> torch.Tensor:
         return next_token_logprobs(interp.run(None, replace(opts, resume={last: h}), outputs=("lm_head",))["lm_head"])
@@ -196,30 +206,67 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
     with torch.no_grad():
         fp = RunOptions(quantize=False)
         ref = [logp(h_last[i:i + chunk], fp) for i in range(0, len(h_last), chunk)]
-        positions = sum(r.shape[0] * r.shape[1] for r in ref)
         for node_id, bits in items.items():
             kl = {16: 0.0}
+            embed = graph.node(node_id).kind == "embed"
+            n = n_embed if embed else len(ids)
+            positions = n * (ids.shape[1] - 1)
             for b in bits:
                 over = RunOptions(quantize=False, bits_override={node_id: b})
-                if graph.node(node_id).kind == "embed":
-                    h, opts = run_layers(interp, ids, over), fp
+                if embed:
+                    h, opts = run_layers(interp, ids[:n], over), fp
                 else:  # the head's weights, fake-quantized once for every chunk
                     h, opts = h_last, RunOptions(quantize=False, weight_override={node_id: interp.weights(node_id, over)})
-                total = sum(float(token_kl(r, logp(h[i * chunk:(i + 1) * chunk], opts)).sum())
-                            for i, r in enumerate(ref))
+                total = sum(float(token_kl(r[:n - i * chunk], logp(h[i * chunk:min(n, (i + 1) * chunk)], opts)).sum())
+                            for i, r in enumerate(ref) if i * chunk < n)
                 kl[b] = max(0.0, total / positions)
             out[node_id] = kl
     return out
 
 
+class ExpertRun:
+    """An expert's full-precision products on its routed tokens ``xt``, kept to price changes of its
+    weights (:meth:`change`).
+
+    With ``cast`` (e.g. bf16) every product runs in it, yet a change stays as precise as its own
+    size: the products are of the *differences* (``x (W_q - W)``, ``h_q - h``), and the values both
+    sides share (``x W``, ``h``) are computed once and used on both, so their rounding cancels to
+    first order; the elementwise SwiGLU runs in fp32. (Rounding two full products in bf16 and
+    subtracting them would lose an 8-bit change, a few 2^-8 of the output, in the rounding.)
+    Without ``cast`` it is the plain fp32 difference of two SwiGLUs.
+    """
+
+    def __init__(self, xt: torch.Tensor, w: dict, cast: torch.dtype | None = None) -> None:
+        self.cast, c = cast, cast or xt.dtype
+        self.xt, self.xc = xt, xt.to(c)
+        self.a = F.linear(self.xc, w["gate"].to(c)).float()
+        self.u = F.linear(self.xc, w["up"].to(c)).float()
+        self.act = F.silu(self.a) * self.u  # [n, I]
+        self.act_c = self.act.to(c)
+        self.y = F.linear(self.act_c, w["down"].to(c)).float()  # [n, H]
+
+    def change(self, w: dict, wq: dict) -> torch.Tensor:
+        """``swiglu(xt, wq) - swiglu(xt, w)``, ``[n, H]``."""
+        if self.cast is None:
+            return ops.swiglu(self.xt, wq["gate"], wq["up"], wq["down"]) - self.y
+        c = self.cast
+        da = F.linear(self.xc, (wq["gate"] - w["gate"]).to(c)).float()
+        du = F.linear(self.xc, (wq["up"] - w["up"]).to(c)).float()
+        d_act = F.silu(self.a + da) * (self.u + du) - self.act
+        return (F.linear(d_act.to(c), wq["down"].to(c)).float()
+                + F.linear(self.act_c, (wq["down"] - w["down"]).to(c)).float())
+
+
 def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor, routing: ops.Routing,
-                  g: torch.Tensor, bits: tuple[int, ...], seq_len: int, experts: list | None = None) -> dict[str, dict]:
+                  g: torch.Tensor, bits: tuple[int, ...], seq_len: int, experts: list | None = None,
+                  autocast: torch.dtype | None = None) -> dict[str, dict]:
     """Per expert of ``layer`` (``experts``: that layer's nodes, when the caller has them grouped):
     the Fisher KL estimate per bits, the Fisher magnitude of its whole output (``contribution``),
     the mean variance of its intermediate neurons, the routed tokens it was measured on
     (``tokens``) and the squared error of its weights fake-quantized at each bits (``weight_error``,
-    what :mod:`.rare_experts` prices experts with too few tokens by)."""
-    x, g = x.detach().reshape(-1, x.shape[-1]), g.detach().reshape(-1, g.shape[-1])  # [N, H]
+    what :mod:`.rare_experts` prices experts with too few tokens by). ``autocast``: the dtype of
+    the expert's products (:class:`ExpertRun`; the weights are fake-quantized in fp32)."""
+    x, g = x.detach().float().reshape(-1, x.shape[-1]), g.detach().float().reshape(-1, g.shape[-1])  # [N, H]
     n_seq, positions = x.shape[0] // seq_len, x.shape[0] // seq_len * (seq_len - 1)
     out = {}
     with torch.no_grad():
@@ -233,13 +280,13 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
                 return fisher_kl(gt, delta, n_seq, positions, seq)
 
             w = interp.weights(node.id, RunOptions(quantize=False))
-            act = F.silu(F.linear(xt, w["gate"])) * F.linear(xt, w["up"])  # [n, I]
-            y = F.linear(act, w["down"])
+            run = ExpertRun(xt, w, autocast)
+            act, y = run.act, run.y
             kl, norm, werr = {16: 0.0}, {16: 0.0}, {16: 0.0}
             for b in bits:
                 wq = interp.fake_quantized(node.id, w, b)
                 werr[b] = weight_error(w, wq)
-                delta = _routed_change(interp, node.id, w, xt, y, wr, b, wq)
+                delta = _routed_change(interp, node.id, w, run, wr, b, wq)
                 kl[b] = fisher(delta) if len(xt) else 0.0
                 norm[b] = change_norm(delta, positions) if len(xt) else 0.0
             out[node.id] = {"kl": kl, "norm": norm, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
@@ -259,7 +306,7 @@ def probe_groups(n_seq: int, layers: list[int]) -> dict[int, list[int]]:
 
 
 def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits: int,
-               tick: Callable[[], None] = lambda: None) -> dict[int, float]:
+               tick: Callable[[], None] = lambda: None, autocast: torch.dtype | None = None) -> dict[int, float]:
     """Per MoE layer l: the KL that top-k routing flips in layers after l add per unit of
     :func:`change_norm` of layer l's output, ``c_l``.
 
@@ -281,7 +328,8 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
     quantized run that starts probe m, so each layer's weights are read four times whatever the
     depth. Cost: about three forwards of the calibration set when it has at least as many
     sequences as there are probed layers (one sequence a probe otherwise); memory: three residual
-    streams of the probed sequences.
+    streams of the probed sequences. The runs multiply in ``autocast`` (None: fp32); the norms are
+    computed in fp32.
     """
     graph = interp.graph
     outs = layer_outputs(graph)
@@ -289,7 +337,7 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
     moe = sorted(by_layer)
     groups = probe_groups(len(ids), moe[:-1])
     t = ids.shape[1]
-    fp = RunOptions(quantize=False)
+    fp = RunOptions(quantize=False, autocast=autocast)
     order: list[int] = []  # probes started so far; their rows are stacked in this order
     h: dict[str, torch.Tensor] = {}
     norms: dict[int, float] = {}
@@ -316,9 +364,11 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
                 h["free"], h["frozen"] = run(h["free"], m, fp), run(h["frozen"], m, fp, frozen)
             if start is not None:
                 experts = by_layer.get(m, [])
-                q = run(start, m, RunOptions(quantize=False, bits_override={n.id: bits for n in experts}))
+                q = run(start, m, RunOptions(quantize=False, bits_override={n.id: bits for n in experts},
+                                             autocast=autocast))
                 norms[m] = _probe_norm(interp, experts, seen[layer_node(m, "moe_norm")][old:],
-                                       _route_rows(seen[layer_node(m, "router")], old, fp_in.shape[0], t), bits)
+                                       _route_rows(seen[layer_node(m, "router")], old, fp_in.shape[0], t), bits,
+                                       autocast)
                 h["free"] = torch.cat([h["free"], q]) if order else q
                 h["frozen"] = torch.cat([h["frozen"], q]) if order else q
                 order.append(m)
@@ -329,9 +379,9 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
             return rates
         parts: dict[str, list[torch.Tensor]] = {"free": [], "frozen": []}
         for i in range(0, len(h["fp"]), 4):  # 4 sequences at a time bound the [s, T, V] log-probabilities
-            ref = _logprobs(interp, h["fp"][i:i + 4])
+            ref = _logprobs(interp, h["fp"][i:i + 4], autocast)
             for k, rows in parts.items():
-                rows.append(token_kl(ref, _logprobs(interp, h[k][i:i + 4])).mean(-1))
+                rows.append(token_kl(ref, _logprobs(interp, h[k][i:i + 4], autocast)).mean(-1))
         kl = {k: torch.cat(v) for k, v in parts.items()}  # each row's mean KL per position
         row = 0
         for layer in order:
@@ -351,28 +401,30 @@ def _route_rows(route: ops.Routing, start: int, stop: int, seq_len: int) -> ops.
     return ops.Routing(route.weights[sl], route.indices[sl], route.logits[sl], shape)
 
 
-def _probe_norm(interp: Interpreter, experts: list, x: torch.Tensor, route: ops.Routing, bits: int) -> float:
+def _probe_norm(interp: Interpreter, experts: list, x: torch.Tensor, route: ops.Routing, bits: int,
+                autocast: torch.dtype | None = None) -> float:
     """The summed per-expert :func:`change_norm` of quantizing ``experts`` at ``bits`` on input ``x``."""
     positions = x.shape[0] * (x.shape[1] - 1)
+    x = x.float()
     total = 0.0
+    flat = x.reshape(-1, x.shape[-1])
     for node in experts:
-        w = interp.weights(node.id, RunOptions(quantize=False))
-        out = ops.expert(x, route, node.attrs["expert"], w)
-        if out.token_idx.numel():
-            xt, wr = x.reshape(-1, x.shape[-1])[out.token_idx], route.weights[out.token_idx, out.slot, None]
-            total += change_norm(_routed_change(interp, node.id, w, xt, out.y, wr, bits), positions)
+        token_idx, slot = torch.where(route.indices == node.attrs["expert"])
+        if token_idx.numel():
+            w = interp.weights(node.id, RunOptions(quantize=False))
+            run, wr = ExpertRun(flat[token_idx], w, autocast), route.weights[token_idx, slot, None]
+            total += change_norm(_routed_change(interp, node.id, w, run, wr, bits), positions)
     return total
 
 
-def _routed_change(interp: Interpreter, node_id: str, w: dict, xt: torch.Tensor, y: torch.Tensor, wr: torch.Tensor,
+def _routed_change(interp: Interpreter, node_id: str, w: dict, run: ExpertRun, wr: torch.Tensor,
                    bits: int, wq: dict | None = None) -> torch.Tensor:
-    """How expert ``node_id``'s weighted output on its routed tokens ``xt`` (full-precision output
-    ``y``, routing weights ``wr``) changes when its weights ``w`` are fake-quantized at ``bits`` (as
-    ``weights(bits_override)`` would, without reading the store again; ``wq``: those weights, when
-    the caller has them)."""
+    """How expert ``node_id``'s weighted output on its routed tokens (``run``, with routing weights
+    ``wr``) changes when its weights ``w`` are fake-quantized at ``bits`` (as ``weights(bits_override)``
+    would, without reading the store again; ``wq``: those weights, when the caller has them)."""
     if wq is None:
         wq = interp.fake_quantized(node_id, w, bits)
-    return (ops.swiglu(xt, wq["gate"], wq["up"], wq["down"]) - y) * wr
+    return run.change(w, wq) * wr
 
 
 def weight_error(w: dict, wq: dict) -> float:
@@ -381,8 +433,8 @@ def weight_error(w: dict, wq: dict) -> float:
     return float(sum(float((wq[r] - w[r]).pow(2).sum(dtype=torch.float64)) for r in ("gate", "up", "down")))
 
 
-def _logprobs(interp: Interpreter, h: torch.Tensor) -> torch.Tensor:
+def _logprobs(interp: Interpreter, h: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
     """Next-token log-probabilities ``[s, T-1, V]`` of the last layer's output ``h``."""
     last = layer_outputs(interp.graph)[-1]
-    return next_token_logprobs(interp.run(None, RunOptions(quantize=False, resume={last: h}),
+    return next_token_logprobs(interp.run(None, RunOptions(quantize=False, resume={last: h}, autocast=autocast),
                                           outputs=("lm_head",))["lm_head"])

@@ -1,0 +1,114 @@
+"""Calibration runs in bf16 (``--calib-dtype``): when it is chosen, and what it leaves in fp32."""
+
+import pytest
+import torch
+
+from dmpq_compile.frontend import load
+from dmpq_compile.ir import Interpreter, RunOptions, ops
+from dmpq_compile.ir.interpreter import compute_dtype
+from dmpq_compile.passes import PassContext, PassError, PassManager, make_pass
+
+
+def _bf16_experts(graph):
+    for node in graph.experts():
+        for key in node.params.values():
+            graph.weights.set(key, graph.weights[key].to(torch.bfloat16))
+
+
+def test_auto_takes_bf16_only_with_native_support_and_bf16_experts(tiny_dirs, monkeypatch):
+    import dmpq_compile.sysinfo as sysinfo
+
+    g = load(tiny_dirs("olmoe"))
+    monkeypatch.setattr(sysinfo, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16"])
+    assert compute_dtype(g, "auto") is None  # the sample's experts are fp32: nothing to gain, exact stays exact
+    _bf16_experts(g)
+    assert compute_dtype(g, "auto") == torch.bfloat16
+    monkeypatch.setattr(sysinfo, "cpu_flags", lambda: ["avx2", "fma"])  # bf16 would be emulated: slower
+    assert compute_dtype(g, "auto") is None
+    assert compute_dtype(g, "bfloat16") == torch.bfloat16 and compute_dtype(g, "float32") is None
+    with pytest.raises(ValueError, match="compute dtype must be one of"):
+        compute_dtype(g, "fp8")
+    with pytest.raises(PassError, match="compute_dtype must be one of"):
+        make_pass("sensitivity", compute_dtype="half")
+
+
+def test_routing_decisions_stay_fp32_under_autocast():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 64, 256), torch.randn(64, 256)
+    attrs = {"top_k": 8, "norm_topk_prob": False}
+    ref = ops.route(x, w, attrs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.route(x, w, attrs)
+    assert got.logits.dtype == torch.float32 and torch.equal(got.indices, ref.indices)
+    assert torch.equal(got.weights, ref.weights)
+
+
+def test_autocast_run_is_close_to_fp32(tiny_dirs, calib_ids):
+    g = load(tiny_dirs("qwen3_moe"))
+    ids = calib_ids("qwen3_moe")
+    interp = Interpreter(g, quantize=False)
+    with torch.no_grad():
+        ref = interp.run(ids, RunOptions(quantize=False))["lm_head"]
+        got = interp.run(ids, RunOptions(quantize=False, autocast=torch.bfloat16))["lm_head"]
+    assert not torch.equal(got.float(), ref)  # it did run in bf16
+    # close on average; a token whose top-k routing flips on the rounded input differs more
+    assert float((got.float() - ref).abs().mean()) < 0.05 * float(ref.abs().mean())
+    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(got.float(), -1)
+    assert float((lp.exp() * (lp - lq)).sum(-1).mean()) < 1e-2
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+def test_bf16_sensitivity_agrees_with_fp32(family, tiny_dirs, calib_ids):
+    """The bf16 runs only weight the changes (the gradient, the inputs); each change keeps its own
+    precision (ExpertRun; non-expert nodes recomputed in fp32), so even the 8-bit estimates, whose
+    changes are smaller than bf16's rounding of an activation, agree with the fp32 pass."""
+    ids = calib_ids(family)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        g = load(tiny_dirs(family))
+        ctx = PassContext(calibration=ids, progress=False)
+        g = PassManager([make_pass("profile", compute_dtype=dtype),
+                         make_pass("sensitivity", bits=(2, 4, 8), compute_dtype=dtype,
+                                   nonexpert=("attention",))]).run(g, ctx)
+        out[dtype] = g
+    fp, bf = out["float32"], out["bfloat16"]
+    tok_a = torch.tensor([n.ann["tokens"] for n in fp.experts()], dtype=torch.float64)
+    tok_c = torch.tensor([n.ann["tokens"] for n in bf.experts()], dtype=torch.float64)
+    assert tok_a.sum() == tok_c.sum() and float((tok_a - tok_c).abs().max()) <= 0.1 * float(tok_a.mean())
+    for b in (2, 4, 8):
+        a = torch.tensor([n.ann["kl"][b] for n in fp.experts()], dtype=torch.float64)
+        c = torch.tensor([n.ann["kl"][b] for n in bf.experts()], dtype=torch.float64)
+        assert float(((a - c).abs() / a.clamp_min(1e-12)).median()) < 0.1, b
+        assert float((c.sum() - a.sum()).abs() / a.sum()) < 0.1, b
+        assert float(torch.corrcoef(torch.stack([a, c]))[0, 1]) > 0.98, b
+        for node in fp.nodes("attention"):
+            ka, kc = node.ann["kl"][b], bf.node(node.id).ann["kl"][b]
+            # one node's estimate rests on one gradient through every later layer, which the rounded
+            # runs change more (on these tiny models, routing too): same order, not the same digits
+            assert 0.5 * ka <= kc <= 2 * ka, (node.id, b, ka, kc)
+
+
+def test_bf16_expert_change_keeps_an_8bit_change():
+    """An 8-bit change of an expert's output is a few 2^-8 of it: subtracting two bf16 products would
+    lose it in the rounding; ExpertRun's products of differences keep it to bf16's relative precision."""
+    from dmpq_compile.passes.sensitivity.local import ExpertRun
+    from dmpq_compile.quant.rtn import fake_quantize_spec
+    from dmpq_compile.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    h, i = 256, 128
+    w = {"gate": torch.randn(i, h) / h**0.5, "up": torch.randn(i, h) / h**0.5, "down": torch.randn(h, i) / i**0.5}
+    x = torch.randn(200, h)
+    for bits in (2, 8):
+        wq = {r: fake_quantize_spec(t, QuantSpec(bits=bits, group_size=64)) for r, t in w.items()}
+        exact = ExpertRun(x.double(), {r: t.double() for r, t in w.items()}).change(
+            {r: t.double() for r, t in w.items()}, {r: t.double() for r, t in wq.items()}).float()
+        fp32 = ExpertRun(x, w).change(w, wq)
+        bf16 = ExpertRun(x, w, torch.bfloat16).change(w, wq)
+        naive = (ops.swiglu(x.bfloat16(), *(wq[r].bfloat16() for r in ("gate", "up", "down")))
+                 - ops.swiglu(x.bfloat16(), *(w[r].bfloat16() for r in ("gate", "up", "down")))).float()
+        rel = lambda d: float((d - exact).norm() / exact.norm())  # noqa: E731
+        assert rel(fp32) < 1e-4
+        assert rel(bf16) < 0.02, (bits, rel(bf16))
+        if bits == 8:
+            assert rel(naive) > 5 * rel(bf16), (rel(naive), rel(bf16))
