@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from dmpq_compile.passes import PassContext, PassError, PassManager, make_pass
 
 from dmpq_compile.frontend import load
 from dmpq_compile.ir import Interpreter, RunOptions, ops
 from dmpq_compile.ir.interpreter import compute_dtype
-from dmpq_compile.passes import PassContext, PassError, PassManager, make_pass
 
 
 def _bf16_experts(graph):
@@ -16,7 +16,7 @@ def _bf16_experts(graph):
 
 
 def test_auto_takes_bf16_only_with_native_support_and_bf16_experts(tiny_dirs, monkeypatch):
-    import dmpq_compile.sysinfo as sysinfo
+    from dmpq_compile import sysinfo
 
     g = load(tiny_dirs("olmoe"))
     monkeypatch.setattr(sysinfo, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16"])
@@ -92,6 +92,7 @@ def test_bf16_expert_change_keeps_an_8bit_change():
     """An 8-bit change of an expert's output is a few 2^-8 of it: subtracting two bf16 products would
     lose it in the rounding; ExpertRun's products of differences keep it to bf16's relative precision."""
     from dmpq_compile.passes.sensitivity.local import ExpertRun
+
     from dmpq_compile.quant.rtn import fake_quantize_spec
     from dmpq_compile.quant.spec import QuantSpec
 
@@ -107,7 +108,8 @@ def test_bf16_expert_change_keeps_an_8bit_change():
         bf16 = ExpertRun(x, w, torch.bfloat16).change(w, wq)
         naive = (ops.swiglu(x.bfloat16(), *(wq[r].bfloat16() for r in ("gate", "up", "down")))
                  - ops.swiglu(x.bfloat16(), *(w[r].bfloat16() for r in ("gate", "up", "down")))).float()
-        rel = lambda d: float((d - exact).norm() / exact.norm())  # noqa: E731
+        def rel(d, exact=exact):
+            return float((d - exact).norm() / exact.norm())
         assert rel(fp32) < 1e-4
         assert rel(bf16) < 0.02, (bits, rel(bf16))
         if bits == 8:

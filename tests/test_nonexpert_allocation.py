@@ -107,8 +107,9 @@ def test_nonexpert_sensitivity_tracks_measured_kl(tiny_dirs, calib_ids):
 
 
 def test_embedding_kl_is_measured_on_its_sequences(tiny_dirs, calib_ids):
-    from dmpq_compile.ir.stream import run_layers
     from dmpq_compile.passes.sensitivity import local
+
+    from dmpq_compile.ir.stream import run_layers
 
     ids = calib_ids("mixtral")
     g = load(tiny_dirs("mixtral"))

@@ -32,7 +32,9 @@ the allocator will place (:func:`.precision.allocatable`), writing ``kl`` and ``
 * the LM head and the embedding table: measured, not estimated, as the whole model's KL with
   only that node quantized (the head: one head projection per bit-width; the table: one
   layer-major forward per bit-width of the first ``embed_sequences`` sequences (4 of 16: a
-  forward of the whole model per bit-width was a fifth of the pass at OLMoE's depth), linear in depth). The Fisher estimate misses what it cannot
+  forward of the whole model per bit-width was a quarter of the pass at OLMoE's depth), linear in
+  depth).
+  The Fisher estimate misses what it cannot
   differentiate (top-k routing flips downstream): on ``samples/mixtral-tiny`` it read 0.14-0.27x
   the measured KL for the embedding table at 4 bits, which made the allocator leave the table at
   4 bits where 8 paid most; for a single node a measurement costs one forward.
@@ -243,7 +245,9 @@ class SensitivityPass(Pass):
             _annotate_router_change(graph, fp_g, q_g)
         bar.close()
         return PassResult(graph, modified=True, stats={
-            "method": "local", "bits": list(bits), "compute_dtype": str(cast or torch.float32).removeprefix("torch."), "label_samples": o.label_samples, "tokens": int(ids.numel()),
+            "method": "local", "bits": list(bits),
+            "compute_dtype": str(cast or torch.float32).removeprefix("torch."), "label_samples": o.label_samples,
+            "tokens": int(ids.numel()),
             **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}), "rare_experts": rare,
             **({"remote_tasks": len(pending)} if pending else {k: round(v, 2) for k, v in split.items()}),
             **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})
