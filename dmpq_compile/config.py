@@ -30,6 +30,9 @@ from .extra_passes import PassInsertion, check_insertions
 from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS
 from .passes.allocate.base import DEFAULT_ALLOCATOR
 from .passes.precision import check_kinds, check_nonexpert_bits
+from .passes.qat import MODES as QAT_MODES
+from .passes.quantize import METHODS as QUANT_METHODS
+from .passes.sensitivity.rare_experts import MODES as RARE_MODES
 from .quant.spec import DEFAULT_GROUP_SIZE
 
 
@@ -93,9 +96,6 @@ class CalibrationConfig:
                 raise ValueError(f"[calibration] {name} must be >= 1, got {getattr(self, name)}")
 
 
-RARE_MODES = ("estimate", "measured")
-
-
 @dataclass(frozen=True)
 class SensitivityConfig:
     """``[sensitivity]``: the per-expert (and non-expert) sensitivity measurement."""
@@ -119,7 +119,7 @@ class SensitivityConfig:
         if self.min_routed_tokens < 0:
             raise ValueError(f"--min-routed-tokens must be >= 0, got {self.min_routed_tokens}")
         if self.rare not in RARE_MODES:
-            raise ValueError(f"--rare-sensitivity must be estimate or measured, got {self.rare!r}")
+            raise ValueError(f"--rare-sensitivity must be one of {RARE_MODES}, got {self.rare!r}")
         if self.sequences < 1:
             raise ValueError(f"[sensitivity] sequences must be >= 1, got {self.sequences}")
 
@@ -173,7 +173,7 @@ class AllocateConfig:
 class QuantizeConfig:
     """``[quantize]``: how the chosen bits are rounded and stored."""
 
-    method: str = setting("rtn", "rounding (default {default})", flag="--quant-method", choices=("rtn", "hqq", "gptq"))
+    method: str = setting("rtn", "rounding (default {default})", flag="--quant-method", choices=QUANT_METHODS)
     group_size: int = setting(DEFAULT_GROUP_SIZE, "quantization group size along K (default {default})",
                               flag="--group-size")
     scale_dtype: str | None = setting(
@@ -184,9 +184,6 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if self.group_size < 1:
             raise ValueError(f"--group-size must be >= 1, got {self.group_size}")
-
-
-QAT_MODES = ("auto", "whole", "blockwise")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Experts the calibration set never reaches: counted, priced from their weights, not sent to the
-fewest bits only because calibration missed them (passes/rare_experts.py)."""
+fewest bits only because calibration missed them (passes/sensitivity/rare_experts.py)."""
 
 import json
 

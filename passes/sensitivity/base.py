@@ -63,11 +63,10 @@ from ...ir import ops
 from ...ir.graph import Graph, layer_node
 from ...ir.interpreter import Interpreter, RunOptions
 from ...quant.spec import VALID_BITS
-from .. import rare_experts
 from ..infra.base import Pass, PassContext, PassResult
-from ..layer_clock import LayerClock
+from ..infra.layer_clock import LayerClock
 from ..precision import allocatable, measured_bits
-from . import local
+from . import local, rare_experts
 
 log = logging.getLogger(__name__)
 METHODS = ("local", "whole")
@@ -172,7 +171,7 @@ class SensitivityPass(Pass):
                 return
             x, route = seen[layer_node(layer, "moe_norm")], seen[layer_node(layer, "router")]
             if remote is not None:  # scored by a worker while this process back-propagates further
-                from ..remote_tasks import layer_expert_scores
+                from ..infra.remote_tasks import layer_expert_scores
 
                 route = ops.Routing(route.weights.detach(), route.indices, route.logits.detach(), route.shape)
                 pending.append(ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer, x.detach(),
@@ -241,7 +240,7 @@ def _remote(ctx: PassContext, graph: Graph):
     """The graph put in the executor's object store (None: score the layers in this process)."""
     if ctx.executor is None:
         return None
-    from ..remote_tasks import sendable
+    from ..infra.remote_tasks import sendable
 
     return ctx.executor.put(graph) if sendable(graph) else None
 
