@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph
+from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph, layer_node
 from ..ir.interpreter import Interpreter, RunOptions
 from ..ir.stream import embed, layer_outputs, run_layer
 from ..ir.weights import index_safetensors
@@ -338,6 +338,6 @@ def _node_hessians(graph: Graph, interp: Interpreter, layer: int, node, acts: di
     MoE input of the tokens routed to it, a non-expert node's from its own input."""
     if node.kind != "expert":
         return _nonexpert_hessians(interp, node, acts[graph.inputs(node.id)[0]])
-    x = acts[f"L{layer}.moe_norm"].reshape(-1, graph.meta["hidden_size"])
-    token_idx, _ = torch.where(acts[f"L{layer}.router"].indices == node.attrs["expert"])
+    x = acts[layer_node(layer, "moe_norm")].reshape(-1, graph.meta["hidden_size"])
+    token_idx, _ = torch.where(acts[layer_node(layer, "router")].indices == node.attrs["expert"])
     return _swiglu_hessians(node.id, x[token_idx], interp.weights(node.id, RunOptions(quantize=False)))

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from ...eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
 from ...ir import ops
-from ...ir.graph import Graph, layer_node
+from ...ir.graph import Graph, layer_node, layer_role
 from ...ir.interpreter import Interpreter, RunOptions
 from ...quant.spec import VALID_BITS
 from ..infra.base import Pass, PassContext, PassResult
@@ -321,7 +321,7 @@ def _reference(graph: Graph, interp: Interpreter, ids: torch.Tensor) -> dict:
     keep = {}
 
     def observe(node_id, kind, value):
-        if kind in ("router", "combine") or node_id.endswith((".attn_res", ".moe_norm")):
+        if kind in ("router", "combine") or layer_role(node_id) in ("attn_res", "moe_norm"):
             keep[node_id] = value
 
     with torch.no_grad():
