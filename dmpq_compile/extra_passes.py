@@ -269,7 +269,7 @@ def _convert(tp: Any, value: Any, text: bool) -> Any:
         return value
     if text:
         raise ValueError("a value that cannot be written on the command line: set it in a --config TOML file "
-                         "([[compile.extra_passes]] options)")
+                         "([[extra_passes]] options)")
     check = origin or tp
     if isinstance(check, type) and not isinstance(value, check):
         raise TypeError(f"got {type(value).__name__}")

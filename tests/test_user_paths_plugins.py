@@ -1,4 +1,4 @@
-"""Issue 15, items 1 and 2: plugin passes on the compile command line, and budgets that hold after
+"""Plugin passes on the compile command line, and budgets that hold after
 every pass.
 
 The plugin is the worked example of docs/extending.md (docs/examples/dmpq-pin-bits), built into a
