@@ -355,9 +355,9 @@ class Setting:
     def flat_names(self) -> set[str]:
         """The names this setting had as a key of the flat layout (for the error that redirects them)."""
         names = {self.name, f"{self.section}_{self.name}"} if self.section else set()
-        for flag in (self.field.metadata.get("flag"),):
-            if flag:
-                names.add(flag.removeprefix("--").removeprefix("no-").replace("-", "_"))
+        flag = self.field.metadata.get("flag")
+        if flag:  # --calib-corpus was calib_corpus, --no-sensitivity was sensitivity
+            names.add(flag.removeprefix("--").removeprefix("no-").replace("-", "_"))
         return names
 
 
