@@ -39,11 +39,11 @@ def variant_graph(graph, model, cfg, calib, qat_calib, budget, qat, method, qat_
                          backend, progress=False, calibration=calib)
     stats = {}
     if qat:
-        g, r = run_passes(g, [make_pass("qat", steps=qat_steps, group_size=cfg.group_size, time_budget_s=900)],
+        g, r = run_passes(g, [make_pass("qat", steps=qat_steps, group_size=cfg.quantize.group_size, time_budget_s=900)],
                           model, cfg, backend, progress=True, calibration=qat_calib)
         stats = r[0].stats
         recs += r
-    g, r = run_passes(g, [make_pass("quantize", method=method, group_size=cfg.group_size)], model, cfg, backend,
+    g, r = run_passes(g, [make_pass("quantize", method=method, group_size=cfg.quantize.group_size)], model, cfg, backend,
                       progress=False, calibration=calib)
     return g, recs + r, stats
 
@@ -60,11 +60,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     name = Path(args.model).name
-    cfg = CompileConfig(target="ort-cpu", allocator="optimal")
+    cfg = CompileConfig.from_dict({"target": "ort-cpu", "allocate": {"allocator": "optimal"}})
     calib = calibration(args.model, cfg)
-    qat_calib = calibration(args.model, CompileConfig.from_dict({**cfg.__dict__, "calib_sequences": args.qat_sequences}))
+    qat_calib = calibration(args.model, cfg.replace(calibration={"sequences": args.qat_sequences}))
     graph = load(args.model)
-    graph.meta["group_size"] = cfg.group_size
+    graph.meta["group_size"] = cfg.quantize.group_size
     graph, _ = run_passes(graph, analysis_passes(cfg, get_backend(cfg.target)), args.model, cfg,
                           get_backend(cfg.target), progress=True, calibration=calib)
     work = Path(args.work) / name

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import platform
 import subprocess
@@ -42,7 +41,7 @@ from dmpq_compile.runtime import load as load_artifact
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-BASE = CompileConfig(target="ort-cpu", calib_sequences=32, sensitivity_sequences=16)
+BASE = CompileConfig.from_dict({"target": "ort-cpu", "calibration": {"sequences": 32}, "sensitivity": {"sequences": 16}})
 
 
 def loadavg() -> str:
@@ -74,8 +73,8 @@ def analysed_graph(model: str, work: Path, reuse: bool, calib: torch.Tensor, cfg
     backend = get_backend(cfg.target)
     t0 = time.perf_counter()
     graph = load(model)
-    graph.meta["group_size"] = cfg.group_size
-    passes = analysis_passes(dataclasses.replace(cfg, allocator="gradvar", sensitivity=True), backend)
+    graph.meta["group_size"] = cfg.quantize.group_size
+    passes = analysis_passes(cfg.replace(allocate={"allocator": "gradvar"}, sensitivity={"enabled": True}), backend)
     graph, _ = run_passes(graph, passes, model, cfg, backend, progress=False,
                           calibration=calib)
     seconds = time.perf_counter() - t0
@@ -84,7 +83,8 @@ def analysed_graph(model: str, work: Path, reuse: bool, calib: torch.Tensor, cfg
 
 
 def calibration(model: str, cfg: CompileConfig = BASE) -> torch.Tensor:
-    return calibration_ids(model, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
+    c = cfg.calibration
+    return calibration_ids(model, c.corpus, c.sequences, c.seq_len)
 
 
 def digest(allocation: Mapping[str, int]) -> str:
@@ -98,12 +98,12 @@ def emit_allocation(graph, model: str, allocation: Mapping[str, int], out: Path,
     g = graph.copy()
     for node_id, bits in allocation.items():
         g.annotate(node_id, "bits", int(bits))
-    passes = [make_pass("quantize", method=cfg.quant_method, group_size=cfg.group_size)]
-    policy = PrecisionOptions(cfg.nonexpert_bits, dict(cfg.nonexpert_kinds))
+    passes = [make_pass("quantize", method=cfg.quantize.method, group_size=cfg.quantize.group_size)]
+    policy = PrecisionOptions(cfg.allocate.nonexpert_bits, dict(cfg.allocate.nonexpert_kinds))
     if policy.active:
         passes.insert(0, make_pass("precision", nonexpert_bits=policy.nonexpert_bits, kinds=policy.kinds))
     g, recs = run_passes(g, passes, model,
-                         CompileConfig.from_dict({**cfg.__dict__, "allocator": "uniform"}), get_backend(cfg.target),
+                         cfg.replace(allocate={"allocator": "uniform"}), get_backend(cfg.target),
                          progress=False)
     return emit(g, cfg, out / label, recs, 0.0, overwrite=True)
 

@@ -55,8 +55,9 @@ def flat_rates(probe):
 
 
 def compile_row(model: str, budget: float, variant: str, folder: Path, eval_tokens: int, cache_dirs: dict) -> dict:
-    cfg = CompileConfig(target="ort-cpu", budget_kind="stored-bits", budget=budget, nonexpert_allocate=True,
-                        flip_probe=variant != "no-probe")
+    cfg = CompileConfig.from_dict({
+        "target": "ort-cpu", "allocate": {"budget_kind": "stored-bits", "budget": budget, "nonexpert_allocate": True},
+        "sensitivity": {"flip_probe": variant != "no-probe"}})
     art = folder / f"{Path(model).name}-{budget}-{variant}"
     probe = sensitivity_local.flip_rates
     if variant == "flat":

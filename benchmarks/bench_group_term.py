@@ -113,7 +113,7 @@ def sample_problem(model: str, work: Path) -> AllocationProblem:
 
     from dmpq_compile.compiler import get_backend
 
-    cfg = dataclasses.replace(BASE, calib_sequences=16, sensitivity_sequences=8)
+    cfg = BASE.replace(calibration={"sequences": 16}, sensitivity={"sequences": 8})
     calib = calibration(model, cfg)
     graph, _ = analysed_graph(model, work / Path(model).name, True, calib, cfg)
     opts = AllocateOptions(allocator="optimal", budget_kind="latency", budget=1e12, metric="kl")

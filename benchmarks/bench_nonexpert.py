@@ -28,7 +28,7 @@ from dmpq_compile.eval.protocol import flatten_eval
 
 def run(model: str, target: str, bits: int, budget: float, folder: Path, eval_tokens: int) -> dict:
     art = folder / f"{Path(model).name}-{target}-ne{bits}"
-    cfg = CompileConfig(target=target, budget=budget, nonexpert_bits=bits)
+    cfg = CompileConfig.from_dict({"target": target, "allocate": {"budget": budget, "nonexpert_bits": bits}})
     t0 = time.perf_counter()
     compile_model(model, art, cfg, progress=False, cache=True)
     storage = json.loads((art / "report.json").read_text())["storage"]

@@ -53,7 +53,8 @@ def compare_row(model: str, budget: float, variant: str, folder: Path, eval_toke
     auto = variant.startswith("auto")
     fields = {"nonexpert_allocate": True, "allocator": "uniform" if variant == "auto-uniform" else "optimal"} \
         if auto else dict(zip(("nonexpert_bits", "nonexpert_kinds"), parse_policy(variant)))
-    cfg = CompileConfig(target="ort-cpu", budget_kind="stored-bits", budget=budget, **fields)
+    cfg = CompileConfig.from_dict({"target": "ort-cpu",
+                                   "allocate": {"budget_kind": "stored-bits", "budget": budget, **fields}})
     art = folder / f"{Path(model).name}-{budget}-{variant.replace(',', '+').replace('=', '')}"
     row = {"model": model, "budget_bits": budget, "variant": variant}
     try:

@@ -43,11 +43,11 @@ from dmpq_compile.sysinfo import load_average as uptime
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 COMPILED = (
-    ("fp32", {"allocator": "uniform", "budget": 16.0, "sensitivity": False}),
-    ("int8", {"allocator": "uniform", "budget": 8.0, "sensitivity": False}),
-    ("int4", {"allocator": "uniform", "budget": 4.0, "sensitivity": False}),
-    ("mixed-3.5", {"allocator": "optimal", "budget": 3.5, "sensitivity": True}),
-    ("mixed-3", {"allocator": "optimal", "budget": 3.0, "sensitivity": True}),
+    ("fp32", {"allocate": {"allocator": "uniform", "budget": 16.0}, "sensitivity": {"enabled": False}}),
+    ("int8", {"allocate": {"allocator": "uniform", "budget": 8.0}, "sensitivity": {"enabled": False}}),
+    ("int4", {"allocate": {"allocator": "uniform", "budget": 4.0}, "sensitivity": {"enabled": False}}),
+    ("mixed-3.5", {"allocate": {"allocator": "optimal", "budget": 3.5}}),
+    ("mixed-3", {"allocate": {"allocator": "optimal", "budget": 3.0}}),
 )
 PEERS = (("ortq-all", "all"), ("ortq-experts", "experts"))
 ORDER = ("fp32", "int8", "int4", "ortq-all", "ortq-experts", "mixed-3.5", "mixed-3")
@@ -78,7 +78,7 @@ def build_compiled(model_dir: Path, work: Path, reuse: bool) -> dict[str, float 
         if reuse and (out / "manifest.json").is_file():
             seconds[name] = None
             continue
-        cfg = CompileConfig(target="ort-cpu", budget_kind="bits", **settings)
+        cfg = CompileConfig.from_dict({"target": "ort-cpu", **settings}).replace(allocate={"budget_kind": "bits"})
         print(f"compiling {name} ({settings}) ...", flush=True)
         t0 = time.perf_counter()
         compile_model(model_dir, out, cfg, progress=False, overwrite=True)

@@ -40,12 +40,14 @@ from dmpq_compile.sysinfo import cpu_model, git_commit, load_average
 
 
 def variants(target: str, budgets: list[float]) -> dict[str, CompileConfig]:
-    out = {"default": CompileConfig(target=target),
-           "previous": CompileConfig(target=target, budget_kind="bits", budget=4.0, nonexpert_allocate=False),
-           "all-4": CompileConfig(target=target, allocator="uniform", budget_kind="bits", budget=4.0,
-                                  nonexpert_bits=4, nonexpert_allocate=False)}
+    def config(**allocate) -> CompileConfig:
+        return CompileConfig.from_dict({"target": target, "allocate": allocate})
+
+    out = {"default": config(),
+           "previous": config(budget_kind="bits", budget=4.0, nonexpert_allocate=False),
+           "all-4": config(allocator="uniform", budget_kind="bits", budget=4.0, nonexpert_bits=4, nonexpert_allocate=False)}
     for b in budgets:
-        out[f"auto-{b:g}"] = CompileConfig(target=target, budget_kind="stored-bits", budget=b, nonexpert_allocate=True)
+        out[f"auto-{b:g}"] = config(budget_kind="stored-bits", budget=b, nonexpert_allocate=True)
     return out
 
 
@@ -76,7 +78,7 @@ def artifact_eval(model: str, art: Path, windows: int) -> dict:
 def row(model: str, target: str, name: str, cfg: CompileConfig, folder: Path, ids: torch.Tensor,
         eval_windows: int) -> dict:
     graph = load(model)
-    graph.meta["group_size"] = cfg.group_size
+    graph.meta["group_size"] = cfg.quantize.group_size
     cfg = resolve_defaults(cfg, graph)
     work = Path(tempfile.mkdtemp(dir=folder))
     art = folder / f"{Path(model).name}-{target}-{name}"
@@ -90,8 +92,9 @@ def row(model: str, target: str, name: str, cfg: CompileConfig, folder: Path, id
     report = json.loads((art / "report.json").read_text())
     s = report["storage"]
     bits = [r["bits"] for r in report["experts"]]
-    out = {"model": model, "target": target, "variant": name, "budget_kind": cfg.budget_kind, "budget": cfg.budget,
-           "nonexpert_allocate": cfg.nonexpert_allocate, "stored_bpw": s["bits_per_weight"],
+    out = {"model": model, "target": target, "variant": name, "budget_kind": cfg.allocate.budget_kind,
+           "budget": cfg.allocate.budget, "nonexpert_allocate": cfg.allocate.nonexpert_allocate,
+           "stored_bpw": s["bits_per_weight"],
            "weights_bpw": s["weights"]["bits_per_weight"],
            "experts_by_bits": {b: bits.count(b) for b in sorted(set(bits))},
            "nonexpert_bits": {r["id"]: r["bits"] for r in report["nonexpert"]},

@@ -36,8 +36,8 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = CompileConfig(target=None, calib_sequences=max(32, args.sequences))
-    calib = calibration_ids(args.model, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
+    cfg = CompileConfig.from_dict({"target": None, "calibration": {"sequences": max(32, args.sequences)}})
+    calib = calibration_ids(args.model, cfg.calibration.corpus, cfg.calibration.sequences, cfg.calibration.seq_len)
     time.perf_counter()
     graph, recs = run_passes(load(args.model), [make_pass("profile"), make_pass(
         "sensitivity", bits=(2, 4), max_sequences=args.sequences, gradvar=False)], args.model, cfg, None,

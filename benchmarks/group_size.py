@@ -32,12 +32,12 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    base = {"target": "ort-cpu", "allocator": "uniform", "sensitivity": False}
-    paths = [compile_model(args.model, work / "fp32", CompileConfig.from_dict({**base, "budget": 16.0}),
-                           progress=False)]
+    base = CompileConfig.from_dict({"target": "ort-cpu", "allocate": {"allocator": "uniform"},
+                                    "sensitivity": {"enabled": False}})
+    paths = [compile_model(args.model, work / "fp32", base.replace(allocate={"budget": 16.0}), progress=False)]
     for bits in (int(b) for b in args.bits.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
-            cfg = CompileConfig.from_dict({**base, "budget": float(bits), "group_size": group})
+            cfg = base.replace(allocate={"budget": float(bits)}, quantize={"group_size": group})
             paths.append(compile_model(args.model, work / f"b{bits}-g{group}", cfg, progress=False))
     results = bench(paths, BenchConfig(rounds=2, decode_tokens=16, threads=1, windows=args.windows,
                                        rss=False))

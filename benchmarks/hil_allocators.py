@@ -52,7 +52,7 @@ from dmpq_compile.passes.allocate import (
 from dmpq_compile.passes.allocate.measure import energy_source
 from dmpq_compile.passes.allocate.synthetic import draw_sensitivities
 
-from dmpq_compile.compiler import CompileConfig, calibration_ids, run_passes
+from dmpq_compile.compiler import calibration_ids, run_passes
 from dmpq_compile.frontend import load
 from dmpq_compile.runtime import load as load_artifact
 from dmpq_compile.testing import make_tiny_checkpoint, write_tiny_corpus
@@ -134,10 +134,10 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     meta = machine()
     ckpt, corpus = build_model(work, args.experts, args.top_k)
-    cfg = CompileConfig.from_dict({**BASE.__dict__, "calib_corpus": str(corpus), "nonexpert_bits": args.nonexpert_bits})
+    cfg = BASE.replace(calibration={"corpus": str(corpus)}, allocate={"nonexpert_bits": args.nonexpert_bits})
     calib = calibration_ids(ckpt, str(corpus), 16, 128, split="train")
     graph = load(ckpt)
-    graph.meta["group_size"] = cfg.group_size
+    graph.meta["group_size"] = cfg.quantize.group_size
     graph, _ = run_passes(graph, [make_pass("profile")], ckpt, cfg, get_backend("ort-cpu"), progress=False,
                           calibration=calib)
     freq = np.array([float(n.ann["freq"]) for n in graph.experts()])

@@ -46,13 +46,13 @@ def main() -> None:
     name = Path(args.model).name
     calib = calibration(args.model)
     base = load(args.model)
-    base.meta["group_size"] = BASE.group_size
+    base.meta["group_size"] = BASE.quantize.group_size
     base, _ = run_passes(base, [make_pass("profile"), make_pass("cost")], args.model, BASE, get_backend(BASE.target),
                          False, calibration=calib)
     analysed, seconds = {}, {}
     for label, opts in METHODS.items():
         t0 = time.perf_counter()
-        sens = make_pass("sensitivity", gradvar=False, max_sequences=BASE.sensitivity_sequences, **opts)
+        sens = make_pass("sensitivity", gradvar=False, max_sequences=BASE.sensitivity.sequences, **opts)
         analysed[label], _ = run_passes(base.copy(), [sens], args.model, BASE, get_backend(BASE.target), False,
                                         calibration=calib)
         seconds[label] = time.perf_counter() - t0

@@ -43,7 +43,7 @@ RESULTS = Path(__file__).parent / "results"
 def analyse(model: str, cfg: CompileConfig, calib: torch.Tensor):
     backend = get_backend(cfg.target)
     graph = load(model)
-    graph.meta["group_size"] = cfg.group_size
+    graph.meta["group_size"] = cfg.quantize.group_size
     graph, _ = run_passes(graph, analysis_passes(cfg, backend), model, cfg, backend, progress=True,
                           calibration=calib)
     return graph
@@ -54,7 +54,7 @@ def build(graph, model: str, base: CompileConfig, calib, out_root: Path, budgets
     built = []
     for alloc in allocators:
         for budget in budgets:
-            cfg = CompileConfig.from_dict({**base.__dict__, "allocator": alloc, "budget": budget})
+            cfg = base.replace(allocate={"allocator": alloc, "budget": budget})
             t0 = time.perf_counter()
             try:
                 g, recs = run_passes(graph.copy(), allocation_passes(cfg), model, cfg, backend, progress=False,
@@ -109,8 +109,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     name = Path(args.model).name
-    base = CompileConfig(target="ort-cpu", calib_sequences=32, sensitivity_sequences=16)
-    calib = calibration_ids(args.model, base.calib_corpus, base.calib_sequences, base.seq_len)
+    base = CompileConfig.from_dict({"target": "ort-cpu", "calibration": {"sequences": 32}, "sensitivity": {"sequences": 16}})
+    c = base.calibration
+    calib = calibration_ids(args.model, c.corpus, c.sequences, c.seq_len)
     t0 = time.perf_counter()
     graph = analyse(args.model, base, calib)
     analysis_s = time.perf_counter() - t0
@@ -136,7 +137,7 @@ def main() -> None:
 
 def analyse_fp(graph, model, base, calib):
     """The FP32 reference: every expert at 16 bits, through the same passes."""
-    cfg = CompileConfig.from_dict({**base.__dict__, "allocator": "uniform", "budget": 16.0})
+    cfg = base.replace(allocate={"allocator": "uniform", "budget": 16.0})
     g, _ = run_passes(graph.copy(), allocation_passes(cfg), model, cfg, get_backend(cfg.target), progress=False,
                       calibration=calib)
     return g

@@ -7,123 +7,27 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import pipeline
+from .config import CompileConfig
 from .eval.tokens import eos_token, load_tokenizer
-from .extra_passes import PassInsertion, check_insertions, place_passes
+from .extra_passes import place_passes
 from .frontend import load
 from .frontend.hf import chat_template_source
 from .frontend.source import resolve_model
 from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS, Graph
 from .passes import DumpIR, PassContext, PassManager, Progress, Timing, make_pass
 from .passes.allocate import allocator_class
-from .passes.allocate.base import DEFAULT_ALLOCATOR, DEFAULT_CODE_BITS
+from .passes.allocate.base import DEFAULT_CODE_BITS
 from .passes.infra.budget_guard import BudgetGuard
 from .passes.infra.cache import PassCache
 from .passes.precision import check_kinds, check_nonexpert_bits
-from .quant.spec import DEFAULT_GROUP_SIZE
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CompileConfig:
-    """Everything that decides what ``compile`` produces (typed, closed: unknown keys are errors)."""
-
-    target: str = "ort-cpu"
-    allocator: str = DEFAULT_ALLOCATOR
-    # bits (experts' code bits) | stored-bits (whole model) | bytes | latency; None: "bits" when a
-    # budget is given, else the target's default budget (resolve_defaults)
-    budget_kind: str | None = None
-    budget: float | None = None  # None: the kind's default (resolve_defaults)
-    w_acc: float = 1.0
-    w_lat: float = 0.0
-    w_mem: float = 0.0
-    w_eng: float = 0.0
-    bits: tuple[int, ...] | None = None
-    group_size: int = DEFAULT_GROUP_SIZE
-    scale_dtype: str | None = None  # ort-cpu: float16 (None: the target's default) or float32 scales
-    max_length: int | None = None  # ort-cpu: onnxruntime-genai's KV buffer positions (None: context, at most 4096)
-    dispatch: str | None = None  # ort-cpu: how tokens reach experts (None: the backend's default, fused)
-    quant_method: str = "rtn"
-    calib_corpus: str = "pydoc"
-    calib_sequences: int = 32
-    seq_len: int = 128
-    sensitivity_sequences: int = 16
-    # dtype of the calibration runs' products (profile, sensitivity): auto = bfloat16 when the CPU
-    # multiplies it natively and the experts are stored in bf16, else float32 (ir.interpreter.compute_dtype)
-    calib_dtype: str = "auto"
-    sensitivity: bool = True
-    flip_probe: bool = True  # sensitivity: add the KL of routing flips downstream (one probe per MoE layer)
-    min_routed_tokens: int = 8  # experts measured on fewer routed calibration tokens are rare (passes/rare_experts.py)
-    rare_sensitivity: str = "estimate"  # estimate: price rare experts from their weights | measured: as measured
-    metric: str = "kl"  # accuracy model of optimal/rl: per-expert "kl" or "nll" increase
-    seed: int = 0
-    allocator_options: dict[str, Any] = field(default_factory=dict)
-    extra_passes: tuple[PassInsertion, ...] = ()  # registered passes run after a named pass (extra_passes.py)
-    allow_budget_overrun: bool = False  # a pass after allocate that breaks the budget warns instead of failing
-    qat: bool = False
-    qat_steps: int = 200
-    qat_time_budget_s: float = 600.0
-    qat_lr: float = 1e-4
-    qat_mode: str = "auto"  # whole | blockwise | auto (whole when it fits in memory)
-    codesign_rounds: int = 0  # >0: alternate allocation and QAT this many times before the final round
-    nonexpert_bits: int = 16  # attention, shared experts, dense MLPs, lm_head (passes/precision.py); 16 = float
-    nonexpert_kinds: dict[str, int] = field(default_factory=dict)  # per-kind bits replacing nonexpert_bits
-    # --nonexpert-bits auto: the kinds not in nonexpert_kinds are allocated; None: under the default
-    # budget when the allocator can place them, else not (resolve_defaults)
-    nonexpert_allocate: bool | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "extra_passes", check_insertions(self.extra_passes))
-        check_nonexpert_bits(self.nonexpert_bits)
-        check_kinds(self.nonexpert_kinds)
-        if (self.qat or self.codesign_rounds) and self.quant_method != "rtn":
-            raise ValueError(f"--qat trains the weights for RTN's rounding grid and --quant-method {self.quant_method} "
-                             "re-rounds them afterwards, which undoes most of it: QAT + GPTQ had 1.6-3.1x the KL of "
-                             "QAT + RTN in all five measured cases (benchmarks/README.md, 'Rounding and QAT'); use "
-                             "--quant-method rtn with --qat, or drop --qat")
-        if self.scale_dtype is not None and self.target != "ort-cpu":
-            raise ValueError(f"--scale-dtype chooses how ort-cpu stores its scales; target {self.target!r} has its own "
-                             "format (trt-a100: float16 scales); drop --scale-dtype")
-        if self.dispatch is not None and self.target != "ort-cpu":
-            raise ValueError(f"--dispatch chooses ort-cpu's expert dispatch; target {self.target!r} has its own; "
-                             "drop --dispatch")
-        if self.max_length is not None and self.target != "ort-cpu":
-            raise ValueError(f"--max-length sets the KV buffer of ort-cpu's onnxruntime-genai config; target "
-                             f"{self.target!r} has none; drop --max-length")
-        if self.min_routed_tokens < 0:
-            raise ValueError(f"--min-routed-tokens must be >= 0, got {self.min_routed_tokens}")
-        if self.rare_sensitivity not in ("estimate", "measured"):
-            raise ValueError(f"--rare-sensitivity must be estimate or measured, got {self.rare_sensitivity!r}")
-        if self.nonexpert_allocate and self.nonexpert_bits != 16:
-            raise ValueError("nonexpert_allocate places the non-expert weights; nonexpert_bits must stay 16 (give "
-                             "fixed kinds in nonexpert_kinds, e.g. --nonexpert-bits auto,lm_head=8)")
-
-    @property
-    def allocated_kinds(self) -> tuple[str, ...]:
-        """The non-expert kinds the allocator places with the experts (``--nonexpert-bits auto``)."""
-        if not self.nonexpert_allocate:
-            return ()
-        return tuple(k for k in NONEXPERT_QUANTIZABLE_KINDS if k not in self.nonexpert_kinds)
-
-    @property
-    def resolved(self) -> bool:
-        """Whether the budget and the non-expert placement are concrete (see :func:`resolve_defaults`)."""
-        return None not in (self.budget_kind, self.budget, self.nonexpert_allocate)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompileConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown compile setting(s) {unknown}; valid: {sorted(known)}")
-        return cls(**data)
 
 
 # What a compile without budget flags makes: a whole-model stored-bits budget, the target's
@@ -153,8 +57,9 @@ def resolve_defaults(cfg: CompileConfig, graph: Graph | None = None) -> CompileC
     """
     if cfg.resolved:
         return cfg
-    kind, budget, allocate = cfg.budget_kind, cfg.budget, cfg.nonexpert_allocate
-    backend = get_backend(cfg.target, cfg.scale_dtype)
+    a = cfg.allocate
+    kind, budget, allocate = a.budget_kind, a.budget, a.nonexpert_allocate
+    backend = get_backend(cfg.target, cfg.quantize.scale_dtype)
     target_default = getattr(backend, "default_budget_bits", None)
     defaulted = budget is None and kind in (None, "stored-bits") and target_default is not None
     if kind is None:
@@ -168,27 +73,26 @@ def resolve_defaults(cfg: CompileConfig, graph: Graph | None = None) -> CompileC
             raise ValueError(f"a {kind!r} budget needs a value" + (
                 f"; target {cfg.target!r} has no default stored-bits budget" if kind == "stored-bits" else ""))
     fields: dict[str, Any] = {"budget_kind": kind, "budget": float(budget)}
-    untouched = cfg.nonexpert_bits == 16 and not cfg.nonexpert_kinds
+    untouched = a.nonexpert_bits == 16 and not a.nonexpert_kinds
     if allocate is None:
-        placing = (allocator_class(cfg.allocator).places_nonexperts and cfg.sensitivity
-                   and max(cfg.w_lat, cfg.w_mem, cfg.w_eng) == 0)
+        placing = allocator_class(a.allocator).places_nonexperts and cfg.sensitivity.enabled and not a.weights_cost
         allocate = defaulted and untouched and placing
         if defaulted and untouched and not placing:
             fields["nonexpert_bits"] = FIXED_NONEXPERT_BITS
     fields["nonexpert_allocate"] = allocate
-    out = dataclasses.replace(cfg, **fields)
+    out = cfg.replace(allocate=fields)
     if defaulted and graph is not None:
         check_nonexpert_target(out, backend)  # before the storage of bits it cannot run is asked for
         smallest = smallest_stored_bits(out, graph, backend)
-        if smallest + DEFAULT_HEADROOM_BITS > out.budget:
+        if smallest + DEFAULT_HEADROOM_BITS > out.allocate.budget:
             log.warning("default budget: %.2f stored bits per weight is infeasible for this model on %s (the "
                         "weights it keeps in float alone make it store at least %.2f); using %.2f. Give "
-                        "--budget-bits to choose", out.budget, cfg.target, smallest,
+                        "--budget-bits to choose", out.allocate.budget, cfg.target, smallest,
                         smallest + DEFAULT_HEADROOM_BITS)
-            out = dataclasses.replace(out, budget=math.ceil(100 * (smallest + DEFAULT_HEADROOM_BITS)) / 100)
+            out = out.replace(allocate={"budget": math.ceil(100 * (smallest + DEFAULT_HEADROOM_BITS)) / 100})
     if defaulted:
-        log.info("no budget given: --budget-bits %.2f with %s non-expert weights (the %s default)", out.budget,
-                 "allocated" if out.nonexpert_allocate else f"{out.nonexpert_bits}-bit", cfg.target)
+        log.info("no budget given: --budget-bits %.2f with %s non-expert weights (the %s default)", out.allocate.budget,
+                 "allocated" if out.allocate.nonexpert_allocate else f"{out.allocate.nonexpert_bits}-bit", cfg.target)
     return out
 
 
@@ -216,10 +120,16 @@ def calibration_ids(model_dir: str | Path, corpus: str, sequences: int, seq_len:
     return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len).astype("int64"))
 
 
+def _calibration(cfg: CompileConfig) -> tuple[str, int, int]:
+    """The corpus, sequences and sequence length of ``cfg``'s calibration (``calibration_ids``' arguments)."""
+    c = cfg.calibration
+    return c.corpus, c.sequences, c.seq_len
+
+
 def analysis_passes(cfg: CompileConfig, backend: Any) -> list:
     """Passes whose results do not depend on the budget: the ``analysis`` steps of
     :data:`~dmpq_compile.pipeline.PIPELINE` (profile, [sensitivity], [cost]) plus the extras."""
-    allocator_class(cfg.allocator)  # ValueError naming the registered ones
+    allocator_class(cfg.allocate.allocator)  # ValueError naming the registered ones
     return place_passes(pipeline.build(cfg, backend, ("analysis",)), cfg.extra_passes, analysis=True)
 
 
@@ -275,7 +185,7 @@ def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileCo
     manager = PassManager(passes, instruments, previous=[r.name for r in previous or []], cache=cache)
     manager.check(graph)
     if manager.needs_calibration and calibration is None:
-        calibration = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
+        calibration = calibration_ids(model_dir, *_calibration(cfg))
     torch.manual_seed(cfg.seed)
     ctx = PassContext(calibration=calibration, target=cfg.target, backend=backend, seed=cfg.seed,
                       progress=progress, open_artifact=open_artifact,
@@ -296,22 +206,22 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     fine-tuned model, so the next allocation sees the recovered model; a final round then
     allocates, fine-tunes and quantizes.
     """
-    graph.meta["group_size"] = cfg.group_size  # one group size for cost tables, QAT and quantize
+    graph.meta["group_size"] = cfg.quantize.group_size  # one group size for cost tables, QAT and quantize
     cfg = resolve_defaults(cfg, graph)
-    backend = get_backend(cfg.target, cfg.scale_dtype)
+    backend = get_backend(cfg.target, cfg.quantize.scale_dtype)
     analysis = analysis_passes(cfg, backend)
     calib = None
     if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):
-        calib = calibration_ids(model_dir, cfg.calib_corpus, cfg.calib_sequences, cfg.seq_len)
+        calib = calibration_ids(model_dir, *_calibration(cfg))
     graph, records = run_passes(graph, analysis, model_dir, cfg, backend, progress, dump_dir, calib,
                                 work_dir=work_dir, cache=cache, executor=executor)
-    for r in range(cfg.codesign_rounds):
+    for r in range(cfg.qat.codesign_rounds):
         round_passes = allocation_passes(cfg, final=False)  # allocate, [extras], qat — no quantize yet
         round_passes.append(sensitivity_pass(cfg))
         graph, recs = run_passes(graph, round_passes, model_dir, cfg, backend, progress, None, calib, records,
                                  work_dir, cache, executor)
         records += recs
-        log.info("co-design round %d/%d done", r + 1, cfg.codesign_rounds)
+        log.info("co-design round %d/%d done", r + 1, cfg.qat.codesign_rounds)
     graph, recs = run_passes(graph, allocation_passes(cfg), model_dir, cfg, backend, progress, dump_dir, calib,
                              records, work_dir, executor=executor)
     return graph, records + recs
@@ -377,7 +287,7 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
                     "tokenizer_config.json): apply_chat_template on the artifact will fail; pass a template "
                     "yourself, or add one to the checkpoint and compile again", model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    graph.meta["group_size"] = cfg.group_size
+    graph.meta["group_size"] = cfg.quantize.group_size
     cfg = resolve_defaults(cfg, graph)
     check_bits_budget(cfg, graph)
     check_disk_space(graph, cfg, out.parent)
@@ -399,10 +309,11 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
 
 def check_nonexpert_target(cfg: CompileConfig, backend: Any) -> None:
     """Refuse ``nonexpert_bits`` and ``nonexpert_kinds`` the target cannot run (``ValueError``)."""
-    if backend is not None and cfg.nonexpert_bits < 16:
-        check_nonexpert_bits(cfg.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
+    a = cfg.allocate
+    if backend is not None and a.nonexpert_bits < 16:
+        check_nonexpert_bits(a.nonexpert_bits, backend.supported_bits_for("attention"), cfg.target)
     if backend is not None:
-        check_kinds(cfg.nonexpert_kinds, backend)
+        check_kinds(a.nonexpert_kinds, backend)
 
 
 def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
@@ -410,27 +321,28 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
     target's smallest bits; stored bits below what the weights outside the experts plus every
     expert at its smallest bits store, computed from ``graph``'s shapes), and ``nonexpert_bits``
     the target cannot run."""
-    backend = get_backend(cfg.target, cfg.scale_dtype)
+    backend = get_backend(cfg.target, cfg.quantize.scale_dtype)
     check_nonexpert_target(cfg, backend)
-    if cfg.allocated_kinds:
+    a = cfg.allocate
+    if a.allocated_kinds:
         from .passes.allocate.base import check_nonexpert_allocation
 
-        check_nonexpert_allocation(cfg.allocator, cfg.budget_kind, max(cfg.w_lat, cfg.w_mem, cfg.w_eng) > 0)
-    supported = cfg.bits or getattr(backend, "supported_bits", None) or ()
-    if cfg.budget_kind == "bits" and supported and cfg.budget < min(supported):
-        raise ValueError(f"budget {cfg.budget:.2f} average bits is infeasible for {cfg.target} (bits "
+        check_nonexpert_allocation(a.allocator, a.budget_kind, a.weights_cost)
+    supported = a.bits or getattr(backend, "supported_bits", None) or ()
+    if a.budget_kind == "bits" and supported and a.budget < min(supported):
+        raise ValueError(f"budget {a.budget:.2f} average bits is infeasible for {cfg.target} (bits "
                          f"{tuple(supported)}): the smallest feasible budget is {min(supported):.2f} average bits; "
                          "raise --budget-code-bits")
-    if cfg.budget_kind == "stored-bits" and graph is not None:
+    if a.budget_kind == "stored-bits" and graph is not None:
         smallest, fixed = smallest_stored_bits(cfg, graph, backend, with_fixed=True)
         choices = tuple(sorted(supported or (16,)))
-        if cfg.budget < smallest:
+        if a.budget < smallest:
             alone = f"the weights outside the experts alone store {fixed:.2f} bits per weight of the model"
-            floats = cfg.nonexpert_bits == 16 and not cfg.nonexpert_kinds and not cfg.nonexpert_allocate
+            floats = a.nonexpert_bits == 16 and not a.nonexpert_kinds and not a.nonexpert_allocate
             hint = (f"or lower --nonexpert-bits to quantize them ({alone} in float)" if floats else
                     f"({alone})")
-            lowest = "expert and allocated non-expert weight" if cfg.allocated_kinds else "expert"
-            raise ValueError(f"--budget-bits {cfg.budget:.2f} is infeasible for {cfg.target}: with every {lowest} at "
+            lowest = "expert and allocated non-expert weight" if a.allocated_kinds else "expert"
+            raise ValueError(f"--budget-bits {a.budget:.2f} is infeasible for {cfg.target}: with every {lowest} at "
                              f"{min(choices)} bits the model stores {smallest:.2f} bits per weight; raise the budget "
                              f"{hint}")
 
@@ -442,9 +354,10 @@ def smallest_stored_bits(cfg: CompileConfig, graph: Graph, backend: Any, with_fi
     from .passes.allocate.base import stored_bits_budget
     from .passes.precision import allocatable
 
-    choices = tuple(sorted(cfg.bits or getattr(backend, "supported_bits", None) or (16,)))
-    budget, stored = stored_bits_budget(graph, backend, cfg.budget, choices, cfg.nonexpert_bits,
-                                        cfg.nonexpert_kinds, allocatable(graph, backend, cfg.allocated_kinds, choices))
+    a = cfg.allocate
+    choices = tuple(sorted(a.bits or getattr(backend, "supported_bits", None) or (16,)))
+    budget, stored = stored_bits_budget(graph, backend, a.budget, choices, a.nonexpert_bits,
+                                        a.nonexpert_kinds, allocatable(graph, backend, a.allocated_kinds, choices))
     smallest = budget.fixed + 8 * sum(min(v.values()) for v in stored.values()) / budget.params
     return (smallest, budget.fixed) if with_fixed else smallest
 
@@ -459,7 +372,7 @@ def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
     expert_keys = {k for n in graph.experts() for k in n.params.values()}
     n_expert = sum(math.prod(graph.weights.shape(k)) for k in expert_keys)
     n_other = sum(math.prod(graph.weights.shape(k)) for k in graph.weights if k not in expert_keys)
-    bits = cfg.budget if cfg.budget_kind in ("bits", "stored-bits") else 8.0
+    bits = cfg.allocate.budget if cfg.allocate.budget_kind in ("bits", "stored-bits") else 8.0
     need = 1.1 * (4 * n_other + 2 * n_expert * (bits + 1) / 8)
     free = shutil.disk_usage(folder).free
     if need > free:
@@ -505,8 +418,9 @@ def check_memory(graph: Graph, cfg: CompileConfig) -> None:
     largest = max((math.prod(graph.weights.shape(k)) for k in graph.weights), default=0)
     vocab = int(graph.meta.get("vocab_size") or 0)
     hidden = int(graph.meta.get("hidden_size") or 0)
-    seqs = min(cfg.sensitivity_sequences, cfg.calib_sequences)
-    need = 4 * (1.5 * largest + 3 * 4 * cfg.seq_len * vocab + 8 * seqs * cfg.seq_len * hidden) + 2**29
+    seqs = min(cfg.sensitivity.sequences, cfg.calibration.sequences)
+    seq_len = cfg.calibration.seq_len
+    need = 4 * (1.5 * largest + 3 * 4 * seq_len * vocab + 8 * seqs * seq_len * hidden) + 2**29
     if need > avail:
         raise MemoryError(f"this compile needs at least {need / 2**30:.1f} GiB of memory at once (the largest weight "
                           f"in fp32, logits of 4 sequences over a {vocab}-token vocabulary, the "
@@ -521,11 +435,11 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
     from .rare_counts import rare_counts
 
     experts = expert_table(graph)
-    report = {"config": dataclasses.asdict(cfg), "passes": [dataclasses.asdict(r) for r in records],
+    rare = cfg.sensitivity.min_routed_tokens
+    report = {"config": cfg.to_dict(), "passes": [dataclasses.asdict(r) for r in records],
               "experts": experts, "nonexpert": nonexpert_table(graph),
-              "rare_experts": {"min_routed_tokens": cfg.min_routed_tokens, "mode": cfg.rare_sensitivity,
-                               "per_layer": {str(k): v for k, v in rare_counts(experts, cfg.min_routed_tokens).items()}},
+              "rare_experts": {"min_routed_tokens": rare, "mode": cfg.sensitivity.rare,
+                               "per_layer": {str(k): v for k, v in rare_counts(experts, rare).items()}},
               "compile_seconds": round(seconds, 3)}
-    options = {k: v for k, v in (("max_length", cfg.max_length), ("dispatch", cfg.dispatch)) if v is not None}
-    return write_artifact(graph, get_backend(cfg.target, cfg.scale_dtype), out, report=report, overwrite=overwrite,
-                          emit_options=options)
+    return write_artifact(graph, get_backend(cfg.target, cfg.quantize.scale_dtype), out, report=report,
+                          overwrite=overwrite, emit_options=cfg.emit.options())

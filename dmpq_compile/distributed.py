@@ -26,7 +26,7 @@ artifact byte-identical to the serial compile.
 Every worker must see the checkpoint and the output folder at the same paths as the driver (one
 machine, or a shared file system) and have ``dmpq-compile`` installed (``pip install
 dmpq-compile[ray]``). A graph whose weights live in memory (after QAT) is not sent: more than
-``passes.remote_tasks.MAX_SENT_BYTES`` of in-memory weights make those passes run in the driver, logged.
+``passes.infra.remote_tasks.MAX_SENT_BYTES`` of in-memory weights make those passes run in the driver, logged.
 
 Addresses: ``auto`` (the cluster this machine belongs to, Ray's own lookup), ``ray://HOST:PORT`` or
 ``HOST:PORT`` (a running cluster), ``local:N`` (start a cluster of N worker processes on this
@@ -83,7 +83,7 @@ class RayExecutor:
 
     def submit(self, fn, *args) -> Any:
         """Run ``fn(*args, threads)`` as a task (``fn``: a module-level function, e.g. of
-        ``dmpq_compile.passes.remote_tasks``); returns its future."""
+        ``dmpq_compile.passes.infra.remote_tasks``); returns its future."""
         return self.remote(fn).remote(*args, self.threads)
 
     def put(self, value: Any) -> Any:

@@ -2,8 +2,8 @@
 
 An insertion names a registered pass, the pass it runs right after (its *anchor*: a pass of the
 pipeline, ``profile`` ... ``quantize``, or another inserted pass) and its options. It is the
-``extra_passes`` setting of :class:`~dmpq_compile.compiler.CompileConfig`, ``--pass`` / ``--after``
-on the command line, and ``[[compile.extra_passes]]`` tables in a ``--config`` file.
+``extra_passes`` setting of :class:`~dmpq_compile.config.CompileConfig`, ``--pass`` / ``--after``
+on the command line, and ``[[extra_passes]]`` tables in a ``--config`` file.
 
 Rules: the pass and the anchor must exist; options are checked against the pass's ``Options``
 dataclass (unknown keys and values of the wrong type are errors); text values from the command
@@ -269,7 +269,7 @@ def _convert(tp: Any, value: Any, text: bool) -> Any:
         return value
     if text:
         raise ValueError("a value that cannot be written on the command line: set it in a --config TOML file "
-                         "([[compile.extra_passes]] options)")
+                         "([[extra_passes]] options)")
     check = origin or tp
     if isinstance(check, type) and not isinstance(value, check):
         raise TypeError(f"got {type(value).__name__}")

@@ -1,7 +1,8 @@
 """The default compile pipeline, declared once as data.
 
-Each :class:`Step` names a registered pass, the stage it belongs to, when it runs and how its
-options come from the compile's :class:`~dmpq_compile.compiler.CompileConfig`. The driver builds
+Each :class:`Step` names a registered pass, the stage it belongs to, when it runs and which
+section of the compile's :class:`~dmpq_compile.config.CompileConfig` its options come from
+(fields forwarded by name, so a new option of a pass is one new field of its section). The driver builds
 the pass lists from :data:`PIPELINE` (:func:`build`); ``--pass NAME --after STEP`` anchors insert
 registered passes between the steps (:mod:`dmpq_compile.extra_passes`).
 
@@ -11,11 +12,13 @@ co-design rounds); ``allocation`` steps run per allocation round; ``final`` runs
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from .passes import make_pass
+from .passes import PASSES, make_pass
 from .passes.allocate import allocator_class
 from .passes.precision import PrecisionOptions
 
@@ -38,64 +41,70 @@ class Step:
         name: The registered pass's name.
         stage: One of :data:`STAGES`.
         when: ``(cfg, backend) -> bool``: whether the step runs for this compile.
-        options: ``cfg -> {option: value}`` of the pass's ``Options``.
+        section: The :class:`~dmpq_compile.config.CompileConfig` section whose fields are
+            forwarded to the pass's ``Options`` fields of the same name (None: none).
+        renames: ``{section field: option}`` where the two names differ.
+        derived: ``cfg -> {option: value}``: options computed from other settings.
     """
 
     name: str
     stage: str
     when: Callable[[Any, Any], bool] = _always
-    options: Callable[[Any], dict[str, Any]] = _no_options
+    section: str | None = None
+    renames: Mapping[str, str] = field(default_factory=dict)
+    derived: Callable[[Any], dict[str, Any]] = _no_options
+
+    def options(self, cfg: Any) -> dict[str, Any]:
+        """The pass's options for ``cfg``: the section's fields its ``Options`` declares, then :attr:`derived`."""
+        out: dict[str, Any] = {}
+        if self.section is not None:
+            declared = {f.name for f in dataclasses.fields(PASSES.get(self.name).Options)}
+            section = getattr(cfg, self.section)
+            for f in dataclasses.fields(section):
+                key = self.renames.get(f.name, f.name)
+                if key in declared:
+                    out[key] = copy.copy(getattr(section, f.name))  # dicts not shared with the config
+        return {**out, **self.derived(cfg)}
 
 
 def _needs_sensitivity(cfg: Any, backend: Any) -> bool:
     """The sensitivity pass runs unless turned off and nothing needs what it provides."""
-    needs = allocator_class(cfg.allocator).needs
-    if cfg.allocated_kinds and not cfg.sensitivity:
+    needs = allocator_class(cfg.allocate.allocator).needs
+    if cfg.allocate.allocated_kinds and not cfg.sensitivity.enabled:
         raise ValueError("--nonexpert-bits auto allocates non-expert weights by their measured sensitivity; "
                          "drop --no-sensitivity")
-    return cfg.sensitivity or bool(set(needs) - {"freq", "cost"})  # it provides every other annotation
+    return cfg.sensitivity.enabled or bool(set(needs) - {"freq", "cost"})  # it provides every other annotation
 
 
 def _sensitivity(cfg: Any) -> dict[str, Any]:
-    return {"max_sequences": cfg.sensitivity_sequences, "flips": cfg.flip_probe, "min_tokens": cfg.min_routed_tokens,
-            "rare": cfg.rare_sensitivity, "compute_dtype": cfg.calib_dtype,
-            "gradvar": "router_grad_change" in allocator_class(cfg.allocator).needs,
-            **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {})}
+    kinds = cfg.allocate.allocated_kinds
+    return {"gradvar": "router_grad_change" in allocator_class(cfg.allocate.allocator).needs,
+            "compute_dtype": cfg.calibration.dtype, **({"nonexpert": kinds} if kinds else {})}
 
 
 def _precision_active(cfg: Any, backend: Any) -> bool:
     """``precision`` (the fixed non-expert bits) runs only when it quantizes something."""
-    return PrecisionOptions(cfg.nonexpert_bits, dict(cfg.nonexpert_kinds)).active
-
-
-def _precision(cfg: Any) -> dict[str, Any]:
-    return {"nonexpert_bits": cfg.nonexpert_bits, "kinds": dict(cfg.nonexpert_kinds)}
+    return PrecisionOptions(cfg.allocate.nonexpert_bits, dict(cfg.allocate.nonexpert_kinds)).active
 
 
 def _allocate(cfg: Any) -> dict[str, Any]:
-    return {"allocator": cfg.allocator, "budget_kind": cfg.budget_kind, "budget": cfg.budget, "w_acc": cfg.w_acc,
-            "w_lat": cfg.w_lat, "w_mem": cfg.w_mem, "w_eng": cfg.w_eng, "bits": cfg.bits, "metric": cfg.metric,
-            "allocator_options": dict(cfg.allocator_options),
-            **({"nonexpert": cfg.allocated_kinds} if cfg.allocated_kinds else {})}
+    kinds = cfg.allocate.allocated_kinds
+    return {"nonexpert": kinds} if kinds else {}
 
 
-def _qat(cfg: Any) -> dict[str, Any]:
-    return {"steps": cfg.qat_steps, "time_budget_s": cfg.qat_time_budget_s, "lr": cfg.qat_lr, "mode": cfg.qat_mode,
-            "group_size": cfg.group_size}
-
-
-def _quantize(cfg: Any) -> dict[str, Any]:
-    return {"method": cfg.quant_method, "group_size": cfg.group_size}
+def _group_size(cfg: Any) -> dict[str, Any]:
+    return {"group_size": cfg.quantize.group_size}
 
 
 PIPELINE: tuple[Step, ...] = (
-    Step("profile", "analysis", options=lambda cfg: {"compute_dtype": cfg.calib_dtype}),
-    Step("sensitivity", "analysis", _needs_sensitivity, _sensitivity),
+    Step("profile", "analysis", section="calibration", renames={"dtype": "compute_dtype"}),
+    Step("sensitivity", "analysis", _needs_sensitivity, "sensitivity",
+         {"sequences": "max_sequences", "flip_probe": "flips", "min_routed_tokens": "min_tokens"}, _sensitivity),
     Step("cost", "analysis", lambda cfg, backend: backend is not None),
-    Step("precision", "allocation", _precision_active, _precision),
-    Step("allocate", "allocation", options=_allocate),
-    Step("qat", "allocation", lambda cfg, backend: bool(cfg.qat or cfg.codesign_rounds), _qat),
-    Step("quantize", "final", options=_quantize),
+    Step("precision", "allocation", _precision_active, "allocate", {"nonexpert_kinds": "kinds"}),
+    Step("allocate", "allocation", section="allocate", derived=_allocate),
+    Step("qat", "allocation", lambda cfg, backend: cfg.qat.runs, "qat", derived=_group_size),
+    Step("quantize", "final", section="quantize"),
 )
 ANALYSIS_STEPS = tuple(s.name for s in PIPELINE if s.stage == "analysis")  # before the budget is known
 STEP_NAMES = tuple(s.name for s in PIPELINE)

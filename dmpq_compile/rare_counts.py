@@ -1,7 +1,7 @@
 """Per-layer counts of the experts a calibration set rarely or never routed tokens to, from the
 per-expert rows of a compile report (what ``dmpq-compile inspect`` and the report print;
 standard library only, so that ``inspect`` runs without torch). The estimator that prices such
-experts is :mod:`dmpq_compile.passes.rare_experts`."""
+experts is :mod:`dmpq_compile.passes.sensitivity.rare_experts`."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph
+from ..ir.graph import NONEXPERT_QUANTIZABLE_KINDS, QUANT_ROLES, Graph, layer_node
 from ..ir.interpreter import Interpreter, RunOptions
 from ..ir.stream import embed, layer_outputs, run_layer
 from ..ir.weights import index_safetensors
@@ -37,7 +37,7 @@ from ..quant.rtn import QuantizedTensor
 from ..quant.spec import DEFAULT_GROUP_SIZE
 from ..quant.stored import store_quantized
 from .infra.base import Pass, PassContext, PassResult
-from .layer_clock import LayerClock
+from .infra.layer_clock import LayerClock
 
 log = logging.getLogger(__name__)
 METHODS = ("rtn", "hqq", "gptq")
@@ -92,10 +92,10 @@ class QuantizePass(Pass):
         def finish(layer: int | None, hessians_of: Callable[[object], dict]) -> None:
             keys = []
             for node in by_layer.get(layer, []):
-                keys += self._quantize_node(graph, node, hessians_of(node))
+                keys += self.quantize_node(graph, node, hessians_of(node))
                 bar.update(1)
             for node in (n for n in others if _layer(n) == layer):
-                keys += self._quantize_node(graph, node, hessians_of(node))
+                keys += self.quantize_node(graph, node, hessians_of(node))
             if ctx.work_dir is not None and keys:
                 name = "head" if layer is None else f"L{layer}"
                 graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-{name}.safetensors")
@@ -125,7 +125,7 @@ class QuantizePass(Pass):
         """RTN/HQQ of each layer's experts as executor tasks (``compile --ray``): every task writes the
         file the serial loop would spill that layer's codes to; the annotations are applied here, in
         layer order, so the graph ends up exactly as after the serial loop."""
-        from .remote_tasks import layer_quantize
+        from .infra.remote_tasks import layer_quantize
 
         remote = ctx.executor.put(graph)
         futures = [ctx.executor.submit(layer_quantize, remote, self.options, [n.id for n in by_layer[layer]],
@@ -151,12 +151,12 @@ class QuantizePass(Pass):
             log.warning("gptq: the embedding table is quantized with rtn (a row lookup has no input Hessian); "
                         "its spec says so")
         for node in nodes:
-            keys = self._quantize_node(graph, node, {}, nonexpert_method(self.options.method))
+            keys = self.quantize_node(graph, node, {}, nonexpert_method(self.options.method))
             if ctx.work_dir is not None:
                 graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-{node.id}.safetensors")
         return [graph.node(n.id) for n in nodes]
 
-    def _quantize_node(self, graph: Graph, node, hessians: dict, method: str | None = None) -> list[str]:
+    def quantize_node(self, graph: Graph, node, hessians: dict, method: str | None = None) -> list[str]:
         fmt = declared_format(graph.meta, node.ann["bits"])
         spec = fmt.spec(self.options.group_size, method_for(fmt, method or self.options.method))
         tensors = {}
@@ -180,7 +180,7 @@ def _remote_ok(ctx: PassContext, graph: Graph) -> bool:
     write their layers' codes to, and a graph that can be sent (weights on disk)."""
     if ctx.executor is None or ctx.work_dir is None:
         return False
-    from .remote_tasks import sendable
+    from .infra.remote_tasks import sendable
 
     return sendable(graph)
 
@@ -338,6 +338,6 @@ def _node_hessians(graph: Graph, interp: Interpreter, layer: int, node, acts: di
     MoE input of the tokens routed to it, a non-expert node's from its own input."""
     if node.kind != "expert":
         return _nonexpert_hessians(interp, node, acts[graph.inputs(node.id)[0]])
-    x = acts[f"L{layer}.moe_norm"].reshape(-1, graph.meta["hidden_size"])
-    token_idx, _ = torch.where(acts[f"L{layer}.router"].indices == node.attrs["expert"])
+    x = acts[layer_node(layer, "moe_norm")].reshape(-1, graph.meta["hidden_size"])
+    token_idx, _ = torch.where(acts[layer_node(layer, "router")].indices == node.attrs["expert"])
     return _swiglu_hessians(node.id, x[token_idx], interp.weights(node.id, RunOptions(quantize=False)))

@@ -64,9 +64,10 @@ def test_a_registered_allocator_reaches_the_cli_and_its_help(toy):
 
 def test_its_declared_needs_run_before_it_and_it_compiles(toy, tiny_dirs, tiny_corpus):
     path = tiny_dirs("mixtral")
-    cfg = CompileConfig(target=None, allocator="toy-halves", sensitivity=False, budget=16.0, bits=(2, 8),
-                        calib_corpus=str(tiny_corpus), calib_sequences=4, seq_len=32, sensitivity_sequences=4,
-                        group_size=32)
+    cfg = CompileConfig.from_dict({
+        "target": None, "allocate": {"allocator": "toy-halves", "budget": 16.0, "bits": (2, 8)},
+        "sensitivity": {"enabled": False, "sequences": 4}, "quantize": {"group_size": 32},
+        "calibration": {"corpus": str(tiny_corpus), "sequences": 4, "seq_len": 32}})
     assert [p.name for p in analysis_passes(cfg, None)] == ["profile", "sensitivity"]  # needs sensitivity
     assert make_pass("allocate", allocator="toy-halves").requires == ("freq", "kl")
     graph, records = run_pipeline(load(path), path, cfg, progress=False)

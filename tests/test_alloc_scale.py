@@ -39,7 +39,7 @@ def test_synthetic_problem_has_the_shape_and_is_seeded():
 
 
 def test_default_allocator_on_1024_experts_meets_the_budget_quickly():
-    name = CompileConfig().allocator
+    name = CompileConfig().allocate.allocator
     problem = synthetic_problem(**FULL, budget=Budget("bits", 3.5))
     options = {"progress": False} if name == "rl" else {}
     t0 = time.perf_counter()

@@ -20,12 +20,12 @@ def test_scratch_is_removed_and_stale_scratch_of_killed_compiles_too(tmp_path, t
     stale.mkdir()
     (stale / OWNER_FILE).write_text(json.dumps({**_owner_record(), "pid": int(done.stdout), "start": None}))
     (stale / "quantized-L0.safetensors").write_bytes(b"x" * 1000)
-    cfg = CompileConfig(allocator="uniform", budget=4.0, calib_corpus=str(tiny_corpus), calib_sequences=2,
-                        seq_len=32)
+    calibration = {"corpus": str(tiny_corpus), "sequences": 2, "seq_len": 32}
+    cfg = CompileConfig.from_dict({"allocate": {"allocator": "uniform", "budget": 4.0}, "calibration": calibration})
     compile_model(tiny_dirs("olmoe"), tmp_path / "art", cfg, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
-    bad = CompileConfig(allocator="uniform", budget=3.0, calib_corpus=str(tiny_corpus), calib_sequences=2,
-                        seq_len=32, target="trt-a100", bits=(3,))  # 3 bits: trt-a100 refuses
+    bad = CompileConfig.from_dict({"target": "trt-a100", "calibration": calibration,  # 3 bits: trt-a100 refuses
+                                   "allocate": {"allocator": "uniform", "budget": 3.0, "bits": (3,)}})
     with pytest.raises(Exception):  # noqa: B017 - any refusal; what matters is what it leaves
         compile_model(tiny_dirs("olmoe"), tmp_path / "art2", bad, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
@@ -35,7 +35,7 @@ def test_an_infeasible_bits_budget_is_refused_before_any_pass(tmp_path, tiny_dir
     from dmpq_compile import compiler
 
     monkeypatch.setattr(compiler, "run_pipeline", lambda *a, **k: pytest.fail("a pass ran"))
-    cfg = CompileConfig(target="trt-a100", budget=3.5)  # trt-a100 emits 4, 8 and 16 bits
+    cfg = CompileConfig.from_dict({"target": "trt-a100", "allocate": {"budget": 3.5}})  # trt-a100 emits 4, 8 and 16 bits
     with pytest.raises(ValueError, match=r"3.50 average bits is infeasible for trt-a100.*smallest feasible budget is 4.00"):
         compile_model(tiny_dirs("olmoe"), tmp_path / "art", cfg, progress=False)
     assert not any(tmp_path.iterdir())

@@ -182,7 +182,7 @@ def test_builtin_sets_are_disjoint_and_dev_holds_what_earlier_tables_read():
     except CorpusError as e:
         pytest.skip(str(e))
     split = assign_splits([d.key for d in pydoc])
-    # the first three documents of the old test split: the llama.cpp and sample tables before issue 26
+    # the first three documents of the old single test split, where the earlier llama.cpp and sample tables were read
     for key in ("c-api/allocation.rst.txt", "c-api/concrete.rst.txt", "c-api/unicode.rst.txt"):
         assert split[key] == "dev"
     assert sum(s == "test" for s in split.values()) >= 7 and sum(s == "dev" for s in split.values()) >= 7

@@ -79,3 +79,19 @@ def test_fake_quantization_changes_only_quantized_experts(tiny_dirs):
         g.annotate(n.id, "bits", 2)
     q = Interpreter(g, quantize=True)(ids)
     assert not torch.allclose(q, fp, atol=1e-3)
+
+
+def test_node_ids_come_from_the_ir_helpers_and_parse_back(tiny_dirs):
+    from dmpq_compile.ir.graph import LAYER_ROLES, expert_node, layer_node, layer_role
+
+    g = load(tiny_dirs("qwen2_moe"))  # with a shared expert; no dense layer, so no "mlp"
+    for role in LAYER_ROLES:
+        assert layer_role(layer_node(0, role)) == role
+    roles = {n.id: layer_role(n.id) for n in g.nodes()}
+    assert {r for r in roles.values() if r} == set(LAYER_ROLES) - {"mlp"}
+    assert {i for i, r in roles.items() if r is None} == {"tokens", "embed", "final_norm", "lm_head",
+                                                          *(n.id for n in g.experts())}
+    assert layer_role(expert_node(1, 2)) is None and layer_role("lm_head") is None and layer_role("Lx.router") is None
+    assert all(n.id == expert_node(n.attrs["layer"], n.attrs["expert"]) for n in g.experts())
+    with pytest.raises(IRError, match="unknown layer role 'routr'"):
+        layer_node(0, "routr")

@@ -1,12 +1,12 @@
-"""Per-layer progress lines with an ETA (passes/layer_clock.py) and per-pass CPU time."""
+"""Per-layer progress lines with an ETA (passes/infra/layer_clock.py) and per-pass CPU time."""
 
 import logging
 
-from dmpq_compile.passes.layer_clock import LayerClock, _clock
+from dmpq_compile.passes.infra.layer_clock import LayerClock, _clock
 
 
 def test_layer_clock_logs_progress_and_eta(caplog):
-    caplog.set_level(logging.INFO, logger="dmpq_compile.passes.layer_clock")
+    caplog.set_level(logging.INFO, logger="dmpq_compile.passes.infra.layer_clock")
     clock = LayerClock("sensitivity", 3, every=0.0)
     for label in ("L2", "L1", "L0"):
         clock.step(label)
@@ -16,7 +16,7 @@ def test_layer_clock_logs_progress_and_eta(caplog):
 
 
 def test_layer_clock_rate_limits_but_always_logs_the_last_step(caplog):
-    caplog.set_level(logging.INFO, logger="dmpq_compile.passes.layer_clock")
+    caplog.set_level(logging.INFO, logger="dmpq_compile.passes.infra.layer_clock")
     clock = LayerClock("quantize", 50, every=3600)
     for _ in range(50):
         clock.step()

@@ -31,8 +31,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("backends", ("dmpq_compile.backends",)),
     ("artifact/runtime", ("dmpq_compile.artifact", "dmpq_compile.runtime", "dmpq_compile.engine")),
     ("tools", ("dmpq_compile.bench",)),
-    ("driver", ("dmpq_compile.compiler", "dmpq_compile.pipeline", "dmpq_compile.extra_passes", "dmpq_compile.baselines",
-                "dmpq_compile.distributed")),
+    ("driver", ("dmpq_compile.compiler", "dmpq_compile.config", "dmpq_compile.pipeline", "dmpq_compile.extra_passes",
+                "dmpq_compile.baselines", "dmpq_compile.distributed")),
     ("cli", ("dmpq_compile.commands", "dmpq_compile.cli")),
 )
 RUNTIME_FORBIDDEN = ("torch", "onnx", "transformers")

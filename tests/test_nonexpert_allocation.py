@@ -127,10 +127,12 @@ def test_whole_method_refuses_nonexpert():
         make_pass("sensitivity", method="whole", nonexpert=("attention",))
 
 
-def _compile(model, out, **cfg):
-    base = {"target": "ort-cpu", "calib_corpus": cfg.pop("corpus"), "calib_sequences": 8, "seq_len": 32,
-                "sensitivity_sequences": 8, "budget_kind": "stored-bits", "nonexpert_allocate": True}
-    return compile_model(model, out, CompileConfig(**{**base, **cfg}), progress=False)
+def _compile(model, out, corpus, sensitivity=None, **allocate):
+    cfg = CompileConfig.from_dict({
+        "target": "ort-cpu", "calibration": {"corpus": corpus, "sequences": 8, "seq_len": 32},
+        "sensitivity": {"sequences": 8, **(sensitivity or {})},
+        "allocate": {"budget_kind": "stored-bits", "nonexpert_allocate": True, **allocate}})
+    return compile_model(model, out, cfg, progress=False)
 
 
 def test_auto_compile_places_nonexpert_weights_within_the_stored_budget(tiny_dirs, tiny_corpus, tmp_path):
@@ -170,7 +172,7 @@ def test_auto_beats_or_matches_uniform_at_equal_stored_bits(tiny_dirs, tiny_corp
     ({"allocator": "frequency"}, "places non-expert weights with allocators"),
     ({"budget_kind": "bits", "budget": 4.0}, "needs a whole-model budget"),
     ({"w_lat": 0.1}, "no cost table for non-expert nodes"),
-    ({"sensitivity": False}, "drop --no-sensitivity"),
+    ({"sensitivity": {"enabled": False}}, "drop --no-sensitivity"),
 ])
 def test_auto_refuses_what_it_cannot_do(tiny_dirs, tiny_corpus, tmp_path, cfg, match):
     with pytest.raises((ValueError, PassError), match=match):
@@ -180,7 +182,7 @@ def test_auto_refuses_what_it_cannot_do(tiny_dirs, tiny_corpus, tmp_path, cfg, m
 
 def test_auto_and_fixed_bits_are_exclusive():
     with pytest.raises(ValueError, match="nonexpert_bits must stay 16"):
-        CompileConfig(nonexpert_allocate=True, nonexpert_bits=4)
+        CompileConfig.from_dict({"allocate": {"nonexpert_allocate": True, "nonexpert_bits": 4}})
 
 
 def test_inspect_prints_the_placed_nonexpert_bits_and_their_sensitivity(tiny_dirs, tiny_corpus, tmp_path, capsys):

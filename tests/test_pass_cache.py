@@ -17,10 +17,10 @@ from dmpq_compile.compiler import CompileConfig, compile_model
 from dmpq_compile.frontend import load
 
 
-def _cfg(corpus, **kw) -> CompileConfig:
-    base = {"allocator": "optimal", "budget": 3.5, "calib_corpus": str(corpus), "calib_sequences": 4,
-            "seq_len": 32, "sensitivity_sequences": 4}
-    return CompileConfig(**{**base, **kw})
+def _cfg(corpus, **allocate) -> CompileConfig:
+    return CompileConfig.from_dict({"allocate": {"allocator": "optimal", "budget": 3.5, **allocate},
+                                    "calibration": {"corpus": str(corpus), "sequences": 4, "seq_len": 32},
+                                    "sensitivity": {"sequences": 4}})
 
 
 def _report(art):

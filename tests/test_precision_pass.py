@@ -170,13 +170,13 @@ def test_gptq_rounds_nonexpert_weights_with_their_input_hessians(tiny_dirs, cali
 # -- bad values ------------------------------------------------------------------------------------
 def test_bad_values_give_clear_errors(tiny_dirs, tmp_path):
     with pytest.raises(ValueError, match="nonexpert_bits must be one of"):
-        CompileConfig(nonexpert_bits=5)
+        CompileConfig.from_dict({"allocate": {"nonexpert_bits": 5}})
     with pytest.raises(PassError, match="nonexpert_bits must be one of"):
         make_pass("precision", nonexpert_bits=True)
     g = load(tiny_dirs("mixtral"))
     with pytest.raises(PassError, match=r"trt-a100 cannot run 2-bit weights for .*attention"):
         make_pass("precision", nonexpert_bits=2).call(g, PassContext(progress=False, backend=get_backend("trt-a100")))
-    cfg = CompileConfig(target="trt-a100", nonexpert_bits=2)
+    cfg = CompileConfig.from_dict({"target": "trt-a100", "allocate": {"nonexpert_bits": 2}})
     with pytest.raises(ValueError, match=r"--nonexpert-bits 2: target trt-a100 cannot run 2-bit attention"):
         compile_model(tiny_dirs("mixtral"), tmp_path / "x", cfg, progress=False)
     assert not (tmp_path / "x").exists()
@@ -195,12 +195,12 @@ def test_cli_flag_reaches_the_config(tiny_dirs, capsys):
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    assert config_from_args(p.parse_args(["m", "--nonexpert-bits", "4"])).nonexpert_bits == 4
-    assert config_from_args(p.parse_args(["m"])).nonexpert_bits == 16
+    assert config_from_args(p.parse_args(["m", "--nonexpert-bits", "4"])).allocate.nonexpert_bits == 4
+    assert config_from_args(p.parse_args(["m"])).allocate.nonexpert_bits == 16
     assert main(["compile", str(tiny_dirs("mixtral")), "--nonexpert-bits", "6", "-o", "/nonexistent/x"]) != 0
     assert "nonexpert_bits must be one of" in capsys.readouterr().err
     cfg = config_from_args(p.parse_args(["m", "--nonexpert-bits", "4,lm_head=8,embed=8"]))
-    assert (cfg.nonexpert_bits, cfg.nonexpert_kinds) == (4, {"lm_head": 8, "embed": 8})
+    assert (cfg.allocate.nonexpert_bits, cfg.allocate.nonexpert_kinds) == (4, {"lm_head": 8, "embed": 8})
 
 
 # -- per-kind bits ------------------------------------------------------------------------------------
@@ -233,11 +233,12 @@ def test_per_kind_bits_replace_the_default(tiny_dirs):
 @pytest.mark.parametrize("target", ["ort-cpu", "trt-a100"])
 def test_compile_storage_drops_and_default_is_unchanged(tmp_path, tiny_dirs, tiny_corpus, target):
     model = tiny_dirs("olmoe")
-    common = {"target": target, "allocator": "uniform", "budget": 4.0, "calib_corpus": str(tiny_corpus),
-              "calib_sequences": 2, "seq_len": 32, "sensitivity": False}
-    base = compile_model(model, tmp_path / "base", CompileConfig(**common), progress=False)
-    same = compile_model(model, tmp_path / "same", CompileConfig(**common, nonexpert_bits=16), progress=False)
-    q8 = compile_model(model, tmp_path / "q8", CompileConfig(**common, nonexpert_bits=8), progress=False)
+    common = CompileConfig.from_dict({
+        "target": target, "allocate": {"allocator": "uniform", "budget": 4.0}, "sensitivity": {"enabled": False},
+        "calibration": {"corpus": str(tiny_corpus), "sequences": 2, "seq_len": 32}})
+    base = compile_model(model, tmp_path / "base", common, progress=False)
+    same = compile_model(model, tmp_path / "same", common.replace(allocate={"nonexpert_bits": 16}), progress=False)
+    q8 = compile_model(model, tmp_path / "q8", common.replace(allocate={"nonexpert_bits": 8}), progress=False)
     for f in ("model.onnx", "model.onnx.data"):
         if (base / f).exists():
             assert _sha(base / f) == _sha(same / f)

@@ -202,5 +202,5 @@ def test_compile_flag_reaches_the_pass():
     cmd.add_arguments(parser)
     cfg = cmd.config_from_args(parser.parse_args(["m", "--qat", "--qat-mode", "blockwise"]))
     (qat_pass,) = [p for p in allocation_passes(cfg) if p.name == "qat"]
-    assert cfg.qat_mode == "blockwise" and qat_pass.options.mode == "blockwise"
-    assert cmd.config_from_args(parser.parse_args(["m", "--qat"])).qat_mode == "auto"
+    assert cfg.qat.mode == "blockwise" and qat_pass.options.mode == "blockwise"
+    assert cmd.config_from_args(parser.parse_args(["m", "--qat"])).qat.mode == "auto"

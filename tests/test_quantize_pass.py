@@ -113,7 +113,7 @@ def test_gptq_quantizes_roles_sharing_a_hessian_together_with_the_same_codes(tin
     assert _shared_hessian_groups(node, QuantSpec(bits=2, group_size=32), hessians) == [("gate",), ("up",), ("down",)]
     equal_copy = {**hessians, (node.id, "up"): h.clone()}  # equal values, another tensor: not grouped
     assert _shared_hessian_groups(node, spec, equal_copy) == [("gate",), ("up",), ("down",)]
-    QuantizePass(method="gptq", group_size=32)._quantize_node(g, g.node(node.id), hessians)
+    QuantizePass(method="gptq", group_size=32).quantize_node(g, g.node(node.id), hessians)
     quant = g.node(node.id).ann["quant"]
     for role, hr in (("gate", h), ("up", h), ("down", h_down)):
         alone = gptq_quantize(g.weights[node.params[role]].float(), hr, spec)

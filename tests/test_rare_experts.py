@@ -1,5 +1,5 @@
 """Experts the calibration set never reaches: counted, priced from their weights, not sent to the
-fewest bits only because calibration missed them (passes/rare_experts.py)."""
+fewest bits only because calibration missed them (passes/sensitivity/rare_experts.py)."""
 
 import json
 
@@ -102,8 +102,8 @@ def test_bad_options_are_refused():
     from dmpq_compile.compiler import CompileConfig
 
     with pytest.raises(ValueError, match="min-routed-tokens"):
-        CompileConfig(min_routed_tokens=-1)
+        CompileConfig.from_dict({"sensitivity": {"min_routed_tokens": -1}})
     with pytest.raises(ValueError, match="rare-sensitivity"):
-        CompileConfig(rare_sensitivity="zero")
+        CompileConfig.from_dict({"sensitivity": {"rare": "zero"}})
     with pytest.raises(PassError, match="rare must be one of"):
         make_pass("sensitivity", rare="zero")

@@ -18,8 +18,9 @@ from dmpq_compile.frontend import load
 @pytest.mark.parametrize("target", ["ort-cpu", "trt-a100"])
 def test_stored_bits_match_the_files(tmp_path, tiny_dirs, tiny_corpus, target, capsys):
     model = tiny_dirs("mixtral")
-    cfg = CompileConfig(target=target, allocator="uniform", budget=4.0, calib_corpus=str(tiny_corpus),
-                        calib_sequences=2, seq_len=32, sensitivity=False)
+    cfg = CompileConfig.from_dict({"target": target, "allocate": {"allocator": "uniform", "budget": 4.0},
+                                   "calibration": {"corpus": str(tiny_corpus), "sequences": 2, "seq_len": 32},
+                                   "sensitivity": {"enabled": False}})
     art = compile_model(model, tmp_path / "art", cfg, progress=False)
     storage = json.loads((art / "report.json").read_text())["storage"]
     manifest = json.loads((art / "manifest.json").read_text())

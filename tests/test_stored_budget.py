@@ -136,7 +136,7 @@ def test_scale_dtype_option(tiny_dirs, tiny_corpus, tmp_path):
     # the same budget buys fewer code bits with the wider scales
     assert storage[full]["experts"]["code_bits"] <= storage[half]["experts"]["code_bits"]
     with pytest.raises(ValueError, match="--scale-dtype chooses how ort-cpu"):
-        CompileConfig(target="trt-a100", scale_dtype="float32")
+        CompileConfig.from_dict({"target": "trt-a100", "quantize": {"scale_dtype": "float32"}})
     with pytest.raises(BackendError, match="takes no option"):
         get_backend("trt-a100", scale_dtype="float32")
     with pytest.raises(BackendError, match="scale_dtype must be one of"):

@@ -1,4 +1,4 @@
-"""Issue 15, item 3: the user's own corpus for ``eval --corpus`` and ``compile --calib-corpus``.
+"""The user's own corpus for ``eval --corpus`` and ``compile --calib-corpus``.
 
 Any file of a corpus folder counts as text when its content is text (not by suffix); a binary
 file is an error naming it; a user's corpus is read whole by default, while the built-in

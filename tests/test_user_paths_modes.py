@@ -1,4 +1,4 @@
-"""Issue 15, item 4: every file of an artifact gets the mode a plain new file gets (umask), with
+"""Every file of an artifact gets the mode a plain new file gets (umask), with
 the process-wide umask never touched (setting it, even for a moment, races with other threads)."""
 
 import os

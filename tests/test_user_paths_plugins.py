@@ -1,4 +1,4 @@
-"""Issue 15, items 1 and 2: plugin passes on the compile command line, and budgets that hold after
+"""Plugin passes on the compile command line, and budgets that hold after
 every pass.
 
 The plugin is the worked example of docs/extending.md (docs/examples/dmpq-pin-bits), built into a
@@ -109,9 +109,11 @@ def test_every_budget_kind_is_checked_after_each_pass(plugin_registry, tiny_dirs
     from dmpq_compile.passes.infra.budget_guard import BudgetOverrunError
 
     path = tiny_dirs("mixtral")
-    cfg = CompileConfig(target="ort-cpu", allocator="uniform", budget_kind=kind, budget=budget or 1.0,
-                        bits=(2, 4, 8), sensitivity=False, calib_corpus=str(tiny_corpus), calib_sequences=4,
-                        seq_len=32, group_size=32, extra_passes=({"name": "pin-bits", "options": {"bits": 8}},))
+    cfg = CompileConfig.from_dict({
+        "target": "ort-cpu", "extra_passes": ({"name": "pin-bits", "options": {"bits": 8}},),
+        "allocate": {"allocator": "uniform", "budget_kind": kind, "budget": budget or 1.0, "bits": (2, 4, 8)},
+        "sensitivity": {"enabled": False}, "calibration": {"corpus": str(tiny_corpus), "sequences": 4, "seq_len": 32},
+        "quantize": {"group_size": 32}})
     if budget is None:  # what every expert at 2 bits uses (the smallest feasible budget), plus 1%
         from dmpq_compile.passes.allocate.base import build_problem
         from dmpq_compile.passes.allocate.problem import min_feasible_budget
@@ -121,15 +123,15 @@ def test_every_budget_kind_is_checked_after_each_pass(plugin_registry, tiny_dirs
 
         backend = get_backend("ort-cpu")
         graph = load(path)
-        graph.meta["group_size"] = cfg.group_size  # as run_pipeline sets it: the cost tables depend on it
+        graph.meta["group_size"] = cfg.quantize.group_size  # as run_pipeline sets it: the cost tables depend on it
         graph, _ = run_passes(graph, analysis_passes(cfg, backend), path, cfg, backend, progress=False)
         o = make_pass("allocate", budget_kind=kind, budget=1.0, bits=(2, 4, 8)).options
         low = min_feasible_budget(build_problem(graph, o, PassContext(backend=backend)))
-        cfg = dataclasses.replace(cfg, budget=low * 1.01)
+        cfg = cfg.replace(allocate={"budget": low * 1.01})
     with pytest.raises(BudgetOverrunError, match=r"pass 'pin-bits' \(#4\) broke allocate's constraints: .* used, "
                        r"over the budget of"):
         run_pipeline(load(path), path, cfg, progress=False)
-    allowed = dataclasses.replace(cfg, allow_budget_overrun=True)
+    allowed = cfg.replace(allow_budget_overrun=True)
     graph, records = run_pipeline(load(path), path, allowed, progress=False)
     assert [r.name for r in records] == ["profile", "cost", "allocate", "pin-bits", "quantize"]
     assert {n.ann["bits"] for n in graph.experts() if n.attrs["layer"] == 0} == {8}
@@ -189,20 +191,23 @@ def test_bits_the_target_cannot_emit_are_always_an_error(plugin_registry, tiny_d
 
     plugin_registry.register(_SetBits)
     path = tiny_dirs("mixtral")
-    cfg = CompileConfig(target="ort-cpu", allocator="uniform", budget=16.0, sensitivity=False,
-                        allow_budget_overrun=True, calib_corpus=str(tiny_corpus), calib_sequences=4, seq_len=32,
-                        group_size=32, extra_passes=({"name": "set-bits-test", "options": {"bits": 3}},))
+    cfg = CompileConfig.from_dict({
+        "target": "ort-cpu", "allow_budget_overrun": True,
+        "extra_passes": ({"name": "set-bits-test", "options": {"bits": 3}},),
+        "allocate": {"allocator": "uniform", "budget": 16.0}, "sensitivity": {"enabled": False},
+        "calibration": {"corpus": str(tiny_corpus), "sequences": 4, "seq_len": 32}, "quantize": {"group_size": 32}})
     with pytest.raises(BudgetOverrunError, match=r"8 have bits the target \(ort-cpu\) cannot emit .*supported: "
                        r"\(2, 4, 8, 16\)"):
         run_pipeline(load(path), path, cfg, progress=False)
 
 
 def _cfg(**kw):
-    return CompileConfig(target=None, allocator="uniform", sensitivity=False, **kw)
+    return CompileConfig.from_dict({"target": None, "allocate": {"allocator": "uniform"},
+                                    "sensitivity": {"enabled": False}}).replace(**kw)
 
 
 def test_placement_after_any_pipeline_pass_and_after_each_other(plugin_registry):
-    cfg = _cfg(qat=True, extra_passes=pass_insertions([
+    cfg = _cfg(qat={"enabled": True}, extra_passes=pass_insertions([
         ("--pass", "pin-bits:bits=4"), ("--after", "qat"),
         ("--pass", "pin-bits:bits=8"),  # default anchor: allocate
     ]))
@@ -220,7 +225,7 @@ def test_placement_after_any_pipeline_pass_and_after_each_other(plugin_registry)
 
 def test_config_file_tables(plugin_registry, tmp_path):
     path = tmp_path / "recipe.toml"
-    path.write_text('[compile]\nallocator = "uniform"\n\n[[compile.extra_passes]]\nname = "pin-bits"\n'
+    path.write_text('[compile.allocate]\nallocator = "uniform"\n\n[[compile.extra_passes]]\nname = "pin-bits"\n'
                     'after = "allocate"\noptions = {layers = [1], bits = 4}\n')
     from dmpq_compile.commands.compile import _read_toml
 

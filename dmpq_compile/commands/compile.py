@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -24,20 +23,9 @@ pass: a pass that breaks the budget or the bit-widths is an error naming it (see
 --allow-budget-overrun). docs/extending.md has a worked plugin."""
 
 
-# Flags whose dest is a CompileConfig field are copied onto it when given (argparse's default is
-# None for all of them), so a new setting needs only its field and its flag; the flags below
-# set more than one field, or a field's part, and are translated in config_from_args.
-SPECIAL_DESTS = ("budget_bits", "budget_code_bits", "budget_mb", "budget_ms", "nonexpert_bits", "rl_episodes",
-                 "extra_passes")
-SET_BY_SPECIAL = ("budget", "budget_kind", "nonexpert_kinds", "nonexpert_allocate", "allocator_options")
-CONFIG_ONLY = ("qat_lr", "sensitivity_sequences")  # settings of the --config file without a flag
-
-
-def _bits(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(b) for b in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--bits takes comma-separated integers, e.g. 2,4,8; got {text!r}") from None
+# The settings' flags are built from CompileConfig's fields (dmpq_compile/config.py: each field
+# carries its help and, where not derived, its flag), so a new setting needs only its field. The
+# flags below set more than one field, or a field's part, and are translated in config_from_args.
 
 
 def default_budgets() -> str:
@@ -49,30 +37,62 @@ def default_budgets() -> str:
     return ", ".join(f"{v:g} on {n}" for n, v in found) or "none"
 
 
-def allocator_help(default: str) -> str:
-    """``--allocator``'s help, from the registered allocators' declared summaries (default first)."""
-    from ..passes.allocate import allocators
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
-    found = allocators()
-    order = [default, *(n for n in found if n != default)]
-    parts = [f"{n} ({'default: ' if n == default else ''}{found[n].summary})" for n in order]
-    return "bit allocator: " + "; ".join(parts) + ". See docs/allocators.md"
+
+def _argparse_type(parse):
+    """``parse`` with its ``ValueError`` as argparse's usage error."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def dest(s) -> str:
+    """The argparse ``dest`` of setting ``s`` (``qat.steps``; a top-level one by its name)."""
+    return s.key
+
+
+def add_setting_arguments(p: argparse.ArgumentParser, cls=None) -> None:
+    """One flag per setting of ``cls`` (default CompileConfig) that has one, built from its field."""
+    from ..config import CompileConfig, settings
+
+    for s in settings(cls or CompileConfig):
+        if s.flag is None:
+            continue
+        meta = s.field.metadata
+        default = s.field.default
+        text = meta.get("help") or ""
+        text = text(default) if callable(text) else text.replace("{default}", _shown(default))
+        kwargs = {"dest": dest(s), "help": text}
+        if s.scalar is bool:
+            kwargs.update(action="store_const", const=not default)
+        else:
+            parse = meta.get("parse") or (s.scalar if s.scalar in (int, float, str) else None)
+            if parse is None:
+                raise TypeError(f"setting {s.place} ({s.hint}) needs parse= in its setting() to have a flag")
+            kwargs["type"] = parse if parse in (int, float, str) else _argparse_type(parse)
+            choices = meta.get("choices")
+            if choices is not None:
+                kwargs["choices"] = choices() if callable(choices) else choices
+            if meta.get("metavar") or "choices" not in kwargs:  # choices show themselves
+                kwargs["metavar"] = meta.get("metavar") or s.flag.removeprefix("--").upper().replace("-", "_")
+        p.add_argument(s.flag, **kwargs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..compiler import CompileConfig
     from ..extra_passes import DEFAULT_ANCHOR
-    from ..passes.allocate import allocators
     from ..pipeline import STEP_NAMES
 
-    d = CompileConfig()
     p.add_argument("model_dir", metavar="MODEL",
                    help="checkpoint folder (config.json + safetensors, single file or sharded; bf16/fp16/fp32) or a "
                    "hub id (owner/name) found in the local Hugging Face cache")
     p.add_argument("-o", "--out", help="artifact folder to create (default: ./NAME-TARGET, NAME being the "
                    "model folder's or hub id's last part)")
-    p.add_argument("--target", help=f"backend: ort-cpu | trt-a100 (default {d.target})")
-    p.add_argument("--allocator", choices=sorted(allocators()), help=allocator_help(d.allocator))
     b = p.add_mutually_exclusive_group()
     b.add_argument("--budget-bits", type=float,
                    help="stored bits per weight of the whole model: every weight as the target stores it (codes, "
@@ -83,23 +103,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="average code bits per routed-expert weight, scales and the rest not counted")
     b.add_argument("--budget-mb", type=float, help="total expert weight megabytes (MiB)")
     b.add_argument("--budget-ms", type=float, help="expected expert decode latency per token, ms")
-    for w in ("acc", "lat", "mem", "eng"):
-        p.add_argument(f"--w-{w}", type=float, help=f"objective weight (default {getattr(d, 'w_' + w):g})")
-    p.add_argument("--bits", type=_bits, help="comma-separated bit-widths to choose from (default: all the target supports)")
-    p.add_argument("--group-size", type=int, help=f"quantization group size along K (default {d.group_size})")
-    p.add_argument("--scale-dtype", choices=("float16", "float32"),
-                   help="ort-cpu: how the scales of quantized weights are stored (default float16: 0.25 fewer bits "
-                   "per weight at group 64, the quantized products run on float16 activations; float32: fp32 "
-                   "activations, for models whose activations overflow float16's 65504)")
-    p.add_argument("--max-length", type=int, metavar="N",
-                   help="ort-cpu: positions (prompt + generated tokens) per sequence that onnxruntime-genai "
-                   "preallocates its KV buffer for: search.max_length in genai_config.json (apps may lower it at "
-                   "load). Default: the model's max_position_embeddings, at most 4096. The buffer takes "
-                   "N x 8 x layers x kv_heads x head_dim bytes per sequence (inspect prints it)")
-    p.add_argument("--dispatch", choices=("fused", "gather-if", "gather", "dense"),
-                   help="ort-cpu: how tokens reach the experts. fused (default): one com.microsoft.QMoE per layer "
-                   "and bit-width, 16-bit experts per expert; gather-if: each expert gathers its tokens inside an "
-                   "If (2-bit experts prefill faster so on some CPUs); gather, dense: see docs/ort-cpu.md")
     p.add_argument("--nonexpert-bits", metavar="auto|N|KIND=N,...",
                    help="bit-width of the weights outside the routed experts: attention q/k/v/o, shared experts, "
                    "dense MLPs, an untied lm_head (ort-cpu: 2, 4, 8; trt-a100: 4, 8) and an untied embedding table "
@@ -108,47 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "allocator); auto,KIND=N fixes some kinds. N sets every kind; KIND=N (attention, shared_expert, "
                    "mlp, lm_head, embed) sets one, e.g. 4,lm_head=8 or attention=8,lm_head=8 (kinds not named stay "
                    "float). Routers and norms stay float. Default: auto without a budget flag (4 with an allocator "
-                   f"that cannot place them), else {d.nonexpert_bits} (float)")
-    p.add_argument("--quant-method", choices=("rtn", "hqq", "gptq"), help=f"rounding (default {d.quant_method})")
-    p.add_argument("--calib-corpus",
-                   help="calibration text: 'pydoc' (built-in; its calib split) or your own text file or folder "
-                   f"of text files, read whole (default {d.calib_corpus})")
-    p.add_argument("--calib-sequences", type=int, help=f"calibration sequences (default {d.calib_sequences})")
-    p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
-    p.add_argument("--calib-dtype", choices=("auto", "float32", "bfloat16"),
-                   help="dtype of the matrix products of the calibration runs (profile, sensitivity): auto "
-                   "(default) is bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX) and the "
-                   "experts are stored in bf16, else float32; the changes it weights stay float32")
-    p.add_argument("--metric", choices=("kl", "nll"),
-                   help="accuracy model of optimal/rl: per-expert KL to FP (default) or NLL increase")
-    p.add_argument("--no-sensitivity", dest="sensitivity", action="store_const", const=False,
-                   help="skip the sensitivity pass when not needed")
-    p.add_argument("--no-flip-probe", dest="flip_probe", action="store_const", const=False,
-                   help="sensitivity without its routing-flip term: the layer-local estimate alone, as before it "
-                   "existed (the probe costs about three forwards of the sensitivity sequences)")
-    p.add_argument("--min-routed-tokens", type=int, metavar="N",
-                   help=f"rare experts: the report and inspect count per layer the experts with fewer than N routed "
-                   f"calibration tokens, and the sensitivity pass prices those it measured on fewer than N of its "
-                   f"own tokens by --rare-sensitivity (default {d.min_routed_tokens})")
-    p.add_argument("--rare-sensitivity", choices=("estimate", "measured"),
-                   help="estimate (default): price a rare expert from its weights' quantization error and its layer's "
-                   "measured experts (never below its measurement), so calibration that missed it does not send it "
-                   "to the fewest bits; measured: take its measurement as it is (0 for an expert no token reached). "
-                   "See passes/rare_experts.py")
-    p.add_argument("--qat", action="store_const", const=True,
-                   help="quantization-aware fine-tuning at the assigned bits, for RTN's grid (so with "
-                   "--quant-method rtn, the default; GPTQ/HQQ would re-round the trained weights)")
-    p.add_argument("--qat-steps", type=int, help=f"QAT optimizer steps (default {d.qat_steps})")
-    p.add_argument("--qat-time-budget", dest="qat_time_budget_s", type=float,
-                   help=f"QAT wall-time limit, s (default {d.qat_time_budget_s:g})")
-    p.add_argument("--qat-mode", choices=("auto", "whole", "blockwise"),
-                   help="whole: train the whole model at once (about 20 bytes per parameter in memory); blockwise: "
-                   "distil one decoder layer at a time (one layer + one layer boundary's activations in memory; "
-                   "--qat-steps per layer, the time budget shared); auto (default): whole when it fits in 80%% of "
-                   "the available memory, else blockwise")
-    p.add_argument("--codesign-rounds", type=int,
-                   help="alternate allocation and QAT this many rounds before the final one (implies --qat)")
+                   "that cannot place them), else 16 (float)")
     p.add_argument("--rl-episodes", type=int, help="episodes for --allocator rl")
+    add_setting_arguments(p)
     # -- extra passes: ordered --pass/--after pairs, typed by the pass's Options -----------------------
     p.add_argument("--pass", dest="extra_passes", action=_Ordered, metavar="NAME[:KEY=VALUE,...]",
                    help="insert a registered pass (repeatable); values are converted to its option types: "
@@ -157,18 +122,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the preceding --pass runs: right after a step of the pipeline ("
                    f"{', '.join(n + (' (default)' if n == DEFAULT_ANCHOR else '') for n in STEP_NAMES)}) "
                    "or an earlier --pass")
-    p.add_argument("--allow-budget-overrun", action="store_const", const=True,
-                   help="a pass after allocate that breaks the budget or the --bits choices only warns "
-                   "(bits the target cannot emit are always an error)")
     # -- end extra passes ---------------------------------------------------------------------------
     p.add_argument("--ray", metavar="ADDRESS",
                    help="run the per-layer sensitivity and quantization tasks on a Ray cluster: auto (the cluster "
                    "this machine belongs to), HOST:PORT or ray://HOST:PORT, or local:N (start N worker processes "
                    "here). Workers must see the checkpoint and -o at the same paths; the artifact is the same as "
                    "without --ray. Needs pip install 'dmpq-compile[ray]'")
-    p.add_argument("--config", help="TOML file with compile settings ([compile] table; flags given win)")
+    p.add_argument("--config", help="TOML file with compile settings: top-level keys and one table per section, "
+                   "e.g. [qat] steps = 300 (optionally all inside a [compile] table); flags given win. "
+                   "docs/using.md lists them")
     p.add_argument("--dump-ir", help="save the IR after every pass into this folder")
-    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-cache", action="store_true",
@@ -177,31 +140,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "~/.cache/dmpq-compile/passes)")
 
 
-def config_from_args(args: argparse.Namespace):
-    """CompileConfig from its defaults, then the --config file, then the flags actually given."""
-    from ..compiler import CompileConfig
+def config_from_args(args: argparse.Namespace, cls=None):
+    """CompileConfig (or ``cls``) from its defaults, then the --config file, then the flags actually given."""
+    from ..config import CompileConfig, settings
 
-    data = _read_toml(args.config) if args.config else {}
-    if args.budget_mb is not None:
-        data.update(budget_kind="bytes", budget=args.budget_mb * 2**20)
-    elif args.budget_ms is not None:
-        data.update(budget_kind="latency", budget=args.budget_ms)
-    elif args.budget_bits is not None:
-        data.update(budget_kind="stored-bits", budget=args.budget_bits)
-    elif args.budget_code_bits is not None:
-        data.update(budget_kind="bits", budget=args.budget_code_bits)
-    data.update({f.name: getattr(args, f.name) for f in dataclasses.fields(CompileConfig)
-                 if f.name not in SPECIAL_DESTS and getattr(args, f.name, None) is not None})
-    if args.nonexpert_bits is not None:
+    cls = cls or CompileConfig
+    cfg = cls.from_dict(_read_toml(args.config) if getattr(args, "config", None) else {})
+    changes: dict = {}
+
+    def put(section: str | None, name: str, value) -> None:
+        (changes.setdefault(section, {}) if section else changes)[name] = value
+
+    for s in settings(cls):
+        value = getattr(args, dest(s), None) if s.flag else None
+        if value is not None:
+            put(s.section, s.name, value)
+    budget = next(((kind, scale * v) for kind, scale, v in (
+        ("bytes", 2**20, getattr(args, "budget_mb", None)), ("latency", 1, getattr(args, "budget_ms", None)),
+        ("stored-bits", 1, getattr(args, "budget_bits", None)), ("bits", 1, getattr(args, "budget_code_bits", None)))
+        if v is not None), None)
+    if budget is not None:
+        put("allocate", "budget_kind", budget[0])
+        put("allocate", "budget", budget[1])
+    if getattr(args, "nonexpert_bits", None) is not None:
         from ..passes.precision import parse_policy, split_auto
 
-        data["nonexpert_allocate"], policy = split_auto(args.nonexpert_bits)
-        data["nonexpert_bits"], data["nonexpert_kinds"] = parse_policy(policy)
-    if args.rl_episodes:
-        data.setdefault("allocator_options", {})["episodes"] = args.rl_episodes
-    if args.extra_passes:
-        data["extra_passes"] = pass_insertions(args.extra_passes)
-    return CompileConfig.from_dict(data)
+        allocate, policy = split_auto(args.nonexpert_bits)
+        bits, kinds = parse_policy(policy)
+        put("allocate", "nonexpert_allocate", allocate)
+        put("allocate", "nonexpert_bits", bits)
+        put("allocate", "nonexpert_kinds", kinds)
+    if getattr(args, "rl_episodes", None):
+        put("allocate", "allocator_options", {**cfg.allocate.allocator_options, "episodes": args.rl_episodes})
+    if getattr(args, "extra_passes", None):
+        changes["extra_passes"] = pass_insertions(args.extra_passes)
+    return cfg.replace(**changes)
 
 
 # -- extra passes ---------------------------------------------------------------------------------
@@ -245,6 +218,9 @@ def _read_toml(path: str) -> dict:
         import tomli as tomllib
     with open(path, "rb") as f:
         data = tomllib.load(f)
+    if "compile" in data and len(data) > 1:
+        raise ValueError(f"{path}: put every setting inside the [compile] table or none ([compile.qat], not [qat] "
+                         f"beside [compile]); found {sorted(k for k in data if k != 'compile')} outside it")
     return dict(data.get("compile", data))
 
 
@@ -267,6 +243,6 @@ def main(args: argparse.Namespace) -> int:
     stored = f", {storage['bits_per_weight']:.2f} stored bits per weight" if storage.get("bits_per_weight") else ""
     if stored and storage.get("weights"):
         stored += f" ({storage['weights']['bits_per_weight']:.2f} in the weight tensors)"
-    print(f"wrote {out}  (target {cfg.target}, allocator {cfg.allocator}, experts by bits {hist}{stored}, "
+    print(f"wrote {out}  (target {cfg.target}, allocator {cfg.allocate.allocator}, experts by bits {hist}{stored}, "
           f"{report['compile_seconds']:.1f}s)")
     return 0

@@ -157,8 +157,9 @@ def min_routed_tokens(path: Path, given: int | None) -> int:
             raise ValueError(f"--min-routed-tokens must be >= 0, got {given}")
         return given
     f = path / "report.json"
-    cfg = json.loads(f.read_text()).get("config", {}) if f.is_file() else {}
-    return int(cfg.get("min_routed_tokens", DEFAULT_MIN_TOKENS))
+    report = json.loads(f.read_text()) if f.is_file() else {}
+    used = (report.get("rare_experts") or {}).get("min_routed_tokens")
+    return int(DEFAULT_MIN_TOKENS if used is None else used)
 
 
 def rare_lines(path: Path, rows: list[dict], given: int | None) -> str | None:

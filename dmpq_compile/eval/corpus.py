@@ -21,7 +21,7 @@ Every document carries a stable *key* (its path relative to the corpus root, plu
 for multi-record files). The ``train`` / ``calib`` / ``dev`` / ``test`` split is decided by the
 sha256 of that key (90 / 5 / 2.5 / 2.5 % of the hash range), so it is deterministic, independent of
 file order, and a document never moves between splits when other documents are added. ``dev`` and
-``test`` are the two halves of what was the held-out ``test`` range ([0, 0.05)) before issue 26:
+``test`` are the two halves of what was once a single held-out ``test`` range ([0, 0.05)):
 the bundled samples were trained on ``train`` and calibrated on ``calib``, which stay as they were;
 ``dev`` (for choices) holds the documents that the earlier tables were read on. See
 docs/evaluation.md. Which split a command reads by default (:func:`resolve_split`):

@@ -94,7 +94,7 @@ SCHEMA: dict[str, AnnotationSpec] = {
     "sensitivity_tokens": AnnotationSpec(("expert",), _int(), doc="routed tokens the sensitivity pass measured "
                                          "the expert on"),
     "sensitivity_estimated": AnnotationSpec(("expert",), _flag, doc="kl/sensitivity estimated from the weights: "
-                                            "too few routed tokens to measure (passes/rare_experts.py)"),
+                                            "too few routed tokens to measure (passes/sensitivity/rare_experts.py)"),
     "bits": AnnotationSpec(QUANTIZABLE_KINDS, _bits, doc="assigned weight bit-width (16 = keep)"),
     "group_size": AnnotationSpec(QUANTIZABLE_KINDS, _int(1), doc="quantization group size"),
     "cost": AnnotationSpec(("expert",), _cost_map, 2, "backend cost table rows: target -> bits -> metrics"),

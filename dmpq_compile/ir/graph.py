@@ -76,6 +76,15 @@ def expert_node(layer: int, expert: int) -> str:
     return f"L{layer}.E{expert}"
 
 
+def layer_role(node_id: str) -> str | None:
+    """The role of a per-layer node id (``layer_role(layer_node(3, "router")) == "router"``);
+    None for any other id (experts, the embedding, the head)."""
+    layer, dot, role = node_id.partition(".")
+    if dot and layer[:1] == "L" and layer[1:].isdigit() and role in LAYER_ROLES:
+        return role
+    return None
+
+
 @dataclass(frozen=True)
 class Node:
     """A read-only view of one node (the graph owns the data)."""

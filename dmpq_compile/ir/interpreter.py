@@ -231,7 +231,7 @@ class Interpreter:
                                lambda: fake_quantize_spec(self.stored(key), spec))
 
     def group_size(self, node_id: str) -> int:
-        """The quantization group of ``node_id``: its annotation, else the graph's, else 64."""
+        """The quantization group of ``node_id``: its annotation, else the graph's, else ``DEFAULT_GROUP_SIZE``."""
         ann = self.graph.g.nodes[node_id]["ann"]
         return int(ann.get("group_size", self.graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
 

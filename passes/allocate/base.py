@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...ir.graph import QUANT_ROLES, Graph
+from ...quant.spec import DEFAULT_GROUP_SIZE
 from ..infra.base import Pass, PassContext, PassError, PassResult
 from . import allocator_class, allocators, get_allocator
 from .problem import (
@@ -235,7 +236,7 @@ def stored_bits_budget(graph: Graph, backend: Any, value: float, choices: tuple[
     if backend is None:
         raise PassError("a stored-bits budget (--budget-bits) needs a target whose storage is known (--target); "
                         "use --budget-code-bits without one")
-    gs = int(graph.meta.get("group_size", 64))
+    gs = int(graph.meta.get("group_size", DEFAULT_GROUP_SIZE))
     override = policy_bits(graph, nonexpert_bits, backend, kinds) if nonexpert_bits is not None else None
     try:
         per_node = stored_weight_bytes(graph, backend, gs, override)

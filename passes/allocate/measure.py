@@ -37,6 +37,7 @@ import torch
 from ...eval.metrics import next_token_logprobs, token_kl, token_nll
 from ...ir.graph import Graph
 from ...ir.interpreter import Interpreter, RunOptions
+from ...quant.spec import DEFAULT_GROUP_SIZE
 
 log = logging.getLogger(__name__)
 Allocation = Mapping[str, int]
@@ -145,7 +146,7 @@ def _measure(graph: Graph, backend: Any, open_artifact: OpenArtifact, allocation
     for node_id, bits in allocation.items():
         g.annotate(node_id, "bits", int(bits))
     ctx = PassContext(progress=False, backend=backend)  # quantized in the target's formats
-    g = QuantizePass(group_size=int(g.meta.get("group_size", 64))).call(g, ctx).graph
+    g = QuantizePass(group_size=int(g.meta.get("group_size", DEFAULT_GROUP_SIZE))).call(g, ctx).graph
     with tempfile.TemporaryDirectory(prefix="dmpq-hw-") as tmp:
         session = open_artifact(g, backend, Path(tmp) / "a")
         expert_bytes = sum(e["bytes"] for e in session.manifest["experts"].values())  # as emitted, on disk

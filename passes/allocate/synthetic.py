@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...ir.graph import expert_node
 from .problem import AllocationProblem, Budget, ExpertCost, ExpertInfo, ObjectiveWeights
 
 SYNTHETIC_BITS = (2, 4, 8, 16)
@@ -110,7 +111,7 @@ def synthetic_problem(n_layers: int = 16, n_experts: int = 64, top_k: int = 8, h
         for e in range(n_experts):
             sens = kl[e]
             experts.append(ExpertInfo(
-                key=f"L{layer}.E{e}", layer=layer, expert=e, n_params=n_params, freq=float(freq[e]),
+                key=expert_node(layer, e), layer=layer, expert=e, n_params=n_params, freq=float(freq[e]),
                 mass=float(freq[e]) / top_k, sensitivity=sens, kl=sens, router_grad_change=float(rgc[e]),
                 neuron_variance=float(var[e]), cost={b: rows[b] for b in bits}))
     return AllocationProblem(tuple(experts), bits, budget, weights)

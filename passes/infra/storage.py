@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...ir.graph import QUANT_ROLES, Graph
+from ...quant.spec import DEFAULT_GROUP_SIZE
 
 
 def stored_weight_bytes(graph: Graph, backend: Any, group_size: int | None = None,
@@ -26,7 +27,7 @@ def stored_weight_bytes(graph: Graph, backend: Any, group_size: int | None = Non
     from disk. Graph structure and computed constants are not weights: an emitted file is a little
     larger (``tests/test_stored_budget.py`` bounds the difference).
     """
-    gs = int(group_size if group_size is not None else graph.meta.get("group_size", 64))
+    gs = int(group_size if group_size is not None else graph.meta.get("group_size", DEFAULT_GROUP_SIZE))
     seen: set[str] = set()
     return {node.id: _node_bytes(graph, backend, node, int((bits or {}).get(node.id, node.ann.get("bits", 16))), gs,
                                  seen) for node in graph.nodes()}

@@ -121,7 +121,7 @@ class QATOptions:
         learnable_scales: Learn a per-group scale multiplier (LSQ) and bake weights to their
             fake-quantized values at the end.
         group_size: Quantization group size (``None``: the node's ``group_size`` annotation,
-            else ``graph.meta["group_size"]``, else 64).
+            else ``graph.meta["group_size"]``, else ``DEFAULT_GROUP_SIZE``).
         eval_every: Evaluate on the held-out slice every this many steps (0: only before and
             after training); the best evaluation's weights are kept.
         eval_fraction: Fraction of the calibration sequences held out (at least one).

@@ -63,14 +63,13 @@ from tqdm.auto import tqdm
 
 from ...eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
 from ...ir import ops
-from ...ir.graph import Graph, layer_node
+from ...ir.graph import Graph, layer_node, layer_role
 from ...ir.interpreter import COMPUTE_DTYPES, Interpreter, RunOptions, compute_dtype
 from ...quant.spec import VALID_BITS
-from .. import rare_experts
 from ..infra.base import Pass, PassContext, PassResult
-from ..layer_clock import LayerClock
+from ..infra.layer_clock import LayerClock
 from ..precision import allocatable, measured_bits
-from . import local
+from . import local, rare_experts
 
 log = logging.getLogger(__name__)
 METHODS = ("local", "whole")
@@ -185,7 +184,7 @@ class SensitivityPass(Pass):
                 return
             x, route = seen[layer_node(layer, "moe_norm")], seen[layer_node(layer, "router")]
             if remote is not None:  # scored by a worker while this process back-propagates further
-                from ..remote_tasks import layer_expert_scores
+                from ..infra.remote_tasks import layer_expert_scores
 
                 route = ops.Routing(route.weights.detach(), route.indices, route.logits.detach(), route.shape)
                 pending.append(ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer, x.detach(),
@@ -257,7 +256,7 @@ def _remote(ctx: PassContext, graph: Graph):
     """The graph put in the executor's object store (None: score the layers in this process)."""
     if ctx.executor is None:
         return None
-    from ..remote_tasks import sendable
+    from ..infra.remote_tasks import sendable
 
     return ctx.executor.put(graph) if sendable(graph) else None
 
@@ -338,7 +337,7 @@ def _reference(graph: Graph, interp: Interpreter, ids: torch.Tensor) -> dict:
     keep = {}
 
     def observe(node_id, kind, value):
-        if kind in ("router", "combine") or node_id.endswith((".attn_res", ".moe_norm")):
+        if kind in ("router", "combine") or layer_role(node_id) in ("attn_res", "moe_norm"):
             keep[node_id] = value
 
     with torch.no_grad():

@@ -35,8 +35,8 @@ from __future__ import annotations
 import logging
 import statistics
 
-from ..ir.graph import Graph
-from ..rare_counts import DEFAULT_MIN_TOKENS  # noqa: F401  (the default N, one definition)
+from ...ir.graph import Graph
+from ...rare_counts import DEFAULT_MIN_TOKENS  # noqa: F401  (the default N, one definition)
 
 log = logging.getLogger(__name__)
 MODES = ("estimate", "measured")

@@ -26,8 +26,8 @@ def sendable(graph) -> bool:
 
 def layer_expert_scores(graph, formats, layer: int, x, routing, g, bits, seq_len: int, autocast, threads: int) -> dict:
     """:func:`~dmpq_compile.passes.sensitivity.local.expert_scores` of one layer, in a worker."""
-    from ..ir.interpreter import Interpreter
-    from .sensitivity import local
+    from ...ir.interpreter import Interpreter
+    from ..sensitivity import local
 
     torch.set_num_threads(threads)
     interp = Interpreter(graph, quantize=False, formats=formats)
@@ -39,13 +39,13 @@ def layer_expert_scores(graph, formats, layer: int, x, routing, g, bits, seq_len
 def layer_quantize(graph, options, node_ids: list[str], path: str, threads: int) -> dict[str, dict]:
     """Quantize the nodes ``node_ids`` (one layer's) with the quantize pass's ``options`` in a worker,
     write their codes into the safetensors file ``path`` and return each node's annotations."""
-    from .quantize import QuantizePass
+    from ..quantize import QuantizePass
 
     torch.set_num_threads(threads)
     qp = QuantizePass(options)
     keys: list[str] = []
     for node_id in node_ids:
-        keys += qp._quantize_node(graph, graph.node(node_id), {})
+        keys += qp.quantize_node(graph, graph.node(node_id), {})
     if keys:
         graph.weights.spill(keys, Path(path))
     return {n: {"group_size": graph.node(n).ann["group_size"], "quant": graph.node(n).ann["quant"]} for n in node_ids}
