@@ -110,7 +110,7 @@ class SensitivityConfig:
     enabled: bool = setting(True, "skip the sensitivity pass when not needed", flag="--no-sensitivity")
     sequences: int = setting(16, "calibration sequences the sensitivity pass measures on (default {default})")
     flip_probe: bool = setting(True, "sensitivity without its routing-flip term: the layer-local estimate alone, as "
-                               "before it existed (the probe costs about three forwards of the sensitivity sequences)",
+                               "before it existed (the probe costs about one forward of the sensitivity sequences)",
                                flag="--no-flip-probe")
     min_routed_tokens: int = setting(
         8, "rare experts: the report and inspect count per layer the experts with fewer than N routed calibration "

@@ -120,11 +120,9 @@ def test_flip_rates_are_the_measured_flip_kl_per_unit_norm(tiny_dirs, calib_ids)
     ids = calib_ids("mixtral")
     g = load(tiny_dirs("mixtral"))
     interp = Interpreter(g, quantize=False)
-    store, _ = local.forward_boundaries(interp, ids, RunOptions(quantize=False), lambda: None)
-    try:
-        rates = local.flip_rates(interp, store, ids, 2)
-    finally:
-        store.close()
+    result = make_pass("sensitivity", bits=(2, 4), gradvar=False, flip_bits=2, compute_dtype="float32").run(
+        g, PassContext(calibration=ids, progress=False))
+    rates = {int(k): v for k, v in result.stats["flip_rates"].items()}
     layers = sorted({n.attrs["layer"] for n in g.experts()})
     assert set(rates) == set(layers) and rates[layers[-1]] == 0.0 and min(rates.values()) >= 0
     sub = ids[local.probe_groups(len(ids), layers[:-1])[0]]

@@ -54,6 +54,10 @@ class RunOptions:
             neither their weights nor their intermediates for the backward pass; it recomputes
             them (weights are read again), so a backward through a layer holds one expert's
             weights at a time.
+        route_rows: router node id -> ``(row, routing)``: the router's decisions for its flattened
+            tokens from ``row`` on are replaced by ``routing``'s (the rows before it route as
+            computed), so one batch can run some sequences with routers free and others with
+            decisions held fixed (the flip probe).
         autocast: run the matrix products in this dtype (``torch.autocast``: weights and inputs
             cast per product, fp32 accumulation; norms, softmax and reductions stay fp32), e.g.
             ``torch.bfloat16`` on a CPU that multiplies it natively (:func:`compute_dtype`).
@@ -67,6 +71,7 @@ class RunOptions:
     resume: Mapping[str, Any] = field(default_factory=dict)
     weight_override: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
     checkpoint: bool = False
+    route_rows: Mapping[str, tuple[int, Any]] = field(default_factory=dict)
     autocast: torch.dtype | None = None
 
 
@@ -276,7 +281,15 @@ class Interpreter:
         if kind == "add":
             return ins[0] + ins[1]
         if kind == "router":
-            return ops.route(ins[0], w["weight"], a)
+            routing = ops.route(ins[0], w["weight"], a)
+            if node_id in opts.route_rows:
+                row, fixed = opts.route_rows[node_id]
+                if row + len(fixed.indices) != len(routing.indices):
+                    raise IRError(f"route_rows[{node_id!r}]: {len(fixed.indices)} fixed rows from row {row} do not "
+                                  f"cover the {len(routing.indices)} routed tokens")
+                routing = ops.Routing(*(torch.cat([getattr(routing, f)[:row], getattr(fixed, f).to(getattr(routing, f))])
+                                        for f in ("weights", "indices", "logits")), routing.shape)
+            return routing
         if kind == "combine":
             return ops.combine(ins[0].shape, ins[0], ins[1:], opts.expert_scales.get(a["layer"]))
         if kind == "lm_head":

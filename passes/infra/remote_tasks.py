@@ -24,7 +24,8 @@ def sendable(graph) -> bool:
     return True
 
 
-def layer_expert_scores(graph, formats, layer: int, x, routing, g, bits, seq_len: int, autocast, threads: int) -> dict:
+def layer_expert_scores(graph, formats, layer: int, x, routing, g, bits, seq_len: int, autocast, probe,
+                        threads: int) -> dict:
     """:func:`~dmpq_compile.passes.sensitivity.local.expert_scores` of one layer, in a worker."""
     from ...ir.interpreter import Interpreter
     from ..sensitivity import local
@@ -33,7 +34,7 @@ def layer_expert_scores(graph, formats, layer: int, x, routing, g, bits, seq_len
     interp = Interpreter(graph, quantize=False, formats=formats)
     with torch.no_grad():
         return local.expert_scores(graph, interp, layer, x, routing, g, bits, seq_len,
-                                   graph.experts_by_layer().get(layer, []), autocast)
+                                   graph.experts_by_layer().get(layer, []), autocast, probe)
 
 
 def layer_quantize(graph, options, node_ids: list[str], path: str, threads: int) -> dict[str, dict]:

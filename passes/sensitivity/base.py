@@ -43,8 +43,8 @@ The layer-local estimate sees the model with every router frozen; with ``flips``
 ``--no-flip-probe`` turns it off) ``local`` adds the KL of top-k routing flips downstream:
 ``flip_kl[b] = c_l x`` the node's mean output-change norm at ``b`` bits, ``c_l`` measured once per MoE
 layer by :func:`.local.flip_rates` (every expert of the layer at ``flip_bits``, the rest of
-the model run with routers free and frozen, on a disjoint group of the calibration sequences:
-about three forwards in all). ``kl`` and ``sensitivity`` are the sum; ``flip_kl`` is kept apart.
+the model run with routers free and frozen, on a disjoint group of the calibration sequences;
+the layer's own change comes from the expert scores, so about one forward in all). ``kl`` and ``sensitivity`` are the sum; ``flip_kl`` is kept apart.
 
 Every bit-width is fake-quantized in the weight format the target declares for it
 (``ctx.backend.weight_formats``, else the graph's declaration; see
@@ -176,24 +176,40 @@ class SensitivityPass(Pass):
 
         by_layer = graph.experts_by_layer()
         remote = _remote(ctx, graph)
-        pending: list = []  # remote: one future per (label sample, layer), in the serial order
+        pending: list = []  # remote: (layer, future) per (label sample, layer), in the serial order
         split = {"expert_scores_s": 0.0, "expert_scores_cpu_s": 0.0}  # the part --ray sends to workers
+        # the flip probe's inputs, gathered as the first backward pass goes by (local.flip_rates)
+        groups = local.probe_groups(len(ids), moe_layers[:-1]) if flips else {}
+        probe_bits = _probe_bits(bits, o.flip_bits)
+        probes: dict[int, tuple[torch.Tensor, float]] = {}
+        routes: dict[int, ops.Routing] = {}
+        seq_len = ids.shape[1]
+
+        def add(layer: int, result: dict) -> None:
+            if layer in groups and layer not in probes:
+                probes[layer] = local.probe_changes(result, len(groups[layer]) * seq_len, h_last.shape[-1])
+            for node_id, sc in result.items():
+                sc.pop("probe", None)
+                scores.setdefault(node_id, []).append(sc)
 
         def at_layer(layer, seen, g):
             if layer_node(layer, "router") not in seen:
                 return
             x, route = seen[layer_node(layer, "moe_norm")], seen[layer_node(layer, "router")]
+            route = ops.Routing(route.weights.detach(), route.indices, route.logits.detach(), route.shape)
+            probe = None
+            if flips and layer not in routes:  # the first label sample
+                routes[layer] = route
+                probe = (groups[layer], probe_bits) if layer in groups else None
             if remote is not None:  # scored by a worker while this process back-propagates further
                 from ..infra.remote_tasks import layer_expert_scores
 
-                route = ops.Routing(route.weights.detach(), route.indices, route.logits.detach(), route.shape)
-                pending.append(ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer, x.detach(),
-                                                   route, g.detach(), bits, ids.shape[1], cast))
+                pending.append((layer, ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer,
+                                                           x.detach(), route, g.detach(), bits, seq_len, cast, probe)))
                 return
             t0, c0 = time.perf_counter(), time.process_time()
-            for node_id, sc in local.expert_scores(graph, interp, layer, x, route, g, bits, ids.shape[1],
-                                                   by_layer.get(layer, []), cast).items():
-                scores.setdefault(node_id, []).append(sc)
+            add(layer, local.expert_scores(graph, interp, layer, x, route, g, bits, seq_len, by_layer.get(layer, []),
+                                           cast, probe))
             split["expert_scores_s"] += time.perf_counter() - t0
             split["expert_scores_cpu_s"] += time.process_time() - c0
 
@@ -209,12 +225,11 @@ class SensitivityPass(Pass):
             for _ in range(o.label_samples):
                 g = local.head_gradient(interp, h_last, ids, "sampled", gen, cast)
                 local.backward_layers(interp, store, g, run_fp, at_layer, tick, watch, after_backward)
-            for result in ctx.executor.get(pending) if pending else ():
-                for node_id, sc in result.items():
-                    scores.setdefault(node_id, []).append(sc)
+            for (layer, _), result in zip(pending, ctx.executor.get([f for _, f in pending]) if pending else ()):
+                add(layer, result)
             if flips:
                 t0 = time.perf_counter()
-                rates = local.flip_rates(interp, store, ids, _probe_bits(bits, o.flip_bits), tick, cast)
+                rates = local.flip_rates(interp, store, h_last, seq_len, groups, probes, routes, tick, cast)
                 log.info("sensitivity: routing-flip rates per layer %s (probe %.1f s)",
                          {k: float(f"{v:.3g}") for k, v in rates.items()}, time.perf_counter() - t0)
         finally:

@@ -259,15 +259,23 @@ class ExpertRun:
 
 def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor, routing: ops.Routing,
                   g: torch.Tensor, bits: tuple[int, ...], seq_len: int, experts: list | None = None,
-                  autocast: torch.dtype | None = None) -> dict[str, dict]:
+                  autocast: torch.dtype | None = None, probe: tuple[list[int], int] | None = None) -> dict[str, dict]:
     """Per expert of ``layer`` (``experts``: that layer's nodes, when the caller has them grouped):
     the Fisher KL estimate per bits, the Fisher magnitude of its whole output (``contribution``),
     the mean variance of its intermediate neurons, the routed tokens it was measured on
     (``tokens``) and the squared error of its weights fake-quantized at each bits (``weight_error``,
     what :mod:`.rare_experts` prices experts with too few tokens by). ``autocast``: the dtype of
-    the expert's products (:class:`ExpertRun`; the weights are fake-quantized in fp32)."""
+    the expert's products (:class:`ExpertRun`; the weights are fake-quantized in fp32).
+
+    ``probe`` (``(sequences, bits)``): also keep, as ``probe``, what the flip probe of this layer
+    needs (:func:`flip_rates`): the expert's weighted output change at ``bits`` on the tokens of those
+    sequences (``rows`` index the group's flattened tokens) and its :func:`change_norm` there."""
     x, g = x.detach().float().reshape(-1, x.shape[-1]), g.detach().float().reshape(-1, g.shape[-1])  # [N, H]
     n_seq, positions = x.shape[0] // seq_len, x.shape[0] // seq_len * (seq_len - 1)
+    if probe is not None:
+        local_seq = torch.full((n_seq,), -1, dtype=torch.long)
+        local_seq[torch.tensor(probe[0])] = torch.arange(len(probe[0]))
+        probe_positions = len(probe[0]) * (seq_len - 1)
     out = {}
     with torch.no_grad():
         for node in experts if experts is not None else graph.experts_by_layer().get(layer, []):
@@ -283,13 +291,20 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             run = ExpertRun(xt, w, autocast)
             act, y = run.act, run.y
             kl, norm, werr = {16: 0.0}, {16: 0.0}, {16: 0.0}
-            for b in bits:
+            extra = {}
+            for b in bits if probe is None or probe[1] in bits else (*bits, probe[1]):
                 wq = interp.fake_quantized(node.id, w, b)
-                werr[b] = weight_error(w, wq)
                 delta = _routed_change(interp, node.id, w, run, wr, b, wq)
+                if probe is not None and b == probe[1]:
+                    mine = local_seq[seq] >= 0
+                    extra["probe"] = {"rows": local_seq[seq[mine]] * seq_len + token_idx[mine] % seq_len,
+                                      "delta": delta[mine], "norm": change_norm(delta[mine], probe_positions)}
+                if b not in bits:
+                    continue
+                werr[b] = weight_error(w, wq)
                 kl[b] = fisher(delta) if len(xt) else 0.0
                 norm[b] = change_norm(delta, positions) if len(xt) else 0.0
-            out[node.id] = {"kl": kl, "norm": norm, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
+            out[node.id] = {**extra, "kl": kl, "norm": norm, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
                             "neuron_variance": float(act.var(dim=0).mean()) if len(xt) > 1 else 0.0,
                             "tokens": len(xt), "weight_error": werr}
     return out
@@ -305,8 +320,10 @@ def probe_groups(n_seq: int, layers: list[int]) -> dict[int, list[int]]:
     return {layer: [i % n_seq] for i, layer in enumerate(layers)}
 
 
-def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits: int,
-               tick: Callable[[], None] = lambda: None, autocast: torch.dtype | None = None) -> dict[int, float]:
+def flip_rates(interp: Interpreter, store: _Boundaries, h_last: torch.Tensor, seq_len: int,
+               groups: dict[int, list[int]], probes: dict[int, tuple[torch.Tensor, float]],
+               routes: dict[int, ops.Routing], tick: Callable[[], None] = lambda: None,
+               autocast: torch.dtype | None = None) -> dict[int, float]:
     """Per MoE layer l: the KL that top-k routing flips in layers after l add per unit of
     :func:`change_norm` of layer l's output, ``c_l``.
 
@@ -318,103 +335,88 @@ def flip_rates(interp: Interpreter, store: _Boundaries, ids: torch.Tensor, bits:
     KL; at 2-4 bits 1.4-7x). The flip KL divided by the norm was nearly constant over 2-4 bits
     within a layer and fell with depth (zero for the last MoE layer).
 
-    The probe of layer l: every expert of layer l quantized at ``bits`` on a group of calibration
-    sequences (:func:`probe_groups`), the rest of the model run with its routers free and with
-    them frozen at the full-precision decisions; the KL difference over the summed per-expert
-    :func:`change_norm` on those sequences (the sum the allocator adds up) is ``c_l``.
+    The probe of layer l: every expert of layer l quantized at one bit-width on a group of
+    calibration sequences (``groups[l]``, :func:`probe_groups`), the rest of the model run with its
+    routers free and with them frozen at the full-precision decisions; the KL difference over the
+    summed per-expert :func:`change_norm` on those sequences (the sum the allocator adds up) is
+    ``c_l``.
 
-    All probes run together, layer-major: at layer m one full-precision run (its routing is what
-    the frozen run resumes), one free and one frozen run over every probe started before m, and the
-    quantized run that starts probe m, so each layer's weights are read four times whatever the
-    depth. Cost: about three forwards of the calibration set when it has at least as many
-    sequences as there are probed layers (one sequence a probe otherwise); memory: three residual
-    streams of the probed sequences. The runs multiply in ``autocast`` (None: fp32); the norms are
-    computed in fp32.
+    What the probe needs from layer l itself was measured by :func:`expert_scores` (``probe``):
+    ``probes[l] = (change, norm)``, the layer output's change on the group's tokens (``[len(group)
+    x T, H]``, the experts' weighted output changes summed) and the summed norm. The quantized layer's
+    output is then the full-precision one (the next layer's stored input) plus that change, and the
+    full-precision decisions of the later layers for the frozen runs are ``routes`` (observed by
+    the backward pass). The free and the frozen rows of every started probe run as one batch through
+    each later layer (:attr:`RunOptions.route_rows` holds the frozen half's decisions), so each
+    layer's weights are read once, and no expert is fake-quantized again. Cost: about one forward of
+    the calibration set when it has at least as many sequences as there are probed layers; memory:
+    two residual streams of the probed sequences. The reference is the full-precision model's last
+    output ``h_last``. The runs multiply in ``autocast`` (None: fp32).
     """
     graph = interp.graph
     outs = layer_outputs(graph)
-    by_layer = graph.experts_by_layer()
-    moe = sorted(by_layer)
-    groups = probe_groups(len(ids), moe[:-1])
-    t = ids.shape[1]
-    fp = RunOptions(quantize=False, autocast=autocast)
+    moe = sorted(graph.experts_by_layer())
+    rates = {moe[-1]: 0.0} if moe else {}
+    if not groups:
+        return rates
+    opts = RunOptions(quantize=False, autocast=autocast)
     order: list[int] = []  # probes started so far; their rows are stacked in this order
-    h: dict[str, torch.Tensor] = {}
-    norms: dict[int, float] = {}
-
-    def run(x: torch.Tensor, layer: int, opts: RunOptions, resume: dict | None = None) -> torch.Tensor:
-        return interp.run(None, replace(opts, resume={layer_input(graph, layer): x, **(resume or {})}),
-                          outputs=(outs[layer],))[outs[layer]]
-
+    seqs: list[int] = []  # the sequence of each stacked row
+    free = frozen = None
     with torch.no_grad():
-        for m in range(min(groups), len(outs)) if groups else ():
-            seen: dict = {}
-
-            def keep(node_id, kind, value, seen=seen, m=m):
-                if node_id in (layer_node(m, "router"), layer_node(m, "moe_norm")):
-                    seen[node_id] = value
-
-            old = h["fp"].shape[0] if order else 0
-            start = store.get(m)[torch.tensor(groups[m])] if m in groups else None
-            fp_in = torch.cat([x for x in (h.get("fp"), start) if x is not None])
-            fp_out = run(fp_in, m, replace(fp, observer=keep))
+        for m in range(min(groups), len(outs)):
             if order:
-                route = seen.get(layer_node(m, "router"))
-                frozen = {layer_node(m, "router"): _route_rows(route, 0, old, t)} if route is not None else {}
-                h["free"], h["frozen"] = run(h["free"], m, fp), run(h["frozen"], m, fp, frozen)
-            if start is not None:
-                experts = by_layer.get(m, [])
-                q = run(start, m, RunOptions(quantize=False, bits_override={n.id: bits for n in experts},
-                                             autocast=autocast))
-                norms[m] = _probe_norm(interp, experts, seen[layer_node(m, "moe_norm")][old:],
-                                       _route_rows(seen[layer_node(m, "router")], old, fp_in.shape[0], t), bits,
-                                       autocast)
-                h["free"] = torch.cat([h["free"], q]) if order else q
-                h["frozen"] = torch.cat([h["frozen"], q]) if order else q
+                x = torch.cat([free, frozen])
+                router = layer_node(m, "router")
+                fixed = {router: (len(seqs) * seq_len, _route_seqs(routes[m], seqs, seq_len))} if m in routes else {}
+                y = interp.run(None, replace(opts, resume={layer_input(graph, m): x}, route_rows=fixed),
+                               outputs=(outs[m],))[outs[m]]
+                free, frozen = y[:len(seqs)], y[len(seqs):]
+            if m in groups:
+                change, _ = probes[m]
+                fp_out = store.get(m + 1) if m + 1 < len(outs) else h_last
+                q = fp_out[torch.tensor(groups[m])] + change.view(len(groups[m]), seq_len, -1).to(fp_out.dtype)
+                free = q if free is None else torch.cat([free, q])
+                frozen = q if frozen is None else torch.cat([frozen, q])
+                seqs += groups[m]
                 order.append(m)
-            h["fp"] = fp_out
             tick()
-        rates = {moe[-1]: 0.0} if moe else {}
-        if not order:
-            return rates
-        parts: dict[str, list[torch.Tensor]] = {"free": [], "frozen": []}
-        for i in range(0, len(h["fp"]), 4):  # 4 sequences at a time bound the [s, T, V] log-probabilities
-            ref = _logprobs(interp, h["fp"][i:i + 4], autocast)
-            for k, rows in parts.items():
-                rows.append(token_kl(ref, _logprobs(interp, h[k][i:i + 4], autocast)).mean(-1))
-        kl = {k: torch.cat(v) for k, v in parts.items()}  # each row's mean KL per position
+        kl: dict[str, list[torch.Tensor]] = {"free": [], "frozen": []}
+        ref_h = h_last[torch.tensor(seqs)]
+        for i in range(0, len(seqs), 4):  # 4 sequences at a time bound the [s, T, V] log-probabilities
+            ref = _logprobs(interp, ref_h[i:i + 4], autocast)
+            for k, h in (("free", free), ("frozen", frozen)):
+                kl[k].append(token_kl(ref, _logprobs(interp, h[i:i + 4], autocast)).mean(-1))
+        per_row = {k: torch.cat(v) for k, v in kl.items()}  # each row's mean KL per position
         row = 0
         for layer in order:
             sl = slice(row, row + len(groups[layer]))
             row = sl.stop
-            free, frozen = float(kl["free"][sl].mean()), float(kl["frozen"][sl].mean())
-            rates[layer] = max(0.0, free - frozen) / norms[layer] if norms[layer] > 0 else 0.0
-            log.debug("flip probe L%d (%d sequences, %d bits): KL %.3g free, %.3g frozen, norm %.3g -> %.3g",
-                      layer, len(groups[layer]), bits, free, frozen, norms[layer], rates[layer])
+            f, z = float(per_row["free"][sl].mean()), float(per_row["frozen"][sl].mean())
+            norm = probes[layer][1]
+            rates[layer] = max(0.0, f - z) / norm if norm > 0 else 0.0
+            log.debug("flip probe L%d (%d sequences): KL %.3g free, %.3g frozen, norm %.3g -> %.3g",
+                      layer, len(groups[layer]), f, z, norm, rates[layer])
     return rates
 
 
-def _route_rows(route: ops.Routing, start: int, stop: int, seq_len: int) -> ops.Routing:
-    """The routing of sequences ``start:stop`` of a batch (rows of ``seq_len`` flattened tokens)."""
-    sl = slice(start * seq_len, stop * seq_len)
-    shape = (stop - start, *route.shape[1:]) if route.shape else ()
-    return ops.Routing(route.weights[sl], route.indices[sl], route.logits[sl], shape)
+def probe_changes(results: dict[str, dict], n_rows: int, hidden: int) -> tuple[torch.Tensor, float]:
+    """A layer's flip-probe input from its :func:`expert_scores` ``results`` (taking each ``probe``
+    entry out): the experts' weighted output changes summed per token of the group (``[n_rows,
+    hidden]``) and their summed norm."""
+    change, norm = torch.zeros(n_rows, hidden), 0.0
+    for r in results.values():
+        p = r.pop("probe", None)
+        if p is not None and len(p["rows"]):
+            change.index_add_(0, p["rows"], p["delta"].to(change.dtype))
+            norm += p["norm"]
+    return change, norm
 
 
-def _probe_norm(interp: Interpreter, experts: list, x: torch.Tensor, route: ops.Routing, bits: int,
-                autocast: torch.dtype | None = None) -> float:
-    """The summed per-expert :func:`change_norm` of quantizing ``experts`` at ``bits`` on input ``x``."""
-    positions = x.shape[0] * (x.shape[1] - 1)
-    x = x.float()
-    total = 0.0
-    flat = x.reshape(-1, x.shape[-1])
-    for node in experts:
-        token_idx, slot = torch.where(route.indices == node.attrs["expert"])
-        if token_idx.numel():
-            w = interp.weights(node.id, RunOptions(quantize=False))
-            run, wr = ExpertRun(flat[token_idx], w, autocast), route.weights[token_idx, slot, None]
-            total += change_norm(_routed_change(interp, node.id, w, run, wr, bits), positions)
-    return total
+def _route_seqs(route: ops.Routing, seqs: list[int], seq_len: int) -> ops.Routing:
+    """The routing of sequences ``seqs`` (in that order) of a batch of rows of ``seq_len`` flattened tokens."""
+    idx = (torch.tensor(seqs)[:, None] * seq_len + torch.arange(seq_len)[None, :]).reshape(-1)
+    return ops.Routing(route.weights[idx], route.indices[idx], route.logits[idx], ())
 
 
 def _routed_change(interp: Interpreter, node_id: str, w: dict, run: ExpertRun, wr: torch.Tensor,
