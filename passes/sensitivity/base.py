@@ -44,7 +44,8 @@ The layer-local estimate sees the model with every router frozen; with ``flips``
 ``flip_kl[b] = c_l x`` the node's mean output-change norm at ``b`` bits, ``c_l`` measured once per MoE
 layer by :func:`.local.flip_rates` (every expert of the layer at ``flip_bits``, the rest of
 the model run with routers free and frozen, on a disjoint group of the calibration sequences;
-the layer's own change comes from the expert scores, so about one forward in all). ``kl`` and ``sensitivity`` are the sum; ``flip_kl`` is kept apart.
+the layer's own change comes from the expert scores, so about one forward in all). ``kl`` and
+``sensitivity`` are the sum; ``flip_kl`` is kept apart.
 
 Every bit-width is fake-quantized in the weight format the target declares for it
 (``ctx.backend.weight_formats``, else the graph's declaration; see
