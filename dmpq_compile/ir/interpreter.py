@@ -205,6 +205,9 @@ class Interpreter:
         override = opts.weight_override.get(node_id, {})
         roles = QUANT_ROLES.get(d["kind"], ())
         bits = self.bits_of(node_id, opts) if roles else 16
+        # under autocast a matrix stored in the products' dtype is used as stored (no round trip
+        # through fp32); the embedding table stays fp32, as the residual stream it starts does
+        native = opts.autocast if d["kind"] != "embed" else None
         out = {}
         for role, key in d["params"].items():
             if role in override:
@@ -212,12 +215,15 @@ class Interpreter:
             elif bits < 16 and role in roles:
                 out[role] = self._quantized(node_id, role, key, bits, d["ann"])
             else:
-                out[role] = self.stored(key)
+                out[role] = self.stored(key, native if role in roles else None)
         return out
 
-    def stored(self, key: str) -> torch.Tensor:
-        """Store weight ``key`` in the interpreter's dtype (cached, bounded)."""
+    def stored(self, key: str, native: torch.dtype | None = None) -> torch.Tensor:
+        """Store weight ``key`` in the interpreter's dtype (cached, bounded); as stored when it is
+        stored in ``native`` (the dtype autocast multiplies in)."""
         store = self.graph.weights
+        if native is not None and store.dtype(key) == native:
+            return self._cache.get(("native", key, store.version(key)), lambda: store[key])
         return self._cache.get(("fp", key, store.version(key), self.dtype), lambda: store[key].to(self.dtype))
 
     def _quantized(self, node_id: str, role: str, key: str, bits: int, ann: Mapping[str, Any]) -> torch.Tensor:

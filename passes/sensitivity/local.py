@@ -245,16 +245,18 @@ class ExpertRun:
         self.act_c = self.act.to(c)
         self.y = F.linear(self.act_c, w["down"].to(c)).float()  # [n, H]
 
-    def change(self, w: dict, wq: dict) -> torch.Tensor:
-        """``swiglu(xt, wq) - swiglu(xt, w)``, ``[n, H]``."""
+    def change(self, w: dict, wq: dict, dw: dict | None = None) -> torch.Tensor:
+        """``swiglu(xt, wq) - swiglu(xt, w)``, ``[n, H]`` (``dw``: ``wq - w`` per role, when the
+        caller has it)."""
         if self.cast is None:
             return ops.swiglu(self.xt, wq["gate"], wq["up"], wq["down"]) - self.y
         c = self.cast
-        da = F.linear(self.xc, (wq["gate"] - w["gate"]).to(c)).float()
-        du = F.linear(self.xc, (wq["up"] - w["up"]).to(c)).float()
+        dw = dw if dw is not None else weight_changes(w, wq)
+        da = F.linear(self.xc, dw["gate"].to(c)).float()
+        du = F.linear(self.xc, dw["up"].to(c)).float()
         d_act = F.silu(self.a + da) * (self.u + du) - self.act
         return (F.linear(d_act.to(c), wq["down"].to(c)).float()
-                + F.linear(self.act_c, (wq["down"] - w["down"]).to(c)).float())
+                + F.linear(self.act_c, dw["down"].to(c)).float())
 
 
 def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor, routing: ops.Routing,
@@ -294,14 +296,15 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             extra = {}
             for b in bits if probe is None or probe[1] in bits else (*bits, probe[1]):
                 wq = interp.fake_quantized(node.id, w, b)
-                delta = _routed_change(interp, node.id, w, run, wr, b, wq)
+                dw = weight_changes(w, wq)
+                delta = run.change(w, wq, dw) * wr
                 if probe is not None and b == probe[1]:
                     mine = local_seq[seq] >= 0
                     extra["probe"] = {"rows": local_seq[seq[mine]] * seq_len + token_idx[mine] % seq_len,
                                       "delta": delta[mine], "norm": change_norm(delta[mine], probe_positions)}
                 if b not in bits:
                     continue
-                werr[b] = weight_error(w, wq)
+                werr[b] = weight_error(w, wq, dw)
                 kl[b] = fisher(delta) if len(xt) else 0.0
                 norm[b] = change_norm(delta, positions) if len(xt) else 0.0
             out[node.id] = {**extra, "kl": kl, "norm": norm, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
@@ -419,20 +422,17 @@ def _route_seqs(route: ops.Routing, seqs: list[int], seq_len: int) -> ops.Routin
     return ops.Routing(route.weights[idx], route.indices[idx], route.logits[idx], ())
 
 
-def _routed_change(interp: Interpreter, node_id: str, w: dict, run: ExpertRun, wr: torch.Tensor,
-                   bits: int, wq: dict | None = None) -> torch.Tensor:
-    """How expert ``node_id``'s weighted output on its routed tokens (``run``, with routing weights
-    ``wr``) changes when its weights ``w`` are fake-quantized at ``bits`` (as ``weights(bits_override)``
-    would, without reading the store again; ``wq``: those weights, when the caller has them)."""
-    if wq is None:
-        wq = interp.fake_quantized(node_id, w, bits)
-    return run.change(w, wq) * wr
+def weight_changes(w: dict, wq: dict) -> dict[str, torch.Tensor]:
+    """``W_q - W`` of an expert's gate, up and down weights."""
+    return {r: wq[r] - w[r] for r in ("gate", "up", "down")}
 
 
-def weight_error(w: dict, wq: dict) -> float:
+def weight_error(w: dict, wq: dict, dw: dict | None = None) -> float:
     """``sum ||W_q - W||^2`` over an expert's gate, up and down weights: what its weights alone say
-    about the error of quantizing it, whatever tokens reach it."""
-    return float(sum(float((wq[r] - w[r]).pow(2).sum(dtype=torch.float64)) for r in ("gate", "up", "down")))
+    about the error of quantizing it, whatever tokens reach it (``dw``: the changes, when the caller
+    has them)."""
+    dw = dw if dw is not None else weight_changes(w, wq)
+    return float(sum(float(d.pow(2).sum(dtype=torch.float64)) for d in dw.values()))
 
 
 def _logprobs(interp: Interpreter, h: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
