@@ -114,3 +114,19 @@ def test_bf16_expert_change_keeps_an_8bit_change():
         assert rel(bf16) < 0.02, (bits, rel(bf16))
         if bits == 8:
             assert rel(naive) > 5 * rel(bf16), (rel(naive), rel(bf16))
+
+
+def test_embedding_kl_does_not_count_the_bf16_forward(tiny_dirs, calib_ids):
+    """The embedding table's measured KL compares two fp32 forwards, whatever precision the last
+    layer's output the pass hands it came from (a bf16 reference would add bf16's own KL to fp32)."""
+    from dmpq_compile.ir.stream import run_layers
+    from dmpq_compile.passes.sensitivity import local
+
+    ids = calib_ids("mixtral")
+    interp = Interpreter(load(tiny_dirs("mixtral")), quantize=False)
+    with torch.no_grad():
+        h32 = run_layers(interp, ids, RunOptions(quantize=False))
+        h16 = run_layers(interp, ids, RunOptions(quantize=False, autocast=torch.bfloat16))
+    got = {name: local.measured_kl(interp, ids, h, {"embed": (4, 8)}, embed_sequences=4)["embed"]
+           for name, h in (("fp32", h32), ("bf16", h16))}
+    assert got["fp32"] == got["bf16"]

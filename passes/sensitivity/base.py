@@ -67,6 +67,7 @@ from ...ir import ops
 from ...ir.graph import Graph, layer_node, layer_role
 from ...ir.interpreter import COMPUTE_DTYPES, Interpreter, RunOptions, compute_dtype
 from ...quant.spec import VALID_BITS
+from ...sysinfo import release_free_heap
 from ..infra.base import Pass, PassContext, PassResult
 from ..infra.layer_clock import LayerClock
 from ..precision import allocatable, measured_bits
@@ -237,6 +238,7 @@ class SensitivityPass(Pass):
             store.close()
         measured = {k: b for k, b in items.items() if graph.node(k).kind in ("lm_head", "embed")}
         if measured:  # measured through the whole model: flips included
+            release_free_heap()  # the backward's freed heap, before the head-sized tensors come
             t0 = time.perf_counter()
             nonexpert.update({k: [{"kl": kl}] for k, kl in local.measured_kl(interp, ids, h_last, measured,
                                                                                     o.embed_sequences).items()})

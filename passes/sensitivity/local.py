@@ -186,12 +186,12 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
     alone: an LM head (the last op: one head projection of every calibration token per
     bit-width) or an embedding table (the first: one layer-major forward per bit-width, of the
     first ``embed_sequences`` sequences, None: all), against the full-precision model whose last
-    layer's output is ``h_last``.
+    layer's output is ``h_last`` (the embedding's: an fp32 forward of its sequences).
 
-    The reference log-probabilities are computed once and kept (``[S, T-1, V]`` fp32: 0.4 GB for
-    16 x 128 tokens at OLMoE's 50k vocabulary) so that each head's weights are fake-quantized
-    once per bit-width rather than once per chunk of sequences. Everything runs in fp32: a bf16
-    product would round the weights by about an eighth of an 8-bit step."""
+    Each node's weights are fake-quantized once per bit-width; the reference log-probabilities
+    are recomputed per chunk of 4 sequences rather than kept (``[S, T-1, V]`` fp32 would be 1.2 GB
+    at 16 x 128 tokens and Qwen3's 152k vocabulary, on top of two copies of the head). Everything
+    runs in fp32: a bf16 product would round the weights by about an eighth of an 8-bit step."""
     graph = interp.graph
     bad = {k: graph.node(k).kind for k in items if graph.node(k).kind not in ("lm_head", "embed")}
     if bad:
@@ -205,21 +205,26 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
     out = {}
     with torch.no_grad():
         fp = RunOptions(quantize=False)
-        ref = [logp(h_last[i:i + chunk], fp) for i in range(0, len(h_last), chunk)]
         for node_id, bits in items.items():
             kl = {16: 0.0}
             embed = graph.node(node_id).kind == "embed"
             n = n_embed if embed else len(ids)
-            positions = n * (ids.shape[1] - 1)
+            # the embedding's runs go through every layer in fp32: so does its reference (h_last may
+            # come from a bf16 run, whose own difference to fp32 is no quantization error)
+            h_ref = run_layers(interp, ids[:n], fp) if embed else h_last
             for b in bits:
                 over = RunOptions(quantize=False, bits_override={node_id: b})
                 if embed:
                     h, opts = run_layers(interp, ids[:n], over), fp
                 else:  # the head's weights, fake-quantized once for every chunk
                     h, opts = h_last, RunOptions(quantize=False, weight_override={node_id: interp.weights(node_id, over)})
-                total = sum(float(token_kl(r[:n - i * chunk], logp(h[i * chunk:min(n, (i + 1) * chunk)], opts)).sum())
-                            for i, r in enumerate(ref) if i * chunk < n)
-                kl[b] = max(0.0, total / positions)
+                total = 0.0
+                for i in range(0, n, chunk):
+                    ref = logp(h_ref[i:min(n, i + chunk)], fp)
+                    total += float(token_kl(ref, logp(h[i:min(n, i + chunk)], opts)).sum())
+                    del ref
+                del h, opts
+                kl[b] = max(0.0, total / (n * (ids.shape[1] - 1)))
             out[node_id] = kl
     return out
 
