@@ -52,10 +52,12 @@ class TensorRef:
 
     def read(self) -> torch.Tensor:
         size = self.nbytes
-        buf = bytearray(size)
+        if size == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        buf = torch.empty(size, dtype=torch.uint8)  # not zero-filled: every byte is read into it
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            view, done = memoryview(buf), 0
+            view, done = memoryview(buf.numpy()), 0
             while done < size:
                 got = os.preadv(fd, [view[done:]], self.offset + done)
                 if got <= 0:
@@ -64,9 +66,7 @@ class TensorRef:
                 done += got
         finally:
             os.close(fd)
-        if size == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
-        return torch.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
+        return buf.view(self.dtype).reshape(self.shape)
 
     def rows(self, start: int, stop: int) -> TensorRef:
         """The ref of ``tensor[start:stop]`` (rows along the first axis are contiguous)."""
