@@ -47,6 +47,10 @@ class ProfilePass(Pass):
     Options = ProfileOptions
     description = "expert activation frequency, routing mass, token counts"
 
+    def environment(self, graph: Graph) -> str:
+        """``compute_dtype`` as resolved here (``auto`` depends on the CPU and the checkpoint)."""
+        return str(compute_dtype(graph, self.options.compute_dtype))
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         cast = compute_dtype(graph, self.options.compute_dtype)
         counts, mass, total = route_statistics(graph, ctx.calibration, ctx.progress, cast)

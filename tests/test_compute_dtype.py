@@ -119,8 +119,9 @@ def test_bf16_expert_change_keeps_an_8bit_change():
 def test_embedding_kl_does_not_count_the_bf16_forward(tiny_dirs, calib_ids):
     """The embedding table's measured KL compares two fp32 forwards, whatever precision the last
     layer's output the pass hands it came from (a bf16 reference would add bf16's own KL to fp32)."""
-    from dmpq_compile.ir.stream import run_layers
     from dmpq_compile.passes.sensitivity import local
+
+    from dmpq_compile.ir.stream import run_layers
 
     ids = calib_ids("mixtral")
     interp = Interpreter(load(tiny_dirs("mixtral")), quantize=False)
@@ -130,3 +131,19 @@ def test_embedding_kl_does_not_count_the_bf16_forward(tiny_dirs, calib_ids):
     got = {name: local.measured_kl(interp, ids, h, {"embed": (4, 8)}, embed_sequences=4)["embed"]
            for name, h in (("fp32", h32), ("bf16", h16))}
     assert got["fp32"] == got["bf16"]
+
+
+def test_the_pass_cache_keys_the_resolved_dtype(tiny_dirs, calib_ids, monkeypatch):
+    """``auto`` resolves per machine: a result measured in bf16 is not reused where auto means fp32."""
+    from dmpq_compile.passes.infra.cache import cache_key
+
+    from dmpq_compile import sysinfo
+
+    g = load(tiny_dirs("olmoe"))
+    _bf16_experts(g)
+    ctx = PassContext(calibration=calib_ids("olmoe"), progress=False)
+    keys = {}
+    for flags in (["avx512_bf16"], ["avx2"]):
+        monkeypatch.setattr(sysinfo, "cpu_flags", lambda flags=flags: flags)
+        keys[flags[0]] = cache_key(make_pass("sensitivity"), g, ctx)
+    assert keys["avx512_bf16"] != keys["avx2"]

@@ -89,6 +89,11 @@ class Pass:
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"pass {self.name!r} does not implement run()")
 
+    def environment(self, graph: Graph) -> Any:
+        """What the result depends on besides the options, graph, context and code (part of the
+        pass cache's key), e.g. an option ``auto`` resolved on this machine; None: nothing."""
+        return None
+
     def call(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Run the pass with its contract checked before and after."""
         missing = [k for k in self.requires if not graph.has_annotation(k)]

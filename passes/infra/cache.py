@@ -9,7 +9,9 @@ stores nothing otherwise).
 
 The key is a hash of everything the result can depend on:
 
-* the pass name and options, and the source of the code that computes it (every ``.py`` file
+* the pass name and options, what else its result depends on here (``Pass.environment``, e.g.
+  the calibration's compute dtype that ``auto`` resolves per CPU), and the source of the code
+  that computes it (every ``.py`` file
   of the installed ``dmpq_compile`` packages, plus the pass class's own file for plug-ins), so
   an upgraded or edited installation never reads an older result;
 * the graph: structure, ``meta`` and every annotation present before the pass;
@@ -120,7 +122,8 @@ def cache_key(p: Pass, graph: Graph, ctx: PassContext, annotations: dict[str, st
     calib = ctx.calibration
     parts = {
         "format": FORMAT, "pass": p.name, "class": f"{type(p).__module__}.{type(p).__qualname__}",
-        "options": repr(p.options), "code": code_digest(p), "meta": graph.meta, "structure": structure,
+        "options": repr(p.options), "environment": repr(p.environment(graph)),
+        "code": code_digest(p), "meta": graph.meta, "structure": structure,
         "annotations": annotations if annotations is not None else _annotations(graph), "weights": weights,
         "seed": ctx.seed, "target": ctx.target,
         "bits": getattr(backend, "supported_bits", None), "formats": repr(getattr(backend, "weight_formats", None)),

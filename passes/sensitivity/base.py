@@ -128,6 +128,10 @@ class SensitivityPass(Pass):
         if self.options.gradvar:
             self.provides = (*type(self).provides, "router_grad_change", "neuron_variance")
 
+    def environment(self, graph: Graph) -> str:
+        """``compute_dtype`` as resolved here (``auto`` depends on the CPU and the checkpoint)."""
+        return str(compute_dtype(graph, self.options.compute_dtype))
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         bits = tuple(o.bits) if o.bits else _default_bits(ctx)
