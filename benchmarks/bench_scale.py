@@ -13,7 +13,8 @@ time and peak RSS come from the artifact's report.json (each pass resets the pea
 
 ``--budget default`` compiles with no budget flag (the target's default budget and non-expert
 placement, as a user's first compile would); ``--run`` then uses each ort-cpu artifact as an app
-would: ``dmpq-compile run`` (our runtime: load and 16 greedy tokens), onnxruntime-genai (load and 16
+would: ``dmpq-compile check`` (checksums, onnx.checker, onnxruntime and onnxruntime-genai load it),
+``dmpq-compile run`` (our runtime: load and 16 greedy tokens), onnxruntime-genai (load and 16
 greedy tokens) and ``dmpq-compile bench`` (decode of 32 tokens after 128, and a 512-token prefill, 2
 threads), each in its own process with its wall time and peak RSS. ``--delete-checkpoints``
 removes each checkpoint once its compiles are done (a 24-layer Qwen3-30B-A3B-shape checkpoint is
@@ -70,6 +71,8 @@ def run_artifact(art: Path) -> dict:
     16 greedy tokens, and ``dmpq-compile bench`` times decode and a 512-token prefill (each in its own
     process, with its wall time and peak RSS)."""
     out = {}
+    check = ["dmpq-compile", "check", str(art)]
+    out["check"] = {**run_measured(check, "check"), "command": " ".join(check)}
     runtime = ["dmpq-compile", "run", str(art), "The for statement", "--max-new-tokens", "16", "--threads", "2"]
     out["runtime_generate"] = {**run_measured(runtime, "runtime"), "command": " ".join(runtime)}
     genai = [sys.executable, "-c", GENAI, str(art)]
