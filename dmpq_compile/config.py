@@ -28,7 +28,7 @@ from typing import Any
 
 from .extra_passes import PassInsertion, check_insertions
 from .ir.graph import NONEXPERT_QUANTIZABLE_KINDS
-from .ir.interpreter import COMPUTE_DTYPES
+from .ir.interpreter import COMPUTE_DTYPES, check_compute_dtype
 from .passes.allocate.base import DEFAULT_ALLOCATOR
 from .passes.precision import check_kinds, check_nonexpert_bits
 from .passes.qat import MODES as QAT_MODES
@@ -99,8 +99,7 @@ class CalibrationConfig:
         for name in ("sequences", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"[calibration] {name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"[calibration] dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        check_compute_dtype(self.dtype, "[calibration] dtype")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ir.graph import Graph
-from ..ir.interpreter import COMPUTE_DTYPES, Interpreter, RunOptions, compute_dtype
+from ..ir.interpreter import Interpreter, RunOptions, check_compute_dtype, compute_dtype
 from ..ir.stream import layer_outputs, run_layers
 from .infra.base import Pass, PassContext, PassResult
 
@@ -28,8 +28,7 @@ class ProfileOptions:
     compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        check_compute_dtype(self.compute_dtype, "compute_dtype")
 
 
 class ProfilePass(Pass):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import sysinfo
 from ..quant.formats import WeightFormat, declared_format
 from ..quant.spec import DEFAULT_GROUP_SIZE, QuantSpec
 from . import ops
@@ -78,6 +79,12 @@ class RunOptions:
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
+def check_compute_dtype(value: str, name: str = "compute dtype") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of :data:`COMPUTE_DTYPES`."""
+    if value not in COMPUTE_DTYPES:
+        raise ValueError(f"{name} must be one of {COMPUTE_DTYPES}, got {value!r}")
+
+
 def compute_dtype(graph: Graph, wanted: str = "auto") -> torch.dtype | None:
     """The dtype of the matrix products of calibration runs (:attr:`RunOptions.autocast`; None: fp32).
 
@@ -86,13 +93,10 @@ def compute_dtype(graph: Graph, wanted: str = "auto") -> torch.dtype | None:
     routed expert's weights are stored in bf16 (the checkpoint's own precision, so the weights lose
     nothing; only activations are rounded); else fp32. ``float32`` / ``bfloat16`` force it.
     """
-    if wanted not in COMPUTE_DTYPES:
-        raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {wanted!r}")
+    check_compute_dtype(wanted)
     if wanted != "auto":
         return torch.bfloat16 if wanted == "bfloat16" else None
-    from ..sysinfo import cpu_flags
-
-    if not {"avx512_bf16", "amx_bf16"} & set(cpu_flags()):
+    if not {"avx512_bf16", "amx_bf16"} & set(sysinfo.cpu_flags()):
         return None
     keys = [key for node in graph.experts() for key in node.params.values()]
     if keys and all(graph.weights.dtype(key) == torch.bfloat16 for key in keys):

@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from ...eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
 from ...ir import ops
 from ...ir.graph import Graph, layer_node, layer_role
-from ...ir.interpreter import COMPUTE_DTYPES, Interpreter, RunOptions, compute_dtype
+from ...ir.interpreter import Interpreter, RunOptions, check_compute_dtype, compute_dtype
 from ...quant.spec import VALID_BITS
 from ...sysinfo import release_free_heap
 from ..infra.base import Pass, PassContext, PassResult
@@ -110,8 +110,7 @@ class SensitivityOptions:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.embed_sequences < 1:
             raise ValueError(f"embed_sequences must be >= 1, got {self.embed_sequences}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        check_compute_dtype(self.compute_dtype, "compute_dtype")
         object.__setattr__(self, "nonexpert", tuple(self.nonexpert))
 
 
@@ -195,7 +194,7 @@ class SensitivityPass(Pass):
             if layer in groups and layer not in probes:
                 probes[layer] = local.probe_changes(result, len(groups[layer]) * seq_len, h_last.shape[-1])
             for node_id, sc in result.items():
-                sc.pop("probe", None)
+                sc.pop("probe", None)  # kept in probes, not with the scores
                 scores.setdefault(node_id, []).append(sc)
 
         def at_layer(layer, seen, g):

@@ -222,8 +222,6 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
                 for i in range(0, n, chunk):
                     ref = logp(h_ref[i:min(n, i + chunk)], fp)
                     total += float(token_kl(ref, logp(h[i:min(n, i + chunk)], opts)).sum())
-                    del ref
-                del h, opts
                 kl[b] = max(0.0, total / (n * (ids.shape[1] - 1)))
             out[node_id] = kl
     return out
@@ -409,12 +407,12 @@ def flip_rates(interp: Interpreter, store: _Boundaries, h_last: torch.Tensor, se
 
 
 def probe_changes(results: dict[str, dict], n_rows: int, hidden: int) -> tuple[torch.Tensor, float]:
-    """A layer's flip-probe input from its :func:`expert_scores` ``results`` (taking each ``probe``
-    entry out): the experts' weighted output changes summed per token of the group (``[n_rows,
-    hidden]``) and their summed norm."""
+    """A layer's flip-probe input from the ``probe`` entries of its :func:`expert_scores` ``results``:
+    the experts' weighted output changes summed per token of the group (``[n_rows, hidden]``) and
+    their summed norm."""
     change, norm = torch.zeros(n_rows, hidden), 0.0
     for r in results.values():
-        p = r.pop("probe", None)
+        p = r.get("probe")
         if p is not None and len(p["rows"]):
             change.index_add_(0, p["rows"], p["delta"].to(change.dtype))
             norm += p["norm"]
