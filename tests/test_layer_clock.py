@@ -37,3 +37,17 @@ def test_pass_records_carry_cpu_time(tiny_dirs, calib_ids):
                                                       PassContext(calibration=calib_ids("olmoe"), progress=False))
     (rec,) = timing.records
     assert rec.cpu_seconds is not None and rec.cpu_seconds >= 0 and rec.seconds > 0
+
+
+def test_resumed_steps_count_as_done_but_not_in_the_time_a_step_costs(caplog, monkeypatch):
+    from dmpq_compile.passes.infra import layer_clock
+
+    now = [100.0]
+    monkeypatch.setattr(layer_clock.time, "perf_counter", lambda: now[0])
+    caplog.set_level(logging.INFO, logger="dmpq_compile.passes.infra.layer_clock")
+    clock = LayerClock("sensitivity", 10, every=0.0, resumed=6)  # 6 steps loaded from an interrupted run
+    now[0] += 30.0
+    clock.step("backward L3")
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("sensitivity: step 7/10 (backward L3, 6 resumed), 30 s elapsed")
+    assert "30.0 s a step, ETA 1:30" in line  # 3 steps left at the one step's 30 s, not at 30 s / 7

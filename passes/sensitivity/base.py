@@ -72,6 +72,7 @@ from ..infra.base import Pass, PassContext, PassResult
 from ..infra.layer_clock import LayerClock
 from ..precision import allocatable, measured_bits
 from . import local, rare_experts
+from .resume import open_state
 
 log = logging.getLogger(__name__)
 METHODS = ("local", "whole")
@@ -161,8 +162,13 @@ class SensitivityPass(Pass):
         moe_layers = sorted({n.attrs["layer"] for n in graph.experts()})
         flips = o.flips and len(moe_layers) > 1
         steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0)) + (n_layers - moe_layers[0] if flips else 0)
-        bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False)
-        clock = LayerClock("sensitivity", steps)
+        remote = _remote(ctx, graph)
+        # finished layers kept to resume an interrupted run (where the cache is on; serial path only)
+        state = open_state(ctx.state_dir, graph, o.label_samples, ids) if remote is None else None
+        resumed = state.resumed if state is not None else 0
+        bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False,
+                   initial=resumed)
+        clock = LayerClock("sensitivity", steps, resumed=resumed)
 
         def tick() -> None:
             bar.update(1)
@@ -171,7 +177,7 @@ class SensitivityPass(Pass):
         # per-expert and per-node changes they weight, and the measured KLs, stay in fp32
         cast = compute_dtype(graph, o.compute_dtype)
         run_fp = RunOptions(quantize=False, autocast=cast)
-        store, h_last = local.forward_boundaries(interp, ids, run_fp, tick)
+        store, h_last = (state.forward if state is not None else local.forward_boundaries)(interp, ids, run_fp, tick)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         scores: dict[str, list[dict]] = {}
         items = {k: measured_bits(c) for k, c in allocatable(graph, ctx.backend, o.nonexpert, (*bits, 16)).items()}
@@ -180,7 +186,6 @@ class SensitivityPass(Pass):
         nonexpert: dict[str, list[dict]] = {}
 
         by_layer = graph.experts_by_layer()
-        remote = _remote(ctx, graph)
         pending: list = []  # remote: (layer, future) per (label sample, layer), in the serial order
         split = {"expert_scores_s": 0.0, "expert_scores_cpu_s": 0.0}  # the part --ray sends to workers
         # the flip probe's inputs, gathered as the first backward pass goes by (local.flip_rates)
@@ -191,11 +196,14 @@ class SensitivityPass(Pass):
         seq_len = ids.shape[1]
 
         def add(layer: int, result: dict) -> None:
-            if layer in groups and layer not in probes:
+            new = layer in groups and layer not in probes
+            if new:
                 probes[layer] = local.probe_changes(result, len(groups[layer]) * seq_len, h_last.shape[-1])
             for node_id, sc in result.items():
                 sc.pop("probe", None)  # kept in probes, not with the scores
                 scores.setdefault(node_id, []).append(sc)
+            if state is not None:  # kept with the layer when it is finished
+                state.note(experts=result, probe=probes[layer] if new else None)
 
         def at_layer(layer, seen, g):
             if layer_node(layer, "router") not in seen:
@@ -206,6 +214,8 @@ class SensitivityPass(Pass):
             if flips and layer not in routes:  # the first label sample
                 routes[layer] = route
                 probe = (groups[layer], probe_bits) if layer in groups else None
+                if state is not None:
+                    state.note(route=route)
             if remote is not None:  # scored by a worker while this process back-propagates further
                 from ..infra.remote_tasks import layer_expert_scores
 
@@ -223,13 +233,23 @@ class SensitivityPass(Pass):
                 resume = {i: values[i] for i in graph.inputs(node_id)}
                 nonexpert.setdefault(node_id, []).append(local.perturbation_scores(
                     interp, node_id, resume, values[node_id], grads[node_id], items[node_id], n_seq, positions))
+                if state is not None:
+                    state.note(node=(node_id, nonexpert[node_id][-1]))
 
         watch = (lambda layer: {k for k, lay in layer_of.items() if lay == layer}) if layer_of else None
         rates: dict[int, float] = {}
         try:
-            for _ in range(o.label_samples):
-                g = local.head_gradient(interp, h_last, ids, "sampled", gen, cast)
-                local.backward_layers(interp, store, g, run_fp, at_layer, tick, watch, after_backward)
+            if state is not None:
+                state.replay(add, routes, probes, nonexpert)
+            for sample in range(o.label_samples):
+                start = state.begin(sample, gen) if state is not None else (n_layers - 1, None)
+                if start is None:  # finished before the interruption
+                    continue
+                top, g = start
+                if g is None:
+                    g = local.head_gradient(interp, h_last, ids, "sampled", gen, cast)
+                local.backward_layers(interp, store, g, run_fp, at_layer, tick, watch, after_backward, top,
+                                      state.layer_done if state is not None else None)
             for (layer, _), result in zip(pending, ctx.executor.get([f for _, f in pending]) if pending else ()):
                 add(layer, result)
             if flips:
@@ -270,7 +290,8 @@ class SensitivityPass(Pass):
             "tokens": int(ids.numel()),
             **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}), "rare_experts": rare,
             **({"remote_tasks": len(pending)} if pending else {k: round(v, 2) for k, v in split.items()}),
-            **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {})})
+            **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {}),
+            **({"resumed_layers": resumed} if resumed else {})})
 
 
 def _remote(ctx: PassContext, graph: Graph):

@@ -98,7 +98,9 @@ def head_gradient(interp: Interpreter, h_last: torch.Tensor, ids: torch.Tensor, 
 def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Tensor, opts: RunOptions,
                     at_layer: Callable[[int, dict, torch.Tensor], None], tick: Callable[[], None],
                     watch: Callable[[int], set[str]] | None = None,
-                    after_backward: Callable[[int, dict, dict, torch.Tensor], None] | None = None) -> None:
+                    after_backward: Callable[[int, dict, dict, torch.Tensor], None] | None = None,
+                    top: int | None = None,
+                    done: Callable[[int, torch.Tensor | None], None] | None = None) -> None:
     """From the last layer down: recompute layer l from its stored input with autograd, call
     ``at_layer(l, values, g)`` with the layer's observed values (MoE input, routing) and the
     gradient ``g`` of its output, then carry the gradient to the layer's input.
@@ -106,10 +108,13 @@ def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Ten
     ``watch(l)``: node ids of layer l whose value, input values and output gradient
     ``after_backward(l, values, grads, g_in)`` then receives (``g_in``: the gradient of the
     residual stream entering layer l); with it every layer, layer 0 included, is back-propagated.
+    ``top``: start at that layer (``grad_out`` is then the gradient of its output; default the
+    last layer); ``done(l, g_in)``: called when layer l is finished, with the gradient carried to
+    its input (None when it is not: layer 0 without ``watch``), e.g. to keep it for a resume.
     """
     g = grad_out
     graph = interp.graph
-    for layer in reversed(range(len(layer_outputs(graph)))):
+    for layer in reversed(range(len(layer_outputs(graph)) if top is None else top + 1)):
         h = store.get(layer).requires_grad_(True)
         seen: dict = {}
         own = {layer_node(layer, "router"), layer_node(layer, "moe_norm")}
@@ -136,6 +141,8 @@ def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Ten
                 values = {n: v.detach() for n, v in seen.items() if isinstance(v, torch.Tensor)}
                 after_backward(layer, values, grads, h.grad)
             g = h.grad
+        if done is not None:
+            done(layer, h.grad)
         tick()
 
 
