@@ -137,7 +137,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="recompute profile and sensitivity instead of reusing the results of an earlier compile of "
                    "the same checkpoint, calibration and options (cached in $DMPQ_CACHE_DIR/passes, default "
-                   "~/.cache/dmpq-compile/passes)")
+                   "~/.cache/dmpq-compile/passes), and keep no partial state: without it, an interrupted compile "
+                   "resumes the sensitivity pass at its first unfinished layer when rerun")
 
 
 def config_from_args(args: argparse.Namespace, cls=None):
