@@ -121,6 +121,7 @@ def test_bf16_attention_change_keeps_an_8bit_change(qk_norm):
     """AttentionRun prices an attention node's 8-bit change from bf16 products of weight differences
     to bf16's relative precision of the change, where subtracting two bf16 attentions would not."""
     from dmpq_compile.passes.sensitivity.local import AttentionRun
+
     from dmpq_compile.quant.rtn import fake_quantize_spec
     from dmpq_compile.quant.spec import QuantSpec
 
