@@ -199,8 +199,12 @@ def _rss_probe(path: Path, cfg: BenchConfig, ids: list[int]) -> float:
 
 
 def _time_one(session: Any, ids: np.ndarray, decode_tokens: int) -> tuple[float, list[float]]:
+    # what generation does: a KV buffer for the prompt and every new token (decode steps write in
+    # place), and only the prefill's last logits
+    past = session.empty_cache(ids.shape[0], capacity=ids.shape[1] + decode_tokens) \
+        if hasattr(session, "empty_cache") else None
     t0 = time.perf_counter()
-    logits, past = session.forward(ids, logits_to_keep=1)  # what generation asks of a prefill
+    logits, past = session.forward(ids, past, logits_to_keep=1)
     prefill = time.perf_counter() - t0
     steps = []
     for _ in range(decode_tokens):

@@ -116,6 +116,39 @@ def test_bf16_expert_change_keeps_an_8bit_change():
             assert rel(naive) > 5 * rel(bf16), (rel(naive), rel(bf16))
 
 
+@pytest.mark.parametrize("qk_norm", ["full", "head"])
+def test_bf16_attention_change_keeps_an_8bit_change(qk_norm):
+    """AttentionRun prices an attention node's 8-bit change from bf16 products of weight differences
+    to bf16's relative precision of the change, where subtracting two bf16 attentions would not."""
+    from dmpq_compile.passes.sensitivity.local import AttentionRun
+
+    from dmpq_compile.quant.rtn import fake_quantize_spec
+    from dmpq_compile.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    h, nh, nkv, hd = 256, 4, 2, 64
+    attrs = {"num_heads": nh, "num_kv_heads": nkv, "head_dim": hd, "qk_norm": qk_norm, "eps": 1e-6,
+             "rope_theta": 10000.0}
+    norm_dim = hd if qk_norm == "head" else None
+    w = {"q": torch.randn(nh * hd, h) / h**0.5, "k": torch.randn(nkv * hd, h) / h**0.5,
+         "v": torch.randn(nkv * hd, h) / h**0.5, "o": torch.randn(h, nh * hd) / (nh * hd)**0.5,
+         "q_norm": 1 + 0.1 * torch.randn(norm_dim or nh * hd), "k_norm": 1 + 0.1 * torch.randn(norm_dim or nkv * hd)}
+    x = torch.randn(3, 40, h)
+    for bits in (2, 8):
+        wq = {r: fake_quantize_spec(t, QuantSpec(bits=bits, group_size=64)) if r in "qkvo" else t for r, t in w.items()}
+        exact = (ops.attention(x.double(), {r: t.double() for r, t in wq.items()}, attrs)
+                 - ops.attention(x.double(), {r: t.double() for r, t in w.items()}, attrs)).float()
+        bf16 = AttentionRun(x, w, attrs, torch.bfloat16).change(w, wq)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as a bf16 run computes each side
+            naive = (ops.attention(x, wq, attrs).float() - ops.attention(x, w, attrs).float())
+
+        def rel(d, exact=exact):
+            return float((d - exact).norm() / exact.norm())
+        assert rel(bf16) < 0.03, (bits, rel(bf16))
+        if bits == 8:
+            assert rel(naive) > 5 * rel(bf16), (rel(naive), rel(bf16))
+
+
 def test_embedding_kl_does_not_count_the_bf16_forward(tiny_dirs, calib_ids):
     """The embedding table's measured KL compares two fp32 forwards, whatever precision the last
     layer's output the pass hands it came from (a bf16 reference would add bf16's own KL to fp32)."""

@@ -81,6 +81,36 @@ def test_logits_shapes_and_kv_cache(model):
     assert np.abs(model.logits([4], past=model.forward([1, 2, 3])[1]) - step[0]).max() <= 1e-4
 
 
+def test_a_kv_buffer_decodes_in_place_as_the_growing_cache_does(model):
+    """Decode steps on a KVBuffer bind it as past and present (written in place): the same logits and
+    cached positions as the growing KVCache, for a batch of two, with the prompt run by the other path."""
+    ids = np.array([[5, 6, 7, 8, 9], [9, 3, 2, 1, 4]])
+    ref, cache = model.forward(ids, logits_to_keep=1)
+    buf = model.empty_cache(2, capacity=9)
+    assert isinstance(buf, runtime.KVBuffer) and buf.capacity == 9 and buf.length == 0
+    got, buf = model.forward(ids, buf, logits_to_keep=1)
+    assert buf.length == 5 and np.abs(got - ref).max() <= 1e-6
+    calls = []
+    step_in_place = model._step_in_place
+    model._step_in_place = lambda feed, past: calls.append(1) or step_in_place(feed, past)
+    try:
+        for _ in range(4):
+            nxt = ref[:, -1].argmax(-1)[:, None]
+            ref, cache = model.forward(nxt, cache)
+            got, buf = model.forward(nxt, buf)
+            assert got.shape == ref.shape == (2, 1, model.vocab_size)
+            assert np.abs(got - ref).max() <= 1e-5
+    finally:
+        model._step_in_place = step_in_place
+    assert len(calls) == 4 and buf.length == cache.length == 9
+    for a, b in zip((*buf.keys, *buf.values), (*cache.keys, *cache.values)):
+        assert np.abs(a - b).max() <= 1e-6
+    with pytest.raises(ValueError, match="exceed the KV buffer's capacity 9"):
+        model.forward([[1], [2]], buf)
+    with pytest.raises(ValueError, match="capacity must be an int >= 1"):
+        model.empty_cache(1, capacity=0)
+
+
 def test_logits_to_keep_projects_only_the_last_positions(model):
     ids = [[5, 6, 7, 8, 9]]
     full, past_full = model.forward(ids)

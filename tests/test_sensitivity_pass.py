@@ -84,6 +84,45 @@ def test_layerwise_backward_equals_whole_model_autograd(tiny_dirs, calib_ids):
         torch.testing.assert_close(grad, outs[f"L{layer}.moe_res"].grad, rtol=1e-4, atol=1e-6)
 
 
+def _layer_grads(local, interp, ids):
+    """Each layer's output gradient from backward_layers, and whether each layer's run checkpointed."""
+    checkpointed, seen, real_run = [], {}, interp.run
+
+    def run(*a, **k):
+        checkpointed.append(a[1].checkpoint)
+        return real_run(*a, **k)
+
+    store, h_last = local.forward_boundaries(interp, ids, RunOptions(quantize=False), lambda: None)
+    g_last = local.head_gradient(interp, h_last, ids, "true", None)
+    interp.run = run
+    try:
+        local.backward_layers(interp, store, g_last, RunOptions(quantize=False),
+                              lambda layer, v, grad: seen.__setitem__(layer, grad.clone()), lambda: None)
+    finally:
+        del interp.run
+        store.close()
+    return seen, checkpointed
+
+
+def test_backward_keeps_or_recomputes_mlp_weights_with_the_same_gradients(tiny_dirs, calib_ids, monkeypatch):
+    """A layer whose MLP weights exceed CHECKPOINT_BYTES recomputes them in the backward; a smaller one
+    keeps them: the gradients are the same bits either way."""
+    from dmpq_compile.passes.sensitivity import local
+
+    ids = calib_ids("olmoe")[:3]
+    g = load(tiny_dirs("olmoe"))
+    interp = Interpreter(g, quantize=False)
+    sizes = local._mlp_bytes(g, None)
+    assert sorted(sizes) == list(range(g.meta["num_layers"])) and min(sizes.values()) > 0
+    grads = {}
+    for bound in (0, max(sizes.values())):
+        monkeypatch.setattr(local, "CHECKPOINT_BYTES", bound)
+        grads[bound], checkpointed = _layer_grads(local, interp, ids)
+        assert checkpointed == [bound == 0] * g.meta["num_layers"]
+    for layer, grad in grads[0].items():
+        assert torch.equal(grad, grads[max(sizes.values())][layer])
+
+
 def test_local_fisher_estimate_tracks_whole_model_kl(tiny_dirs, calib_ids):
     ids = calib_ids("mixtral")
     ctx = PassContext(calibration=ids, progress=False)

@@ -67,11 +67,19 @@ def attention_mask(t: int, window: int | None, device: torch.device) -> torch.Te
 
 def attention(x: torch.Tensor, w: Mapping[str, torch.Tensor], a: Mapping[str, Any]) -> torch.Tensor:
     """Causal GQA self-attention with RoPE over ``x [B, T, H]``; returns ``[B, T, H]``."""
-    b, t, _ = x.shape
-    nh, nkv, hd = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     q = F.linear(x, w["q"], w.get("q_bias"))
     k = F.linear(x, w["k"], w.get("k_bias"))
     v = F.linear(x, w["v"], w.get("v_bias"))
+    return F.linear(attention_core(q, k, v, w, a), w["o"], w.get("o_bias"))
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Mapping[str, torch.Tensor],
+                   a: Mapping[str, Any]) -> torch.Tensor:
+    """What attention does between its input and output projections: from the projected ``q, k, v``
+    (``[B, T, heads x head_dim]``, biases added) the q/k norms, RoPE, causal softmax and the
+    weighted values, ``[B, T, num_heads x head_dim]`` (the input of the ``o`` projection)."""
+    b, t, _ = q.shape
+    nh, nkv, hd = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     if a["qk_norm"] == "full":
         q, k = rms_norm(q, w["q_norm"], a["eps"]), rms_norm(k, w["k_norm"], a["eps"])
     if a.get("clip_qkv"):  # OLMoE clamps after its q/k norm
@@ -81,16 +89,15 @@ def attention(x: torch.Tensor, w: Mapping[str, torch.Tensor], a: Mapping[str, An
     if a["qk_norm"] == "head":
         q, k = rms_norm(q, w["q_norm"], a["eps"]), rms_norm(k, w["k_norm"], a["eps"])
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, nkv, hd).transpose(1, 2)  # [B, h, T, hd]
-    cos, sin = rope_cos_sin(torch.arange(t, device=x.device), hd, a["rope_theta"])
+    cos, sin = rope_cos_sin(torch.arange(t, device=q.device), hd, a["rope_theta"])
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     k = k.repeat_interleave(nh // nkv, dim=1)
     v = v.repeat_interleave(nh // nkv, dim=1)
     scores = (q @ k.transpose(-1, -2)) * hd**-0.5  # [B, h, T, T]
-    scores = scores.masked_fill(~attention_mask(t, a.get("sliding_window"), x.device), float("-inf"))
+    scores = scores.masked_fill(~attention_mask(t, a.get("sliding_window"), q.device), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = (probs @ v).transpose(1, 2).reshape(b, t, nh * hd)
-    return F.linear(out, w["o"], w.get("o_bias"))
+    return (probs @ v).transpose(1, 2).reshape(b, t, nh * hd)
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, a: Mapping[str, Any]) -> Routing:
@@ -126,16 +133,17 @@ def combine(shape: torch.Size, routing: Routing, outs: list[ExpertOut | torch.Te
     its gradient is the first-order loss change of scaling that expert (the contribution score).
     """
     n, h = shape[0] * shape[1], shape[-1]
-    out = None
+    out = None  # accumulated in place: an out-of-place add per expert copied all [N, H] each time
     for e, o in enumerate(outs):
         if isinstance(o, torch.Tensor):  # shared expert: dense [N, H]
-            out = o if out is None else out + o
+            out = o.clone() if out is None else out.add_(o)
             continue
         contrib = o.y * routing.weights[o.token_idx, o.slot, None]
         if scales is not None:
             contrib = contrib * scales[e]
-        base = torch.zeros(n, h, dtype=contrib.dtype, device=o.y.device) if out is None else out
-        out = base.index_add(0, o.token_idx, contrib)
+        if out is None:
+            out = torch.zeros(n, h, dtype=contrib.dtype, device=o.y.device)
+        out.index_add_(0, o.token_idx, contrib)
     if out is None:
         raise ValueError("combine needs at least one expert output")
     return out.view(*shape)

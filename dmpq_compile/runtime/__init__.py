@@ -23,11 +23,11 @@ import logging
 from pathlib import Path
 
 from .manifest import ArtifactError, load_manifest
-from .session import KVCache, Score, Session, sample
+from .session import KVBuffer, KVCache, Score, Session, sample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ArtifactError", "KVCache", "Score", "Session", "load", "sample"]
+__all__ = ["ArtifactError", "KVBuffer", "KVCache", "Score", "Session", "load", "sample"]
 
 
 def load(path: str | Path, *, verify: bool = True, threads: int | None = None,

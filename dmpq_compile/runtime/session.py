@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,38 @@ class KVCache:
     @property
     def batch(self) -> int:
         return int(self.keys[0].shape[0]) if self.keys else 0
+
+
+@dataclass
+class KVBuffer:
+    """A KV cache of a fixed ``capacity`` of positions that each call's past and present share
+    (onnxruntime-genai's ``past_present_share_buffer``), made by :meth:`Session.empty_cache` with a
+    capacity. A decode step then writes its one new row per layer in place, where a growing
+    :class:`KVCache` copies every cached position into a new ``present`` per step (at OLMoE-1B-7B's
+    shape, 16 layers x 2 x 16 heads x 128 x 4 bytes = 256 KB a position: 128 MB a step at 512 cached
+    positions). Memory: ``capacity`` positions, allocated once.
+
+    ``keys[l][:, :, :length]`` (``values`` alike) are the cached positions. :meth:`Session.forward`
+    returns the same buffers with ``length`` advanced: continue from what it returns, not from an
+    earlier handle (its positions beyond its own length have been overwritten).
+    """
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    length: int = 0
+    ort_values: list[tuple[Any, Any]] | None = None  # OrtValues over the same memory, made on first use
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys[0].shape[2]) if self.keys else 0
+
+    @property
+    def batch(self) -> int:
+        return int(self.keys[0].shape[0]) if self.keys else 0
+
+    def view(self) -> KVCache:
+        """The cached positions as a :class:`KVCache` (views, not copies)."""
+        return KVCache([k[:, :, :self.length] for k in self.keys], [v[:, :, :self.length] for v in self.values])
 
 
 @dataclass(frozen=True)
@@ -100,10 +132,21 @@ class Session:
         self._tokenizer: Any = None
 
     # -- token-id API --------------------------------------------------------------------------
-    def empty_cache(self, batch: int = 1) -> KVCache:
-        """A KV cache holding no positions, for ``batch`` sequences."""
-        shapes = [(batch, kv["num_kv_heads"], 0, kv["head_dim"]) for kv in self._kv]
-        return KVCache([np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes])
+    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache | KVBuffer:
+        """A KV cache holding no positions, for ``batch`` sequences: a growing :class:`KVCache`, or with
+        ``capacity`` a :class:`KVBuffer` of that many positions (prompt plus new tokens), whose decode
+        steps write in place (artifacts that take an ``attention_mask``; for older ones it works the
+        same, without the gain)."""
+        if capacity is None:
+            shapes = [(batch, kv["num_kv_heads"], 0, kv["head_dim"]) for kv in self._kv]
+            return KVCache([np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes])
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1 (positions of prompt plus new tokens), got {capacity!r}")
+        if self.max_positions and capacity > self.max_positions:
+            raise ValueError(f"capacity {capacity} exceeds the {self.max_positions} positions this session runs "
+                             "(max_position_embeddings, or max_length given to load()); ask for fewer")
+        shapes = [(batch, kv["num_kv_heads"], int(capacity), kv["head_dim"]) for kv in self._kv]
+        return KVBuffer([np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes])
 
     @property
     def keeps_logits(self) -> bool:
@@ -117,9 +160,15 @@ class Session:
         that rows of a batch may carry padding (see :meth:`forward`)."""
         return self._mask_name is not None
 
-    def forward(self, ids: Any, past: KVCache | None = None, logits_to_keep: int = 0,
-                attention_mask: Any = None) -> tuple[np.ndarray, KVCache]:
+    def forward(self, ids: Any, past: KVCache | KVBuffer | None = None, logits_to_keep: int = 0,
+                attention_mask: Any = None) -> tuple[np.ndarray, KVCache | KVBuffer]:
         """Run new tokens ``ids`` (``[T]`` or ``[B, T]``) after the cached ``past`` positions.
+
+        ``past`` may be a :class:`KVBuffer` (:meth:`empty_cache` with a capacity): the call then returns
+        it, advanced. A one-token step of an artifact that takes an ``attention_mask`` binds the
+        buffer as both past and present (onnxruntime's I/O binding), so the kernel writes the new row in
+        place; other calls run as with a :class:`KVCache` on the buffer's positions and copy the new
+        ones in.
 
         ``logits_to_keep``: return the logits of the last N new positions only (0: all of them). A
         prefill that only samples the next token passes 1, and the artifact skips the other
@@ -141,6 +190,9 @@ class Session:
             raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
         arr, squeeze = self._check_ids(ids)
         past = past if past is not None else self.empty_cache(arr.shape[0])
+        if isinstance(past, KVBuffer) and past.length + arr.shape[1] > past.capacity:
+            raise ValueError(f"{past.length} cached + {arr.shape[1]} new positions exceed the KV buffer's capacity "
+                             f"{past.capacity}; make it with empty_cache(capacity=...) for the prompt plus every new token")
         if len(past.keys) != len(self._kv) or past.batch != arr.shape[0]:
             raise ValueError(f"past holds {len(past.keys)} layers for batch {past.batch}, but this model has "
                              f"{len(self._kv)} layers and ids have batch {arr.shape[0]}; pass the cache this "
@@ -158,13 +210,24 @@ class Session:
         feed = {self._ids_name: arr}
         if attention_mask is not None or self._mask_name is not None:
             feed.update(self._mask_feed(attention_mask, arr.shape[0], total))
-        if self._keep_name is not None:
-            feed[self._keep_name] = np.array(logits_to_keep, np.int64)
-        for kv, k, v in zip(self._kv, past.keys, past.values):
-            feed[kv["past_key"]], feed[kv["past_value"]] = k, v
-        out = self._sess.run(self._outputs, feed)
-        present = KVCache(out[1::2], out[2::2])
-        logits = out[0] if self._keep_name is not None or not logits_to_keep else out[0][:, -logits_to_keep:]
+        if isinstance(past, KVBuffer) and arr.shape[1] == 1 and self._mask_name is not None:
+            # one new position: logits_to_keep changes nothing (the default -1 keeps the only column,
+            # and it is an initializer, which I/O binding cannot bind)
+            logits = self._step_in_place(feed, past)
+            present: KVCache | KVBuffer = replace(past, length=total)
+        else:
+            if self._keep_name is not None:
+                feed[self._keep_name] = np.array(logits_to_keep, np.int64)
+            cache = past.view() if isinstance(past, KVBuffer) else past
+            for kv, k, v in zip(self._kv, cache.keys, cache.values):
+                feed[kv["past_key"]], feed[kv["past_value"]] = k, v
+            out = self._sess.run(self._outputs, feed)
+            present = KVCache(out[1::2], out[2::2])
+            logits = out[0] if self._keep_name is not None or not logits_to_keep else out[0][:, -logits_to_keep:]
+            if isinstance(past, KVBuffer):  # the new positions into the buffer
+                for buf, new in zip((*past.keys, *past.values), (*present.keys, *present.values)):
+                    buf[:, :, past.length:total] = new[:, :, past.length:total]
+                present = replace(past, length=total)
         if not np.isfinite(logits.sum()):  # one pass, no [B, T, V] mask: NaN and inf carry into the sum
             raise FloatingPointError(
                 "the artifact computed non-finite logits (inf or NaN). ort-cpu runs its quantized products on "
@@ -172,6 +235,25 @@ class Session:
                 "finite logits for these tokens, an activation overflowed float16 here: compile again with "
                 "--scale-dtype float32, which keeps fp32 activations")
         return (logits[0] if squeeze else logits), present
+
+    def _step_in_place(self, feed: dict[str, np.ndarray], past: KVBuffer) -> np.ndarray:
+        """Run ``feed`` with ``past``'s buffers bound as both past and present; the logits."""
+        import onnxruntime as ort
+
+        if past.ort_values is None:  # OrtValues over the numpy buffers' memory (no copy)
+            past.ort_values = [(ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
+                               for k, v in zip(past.keys, past.values)]
+        binding = self._sess.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(self._logits_name)
+        for kv, (k, v) in zip(self._kv, past.ort_values):
+            binding.bind_ortvalue_input(kv["past_key"], k)
+            binding.bind_ortvalue_input(kv["past_value"], v)
+            binding.bind_ortvalue_output(kv["present_key"], k)
+            binding.bind_ortvalue_output(kv["present_value"], v)
+        self._sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def logits(self, ids: Any, past: KVCache | None = None) -> np.ndarray:
         """Logits of ``ids`` (``[T]`` -> ``[T, V]``, ``[B, T]`` -> ``[B, T, V]``), optionally after ``past``."""
@@ -209,7 +291,8 @@ class Session:
         _check_sampling(max_new_tokens, temperature, top_p)
         prompt_ids = self.fit_prompt(prompt_ids, max_new_tokens, truncate)
         rng = np.random.default_rng(seed)
-        logits, past = self.forward(np.asarray(prompt_ids, dtype=np.int64)[None, :], logits_to_keep=1)
+        past = self.empty_cache(1, capacity=len(prompt_ids) + max_new_tokens)  # decode steps write in place
+        logits, past = self.forward(np.asarray(prompt_ids, dtype=np.int64)[None, :], past, logits_to_keep=1)
         for _ in range(max_new_tokens):
             token = sample(logits[0, -1], temperature, top_p, rng)
             if token in self.eos_token_ids:

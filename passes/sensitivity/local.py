@@ -13,8 +13,10 @@ zero), so ``1/2 sum_seq (sum_{t in seq} g_t . d_t)^2 / n_positions``, averaged o
 Cost, for L layers, E experts per layer, b bit-widths and S x T calibration tokens:
 one forward, one backward with recomputation (about three forwards), and per layer E x b
 fake quantizations plus each expert's MLP on its routed tokens: linear in L. Memory: one
-layer's activations, one expert's weights at a time (``RunOptions.checkpoint``), and the
-residual stream at every layer boundary, kept on disk.
+layer's activations and its MLP weights, or, where those exceed :data:`CHECKPOINT_BYTES`, one
+expert's weights at a time (``RunOptions.checkpoint``: the backward recomputes them; OLMoE-1B-7B's
+0.75 GiB of bf16 experts a layer are kept, which saves 0.7 s a layer; Qwen3-30B-A3B's 1.1 GiB are
+recomputed), and the residual stream at every layer boundary, kept on disk.
 
 Non-expert nodes (attention, shared experts, dense MLPs; ``--nonexpert-bits auto``) use the same
 estimate with the gradient of their own output, retained during that backward pass
@@ -26,6 +28,7 @@ The LM head and the embedding table are measured instead (:func:`measured_kl`).
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -37,8 +40,8 @@ import torch.nn.functional as F
 from ...eval.metrics import next_token_logprobs, token_kl
 from ...ir import ops
 from ...ir.graph import Graph, layer_node
-from ...ir.interpreter import Interpreter, RunOptions
-from ...ir.stream import embed, layer_input, layer_outputs, run_layer, run_layers
+from ...ir.interpreter import MLP_KINDS, Interpreter, RunOptions
+from ...ir.stream import embed, layer_input, layer_outputs, run_layer
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,7 @@ def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Ten
     """
     g = grad_out
     graph = interp.graph
+    mlp_bytes = _mlp_bytes(graph, opts.autocast)
     for layer in reversed(range(len(layer_outputs(graph)) if top is None else top + 1)):
         h = store.get(layer).requires_grad_(True)
         seen: dict = {}
@@ -130,8 +134,8 @@ def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Ten
 
         out_id = layer_node(layer, "moe_res")
         run = RunOptions(quantize=opts.quantize, bits_override=opts.bits_override, observer=observe,
-                         weight_override=opts.weight_override, checkpoint=True, autocast=opts.autocast,
-                         resume={layer_input(graph, layer): h})
+                         weight_override=opts.weight_override, checkpoint=mlp_bytes.get(layer, 0) > CHECKPOINT_BYTES,
+                         autocast=opts.autocast, resume={layer_input(graph, layer): h})
         out = interp.run(None, run, outputs=(out_id,))[out_id]
         at_layer(layer, seen, g)
         if layer > 0 or opts.weight_override or watch is not None:
@@ -144,6 +148,21 @@ def backward_layers(interp: Interpreter, store: _Boundaries, grad_out: torch.Ten
         if done is not None:
             done(layer, h.grad)
         tick()
+
+
+CHECKPOINT_BYTES = 2**30  # backward_layers: layers whose MLP weights (in the run's dtype) exceed this recompute them
+
+
+def _mlp_bytes(graph: Graph, autocast: torch.dtype | None) -> dict[int, int]:
+    """Per layer, the bytes of its MLP-like nodes' weights (experts, shared experts, dense MLPs) as a
+    run in ``autocast`` holds them: as stored when stored in that dtype, else fp32."""
+    out: dict[int, int] = {}
+    for node in graph.nodes():
+        if node.kind in MLP_KINDS and "layer" in node.attrs:
+            for key in node.params.values():
+                size = autocast.itemsize if autocast is not None and graph.weights.dtype(key) == autocast else 4
+                out[node.attrs["layer"]] = out.get(node.attrs["layer"], 0) + math.prod(graph.weights.shape(key)) * size
+    return out
 
 
 def fisher_kl(g: torch.Tensor, delta: torch.Tensor, n_seq: int, positions: int,
@@ -165,18 +184,30 @@ def perturbation_scores(interp: Interpreter, node_id: str, resume: dict, y: torc
     :func:`change_norm`) per bits of quantizing non-expert node ``node_id`` alone: its value
     recomputed from its inputs ``resume`` with fake-quantized weights, against its full-precision
     value ``y`` whose gradient is ``g``. Cost: one evaluation of the node per bit-width (plus one at
-    full precision when ``y`` comes from a run in a lower precision)."""
+    full precision when ``y`` comes from a run in a lower precision).
+
+    When ``y`` comes from a run in a lower precision (bf16 autocast), an attention node's change
+    is computed by :class:`AttentionRun` in that precision, as products of differences; other
+    nodes are recomputed in fp32 on both sides."""
     kl, norm = {16: 0.0}, {16: 0.0}
+    graph = interp.graph
     with torch.no_grad():
-        if y.dtype != torch.float32:  # observed in a lower-precision run: both sides of the change in fp32
+        if y.dtype != torch.float32:  # observed in a lower-precision run: the inputs in fp32
             resume = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                       for k, v in resume.items()}
-            y = interp.run(None, RunOptions(quantize=False, resume=resume), outputs=(node_id,))[node_id]
-        for b in bits:
-            yq = interp.run(None, RunOptions(quantize=False, bits_override={node_id: b}, resume=resume),
-                            outputs=(node_id,))[node_id]
-            kl[b] = fisher_kl(g, yq - y, n_seq, positions)
-            norm[b] = change_norm(yq - y, positions)
+        if y.dtype != torch.float32 and graph.node(node_id).kind == "attention":
+            w = interp.weights(node_id, RunOptions(quantize=False))
+            run = AttentionRun(resume[graph.inputs(node_id)[0]], w, graph.node(node_id).attrs, y.dtype)
+            changes = {b: run.change(w, interp.weights(node_id, RunOptions(quantize=False, bits_override={node_id: b})))
+                       for b in bits}
+        else:
+            if y.dtype != torch.float32:  # both sides of the change in fp32
+                y = interp.run(None, RunOptions(quantize=False, resume=resume), outputs=(node_id,))[node_id]
+            changes = {b: interp.run(None, RunOptions(quantize=False, bits_override={node_id: b}, resume=resume),
+                                     outputs=(node_id,))[node_id] - y for b in bits}
+        for b, delta in changes.items():
+            kl[b] = fisher_kl(g, delta, n_seq, positions)
+            norm[b] = change_norm(delta, positions)
     return {"kl": kl, "norm": norm}
 
 
@@ -191,47 +222,74 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
                 items: dict[str, tuple[int, ...]], embed_sequences: int | None = None) -> dict[str, dict[int, float]]:
     """The measured mean KL per position of quantizing each node of ``items`` (``{node id: bits}``)
     alone: an LM head (the last op: one head projection of every calibration token per
-    bit-width) or an embedding table (the first: one layer-major forward per bit-width, of the
-    first ``embed_sequences`` sequences, None: all), against the full-precision model whose last
-    layer's output is ``h_last`` (the embedding's: an fp32 forward of its sequences).
+    bit-width) or an embedding table (the first: the first ``embed_sequences`` sequences, None:
+    all, through every layer), against the full-precision model whose last layer's output is
+    ``h_last`` (the embedding's: an fp32 forward of its sequences).
 
-    Each node's weights are fake-quantized once per bit-width; the reference log-probabilities
-    are recomputed per chunk of 4 sequences rather than kept (``[S, T-1, V]`` fp32 would be 1.2 GB
-    at 16 x 128 tokens and Qwen3's 152k vocabulary, on top of two copies of the head). Everything
-    runs in fp32: a bf16 product would round the weights by about an eighth of an 8-bit step."""
+    The embedding's runs, its reference and one per bit-width, go through the layers as one batch
+    of ``(1 + |bits|) x embed_sequences`` sequences (every row is independent of the others), so
+    each layer's weights are read and widened to fp32 once, not once per run, and each expert
+    multiplies 1 + |bits| times the tokens per product. The head's weights are fake-quantized once
+    per bit-width; its reference log-probabilities are kept across bit-widths when they fit
+    :data:`KEEP_REF_BYTES` (``[S, T-1, V]`` fp32: 0.4 GB at 16 x 128 tokens and OLMoE's 50k
+    vocabulary) and else recomputed per chunk of 4 sequences (1.2 GB at Qwen3's 152k, on top of
+    two copies of the head). Everything runs in fp32: a bf16 product would round the weights by
+    about an eighth of an 8-bit step."""
     graph = interp.graph
     bad = {k: graph.node(k).kind for k in items if graph.node(k).kind not in ("lm_head", "embed")}
     if bad:
         raise ValueError(f"measured_kl measures LM heads and embedding tables, not {bad}")
     last, chunk = layer_outputs(graph)[-1], 4  # 4 sequences bound the [s, T, V] logits
     n_embed = len(ids) if embed_sequences is None else max(1, min(len(ids), embed_sequences))
+    fp = RunOptions(quantize=False)
 
-    def logp(h: torch.Tensor, opts: RunOptions) -> torch.Tensor:
+    def logp(h: torch.Tensor, opts: RunOptions = fp) -> torch.Tensor:
         return next_token_logprobs(interp.run(None, replace(opts, resume={last: h}), outputs=("lm_head",))["lm_head"])
+
+    def kl_sum(ref: torch.Tensor, h: torch.Tensor, opts: RunOptions = fp) -> float:
+        return float(token_kl(ref, logp(h, opts)).sum())
 
     out = {}
     with torch.no_grad():
-        fp = RunOptions(quantize=False)
         for node_id, bits in items.items():
             kl = {16: 0.0}
-            embed = graph.node(node_id).kind == "embed"
-            n = n_embed if embed else len(ids)
-            # the embedding's runs go through every layer in fp32: so does its reference (h_last may
-            # come from a bf16 run, whose own difference to fp32 is no quantization error)
-            h_ref = run_layers(interp, ids[:n], fp) if embed else h_last
-            for b in bits:
-                over = RunOptions(quantize=False, bits_override={node_id: b})
-                if embed:
-                    h, opts = run_layers(interp, ids[:n], over), fp
-                else:  # the head's weights, fake-quantized once for every chunk
-                    h, opts = h_last, RunOptions(quantize=False, weight_override={node_id: interp.weights(node_id, over)})
-                total = 0.0
+            if graph.node(node_id).kind == "embed":
+                n, sub = n_embed, ids[:n_embed]
+                # the reference runs in fp32 too: h_last may come from a bf16 run, whose own
+                # difference to fp32 is no quantization error
+                h = torch.cat([embed(interp, sub, fp)]
+                              + [embed(interp, sub, RunOptions(quantize=False, bits_override={node_id: b})) for b in bits])
+                for layer in range(len(layer_outputs(graph))):
+                    h = run_layer(interp, layer, h, fp)
+                runs = h.view(1 + len(bits), n, *h.shape[1:])
+                total = dict.fromkeys(bits, 0.0)
                 for i in range(0, n, chunk):
-                    ref = logp(h_ref[i:min(n, i + chunk)], fp)
-                    total += float(token_kl(ref, logp(h[i:min(n, i + chunk)], opts)).sum())
-                kl[b] = max(0.0, total / (n * (ids.shape[1] - 1)))
+                    ref = logp(runs[0, i:i + chunk])
+                    for j, b in enumerate(bits):
+                        total[b] += kl_sum(ref, runs[1 + j, i:i + chunk])
+            else:
+                n = len(ids)
+                vocab = graph.weights.shape(graph.node(node_id).params["weight"])[0]
+                keep = n * (ids.shape[1] - 1) * vocab * 4 <= KEEP_REF_BYTES
+                refs: dict[int, torch.Tensor] = {}
+                total = {}
+                for b in bits:  # the head's weights, fake-quantized once for every chunk
+                    over = RunOptions(quantize=False, bits_override={node_id: b})
+                    opts = RunOptions(quantize=False, weight_override={node_id: interp.weights(node_id, over)})
+                    total[b] = 0.0
+                    for i in range(0, n, chunk):
+                        ref = refs[i] if i in refs else logp(h_last[i:i + chunk])
+                        if keep:
+                            refs[i] = ref
+                        total[b] += kl_sum(ref, h_last[i:i + chunk], opts)
+                del refs
+            for b in bits:
+                kl[b] = max(0.0, total[b] / (n * (ids.shape[1] - 1)))
             out[node_id] = kl
     return out
+
+
+KEEP_REF_BYTES = 512 * 2**20  # measured_kl: the LM head's reference log-probabilities kept up to this size
 
 
 class ExpertRun:
@@ -267,6 +325,31 @@ class ExpertRun:
         d_act = F.silu(self.a + da) * (self.u + du) - self.act
         return (F.linear(d_act.to(c), wq["down"].to(c)).float()
                 + F.linear(self.act_c, dw["down"].to(c)).float())
+
+
+class AttentionRun:
+    """An attention node's full-precision values on its input ``x`` (``[B, T, H]``), kept to price
+    changes of its ``q, k, v, o`` weights (:meth:`change`) with products in ``cast``, the way
+    :class:`ExpertRun` prices an expert's: the projections of the change are products of the weight
+    *differences* (``x dW_q``, ...), added to the shared projections; the softmax core
+    (:func:`~dmpq_compile.ir.ops.attention_core`) runs in fp32 on both sides; the output's change
+    is ``d_ctx W_o,q + ctx dW_o``. Biases and q/k norm weights are not quantized: shared."""
+
+    def __init__(self, x: torch.Tensor, w: dict, attrs: dict, cast: torch.dtype) -> None:
+        self.attrs, self.cast = attrs, cast
+        self.xc = x.to(cast)
+        self.qkv = [F.linear(self.xc, w[r].to(cast)).float() + (w[f"{r}_bias"] if w.get(f"{r}_bias") is not None else 0)
+                    for r in ("q", "k", "v")]
+        self.ctx = ops.attention_core(*self.qkv, w, attrs)  # [B, T, heads x head_dim]
+        self.ctx_c = self.ctx.to(cast)
+
+    def change(self, w: dict, wq: dict) -> torch.Tensor:
+        """``attention(x, wq) - attention(x, w)``, ``[B, T, H]``."""
+        c = self.cast
+        moved = [z + F.linear(self.xc, (wq[r] - w[r]).to(c)).float() for z, r in zip(self.qkv, ("q", "k", "v"))]
+        d_ctx = ops.attention_core(*moved, w, self.attrs) - self.ctx
+        return (F.linear(d_ctx.to(c), wq["o"].to(c)).float()
+                + F.linear(self.ctx_c, (wq["o"] - w["o"]).to(c)).float())
 
 
 def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor, routing: ops.Routing,
@@ -442,7 +525,8 @@ def weight_error(w: dict, wq: dict, dw: dict | None = None) -> float:
     about the error of quantizing it, whatever tokens reach it (``dw``: the changes, when the caller
     has them)."""
     dw = dw if dw is not None else weight_changes(w, wq)
-    return float(sum(float(d.pow(2).sum(dtype=torch.float64)) for d in dw.values()))
+    # a BLAS dot: 10x a float64 sum of squares, about 1e-5 relative on a 2M-weight matrix
+    return float(sum(float(torch.dot(d.reshape(-1), d.reshape(-1))) for d in dw.values()))
 
 
 def _logprobs(interp: Interpreter, h: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
