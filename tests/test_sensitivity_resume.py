@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 from dmpq_compile.backends import get_backend
 from dmpq_compile.passes import PassContext, make_pass
 from dmpq_compile.passes.infra.cache import PassCache, _annotations, run_cached
@@ -235,8 +236,8 @@ def test_an_executor_neither_reads_nor_writes_partial_state(deep, reference, tmp
         def put(self, value):
             return value
 
-        def submit(self, fn, *args):
-            return fn(*args, 1)
+        def submit(self, fn, *args):  # as many threads as the driver (the task sets them)
+            return fn(*args, torch.get_num_threads())
 
         def get(self, futures):
             return list(futures)

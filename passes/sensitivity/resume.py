@@ -23,18 +23,22 @@ What the folder holds, one file each, written atomically (a temporary file renam
   from the one before), none once a label sample is finished.
 
 Sizes, per layer at S x T calibration tokens and width H in fp32: a boundary S x T x H x 4 bytes
-(16 x 128 x 2048 x 4 = 16 MB at OLMoE's and Qwen3's width); a record's routing S x T x (E + 2k)
-x 4-8 bytes (1.2 MB for Qwen3's 128 experts, top-8) and probe input (probed sequences) x T x H x 4
-bytes (1 MB for one sequence), its scores a few KB; plus at most two gradients of S x T x H x 4
-bytes. For Qwen3-30B-A3B's 48 layers about 0.9 GB on the cache's disk (the boundaries, 0.8 GB of
-it, went to a temporary folder before), freed when the pass finishes.
+(16 x 128 x 2048 x 4 = 16 MB at OLMoE's and Qwen3's width); a record's routing, at most
+S x T x (4 E + 12 k) bytes (fp32 logits and weights, int64 indices: 1.2 MB for Qwen3's 128
+experts, top-8), and probe input (probed sequences) x T x H x 4 bytes (1 MB for one sequence), its
+scores a few KB; plus at most two gradients of S x T x H x 4 bytes. For Qwen3-30B-A3B's 48 layers
+about 0.9 GB on the cache's disk (the boundaries, 0.8 GB of it, went to a temporary folder
+before), freed when the pass finishes. Where that disk lacks the room (:func:`room_needed`) the
+pass logs it and keeps nothing; a second run with the same key at the same time finds the
+folder locked (:func:`..infra.cache.run_cached`) and keeps nothing either.
 
 A rerun with the same key loads what is there: it skips the forward if it is complete (else
 resumes it at the first missing boundary), replays the finished layers' records in the order the
 backward produced them, and restarts the backward at the first layer whose record is missing,
 from the stored gradient (or, at a label sample's first layer, a head gradient drawn from the
 generator in the state the previous sample left it), then runs the flip probe and the measured
-KLs as usual. Every stored value is the very tensor or float an uninterrupted run computes, so
+KLs as usual (and, where the allocator needs them, the router-gradient features: two more passes
+over the layers, not kept). Every stored value is the very tensor or float an uninterrupted run computes, so
 the annotations are the same, bit for bit. A file that is missing, truncated or unreadable
 counts as not written: that layer and every later one (in the backward's order) are redone; when
 the gradient it started from is gone too (an older record lost), its label sample starts over.
