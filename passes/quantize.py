@@ -314,10 +314,7 @@ def _nonexpert_hessians(interp: Interpreter, node, x: torch.Tensor) -> dict[tupl
     w = interp.weights(node.id, RunOptions(quantize=False))
     h = _gram(x)
     if node.kind == "attention":
-        d = w["o"].shape[1]
-        ident = {k: v for k, v in w.items() if k != "o_bias"}
-        ident["o"] = torch.eye(d, dtype=w["o"].dtype)
-        context = ops.attention(x, ident, node.attrs)
+        context = ops.attention_context(x, w, node.attrs)
         return {(node.id, "q"): h, (node.id, "k"): h, (node.id, "v"): h, (node.id, "o"): _gram(context)}
     if node.kind in ("shared_expert", "mlp"):
         return _swiglu_hessians(node.id, x, w, h)

@@ -122,6 +122,27 @@ def test_embedding_kl_is_measured_on_its_sequences(tiny_dirs, calib_ids):
     assert got[2] > got[4] > 0
 
 
+def test_head_kl_is_the_same_with_its_reference_kept_or_recomputed(tiny_dirs, calib_ids, monkeypatch):
+    """The LM head's reference log-probabilities are kept across bit-widths when they fit KEEP_REF_BYTES,
+    else recomputed per chunk: the same KL either way, and the measurement's."""
+    from dmpq_compile.passes.sensitivity import local
+
+    from dmpq_compile.ir.stream import run_layers
+
+    ids = calib_ids("olmoe")[:6]
+    g = load(tiny_dirs("olmoe"))
+    interp = Interpreter(g, quantize=False, formats=get_backend("ort-cpu").weight_formats)
+    with torch.no_grad():
+        h_last = run_layers(interp, ids, RunOptions(quantize=False))
+    got = {}
+    for bound in (0, 2**40):
+        monkeypatch.setattr(local, "KEEP_REF_BYTES", bound)
+        got[bound] = local.measured_kl(interp, ids, h_last, {"lm_head": (2, 4, 8)})["lm_head"]
+    assert got[0] == got[2**40]
+    for b in (2, 8):
+        assert got[0][b] == pytest.approx(_measured_kl(g, ids, "lm_head", b), rel=1e-4)
+
+
 def test_whole_method_refuses_nonexpert():
     with pytest.raises(PassError, match="local method only"):
         make_pass("sensitivity", method="whole", nonexpert=("attention",))

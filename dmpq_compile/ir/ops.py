@@ -67,10 +67,15 @@ def attention_mask(t: int, window: int | None, device: torch.device) -> torch.Te
 
 def attention(x: torch.Tensor, w: Mapping[str, torch.Tensor], a: Mapping[str, Any]) -> torch.Tensor:
     """Causal GQA self-attention with RoPE over ``x [B, T, H]``; returns ``[B, T, H]``."""
+    return F.linear(attention_context(x, w, a), w["o"], w.get("o_bias"))
+
+
+def attention_context(x: torch.Tensor, w: Mapping[str, torch.Tensor], a: Mapping[str, Any]) -> torch.Tensor:
+    """The input of attention's output projection, ``[B, T, num_heads x head_dim]``."""
     q = F.linear(x, w["q"], w.get("q_bias"))
     k = F.linear(x, w["k"], w.get("k_bias"))
     v = F.linear(x, w["v"], w.get("v_bias"))
-    return F.linear(attention_core(q, k, v, w, a), w["o"], w.get("o_bias"))
+    return attention_core(q, k, v, w, a)
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Mapping[str, torch.Tensor],
