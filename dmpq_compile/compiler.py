@@ -365,20 +365,29 @@ def smallest_stored_bits(cfg: CompileConfig, graph: Graph, backend: Any, with_fi
 def check_disk_space(graph: Graph, cfg: CompileConfig, folder: Path) -> None:
     """Refuse to start when ``folder``'s disk cannot hold the artifact plus the scratch codes.
 
-    Estimate: non-expert weights in fp32 (what the targets keep in float), experts at the
-    budget's bits plus 1 bit of scales and zero points (8 bits where the budget is not in bits),
-    twice for the experts (scratch codes, then the artifact), plus 10 %.
+    Estimated before any pass has chosen a bit-width, so an upper bound, plus 10 %: a whole-model
+    stored-bits budget (``--budget-bits``) bounds the artifact, and the scratch codes are at most
+    that again. Otherwise the experts count twice (scratch codes, then the artifact) at the budget
+    (``--budget-mb``: its bytes; ``--budget-code-bits``: its bits plus 1 bit of scales and zero
+    points; a latency budget: 8 + 1 bits) and the non-expert weights once, at ``--nonexpert-bits``
+    plus 1 bit when one width is fixed for all of them, else in fp32 (what the targets keep in float).
     """
+    a = cfg.allocate
     expert_keys = {k for n in graph.experts() for k in n.params.values()}
     n_expert = sum(math.prod(graph.weights.shape(k)) for k in expert_keys)
     n_other = sum(math.prod(graph.weights.shape(k)) for k in graph.weights if k not in expert_keys)
-    bits = cfg.allocate.budget if cfg.allocate.budget_kind in ("bits", "stored-bits") else 8.0
-    need = 1.1 * (4 * n_other + 2 * n_expert * (bits + 1) / 8)
+    if a.budget_kind == "stored-bits":
+        need = 1.1 * 2 * (n_expert + n_other) * a.budget / 8
+    else:
+        fixed = a.nonexpert_bits < 16 and not a.nonexpert_kinds and not a.nonexpert_allocate
+        other = n_other * ((a.nonexpert_bits + 1) / 8 if fixed else 4)
+        experts = a.budget if a.budget_kind == "bytes" else \
+            n_expert * ((a.budget if a.budget_kind == "bits" else 8.0) + 1) / 8
+        need = 1.1 * (other + 2 * experts)
     free = shutil.disk_usage(folder).free
     if need > free:
         raise OSError(f"{folder} has {free / 1e9:.1f} GB free but this compile needs about {need / 1e9:.1f} GB "
                       f"(artifact + scratch codes); free space or choose another -o")
-
 
 
 def available_memory() -> int | None:

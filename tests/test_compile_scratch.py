@@ -55,3 +55,34 @@ def test_compile_refuses_before_any_pass_when_memory_cannot_suffice(tiny_dirs, t
     assert not (tmp_path / "art").exists()
     monkeypatch.undo()
     assert compiler.available_memory() is None or compiler.available_memory() > 0
+
+
+@pytest.mark.parametrize("budget, nonexpert, expect", [
+    ({"budget_kind": "bytes", "budget": 2**20}, {"nonexpert_bits": 4}, "bytes"),
+    ({"budget_kind": "bits", "budget": 3.0}, {}, "bits"),
+    ({"budget_kind": "stored-bits", "budget": 4.5}, {"nonexpert_allocate": True}, "stored"),
+])
+def test_the_disk_check_bounds_the_artifact_by_its_budget(tiny_dirs, tmp_path, monkeypatch, budget, nonexpert, expect):
+    """The space asked for before any pass: the budget's bound on the artifact, plus the scratch codes,
+    plus 10 %; one byte less is refused with the need named, that much passes."""
+    import math
+    import shutil
+
+    from dmpq_compile import compiler
+    from dmpq_compile.frontend import load
+
+    graph = load(tiny_dirs("olmoe"))
+    cfg = CompileConfig.from_dict({"target": "ort-cpu", "allocate": {**budget, **nonexpert}})
+    keys = {k for n in graph.experts() for k in n.params.values()}
+    n_e = sum(math.prod(graph.weights.shape(k)) for k in keys)
+    n_o = sum(math.prod(graph.weights.shape(k)) for k in graph.weights if k not in keys)
+    need = {"bytes": 1.1 * (n_o * 5 / 8 + 2 * 2**20), "bits": 1.1 * (4 * n_o + 2 * n_e * 4 / 8),
+            "stored": 1.1 * 2 * (n_e + n_o) * 4.5 / 8}[expect]
+    usage = shutil.disk_usage(tmp_path)
+    for free, ok in ((math.ceil(need), True), (math.floor(need) - 1, False)):
+        monkeypatch.setattr(compiler.shutil, "disk_usage", lambda p, free=free: usage._replace(free=free))
+        if ok:
+            compiler.check_disk_space(graph, cfg, tmp_path)
+        else:
+            with pytest.raises(OSError, match=rf"needs about {need / 1e9:.1f} GB \(artifact \+ scratch codes\)"):
+                compiler.check_disk_space(graph, cfg, tmp_path)
