@@ -253,7 +253,7 @@ class Session:
             binding.bind_ortvalue_output(kv["present_key"], k)
             binding.bind_ortvalue_output(kv["present_value"], v)
         self._sess.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.get_outputs()[0].numpy()  # the logits alone (copy_outputs_to_cpu copies the whole cache)
 
     def logits(self, ids: Any, past: KVCache | None = None) -> np.ndarray:
         """Logits of ``ids`` (``[T]`` -> ``[T, V]``, ``[B, T]`` -> ``[B, T, V]``), optionally after ``past``."""
