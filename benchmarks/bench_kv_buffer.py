@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from dmpq_compile.bench import machine
 from dmpq_compile.runtime import load
+from dmpq_compile.sysinfo import git_commit
 from dmpq_compile.sysinfo import load_average as uptime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.artifacts:
         if not (path / "manifest.json").is_file():
             sys.exit(f"{path} is not an artifact folder (no manifest.json)")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip()
+    commit = git_commit(ROOT)
     start = uptime()
     rows = [row for p in args.artifacts for row in measure(p, args)]
     out = args.out or ROOT / "benchmarks" / "results" / f"kv-buffer-{time.strftime('%Y%m%d-%H%M%S')}.json"

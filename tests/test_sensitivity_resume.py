@@ -80,6 +80,15 @@ def _partials(folder):
     return sorted(p.name for p in folder.glob("*.partial")) if folder.exists() else []
 
 
+def _interrupted(model, ids, folder, monkeypatch, stop: int = 3):
+    """A run interrupted once ``stop`` backward layers were kept, with its cache in ``folder``; the cache."""
+    cache = PassCache(folder)
+    Counter(monkeypatch, stop)
+    with pytest.raises(KeyboardInterrupt):
+        _sensitivity(model, ids, cache)
+    return cache
+
+
 @pytest.mark.parametrize("stop", [1, 4, 6, 8])  # in sample 0, at the samples' boundary, in sample 1, after both
 def test_interrupted_backward_resumes_at_the_first_unfinished_layer(deep, reference, tmp_path, monkeypatch,
                                                                     caplog, stop):
@@ -138,10 +147,7 @@ def test_interrupted_forward_resumes_at_its_last_boundary(deep, reference, tmp_p
 ])
 def test_a_truncated_file_is_redone(deep, reference, tmp_path, monkeypatch, caplog, damaged, scored):
     model, ids = deep
-    cache = PassCache(tmp_path / "cache")
-    Counter(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        _sensitivity(model, ids, cache)
+    cache = _interrupted(model, ids, tmp_path / "cache", monkeypatch)
     (folder,) = (tmp_path / "cache").glob("sensitivity-*.partial")
     path = folder / damaged
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -155,10 +161,7 @@ def test_a_truncated_file_is_redone(deep, reference, tmp_path, monkeypatch, capl
 
 def test_another_key_does_not_resume_and_no_cache_keeps_nothing(deep, tmp_path, monkeypatch, caplog):
     model, ids = deep
-    cache = PassCache(tmp_path / "cache")
-    Counter(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        _sensitivity(model, ids, cache)
+    cache = _interrupted(model, ids, tmp_path / "cache", monkeypatch)
     (stale,) = _partials(tmp_path / "cache")
     rerun = Counter(monkeypatch)
     with caplog.at_level(logging.INFO, logger="dmpq_compile.passes.sensitivity.resume"):
@@ -187,10 +190,7 @@ def test_a_run_with_the_same_key_at_the_same_time_leaves_the_state_alone(deep, r
     import os
 
     model, ids = deep
-    cache = PassCache(tmp_path / "cache")
-    Counter(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        _sensitivity(model, ids, cache)
+    cache = _interrupted(model, ids, tmp_path / "cache", monkeypatch)
     (folder,) = (tmp_path / "cache").glob("sensitivity-*.partial")
     files = {p.name: p.read_bytes() for p in folder.glob("*.pt")}
     fd = os.open(folder / ".lock", os.O_RDWR)  # as another compile running this key holds it
@@ -243,10 +243,7 @@ def test_an_executor_neither_reads_nor_writes_partial_state(deep, reference, tmp
             return list(futures)
 
     model, ids = deep
-    cache = PassCache(tmp_path / "cache")
-    Counter(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):  # a serial run's state, which the executor's run must not read
-        _sensitivity(model, ids, cache)
+    cache = _interrupted(model, ids, tmp_path / "cache", monkeypatch)  # a serial run's state, not to be read
     monkeypatch.setattr(remote_tasks, "sendable", lambda graph: True)
     graph, ctx = _profiled(model, ids)
     ctx.executor = InProcess()

@@ -137,16 +137,15 @@ class Session:
         ``capacity`` a :class:`KVBuffer` of that many positions (prompt plus new tokens), whose decode
         steps write in place (artifacts that take an ``attention_mask``; for older ones it works the
         same, without the gain)."""
-        if capacity is None:
-            shapes = [(batch, kv["num_kv_heads"], 0, kv["head_dim"]) for kv in self._kv]
-            return KVCache([np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes])
-        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1 (positions of prompt plus new tokens), got {capacity!r}")
-        if self.max_positions and capacity > self.max_positions:
-            raise ValueError(f"capacity {capacity} exceeds the {self.max_positions} positions this session runs "
-                             "(max_position_embeddings, or max_length given to load()); ask for fewer")
-        shapes = [(batch, kv["num_kv_heads"], int(capacity), kv["head_dim"]) for kv in self._kv]
-        return KVBuffer([np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes])
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+                raise ValueError(f"capacity must be an int >= 1 (positions of prompt plus new tokens), got {capacity!r}")
+            if self.max_positions and capacity > self.max_positions:
+                raise ValueError(f"capacity {capacity} exceeds the {self.max_positions} positions this session runs "
+                                 "(max_position_embeddings, or max_length given to load()); ask for fewer")
+        shapes = [(batch, kv["num_kv_heads"], int(capacity or 0), kv["head_dim"]) for kv in self._kv]
+        keys, values = ([np.zeros(s, np.float32) for s in shapes] for _ in range(2))
+        return KVCache(keys, values) if capacity is None else KVBuffer(keys, values)
 
     @property
     def keeps_logits(self) -> bool:

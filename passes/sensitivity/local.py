@@ -239,15 +239,12 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
     bad = {k: graph.node(k).kind for k in items if graph.node(k).kind not in ("lm_head", "embed")}
     if bad:
         raise ValueError(f"measured_kl measures LM heads and embedding tables, not {bad}")
-    last, chunk = layer_outputs(graph)[-1], 4  # 4 sequences bound the [s, T, V] logits
+    chunk = 4  # 4 sequences bound the [s, T, V] logits
     n_embed = len(ids) if embed_sequences is None else max(1, min(len(ids), embed_sequences))
     fp = RunOptions(quantize=False)
 
-    def logp(h: torch.Tensor, opts: RunOptions = fp) -> torch.Tensor:
-        return next_token_logprobs(interp.run(None, replace(opts, resume={last: h}), outputs=("lm_head",))["lm_head"])
-
     def kl_sum(ref: torch.Tensor, h: torch.Tensor, opts: RunOptions = fp) -> float:
-        return float(token_kl(ref, logp(h, opts)).sum())
+        return float(token_kl(ref, _logprobs(interp, h, opts)).sum())
 
     out = {}
     with torch.no_grad():
@@ -264,7 +261,7 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
                 runs = h.view(1 + len(bits), n, *h.shape[1:])
                 total = dict.fromkeys(bits, 0.0)
                 for i in range(0, n, chunk):
-                    ref = logp(runs[0, i:i + chunk])
+                    ref = _logprobs(interp, runs[0, i:i + chunk])
                     for j, b in enumerate(bits):
                         total[b] += kl_sum(ref, runs[1 + j, i:i + chunk])
             else:
@@ -278,7 +275,7 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
                     opts = RunOptions(quantize=False, weight_override={node_id: interp.weights(node_id, over)})
                     total[b] = 0.0
                     for i in range(0, n, chunk):
-                        ref = refs[i] if i in refs else logp(h_last[i:i + chunk])
+                        ref = refs[i] if i in refs else _logprobs(interp, h_last[i:i + chunk])
                         if keep:
                             refs[i] = ref
                         total[b] += kl_sum(ref, h_last[i:i + chunk], opts)
@@ -480,9 +477,9 @@ def flip_rates(interp: Interpreter, store: _Boundaries, h_last: torch.Tensor, se
         kl: dict[str, list[torch.Tensor]] = {"free": [], "frozen": []}
         ref_h = h_last[torch.tensor(seqs)]
         for i in range(0, len(seqs), 4):  # 4 sequences at a time bound the [s, T, V] log-probabilities
-            ref = _logprobs(interp, ref_h[i:i + 4], autocast)
+            ref = _logprobs(interp, ref_h[i:i + 4], opts)
             for k, h in (("free", free), ("frozen", frozen)):
-                kl[k].append(token_kl(ref, _logprobs(interp, h[i:i + 4], autocast)).mean(-1))
+                kl[k].append(token_kl(ref, _logprobs(interp, h[i:i + 4], opts)).mean(-1))
         per_row = {k: torch.cat(v) for k, v in kl.items()}  # each row's mean KL per position
         row = 0
         for layer in order:
@@ -529,8 +526,9 @@ def weight_error(w: dict, wq: dict, dw: dict | None = None) -> float:
     return float(sum(float(torch.dot(d.reshape(-1), d.reshape(-1))) for d in dw.values()))
 
 
-def _logprobs(interp: Interpreter, h: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
-    """Next-token log-probabilities ``[s, T-1, V]`` of the last layer's output ``h``."""
+def _logprobs(interp: Interpreter, h: torch.Tensor, opts: RunOptions | None = None) -> torch.Tensor:
+    """Next-token log-probabilities ``[s, T-1, V]`` of the last layer's output ``h`` (``opts``: how the
+    head runs, e.g. its products' dtype or its weights; None: full precision)."""
     last = layer_outputs(interp.graph)[-1]
-    return next_token_logprobs(interp.run(None, RunOptions(quantize=False, resume={last: h}, autocast=autocast),
-                                          outputs=("lm_head",))["lm_head"])
+    opts = replace(opts or RunOptions(quantize=False), resume={last: h})
+    return next_token_logprobs(interp.run(None, opts, outputs=("lm_head",))["lm_head"])
