@@ -132,6 +132,12 @@ class SensitivityPass(Pass):
         """``compute_dtype`` as resolved here (``auto`` depends on the CPU and the checkpoint)."""
         return str(compute_dtype(graph, self.options.compute_dtype))
 
+    def forward_rows(self, graph: Graph, ctx: PassContext) -> tuple[int, torch.dtype | None] | None:
+        """The local method's forward of its sequences, if an earlier pass (profile) runs it anyway."""
+        if self.options.method != "local" or ctx.calibration is None:
+            return None
+        return min(self.options.max_sequences, len(ctx.calibration)), compute_dtype(graph, self.options.compute_dtype)
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         bits = tuple(o.bits) if o.bits else _default_bits(ctx)
@@ -177,7 +183,17 @@ class SensitivityPass(Pass):
         # per-expert and per-node changes they weight, and the measured KLs, stay in fp32
         cast = compute_dtype(graph, o.compute_dtype)
         run_fp = RunOptions(quantize=False, autocast=cast)
-        store, h_last = (state.forward if state is not None else local.forward_boundaries)(interp, ids, run_fp, tick)
+        shared = ctx.forward_share.take(ids, cast) if ctx.forward_share is not None else None
+        if shared is not None:
+            log.info("sensitivity: the forward of its %d sequences is the profile pass's, not run again", len(ids))
+        if state is not None:
+            store, h_last = state.forward(interp, ids, run_fp, tick, shared)
+        elif shared is not None:
+            store, h_last = shared
+            for _ in range(n_layers):
+                tick()
+        else:
+            store, h_last = local.forward_boundaries(interp, ids, run_fp, tick)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         scores: dict[str, list[dict]] = {}
         items = {k: measured_bits(c) for k, c in allocatable(graph, ctx.backend, o.nonexpert, (*bits, 16)).items()}
@@ -264,7 +280,7 @@ class SensitivityPass(Pass):
             release_free_heap()  # the backward's freed heap, before the head-sized tensors come
             t0 = time.perf_counter()
             nonexpert.update({k: [{"kl": kl}] for k, kl in local.measured_kl(interp, ids, h_last, measured,
-                                                                                    o.embed_sequences).items()})
+                                                                                    o.embed_sequences, cast).items()})
             log.info("sensitivity: %s measured through the whole model in %.1f s", sorted(measured),
                      time.perf_counter() - t0)
         for node_id, runs in nonexpert.items():
