@@ -143,6 +143,7 @@ class PartialState:
             self.gen_state = self.records[-1][2]["gen"] if self.records else None
         forward_done = n_layers if self.forward_complete else max(self._readable - 1, 0)
         self.resumed = forward_done + len(self.records)  # layer steps not run again
+        self.resumed_forward, self.resumed_backward = forward_done, len(self.records)
         if self.resumed:
             where = (f"the backward at layer {point[1]} of {n_layers}" if point[0] < label_samples
                      else "after the backward")
