@@ -86,6 +86,7 @@ class Pass:
     provides: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = False
     cacheable: ClassVar[bool] = False  # results may be reused from the pass cache (see passes/infra/cache.py)
+    resumable: ClassVar[bool] = False  # keeps partial state in ``ctx.state_dir`` (given only to these)
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
 

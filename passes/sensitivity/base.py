@@ -124,6 +124,7 @@ class SensitivityPass(Pass):
     provides = ("sensitivity", "kl", "contribution")
     needs_calibration = True
     cacheable = True  # annotations only; reused across budgets and allocators
+    resumable = True  # finished layers kept in ctx.state_dir (resume.py)
     Options = SensitivityOptions
     description = "loss/KL increase per expert per bit-width, gradient contribution, gradvar features"
 
