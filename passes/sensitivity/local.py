@@ -416,7 +416,7 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             extra = {}
             for b in bits if probe is None or probe[1] in bits else (*bits, probe[1]):
                 wq = interp.fake_quantized(node.id, w, b)
-                dw = weight_changes(w, wq)
+                dw = weight_changes(w, wq, in_place=autocast is not None)
                 delta = run.change(w, wq, dw) * wr
                 if probe is not None and b == probe[1]:
                     mine = local_seq[seq] >= 0
@@ -542,8 +542,12 @@ def _route_seqs(route: ops.Routing, seqs: list[int], seq_len: int) -> ops.Routin
     return ops.Routing(route.weights[idx], route.indices[idx], route.logits[idx], ())
 
 
-def weight_changes(w: dict, wq: dict) -> dict[str, torch.Tensor]:
-    """``W_q - W`` of an expert's gate, up and down weights."""
+def weight_changes(w: dict, wq: dict, in_place: bool = False) -> dict[str, torch.Tensor]:
+    """``W_q - W`` of an expert's gate, up and down weights; ``in_place``: the gate's and the up's
+    written over ``wq``'s (whose gate and up are then gone: :meth:`ExpertRun.change` with a cast
+    reads only ``wq``'s down), which saves two fresh weight-sized tensors an expert and width."""
+    if in_place:
+        return {r: wq[r].sub_(w[r]) if r != "down" and wq[r] is not w[r] else wq[r] - w[r] for r in ("gate", "up", "down")}
     return {r: wq[r] - w[r] for r in ("gate", "up", "down")}
 
 
