@@ -14,6 +14,7 @@ from dmpq_compile.passes.infra.cache import PassCache, _annotations, run_cached
 from dmpq_compile.passes.sensitivity import local, resume
 
 from dmpq_compile.frontend import load
+from dmpq_compile.ir.stream import SpilledBoundaries
 
 LAYERS = 4
 
@@ -173,13 +174,13 @@ def test_another_key_does_not_resume_and_no_cache_keeps_nothing(deep, tmp_path, 
     # without the cache the boundaries go to a temporary folder and nothing is kept
     monkeypatch.setattr(resume, "PartialState", None)  # would fail if anything opened partial state
     made = []
-    boundaries = local._Boundaries.__init__
+    boundaries = SpilledBoundaries.__init__
 
     def init(self):
         boundaries(self)
         made.append(self._dir.name)
 
-    monkeypatch.setattr(local._Boundaries, "__init__", init)
+    monkeypatch.setattr(SpilledBoundaries, "__init__", init)
     _sensitivity(model, ids, None)
     assert len(made) == 1
 
