@@ -47,3 +47,20 @@ def test_stored_bits_match_the_files(tmp_path, tiny_dirs, tiny_corpus, target, c
     assert main(["inspect", str(art)]) == 0
     text = capsys.readouterr().out
     assert f"stored bits per weight: {storage['bits_per_weight']:.3f}" in text and "code bits" in text
+
+
+def test_group_size_storage_ort_cpu():
+    """What docs/defaults.md ("Group size") quotes: a 4-bit weight stores 4.31 bits at group 64 and 4.16 at
+    group 128 (float16 scales, 4-bit zero points), and a K narrower than the group is padded to a whole
+    group, so olmoe-tiny's 64-wide down projections store about twice the bits at group 128."""
+    from dmpq_compile.compiler import get_backend
+
+    b = get_backend("ort-cpu")
+
+    def bpw(n: int, k: int, group: int) -> float:
+        return 8 * b.weight_bytes(n, k, 4, group) / (n * k)
+
+    assert bpw(1024, 2048, 64) == pytest.approx(4 + (16 + 4) / 64)
+    assert bpw(1024, 2048, 128) == pytest.approx(4 + (16 + 4) / 128)
+    assert bpw(128, 64, 64) == pytest.approx(bpw(1024, 2048, 64) + 0.0625)  # one group per row: its zero point fills a byte
+    assert bpw(128, 64, 128) > 1.9 * bpw(128, 64, 64)  # the padded half stores codes too
