@@ -14,20 +14,22 @@ For each sample, every variant is the default ort-cpu compile (default allocator
   pipeline sees it, so the profile pass routes the same 32 sequences (in another order) and only
   the sensitivity pass's sample changes. ``s16@16`` against ``s16`` is how far the allocation and
   quality move from sampling noise alone;
-* ``sN/S``: every S-th sequence (0, S, 2S, ...): the default's 32 sequences are consecutive
-  128-token pieces of the first few ``calib`` documents (3 with the samples' tokenizer), so a
-  strided sample spreads the same count over more text.
+* ``sN/S`` (``sN@K/S``): every S-th sequence from 0 (from K): the default's 32 sequences are
+  consecutive 128-token pieces of the first few ``calib`` documents (3 with the samples'
+  tokenizer), so a strided sample spreads the same count over more text.
 
 Each artifact is scored under the evaluation protocol (docs/evaluation.md) on ``--split`` (dev for
 the choice, test for the report) of both domains: perplexity, KL(float checkpoint || artifact) and
 top-1 agreement, with 95 % bootstrap intervals over documents, and the paired ratios
 ``KL / KL(s16)`` and ``ppl / ppl(s16)`` (same windows, same resampled documents). It also counts
 how many experts (and non-expert nodes) got a different bit-width from ``s16``, and the
-sensitivity pass's wall time (one thread; a timing under a shared machine's load, for scale only).
+sensitivity pass's wall time (one thread; a timing under a shared machine's load, for scale only),
+and prints per size the mean KL ratio over the variants of that size (``--resummarize`` reprints
+the tables of a results file).
 
     nice -n 10 python benchmarks/sensitivity_sequences.py --split dev \\
         --json benchmarks/results/sensitivity-sequences-dev.json
-    nice -n 10 python benchmarks/sensitivity_sequences.py --split test --variants s16 s8 --reuse \\
+    nice -n 10 python benchmarks/sensitivity_sequences.py --split test --variants s16 s12 s8 s16/2 s8/4 --reuse \\
         --json benchmarks/results/sensitivity-sequences-test.json
 """
 
