@@ -104,6 +104,19 @@ def test_latency_budget_counts_fixed_parts(seed):
     assert budget_usage(p, sol.allocation) <= cap * (1 + 1e-9)
     # a real-valued budget runs on a grid: within the loss of one cell per expert and stage
     assert sol.objective <= value + 0.05 * abs(value) + 1e-9
+    # and reports a proven lower bound (the fused Lagrangian dual) below the true optimum
+    assert sol.exact or sol.lower_bound <= value + 1e-9 * max(1.0, abs(value))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_coarse_grid_reports_a_true_lower_bound(seed):
+    """A bits budget with the group term on a grid too small for the gcd: inexact, with a bound below the optimum."""
+    p = _problem(seed, Budget("bits", 4.0 + seed % 3), w_lat=0.5 + seed, fixed=3.0)
+    value, _ = _brute(p)
+    sol = solve(p, max_cells=3)
+    assert not sol.exact
+    assert sol.lower_bound <= value + 1e-9 * max(1.0, abs(value)) <= sol.objective + 2e-9 * max(1.0, abs(value))
+    assert sol.gap >= 0
 
 
 def test_no_fusion_without_latency():
