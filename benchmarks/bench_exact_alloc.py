@@ -19,8 +19,8 @@ not run at the larger shapes: its choice table alone would be 0.6 GB (Qwen3) and
 Fused dispatch (``--fused``): the OLMoE experts (no non-expert items: they have no cost table) under a
 ``--budget-ms`` budget at 25/50/75 % of the way from the cheapest allocation to all 16 bits, with 4- and
 8-bit groups that can fuse (proxy costs, not measured: fused routed cost 0.6 x the per-expert one, a
-fixed part of 0.02 ms per layer and width). The core DP does not cover fused dispatch; the rows record
-the grid DP's time and the proven gap it reports.
+fixed part of 0.02 ms per layer and width): the fused core DP and, side by side, the grid DP (its
+objective and the proven gap it reports).
 
 Command: ``python benchmarks/bench_exact_alloc.py --fused`` (writes ``results/exact-alloc-<time>.json``).
 """
@@ -86,11 +86,15 @@ def fused_rows(repeat: int) -> list[dict]:
     for frac in (0.25, 0.5, 0.75):
         problem = dataclasses.replace(p0, budget=Budget("latency", lo + frac * (hi - lo)))
         row = {"shape": "olmoe-1b-7b-fused", "items": len(problem.experts), "budget_ms": problem.budget.value,
-               "budget_frac": frac, "grid": measure(problem, repeat)}
-        g = row["grid"]
-        print(f"olmoe fused     {len(problem.experts):6d} items  {frac:.2f} of the way  grid {g['seconds']:.3f}s "
-              f"{g['peak_mb']:.1f} MB exact={g['exact']} gap={g['gap']:.3g} "
-              f"({100 * g['gap'] / g['objective']:.3g} %)", flush=True)
+               "budget_frac": frac, "core": measure(problem, repeat), "grid": measure(problem, repeat, max_states=1)}
+        c, g = row["core"], row["grid"]
+        row["time_ratio_grid_over_core"] = g["seconds"] / c["seconds"]
+        row["objective_grid_minus_core"] = g["objective"] - c["objective"]
+        print(f"olmoe fused    {len(problem.experts):6d} items  {frac:.2f} of the way  core {c['seconds']:.3f}s "
+              f"{c['peak_mb']:.1f} MB exact={c['exact']} list={c['longest_list_or_cells']} | grid {g['seconds']:.3f}s "
+              f"{g['peak_mb']:.1f} MB exact={g['exact']} gap={g['gap']:.3g} ({100 * g['gap'] / g['objective']:.3g} %) "
+              f"obj+{row['objective_grid_minus_core']:.3g} ({100 * row['objective_grid_minus_core'] / c['objective']:.3g} %)",
+              flush=True)
         rows.append(row)
     return rows
 

@@ -35,21 +35,30 @@ memory; step 3 is O(sum over core classes of list x options) time and keeps one 
 pair per state for the backtrack (5 bytes). The budget enters only through how many classes are
 near the multiplier, not through a cell count. The lists are capped at ``max_states`` each (and 40
 times that together): where they would outgrow it (adversarial problems: many classes of unequal
-sizes with near-equal reduced costs), the solver falls back to the grid DP below and reports
-``exact=False`` with ``lower_bound = L(lam)``: the proven gap, which it logs.
+sizes with near-equal reduced costs, e.g. an objective proportional to use, a subset-sum), the solver
+falls back to the grid DP below and reports ``exact=False`` with ``lower_bound = L(lam)``: the proven
+gap, which it logs.
 
-Grid DP (the fallback, and the fused-dispatch case). The DP runs over the extra budget on a grid
-of cell size ``g``, each extra rounded **up** to whole cells, so any DP solution is feasible on the
-exact values. Integral budgets (``bits``, ``bytes``, ``stored-bits``): ``g`` is the gcd of all
-extras, exact if the budget spans at most ``max_cells`` cells; otherwise, and for latency budgets,
-``g`` is the extra budget over ``max_cells`` / ``latency_cells``, and the result (polished on exact
-values by the local search of :mod:`.projection`, the best of it and the incumbent kept) is
-feasible but not proven optimal: ``Solution.lower_bound`` then carries the Lagrangian bound.
+Fused dispatch (:mod:`.fusion`: a latency term or budget on a target that fuses a layer's experts of
+one width) is not additive: a layer pays each fused width's fixed part once. Its true cost is the least,
+over the layer's sets of fused widths (``2^f`` for ``f`` fusable widths), of an additive cost with that
+set's fixed parts and fused prices (the stages of :func:`_fused_dp`). :func:`_fused_core` runs the same
+three steps with the set as one more choice per layer: the dual ``L(lam)`` splits into one minimum per
+free row and one per layer (over sets, then rows); it is concave, and a doubling then ternary search
+finds its multiplier; the incumbent is the minimiser at a multiplier raised until it fits, or the
+projection of it on the additive tables (which bound the true use from above); a set whose stage value
+exceeds the layer's best by more than the gap is excluded, as are rows' options; and the DP runs every
+admissible set of a layer from the same list, then keeps the Pareto front of their union. Time: the
+additive case's, times ``2^f`` per layer; the search evaluates ``L`` about 150 times, each
+O(2^f n m).
 
-Fused dispatch (:mod:`.fusion`: a latency term or budget on a target that fuses a layer's experts
-of one width) is not additive, so it keeps the grid DP of :func:`_fused_dp`, exact exactly where the
-gcd grid fits as before; otherwise its lower bound is the fused Lagrangian dual
-(:func:`_fused_bound`), maximised numerically.
+Grid DP (the fallback). The DP runs over the extra budget on a grid of cell size ``g``, each extra
+rounded **up** to whole cells, so any DP solution is feasible on the exact values. Integral budgets
+(``bits``, ``bytes``, ``stored-bits``): ``g`` is the gcd of all extras, exact if the budget spans at
+most ``max_cells`` cells; otherwise, and for latency budgets, ``g`` is the extra budget over
+``max_cells`` / ``latency_cells``, and the result (additive: polished on exact values by the local
+search of :mod:`.projection`, the best of it and the incumbent kept) is feasible but not proven
+optimal: ``Solution.lower_bound`` then carries the Lagrangian bound, and the gap is logged.
 
 ``Solution.exact`` says whether the allocation is proven optimal (up to float rounding, 1e-9
 relative); ``Solution.lower_bound`` is a proven lower bound on the optimum (the objective itself
@@ -58,6 +67,7 @@ when exact).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -320,37 +330,67 @@ def _fused_dp(t: ProblemTables, extra_raw: np.ndarray, g: float, exact: bool, ce
     return idx
 
 
-def _fused_bound(t: ProblemTables, extra: np.ndarray, cap: float) -> float:
-    """A lower bound on the fused-dispatch optimum: the Lagrangian dual, maximised over the multiplier.
+def _front(w: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Indices of the states no other beats on both use and objective, by increasing use."""
+    order = np.lexsort((v, w))
+    vs = v[order]
+    keep = np.ones(len(vs), dtype=bool)
+    keep[1:] = vs[1:] < np.minimum.accumulate(vs)[:-1]
+    return order[keep]
 
-    For a multiplier ``lam >= 0``, ``L(lam)`` is the least of ``objective + lam * (use - cap)`` over every
-    allocation and every layer's set of fused widths (the stages of :func:`_fused_dp`), which splits into
-    one minimum per free row and one per layer; it is a lower bound for every ``lam`` and concave in it,
-    so a doubling search for a range then a ternary search finds (nearly) its maximum. Time:
-    ``O(iterations x 2^f x rows x widths)``, about 150 iterations.
-    """
+
+def _step(w: np.ndarray, v: np.ndarray, r: np.ndarray, ew: np.ndarray, ev: np.ndarray, er: np.ndarray,
+          room: float, rmax: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One class of the core DP: every state with every option, kept if its use fits ``room`` and its reduced
+    costs ``rmax``, then pruned to the Pareto front. Returns the new states, their parents and options."""
+    k = len(ew)
+    cw, cv, cr = (w[:, None] + ew).ravel(), (v[:, None] + ev).ravel(), (r[:, None] + er).ravel()
+    parent, opt = np.repeat(np.arange(len(w)), k), np.tile(np.arange(k), len(w))
+    ok = np.flatnonzero((cw <= room) & (cr <= rmax))
+    keep = ok[_front(cw[ok], cv[ok])]
+    return cw[keep], cv[keep], cr[keep], parent[keep], opt[keep]
+
+
+class _Overflow(Exception):
+    """A Pareto list of the core DP outgrew ``max_states``."""
+
+
+def _fused_parts(t: ProblemTables, extra: np.ndarray) -> tuple[np.ndarray, list]:
+    """The rows that never fuse, and per fusing layer its rows and, per set of fused widths (``fz.masks()``),
+    the rows' objective and extra use inside it and the set's fixed objective and use."""
     fz = t.fusion
-    free = fz.layer < 0
-    stages = []
+    layers = []
     for layer in range(fz.layers):
         members = np.flatnonzero(fz.layer == layer)
+        opts = []
         for mask in fz.masks():
             v, e = t.objective[members].copy(), extra[members].copy()
             for j in mask:
                 v[:, j] -= fz.saving_obj[members, j]
                 e[:, j] -= fz.saving_use[members, j] * t.usage_scale
-            stages.append((layer, v, e, sum(fz.fixed_obj[layer, j] for j in mask),
-                           sum(fz.fixed_use[layer, j] for j in mask) * t.usage_scale))
+            opts.append((v, e, float(sum(fz.fixed_obj[layer, j] for j in mask)),
+                         float(sum(fz.fixed_use[layer, j] for j in mask)) * t.usage_scale))
+        layers.append((members, opts))
+    return np.flatnonzero(fz.layer < 0), layers
 
+
+def _fused_dual(t: ProblemTables, extra: np.ndarray, free: np.ndarray, layers: list, cap: float,
+                lam: float) -> float:
+    """``L(lam)``: the least ``objective + lam * (use - cap)`` over allocations and sets of fused widths."""
+    total = float((t.objective[free] + lam * extra[free]).min(axis=1).sum()) if len(free) else 0.0
+    for _, opts in layers:
+        total += min(float((v + lam * e).min(axis=1).sum()) + fv + lam * fe for v, e, fv, fe in opts)
+    return total - lam * cap
+
+
+def _fused_lambda(t: ProblemTables, extra: np.ndarray, free: np.ndarray, layers: list,
+                  cap: float) -> tuple[float, float]:
+    """The (nearly) best multiplier of the fused dual and its bound: ``L`` is concave, so a doubling
+    search for a range, then 100 ternary steps."""
     def dual(lam: float) -> float:
-        best = np.full(fz.layers, np.inf)
-        for layer, v, e, fv, fe in stages:
-            best[layer] = min(best[layer], float((v + lam * e).min(axis=1).sum()) + fv + lam * fe)
-        rest = float((t.objective[free] + lam * extra[free]).min(axis=1).sum()) if free.any() else 0.0
-        return rest + float(best.sum()) - lam * cap
+        return _fused_dual(t, extra, free, layers, cap, lam)
 
-    spread = float(np.ptp(t.objective)) / max(float(np.ptp(extra)), 1e-300)
-    hi = max(spread, 1e-300)
+    hi = max(float(np.ptp(t.objective)) / max(float(np.ptp(extra)), 1e-300), 1e-300)
     while dual(2 * hi) > dual(hi) and hi < 1e300:
         hi *= 2
     lo, hi = 0.0, 2 * hi
@@ -360,7 +400,137 @@ def _fused_bound(t: ProblemTables, extra: np.ndarray, cap: float) -> float:
             lo = a
         else:
             hi = b
-    return max(dual(0.0), dual(lo), dual(hi))
+    return max((dual(x), x) for x in (0.0, lo, hi))
+
+
+def _least_use_argmin(vals: np.ndarray, e: np.ndarray) -> np.ndarray:
+    low = vals.min(axis=1)
+    tie = vals <= low[:, None] + 1e-12 * np.maximum(1.0, np.abs(low))[:, None]
+    return np.where(tie, e, np.inf).argmin(axis=1)
+
+
+def _fused_minimiser(t: ProblemTables, extra: np.ndarray, free: np.ndarray, layers: list,
+                     lam: float) -> np.ndarray:
+    """An allocation minimising ``objective + lam * use`` (the least-use one among near-ties)."""
+    idx = np.zeros(len(extra), dtype=np.int64)
+    idx[free] = _least_use_argmin(t.objective[free] + lam * extra[free], extra[free])
+    for members, opts in layers:
+        best = min(range(len(opts)), key=lambda k: (float((opts[k][0] + lam * opts[k][1]).min(axis=1).sum())
+                                                    + opts[k][2] + lam * opts[k][3]))
+        v, e, _, _ = opts[best]
+        idx[members] = _least_use_argmin(v + lam * e, e)
+    return idx
+
+
+def _fused_core(t: ProblemTables, extra: np.ndarray, cap: float, max_states: int) -> tuple[np.ndarray | None, int, float]:
+    """The core DP with fused dispatch: every layer's sets of fused widths are options of one stage, whose
+    Lagrangian reduced cost (the set's stage value less the layer's best) joins its rows' (module docstring).
+
+    Returns the allocation (None where a list outgrew ``max_states`` or no incumbent was found), the longest
+    list and the Lagrangian bound.
+    """
+    free, layers = _fused_parts(t, extra)
+    bound, lam = _fused_lambda(t, extra, free, layers, cap)
+    # incumbent: the minimiser at a multiplier raised until it fits, or the additive projection of it
+    cands = []
+    x = _fused_minimiser(t, extra, free, layers, lam)
+    with contextlib.suppress(ValueError):
+        cands.append(project_indices(t, x))  # the additive use bounds the true one: feasible
+    mult = lam
+    for _ in range(80):
+        if fits(t.used(x), t.capacity):
+            cands.append(x)
+            break
+        mult = mult * 1.25 + 1e-300
+        x = _fused_minimiser(t, extra, free, layers, mult)
+    if not cands:
+        return None, 0, bound
+    incumbent = min(t.value(c) for c in cands)
+    rmax = incumbent - bound + 1e-9 * (abs(incumbent) + abs(bound)) + 1e-12
+    vals = t.objective[free] + lam * extra[free]
+    rc_free = vals - vals.min(axis=1)[:, None]
+    keep_free = [np.flatnonzero(row <= rmax) for row in rc_free]
+    stages = []  # per layer: [(set, fixed use, fixed objective, set's reduced cost, options kept per row, rcs)]
+    for members, opts in layers:
+        s = [float((v + lam * e).min(axis=1).sum()) + fv + lam * fe for v, e, fv, fe in opts]
+        sets = []
+        for k, (v, e, fv, fe) in enumerate(opts):
+            if s[k] - min(s) > rmax:
+                continue
+            vals_k = v + lam * e
+            rc = vals_k - vals_k.min(axis=1)[:, None]
+            sets.append((k, fe, fv, s[k] - min(s), [np.flatnonzero(row <= rmax) for row in rc], rc))
+        stages.append((members, opts, sets))
+    # least use still to come after each free row and each layer (an infeasibility prune)
+    layer_least = [min(fe + sum(float(opts[k][1][p, kept].min()) for p, kept in enumerate(keeps))
+                       for k, fe, _, _, keeps, _ in sets) for _, opts, sets in stages]
+    after_layers = np.concatenate([np.cumsum(layer_least[::-1])[::-1], [0.0]]) if layer_least else np.zeros(1)
+    free_least = [float(extra[i, kept].min()) for i, kept in zip(free, keep_free)]
+    after_free = np.concatenate([np.cumsum(free_least[::-1])[::-1], [0.0]]) + after_layers[0]
+    w, v, r = np.zeros(1), np.zeros(1), np.zeros(1)
+    largest, total = 1, 0
+
+    def count(n: int) -> None:
+        nonlocal largest, total
+        largest, total = max(largest, n), total + n
+        if n > max_states or total > 40 * max_states:
+            raise _Overflow
+
+    free_trail = []
+    try:
+        for p, (i, kept) in enumerate(zip(free, keep_free)):
+            w, v, r, parent, opt = _step(w, v, r, extra[i, kept], t.objective[i, kept], rc_free[p, kept],
+                                         cap - after_free[p + 1], rmax)
+            free_trail.append((parent.astype(np.int32), kept[opt].astype(np.int16)))
+            count(len(w))
+        layer_trail = []
+        for li, (members, opts, sets) in enumerate(stages):
+            parts = []
+            for k, fe, fv, rck, keeps, rc in sets:
+                ve, ee = opts[k][0], opts[k][1]
+                least = [float(ee[p, kept].min()) for p, kept in enumerate(keeps)]
+                suffix = np.concatenate([np.cumsum(least[::-1])[::-1], [0.0]])
+                w1, v1, r1 = w + fe, v + fv, r + rck
+                start = np.flatnonzero((w1 + suffix[0] + after_layers[li + 1] <= cap) & (r1 <= rmax))
+                w1, v1, r1 = w1[start], v1[start], r1[start]
+                trail = []
+                for p, kept in enumerate(keeps):
+                    w1, v1, r1, parent, opt = _step(w1, v1, r1, ee[p, kept], ve[p, kept], rc[p, kept],
+                                                    cap - suffix[p + 1] - after_layers[li + 1], rmax)
+                    trail.append((parent.astype(np.int32), kept[opt].astype(np.int16)))
+                    count(len(w1))
+                parts.append((start, trail, w1, v1, r1))
+            w_all = np.concatenate([q[2] for q in parts])
+            v_all = np.concatenate([q[3] for q in parts])
+            r_all = np.concatenate([q[4] for q in parts])
+            which = np.concatenate([np.full(len(q[2]), n) for n, q in enumerate(parts)]).astype(np.int64)
+            pos = np.concatenate([np.arange(len(q[2])) for q in parts]).astype(np.int64)
+            front = _front(w_all, v_all)
+            w, v, r = w_all[front], v_all[front], r_all[front]
+            layer_trail.append((parts, which[front], pos[front]))
+            count(len(w))
+    except _Overflow:
+        return None, largest, bound
+    if len(w) == 0:
+        raise RuntimeError("internal error: the fused core DP lost every allocation of a feasible problem; "
+                           "please report this with the problem")
+    idx = np.zeros(len(extra), dtype=np.int64)
+    s = int(np.argmin(v))
+    for li in range(len(stages) - 1, -1, -1):
+        members = stages[li][0]
+        parts, which, pos = layer_trail[li]
+        start, trail, *_ = parts[int(which[s])]
+        s = int(pos[s])
+        for p in range(len(trail) - 1, -1, -1):
+            parent, col = trail[p]
+            idx[members[p]] = int(col[s])
+            s = int(parent[s])
+        s = int(start[s])
+    for p in range(len(free_trail) - 1, -1, -1):
+        parent, col = free_trail[p]
+        idx[free[p]] = int(col[s])
+        s = int(parent[s])
+    return idx, largest, bound
 
 
 def solve(problem: AllocationProblem, max_cells: int = 100_000, latency_cells: int = 50_000,
@@ -398,12 +568,17 @@ def solve(problem: AllocationProblem, max_cells: int = 100_000, latency_cells: i
             return _finish(problem, t, idx, True, 0.0, largest, rel.bound)
         bound = rel.bound
         logger.info("core DP list outgrew max_states=%d: using the grid DP", max_states)
+    else:
+        idx, largest, bound = _fused_core(t, extra, cap_extra, max_states)
+        if idx is not None:
+            return _finish(problem, t, idx, True, 0.0, largest, bound)
+        logger.info("fused core DP list outgrew max_states=%d: using the grid DP", max_states)
     g, exact = _grid(extra, cap_extra, integral, max_cells, latency_cells)
     q = np.ceil(extra / g - (0.0 if not exact else 1e-9)).astype(np.int64)
     cells = math.floor(cap_extra / g + (1e-9 if exact else 0.0))
     if t.fusion is not None:  # the additive polish below would optimise the per-expert bound, not the cost
         idx = _fused_dp(t, extra, g, exact, cells)
-        return _finish(problem, t, idx, exact, g, cells, None if exact else _fused_bound(t, extra, cap_extra))
+        return _finish(problem, t, idx, exact, g, cells, None if exact else bound)
     idx = _dp(q, t.objective, cells)
     if not exact:
         idx = _polish(problem, t, idx)
