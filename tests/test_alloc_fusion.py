@@ -139,6 +139,30 @@ def test_fused_core_dp_agrees_with_the_exact_grid_dp(seed):
     assert core.objective == pytest.approx(grid.objective, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_core_dp_with_rows_that_never_fuse(seed):
+    """Some experts without a fused cost (rows outside every stage) next to fusing layers: brute force agrees,
+    under a latency budget and under a bits budget with the group term."""
+    import dataclasses
+
+    for budget, w_lat in ((Budget("latency", 1e9), 0.0), (Budget("bits", 4.0 + seed % 3), 1.0 + seed)):
+        p = _problem(seed, budget, w_lat=w_lat, fixed=2.0, layers=2, per_layer=3)
+        experts = list(p.experts)
+        for i in (seed % 3, 3 + (seed + 1) % 3):
+            experts[i] = dataclasses.replace(experts[i], cost={b: dataclasses.replace(
+                c, fused_decode_ms=None, fused_prefill_ms=None, group_decode_ms=0.0) for b, c in experts[i].cost.items()})
+        p = dataclasses.replace(p, experts=tuple(experts))
+        assert (build_tables(p).fusion.layer < 0).sum() == 2
+        if budget.kind == "latency":
+            lo = min_feasible_budget(p)
+            hi = budget_usage(p, {e.key: 8 for e in p.experts})
+            p = dataclasses.replace(p, budget=Budget("latency", lo + 0.4 * (hi - lo)))
+        value, _ = _brute(p)
+        sol = solve(p)
+        assert sol.exact
+        assert sol.objective == pytest.approx(value, rel=1e-9, abs=1e-12)
+
+
 def test_no_fusion_without_latency():
     p = _problem(1, Budget("bits", 4.0), w_lat=0.0, fixed=1.0)
     assert build_tables(p).fusion is None

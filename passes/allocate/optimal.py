@@ -1,4 +1,4 @@
-"""Exact optimum of the additive model: a multiple-choice knapsack, solved exactly at real sizes.
+"""Exact optimum of the allocation objective (a multiple-choice knapsack), exact at real sizes.
 
 Minimise ``sum_i objective_i[b_i]`` (with the default weights: ``sum_i sensitivity_i[b_i]``)
 subject to the budget. Each item (a routed expert or, with ``--nonexpert-bits auto``, a
@@ -9,7 +9,7 @@ every class. Every item's usage is split into its cheapest option (always paid) 
 Why not a plain DP over the budget. A DP over integer budget cells is exact only on a grid of the
 gcd of all extras. With equally sized experts that gcd is large, but one non-expert item of an odd
 size (attention, embedding) wrecks it: the 16-layer OLMoE-1B-7B shape (1024 experts + 18 non-expert
-items, stored bits) would need 1.9e6 cells x 1042 rows of choices (2 GB). The solver therefore
+items, stored bits) needed 1.9e6 cells x 1042 rows of choices (2 GB) in a real compile's log. The solver therefore
 works on exact usages and only over the items the LP bound cannot exclude:
 
 1. **Relaxation** (:func:`_relax`). The Lagrangian dual ``L(lam) = sum_i min_j (obj_ij + lam *
@@ -27,12 +27,12 @@ works on exact usages and only over the items the LP bound cannot exclude:
    class, states beaten on both use and objective by another are dropped (dominance), as are
    states whose reduced costs already exceed the gap (bound) or that cannot fit even with the
    cheapest options of the classes still to come. Equally sized experts collapse onto few distinct
-   uses, which is what keeps the lists short: at the OLMoE and Qwen3-30B-A3B shapes the largest
-   list has hundreds to thousands of states (``benchmarks/bench_exact_alloc.py``).
+   uses, which is what keeps the lists short: at the OLMoE, Qwen3-30B-A3B and DeepSeek-V3 shapes the
+   longest list had 8-183 states, about 1,500 with fused dispatch (``benchmarks/bench_exact_alloc.py``).
 
 Time and memory. With ``n`` items and ``m`` widths, step 1 is O(n m^2 log(n m)) time and O(n m^2)
 memory; step 3 is O(sum over core classes of list x options) time and keeps one (parent, option)
-pair per state for the backtrack (5 bytes). The budget enters only through how many classes are
+pair per state for the backtrack (5-6 bytes). The budget enters only through how many classes are
 near the multiplier, not through a cell count. The lists are capped at ``max_states`` each (and 40
 times that together): where they would outgrow it (adversarial problems: many classes of unequal
 sizes with near-equal reduced costs, e.g. an objective proportional to use, a subset-sum), the solver
@@ -171,7 +171,7 @@ def _core_dp(extra: np.ndarray, obj: np.ndarray, cap: float, rel: _Relaxation, i
     max_states``) and the largest list.
     """
     n, m = extra.shape
-    gap = incumbent - rel.bound
+    gap = max(incumbent - rel.bound, 0.0)  # >= 0 but for rounding
     tol = 1e-9 * (abs(incumbent) + abs(rel.bound)) + 1e-12
     keep = (rel.reduced <= gap + tol) & np.isfinite(obj)  # each class keeps its minimiser (reduced cost 0)
     core = np.flatnonzero(keep.sum(axis=1) > 1)
@@ -446,7 +446,7 @@ def _fused_core(t: ProblemTables, extra: np.ndarray, cap: float, max_states: int
     if not cands:
         return None, 0, bound
     incumbent = min(t.value(c) for c in cands)
-    rmax = incumbent - bound + 1e-9 * (abs(incumbent) + abs(bound)) + 1e-12
+    rmax = max(incumbent - bound, 0.0) + 1e-9 * (abs(incumbent) + abs(bound)) + 1e-12
     vals = t.objective[free] + lam * extra[free]
     rc_free = vals - vals.min(axis=1)[:, None]
     keep_free = [np.flatnonzero(row <= rmax) for row in rc_free]
