@@ -136,9 +136,9 @@ def save_model(model: onnx.ModelProto, folder: str | Path, *, external: bool,
     with open(Path(folder) / DATA_FILE, "wb") as f:
         for t in model.graph.initializer:
             if t.name in deferred:
-                data = _bytes(_as_proto_type(deferred.pop(t.name)(), t))
+                data = _buffer(_as_proto_type(deferred.pop(t.name)(), t))
                 if len(data) < EXTERNAL_MIN_BYTES:  # small constants stay inline (shape inference reads them)
-                    t.raw_data = data
+                    t.raw_data = bytes(data)
                     continue
             elif t.raw_data and len(t.raw_data) >= EXTERNAL_MIN_BYTES:
                 data = t.raw_data
@@ -158,6 +158,11 @@ def save_model(model: onnx.ModelProto, folder: str | Path, *, external: bool,
 
 def _bytes(data: np.ndarray | bytes) -> bytes:
     return data if isinstance(data, bytes) else data.tobytes()
+
+
+def _buffer(data: np.ndarray | bytes) -> bytes | memoryview:
+    """``data``'s bytes without a copy where it is an array (``len`` is its size in bytes)."""
+    return data if isinstance(data, bytes) else memoryview(np.ascontiguousarray(data)).cast("B")
 
 
 def _as_proto_type(arr: np.ndarray | bytes, t: onnx.TensorProto) -> np.ndarray | bytes:

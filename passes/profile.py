@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..ir.graph import Graph
 from ..ir.interpreter import Interpreter, RunOptions, check_compute_dtype, compute_dtype
-from ..ir.stream import layer_outputs, run_layers
+from ..ir.stream import SharedForward, layer_outputs, run_layers
 from .infra.base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ProfilePass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         cast = compute_dtype(graph, self.options.compute_dtype)
-        counts, mass, total = route_statistics(graph, ctx.calibration, ctx.progress, cast)
+        counts, mass, total = route_statistics(graph, ctx.calibration, ctx.progress, cast, ctx.forward_share)
         for node in graph.experts():
             layer, e = node.attrs["layer"], node.attrs["expert"]
             graph.annotate(node.id, "tokens", int(counts[layer][e]))
@@ -69,10 +69,11 @@ class ProfilePass(Pass):
             "tokens": total, "compute_dtype": str(cast or torch.float32).removeprefix("torch.")})
 
 
-def route_statistics(graph: Graph, ids: torch.Tensor, progress: bool = True, autocast: torch.dtype | None = None
-                     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
+def route_statistics(graph: Graph, ids: torch.Tensor, progress: bool = True, autocast: torch.dtype | None = None,
+                     share: SharedForward | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
     """Per layer: tokens routed to each expert ``[E]`` and summed routing weights ``[E]``; total tokens
-    (the products in ``autocast``, None: fp32)."""
+    (the products in ``autocast``, None: fp32). ``share``: record the forward there for a later pass
+    (:class:`~dmpq_compile.ir.stream.SharedForward`), when it wants this one."""
     interp = Interpreter(graph, quantize=False)
     n_exp = graph.meta["num_experts"]
     layers = [r.attrs["layer"] for r in graph.nodes("router")]
@@ -87,7 +88,11 @@ def route_statistics(graph: Graph, ids: torch.Tensor, progress: bool = True, aut
 
     opts = RunOptions(quantize=False, observer=observe, autocast=autocast)
     bar = tqdm(total=len(layer_outputs(graph)), desc="profile", unit="layer", disable=not progress, leave=False)
+    record = share is not None and share.recording(ids, autocast)
     with torch.no_grad():  # layer-major: each weight is read once, memory holds one layer
-        run_layers(interp, ids, opts, progress=lambda layer: bar.update(1))
+        h = run_layers(interp, ids, opts, progress=lambda layer: bar.update(1),
+                       before_layer=share.put if record else None)
+    if record:
+        share.finish(h)
     bar.close()
     return counts, mass, int(ids.numel())

@@ -51,3 +51,23 @@ def test_resumed_steps_count_as_done_but_not_in_the_time_a_step_costs(caplog, mo
     line = caplog.records[-1].getMessage()
     assert line.startswith("sensitivity: step 7/10 (backward L3, 6 resumed), 30 s elapsed")
     assert "30.0 s a step, ETA 1:30" in line  # 3 steps left at the one step's 30 s, not at 30 s / 7
+
+
+def test_eta_weighs_steps_by_their_work_and_skipped_steps_take_no_time(caplog, monkeypatch):
+    """A pass whose steps differ (a forward layer 1 unit, a backward layer 8) gets an ETA from the
+    work left, not the steps left; steps another pass did (skip) count as done at no time."""
+    from dmpq_compile.passes.infra import layer_clock
+
+    now = [0.0]
+    monkeypatch.setattr(layer_clock.time, "perf_counter", lambda: now[0])
+    caplog.set_level(logging.INFO, logger="dmpq_compile.passes.infra.layer_clock")
+    clock = LayerClock("sensitivity", 8, every=0.0, work=4 * 1 + 4 * 8)
+    clock.skip(2)  # the first two forward layers came from another pass
+    for _ in range(2):
+        now[0] += 1.0
+        clock.step("forward", 1.0)
+    assert caplog.records[-1].getMessage().endswith("ETA 0:32")  # 32 units left at 1 s a unit
+    now[0] += 8.0
+    clock.step("backward", 8.0)
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("sensitivity: step 5/8 (backward)") and line.endswith("ETA 0:24")

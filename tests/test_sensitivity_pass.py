@@ -222,3 +222,63 @@ def test_no_flip_probe_flag_reaches_the_sensitivity_pass():
     add_arguments(p)
     assert sensitivity_pass(config_from_args(p.parse_args(["m"]))).options.flips
     assert not sensitivity_pass(config_from_args(p.parse_args(["m", "--no-flip-probe"]))).options.flips
+
+
+def test_sensitivity_reuses_the_profile_forward_with_the_same_result(tiny_dirs, calib_ids, monkeypatch, tmp_path):
+    """profile runs the calibration forward anyway: the local sensitivity pass takes its first
+    sequences' layer boundaries from it instead of running that forward again, and gets the
+    annotations it gets from its own forward; the share is gone after the pipeline."""
+    from dmpq_compile.passes.infra.cache import PassCache
+    from dmpq_compile.passes.sensitivity import local
+
+    from dmpq_compile.ir import stream
+
+    ids = calib_ids("olmoe")
+    sens = {"bits": (2, 4), "max_sequences": 5, "gradvar": False}
+    own = PassManager([make_pass("profile")]).run(load(tiny_dirs("olmoe")), PassContext(calibration=ids, progress=False))
+    own = PassManager([make_pass("sensitivity", **sens)]).run(own, PassContext(calibration=ids, progress=False))
+
+    def no_forward(*a, **k):
+        raise AssertionError("the sensitivity forward ran again")
+
+    opened = []
+    real = stream.SharedForward.__init__
+
+    def init(self, *a):
+        real(self, *a)
+        opened.append(self)
+
+    monkeypatch.setattr(stream.SharedForward, "__init__", init)
+    monkeypatch.setattr(local, "forward_boundaries", no_forward)
+    for cache in (None, PassCache(tmp_path / "cache")):  # without and with partial state kept
+        ctx = PassContext(calibration=ids, progress=False)
+        shared = PassManager([make_pass("profile"), make_pass("sensitivity", **sens)], cache=cache).run(
+            load(tiny_dirs("olmoe")), ctx)
+        assert ctx.forward_share is None and opened[-1].store is None  # handed over, closed
+        assert opened[-1].rows == 5
+        for n in own.experts():
+            for key in ("kl", "contribution", "tokens"):
+                assert shared.node(n.id).ann[key] == pytest.approx(n.ann[key], rel=1e-6, abs=1e-12), (n.id, key)
+
+
+def test_a_shared_forward_is_taken_only_as_recorded_and_else_removed(tiny_dirs, calib_ids):
+    from pathlib import Path
+
+    from dmpq_compile.ir.stream import SharedForward, run_layers
+
+    ids = calib_ids("olmoe")
+    interp = Interpreter(load(tiny_dirs("olmoe")), quantize=False)
+    share = SharedForward(3, None)
+    assert not share.recording(ids, torch.bfloat16)  # another dtype: not recorded
+    assert share.recording(ids, None) and not share.recording(ids, None)  # once
+    with torch.no_grad():
+        h = run_layers(interp, ids, RunOptions(quantize=False), before_layer=share.put)
+    share.finish(h)
+    folder = Path(share.store._dir.name)
+    assert all((folder / f"{i}.pt").stat().st_size < 3 * ids.shape[1] * h.shape[-1] * 4 + 4096 for i in range(2))
+    assert share.take(ids[1:4], None) is None and share.take(ids[:3], torch.bfloat16) is None
+    with torch.no_grad():
+        alone = run_layers(interp, ids[:3], RunOptions(quantize=False))
+    torch.testing.assert_close(share.h_last, alone, rtol=1e-6, atol=1e-6)
+    share.close()
+    assert not folder.exists() and share.take(ids[:3], None) is None

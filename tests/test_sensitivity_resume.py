@@ -14,6 +14,7 @@ from dmpq_compile.passes.infra.cache import PassCache, _annotations, run_cached
 from dmpq_compile.passes.sensitivity import local, resume
 
 from dmpq_compile.frontend import load
+from dmpq_compile.ir.stream import SpilledBoundaries
 
 LAYERS = 4
 
@@ -173,13 +174,13 @@ def test_another_key_does_not_resume_and_no_cache_keeps_nothing(deep, tmp_path, 
     # without the cache the boundaries go to a temporary folder and nothing is kept
     monkeypatch.setattr(resume, "PartialState", None)  # would fail if anything opened partial state
     made = []
-    boundaries = local._Boundaries.__init__
+    boundaries = SpilledBoundaries.__init__
 
     def init(self):
         boundaries(self)
         made.append(self._dir.name)
 
-    monkeypatch.setattr(local._Boundaries, "__init__", init)
+    monkeypatch.setattr(SpilledBoundaries, "__init__", init)
     _sensitivity(model, ids, None)
     assert len(made) == 1
 
@@ -290,3 +291,23 @@ def test_compile_interrupted_in_sensitivity_resumes_to_the_same_artifact(tiny_di
     assert report["experts"] == json.loads((tmp_path / "b" / "report.json").read_text())["experts"]
     for f in (tmp_path / "b").glob("model.onnx*"):
         assert (tmp_path / "a" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_only_resumable_passes_get_a_partial_state_folder(tmp_path, monkeypatch):
+    """A cacheable pass that keeps no partial state (profile) gets state_dir None and no folder."""
+    from dmpq_compile.passes.profile import ProfilePass
+
+    from dmpq_compile.testing import make_tiny_checkpoint
+
+    seen = []
+
+    def run(self, graph, ctx):
+        seen.append(ctx.state_dir)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(ProfilePass, "run", run)
+    graph = load(make_tiny_checkpoint("olmoe", tmp_path / "m"))
+    with pytest.raises(RuntimeError, match="stop"):
+        run_cached(make_pass("profile"), graph, PassContext(calibration=torch.zeros(2, 8, dtype=torch.long),
+                                                             progress=False), PassCache(tmp_path / "cache"))
+    assert seen == [None] and not list((tmp_path / "cache").glob("*.partial"))

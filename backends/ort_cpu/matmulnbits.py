@@ -71,8 +71,10 @@ def check_spec(spec: QuantSpec, where: str) -> None:
     check_block_size(spec.group_size, where)
 
 
-def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str, where: str) -> NBitsWeight:
-    """Convert one role's stored tensors (see :mod:`dmpq_compile.quant.stored`) to MatMulNBits layout.
+def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str, where: str,
+                codes: bool = True) -> NBitsWeight:
+    """Convert one role's stored tensors (see :mod:`dmpq_compile.quant.stored`) to MatMulNBits layout
+    (``codes=False``: scales and zero points only, ``b`` empty; the codes are the large part).
 
     Args:
         weights: the weight store holding the tensors named in ``quant``.
@@ -91,7 +93,6 @@ def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str,
     n, k = (int(v) for v in entry["shape"])
     bits, bs = spec.bits, spec.group_size
     blocks = -(-k // bs)
-    packed = weights[entry["q"]].cpu().numpy()
     scales = weights[entry["scale"]].cpu().numpy().astype(np.float32, copy=False)
     if spec.scale_dtype == "float16":
         half = scales.astype(np.float16)
@@ -103,6 +104,10 @@ def pack_weight(weights: Mapping[str, Any], quant: Mapping[str, Any], role: str,
     if scales.shape != (n, blocks) or zeros.shape != (n, blocks):
         raise BackendError(f"{where}.{role}: scales {scales.shape} / zeros {zeros.shape} do not match "
                            f"[{n}, {blocks}] for K={k}, group {bs}; re-run the quantize pass")
+    if not codes:
+        return NBitsWeight(np.empty((n, blocks, 0), np.uint8), np.ascontiguousarray(scales), pack_bits(zeros, bits),
+                           n, k, bits, bs)
+    packed = weights[entry["q"]].cpu().numpy()
     if k % bs:  # ragged K: pad the last block with its zero point, i.e. dequantized zeros
         codes = np.repeat(zeros[:, -1:], blocks * bs, axis=1)
         codes[:, :k] = unpack_bits(packed, bits, k)
@@ -368,11 +373,12 @@ def _qmoe_part(lw: Lowering, nodes: list[Node], field: str):
     """Makes QMoE input ``field`` of ``nodes`` when the model is written, one expert at a time (the
     result is the only group-sized array held)."""
     roles = ("down",) if field.startswith("fc2") else ("gate", "up")
+    codes = field in ("fc1", "fc2")  # the scales and zero points need no codes
 
     def make() -> np.ndarray:
         out = None
         for i, node in enumerate(nodes):
-            packed = {r: pack_weight(lw.graph.weights, node.ann["quant"], r, node.id) for r in roles}
+            packed = {r: pack_weight(lw.graph.weights, node.ann["quant"], r, node.id, codes) for r in roles}
             part = qmoe_tensors(packed, field)
             if out is None:
                 out = np.empty((len(nodes), *part.shape), part.dtype)

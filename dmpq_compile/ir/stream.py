@@ -12,8 +12,10 @@ Node ids follow the frontend: ``embed`` -> ``L{i}.moe_res`` (layer i's output) -
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import networkx as nx
 import torch
@@ -65,13 +67,17 @@ def run_layer(interp: Interpreter, layer: int, h: torch.Tensor, opts: RunOptions
 
 def run_layers(interp: Interpreter, ids: torch.Tensor, opts: RunOptions,
                after_layer: Callable[[int, torch.Tensor], None] | None = None,
-               progress: Callable[[int], None] | None = None) -> torch.Tensor:
+               progress: Callable[[int], None] | None = None,
+               before_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Run all decoder layers layer-major; returns the last layer's output ``[S, T, H]``.
 
-    ``after_layer(l, h)`` sees each layer's output; ``opts.observer`` sees every node value.
+    ``before_layer(l, h)`` sees the residual stream entering each layer, ``after_layer(l, h)`` each
+    layer's output; ``opts.observer`` sees every node value.
     """
     h = embed(interp, ids, opts)
     for layer in range(len(layer_outputs(interp.graph))):
+        if before_layer is not None:
+            before_layer(layer, h)
         h = run_layer(interp, layer, h, opts)
         if after_layer is not None:
             after_layer(layer, h)
@@ -88,3 +94,75 @@ def head_chunks(interp: Interpreter, h: torch.Tensor, opts: RunOptions,
     for start in range(0, len(h), sequences):
         sl = slice(start, start + sequences)
         yield sl, interp.run(None, replace(opts, resume={last: h[sl]}), outputs=("lm_head",))["lm_head"]
+
+
+class SpilledBoundaries:
+    """The residual stream entering each layer, spilled to a temporary folder (one file a layer)."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="dmpq-sens-")
+
+    def put(self, layer: int, h: torch.Tensor) -> None:
+        t = h.detach()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():  # a view would save its whole batch
+            t = t.clone()
+        torch.save(t.contiguous(), Path(self._dir.name) / f"{layer}.pt")
+
+    def get(self, layer: int) -> torch.Tensor:
+        return torch.load(Path(self._dir.name) / f"{layer}.pt", weights_only=True)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+class SharedForward:
+    """One full-precision calibration forward for two passes.
+
+    A pass that runs the forward over the calibration anyway (``profile``, to count routes) records
+    the residual stream entering every layer for the first ``rows`` sequences, spilled to disk
+    (``rows x T x H`` floats a layer), and the last layer's output; a later pass that needs exactly
+    those values (the ``sensitivity`` pass's local method) takes them instead of running that forward
+    again: one forward of the sensitivity sequences less (about 1.1 s a layer at OLMoE-1B-7B's
+    widths and 16 x 128 tokens). The pass manager opens one when a pass asks for it
+    (:meth:`~dmpq_compile.passes.infra.base.Pass.forward_rows`) and removes what nobody took.
+
+    The recorder runs its sequences as one batch; each row's values do not depend on the other rows
+    (every product is per token, attention is within a sequence), and were bitwise equal to a
+    forward of the ``rows`` sequences alone on the CPUs measured. The products' dtype
+    (``autocast``) must be the one the taker wants, and the taker's ids must be the recorded ones.
+    """
+
+    def __init__(self, rows: int, autocast: torch.dtype | None) -> None:
+        self.rows, self.autocast = rows, autocast
+        self.store: SpilledBoundaries | None = None
+        self.h_last: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
+
+    def recording(self, ids: torch.Tensor, autocast: torch.dtype | None) -> bool:
+        """Whether a forward over ``ids`` in ``autocast`` should be recorded (nothing recorded yet,
+        the same dtype, enough sequences); if so, starts the recording."""
+        if self.store is not None or autocast != self.autocast or len(ids) < self.rows:
+            return False
+        self.store, self.ids = SpilledBoundaries(), ids[: self.rows].clone()
+        return True
+
+    def put(self, layer: int, h: torch.Tensor) -> None:
+        assert self.store is not None
+        self.store.put(layer, h[: self.rows])
+
+    def finish(self, h_last: torch.Tensor) -> None:
+        self.h_last = h_last[: self.rows].clone()
+
+    def take(self, ids: torch.Tensor, autocast: torch.dtype | None) -> tuple[SpilledBoundaries, torch.Tensor] | None:
+        """The recorded boundaries and last output for ``ids`` in ``autocast``, handed over (the
+        taker closes the store), or None when nothing matching was recorded."""
+        if self.h_last is None or autocast != self.autocast or self.ids is None or not torch.equal(ids, self.ids):
+            return None
+        out = (self.store, self.h_last)
+        self.store = self.h_last = self.ids = None
+        return out
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.store = self.h_last = self.ids = None

@@ -58,6 +58,7 @@ class PassContext:
     open_artifact: Callable[[Graph, Any, Path], Any] | None = None
     executor: Any = None
     state_dir: Path | None = None
+    forward_share: Any = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Pass:
     provides: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = False
     cacheable: ClassVar[bool] = False  # results may be reused from the pass cache (see passes/infra/cache.py)
+    resumable: ClassVar[bool] = False  # keeps partial state in ``ctx.state_dir`` (given only to these)
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
 
@@ -99,6 +101,11 @@ class Pass:
     def environment(self, graph: Graph) -> Any:
         """What the result depends on besides the options, graph, context and code (part of the
         pass cache's key), e.g. an option ``auto`` resolved on this machine; None: nothing."""
+        return None
+
+    def forward_rows(self, graph: Graph, ctx: PassContext) -> tuple[int, torch.dtype | None] | None:
+        """The calibration forward this pass would reuse from an earlier pass, as ``(sequences, products'
+        dtype)`` (:class:`~dmpq_compile.ir.stream.SharedForward`); None: none."""
         return None
 
     def call(self, graph: Graph, ctx: PassContext) -> PassResult:

@@ -28,8 +28,8 @@ recomputed. The folder is ``$DMPQ_CACHE_DIR/passes`` (default ``~/.cache/dmpq-co
 ``dmpq-compile compile --no-cache`` turns the cache off, and deleting the folder empties it.
 
 Partial state: a pass that runs for long may also resume after an interruption (a kill, Ctrl-C,
-a crash, a full disk) without redoing finished work. While it runs, :func:`run_cached` gives it a
-folder ``<name>-<key>.partial`` beside the entry it will write (``PassContext.state_dir``), keyed
+a crash, a full disk) without redoing finished work. While such a pass (``Pass.resumable``) runs,
+:func:`run_cached` gives it a folder ``<name>-<key>.partial`` beside the entry it will write (``PassContext.state_dir``), keyed
 by the same key, so a changed checkpoint, option, calibration set or code never resumes from
 stale state; the pass keeps what it finished there, and a rerun with the same key picks it up.
 The folder is removed once the pass has finished and its result is stored; while a run uses it,
@@ -54,7 +54,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -226,7 +226,7 @@ def run_cached(p: Pass, graph: Graph, ctx: PassContext, cache: PassCache | None)
     if hit is not None:
         return hit
     versions = {k: graph.weights.version(k) for k in graph.weights}
-    with _locked(cache.state_folder(p, key), p.name) as state:
+    with (_locked(cache.state_folder(p, key), p.name) if p.resumable else nullcontext()) as state:
         result = p.call(graph, dataclasses.replace(ctx, state_dir=state))
         cache.store(p, key, before, result, versions, meta)
         if state is not None:  # finished: it was kept only to resume an interrupted run

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ...ir.graph import Graph
 from ...ir.serialize import save_graph
+from ...ir.stream import SharedForward
 from ...sysinfo import peak_rss_mb, reset_peak_rss
 from .base import Pass, PassContext, PassError, PassResult
 from .cache import PassCache, run_cached
@@ -116,6 +117,19 @@ class PassManager:
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         self.check(graph)
+        share = None  # one calibration forward for the passes that would each run it
+        if ctx.calibration is not None and ctx.forward_share is None:
+            wants = [w for p in self.passes if (w := p.forward_rows(graph, ctx)) is not None]
+            if wants:
+                share = ctx.forward_share = SharedForward(*wants[0])
+        try:
+            return self._run(graph, ctx)
+        finally:
+            if share is not None:  # what no pass took (e.g. the taker's result came from the cache)
+                share.close()
+                ctx.forward_share = None
+
+    def _run(self, graph: Graph, ctx: PassContext) -> Graph:
         for i, p in enumerate(self.passes):
             step = len(self.previous) + i  # position in the whole pipeline (dump folder numbering)
             for inst in self.instruments:

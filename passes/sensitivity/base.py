@@ -76,6 +76,10 @@ from .resume import open_state
 
 log = logging.getLogger(__name__)
 METHODS = ("local", "whole")
+# the local method's steps in units of one forward layer, for the ETA (OLMoE-1B-7B widths, 16 x 128
+# tokens, bf16 products: forward 1.1 s a layer, backward with the expert scores about 9 s, the head's
+# and the embedding's measured KL about 3 forward layers per layer of depth)
+WORK = {"backward": 8.0, "gradvar": 2.0, "measured": 3.0}
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ class SensitivityPass(Pass):
     provides = ("sensitivity", "kl", "contribution")
     needs_calibration = True
     cacheable = True  # annotations only; reused across budgets and allocators
+    resumable = True  # finished layers kept in ctx.state_dir (resume.py)
     Options = SensitivityOptions
     description = "loss/KL increase per expert per bit-width, gradient contribution, gradvar features"
 
@@ -131,6 +136,12 @@ class SensitivityPass(Pass):
     def environment(self, graph: Graph) -> str:
         """``compute_dtype`` as resolved here (``auto`` depends on the CPU and the checkpoint)."""
         return str(compute_dtype(graph, self.options.compute_dtype))
+
+    def forward_rows(self, graph: Graph, ctx: PassContext) -> tuple[int, torch.dtype | None] | None:
+        """The local method's forward of its sequences, if an earlier pass (profile) runs it anyway."""
+        if self.options.method != "local" or ctx.calibration is None:
+            return None
+        return min(self.options.max_sequences, len(ctx.calibration)), compute_dtype(graph, self.options.compute_dtype)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -161,26 +172,46 @@ class SensitivityPass(Pass):
         n_layers = len(local.layer_outputs(graph))
         moe_layers = sorted({n.attrs["layer"] for n in graph.experts()})
         flips = o.flips and len(moe_layers) > 1
-        steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0)) + (n_layers - moe_layers[0] if flips else 0)
+        items = {k: measured_bits(c) for k, c in allocatable(graph, ctx.backend, o.nonexpert, (*bits, 16)).items()}
+        measured = {k: b for k, b in items.items() if graph.node(k).kind in ("lm_head", "embed")}
+        n_flip = n_layers - moe_layers[0] if flips else 0
+        steps = n_layers * (1 + o.label_samples + (4 if o.gradvar else 0)) + n_flip + bool(measured)
+        # the clock's work units: a forward layer is one (WORK has the others, measured at OLMoE widths)
+        work = (n_layers * (1 + WORK["backward"] * o.label_samples + (4 * WORK["gradvar"] if o.gradvar else 0))
+                + n_flip + (WORK["measured"] * n_layers if measured else 0))
         remote = _remote(ctx, graph)
         # finished layers kept to resume an interrupted run (where the cache is on; serial path only)
         state = open_state(ctx.state_dir, graph, o.label_samples, ids) if remote is None else None
         resumed = state.resumed if state is not None else 0
         bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False,
                    initial=resumed)
-        clock = LayerClock("sensitivity", steps, resumed=resumed)
+        clock = LayerClock("sensitivity", steps, resumed=resumed, work=work,
+                           resumed_work=(state.resumed_forward + WORK["backward"] * state.resumed_backward
+                                         if state is not None else 0))
 
-        def tick() -> None:
-            bar.update(1)
-            clock.step()
+        def ticker(units: float, label: str = ""):
+            def tick() -> None:
+                bar.update(1)
+                clock.step(label, units)
+            return tick
+        tick = ticker(1.0)
         # the runs through the model (forward, backward, flip probe) multiply in ``cast``; the
         # per-expert and per-node changes they weight, and the measured KLs, stay in fp32
         cast = compute_dtype(graph, o.compute_dtype)
         run_fp = RunOptions(quantize=False, autocast=cast)
-        store, h_last = (state.forward if state is not None else local.forward_boundaries)(interp, ids, run_fp, tick)
+        shared = ctx.forward_share.take(ids, cast) if ctx.forward_share is not None else None
+        if shared is not None:
+            log.info("sensitivity: the forward of its %d sequences is the profile pass's, not run again", len(ids))
+        if state is not None:
+            store, h_last = state.forward(interp, ids, run_fp, tick, shared)
+        elif shared is not None:
+            store, h_last = shared
+            bar.update(n_layers)
+            clock.skip(n_layers)
+        else:
+            store, h_last = local.forward_boundaries(interp, ids, run_fp, tick)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         scores: dict[str, list[dict]] = {}
-        items = {k: measured_bits(c) for k, c in allocatable(graph, ctx.backend, o.nonexpert, (*bits, 16)).items()}
         layer_of = {k: graph.node(k).attrs["layer"] for k in items if "layer" in graph.node(k).attrs}
         n_seq, positions = ids.shape[0], ids.shape[0] * (ids.shape[1] - 1)
         nonexpert: dict[str, list[dict]] = {}
@@ -248,25 +279,27 @@ class SensitivityPass(Pass):
                 top, g = start
                 if g is None:
                     g = local.head_gradient(interp, h_last, ids, "sampled", gen, cast)
-                local.backward_layers(interp, store, g, run_fp, at_layer, tick, watch, after_backward, top,
+                local.backward_layers(interp, store, g, run_fp, at_layer, ticker(WORK["backward"], "backward"), watch,
+                                      after_backward, top,
                                       state.layer_done if state is not None else None)
             for (layer, _), result in zip(pending, ctx.executor.get([f for _, f in pending]) if pending else ()):
                 add(layer, result)
             if flips:
                 t0 = time.perf_counter()
-                rates = local.flip_rates(interp, store, h_last, seq_len, groups, probes, routes, tick, cast)
+                rates = local.flip_rates(interp, store, h_last, seq_len, groups, probes, routes, ticker(1.0, "flip probe"),
+                                         cast)
                 log.info("sensitivity: routing-flip rates per layer %s (probe %.1f s)",
                          {k: float(f"{v:.3g}") for k, v in rates.items()}, time.perf_counter() - t0)
         finally:
             store.close()
-        measured = {k: b for k, b in items.items() if graph.node(k).kind in ("lm_head", "embed")}
         if measured:  # measured through the whole model: flips included
             release_free_heap()  # the backward's freed heap, before the head-sized tensors come
             t0 = time.perf_counter()
             nonexpert.update({k: [{"kl": kl}] for k, kl in local.measured_kl(interp, ids, h_last, measured,
-                                                                                    o.embed_sequences).items()})
+                                                                                    o.embed_sequences, cast).items()})
             log.info("sensitivity: %s measured through the whole model in %.1f s", sorted(measured),
                      time.perf_counter() - t0)
+            ticker(WORK["measured"] * n_layers, "measured KL")()
         for node_id, runs in nonexpert.items():
             _annotate_kl(graph, node_id, runs, _flip_rate(rates, graph.node(node_id).attrs.get("layer"), False))
         for node_id, runs in scores.items():
@@ -278,6 +311,7 @@ class SensitivityPass(Pass):
         rare = rare_experts.price_rare(graph, {k: runs[0]["weight_error"] for k, runs in scores.items()},
                                        o.min_tokens, o.rare)
         if o.gradvar:
+            tick = ticker(WORK["gradvar"], "router gradients")
             fp_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False, autocast=cast), tick)
             all_q = {n.id: o.gradvar_bits for n in graph.experts()}
             q_g = _streamed_router_grads(graph, interp, ids, RunOptions(quantize=False, bits_override=all_q,

@@ -143,6 +143,7 @@ class PartialState:
             self.gen_state = self.records[-1][2]["gen"] if self.records else None
         forward_done = n_layers if self.forward_complete else max(self._readable - 1, 0)
         self.resumed = forward_done + len(self.records)  # layer steps not run again
+        self.resumed_forward, self.resumed_backward = forward_done, len(self.records)
         if self.resumed:
             where = (f"the backward at layer {point[1]} of {n_layers}" if point[0] < label_samples
                      else "after the backward")
@@ -205,28 +206,39 @@ class PartialState:
 
     # the forward
     def forward(self, interp: Interpreter, ids: torch.Tensor, opts: RunOptions,
-                tick: Callable[[], None]) -> tuple[Boundaries, torch.Tensor]:
+                tick: Callable[[], None], shared: tuple | None = None) -> tuple[Boundaries, torch.Tensor]:
         """What :func:`.local.forward_boundaries` returns, the boundaries kept in the folder: loaded
-        when complete, else run from the last boundary written."""
+        when complete, else run from the last boundary written, or copied from ``shared`` (the
+        same forward recorded by an earlier pass: ``(store, last output)``, closed here)."""
         store = Boundaries(self)
-        if self.forward_complete:
-            return store, torch.load(self.folder / "h_last.pt", weights_only=True)
-        n = self.n_layers
-        with torch.no_grad():
-            if self._readable == 0:
-                h, start = embed(interp, ids, opts), 0
-                store.put(0, h)
-            else:
-                start = self._readable - 1
-                h = store.get(start)
-            for layer in range(start, n):
-                h = run_layer(interp, layer, h, opts)
-                if layer + 1 < n:
-                    store.put(layer + 1, h)
-                else:  # written last: the forward is complete
-                    self._save(_compact(h), self.folder / "h_last.pt", required=True)
-                tick()
-        return store, h
+        try:
+            if self.forward_complete:
+                return store, torch.load(self.folder / "h_last.pt", weights_only=True)
+            n = self.n_layers
+            with torch.no_grad():
+                if shared is not None:
+                    start, h = 0, None
+                elif self._readable == 0:
+                    h, start = embed(interp, ids, opts), 0
+                    store.put(0, h)
+                else:
+                    start = self._readable - 1
+                    h = store.get(start)
+                for layer in range(start, n):
+                    if shared is not None:
+                        store.put(layer, shared[0].get(layer))
+                        h = shared[1] if layer + 1 == n else None
+                    else:
+                        h = run_layer(interp, layer, h, opts)
+                        if layer + 1 < n:
+                            store.put(layer + 1, h)
+                    if layer + 1 == n:  # written last: the forward is complete
+                        self._save(_compact(h), self.folder / "h_last.pt", required=True)
+                    tick()
+            return store, h
+        finally:
+            if shared is not None:
+                shared[0].close()
 
     # the backward
     def replay(self, add: Callable[[int, dict], None], routes: dict, probes: dict, nonexpert: dict) -> None:
@@ -285,7 +297,7 @@ class PartialState:
 
 
 class Boundaries:
-    """:class:`.local._Boundaries` kept in the partial state's folder (the cache removes it)."""
+    """:class:`~dmpq_compile.ir.stream.SpilledBoundaries` kept in the partial state's folder (the cache removes it)."""
 
     def __init__(self, state: PartialState) -> None:
         self.state = state
