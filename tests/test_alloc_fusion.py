@@ -85,10 +85,10 @@ def test_true_cost_is_the_lowered_layout():
 def test_exact_dp_with_group_term_in_objective(seed):
     p = _problem(seed, Budget("bits", 4.0 + seed % 3), w_lat=0.5 + seed, fixed=3.0)
     value, _ = _brute(p)
-    sol = solve(p)
-    assert sol.exact
-    assert sol.objective == pytest.approx(value, rel=1e-9, abs=1e-12)
-    assert objective_value(p, sol.allocation) == pytest.approx(value, rel=1e-9, abs=1e-12)
+    for sol in (solve(p), solve(p, max_states=1)):  # the fused core DP, and the grid DP it falls back to
+        assert sol.exact
+        assert sol.objective == pytest.approx(value, rel=1e-9, abs=1e-12)
+        assert objective_value(p, sol.allocation) == pytest.approx(value, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -100,10 +100,67 @@ def test_latency_budget_counts_fixed_parts(seed):
     cap = lo + (additive_lo * 3 - lo) * 0.3
     p = _problem(seed, Budget("latency", cap), w_lat=0.0, fixed=1.5)
     value, _ = _brute(p)
-    sol = solve(p, latency_cells=200_000)
+    sol = solve(p)  # the fused core DP works on exact uses: a real-valued budget is exact too
+    assert sol.exact and budget_usage(p, sol.allocation) <= cap * (1 + 1e-9)
+    assert sol.objective == pytest.approx(value, rel=1e-9, abs=1e-12)
+    sol = solve(p, latency_cells=200_000, max_states=1)
     assert budget_usage(p, sol.allocation) <= cap * (1 + 1e-9)
-    # a real-valued budget runs on a grid: within the loss of one cell per expert and stage
+    # the grid DP (the fallback) runs on a grid: within the loss of one cell per expert and stage
     assert sol.objective <= value + 0.05 * abs(value) + 1e-9
+    # and reports a proven lower bound (the fused Lagrangian dual) below the true optimum
+    assert sol.exact or sol.lower_bound <= value + 1e-9 * max(1.0, abs(value))
+
+
+def test_fused_coarse_grid_reports_a_true_lower_bound():
+    """A bits budget with the group term, the core DP stopped (max_states=1) and a grid too small for the
+    gcd: where that is inexact, its lower bound is below the optimum."""
+    inexact = 0
+    for seed in range(4):
+        p = _problem(seed, Budget("bits", 4.0 + seed % 3), w_lat=0.5 + seed, fixed=3.0)
+        value, _ = _brute(p)
+        sol = solve(p, max_cells=3, max_states=1)
+        tol = 1e-9 * max(1.0, abs(value))
+        if sol.exact:  # the core DP needed no list longer than 1
+            assert sol.objective == pytest.approx(value, rel=1e-9, abs=1e-12)
+            continue
+        inexact += 1
+        assert sol.lower_bound <= value + tol <= sol.objective + 2 * tol
+        assert sol.gap >= 0
+    assert inexact
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_core_dp_agrees_with_the_exact_grid_dp(seed):
+    """4 layers x 12 experts, the group term in the objective, a bits budget the gcd grid covers: the fused
+    core DP and the old exact route agree."""
+    p = _problem(seed, Budget("bits", 3.0 + seed), w_lat=0.5 + 2 * seed, fixed=2.0, layers=4, per_layer=12)
+    core, grid = solve(p), solve(p, max_states=1)
+    assert core.exact and grid.exact
+    assert core.objective == pytest.approx(grid.objective, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_core_dp_with_rows_that_never_fuse(seed):
+    """Some experts without a fused cost (rows outside every stage) next to fusing layers: brute force agrees,
+    under a latency budget and under a bits budget with the group term."""
+    import dataclasses
+
+    for budget, w_lat in ((Budget("latency", 1e9), 0.0), (Budget("bits", 4.0 + seed % 3), 1.0 + seed)):
+        p = _problem(seed, budget, w_lat=w_lat, fixed=2.0, layers=2, per_layer=3)
+        experts = list(p.experts)
+        for i in (seed % 3, 3 + (seed + 1) % 3):
+            experts[i] = dataclasses.replace(experts[i], cost={b: dataclasses.replace(
+                c, fused_decode_ms=None, fused_prefill_ms=None, group_decode_ms=0.0) for b, c in experts[i].cost.items()})
+        p = dataclasses.replace(p, experts=tuple(experts))
+        assert (build_tables(p).fusion.layer < 0).sum() == 2
+        if budget.kind == "latency":
+            lo = min_feasible_budget(p)
+            hi = budget_usage(p, {e.key: 8 for e in p.experts})
+            p = dataclasses.replace(p, budget=Budget("latency", lo + 0.4 * (hi - lo)))
+        value, _ = _brute(p)
+        sol = solve(p)
+        assert sol.exact
+        assert sol.objective == pytest.approx(value, rel=1e-9, abs=1e-12)
 
 
 def test_no_fusion_without_latency():

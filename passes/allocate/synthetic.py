@@ -115,3 +115,64 @@ def synthetic_problem(n_layers: int = 16, n_experts: int = 64, top_k: int = 8, h
                 mass=float(freq[e]) / top_k, sensitivity=sens, kl=sens, router_grad_change=float(rgc[e]),
                 neuron_variance=float(var[e]), cost={b: rows[b] for b in bits}))
     return AllocationProblem(tuple(experts), bits, budget, weights)
+
+
+def _proxy_weight_bytes(n: int, k: int, bits: int, group_size: int) -> int:
+    """Stored bytes of a ``K -> N`` weight (not measured): packed codes + fp16 scale and packed zero point
+    per group of ``group_size``, or fp32 at 16 bits."""
+    if bits == 16:
+        return 4 * n * k
+    groups = n * -(-k // group_size)
+    return n * k * bits // 8 + 2 * groups + -(-groups * bits // 8)
+
+
+def stored_bits_problem(n_layers: int = 16, n_experts: int = 64, top_k: int = 8, hidden: int = 2048,
+                        intermediate: int = 1024, q_dim: int = 2048, kv_dim: int = 2048, vocab: int = 50304,
+                        attn_items: int = 1, bits: tuple[int, ...] = (2, 4, 8, 16), budget_bits: float = 4.0,
+                        seed: int = 0, weight_bytes=None, group_size: int = 64,
+                        embedding_bits: tuple[int, ...] = (4, 8, 16)) -> AllocationProblem:
+    """A seeded whole-model problem under a stored-bits budget, non-expert items included (as with
+    ``--nonexpert-bits auto``): the routed experts of :func:`synthetic_problem`'s shape with their stored
+    bytes, plus per layer ``attn_items`` attention items (1: q, k, v and o together; 2: q/k/v and o), an
+    embedding table (widths ``embedding_bits``: a smaller column means the next one it has) and an
+    ``lm_head``. Defaults: OLMoE-1B-7B (1024 experts + 18 items); Qwen3-30B-A3B is ``n_layers=48,
+    n_experts=128, intermediate=768, q_dim=4096, kv_dim=512, vocab=151936, attn_items=2``.
+
+    Args:
+        weight_bytes: ``(n, k, bits, group_size) -> bytes`` of one linear weight, e.g. a backend's
+            ``weight_bytes``; default an unmeasured proxy (:func:`_proxy_weight_bytes`).
+        budget_bits: The stored bits per weight of the whole model.
+
+    Non-expert sensitivities are drawn like an always-routed expert's (``freq = 1``), times 4.
+    """
+    wb = weight_bytes or _proxy_weight_bytes
+    rng = np.random.default_rng(seed)
+    base = synthetic_problem(n_layers, n_experts, top_k, hidden, intermediate, bits, DEFAULT_BUDGET,
+                             DEFAULT_WEIGHTS, seed)
+    expert_bytes = {b: 2 * wb(intermediate, hidden, b, group_size) + wb(hidden, intermediate, b, group_size)
+                    for b in bits}
+    items = [ExpertInfo(key=e.key, layer=e.layer, expert=e.expert, n_params=e.n_params, freq=e.freq, mass=e.mass,
+                        sensitivity=e.sensitivity, kl=e.kl, stored_bytes=expert_bytes) for e in base.experts]
+    mats = {1: [(q_dim, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, q_dim)],
+            2: [(q_dim, hidden), (kv_dim, hidden), (kv_dim, hidden)]}
+    if attn_items not in (1, 2):
+        raise ValueError(f"attn_items must be 1 or 2, got {attn_items}")
+    parts = [("attn", mats[1])] if attn_items == 1 else [("qkv", mats[2]), ("o", [(hidden, q_dim)])]
+
+    def item(key: str, layer: int, shapes: list[tuple[int, int]], widths: tuple[int, ...]) -> ExpertInfo:
+        def col(b: int) -> int:  # the smallest width >= b the item has
+            return min((w for w in widths if w >= b), default=max(widths))
+        sens = draw_sensitivities(np.ones(1), bits, rng)[0]
+        return ExpertInfo(key=key, layer=layer, expert=-1, n_params=sum(n * k for n, k in shapes), freq=1.0,
+                          mass=1.0, sensitivity={b: 4 * sens[col(b)] for b in bits},
+                          stored_bytes={b: sum(wb(n, k, col(b), group_size) for n, k in shapes) for b in bits})
+
+    for layer in range(n_layers):
+        items += [item(f"L{layer}.{name}", layer, shapes, bits) for name, shapes in parts]
+    items.append(item("embed", -1, [(vocab, hidden)], embedding_bits))
+    items.append(item("lm_head", -1, [(vocab, hidden)], bits))
+    params = sum(e.n_params for e in items)
+    fixed_bytes = 4 * n_layers * (n_experts * hidden + 2 * hidden) + 4 * hidden  # routers and norms, fp32
+    params += fixed_bytes // 4
+    return AllocationProblem(tuple(items), bits, Budget("stored-bits", budget_bits, fixed=8 * fixed_bytes / params,
+                                                        params=params))
