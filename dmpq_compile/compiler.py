@@ -120,6 +120,19 @@ def calibration_ids(model_dir: str | Path, corpus: str, sequences: int, seq_len:
     return torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len).astype("int64"))
 
 
+def _note_sensitivity_sequences(cfg: CompileConfig, available: int) -> None:
+    """Say when the sensitivity pass will measure on fewer sequences than ``[sensitivity] sequences``
+    asks (it takes the first ones of the calibration): a warning when the count was chosen, a note
+    when it is the default."""
+    asked = cfg.sensitivity.sequences
+    if not cfg.sensitivity.enabled or asked <= available:
+        return
+    default = type(cfg.sensitivity)().sequences
+    (log.warning if asked != default else log.info)(
+        "sensitivity: measures on %d sequences, all the calibration has (asked %d); raise --calib-sequences "
+        "to measure on more", available, asked)
+
+
 def _calibration(cfg: CompileConfig) -> tuple[str, int, int]:
     """The corpus, sequences and sequence length of ``cfg``'s calibration (``calibration_ids``' arguments)."""
     c = cfg.calibration
@@ -213,6 +226,7 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     calib = None
     if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):
         calib = calibration_ids(model_dir, *_calibration(cfg))
+        _note_sensitivity_sequences(cfg, len(calib))
     graph, records = run_passes(graph, analysis, model_dir, cfg, backend, progress, dump_dir, calib,
                                 work_dir=work_dir, cache=cache, executor=executor)
     for r in range(cfg.qat.codesign_rounds):

@@ -107,7 +107,8 @@ class SensitivityConfig:
     """``[sensitivity]``: the per-expert (and non-expert) sensitivity measurement."""
 
     enabled: bool = setting(True, "skip the sensitivity pass when not needed", flag="--no-sensitivity")
-    sequences: int = setting(16, "calibration sequences the sensitivity pass measures on (default {default})")
+    sequences: int = setting(16, "calibration sequences the sensitivity pass measures on, the first ones of the "
+                             "calibration: at most --calib-sequences (default {default})")
     flip_probe: bool = setting(True, "sensitivity without its routing-flip term: the layer-local estimate alone, as "
                                "before it existed (the probe costs about one forward of the sensitivity sequences)",
                                flag="--no-flip-probe")

@@ -86,3 +86,20 @@ def test_the_disk_check_bounds_the_artifact_by_its_budget(tiny_dirs, tmp_path, m
         else:
             with pytest.raises(OSError, match=rf"needs about {need / 1e9:.1f} GB \(artifact \+ scratch codes\)"):
                 compiler.check_disk_space(graph, cfg, tmp_path)
+
+
+def test_a_sensitivity_count_above_the_calibration_is_said_not_cut_silently(caplog):
+    """--sensitivity-sequences above what the calibration has: a warning when chosen, a note when
+    it is the default; nothing when it fits."""
+    import logging
+
+    from dmpq_compile.compiler import _note_sensitivity_sequences
+
+    with caplog.at_level(logging.INFO, logger="dmpq_compile.compiler"):
+        _note_sensitivity_sequences(CompileConfig.from_dict({"sensitivity": {"sequences": 40}}), 32)
+        _note_sensitivity_sequences(CompileConfig.from_dict({}), 8)  # the default 16 on 8 sequences
+        _note_sensitivity_sequences(CompileConfig.from_dict({"sensitivity": {"sequences": 12}}), 32)
+        _note_sensitivity_sequences(CompileConfig.from_dict({"sensitivity": {"sequences": 40, "enabled": False}}), 8)
+    said = "sensitivity: measures on {} sequences, all the calibration has (asked {}); raise --calib-sequences to measure on more"
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", said.format(32, 40)), ("INFO", said.format(8, 16))]
