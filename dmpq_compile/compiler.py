@@ -463,6 +463,10 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
               "experts": experts, "nonexpert": nonexpert_table(graph),
               "rare_experts": {"min_routed_tokens": rare, "mode": cfg.sensitivity.rare,
                                "per_layer": {str(k): v for k, v in rare_counts(experts, rare).items()}},
-              "compile_seconds": round(seconds, 3)}
+              "compile_seconds": round(seconds, 3),
+              # each pass resets the kernel's high-water mark (sysinfo.reset_peak_rss), so the compile's
+              # peak is the largest pass's; the process's ru_maxrss (e.g. /usr/bin/time's maximum
+              # resident size) only sees what came after the last reset
+              "peak_rss_mb": round(max((r.peak_rss_mb for r in records), default=0.0), 1)}
     return write_artifact(graph, get_backend(cfg.target, cfg.quantize.scale_dtype), out, report=report,
                           overwrite=overwrite, emit_options=cfg.emit.options())

@@ -29,7 +29,9 @@ def release_free_heap() -> None:
 
 def reset_peak_rss() -> None:
     """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), after
-    :func:`release_free_heap`, so the window starts from what is really in use."""
+    :func:`release_free_heap`, so the window starts from what is really in use. The reset also
+    lowers what the process's ``ru_maxrss`` reports at exit (``/usr/bin/time``'s maximum resident
+    size then covers only the last window): a compile's peak is its report's ``peak_rss_mb``."""
     release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")

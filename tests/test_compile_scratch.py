@@ -24,6 +24,8 @@ def test_scratch_is_removed_and_stale_scratch_of_killed_compiles_too(tmp_path, t
     cfg = CompileConfig.from_dict({"allocate": {"allocator": "uniform", "budget": 4.0}, "calibration": calibration})
     compile_model(tiny_dirs("olmoe"), tmp_path / "art", cfg, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    report = json.loads((tmp_path / "art" / "report.json").read_text())  # the compile's peak: its largest pass's
+    assert report["peak_rss_mb"] == round(max(p["peak_rss_mb"] for p in report["passes"]), 1) > 0
     bad = CompileConfig.from_dict({"target": "trt-a100", "calibration": calibration,  # 3 bits: trt-a100 refuses
                                    "allocate": {"allocator": "uniform", "budget": 3.0, "bits": (3,)}})
     with pytest.raises(Exception):  # noqa: B017 - any refusal; what matters is what it leaves
