@@ -202,12 +202,15 @@ class SensitivityPass(Pass):
         shared = ctx.forward_share.take(ids, cast) if ctx.forward_share is not None else None
         if shared is not None:
             log.info("sensitivity: the forward of its %d sequences is the profile pass's, not run again", len(ids))
+        def skip() -> None:  # a forward layer taken from the profile pass: done at no cost here
+            bar.update(1)
+            clock.skip(1)
         if state is not None:
-            store, h_last = state.forward(interp, ids, run_fp, tick, shared)
+            store, h_last = state.forward(interp, ids, run_fp, skip if shared is not None else tick, shared)
         elif shared is not None:
             store, h_last = shared
-            bar.update(n_layers)
-            clock.skip(n_layers)
+            for _ in range(n_layers):
+                skip()
         else:
             store, h_last = local.forward_boundaries(interp, ids, run_fp, tick)
         gen = torch.Generator().manual_seed(int(ctx.seed))
