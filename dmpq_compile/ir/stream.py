@@ -96,6 +96,14 @@ def head_chunks(interp: Interpreter, h: torch.Tensor, opts: RunOptions,
         yield sl, interp.run(None, replace(opts, resume={last: h[sl]}), outputs=("lm_head",))["lm_head"]
 
 
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, contiguous and owning just its elements: what ``torch.save`` should get (it
+    writes a view's whole storage, e.g. every row of the batch a slice came from)."""
+    t = t.detach()
+    whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone()
+
+
 class SpilledBoundaries:
     """The residual stream entering each layer, spilled to a temporary folder (one file a layer)."""
 
@@ -103,10 +111,7 @@ class SpilledBoundaries:
         self._dir = tempfile.TemporaryDirectory(prefix="dmpq-sens-")
 
     def put(self, layer: int, h: torch.Tensor) -> None:
-        t = h.detach()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():  # a view would save its whole batch
-            t = t.clone()
-        torch.save(t.contiguous(), Path(self._dir.name) / f"{layer}.pt")
+        torch.save(owned(h), Path(self._dir.name) / f"{layer}.pt")
 
     def get(self, layer: int) -> torch.Tensor:
         return torch.load(Path(self._dir.name) / f"{layer}.pt", weights_only=True)

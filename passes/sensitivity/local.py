@@ -273,8 +273,10 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
                 for b in bits:  # the head's weights, fake-quantized once for every chunk
                     over = RunOptions(quantize=False, bits_override={node_id: b})
                     wq = interp.weights(node_id, over)
-                    opts = RunOptions(quantize=False, weight_override={node_id: wq})
-                    dw = _cast_change(wq["weight"], w, autocast) if autocast is not None else None
+                    if autocast is None:
+                        opts, dw = RunOptions(quantize=False, weight_override={node_id: wq}), None
+                    else:  # only the change is kept: the fp32 fake-quantized head goes now
+                        opts, dw = fp, _cast_change(wq["weight"], w, autocast)
                     del wq
                     total[b] = 0.0
                     for i in range(0, n, chunk):

@@ -62,7 +62,7 @@ from ...fileio import atomic_write_bytes
 from ...ir import ops
 from ...ir.graph import Graph
 from ...ir.interpreter import Interpreter, RunOptions
-from ...ir.stream import embed, layer_outputs, run_layer
+from ...ir.stream import embed, layer_outputs, owned, run_layer
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class PartialState:
         else:
             self.gen_state = self.records[-1][2]["gen"] if self.records else None
         forward_done = n_layers if self.forward_complete else max(self._readable - 1, 0)
-        self.resumed = forward_done + len(self.records)  # layer steps not run again
+        # layer steps not run again (replay() empties records, so the count is kept)
         self.resumed_forward, self.resumed_backward = forward_done, len(self.records)
         if self.resumed:
             where = (f"the backward at layer {point[1]} of {n_layers}" if point[0] < label_samples
@@ -203,6 +203,11 @@ class PartialState:
             self.writable = False
             log.warning("sensitivity: could not write partial state %s (%s); an interruption from here on "
                         "redoes the layers after it", path, e)
+
+    @property
+    def resumed(self) -> int:
+        """Layer steps loaded instead of run: finished forward layers and backward layers."""
+        return self.resumed_forward + self.resumed_backward
 
     # the forward
     def forward(self, interp: Interpreter, ids: torch.Tensor, opts: RunOptions,
@@ -316,9 +321,7 @@ def _compact(obj):
     """``obj`` with every tensor detached and owning just its elements (a view would save its
     whole storage)."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        return t if whole else t.clone()
+        return owned(obj)
     if isinstance(obj, dict):
         return {k: _compact(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
