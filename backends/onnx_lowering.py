@@ -51,7 +51,7 @@ from .base import BackendError
 log = logging.getLogger(__name__)
 
 OPSET = 21
-DISPATCHES = ("gather-if", "gather", "dense", "fused")
+DISPATCHES = ("gather-if", "gather", "dense", "fused", "kernel")
 
 
 SPILL_MIN_BYTES = 1 << 20  # initializers from this size on are spilled when the builder has a spill file
@@ -392,8 +392,31 @@ class FusedDispatch(GatherIfDispatch):
         return outs[0] if len(outs) == 1 else lw.b.op("Sum", outs, hint)
 
 
+class KernelDispatch(FusedDispatch):
+    """All of a layer's experts the target's kernel takes (ort-cpu: dmpq's ``ai.dmpq.MixedMoE``, any mix of
+    2, 4 and 8 bits) run as one node, fed the layer's one routing (``RouteValue.top_i`` / ``top_w``); the
+    others as :class:`GatherIfDispatch`. The projection decides: ``kernel_fusable(lw, node)`` and
+    ``mixed_moe(lw, route, nodes, hint)``. The combine adds the node's output to the gather-if buffer."""
+
+    name = "kernel"
+
+    @staticmethod
+    def _plan(lw: Lowering, route: RouteValue) -> set[str]:
+        fusable = getattr(lw.projection, "kernel_fusable", None)
+        if fusable is None:
+            raise BackendError(f"dispatch 'kernel' needs a projection with a MoE kernel; {type(lw.projection).__name__} "
+                               "has none (it is ort-cpu's)")
+        return {n.id for n in lw.graph.consumers(route.node.id, kind="expert") if fusable(lw, n)}
+
+    def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:
+        outs = [route.cache["acc"]] if "acc" in route.cache else []
+        if route.fused:
+            outs.append(lw.projection.mixed_moe(lw, route, route.fused, hint))
+        return outs[0] if len(outs) == 1 else lw.b.op("Sum", outs, hint)
+
+
 DISPATCH_CLASSES = {"gather-if": GatherIfDispatch, "gather": GatherDispatch, "dense": DenseDispatch,
-                    "fused": FusedDispatch}
+                    "fused": FusedDispatch, "kernel": KernelDispatch}
 
 
 @dataclass(frozen=True)

@@ -228,9 +228,11 @@ class EmitConfig:
 
     dispatch: str | None = setting(
         None, "ort-cpu: how tokens reach the experts. fused (default): one com.microsoft.QMoE per layer and "
-        "bit-width, 16-bit experts per expert; gather-if: each expert gathers its tokens inside an If (2-bit experts "
-        "prefill faster so on some CPUs); gather, dense: see docs/ort-cpu.md", flag="--dispatch",
-        choices=("fused", "gather-if", "gather", "dense"))
+        "bit-width, 16-bit experts per expert; kernel: one node per layer for all its 2/4/8-bit experts, dmpq's own "
+        "onnxruntime kernel (C++, built here with g++ and copied into the artifact; Linux x86-64); gather-if: each "
+        "expert gathers its tokens inside an If (2-bit experts prefill faster so on some CPUs); gather, dense: see "
+        "docs/ort-cpu.md", flag="--dispatch",
+        choices=("fused", "kernel", "gather-if", "gather", "dense"))
     max_length: int | None = setting(
         None, "ort-cpu: positions (prompt + generated tokens) per sequence that onnxruntime-genai preallocates its KV "
         "buffer for: search.max_length in genai_config.json (apps may lower it at load). Default: the model's "

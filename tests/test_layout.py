@@ -48,3 +48,5 @@ def test_wheel_installs_no_top_level_passes_or_backends(tmp_path):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"dmpq_compile"}
     names = zipfile.ZipFile(wheel).namelist()
     assert "dmpq_compile/passes/allocate/rl.py" in names and "dmpq_compile/backends/trt/qdq.py" in names
+    # the kernel library's sources, which --dispatch kernel compiles on first use
+    assert {"dmpq_compile/backends/ort_cpu/csrc/dmpq_moe.cc", "dmpq_compile/backends/ort_cpu/csrc/ort_abi.h"} <= {*names}

@@ -30,8 +30,10 @@ from ..onnx_io import (
     use_external,
 )
 from ..onnx_lowering import DISPATCHES, OPSET, LoweringOptions, lower
+from . import kernels
 from .cost import ORT_CPU_BITS
 from .genai import GENAI_CONFIG, genai_config, kv_bytes_per_token, resolve_max_length
+from .kernels import DOMAIN as KERNEL_DOMAIN
 from .matmulnbits import MatMulNBitsProjection
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,9 @@ class OrtCpuBackend(Backend):
             accuracy_level: MatMulNBits ``accuracy_level``; 4 quantizes activations to int8 inside
                 the kernel (fast), 0 keeps them fp32 (exact match with the interpreter).
             dispatch: ``fused`` (one ``com.microsoft.QMoE`` per layer for its 4-bit and one for its 8-bit
-                experts, the rest as ``gather-if``), ``gather-if`` (experts compute only their tokens; idle
+                experts, the rest as ``gather-if``), ``kernel`` (one ``ai.dmpq.MixedMoE`` per layer for all its
+                2/4/8-bit experts: dmpq's custom-op library, built here and copied into the artifact,
+                :mod:`.kernels`), ``gather-if`` (experts compute only their tokens; idle
                 experts skipped by an ``If``), ``gather`` (same without the ``If``) or ``dense`` (all
                 experts, all tokens).
             external_data: force (True) or forbid (False) external weight data; None decides by
@@ -143,9 +147,12 @@ class OrtCpuBackend(Backend):
             path = save_checked(lowered.model, out_dir, external=external, deferred=lowered.deferred)
         io = io_fields(lowered)
         files = file_fields(lowered.model, external)
+        library = None
+        if any(n.domain == KERNEL_DOMAIN for n in lowered.model.graph.node):
+            library = kernels.install(out_dir)  # the artifact carries the library its graph needs
         genai_fields = None
         if genai and io["kv_cache"]:  # a decoder: a lone MoE block (tests) has no attention, no genai model
-            config = genai_config(graph, io, files["model_file"], max_length)
+            config = genai_config(graph, io, files["model_file"], max_length, custom_ops_library=library)
             (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             genai_fields = {"config": GENAI_CONFIG, "max_length": max_length,
                             "kv_bytes_per_token": kv_bytes_per_token(io["kv_cache"])}
@@ -154,6 +161,7 @@ class OrtCpuBackend(Backend):
         return {
             **files,
             "execution_provider": "CPUExecutionProvider",
+            "custom_ops_library": library,
             "dispatch": lowered.dispatch,
             "fusion": fusion_summary(projection.decisions),
             "accuracy_level": accuracy_level,

@@ -43,8 +43,10 @@ def resolve_max_length(graph: Graph, max_length: int | None) -> int:
     return max_length
 
 
-def genai_config(graph: Graph, io: dict[str, Any], model_file: str, max_length: int) -> dict[str, Any]:
-    """The ``genai_config.json`` object for a lowered graph whose manifest ``io`` entry is ``io``."""
+def genai_config(graph: Graph, io: dict[str, Any], model_file: str, max_length: int,
+                 custom_ops_library: str | None = None) -> dict[str, Any]:
+    """The ``genai_config.json`` object for a lowered graph whose manifest ``io`` entry is ``io``;
+    ``custom_ops_library``: the path, relative to the folder, of the custom-op library its graph needs."""
     meta = graph.meta
     kv = io["kv_cache"]
     if not io.get("attention_mask") or not kv:
@@ -61,8 +63,11 @@ def genai_config(graph: Graph, io: dict[str, Any], model_file: str, max_length: 
     pad = meta.get("pad_token_id")
     pad = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
     bos = meta.get("bos_token_id")
+    session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if custom_ops_library:
+        session_options["custom_ops_library"] = custom_ops_library
     decoder = {
-        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "session_options": session_options,
         "filename": model_file,
         "head_size": dims.pop(),
         "hidden_size": int(meta["hidden_size"]),

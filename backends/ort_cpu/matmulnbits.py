@@ -35,6 +35,7 @@ from ...quant import QuantSpec, pack_bits, unpack_bits
 from ...quant.spec import ASYM_GROUP
 from ..base import BackendError, ExpertCostRow
 from ..onnx_lowering import Lowering
+from .kernels import DOMAIN as KERNEL_DOMAIN
 
 NBITS = (2, 4, 8)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -331,6 +332,62 @@ class MatMulNBitsProjection:
         return b.op("Mul", [y, b.const(1.0 / QMOE_WEIGHT_SCALE)], prefix)
 
 
+    # -- all of a layer's experts in one node: ai.dmpq.MixedMoE (KernelDispatch, kernels.py) ------
+    def kernel_fusable(self, lw: Lowering, node: Node) -> bool:
+        """Whether routed expert ``node`` can run in dmpq's ``MixedMoE`` node: 2/4/8-bit group-wise
+        asymmetric codes with float16 scales, a group size that is a multiple of 64 dividing both widths,
+        at ``accuracy_level`` 0 (fp32 activations: the interpreter's sums) or 4 (int8 activations per
+        group, as MatMulNBits). The others run per expert (gather-if)."""
+        bits, quant = node.ann.get("bits", 16), node.ann.get("quant")
+        if node.kind != "expert" or bits not in NBITS or not quant or quant["spec"]["bits"] != bits:
+            return False
+        spec = QuantSpec.from_dict(quant["spec"])
+        if spec.scheme != ASYM_GROUP or spec.scale_dtype != "float16" or spec.group_size % 64 \
+                or self.accuracy_level not in (0, 4):
+            return False
+        shapes = {r: tuple(int(v) for v in quant["tensors"][r]["shape"]) for r in ("gate", "up", "down")}
+        (inter, hidden) = shapes["gate"]
+        return shapes["up"] == (inter, hidden) and shapes["down"] == (hidden, inter) \
+            and not hidden % spec.group_size and not inter % spec.group_size
+
+    def mixed_moe(self, lw: Lowering, route: Any, nodes: list[Node], hint: str) -> str:
+        """One ``ai.dmpq.MixedMoE`` node for ``nodes`` (one layer's kernel-fusable experts, any mix of 2, 4
+        and 8 bits): ``[N, H]`` out, the routing-weighted sum of each row's experts among ``nodes``.
+
+        It takes the layer's own top-k indices and weights (``route.top_i``, ``route.top_w``: the family's
+        normalization already applied), so each expert is computed for exactly its rows with exactly its
+        weight. Weights: every expert's stored codes (gate rows then up rows, then down; MatMulNBits'
+        row layout, byte for byte), float16 scales and one zero point a group, concatenated in expert order,
+        with a ``[E, 8]`` table of each expert's bits and offsets (bits 0: not in this node)."""
+        b = lw.b
+        spec = QuantSpec.from_dict(nodes[0].ann["quant"]["spec"])
+        gs = spec.group_size
+        inter, hidden = (int(v) for v in nodes[0].ann["quant"]["tensors"]["gate"]["shape"])
+        experts = int(route.node.attrs["num_experts"])
+        meta = np.zeros((experts, 8), np.int64)
+        offsets = [0, 0, 0]  # codes, scales, zeros
+        order = sorted(nodes, key=lambda n: int(n.attrs["expert"]))
+        for node in order:
+            bits = int(node.ann["bits"])
+            gu, dn = 2 * inter * hidden, hidden * inter  # weights; every size below divides exactly
+            row = [bits]
+            for i, (num, den) in enumerate(((bits, 8), (1, gs), (1, gs))):
+                row += [offsets[i], offsets[i] + gu * num // den]
+                offsets[i] += (gu + dn) * num // den
+            meta[int(node.attrs["expert"])] = [*row, 0]
+        prefix = f"{route.node.id}.mixed_moe"
+        ids = tuple(n.id for n in order)
+        inputs = []
+        for field, size, dtype in (("codes", offsets[0], np.uint8), ("scales", offsets[1], np.float16),
+                                   ("zeros", offsets[2], np.uint8)):
+            name = b.add_deferred(f"{prefix}.{field}", (size,), dtype, _mixed_part(lw, order, field, size, dtype))
+            b.owners[name] = ids  # one tensor, several experts: each owns an equal share (owned_weights)
+            inputs.append(name)
+        table = b.add_initializer(f"{prefix}.meta", meta)
+        return b.op("MixedMoE", [route.flat, route.top_i, route.top_w, *inputs, table], prefix, domain=KERNEL_DOMAIN,
+                    hidden=hidden, inter=inter, block_size=gs, accuracy_level=self.accuracy_level)
+
+
 QMOE_WEIGHT_SCALE = 2.0 ** 32  # routing weights x this into QMoE, its output x the inverse (see fused_moe)
 
 
@@ -383,6 +440,32 @@ def _qmoe_part(lw: Lowering, nodes: list[Node], field: str):
             if out is None:
                 out = np.empty((len(nodes), *part.shape), part.dtype)
             out[i] = part
+        return out
+
+    return make
+
+
+def _mixed_part(lw: Lowering, nodes: list[Node], field: str, size: int, dtype: Any):
+    """Makes ``MixedMoE`` input ``field`` (``codes``, ``scales`` or ``zeros``) of ``nodes`` when the model is
+    written, one expert at a time: each expert's gate rows, up rows, then down rows."""
+
+    def make() -> np.ndarray:
+        out, at = np.empty(size, dtype), 0
+        for node in nodes:
+            quant = node.ann["quant"]
+            for role in ("gate", "up", "down"):
+                if field == "zeros":  # one byte a group, as stored
+                    entry = quant["tensors"][role]
+                    part = lw.graph.weights[entry["zero"]].cpu().numpy().astype(np.uint8, copy=False)
+                else:
+                    packed = pack_weight(lw.graph.weights, quant, role, node.id, codes=field == "codes")
+                    part = packed.b if field == "codes" else packed.scales
+                flat = np.ascontiguousarray(part).reshape(-1)
+                out[at:at + flat.size] = flat
+                at += flat.size
+        if at != size:
+            raise BackendError(f"MixedMoE {field}: wrote {at} of {size} elements; the experts' stored tensors do not "
+                               "match their annotated shapes (re-run the quantize pass)")
         return out
 
     return make

@@ -39,22 +39,28 @@ def check_ort_cpu(model_file: Path, manifest: Mapping[str, Any] | None = None) -
         ``(findings, checked)``: findings, errors first; ``checked`` names the runtimes (with their
         versions) that loaded the artifact or, with an error, refused it.
     """
-    findings, checked = onnxruntime_findings(model_file)
+    library = ((manifest or {}).get("target") or {}).get("custom_ops_library")
+    findings, checked = onnxruntime_findings(model_file, model_file.parent / library if library else None)
     if (model_file.parent / GENAI_CONFIG).is_file():
         more, names = genai_findings(model_file.parent, (manifest or {}).get("tokenizer") or {})
         findings, checked = findings + more, checked + names
     return sorted(findings, key=lambda f: f.severity != "error"), checked
 
 
-def onnxruntime_findings(model_file: Path) -> tuple[list[Finding], list[str]]:
+def onnxruntime_findings(model_file: Path, library: Path | None = None) -> tuple[list[Finding], list[str]]:
     """An error where onnxruntime cannot create a CPU session for ``model_file`` (by path, so external
-    data is read beside it); ``([], ["onnxruntime X"])`` when it can."""
+    data is read beside it), with the custom-op ``library`` the artifact carries registered;
+    ``([], ["onnxruntime X"])`` when it can."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # load-time warnings are for model authors, as in Session
     name = f"onnxruntime {ort.__version__}"
     try:
+        if library is not None:
+            from ..backends.ort_cpu.kernels import register
+
+            register(options, library)
         ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the message is the finding
         return [Finding("error", "onnxruntime", f"{name} cannot load {model_file.name} on the CPU: {_first(e)}")], [name]

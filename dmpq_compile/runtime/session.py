@@ -108,6 +108,13 @@ class Session:
         if threads:
             options.intra_op_num_threads = int(threads)
         self.root, self.manifest = root, manifest
+        if target.get("custom_ops_library"):  # dmpq's kernel library, carried by the artifact (--dispatch kernel)
+            from ..backends.ort_cpu.kernels import register
+
+            try:
+                register(options, root / target["custom_ops_library"])
+            except Exception as e:
+                raise ArtifactError(f"cannot load the artifact's kernel library: {e}") from e
         try:
             self._sess = ort.InferenceSession(str(root / target["model_file"]), options,
                                               providers=["CPUExecutionProvider"])

@@ -1,0 +1,704 @@
+// dmpq's onnxruntime custom-op library: `ai.dmpq.MixedMoE`, one layer's routed SwiGLU experts at
+// mixed bit-widths (2, 4 and 8) in one node.
+//
+// Inputs
+//   0 x        float   [N, H]   the layer's (flattened) input rows
+//   1 top_i    int64   [N, k]   the experts each row is routed to (the layer's own TopK)
+//   2 top_w    float   [N, k]   their mixing weights (the family's normalization already applied)
+//   3 codes    uint8   [C]      every expert's codes, MatMulNBits layout, experts one after the other
+//   4 scales   float16 [S]      every expert's block scales
+//   5 zeros    uint8   [Z]      every expert's block zero points, one byte a block
+//   6 meta     int64   [E, 8]   per expert: bits (0: not in this node), then the element offsets of
+//                               its gate/up codes, down codes, gate/up scales, down scales, gate/up
+//                               zero points, down zero points; the last column is 0
+// Attributes: hidden (H), inter (I), block_size, accuracy_level (0: fp32 activations, 4: int8).
+// Output      float   [N, H]   sum over each row's routed experts that are in this node, in
+//                               ascending expert order, of weight * down(silu(gate x) * up x).
+//
+// An expert's gate and up rows are stacked ([2I, H], gate first), its down rows are [H, I]; a row of
+// K inputs is K / block_size blocks of block_size * bits / 8 bytes, codes LSB-first in each byte
+// (MatMulNBits' layout); the weight is (code - zero) * scale, as dmpq stores it. A row's blocks are
+// read 64 codes at a time. The activations are rearranged once per row to the order the codes unpack
+// in (for 4 bits: the 32 even then the 32 odd positions of each 64), so the codes are used as stored.
+//
+// accuracy_level 4 quantizes each activation block symmetrically to int8 (scale max|x| / 127) and
+// takes integer dot products (AVX-512 VNNI where the CPU has it): the block's sum is
+// s_w * s_x * (sum code * q - zero * sum q). accuracy_level 0 keeps fp32 activations:
+// s_w * sum (code - zero) * x. A portable C++ path computes the same when the CPU lacks AVX-512.
+//
+// Threads: a pool of its own (DMPQ_KERNEL_THREADS, else the CPUs this process may run on): the gate
+// and up products are split over (expert, 64 rows), the down products over 64 output columns, so
+// every output element is summed by one thread in a fixed order (the result does not depend on the
+// thread count).
+
+#include <immintrin.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "ort_abi.h"
+
+namespace {
+
+using dmpq_ort::Api;
+using dmpq_ort::ApiTable;
+
+constexpr int kGroup = 64;     // codes per unpack step
+constexpr int kMetaCols = 8;
+constexpr int kRowsPerJob = 64;
+constexpr int kTile = 4;       // tokens per weight-row pass
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool: the caller runs jobs too; workers spin briefly between calls, then sleep.
+
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    const char* spin = std::getenv("DMPQ_KERNEL_SPIN");
+    spin_ = spin ? std::max(0, std::atoi(spin)) : 4000;
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { Worker(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_.store(true);
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  int threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+  template <class F>
+  void Run(int jobs, F&& f) {
+    if (jobs <= 0) return;
+    if (workers_.empty() || jobs == 1) {
+      for (int j = 0; j < jobs; ++j) f(j);
+      return;
+    }
+    std::lock_guard<std::mutex> run_lock(run_mu_);  // one parallel section at a time
+    using Fn = std::remove_reference_t<F>;
+    fn_ = [](void* ctx, int j) { (*static_cast<Fn*>(ctx))(j); };
+    ctx_ = &f;
+    jobs_ = jobs;
+    next_.store(0);
+    pending_.store(static_cast<int>(workers_.size()));
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    Drain();
+    // Wait for the workers; on a busy machine a worker may be descheduled, so stop spinning soon.
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0;) {
+      if (++spins < spin_) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    if (error_) {
+      std::string msg = *error_;
+      error_.reset();
+      throw std::runtime_error(msg);
+    }
+  }
+
+ private:
+  void Drain() {
+    for (int j; (j = next_.fetch_add(1)) < jobs_;) {
+      try {
+        fn_(ctx_, j);
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> lk(err_mu_);
+        if (!error_) error_.reset(new std::string(e.what()));
+      }
+    }
+  }
+  void Worker() {
+    uint64_t seen = 0;  // the generation at construction: a Run may start before this thread does
+    for (;;) {
+      uint64_t g;
+      int spins = 0;
+      while ((g = gen_.load(std::memory_order_acquire)) == seen) {
+        if (++spins < spin_) {
+          _mm_pause();
+          continue;
+        }
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return gen_.load() != seen; });
+      }
+      seen = g;
+      if (stop_.load()) return;
+      Drain();
+      pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_, run_mu_, err_mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> next_{0}, pending_{0};
+  int jobs_ = 0, spin_ = 0;
+  void (*fn_)(void*, int) = nullptr;
+  void* ctx_ = nullptr;
+  std::atomic<bool> stop_{false};
+  std::unique_ptr<std::string> error_;
+};
+
+int DefaultThreads() {
+  if (const char* env = std::getenv("DMPQ_KERNEL_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+Pool& SharedPool() {
+  static Pool pool(DefaultThreads());
+  return pool;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numbers
+
+float HalfToFloat(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do { ++e; man <<= 1; } while (!(man & 0x400u));
+      bits = sign | ((127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Position of code i (0..63) of a group once unpacked: plane-major, plane p = i % (8 / bits).
+inline int Arranged(int i, int bits) {
+  int per = 8 / bits;
+  return (i % per) * (kGroup / per) + i / per;
+}
+
+// One vector's activations as the dot products read them.
+struct Act {
+  const int8_t* q = nullptr;   // level 4: int8, arranged, K
+  const float* sa = nullptr;   // level 4: per block, the int8 scale
+  const float* sq = nullptr;   // level 4: per block, scale * sum of the block's int8 values
+  const float* xf = nullptr;   // level 0: fp32, arranged, K
+};
+
+// Level 4: quantize `x` (K values) per block; write arranged int8 codes, scales, scale * sums.
+void QuantizeActs(const float* x, int K, int bs, int bits, int8_t* q, float* sa, float* sq) {
+  int8_t tmp[kGroup];
+  for (int b = 0; b < K / bs; ++b) {
+    const float* xb = x + b * bs;
+    float amax = 0.f;
+    for (int i = 0; i < bs; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int g = 0; g < bs / kGroup; ++g) {
+      for (int i = 0; i < kGroup; ++i) {
+        int v = static_cast<int>(std::nearbyint(xb[g * kGroup + i] * inv));
+        v = std::min(127, std::max(-127, v));
+        tmp[Arranged(i, bits)] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      std::memcpy(q + b * bs + g * kGroup, tmp, kGroup);
+    }
+    sa[b] = amax / 127.f;
+    sq[b] = sa[b] * static_cast<float>(sum);
+  }
+}
+
+// Level 0: the fp32 activations, arranged.
+void ArrangeActs(const float* x, int K, int bits, float* out) {
+  for (int g = 0; g < K / kGroup; ++g)
+    for (int i = 0; i < kGroup; ++i) out[g * kGroup + Arranged(i, bits)] = x[g * kGroup + i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dot products of one weight row with up to kTile activation vectors.
+// codes: the row's bytes; scales/zeros: the row's blocks.
+
+struct Row {
+  const uint8_t* codes;
+  const uint16_t* scales;
+  const uint8_t* zeros;
+};
+
+using DotFn = void (*)(const Row&, int bits, int K, int bs, const Act* const* acts, int nt, float* out);
+
+// Portable: unpack a group to its arranged order, then the same sums as the vector paths.
+void UnpackGroupRef(const uint8_t* p, int bits, uint8_t* out) {
+  int per = 8 / bits, mask = (1 << bits) - 1;
+  for (int i = 0; i < kGroup; ++i) out[Arranged(i, bits)] = (p[i / per] >> ((i % per) * bits)) & mask;
+}
+
+void DotRef(const Row& row, int bits, int K, int bs, const Act* const* acts, int nt, float* out) {
+  const int gbytes = kGroup * bits / 8, gpb = bs / kGroup;
+  uint8_t w[kGroup];
+  float acc[kTile] = {0.f, 0.f, 0.f, 0.f};
+  for (int b = 0; b < K / bs; ++b) {
+    float s = HalfToFloat(row.scales[b]), z = row.zeros[b];
+    if (acts[0]->q) {
+      int32_t iacc[kTile] = {0, 0, 0, 0};
+      for (int gg = 0; gg < gpb; ++gg) {
+        int g = b * gpb + gg;
+        UnpackGroupRef(row.codes + g * gbytes, bits, w);
+        for (int t = 0; t < nt; ++t) {
+          const int8_t* q = acts[t]->q + g * kGroup;
+          int32_t d = 0;
+          for (int i = 0; i < kGroup; ++i) d += static_cast<int32_t>(w[i]) * q[i];
+          iacc[t] += d;
+        }
+      }
+      for (int t = 0; t < nt; ++t)
+        acc[t] += static_cast<float>(iacc[t]) * (s * acts[t]->sa[b]) - s * z * acts[t]->sq[b];
+    } else {
+      float bacc[kTile] = {0.f, 0.f, 0.f, 0.f};
+      for (int gg = 0; gg < gpb; ++gg) {
+        int g = b * gpb + gg;
+        UnpackGroupRef(row.codes + g * gbytes, bits, w);
+        for (int t = 0; t < nt; ++t) {
+          const float* x = acts[t]->xf + g * kGroup;
+          for (int i = 0; i < kGroup; ++i) bacc[t] += (static_cast<float>(w[i]) - z) * x[i];
+        }
+      }
+      for (int t = 0; t < nt; ++t) acc[t] += s * bacc[t];
+    }
+  }
+  for (int t = 0; t < nt; ++t) out[t] = acc[t];
+}
+
+#define DMPQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+
+template <int BITS>
+DMPQ_AVX512 inline __m512i Unpack512(const uint8_t* p) {
+  if (BITS == 8) return _mm512_loadu_si512(p);
+  if (BITS == 4) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    __m256i m = _mm256_set1_epi8(0x0f);
+    __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0)), _mm512_set1_epi8(3));
+}
+
+template <int BITS, int NT>
+DMPQ_AVX512 void DotQ512(const Row& row, int K, int bs, const Act* const* acts, float* out) {
+  constexpr int gbytes = kGroup * BITS / 8;
+  const int gpb = bs / kGroup;
+  __m512 facc[NT];
+  float corr[NT];
+  for (int t = 0; t < NT; ++t) { facc[t] = _mm512_setzero_ps(); corr[t] = 0.f; }
+  for (int b = 0; b < K / bs; ++b) {
+    __m512i iacc[NT];
+    for (int t = 0; t < NT; ++t) iacc[t] = _mm512_setzero_si512();
+    for (int gg = 0; gg < gpb; ++gg) {
+      const int g = b * gpb + gg;
+      __m512i w = Unpack512<BITS>(row.codes + g * gbytes);
+      for (int t = 0; t < NT; ++t)
+        iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, _mm512_loadu_si512(acts[t]->q + g * kGroup));
+    }
+    const float s = _cvtsh_ss(row.scales[b]), sz = s * static_cast<float>(row.zeros[b]);
+    for (int t = 0; t < NT; ++t) {
+      facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t]), _mm512_set1_ps(s * acts[t]->sa[b]), facc[t]);
+      corr[t] += sz * acts[t]->sq[b];
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(facc[t]) - corr[t];
+}
+
+template <int BITS, int NT>
+DMPQ_AVX512 void DotF512(const Row& row, int K, int bs, const Act* const* acts, float* out) {
+  constexpr int gbytes = kGroup * BITS / 8;
+  const int gpb = bs / kGroup;
+  __m512 facc[NT];
+  for (int t = 0; t < NT; ++t) facc[t] = _mm512_setzero_ps();
+  for (int b = 0; b < K / bs; ++b) {
+    __m512 bacc[NT];
+    for (int t = 0; t < NT; ++t) bacc[t] = _mm512_setzero_ps();
+    const __m512 z = _mm512_set1_ps(static_cast<float>(row.zeros[b]));
+    for (int gg = 0; gg < gpb; ++gg) {
+      const int g = b * gpb + gg;
+      __m512i w = Unpack512<BITS>(row.codes + g * gbytes);
+      __m512 wf[4] = {
+          _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 0))), z),
+          _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 1))), z),
+          _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 2))), z),
+          _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 3))), z)};
+      for (int t = 0; t < NT; ++t) {
+        const float* x = acts[t]->xf + g * kGroup;
+        for (int c = 0; c < 4; ++c) bacc[t] = _mm512_fmadd_ps(wf[c], _mm512_loadu_ps(x + 16 * c), bacc[t]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(_cvtsh_ss(row.scales[b]));
+    for (int t = 0; t < NT; ++t) facc[t] = _mm512_fmadd_ps(bacc[t], s, facc[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(facc[t]);
+}
+
+template <int BITS>
+DMPQ_AVX512 void Dot512Bits(const Row& row, int K, int bs, const Act* const* acts, int nt, float* out) {
+  const bool q = acts[0]->q != nullptr;
+  switch (nt) {
+    case 1: q ? DotQ512<BITS, 1>(row, K, bs, acts, out) : DotF512<BITS, 1>(row, K, bs, acts, out); break;
+    case 2: q ? DotQ512<BITS, 2>(row, K, bs, acts, out) : DotF512<BITS, 2>(row, K, bs, acts, out); break;
+    case 3: q ? DotQ512<BITS, 3>(row, K, bs, acts, out) : DotF512<BITS, 3>(row, K, bs, acts, out); break;
+    default: q ? DotQ512<BITS, 4>(row, K, bs, acts, out) : DotF512<BITS, 4>(row, K, bs, acts, out); break;
+  }
+}
+
+void Dot512(const Row& row, int bits, int K, int bs, const Act* const* acts, int nt, float* out) {
+  switch (bits) {
+    case 2: Dot512Bits<2>(row, K, bs, acts, nt, out); break;
+    case 4: Dot512Bits<4>(row, K, bs, acts, nt, out); break;
+    default: Dot512Bits<8>(row, K, bs, acts, nt, out); break;
+  }
+}
+
+bool HasAvx512Vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+}
+
+const char* PathName() {
+  const char* force = std::getenv("DMPQ_KERNEL_PATH");
+  if (force && std::string(force) == "portable") return "portable";
+  return HasAvx512Vnni() ? "avx512-vnni" : "portable";
+}
+
+DotFn ChosenDot() {
+  static const DotFn fn = std::string(PathName()) == "avx512-vnni" ? Dot512 : DotRef;
+  return fn;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The op
+
+struct Tensor {
+  int type = 0;
+  std::vector<int64_t> dims;
+  void* data = nullptr;
+  int64_t size() const {
+    int64_t n = 1;
+    for (int64_t d : dims) n *= d;
+    return n;
+  }
+};
+
+void Check(const Api& api, dmpq_ort::OrtStatus* st, const char* what) {
+  if (!st) return;
+  std::string msg = std::string("dmpq MixedMoE: ") + what + ": " + api.GetErrorMessage(st);
+  api.ReleaseStatus(st);
+  throw std::runtime_error(msg);
+}
+
+void Describe(const Api& api, const dmpq_ort::OrtValue* v, Tensor* out) {
+  dmpq_ort::OrtTensorTypeAndShapeInfo* info = nullptr;
+  Check(api, api.GetTensorTypeAndShape(v, &info), "reading an input's shape");
+  size_t n = 0;
+  dmpq_ort::OrtStatus* st = api.GetTensorElementType(info, &out->type);
+  if (!st) st = api.GetDimensionsCount(info, &n);
+  out->dims.assign(n, 0);
+  if (!st && n) st = api.GetDimensions(info, out->dims.data(), n);
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  Check(api, st, "reading an input's shape");
+  Check(api, api.GetTensorMutableData(const_cast<dmpq_ort::OrtValue*>(v), &out->data), "reading an input");
+}
+
+[[noreturn]] void Fail(const std::string& msg) { throw std::runtime_error("dmpq MixedMoE: " + msg); }
+
+struct ExpertMeta {
+  int64_t bits, gu_codes, down_codes, gu_scales, down_scales, gu_zeros, down_zeros, reserved;
+};
+
+class MixedMoE {
+ public:
+  MixedMoE(const Api& api, const dmpq_ort::OrtKernelInfo* info) : api_(api) {
+    hidden_ = Attr(info, "hidden");
+    inter_ = Attr(info, "inter");
+    block_ = Attr(info, "block_size");
+    level_ = Attr(info, "accuracy_level");
+    if (hidden_ <= 0 || inter_ <= 0) Fail("hidden and inter must be positive");
+    if (block_ < kGroup || block_ % kGroup) Fail("block_size must be a multiple of 64");
+    if (hidden_ % block_ || inter_ % block_) Fail("hidden and inter must be whole blocks");
+    if (level_ != 0 && level_ != 4) Fail("accuracy_level must be 0 (fp32 activations) or 4 (int8)");
+  }
+
+  void Compute(dmpq_ort::OrtKernelContext* ctx) {
+    size_t n_in = 0;
+    Check(api_, api_.KernelContextGetInputCount(ctx, &n_in), "counting inputs");
+    if (n_in != 7) Fail("expects 7 inputs, got " + std::to_string(n_in));
+    Tensor in[7];
+    for (size_t i = 0; i < 7; ++i) {
+      const dmpq_ort::OrtValue* v = nullptr;
+      Check(api_, api_.KernelContextGetInput(ctx, i, &v), "getting an input");
+      Describe(api_, v, &in[i]);
+    }
+    const Tensor &x = in[0], &ti = in[1], &tw = in[2], &codes = in[3], &scales = in[4], &zeros = in[5],
+                 &meta = in[6];
+    const int64_t H = hidden_, I = inter_;
+    if (x.dims.size() != 2 || x.dims[1] != H) Fail("x must be [N, hidden]");
+    const int64_t N = x.dims[0];
+    if (ti.dims.size() != 2 || ti.dims[0] != N || tw.dims != ti.dims) Fail("top_i and top_w must be [N, k]");
+    const int64_t k = ti.dims[1];
+    if (meta.dims.size() != 2 || meta.dims[1] != kMetaCols) Fail("meta must be [experts, 8]");
+    const int64_t E = meta.dims[0];
+
+    int64_t dims[2] = {N, H};
+    dmpq_ort::OrtValue* out_v = nullptr;
+    Check(api_, api_.KernelContextGetOutput(ctx, 0, dims, 2, &out_v), "making the output");
+    void* out_p = nullptr;
+    Check(api_, api_.GetTensorMutableData(out_v, &out_p), "writing the output");
+    float* y = static_cast<float*>(out_p);
+    std::fill(y, y + N * H, 0.f);
+    if (N == 0) return;
+
+    const auto* em = static_cast<const ExpertMeta*>(meta.data);
+    const auto* xs = static_cast<const float*>(x.data);
+    const auto* idx = static_cast<const int64_t*>(ti.data);
+    const auto* wts = static_cast<const float*>(tw.data);
+    const auto* cb = static_cast<const uint8_t*>(codes.data);
+    const auto* sb = static_cast<const uint16_t*>(scales.data);
+    const auto* zb = static_cast<const uint8_t*>(zeros.data);
+    const int64_t hb = H / block_, ib = I / block_;
+
+    // The experts' extents, checked once per call (cheap: E rows).
+    bool bits_used[9] = {false};
+    for (int64_t e = 0; e < E; ++e) {
+      const ExpertMeta& m = em[e];
+      if (m.bits == 0) continue;
+      if (m.bits != 2 && m.bits != 4 && m.bits != 8) Fail("expert " + std::to_string(e) + " has unsupported bits");
+      const int64_t gu_c = 2 * I * H * m.bits / 8, dn_c = H * I * m.bits / 8;
+      if (m.gu_codes < 0 || m.gu_codes + gu_c > codes.size() || m.down_codes < 0 || m.down_codes + dn_c > codes.size() ||
+          m.gu_scales < 0 || m.gu_scales + 2 * I * hb > scales.size() || m.down_scales < 0 ||
+          m.down_scales + H * ib > scales.size() || m.gu_zeros < 0 || m.gu_zeros + 2 * I * hb > zeros.size() ||
+          m.down_zeros < 0 || m.down_zeros + H * ib > zeros.size())
+        Fail("expert " + std::to_string(e) + "'s offsets run past its tensors");
+    }
+
+    // Rows per expert, in row order (the interpreter's order within an expert).
+    std::vector<int64_t> count(E + 1, 0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t e = idx[n * k + j];
+        if (e < 0 || e >= E) Fail("top_i holds expert " + std::to_string(e) + " outside [0, " + std::to_string(E) + ")");
+        if (em[e].bits) ++count[e + 1];
+      }
+    for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
+    const int64_t S = count[E];
+    if (S == 0) return;
+    std::vector<int64_t> slot_row(S), fill(count.begin(), count.end() - 1);
+    std::vector<float> slot_w(S);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t e = idx[n * k + j];
+        if (!em[e].bits) continue;
+        int64_t s = fill[e]++;
+        slot_row[s] = n;
+        slot_w[s] = wts[n * k + j];
+      }
+    std::vector<int64_t> active;
+    for (int64_t e = 0; e < E; ++e)
+      if (count[e + 1] > count[e]) {
+        active.push_back(e);
+        bits_used[em[e].bits] = true;
+      }
+
+    Pool& pool = SharedPool();
+    const DotFn dot = ChosenDot();
+    const bool q = level_ == 4;
+
+    // The input rows, prepared once per bit-width in use.
+    struct Prepared {
+      std::vector<int8_t> q;
+      std::vector<float> sa, sq, xf;
+      std::vector<Act> acts;
+    } xin[9];
+    for (int bits : {2, 4, 8}) {
+      if (!bits_used[bits]) continue;
+      Prepared& p = xin[bits];
+      p.acts.resize(N);
+      if (q) {
+        p.q.resize(N * H);
+        p.sa.resize(N * hb);
+        p.sq.resize(N * hb);
+      } else {
+        p.xf.resize(N * H);
+      }
+      pool.Run(static_cast<int>(N), [&, bits](int n) {
+        if (q) {
+          QuantizeActs(xs + n * H, H, block_, bits, &p.q[n * H], &p.sa[n * hb], &p.sq[n * hb]);
+          p.acts[n] = Act{&p.q[n * H], &p.sa[n * hb], &p.sq[n * hb], nullptr};
+        } else {
+          ArrangeActs(xs + n * H, H, bits, &p.xf[n * H]);
+          p.acts[n] = Act{nullptr, nullptr, nullptr, &p.xf[n * H]};
+        }
+      });
+    }
+
+    // Gate and up: h[slot] = silu(gate x) * up x, jobs of (expert, 64 rows of I).
+    std::vector<float> h(S * I);
+    const int64_t row_jobs = (I + kRowsPerJob - 1) / kRowsPerJob;
+    pool.Run(static_cast<int>(active.size() * row_jobs), [&](int job) {
+      const int64_t e = active[job / row_jobs], r0 = (job % row_jobs) * kRowsPerJob,
+                    r1 = std::min<int64_t>(I, r0 + kRowsPerJob);
+      const ExpertMeta& m = em[e];
+      const int bits = static_cast<int>(m.bits);
+      const int64_t stride = H * bits / 8;
+      const Act* acts[kTile];
+      float g[kTile], u[kTile];
+      for (int64_t s0 = count[e]; s0 < count[e + 1]; s0 += kTile) {
+        const int nt = static_cast<int>(std::min<int64_t>(kTile, count[e + 1] - s0));
+        for (int t = 0; t < nt; ++t) acts[t] = &xin[bits].acts[slot_row[s0 + t]];
+        for (int64_t r = r0; r < r1; ++r) {
+          Row gate{cb + m.gu_codes + r * stride, sb + m.gu_scales + r * hb, zb + m.gu_zeros + r * hb};
+          Row up{cb + m.gu_codes + (I + r) * stride, sb + m.gu_scales + (I + r) * hb, zb + m.gu_zeros + (I + r) * hb};
+          dot(gate, bits, static_cast<int>(H), static_cast<int>(block_), acts, nt, g);
+          dot(up, bits, static_cast<int>(H), static_cast<int>(block_), acts, nt, u);
+          for (int t = 0; t < nt; ++t) h[(s0 + t) * I + r] = g[t] / (1.f + std::exp(-g[t])) * u[t];
+        }
+      }
+    });
+
+    // The intermediate rows, prepared for their expert's down projection.
+    std::vector<int8_t> hq(q ? S * I : 0);
+    std::vector<float> hsa(q ? S * ib : 0), hsq(q ? S * ib : 0), hf(q ? 0 : S * I);
+    std::vector<Act> hacts(S);
+    std::vector<int> slot_bits(S);
+    for (int64_t e : active)
+      for (int64_t s = count[e]; s < count[e + 1]; ++s) slot_bits[s] = static_cast<int>(em[e].bits);
+    pool.Run(static_cast<int>(S), [&](int s) {
+      if (q) {
+        QuantizeActs(&h[s * I], I, block_, slot_bits[s], &hq[s * I], &hsa[s * ib], &hsq[s * ib]);
+        hacts[s] = Act{&hq[s * I], &hsa[s * ib], &hsq[s * ib], nullptr};
+      } else {
+        ArrangeActs(&h[s * I], I, slot_bits[s], &hf[s * I]);
+        hacts[s] = Act{nullptr, nullptr, nullptr, &hf[s * I]};
+      }
+    });
+
+    // Down: jobs of 64 output columns; each adds its experts in ascending order.
+    const int64_t col_jobs = (H + kRowsPerJob - 1) / kRowsPerJob;
+    pool.Run(static_cast<int>(col_jobs), [&](int job) {
+      const int64_t c0 = job * kRowsPerJob, c1 = std::min<int64_t>(H, c0 + kRowsPerJob);
+      const Act* acts[kTile];
+      float d[kTile];
+      for (int64_t e : active) {
+        const ExpertMeta& m = em[e];
+        const int bits = static_cast<int>(m.bits);
+        const int64_t stride = I * bits / 8;
+        for (int64_t s0 = count[e]; s0 < count[e + 1]; s0 += kTile) {
+          const int nt = static_cast<int>(std::min<int64_t>(kTile, count[e + 1] - s0));
+          for (int t = 0; t < nt; ++t) acts[t] = &hacts[s0 + t];
+          for (int64_t c = c0; c < c1; ++c) {
+            Row down{cb + m.down_codes + c * stride, sb + m.down_scales + c * ib, zb + m.down_zeros + c * ib};
+            dot(down, bits, static_cast<int>(I), static_cast<int>(block_), acts, nt, d);
+            for (int t = 0; t < nt; ++t) y[slot_row[s0 + t] * H + c] += slot_w[s0 + t] * d[t];
+          }
+        }
+      }
+    });
+  }
+
+ private:
+  int64_t Attr(const dmpq_ort::OrtKernelInfo* info, const char* name) {
+    int64_t v = 0;
+    dmpq_ort::OrtStatus* st = api_.KernelInfoGetAttributeInt64(info, name, &v);
+    if (st) {
+      std::string msg = std::string("dmpq MixedMoE: attribute '") + name + "': " + api_.GetErrorMessage(st);
+      api_.ReleaseStatus(st);
+      throw std::runtime_error(msg);
+    }
+    return v;
+  }
+
+  Api api_;
+  int64_t hidden_ = 0, inter_ = 0, block_ = 0, level_ = 0;
+};
+
+// The custom-op record.
+const dmpq_ort::ElementType kInputTypes[7] = {dmpq_ort::kFloat, dmpq_ort::kInt64, dmpq_ort::kFloat, dmpq_ort::kUInt8,
+                                              dmpq_ort::kFloat16, dmpq_ort::kUInt8, dmpq_ort::kInt64};
+
+dmpq_ort::OrtCustomOpV8 MakeOp() {
+  dmpq_ort::OrtCustomOpV8 op{};
+  op.version = 8;
+  op.CreateKernel = [](dmpq_ort::OrtCustomOpV8*, const ApiTable* api, const dmpq_ort::OrtKernelInfo* info) -> void* {
+    return new MixedMoE(Api(api), info);
+  };
+  op.GetName = [](dmpq_ort::OrtCustomOpV8*) { return "MixedMoE"; };
+  op.GetExecutionProviderType = [](dmpq_ort::OrtCustomOpV8*) -> const char* { return nullptr; };
+  op.GetInputType = [](dmpq_ort::OrtCustomOpV8*, size_t i) { return kInputTypes[i]; };
+  op.GetInputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return 7; };
+  op.GetOutputType = [](dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kFloat; };
+  op.GetOutputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return 1; };
+  op.KernelCompute = [](void* k, dmpq_ort::OrtKernelContext* ctx) { static_cast<MixedMoE*>(k)->Compute(ctx); };
+  op.KernelDestroy = [](void* k) { delete static_cast<MixedMoE*>(k); };
+  op.GetInputCharacteristic = [](const dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kRequired; };
+  op.GetOutputCharacteristic = [](const dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kRequired; };
+  return op;
+}
+
+dmpq_ort::OrtCustomOpV8 g_op = MakeOp();
+
+// The function table is positional: check three entries on a status we make before trusting it.
+bool SelfCheck(const Api& api) {
+  const char* probe = "dmpq-abi-check";
+  dmpq_ort::OrtStatus* st = api.CreateStatus(2, probe);
+  if (!st) return false;
+  bool ok = api.GetErrorCode(st) == 2 && std::strcmp(api.GetErrorMessage(st), probe) == 0;
+  api.ReleaseStatus(st);
+  return ok;
+}
+
+}  // namespace
+
+extern "C" {
+
+__attribute__((visibility("default"))) dmpq_ort::OrtStatus* RegisterCustomOps(dmpq_ort::OrtSessionOptions* options,
+                                                                               const dmpq_ort::ApiBase* base) {
+  const ApiTable* table = base->GetApi(1);
+  if (!table) return nullptr;  // cannot happen: every onnxruntime serves version 1
+  Api api(table);
+  if (!SelfCheck(api)) return api.CreateStatus(1, "dmpq kernels: onnxruntime's C API table is not the one expected");
+  dmpq_ort::OrtCustomOpDomain* domain = nullptr;
+  if (dmpq_ort::OrtStatus* st = api.CreateCustomOpDomain("ai.dmpq", &domain)) return st;
+  if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_op)) return st;
+  return api.AddCustomOpDomain(options, domain);  // the domain lives as long as the process
+}
+
+// For Python (ctypes): which dot-product path this CPU gets, and the pool's thread count.
+__attribute__((visibility("default"))) const char* dmpq_kernel_path() { return PathName(); }
+__attribute__((visibility("default"))) int dmpq_kernel_threads() { return DefaultThreads(); }
+
+}  // extern "C"

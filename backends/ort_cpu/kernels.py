@@ -1,0 +1,123 @@
+"""dmpq's onnxruntime custom-op library: ``ai.dmpq.MixedMoE`` (``csrc/dmpq_moe.cc``).
+
+One node per layer runs all of the layer's 2/4/8-bit routed SwiGLU experts, whatever their mix of
+widths, on the stored codes as they are (``--dispatch kernel``; the graph side is
+:meth:`.matmulnbits.MatMulNBitsProjection.mixed_moe`). The library is C++ compiled here, from the
+sources this package ships, the first time a compile asks for it (a few seconds with ``g++``),
+and cached by the hash of its sources, flags and compiler; each artifact that uses it carries a
+copy (``kernels/libdmpq_kernels.so``), which onnxruntime and onnxruntime-genai load by path (the
+manifest's ``target.custom_ops_library``, ``genai_config.json``'s ``session_options``).
+
+It declares only the parts of onnxruntime's C ABI it calls (``csrc/ort_abi.h``: version 1 of the
+API table, which every onnxruntime serves), so it needs no onnxruntime headers to build (checked
+with onnxruntime 1.32 and onnxruntime-genai 0.18 on Linux x86-64). It picks its dot-product path at load: AVX-512
+VNNI where the CPU has it, else portable C++ (the same sums, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..base import BackendError
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "ai.dmpq"
+OP = "MixedMoE"
+LIBRARY = "libdmpq_kernels.so"
+ARTIFACT_PATH = f"kernels/{LIBRARY}"  # where an artifact keeps its copy, relative to its folder
+SOURCES = ("dmpq_moe.cc", "ort_abi.h")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-Wall",
+         "-Wno-uninitialized", "-Wno-maybe-uninitialized")
+
+
+def source_dir() -> Path:
+    return Path(__file__).resolve().parent / "csrc"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise BackendError("--dispatch kernel builds dmpq's kernel library from C++ and found no compiler: install "
+                           "g++ (apt-get install g++) or set CXX, or choose --dispatch fused")
+    return cxx
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DMPQ_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dmpq-compile" / "kernels"
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """The library built for this machine's compiler (compiled now if the cache lacks it); its path.
+
+    Raises:
+        BackendError: not Linux x86-64, no C++ compiler, or the compile failed (with its output).
+    """
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        raise BackendError(f"dmpq's kernel library is written for Linux x86-64, not {platform.system()} "
+                           f"{platform.machine()}; choose --dispatch fused")
+    cxx = _compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BackendError(f"cannot run the C++ compiler {cxx!r}: {e}") from e
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((source_dir() / name).read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    digest.update(version.encode())
+    folder = (cache_dir or _cache_dir()) / digest.hexdigest()[:16]
+    target = folder / LIBRARY
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, "-o", tmp, str(source_dir() / "dmpq_moe.cc")]
+    log.info("building dmpq's kernel library: %s", " ".join(cmd))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            raise BackendError(f"building dmpq's kernel library failed ({' '.join(cmd)}):\n"
+                               f"{(done.stderr or done.stdout)[-4000:]}")
+        os.replace(tmp, target)  # whole or absent: another compile may build the same file at once
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def describe(library: Path) -> dict[str, Any]:
+    """What the library does on this CPU: its dot-product path and the threads its pool starts."""
+    lib = ctypes.CDLL(str(library))
+    lib.dmpq_kernel_path.restype = ctypes.c_char_p
+    return {"path": lib.dmpq_kernel_path().decode(), "threads": int(lib.dmpq_kernel_threads())}
+
+
+def register(options: Any, library: Path) -> None:
+    """Make onnxruntime session ``options`` load ``library`` (an artifact's copy)."""
+    if not Path(library).is_file():
+        raise BackendError(f"the artifact's kernel library {library} is missing; recompile the artifact or copy "
+                           f"its {ARTIFACT_PATH}")
+    options.register_custom_ops_library(str(library))
+
+
+def install(out_dir: Path) -> str:
+    """Copy the built library into artifact folder ``out_dir``; the path relative to it."""
+    dest = out_dir / ARTIFACT_PATH
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(build(), dest)
+    return ARTIFACT_PATH
