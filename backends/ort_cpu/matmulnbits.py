@@ -348,7 +348,7 @@ class MatMulNBitsProjection:
         shapes = {r: tuple(int(v) for v in quant["tensors"][r]["shape"]) for r in ("gate", "up", "down")}
         (inter, hidden) = shapes["gate"]
         return shapes["up"] == (inter, hidden) and shapes["down"] == (hidden, inter) \
-            and not hidden % spec.group_size and not inter % spec.group_size
+            and not hidden % spec.group_size and not inter % spec.group_size  # (so both are multiples of 64)
 
     def mixed_moe(self, lw: Lowering, route: Any, nodes: list[Node], hint: str) -> str:
         """One ``ai.dmpq.MixedMoE`` node for ``nodes`` (one layer's kernel-fusable experts, any mix of 2, 4
@@ -356,9 +356,10 @@ class MatMulNBitsProjection:
 
         It takes the layer's own top-k indices and weights (``route.top_i``, ``route.top_w``: the family's
         normalization already applied), so each expert is computed for exactly its rows with exactly its
-        weight. Weights: every expert's stored codes (gate rows then up rows, then down; MatMulNBits'
-        row layout, byte for byte), float16 scales and one zero point a group, concatenated in expert order,
-        with a ``[E, 8]`` table of each expert's bits and offsets (bits 0: not in this node)."""
+        weight. Weights: every expert's stored codes (gate rows then up rows, then down), float16 scales and one
+        zero point a group, in 16-row panels (:func:`panel_codes`: a byte permutation of the stored codes, so
+        that one vector lane is one row), concatenated in expert order, with a ``[E, 8]`` table of each
+        expert's bits and offsets (bits 0: not in this node)."""
         b = lw.b
         spec = QuantSpec.from_dict(nodes[0].ann["quant"]["spec"])
         gs = spec.group_size
@@ -445,24 +446,59 @@ def _qmoe_part(lw: Lowering, nodes: list[Node], field: str):
     return make
 
 
+PANEL = 16  # rows per panel of MixedMoE's layout
+
+
+def panel_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes ``[N, K]`` (one code a byte) -> MixedMoE's panel layout, flat: rows in panels of 16, each
+    panel in 64-byte units along K of ``32 / bits`` columns; byte ``4 i + j`` of a unit at column ``k`` holds row
+    ``i``'s codes at columns ``k + 4 m + j`` (``m < 8 / bits``) in bits ``[m bits, (m + 1) bits)``. A byte
+    permutation of the stored codes (:func:`unpanel_codes` inverts it)."""
+    n, k = codes.shape
+    per = 8 // bits
+    c = codes.astype(np.uint8, copy=False).reshape(n // PANEL, PANEL, k // (4 * per), per, 4)
+    out = np.zeros((n // PANEL, k // (4 * per), PANEL, 4), np.uint8)
+    for m in range(per):
+        out |= (c[:, :, :, m, :].transpose(0, 2, 1, 3) << (m * bits)).astype(np.uint8)
+    return out.reshape(-1)
+
+
+def unpanel_codes(flat: np.ndarray, bits: int, n: int, k: int) -> np.ndarray:
+    """The inverse of :func:`panel_codes`: ``[N, K]`` codes."""
+    per = 8 // bits
+    units = flat.reshape(n // PANEL, k // (4 * per), PANEL, 4)
+    c = np.empty((n // PANEL, PANEL, k // (4 * per), per, 4), np.uint8)
+    for m in range(per):
+        c[:, :, :, m, :] = ((units >> (m * bits)) & (2 ** bits - 1)).transpose(0, 2, 1, 3)
+    return c.reshape(n, k)
+
+
+def panel_blocks(values: np.ndarray) -> np.ndarray:
+    """Per-row block values ``[N, blocks]`` (scales or zero points) -> ``[N / 16, blocks, 16]``, flat."""
+    n, blocks = values.shape
+    return np.ascontiguousarray(values.reshape(n // PANEL, PANEL, blocks).transpose(0, 2, 1)).reshape(-1)
+
+
 def _mixed_part(lw: Lowering, nodes: list[Node], field: str, size: int, dtype: Any):
     """Makes ``MixedMoE`` input ``field`` (``codes``, ``scales`` or ``zeros``) of ``nodes`` when the model is
-    written, one expert at a time: each expert's gate rows, up rows, then down rows."""
+    written, one expert at a time: each expert's gate rows, up rows, then down rows, in panels
+    (:func:`panel_codes`, :func:`panel_blocks`)."""
 
     def make() -> np.ndarray:
         out, at = np.empty(size, dtype), 0
         for node in nodes:
-            quant = node.ann["quant"]
+            quant, bits = node.ann["quant"], int(node.ann["bits"])
             for role in ("gate", "up", "down"):
-                if field == "zeros":  # one byte a group, as stored
-                    entry = quant["tensors"][role]
-                    part = lw.graph.weights[entry["zero"]].cpu().numpy().astype(np.uint8, copy=False)
+                entry = quant["tensors"][role]
+                n, k = (int(v) for v in entry["shape"])
+                if field == "codes":
+                    part = panel_codes(unpack_bits(lw.graph.weights[entry["q"]].cpu().numpy(), bits, k), bits)
+                elif field == "zeros":  # one byte a group, as stored
+                    part = panel_blocks(lw.graph.weights[entry["zero"]].cpu().numpy().astype(np.uint8, copy=False))
                 else:
-                    packed = pack_weight(lw.graph.weights, quant, role, node.id, codes=field == "codes")
-                    part = packed.b if field == "codes" else packed.scales
-                flat = np.ascontiguousarray(part).reshape(-1)
-                out[at:at + flat.size] = flat
-                at += flat.size
+                    part = panel_blocks(pack_weight(lw.graph.weights, quant, role, node.id, codes=False).scales)
+                out[at:at + part.size] = part
+                at += part.size
         if at != size:
             raise BackendError(f"MixedMoE {field}: wrote {at} of {size} elements; the experts' stored tensors do not "
                                "match their annotated shapes (re-run the quantize pass)")

@@ -56,7 +56,7 @@ namespace {
 using dmpq_ort::Api;
 using dmpq_ort::ApiTable;
 
-constexpr int kGroup = 64;     // codes per unpack step
+constexpr int kGroup = 64;     // the smallest block size
 constexpr int kMetaCols = 8;
 constexpr int kRowsPerJob = 64;
 constexpr int kTile = 4;       // tokens per weight-row pass
@@ -198,188 +198,174 @@ float HalfToFloat(uint16_t h) {
   return f;
 }
 
-// Position of code i (0..63) of a group once unpacked: plane-major, plane p = i % (8 / bits).
-inline int Arranged(int i, int bits) {
-  int per = 8 / bits;
-  return (i % per) * (kGroup / per) + i / per;
-}
-
-// One vector's activations as the dot products read them.
+// One vector's activations as the dot products read them (natural order).
 struct Act {
-  const int8_t* q = nullptr;   // level 4: int8, arranged, K
+  const int8_t* q = nullptr;   // level 4: int8, K
   const float* sa = nullptr;   // level 4: per block, the int8 scale
   const float* sq = nullptr;   // level 4: per block, scale * sum of the block's int8 values
-  const float* xf = nullptr;   // level 0: fp32, arranged, K
+  const float* xf = nullptr;   // level 0: fp32, K
 };
 
-// Level 4: quantize `x` (K values) per block; write arranged int8 codes, scales, scale * sums.
-void QuantizeActs(const float* x, int K, int bs, int bits, int8_t* q, float* sa, float* sq) {
-  int8_t tmp[kGroup];
+// Level 4: quantize `x` (K values) per block: int8 codes, scales, scale * sums.
+void QuantizeActs(const float* x, int K, int bs, int8_t* q, float* sa, float* sq) {
   for (int b = 0; b < K / bs; ++b) {
     const float* xb = x + b * bs;
     float amax = 0.f;
     for (int i = 0; i < bs; ++i) amax = std::max(amax, std::fabs(xb[i]));
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     int sum = 0;
-    for (int g = 0; g < bs / kGroup; ++g) {
-      for (int i = 0; i < kGroup; ++i) {
-        int v = static_cast<int>(std::nearbyint(xb[g * kGroup + i] * inv));
-        v = std::min(127, std::max(-127, v));
-        tmp[Arranged(i, bits)] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      std::memcpy(q + b * bs + g * kGroup, tmp, kGroup);
+    for (int i = 0; i < bs; ++i) {
+      int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+      v = std::min(127, std::max(-127, v));
+      q[b * bs + i] = static_cast<int8_t>(v);
+      sum += v;
     }
     sa[b] = amax / 127.f;
     sq[b] = sa[b] * static_cast<float>(sum);
   }
 }
 
-// Level 0: the fp32 activations, arranged.
-void ArrangeActs(const float* x, int K, int bits, float* out) {
-  for (int g = 0; g < K / kGroup; ++g)
-    for (int i = 0; i < kGroup; ++i) out[g * kGroup + Arranged(i, bits)] = x[g * kGroup + i];
-}
-
 // ---------------------------------------------------------------------------------------------
-// Dot products of one weight row with up to kTile activation vectors.
-// codes: the row's bytes; scales/zeros: the row's blocks.
+// Dot products of one 16-row panel of a weight with up to kTile activation vectors.
+//
+// Panel layout (written by the lowering, matmulnbits.panel_codes): a weight's rows in panels of 16; a
+// panel's codes in units of 64 bytes along K, a unit holding 32 / bits columns of all 16 rows: byte
+// 4 * i + j of a unit is row i's codes at columns k + 4 * m + j for m = 0 .. 8 / bits - 1, code m in
+// bits [m * bits, (m + 1) * bits). One int32 lane of a 64-byte vector is then one row, and a dot
+// product step takes 4 activations broadcast to all lanes. Scales and zero points: per panel and
+// block, the 16 rows' values side by side.
 
-struct Row {
+constexpr int kPanel = 16;
+
+struct Panel {
   const uint8_t* codes;
   const uint16_t* scales;
   const uint8_t* zeros;
 };
 
-using DotFn = void (*)(const Row&, int bits, int K, int bs, const Act* const* acts, int nt, float* out);
+// out[t * 16 + i]: row i of the panel times activation vector t.
+using DotFn = void (*)(const Panel&, int bits, int K, int bs, const Act* const* acts, int nt, float* out);
 
-// Portable: unpack a group to its arranged order, then the same sums as the vector paths.
-void UnpackGroupRef(const uint8_t* p, int bits, uint8_t* out) {
-  int per = 8 / bits, mask = (1 << bits) - 1;
-  for (int i = 0; i < kGroup; ++i) out[Arranged(i, bits)] = (p[i / per] >> ((i % per) * bits)) & mask;
+inline int PanelCode(const uint8_t* codes, int bits, int i, int k) {
+  const int unit = 32 / bits, u = k / unit, m = (k % unit) / 4, j = k % 4;
+  return (codes[u * 64 + 4 * i + j] >> (m * bits)) & ((1 << bits) - 1);
 }
 
-void DotRef(const Row& row, int bits, int K, int bs, const Act* const* acts, int nt, float* out) {
-  const int gbytes = kGroup * bits / 8, gpb = bs / kGroup;
-  uint8_t w[kGroup];
-  float acc[kTile] = {0.f, 0.f, 0.f, 0.f};
-  for (int b = 0; b < K / bs; ++b) {
-    float s = HalfToFloat(row.scales[b]), z = row.zeros[b];
-    if (acts[0]->q) {
-      int32_t iacc[kTile] = {0, 0, 0, 0};
-      for (int gg = 0; gg < gpb; ++gg) {
-        int g = b * gpb + gg;
-        UnpackGroupRef(row.codes + g * gbytes, bits, w);
-        for (int t = 0; t < nt; ++t) {
-          const int8_t* q = acts[t]->q + g * kGroup;
-          int32_t d = 0;
-          for (int i = 0; i < kGroup; ++i) d += static_cast<int32_t>(w[i]) * q[i];
-          iacc[t] += d;
+void DotRef(const Panel& p, int bits, int K, int bs, const Act* const* acts, int nt, float* out) {
+  for (int t = 0; t < nt; ++t) {
+    for (int i = 0; i < kPanel; ++i) {
+      float acc = 0.f;
+      for (int b = 0; b < K / bs; ++b) {
+        const float s = HalfToFloat(p.scales[b * kPanel + i]), z = p.zeros[b * kPanel + i];
+        if (acts[t]->q) {
+          int32_t iacc = 0;
+          for (int k = b * bs; k < (b + 1) * bs; ++k) iacc += PanelCode(p.codes, bits, i, k) * acts[t]->q[k];
+          // the vector path's operations, in its order (each fma rounds once, as there)
+          acc = std::fma(static_cast<float>(iacc), s * acts[t]->sa[b], acc);
+          acc = std::fma(-(s * z), acts[t]->sq[b], acc);
+        } else {
+          float bacc = 0.f;
+          for (int k = b * bs; k < (b + 1) * bs; ++k)
+            bacc = std::fma(static_cast<float>(PanelCode(p.codes, bits, i, k)) - z, acts[t]->xf[k], bacc);
+          acc = std::fma(bacc, s, acc);
         }
       }
-      for (int t = 0; t < nt; ++t)
-        acc[t] += static_cast<float>(iacc[t]) * (s * acts[t]->sa[b]) - s * z * acts[t]->sq[b];
-    } else {
-      float bacc[kTile] = {0.f, 0.f, 0.f, 0.f};
-      for (int gg = 0; gg < gpb; ++gg) {
-        int g = b * gpb + gg;
-        UnpackGroupRef(row.codes + g * gbytes, bits, w);
-        for (int t = 0; t < nt; ++t) {
-          const float* x = acts[t]->xf + g * kGroup;
-          for (int i = 0; i < kGroup; ++i) bacc[t] += (static_cast<float>(w[i]) - z) * x[i];
-        }
-      }
-      for (int t = 0; t < nt; ++t) acc[t] += s * bacc[t];
+      out[t * kPanel + i] = acc;
     }
   }
-  for (int t = 0; t < nt; ++t) out[t] = acc[t];
 }
 
 #define DMPQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 
+DMPQ_AVX512 inline __m512i Broadcast4(const int8_t* q) {
+  int32_t v;
+  std::memcpy(&v, q, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// Plane m of a unit: the codes at columns k + 4m .. k + 4m + 3 of the 16 rows, one byte each.
 template <int BITS>
-DMPQ_AVX512 inline __m512i Unpack512(const uint8_t* p) {
-  if (BITS == 8) return _mm512_loadu_si512(p);
-  if (BITS == 4) {
-    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    __m256i m = _mm256_set1_epi8(0x0f);
-    __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  }
-  __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0)), _mm512_set1_epi8(3));
+DMPQ_AVX512 inline __m512i Plane(__m512i v, int m) {
+  if (BITS == 8) return v;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  return _mm512_and_si512(_mm512_srli_epi16(v, m * BITS), mask);
 }
 
 template <int BITS, int NT>
-DMPQ_AVX512 void DotQ512(const Row& row, int K, int bs, const Act* const* acts, float* out) {
-  constexpr int gbytes = kGroup * BITS / 8;
-  const int gpb = bs / kGroup;
-  __m512 facc[NT];
-  float corr[NT];
-  for (int t = 0; t < NT; ++t) { facc[t] = _mm512_setzero_ps(); corr[t] = 0.f; }
-  for (int b = 0; b < K / bs; ++b) {
-    __m512i iacc[NT];
-    for (int t = 0; t < NT; ++t) iacc[t] = _mm512_setzero_si512();
-    for (int gg = 0; gg < gpb; ++gg) {
-      const int g = b * gpb + gg;
-      __m512i w = Unpack512<BITS>(row.codes + g * gbytes);
-      for (int t = 0; t < NT; ++t)
-        iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, _mm512_loadu_si512(acts[t]->q + g * kGroup));
-    }
-    const float s = _cvtsh_ss(row.scales[b]), sz = s * static_cast<float>(row.zeros[b]);
-    for (int t = 0; t < NT; ++t) {
-      facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t]), _mm512_set1_ps(s * acts[t]->sa[b]), facc[t]);
-      corr[t] += sz * acts[t]->sq[b];
-    }
-  }
-  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(facc[t]) - corr[t];
-}
-
-template <int BITS, int NT>
-DMPQ_AVX512 void DotF512(const Row& row, int K, int bs, const Act* const* acts, float* out) {
-  constexpr int gbytes = kGroup * BITS / 8;
-  const int gpb = bs / kGroup;
+DMPQ_AVX512 void DotQ512(const Panel& p, int K, int bs, const Act* const* acts, float* out) {
+  constexpr int unit = 32 / BITS, planes = 8 / BITS;
+  const uint8_t* c = p.codes;
   __m512 facc[NT];
   for (int t = 0; t < NT; ++t) facc[t] = _mm512_setzero_ps();
   for (int b = 0; b < K / bs; ++b) {
-    __m512 bacc[NT];
-    for (int t = 0; t < NT; ++t) bacc[t] = _mm512_setzero_ps();
-    const __m512 z = _mm512_set1_ps(static_cast<float>(row.zeros[b]));
-    for (int gg = 0; gg < gpb; ++gg) {
-      const int g = b * gpb + gg;
-      __m512i w = Unpack512<BITS>(row.codes + g * gbytes);
-      __m512 wf[4] = {
-          _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 0))), z),
-          _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 1))), z),
-          _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 2))), z),
-          _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 3))), z)};
-      for (int t = 0; t < NT; ++t) {
-        const float* x = acts[t]->xf + g * kGroup;
-        for (int c = 0; c < 4; ++c) bacc[t] = _mm512_fmadd_ps(wf[c], _mm512_loadu_ps(x + 16 * c), bacc[t]);
+    __m512i iacc[NT];
+    for (int t = 0; t < NT; ++t) iacc[t] = _mm512_setzero_si512();
+    for (int k = b * bs; k < (b + 1) * bs; k += unit, c += 64) {
+      const __m512i v = _mm512_loadu_si512(c);
+      for (int m = 0; m < planes; ++m) {
+        const __m512i w = Plane<BITS>(v, m);
+        for (int t = 0; t < NT; ++t) iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, Broadcast4(acts[t]->q + k + 4 * m));
       }
     }
-    const __m512 s = _mm512_set1_ps(_cvtsh_ss(row.scales[b]));
-    for (int t = 0; t < NT; ++t) facc[t] = _mm512_fmadd_ps(bacc[t], s, facc[t]);
+    const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales + b * kPanel)));
+    const __m512 zw = _mm512_cvtepi32_ps(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + b * kPanel))));
+    const __m512 swz = _mm512_mul_ps(sw, zw);
+    for (int t = 0; t < NT; ++t) {
+      facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t]), _mm512_mul_ps(sw, _mm512_set1_ps(acts[t]->sa[b])),
+                                facc[t]);
+      facc[t] = _mm512_fnmadd_ps(swz, _mm512_set1_ps(acts[t]->sq[b]), facc[t]);
+    }
   }
-  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(facc[t]);
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * kPanel, facc[t]);
+}
+
+template <int BITS, int NT>
+DMPQ_AVX512 void DotF512(const Panel& p, int K, int bs, const Act* const* acts, float* out) {
+  constexpr int unit = 32 / BITS, planes = 8 / BITS;
+  const uint8_t* c = p.codes;
+  const __m512i byte = _mm512_set1_epi32(0xff);
+  __m512 facc[NT];
+  for (int t = 0; t < NT; ++t) facc[t] = _mm512_setzero_ps();
+  for (int b = 0; b < K / bs; ++b) {
+    const __m512 zw = _mm512_cvtepi32_ps(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + b * kPanel))));
+    __m512 bacc[NT];
+    for (int t = 0; t < NT; ++t) bacc[t] = _mm512_setzero_ps();
+    for (int k = b * bs; k < (b + 1) * bs; k += unit, c += 64) {
+      const __m512i v = _mm512_loadu_si512(c);
+      for (int m = 0; m < planes; ++m) {
+        const __m512i w = Plane<BITS>(v, m);
+        for (int j = 0; j < 4; ++j) {  // column k + 4m + j of the 16 rows
+          const __m512 wf = _mm512_sub_ps(
+              _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(w, _mm512_set1_epi32(8 * j)), byte)), zw);
+          for (int t = 0; t < NT; ++t)
+            bacc[t] = _mm512_fmadd_ps(wf, _mm512_set1_ps(acts[t]->xf[k + 4 * m + j]), bacc[t]);
+        }
+      }
+    }
+    const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales + b * kPanel)));
+    for (int t = 0; t < NT; ++t) facc[t] = _mm512_fmadd_ps(bacc[t], sw, facc[t]);
+  }
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * kPanel, facc[t]);
 }
 
 template <int BITS>
-DMPQ_AVX512 void Dot512Bits(const Row& row, int K, int bs, const Act* const* acts, int nt, float* out) {
+DMPQ_AVX512 void Dot512Bits(const Panel& p, int K, int bs, const Act* const* acts, int nt, float* out) {
   const bool q = acts[0]->q != nullptr;
   switch (nt) {
-    case 1: q ? DotQ512<BITS, 1>(row, K, bs, acts, out) : DotF512<BITS, 1>(row, K, bs, acts, out); break;
-    case 2: q ? DotQ512<BITS, 2>(row, K, bs, acts, out) : DotF512<BITS, 2>(row, K, bs, acts, out); break;
-    case 3: q ? DotQ512<BITS, 3>(row, K, bs, acts, out) : DotF512<BITS, 3>(row, K, bs, acts, out); break;
-    default: q ? DotQ512<BITS, 4>(row, K, bs, acts, out) : DotF512<BITS, 4>(row, K, bs, acts, out); break;
+    case 1: q ? DotQ512<BITS, 1>(p, K, bs, acts, out) : DotF512<BITS, 1>(p, K, bs, acts, out); break;
+    case 2: q ? DotQ512<BITS, 2>(p, K, bs, acts, out) : DotF512<BITS, 2>(p, K, bs, acts, out); break;
+    case 3: q ? DotQ512<BITS, 3>(p, K, bs, acts, out) : DotF512<BITS, 3>(p, K, bs, acts, out); break;
+    default: q ? DotQ512<BITS, 4>(p, K, bs, acts, out) : DotF512<BITS, 4>(p, K, bs, acts, out); break;
   }
 }
 
-void Dot512(const Row& row, int bits, int K, int bs, const Act* const* acts, int nt, float* out) {
+void Dot512(const Panel& p, int bits, int K, int bs, const Act* const* acts, int nt, float* out) {
   switch (bits) {
-    case 2: Dot512Bits<2>(row, K, bs, acts, nt, out); break;
-    case 4: Dot512Bits<4>(row, K, bs, acts, nt, out); break;
-    default: Dot512Bits<8>(row, K, bs, acts, nt, out); break;
+    case 2: Dot512Bits<2>(p, K, bs, acts, nt, out); break;
+    case 4: Dot512Bits<4>(p, K, bs, acts, nt, out); break;
+    default: Dot512Bits<8>(p, K, bs, acts, nt, out); break;
   }
 }
 
@@ -451,6 +437,7 @@ class MixedMoE {
     if (hidden_ <= 0 || inter_ <= 0) Fail("hidden and inter must be positive");
     if (block_ < kGroup || block_ % kGroup) Fail("block_size must be a multiple of 64");
     if (hidden_ % block_ || inter_ % block_) Fail("hidden and inter must be whole blocks");
+    if (hidden_ % kRowsPerJob || inter_ % kRowsPerJob) Fail("hidden and inter must be multiples of 64");
     if (level_ != 0 && level_ != 4) Fail("accuracy_level must be 0 (fp32 activations) or 4 (int8)");
   }
 
@@ -493,7 +480,6 @@ class MixedMoE {
     const int64_t hb = H / block_, ib = I / block_;
 
     // The experts' extents, checked once per call (cheap: E rows).
-    bool bits_used[9] = {false};
     for (int64_t e = 0; e < E; ++e) {
       const ExpertMeta& m = em[e];
       if (m.bits == 0) continue;
@@ -529,42 +515,25 @@ class MixedMoE {
       }
     std::vector<int64_t> active;
     for (int64_t e = 0; e < E; ++e)
-      if (count[e + 1] > count[e]) {
-        active.push_back(e);
-        bits_used[em[e].bits] = true;
-      }
+      if (count[e + 1] > count[e]) active.push_back(e);
 
     Pool& pool = SharedPool();
     const DotFn dot = ChosenDot();
     const bool q = level_ == 4;
+    const int bs = static_cast<int>(block_);
 
-    // The input rows, prepared once per bit-width in use.
-    struct Prepared {
-      std::vector<int8_t> q;
-      std::vector<float> sa, sq, xf;
-      std::vector<Act> acts;
-    } xin[9];
-    for (int bits : {2, 4, 8}) {
-      if (!bits_used[bits]) continue;
-      Prepared& p = xin[bits];
-      p.acts.resize(N);
+    // The input rows, prepared once.
+    std::vector<int8_t> xq(q ? N * H : 0);
+    std::vector<float> xsa(q ? N * hb : 0), xsq(q ? N * hb : 0);
+    std::vector<Act> xacts(N);
+    pool.Run(static_cast<int>(N), [&](int n) {
       if (q) {
-        p.q.resize(N * H);
-        p.sa.resize(N * hb);
-        p.sq.resize(N * hb);
+        QuantizeActs(xs + n * H, static_cast<int>(H), bs, &xq[n * H], &xsa[n * hb], &xsq[n * hb]);
+        xacts[n] = Act{&xq[n * H], &xsa[n * hb], &xsq[n * hb], nullptr};
       } else {
-        p.xf.resize(N * H);
+        xacts[n] = Act{nullptr, nullptr, nullptr, xs + n * H};
       }
-      pool.Run(static_cast<int>(N), [&, bits](int n) {
-        if (q) {
-          QuantizeActs(xs + n * H, H, block_, bits, &p.q[n * H], &p.sa[n * hb], &p.sq[n * hb]);
-          p.acts[n] = Act{&p.q[n * H], &p.sa[n * hb], &p.sq[n * hb], nullptr};
-        } else {
-          ArrangeActs(xs + n * H, H, bits, &p.xf[n * H]);
-          p.acts[n] = Act{nullptr, nullptr, nullptr, &p.xf[n * H]};
-        }
-      });
-    }
+    });
 
     // Gate and up: h[slot] = silu(gate x) * up x, jobs of (expert, 64 rows of I).
     std::vector<float> h(S * I);
@@ -574,36 +543,37 @@ class MixedMoE {
                     r1 = std::min<int64_t>(I, r0 + kRowsPerJob);
       const ExpertMeta& m = em[e];
       const int bits = static_cast<int>(m.bits);
-      const int64_t stride = H * bits / 8;
+      const int64_t pcodes = kPanel * H * bits / 8, pblocks = kPanel * hb;
       const Act* acts[kTile];
-      float g[kTile], u[kTile];
+      float g[kTile * kPanel], u[kTile * kPanel];
       for (int64_t s0 = count[e]; s0 < count[e + 1]; s0 += kTile) {
         const int nt = static_cast<int>(std::min<int64_t>(kTile, count[e + 1] - s0));
-        for (int t = 0; t < nt; ++t) acts[t] = &xin[bits].acts[slot_row[s0 + t]];
-        for (int64_t r = r0; r < r1; ++r) {
-          Row gate{cb + m.gu_codes + r * stride, sb + m.gu_scales + r * hb, zb + m.gu_zeros + r * hb};
-          Row up{cb + m.gu_codes + (I + r) * stride, sb + m.gu_scales + (I + r) * hb, zb + m.gu_zeros + (I + r) * hb};
-          dot(gate, bits, static_cast<int>(H), static_cast<int>(block_), acts, nt, g);
-          dot(up, bits, static_cast<int>(H), static_cast<int>(block_), acts, nt, u);
-          for (int t = 0; t < nt; ++t) h[(s0 + t) * I + r] = g[t] / (1.f + std::exp(-g[t])) * u[t];
+        for (int t = 0; t < nt; ++t) acts[t] = &xacts[slot_row[s0 + t]];
+        for (int64_t r = r0; r < r1; r += kPanel) {
+          const int64_t gp = r / kPanel, up_p = (I + r) / kPanel;
+          Panel gate{cb + m.gu_codes + gp * pcodes, sb + m.gu_scales + gp * pblocks, zb + m.gu_zeros + gp * pblocks};
+          Panel up{cb + m.gu_codes + up_p * pcodes, sb + m.gu_scales + up_p * pblocks, zb + m.gu_zeros + up_p * pblocks};
+          dot(gate, bits, static_cast<int>(H), bs, acts, nt, g);
+          dot(up, bits, static_cast<int>(H), bs, acts, nt, u);
+          for (int t = 0; t < nt; ++t)
+            for (int i = 0; i < kPanel; ++i) {
+              const float gv = g[t * kPanel + i];
+              h[(s0 + t) * I + r + i] = gv / (1.f + std::exp(-gv)) * u[t * kPanel + i];
+            }
         }
       }
     });
 
-    // The intermediate rows, prepared for their expert's down projection.
+    // The intermediate rows, prepared for the down projections.
     std::vector<int8_t> hq(q ? S * I : 0);
-    std::vector<float> hsa(q ? S * ib : 0), hsq(q ? S * ib : 0), hf(q ? 0 : S * I);
+    std::vector<float> hsa(q ? S * ib : 0), hsq(q ? S * ib : 0);
     std::vector<Act> hacts(S);
-    std::vector<int> slot_bits(S);
-    for (int64_t e : active)
-      for (int64_t s = count[e]; s < count[e + 1]; ++s) slot_bits[s] = static_cast<int>(em[e].bits);
     pool.Run(static_cast<int>(S), [&](int s) {
       if (q) {
-        QuantizeActs(&h[s * I], I, block_, slot_bits[s], &hq[s * I], &hsa[s * ib], &hsq[s * ib]);
+        QuantizeActs(&h[s * I], static_cast<int>(I), bs, &hq[s * I], &hsa[s * ib], &hsq[s * ib]);
         hacts[s] = Act{&hq[s * I], &hsa[s * ib], &hsq[s * ib], nullptr};
       } else {
-        ArrangeActs(&h[s * I], I, slot_bits[s], &hf[s * I]);
-        hacts[s] = Act{nullptr, nullptr, nullptr, &hf[s * I]};
+        hacts[s] = Act{nullptr, nullptr, nullptr, &h[s * I]};
       }
     });
 
@@ -612,18 +582,23 @@ class MixedMoE {
     pool.Run(static_cast<int>(col_jobs), [&](int job) {
       const int64_t c0 = job * kRowsPerJob, c1 = std::min<int64_t>(H, c0 + kRowsPerJob);
       const Act* acts[kTile];
-      float d[kTile];
+      float d[kTile * kPanel];
       for (int64_t e : active) {
         const ExpertMeta& m = em[e];
         const int bits = static_cast<int>(m.bits);
-        const int64_t stride = I * bits / 8;
+        const int64_t pcodes = kPanel * I * bits / 8, pblocks = kPanel * ib;
         for (int64_t s0 = count[e]; s0 < count[e + 1]; s0 += kTile) {
           const int nt = static_cast<int>(std::min<int64_t>(kTile, count[e + 1] - s0));
           for (int t = 0; t < nt; ++t) acts[t] = &hacts[s0 + t];
-          for (int64_t c = c0; c < c1; ++c) {
-            Row down{cb + m.down_codes + c * stride, sb + m.down_scales + c * ib, zb + m.down_zeros + c * ib};
-            dot(down, bits, static_cast<int>(I), static_cast<int>(block_), acts, nt, d);
-            for (int t = 0; t < nt; ++t) y[slot_row[s0 + t] * H + c] += slot_w[s0 + t] * d[t];
+          for (int64_t c = c0; c < c1; c += kPanel) {
+            const int64_t dp = c / kPanel;
+            Panel down{cb + m.down_codes + dp * pcodes, sb + m.down_scales + dp * pblocks, zb + m.down_zeros + dp * pblocks};
+            dot(down, bits, static_cast<int>(I), bs, acts, nt, d);
+            for (int t = 0; t < nt; ++t) {
+              float* yr = y + slot_row[s0 + t] * H + c;
+              const float w = slot_w[s0 + t];
+              for (int i = 0; i < kPanel; ++i) yr[i] += w * d[t * kPanel + i];
+            }
           }
         }
       }
