@@ -35,8 +35,9 @@ deleted and its unit redone.
 Disk: the codes of the pass (about the artifact's expert and quantized non-expert weights: bits/8
 bytes a weight plus 5 bytes a group) and under gptq one boundary of S x T x H x 4 bytes. Where the
 cache's disk lacks that room, or the run has no scratch folder (the Python API without
-``work_dir``: codes stay in memory), or an executor (``--ray``) quantizes the layers, the pass keeps
-nothing and an interruption redoes it.
+``work_dir``: codes stay in memory), or an executor (``--ray``) quantizes the layers, or the weights
+to quantize were written into the scratch folder by blockwise QAT (a rerun trains them again, into
+new files: another key), the pass keeps nothing and an interruption redoes it.
 """
 
 from __future__ import annotations
@@ -68,9 +69,17 @@ META = "dmpq_quantize_state"
 def open_state(state_dir: Path | None, work_dir: Path | None, graph: Graph, units: dict[str, list[str]],
                group_size: int, boundary: int = 0) -> QuantizeState | None:
     """The partial state in ``state_dir`` for the pass's ``units`` (name -> node ids, in the order the
-    pass finishes them), checked; None (keep nothing) without a folder or a scratch folder, or when
-    the folder's disk lacks the room (logged). ``boundary``: bytes of one gptq boundary."""
-    if state_dir is None or work_dir is None:
+    pass finishes them), checked; None (keep nothing) without a folder, a scratch folder or units, or
+    (logged) when the weights to quantize lie in the scratch folder (blockwise QAT's: a rerun makes
+    new ones, under another key) or the folder's disk lacks the room. ``boundary``: bytes of one
+    gptq boundary."""
+    if state_dir is None or work_dir is None or not units:
+        return None
+    scratch = Path(work_dir).resolve()
+    files = {ref.path for key in graph.weights if (ref := graph.weights.ref(key)) is not None}
+    if any(Path(f).resolve().is_relative_to(scratch) for f in files):
+        log.info("quantize: its input weights were written by this compile (QAT) into its scratch folder, which a "
+                 "rerun replaces, so a rerun could not resume: keeping no partial state")
         return None
     nodes = [graph.node(n) for ids in units.values() for n in ids]
     folder = open_folder(state_dir, "quantize", room_needed(graph, nodes, group_size) + boundary, log)
@@ -192,7 +201,7 @@ class QuantizeState:
                 "nodes": {n: {k: graph.node(n).ann[k] for k in ("group_size", "quant")} for n in self.units[name]},
                 "digest": _digest((k, graph.weights[k]) for k in keys)}
         try:
-            graph.weights.spill(keys, path, metadata={META: json.dumps(meta, default=repr)})
+            graph.weights.spill(keys, path, metadata={META: json.dumps(meta)})  # annotations are JSON
         except OSError as e:
             self.writable = False
             log.warning("quantize: could not write partial state %s (%s); an interruption from here on redoes the "

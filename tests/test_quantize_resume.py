@@ -269,3 +269,50 @@ def test_compile_interrupted_in_quantize_resumes_to_the_same_artifact(tiny_dirs,
     assert files
     for f in files:
         assert (tmp_path / "a" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_weights_in_the_scratch_folder_keep_no_partial_state(deep, reference, tmp_path, monkeypatch, caplog):
+    """Blockwise QAT writes the trained weights into the compile's scratch folder, which a rerun
+    replaces (another key): keeping codes for them would only leave an unusable folder behind."""
+    model, ids = deep
+    work = tmp_path / "w"
+    work.mkdir()
+    graph = _graph(model)
+    key = graph.node("L0.E0").params["gate"]
+    graph.weights.set(key, graph.weights[key].clone())
+    graph.weights.spill([key], work / "qat-L0.safetensors")  # as passes/qat/blockwise.py does
+    monkeypatch.setattr(quantize_resume, "QuantizeState", None)  # would fail if anything opened partial state
+    ctx = PassContext(calibration=ids, target="ort-cpu", backend=get_backend("ort-cpu"), seed=0, progress=False,
+                      work_dir=work)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        result = run_cached(make_pass("quantize", group_size=32), graph, ctx, PassCache(tmp_path / "cache"))
+    assert "written by this compile (QAT) into its scratch folder" in caplog.text
+    assert "resumed_units" not in result.stats and _annotations(result.graph) == reference["rtn"][0]
+
+
+def test_an_executor_neither_reads_nor_writes_partial_state(deep, reference, tmp_path, monkeypatch):
+    """With --ray the rtn layers are executor tasks that write the scratch folder's files: no state."""
+    from dmpq_compile.passes.infra import remote_tasks
+
+    class InProcess:  # the executor interface (dmpq_compile.distributed.RayExecutor), run here
+        def put(self, graph):  # a worker gets its own copy
+            return graph.copy()
+
+        def submit(self, fn, *args):
+            return fn(*args, torch.get_num_threads())
+
+        def get(self, futures):
+            return list(futures)
+
+    model, ids = deep
+    cache, _ = _interrupted(deep, tmp_path, monkeypatch)  # a serial run's state, not to be read
+    monkeypatch.undo()
+    monkeypatch.setattr(remote_tasks, "sendable", lambda graph: True)
+    monkeypatch.setattr(quantize_resume, "QuantizeState", None)  # would fail if anything opened partial state
+    work = tmp_path / "w2"
+    work.mkdir()
+    ctx = PassContext(calibration=ids, target="ort-cpu", backend=get_backend("ort-cpu"), seed=0, progress=False,
+                      work_dir=work, executor=InProcess())
+    result = run_cached(make_pass("quantize", group_size=32), _graph(model), ctx, cache)
+    assert result.stats["remote_tasks"] == LAYERS and "resumed_units" not in result.stats
+    assert _annotations(result.graph) == reference["rtn"][0]
