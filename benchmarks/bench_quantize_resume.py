@@ -13,9 +13,10 @@ interleaved in ``--rounds`` rounds:
 - ``resumed``: the same command again, which loads (and checks) the kept half and quantizes the
   rest.
 
-Each variant's weight store (keys in order, bytes) and annotations are compared with ``clean``'s
-(``identical``), and its peak RSS is the process's high-water mark reset before the call (Linux).
-Prints medians and the ratios ``resumed / clean`` and ``kept / clean``.
+``clean`` and ``kept`` run in alternating order. Each variant's weight store (keys in order,
+bytes) and annotations are compared with ``clean``'s (``identical``); its memory is the process's
+high-water mark, reset (free heap released) before the call, less the resident size it started
+from (Linux). Prints medians and the ratios ``resumed / clean`` and ``kept / clean``.
 
     python benchmarks/bench_quantize_resume.py --layers 12 --rounds 3
 
@@ -25,6 +26,7 @@ Record results with the command, the load average and the commit (the JSON does)
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import shutil
@@ -41,7 +43,7 @@ from dmpq_compile.passes.infra.cache import PassCache, _annotations, run_cached
 
 from dmpq_compile.frontend import load
 from dmpq_compile.ir.graph import NONEXPERT_QUANTIZABLE_KINDS
-from dmpq_compile.sysinfo import git_commit, load_average, machine, peak_rss_mb, reset_peak_rss
+from dmpq_compile.sysinfo import git_commit, load_average, machine, peak_rss_mb, proc_status, reset_peak_rss
 from dmpq_compile.testing import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,17 +105,22 @@ def _run(model: Path, method: str, ids: torch.Tensor, work: Path, cache: PassCac
         return ok
 
     quantize_resume.QuantizeState.save = counted
+    gc.collect()
     reset_peak_rss()
+    start = proc_status().get("VmRSS", 0) / 1024
     t0 = time.perf_counter()
     try:
         result = run_cached(make_pass("quantize", method=method, group_size=64), graph, ctx, cache)
     except Stop:
-        return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "kept_units": len(kept)}
+        seconds, result = time.perf_counter() - t0, None
     finally:
         quantize_resume.QuantizeState.save = save
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "fingerprint": _fingerprint(result.graph),
-            "resumed_units": result.stats.get("resumed_units", 0), "kept_units": len(kept)}
+    seconds = time.perf_counter() - t0 if result is not None else seconds
+    row = {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_start_mb": start,
+           "peak_above_start_mb": peak_rss_mb() - start, "kept_units": len(kept)}
+    if result is not None:
+        row.update(fingerprint=_fingerprint(result.graph), resumed_units=result.stats.get("resumed_units", 0))
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,9 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             for method in args.methods:
                 row: dict = {"round": r, "method": method}
-                row["clean"] = _run(model, method, ids, tmp / "w-clean", None)
-                cache = PassCache(tmp / "cache-kept")
-                row["kept"] = _run(model, method, ids, tmp / "w-kept", cache)
+                for v in (("clean", "kept") if r % 2 == 0 else ("kept", "clean")):  # alternated: no order bias
+                    row[v] = _run(model, method, ids, tmp / f"w-{v}", PassCache(tmp / "cache-kept") if v == "kept"
+                                  else None)
                 cache = PassCache(tmp / "cache")
                 row["interrupted"] = _run(model, method, ids, tmp / "w-int", cache, stop_after=args.layers // 2)
                 (folder,) = (tmp / "cache").glob("quantize-*.partial")
@@ -161,13 +168,15 @@ def main(argv: list[str] | None = None) -> None:
             "kept_over_clean_per_round": [round(r["kept"]["seconds"] / r["clean"]["seconds"], 3) for r in rows],
             "state_mb_at_half": round(statistics.median(r["state_bytes"] for r in rows) / 1e6, 2),
             "peak_rss_mb_max": {v: round(max(r[v]["peak_rss_mb"] for r in rows), 1) for v in VARIANTS},
+            "peak_above_start_mb_median": {v: round(statistics.median(r[v]["peak_above_start_mb"] for r in rows), 1)
+                                           for v in VARIANTS},
             "identical": all(all(r["identical"].values()) for r in rows),
         }
         s = summary[method]
         print(f"{method}: clean {med['clean']:.2f} s, kept {med['kept']:.2f} s ({s['kept_over_clean']}x), interrupted "
               f"at {args.layers // 2}/{args.layers} layers {med['interrupted']:.2f} s, resumed {med['resumed']:.2f} s "
               f"({s['resumed_over_clean']}x); state at half {s['state_mb_at_half']} MB; identical {s['identical']}; "
-              f"peak RSS MB {s['peak_rss_mb_max']}", flush=True)
+              f"peak RSS above the call's start, MB (median) {s['peak_above_start_mb_median']}", flush=True)
     result["summary"], result["end"] = summary, load_average()
     out = args.out or ROOT / "benchmarks" / "results" / f"quantize-resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

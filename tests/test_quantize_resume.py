@@ -157,7 +157,7 @@ def _flip_last_byte(path):
 
 @pytest.mark.parametrize("damage, why", [
     ("truncate", "is truncated"),
-    ("flip", "its bytes do not hash as its header says (damaged)"),
+    ("flip", "its bytes do not match the checksum its header gives (damaged)"),
     ("foreign", "written in another state folder"),
     ("stranger", "a unit this run does not have"),
 ])
