@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except KeyboardInterrupt:
         if args.command == "compile" and not getattr(args, "no_cache", True):
-            print("interrupted; no artifact was written. The pass cache keeps what the analysis finished: rerun "
-                  "the same command to resume", file=sys.stderr)
+            print("interrupted; no artifact was written. The pass cache keeps what the analysis and quantization "
+                  "finished: rerun the same command to resume", file=sys.stderr)
         else:
             print("interrupted; nothing was written", file=sys.stderr)
         return 130

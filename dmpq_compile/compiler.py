@@ -187,7 +187,8 @@ def run_passes(graph: Graph, passes: list, model_dir: str | Path, cfg: CompileCo
 
     ``previous``: records of passes already run on ``graph`` (named in error messages).
     ``work_dir``: scratch folder where passes put large results (see ``PassContext.work_dir``).
-    ``cache``: where cacheable passes (profile, sensitivity) reuse earlier results; None: off.
+    ``cache``: where cacheable passes (profile, sensitivity) reuse earlier results, and resumable
+    ones (sensitivity, quantize) keep partial state; None: off.
     ``executor``: where per-layer tasks run (:mod:`dmpq_compile.distributed`); None: here.
     """
     timing = Timing()
@@ -212,7 +213,8 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     """The whole pass pipeline for ``cfg``; returns the annotated graph and per-pass records.
 
     ``cache``: reuse profile and sensitivity results of an earlier compile with the same
-    checkpoint, calibration and options (:mod:`dmpq_compile.passes.infra.cache`); None: off.
+    checkpoint, calibration and options (:mod:`dmpq_compile.passes.infra.cache`), and resume the
+    sensitivity and quantize passes of one that was interrupted; None: off.
 
     With ``codesign_rounds`` > 0, allocation and QAT alternate: each round allocates bits with
     the current sensitivities, fine-tunes at those bits, and re-measures sensitivity on the
@@ -237,7 +239,7 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
         records += recs
         log.info("co-design round %d/%d done", r + 1, cfg.qat.codesign_rounds)
     graph, recs = run_passes(graph, allocation_passes(cfg), model_dir, cfg, backend, progress, dump_dir, calib,
-                             records, work_dir, executor=executor)
+                             records, work_dir, cache, executor)
     return graph, records + recs
 
 

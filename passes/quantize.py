@@ -38,6 +38,7 @@ from ..quant.spec import DEFAULT_GROUP_SIZE
 from ..quant.stored import store_quantized
 from .infra.base import Pass, PassContext, PassResult
 from .infra.layer_clock import LayerClock
+from .quantize_resume import QuantizeState, open_state
 
 log = logging.getLogger(__name__)
 METHODS = ("rtn", "hqq", "gptq")
@@ -60,6 +61,7 @@ class QuantizePass(Pass):
     provides = ("quant",)
     Options = QuantizeOptions
     description = "group-wise affine quantization + bit packing at each expert's bits (rtn|hqq|gptq)"
+    resumable = True  # finished layers kept in ctx.state_dir (quantize_resume.py); not cacheable: writes weights
 
     def __init__(self, options=None, **kwargs) -> None:
         super().__init__(options, **kwargs)
@@ -70,7 +72,9 @@ class QuantizePass(Pass):
 
         Memory holds one layer's weights (and, for gptq, its activations and one node's
         Hessians at a time), never the model's codes; time is linear in the number of quantized
-        weights.
+        weights. With ``ctx.state_dir`` (the pass cache on) the finished layers are kept there and a
+        rerun after an interruption loads them instead of quantizing them again
+        (:mod:`.quantize_resume`).
         """
         o = self.options
         graph.meta["group_size"] = o.group_size
@@ -80,30 +84,47 @@ class QuantizePass(Pass):
         others = [n for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and n.kind != "embed"
                   and n.ann.get("bits", 16) < 16] if o.method == "gptq" else []
         layers = sorted({n.attrs["layer"] for n in nodes} | {_layer(n) for n in others if _layer(n) is not None})
-        bar = tqdm(total=len(nodes), desc=f"quantize ({o.method})", unit="expert", disable=not ctx.progress,
-                   leave=False)
-        clock = LayerClock("quantize", len(layers) + any(_layer(n) is None for n in others))
         remote = 0
 
         by_layer: dict = {}
         for n in nodes:
             by_layer.setdefault(n.attrs["layer"], []).append(n)
+        # the units the pass finishes, in order, and their nodes (what the partial state keeps)
+        units = {f"L{layer}": [n.id for n in by_layer.get(layer, []) + [m for m in others if _layer(m) == layer]]
+                 for layer in layers}
+        if any(_layer(n) is None for n in others):
+            units["head"] = [n.id for n in others if _layer(n) is None]
+        n_steps = len(units)  # layers (and the lm_head under gptq): the clock's steps
+        units.update({n.id: [n.id] for n in self._nonexpert_nodes(graph, {n.id for n in others})})
+        remotely = o.method != "gptq" and _remote_ok(ctx, graph)
+        ids = ctx.calibration[: o.max_sequences] if o.method == "gptq" else None
+        state = None if remotely else open_state(
+            ctx.state_dir, ctx.work_dir, graph, units, o.group_size,
+            boundary=0 if ids is None else ids.numel() * int(graph.meta.get("hidden_size") or 0) * 4)
+        # finished before an interruption: not counted as this run's work in the bar and the ETA
+        steps = set(list(units)[:n_steps])
+        ready = [u for u in (state.ready if state is not None else ()) if u in steps]
+        bar = tqdm(total=len(nodes), desc=f"quantize ({o.method})", unit="expert", disable=not ctx.progress,
+                   leave=False, initial=sum(len(by_layer.get(int(u[1:]), [])) for u in ready if u != "head"))
+        clock = LayerClock("quantize", n_steps, resumed=len(ready))
 
         def finish(layer: int | None, hessians_of: Callable[[object], dict]) -> None:
+            name = "head" if layer is None else f"L{layer}"
+            if state is not None and state.apply(name, graph):  # finished before the interruption
+                return
             keys = []
             for node in by_layer.get(layer, []):
                 keys += self.quantize_node(graph, node, hessians_of(node))
                 bar.update(1)
             for node in (n for n in others if _layer(n) == layer):
                 keys += self.quantize_node(graph, node, hessians_of(node))
-            if ctx.work_dir is not None and keys:
-                name = "head" if layer is None else f"L{layer}"
+            if keys and not (state is not None and state.save(name, graph, keys)) and ctx.work_dir is not None:
                 graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-{name}.safetensors")
-            clock.step("head" if layer is None else f"L{layer}")
+            clock.step(name)
 
         if o.method == "gptq":
-            _stream_hessians(graph, ctx.calibration[: o.max_sequences], set(layers), finish, others)
-        elif _remote_ok(ctx, graph):
+            _stream_hessians(graph, ids, set(layers), finish, others, state)
+        elif remotely:
             self._run_remote(graph, ctx, layers, by_layer, bar, clock)
             remote = len(layers)
         else:
@@ -113,12 +134,16 @@ class QuantizePass(Pass):
         for node in graph.experts():  # kept experts carry an explicit "no quantization" record
             if node.ann["bits"] == 16:
                 graph.annotate(node.id, "quant", {"spec": QuantSpec(bits=16).to_dict(), "tensors": {}})
-        others = others + self._quantize_nonexpert(graph, ctx, {n.id for n in others})
+        others = others + self._quantize_nonexpert(graph, ctx, {n.id for n in others}, state)
         stats = {"quantized_experts": len(nodes), "methods": _methods_used(graph, nodes, o.method),
                  **({"remote_tasks": remote} if remote else {})}
         if others:
             stats["quantized_nonexpert"] = len(others)
             stats["nonexpert_methods"] = _methods_used(graph, others, o.method)
+        if state is not None:
+            state.finish(graph)
+            if state.resumed:
+                stats["resumed_units"] = state.resumed
         return PassResult(graph, modified=bool(nodes or others), stats=stats)
 
     def _run_remote(self, graph: Graph, ctx: PassContext, layers: list[int], by_layer: dict, bar, clock) -> None:
@@ -141,18 +166,25 @@ class QuantizePass(Pass):
                 bar.update(1)
             clock.step(f"L{layer}")
 
-    def _quantize_nonexpert(self, graph: Graph, ctx: PassContext, done: set[str]) -> list:
+    @staticmethod
+    def _nonexpert_nodes(graph: Graph, done: set[str]) -> list:
+        """The non-expert nodes with bits that :meth:`_quantize_nonexpert` quantizes (not in ``done``)."""
+        return [n for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and n.ann.get("bits", 16) < 16
+                and n.id not in done]
+
+    def _quantize_nonexpert(self, graph: Graph, ctx: PassContext, done: set[str], state=None) -> list:
         """Quantize the non-expert nodes the ``precision`` pass gave bits that ``run`` did not
         (``done``: GPTQ-rounded with their layer), one node at a time: all of them under rtn and
         hqq, the embedding table under gptq (a lookup has no input Hessian: rtn, logged)."""
-        nodes = [n for n in graph.nodes() if n.kind in NONEXPERT_QUANTIZABLE_KINDS and n.ann.get("bits", 16) < 16
-                 and n.id not in done]
+        nodes = self._nonexpert_nodes(graph, done)
         if nodes and self.options.method == "gptq":
             log.warning("gptq: the embedding table is quantized with rtn (a row lookup has no input Hessian); "
                         "its spec says so")
         for node in nodes:
+            if state is not None and state.apply(node.id, graph):  # finished before the interruption
+                continue
             keys = self.quantize_node(graph, node, {}, nonexpert_method(self.options.method))
-            if ctx.work_dir is not None:
+            if keys and not (state is not None and state.save(node.id, graph, keys)) and ctx.work_dir is not None:
                 graph.weights.spill(keys, Path(ctx.work_dir) / f"quantized-{node.id}.safetensors")
         return [graph.node(n.id) for n in nodes]
 
@@ -265,14 +297,20 @@ def _quantize_one(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None
 
 def _stream_hessians(graph: Graph, ids: torch.Tensor, layers: set[int],
                      finish: Callable[[int | None, Callable[[object], dict]], None],
-                     others: list | None = None) -> None:
+                     others: list | None = None, state: QuantizeState | None = None) -> None:
     """Run the full-precision model layer-major and hand each layer in ``layers`` a function that
     computes one node's Hessians ``H = X^T X / n`` from the layer's recorded activations: an
     expert's over its routed calibration tokens, a non-expert node's in ``others`` over every
     token (:func:`_nonexpert_hessians`). An ``lm_head`` among ``others`` is handed over last,
     with layer None. Computed per node when asked, so memory holds one node's Hessians, not the
     layer's (64 experts' at OLMoE widths are 1.3 GB; a Mixtral-width expert's down_proj alone
-    reads a 14336^2 Hessian, 0.8 GB)."""
+    reads a 14336^2 Hessian, 0.8 GB).
+
+    With ``state`` (partial state of an interrupted run) the forward starts at the newest kept
+    residual stream at or before the first unfinished layer (the layers before it are handed over
+    first, and loaded from the state by ``finish``), and keeps the stream entering the next layer
+    after each layer it hands over. The stream is the full-precision model's, so where it starts
+    changes nothing in it."""
     interp = Interpreter(graph, quantize=False)
     others = others or []
     inputs = {graph.inputs(n.id)[0]: n for n in others}
@@ -283,16 +321,37 @@ def _stream_hessians(graph: Graph, ids: torch.Tensor, layers: set[int],
             seen[node_id] = value
 
     opts = RunOptions(quantize=False, observer=observe)
+    outs = layer_outputs(graph)
+    heads = [(inp, n) for inp, n in inputs.items() if _layer(n) is None]
+    start, h = 0, None
+    if state is not None:
+        todo = [la for la in sorted(layers) if f"L{la}" not in state.ready]
+        first = todo[0] if todo else len(outs) if heads and "head" not in state.ready else None
+        if first is None:  # every unit finished: nothing to run
+            for layer in sorted(layers):
+                finish(layer, lambda node: {})
+            if heads:
+                finish(None, lambda node: {})
+            return
+        kept = state.boundary(first, (*ids.shape, int(graph.meta["hidden_size"])))
+        if kept is not None:
+            start, h = kept
+            for layer in sorted(la for la in layers if la < start):
+                finish(layer, lambda node: {})
     with torch.no_grad():
-        h = embed(interp, ids, opts)
-        outs = layer_outputs(graph)
-        for layer in range(len(outs)):
+        if h is None:
+            h = embed(interp, ids, opts)
+        for layer in range(start, len(outs)):
             seen.clear()
             h = run_layer(interp, layer, h, opts)
             if layer in layers:
                 finish(layer, lambda node, layer=layer: _node_hessians(graph, interp, layer, node, seen))
-        heads = [(inp, n) for inp, n in inputs.items() if _layer(n) is None]
+                if state is not None and (layer + 1 < len(outs) or heads):
+                    state.keep_boundary(layer + 1, h)
         if heads:
+            if state is not None and "head" in state.ready:
+                finish(None, lambda node: {})
+                return
             run = RunOptions(quantize=False, resume={outs[-1]: h})
             values = interp.run(None, run, outputs=tuple(inp for inp, _ in heads))
             finish(None, lambda node: _nonexpert_hessians(interp, node, values[graph.inputs(node.id)[0]]))

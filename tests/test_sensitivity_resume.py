@@ -10,6 +10,7 @@ import pytest
 import torch
 from dmpq_compile.backends import get_backend
 from dmpq_compile.passes import PassContext, make_pass
+from dmpq_compile.passes.infra import partial
 from dmpq_compile.passes.infra.cache import PassCache, _annotations, run_cached
 from dmpq_compile.passes.sensitivity import local, resume
 
@@ -220,7 +221,7 @@ def test_a_disk_without_room_keeps_no_partial_state(deep, reference, tmp_path, m
     usage = namedtuple("usage", "total used free")
     room = resume.room_needed(LAYERS, tuple(ids.shape), 64)
     assert room == int(1.15 * (LAYERS + 3) * 6 * 32 * 64 * 4)  # boundaries, last output, gradients, records
-    monkeypatch.setattr(resume.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - room + 1, room - 1))
+    monkeypatch.setattr(partial.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - room + 1, room - 1))
     cache = PassCache(tmp_path / "cache")
     with caplog.at_level(logging.WARNING, logger="dmpq_compile.passes.sensitivity.resume"):
         annotations, _ = _sensitivity(model, ids, cache)

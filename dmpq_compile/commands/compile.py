@@ -138,7 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute profile and sensitivity instead of reusing the results of an earlier compile of "
                    "the same checkpoint, calibration and options (cached in $DMPQ_CACHE_DIR/passes, default "
                    "~/.cache/dmpq-compile/passes), and keep no partial state: without it, an interrupted compile "
-                   "resumes the sensitivity pass at its first unfinished layer when rerun")
+                   "resumes the sensitivity and quantize passes at their first unfinished layer when rerun")
 
 
 def config_from_args(args: argparse.Namespace, cls=None):

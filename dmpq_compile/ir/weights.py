@@ -14,10 +14,12 @@ pages read are not counted in the process's resident memory after the tensor is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import struct
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,15 @@ class TensorRef:
         return TensorRef(self.path, self.offset + start * row, (stop - start, *self.shape[1:]), self.dtype)
 
 
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header ({} when it has none); nothing else is read.
+
+    Raises:
+        CheckpointFileError: as :func:`index_safetensors`.
+    """
+    return _header(Path(path))[0].get("__metadata__") or {}
+
+
 def index_safetensors(path: str | Path) -> dict[str, TensorRef]:
     """Refs to every tensor of one safetensors file, checked against the file's size (nothing is read).
 
@@ -81,21 +92,7 @@ def index_safetensors(path: str | Path) -> dict[str, TensorRef]:
         CheckpointFileError: the file is missing, not safetensors, or shorter than its header says.
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointFileError(f"{path} is empty or truncated ({size} bytes); copy it again")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100_000_000):
-                raise CheckpointFileError(f"{path} is not a safetensors file or is truncated (header of {n} bytes "
-                                          f"in a {size}-byte file); copy it again")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointFileError(f"{path} is missing; the checkpoint is incomplete: download it again") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointFileError(f"{path} has a damaged safetensors header ({e}); copy it again") from None
+    header, n, size = _header(path)
     refs, start, end_max = {}, 8 + n, 0
     for key, info in header.items():
         if key == "__metadata__":
@@ -113,6 +110,28 @@ def index_safetensors(path: str | Path) -> dict[str, TensorRef]:
         raise CheckpointFileError(f"{path} is truncated: its header describes {start + end_max} bytes but the file "
                                   f"has {size}; download or copy it again")
     return refs
+
+
+def _header(path: Path) -> tuple[dict, int, int]:
+    """A safetensors file's header, its length and the file's size (:func:`index_safetensors`'s checks)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointFileError(f"{path} is empty or truncated ({size} bytes); copy it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise CheckpointFileError(f"{path} is not a safetensors file or is truncated (header of {n} bytes "
+                                          f"in a {size}-byte file); copy it again")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointFileError(f"{path} is missing; the checkpoint is incomplete: download it again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFileError(f"{path} has a damaged safetensors header ({e}); copy it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointFileError(f"{path} has a damaged safetensors header (not a JSON object); copy it again")
+    return header, n, size
 
 
 class WeightStore(Mapping[str, torch.Tensor]):
@@ -210,14 +229,31 @@ class WeightStore(Mapping[str, torch.Tensor]):
             total += v.nbytes if isinstance(v, TensorRef) else v.numel() * v.element_size()
         return total
 
-    def spill(self, keys: list[str], path: str | Path) -> None:
-        """Write the in-memory tensors ``keys`` to the safetensors file ``path`` and keep refs instead."""
+    def spill(self, keys: list[str], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Write the in-memory tensors ``keys`` to the safetensors file ``path`` (atomically: through a
+        temporary file renamed into place; with ``metadata`` in its header) and keep refs instead."""
         tensors = {k: self._t[k].contiguous() for k in keys if not isinstance(self._t[k], TensorRef)}
         if not tensors:
             return
-        save_file(tensors, str(path))
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         for key, ref in index_safetensors(path).items():
             self._t[key] = ref
+
+    def relocate(self, moves: Mapping[str, str | Path]) -> None:
+        """Point the refs into each file ``old`` of ``moves`` at ``moves[old]``, the same file moved
+        (in place: the store's order and versions stay)."""
+        moves = {str(old): str(new) for old, new in moves.items()}
+        for key, value in self._t.items():
+            if isinstance(value, TensorRef) and value.path in moves:
+                self._t[key] = dataclasses.replace(value, path=moves[value.path])
 
     def copy(self) -> WeightStore:
         """A shallow copy: new mapping, same (immutable by convention) tensors and refs."""

@@ -41,9 +41,10 @@ class PassContext:
         executor: where per-layer tasks run (:class:`dmpq_compile.distributed.RayExecutor`, from
             ``compile --ray``); None runs them in this process. Passes that use it must write
             exactly what they write without it.
-        state_dir: where a cacheable pass may keep partial state, to resume after an interruption
-            without redoing finished work (e.g. the sensitivity pass's finished layers, see
-            :mod:`dmpq_compile.passes.sensitivity.resume`). The pass cache gives each run a
+        state_dir: where a resumable pass may keep partial state, to resume after an interruption
+            without redoing finished work (the sensitivity and quantize passes' finished layers, see
+            :mod:`dmpq_compile.passes.sensitivity.resume`, :mod:`dmpq_compile.passes.quantize_resume`).
+            The pass cache gives each run a
             folder named by the run's cache key (so only a run on the same checkpoint,
             options, calibration and code resumes from it) and removes it once the pass
             finished; None (no cache, ``--no-cache``): keep nothing.

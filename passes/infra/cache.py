@@ -32,14 +32,18 @@ a crash, a full disk) without redoing finished work. While such a pass (``Pass.r
 :func:`run_cached` gives it a folder ``<name>-<key>.partial`` beside the entry it will write (``PassContext.state_dir``), keyed
 by the same key, so a changed checkpoint, option, calibration set or code never resumes from
 stale state; the pass keeps what it finished there, and a rerun with the same key picks it up.
-The folder is removed once the pass has finished and its result is stored; while a run uses it,
+The folder is removed once the pass has finished (and its result is stored); while a run uses it,
 it holds a lock there (a second compile with the same key at the same time keeps no partial
 state, and leaves the folder alone). The sensitivity pass
 keeps its forward boundaries and each finished layer of its backward pass there
 (:mod:`dmpq_compile.passes.sensitivity.resume`: about ``S x T x H x 4`` bytes a layer, 0.9 GB
-for Qwen3-30B-A3B's 48 layers at 16 x 128 calibration tokens). A folder left by an interrupted
-compile that is never rerun stays until deleted (the pass names such folders when it starts);
-``--no-cache`` writes none.
+for Qwen3-30B-A3B's 48 layers at 16 x 128 calibration tokens). A resumable pass need not be
+cacheable: the quantize pass writes weights, so its result is never stored, but it gets a folder
+keyed the same way, where it keeps each finished layer's codes
+(:mod:`dmpq_compile.passes.quantize_resume`). What the resumable passes share about the folder
+(the disk-space refusal, naming other keys' folders) is in :mod:`.partial`. A folder left by an
+interrupted compile that is never rerun stays until deleted (the pass names such folders when it
+starts); ``--no-cache`` writes none.
 """
 
 from __future__ import annotations
@@ -213,22 +217,26 @@ class PassCache:
 
 
 def run_cached(p: Pass, graph: Graph, ctx: PassContext, cache: PassCache | None) -> PassResult:
-    """``p.call`` through ``cache`` when ``p`` is cacheable and the key can be computed."""
-    if cache is None or not getattr(p, "cacheable", False):
+    """``p.call`` through ``cache`` when ``p`` is cacheable or resumable and the key can be computed
+    (a resumable pass that is not cacheable, e.g. quantize, which writes weights, gets only its
+    partial state folder: its result is never stored)."""
+    cacheable = getattr(p, "cacheable", False)
+    if cache is None or not (cacheable or getattr(p, "resumable", False)):
         return p.call(graph, ctx)
     before, meta = _annotations(graph), _json(graph.meta)
     key = cache_key(p, graph, ctx, before)
     if key is None:
-        log.info("pass cache: %s not cached (more than %d MiB of weights live only in memory)", p.name,
-                 MAX_HASHED_BYTES // 2**20)
+        log.info("pass cache: %s not cached%s (more than %d MiB of weights live only in memory)", p.name,
+                 " and keeps no partial state" if p.resumable else "", MAX_HASHED_BYTES // 2**20)
         return p.call(graph, ctx)
-    hit = cache.load(p, key, graph)
+    hit = cache.load(p, key, graph) if cacheable else None
     if hit is not None:
         return hit
     versions = {k: graph.weights.version(k) for k in graph.weights}
     with (_locked(cache.state_folder(p, key), p.name) if p.resumable else nullcontext()) as state:
         result = p.call(graph, dataclasses.replace(ctx, state_dir=state))
-        cache.store(p, key, before, result, versions, meta)
+        if cacheable:
+            cache.store(p, key, before, result, versions, meta)
         if state is not None:  # finished: it was kept only to resume an interrupted run
             shutil.rmtree(state, ignore_errors=True)
     return result

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +62,7 @@ from ...ir import ops
 from ...ir.graph import Graph
 from ...ir.interpreter import Interpreter, RunOptions
 from ...ir.stream import embed, layer_outputs, owned, run_layer
+from ..infra.partial import note_others, open_folder
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,12 @@ def open_state(state_dir: Path | None, graph: Graph, label_samples: int, ids: to
     its boundaries in a temporary folder as without a cache, and an interruption redoes it."""
     if state_dir is None:
         return None
-    state_dir, n_layers = Path(state_dir), len(layer_outputs(graph))
+    n_layers = len(layer_outputs(graph))
+    state_dir = open_folder(state_dir, "sensitivity",
+                            room_needed(n_layers, tuple(ids.shape), int(graph.meta.get("hidden_size") or 0)), log)
+    if state_dir is None:
+        return None
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        held = sum(f.stat().st_size for f in state_dir.glob("*.pt"))
-        need = room_needed(n_layers, tuple(ids.shape), int(graph.meta.get("hidden_size") or 0)) - held
-        free = shutil.disk_usage(state_dir).free
-        if need > free:
-            log.warning("sensitivity: %s has %.1f GB free, partial state needs about %.1f GB more; not keeping it "
-                        "(an interruption redoes the pass; free space or set DMPQ_CACHE_DIR to resume)",
-                        state_dir.parent, free / 1e9, need / 1e9)
-            return None
         return PartialState(state_dir, n_layers, label_samples, tuple(ids.shape))
     except OSError as e:
         log.warning("sensitivity: cannot keep partial state in %s (%s); an interrupted run will start over",
@@ -108,7 +103,7 @@ class PartialState:
     def __init__(self, folder: Path, n_layers: int, label_samples: int, tokens: tuple[int, int]) -> None:
         self.folder, self.n_layers, self.label_samples, self.tokens = folder, n_layers, label_samples, tokens
         if not any(folder.glob("*.pt")):
-            _note_others(folder)
+            note_others(folder, "sensitivity", log)
         self.writable = True
         self.record: dict = {}
         self.sample, self.gen = 0, torch.Generator()
@@ -327,16 +322,3 @@ def _compact(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_compact(v) for v in obj)
     return obj
-
-
-def _note_others(folder: Path) -> None:
-    """Name the partial states of this pass under other keys (a rerun with other options, checkpoint
-    or code cannot use them; an interrupted run's stay until deleted)."""
-    name = folder.name.rsplit("-", 1)[0]
-    others = [p for p in folder.parent.glob(f"{name}-*.partial") if p.is_dir() and p != folder]
-    if others:
-        size = sum(f.stat().st_size for p in others for f in p.glob("*.pt"))
-        log.info("sensitivity: %d partial state(s) of other runs with other keys (interrupted, or running now) are "
-                 "in %s (%.1f GB); this run cannot resume from them: delete those of interrupted runs to free the "
-                 "space", len(others), folder.parent,
-                 size / 1e9)
