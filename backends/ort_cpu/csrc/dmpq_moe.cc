@@ -22,9 +22,14 @@
 // in (for 4 bits: the 32 even then the 32 odd positions of each 64), so the codes are used as stored.
 //
 // accuracy_level 4 quantizes each activation block symmetrically to int8 (scale max|x| / 127) and
-// takes integer dot products (AVX-512 VNNI where the CPU has it): the block's sum is
-// s_w * s_x * (sum code * q - zero * sum q). accuracy_level 0 keeps fp32 activations:
-// s_w * sum (code - zero) * x. A portable C++ path computes the same when the CPU lacks AVX-512.
+// takes integer dot products: the block's sum is s_w * s_x * (sum code * q - zero * sum q).
+// accuracy_level 0 keeps fp32 activations: s_w * sum (code - zero) * x.
+//
+// Paths, chosen at load: AVX-512 VNNI where the CPU has it, else AVX2 + FMA + F16C, else portable C++.
+// They compute the same integer sums exactly and the same float operations per row in the same order, so
+// their results are identical bit for bit (the portable path is far slower). DMPQ_KERNEL_PATH=avx512-vnni,
+// avx2 or portable forces one; a path the CPU lacks, or a name that is none, fails registration with the
+// missing CPU features. dmpq_kernel_path() reports the path.
 //
 // Threads: a pool of its own (DMPQ_KERNEL_THREADS, else the CPUs this process may run on): the gate
 // and up products are split over (expert, 64 rows), the down products over 64 output columns, so
