@@ -3,7 +3,9 @@
 One ``ai.dmpq.MixedMoE`` node, one MoE layer at OLMoE-1B-7B's widths by default (hidden 2048, 64 experts of
 1024, top-8, block 64, every expert 4-bit, accuracy level 4), with random weights written directly in the
 op's panel layout (random bytes are valid codes at any width; float16 scales, zero points below 2^bits) and
-random routing (8 distinct experts a token, softmax weights). One worker process per path
+random routing (8 distinct experts a token, softmax weights). Decode cycles through ``--decode-tokens``
+tokens of different routing, so that successive runs read different experts' weights (as a model's
+layers do) instead of the same few from the cache. One worker process per path
 (``DMPQ_KERNEL_PATH``; the path is chosen once per process), all on the same model file and inputs,
 ``DMPQ_KERNEL_THREADS`` and onnxruntime's intra-op threads both ``--threads``. Each round asks every worker
 in turn (order rotating) for decode (1 token: the median of ``--decode-reps`` runs) and prefill
@@ -54,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--level", type=int, default=4, choices=(0, 4), help="accuracy_level: 4 int8, 0 fp32 activations")
     p.add_argument("--prefill", type=int, default=128, help="prefill tokens")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--decode-reps", type=int, default=20)
+    p.add_argument("--decode-reps", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=16, help="distinct decode tokens (routings), run in turn")
     p.add_argument("--prefill-reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS,
@@ -82,9 +85,8 @@ def loadavg() -> list[str]:
 def build_model(args: argparse.Namespace, folder: Path) -> tuple[Path, Path]:
     """The one-node model (weights as external data) and the inputs (decode and prefill); their paths."""
     import onnx
-    from onnx import TensorProto, helper
-
     from dmpq_compile.backends.ort_cpu import kernels
+    from onnx import TensorProto, helper
 
     h, i, e, bits, bs = args.hidden, args.inter, args.experts, args.bits, args.block
     rng = np.random.default_rng(0)
@@ -110,7 +112,7 @@ def build_model(args: argparse.Namespace, folder: Path) -> tuple[Path, Path]:
     onnx.save_model(model, str(path), save_as_external_data=True, location="moe.data", size_threshold=1024)
 
     feeds = {}
-    for name, n in (("decode", 1), ("prefill", args.prefill)):
+    for name, n in (*((f"decode{j}", 1) for j in range(args.decode_tokens)), ("prefill", args.prefill)):
         x = rng.standard_normal((n, h), dtype=np.float32)
         ti = np.stack([rng.permutation(e)[:args.top_k] for _ in range(n)]).astype(np.int64)
         logits = rng.standard_normal((n, args.top_k)).astype(np.float32)
@@ -124,7 +126,6 @@ def build_model(args: argparse.Namespace, folder: Path) -> tuple[Path, Path]:
 def worker(model: Path, inputs: Path, threads: int) -> None:
     """Serve timing requests on stdin ("decode REPS", "prefill REPS"), one JSON line each on stdout."""
     import onnxruntime as ort
-
     from dmpq_compile.backends.ort_cpu import kernels
 
     library = kernels.build()
@@ -133,15 +134,18 @@ def worker(model: Path, inputs: Path, threads: int) -> None:
     kernels.register(opts, library)
     sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     data = np.load(inputs)
-    feeds = {k: {"x": data[f"{k}.x"], "ti": data[f"{k}.ti"], "tw": data[f"{k}.tw"]} for k in ("decode", "prefill")}
+    names = sorted({k.split(".")[0] for k in data.files})
+    feeds = {k: {"x": data[f"{k}.x"], "ti": data[f"{k}.ti"], "tw": data[f"{k}.tw"]} for k in names}
     digests = {k: hashlib.sha256(sess.run(["y"], f)[0].tobytes()).hexdigest() for k, f in feeds.items()}  # warm-up
+    decode = [k for k in names if k.startswith("decode")]
     print(json.dumps({"ready": kernels.describe(library), "digests": digests}), flush=True)
     for line in sys.stdin:
         what, reps = line.split()
         times = []
-        for _ in range(int(reps)):
+        for rep in range(int(reps)):
+            feed = feeds[decode[rep % len(decode)] if what == "decode" else what]
             t0 = time.perf_counter()
-            sess.run(["y"], feeds[what])
+            sess.run(["y"], feed)
             times.append((time.perf_counter() - t0) * 1e3)
         print(json.dumps({"ms": times}), flush=True)
 
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit, "dirty": dirty, "cpu": cpu_record, "threads": args.threads,
         "shape": {"hidden": args.hidden, "inter": args.inter, "experts": args.experts, "top_k": args.top_k,
                   "block": args.block, "bits": args.bits, "level": args.level, "prefill": args.prefill},
-        "reps": {"decode": args.decode_reps, "prefill": args.prefill_reps}, "paths": paths,
+        "reps": {"decode": args.decode_reps, "prefill": args.prefill_reps}, "decode_tokens": args.decode_tokens, "paths": paths,
         "outputs_identical": identical, "load_start": rounds[0]["load_start"], "load_end": rounds[-1]["load_end"],
         "summary": summary, "rounds": rounds}, indent=1))
     print(f"wrote {out}")
