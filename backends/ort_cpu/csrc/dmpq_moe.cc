@@ -5,7 +5,7 @@
 //   0 x        float   [N, H]   the layer's (flattened) input rows
 //   1 top_i    int64   [N, k]   the experts each row is routed to (the layer's own TopK)
 //   2 top_w    float   [N, k]   their mixing weights (the family's normalization already applied)
-//   3 codes    uint8   [C]      every expert's codes, MatMulNBits layout, experts one after the other
+//   3 codes    uint8   [C]      every expert's codes in 16-row panels, experts one after the other
 //   4 scales   float16 [S]      every expert's block scales
 //   5 zeros    uint8   [Z]      every expert's block zero points, one byte a block
 //   6 meta     int64   [E, 8]   per expert: bits (0: not in this node), then the element offsets of
@@ -15,21 +15,21 @@
 // Output      float   [N, H]   sum over each row's routed experts that are in this node, in
 //                               ascending expert order, of weight * down(silu(gate x) * up x).
 //
-// An expert's gate and up rows are stacked ([2I, H], gate first), its down rows are [H, I]; a row of
-// K inputs is K / block_size blocks of block_size * bits / 8 bytes, codes LSB-first in each byte
-// (MatMulNBits' layout); the weight is (code - zero) * scale, as dmpq stores it. A row's blocks are
-// read 64 codes at a time. The activations are rearranged once per row to the order the codes unpack
-// in (for 4 bits: the 32 even then the 32 odd positions of each 64), so the codes are used as stored.
+// An expert's gate and up rows are stacked ([2I, H], gate first), its down rows are [H, I]; the codes
+// are the stored ones, rearranged by the lowering into 16-row panels (see "Panel layout" below: a
+// byte permutation, so that one 32-bit vector lane is one row); the weight is (code - zero) * scale,
+// as dmpq stores it, with the scales and zero points of a panel's block side by side.
 //
 // accuracy_level 4 quantizes each activation block symmetrically to int8 (scale max|x| / 127) and
 // takes integer dot products (AVX-512 VNNI where the CPU has it): the block's sum is
 // s_w * s_x * (sum code * q - zero * sum q). accuracy_level 0 keeps fp32 activations:
-// s_w * sum (code - zero) * x. A portable C++ path computes the same when the CPU lacks AVX-512.
+// s_w * sum (code - zero) * x. A portable C++ path does the same float operations in the same order
+// when the CPU lacks AVX-512 (bit-identical results, slower).
 //
 // Threads: a pool of its own (DMPQ_KERNEL_THREADS, else the CPUs this process may run on): the gate
 // and up products are split over (expert, 64 rows), the down products over 64 output columns, so
 // every output element is summed by one thread in a fixed order (the result does not depend on the
-// thread count).
+// thread count). Workers spin DMPQ_KERNEL_SPIN pause instructions (default 4000) before sleeping.
 
 #include <immintrin.h>
 #include <sched.h>
