@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -153,7 +154,10 @@ def with_threads(path: Path, threads: int) -> Path:
     folder.mkdir(exist_ok=True)
     for f in path.iterdir():
         if f.name != "genai_config.json" and not (folder / f.name).exists():
-            (folder / f.name).symlink_to(f.resolve())
+            if f.is_dir():  # the kernel library's folder: onnxruntime-genai loads a custom-op library only from
+                shutil.copytree(f, folder / f.name)  # inside the model folder, symlinks resolved
+            else:
+                (folder / f.name).symlink_to(f.resolve())
     config = json.loads((path / "genai_config.json").read_text())
     config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     (folder / "genai_config.json").write_text(json.dumps(config, indent=1))

@@ -5,7 +5,7 @@
 //   0 x        float   [N, H]   the layer's (flattened) input rows
 //   1 top_i    int64   [N, k]   the experts each row is routed to (the layer's own TopK)
 //   2 top_w    float   [N, k]   their mixing weights (the family's normalization already applied)
-//   3 codes    uint8   [C]      every expert's codes, MatMulNBits layout, experts one after the other
+//   3 codes    uint8   [C]      every expert's codes in 16-row panels, experts one after the other
 //   4 scales   float16 [S]      every expert's block scales
 //   5 zeros    uint8   [Z]      every expert's block zero points, one byte a block
 //   6 meta     int64   [E, 8]   per expert: bits (0: not in this node), then the element offsets of
@@ -15,11 +15,10 @@
 // Output      float   [N, H]   sum over each row's routed experts that are in this node, in
 //                               ascending expert order, of weight * down(silu(gate x) * up x).
 //
-// An expert's gate and up rows are stacked ([2I, H], gate first), its down rows are [H, I]; a row of
-// K inputs is K / block_size blocks of block_size * bits / 8 bytes, codes LSB-first in each byte
-// (MatMulNBits' layout); the weight is (code - zero) * scale, as dmpq stores it. A row's blocks are
-// read 64 codes at a time. The activations are rearranged once per row to the order the codes unpack
-// in (for 4 bits: the 32 even then the 32 odd positions of each 64), so the codes are used as stored.
+// An expert's gate and up rows are stacked ([2I, H], gate first), its down rows are [H, I]; the codes
+// are the stored ones, rearranged by the lowering into 16-row panels (see "Panel layout" below: a
+// byte permutation, so that one 32-bit vector lane is one row); the weight is (code - zero) * scale,
+// as dmpq stores it, with the scales and zero points of a panel's block side by side.
 //
 // accuracy_level 4 quantizes each activation block symmetrically to int8 (scale max|x| / 127) and
 // takes integer dot products: the block's sum is s_w * s_x * (sum code * q - zero * sum q).
@@ -31,10 +30,11 @@
 // avx2 or portable forces one; a path the CPU lacks, or a name that is none, fails registration with the
 // missing CPU features. dmpq_kernel_path() reports the path.
 //
-// Threads: a pool of its own (DMPQ_KERNEL_THREADS, else the CPUs this process may run on): the gate
-// and up products are split over (expert, 64 rows), the down products over 64 output columns, so
+// Threads: onnxruntime's intra-op threads (KernelContext_ParallelFor, onnxruntime 1.17 on), else, or
+// with DMPQ_KERNEL_POOL=own, a pool of its own (DMPQ_KERNEL_THREADS, else the CPUs this process may run
+// on). The gate and up products are split over (expert, 64 rows), the down products over 64 output columns, so
 // every output element is summed by one thread in a fixed order (the result does not depend on the
-// thread count).
+// thread count). Workers spin DMPQ_KERNEL_SPIN pause instructions (default 4000) before sleeping.
 
 #include <immintrin.h>
 #include <sched.h>
@@ -178,6 +178,36 @@ int DefaultThreads() {
 Pool& SharedPool() {
   static Pool pool(DefaultThreads());
   return pool;
+}
+
+// Whether loops run on onnxruntime's intra-op threads (KernelContext_ParallelFor; set at registration
+// from the runtime's version) or on the library's own pool (older onnxruntime, or DMPQ_KERNEL_POOL=own).
+std::atomic<bool> g_ort_pool{false};
+
+// Runs f(0 .. jobs-1) on onnxruntime's threads for this kernel call; an exception in a job is rethrown.
+template <class F>
+void OrtParallelFor(const Api& api, dmpq_ort::OrtKernelContext* ctx, int jobs, F& f) {
+  struct Call {
+    F* f;
+    std::mutex mu;
+    std::string error;
+  } call{&f, {}, {}};
+  auto tramp = [](void* data, size_t j) {
+    auto* c = static_cast<Call*>(data);
+    try {
+      (*c->f)(static_cast<int>(j));
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lk(c->mu);
+      if (c->error.empty()) c->error = e.what();
+    }
+  };
+  dmpq_ort::OrtStatus* st = api.KernelContextParallelFor(ctx, tramp, static_cast<size_t>(jobs), 0, &call);
+  if (st) {
+    std::string msg = std::string("dmpq MixedMoE: onnxruntime's thread pool: ") + api.GetErrorMessage(st);
+    api.ReleaseStatus(st);
+    throw std::runtime_error(msg);
+  }
+  if (!call.error.empty()) throw std::runtime_error(call.error);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -728,7 +758,17 @@ class MixedMoE {
     for (int64_t e = 0; e < E; ++e)
       if (count[e + 1] > count[e]) active.push_back(e);
 
-    Pool& pool = SharedPool();
+    const bool ort_pool = g_ort_pool.load();
+    auto run = [&](int jobs, auto&& f) {
+      if (jobs <= 0) return;
+      if (jobs == 1) {
+        f(0);
+      } else if (ort_pool) {
+        OrtParallelFor(api_, ctx, jobs, f);
+      } else {
+        SharedPool().Run(jobs, f);
+      }
+    };
     const DotFn dot = ChosenDot();
     const bool q = level_ == 4;
     const int bs = static_cast<int>(block_);
@@ -737,7 +777,7 @@ class MixedMoE {
     std::vector<int8_t> xq(q ? N * H : 0);
     std::vector<float> xsa(q ? N * hb : 0), xsq(q ? N * hb : 0);
     std::vector<Act> xacts(N);
-    pool.Run(static_cast<int>(N), [&](int n) {
+    run(static_cast<int>(N), [&](int n) {
       if (q) {
         QuantizeActs(xs + n * H, static_cast<int>(H), bs, &xq[n * H], &xsa[n * hb], &xsq[n * hb]);
         xacts[n] = Act{&xq[n * H], &xsa[n * hb], &xsq[n * hb], nullptr};
@@ -749,7 +789,7 @@ class MixedMoE {
     // Gate and up: h[slot] = silu(gate x) * up x, jobs of (expert, 64 rows of I).
     std::vector<float> h(S * I);
     const int64_t row_jobs = (I + kRowsPerJob - 1) / kRowsPerJob;
-    pool.Run(static_cast<int>(active.size() * row_jobs), [&](int job) {
+    run(static_cast<int>(active.size() * row_jobs), [&](int job) {
       const int64_t e = active[job / row_jobs], r0 = (job % row_jobs) * kRowsPerJob,
                     r1 = std::min<int64_t>(I, r0 + kRowsPerJob);
       const ExpertMeta& m = em[e];
@@ -779,7 +819,7 @@ class MixedMoE {
     std::vector<int8_t> hq(q ? S * I : 0);
     std::vector<float> hsa(q ? S * ib : 0), hsq(q ? S * ib : 0);
     std::vector<Act> hacts(S);
-    pool.Run(static_cast<int>(S), [&](int s) {
+    run(static_cast<int>(S), [&](int s) {
       if (q) {
         QuantizeActs(&h[s * I], static_cast<int>(I), bs, &hq[s * I], &hsa[s * ib], &hsq[s * ib]);
         hacts[s] = Act{&hq[s * I], &hsa[s * ib], &hsq[s * ib], nullptr};
@@ -790,7 +830,7 @@ class MixedMoE {
 
     // Down: jobs of 64 output columns; each adds its experts in ascending order.
     const int64_t col_jobs = (H + kRowsPerJob - 1) / kRowsPerJob;
-    pool.Run(static_cast<int>(col_jobs), [&](int job) {
+    run(static_cast<int>(col_jobs), [&](int job) {
       const int64_t c0 = job * kRowsPerJob, c1 = std::min<int64_t>(H, c0 + kRowsPerJob);
       const Act* acts[kTile];
       float d[kTile * kPanel];
@@ -857,6 +897,15 @@ dmpq_ort::OrtCustomOpV8 MakeOp() {
 
 dmpq_ort::OrtCustomOpV8 g_op = MakeOp();
 
+// onnxruntime's own threads where it offers them (1.17 on) unless DMPQ_KERNEL_POOL=own.
+bool UseOrtPool(const char* version) {
+  const char* env = std::getenv("DMPQ_KERNEL_POOL");
+  if (env && std::string(env) == "own") return false;
+  int major = 0, minor = 0;
+  if (!version || std::sscanf(version, "%d.%d", &major, &minor) != 2) return false;
+  return major > 1 || (major == 1 && minor >= 17);
+}
+
 // The function table is positional: check three entries on a status we make before trusting it.
 bool SelfCheck(const Api& api) {
   const char* probe = "dmpq-abi-check";
@@ -878,6 +927,7 @@ __attribute__((visibility("default"))) dmpq_ort::OrtStatus* RegisterCustomOps(dm
   Api api(table);
   if (!SelfCheck(api)) return api.CreateStatus(1, "dmpq kernels: onnxruntime's C API table is not the one expected");
   if (!Path().error.empty()) return api.CreateStatus(1, ("dmpq kernels: " + Path().error).c_str());
+  g_ort_pool.store(UseOrtPool(base->GetVersionString()));
   dmpq_ort::OrtCustomOpDomain* domain = nullptr;
   if (dmpq_ort::OrtStatus* st = api.CreateCustomOpDomain("ai.dmpq", &domain)) return st;
   if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_op)) return st;
@@ -889,5 +939,6 @@ __attribute__((visibility("default"))) dmpq_ort::OrtStatus* RegisterCustomOps(dm
 __attribute__((visibility("default"))) const char* dmpq_kernel_path() { return Path().name; }
 __attribute__((visibility("default"))) const char* dmpq_kernel_path_error() { return Path().error.c_str(); }
 __attribute__((visibility("default"))) int dmpq_kernel_threads() { return DefaultThreads(); }
+__attribute__((visibility("default"))) int dmpq_kernel_uses_ort_pool() { return g_ort_pool.load() ? 1 : 0; }
 
 }  // extern "C"

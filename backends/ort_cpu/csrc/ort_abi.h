@@ -8,6 +8,10 @@
 // table; `self_check` in dmpq_moe.cc verifies the table at registration (a status made with
 // CreateStatus must read back its code and message) before anything else is called.
 //
+// One later entry is used where the running onnxruntime is new enough to have it (its version string
+// is read at registration): KernelContext_ParallelFor (1.17 on), which runs a loop on the session's
+// intra-op threads.
+//
 // Ops are registered with the version-8 custom-op record (`OrtCustomOpV8`): version 1's callbacks
 // plus the two that say whether each input and output is required, which onnxruntime 1.32 calls
 // whatever the record's version. Such an op reports errors by throwing a C++ exception from
@@ -53,10 +57,13 @@ enum ApiEntry : int {
   kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
   kVersion1Entries = 102,
+  // Appended later: the operator's thread pool (onnxruntime 1.17 and later; checked by version string).
+  kKernelContextParallelFor = 274,
+  kEntriesUsed = 275,
 };
 
 struct ApiTable {
-  void* entry[kVersion1Entries];
+  void* entry[kEntriesUsed];
 };
 
 struct ApiBase {
@@ -136,6 +143,11 @@ class Api {
   }
   void ReleaseTensorTypeAndShapeInfo(OrtTensorTypeAndShapeInfo* i) const {
     call<void (*)(OrtTensorTypeAndShapeInfo*)>(kReleaseTensorTypeAndShapeInfo)(i);
+  }
+  OrtStatus* KernelContextParallelFor(const OrtKernelContext* c, void (*fn)(void*, size_t), size_t total,
+                                      size_t num_batch, void* data) const {
+    return call<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
+        kKernelContextParallelFor)(c, fn, total, num_batch, data);
   }
 
  private:
