@@ -7,7 +7,8 @@ random routing (8 distinct experts a token, softmax weights). Decode cycles thro
 tokens of different routing, so that successive runs read different experts' weights (as a model's
 layers do) instead of the same few from the cache. One worker process per path
 (``DMPQ_KERNEL_PATH``; the path is chosen once per process), all on the same model file and inputs,
-``DMPQ_KERNEL_THREADS`` and onnxruntime's intra-op threads both ``--threads``. Each round asks every worker
+``DMPQ_KERNEL_THREADS`` and onnxruntime's intra-op threads both ``--threads`` (the op runs on
+onnxruntime's pool, or on its own with ``DMPQ_KERNEL_POOL=own`` in the environment). Each round asks every worker
 in turn (order rotating) for decode (1 token: the median of ``--decode-reps`` runs) and prefill
 (``--prefill`` tokens: the median of ``--prefill-reps`` runs), after a warm-up; the ratios are taken
 round by round (same round, same load) and given as their median with the min..max. The workers' outputs
@@ -138,7 +139,10 @@ def worker(model: Path, inputs: Path, threads: int) -> None:
     feeds = {k: {"x": data[f"{k}.x"], "ti": data[f"{k}.ti"], "tw": data[f"{k}.tw"]} for k in names}
     digests = {k: hashlib.sha256(sess.run(["y"], f)[0].tobytes()).hexdigest() for k, f in feeds.items()}  # warm-up
     decode = [k for k in names if k.startswith("decode")]
-    print(json.dumps({"ready": kernels.describe(library), "digests": digests}), flush=True)
+    import ctypes
+
+    ort_pool = bool(ctypes.CDLL(str(library)).dmpq_kernel_uses_ort_pool())  # decided at registration
+    print(json.dumps({"ready": kernels.describe(library), "ort_pool": ort_pool, "digests": digests}), flush=True)
     for line in sys.stdin:
         what, reps = line.split()
         times = []
@@ -160,7 +164,7 @@ class Worker:
         hello = self.read()
         if hello["ready"]["path"] != path or hello["ready"]["threads"] != threads:
             raise RuntimeError(f"worker for {path} reports {hello['ready']}")
-        self.digests = hello["digests"]
+        self.digests, self.ort_pool = hello["digests"], hello["ort_pool"]
 
     def read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         workers = {p: Worker(p, model, inputs, args.threads) for p in paths}
         try:
             identical = all(w.digests == workers[base].digests for w in workers.values())
+            pool = "onnxruntime intra-op" if all(w.ort_pool for w in workers.values()) else \
+                "own" if not any(w.ort_pool for w in workers.values()) else "mixed"
             rounds = []
             for r in range(args.rounds):
                 order = paths[r % len(paths):] + paths[:r % len(paths)]
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {}
     print(f"\nMixedMoE, hidden {args.hidden}, {args.experts} experts x {args.inter}, top-{args.top_k}, block "
-          f"{args.block}, {args.bits}-bit, level {args.level}, {args.threads} threads; median over {args.rounds} "
+          f"{args.block}, {args.bits}-bit, level {args.level}, {args.threads} threads ({pool} pool); median over {args.rounds} "
           f"rounds (min..max of the round-by-round ratios)")
     for what, label in (("decode_ms", "decode (1 token)"), ("prefill_ms", f"prefill ({args.prefill} tokens)")):
         entry = {p: {"ms": statistics.median(r[what][p] for r in rounds)} for p in paths}
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": " ".join(["python benchmarks/bench_kernel_paths.py", *(sys.argv[1:] if argv is None else argv)]),
-        "commit": commit, "dirty": dirty, "cpu": cpu_record, "threads": args.threads,
+        "commit": commit, "dirty": dirty, "cpu": cpu_record, "threads": args.threads, "pool": pool,
         "shape": {"hidden": args.hidden, "inter": args.inter, "experts": args.experts, "top_k": args.top_k,
                   "block": args.block, "bits": args.bits, "level": args.level, "prefill": args.prefill},
         "reps": {"decode": args.decode_reps, "prefill": args.prefill_reps}, "decode_tokens": args.decode_tokens, "paths": paths,
