@@ -12,10 +12,12 @@ It declares only the parts of onnxruntime's C ABI it calls (``csrc/ort_abi.h``: 
 API table, which every onnxruntime serves), so it needs no onnxruntime headers to build (checked
 with onnxruntime 1.32 and onnxruntime-genai 0.18 on Linux x86-64). It picks its dot-product path at load: AVX-512
 VNNI where the CPU has it, else AVX2 (with FMA and F16C), else portable C++; all three compute the same
-logits, bit for bit (the portable path about 40 times slower). ``DMPQ_KERNEL_PATH=avx512-vnni|avx2|portable``
+logits, bit for bit (the portable path 75-150 times slower than AVX2,
+``benchmarks/bench_kernel_paths.py``). ``DMPQ_KERNEL_PATH=avx512-vnni|avx2|portable``
 forces one: a path the CPU lacks, or a name that is no path, makes the library's registration fail with
-the reason (the missing CPU features). ``DMPQ_KERNEL_THREADS`` sets its thread pool's size (default: the
-CPUs this process may run on). Both are read once per process, when first used.
+the reason (the missing CPU features). The op runs on onnxruntime's intra-op threads (onnxruntime 1.17 on); with
+``DMPQ_KERNEL_POOL=own``, on a pool of its own of ``DMPQ_KERNEL_THREADS`` threads (default: the CPUs this
+process may run on). The path is chosen once per process, when first used.
 """
 
 from __future__ import annotations
