@@ -403,9 +403,8 @@ class KernelDispatch(FusedDispatch):
     @staticmethod
     def _plan(lw: Lowering, route: RouteValue) -> set[str]:
         fusable = getattr(lw.projection, "kernel_fusable", None)
-        if fusable is None:
-            raise BackendError(f"dispatch 'kernel' needs a projection with a MoE kernel; {type(lw.projection).__name__} "
-                               "has none (it is ort-cpu's)")
+        if fusable is None:  # a projection without a MoE kernel (fp32 MatMul): every expert per expert
+            return set()
         return {n.id for n in lw.graph.consumers(route.node.id, kind="expert") if fusable(lw, n)}
 
     def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:

@@ -58,9 +58,9 @@ def onnxruntime_findings(model_file: Path, library: Path | None = None) -> tuple
     name = f"onnxruntime {ort.__version__}"
     try:
         if library is not None:
-            from ..backends.ort_cpu.kernels import register
+            from .session import register_custom_ops
 
-            register(options, library)
+            register_custom_ops(options, library.parent, {"custom_ops_library": library.name})
         ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the message is the finding
         return [Finding("error", "onnxruntime", f"{name} cannot load {model_file.name} on the CPU: {_first(e)}")], [name]

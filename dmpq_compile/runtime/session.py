@@ -79,6 +79,27 @@ class Score:
     tokens: int
 
 
+def register_custom_ops(options: Any, root: Path, target: dict[str, Any]) -> None:
+    """Make onnxruntime session ``options`` load the custom-op library an artifact carries (``--dispatch
+    kernel``: ``target["custom_ops_library"]``, relative to the artifact folder ``root``); nothing without one.
+
+    Raises:
+        ArtifactError: the file is missing, or onnxruntime refuses it (with its message, e.g. a forced CPU path
+            this CPU lacks).
+    """
+    library = target.get("custom_ops_library")
+    if not library:
+        return
+    path = root / library
+    if not path.is_file():
+        raise ArtifactError(f"the artifact's kernel library {path} is missing; copy the whole artifact folder "
+                            "(its kernels/ folder included) or compile it again")
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as e:  # onnxruntime raises its own types
+        raise ArtifactError(f"onnxruntime cannot load the artifact's kernel library {path}: {e}") from e
+
+
 class Session:
     """A loaded artifact. Create it with :func:`dmpq_compile.runtime.load`.
 
@@ -108,13 +129,7 @@ class Session:
         if threads:
             options.intra_op_num_threads = int(threads)
         self.root, self.manifest = root, manifest
-        if target.get("custom_ops_library"):  # dmpq's kernel library, carried by the artifact (--dispatch kernel)
-            from ..backends.ort_cpu.kernels import register
-
-            try:
-                register(options, root / target["custom_ops_library"])
-            except Exception as e:
-                raise ArtifactError(f"cannot load the artifact's kernel library: {e}") from e
+        register_custom_ops(options, root, target)  # dmpq's kernel library, where the artifact carries one
         try:
             self._sess = ort.InferenceSession(str(root / target["model_file"]), options,
                                               providers=["CPUExecutionProvider"])
