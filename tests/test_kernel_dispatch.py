@@ -258,6 +258,9 @@ def test_the_artifact_carries_the_library_for_the_runtime_check_and_genai(librar
     assert np.abs(session.logits(ids) - ref).max() <= 0.05  # level 4: int8 activations
     findings, _ = check_ort_cpu(out / MODEL_FILE, manifest)
     assert not [f for f in findings if f.severity == "error"], findings
+    from dmpq_compile.commands.inspect import dispatch_line
+
+    assert dispatch_line(out).startswith("expert dispatch: kernel (dmpq's ai.dmpq.MixedMoE op, library kernels/")
     (out / kernels.ARTIFACT_PATH).unlink()
     findings, _ = check_ort_cpu(out / MODEL_FILE, manifest)
     assert any("kernel library" in f.message and f.severity == "error" for f in findings), findings

@@ -148,6 +148,20 @@ def genai_line(path: Path) -> str | None:
             "position; set it with compile --max-length or the app's max_length)")
 
 
+def dispatch_line(path: Path) -> str | None:
+    """One line on how an ort-cpu artifact dispatches its experts (the manifest's ``target.dispatch``), with the
+    custom-op library it carries where it has one; None where the manifest records no dispatch."""
+    f = path / "manifest.json"
+    target = json.loads(f.read_text()).get("target", {}) if f.is_file() else {}
+    if not target.get("dispatch"):
+        return None
+    line = f"expert dispatch: {target['dispatch']}"
+    if target.get("custom_ops_library"):
+        line += (f" (dmpq's ai.dmpq.MixedMoE op, library {target['custom_ops_library']} in the artifact: "
+                 "Linux x86-64 only)")
+    return line
+
+
 def min_routed_tokens(path: Path, given: int | None) -> int:
     """N of the rare-expert count: ``given``, else the compile's (report.json), else the default."""
     from ..rare_counts import DEFAULT_MIN_TOKENS
@@ -195,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
         print(format_nonexpert(nonexpert))
     if storage:
         print(format_storage(storage))
-    for line in (genai_line(path), chat_template_line(path)):
+    for line in (dispatch_line(path), genai_line(path), chat_template_line(path)):
         if line:
             print(line)
     return 0
