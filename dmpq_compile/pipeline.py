@@ -88,8 +88,11 @@ def _precision_active(cfg: Any, backend: Any) -> bool:
 
 
 def _allocate(cfg: Any) -> dict[str, Any]:
+    """Non-expert kinds placed with the experts, and the expert dispatch the emitter will use (``--dispatch``:
+    the layout the allocator's latency term prices; the pass's default is the emitter's, ``fused``)."""
     kinds = cfg.allocate.allocated_kinds
-    return {"nonexpert": kinds} if kinds else {}
+    return {**({"nonexpert": kinds} if kinds else {}),
+            **({"dispatch": cfg.emit.dispatch} if cfg.emit.dispatch is not None else {})}
 
 
 def _group_size(cfg: Any) -> dict[str, Any]:
