@@ -172,3 +172,16 @@ def test_search_and_rl_score_the_same_objective():
     sens = float(t.sens[np.arange(len(p.experts)), info["indices"]].sum())
     assert info["objective"] == pytest.approx(t.value(info["indices"]))
     assert info["cost"] == pytest.approx(t.value(info["indices"]) - sens)
+
+
+def test_the_compile_passes_its_dispatch_to_the_allocate_pass():
+    from dmpq_compile.config import CompileConfig, EmitConfig
+    from dmpq_compile.passes.allocate.base import AllocateOptions, AllocatePass
+    from dmpq_compile.passes.infra.base import PassError
+    from dmpq_compile.pipeline import step
+
+    assert step("allocate").options(CompileConfig(emit=EmitConfig(dispatch="kernel")))["dispatch"] == "kernel"
+    assert "dispatch" not in step("allocate").options(CompileConfig())  # the pass's default: the emitter's, fused
+    assert AllocateOptions().dispatch == "fused"
+    with pytest.raises(PassError, match="dispatch must be one of"):
+        AllocatePass(AllocateOptions(dispatch="qmoe"))

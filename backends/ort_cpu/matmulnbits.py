@@ -497,7 +497,7 @@ def _mixed_part(lw: Lowering, nodes: list[Node], field: str, size: int, dtype: A
             quant, bits = node.ann["quant"], int(node.ann["bits"])
             for role in ("gate", "up", "down"):
                 entry = quant["tensors"][role]
-                n, k = (int(v) for v in entry["shape"])
+                _n, k = (int(v) for v in entry["shape"])
                 if field == "codes":
                     part = panel_codes(unpack_bits(lw.graph.weights[entry["q"]].cpu().numpy(), bits, k), bits)
                 elif field == "zeros":  # one byte a group, as stored
