@@ -175,9 +175,10 @@ def test_search_and_rl_score_the_same_objective():
 
 
 def test_the_compile_passes_its_dispatch_to_the_allocate_pass():
-    from dmpq_compile.config import CompileConfig, EmitConfig
     from dmpq_compile.passes.allocate.base import AllocateOptions, AllocatePass
     from dmpq_compile.passes.infra.base import PassError
+
+    from dmpq_compile.config import CompileConfig, EmitConfig
     from dmpq_compile.pipeline import step
 
     assert step("allocate").options(CompileConfig(emit=EmitConfig(dispatch="kernel")))["dispatch"] == "kernel"

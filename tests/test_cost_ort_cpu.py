@@ -158,7 +158,7 @@ def test_kernel_probe_is_the_lowered_layout(kernel_library):
         n = role_rows
         codes = unpanel_codes(t["codes"][codes_at:codes_at + n * k * bits // 8], bits, n, k).astype(np.float32)
         nb = k // gs
-        unblock = lambda v: v.reshape(n // 16, nb, 16).transpose(0, 2, 1).reshape(n, nb)  # noqa: E731
+        unblock = lambda v: v.reshape(n // 16, nb, 16).transpose(0, 2, 1).reshape(n, nb)
         scales = unblock(t["scales"][blocks_at:blocks_at + n * nb].astype(np.float32))
         zeros = unblock(t["zeros"][blocks_at:blocks_at + n * nb].astype(np.float32))
         return ((codes.reshape(n, nb, gs) - zeros[..., None]) * scales[..., None]).reshape(n, k)
