@@ -34,13 +34,26 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from alloc_common import RESULTS, ROOT, machine
-from bench_group_term import olmoe_problem, sample_problem
+from alloc_common import BASE, RESULTS, ROOT, analysed_graph, calibration, machine
+from bench_group_term import olmoe_problem
 from dmpq_compile.passes.allocate import AllocationProblem, Budget, ObjectiveWeights
 from dmpq_compile.passes.allocate.optimal import solve
 from dmpq_compile.passes.allocate.problem import build_tables, min_feasible_budget
 
 DISPATCHES = {"kernel": "kernel", "fused": "fused", "per-expert": "gather-if"}
+
+
+def sample_problem(model: str, work: Path) -> AllocationProblem:
+    """A bundled sample analysed as a ``--dispatch kernel`` compile analyses it (its cost table has the kernel
+    rows)."""
+    from dmpq_compile.compiler import get_backend
+    from dmpq_compile.passes.allocate.base import AllocateOptions, build_problem
+    from dmpq_compile.passes.infra.base import PassContext
+
+    cfg = BASE.replace(calibration={"sequences": 16}, sensitivity={"sequences": 8}, emit={"dispatch": "kernel"})
+    graph, _ = analysed_graph(model, work / Path(model).name, True, calibration(model, cfg), cfg)
+    opts = AllocateOptions(allocator="optimal", budget_kind="latency", budget=1e12, metric="kl", dispatch="kernel")
+    return build_problem(graph, opts, PassContext(backend=get_backend("ort-cpu"), progress=False))
 
 
 def priced(problem: AllocationProblem, dispatch: str, budget: Budget | None = None,

@@ -206,3 +206,22 @@ def test_without_a_compiler_the_table_has_no_kernel_rows_and_says_so(tmp_path, m
         got = oc.measure_shapes([(128, 64)], (4,), 64, threads=1, cache=False, **TINY)
     assert got[128, 64][4].row().kernel_decode_ms is None and got[128, 64][4].row().fused_decode_ms is not None
     assert "no kernel rows" in caplog.text and "no-such-compiler" in caplog.text
+
+
+def test_the_backend_measures_the_kernel_for_a_kernel_compile_only(kernel_library, tmp_path, monkeypatch):
+    from dmpq_compile.backends.base import BackendError
+    from dmpq_compile.backends.ort_cpu import OrtCpuBackend
+    from dmpq_compile.frontend import load
+    from dmpq_compile.testing import make_tiny_checkpoint
+
+    monkeypatch.setenv("DMPQ_CACHE_DIR", str(tmp_path / "cache"))
+    graph = load(make_tiny_checkpoint("olmoe", tmp_path / "ckpt", intermediate_size=64))
+    opts = {"bits": (4, 16), "threads": 1, **TINY}
+    kernel = OrtCpuBackend().cost_table(graph, dispatch="kernel", **opts)
+    assert all(rows[4].kernel_decode_ms is not None and rows[16].kernel_decode_ms is None for rows in kernel.values())
+    default = OrtCpuBackend().cost_table(graph, **opts)  # the emitter's default, fused: no kernel node to time
+    assert all(rows[4].kernel_decode_ms is None and rows[4].fused_decode_ms is not None for rows in default.values())
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DMPQ_KERNEL_CACHE", str(tmp_path / "kernels"))
+    with pytest.raises(BackendError, match="--dispatch kernel: .*no-such-compiler"):  # now, not at emit
+        OrtCpuBackend().cost_table(graph, dispatch="kernel", **opts)
