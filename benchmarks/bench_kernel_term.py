@@ -46,9 +46,10 @@ DISPATCHES = {"kernel": "kernel", "fused": "fused", "per-expert": "gather-if"}
 def sample_problem(model: str, work: Path) -> AllocationProblem:
     """A bundled sample analysed as a ``--dispatch kernel`` compile analyses it (its cost table has the kernel
     rows)."""
-    from dmpq_compile.compiler import get_backend
     from dmpq_compile.passes.allocate.base import AllocateOptions, build_problem
     from dmpq_compile.passes.infra.base import PassContext
+
+    from dmpq_compile.compiler import get_backend
 
     cfg = BASE.replace(calibration={"sequences": 16}, sensitivity={"sequences": 8}, emit={"dispatch": "kernel"})
     graph, _ = analysed_graph(model, work / Path(model).name, True, calibration(model, cfg), cfg)

@@ -211,6 +211,7 @@ def test_without_a_compiler_the_table_has_no_kernel_rows_and_says_so(tmp_path, m
 def test_the_backend_measures_the_kernel_for_a_kernel_compile_only(kernel_library, tmp_path, monkeypatch):
     from dmpq_compile.backends.base import BackendError
     from dmpq_compile.backends.ort_cpu import OrtCpuBackend
+
     from dmpq_compile.frontend import load
     from dmpq_compile.testing import make_tiny_checkpoint
 
