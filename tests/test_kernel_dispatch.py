@@ -4,7 +4,8 @@
 * the shipped level (4): the same int8 arithmetic as QMoE (next-token distributions of 4/8-bit
   models match the fused dispatch's), and of mixed 2/4/8/16-bit models close to the per-expert
   dispatch's;
-* the CPU's vector path, the portable path and any thread count give the same logits;
+* the CPU's vector paths (AVX-512 VNNI, AVX2), the portable path and any thread count give the same
+  logits, bit for bit; a forced path the CPU lacks is refused at registration;
 * the artifact carries the library; the runtime, ``check`` and onnxruntime-genai load it;
 * bad routing input is refused with the op's message, not computed.
 
@@ -154,37 +155,87 @@ def test_kernel_at_the_shipped_level_is_as_close_to_the_model_as_per_expert_disp
     assert 0 < ours <= 1.5 * theirs, (ours, theirs)
 
 
-def test_the_result_does_not_depend_on_the_cpu_path_or_the_threads(library, wide_dirs, tmp_path):
-    """The AVX-512 VNNI path (where the CPU has it) and the portable path, on onnxruntime's intra-op threads
-    (1 or 2) or the library's own pool (1 or 2 threads), give the same logits, bit for bit: the integer sums
-    are exact, the portable path does the vector path's float operations in its order, and each output
-    element is summed by one job in one order."""
+def _cpu_flags():
+    """This CPU's flags (/proc/cpuinfo)."""
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+# The kernel's paths and the CPU flags (/proc/cpuinfo's names) each needs.
+PATH_FLAGS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c"},
+              "avx2": {"avx2", "fma", "f16c"}, "portable": set()}
+
+
+@pytest.mark.parametrize("level", [4, 0])
+def test_the_result_does_not_depend_on_the_cpu_path_or_the_threads(level, library, wide_dirs, tmp_path):
+    """Every path this CPU has (AVX-512 VNNI, AVX2, portable; each forced by DMPQ_KERNEL_PATH), on onnxruntime's
+    intra-op threads or the library's own pool, with 1 or 2 threads, gives the same logits, bit for bit, at both
+    levels, for 2/4/8-bit experts and token tiles of 1-4: the integer sums are exact, every path does the same
+    float operations per row in the same order, and each output element is summed by one job in one order.
+    Unset, the kernel takes the best path."""
     graph = _graph(wide_dirs("olmoe"), (2, 4, 8))
-    _emit(graph, tmp_path / "k", "kernel", 4)
-    ids = _ids(graph, (2, 20))
+    _emit(graph, tmp_path / "k", "kernel", level)
+    ids = _ids(graph, (2, 21))
     np.save(tmp_path / "ids.npy", ids)
+    lib = tmp_path / "k" / kernels.ARTIFACT_PATH
     script = textwrap.dedent(f"""
-        import numpy as np, onnxruntime as ort, sys
+        import json, numpy as np, onnxruntime as ort, sys
+        from pathlib import Path
         from dmpq_compile.backends.onnx_io import decoder_feed
+        from dmpq_compile.backends.ort_cpu import kernels
         o = ort.SessionOptions(); o.intra_op_num_threads = int(sys.argv[2])
-        o.register_custom_ops_library({str(tmp_path / 'k' / kernels.ARTIFACT_PATH)!r})
+        o.register_custom_ops_library({str(lib)!r})
         s = ort.InferenceSession({str(tmp_path / 'k' / MODEL_FILE)!r}, o, providers=["CPUExecutionProvider"])
         ids = np.load({str(tmp_path / 'ids.npy')!r})
-        np.save(sys.argv[1], s.run(["logits"], decoder_feed(s, ids))[0])
+        one = s.run(["logits"], decoder_feed(s, ids[:1, :1]))[0].ravel()  # a lone token: tiles of 1
+        np.save(sys.argv[1], np.concatenate([s.run(["logits"], decoder_feed(s, ids))[0].ravel(), one]))
+        print(json.dumps(kernels.describe(Path({str(lib)!r}))))
     """)
+    flags = _cpu_flags()
+    paths = [p for p, need in PATH_FLAGS.items() if need <= flags]
+    best = paths[0]
     outs = {}
-    for path in ("native", "portable"):
-        for pool in ("ort", "own"):
-            for threads in ("1", "2"):
-                env = {**os.environ, "DMPQ_KERNEL_THREADS": threads, "DMPQ_KERNEL_POOL": pool}
-                if path == "portable":
-                    env["DMPQ_KERNEL_PATH"] = "portable"
-                out = tmp_path / f"{path}-{pool}-{threads}.npy"
-                subprocess.run([sys.executable, "-c", script, str(out), threads], check=True, env=env, timeout=300)
-                outs[path, pool, threads] = np.load(out)
-    first = outs["native", "ort", "1"]
-    for key, value in outs.items():
-        assert np.array_equal(value, first), key
+    runs = [("", pool, threads) for pool in ("ort", "own") for threads in ("1", "2")]  # the best path
+    runs += [(path, pool, threads) for path in paths for pool, threads in (("ort", "2"), ("own", "1"))]
+    for path, pool, threads in runs:
+        env = {**os.environ, "DMPQ_KERNEL_THREADS": threads, "DMPQ_KERNEL_POOL": pool, "DMPQ_KERNEL_PATH": path}
+        out = tmp_path / f"{path or 'auto'}-{pool}-{threads}.npy"
+        done = subprocess.run([sys.executable, "-c", script, str(out), threads], check=True, env=env, timeout=300,
+                              capture_output=True, text=True)
+        assert json.loads(done.stdout.splitlines()[-1]) == {"path": path or best, "threads": int(threads)}
+        outs[path, pool, threads] = np.load(out)
+    first = outs["", "ort", "1"]
+    assert np.isfinite(first).all()
+    for key, logits in outs.items():
+        assert np.array_equal(logits, first), key
+
+
+def test_a_forced_path_the_cpu_lacks_or_no_path_is_refused_at_registration(library):
+    """DMPQ_KERNEL_PATH naming no path, or a path this CPU lacks (where it lacks one), fails registration
+    with the reason, rather than running another path."""
+    flags = _cpu_flags()
+    cases = [("avx9", "DMPQ_KERNEL_PATH=avx9 names no path of dmpq's kernel")]
+    cases += [(p, f"DMPQ_KERNEL_PATH={p} forces the {p} path, but this CPU lacks")
+              for p, need in PATH_FLAGS.items() if not need <= flags]
+    script = textwrap.dedent(f"""
+        import onnxruntime as ort
+        from pathlib import Path
+        from dmpq_compile.backends.ort_cpu import kernels
+        from dmpq_compile.backends.base import BackendError
+        try:
+            kernels.describe(Path({str(library)!r}))
+        except BackendError as e:
+            print("describe:", e)
+        o = ort.SessionOptions()
+        o.register_custom_ops_library({str(library)!r})
+    """)
+    for path, message in cases:
+        env = {**os.environ, "DMPQ_KERNEL_PATH": path}
+        done = subprocess.run([sys.executable, "-c", script], env=env, timeout=300, capture_output=True, text=True,
+                              check=False)
+        assert done.returncode != 0, path
+        assert f"describe: {message}" in done.stdout, done.stdout
+        assert message in done.stderr, done.stderr
 
 
 def test_the_artifact_carries_the_library_for_the_runtime_check_and_genai(library, wide_dirs, tmp_path):

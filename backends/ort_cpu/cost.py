@@ -352,10 +352,10 @@ def kernel_library(build: bool = True) -> tuple[Path | None, dict[str, Any]]:
         return None, {"error": "not asked for"}
     try:
         library = kernels.build()
+        path = kernels.describe(library)["path"]  # refuses a DMPQ_KERNEL_PATH this CPU lacks
     except BackendError as e:
         return None, {"error": str(e)}
-    return library, {"build": library.parent.name, "path": kernels.describe(library)["path"],
-                     "pool": os.environ.get("DMPQ_KERNEL_POOL", "ort")}
+    return library, {"build": library.parent.name, "path": path, "pool": os.environ.get("DMPQ_KERNEL_POOL", "ort")}
 
 
 def _qmoe_expert_model(h: int, i: int, bits: int, group_size: int, rng: np.random.Generator,

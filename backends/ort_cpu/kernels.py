@@ -11,7 +11,13 @@ manifest's ``target.custom_ops_library``, ``genai_config.json``'s ``session_opti
 It declares only the parts of onnxruntime's C ABI it calls (``csrc/ort_abi.h``: version 1 of the
 API table, which every onnxruntime serves), so it needs no onnxruntime headers to build (checked
 with onnxruntime 1.32 and onnxruntime-genai 0.18 on Linux x86-64). It picks its dot-product path at load: AVX-512
-VNNI where the CPU has it, else portable C++ (the same sums, slower).
+VNNI where the CPU has it, else AVX2 (with FMA and F16C), else portable C++; all three compute the same
+logits, bit for bit (the portable path 75-150 times slower than AVX2,
+``benchmarks/bench_kernel_paths.py``). ``DMPQ_KERNEL_PATH=avx512-vnni|avx2|portable``
+forces one: a path the CPU lacks, or a name that is no path, makes the library's registration fail with
+the reason (the missing CPU features). The op runs on onnxruntime's intra-op threads (onnxruntime 1.17 on); with
+``DMPQ_KERNEL_POOL=own``, on a pool of its own of ``DMPQ_KERNEL_THREADS`` threads (default: the CPUs this
+process may run on). The path is chosen once per process, when first used.
 """
 
 from __future__ import annotations
@@ -101,9 +107,18 @@ def build(cache_dir: Path | None = None) -> Path:
 
 
 def describe(library: Path) -> dict[str, Any]:
-    """What the library does on this CPU: its dot-product path and the threads its pool starts."""
+    """What the library does on this CPU: its dot-product path (``avx512-vnni``, ``avx2`` or ``portable``)
+    and the threads its pool starts.
+
+    Raises:
+        BackendError: ``DMPQ_KERNEL_PATH`` forces a path this CPU lacks, or names none (the library's reason).
+    """
     lib = ctypes.CDLL(str(library))
     lib.dmpq_kernel_path.restype = ctypes.c_char_p
+    lib.dmpq_kernel_path_error.restype = ctypes.c_char_p
+    error = lib.dmpq_kernel_path_error().decode()
+    if error:
+        raise BackendError(error)
     return {"path": lib.dmpq_kernel_path().decode(), "threads": int(lib.dmpq_kernel_threads())}
 
 

@@ -21,10 +21,14 @@
 // as dmpq stores it, with the scales and zero points of a panel's block side by side.
 //
 // accuracy_level 4 quantizes each activation block symmetrically to int8 (scale max|x| / 127) and
-// takes integer dot products (AVX-512 VNNI where the CPU has it): the block's sum is
-// s_w * s_x * (sum code * q - zero * sum q). accuracy_level 0 keeps fp32 activations:
-// s_w * sum (code - zero) * x. A portable C++ path does the same float operations in the same order
-// when the CPU lacks AVX-512 (bit-identical results, slower).
+// takes integer dot products: the block's sum is s_w * s_x * (sum code * q - zero * sum q).
+// accuracy_level 0 keeps fp32 activations: s_w * sum (code - zero) * x.
+//
+// Paths, chosen at load: AVX-512 VNNI where the CPU has it, else AVX2 + FMA + F16C, else portable C++.
+// They compute the same integer sums exactly and the same float operations per row in the same order, so
+// their results are identical bit for bit (the portable path is far slower). DMPQ_KERNEL_PATH=avx512-vnni,
+// avx2 or portable forces one; a path the CPU lacks, or a name that is none, fails registration with the
+// missing CPU features. dmpq_kernel_path() reports the path.
 //
 // Threads: onnxruntime's intra-op threads (KernelContext_ParallelFor, onnxruntime 1.17 on), else, or
 // with DMPQ_KERNEL_POOL=own, a pool of its own (DMPQ_KERNEL_THREADS, else the CPUs this process may run
@@ -400,21 +404,227 @@ void Dot512(const Panel& p, int bits, int K, int bs, const Act* const* acts, int
   }
 }
 
-bool HasAvx512Vnni() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+// AVX2 + FMA + F16C: the same panels as two 256-bit halves (rows 0-7: bytes 0-31 of a unit, rows 8-15:
+// bytes 32-63), the same integer sums and the same float operations in the same order per row, so its
+// results are the AVX-512 path's bit for bit. Without VNNI an int8 step is _mm256_maddubs_epi16 (u8 codes
+// x s8 activations -> s16 sums of 2 products, |sum| <= 2 * 15 * 127 = 3810 for codes < 16, so it never
+// saturates), added up in 16 bits for 32 columns (at most 8 steps: |sum| <= 30480 < 32768, exact), then
+// _mm256_madd_epi16 with ones -> int32. 8-bit codes (2 * 255 * 127 would saturate) go as two nibbles:
+// code * q = lo * q + 16 * hi * q, each nibble's sums as above.
+
+#define DMPQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+DMPQ_AVX2 inline __m256i Broadcast4x8(const int8_t* q) {
+  int32_t v;
+  std::memcpy(&v, q, 4);
+  return _mm256_set1_epi32(v);
 }
 
-const char* PathName() {
-  const char* force = std::getenv("DMPQ_KERNEL_PATH");
-  if (force && std::string(force) == "portable") return "portable";
-  return HasAvx512Vnni() ? "avx512-vnni" : "portable";
+// Plane m of a half unit (2 and 4 bits): the codes at columns k + 4m .. k + 4m + 3 of 8 rows, one byte each.
+template <int BITS>
+DMPQ_AVX2 inline __m256i Plane256(__m256i v, int m) {
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  return _mm256_and_si256(_mm256_srli_epi16(v, m * BITS), mask);
+}
+
+DMPQ_AVX2 inline __m256 HalfScales(const Panel& p, int b, int h) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales + b * kPanel + 8 * h)));
+}
+
+DMPQ_AVX2 inline __m256 HalfZeros(const Panel& p, int b, int h) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.zeros + b * kPanel + 8 * h))));
+}
+
+// Level 4, rows 8 h .. 8 h + 7 for h in [h0, h0 + HALVES).
+template <int BITS, int NT, int HALVES>
+DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, int h0, float* out) {
+  constexpr int unit = 32 / BITS, planes = 8 / BITS, chunk = 32;  // chunk: columns summed in 16 bits
+  const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0f);
+  const uint8_t* c = p.codes + 32 * h0;
+  __m256 facc[HALVES][NT];
+  for (int h = 0; h < HALVES; ++h)
+    for (int t = 0; t < NT; ++t) facc[h][t] = _mm256_setzero_ps();
+  for (int b = 0; b < K / bs; ++b) {
+    __m256i iacc[HALVES][NT];
+    for (int h = 0; h < HALVES; ++h)
+      for (int t = 0; t < NT; ++t) iacc[h][t] = _mm256_setzero_si256();
+    for (int k0 = b * bs; k0 < (b + 1) * bs; k0 += chunk) {
+      __m256i lo[HALVES][NT], hi[HALVES][NT];  // hi: 8 bits only
+      for (int h = 0; h < HALVES; ++h)
+        for (int t = 0; t < NT; ++t) lo[h][t] = hi[h][t] = _mm256_setzero_si256();
+      for (int k = k0; k < k0 + chunk; k += unit, c += 64) {
+        __m256i v[HALVES];
+        for (int h = 0; h < HALVES; ++h) v[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
+        for (int m = 0; m < planes; ++m) {
+          __m256i w[HALVES], wh[HALVES];
+          for (int h = 0; h < HALVES; ++h) {
+            if (BITS == 8) {
+              w[h] = _mm256_and_si256(v[h], nibble);
+              wh[h] = _mm256_and_si256(_mm256_srli_epi16(v[h], 4), nibble);
+            } else {
+              w[h] = Plane256<BITS == 8 ? 4 : BITS>(v[h], m);
+            }
+          }
+          for (int t = 0; t < NT; ++t) {
+            const __m256i a = Broadcast4x8(acts[t]->q + k + 4 * m);
+            for (int h = 0; h < HALVES; ++h) {
+              lo[h][t] = _mm256_add_epi16(lo[h][t], _mm256_maddubs_epi16(w[h], a));
+              if (BITS == 8) hi[h][t] = _mm256_add_epi16(hi[h][t], _mm256_maddubs_epi16(wh[h], a));
+            }
+          }
+        }
+      }
+      for (int h = 0; h < HALVES; ++h)
+        for (int t = 0; t < NT; ++t) {
+          iacc[h][t] = _mm256_add_epi32(iacc[h][t], _mm256_madd_epi16(lo[h][t], ones));
+          if (BITS == 8) iacc[h][t] = _mm256_add_epi32(iacc[h][t], _mm256_slli_epi32(_mm256_madd_epi16(hi[h][t], ones), 4));
+        }
+    }
+    for (int h = 0; h < HALVES; ++h) {
+      const __m256 sw = HalfScales(p, b, h0 + h), swz = _mm256_mul_ps(sw, HalfZeros(p, b, h0 + h));
+      for (int t = 0; t < NT; ++t) {
+        facc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[h][t]), _mm256_mul_ps(sw, _mm256_set1_ps(acts[t]->sa[b])),
+                                     facc[h][t]);
+        facc[h][t] = _mm256_fnmadd_ps(swz, _mm256_set1_ps(acts[t]->sq[b]), facc[h][t]);
+      }
+    }
+  }
+  for (int h = 0; h < HALVES; ++h)
+    for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + t * kPanel + 8 * (h0 + h), facc[h][t]);
+}
+
+// Level 0, rows 8 h .. 8 h + 7 for h in [h0, h0 + HALVES).
+template <int BITS, int NT, int HALVES>
+DMPQ_AVX2 void DotF256(const Panel& p, int K, int bs, const Act* const* acts, int h0, float* out) {
+  constexpr int unit = 32 / BITS, planes = 8 / BITS;
+  const uint8_t* c = p.codes + 32 * h0;
+  const __m256i byte = _mm256_set1_epi32(0xff);
+  __m256 facc[HALVES][NT];
+  for (int h = 0; h < HALVES; ++h)
+    for (int t = 0; t < NT; ++t) facc[h][t] = _mm256_setzero_ps();
+  for (int b = 0; b < K / bs; ++b) {
+    __m256 zw[HALVES], bacc[HALVES][NT];
+    for (int h = 0; h < HALVES; ++h) {
+      zw[h] = HalfZeros(p, b, h0 + h);
+      for (int t = 0; t < NT; ++t) bacc[h][t] = _mm256_setzero_ps();
+    }
+    for (int k = b * bs; k < (b + 1) * bs; k += unit, c += 64) {
+      __m256i v[HALVES];
+      for (int h = 0; h < HALVES; ++h) v[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
+      for (int m = 0; m < planes; ++m) {
+        __m256i w[HALVES];
+        for (int h = 0; h < HALVES; ++h) w[h] = BITS == 8 ? v[h] : Plane256<BITS == 8 ? 4 : BITS>(v[h], m);
+        for (int j = 0; j < 4; ++j) {  // column k + 4m + j of the rows
+          __m256 wf[HALVES];
+          for (int h = 0; h < HALVES; ++h)
+            wf[h] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w[h], 8 * j), byte)), zw[h]);
+          for (int t = 0; t < NT; ++t) {
+            const __m256 x = _mm256_set1_ps(acts[t]->xf[k + 4 * m + j]);
+            for (int h = 0; h < HALVES; ++h) bacc[h][t] = _mm256_fmadd_ps(wf[h], x, bacc[h][t]);
+          }
+        }
+      }
+    }
+    for (int h = 0; h < HALVES; ++h) {
+      const __m256 sw = HalfScales(p, b, h0 + h);
+      for (int t = 0; t < NT; ++t) facc[h][t] = _mm256_fmadd_ps(bacc[h][t], sw, facc[h][t]);
+    }
+  }
+  for (int h = 0; h < HALVES; ++h)
+    for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + t * kPanel + 8 * (h0 + h), facc[h][t]);
+}
+
+// One token: both halves at once (two independent chains); more tokens: one half at a time (registers).
+template <int BITS, int NT>
+DMPQ_AVX2 void Dot256Tile(const Panel& p, int K, int bs, const Act* const* acts, float* out) {
+  const bool q = acts[0]->q != nullptr;
+  if (NT == 1) {
+    q ? DotQ256<BITS, NT, 2>(p, K, bs, acts, 0, out) : DotF256<BITS, NT, 2>(p, K, bs, acts, 0, out);
+    return;
+  }
+  for (int h = 0; h < 2; ++h)
+    q ? DotQ256<BITS, NT, 1>(p, K, bs, acts, h, out) : DotF256<BITS, NT, 1>(p, K, bs, acts, h, out);
+}
+
+template <int BITS>
+DMPQ_AVX2 void Dot256Bits(const Panel& p, int K, int bs, const Act* const* acts, int nt, float* out) {
+  switch (nt) {
+    case 1: Dot256Tile<BITS, 1>(p, K, bs, acts, out); break;
+    case 2: Dot256Tile<BITS, 2>(p, K, bs, acts, out); break;
+    case 3: Dot256Tile<BITS, 3>(p, K, bs, acts, out); break;
+    default: Dot256Tile<BITS, 4>(p, K, bs, acts, out); break;
+  }
+}
+
+void Dot256(const Panel& p, int bits, int K, int bs, const Act* const* acts, int nt, float* out) {
+  switch (bits) {
+    case 2: Dot256Bits<2>(p, K, bs, acts, nt, out); break;
+    case 4: Dot256Bits<4>(p, K, bs, acts, nt, out); break;
+    default: Dot256Bits<8>(p, K, bs, acts, nt, out); break;
+  }
+}
+
+// The path: DMPQ_KERNEL_PATH (avx512-vnni, avx2 or portable) if set, else the best this CPU has. Read once,
+// when first asked; a forced path the CPU lacks, or a name that is no path, makes registration fail with
+// the reason (RegisterCustomOps), rather than run something else than asked.
+struct PathChoice {
+  const char* name;   // "avx512-vnni", "avx2", "portable"; "" when `error` is set
+  std::string error;  // why the forced path cannot run here
+};
+
+// The CPU features (GCC's names) a path needs that this CPU (and OS) lacks, comma-separated.
+std::string Lacking(const std::string& path) {
+  __builtin_cpu_init();
+  std::string out;
+  auto need = [&out](bool has, const char* name) {
+    if (!has) out += (out.empty() ? "" : ", ") + std::string(name);
+  };
+  if (path == "avx512-vnni") {
+    need(__builtin_cpu_supports("avx512f"), "avx512f");
+    need(__builtin_cpu_supports("avx512bw"), "avx512bw");
+    need(__builtin_cpu_supports("avx512vl"), "avx512vl");
+    need(__builtin_cpu_supports("avx512dq"), "avx512dq");
+    need(__builtin_cpu_supports("avx512vnni"), "avx512vnni");
+  }
+  if (path == "avx2") need(__builtin_cpu_supports("avx2"), "avx2");
+  if (path == "avx512-vnni" || path == "avx2") {
+    need(__builtin_cpu_supports("fma"), "fma");
+    need(__builtin_cpu_supports("f16c"), "f16c");
+  }
+  return out;  // portable: nothing
+}
+
+const PathChoice& Path() {
+  static const PathChoice choice = []() -> PathChoice {
+    const char* env = std::getenv("DMPQ_KERNEL_PATH");
+    const std::string want = env ? env : "";
+    if (want.empty()) {
+      if (Lacking("avx512-vnni").empty()) return {"avx512-vnni", ""};
+      if (Lacking("avx2").empty()) return {"avx2", ""};
+      return {"portable", ""};
+    }
+    for (const char* name : {"avx512-vnni", "avx2", "portable"}) {
+      if (want != name) continue;
+      const std::string lacking = Lacking(want);
+      if (lacking.empty()) return {name, ""};
+      return {"", "DMPQ_KERNEL_PATH=" + want + " forces the " + want + " path, but this CPU lacks " + lacking +
+                      "; unset DMPQ_KERNEL_PATH (the kernel then takes the best path this CPU has) or set it to a "
+                      "path the CPU has (portable runs anywhere)"};
+    }
+    return {"", "DMPQ_KERNEL_PATH=" + want + " names no path of dmpq's kernel: set avx512-vnni, avx2 or portable, "
+                    "or unset it (the best path this CPU has)"};
+  }();
+  return choice;
 }
 
 DotFn ChosenDot() {
-  static const DotFn fn = std::string(PathName()) == "avx512-vnni" ? Dot512 : DotRef;
+  static const DotFn fn = [] {
+    const std::string name = Path().name;
+    if (name == "avx512-vnni") return Dot512;
+    if (name == "avx2") return Dot256;
+    if (name == "portable") return DotRef;
+    throw std::runtime_error("dmpq MixedMoE: " + Path().error);  // registration refuses this first
+  }();
   return fn;
 }
 
@@ -716,6 +926,7 @@ __attribute__((visibility("default"))) dmpq_ort::OrtStatus* RegisterCustomOps(dm
   if (!table) return nullptr;  // cannot happen: every onnxruntime serves version 1
   Api api(table);
   if (!SelfCheck(api)) return api.CreateStatus(1, "dmpq kernels: onnxruntime's C API table is not the one expected");
+  if (!Path().error.empty()) return api.CreateStatus(1, ("dmpq kernels: " + Path().error).c_str());
   g_ort_pool.store(UseOrtPool(base->GetVersionString()));
   dmpq_ort::OrtCustomOpDomain* domain = nullptr;
   if (dmpq_ort::OrtStatus* st = api.CreateCustomOpDomain("ai.dmpq", &domain)) return st;
@@ -724,7 +935,9 @@ __attribute__((visibility("default"))) dmpq_ort::OrtStatus* RegisterCustomOps(dm
 }
 
 // For Python (ctypes): which dot-product path this CPU gets, and the pool's thread count.
-__attribute__((visibility("default"))) const char* dmpq_kernel_path() { return PathName(); }
+// The path is "" when DMPQ_KERNEL_PATH forces one this CPU lacks or names none; dmpq_kernel_path_error says why.
+__attribute__((visibility("default"))) const char* dmpq_kernel_path() { return Path().name; }
+__attribute__((visibility("default"))) const char* dmpq_kernel_path_error() { return Path().error.c_str(); }
 __attribute__((visibility("default"))) int dmpq_kernel_threads() { return DefaultThreads(); }
 __attribute__((visibility("default"))) int dmpq_kernel_uses_ort_pool() { return g_ort_pool.load() ? 1 : 0; }
 
