@@ -26,6 +26,10 @@ class ExpertCostRow:
     routed cost inside the op) and ``group_*`` (the op's per-token fixed part, paid once per layer
     and bit-width that runs fused); ``fused_decode_ms`` is None where the width cannot fuse.
     :func:`dmpq_compile.passes.allocate.fusion.fused_subset` turns these into the layer's layout.
+    A target with one MoE node per layer for all widths (ort-cpu's ``--dispatch kernel``) gives
+    ``kernel_*`` (the expert's routed cost inside that node; None where the expert cannot join it or
+    the node was not measured) and ``kernel_fixed_*`` (the node's per-token fixed part, paid once per
+    layer whatever widths it holds); :func:`dmpq_compile.passes.allocate.fusion.kernel_tables` prices it.
     """
 
     decode_ms: float  # one token (M=1) through the expert's three projections
@@ -38,6 +42,10 @@ class ExpertCostRow:
     fused_prefill_ms: float | None = None
     group_decode_ms: float = 0.0
     group_prefill_ms: float = 0.0
+    kernel_decode_ms: float | None = None
+    kernel_prefill_ms: float | None = None
+    kernel_fixed_decode_ms: float = 0.0
+    kernel_fixed_prefill_ms: float = 0.0
 
 
 class Backend:

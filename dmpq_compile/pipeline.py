@@ -87,9 +87,16 @@ def _precision_active(cfg: Any, backend: Any) -> bool:
     return PrecisionOptions(cfg.allocate.nonexpert_bits, dict(cfg.allocate.nonexpert_kinds)).active
 
 
+def _dispatch(cfg: Any) -> dict[str, Any]:
+    """The expert dispatch the emitter will use (``--dispatch``), where one was given: the layout the cost
+    table measures and the allocator's latency term prices (both default to the emitter's, ``fused``)."""
+    return {"dispatch": cfg.emit.dispatch} if cfg.emit.dispatch is not None else {}
+
+
 def _allocate(cfg: Any) -> dict[str, Any]:
+    """Non-expert kinds placed with the experts, and the dispatch (:func:`_dispatch`)."""
     kinds = cfg.allocate.allocated_kinds
-    return {"nonexpert": kinds} if kinds else {}
+    return {**({"nonexpert": kinds} if kinds else {}), **_dispatch(cfg)}
 
 
 def _group_size(cfg: Any) -> dict[str, Any]:
@@ -100,7 +107,7 @@ PIPELINE: tuple[Step, ...] = (
     Step("profile", "analysis", section="calibration", renames={"dtype": "compute_dtype"}),
     Step("sensitivity", "analysis", _needs_sensitivity, "sensitivity",
          {"sequences": "max_sequences", "flip_probe": "flips", "min_routed_tokens": "min_tokens"}, _sensitivity),
-    Step("cost", "analysis", lambda cfg, backend: backend is not None),
+    Step("cost", "analysis", lambda cfg, backend: backend is not None, derived=_dispatch),
     Step("precision", "allocation", _precision_active, "allocate", {"nonexpert_kinds": "kinds"}),
     Step("allocate", "allocation", section="allocate", derived=_allocate),
     Step("qat", "allocation", lambda cfg, backend: cfg.qat.runs, "qat", derived=_group_size),

@@ -11,7 +11,9 @@ from .infra.base import Pass, PassContext, PassError, PassResult
 
 @dataclass(frozen=True)
 class CostOptions:
-    pass
+    # the expert dispatch the compile emits (--dispatch), for targets whose table depends on it (ort-cpu
+    # measures --dispatch kernel's node only for a kernel compile); None: the target's default
+    dispatch: str | None = None
 
 
 class CostPass(Pass):
@@ -23,7 +25,8 @@ class CostPass(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if ctx.backend is None:
             raise PassError("pass 'cost' needs a target backend (--target)")
-        table = ctx.backend.cost_table(graph, progress=ctx.progress)
+        extra = {"dispatch": self.options.dispatch} if self.options.dispatch is not None else {}
+        table = ctx.backend.cost_table(graph, progress=ctx.progress, **extra)
         for node in graph.experts():
             if node.id not in table:
                 raise PassError(f"backend {ctx.backend.name!r} gave no cost for expert {node.id!r}")

@@ -113,3 +113,116 @@ def test_measurement_is_sane_on_a_larger_shape():
     assert row.group_decode_ms == float(np.median(m4.group_decode)) < row.decode_ms
     assert m16.row().fused_decode_ms is None and m16.row().group_decode_ms == 0.0
     assert oc.ExpertMeasurement.from_dict(m4.to_dict()) == m4
+
+
+@pytest.fixture(scope="module")
+def kernel_library():
+    from dmpq_compile.backends.base import BackendError
+    from dmpq_compile.backends.ort_cpu import kernels
+
+    try:
+        return kernels.build()
+    except BackendError as e:
+        pytest.skip(f"dmpq's kernel library cannot be built here: {e}")
+
+
+def test_kernel_rows_are_measured_where_the_library_builds(kernel_library, tmp_path):
+    """2/4/8-bit experts whose widths are whole groups of 64 get the kernel layout's rows (routed cost inside
+    a MixedMoE and the node's fixed part); 16 bits and widths the kernel does not take get None."""
+    got = oc.measure_shapes([(128, 64), (64, 32)], (2, 4, 8, 16), 64, threads=1, cache=False, **TINY)
+    for b in (2, 4, 8):
+        row, m = got[128, 64][b].row(), got[128, 64][b]
+        assert row.kernel_decode_ms is not None and row.kernel_prefill_ms is not None
+        assert all(x > 0 for name in oc.KERNEL_FIELDS for x in getattr(m, name))
+        assert row.kernel_fixed_decode_ms == float(np.median(m.kernel_fixed_decode)) > 0
+        assert row.kernel_decode_ms == max(0.0, float(np.median(m.kernel_decode)) - row.kernel_fixed_decode_ms)
+        assert got[64, 32][b].row().kernel_decode_ms is None  # 32 is not a whole group of 64
+    assert got[128, 64][16].row().kernel_decode_ms is None and got[128, 64][16].row().kernel_fixed_decode_ms == 0.0
+    assert not oc.kernel_joins(128, 64, 4, 64, "float32")  # the kernel reads float16 scales only
+
+
+def test_kernel_probe_is_the_lowered_layout(kernel_library):
+    """The probe's MixedMoE computes what its expert's dequantized weights give (so its tensors are laid out as
+    the lowering lays them out), and rows routed to the expert it does not hold give 0."""
+    import onnxruntime as ort
+    from dmpq_compile.backends.ort_cpu.matmulnbits import unpanel_codes
+    from onnx import numpy_helper as nh
+
+    h, i, bits, gs = 128, 64, 4, 64
+    model = oc.build_kernel_model(h, i, bits, gs)
+    t = {x.name: nh.to_array(x) for x in model.graph.initializer}
+    meta = t["meta"]
+    assert meta[1].tolist() == [0] * 8 and meta[0][0] == bits
+
+    def weight(role_rows, k, codes_at, blocks_at):
+        n = role_rows
+        codes = unpanel_codes(t["codes"][codes_at:codes_at + n * k * bits // 8], bits, n, k).astype(np.float32)
+        nb = k // gs
+        unblock = lambda v: v.reshape(n // 16, nb, 16).transpose(0, 2, 1).reshape(n, nb)
+        scales = unblock(t["scales"][blocks_at:blocks_at + n * nb].astype(np.float32))
+        zeros = unblock(t["zeros"][blocks_at:blocks_at + n * nb].astype(np.float32))
+        return ((codes.reshape(n, nb, gs) - zeros[..., None]) * scales[..., None]).reshape(n, k)
+
+    _, gu_c, dn_c, gu_s, dn_s, gu_z, dn_z, _ = meta[0]
+    assert gu_s == gu_z and dn_s == dn_z
+    gate_up = weight(2 * i, h, gu_c, gu_s)
+    down = weight(h, i, dn_c, dn_s)
+    x = np.random.default_rng(0).standard_normal((3, h), dtype=np.float32)
+    g, u = x @ gate_up[:i].T, x @ gate_up[i:].T
+    ref = ((g / (1 + np.exp(-g))) * u) @ down.T
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(kernel_library))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {"x": x, "top_i": np.zeros((3, 1), np.int64), "top_w": np.ones((3, 1), np.float32)}
+    out = sess.run(None, feed)[0]
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()  # level 4: int8 activations
+    assert not sess.run(None, {**feed, "top_i": np.ones((3, 1), np.int64)})[0].any()
+
+
+def test_a_table_without_kernel_rows_is_not_served_as_having_them(kernel_library, tmp_path, monkeypatch):
+    monkeypatch.setenv("DMPQ_CACHE_DIR", str(tmp_path))
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(oc, "_clock", lambda: next(ticks) * 1e-3)
+    plain = oc.measure_shapes([(128, 64)], (4,), 64, threads=1, kernel=False, **TINY)
+    assert not plain[128, 64][4].kernel_decode and plain[128, 64][4].row().kernel_decode_ms is None
+    with_kernel = oc.measure_shapes([(128, 64)], (4,), 64, threads=1, **TINY)  # measures the kernel only
+    assert with_kernel[128, 64][4].kernel_decode and with_kernel[128, 64][4].decode_cold == plain[128, 64][4].decode_cold
+
+    def no_timing():
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(oc, "_clock", no_timing)
+    assert oc.measure_shapes([(128, 64)], (4,), 64, threads=1, **TINY) == with_kernel  # all cached
+    build, ident = oc.kernel_library()
+    monkeypatch.setattr(oc, "kernel_library", lambda: (build, {**ident, "build": "another build"}))
+    with pytest.raises(AssertionError, match="measured again"):  # another library: its own measurement
+        oc.measure_shapes([(128, 64)], (4,), 64, threads=1, **TINY)
+
+
+def test_without_a_compiler_the_table_has_no_kernel_rows_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DMPQ_KERNEL_CACHE", str(tmp_path / "kernels"))
+    with caplog.at_level("WARNING"):
+        got = oc.measure_shapes([(128, 64)], (4,), 64, threads=1, cache=False, **TINY)
+    assert got[128, 64][4].row().kernel_decode_ms is None and got[128, 64][4].row().fused_decode_ms is not None
+    assert "no kernel rows" in caplog.text and "no-such-compiler" in caplog.text
+
+
+def test_the_backend_measures_the_kernel_for_a_kernel_compile_only(kernel_library, tmp_path, monkeypatch):
+    from dmpq_compile.backends.base import BackendError
+    from dmpq_compile.backends.ort_cpu import OrtCpuBackend
+
+    from dmpq_compile.frontend import load
+    from dmpq_compile.testing import make_tiny_checkpoint
+
+    monkeypatch.setenv("DMPQ_CACHE_DIR", str(tmp_path / "cache"))
+    graph = load(make_tiny_checkpoint("olmoe", tmp_path / "ckpt", intermediate_size=64))
+    opts = {"bits": (4, 16), "threads": 1, **TINY}
+    kernel = OrtCpuBackend().cost_table(graph, dispatch="kernel", **opts)
+    assert all(rows[4].kernel_decode_ms is not None and rows[16].kernel_decode_ms is None for rows in kernel.values())
+    default = OrtCpuBackend().cost_table(graph, **opts)  # the emitter's default, fused: no kernel node to time
+    assert all(rows[4].kernel_decode_ms is None and rows[4].fused_decode_ms is not None for rows in default.values())
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DMPQ_KERNEL_CACHE", str(tmp_path / "kernels"))
+    with pytest.raises(BackendError, match="--dispatch kernel: .*no-such-compiler"):  # now, not at emit
+        OrtCpuBackend().cost_table(graph, dispatch="kernel", **opts)

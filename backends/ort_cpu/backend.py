@@ -65,12 +65,27 @@ class OrtCpuBackend(Backend):
         if self.scale_dtype not in VALID_SCALE_DTYPES:
             raise BackendError(f"ort-cpu scale_dtype must be one of {VALID_SCALE_DTYPES}, got {scale_dtype!r}")
 
-    def cost_table(self, graph: Graph, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
-        """Measured MatMulNBits/MatMul costs per expert and bits (see :mod:`.cost`; cached on disk)."""
-        from .cost import DEFAULT_GROUP_SIZE, ort_cpu_cost_table
+    def cost_table(self, graph: Graph, dispatch: str | None = None, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
+        """Measured MatMulNBits/MatMul costs per expert and bits (see :mod:`.cost`; cached on disk).
 
+        ``dispatch``: the one the artifact will be emitted with (default :data:`DEFAULT_DISPATCH`). The
+        ``kernel`` dispatch's node is measured only for ``kernel`` (``kernel`` in ``options`` overrides),
+        and there a library that cannot be built is an error now, not at emit (where some expert's shape
+        joins the node)."""
+        from .cost import DEFAULT_GROUP_SIZE, expert_shapes, kernel_joins, kernel_library, ort_cpu_cost_table
+
+        dispatch = DEFAULT_DISPATCH if dispatch is None else dispatch
+        if dispatch not in DISPATCHES:
+            raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         options.setdefault("group_size", int(graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
         options.setdefault("scale_dtype", self.scale_dtype)
+        options.setdefault("kernel", dispatch == "kernel")
+        if dispatch == "kernel" and options["kernel"] and any(
+                kernel_joins(h, i, b, options["group_size"], options["scale_dtype"])
+                for h, i in set(expert_shapes(graph).values()) for b in options.get("bits", self.supported_bits)):
+            library, info = kernel_library()
+            if library is None:
+                raise BackendError(f"--dispatch kernel: {info['error']}")
         return ort_cpu_cost_table(graph, **options)
 
     def supported_bits_for(self, kind: str) -> tuple[int, ...]:

@@ -14,7 +14,14 @@ and in the allocator's latency term alike):
   every token that does not pick the expert);
 * **fused** (4- and 8-bit experts whose widths are whole blocks): one ``com.microsoft.QMoE`` of this
   one expert, timed with the rows routed and with none (its fixed part, ``group_*``: the per-node
-  cost a layer pays once per width it runs fused); ``fused_*`` is the difference.
+  cost a layer pays once per width it runs fused); ``fused_*`` is the difference;
+* **kernel** (``--dispatch kernel``: 2/4/8-bit experts whose widths are whole groups of 64, float16
+  scales): one ``ai.dmpq.MixedMoE`` (dmpq's custom op, :mod:`.kernels`) holding this one expert,
+  built with the lowering's own layout helpers (:func:`.matmulnbits.mixed_moe_meta`,
+  :func:`.matmulnbits.panel_codes`, :func:`.matmulnbits.panel_blocks`), timed with the rows routed to
+  it and routed to an expert the node does not hold (its fixed part, ``kernel_fixed_*``: paid once per
+  layer whatever widths the node holds); ``kernel_*`` is the difference. Measured only where the
+  library builds (a C++ compiler, Linux x86-64); elsewhere these rows are None and the log says why.
 
 The models run in an ``onnxruntime.InferenceSession`` with a configurable number of intra-op
 threads.
@@ -26,7 +33,9 @@ runs); the runs with no row routed read no weights and are timed warm. The table
 and ``prefill_ms`` (and ``fused_*``) are cold medians: in a real MoE model an expert's weights are
 rarely still cached when the router picks it again. Results are cached on disk per CPU
 model, thread count, onnxruntime version, group size, shape and bits (see
-:class:`dmpq_compile.backends.cost.CostCache`).
+:class:`dmpq_compile.backends.cost.CostCache`); the kernel's in entries of their own, keyed as well by
+the library's build (a hash of its sources, flags and compiler) and the dot-product path it picks here,
+so a table measured without the library (or with another build) is never served as having kernel rows.
 
 Entry points: :func:`ort_cpu_cost_table` (the backend's ``cost_table``), :func:`measure_shapes`
 (the ``cost`` command) and :func:`measure_expert_cost` (one measurement, no cache).
@@ -86,6 +95,11 @@ DEFAULT_REPEATS = 5
 FUSED_BITS: tuple[int, ...] = (4, 8)
 """Widths the default (``fused``) dispatch can run as one ``com.microsoft.QMoE`` per layer and width
 (``MatMulNBitsProjection.fusable`` at ``accuracy_level`` 4); their experts are timed in both layouts."""
+KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
+"""Widths ``--dispatch kernel`` runs in its one ``ai.dmpq.MixedMoE`` per layer (``kernel_fusable``)."""
+KERNEL_BENCH_VERSION = 1
+"""Bumped when the kernel benchmark changes (the library's own changes are in its build hash)."""
+KERNEL_FIELDS = ("kernel_decode", "kernel_prefill", "kernel_fixed_decode", "kernel_fixed_prefill")
 BENCH_VERSION = 6  # 3: gate and up in one MatMulNBits; 4: float16 scales; 5: 4/8-bit experts as QMoE;
 # 6: per-expert dispatch (If, gather, scatter) routed and idle, QMoE routed and fixed
 """Bumped when the benchmark changes in a way that invalidates cached results."""
@@ -281,6 +295,69 @@ def fuses(h: int, i: int, bits: int, group_size: int) -> bool:
     return bits in FUSED_BITS and not (h % group_size or i % group_size)
 
 
+def kernel_joins(h: int, i: int, bits: int, group_size: int, scale_dtype: str = SCALE_DTYPE) -> bool:
+    """Whether the kernel dispatch runs this expert shape at ``bits`` inside its ``MixedMoE`` node
+    (``MatMulNBitsProjection.kernel_fusable``: 2/4/8 bits, float16 scales, a group size that is a multiple
+    of 64 dividing both widths)."""
+    return bits in KERNEL_BITS and scale_dtype == "float16" and not group_size % 64 \
+        and not (h % group_size or i % group_size)
+
+
+def build_kernel_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0) -> Any:
+    """One expert as the kernel dispatch emits it: an ``ai.dmpq.MixedMoE`` whose table holds expert 0 at
+    ``bits`` and an expert 1 it does not hold (bits 0), with random codes, float16 scales and zero points in
+    the lowering's panel layout. Inputs ``x [M, H]``, ``top_i [M, 1]`` (int64) and ``top_w [M, 1]``: rows
+    routed to expert 0 time the node with the expert, rows routed to expert 1 its fixed part."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .kernels import DOMAIN
+    from .matmulnbits import mixed_moe_meta, panel_blocks, panel_codes
+
+    if not kernel_joins(h, i, bits, group_size):
+        raise CostError(f"MixedMoE does not run {h}x{i} experts at {bits} bits with group size {group_size}")
+    rng = np.random.default_rng(seed)
+    meta, sizes = mixed_moe_meta({0: bits}, 2, h, i, group_size)
+    parts: dict[str, list[np.ndarray]] = {"codes": [], "scales": [], "zeros": []}
+    for n, k in ((i, h), (i, h), (h, i)):  # gate, up, down: as _mixed_part writes them
+        parts["codes"].append(panel_codes(rng.integers(0, 2 ** bits, (n, k), dtype=np.uint8), bits))
+        parts["scales"].append(panel_blocks((rng.standard_normal((n, k // group_size), np.float32) * 0.01)
+                                            .astype(np.float16)))
+        parts["zeros"].append(panel_blocks(rng.integers(0, 2 ** bits, (n, k // group_size), dtype=np.uint8)))
+    inits = [numpy_helper.from_array(np.concatenate(parts[name]), name) for name in ("codes", "scales", "zeros")]
+    if [int(t.dims[0]) for t in inits] != sizes:
+        raise CostError(f"internal error: MixedMoE probe tensors {[t.dims for t in inits]} do not match its table {sizes}")
+    inits.append(numpy_helper.from_array(meta, "meta"))
+    node = helper.make_node("MixedMoE", ["x", "top_i", "top_w", "codes", "scales", "zeros", "meta"], ["down"],
+                            name="mixed_moe", domain=DOMAIN, hidden=h, inter=i, block_size=group_size,
+                            accuracy_level=ACCURACY_LEVEL)
+    graph = helper.make_graph([node], f"expert_{h}x{i}_b{bits}_kernel",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", h]),
+                               helper.make_tensor_value_info("top_i", TensorProto.INT64, ["M", 1]),
+                               helper.make_tensor_value_info("top_w", TensorProto.FLOAT, ["M", 1])],
+                              [helper.make_tensor_value_info("down", TensorProto.FLOAT, ["M", h])], inits)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile-cost")
+
+
+def kernel_library(build: bool = True) -> tuple[Path | None, dict[str, Any]]:
+    """The kernel library to measure with and what identifies its measurements: ``(path, {"build": hash of
+    its sources, flags and compiler, "path": its dot-product path here, "pool": DMPQ_KERNEL_POOL})``, or
+    ``(None, {"error": why})`` where it cannot be built (or ``build`` is False)."""
+    import os
+
+    from ..base import BackendError
+    from . import kernels
+
+    if not build:
+        return None, {"error": "not asked for"}
+    try:
+        library = kernels.build()
+        path = kernels.describe(library)["path"]  # refuses a DMPQ_KERNEL_PATH this CPU lacks
+    except BackendError as e:
+        return None, {"error": str(e)}
+    return library, {"build": library.parent.name, "path": path, "pool": os.environ.get("DMPQ_KERNEL_POOL", "ort")}
+
+
 def _qmoe_expert_model(h: int, i: int, bits: int, group_size: int, rng: np.random.Generator,
                        scale_dtype: str) -> Any:
     """One expert as the fused dispatch emits a width group of one: QMoE with ``k = 1``; input ``w [M]``
@@ -314,8 +391,9 @@ def _qmoe_expert_model(h: int, i: int, bits: int, group_size: int, rng: np.rando
     return helper.make_model(graph, opset_imports=opsets, producer_name="dmpq-compile-cost")
 
 
-def make_session(model: Any, threads: int) -> Any:
-    """An ``InferenceSession`` on the CPU provider with ``threads`` intra-op threads.
+def make_session(model: Any, threads: int, library: Path | None = None) -> Any:
+    """An ``InferenceSession`` on the CPU provider with ``threads`` intra-op threads (and the custom-op
+    ``library`` registered, for the kernel's models).
 
     Spinning of idle pool threads is turned off so the benchmark does not steal cycles from the
     cache flush between cold runs (or from other processes sharing the machine).
@@ -327,6 +405,8 @@ def make_session(model: Any, threads: int) -> Any:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if library is not None:
+        so.register_custom_ops_library(str(library))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -385,7 +465,10 @@ class ExpertMeasurement:
     ``decode_*`` / ``prefill_*``: the expert under per-expert dispatch with every row routed to it
     (:func:`build_dispatch_model`), cold and warm; ``idle_*``: the same with no row routed (warm).
     Where the width fuses (:func:`fuses`): ``fused_*`` one QMoE of this expert with every row routed
-    (cold) and ``group_*`` with none (warm: the node's fixed part); empty lists otherwise.
+    (cold) and ``group_*`` with none (warm: the node's fixed part); empty lists otherwise. Where the
+    kernel takes the width (:func:`kernel_joins`) and its library was built: ``kernel_decode`` /
+    ``kernel_prefill`` one MixedMoE holding this expert with every row routed to it (cold) and
+    ``kernel_fixed_*`` with every row routed to an expert it does not hold (warm); empty otherwise.
     """
 
     h: int
@@ -406,6 +489,10 @@ class ExpertMeasurement:
     fused_prefill: list[float] = dc_field(default_factory=list)
     group_decode: list[float] = dc_field(default_factory=list)
     group_prefill: list[float] = dc_field(default_factory=list)
+    kernel_decode: list[float] = dc_field(default_factory=list)
+    kernel_prefill: list[float] = dc_field(default_factory=list)
+    kernel_fixed_decode: list[float] = dc_field(default_factory=list)
+    kernel_fixed_prefill: list[float] = dc_field(default_factory=list)
 
     @property
     def decode_ms(self) -> float:
@@ -436,7 +523,8 @@ class ExpertMeasurement:
         return (max(samples) - min(samples)) / statistics.median(samples)
 
     def row(self) -> ExpertCostRow:
-        """The cost-table row: medians; the fused parts as routed minus fixed (>= 0), None where it cannot fuse."""
+        """The cost-table row: medians; the fused and kernel parts as routed minus fixed (>= 0), None where the
+        expert cannot run in that op (or the kernel was not measured)."""
         med = statistics.median
         idle = (med(self.idle_decode), med(self.idle_prefill)) if self.idle_decode else (0.0, 0.0)
         fused: dict[str, Any] = {}
@@ -445,6 +533,11 @@ class ExpertMeasurement:
             fused = {"group_decode_ms": group[0], "group_prefill_ms": group[1],
                      "fused_decode_ms": max(0.0, med(self.fused_decode) - group[0]),
                      "fused_prefill_ms": max(0.0, med(self.fused_prefill) - group[1])}
+        if self.kernel_decode:
+            fixed = med(self.kernel_fixed_decode), med(self.kernel_fixed_prefill)
+            fused |= {"kernel_fixed_decode_ms": fixed[0], "kernel_fixed_prefill_ms": fixed[1],
+                      "kernel_decode_ms": max(0.0, med(self.kernel_decode) - fixed[0]),
+                      "kernel_prefill_ms": max(0.0, med(self.kernel_prefill) - fixed[1])}
         return ExpertCostRow(decode_ms=self.decode_ms, prefill_ms=self.prefill_ms, bytes=self.bytes,
                              energy_mj=self.energy_mj, idle_decode_ms=idle[0], idle_prefill_ms=idle[1], **fused)
 
@@ -483,7 +576,7 @@ def _time_model(sess: Any, feeds: Mapping[str, Mapping[str, np.ndarray]], repeat
 def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None,
                         repeats: int = DEFAULT_REPEATS, prefill_tokens: int = PREFILL_TOKENS,
                         evictor: CacheEvictor | None = None, seed: int = 0,
-                        scale_dtype: str = SCALE_DTYPE) -> ExpertMeasurement:
+                        scale_dtype: str = SCALE_DTYPE, kernel: Path | None = None) -> ExpertMeasurement:
     """Benchmark one expert of shape ``(h, i)`` at ``bits`` on this machine (no cache).
 
     Args:
@@ -497,9 +590,11 @@ def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GRO
         evictor: Cache flusher for cold runs; default one of :func:`default_evict_bytes`.
         seed: Seed of the random weights and inputs.
         scale_dtype: MatMulNBits scales (the emitted :data:`SCALE_DTYPE`, or float32 to compare).
+        kernel: dmpq's kernel library (:func:`kernel_library`) to time the kernel layout with too, where it
+            takes the width (:func:`kernel_joins`); None: no kernel samples.
 
     Returns:
-        The four sample lists, the weight bytes and the energy estimate.
+        The sample lists, the weight bytes and the energy estimate.
     """
     _check_bits(bits)
     if repeats < 1 or prefill_tokens < 1:
@@ -522,6 +617,9 @@ def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GRO
         samples |= _time_model(sess, feeds, repeats, evictor, {
             "fused_decode": ("decode", True), "fused_prefill": ("prefill", True),
             "group_decode": ("idle_decode", False), "group_prefill": ("idle_prefill", False)})
+    if kernel is not None and kernel_joins(h, i, bits, group_size, scale_dtype):
+        samples |= measure_kernel_cost(h, i, bits, group_size, threads, repeats, prefill_tokens, evictor, seed,
+                                       kernel, per_token=False)
     for name in samples:
         if "prefill" in name:
             samples[name] = [ms / prefill_tokens for ms in samples[name]]
@@ -529,6 +627,39 @@ def measure_expert_cost(h: int, i: int, bits: int, group_size: int = DEFAULT_GRO
                              bytes=ort_cpu_expert_bytes(h, i, bits, group_size, scale_dtype),
                              energy_mj=ort_cpu_expert_energy_mj(h, i, bits, group_size, scale_dtype=scale_dtype),
                              prefill_tokens=prefill_tokens, **samples)
+
+
+def measure_kernel_cost(h: int, i: int, bits: int, group_size: int, threads: int, repeats: int, prefill_tokens: int,
+                        evictor: CacheEvictor, seed: int, library: Path, per_token: bool = True
+                        ) -> dict[str, list[float]]:
+    """The kernel layout's samples (:data:`KERNEL_FIELDS`, ms; prefill per token unless ``per_token`` is False)
+    of one expert: :func:`build_kernel_model` with every row routed to the expert (cold) and to the expert the
+    node does not hold (warm: the node's fixed part)."""
+    rng = np.random.default_rng(seed + 1)
+    x1 = rng.standard_normal((1, h), dtype=np.float32)
+    xp = rng.standard_normal((prefill_tokens, h), dtype=np.float32)
+
+    def feed(x: np.ndarray, expert: int) -> dict[str, np.ndarray]:
+        m = len(x)
+        return {"x": x, "top_i": np.full((m, 1), expert, np.int64), "top_w": np.ones((m, 1), np.float32)}
+
+    feeds = {"decode": feed(x1, 0), "prefill": feed(xp, 0), "fixed_decode": feed(x1, 1), "fixed_prefill": feed(xp, 1)}
+    sess = make_session(build_kernel_model(h, i, bits, group_size, seed), threads, library)
+    samples = _time_model(sess, feeds, repeats, evictor, {
+        "kernel_decode": ("decode", True), "kernel_prefill": ("prefill", True),
+        "kernel_fixed_decode": ("fixed_decode", False), "kernel_fixed_prefill": ("fixed_prefill", False)})
+    if per_token:
+        samples = {k: [ms / prefill_tokens for ms in v] if "prefill" in k else v for k, v in samples.items()}
+    return samples
+
+
+def kernel_cache_key(h: int, i: int, bits: int, group_size: int, threads: int, prefill_tokens: int,
+                     evict_bytes: int, kernel: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything that changes a kernel measurement: :func:`cache_key`'s fields, the kernel benchmark's version
+    and the library's build and path (:func:`kernel_library`)."""
+    return {**cache_key(h, i, bits, group_size, threads, prefill_tokens, evict_bytes), "layout": "mixed_moe",
+            "kernel_bench_version": KERNEL_BENCH_VERSION, "kernel_build": kernel["build"],
+            "kernel_path": kernel["path"], "kernel_pool": kernel["pool"]}
 
 
 def cache_key(h: int, i: int, bits: int, group_size: int, threads: int, prefill_tokens: int,
@@ -554,7 +685,7 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
                    group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None, repeats: int = DEFAULT_REPEATS,
                    cache: bool = True, progress: bool = True, prefill_tokens: int = PREFILL_TOKENS,
                    evict_bytes: int | None = None, cache_dir: Path | None = None, scale_dtype: str = SCALE_DTYPE,
-                   ) -> dict[tuple[int, int], dict[int, ExpertMeasurement]]:
+                   kernel: bool = True) -> dict[tuple[int, int], dict[int, ExpertMeasurement]]:
     """Measure (or read from the disk cache) every shape at every bit-width.
 
     Args:
@@ -570,6 +701,9 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
         evict_bytes: Cache-flush buffer size; default :func:`default_evict_bytes`.
         cache_dir: Cache root; default :func:`dmpq_compile.backends.cost.cost_cache_dir`.
         scale_dtype: MatMulNBits scales (and so activations) as the emitter will store them.
+        kernel: Also measure the kernel layout (``--dispatch kernel``) where it takes the width, building
+            dmpq's kernel library if needed; where it cannot be built, a warning says why and the
+            measurements have no kernel samples.
 
     Returns:
         ``{(H, I): {bits: ExpertMeasurement}}``.
@@ -583,6 +717,12 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
     evict_bytes = evict_bytes or default_evict_bytes()
     store = CostCache(cache_dir) if cache else None
     todo = [(s, b) for s in sorted(set(shapes)) for b in bits]
+    library, kernel_id = None, {}
+    if kernel and any(kernel_joins(h, i, b, group_size, scale_dtype) for (h, i), b in todo):
+        library, kernel_id = kernel_library()
+        if library is None:
+            log.warning("ort-cpu cost table: no kernel rows (--dispatch kernel's layout is not measured): %s",
+                        kernel_id["error"])
     out: dict[tuple[int, int], dict[int, ExpertMeasurement]] = {}
     evictor: CacheEvictor | None = None
     bar = _progress(len(todo), progress)
@@ -591,15 +731,28 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
             key = cache_key(h, i, b, group_size, threads, prefill_tokens, evict_bytes, scale_dtype)
             hit = store.get(key) if store else None
             if hit is not None:
-                out.setdefault((h, i), {})[b] = ExpertMeasurement.from_dict(hit)
+                m = ExpertMeasurement.from_dict({k: v for k, v in hit.items() if k not in KERNEL_FIELDS})
             else:
                 evictor = evictor or CacheEvictor(evict_bytes)
                 log.info("measuring ort-cpu expert %dx%d at %d bits (%d threads)", h, i, b, threads)
                 m = measure_expert_cost(h, i, b, group_size, threads, repeats, prefill_tokens, evictor,
                                         scale_dtype=scale_dtype)
-                out.setdefault((h, i), {})[b] = m
                 if store:
-                    _store(store, key, m)
+                    _store(store, key, m.to_dict())
+            if library is not None and kernel_joins(h, i, b, group_size, scale_dtype):
+                kkey = kernel_cache_key(h, i, b, group_size, threads, prefill_tokens, evict_bytes, kernel_id)
+                samples = store.get(kkey) if store else None
+                if samples is None:
+                    evictor = evictor or CacheEvictor(evict_bytes)
+                    log.info("measuring ort-cpu expert %dx%d at %d bits in dmpq's MixedMoE (%d threads)", h, i, b,
+                             threads)
+                    samples = measure_kernel_cost(h, i, b, group_size, threads, repeats, prefill_tokens, evictor, 0,
+                                                  library)
+                    if store:
+                        _store(store, kkey, samples)
+                for name in KERNEL_FIELDS:
+                    setattr(m, name, list(samples[name]))
+            out.setdefault((h, i), {})[b] = m
             bar.set_postfix_str(f"{h}x{i} {b}b")
             bar.update()
     finally:
@@ -607,10 +760,10 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
     return out
 
 
-def _store(store: CostCache, key: Mapping[str, Any], m: ExpertMeasurement) -> None:
+def _store(store: CostCache, key: Mapping[str, Any], data: Mapping[str, Any]) -> None:
     """Write one measurement to the cache; a cache that cannot be written only costs a warning."""
     try:
-        store.put(key, m.to_dict())
+        store.put(key, dict(data))
     except OSError as e:
         log.warning("could not write the cost cache under %s (%s); set $DMPQ_CACHE_DIR to a writable "
                     "folder to keep measurements", store.root, e)
@@ -638,8 +791,8 @@ def ort_cpu_cost_table(graph: Graph, group_size: int = DEFAULT_GROUP_SIZE, threa
         cache: Use the disk cache (see :func:`measure_shapes`).
         progress: Show a progress bar on stderr.
         bits: Bit-widths to cost (default all of :data:`ORT_CPU_BITS`).
-        **options: ``prefill_tokens``, ``evict_bytes``, ``cache_dir`` or ``scale_dtype`` for
-            :func:`measure_shapes`.
+        **options: ``prefill_tokens``, ``evict_bytes``, ``cache_dir``, ``scale_dtype`` or ``kernel``
+            (measure the kernel layout too: default True) for :func:`measure_shapes`.
 
     Returns:
         Rows whose ``decode_ms`` and ``prefill_ms`` are cold medians (prefill per token),

@@ -364,18 +364,9 @@ class MatMulNBitsProjection:
         spec = QuantSpec.from_dict(nodes[0].ann["quant"]["spec"])
         gs = spec.group_size
         inter, hidden = (int(v) for v in nodes[0].ann["quant"]["tensors"]["gate"]["shape"])
-        experts = int(route.node.attrs["num_experts"])
-        meta = np.zeros((experts, 8), np.int64)
-        offsets = [0, 0, 0]  # codes, scales, zeros
         order = sorted(nodes, key=lambda n: int(n.attrs["expert"]))
-        for node in order:
-            bits = int(node.ann["bits"])
-            gu, dn = 2 * inter * hidden, hidden * inter  # weights; every size below divides exactly
-            row = [bits]
-            for i, (num, den) in enumerate(((bits, 8), (1, gs), (1, gs))):
-                row += [offsets[i], offsets[i] + gu * num // den]
-                offsets[i] += (gu + dn) * num // den
-            meta[int(node.attrs["expert"])] = [*row, 0]
+        meta, offsets = mixed_moe_meta({int(n.attrs["expert"]): int(n.ann["bits"]) for n in order},
+                                       int(route.node.attrs["num_experts"]), hidden, inter, gs)
         prefix = f"{route.node.id}.mixed_moe"
         ids = tuple(n.id for n in order)
         inputs = []
@@ -387,6 +378,22 @@ class MatMulNBitsProjection:
         table = b.add_initializer(f"{prefix}.meta", meta)
         return b.op("MixedMoE", [route.flat, route.top_i, route.top_w, *inputs, table], prefix, domain=KERNEL_DOMAIN,
                     hidden=hidden, inter=inter, block_size=gs, accuracy_level=self.accuracy_level)
+
+
+def mixed_moe_meta(bits: dict[int, int], experts: int, hidden: int, inter: int, block_size: int
+                   ) -> tuple[np.ndarray, list[int]]:
+    """``MixedMoE``'s ``[experts, 8]`` table for the experts ``{index: bits}`` in the node (in index order, the
+    others 0), and the element counts of its codes, scales and zeros inputs."""
+    meta = np.zeros((experts, 8), np.int64)
+    offsets = [0, 0, 0]  # codes, scales, zeros
+    gu, dn = 2 * inter * hidden, hidden * inter  # weights; every size below divides exactly
+    for e in sorted(bits):
+        row = [bits[e]]
+        for i, (num, den) in enumerate(((bits[e], 8), (1, block_size), (1, block_size))):
+            row += [offsets[i], offsets[i] + gu * num // den]
+            offsets[i] += (gu + dn) * num // den
+        meta[e] = [*row, 0]
+    return meta, offsets
 
 
 QMOE_WEIGHT_SCALE = 2.0 ** 32  # routing weights x this into QMoE, its output x the inverse (see fused_moe)

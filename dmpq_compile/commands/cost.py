@@ -5,7 +5,10 @@ latency per token, weight bytes, the bandwidth that decode achieves and the ener
 On ort-cpu the latencies are of one expert under per-expert dispatch; ``idle`` is what that
 dispatch costs a token that does not pick the expert, ``fused`` the expert's cost inside the
 fused MoE op (4/8 bits) and ``fixed`` that op's per-token fixed part, paid once per layer and
-width: the numbers the lowering and the allocator use to choose between the two layouts.
+width: the numbers the lowering and the allocator use to choose between the two layouts. ``kernel``
+is the expert's cost inside ``--dispatch kernel``'s one ``ai.dmpq.MixedMoE`` per layer (2/4/8 bits)
+and ``kfixed`` that node's fixed part, paid once per layer whatever widths it holds (measured where
+dmpq's kernel library builds: a C++ compiler on Linux x86-64; ``-`` and a note otherwise).
 ``--shape H,I`` costs a shape without a model (e.g. ``4096,14336`` for a Mixtral-8x7B expert,
 ``2048,1024`` for OLMoE-1B-7B).
 """
@@ -89,7 +92,11 @@ def _ort_rows(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> list[d
                          "prefill_ms_cold": m.prefill_ms, "prefill_ms_warm": m.prefill_warm_ms,
                          "idle_decode_ms": row.idle_decode_ms, "fused_decode_ms": row.fused_decode_ms,
                          "group_decode_ms": row.group_decode_ms if row.fused_decode_ms is not None else None,
-                         "fused_prefill_ms": row.fused_prefill_ms,
+                         "fused_prefill_ms": row.fused_prefill_ms, "kernel_decode_ms": row.kernel_decode_ms,
+                         "kernel_fixed_decode_ms": row.kernel_fixed_decode_ms if row.kernel_decode_ms is not None
+                         else None, "kernel_prefill_ms": row.kernel_prefill_ms,
+                         "kernel_fixed_prefill_ms": row.kernel_fixed_prefill_ms if row.kernel_prefill_ms is not None
+                         else None,
                          "bytes": m.bytes, "bandwidth_gbs": m.bandwidth_gbs, "energy_mj": m.energy_mj,
                          "decode_spread": m.spread("decode_cold"), "samples": m.to_dict()})
     return rows
@@ -116,17 +123,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as an aligned text table."""
-    head = ("shape", "bits", "decode ms cold", "warm", "spread", "idle", "fused", "fixed", "prefill ms/tok", "warm",
-            "fused", "MiB", "GB/s", "mJ/token")
+    head = ("shape", "bits", "decode ms cold", "warm", "spread", "idle", "fused", "fixed", "kernel", "kfixed",
+            "prefill ms/tok", "warm", "fused", "kernel", "MiB", "GB/s", "mJ/token")
     lines = [head]
     for r in rows:
         spread = None if r["decode_spread"] is None else 100 * r["decode_spread"]
         lines.append((f"{r['h']}x{r['i']}", str(r["bits"]), _fmt(r["decode_ms_cold"], ".4g"),
                       _fmt(r["decode_ms_warm"], ".4g"), "-" if spread is None else f"{spread:.0f}%",
                       _fmt(r.get("idle_decode_ms"), ".3g"), _fmt(r.get("fused_decode_ms"), ".4g"),
-                      _fmt(r.get("group_decode_ms"), ".3g"),
+                      _fmt(r.get("group_decode_ms"), ".3g"), _fmt(r.get("kernel_decode_ms"), ".4g"),
+                      _fmt(r.get("kernel_fixed_decode_ms"), ".3g"),
                       _fmt(r["prefill_ms_cold"], ".4g"), _fmt(r["prefill_ms_warm"], ".4g"),
-                      _fmt(r.get("fused_prefill_ms"), ".4g"),
+                      _fmt(r.get("fused_prefill_ms"), ".4g"), _fmt(r.get("kernel_prefill_ms"), ".4g"),
                       f"{r['bytes'] / 2**20:.2f}", f"{r['bandwidth_gbs']:.1f}", f"{r['energy_mj']:.4g}"))
     widths = [max(len(line[c]) for line in lines) for c in range(len(head))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
@@ -139,10 +147,14 @@ def _header(args: argparse.Namespace) -> str:
         return f"trt-a100 (analytical roofline, {A100_VARIANTS[args.variant].source})"
     import onnxruntime
 
+    from ..backends.ort_cpu.cost import kernel_library
     from ..sysinfo import available_cpus, cpu_model
 
+    _, kernel = kernel_library()
+    note = f"kernel rows: dmpq's MixedMoE build {kernel['build']}, {kernel['path']} path" if "build" in kernel \
+        else f"no kernel rows: {kernel['error']}"
     return (f"ort-cpu (measured: {cpu_model()}, {args.threads or available_cpus()} threads, "
-            f"onnxruntime {onnxruntime.__version__}; table decode/prefill = cold medians)")
+            f"onnxruntime {onnxruntime.__version__}; table decode/prefill = cold medians; {note})")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -16,6 +16,8 @@ from ...quant.spec import DEFAULT_GROUP_SIZE
 from ..infra.base import Pass, PassContext, PassError, PassResult
 from . import allocator_class, allocators, get_allocator
 from .problem import (
+    DEFAULT_DISPATCH,
+    DISPATCHES,
     AllocationProblem,
     Budget,
     ExpertCost,
@@ -50,6 +52,7 @@ class AllocateOptions:
     rl_measure_sequences: int = 8  # rl/search: calibration sequences for measured accuracy (0: proxy only)
     rl_hardware: bool = False  # rl/search: also time emitted artifacts every measure_every proposals
     nonexpert: tuple[str, ...] = ()  # non-expert kinds allocated with the experts (--nonexpert-bits auto)
+    dispatch: str = DEFAULT_DISPATCH  # the expert layout the latency term prices: the emitter's (--dispatch)
 
 
 class AllocatePass(Pass):
@@ -68,6 +71,9 @@ class AllocatePass(Pass):
             raise PassError(str(e)) from None
         if o.metric not in ("kl", "nll"):
             raise PassError(f"metric must be 'kl' or 'nll', got {o.metric!r}")
+        if o.dispatch not in DISPATCHES:
+            raise PassError(f"dispatch must be one of {DISPATCHES} (the layout the latency term prices), "
+                            f"got {o.dispatch!r}")
         extra = tuple("kl" if k == "sensitivity" and o.metric == "kl" else k for k in cls.needs)
         needs_cost = o.budget_kind in ("bytes", "latency") or max(o.w_lat, o.w_mem, o.w_eng) > 0
         self.requires = ("freq", *extra, *(("cost",) if needs_cost else ()))
@@ -88,6 +94,8 @@ class AllocatePass(Pass):
                  problem.budget.describe(used))
         stats = {"allocator": self.options.allocator, "budget": problem.budget.describe(),
                  "used": problem.budget.describe(used)}
+        if problem.needs_costs:
+            stats["dispatch"] = problem.dispatch  # the layout the latency and cost terms priced
         if columns:
             stats["nonexpert"] = {k: graph.node(k).ann["bits"] for k in columns}
             log.info("allocate: non-expert bits %s", stats["nonexpert"])
@@ -209,7 +217,8 @@ def build_problem(graph: Graph, o: AllocateOptions, ctx: PassContext) -> Allocat
             key=node_id, layer=int(node.attrs.get("layer", -1)), expert=-1,
             n_params=_matrix_params(graph, node),
             freq=1.0, mass=1.0, sensitivity=per_column, kl=per_column, stored_bytes=stored.get(node_id, {})))
-    return AllocationProblem(tuple(experts), choices, budget, ObjectiveWeights(o.w_acc, o.w_lat, o.w_mem, o.w_eng))
+    return AllocationProblem(tuple(experts), choices, budget, ObjectiveWeights(o.w_acc, o.w_lat, o.w_mem, o.w_eng),
+                             dispatch=o.dispatch)
 
 
 def _matrix_params(graph: Graph, node: Any) -> int:

@@ -292,11 +292,11 @@ def _fused_dp(t: ProblemTables, extra_raw: np.ndarray, g: float, exact: bool, ce
     def stage(members: np.ndarray, layer: int, mask: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int, float]:
         v = t.objective[members].copy()
         raw = extra_raw[members].copy()
-        for j in mask:
+        for j in fz.mask_columns(mask):
             v[:, j] -= fz.saving_obj[members, j]
             raw[:, j] -= fz.saving_use[members, j] * t.usage_scale
-        fixed_q = int(cells_of(np.array([sum(fz.fixed_use[layer, j] for j in mask) * t.usage_scale]))[0])
-        return cells_of(np.maximum(raw, 0.0)), v, fixed_q, float(sum(fz.fixed_obj[layer, j] for j in mask))
+        fixed_q = int(cells_of(np.array([fz.mask_fixed(layer, mask, usage=True) * t.usage_scale]))[0])
+        return cells_of(np.maximum(raw, 0.0)), v, fixed_q, fz.mask_fixed(layer, mask)
 
     free = rows[fz.layer < 0]
     q_free = cells_of(extra_raw[free])
@@ -365,11 +365,10 @@ def _fused_parts(t: ProblemTables, extra: np.ndarray) -> tuple[np.ndarray, list]
         opts = []
         for mask in fz.masks():
             v, e = t.objective[members].copy(), extra[members].copy()
-            for j in mask:
+            for j in fz.mask_columns(mask):
                 v[:, j] -= fz.saving_obj[members, j]
                 e[:, j] -= fz.saving_use[members, j] * t.usage_scale
-            opts.append((v, e, float(sum(fz.fixed_obj[layer, j] for j in mask)),
-                         float(sum(fz.fixed_use[layer, j] for j in mask)) * t.usage_scale))
+            opts.append((v, e, fz.mask_fixed(layer, mask), fz.mask_fixed(layer, mask, usage=True) * t.usage_scale))
         layers.append((members, opts))
     return np.flatnonzero(fz.layer < 0), layers
 

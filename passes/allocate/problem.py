@@ -8,9 +8,14 @@ Budget definitions (``Budget.kind``):
 * ``"latency"``: expected per-token decode latency of the experts,
   ``sum_i (freq_i * cost_i[b_i].decode_ms + cost_i[b_i].idle_decode_ms)``; ``freq_i`` is the
   fraction of tokens routed to expert ``i`` (so the ``freq`` of one layer sums to top-k); unit
-  "ms per token". Where the target fuses a layer's experts of one width into one op, the layer's
-  groups pay the op's fixed part once and their experts the fused cost (:mod:`.fusion`): not a
-  per-expert sum, so :class:`ProblemTables` carries it as a correction (``fusion``).
+  "ms per token". That is per-expert dispatch; the layout priced is the one the compile emits
+  (``AllocationProblem.dispatch``, :data:`DISPATCHES`). ``fused`` (the default): where the target
+  fuses a layer's experts of one width into one op, the layer's groups pay the op's fixed part once
+  and their experts the fused cost; ``kernel``: the experts the layer's one kernel node takes cost
+  ``freq_i * kernel_decode_ms`` and the layer pays the node's fixed part once if it holds any
+  (:mod:`.fusion`). Neither is a per-expert sum, so :class:`ProblemTables` carries it as a correction
+  (``fusion``). ``gather-if``, ``gather`` and ``dense`` are priced as per-expert dispatch (the cost
+  table measures ``gather-if``'s).
 * ``"stored-bits"``: stored bits per weight of the whole model,
   ``(fixed_bytes + sum_i stored_bytes_i[b_i]) * 8 / params``: every weight as the target stores
   it (codes, scales, zero points, float tensors) over every parameter, experts or not. What the
@@ -40,7 +45,7 @@ from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 
-from .fusion import FusionTables, fusion_tables
+from .fusion import FusionTables, fusion_tables, kernel_fixed, kernel_tables
 
 Allocation = dict[str, int]
 BudgetKind = Literal["bits", "bytes", "latency", "stored-bits"]
@@ -48,6 +53,9 @@ BUDGET_KINDS: tuple[str, ...] = ("bits", "bytes", "latency", "stored-bits")
 BUDGET_UNITS = {"bits": "average bits", "bytes": "bytes", "latency": "ms per token",
                 "stored-bits": "stored bits per weight"}
 FEASIBILITY_RTOL = 1e-9
+DISPATCHES = ("fused", "kernel", "gather-if", "gather", "dense")
+"""Expert dispatches the latency term can price (ort-cpu's ``--dispatch``); see the module docstring."""
+DEFAULT_DISPATCH = "fused"
 
 
 def _frozen_map(obj: object, name: str, value: Mapping) -> None:
@@ -78,15 +86,21 @@ class ExpertCost:
     fused_prefill_ms: float | None = None
     group_decode_ms: float = 0.0
     group_prefill_ms: float = 0.0
+    kernel_decode_ms: float | None = None
+    kernel_prefill_ms: float | None = None
+    kernel_fixed_decode_ms: float = 0.0
+    kernel_fixed_prefill_ms: float = 0.0
 
     def __post_init__(self) -> None:
         _require_finite_nonnegative(self, "ExpertCost.", ("decode_ms", "prefill_ms", "bytes", "energy_mj",
                                                           "idle_decode_ms", "idle_prefill_ms", "group_decode_ms",
-                                                          "group_prefill_ms"))
-        if (self.fused_decode_ms is None) != (self.fused_prefill_ms is None):
-            raise ValueError("ExpertCost: give both fused_decode_ms and fused_prefill_ms, or neither")
-        if self.fused_decode_ms is not None:
-            _require_finite_nonnegative(self, "ExpertCost.", ("fused_decode_ms", "fused_prefill_ms"))
+                                                          "group_prefill_ms", "kernel_fixed_decode_ms",
+                                                          "kernel_fixed_prefill_ms"))
+        for op in ("fused", "kernel"):
+            if (getattr(self, f"{op}_decode_ms") is None) != (getattr(self, f"{op}_prefill_ms") is None):
+                raise ValueError(f"ExpertCost: give both {op}_decode_ms and {op}_prefill_ms, or neither")
+            if getattr(self, f"{op}_decode_ms") is not None:
+                _require_finite_nonnegative(self, "ExpertCost.", (f"{op}_decode_ms", f"{op}_prefill_ms"))
 
     def latency(self, freq: float) -> float:
         """Mean per-token decode cost under per-expert dispatch of an expert routed ``freq`` of tokens."""
@@ -185,8 +199,11 @@ class AllocationProblem:
     bits_choices: tuple[int, ...]
     budget: Budget
     weights: ObjectiveWeights = ObjectiveWeights()
+    dispatch: str = DEFAULT_DISPATCH  # the expert layout the latency term prices (module docstring)
 
     def __post_init__(self) -> None:
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"unknown dispatch {self.dispatch!r}; the latency term prices {DISPATCHES}")
         object.__setattr__(self, "experts", tuple(self.experts))
         choices = tuple(self.bits_choices)
         if not choices or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in choices):
@@ -338,7 +355,31 @@ def _raw_usage(problem: AllocationProblem) -> tuple[np.ndarray, float]:
     if kind == "stored-bits":
         return np.array([[8 * e.stored_bytes[b] for b in bits] for e in ex], dtype=np.float64), \
             float(problem.budget.params)
-    return np.array([[e.cost[b].latency(e.freq) for b in bits] for e in ex], dtype=np.float64), 1.0
+    return latency_matrix(problem), 1.0
+
+
+def _kernel_matrices(problem: AllocationProblem) -> tuple[np.ndarray, np.ndarray]:
+    """``(kernel, fixed_row)``: each expert's routed cost inside the layer's kernel node per bits (NaN where it
+    does not join) and its view of the node's fixed part (:func:`.fusion.kernel_fixed`)."""
+    ex, bits = problem.experts, problem.bits_choices
+    kernel = np.array([[np.nan if e.cost[b].kernel_decode_ms is None else e.cost[b].kernel_decode_ms for b in bits]
+                       for e in ex], dtype=np.float64)
+    fixed = np.array([[e.cost[b].kernel_fixed_decode_ms for b in bits] for e in ex], dtype=np.float64)
+    return kernel, kernel_fixed([e.layer for e in ex], kernel, fixed)
+
+
+def latency_matrix(problem: AllocationProblem) -> np.ndarray:
+    """Per-expert x per-bits decode latency (ms per token) of the additive tables: per-expert dispatch
+    (``freq * decode_ms + idle_decode_ms``), except under the ``kernel`` dispatch, where an expert the layer's
+    node takes costs ``freq * kernel_decode_ms`` plus the node's whole fixed part (an upper bound that
+    :func:`.fusion.kernel_tables` corrects to one fixed part per layer)."""
+    ex, bits = problem.experts, problem.bits_choices
+    m = np.array([[e.cost[b].latency(e.freq) for b in bits] for e in ex], dtype=np.float64)
+    if problem.dispatch != "kernel" or not ex or not any(e.cost for e in ex):
+        return m
+    kernel, fixed_row = _kernel_matrices(problem)
+    freq = np.array([e.freq for e in ex])
+    return np.where(np.isnan(kernel), m, freq[:, None] * np.nan_to_num(kernel) + fixed_row[:, None])
 
 
 COST_METRICS = ("latency_ms", "bytes", "energy_mj")
@@ -353,14 +394,15 @@ def cost_terms(problem: AllocationProblem) -> dict[str, tuple[float, np.ndarray,
         all-highest-bits total (latency and energy are ``freq``-weighted per-token values).
     """
     w, ex, bits = problem.weights, problem.experts, problem.bits_choices
-    metrics = {"latency_ms": (w.w_lat, lambda e, b: e.cost[b].latency(e.freq)),
+    metrics = {"latency_ms": (w.w_lat, None),
                "bytes": (w.w_mem, lambda e, b: float(e.cost[b].bytes)),
                "energy_mj": (w.w_eng, lambda e, b: e.freq * e.cost[b].energy_mj)}
     terms = {}
     for name, (weight, fn) in metrics.items():
         if weight == 0:
             continue
-        m = np.array([[fn(e, b) for b in bits] for e in ex], dtype=np.float64)
+        m = latency_matrix(problem) if fn is None else np.array([[fn(e, b) for b in bits] for e in ex],
+                                                                dtype=np.float64)
         if not m.any():  # e.g. no expert is ever routed to: the term is zero for every allocation
             continue
         ref = float(m[:, -1].sum())
@@ -386,13 +428,17 @@ def build_tables(problem: AllocationProblem, with_objective: bool = True) -> Pro
 
 
 def _fusion(problem: AllocationProblem, terms: dict[str, tuple[float, np.ndarray, float]]) -> FusionTables | None:
-    """The fused-dispatch correction when latency is in the objective or the budget, else None."""
+    """The correction of the dispatch's layout (fused or kernel) when latency is in the objective or the budget,
+    else None."""
     lat = terms.get("latency_ms")
     obj_scale = lat[0] / lat[2] if lat is not None else 0.0
     use_scale = 1.0 if problem.budget.kind == "latency" else 0.0
-    if not (obj_scale or use_scale):
+    if not (obj_scale or use_scale) or problem.dispatch not in ("fused", "kernel"):
         return None
     ex, bits = problem.experts, problem.bits_choices
+    if problem.dispatch == "kernel":
+        kernel, fixed_row = _kernel_matrices(problem)
+        return kernel_tables([e.layer for e in ex], kernel, fixed_row, obj_scale, use_scale)
     if not any(e.cost[b].fused_decode_ms is not None for e in ex for b in bits):
         return None
 
