@@ -96,7 +96,8 @@ def test_compile_run_inspect_eval_end_to_end(tiny_dirs, tiny_corpus, tmp_path, c
     assert rare == 1 + len(bits)  # header + one row per expert, the rare-expert count, then the stored-bits summary
     assert all(line.startswith("  layer ") for line in lines[rare + 1:summary])
     quantized = sum(b < 16 for b in bits)
-    assert lines[-3] == f"  scales: float16 ({quantized} nodes)"  # ort-cpu's default format
+    assert lines[-4] == f"  scales: float16 ({quantized} nodes)"  # ort-cpu's default format
+    assert lines[-3] == "expert dispatch: fused"  # the default, standard onnxruntime ops only
     assert lines[-2].startswith("onnxruntime-genai: genai_config.json, max_length ")
     assert lines[-1].startswith("chat template: none in the source checkpoint")  # tiny checkpoints have none
     assert main(["run", str(art), "the expert", "--max-new-tokens", "5"]) == 0
