@@ -383,20 +383,23 @@ class FusedDispatch(GatherIfDispatch):
         return plan
 
     def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:
-        outs = [route.cache["acc"]] if "acc" in route.cache else []
+        outs = ([route.cache["acc"]] if "acc" in route.cache else []) + self._fused_outputs(lw, route, hint)
+        return outs[0] if len(outs) == 1 else lw.b.op("Sum", outs, hint)
+
+    def _fused_outputs(self, lw: Lowering, route: RouteValue, hint: str) -> list[str]:
+        """The fused ops' outputs for ``route.fused``: one per fusion group (width and format)."""
         groups: dict[Any, list[Node]] = {}
         for node in route.fused:
             groups.setdefault(lw.projection.fusion_key(node), []).append(node)
-        for key in sorted(groups, key=str):
-            outs.append(lw.projection.fused_moe(lw, route, groups[key], hint))
-        return outs[0] if len(outs) == 1 else lw.b.op("Sum", outs, hint)
+        return [lw.projection.fused_moe(lw, route, groups[key], hint) for key in sorted(groups, key=str)]
 
 
 class KernelDispatch(FusedDispatch):
     """All of a layer's experts the target's kernel takes (ort-cpu: dmpq's ``ai.dmpq.MixedMoE``, any mix of
     2, 4 and 8 bits) run as one node, fed the layer's one routing (``RouteValue.top_i`` / ``top_w``); the
     others as :class:`GatherIfDispatch`. The projection decides: ``kernel_fusable(lw, node)`` and
-    ``mixed_moe(lw, route, nodes, hint)``. The combine adds the node's output to the gather-if buffer."""
+    ``mixed_moe(lw, route, nodes, hint)``. The combine (:class:`FusedDispatch`'s) adds the node's output to the
+    gather-if buffer."""
 
     name = "kernel"
 
@@ -407,11 +410,9 @@ class KernelDispatch(FusedDispatch):
             return set()
         return {n.id for n in lw.graph.consumers(route.node.id, kind="expert") if fusable(lw, n)}
 
-    def combine(self, lw: Lowering, route: RouteValue, parts: list[ExpertPart], hint: str) -> str:
-        outs = [route.cache["acc"]] if "acc" in route.cache else []
-        if route.fused:
-            outs.append(lw.projection.mixed_moe(lw, route, route.fused, hint))
-        return outs[0] if len(outs) == 1 else lw.b.op("Sum", outs, hint)
+    def _fused_outputs(self, lw: Lowering, route: RouteValue, hint: str) -> list[str]:
+        """One node for every fused expert, whatever its width."""
+        return [lw.projection.mixed_moe(lw, route, route.fused, hint)] if route.fused else []
 
 
 DISPATCH_CLASSES = {"gather-if": GatherIfDispatch, "gather": GatherDispatch, "dense": DenseDispatch,

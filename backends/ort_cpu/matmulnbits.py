@@ -338,17 +338,18 @@ class MatMulNBitsProjection:
         asymmetric codes with float16 scales, a group size that is a multiple of 64 dividing both widths,
         at ``accuracy_level`` 0 (fp32 activations: the interpreter's sums) or 4 (int8 activations per
         group, as MatMulNBits). The others run per expert (gather-if)."""
+        from .cost import kernel_joins  # the rule on widths, bits and format, which the cost table prices too
+
         bits, quant = node.ann.get("bits", 16), node.ann.get("quant")
         if node.kind != "expert" or bits not in NBITS or not quant or quant["spec"]["bits"] != bits:
             return False
         spec = QuantSpec.from_dict(quant["spec"])
-        if spec.scheme != ASYM_GROUP or spec.scale_dtype != "float16" or spec.group_size % 64 \
-                or self.accuracy_level not in (0, 4):
+        if spec.scheme != ASYM_GROUP or self.accuracy_level not in (0, 4):
             return False
         shapes = {r: tuple(int(v) for v in quant["tensors"][r]["shape"]) for r in ("gate", "up", "down")}
         (inter, hidden) = shapes["gate"]
         return shapes["up"] == (inter, hidden) and shapes["down"] == (hidden, inter) \
-            and not hidden % spec.group_size and not inter % spec.group_size  # (so both are multiples of 64)
+            and kernel_joins(hidden, inter, bits, spec.group_size, spec.scale_dtype)
 
     def mixed_moe(self, lw: Lowering, route: Any, nodes: list[Node], hint: str) -> str:
         """One ``ai.dmpq.MixedMoE`` node for ``nodes`` (one layer's kernel-fusable experts, any mix of 2, 4

@@ -39,17 +39,16 @@ def check_ort_cpu(model_file: Path, manifest: Mapping[str, Any] | None = None) -
         ``(findings, checked)``: findings, errors first; ``checked`` names the runtimes (with their
         versions) that loaded the artifact or, with an error, refused it.
     """
-    library = ((manifest or {}).get("target") or {}).get("custom_ops_library")
-    findings, checked = onnxruntime_findings(model_file, model_file.parent / library if library else None)
+    findings, checked = onnxruntime_findings(model_file, (manifest or {}).get("target") or {})
     if (model_file.parent / GENAI_CONFIG).is_file():
         more, names = genai_findings(model_file.parent, (manifest or {}).get("tokenizer") or {})
         findings, checked = findings + more, checked + names
     return sorted(findings, key=lambda f: f.severity != "error"), checked
 
 
-def onnxruntime_findings(model_file: Path, library: Path | None = None) -> tuple[list[Finding], list[str]]:
+def onnxruntime_findings(model_file: Path, target: Mapping[str, Any] | None = None) -> tuple[list[Finding], list[str]]:
     """An error where onnxruntime cannot create a CPU session for ``model_file`` (by path, so external
-    data is read beside it), with the custom-op ``library`` the artifact carries registered;
+    data is read beside it), with the custom-op library the manifest's ``target`` names registered;
     ``([], ["onnxruntime X"])`` when it can."""
     import onnxruntime as ort
 
@@ -57,10 +56,9 @@ def onnxruntime_findings(model_file: Path, library: Path | None = None) -> tuple
     options.log_severity_level = 3  # load-time warnings are for model authors, as in Session
     name = f"onnxruntime {ort.__version__}"
     try:
-        if library is not None:
-            from .session import register_custom_ops
+        from .session import register_custom_ops
 
-            register_custom_ops(options, library.parent, {"custom_ops_library": library.name})
+        register_custom_ops(options, model_file.parent, target or {})
         ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; the message is the finding
         return [Finding("error", "onnxruntime", f"{name} cannot load {model_file.name} on the CPU: {_first(e)}")], [name]

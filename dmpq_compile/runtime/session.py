@@ -7,7 +7,7 @@ tokenizers lazily), so a deployment needs neither torch nor transformers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ class Score:
     tokens: int
 
 
-def register_custom_ops(options: Any, root: Path, target: dict[str, Any]) -> None:
+def register_custom_ops(options: Any, root: Path, target: Mapping[str, Any]) -> None:
     """Make onnxruntime session ``options`` load the custom-op library an artifact carries (``--dispatch
     kernel``: ``target["custom_ops_library"]``, relative to the artifact folder ``root``); nothing without one.
 

@@ -677,8 +677,7 @@ class MixedMoE {
     level_ = Attr(info, "accuracy_level");
     if (hidden_ <= 0 || inter_ <= 0) Fail("hidden and inter must be positive");
     if (block_ < kGroup || block_ % kGroup) Fail("block_size must be a multiple of 64");
-    if (hidden_ % block_ || inter_ % block_) Fail("hidden and inter must be whole blocks");
-    if (hidden_ % kRowsPerJob || inter_ % kRowsPerJob) Fail("hidden and inter must be multiples of 64");
+    if (hidden_ % block_ || inter_ % block_) Fail("hidden and inter must be whole blocks");  // so multiples of 64
     if (level_ != 0 && level_ != 4) Fail("accuracy_level must be 0 (fp32 activations) or 4 (int8)");
   }
 
