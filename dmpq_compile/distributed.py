@@ -92,6 +92,16 @@ class RayExecutor:
     def get(self, futures: list) -> list:
         return self.ray.get(list(futures))
 
+    def done(self, futures: list, block: bool = False) -> list[int]:
+        """The indices of ``futures`` whose tasks have finished (``block``: wait until one has)."""
+        futures = list(futures)
+        if not futures:
+            return []
+        if block:
+            self.ray.wait(futures, num_returns=1)
+        ready = set(self.ray.wait(futures, num_returns=len(futures), timeout=0)[0])
+        return [i for i, f in enumerate(futures) if f in ready]
+
     def close(self) -> None:
         if self._started:
             self.ray.shutdown()

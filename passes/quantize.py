@@ -98,7 +98,7 @@ class QuantizePass(Pass):
         units.update({n.id: [n.id] for n in self._nonexpert_nodes(graph, {n.id for n in others})})
         remotely = o.method != "gptq" and _remote_ok(ctx, graph)
         ids = ctx.calibration[: o.max_sequences] if o.method == "gptq" else None
-        state = None if remotely else open_state(
+        state = open_state(
             ctx.state_dir, ctx.work_dir, graph, units, o.group_size,
             boundary=0 if ids is None else ids.numel() * int(graph.meta.get("hidden_size") or 0) * 4)
         # finished before an interruption: not counted as this run's work in the bar and the ETA
@@ -125,8 +125,7 @@ class QuantizePass(Pass):
         if o.method == "gptq":
             _stream_hessians(graph, ids, set(layers), finish, others, state)
         elif remotely:
-            self._run_remote(graph, ctx, layers, by_layer, bar, clock)
-            remote = len(layers)
+            remote = self._run_remote(graph, ctx, layers, by_layer, bar, clock, state)
         else:
             for layer in layers:
                 finish(layer, lambda node: {})
@@ -146,25 +145,48 @@ class QuantizePass(Pass):
                 stats["resumed_units"] = state.resumed
         return PassResult(graph, modified=bool(nodes or others), stats=stats)
 
-    def _run_remote(self, graph: Graph, ctx: PassContext, layers: list[int], by_layer: dict, bar, clock) -> None:
-        """RTN/HQQ of each layer's experts as executor tasks (``compile --ray``): every task writes the
-        file the serial loop would spill that layer's codes to; the annotations are applied here, in
-        layer order, so the graph ends up exactly as after the serial loop."""
+    def _run_remote(self, graph: Graph, ctx: PassContext, layers: list[int], by_layer: dict, bar, clock,
+                    state: QuantizeState | None) -> int:
+        """RTN/HQQ of each layer's experts as executor tasks (``compile --ray``); returns how many were
+        submitted. Every task writes the file the serial loop would spill that layer's codes to; the
+        tensors and annotations are put in the graph here, in layer order, so the graph ends up exactly
+        as after the serial loop. With ``state`` (partial state, :mod:`.quantize_resume`) the layers an
+        interrupted run finished are loaded from it, not submitted, and each task's file carries its
+        unit's header and is moved into the state folder as soon as the task is done, whatever the
+        order, so that an interruption keeps every layer finished so far."""
         from .infra.remote_tasks import layer_quantize
 
-        remote = ctx.executor.put(graph)
-        futures = [ctx.executor.submit(layer_quantize, remote, self.options, [n.id for n in by_layer[layer]],
-                                       str(Path(ctx.work_dir) / f"quantized-L{layer}.safetensors")) for layer in layers]
-        for layer, anns in zip(layers, ctx.executor.get(futures)):
-            path = Path(ctx.work_dir) / f"quantized-L{layer}.safetensors"
-            if path.is_file():
-                for key, ref in index_safetensors(path).items():
-                    graph.weights.add_ref(key, ref)
+        todo = [layer for layer in layers if state is None or f"L{layer}" not in state.ready]
+        remote = ctx.executor.put(graph) if todo else None
+        path = {layer: Path(ctx.work_dir) / f"quantized-L{layer}.safetensors" for layer in todo}
+        waiting = [(layer, ctx.executor.submit(layer_quantize, remote, self.options, [n.id for n in by_layer[layer]],
+                                               str(path[layer]), None if state is None else (state.folder.name, f"L{layer}")))
+                   for layer in todo]
+        arrived: dict[int, tuple] = {}
+        for layer in layers:
+            if layer not in path:  # finished before the interruption
+                state.apply(f"L{layer}", graph)
+                continue
+            while layer not in arrived:  # keep whatever is done meanwhile
+                done = set(ctx.executor.done([f for _, f in waiting], block=True))
+                for (la, f), result in zip([w for i, w in enumerate(waiting) if i in done],
+                                           ctx.executor.get([f for i, (_, f) in enumerate(waiting) if i in done])):
+                    keys, anns = result
+                    where = state.keep(f"L{la}", path[la]) if state is not None and keys else path[la]
+                    arrived[la] = (where, keys, anns)
+                waiting = [w for i, w in enumerate(waiting) if i not in done]
+            where, keys, anns = arrived.pop(layer)
+            refs = index_safetensors(where) if keys else {}
+            for key in keys:  # in the order the serial pass adds them
+                if key in graph.weights:  # as store_quantized replaces them
+                    graph.weights.remove(key)
+                graph.weights.add_ref(key, refs[key])
             for node_id, ann in anns.items():
                 graph.annotate(node_id, "group_size", ann["group_size"])
                 graph.annotate(node_id, "quant", ann["quant"])
                 bar.update(1)
             clock.step(f"L{layer}")
+        return len(todo)
 
     @staticmethod
     def _nonexpert_nodes(graph: Graph, done: set[str]) -> list:

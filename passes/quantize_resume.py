@@ -199,11 +199,9 @@ class QuantizeState:
         if not self.writable:
             return False
         path = self._path(name)
-        meta = {"format": FORMAT, "unit": name, "folder": self.folder.name, "keys": keys,
-                "nodes": {n: {k: graph.node(n).ann[k] for k in ("group_size", "quant")} for n in self.units[name]},
-                "digest": _digest((k, graph.weights[k]) for k in keys)}
+        nodes = {n: {k: graph.node(n).ann[k] for k in ("group_size", "quant")} for n in self.units[name]}
         try:
-            graph.weights.spill(keys, path, metadata={META: json.dumps(meta)})  # annotations are JSON
+            graph.weights.spill(keys, path, metadata=unit_metadata(self.folder.name, name, nodes, keys, graph.weights))
         except OSError as e:
             self.writable = False
             log.warning("quantize: could not write partial state %s (%s); an interruption from here on redoes the "
@@ -211,6 +209,26 @@ class QuantizeState:
             return False
         self.written.append(path)
         return True
+
+    def keep(self, name: str, path: Path) -> Path:
+        """Keep unit ``name``'s file ``path``, written by an executor task (``--ray``:
+        :func:`.infra.remote_tasks.layer_quantize`, with the unit's header, :func:`unit_metadata`) into
+        the scratch folder every worker sees: moved into the state folder (a rename on the same disk, a
+        copy from another), so that an interruption keeps it; returns where the file now is (the pass
+        then refs its tensors there). Should the move fail (logged), the file stays where it is, as
+        without state, and nothing more is kept."""
+        dst = self._path(name)
+        if not self.writable:
+            return path
+        try:
+            _move(path, dst)
+        except OSError as e:
+            self.writable = False
+            log.warning("quantize: could not keep partial state %s (%s); an interruption from here on redoes the "
+                        "units after it", dst, e)
+            return path
+        self.written.append(dst)
+        return dst
 
     def boundary(self, layer: int, shape: tuple[int, ...]) -> tuple[int, torch.Tensor] | None:
         """The newest kept residual stream entering a layer at or before ``layer`` (gptq's forward
@@ -266,6 +284,35 @@ class QuantizeState:
             moves[path] = dst
         graph.weights.relocate(moves)
         self.written = []
+
+
+def unit_metadata(folder: str, name: str, nodes: dict[str, dict], keys: list[str], weights) -> dict[str, str]:
+    """The header entry of unit ``name``'s file in the state folder named ``folder``: its nodes'
+    ``group_size`` and ``quant`` annotations (``nodes``, in the unit's order), the order its tensors
+    ``keys`` were added in, and their checksum (the tensors as ``weights`` holds them, in memory)."""
+    meta = {"format": FORMAT, "unit": name, "folder": folder, "keys": keys, "nodes": nodes,
+            "digest": _digest((k, weights[k]) for k in keys)}
+    return {META: json.dumps(meta)}  # annotations are JSON
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Move the file ``src`` to ``dst``: a rename, or from another file system a copy made under a
+    temporary name and renamed into place (an interrupted copy leaves no ``dst``)."""
+    try:
+        os.replace(src, dst)
+        return
+    except OSError:
+        if Path(dst).parent.stat().st_dev == Path(src).stat().st_dev:
+            raise
+    fd, tmp = tempfile.mkstemp(dir=Path(dst).parent, prefix=f".{Path(dst).name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    Path(src).unlink()
 
 
 def _boundary_layer(path: Path) -> int:

@@ -290,29 +290,72 @@ def test_weights_in_the_scratch_folder_keep_no_partial_state(deep, reference, tm
     assert "resumed_units" not in result.stats and _annotations(result.graph) == reference["rtn"][0]
 
 
-def test_an_executor_neither_reads_nor_writes_partial_state(deep, reference, tmp_path, monkeypatch):
-    """With --ray the rtn layers are executor tasks that write the scratch folder's files: no state."""
+class InProcess:
+    """The executor interface (dmpq_compile.distributed.RayExecutor), run here: each task when submitted."""
+
+    def __init__(self) -> None:
+        self.submitted: list[list[str]] = []  # each layer_quantize task's nodes
+
+    def put(self, graph):  # a worker gets its own copy
+        return graph.copy()
+
+    def submit(self, fn, *args):
+        self.submitted.append(args[2])
+        return fn(*args, torch.get_num_threads())
+
+    def get(self, futures):
+        return list(futures)
+
+    def done(self, futures, block=False):
+        return list(range(len(futures)))
+
+
+def _quantize_remote(deep, cache, work, executor):
+    """``_quantize`` with the rtn layers as ``executor``'s tasks (compile --ray)."""
     from dmpq_compile.passes.infra import remote_tasks
 
-    class InProcess:  # the executor interface (dmpq_compile.distributed.RayExecutor), run here
-        def put(self, graph):  # a worker gets its own copy
-            return graph.copy()
-
-        def submit(self, fn, *args):
-            return fn(*args, torch.get_num_threads())
-
-        def get(self, futures):
-            return list(futures)
-
     model, ids = deep
-    cache, _ = _interrupted(deep, tmp_path, monkeypatch)  # a serial run's state, not to be read
-    monkeypatch.undo()
-    monkeypatch.setattr(remote_tasks, "sendable", lambda graph: True)
-    monkeypatch.setattr(quantize_resume, "QuantizeState", None)  # would fail if anything opened partial state
-    work = tmp_path / "w2"
-    work.mkdir()
+    work.mkdir(parents=True, exist_ok=True)
     ctx = PassContext(calibration=ids, target="ort-cpu", backend=get_backend("ort-cpu"), seed=0, progress=False,
-                      work_dir=work, executor=InProcess())
-    result = run_cached(make_pass("quantize", group_size=32), _graph(model), ctx, cache)
-    assert result.stats["remote_tasks"] == LAYERS and "resumed_units" not in result.stats
-    assert _annotations(result.graph) == reference["rtn"][0]
+                      work_dir=work, executor=executor)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(remote_tasks, "sendable", lambda graph: True)
+        result = run_cached(make_pass("quantize", group_size=32), _graph(model), ctx, cache)
+    g = result.graph
+    assert all(g.weights.ref(k) is None or not g.weights.ref(k).path.endswith(".partial") for k in g.weights)
+    return _annotations(g), [(k, g.weights[k].numpy().tobytes()) for k in g.weights], result.stats
+
+
+def test_an_executor_resumes_partial_state_and_keeps_its_own(deep, reference, tmp_path, monkeypatch, caplog):
+    """With --ray the rtn layers are executor tasks: those a previous run finished (here a serial one,
+    then an executor run) are not submitted again, and each task's file is kept as it arrives."""
+    model, _ = deep
+    cache, folder = _interrupted(deep, tmp_path, monkeypatch, stop=1)  # a serial run finished L0
+    monkeypatch.undo()
+    keep = quantize_resume.QuantizeState.keep
+
+    def interrupt_after_one(state, name, path):
+        keep(state, name, path)
+        raise KeyboardInterrupt
+
+    first = InProcess()
+    with monkeypatch.context() as m:
+        m.setattr(quantize_resume.QuantizeState, "keep", interrupt_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            _quantize_remote(deep, cache, tmp_path / "w2", first)
+    layer = {f"L{i}": [n.id for n in _graph(model).experts() if n.attrs["layer"] == i and n.ann["bits"] < 16]
+             for i in range(LAYERS)}
+    assert first.submitted == [layer["L1"], layer["L2"], layer["L3"]]  # not L0
+    # the in-process tasks all ran at submission; the first file taken was moved into the state folder
+    assert sorted(p.name for p in folder.glob("quantized-*")) == ["quantized-L0.safetensors",
+                                                                   "quantized-L1.safetensors"]
+    rerun = InProcess()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        annotations, weights, stats = _quantize_remote(deep, cache, tmp_path / "w3", rerun)
+    assert "resuming, 2 of" in caplog.text
+    assert rerun.submitted == [layer["L2"], layer["L3"]]  # the finished layers are not submitted again
+    assert stats["remote_tasks"] == 2 and stats["resumed_units"] == 2
+    assert annotations == reference["rtn"][0] and weights == reference["rtn"][1]  # the same store, in order
+    assert not folder.exists()
+    assert sorted(p.name for p in (tmp_path / "w3").glob("quantized-*")) == sorted(
+        f"quantized-{u}.safetensors" for u in UNITS["rtn"])  # moved into the scratch folder

@@ -229,32 +229,92 @@ def test_a_disk_without_room_keeps_no_partial_state(deep, reference, tmp_path, m
     assert annotations == reference and _partials(tmp_path / "cache") == []
 
 
-def test_an_executor_neither_reads_nor_writes_partial_state(deep, reference, tmp_path, monkeypatch):
-    """With --ray the expert scores arrive after the backward: no layer is ever kept."""
+class InProcess:
+    """The executor interface (dmpq_compile.distributed.RayExecutor), run here: each task when submitted."""
+
+    def __init__(self) -> None:
+        self.submitted: list[int] = []  # each expert_scores task's layer
+
+    def put(self, value):
+        return value
+
+    def submit(self, fn, *args):  # as many threads as the driver (the task sets them)
+        self.submitted.append(args[2])
+        return fn(*args, torch.get_num_threads())
+
+    def get(self, futures):
+        return list(futures)
+
+    def done(self, futures, block=False):
+        return list(range(len(futures)))
+
+
+def _sensitivity_remote(model, ids, cache, executor):
     from dmpq_compile.passes.infra import remote_tasks
-    from dmpq_compile.passes.sensitivity import base
 
-    class InProcess:  # the executor interface (dmpq_compile.distributed.RayExecutor), run here
-        def put(self, value):
-            return value
-
-        def submit(self, fn, *args):  # as many threads as the driver (the task sets them)
-            return fn(*args, torch.get_num_threads())
-
-        def get(self, futures):
-            return list(futures)
-
-    model, ids = deep
-    cache = _interrupted(model, ids, tmp_path / "cache", monkeypatch)  # a serial run's state, not to be read
-    monkeypatch.setattr(remote_tasks, "sendable", lambda graph: True)
     graph, ctx = _profiled(model, ids)
-    ctx.executor = InProcess()
-    opened = []
-    monkeypatch.setattr(base, "open_state", lambda *a: opened.append(a))
-    result = run_cached(make_pass("sensitivity", **OPTIONS), graph, ctx, cache)
-    assert not opened and result.stats["remote_tasks"] == 2 * LAYERS
-    assert "resumed_layers" not in result.stats
-    assert _annotations(result.graph) == reference
+    ctx.executor = executor
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(remote_tasks, "sendable", lambda graph: True)
+        result = run_cached(make_pass("sensitivity", **OPTIONS), graph, ctx, cache)
+    return _annotations(result.graph), result.stats
+
+
+def test_an_executor_resumes_partial_state_and_keeps_its_own(deep, reference, tmp_path, monkeypatch, caplog):
+    """With --ray the expert scores come from executor tasks: the layers a previous run finished (here a
+    serial one, then an executor run) are not scored again, and each layer is kept as its scores come."""
+    model, ids = deep
+    cache = _interrupted(model, ids, tmp_path / "cache", monkeypatch, stop=3)  # serial: sample 0's layers 3, 2, 1
+    monkeypatch.undo()
+    (folder,) = (tmp_path / "cache").glob("sensitivity-*.partial")
+    deliver = resume.PartialState.deliver
+    delivered = []
+
+    def interrupt_after_two(state, sample, layer, *args):
+        deliver(state, sample, layer, *args)
+        delivered.append((sample, layer))
+        if len(delivered) == 2:
+            raise KeyboardInterrupt
+
+    first = InProcess()
+    with monkeypatch.context() as m:
+        m.setattr(resume.PartialState, "deliver", interrupt_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            _sensitivity_remote(model, ids, cache, first)
+    assert first.submitted == [0, 3] and delivered == [(0, 0), (1, 3)]  # not the serial run's layers
+    assert len(list(folder.glob("b*.pt"))) == 5  # kept as the scores came
+
+    rerun = InProcess()
+    with caplog.at_level(logging.INFO, logger="dmpq_compile.passes.sensitivity.resume"):
+        annotations, stats = _sensitivity_remote(model, ids, cache, rerun)
+    assert f"resuming the backward at layer 2 of {LAYERS} (label sample 2 of 2), {LAYERS + 5} layers" in caplog.text
+    assert rerun.submitted == [2, 1, 0]  # the finished layers are not scored again
+    assert stats["remote_tasks"] == 3 and stats["resumed_layers"] == LAYERS + 5
+    assert annotations == reference  # bit for bit
+    assert not folder.exists()
+
+
+def test_an_executor_keeps_records_in_the_backward_order(deep, tmp_path):
+    """Scores that come out of order wait: a layer's record is written once every layer before it
+    in the backward's order is, and its gradient is on disk from the moment the driver made it."""
+    model, ids = deep
+    ids = ids[:2]
+    graph, _ = _profiled(model, ids)
+    state = resume.open_state(tmp_path / "s", graph, 1, ids, remote=True)
+    state.begin(0, torch.Generator())
+    g = torch.ones(*ids.shape, graph.meta["hidden_size"])
+    for layer in (3, 2, 1):
+        state.layer_done(layer, g * layer, wait=True)
+    assert sorted(p.name for p in state.folder.glob("*.pt")) == ["g0-1.pt", "g0-2.pt", "g0-3.pt"]
+    state.deliver(0, 2, {"L2.E0": {"kl": {2: 1.0}}}, None)  # layer 3's scores are still out
+    assert not list(state.folder.glob("b*.pt"))
+    state.deliver(0, 3, {"L3.E0": {"kl": {2: 3.0}}}, None)
+    assert sorted(p.name for p in state.folder.glob("b*.pt")) == ["b0-2.pt", "b0-3.pt"]
+    assert sorted(p.name for p in state.folder.glob("g*.pt")) == ["g0-1.pt", "g0-2.pt", "g0-3.pt"]
+    rerun = resume.PartialState(state.folder, LAYERS, 1, tuple(ids.shape))  # interrupted here: resumes at layer 1
+    assert rerun.point == (0, 1) and torch.equal(rerun.g, g * 2)
+    state.deliver(0, 1, {"L1.E0": {"kl": {2: 1.0}}}, None)
+    assert sorted(p.name for p in state.folder.glob("g*.pt")) == ["g0-1.pt", "g0-2.pt"]  # the newest two
 
 
 def test_compile_interrupted_in_sensitivity_resumes_to_the_same_artifact(tiny_dirs, tiny_corpus, tmp_path,

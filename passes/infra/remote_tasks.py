@@ -37,16 +37,23 @@ def layer_expert_scores(graph, formats, layer: int, x, routing, g, bits, seq_len
                                    graph.experts_by_layer().get(layer, []), autocast, probe)
 
 
-def layer_quantize(graph, options, node_ids: list[str], path: str, threads: int) -> dict[str, dict]:
+def layer_quantize(graph, options, node_ids: list[str], path: str, unit: tuple[str, str] | None,
+                   threads: int) -> tuple[list[str], dict[str, dict]]:
     """Quantize the nodes ``node_ids`` (one layer's) with the quantize pass's ``options`` in a worker,
-    write their codes into the safetensors file ``path`` and return each node's annotations."""
+    write their codes into the safetensors file ``path`` and return the keys written (in the order
+    the pass adds them) and each node's annotations. ``unit``: ``(state folder name, unit name)`` when
+    the driver keeps partial state (:mod:`..quantize_resume`): the file then carries that unit's
+    header, so that a rerun after an interruption can load it instead of quantizing the layer again."""
     from ..quantize import QuantizePass
+    from ..quantize_resume import unit_metadata
 
     torch.set_num_threads(threads)
     qp = QuantizePass(options)
     keys: list[str] = []
     for node_id in node_ids:
         keys += qp.quantize_node(graph, graph.node(node_id), {})
+    anns = {n: {"group_size": graph.node(n).ann["group_size"], "quant": graph.node(n).ann["quant"]} for n in node_ids}
     if keys:
-        graph.weights.spill(keys, Path(path))
-    return {n: {"group_size": graph.node(n).ann["group_size"], "quant": graph.node(n).ann["quant"]} for n in node_ids}
+        meta = None if unit is None else unit_metadata(unit[0], unit[1], anns, keys, graph.weights)
+        graph.weights.spill(keys, Path(path), metadata=meta)  # atomically: a killed task leaves no file
+    return keys, anns

@@ -180,8 +180,8 @@ class SensitivityPass(Pass):
         work = (n_layers * (1 + WORK["backward"] * o.label_samples + (4 * WORK["gradvar"] if o.gradvar else 0))
                 + n_flip + (WORK["measured"] * n_layers if measured else 0))
         remote = _remote(ctx, graph)
-        # finished layers kept to resume an interrupted run (where the cache is on; serial path only)
-        state = open_state(ctx.state_dir, graph, o.label_samples, ids) if remote is None else None
+        # finished layers kept to resume an interrupted run (where the cache is on)
+        state = open_state(ctx.state_dir, graph, o.label_samples, ids, remote is not None)
         resumed = state.resumed if state is not None else 0
         bar = tqdm(total=steps, desc="sensitivity (local)", unit="layer", disable=not ctx.progress, leave=False,
                    initial=resumed)
@@ -220,7 +220,8 @@ class SensitivityPass(Pass):
         nonexpert: dict[str, list[dict]] = {}
 
         by_layer = graph.experts_by_layer()
-        pending: list = []  # remote: (layer, future) per (label sample, layer), in the serial order
+        pending: list = []  # remote: (label sample, layer, future) per task, in the serial order
+        now = {"sample": 0, "scored": 0}  # the label sample back-propagated; pending's tasks whose scores are in
         split = {"expert_scores_s": 0.0, "expert_scores_cpu_s": 0.0}  # the part --ray sends to workers
         # the flip probe's inputs, gathered as the first backward pass goes by (local.flip_rates)
         groups = local.probe_groups(len(ids), moe_layers[:-1]) if flips else {}
@@ -229,15 +230,28 @@ class SensitivityPass(Pass):
         routes: dict[int, ops.Routing] = {}
         seq_len = ids.shape[1]
 
-        def add(layer: int, result: dict) -> None:
+        def add(layer: int, result: dict) -> tuple[torch.Tensor, float] | None:
+            """Take a layer's expert scores, in the serial order; returns its flip-probe input when new."""
             new = layer in groups and layer not in probes
             if new:
                 probes[layer] = local.probe_changes(result, len(groups[layer]) * seq_len, h_last.shape[-1])
             for node_id, sc in result.items():
                 sc.pop("probe", None)  # kept in probes, not with the scores
                 scores.setdefault(node_id, []).append(sc)
-            if state is not None:  # kept with the layer when it is finished
-                state.note(experts=result, probe=probes[layer] if new else None)
+            return probes[layer] if new else None
+
+        def collect(block: bool) -> None:
+            """Take the remote tasks' scores in the order they were submitted, those done so far (``block``:
+            all); with state each layer's record is kept as its scores come."""
+            while now["scored"] < len(pending):
+                sample, layer, future = pending[now["scored"]]
+                if not block and not ctx.executor.done([future]):
+                    return
+                (result,) = ctx.executor.get([future])
+                probe = add(layer, result)
+                if state is not None:
+                    state.deliver(sample, layer, result, probe)
+                now["scored"] += 1
 
         def at_layer(layer, seen, g):
             if layer_node(layer, "router") not in seen:
@@ -253,12 +267,16 @@ class SensitivityPass(Pass):
             if remote is not None:  # scored by a worker while this process back-propagates further
                 from ..infra.remote_tasks import layer_expert_scores
 
-                pending.append((layer, ctx.executor.submit(layer_expert_scores, remote, interp.formats, layer,
-                                                           x.detach(), route, g.detach(), bits, seq_len, cast, probe)))
+                pending.append((now["sample"], layer, ctx.executor.submit(
+                    layer_expert_scores, remote, interp.formats, layer, x.detach(), route, g.detach(), bits, seq_len,
+                    cast, probe)))
                 return
             t0, c0 = time.perf_counter(), time.process_time()
-            add(layer, local.expert_scores(graph, interp, layer, x, route, g, bits, seq_len, by_layer.get(layer, []),
-                                           cast, probe))
+            result = local.expert_scores(graph, interp, layer, x, route, g, bits, seq_len, by_layer.get(layer, []),
+                                         cast, probe)
+            new = add(layer, result)
+            if state is not None:  # kept with the layer when it is finished
+                state.note(experts=result, probe=new)
             split["expert_scores_s"] += time.perf_counter() - t0
             split["expert_scores_cpu_s"] += time.process_time() - c0
 
@@ -270,12 +288,19 @@ class SensitivityPass(Pass):
                 if state is not None:
                     state.note(node=(node_id, nonexpert[node_id][-1]))
 
+        def remote_done(layer, g_in):  # a layer back-propagated; its scores, if a task makes them, come later
+            if state is not None:
+                state.layer_done(layer, g_in, wait=bool(pending) and pending[-1][:2] == (now["sample"], layer))
+            collect(block=False)
+
+        done = remote_done if remote is not None else state.layer_done if state is not None else None
         watch = (lambda layer: {k for k, lay in layer_of.items() if lay == layer}) if layer_of else None
         rates: dict[int, float] = {}
         try:
             if state is not None:
                 state.replay(add, routes, probes, nonexpert)
             for sample in range(o.label_samples):
+                now["sample"] = sample
                 start = state.begin(sample, gen) if state is not None else (n_layers - 1, None)
                 if start is None:  # finished before the interruption
                     continue
@@ -283,10 +308,8 @@ class SensitivityPass(Pass):
                 if g is None:
                     g = local.head_gradient(interp, h_last, ids, "sampled", gen, cast)
                 local.backward_layers(interp, store, g, run_fp, at_layer, ticker(WORK["backward"], "backward"), watch,
-                                      after_backward, top,
-                                      state.layer_done if state is not None else None)
-            for (layer, _), result in zip(pending, ctx.executor.get([f for _, f in pending]) if pending else ()):
-                add(layer, result)
+                                      after_backward, top, done)
+            collect(block=True)
             if flips:
                 t0 = time.perf_counter()
                 rates = local.flip_rates(interp, store, h_last, seq_len, groups, probes, routes, ticker(1.0, "flip probe"),

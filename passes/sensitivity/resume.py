@@ -69,15 +69,18 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 
-def open_state(state_dir: Path | None, graph: Graph, label_samples: int, ids: torch.Tensor) -> PartialState | None:
+def open_state(state_dir: Path | None, graph: Graph, label_samples: int, ids: torch.Tensor,
+               remote: bool = False) -> PartialState | None:
     """The partial state in ``state_dir`` (None: keep nothing), scanned. None also, logged, when the
-    folder cannot be created or its disk lacks the room (:func:`room_needed`): the pass then keeps
-    its boundaries in a temporary folder as without a cache, and an interruption redoes it."""
+    folder cannot be created or its disk lacks the room (:func:`room_needed`; ``remote``: the expert
+    scores come from executor tasks, so up to every layer's gradient waits on disk): the pass then
+    keeps its boundaries in a temporary folder as without a cache, and an interruption redoes it."""
     if state_dir is None:
         return None
     n_layers = len(layer_outputs(graph))
     state_dir = open_folder(state_dir, "sensitivity",
-                            room_needed(n_layers, tuple(ids.shape), int(graph.meta.get("hidden_size") or 0)), log)
+                            room_needed(n_layers, tuple(ids.shape), int(graph.meta.get("hidden_size") or 0),
+                                        label_samples * n_layers if remote else 2), log)
     if state_dir is None:
         return None
     try:
@@ -88,11 +91,12 @@ def open_state(state_dir: Path | None, graph: Graph, label_samples: int, ids: to
         return None
 
 
-def room_needed(n_layers: int, tokens: tuple[int, int], hidden: int) -> int:
+def room_needed(n_layers: int, tokens: tuple[int, int], hidden: int, gradients: int = 2) -> int:
     """Bytes the partial state of ``n_layers`` layers over ``tokens`` (S, T) calibration tokens of
-    width ``hidden`` takes at most: a boundary per layer and the last output, two gradients, and
-    the records (routing and probe input, a small part: counted as 15 %)."""
-    return int(1.15 * (n_layers + 3) * tokens[0] * tokens[1] * hidden * 4)
+    width ``hidden`` takes at most: a boundary per layer and the last output, ``gradients`` gradients
+    (the newest two; with an executor, one per layer whose scores are still out), and the records
+    (routing and probe input, a small part: counted as 15 %)."""
+    return int(1.15 * (n_layers + 1 + gradients) * tokens[0] * tokens[1] * hidden * 4)
 
 
 class PartialState:
@@ -106,6 +110,7 @@ class PartialState:
             note_others(folder, "sensitivity", log)
         self.writable = True
         self.record: dict = {}
+        self.queue: list[dict] = []  # finished layers' records not written yet (waiting for an executor's scores)
         self.sample, self.gen = 0, torch.Generator()
         # the forward: boundaries 0..k-1 readable; complete when every one and h_last are
         k = 0
@@ -282,18 +287,42 @@ class PartialState:
         if node is not None:
             self.record.setdefault("nonexpert", {})[node[0]] = node[1]
 
-    def layer_done(self, layer: int, g_in: torch.Tensor | None) -> None:
+    def layer_done(self, layer: int, g_in: torch.Tensor | None, wait: bool = False) -> None:
         """Keep layer ``layer`` of the current label sample, finished, the gradient ``g_in`` it
-        carried to the layer below and the generator's state (``backward_layers(done=...)``)."""
+        carried to the layer below and the generator's state (``backward_layers(done=...)``).
+
+        ``wait``: its expert scores come later, from an executor task (``--ray``), by :meth:`deliver`;
+        the gradient is written now (a rerun restarts below the layer from it), the record once the
+        scores are there and every record before it in the backward's order is written."""
         s, rec = self.sample, self.record
         self.record = {}
         if layer > 0 and g_in is not None:
             self._save(_compact(g_in), self._g(s, layer))
-        self._save(_compact({"format": FORMAT, "sample": s, "layer": layer, **rec, "gen": self.gen.get_state()}),
-                   self._b(s, layer))
-        if self.writable:  # keep the newest two gradients (the older redoes this layer if its record is lost)
-            for older in ((layer + 2,) if layer > 0 else (1, 2)):  # a finished sample needs none
-                self._g(s, older).unlink(missing_ok=True)
+        self.queue.append({"sample": s, "layer": layer, "wait": wait,
+                           "rec": _compact({"format": FORMAT, "sample": s, "layer": layer, **rec,
+                                            "gen": self.gen.get_state()})})
+        self._flush()
+
+    def deliver(self, sample: int, layer: int, experts: dict, probe: tuple[torch.Tensor, float] | None) -> None:
+        """The expert scores (and flip-probe input) of layer ``layer`` of label sample ``sample``,
+        which :meth:`layer_done` kept waiting: its record, and those after it that wait no more, are
+        written."""
+        entry = next(e for e in self.queue if e["sample"] == sample and e["layer"] == layer and e["wait"])
+        entry["rec"]["experts"] = _compact(experts)
+        if probe is not None:
+            entry["rec"]["probe"] = _compact({"change": probe[0], "norm": probe[1]})
+        entry["wait"] = False
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write the queued records, in the backward's order, up to the first that waits for its scores."""
+        while self.queue and not self.queue[0]["wait"]:
+            entry = self.queue.pop(0)
+            s, layer = entry["sample"], entry["layer"]
+            self._save(entry["rec"], self._b(s, layer))
+            if self.writable:  # keep the newest two gradients (the older redoes this layer if its record is lost)
+                for older in ((layer + 2,) if layer > 0 else (1, 2)):  # a finished sample needs none
+                    self._g(s, older).unlink(missing_ok=True)
 
 
 class Boundaries:
