@@ -28,6 +28,10 @@ machine, or a shared file system) and have ``dmpq-compile`` installed (``pip ins
 dmpq-compile[ray]``). A graph whose weights live in memory (after QAT) is not sent: more than
 ``passes.infra.remote_tasks.MAX_SENT_BYTES`` of in-memory weights make those passes run in the driver, logged.
 
+An interrupted ``--ray`` compile resumes as a serial one does (the pass cache's partial state, kept
+and read by the driver alone): the layers whose scores or codes came back before the interruption
+are not submitted again (``passes/sensitivity/resume.py``, ``passes/quantize_resume.py``).
+
 Addresses: ``auto`` (the cluster this machine belongs to, Ray's own lookup), ``ray://HOST:PORT`` or
 ``HOST:PORT`` (a running cluster), ``local:N`` (start a cluster of N worker processes on this
 machine; ``local`` is one per CPU).

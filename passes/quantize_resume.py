@@ -35,9 +35,18 @@ deleted and its unit redone.
 Disk: the codes of the pass (about the artifact's expert and quantized non-expert weights: bits/8
 bytes a weight plus 5 bytes a group) and under gptq one boundary of S x T x H x 4 bytes. Where the
 cache's disk lacks that room, or the run has no scratch folder (the Python API without
-``work_dir``: codes stay in memory), or an executor (``--ray``) quantizes the layers, or the weights
-to quantize were written into the scratch folder by blockwise QAT (a rerun trains them again, into
-new files: another key), the pass keeps nothing and an interruption redoes it.
+``work_dir``: codes stay in memory), or the weights to quantize were written into the scratch folder
+by blockwise QAT (a rerun trains them again, into new files: another key), the pass keeps nothing
+and an interruption redoes it.
+
+With an executor (``--ray``; rtn and hqq, whose layers are tasks) the state is the same, under the
+same key (a ``--ray`` rerun resumes a serial run's state and the other way round): the layers it
+holds are not submitted, but loaded as above; a task writes its layer's file, with the unit's
+header (:func:`unit_metadata`, the checksum computed in the worker), into the scratch folder, which
+every worker sees (the cache's folder need not be shared), and the driver moves it into the state
+folder (:meth:`QuantizeState.keep`) as soon as the task is done, in whatever order the tasks finish,
+so an interruption keeps every layer that had come back. Where the cache lies on another disk than
+the scratch folder, that move is a copy, and so is the move back when the pass finishes.
 """
 
 from __future__ import annotations

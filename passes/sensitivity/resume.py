@@ -43,9 +43,18 @@ the annotations are the same, bit for bit. A file that is missing, truncated or 
 counts as not written: that layer and every later one (in the backward's order) are redone; when
 the gradient it started from is gone too (an older record lost), its label sample starts over.
 
-Only the serial path keeps state: with an executor (``--ray``) the expert scores arrive after
-the whole backward pass, so a layer is never finished before it ends; such a run neither reads
-nor writes partial state.
+With an executor (``--ray``) the state is the same, under the same key (a ``--ray`` rerun resumes
+a serial run's state and the other way round), but a layer's expert scores come from a worker
+while the driver back-propagates further down: the driver writes the gradient ``g{s}-{l}`` when
+it has carried it below layer ``l``, and holds the layer's record until the task's scores have come
+back (``layer_done(wait=True)``, then :meth:`PartialState.deliver`); records are written in the
+backward's order, each once its scores and those of every layer before it are in (the driver takes
+the scores in the order it submitted the tasks, as soon as each is done), and the gradient rule
+above applies when a record is written, so the gradients of the layers whose scores are still out
+stay on disk meanwhile: at most one per layer and label sample (:func:`room_needed` counts them). A
+rerun restarts the backward at the first layer without a record and submits the layers from there
+on: an interruption loses the scores still out, and the layers the driver had back-propagated past
+them are back-propagated again.
 """
 
 from __future__ import annotations
