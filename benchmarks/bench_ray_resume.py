@@ -4,7 +4,7 @@ per-layer tasks on a local Ray cluster, uninterrupted and resumed after an inter
 On a random OLMoE-style checkpoint of ``--layers`` layers (``make_tiny_checkpoint`` at the widths
 given), after the profile pass, this runs each pass through ``run_cached`` as a compile does, with
 the executor ``--ray local:N`` starts (one cluster for the whole run, warmed by one unmeasured run
-of each pass), in ``--rounds`` rounds:
+of each pass), in ``--rounds`` rounds (``clean`` first in even rounds, last in odd ones):
 
 - ``clean``: without the cache (no partial state: what ``--no-cache`` does);
 - ``interrupted``: with the cache, stopped once half the layers are kept (sensitivity: their
@@ -17,7 +17,7 @@ Each variant's result (annotations; for quantize also the weight store, keys in 
 is compared with ``clean``'s (``identical``), and the tasks each call submitted are counted.
 Prints medians and the ratio ``resumed / clean`` per pass.
 
-    python benchmarks/bench_ray_resume.py --layers 8 --rounds 2
+    python benchmarks/bench_ray_resume.py --layers 8 --rounds 6
 
 Record results with the command, the load average and the commit (the JSON does).
 """
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sequences", type=int, default=8, help="calibration sequences (default 8)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster (default 2)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the driver and each task (default 1)")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/ray-resume-TIME.json)")
     return p.parse_args(argv)
@@ -170,10 +170,14 @@ def main(argv: list[str] | None = None) -> None:
             _run(name, graphs[name], ctx, executor, None)
         for r in range(args.rounds):
             for name in PASSES:
-                row: dict = {"round": r, "pass": name, "clean": _run(name, graphs[name], ctx, executor, None)}
+                row: dict = {"round": r, "pass": name}
+                if r % 2 == 0:  # clean first in even rounds, last in odd ones: no order bias
+                    row["clean"] = _run(name, graphs[name], ctx, executor, None)
                 cache = PassCache(tmp / "cache")
                 row["interrupted"] = _run(name, graphs[name], ctx, executor, cache, stop_after=args.layers // 2)
                 row["resumed"] = _run(name, graphs[name], ctx, executor, cache)
+                if r % 2 == 1:
+                    row["clean"] = _run(name, graphs[name], ctx, executor, None)
                 row["identical"] = row["resumed"]["fingerprint"] == row["clean"]["fingerprint"]
                 shutil.rmtree(tmp / "cache", ignore_errors=True)
                 print(json.dumps(row), flush=True)

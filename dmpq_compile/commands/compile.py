@@ -127,7 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the per-layer sensitivity and quantization tasks on a Ray cluster: auto (the cluster "
                    "this machine belongs to), HOST:PORT or ray://HOST:PORT, or local:N (start N worker processes "
                    "here). Workers must see the checkpoint and -o at the same paths; the artifact is the same as "
-                   "without --ray. Needs pip install 'dmpq-compile[ray]'")
+                   "without --ray, and an interrupted compile resumes as without it (see --no-cache). Needs pip "
+                   "install 'dmpq-compile[ray]'")
     p.add_argument("--config", help="TOML file with compile settings: top-level keys and one table per section, "
                    "e.g. [qat] steps = 300 (optionally all inside a [compile] table); flags given win. "
                    "docs/using.md lists them")
