@@ -170,7 +170,7 @@ PATH_FLAGS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "av
 def test_the_result_does_not_depend_on_the_cpu_path_or_the_threads(level, library, wide_dirs, tmp_path):
     """Every path this CPU has (AVX-512 VNNI, AVX2, portable; each forced by DMPQ_KERNEL_PATH), on onnxruntime's
     intra-op threads or the library's own pool, with 1 or 2 threads, gives the same logits, bit for bit, at both
-    levels, for 2/4/8-bit experts and token tiles of 1-4: the integer sums are exact, every path does the same
+    levels, for 2/4/8-bit experts and token tiles of 1 to 8: the integer sums are exact, every path does the same
     float operations per row in the same order, and each output element is summed by one job in one order.
     Unset, the kernel takes the best path."""
     graph = _graph(wide_dirs("olmoe"), (2, 4, 8))

@@ -64,7 +64,7 @@ using dmpq_ort::ApiTable;
 constexpr int kGroup = 64;     // the smallest block size
 constexpr int kMetaCols = 8;
 constexpr int kRowsPerJob = 64;
-constexpr int kTile = 4;       // tokens per weight-row pass
+constexpr int kTile = 8;       // tokens per weight-row pass (at most; an expert's rows are split into even tiles)
 
 // ---------------------------------------------------------------------------------------------
 // Thread pool: the caller runs jobs too; workers spin briefly between calls, then sleep.
@@ -241,7 +241,12 @@ struct Act {
   const float* xf = nullptr;   // level 0: fp32, K
 };
 
-// Level 4: quantize `x` (K values) per block: int8 codes, scales, scale * sums.
+// Level 4: quantize `x` (K values) per block: int8 codes, scales, scale * sums. The vector paths below do
+// the same operations (a block's largest |x| is the same in any order; NaN is skipped by both; the
+// products round the same; conversion rounds to nearest even as nearbyint does in the default mode), so
+// their codes, scales and sums are these bit for bit.
+using QuantFn = void (*)(const float* x, int K, int bs, int8_t* q, float* sa, float* sq);
+
 void QuantizeActs(const float* x, int K, int bs, int8_t* q, float* sa, float* sq) {
   for (int b = 0; b < K / bs; ++b) {
     const float* xb = x + b * bs;
@@ -260,6 +265,113 @@ void QuantizeActs(const float* x, int K, int bs, int8_t* q, float* sa, float* sq
   }
 }
 
+#define DMPQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+#define DMPQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+DMPQ_AVX512 void QuantizeActs512(const float* x, int K, int bs, int8_t* q, float* sa, float* sq) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int b = 0; b < K / bs; ++b) {
+    const float* xb = x + b * bs;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int i = 0; i < bs; i += 16) vmax = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(xb + i), absmask), vmax);
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m512i vsum = _mm512_setzero_si512();
+    for (int i = 0; i < bs; i += 16) {
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv));
+      v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * bs + i), _mm512_cvtepi32_epi8(v));
+      vsum = _mm512_add_epi32(vsum, v);
+    }
+    sa[b] = amax / 127.f;
+    sq[b] = sa[b] * static_cast<float>(_mm512_reduce_add_epi32(vsum));
+  }
+}
+
+DMPQ_AVX2 void QuantizeActs256(const float* x, int K, int bs, int8_t* q, float* sa, float* sq) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int b = 0; b < K / bs; ++b) {
+    const float* xb = x + b * bs;
+    __m256 vmax = _mm256_setzero_ps();
+    for (int i = 0; i < bs; i += 8) vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xb + i), absmask), vmax);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4);
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i vsum = _mm256_setzero_si256();
+    for (int i = 0; i < bs; i += 8) {
+      __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), inv));
+      v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+      const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + b * bs + i), _mm_packs_epi16(w16, w16));  // exact: |v| <= 127
+      vsum = _mm256_add_epi32(vsum, v);
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    sa[b] = amax / 127.f;
+    sq[b] = sa[b] * static_cast<float>(_mm_cvtsi128_si32(s4));
+  }
+}
+
+// SwiGLU's silu(g) * u = g / (1 + exp(-g)) * u for one panel's 16 rows. exp is dmpq's own (libm's expf is a
+// call per value, about a tenth of a prefill's time): x clamped to [-87, 88] (NaN to -87), exp(x) =
+// 2^n * p(r) with n = nearest(x / ln 2), r = x - n ln 2 in two fma steps, p the degree-6 Taylor polynomial
+// (error below 2e-7 relative on |r| <= ln 2 / 2). Each path does these float operations in this order, so
+// all three give the same bits.
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[7] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};  // highest power first
+using SiluFn = void (*)(const float* g, const float* u, float* out);
+
+inline float ExpRef(float x) {
+  x = std::min(88.f, std::max(-87.f, x));
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = std::fma(n, -kLn2Lo, std::fma(n, -kLn2Hi, x));
+  float p = kExpPoly[0];
+  for (int i = 1; i < 7; ++i) p = std::fma(p, r, kExpPoly[i]);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+void SiluMulRef(const float* g, const float* u, float* out) {
+  for (int i = 0; i < 16; ++i) out[i] = g[i] / (1.f + ExpRef(0.f - g[i])) * u[i];  // 0 - g: as the vector paths
+}
+
+DMPQ_AVX512 void SiluMul512(const float* g, const float* u, float* out) {
+  const __m512 gv = _mm512_loadu_ps(g);
+  __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), gv);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  const __m512 scale = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  const __m512 e = _mm512_mul_ps(p, scale);
+  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), _mm512_loadu_ps(u)));
+}
+
+DMPQ_AVX2 void SiluMul256(const float* g, const float* u, float* out) {
+  for (int h = 0; h < 16; h += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + h);
+    __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), gv);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Lo), _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Hi), x));
+    __m256 p = _mm256_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+    const __m256 scale = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    const __m256 e = _mm256_mul_ps(p, scale);
+    _mm256_storeu_ps(out + h, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)), _mm256_loadu_ps(u + h)));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dot products of one 16-row panel of a weight with up to kTile activation vectors.
 //
@@ -271,6 +383,13 @@ void QuantizeActs(const float* x, int K, int bs, int8_t* q, float* sa, float* sq
 // block, the 16 rows' values side by side.
 
 constexpr int kPanel = 16;
+
+// With several tokens a panel is compute-bound, and the hardware prefetcher alone leaves the first tile
+// waiting on memory (a prefill streams each routed expert's weights from DRAM once): the dot products
+// of a tile fetch the codes this many bytes ahead (32 units, a third of a 4-bit panel at K = 2048).
+// One token streams at memory speed without it, and prefetching past a matrix's end there would only
+// add traffic, so decode does not.
+constexpr int kPrefetch = 2048;
 
 struct Panel {
   const uint8_t* codes;
@@ -310,8 +429,6 @@ void DotRef(const Panel& p, int bits, int K, int bs, const Act* const* acts, int
   }
 }
 
-#define DMPQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
-
 DMPQ_AVX512 inline __m512i Broadcast4(const int8_t* q) {
   int32_t v;
   std::memcpy(&v, q, 4);
@@ -336,6 +453,7 @@ DMPQ_AVX512 void DotQ512(const Panel& p, int K, int bs, const Act* const* acts, 
     __m512i iacc[NT];
     for (int t = 0; t < NT; ++t) iacc[t] = _mm512_setzero_si512();
     for (int k = b * bs; k < (b + 1) * bs; k += unit, c += 64) {
+      if (NT > 1) _mm_prefetch(reinterpret_cast<const char*>(c) + kPrefetch, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(c);
       for (int m = 0; m < planes; ++m) {
         const __m512i w = Plane<BITS>(v, m);
@@ -392,7 +510,11 @@ DMPQ_AVX512 void Dot512Bits(const Panel& p, int K, int bs, const Act* const* act
     case 1: q ? DotQ512<BITS, 1>(p, K, bs, acts, out) : DotF512<BITS, 1>(p, K, bs, acts, out); break;
     case 2: q ? DotQ512<BITS, 2>(p, K, bs, acts, out) : DotF512<BITS, 2>(p, K, bs, acts, out); break;
     case 3: q ? DotQ512<BITS, 3>(p, K, bs, acts, out) : DotF512<BITS, 3>(p, K, bs, acts, out); break;
-    default: q ? DotQ512<BITS, 4>(p, K, bs, acts, out) : DotF512<BITS, 4>(p, K, bs, acts, out); break;
+    case 4: q ? DotQ512<BITS, 4>(p, K, bs, acts, out) : DotF512<BITS, 4>(p, K, bs, acts, out); break;
+    case 5: q ? DotQ512<BITS, 5>(p, K, bs, acts, out) : DotF512<BITS, 5>(p, K, bs, acts, out); break;
+    case 6: q ? DotQ512<BITS, 6>(p, K, bs, acts, out) : DotF512<BITS, 6>(p, K, bs, acts, out); break;
+    case 7: q ? DotQ512<BITS, 7>(p, K, bs, acts, out) : DotF512<BITS, 7>(p, K, bs, acts, out); break;
+    default: q ? DotQ512<BITS, 8>(p, K, bs, acts, out) : DotF512<BITS, 8>(p, K, bs, acts, out); break;
   }
 }
 
@@ -411,8 +533,6 @@ void Dot512(const Panel& p, int bits, int K, int bs, const Act* const* acts, int
 // saturates), added up in 16 bits for 32 columns (at most 8 steps: |sum| <= 30480 < 32768, exact), then
 // _mm256_madd_epi16 with ones -> int32. 8-bit codes (2 * 255 * 127 would saturate) go as two nibbles:
 // code * q = lo * q + 16 * hi * q, each nibble's sums as above.
-
-#define DMPQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 DMPQ_AVX2 inline __m256i Broadcast4x8(const int8_t* q) {
   int32_t v;
@@ -453,6 +573,7 @@ DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, in
       for (int h = 0; h < HALVES; ++h)
         for (int t = 0; t < NT; ++t) lo[h][t] = hi[h][t] = _mm256_setzero_si256();
       for (int k = k0; k < k0 + chunk; k += unit, c += 64) {
+        if (NT > 1) _mm_prefetch(reinterpret_cast<const char*>(c) + kPrefetch, _MM_HINT_T0);
         __m256i v[HALVES];
         for (int h = 0; h < HALVES; ++h) v[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
         for (int m = 0; m < planes; ++m) {
@@ -546,13 +667,18 @@ DMPQ_AVX2 void Dot256Tile(const Panel& p, int K, int bs, const Act* const* acts,
     q ? DotQ256<BITS, NT, 1>(p, K, bs, acts, h, out) : DotF256<BITS, NT, 1>(p, K, bs, acts, h, out);
 }
 
+// Up to 4 tokens a pass (16 ymm registers); a tile of more runs as passes of 4 (tokens are independent).
 template <int BITS>
 DMPQ_AVX2 void Dot256Bits(const Panel& p, int K, int bs, const Act* const* acts, int nt, float* out) {
-  switch (nt) {
-    case 1: Dot256Tile<BITS, 1>(p, K, bs, acts, out); break;
-    case 2: Dot256Tile<BITS, 2>(p, K, bs, acts, out); break;
-    case 3: Dot256Tile<BITS, 3>(p, K, bs, acts, out); break;
-    default: Dot256Tile<BITS, 4>(p, K, bs, acts, out); break;
+  for (int t0 = 0; t0 < nt; t0 += 4) {
+    const Act* const* a = acts + t0;
+    float* o = out + t0 * kPanel;
+    switch (std::min(4, nt - t0)) {
+      case 1: Dot256Tile<BITS, 1>(p, K, bs, a, o); break;
+      case 2: Dot256Tile<BITS, 2>(p, K, bs, a, o); break;
+      case 3: Dot256Tile<BITS, 3>(p, K, bs, a, o); break;
+      default: Dot256Tile<BITS, 4>(p, K, bs, a, o); break;
+    }
   }
 }
 
@@ -628,6 +754,26 @@ DotFn ChosenDot() {
   return fn;
 }
 
+SiluFn ChosenSilu() {
+  static const SiluFn fn = [] {
+    const std::string name = Path().name;
+    if (name == "avx512-vnni") return SiluMul512;
+    if (name == "avx2") return SiluMul256;
+    return SiluMulRef;
+  }();
+  return fn;
+}
+
+QuantFn ChosenQuantize() {
+  static const QuantFn fn = [] {
+    const std::string name = Path().name;
+    if (name == "avx512-vnni") return QuantizeActs512;
+    if (name == "avx2") return QuantizeActs256;
+    return QuantizeActs;
+  }();
+  return fn;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The op
 
@@ -663,6 +809,27 @@ void Describe(const Api& api, const dmpq_ort::OrtValue* v, Tensor* out) {
 }
 
 [[noreturn]] void Fail(const std::string& msg) { throw std::runtime_error("dmpq MixedMoE: " + msg); }
+
+// An expert's slots [begin, end) in tiles of at most kTile, as even as they go (9 slots: 5 + 4, not 8 + 1:
+// a tile of one token runs at memory speed, half a full tile's).
+struct Tiles {
+  Tiles(int64_t begin, int64_t end)
+      : s0(begin), end_(end), tiles_((end - begin + kTile - 1) / kTile), n_(end - begin) { Size(); }
+  bool more() const { return s0 < end_; }
+  void next() {
+    s0 += nt;
+    ++i_;
+    Size();
+  }
+  int64_t s0;
+  int nt = 0;
+
+ private:
+  void Size() {
+    if (tiles_) nt = static_cast<int>(n_ / tiles_ + (i_ < n_ % tiles_ ? 1 : 0));
+  }
+  int64_t end_, tiles_, n_, i_ = 0;
+};
 
 struct ExpertMeta {
   int64_t bits, gu_codes, down_codes, gu_scales, down_scales, gu_zeros, down_zeros, reserved;
@@ -769,6 +936,8 @@ class MixedMoE {
       }
     };
     const DotFn dot = ChosenDot();
+    const QuantFn quantize = ChosenQuantize();
+    const SiluFn silu_mul = ChosenSilu();
     const bool q = level_ == 4;
     const int bs = static_cast<int>(block_);
 
@@ -778,7 +947,7 @@ class MixedMoE {
     std::vector<Act> xacts(N);
     run(static_cast<int>(N), [&](int n) {
       if (q) {
-        QuantizeActs(xs + n * H, static_cast<int>(H), bs, &xq[n * H], &xsa[n * hb], &xsq[n * hb]);
+        quantize(xs + n * H, static_cast<int>(H), bs, &xq[n * H], &xsa[n * hb], &xsq[n * hb]);
         xacts[n] = Act{&xq[n * H], &xsa[n * hb], &xsq[n * hb], nullptr};
       } else {
         xacts[n] = Act{nullptr, nullptr, nullptr, xs + n * H};
@@ -796,8 +965,9 @@ class MixedMoE {
       const int64_t pcodes = kPanel * H * bits / 8, pblocks = kPanel * hb;
       const Act* acts[kTile];
       float g[kTile * kPanel], u[kTile * kPanel];
-      for (int64_t s0 = count[e]; s0 < count[e + 1]; s0 += kTile) {
-        const int nt = static_cast<int>(std::min<int64_t>(kTile, count[e + 1] - s0));
+      for (Tiles tl(count[e], count[e + 1]); tl.more(); tl.next()) {
+        const int64_t s0 = tl.s0;
+        const int nt = tl.nt;
         for (int t = 0; t < nt; ++t) acts[t] = &xacts[slot_row[s0 + t]];
         for (int64_t r = r0; r < r1; r += kPanel) {
           const int64_t gp = r / kPanel, up_p = (I + r) / kPanel;
@@ -805,11 +975,7 @@ class MixedMoE {
           Panel up{cb + m.gu_codes + up_p * pcodes, sb + m.gu_scales + up_p * pblocks, zb + m.gu_zeros + up_p * pblocks};
           dot(gate, bits, static_cast<int>(H), bs, acts, nt, g);
           dot(up, bits, static_cast<int>(H), bs, acts, nt, u);
-          for (int t = 0; t < nt; ++t)
-            for (int i = 0; i < kPanel; ++i) {
-              const float gv = g[t * kPanel + i];
-              h[(s0 + t) * I + r + i] = gv / (1.f + std::exp(-gv)) * u[t * kPanel + i];
-            }
+          for (int t = 0; t < nt; ++t) silu_mul(g + t * kPanel, u + t * kPanel, &h[(s0 + t) * I + r]);
         }
       }
     });
@@ -820,7 +986,7 @@ class MixedMoE {
     std::vector<Act> hacts(S);
     run(static_cast<int>(S), [&](int s) {
       if (q) {
-        QuantizeActs(&h[s * I], static_cast<int>(I), bs, &hq[s * I], &hsa[s * ib], &hsq[s * ib]);
+        quantize(&h[s * I], static_cast<int>(I), bs, &hq[s * I], &hsa[s * ib], &hsq[s * ib]);
         hacts[s] = Act{&hq[s * I], &hsa[s * ib], &hsq[s * ib], nullptr};
       } else {
         hacts[s] = Act{nullptr, nullptr, nullptr, &h[s * I]};
@@ -837,8 +1003,9 @@ class MixedMoE {
         const ExpertMeta& m = em[e];
         const int bits = static_cast<int>(m.bits);
         const int64_t pcodes = kPanel * I * bits / 8, pblocks = kPanel * ib;
-        for (int64_t s0 = count[e]; s0 < count[e + 1]; s0 += kTile) {
-          const int nt = static_cast<int>(std::min<int64_t>(kTile, count[e + 1] - s0));
+        for (Tiles tl(count[e], count[e + 1]); tl.more(); tl.next()) {
+          const int64_t s0 = tl.s0;
+          const int nt = tl.nt;
           for (int t = 0; t < nt; ++t) acts[t] = &hacts[s0 + t];
           for (int64_t c = c0; c < c1; c += kPanel) {
             const int64_t dp = c / kPanel;
