@@ -1,5 +1,6 @@
 // dmpq's onnxruntime custom-op library: `ai.dmpq.MixedMoE`, one layer's routed SwiGLU experts at
-// mixed bit-widths (2, 4 and 8) in one node.
+// mixed bit-widths (2, 4 and 8) in one node, and `ai.dmpq.PanelMatMul`, one quantized projection
+// (attention's, the LM head's) in the same panels with the same dot products (described at its class).
 //
 // Inputs
 //   0 x        float   [N, H]   the layer's (flattened) input rows
@@ -447,6 +448,8 @@ template <int BITS, int NT>
 DMPQ_AVX512 void DotQ512(const Panel& p, int K, int bs, const Act* const* acts, float* out) {
   constexpr int unit = 32 / BITS, planes = 8 / BITS;
   const uint8_t* c = p.codes;
+  const int8_t* qs[NT];  // the activations, out of `acts` (read once: the stores below could alias them)
+  for (int t = 0; t < NT; ++t) qs[t] = acts[t]->q;
   __m512 facc[NT];
   for (int t = 0; t < NT; ++t) facc[t] = _mm512_setzero_ps();
   for (int b = 0; b < K / bs; ++b) {
@@ -457,7 +460,7 @@ DMPQ_AVX512 void DotQ512(const Panel& p, int K, int bs, const Act* const* acts, 
       const __m512i v = _mm512_loadu_si512(c);
       for (int m = 0; m < planes; ++m) {
         const __m512i w = Plane<BITS>(v, m);
-        for (int t = 0; t < NT; ++t) iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, Broadcast4(acts[t]->q + k + 4 * m));
+        for (int t = 0; t < NT; ++t) iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, Broadcast4(qs[t] + k + 4 * m));
       }
     }
     const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales + b * kPanel)));
@@ -561,6 +564,8 @@ DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, in
   constexpr int unit = 32 / BITS, planes = 8 / BITS, chunk = 32;  // chunk: columns summed in 16 bits
   const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0f);
   const uint8_t* c = p.codes + 32 * h0;
+  const int8_t* qs[NT];  // as DotQ512
+  for (int t = 0; t < NT; ++t) qs[t] = acts[t]->q;
   __m256 facc[HALVES][NT];
   for (int h = 0; h < HALVES; ++h)
     for (int t = 0; t < NT; ++t) facc[h][t] = _mm256_setzero_ps();
@@ -587,7 +592,7 @@ DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, in
             }
           }
           for (int t = 0; t < NT; ++t) {
-            const __m256i a = Broadcast4x8(acts[t]->q + k + 4 * m);
+            const __m256i a = Broadcast4x8(qs[t] + k + 4 * m);
             for (int h = 0; h < HALVES; ++h) {
               lo[h][t] = _mm256_add_epi16(lo[h][t], _mm256_maddubs_epi16(w[h], a));
               if (BITS == 8) hi[h][t] = _mm256_add_epi16(hi[h][t], _mm256_maddubs_epi16(wh[h], a));
@@ -810,6 +815,30 @@ void Describe(const Api& api, const dmpq_ort::OrtValue* v, Tensor* out) {
 
 [[noreturn]] void Fail(const std::string& msg) { throw std::runtime_error("dmpq MixedMoE: " + msg); }
 
+int64_t IntAttr(const Api& api, const dmpq_ort::OrtKernelInfo* info, const char* name, const char* op) {
+  int64_t v = 0;
+  dmpq_ort::OrtStatus* st = api.KernelInfoGetAttributeInt64(info, name, &v);
+  if (st) {
+    std::string msg = std::string("dmpq ") + op + ": attribute '" + name + "': " + api.GetErrorMessage(st);
+    api.ReleaseStatus(st);
+    throw std::runtime_error(msg);
+  }
+  return v;
+}
+
+// Runs f(0 .. jobs-1) on onnxruntime's threads (or the library's own pool), inline for one job.
+template <class F>
+void RunJobs(const Api& api, dmpq_ort::OrtKernelContext* ctx, int jobs, F&& f) {
+  if (jobs <= 0) return;
+  if (jobs == 1) {
+    f(0);
+  } else if (g_ort_pool.load()) {
+    OrtParallelFor(api, ctx, jobs, f);
+  } else {
+    SharedPool().Run(jobs, f);
+  }
+}
+
 // An expert's slots [begin, end) in tiles of at most kTile, as even as they go (9 slots: 5 + 4, not 8 + 1:
 // a tile of one token runs at memory speed, half a full tile's).
 struct Tiles {
@@ -837,6 +866,10 @@ struct ExpertMeta {
 
 class MixedMoE {
  public:
+  static constexpr const char* kName = "MixedMoE";
+  static constexpr size_t kInputCount = 7;
+  static const dmpq_ort::ElementType kInputs[7];
+
   MixedMoE(const Api& api, const dmpq_ort::OrtKernelInfo* info) : api_(api) {
     hidden_ = Attr(info, "hidden");
     inter_ = Attr(info, "inter");
@@ -924,17 +957,7 @@ class MixedMoE {
     for (int64_t e = 0; e < E; ++e)
       if (count[e + 1] > count[e]) active.push_back(e);
 
-    const bool ort_pool = g_ort_pool.load();
-    auto run = [&](int jobs, auto&& f) {
-      if (jobs <= 0) return;
-      if (jobs == 1) {
-        f(0);
-      } else if (ort_pool) {
-        OrtParallelFor(api_, ctx, jobs, f);
-      } else {
-        SharedPool().Run(jobs, f);
-      }
-    };
+    auto run = [&](int jobs, auto&& f) { RunJobs(api_, ctx, jobs, f); };
     const DotFn dot = ChosenDot();
     const QuantFn quantize = ChosenQuantize();
     const SiluFn silu_mul = ChosenSilu();
@@ -1023,45 +1046,141 @@ class MixedMoE {
   }
 
  private:
-  int64_t Attr(const dmpq_ort::OrtKernelInfo* info, const char* name) {
-    int64_t v = 0;
-    dmpq_ort::OrtStatus* st = api_.KernelInfoGetAttributeInt64(info, name, &v);
-    if (st) {
-      std::string msg = std::string("dmpq MixedMoE: attribute '") + name + "': " + api_.GetErrorMessage(st);
-      api_.ReleaseStatus(st);
-      throw std::runtime_error(msg);
-    }
-    return v;
-  }
+  int64_t Attr(const dmpq_ort::OrtKernelInfo* info, const char* name) { return IntAttr(api_, info, name, "MixedMoE"); }
 
   Api api_;
   int64_t hidden_ = 0, inter_ = 0, block_ = 0, level_ = 0;
 };
 
-// The custom-op record.
-const dmpq_ort::ElementType kInputTypes[7] = {dmpq_ort::kFloat, dmpq_ort::kInt64, dmpq_ort::kFloat, dmpq_ort::kUInt8,
-                                              dmpq_ort::kFloat16, dmpq_ort::kUInt8, dmpq_ort::kInt64};
+const dmpq_ort::ElementType MixedMoE::kInputs[7] = {dmpq_ort::kFloat, dmpq_ort::kInt64, dmpq_ort::kFloat,
+                                                    dmpq_ort::kUInt8, dmpq_ort::kFloat16, dmpq_ort::kUInt8,
+                                                    dmpq_ort::kInt64};
 
+// `ai.dmpq.PanelMatMul`: y = x W^T for one quantized projection (attention's, the LM head) in the same
+// 16-row panels, with the same dot products, as MixedMoE's experts.
+//   0 x      float   [..., K]
+//   1 codes  uint8   [N * K * bits / 8]   the weight's codes in panels (N multiple of 16)
+//   2 scales float16 [N * K / block]      block scales, per panel and block the 16 rows side by side
+//   3 zeros  uint8   [N * K / block]      block zero points, one byte each, laid out as the scales
+// Attributes: K, N, bits (2, 4, 8), block_size (a multiple of 64 dividing K), accuracy_level (0 or 4).
+// Output float [..., N]. Jobs are (64 output columns, 64 rows of x): each output element is one dot product,
+// so the result does not depend on the threads.
+class PanelMatMul {
+ public:
+  static constexpr const char* kName = "PanelMatMul";
+  static constexpr size_t kInputCount = 4;
+  static const dmpq_ort::ElementType kInputs[4];
+
+  PanelMatMul(const Api& api, const dmpq_ort::OrtKernelInfo* info) : api_(api) {
+    k_ = IntAttr(api_, info, "K", kName);
+    n_ = IntAttr(api_, info, "N", kName);
+    bits_ = IntAttr(api_, info, "bits", kName);
+    block_ = IntAttr(api_, info, "block_size", kName);
+    level_ = IntAttr(api_, info, "accuracy_level", kName);
+    auto fail = [](const std::string& m) { throw std::runtime_error(std::string("dmpq PanelMatMul: ") + m); };
+    if (k_ <= 0 || n_ <= 0 || n_ % kPanel) fail("K must be positive and N a positive multiple of 16");
+    if (bits_ != 2 && bits_ != 4 && bits_ != 8) fail("bits must be 2, 4 or 8");
+    if (block_ < kGroup || block_ % kGroup || k_ % block_) fail("block_size must be a multiple of 64 dividing K");
+    if (level_ != 0 && level_ != 4) fail("accuracy_level must be 0 (fp32 activations) or 4 (int8)");
+  }
+
+  void Compute(dmpq_ort::OrtKernelContext* ctx) {
+    auto fail = [](const std::string& m) { throw std::runtime_error(std::string("dmpq PanelMatMul: ") + m); };
+    size_t n_in = 0;
+    Check(api_, api_.KernelContextGetInputCount(ctx, &n_in), "counting inputs");
+    if (n_in != 4) fail("expects 4 inputs, got " + std::to_string(n_in));
+    Tensor in[4];
+    for (size_t i = 0; i < 4; ++i) {
+      const dmpq_ort::OrtValue* v = nullptr;
+      Check(api_, api_.KernelContextGetInput(ctx, i, &v), "getting an input");
+      Describe(api_, v, &in[i]);
+    }
+    const Tensor &x = in[0], &codes = in[1], &scales = in[2], &zeros = in[3];
+    const int64_t K = k_, N = n_, kb = K / block_;
+    if (x.dims.empty() || x.dims.back() != K) fail("x's last dimension must be K = " + std::to_string(K));
+    if (codes.size() != N * K * bits_ / 8 || scales.size() != N * kb || zeros.size() != N * kb)
+      fail("codes, scales and zeros must hold N * K * bits / 8, N * K / block_size and N * K / block_size values");
+    const int64_t M = x.size() / K;
+    std::vector<int64_t> dims = x.dims;
+    dims.back() = N;
+    dmpq_ort::OrtValue* out_v = nullptr;
+    Check(api_, api_.KernelContextGetOutput(ctx, 0, dims.data(), dims.size(), &out_v), "making the output");
+    void* out_p = nullptr;
+    Check(api_, api_.GetTensorMutableData(out_v, &out_p), "writing the output");
+    float* y = static_cast<float*>(out_p);
+    if (M == 0) return;
+    const auto* xs = static_cast<const float*>(x.data);
+    const auto* cb = static_cast<const uint8_t*>(codes.data);
+    const auto* sb = static_cast<const uint16_t*>(scales.data);
+    const auto* zb = static_cast<const uint8_t*>(zeros.data);
+    auto run = [&](int jobs, auto&& f) { RunJobs(api_, ctx, jobs, f); };
+    const DotFn dot = ChosenDot();
+    const QuantFn quantize = ChosenQuantize();
+    const bool q = level_ == 4;
+    const int bs = static_cast<int>(block_), bits = static_cast<int>(bits_);
+
+    std::vector<int8_t> xq(q ? M * K : 0);
+    std::vector<float> xsa(q ? M * kb : 0), xsq(q ? M * kb : 0);
+    std::vector<Act> acts(M);
+    run(static_cast<int>(M), [&](int m) {
+      if (q) {
+        quantize(xs + m * K, static_cast<int>(K), bs, &xq[m * K], &xsa[m * kb], &xsq[m * kb]);
+        acts[m] = Act{&xq[m * K], &xsa[m * kb], &xsq[m * kb], nullptr};
+      } else {
+        acts[m] = Act{nullptr, nullptr, nullptr, xs + m * K};
+      }
+    });
+
+    const int64_t col_jobs = (N + kRowsPerJob - 1) / kRowsPerJob, row_jobs = (M + kRowsPerJob - 1) / kRowsPerJob;
+    const int64_t pcodes = kPanel * K * bits / 8, pblocks = kPanel * kb;
+    run(static_cast<int>(col_jobs * row_jobs), [&](int job) {
+      const int64_t c0 = (job / row_jobs) * kRowsPerJob, c1 = std::min<int64_t>(N, c0 + kRowsPerJob);
+      const int64_t m0 = (job % row_jobs) * kRowsPerJob, m1 = std::min<int64_t>(M, m0 + kRowsPerJob);
+      const Act* tile[kTile];
+      float d[kTile * kPanel];
+      for (int64_t c = c0; c < c1; c += kPanel) {  // a panel stays in L1 while every tile of rows runs on it
+        const int64_t p = c / kPanel;
+        const Panel panel{cb + p * pcodes, sb + p * pblocks, zb + p * pblocks};
+        for (Tiles tl(m0, m1); tl.more(); tl.next()) {
+          for (int t = 0; t < tl.nt; ++t) tile[t] = &acts[tl.s0 + t];
+          dot(panel, bits, static_cast<int>(K), bs, tile, tl.nt, d);
+          for (int t = 0; t < tl.nt; ++t) std::memcpy(y + (tl.s0 + t) * N + c, d + t * kPanel, kPanel * sizeof(float));
+        }
+      }
+    });
+  }
+
+ private:
+  Api api_;
+  int64_t k_ = 0, n_ = 0, bits_ = 0, block_ = 0, level_ = 0;
+};
+
+const dmpq_ort::ElementType PanelMatMul::kInputs[4] = {dmpq_ort::kFloat, dmpq_ort::kUInt8, dmpq_ort::kFloat16,
+                                                       dmpq_ort::kUInt8};
+
+// The custom-op records.
+template <class Kernel>
 dmpq_ort::OrtCustomOpV8 MakeOp() {
   dmpq_ort::OrtCustomOpV8 op{};
   op.version = 8;
   op.CreateKernel = [](dmpq_ort::OrtCustomOpV8*, const ApiTable* api, const dmpq_ort::OrtKernelInfo* info) -> void* {
-    return new MixedMoE(Api(api), info);
+    return new Kernel(Api(api), info);
   };
-  op.GetName = [](dmpq_ort::OrtCustomOpV8*) { return "MixedMoE"; };
+  op.GetName = [](dmpq_ort::OrtCustomOpV8*) { return Kernel::kName; };
   op.GetExecutionProviderType = [](dmpq_ort::OrtCustomOpV8*) -> const char* { return nullptr; };
-  op.GetInputType = [](dmpq_ort::OrtCustomOpV8*, size_t i) { return kInputTypes[i]; };
-  op.GetInputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return 7; };
+  op.GetInputType = [](dmpq_ort::OrtCustomOpV8*, size_t i) { return Kernel::kInputs[i]; };
+  op.GetInputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return Kernel::kInputCount; };
   op.GetOutputType = [](dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kFloat; };
   op.GetOutputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return 1; };
-  op.KernelCompute = [](void* k, dmpq_ort::OrtKernelContext* ctx) { static_cast<MixedMoE*>(k)->Compute(ctx); };
-  op.KernelDestroy = [](void* k) { delete static_cast<MixedMoE*>(k); };
+  op.KernelCompute = [](void* k, dmpq_ort::OrtKernelContext* ctx) { static_cast<Kernel*>(k)->Compute(ctx); };
+  op.KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
   op.GetInputCharacteristic = [](const dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kRequired; };
   op.GetOutputCharacteristic = [](const dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kRequired; };
   return op;
 }
 
-dmpq_ort::OrtCustomOpV8 g_op = MakeOp();
+dmpq_ort::OrtCustomOpV8 g_moe_op = MakeOp<MixedMoE>();
+dmpq_ort::OrtCustomOpV8 g_matmul_op = MakeOp<PanelMatMul>();
 
 // onnxruntime's own threads where it offers them (1.17 on) unless DMPQ_KERNEL_POOL=own.
 bool UseOrtPool(const char* version) {
@@ -1096,7 +1215,8 @@ __attribute__((visibility("default"))) dmpq_ort::OrtStatus* RegisterCustomOps(dm
   g_ort_pool.store(UseOrtPool(base->GetVersionString()));
   dmpq_ort::OrtCustomOpDomain* domain = nullptr;
   if (dmpq_ort::OrtStatus* st = api.CreateCustomOpDomain("ai.dmpq", &domain)) return st;
-  if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_op)) return st;
+  if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_moe_op)) return st;
+  if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_matmul_op)) return st;
   return api.AddCustomOpDomain(options, domain);  // the domain lives as long as the process
 }
 
