@@ -63,8 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS,
                    help="the first is the baseline of the ratios (default: avx512-vnni avx2 portable)")
+    p.add_argument("--library", action="append", default=[], metavar="LABEL=PATH",
+                   help="also time this build of the library (e.g. one built from an earlier commit) on the first "
+                        "path, as worker LABEL; repeatable. The current sources' build is the baseline")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/kernel-paths-TIME.json)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "INPUTS"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-library", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -124,12 +128,12 @@ def build_model(args: argparse.Namespace, folder: Path) -> tuple[Path, Path]:
     return path, inputs
 
 
-def worker(model: Path, inputs: Path, threads: int) -> None:
+def worker(model: Path, inputs: Path, threads: int, library: Path | None = None) -> None:
     """Serve timing requests on stdin ("decode REPS", "prefill REPS"), one JSON line each on stdout."""
     import onnxruntime as ort
     from dmpq_compile.backends.ort_cpu import kernels
 
-    library = kernels.build()
+    library = library or kernels.build()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     kernels.register(opts, library)
@@ -155,11 +159,12 @@ def worker(model: Path, inputs: Path, threads: int) -> None:
 
 
 class Worker:
-    def __init__(self, path: str, model: Path, inputs: Path, threads: int):
+    def __init__(self, path: str, model: Path, inputs: Path, threads: int, library: Path | None = None):
         env = {**os.environ, "DMPQ_KERNEL_PATH": path, "DMPQ_KERNEL_THREADS": str(threads)}
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", str(model), str(inputs),
-                                      "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+        cmd = [sys.executable, __file__, "--worker", str(model), str(inputs), "--threads", str(threads)]
+        if library:
+            cmd += ["--worker-library", str(library)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.path = path
         hello = self.read()
         if hello["ready"]["path"] != path or hello["ready"]["threads"] != threads:
@@ -185,14 +190,22 @@ class Worker:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        worker(Path(args.worker[0]), Path(args.worker[1]), args.threads)
+        worker(Path(args.worker[0]), Path(args.worker[1]), args.threads, args.worker_library)
         return 0
     cpu = cpu_info()
     paths = [p for p in args.paths if PATH_FLAGS[p] <= cpu["all_flags"]]
     if skipped := [p for p in args.paths if p not in paths]:
         print(f"this CPU lacks the {', '.join(skipped)} path(s); timing {', '.join(paths)}")
-    if len(paths) < 2:
-        raise SystemExit("fewer than two paths to compare on this CPU")
+    libraries = {}
+    for spec in args.library:
+        label, sep, file = spec.partition("=")
+        if not sep or not label or not Path(file).is_file():
+            raise SystemExit(f"--library {spec!r}: give LABEL=PATH with PATH a built libdmpq_kernels.so")
+        if label in PATHS or label in libraries:
+            raise SystemExit(f"--library label {label!r} is taken: pick another")
+        libraries[label] = Path(file)
+    if not paths or len(paths) + len(libraries) < 2:
+        raise SystemExit("fewer than two paths or libraries to compare on this CPU")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                             check=False).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -201,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-kernel-paths-") as tmp:
         model, inputs = build_model(args, Path(tmp))
         workers = {p: Worker(p, model, inputs, args.threads) for p in paths}
+        workers.update({label: Worker(paths[0], model, inputs, args.threads, lib) for label, lib in libraries.items()})
+        paths = [*paths, *libraries]  # from here on: the workers' labels
         try:
             identical = all(w.digests == workers[base].digests for w in workers.values())
             pool = "onnxruntime intra-op" if all(w.ort_pool for w in workers.values()) else \

@@ -136,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--types", nargs="+", default=list(QUANT_TYPES), help="llama-quantize types")
     p.add_argument("--work", default=str(ROOT / "out" / "bench-llamacpp"))
     p.add_argument("--reuse", action="store_true", help="keep GGUF files and artifacts that already exist")
+    p.add_argument("--drop-base", action="store_true",
+                   help="delete the base GGUF (f16/f32) once every --types file exists, and leave its row out of the "
+                   "timing: on a disk that cannot hold it beside the rest (the whole OLMoE-1B-7B shape's f16 GGUF is "
+                   "13 GB); random-weight models only (the quality sets need it)")
     p.add_argument("--extra-artifacts", nargs="*", default=[], metavar="DIR",
                    help="more dmpq artifacts of the same checkpoint to time in the same interleaved rounds (e.g. the "
                    "same compile with --dispatch gather-if), as rows labelled by their folder names")
@@ -175,6 +179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.specs = [model_spec(name) for name in args.models]
     except ValueError as e:
         p.error(str(e))
+    if args.drop_base and (scored := [s.name for s in args.specs if s.quality]):
+        p.error(f"--drop-base removes the base GGUF that the quality sets of {', '.join(scored)} are checked "
+                "against: use it with random-weight models only")
     return args
 
 
@@ -326,16 +333,17 @@ def gguf_files(llama: lc.LlamaCpp, spec: ModelSpec, ckpt: Path, work: Path, args
                calib_file: Path) -> dict[str, Path]:
     """The base GGUF and one file per quantization type (llama.cpp's own tools)."""
     base = work / f"{spec.base.upper()}.gguf"
-    if not (args.reuse and base.is_file()):
+    imatrix = work / "imatrix.gguf"
+    have = args.reuse and imatrix.is_file() and all((work / f"{t}.gguf").is_file() for t in args.types)
+    if not (args.reuse and base.is_file()) and not (args.drop_base and have):  # dropped: built only when needed
         lc.ensure_pre_tokenizer(llama, ckpt)
         lc.run([sys.executable, str(llama.source / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", spec.base,
                 "--outfile", str(base)], f"convert {spec.name}")
-    imatrix = work / "imatrix.gguf"
     if not (args.reuse and imatrix.is_file()):
         lc.run([llama.tool("llama-imatrix"), "-m", str(base), "-f", str(calib_file), "-o", str(imatrix),
                 "-c", str(args.context), "--chunks", str(args.imatrix_chunks), "-t", str(args.threads)],
                f"llama-imatrix {spec.name}")
-    files = {spec.base.upper(): base}
+    files = {} if args.drop_base else {spec.base.upper(): base}
     for qtype in args.types:
         out = work / f"{qtype}.gguf"
         if not (args.reuse and out.is_file()):
@@ -343,6 +351,9 @@ def gguf_files(llama: lc.LlamaCpp, spec: ModelSpec, ckpt: Path, work: Path, args
             lc.run([llama.tool("llama-quantize"), "--imatrix", str(imatrix), str(base), str(out), qtype,
                     str(args.threads)], f"llama-quantize {qtype}")
         files[qtype] = out
+    if args.drop_base and base.is_file():
+        print(f"  --drop-base: deleting {base} ({base.stat().st_size / 1e9:.1f} GB)", flush=True)
+        base.unlink()
     return files
 
 

@@ -46,6 +46,7 @@ def profile(args: argparse.Namespace) -> dict:
     import onnxruntime as ort
 
     from dmpq_compile.runtime import load
+    from dmpq_compile.runtime.session import register_custom_ops
 
     session = load(args.artifact, threads=args.threads, verify=False)
     options = ort.SessionOptions()
@@ -53,6 +54,7 @@ def profile(args: argparse.Namespace) -> dict:
     options.log_severity_level = 3
     options.enable_profiling = True
     options.profile_file_prefix = str(Path("/tmp") / f"ort-profile-{int(time.time())}")
+    register_custom_ops(options, args.artifact, session.manifest["target"])  # --dispatch kernel's library
     session._sess = ort.InferenceSession(str(args.artifact / session.manifest["target"]["model_file"]), options,
                                          providers=["CPUExecutionProvider"])
     ids = np.random.default_rng(0).integers(2, session.vocab_size, (1, args.prompt))

@@ -7,6 +7,8 @@
 * the CPU's vector paths (AVX-512 VNNI, AVX2), the portable path and any thread count give the same
   logits, bit for bit; a forced path the CPU lacks is refused at registration;
 * the artifact carries the library; the runtime, ``check`` and onnxruntime-genai load it;
+* attention's and the head's quantized projections run as ``ai.dmpq.PanelMatMul`` (the same panels and dot
+  products), the product with the dequantized weight;
 * bad routing input is refused with the op's message, not computed.
 
 The library is compiled from the shipped sources with the machine's C++ compiler (seconds); without one,
@@ -62,10 +64,18 @@ def wide_dirs(tmp_path_factory):
     return get
 
 
-def _graph(path, cycle, group_size=64):
+def _graph(path, cycle, group_size=64, nonexpert_bits=None):
+    """The checkpoint with its experts at ``cycle``'s bits in turn, quantized; ``nonexpert_bits``: attention and
+    the LM head too (the kernel dispatch runs them as ``PanelMatMul``)."""
+    from dmpq_compile.ir.graph import NONEXPERT_QUANTIZABLE_KINDS
+
     graph = load(path)
     for i, node in enumerate(graph.experts()):
         graph.annotate(node.id, "bits", cycle[i % len(cycle)])
+    if nonexpert_bits:
+        for node in graph.nodes():
+            if node.kind in NONEXPERT_QUANTIZABLE_KINDS and node.kind != "embed":
+                graph.annotate(node.id, "bits", nonexpert_bits)
     QuantizePass(group_size=group_size).call(graph, PassContext(progress=False, backend=OrtCpuBackend()))
     return graph
 
@@ -97,12 +107,14 @@ def _kl(p_logits, q_logits):
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_kernel_matches_the_interpreter_exactly(family, library, wide_dirs, tmp_path):
-    """Level 0, a 2/4/8-bit mix: one MixedMoE per layer, no expert left per expert, logits within 1e-4."""
-    graph = _graph(wide_dirs(family), (4, 8, 2))
+    """Level 0, a 2/4/8-bit mix of experts, attention and the head at 4 bits: one MixedMoE per layer, no expert
+    left per expert, the projections as PanelMatMul, logits within 1e-4."""
+    graph = _graph(wide_dirs(family), (4, 8, 2), nonexpert_bits=4)
     sess, model, fields = _emit(graph, tmp_path / "k", "kernel", 0)
     layers = {n.attrs["layer"] for n in graph.experts()}
     nodes = [n for n in model.graph.node if n.op_type == "MixedMoE"]
     assert len(nodes) == len(layers) and all(n.domain == kernels.DOMAIN for n in nodes)
+    assert [n for n in model.graph.node if n.op_type == "PanelMatMul"]
     experts = {n.id for n in graph.experts()}
     assert not [n for n in model.graph.node if n.op_type == "If" and n.name.split("/")[0] in experts]
     assert fields["custom_ops_library"] == kernels.ARTIFACT_PATH
@@ -170,10 +182,10 @@ PATH_FLAGS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "av
 def test_the_result_does_not_depend_on_the_cpu_path_or_the_threads(level, library, wide_dirs, tmp_path):
     """Every path this CPU has (AVX-512 VNNI, AVX2, portable; each forced by DMPQ_KERNEL_PATH), on onnxruntime's
     intra-op threads or the library's own pool, with 1 or 2 threads, gives the same logits, bit for bit, at both
-    levels, for 2/4/8-bit experts and token tiles of 1-4: the integer sums are exact, every path does the same
+    levels, for 2/4/8-bit experts and token tiles of 1 to 8: the integer sums are exact, every path does the same
     float operations per row in the same order, and each output element is summed by one job in one order.
     Unset, the kernel takes the best path."""
-    graph = _graph(wide_dirs("olmoe"), (2, 4, 8))
+    graph = _graph(wide_dirs("olmoe"), (2, 4, 8), nonexpert_bits=8)  # PanelMatMul too
     _emit(graph, tmp_path / "k", "kernel", level)
     ids = _ids(graph, (2, 21))
     np.save(tmp_path / "ids.npy", ids)
@@ -271,7 +283,7 @@ def test_the_artifact_runs_in_onnxruntime_genai(library, wide_dirs, tmp_path):
     from dmpq_compile.artifact import write_artifact
     from dmpq_compile.runtime import load as load_artifact
 
-    graph = _graph(wide_dirs("olmoe"), (4, 8))
+    graph = _graph(wide_dirs("olmoe"), (4, 8), nonexpert_bits=4)
     out = tmp_path / "art"
     write_artifact(graph, OrtCpuBackend(), out, emit_options={"dispatch": "kernel"})
     cwd = os.getcwd()
@@ -329,3 +341,59 @@ def test_widths_the_kernel_does_not_take_stay_per_expert(library, tiny_dirs, tmp
     with torch.no_grad():
         ref = Interpreter(graph, quantize=True)(torch.from_numpy(ids)).numpy()
     assert np.abs(sess.run(["logits"], decoder_feed(sess, ids))[0] - ref).max() <= 1e-4
+
+
+def _panel_matmul(library, codes, scales, zeros, bits, level, x, n_attr=None):
+    """One ``ai.dmpq.PanelMatMul`` on the stored ``codes [N, K]``, ``scales``, ``zeros [N, K / 64]``, run on ``x``
+    (``n_attr``: another ``N`` attribute than the weight's)."""
+    from dmpq_compile.backends.ort_cpu.matmulnbits import panel_blocks, panel_codes
+
+    n, k = codes.shape
+    node = helper.make_node("PanelMatMul", ["x", "c", "s", "z"], ["y"], domain=kernels.DOMAIN, K=k, N=n_attr or n, bits=bits,
+                            block_size=64, accuracy_level=level)
+    inits = [onnx.numpy_helper.from_array(a, name) for name, a in
+             (("c", panel_codes(codes, bits)), ("s", panel_blocks(scales)), ("z", panel_blocks(zeros)))]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    kernels.register(opts, library)
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_panel_matmul_is_the_product_with_the_dequantized_weight(bits, library):
+    """``PanelMatMul`` (the kernel dispatch's attention and head projections): at level 0 it is ``x W^T`` with
+    ``W = (code - zero) * scale`` to fp32 rounding, at level 4 within the int8 rounding of the activations, for
+    one row (decode), and 70 rows (two jobs of rows, tiles of 8 and of fewer); a shape that is not whole panels is
+    refused when the session is made."""
+    rng = np.random.default_rng(bits)
+    n, k = 48, 192
+    codes = rng.integers(0, 2 ** bits, (n, k), dtype=np.uint8)
+    scales = rng.uniform(0.005, 0.02, (n, k // 64)).astype(np.float16)
+    zeros = rng.integers(0, 2 ** bits, (n, k // 64), dtype=np.uint8)
+    w = ((codes.reshape(n, k // 64, 64).astype(np.float64) - zeros[..., None]) * scales[..., None]).reshape(n, k)
+    for rows in (1, 70):
+        x = rng.standard_normal((1, rows, k)).astype(np.float32)
+        ref = x.astype(np.float64) @ w.T
+        exact = _panel_matmul(library, codes, scales, zeros, bits, 0, x)
+        assert exact.shape == (1, rows, n)
+        assert np.abs(exact - ref).max() <= 1e-5 * np.abs(ref).max()
+        fast = _panel_matmul(library, codes, scales, zeros, bits, 4, x)
+        assert np.abs(fast - ref).max() <= 2e-2 * np.abs(ref).max()  # int8 activations: about 1/127 relative
+    with pytest.raises(Exception, match="N a positive multiple of 16"):
+        _panel_matmul(library, codes, scales, zeros, bits, 4, x, n_attr=40)
+
+
+def test_the_kernel_dispatch_runs_attention_and_the_head_through_panel_matmul(library, wide_dirs, tmp_path):
+    """Under ``--dispatch kernel`` every 4-bit projection outside the experts that fits whole panels (attention's
+    stacked q/k/v and o, the LM head) is a ``PanelMatMul``; none is left to ``MatMulNBits``."""
+    graph = _graph(wide_dirs("qwen3_moe"), (4,), nonexpert_bits=4)
+    _sess, model, _fields = _emit(graph, tmp_path / "k", "kernel", 4)
+    ops = [n.op_type for n in model.graph.node]
+    layers = len({n.attrs["layer"] for n in graph.experts()})
+    assert ops.count("PanelMatMul") == 2 * layers + 1 and "MatMulNBits" not in ops
+    _sess, model, _fields = _emit(graph, tmp_path / "f", "fused", 4)  # the other dispatches: stock MatMulNBits
+    assert "PanelMatMul" not in [n.op_type for n in model.graph.node]

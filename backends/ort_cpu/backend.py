@@ -155,7 +155,7 @@ class OrtCpuBackend(Backend):
         max_length = resolve_max_length(graph, max_length)
         with tempfile.TemporaryFile(dir=out_dir) as spill:  # large eager initializers wait here until written
             options = LoweringOptions(dispatch=dispatch, opset=opset, logits_to_keep=True, genai=genai)
-            projection = MatMulNBitsProjection(accuracy_level)
+            projection = MatMulNBitsProjection(accuracy_level, kernel=dispatch == "kernel")
             lowered = lower(graph, projection, options, defer=True, spill=spill)
             size = initializer_bytes(lowered.model)
             external = use_external(external_data, size, external_data_threshold_mb)

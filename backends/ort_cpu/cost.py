@@ -303,6 +303,14 @@ def kernel_joins(h: int, i: int, bits: int, group_size: int, scale_dtype: str = 
         and not (h % group_size or i % group_size)
 
 
+def panel_matmul_joins(n: int, k: int, bits: int, group_size: int, scale_dtype: str = SCALE_DTYPE) -> bool:
+    """Whether the kernel dispatch runs a quantized ``[n, k]`` projection outside the experts (attention, the
+    LM head, shared experts) as dmpq's ``PanelMatMul`` (``MatMulNBitsProjection``): the experts' rule on bits,
+    scales and groups, ``k`` whole groups, ``n`` whole 16-row panels."""
+    return bits in KERNEL_BITS and scale_dtype == "float16" and not group_size % 64 and not k % group_size \
+        and not n % 16
+
+
 def build_kernel_model(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0) -> Any:
     """One expert as the kernel dispatch emits it: an ``ai.dmpq.MixedMoE`` whose table holds expert 0 at
     ``bits`` and an expert 1 it does not hold (bits 0), with random codes, float16 scales and zero points in

@@ -1,11 +1,12 @@
-"""dmpq's onnxruntime custom-op library: ``ai.dmpq.MixedMoE`` (``csrc/dmpq_moe.cc``).
+"""dmpq's onnxruntime custom-op library: ``ai.dmpq.MixedMoE`` and ``ai.dmpq.PanelMatMul`` (``csrc/dmpq_moe.cc``).
 
-One node per layer runs all of the layer's 2/4/8-bit routed SwiGLU experts, whatever their mix of
+One ``MixedMoE`` node per layer runs all of the layer's 2/4/8-bit routed SwiGLU experts, whatever their mix of
 widths, on the stored codes as they are (``--dispatch kernel``; the graph side is
-:meth:`.matmulnbits.MatMulNBitsProjection.mixed_moe`). The library is C++ compiled here, from the
-sources this package ships, the first time a compile asks for it (a few seconds with ``g++``),
-and cached by the hash of its sources, flags and compiler; each artifact that uses it carries a
-copy (``kernels/libdmpq_kernels.so``), which onnxruntime and onnxruntime-genai load by path (the
+:meth:`.matmulnbits.MatMulNBitsProjection.mixed_moe`); ``PanelMatMul`` runs the quantized projections outside
+the experts (attention, the LM head) in the same layout (:meth:`.matmulnbits.MatMulNBitsProjection.panel_matmul`).
+The library is C++ compiled here, from the sources this package ships, the first time a compile asks
+for it (a few seconds with ``g++``), and cached by the hash of its sources, flags and compiler; each
+artifact that uses it carries a copy (``kernels/libdmpq_kernels.so``), which onnxruntime and onnxruntime-genai load by path (the
 manifest's ``target.custom_ops_library``, ``genai_config.json``'s ``session_options``).
 
 It declares only the parts of onnxruntime's C ABI it calls (``csrc/ort_abi.h``: version 1 of the

@@ -132,10 +132,11 @@ class MatMulNBitsProjection:
         accuracy_level: MatMulNBits ``accuracy_level`` (4 = int8 activations, the fast CPU path).
     """
 
-    def __init__(self, accuracy_level: int = 4) -> None:
+    def __init__(self, accuracy_level: int = 4, kernel: bool = False) -> None:
         if accuracy_level not in ACCURACY_LEVELS:
             raise BackendError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
         self.accuracy_level = accuracy_level
+        self.kernel = kernel  # quantized projections that fit its panels run as dmpq's PanelMatMul (--dispatch kernel)
         self.decisions: list[dict[str, Any]] = []  # fusion_choice's, one per layer and width group
         # (id of a node list, fp32 value) -> (that list, its float16 Cast); the list is held so that its
         # id cannot be reused by a later If branch while the entry exists
@@ -145,8 +146,42 @@ class MatMulNBitsProjection:
         bits = node.ann.get("bits", 16)
         if bits >= 16:
             return lw.linear(x, node.params[role], hint=f"{node.id}.{role}")
+        if self.panel_fits(node, (role,)):
+            return self.panel_matmul(lw, x, node, (role,))
         spec, (n, k), inputs = _packed_inputs(lw, node, role, flat=False)
         return self._matmul(lw, x, inputs, spec, n, k, f"{node.id}.{role}")
+
+    def panel_fits(self, node: Node, roles: tuple[str, ...]) -> bool:
+        """Whether ``node``'s quantized ``roles`` (stacked) run as one ``PanelMatMul``: under ``kernel``, at
+        ``accuracy_level`` 0 or 4, group-wise asymmetric codes of the node's bits (``cost.panel_matmul_joins``)."""
+        from .cost import panel_matmul_joins  # the rule the cost side states too
+
+        quant, bits = node.ann.get("quant"), node.ann.get("bits", 16)
+        if not self.kernel or self.accuracy_level not in (0, 4) or not quant or quant["spec"]["bits"] != bits:
+            return False
+        spec = QuantSpec.from_dict(quant["spec"])
+        shapes = [tuple(int(v) for v in quant["tensors"][r]["shape"]) for r in roles]
+        return spec.scheme == ASYM_GROUP and len({k for _, k in shapes}) == 1 and all(
+            panel_matmul_joins(n, k, bits, spec.group_size, spec.scale_dtype) for n, k in shapes) and panel_matmul_joins(
+            sum(n for n, _ in shapes), shapes[0][1], bits, spec.group_size, spec.scale_dtype)
+
+    def panel_matmul(self, lw: Lowering, x: str, node: Node, roles: tuple[str, ...]) -> str:
+        """``node``'s quantized ``roles`` (rows stacked) as one ``ai.dmpq.PanelMatMul`` on fp32 ``x``, fp32 out:
+        the stored codes in MixedMoE's 16-row panels (:func:`panel_codes`), float16 scales and one zero point a
+        group beside them (:func:`panel_blocks`), the same dot products as the experts' (int8 activations per
+        group at level 4, fp32 at 0)."""
+        quant = node.ann["quant"]
+        spec = QuantSpec.from_dict(quant["spec"])
+        shapes = [tuple(int(v) for v in quant["tensors"][r]["shape"]) for r in roles]
+        n, k = sum(s[0] for s in shapes), shapes[0][1]
+        prefix = f"{node.id}.{'_'.join(roles)}"
+        inputs = []
+        for field, size, dtype in (("codes", n * k * spec.bits // 8, np.uint8), ("scales", n * k // spec.group_size,
+                                   np.float16), ("zeros", n * k // spec.group_size, np.uint8)):
+            inputs.append(lw.b.add_deferred(f"{prefix}.panel_{field}", (size,), dtype,
+                                            _panel_part(lw, node, roles, field, size, dtype)))
+        return lw.b.op("PanelMatMul", [x, *inputs], prefix, domain=KERNEL_DOMAIN, K=k, N=n, bits=spec.bits,
+                       block_size=spec.group_size, accuracy_level=self.accuracy_level)
 
     def _matmul(self, lw: Lowering, x: str, inputs: list[str], spec: QuantSpec, n: int, k: int, hint: str) -> str:
         """One MatMulNBits on fp32 ``x``, fp32 out. Float16 scales: ``x`` cast to float16 (once per
@@ -179,9 +214,12 @@ class MatMulNBitsProjection:
         attention's q, k and v) as one MatMulNBits over their rows stacked, then ``Split`` by their
         widths: MatMulNBits computes each output row on its own, so the results are the separate
         products exactly, for one kernel call (and one thread-pool round) instead of several."""
-        spec, (n, k), inputs = _packed_inputs(lw, node, roles, flat=False)
         hint = f"{node.id}.{'_'.join(roles)}"
-        y = self._matmul(lw, x, inputs, spec, n, k, hint)
+        if self.panel_fits(node, roles):
+            y = self.panel_matmul(lw, x, node, roles)
+        else:
+            spec, (n, k), inputs = _packed_inputs(lw, node, roles, flat=False)
+            y = self._matmul(lw, x, inputs, spec, n, k, hint)
         widths = [int(node.ann["quant"]["tensors"][r]["shape"][0]) for r in roles]
         return tuple(lw.b.op("Split", [y, lw.b.const(widths, np.int64)], hint, n_out=len(roles), axis=-1))
 
@@ -495,22 +533,42 @@ def _mixed_part(lw: Lowering, nodes: list[Node], field: str, size: int, dtype: A
     def make() -> np.ndarray:
         out, at = np.empty(size, dtype), 0
         for node in nodes:
-            quant, bits = node.ann["quant"], int(node.ann["bits"])
             for role in ("gate", "up", "down"):
-                entry = quant["tensors"][role]
-                _n, k = (int(v) for v in entry["shape"])
-                if field == "codes":
-                    part = panel_codes(unpack_bits(lw.graph.weights[entry["q"]].cpu().numpy(), bits, k), bits)
-                elif field == "zeros":  # one byte a group, as stored
-                    part = panel_blocks(lw.graph.weights[entry["zero"]].cpu().numpy().astype(np.uint8, copy=False))
-                else:
-                    part = panel_blocks(pack_weight(lw.graph.weights, quant, role, node.id, codes=False).scales)
+                part = _panel_role(lw, node, role, field)
                 out[at:at + part.size] = part
                 at += part.size
         if at != size:
             raise BackendError(f"MixedMoE {field}: wrote {at} of {size} elements; the experts' stored tensors do not "
                                "match their annotated shapes (re-run the quantize pass)")
         return out
+
+    return make
+
+
+def _panel_role(lw: Lowering, node: Node, role: str, field: str) -> np.ndarray:
+    """``node``'s stored ``role`` as one panel-layout input, flat: ``codes`` (:func:`panel_codes`), ``scales``
+    (float16) or ``zeros`` (one byte a group, as stored) in :func:`panel_blocks` order."""
+    quant, bits = node.ann["quant"], int(node.ann["bits"])
+    entry = quant["tensors"][role]
+    _n, k = (int(v) for v in entry["shape"])
+    if field == "codes":
+        return panel_codes(unpack_bits(lw.graph.weights[entry["q"]].cpu().numpy(), bits, k), bits)
+    if field == "zeros":
+        return panel_blocks(lw.graph.weights[entry["zero"]].cpu().numpy().astype(np.uint8, copy=False))
+    return panel_blocks(pack_weight(lw.graph.weights, quant, role, node.id, codes=False).scales)
+
+
+def _panel_part(lw: Lowering, node: Node, roles: tuple[str, ...], field: str, size: int, dtype: Any):
+    """Makes ``PanelMatMul`` input ``field`` of ``node``'s ``roles`` (their rows stacked) when the model is written.
+    Stacking whole 16-row panels of each role is the panels of the stacked rows, so each role is laid out alone."""
+
+    def make() -> np.ndarray:
+        parts = [_panel_role(lw, node, role, field) for role in roles]
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if out.size != size:
+            raise BackendError(f"PanelMatMul {field} of {node.id}: {out.size} elements, expected {size}; the stored "
+                               "tensors do not match their annotated shapes (re-run the quantize pass)")
+        return out.astype(dtype, copy=False)
 
     return make
 

@@ -1,5 +1,6 @@
 // dmpq's onnxruntime custom-op library: `ai.dmpq.MixedMoE`, one layer's routed SwiGLU experts at
-// mixed bit-widths (2, 4 and 8) in one node.
+// mixed bit-widths (2, 4 and 8) in one node, and `ai.dmpq.PanelMatMul`, one quantized projection
+// (attention's, the LM head's) in the same panels with the same dot products (described at its class).
 //
 // Inputs
 //   0 x        float   [N, H]   the layer's (flattened) input rows
@@ -64,7 +65,7 @@ using dmpq_ort::ApiTable;
 constexpr int kGroup = 64;     // the smallest block size
 constexpr int kMetaCols = 8;
 constexpr int kRowsPerJob = 64;
-constexpr int kTile = 4;       // tokens per weight-row pass
+constexpr int kTile = 8;       // tokens per weight-row pass (at most; an expert's rows are split into even tiles)
 
 // ---------------------------------------------------------------------------------------------
 // Thread pool: the caller runs jobs too; workers spin briefly between calls, then sleep.
@@ -241,7 +242,12 @@ struct Act {
   const float* xf = nullptr;   // level 0: fp32, K
 };
 
-// Level 4: quantize `x` (K values) per block: int8 codes, scales, scale * sums.
+// Level 4: quantize `x` (K values) per block: int8 codes, scales, scale * sums. The vector paths below do
+// the same operations (a block's largest |x| is the same in any order; NaN is skipped by both; the
+// products round the same; conversion rounds to nearest even as nearbyint does in the default mode), so
+// their codes, scales and sums are these bit for bit.
+using QuantFn = void (*)(const float* x, int K, int bs, int8_t* q, float* sa, float* sq);
+
 void QuantizeActs(const float* x, int K, int bs, int8_t* q, float* sa, float* sq) {
   for (int b = 0; b < K / bs; ++b) {
     const float* xb = x + b * bs;
@@ -260,6 +266,113 @@ void QuantizeActs(const float* x, int K, int bs, int8_t* q, float* sa, float* sq
   }
 }
 
+#define DMPQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+#define DMPQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+DMPQ_AVX512 void QuantizeActs512(const float* x, int K, int bs, int8_t* q, float* sa, float* sq) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int b = 0; b < K / bs; ++b) {
+    const float* xb = x + b * bs;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int i = 0; i < bs; i += 16) vmax = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(xb + i), absmask), vmax);
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m512i vsum = _mm512_setzero_si512();
+    for (int i = 0; i < bs; i += 16) {
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv));
+      v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * bs + i), _mm512_cvtepi32_epi8(v));
+      vsum = _mm512_add_epi32(vsum, v);
+    }
+    sa[b] = amax / 127.f;
+    sq[b] = sa[b] * static_cast<float>(_mm512_reduce_add_epi32(vsum));
+  }
+}
+
+DMPQ_AVX2 void QuantizeActs256(const float* x, int K, int bs, int8_t* q, float* sa, float* sq) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int b = 0; b < K / bs; ++b) {
+    const float* xb = x + b * bs;
+    __m256 vmax = _mm256_setzero_ps();
+    for (int i = 0; i < bs; i += 8) vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xb + i), absmask), vmax);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4);
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i vsum = _mm256_setzero_si256();
+    for (int i = 0; i < bs; i += 8) {
+      __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), inv));
+      v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+      const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + b * bs + i), _mm_packs_epi16(w16, w16));  // exact: |v| <= 127
+      vsum = _mm256_add_epi32(vsum, v);
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    sa[b] = amax / 127.f;
+    sq[b] = sa[b] * static_cast<float>(_mm_cvtsi128_si32(s4));
+  }
+}
+
+// SwiGLU's silu(g) * u = g / (1 + exp(-g)) * u for one panel's 16 rows. exp is dmpq's own (libm's expf is a
+// call per value, about a tenth of a prefill's time): x clamped to [-87, 88] (NaN to -87), exp(x) =
+// 2^n * p(r) with n = nearest(x / ln 2), r = x - n ln 2 in two fma steps, p the degree-6 Taylor polynomial
+// (error below 2e-7 relative on |r| <= ln 2 / 2). Each path does these float operations in this order, so
+// all three give the same bits.
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[7] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};  // highest power first
+using SiluFn = void (*)(const float* g, const float* u, float* out);
+
+inline float ExpRef(float x) {
+  x = std::min(88.f, std::max(-87.f, x));
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = std::fma(n, -kLn2Lo, std::fma(n, -kLn2Hi, x));
+  float p = kExpPoly[0];
+  for (int i = 1; i < 7; ++i) p = std::fma(p, r, kExpPoly[i]);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+void SiluMulRef(const float* g, const float* u, float* out) {
+  for (int i = 0; i < 16; ++i) out[i] = g[i] / (1.f + ExpRef(0.f - g[i])) * u[i];  // 0 - g: as the vector paths
+}
+
+DMPQ_AVX512 void SiluMul512(const float* g, const float* u, float* out) {
+  const __m512 gv = _mm512_loadu_ps(g);
+  __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), gv);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  const __m512 scale = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  const __m512 e = _mm512_mul_ps(p, scale);
+  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), _mm512_loadu_ps(u)));
+}
+
+DMPQ_AVX2 void SiluMul256(const float* g, const float* u, float* out) {
+  for (int h = 0; h < 16; h += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + h);
+    __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), gv);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Lo), _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Hi), x));
+    __m256 p = _mm256_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+    const __m256 scale = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    const __m256 e = _mm256_mul_ps(p, scale);
+    _mm256_storeu_ps(out + h, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)), _mm256_loadu_ps(u + h)));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dot products of one 16-row panel of a weight with up to kTile activation vectors.
 //
@@ -271,6 +384,13 @@ void QuantizeActs(const float* x, int K, int bs, int8_t* q, float* sa, float* sq
 // block, the 16 rows' values side by side.
 
 constexpr int kPanel = 16;
+
+// With several tokens a panel is compute-bound, and the hardware prefetcher alone leaves the first tile
+// waiting on memory (a prefill streams each routed expert's weights from DRAM once): the dot products
+// of a tile fetch the codes this many bytes ahead (32 units, a third of a 4-bit panel at K = 2048).
+// One token streams at memory speed without it, and prefetching past a matrix's end there would only
+// add traffic, so decode does not.
+constexpr int kPrefetch = 2048;
 
 struct Panel {
   const uint8_t* codes;
@@ -310,8 +430,6 @@ void DotRef(const Panel& p, int bits, int K, int bs, const Act* const* acts, int
   }
 }
 
-#define DMPQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
-
 DMPQ_AVX512 inline __m512i Broadcast4(const int8_t* q) {
   int32_t v;
   std::memcpy(&v, q, 4);
@@ -330,16 +448,19 @@ template <int BITS, int NT>
 DMPQ_AVX512 void DotQ512(const Panel& p, int K, int bs, const Act* const* acts, float* out) {
   constexpr int unit = 32 / BITS, planes = 8 / BITS;
   const uint8_t* c = p.codes;
+  const int8_t* qs[NT];  // the activations, out of `acts` (read once: the stores below could alias them)
+  for (int t = 0; t < NT; ++t) qs[t] = acts[t]->q;
   __m512 facc[NT];
   for (int t = 0; t < NT; ++t) facc[t] = _mm512_setzero_ps();
   for (int b = 0; b < K / bs; ++b) {
     __m512i iacc[NT];
     for (int t = 0; t < NT; ++t) iacc[t] = _mm512_setzero_si512();
     for (int k = b * bs; k < (b + 1) * bs; k += unit, c += 64) {
+      if (NT > 1) _mm_prefetch(reinterpret_cast<const char*>(c) + kPrefetch, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(c);
       for (int m = 0; m < planes; ++m) {
         const __m512i w = Plane<BITS>(v, m);
-        for (int t = 0; t < NT; ++t) iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, Broadcast4(acts[t]->q + k + 4 * m));
+        for (int t = 0; t < NT; ++t) iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, Broadcast4(qs[t] + k + 4 * m));
       }
     }
     const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales + b * kPanel)));
@@ -392,7 +513,11 @@ DMPQ_AVX512 void Dot512Bits(const Panel& p, int K, int bs, const Act* const* act
     case 1: q ? DotQ512<BITS, 1>(p, K, bs, acts, out) : DotF512<BITS, 1>(p, K, bs, acts, out); break;
     case 2: q ? DotQ512<BITS, 2>(p, K, bs, acts, out) : DotF512<BITS, 2>(p, K, bs, acts, out); break;
     case 3: q ? DotQ512<BITS, 3>(p, K, bs, acts, out) : DotF512<BITS, 3>(p, K, bs, acts, out); break;
-    default: q ? DotQ512<BITS, 4>(p, K, bs, acts, out) : DotF512<BITS, 4>(p, K, bs, acts, out); break;
+    case 4: q ? DotQ512<BITS, 4>(p, K, bs, acts, out) : DotF512<BITS, 4>(p, K, bs, acts, out); break;
+    case 5: q ? DotQ512<BITS, 5>(p, K, bs, acts, out) : DotF512<BITS, 5>(p, K, bs, acts, out); break;
+    case 6: q ? DotQ512<BITS, 6>(p, K, bs, acts, out) : DotF512<BITS, 6>(p, K, bs, acts, out); break;
+    case 7: q ? DotQ512<BITS, 7>(p, K, bs, acts, out) : DotF512<BITS, 7>(p, K, bs, acts, out); break;
+    default: q ? DotQ512<BITS, 8>(p, K, bs, acts, out) : DotF512<BITS, 8>(p, K, bs, acts, out); break;
   }
 }
 
@@ -411,8 +536,6 @@ void Dot512(const Panel& p, int bits, int K, int bs, const Act* const* acts, int
 // saturates), added up in 16 bits for 32 columns (at most 8 steps: |sum| <= 30480 < 32768, exact), then
 // _mm256_madd_epi16 with ones -> int32. 8-bit codes (2 * 255 * 127 would saturate) go as two nibbles:
 // code * q = lo * q + 16 * hi * q, each nibble's sums as above.
-
-#define DMPQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 DMPQ_AVX2 inline __m256i Broadcast4x8(const int8_t* q) {
   int32_t v;
@@ -441,6 +564,8 @@ DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, in
   constexpr int unit = 32 / BITS, planes = 8 / BITS, chunk = 32;  // chunk: columns summed in 16 bits
   const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0f);
   const uint8_t* c = p.codes + 32 * h0;
+  const int8_t* qs[NT];  // as DotQ512
+  for (int t = 0; t < NT; ++t) qs[t] = acts[t]->q;
   __m256 facc[HALVES][NT];
   for (int h = 0; h < HALVES; ++h)
     for (int t = 0; t < NT; ++t) facc[h][t] = _mm256_setzero_ps();
@@ -453,6 +578,7 @@ DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, in
       for (int h = 0; h < HALVES; ++h)
         for (int t = 0; t < NT; ++t) lo[h][t] = hi[h][t] = _mm256_setzero_si256();
       for (int k = k0; k < k0 + chunk; k += unit, c += 64) {
+        if (NT > 1) _mm_prefetch(reinterpret_cast<const char*>(c) + kPrefetch, _MM_HINT_T0);
         __m256i v[HALVES];
         for (int h = 0; h < HALVES; ++h) v[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
         for (int m = 0; m < planes; ++m) {
@@ -466,7 +592,7 @@ DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, in
             }
           }
           for (int t = 0; t < NT; ++t) {
-            const __m256i a = Broadcast4x8(acts[t]->q + k + 4 * m);
+            const __m256i a = Broadcast4x8(qs[t] + k + 4 * m);
             for (int h = 0; h < HALVES; ++h) {
               lo[h][t] = _mm256_add_epi16(lo[h][t], _mm256_maddubs_epi16(w[h], a));
               if (BITS == 8) hi[h][t] = _mm256_add_epi16(hi[h][t], _mm256_maddubs_epi16(wh[h], a));
@@ -546,13 +672,18 @@ DMPQ_AVX2 void Dot256Tile(const Panel& p, int K, int bs, const Act* const* acts,
     q ? DotQ256<BITS, NT, 1>(p, K, bs, acts, h, out) : DotF256<BITS, NT, 1>(p, K, bs, acts, h, out);
 }
 
+// Up to 4 tokens a pass (16 ymm registers); a tile of more runs as passes of 4 (tokens are independent).
 template <int BITS>
 DMPQ_AVX2 void Dot256Bits(const Panel& p, int K, int bs, const Act* const* acts, int nt, float* out) {
-  switch (nt) {
-    case 1: Dot256Tile<BITS, 1>(p, K, bs, acts, out); break;
-    case 2: Dot256Tile<BITS, 2>(p, K, bs, acts, out); break;
-    case 3: Dot256Tile<BITS, 3>(p, K, bs, acts, out); break;
-    default: Dot256Tile<BITS, 4>(p, K, bs, acts, out); break;
+  for (int t0 = 0; t0 < nt; t0 += 4) {
+    const Act* const* a = acts + t0;
+    float* o = out + t0 * kPanel;
+    switch (std::min(4, nt - t0)) {
+      case 1: Dot256Tile<BITS, 1>(p, K, bs, a, o); break;
+      case 2: Dot256Tile<BITS, 2>(p, K, bs, a, o); break;
+      case 3: Dot256Tile<BITS, 3>(p, K, bs, a, o); break;
+      default: Dot256Tile<BITS, 4>(p, K, bs, a, o); break;
+    }
   }
 }
 
@@ -628,6 +759,26 @@ DotFn ChosenDot() {
   return fn;
 }
 
+SiluFn ChosenSilu() {
+  static const SiluFn fn = [] {
+    const std::string name = Path().name;
+    if (name == "avx512-vnni") return SiluMul512;
+    if (name == "avx2") return SiluMul256;
+    return SiluMulRef;
+  }();
+  return fn;
+}
+
+QuantFn ChosenQuantize() {
+  static const QuantFn fn = [] {
+    const std::string name = Path().name;
+    if (name == "avx512-vnni") return QuantizeActs512;
+    if (name == "avx2") return QuantizeActs256;
+    return QuantizeActs;
+  }();
+  return fn;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The op
 
@@ -664,12 +815,61 @@ void Describe(const Api& api, const dmpq_ort::OrtValue* v, Tensor* out) {
 
 [[noreturn]] void Fail(const std::string& msg) { throw std::runtime_error("dmpq MixedMoE: " + msg); }
 
+int64_t IntAttr(const Api& api, const dmpq_ort::OrtKernelInfo* info, const char* name, const char* op) {
+  int64_t v = 0;
+  dmpq_ort::OrtStatus* st = api.KernelInfoGetAttributeInt64(info, name, &v);
+  if (st) {
+    std::string msg = std::string("dmpq ") + op + ": attribute '" + name + "': " + api.GetErrorMessage(st);
+    api.ReleaseStatus(st);
+    throw std::runtime_error(msg);
+  }
+  return v;
+}
+
+// Runs f(0 .. jobs-1) on onnxruntime's threads (or the library's own pool), inline for one job.
+template <class F>
+void RunJobs(const Api& api, dmpq_ort::OrtKernelContext* ctx, int jobs, F&& f) {
+  if (jobs <= 0) return;
+  if (jobs == 1) {
+    f(0);
+  } else if (g_ort_pool.load()) {
+    OrtParallelFor(api, ctx, jobs, f);
+  } else {
+    SharedPool().Run(jobs, f);
+  }
+}
+
+// An expert's slots [begin, end) in tiles of at most kTile, as even as they go (9 slots: 5 + 4, not 8 + 1:
+// a tile of one token runs at memory speed, half a full tile's).
+struct Tiles {
+  Tiles(int64_t begin, int64_t end)
+      : s0(begin), end_(end), tiles_((end - begin + kTile - 1) / kTile), n_(end - begin) { Size(); }
+  bool more() const { return s0 < end_; }
+  void next() {
+    s0 += nt;
+    ++i_;
+    Size();
+  }
+  int64_t s0;
+  int nt = 0;
+
+ private:
+  void Size() {
+    if (tiles_) nt = static_cast<int>(n_ / tiles_ + (i_ < n_ % tiles_ ? 1 : 0));
+  }
+  int64_t end_, tiles_, n_, i_ = 0;
+};
+
 struct ExpertMeta {
   int64_t bits, gu_codes, down_codes, gu_scales, down_scales, gu_zeros, down_zeros, reserved;
 };
 
 class MixedMoE {
  public:
+  static constexpr const char* kName = "MixedMoE";
+  static constexpr size_t kInputCount = 7;
+  static const dmpq_ort::ElementType kInputs[7];
+
   MixedMoE(const Api& api, const dmpq_ort::OrtKernelInfo* info) : api_(api) {
     hidden_ = Attr(info, "hidden");
     inter_ = Attr(info, "inter");
@@ -757,18 +957,10 @@ class MixedMoE {
     for (int64_t e = 0; e < E; ++e)
       if (count[e + 1] > count[e]) active.push_back(e);
 
-    const bool ort_pool = g_ort_pool.load();
-    auto run = [&](int jobs, auto&& f) {
-      if (jobs <= 0) return;
-      if (jobs == 1) {
-        f(0);
-      } else if (ort_pool) {
-        OrtParallelFor(api_, ctx, jobs, f);
-      } else {
-        SharedPool().Run(jobs, f);
-      }
-    };
+    auto run = [&](int jobs, auto&& f) { RunJobs(api_, ctx, jobs, f); };
     const DotFn dot = ChosenDot();
+    const QuantFn quantize = ChosenQuantize();
+    const SiluFn silu_mul = ChosenSilu();
     const bool q = level_ == 4;
     const int bs = static_cast<int>(block_);
 
@@ -778,7 +970,7 @@ class MixedMoE {
     std::vector<Act> xacts(N);
     run(static_cast<int>(N), [&](int n) {
       if (q) {
-        QuantizeActs(xs + n * H, static_cast<int>(H), bs, &xq[n * H], &xsa[n * hb], &xsq[n * hb]);
+        quantize(xs + n * H, static_cast<int>(H), bs, &xq[n * H], &xsa[n * hb], &xsq[n * hb]);
         xacts[n] = Act{&xq[n * H], &xsa[n * hb], &xsq[n * hb], nullptr};
       } else {
         xacts[n] = Act{nullptr, nullptr, nullptr, xs + n * H};
@@ -796,8 +988,9 @@ class MixedMoE {
       const int64_t pcodes = kPanel * H * bits / 8, pblocks = kPanel * hb;
       const Act* acts[kTile];
       float g[kTile * kPanel], u[kTile * kPanel];
-      for (int64_t s0 = count[e]; s0 < count[e + 1]; s0 += kTile) {
-        const int nt = static_cast<int>(std::min<int64_t>(kTile, count[e + 1] - s0));
+      for (Tiles tl(count[e], count[e + 1]); tl.more(); tl.next()) {
+        const int64_t s0 = tl.s0;
+        const int nt = tl.nt;
         for (int t = 0; t < nt; ++t) acts[t] = &xacts[slot_row[s0 + t]];
         for (int64_t r = r0; r < r1; r += kPanel) {
           const int64_t gp = r / kPanel, up_p = (I + r) / kPanel;
@@ -805,11 +998,7 @@ class MixedMoE {
           Panel up{cb + m.gu_codes + up_p * pcodes, sb + m.gu_scales + up_p * pblocks, zb + m.gu_zeros + up_p * pblocks};
           dot(gate, bits, static_cast<int>(H), bs, acts, nt, g);
           dot(up, bits, static_cast<int>(H), bs, acts, nt, u);
-          for (int t = 0; t < nt; ++t)
-            for (int i = 0; i < kPanel; ++i) {
-              const float gv = g[t * kPanel + i];
-              h[(s0 + t) * I + r + i] = gv / (1.f + std::exp(-gv)) * u[t * kPanel + i];
-            }
+          for (int t = 0; t < nt; ++t) silu_mul(g + t * kPanel, u + t * kPanel, &h[(s0 + t) * I + r]);
         }
       }
     });
@@ -820,7 +1009,7 @@ class MixedMoE {
     std::vector<Act> hacts(S);
     run(static_cast<int>(S), [&](int s) {
       if (q) {
-        QuantizeActs(&h[s * I], static_cast<int>(I), bs, &hq[s * I], &hsa[s * ib], &hsq[s * ib]);
+        quantize(&h[s * I], static_cast<int>(I), bs, &hq[s * I], &hsa[s * ib], &hsq[s * ib]);
         hacts[s] = Act{&hq[s * I], &hsa[s * ib], &hsq[s * ib], nullptr};
       } else {
         hacts[s] = Act{nullptr, nullptr, nullptr, &h[s * I]};
@@ -837,8 +1026,9 @@ class MixedMoE {
         const ExpertMeta& m = em[e];
         const int bits = static_cast<int>(m.bits);
         const int64_t pcodes = kPanel * I * bits / 8, pblocks = kPanel * ib;
-        for (int64_t s0 = count[e]; s0 < count[e + 1]; s0 += kTile) {
-          const int nt = static_cast<int>(std::min<int64_t>(kTile, count[e + 1] - s0));
+        for (Tiles tl(count[e], count[e + 1]); tl.more(); tl.next()) {
+          const int64_t s0 = tl.s0;
+          const int nt = tl.nt;
           for (int t = 0; t < nt; ++t) acts[t] = &hacts[s0 + t];
           for (int64_t c = c0; c < c1; c += kPanel) {
             const int64_t dp = c / kPanel;
@@ -856,45 +1046,141 @@ class MixedMoE {
   }
 
  private:
-  int64_t Attr(const dmpq_ort::OrtKernelInfo* info, const char* name) {
-    int64_t v = 0;
-    dmpq_ort::OrtStatus* st = api_.KernelInfoGetAttributeInt64(info, name, &v);
-    if (st) {
-      std::string msg = std::string("dmpq MixedMoE: attribute '") + name + "': " + api_.GetErrorMessage(st);
-      api_.ReleaseStatus(st);
-      throw std::runtime_error(msg);
-    }
-    return v;
-  }
+  int64_t Attr(const dmpq_ort::OrtKernelInfo* info, const char* name) { return IntAttr(api_, info, name, "MixedMoE"); }
 
   Api api_;
   int64_t hidden_ = 0, inter_ = 0, block_ = 0, level_ = 0;
 };
 
-// The custom-op record.
-const dmpq_ort::ElementType kInputTypes[7] = {dmpq_ort::kFloat, dmpq_ort::kInt64, dmpq_ort::kFloat, dmpq_ort::kUInt8,
-                                              dmpq_ort::kFloat16, dmpq_ort::kUInt8, dmpq_ort::kInt64};
+const dmpq_ort::ElementType MixedMoE::kInputs[7] = {dmpq_ort::kFloat, dmpq_ort::kInt64, dmpq_ort::kFloat,
+                                                    dmpq_ort::kUInt8, dmpq_ort::kFloat16, dmpq_ort::kUInt8,
+                                                    dmpq_ort::kInt64};
 
+// `ai.dmpq.PanelMatMul`: y = x W^T for one quantized projection (attention's, the LM head) in the same
+// 16-row panels, with the same dot products, as MixedMoE's experts.
+//   0 x      float   [..., K]
+//   1 codes  uint8   [N * K * bits / 8]   the weight's codes in panels (N multiple of 16)
+//   2 scales float16 [N * K / block]      block scales, per panel and block the 16 rows side by side
+//   3 zeros  uint8   [N * K / block]      block zero points, one byte each, laid out as the scales
+// Attributes: K, N, bits (2, 4, 8), block_size (a multiple of 64 dividing K), accuracy_level (0 or 4).
+// Output float [..., N]. Jobs are (64 output columns, 64 rows of x): each output element is one dot product,
+// so the result does not depend on the threads.
+class PanelMatMul {
+ public:
+  static constexpr const char* kName = "PanelMatMul";
+  static constexpr size_t kInputCount = 4;
+  static const dmpq_ort::ElementType kInputs[4];
+
+  PanelMatMul(const Api& api, const dmpq_ort::OrtKernelInfo* info) : api_(api) {
+    k_ = IntAttr(api_, info, "K", kName);
+    n_ = IntAttr(api_, info, "N", kName);
+    bits_ = IntAttr(api_, info, "bits", kName);
+    block_ = IntAttr(api_, info, "block_size", kName);
+    level_ = IntAttr(api_, info, "accuracy_level", kName);
+    auto fail = [](const std::string& m) { throw std::runtime_error(std::string("dmpq PanelMatMul: ") + m); };
+    if (k_ <= 0 || n_ <= 0 || n_ % kPanel) fail("K must be positive and N a positive multiple of 16");
+    if (bits_ != 2 && bits_ != 4 && bits_ != 8) fail("bits must be 2, 4 or 8");
+    if (block_ < kGroup || block_ % kGroup || k_ % block_) fail("block_size must be a multiple of 64 dividing K");
+    if (level_ != 0 && level_ != 4) fail("accuracy_level must be 0 (fp32 activations) or 4 (int8)");
+  }
+
+  void Compute(dmpq_ort::OrtKernelContext* ctx) {
+    auto fail = [](const std::string& m) { throw std::runtime_error(std::string("dmpq PanelMatMul: ") + m); };
+    size_t n_in = 0;
+    Check(api_, api_.KernelContextGetInputCount(ctx, &n_in), "counting inputs");
+    if (n_in != 4) fail("expects 4 inputs, got " + std::to_string(n_in));
+    Tensor in[4];
+    for (size_t i = 0; i < 4; ++i) {
+      const dmpq_ort::OrtValue* v = nullptr;
+      Check(api_, api_.KernelContextGetInput(ctx, i, &v), "getting an input");
+      Describe(api_, v, &in[i]);
+    }
+    const Tensor &x = in[0], &codes = in[1], &scales = in[2], &zeros = in[3];
+    const int64_t K = k_, N = n_, kb = K / block_;
+    if (x.dims.empty() || x.dims.back() != K) fail("x's last dimension must be K = " + std::to_string(K));
+    if (codes.size() != N * K * bits_ / 8 || scales.size() != N * kb || zeros.size() != N * kb)
+      fail("codes, scales and zeros must hold N * K * bits / 8, N * K / block_size and N * K / block_size values");
+    const int64_t M = x.size() / K;
+    std::vector<int64_t> dims = x.dims;
+    dims.back() = N;
+    dmpq_ort::OrtValue* out_v = nullptr;
+    Check(api_, api_.KernelContextGetOutput(ctx, 0, dims.data(), dims.size(), &out_v), "making the output");
+    void* out_p = nullptr;
+    Check(api_, api_.GetTensorMutableData(out_v, &out_p), "writing the output");
+    float* y = static_cast<float*>(out_p);
+    if (M == 0) return;
+    const auto* xs = static_cast<const float*>(x.data);
+    const auto* cb = static_cast<const uint8_t*>(codes.data);
+    const auto* sb = static_cast<const uint16_t*>(scales.data);
+    const auto* zb = static_cast<const uint8_t*>(zeros.data);
+    auto run = [&](int jobs, auto&& f) { RunJobs(api_, ctx, jobs, f); };
+    const DotFn dot = ChosenDot();
+    const QuantFn quantize = ChosenQuantize();
+    const bool q = level_ == 4;
+    const int bs = static_cast<int>(block_), bits = static_cast<int>(bits_);
+
+    std::vector<int8_t> xq(q ? M * K : 0);
+    std::vector<float> xsa(q ? M * kb : 0), xsq(q ? M * kb : 0);
+    std::vector<Act> acts(M);
+    run(static_cast<int>(M), [&](int m) {
+      if (q) {
+        quantize(xs + m * K, static_cast<int>(K), bs, &xq[m * K], &xsa[m * kb], &xsq[m * kb]);
+        acts[m] = Act{&xq[m * K], &xsa[m * kb], &xsq[m * kb], nullptr};
+      } else {
+        acts[m] = Act{nullptr, nullptr, nullptr, xs + m * K};
+      }
+    });
+
+    const int64_t col_jobs = (N + kRowsPerJob - 1) / kRowsPerJob, row_jobs = (M + kRowsPerJob - 1) / kRowsPerJob;
+    const int64_t pcodes = kPanel * K * bits / 8, pblocks = kPanel * kb;
+    run(static_cast<int>(col_jobs * row_jobs), [&](int job) {
+      const int64_t c0 = (job / row_jobs) * kRowsPerJob, c1 = std::min<int64_t>(N, c0 + kRowsPerJob);
+      const int64_t m0 = (job % row_jobs) * kRowsPerJob, m1 = std::min<int64_t>(M, m0 + kRowsPerJob);
+      const Act* tile[kTile];
+      float d[kTile * kPanel];
+      for (int64_t c = c0; c < c1; c += kPanel) {  // a panel stays in L1 while every tile of rows runs on it
+        const int64_t p = c / kPanel;
+        const Panel panel{cb + p * pcodes, sb + p * pblocks, zb + p * pblocks};
+        for (Tiles tl(m0, m1); tl.more(); tl.next()) {
+          for (int t = 0; t < tl.nt; ++t) tile[t] = &acts[tl.s0 + t];
+          dot(panel, bits, static_cast<int>(K), bs, tile, tl.nt, d);
+          for (int t = 0; t < tl.nt; ++t) std::memcpy(y + (tl.s0 + t) * N + c, d + t * kPanel, kPanel * sizeof(float));
+        }
+      }
+    });
+  }
+
+ private:
+  Api api_;
+  int64_t k_ = 0, n_ = 0, bits_ = 0, block_ = 0, level_ = 0;
+};
+
+const dmpq_ort::ElementType PanelMatMul::kInputs[4] = {dmpq_ort::kFloat, dmpq_ort::kUInt8, dmpq_ort::kFloat16,
+                                                       dmpq_ort::kUInt8};
+
+// The custom-op records.
+template <class Kernel>
 dmpq_ort::OrtCustomOpV8 MakeOp() {
   dmpq_ort::OrtCustomOpV8 op{};
   op.version = 8;
   op.CreateKernel = [](dmpq_ort::OrtCustomOpV8*, const ApiTable* api, const dmpq_ort::OrtKernelInfo* info) -> void* {
-    return new MixedMoE(Api(api), info);
+    return new Kernel(Api(api), info);
   };
-  op.GetName = [](dmpq_ort::OrtCustomOpV8*) { return "MixedMoE"; };
+  op.GetName = [](dmpq_ort::OrtCustomOpV8*) { return Kernel::kName; };
   op.GetExecutionProviderType = [](dmpq_ort::OrtCustomOpV8*) -> const char* { return nullptr; };
-  op.GetInputType = [](dmpq_ort::OrtCustomOpV8*, size_t i) { return kInputTypes[i]; };
-  op.GetInputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return 7; };
+  op.GetInputType = [](dmpq_ort::OrtCustomOpV8*, size_t i) { return Kernel::kInputs[i]; };
+  op.GetInputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return Kernel::kInputCount; };
   op.GetOutputType = [](dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kFloat; };
   op.GetOutputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return 1; };
-  op.KernelCompute = [](void* k, dmpq_ort::OrtKernelContext* ctx) { static_cast<MixedMoE*>(k)->Compute(ctx); };
-  op.KernelDestroy = [](void* k) { delete static_cast<MixedMoE*>(k); };
+  op.KernelCompute = [](void* k, dmpq_ort::OrtKernelContext* ctx) { static_cast<Kernel*>(k)->Compute(ctx); };
+  op.KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
   op.GetInputCharacteristic = [](const dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kRequired; };
   op.GetOutputCharacteristic = [](const dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kRequired; };
   return op;
 }
 
-dmpq_ort::OrtCustomOpV8 g_op = MakeOp();
+dmpq_ort::OrtCustomOpV8 g_moe_op = MakeOp<MixedMoE>();
+dmpq_ort::OrtCustomOpV8 g_matmul_op = MakeOp<PanelMatMul>();
 
 // onnxruntime's own threads where it offers them (1.17 on) unless DMPQ_KERNEL_POOL=own.
 bool UseOrtPool(const char* version) {
@@ -929,7 +1215,8 @@ __attribute__((visibility("default"))) dmpq_ort::OrtStatus* RegisterCustomOps(dm
   g_ort_pool.store(UseOrtPool(base->GetVersionString()));
   dmpq_ort::OrtCustomOpDomain* domain = nullptr;
   if (dmpq_ort::OrtStatus* st = api.CreateCustomOpDomain("ai.dmpq", &domain)) return st;
-  if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_op)) return st;
+  if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_moe_op)) return st;
+  if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_matmul_op)) return st;
   return api.AddCustomOpDomain(options, domain);  // the domain lives as long as the process
 }
 
