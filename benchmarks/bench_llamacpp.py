@@ -140,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="delete the base GGUF (f16/f32) once every --types file exists, and leave its row out of the "
                    "timing: on a disk that cannot hold it beside the rest (the whole OLMoE-1B-7B shape's f16 GGUF is "
                    "13 GB); random-weight models only (the quality sets need it)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="neither compile nor time the reference artifact (uniform 4-bit experts, float non-experts) "
+                   "where the matched budgets do not need it (--nonexpert-bits other than 16): one compile and one row "
+                   "less, 5 GB of disk on the whole OLMoE-1B-7B shape")
     p.add_argument("--extra-artifacts", nargs="*", default=[], metavar="DIR",
                    help="more dmpq artifacts of the same checkpoint to time in the same interleaved rounds (e.g. the "
                    "same compile with --dispatch gather-if), as rows labelled by their folder names")
@@ -182,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.drop_base and (scored := [s.name for s in args.specs if s.quality]):
         p.error(f"--drop-base removes the base GGUF that the quality sets of {', '.join(scored)} are checked "
                 "against: use it with random-weight models only")
+    if args.no_reference and (scored := [s.name for s in args.specs if s.quality]):
+        p.error(f"--no-reference drops the artifact that {', '.join(scored)}'s KL is measured against: use it with "
+                "random-weight models only")
     return args
 
 
@@ -423,9 +430,11 @@ def dmpq_variants(spec: ModelSpec, ckpt: Path, work: Path, ggufs: dict[str, dict
     alloc_flags, common_flags = spec.flags
     if args.pass_cache:
         common_flags = tuple(f for f in common_flags if f != "--no-cache")
-    compile_dmpq(ckpt, work / ref_label, [*ref_flags, *common_flags], args.reuse)
-    rows = {ref_label: {**dmpq_row(work / ref_label, params), "flags": list(ref_flags)}}
     policy = [] if str(args.nonexpert_bits).strip() == "16" else ["--nonexpert-bits", str(args.nonexpert_bits)]
+    rows = {}
+    if not (args.no_reference and policy):  # without a policy the reference sizes the non-experts
+        compile_dmpq(ckpt, work / ref_label, [*ref_flags, *common_flags], args.reuse)
+        rows[ref_label] = {**dmpq_row(work / ref_label, params), "flags": list(ref_flags)}
     if split_auto(str(args.nonexpert_bits))[0]:
         return rows | auto_variants(ckpt, work, ggufs, args, params, policy, common_flags)
     sizer = ref_label
