@@ -1,9 +1,9 @@
 """The compile with and without :func:`dmpq_compile.sysinfo.keep_freed_heap`, side by side.
 
 Each round compiles the same checkpoint twice with the default command, once as shipped (freed
-heap kept for reuse) and once with glibc's default allocation (``MALLOC_TOP_PAD_`` set to its
-default value, 128 KiB, which changes nothing in glibc but makes ``keep_freed_heap`` step aside),
-alternating which goes first. Per run: wall, user and system CPU seconds and minor page faults
+heap kept for reuse) and once with glibc's default allocation (``GLIBC_TUNABLES`` set to
+``glibc.malloc.perturb=0``, glibc's default, which changes nothing in glibc but makes
+``keep_freed_heap`` step aside), alternating which goes first. Per run: wall, user and system CPU seconds and minor page faults
 of the child process (``wait4``), and each pass's wall and CPU seconds and peak RSS from its
 report.json. The two modes must make the same model: every expert's and non-expert's bit-width
 and sensitivity values are compared (bitwise).
@@ -27,9 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from dmpq_compile.sysinfo import cpu_flags, cpu_model, load_average
+from dmpq_compile.sysinfo import cpu_flags, cpu_model, git_commit, load_average
 
-MODES = {"default-heap": {"MALLOC_TOP_PAD_": "131072"}, "keep-freed-heap": {}}
+# glibc's default: a tunable set to its default value (perturb 0) makes keep_freed_heap step aside and
+# changes nothing in glibc; setting a MALLOC_* variable instead would switch off glibc's adaptive
+# mmap threshold (a worse baseline than the default)
+MODES = {"default-heap": {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "keep-freed-heap": {}}
 
 
 def compile_once(ckpt: Path, out: Path, extra_env: dict[str, str]) -> dict:
@@ -105,7 +108,7 @@ def main() -> int:
     same = differences(models[base], models[new])
     print("same model:", same)
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = git_commit()
         args.json.write_text(json.dumps({
             "command": " ".join(["python", "benchmarks/bench_heap.py", *sys.argv[1:]]), "commit": commit,
             "cpu": f"{cpu_model()} ({', '.join(f for f in cpu_flags() if 'avx512' in f or f == 'avx2')})",

@@ -49,9 +49,9 @@ def keep_freed_heap() -> bool:
     the memory comes from. Memory: what a pass frees stays resident until it is reused or
     :func:`release_free_heap` hands it back at the pass's end, and the head-sized blocks of the
     sensitivity pass fragment its heap: its peak was 19 % higher at 4 OLMoE layers (3954 MB
-    against 3311 MB). Set any ``MALLOC_*`` variable (e.g. ``MALLOC_MMAP_MAX_=65536``, glibc's
-    default) to keep glibc's behaviour.
-    """
+    against 3311 MB). ``GLIBC_TUNABLES=glibc.malloc.perturb=0`` (a tunable at its default value)
+    keeps glibc's own behaviour; a ``MALLOC_*`` setting is taken as the user's choice (glibc then
+    also stops adapting its mmap threshold)."""
     if any(k in os.environ for k in _MALLOC_ENV):
         return False
     try:
