@@ -50,7 +50,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
                     reason="glibc's mallopt")
 def test_keep_freed_heap_reuses_pages_and_respects_the_users_settings():
     """With keep_freed_heap, blocks freed and allocated again (8 MB, and 100 MB: above glibc's
-    largest mmap threshold) reuse their pages: about one round's page faults in all, where glibc's
+    largest mmap threshold) reuse their pages: a few rounds' page faults in all (the heap settles), where glibc's
     default maps the large ones afresh each time, a fault per 4 KB page and round. A user's own
     MALLOC_* setting wins: nothing is changed then."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
@@ -65,6 +65,6 @@ def test_keep_freed_heap_reuses_pages_and_respects_the_users_settings():
     default, n_default = faults("default")
     assert kept == "True" and default == "None"
     assert n_default > 10 * 100 * 2**20 // 4096  # the default faults every round, at least for the 100 MB
-    assert n_kept < 2 * round_pages, (n_kept, n_default)
+    assert n_kept < 4 * round_pages and 4 * n_kept < n_default, (n_kept, n_default)  # a few rounds' worth, once
     assert faults("keep", MALLOC_MMAP_MAX_="65536")[0] == "False"
     assert faults("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")[0] == "False"
