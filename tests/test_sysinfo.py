@@ -1,5 +1,8 @@
 """The one home of system probes answers on this machine and degrades to None/fallbacks elsewhere."""
 
+import os
+import platform
+import subprocess
 import sys
 
 import pytest
@@ -28,3 +31,40 @@ def test_proc_status_and_the_peak_window():
 def test_git_commit_of_this_checkout():
     commit = sysinfo.git_commit()
     assert commit is None or len(commit) == 40
+
+
+_FAULTS = """
+import resource, sys, torch
+from dmpq_compile import sysinfo
+kept = sysinfo.keep_freed_heap() if sys.argv[1] == "keep" else None
+torch.ones(1)  # torch's own start-up allocations first
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # 8 MB and 100 MB tensors allocated, written and freed, as a compile's loops do
+    blocks = [torch.empty(n).fill_(1.0) for n in (2 * 2**20, 2 * 2**20, 25 * 2**20, 2 * 2**20)]
+    del blocks
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's mallopt")
+def test_keep_freed_heap_reuses_pages_and_respects_the_users_settings():
+    """With keep_freed_heap, blocks freed and allocated again (8 MB, and 100 MB: above glibc's
+    largest mmap threshold) reuse their pages: a few rounds' page faults in all (the heap settles), where glibc's
+    default maps the large ones afresh each time, a fault per 4 KB page and round. A user's own
+    MALLOC_* setting wins: nothing is changed then."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+    def faults(mode: str, **extra: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env={**env, **extra}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    round_pages = (3 * 8 + 100) * 2**20 // 4096
+    kept, n_kept = faults("keep")
+    default, n_default = faults("default")
+    assert kept == "True" and default == "None"
+    assert n_default > 10 * 100 * 2**20 // 4096  # the default faults every round, at least for the 100 MB
+    assert n_kept < 4 * round_pages and 4 * n_kept < n_default, (n_kept, n_default)  # a few rounds' worth, once
+    assert faults("keep", MALLOC_MMAP_MAX_="65536")[0] == "False"
+    assert faults("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")[0] == "False"

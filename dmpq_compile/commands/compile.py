@@ -233,7 +233,9 @@ def default_out(model: str, target: str) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     from ..compiler import compile_model
+    from ..sysinfo import keep_freed_heap
 
+    keep_freed_heap()  # freed tensors' pages reused, not mapped afresh (same values; docs/scaling.md)
     cfg = config_from_args(args)
     out = args.out or default_out(args.model_dir, cfg.target)
     out = compile_model(args.model_dir, out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
