@@ -1,9 +1,8 @@
 """The compile with and without :func:`dmpq_compile.sysinfo.keep_freed_heap`, side by side.
 
-Each round compiles the same checkpoint twice with the default command, once as shipped (freed
-heap kept for reuse) and once with glibc's default allocation (``GLIBC_TUNABLES`` set to
-``glibc.malloc.perturb=0``, glibc's default, which changes nothing in glibc but makes
-``keep_freed_heap`` step aside), alternating which goes first. Per run: wall, user and system CPU seconds and minor page faults
+Each round compiles the same checkpoint twice with the default command, once as shipped (glibc's
+default allocation) and once with ``DMPQ_KEEP_FREED_HEAP=1`` (freed heap kept for reuse),
+alternating which goes first. Per run: wall, user and system CPU seconds and minor page faults
 of the child process (``wait4``), and each pass's wall and CPU seconds and peak RSS from its
 report.json. The two modes must make the same model: every expert's and non-expert's bit-width
 and sensitivity values are compared (bitwise).
@@ -29,14 +28,14 @@ from pathlib import Path
 
 from dmpq_compile.sysinfo import cpu_flags, cpu_model, git_commit, load_average
 
-# glibc's default: a tunable set to its default value (perturb 0) makes keep_freed_heap step aside and
-# changes nothing in glibc; setting a MALLOC_* variable instead would switch off glibc's adaptive
-# mmap threshold (a worse baseline than the default)
-MODES = {"default-heap": {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "keep-freed-heap": {}}
+# keep_freed_heap is opt-in (DMPQ_KEEP_FREED_HEAP=1); the baseline is glibc's own default allocation (no
+# MALLOC_* variable either: one would switch off glibc's adaptive mmap threshold, a worse baseline)
+MODES = {"default-heap": {}, "keep-freed-heap": {"DMPQ_KEEP_FREED_HEAP": "1"}}
 
 
 def compile_once(ckpt: Path, out: Path, extra_env: dict[str, str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "DMPQ_KEEP_FREED_HEAP")}
     env.update(extra_env)
     cmd = [sys.executable, "-m", "dmpq_compile.cli", "-v", "compile", str(ckpt), "--target", "ort-cpu", "-o", str(out),
            "--overwrite", "--no-cache", "--no-progress"]

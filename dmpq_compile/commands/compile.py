@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 HELP = "compile a Hugging Face MoE checkpoint into a mixed-precision artifact"
@@ -235,7 +236,8 @@ def main(args: argparse.Namespace) -> int:
     from ..compiler import compile_model
     from ..sysinfo import keep_freed_heap
 
-    keep_freed_heap()  # freed tensors' pages reused, not mapped afresh (same values; docs/scaling.md)
+    if os.environ.get("DMPQ_KEEP_FREED_HEAP") == "1":  # opt-in: no wall-clock gain at 16 OLMoE layers (docs/scaling.md)
+        keep_freed_heap()  # freed tensors' pages reused, not mapped afresh (same values)
     cfg = config_from_args(args)
     out = args.out or default_out(args.model_dir, cfg.target)
     out = compile_model(args.model_dir, out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
