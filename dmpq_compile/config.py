@@ -228,8 +228,9 @@ class EmitConfig:
 
     dispatch: str | None = setting(
         None, "ort-cpu: how tokens reach the experts. fused (default): one com.microsoft.QMoE per layer and "
-        "bit-width, 16-bit experts per expert; kernel: one node per layer for all its 2/4/8-bit experts, dmpq's own "
-        "onnxruntime kernel (C++, built here with g++ and copied into the artifact; Linux x86-64); gather-if: each "
+        "bit-width, 16-bit experts per expert; kernel: one node per layer for all its 2/4/8-bit experts, and "
+        "attention's and the LM head's quantized projections, on dmpq's own onnxruntime kernels (C++, built here "
+        "with g++ and copied into the artifact; Linux x86-64); gather-if: each "
         "expert gathers its tokens inside an If (2-bit experts prefill faster so on some CPUs); gather, dense: see "
         "docs/ort-cpu.md", flag="--dispatch",
         choices=("fused", "kernel", "gather-if", "gather", "dense"))
