@@ -211,7 +211,8 @@ class MatMulNBitsProjection:
 
     def stacked(self, lw: Lowering, x: str, node: Node, roles: tuple[str, ...]) -> tuple[str, ...]:
         """Several quantized projections of ``node`` that read the same input (a SwiGLU's gate and up,
-        attention's q, k and v) as one MatMulNBits over their rows stacked, then ``Split`` by their
+        attention's q, k and v) as one MatMulNBits (``PanelMatMul`` under the kernel dispatch, where the
+        rows fit its panels) over their rows stacked, then ``Split`` by their
         widths: MatMulNBits computes each output row on its own, so the results are the separate
         products exactly, for one kernel call (and one thread-pool round) instead of several."""
         hint = f"{node.id}.{'_'.join(roles)}"
