@@ -212,12 +212,16 @@ class QuantizeState:
         try:
             graph.weights.spill(keys, path, metadata=unit_metadata(self.folder.name, name, nodes, keys, graph.weights))
         except OSError as e:
-            self.writable = False
-            log.warning("quantize: could not write partial state %s (%s); an interruption from here on redoes the "
-                        "units after it", path, e)
+            self._stop_keeping("write", path, e)
             return False
         self.written.append(path)
         return True
+
+    def _stop_keeping(self, verb: str, path: Path, error: OSError) -> None:
+        """A unit's file could not be written or kept: keep no more state (logged)."""
+        self.writable = False
+        log.warning("quantize: could not %s partial state %s (%s); an interruption from here on redoes the "
+                    "units after it", verb, path, error)
 
     def keep(self, name: str, path: Path) -> Path:
         """Keep unit ``name``'s file ``path``, written by an executor task (``--ray``:
@@ -232,9 +236,7 @@ class QuantizeState:
         try:
             _move(path, dst)
         except OSError as e:
-            self.writable = False
-            log.warning("quantize: could not keep partial state %s (%s); an interruption from here on redoes the "
-                        "units after it", dst, e)
+            self._stop_keeping("keep", dst, e)
             return path
         self.written.append(dst)
         return dst

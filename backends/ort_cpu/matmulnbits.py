@@ -161,9 +161,9 @@ class MatMulNBitsProjection:
             return False
         spec = QuantSpec.from_dict(quant["spec"])
         shapes = [tuple(int(v) for v in quant["tensors"][r]["shape"]) for r in roles]
+        # every role whole panels (each is laid out alone, _panel_part), so the stacked rows are too
         return spec.scheme == ASYM_GROUP and len({k for _, k in shapes}) == 1 and all(
-            panel_matmul_joins(n, k, bits, spec.group_size, spec.scale_dtype) for n, k in shapes) and panel_matmul_joins(
-            sum(n for n, _ in shapes), shapes[0][1], bits, spec.group_size, spec.scale_dtype)
+            panel_matmul_joins(n, k, bits, spec.group_size, spec.scale_dtype) for n, k in shapes)
 
     def panel_matmul(self, lw: Lowering, x: str, node: Node, roles: tuple[str, ...]) -> str:
         """``node``'s quantized ``roles`` (rows stacked) as one ``ai.dmpq.PanelMatMul`` on fp32 ``x``, fp32 out:

@@ -142,6 +142,15 @@ class FusionTables:
         return total
 
 
+def _layer_rows(layer_of: Sequence[int], can: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """The layers where some expert can join a fused node (sorted), and each expert's row among them (-1:
+    none of its widths can)."""
+    joins = can.any(axis=1)
+    layers = sorted({int(v) for v, c in zip(layer_of, joins) if c})
+    row = {v: r for r, v in enumerate(layers)}
+    return layers, np.array([row.get(int(v), -1) if c else -1 for v, c in zip(layer_of, joins)], dtype=np.int64)
+
+
 def fusion_tables(layer_of: Sequence[int], freq: np.ndarray, decode: np.ndarray, idle: np.ndarray,
                   fused: np.ndarray, group: np.ndarray, obj_scale: float, use_scale: float) -> FusionTables | None:
     """Build :class:`FusionTables` from per-expert x per-bits cost matrices (``fused`` NaN where
@@ -154,9 +163,7 @@ def fusion_tables(layer_of: Sequence[int], freq: np.ndarray, decode: np.ndarray,
     can = ~np.isnan(fused)
     if not can.any():
         return None
-    layers = sorted({int(v) for v, c in zip(layer_of, can.any(axis=1)) if c})
-    row = {v: r for r, v in enumerate(layers)}
-    layer = np.array([row.get(int(v), -1) if c else -1 for v, c in zip(layer_of, can.any(axis=1))], dtype=np.int64)
+    layers, layer = _layer_rows(layer_of, can)
     saving = np.where(can, np.maximum(0.0, freq[:, None] * (decode - np.nan_to_num(fused)) + idle), 0.0)
     fixed = np.zeros((len(layers), fused.shape[1]))
     ok = layer >= 0
@@ -186,9 +193,7 @@ def kernel_tables(layer_of: Sequence[int], kernel: np.ndarray, fixed_row: np.nda
     can = ~np.isnan(kernel)
     if not can.any():
         return None
-    layers = sorted({int(v) for v, c in zip(layer_of, can.any(axis=1)) if c})
-    row = {v: r for r, v in enumerate(layers)}
-    layer = np.array([row.get(int(v), -1) if c else -1 for v, c in zip(layer_of, can.any(axis=1))], dtype=np.int64)
+    layers, layer = _layer_rows(layer_of, can)
     saving = np.where(can, fixed_row[:, None], 0.0)
     fixed = np.zeros((len(layers), 1))
     ok = layer >= 0

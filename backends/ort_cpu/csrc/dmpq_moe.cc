@@ -793,27 +793,44 @@ struct Tensor {
   }
 };
 
-void Check(const Api& api, dmpq_ort::OrtStatus* st, const char* what) {
+// Errors name the op: "dmpq OP: what: onnxruntime's message".
+void Check(const Api& api, dmpq_ort::OrtStatus* st, const char* what, const char* op = "MixedMoE") {
   if (!st) return;
-  std::string msg = std::string("dmpq MixedMoE: ") + what + ": " + api.GetErrorMessage(st);
+  std::string msg = std::string("dmpq ") + op + ": " + what + ": " + api.GetErrorMessage(st);
   api.ReleaseStatus(st);
   throw std::runtime_error(msg);
 }
 
-void Describe(const Api& api, const dmpq_ort::OrtValue* v, Tensor* out) {
+void Describe(const Api& api, const dmpq_ort::OrtValue* v, Tensor* out, const char* op) {
   dmpq_ort::OrtTensorTypeAndShapeInfo* info = nullptr;
-  Check(api, api.GetTensorTypeAndShape(v, &info), "reading an input's shape");
+  Check(api, api.GetTensorTypeAndShape(v, &info), "reading an input's shape", op);
   size_t n = 0;
   dmpq_ort::OrtStatus* st = api.GetTensorElementType(info, &out->type);
   if (!st) st = api.GetDimensionsCount(info, &n);
   out->dims.assign(n, 0);
   if (!st && n) st = api.GetDimensions(info, out->dims.data(), n);
   api.ReleaseTensorTypeAndShapeInfo(info);
-  Check(api, st, "reading an input's shape");
-  Check(api, api.GetTensorMutableData(const_cast<dmpq_ort::OrtValue*>(v), &out->data), "reading an input");
+  Check(api, st, "reading an input's shape", op);
+  Check(api, api.GetTensorMutableData(const_cast<dmpq_ort::OrtValue*>(v), &out->data), "reading an input", op);
 }
 
-[[noreturn]] void Fail(const std::string& msg) { throw std::runtime_error("dmpq MixedMoE: " + msg); }
+[[noreturn]] void Fail(const char* op, const std::string& msg) {
+  throw std::runtime_error(std::string("dmpq ") + op + ": " + msg);
+}
+
+[[noreturn]] void Fail(const std::string& msg) { Fail("MixedMoE", msg); }
+
+// The call's `count` inputs (exactly that many), described into `in`.
+void ReadInputs(const Api& api, dmpq_ort::OrtKernelContext* ctx, size_t count, const char* op, Tensor* in) {
+  size_t n_in = 0;
+  Check(api, api.KernelContextGetInputCount(ctx, &n_in), "counting inputs", op);
+  if (n_in != count) Fail(op, "expects " + std::to_string(count) + " inputs, got " + std::to_string(n_in));
+  for (size_t i = 0; i < count; ++i) {
+    const dmpq_ort::OrtValue* v = nullptr;
+    Check(api, api.KernelContextGetInput(ctx, i, &v), "getting an input", op);
+    Describe(api, v, &in[i], op);
+  }
+}
 
 int64_t IntAttr(const Api& api, const dmpq_ort::OrtKernelInfo* info, const char* name, const char* op) {
   int64_t v = 0;
@@ -882,15 +899,8 @@ class MixedMoE {
   }
 
   void Compute(dmpq_ort::OrtKernelContext* ctx) {
-    size_t n_in = 0;
-    Check(api_, api_.KernelContextGetInputCount(ctx, &n_in), "counting inputs");
-    if (n_in != 7) Fail("expects 7 inputs, got " + std::to_string(n_in));
     Tensor in[7];
-    for (size_t i = 0; i < 7; ++i) {
-      const dmpq_ort::OrtValue* v = nullptr;
-      Check(api_, api_.KernelContextGetInput(ctx, i, &v), "getting an input");
-      Describe(api_, v, &in[i]);
-    }
+    ReadInputs(api_, ctx, 7, kName, in);
     const Tensor &x = in[0], &ti = in[1], &tw = in[2], &codes = in[3], &scales = in[4], &zeros = in[5],
                  &meta = in[6];
     const int64_t H = hidden_, I = inter_;
@@ -1077,7 +1087,7 @@ class PanelMatMul {
     bits_ = IntAttr(api_, info, "bits", kName);
     block_ = IntAttr(api_, info, "block_size", kName);
     level_ = IntAttr(api_, info, "accuracy_level", kName);
-    auto fail = [](const std::string& m) { throw std::runtime_error(std::string("dmpq PanelMatMul: ") + m); };
+    auto fail = [](const std::string& m) { Fail(kName, m); };
     if (k_ <= 0 || n_ <= 0 || n_ % kPanel) fail("K must be positive and N a positive multiple of 16");
     if (bits_ != 2 && bits_ != 4 && bits_ != 8) fail("bits must be 2, 4 or 8");
     if (block_ < kGroup || block_ % kGroup || k_ % block_) fail("block_size must be a multiple of 64 dividing K");
@@ -1085,16 +1095,9 @@ class PanelMatMul {
   }
 
   void Compute(dmpq_ort::OrtKernelContext* ctx) {
-    auto fail = [](const std::string& m) { throw std::runtime_error(std::string("dmpq PanelMatMul: ") + m); };
-    size_t n_in = 0;
-    Check(api_, api_.KernelContextGetInputCount(ctx, &n_in), "counting inputs");
-    if (n_in != 4) fail("expects 4 inputs, got " + std::to_string(n_in));
+    auto fail = [](const std::string& m) { Fail(kName, m); };
     Tensor in[4];
-    for (size_t i = 0; i < 4; ++i) {
-      const dmpq_ort::OrtValue* v = nullptr;
-      Check(api_, api_.KernelContextGetInput(ctx, i, &v), "getting an input");
-      Describe(api_, v, &in[i]);
-    }
+    ReadInputs(api_, ctx, 4, kName, in);
     const Tensor &x = in[0], &codes = in[1], &scales = in[2], &zeros = in[3];
     const int64_t K = k_, N = n_, kb = K / block_;
     if (x.dims.empty() || x.dims.back() != K) fail("x's last dimension must be K = " + std::to_string(K));
@@ -1104,9 +1107,9 @@ class PanelMatMul {
     std::vector<int64_t> dims = x.dims;
     dims.back() = N;
     dmpq_ort::OrtValue* out_v = nullptr;
-    Check(api_, api_.KernelContextGetOutput(ctx, 0, dims.data(), dims.size(), &out_v), "making the output");
+    Check(api_, api_.KernelContextGetOutput(ctx, 0, dims.data(), dims.size(), &out_v), "making the output", kName);
     void* out_p = nullptr;
-    Check(api_, api_.GetTensorMutableData(out_v, &out_p), "writing the output");
+    Check(api_, api_.GetTensorMutableData(out_v, &out_p), "writing the output", kName);
     float* y = static_cast<float*>(out_p);
     if (M == 0) return;
     const auto* xs = static_cast<const float*>(x.data);
