@@ -17,9 +17,10 @@ Graph interface (all float tensors fp32): input ``input_ids [batch, sequence]`` 
 attention layer ``past_key_values.{l}.key|value [batch, kv_heads, past_sequence, head_dim]``;
 outputs ``logits [batch, sequence, vocab]`` and ``present.{l}.key|value`` (past + new). With
 ``LoweringOptions.logits_to_keep`` (ort-cpu) an optional scalar int64 input ``logits_to_keep``
-(default 0: every position) makes the head project only the last N positions, so ``logits`` is
-``[batch, min(N, sequence), vocab]``: a prefill that only needs the next token skips N-1 of the
-vocabulary-wide projections (the lm_head was 43 % of a 128-token prefill at OLMoE widths). Token
+(default 0: every position) keeps only the last N positions from the last layer's attention residual on
+(:func:`keep_point`), so ``logits`` is ``[batch, min(N, sequence), vocab]``: a prefill that only needs
+the next token skips T-N of the vocabulary-wide projections (the lm_head was 43 % of a 128-token prefill
+at OLMoE widths) and of the last layer's MoE, as llama.cpp does. Token
 positions continue from the past length, so prefill followed by one-token steps computes the
 same logits as one pass over the whole sequence. Padding inside a batch is not supported: all
 rows of a batch have the same length, as in the reference interpreter.
@@ -505,13 +506,18 @@ class Lowering:
         self.genai = options.genai
 
     def run(self) -> Lowered:
+        keep_at = keep_point(self.graph) if self.options.logits_to_keep else None
         for node in self.graph.nodes():
             rule = RULES.get(node.kind)
             if rule is None:
                 raise BackendError(f"node {node.id!r}: no ONNX lowering for IR kind {node.kind!r}; "
                                    f"known kinds: {sorted(RULES)}")
             with self.b.owned_by(node.id):
-                self.values[node.id] = rule(self, node, *[self.values[i] for i in node.inputs])
+                value = rule(self, node, *[self.values[i] for i in node.inputs])
+                if node.id == keep_at:  # every node from here to the head works row by row: drop the rest now
+                    self.shared["rows"] = value
+                    value = _keep_last(self, value, node.id)
+                self.values[node.id] = value
         heads = [n for n in self.graph.nodes("lm_head")]
         if len(heads) != 1:
             raise BackendError(f"the graph needs exactly one lm_head node, found {len(heads)}")
@@ -722,6 +728,35 @@ def _rule_combine(lw: Lowering, node: Node, route: RouteValue, *outs: Any) -> st
     return b.op("Reshape", [out, b.op("Shape", [route.x], h)], h)
 
 
+ROW_WISE = frozenset({"norm", "add", "router", "expert", "shared_expert", "mlp", "combine", "lm_head"})
+
+
+def keep_point(graph: Graph) -> str | None:
+    """The earliest node after which the graph only works position by position up to the head, so the
+    positions ``logits_to_keep`` drops can be dropped right after it, as llama.cpp drops them before its last
+    layer's feed-forward part: for the decoder families that is the last layer's attention residual, and a
+    prefill of T tokens then runs that layer's MoE (or MLP) on the kept positions only (its attention, and the
+    KV cache it writes, still see all T). None where the head is not the last node.
+
+    One backward walk, linear in nodes and edges: with ``S`` the nodes after a candidate, the candidate works
+    iff every node of ``S`` is row-wise (:data:`ROW_WISE`: norms, adds, routing, experts, MLPs, combine, head)
+    and ``S`` reads nothing from before the candidate but the candidate itself."""
+    order = list(graph.nodes())
+    if not order or order[-1].kind != "lm_head":
+        return None
+    outside: set[str] = set()  # what the nodes after the candidate read from before it
+    best = None
+    for i in range(len(order) - 2, -1, -1):
+        after = order[i + 1]
+        if after.kind not in ROW_WISE:
+            break
+        outside.discard(after.id)
+        outside.update(after.inputs)
+        if outside <= {order[i].id} and order[i].kind in ("add", "norm"):
+            best = order[i].id
+    return best
+
+
 def _keep_last(lw: Lowering, x: str, hint: str) -> str:
     """``x[:, T - n:]`` with ``n = logits_to_keep`` clipped to ``[1, T]``, or all T positions when it is 0.
 
@@ -764,8 +799,8 @@ def _keep_last(lw: Lowering, x: str, hint: str) -> str:
 def _rule_lm_head(lw: Lowering, node: Node, x: str) -> str:
     b, key, h = lw.b, node.params["weight"], node.id
     vocab = int(lw.graph.weights.shape(key)[0])
-    rows = x
-    if lw.options.logits_to_keep:
+    rows = lw.shared.get("rows", x)  # the full [B, T, H] stream where keep_point dropped positions earlier
+    if lw.options.logits_to_keep and "rows" not in lw.shared:
         x = _keep_last(lw, x, h)
     name = [b.fresh(f"{h}/kept")] if lw.genai else ["logits"]  # genai: spread into the full shape below
     embeds = {n.params["weight"] for n in lw.graph.nodes("embed")}

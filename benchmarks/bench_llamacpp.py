@@ -122,6 +122,15 @@ MODELS = {
     "qwen3-30b-a3b-1l": ModelSpec("qwen3-30b-a3b-1l", "qwen3-30b-a3b", False, "f16", SHAPE_FLAGS,
                                   ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4",
                                                  "--no-sensitivity"))),
+    # two layers: both tools run the last layer's MoE on the kept positions only (llama.cpp's inp_out_ids,
+    # dmpq's keep_point), so a one-layer prefill times attention and one token's MoE; the first of two layers
+    # runs its MoE on every prompt token
+    "mixtral-8x7b-2l": ModelSpec("mixtral-8x7b-2l", "mixtral-8x7b", False, "f16", SHAPE_FLAGS,
+                                 ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4", "--no-sensitivity")),
+                                 layers=2),
+    "qwen3-30b-a3b-2l": ModelSpec("qwen3-30b-a3b-2l", "qwen3-30b-a3b", False, "f16", SHAPE_FLAGS,
+                                  ("dmpq-int4", ("--allocator", "uniform", "--budget-code-bits", "4",
+                                                 "--no-sensitivity")), layers=2),
 }
 
 
