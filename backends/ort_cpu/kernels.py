@@ -24,13 +24,8 @@ process may run on). The path is chosen once per process, when first used.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,60 +46,18 @@ def source_dir() -> Path:
     return Path(__file__).resolve().parent / "csrc"
 
 
-def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if not cxx:
-        raise BackendError("--dispatch kernel builds dmpq's kernel library from C++ and found no compiler: install "
-                           "g++ (apt-get install g++) or set CXX, or choose --dispatch fused")
-    return cxx
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("DMPQ_KERNEL_CACHE")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dmpq-compile" / "kernels"
-
-
 def build(cache_dir: Path | None = None) -> Path:
     """The library built for this machine's compiler (compiled now if the cache lacks it); its path.
 
     Raises:
         BackendError: not Linux x86-64, no C++ compiler, or the compile failed (with its output).
     """
-    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        raise BackendError(f"dmpq's kernel library is written for Linux x86-64, not {platform.system()} "
-                           f"{platform.machine()}; choose --dispatch fused")
-    cxx = _compiler()
+    from ...native import NativeBuildError, build_library
+
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise BackendError(f"cannot run the C++ compiler {cxx!r}: {e}") from e
-    digest = hashlib.sha256()
-    for name in SOURCES:
-        digest.update((source_dir() / name).read_bytes())
-    digest.update(" ".join(FLAGS).encode())
-    digest.update(version.encode())
-    folder = (cache_dir or _cache_dir()) / digest.hexdigest()[:16]
-    target = folder / LIBRARY
-    if target.is_file():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
-    os.close(fd)
-    cmd = [cxx, *FLAGS, "-o", tmp, str(source_dir() / "dmpq_moe.cc")]
-    log.info("building dmpq's kernel library: %s", " ".join(cmd))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        if done.returncode != 0:
-            raise BackendError(f"building dmpq's kernel library failed ({' '.join(cmd)}):\n"
-                               f"{(done.stderr or done.stdout)[-4000:]}")
-        os.replace(tmp, target)  # whole or absent: another compile may build the same file at once
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        return build_library(LIBRARY, source_dir(), SOURCES, FLAGS, "dmpq's kernel library", cache_dir)
+    except NativeBuildError as e:
+        raise BackendError(f"{e}; choose --dispatch fused") from e
 
 
 def describe(library: Path) -> dict[str, Any]:

@@ -336,6 +336,10 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     if not isinstance(spec, QuantSpec) or not spec.is_quantized:
         raise ValueError(f"quantize needs a QuantSpec with bits < 16, got {spec!r}")
     k = w.shape[-1]
+    fast = _native(w, spec, codes=True)
+    if fast is not None:
+        scale, zero, q, _ = fast
+        return QuantizedTensor(q=q, scale=scale, zero=zero.to(torch.uint8), spec=spec, shape=tuple(w.shape))
     wg = pad_to_groups(w.detach().to(torch.float32), spec.group_len(k))  # [*B, N, G, gs]
     scale, zero = grid_params(wg, spec.bits, spec.symmetric, spec.scale_dtype)  # [*B, N, G]
     q = grid_codes(wg, scale[..., None], zero[..., None], spec.bits, spec.symmetric)  # [*B, N, G, gs]
@@ -343,6 +347,16 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     return QuantizedTensor(
         q=q.to(torch.uint8), scale=scale, zero=zero.to(torch.uint8), spec=spec, shape=tuple(w.shape)
     )
+
+
+def _native(w: torch.Tensor, spec: QuantSpec, codes: bool = False, fake: bool = False):
+    """The group-wise affine RTN of ``w`` in C++ (:mod:`.native`: the same values in one pass per group), or
+    None where it does not run: symmetric schemes, or no library (the torch path then runs, and raises)."""
+    if spec.symmetric or w.dim() < 2 or spec.scale_dtype not in ("float32", "float16"):
+        return None
+    from . import native
+
+    return native.affine(w, spec.group_len(w.shape[-1]), spec.bits, spec.scale_dtype == "float16", codes, fake)
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
@@ -386,6 +400,9 @@ def fake_quantize_spec(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     # zero points are small integers in float32 either way, so the values are identical (tested)
     check_weight(w, finite=False)
     k = w.shape[-1]
+    fast = _native(w, spec, fake=True)
+    if fast is not None:
+        return fast[3].to(w.dtype)
     wg = pad_to_groups(w.detach().to(torch.float32), spec.group_len(k))  # [*B, N, G, gs]
     scale, zero = grid_params(wg, spec.bits, spec.symmetric, spec.scale_dtype)  # checks NaN/Inf
     scale, zero = scale[..., None], zero[..., None]

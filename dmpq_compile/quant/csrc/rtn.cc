@@ -1,0 +1,225 @@
+// Group-wise affine round-to-nearest in one pass per group: the scale and zero point of each group, its codes,
+// and (optionally) the dequantized weights, the same operations in the same order as dmpq_compile/quant/rtn.py
+// (affine_params, round_scales, quantize_codes, then (q - zero) * scale), so every value is bit-identical to
+// that torch path (tests/test_native_rtn.py). The torch path reads and writes each weight-sized tensor eight
+// times or so; this reads each group once into registers and writes each output once.
+//
+// Compiled with -march=native for the machine that runs the compile (never shipped in an artifact) and
+// -ffp-contract=off: a fused multiply-add would round differently from torch's separate operations.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kFloat16Max = 65504.0f;
+
+// float -> float16 bits, round to nearest even (what torch's .to(float16) does), for finite inputs <= 65504.
+inline uint16_t ToHalf(float x) {
+#if defined(__F16C__)
+  return static_cast<uint16_t>(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
+#else
+  uint32_t f;
+  std::memcpy(&f, &x, 4);
+  const uint32_t sign = (f >> 16) & 0x8000u;
+  f &= 0x7fffffffu;
+  if (f >= 0x38800000u) {  // normal half
+    uint32_t mant_odd = (f >> 13) & 1u;
+    f += 0xc8000fffu + mant_odd;  // re-bias exponent (-112 << 23) and round to nearest even
+    return static_cast<uint16_t>(sign | (f >> 13));
+  }
+  // subnormal half (or zero): add 0.5 (as a float) to shift the mantissa into place, round to nearest even
+  float v;
+  std::memcpy(&v, &f, 4);
+  v += 0.5f;
+  uint32_t r;
+  std::memcpy(&r, &v, 4);
+  return static_cast<uint16_t>(sign | (r - 0x3f000000u));
+#endif
+}
+
+inline float FromHalf(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, f;
+  if (exp == 0) {
+    float v = static_cast<float>(mant) * 5.9604644775390625e-08f;  // 2^-24
+    std::memcpy(&f, &v, 4);
+    f |= sign;
+  } else if (exp == 31) {
+    f = sign | 0x7f800000u | (mant << 13);
+  } else {
+    f = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float out;
+  std::memcpy(&out, &f, 4);
+  return out;
+#endif
+}
+
+// round_scales: the float16 value at or above scale (scale > 0 and <= 65504).
+inline float RoundScaleUpToHalf(float scale) {
+  uint16_t h = ToHalf(scale);
+  if (FromHalf(h) < scale) h = static_cast<uint16_t>(h + 1);  // nextafter towards +inf of a positive half
+  return FromHalf(h);
+}
+
+// The scale and zero point of one group from its minimum and maximum (affine_params + round_scales).
+// Returns 2 when a float16 scale would exceed 65504.
+inline int GroupParams(float lo, float hi, float qmax, int scale_f16, float* scale_out, float* zero_out) {
+  lo = lo < 0.0f ? lo : 0.0f;  // clamp(max=0)
+  hi = hi > 0.0f ? hi : 0.0f;  // clamp(min=0)
+  float scale = (hi - lo) / qmax;
+  if (!(scale > 0.0f)) scale = 1.0f;
+  if (scale_f16) {
+    if (scale > kFloat16Max) return 2;
+    scale = RoundScaleUpToHalf(scale);
+  }
+  float zero = std::nearbyint(-lo / scale);
+  *scale_out = scale;
+  *zero_out = zero < 0.0f ? 0.0f : (zero > qmax ? qmax : zero);
+  return 0;
+}
+
+// codes, and the dequantized weights, of n values with one scale and zero point
+inline void GroupCodes(const float* x, int64_t n, float scale, float zero, float qmax, uint8_t* q_out,
+                       float* f_out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float q = x[i] / scale;
+    q = q + zero;
+    q = std::nearbyint(q);
+    q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
+    if (q_out) q_out[i] = static_cast<uint8_t>(q);
+    if (f_out) f_out[i] = (q - zero) * scale;
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// v[0..15] -> one vector whose lane g is op over the 16 lanes of v[g]: 15 ops and 30 shuffles, where 16
+// separate horizontal reductions take 64 of each.
+template <class Op>
+inline __m512 Reduce16(const __m512* v, Op op) {
+  __m512 s1[8], s2[4], s3[2];
+  for (int i = 0; i < 8; ++i)  // [a01 b01] op [a23 b23] (128-bit blocks)
+    s1[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // one block per group
+    s2[i] = op(_mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0x88),
+               _mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // two lanes per group
+    s3[i] = op(_mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+               _mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 r = op(_mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane 4j + m of r holds group j + 4m
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
+// GroupParams for 16 groups at once. Returns 1 (a NaN or infinity) or 2 (float16 overflow) like the scalar one.
+inline int GroupParams16(__m512 lo, __m512 hi, __m512 bad, int count, float qmax, int scale_f16, float* scale_out,
+                         float* zero_out) {
+  const __mmask16 live = static_cast<__mmask16>((1u << count) - 1u);
+  if (_mm512_mask_cmp_ps_mask(live, bad, _mm512_setzero_ps(), _CMP_NEQ_UQ)) return 1;
+  const __m512 zero_v = _mm512_setzero_ps(), q = _mm512_set1_ps(qmax);
+  lo = _mm512_min_ps(lo, zero_v);  // lo < 0 ? lo : 0 (lo is no NaN here)
+  hi = _mm512_max_ps(hi, zero_v);
+  __m512 scale = _mm512_div_ps(_mm512_sub_ps(hi, lo), q);
+  scale = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(scale, zero_v, _CMP_GT_OQ), _mm512_set1_ps(1.0f), scale);
+  if (scale_f16) {
+    if (_mm512_mask_cmp_ps_mask(live, scale, _mm512_set1_ps(kFloat16Max), _CMP_GT_OQ)) return 2;
+    __m256i h = _mm512_cvtps_ph(scale, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 low = _mm512_cmp_ps_mask(_mm512_cvtph_ps(h), scale, _CMP_LT_OQ);
+    h = _mm256_mask_add_epi16(h, low, h, _mm256_set1_epi16(1));  // the next float16 up
+    scale = _mm512_cvtph_ps(h);
+  }
+  __m512 zero = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(zero_v, lo), scale),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  zero = _mm512_min_ps(_mm512_max_ps(zero, zero_v), q);
+  _mm512_mask_storeu_ps(scale_out, live, scale);
+  _mm512_mask_storeu_ps(zero_out, live, zero);
+  return 0;
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// w: [rows, k] float32, row-major. Groups of `group` consecutive columns per row (the last one shorter when
+// group does not divide k: rtn.py edge-pads it with the row's last value, which changes neither its minimum
+// nor its maximum). bits in 1..8. scale_f16: round each scale up to a float16 value.
+// Outputs (each may be null): scale, zero [rows, groups] (scratch space is needed: pass them); codes [rows, k]
+// (uint8); fake [rows, k] float32.
+// Returns 0; 1 when a group holds a NaN or an infinity; 2 when a float16 scale would exceed 65504 (the caller
+// then runs the torch path, which raises the error with its message). On a nonzero return the outputs are
+// partly written.
+__attribute__((visibility("default")))
+int dmpq_rtn_affine(const float* w, int64_t rows, int64_t k, int64_t group, int bits, int scale_f16,
+                    float* scale_out, float* zero_out, uint8_t* codes, float* fake) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const int64_t groups = (k + group - 1) / group;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = w + r * k;
+    float* scales = scale_out + r * groups;
+    float* zeros = zero_out + r * groups;
+    int64_t g = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (group % 16 == 0) {  // whole groups, 16 at a time: minima and maxima as vectors, then one reduction
+      const int64_t whole = k / group;
+      for (; g < whole; g += 16) {
+        const int count = static_cast<int>(whole - g < 16 ? whole - g : 16);
+        __m512 vlo[16], vhi[16], vbad[16];
+        for (int j = 0; j < count; ++j) {
+          const float* x = row + (g + j) * group;
+          __m512 lo = _mm512_loadu_ps(x), hi = lo, bad = _mm512_sub_ps(lo, lo);
+          for (int64_t i = 16; i < group; i += 16) {
+            const __m512 v = _mm512_loadu_ps(x + i);
+            bad = _mm512_add_ps(bad, _mm512_sub_ps(v, v));  // NaN where v is NaN or infinite
+            lo = _mm512_min_ps(lo, v);
+            hi = _mm512_max_ps(hi, v);
+          }
+          vlo[j] = lo, vhi[j] = hi, vbad[j] = bad;
+        }
+        for (int j = count; j < 16; ++j) vlo[j] = vlo[0], vhi[j] = vhi[0], vbad[j] = vbad[0];
+        const int status = GroupParams16(
+            Reduce16(vlo, [](__m512 a, __m512 b) { return _mm512_min_ps(a, b); }),
+            Reduce16(vhi, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); }),
+            Reduce16(vbad, [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); }), count, qmax, scale_f16,
+            scales + g, zeros + g);
+        if (status) return status;
+      }
+      g = whole;  // a shorter last group, if any, goes below
+    }
+#endif
+    for (; g < groups; ++g) {
+      const int64_t c0 = g * group, n = (c0 + group <= k) ? group : k - c0;
+      const float* x = row + c0;
+      float lo = x[0], hi = x[0], bad = 0.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = x[i];
+        bad += v - v;  // NaN when v is NaN or infinite
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+      }
+      if (bad != 0.0f) return 1;  // also true for a NaN sum
+      const int status = GroupParams(lo, hi, qmax, scale_f16, scales + g, zeros + g);
+      if (status) return status;
+    }
+    if (codes || fake)
+      for (g = 0; g < groups; ++g) {
+        const int64_t c0 = g * group, n = (c0 + group <= k) ? group : k - c0;
+        GroupCodes(row + c0, n, scales[g], zeros[g], qmax, codes ? codes + r * k + c0 : nullptr,
+                   fake ? fake + r * k + c0 : nullptr);
+      }
+  }
+  return 0;
+}
+
+}  // extern "C"

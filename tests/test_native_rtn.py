@@ -1,0 +1,82 @@
+"""The C++ group-wise affine RTN (dmpq_compile/quant/native.py) gives the torch path's values bit for bit, and
+leaves the errors to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dmpq_compile.quant import QuantSpec, fake_quantize_spec, native, quantize
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="dmpq's RTN library cannot be built here "
+                                "(needs Linux x86-64 and a C++ compiler)")
+
+SHAPES = [((256, 512), 64),  # whole groups, 16 at a time
+          ((37, 100), 32),  # a shorter last group (edge-padded in torch)
+          ((5, 64), 128),  # one group longer than the row
+          ((3, 4, 70), 64),  # stacked experts
+          ((8, 160), 160),  # per channel
+          ((40, 597), 16),  # 37 whole groups: the vector path's tail block, then a 5-wide group
+          ((6, 48), 24)]  # groups that are no multiple of 16: scalar path
+
+
+def _both(monkeypatch, fn):
+    monkeypatch.setenv("DMPQ_NATIVE_RTN", "1")
+    fast = fn()
+    monkeypatch.setenv("DMPQ_NATIVE_RTN", "0")
+    return fast, fn()
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("shape", "group"), SHAPES)
+def test_codes_scales_and_fake_quantized_weights_match_the_torch_path(shape, group, bits, scale_dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(bits * 1000 + group)
+    spec = QuantSpec(bits=bits, group_size=group, scale_dtype=scale_dtype)
+    for magnitude in (0.02, 1.0, 3000.0):
+        w = torch.randn(*shape, generator=gen) * magnitude
+        rows = w.view(-1, shape[-1])
+        rows[0, :5] = 0.0  # a group with zeros
+        rows[-1] = 0.5  # a constant row: every group's minimum is clamped to 0
+        if rows.shape[0] > 2:
+            rows[1] = 0.0  # an all-zero row: scale 1
+            rows[2] = -rows[2].abs()  # all negative: the maximum is clamped to 0
+        (qa, fa), (qb, fb) = _both(monkeypatch, lambda w=w: (quantize(w, spec), fake_quantize_spec(w, spec)))
+        assert torch.equal(fa, fb) and fa.dtype == fb.dtype == w.dtype
+        assert qa.q.dtype == qb.q.dtype == torch.uint8
+        assert torch.equal(qa.q, qb.q) and torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero)
+
+
+def test_bfloat16_weights_come_back_in_bfloat16(monkeypatch):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    spec = QuantSpec(bits=4, group_size=64, scale_dtype="float16")
+    fast, ref = _both(monkeypatch, lambda: fake_quantize_spec(w, spec))
+    assert fast.dtype == torch.bfloat16 and torch.equal(fast, ref)
+
+
+def test_the_native_path_runs_and_leaves_errors_to_torch(monkeypatch):
+    monkeypatch.setenv("DMPQ_NATIVE_RTN", "1")
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    assert native.affine(w, 64, 4, True, codes=True, fake=True) is not None  # not the torch fallback
+    bad = w.clone()
+    bad[3, 70] = float("nan")
+    assert native.affine(bad, 64, 4, True) is None
+    with pytest.raises(ValueError, match="NaN|finite"):
+        quantize(bad, QuantSpec(bits=4, group_size=64))
+    bad[3, 70] = float("inf")
+    assert native.affine(bad, 64, 4, False) is None
+    huge = w * 1e6  # scales above float16's range
+    assert native.affine(huge, 64, 4, True) is None
+    with pytest.raises(ValueError, match="float16"):
+        fake_quantize_spec(huge, QuantSpec(bits=4, group_size=64, scale_dtype="float16"))
+    monkeypatch.setenv("DMPQ_NATIVE_RTN", "0")
+    assert native.affine(w, 64, 4, True) is None  # asked off
+
+
+def test_symmetric_formats_keep_the_torch_path(monkeypatch):
+    from dmpq_compile.quant.spec import SYM_CHANNEL
+
+    calls = []
+    monkeypatch.setattr(native, "affine", lambda *a, **k: calls.append(a))
+    out = fake_quantize_spec(torch.randn(8, 64), QuantSpec(bits=8, group_size=None, scheme=SYM_CHANNEL))
+    assert calls == [] and out.shape == (8, 64)
