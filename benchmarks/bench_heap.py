@@ -1,8 +1,10 @@
-"""The compile with and without :func:`dmpq_compile.sysinfo.keep_freed_heap`, side by side.
+"""The compile in two modes set by environment variables, side by side: ``--compare heap`` (the default)
+with and without :func:`dmpq_compile.sysinfo.keep_freed_heap`, ``--compare native-rtn`` with the group-wise
+RTN in torch (``DMPQ_NATIVE_RTN=0``) and in C++ (:mod:`dmpq_compile.quant.native`, as shipped).
 
-Each round compiles the same checkpoint twice with the default command, once as shipped (glibc's
-default allocation) and once with ``DMPQ_KEEP_FREED_HEAP=1`` (freed heap kept for reuse),
-alternating which goes first. Per run: wall, user and system CPU seconds and minor page faults
+Each round compiles the same checkpoint twice with the default command, once per mode (heap: as shipped,
+glibc's default allocation, and with ``DMPQ_KEEP_FREED_HEAP=1``, freed heap kept for reuse), alternating
+which goes first. Per run: wall, user and system CPU seconds and minor page faults
 of the child process (``wait4``), and each pass's wall and CPU seconds and peak RSS from its
 report.json. The two modes must make the same model: every expert's and non-expert's bit-width
 and sensitivity values are compared (bitwise).
@@ -30,12 +32,14 @@ from dmpq_compile.sysinfo import cpu_flags, cpu_model, git_commit, load_average
 
 # keep_freed_heap is opt-in (DMPQ_KEEP_FREED_HEAP=1); the baseline is glibc's own default allocation (no
 # MALLOC_* variable either: one would switch off glibc's adaptive mmap threshold, a worse baseline)
-MODES = {"default-heap": {}, "keep-freed-heap": {"DMPQ_KEEP_FREED_HEAP": "1"}}
+COMPARISONS = {"heap": {"default-heap": {}, "keep-freed-heap": {"DMPQ_KEEP_FREED_HEAP": "1"}},
+               "native-rtn": {"torch-rtn": {"DMPQ_NATIVE_RTN": "0"}, "native-rtn": {}}}
+MODE_VARIABLES = ("GLIBC_TUNABLES", "DMPQ_KEEP_FREED_HEAP", "DMPQ_NATIVE_RTN")  # taken from the mode, not inherited
 
 
 def compile_once(ckpt: Path, out: Path, extra_env: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "DMPQ_KEEP_FREED_HEAP")}
+           if not k.startswith("MALLOC_") and k not in MODE_VARIABLES}
     env.update(extra_env)
     cmd = [sys.executable, "-m", "dmpq_compile.cli", "-v", "compile", str(ckpt), "--target", "ort-cpu", "-o", str(out),
            "--overwrite", "--no-cache", "--no-progress"]
@@ -47,6 +51,7 @@ def compile_once(ckpt: Path, out: Path, extra_env: dict[str, str]) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"compile failed:\n{err[-3000:]}")
     report = json.loads((out / "report.json").read_text())
+    shutil.rmtree(out)  # what is compared is in the report: one artifact on disk at a time
     return {"wall_s": round(wall, 1), "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
             "minor_faults": usage.ru_minflt, "load_before": load0, "load_after": load_average(),
             "peak_rss_mb": report["peak_rss_mb"],
@@ -70,28 +75,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--work", type=Path, required=True, help="folder for the two artifacts (removed at the end)")
+    ap.add_argument("--work", type=Path, required=True, help="folder for the artifacts (each removed once its report is read)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--compare", choices=sorted(COMPARISONS), default="heap", help="which two modes (default heap)")
     args = ap.parse_args()
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    modes = COMPARISONS[args.compare]
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     models: dict[str, dict] = {}
     for r in range(args.rounds):
-        order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
+        order = list(modes) if r % 2 == 0 else list(reversed(modes))
         for mode in order:
             out = args.work / f"heap-{mode}"
-            run = compile_once(args.checkpoint, out, MODES[mode])
+            run = compile_once(args.checkpoint, out, modes[mode])
             models.setdefault(mode, run.pop("model"))
             run.pop("model", None)
             runs[mode].append(run)
             print(f"round {r} {mode}: wall {run['wall_s']} s, user {run['user_s']} s, sys {run['sys_s']} s, "
                   f"faults {run['minor_faults']}, peak {run['peak_rss_mb']:.0f} MB, load {run['load_before']}", flush=True)
-    for mode in MODES:
+    for mode in modes:
         shutil.rmtree(args.work / f"heap-{mode}", ignore_errors=True)
 
     def med(mode: str, get) -> float:
         return statistics.median(get(x) for x in runs[mode])
 
-    base, new = MODES
+    base, new = modes
     rows = {"wall_s": lambda x: x["wall_s"], "user_s": lambda x: x["user_s"], "sys_s": lambda x: x["sys_s"],
             "cpu_s": lambda x: x["user_s"] + x["sys_s"], "minor_faults": lambda x: x["minor_faults"],
             "peak_rss_mb": lambda x: x["peak_rss_mb"]}
@@ -111,7 +118,7 @@ def main() -> int:
         args.json.write_text(json.dumps({
             "command": " ".join(["python", "benchmarks/bench_heap.py", *sys.argv[1:]]), "commit": commit,
             "cpu": f"{cpu_model()} ({', '.join(f for f in cpu_flags() if 'avx512' in f or f == 'avx2')})",
-            "checkpoint": str(args.checkpoint), "modes": MODES, "runs": runs, "median": summary, "same_model": same},
+            "checkpoint": str(args.checkpoint), "modes": modes, "runs": runs, "median": summary, "same_model": same},
             indent=1) + "\n")
     return 0
 

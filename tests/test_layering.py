@@ -24,7 +24,8 @@ ROOTS = {"dmpq_compile": REPO / "dmpq_compile", "dmpq_compile.passes": REPO / "p
 # (compiler, peer baseline), the bench and the CLI sit on top and inject what passes need.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("dmpq_compile", "dmpq_compile.fileio", "dmpq_compile.registry", "dmpq_compile.sysinfo",
-                    "dmpq_compile.quant", "dmpq_compile.eval", "dmpq_compile.testing", "dmpq_compile.rare_counts")),
+                    "dmpq_compile.quant", "dmpq_compile.eval", "dmpq_compile.testing", "dmpq_compile.rare_counts",
+                    "dmpq_compile.native")),
     ("ir", ("dmpq_compile.ir",)),
     ("frontend", ("dmpq_compile.frontend",)),
     ("passes", ("dmpq_compile.passes",)),
