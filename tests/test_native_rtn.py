@@ -80,3 +80,28 @@ def test_symmetric_formats_keep_the_torch_path(monkeypatch):
     monkeypatch.setattr(native, "affine", lambda *a, **k: calls.append(a))
     out = fake_quantize_spec(torch.randn(8, 64), QuantSpec(bits=8, group_size=None, scheme=SYM_CHANNEL))
     assert calls == [] and out.shape == (8, 64)
+
+
+def test_a_build_without_avx512_or_f16c_gives_the_same_values_and_refuses_float16_scales(tmp_path):
+    """The scalar code every CPU runs (here it also serves groups that are no multiple of 16)."""
+    import ctypes
+    from pathlib import Path
+
+    from dmpq_compile.native import build_library
+
+    flags = tuple(f for f in native.FLAGS if f != "-march=native") + ("-march=x86-64",)
+    lib = ctypes.CDLL(str(build_library(native.LIBRARY, Path(native.__file__).parent / "csrc", native.SOURCES,
+                                        flags, "the portable RTN build", cache=tmp_path)))
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3))
+    for bits in (2, 4, 8):
+        spec = QuantSpec(bits=bits, group_size=64, scale_dtype="float32")
+        ref = quantize(w, spec)
+        scale, zero = torch.empty(48, 4), torch.empty(48, 4)
+        q, fake = torch.empty(48, 256, dtype=torch.uint8), torch.empty(48, 256)
+        assert lib.dmpq_rtn_affine(ctypes.c_void_p(w.data_ptr()), 48, 256, 64, bits, 0, ctypes.c_void_p(scale.data_ptr()),
+                                   ctypes.c_void_p(zero.data_ptr()), ctypes.c_void_p(q.data_ptr()),
+                                   ctypes.c_void_p(fake.data_ptr())) == 0
+        assert torch.equal(scale, ref.scale) and torch.equal(zero.to(torch.uint8), ref.zero) and torch.equal(q, ref.q)
+        assert torch.equal(fake, fake_quantize_spec(w, spec))
+    assert lib.dmpq_rtn_affine(ctypes.c_void_p(w.data_ptr()), 48, 256, 64, 4, 1, ctypes.c_void_p(scale.data_ptr()),
+                               ctypes.c_void_p(zero.data_ptr()), None, None) == 3  # no F16C: torch rounds those

@@ -4,7 +4,7 @@ pass per group, bit-identical to :mod:`.rtn`'s torch path, which stays the refer
 The sensitivity pass fake-quantizes every expert at every measured bit-width and the quantize pass quantizes it
 once: at the OLMoE-1B-7B shape that is about 3 billion weights, which the torch path reads and writes eight
 times or so (each op of ``affine_params`` and ``quantize_codes`` is a pass over the tensor). Here each group
-is read once and each output written once, on the threads torch uses.
+is read once and each output written once, on the calling thread.
 
 The library is compiled the first time a process asks for it (``dmpq_compile.native``, ``-march=native``:
 it runs where it was built and is never shipped), and cached like the kernel library. Where it cannot be built
@@ -15,11 +15,9 @@ the torch path; the reason is logged once.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,10 +28,9 @@ LIBRARY = "libdmpq_rtn.so"
 SOURCES = ("rtn.cc",)
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-march=native", "-ffp-contract=off", "-fno-math-errno",
          "-fvisibility=hidden", "-Wall", "-Wno-uninitialized", "-Wno-maybe-uninitialized")
-MIN_ROWS_PER_THREAD = 64  # below this a tensor runs on one thread
 
 _lock = threading.Lock()
-_state: dict = {}  # "lib": the loaded library, or "error": why there is none; "pool": the thread pool
+_state: dict = {}  # "lib": the loaded library, or "error": why there is none
 
 
 def enabled() -> bool:
@@ -88,31 +85,13 @@ def affine(w: torch.Tensor, group: int, bits: int, scale_f16: bool, codes: bool 
     q = torch.empty((rows, k), dtype=torch.uint8) if codes else None
     f = torch.empty((rows, k), dtype=torch.float32) if fake else None
 
-    def run(r0: int, r1: int) -> int:
-        def at(t: torch.Tensor | None, width: int) -> int | None:
-            return None if t is None else t.data_ptr() + r0 * width * t.element_size()
-        return lib.dmpq_rtn_affine(x.data_ptr() + r0 * k * 4, r1 - r0, k, group, bits, int(scale_f16),
-                                   at(scale, groups), at(zero, groups), at(q, k), at(f, k))
-
-    threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
-    if threads == 1:
-        status = run(0, rows)
-    else:
-        pool = _pool(threads)
-        bounds = [rows * i // threads for i in range(threads + 1)]
-        status = max(fut.result() for fut in [pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)])
+    # one call on this thread: a pool of its own would share the cores with torch's OpenMP workers, which
+    # spin for a while after each op (slower in a compile's mix of products and quantization)
+    status = lib.dmpq_rtn_affine(x.data_ptr(), rows, k, group, bits, int(scale_f16), scale.data_ptr(),
+                                 zero.data_ptr(), None if q is None else q.data_ptr(),
+                                 None if f is None else f.data_ptr())
     if status != 0:
         return None
     lead = w.shape[:-1]
     return (scale.reshape(*lead, groups), zero.reshape(*lead, groups),
             None if q is None else q.reshape(*lead, k), None if f is None else f.reshape(*lead, k))
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """Threads that call the library (ctypes releases the GIL during each call); a forked child gets its own."""
-    with _lock:
-        pool, pid, size = _state.get("pool", (None, None, 0))
-        if pool is None or pid != os.getpid() or size < threads:
-            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dmpq-rtn")
-            _state["pool"] = (pool, os.getpid(), threads)
-        return pool

@@ -9,7 +9,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -19,50 +18,15 @@ namespace {
 
 constexpr float kFloat16Max = 65504.0f;
 
-// float -> float16 bits, round to nearest even (what torch's .to(float16) does), for finite inputs <= 65504.
-inline uint16_t ToHalf(float x) {
 #if defined(__F16C__)
-  return static_cast<uint16_t>(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
+// float -> float16 bits, round to nearest even (what torch's .to(float16) does), for finite inputs <= 65504
+inline uint16_t ToHalf(float x) { return static_cast<uint16_t>(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)); }
+inline float FromHalf(uint16_t h) { return _cvtsh_ss(h); }
 #else
-  uint32_t f;
-  std::memcpy(&f, &x, 4);
-  const uint32_t sign = (f >> 16) & 0x8000u;
-  f &= 0x7fffffffu;
-  if (f >= 0x38800000u) {  // normal half
-    uint32_t mant_odd = (f >> 13) & 1u;
-    f += 0xc8000fffu + mant_odd;  // re-bias exponent (-112 << 23) and round to nearest even
-    return static_cast<uint16_t>(sign | (f >> 13));
-  }
-  // subnormal half (or zero): add 0.5 (as a float) to shift the mantissa into place, round to nearest even
-  float v;
-  std::memcpy(&v, &f, 4);
-  v += 0.5f;
-  uint32_t r;
-  std::memcpy(&r, &v, 4);
-  return static_cast<uint16_t>(sign | (r - 0x3f000000u));
+// no F16C: float16 scales are refused (status 3) and the caller runs the torch path
+inline uint16_t ToHalf(float) { return 0; }
+inline float FromHalf(uint16_t) { return 0.0f; }
 #endif
-}
-
-inline float FromHalf(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = (h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, f;
-  if (exp == 0) {
-    float v = static_cast<float>(mant) * 5.9604644775390625e-08f;  // 2^-24
-    std::memcpy(&f, &v, 4);
-    f |= sign;
-  } else if (exp == 31) {
-    f = sign | 0x7f800000u | (mant << 13);
-  } else {
-    f = sign | ((exp + 112) << 23) | (mant << 13);
-  }
-  float out;
-  std::memcpy(&out, &f, 4);
-  return out;
-#endif
-}
 
 // round_scales: the float16 value at or above scale (scale > 0 and <= 65504).
 inline float RoundScaleUpToHalf(float scale) {
@@ -158,13 +122,17 @@ extern "C" {
 // Outputs (each may be null): scale, zero [rows, groups] (scratch space is needed: pass them); codes [rows, k]
 // (uint8); fake [rows, k] float32.
 // Returns 0; 1 when a group holds a NaN or an infinity; 2 when a float16 scale would exceed 65504 (the caller
-// then runs the torch path, which raises the error with its message). On a nonzero return the outputs are
+// then runs the torch path, which raises the error with its message); 3 for float16 scales on a CPU without
+// F16C (the torch path runs). On a nonzero return the outputs are
 // partly written.
 __attribute__((visibility("default")))
 int dmpq_rtn_affine(const float* w, int64_t rows, int64_t k, int64_t group, int bits, int scale_f16,
                     float* scale_out, float* zero_out, uint8_t* codes, float* fake) {
   const float qmax = static_cast<float>((1 << bits) - 1);
   const int64_t groups = (k + group - 1) / group;
+#if !defined(__F16C__)
+  if (scale_f16) return 3;
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = w + r * k;
     float* scales = scale_out + r * groups;
