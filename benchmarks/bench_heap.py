@@ -63,7 +63,7 @@ def compile_once(ckpt: Path, out: Path, extra_env: dict[str, str]) -> dict:
 
 def warm_page_cache(folder: Path) -> None:
     """Read every file of the checkpoint once, so the first compile does not pay for the disk and the
-    second does not win by it (a cold first run took 398 s against 318 s warm on the OLMoE shape)."""
+    second does not win by it."""
     t0, size = time.perf_counter(), 0
     for path in sorted(folder.iterdir()):
         if path.is_file():
