@@ -350,9 +350,10 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
 
 
 def _native(w: torch.Tensor, spec: QuantSpec, codes: bool = False, fake: bool = False):
-    """The group-wise affine RTN of ``w`` in C++ (:mod:`.native`: the same values in one pass per group), or
-    None where it does not run: symmetric schemes, or no library (the torch path then runs, and raises)."""
-    if spec.symmetric or w.dim() < 2 or spec.scale_dtype not in ("float32", "float16"):
+    """The group-wise affine RTN of ``w`` (checked by :func:`check_weight`) in C++ (:mod:`.native`: the same
+    values in one pass per group), or None where it does not run: symmetric schemes, or no library (the torch
+    path then runs, and raises)."""
+    if spec.symmetric:
         return None
     from . import native
 

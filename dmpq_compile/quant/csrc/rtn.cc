@@ -119,12 +119,11 @@ extern "C" {
 // w: [rows, k] float32, row-major. Groups of `group` consecutive columns per row (the last one shorter when
 // group does not divide k: rtn.py edge-pads it with the row's last value, which changes neither its minimum
 // nor its maximum). bits in 1..8. scale_f16: round each scale up to a float16 value.
-// Outputs (each may be null): scale, zero [rows, groups] (scratch space is needed: pass them); codes [rows, k]
-// (uint8); fake [rows, k] float32.
+// Outputs: scale, zero [rows, groups] float32 (always written); codes [rows, k] uint8 and fake [rows, k] float32
+// (each may be null).
 // Returns 0; 1 when a group holds a NaN or an infinity; 2 when a float16 scale would exceed 65504 (the caller
 // then runs the torch path, which raises the error with its message); 3 for float16 scales on a CPU without
-// F16C (the torch path runs). On a nonzero return the outputs are
-// partly written.
+// F16C (the torch path runs). On a nonzero return the outputs are partly written.
 __attribute__((visibility("default")))
 int dmpq_rtn_affine(const float* w, int64_t rows, int64_t k, int64_t group, int bits, int scale_f16,
                     float* scale_out, float* zero_out, uint8_t* codes, float* fake) {
