@@ -91,8 +91,9 @@ class CalibrationConfig:
     sequences: int = setting(32, "calibration sequences (default {default})", flag="--calib-sequences")
     seq_len: int = setting(128, "calibration sequence length (default {default})", flag="--seq-len")
     dtype: str = setting("auto", "dtype of the matrix products of the calibration runs (profile, sensitivity): auto "
-                         "(default) is bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX) and the "
-                         "experts are stored in bf16, else float32; the changes they weight stay float32",
+                         "(default) is bfloat16 where the experts are stored in bf16 and a product timed at their "
+                         "widths runs at least 1.3x faster in bf16 than in float32 on this CPU, else float32; "
+                         "the changes they weight stay float32",
                          flag="--calib-dtype", choices=COMPUTE_DTYPES)
 
     def __post_init__(self) -> None:

@@ -15,14 +15,25 @@ def _bf16_experts(graph):
             graph.weights.set(key, graph.weights[key].to(torch.bfloat16))
 
 
-def test_auto_takes_bf16_only_with_native_support_and_bf16_experts(tiny_dirs, monkeypatch):
+def test_auto_takes_bf16_only_where_measured_faster_with_bf16_experts(tiny_dirs, monkeypatch):
     from dmpq_compile import sysinfo
+    from dmpq_compile.ir import interpreter
 
     g = load(tiny_dirs("olmoe"))
     monkeypatch.setattr(sysinfo, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16"])
+    timed = []
+    monkeypatch.setattr(interpreter, "bf16_speedup", lambda rows, cols: timed.append((rows, cols)) or 2.3)
     assert compute_dtype(g, "auto") is None  # the sample's experts are fp32: nothing to gain, exact stays exact
+    assert not timed  # and nothing was timed for it
     _bf16_experts(g)
-    assert compute_dtype(g, "auto") == torch.bfloat16
+    assert compute_dtype(g, "auto") == torch.bfloat16  # an AMD EPYC Zen 4: bf16 at 2.3x fp32's speed
+    rows, cols = timed[-1]
+    assert (rows, cols) == tuple(g.weights.shape(next(iter(next(iter(g.experts())).params.values()))))
+    monkeypatch.setattr(interpreter, "bf16_speedup", lambda rows, cols: 0.6)  # AVX-512 BF16 without AMX
+    assert compute_dtype(g, "auto") is None
+    monkeypatch.setattr(interpreter, "bf16_speedup", lambda rows, cols: interpreter.BF16_MIN_SPEEDUP - 0.01)
+    assert compute_dtype(g, "auto") is None
+    monkeypatch.setattr(interpreter, "bf16_speedup", lambda rows, cols: 2.3)
     monkeypatch.setattr(sysinfo, "cpu_flags", lambda: ["avx2", "fma"])  # bf16 would be emulated: slower
     assert compute_dtype(g, "auto") is None
     assert compute_dtype(g, "bfloat16") == torch.bfloat16 and compute_dtype(g, "float32") is None
@@ -171,7 +182,9 @@ def test_the_pass_cache_keys_the_resolved_dtype(tiny_dirs, calib_ids, monkeypatc
     from dmpq_compile.passes.infra.cache import cache_key
 
     from dmpq_compile import sysinfo
+    from dmpq_compile.ir import interpreter
 
+    monkeypatch.setattr(interpreter, "bf16_speedup", lambda rows, cols: 2.3)
     g = load(tiny_dirs("olmoe"))
     _bf16_experts(g)
     ctx = PassContext(calibration=calib_ids("olmoe"), progress=False)
@@ -180,3 +193,13 @@ def test_the_pass_cache_keys_the_resolved_dtype(tiny_dirs, calib_ids, monkeypatc
         monkeypatch.setattr(sysinfo, "cpu_flags", lambda flags=flags: flags)
         keys[flags[0]] = cache_key(make_pass("sensitivity"), g, ctx)
     assert keys["avx512_bf16"] != keys["avx2"]
+
+
+def test_bf16_speedup_is_timed_once_per_shape():
+    """The real timing: a positive ratio, the same one for a second call (profile and sensitivity of
+    one compile must take the same dtype)."""
+    from dmpq_compile.ir.interpreter import bf16_speedup
+
+    first = bf16_speedup(64, 128)
+    assert first > 0 and bf16_speedup(64, 128) == first
+    assert bf16_speedup.cache_info().hits >= 1

@@ -20,7 +20,10 @@ the largest layer, not by the model.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -35,6 +38,8 @@ from ..quant.formats import WeightFormat, declared_format
 from ..quant.spec import DEFAULT_GROUP_SIZE, QuantSpec
 from . import ops
 from .graph import QUANT_ROLES, Graph, IRError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 256 * 2**20  # kept between runs when the whole model fits (the samples do)
 Observer = Callable[[str, str, Any], None]  # (node_id, kind, value)
@@ -61,7 +66,7 @@ class RunOptions:
             decisions held fixed (the flip probe).
         autocast: run the matrix products in this dtype (``torch.autocast``: weights and inputs
             cast per product, fp32 accumulation; norms, softmax and reductions stay fp32), e.g.
-            ``torch.bfloat16`` on a CPU that multiplies it natively (:func:`compute_dtype`).
+            ``torch.bfloat16`` where it multiplies faster than fp32 (:func:`compute_dtype`).
             None: everything in the interpreter's dtype.
     """
 
@@ -85,23 +90,68 @@ def check_compute_dtype(value: str, name: str = "compute dtype") -> None:
         raise ValueError(f"{name} must be one of {COMPUTE_DTYPES}, got {value!r}")
 
 
+# ``auto`` takes bf16 only where it multiplies at least this much faster than fp32: far from both CPUs
+# measured (AMD EPYC Zen 4: 2.3x; an Intel Xeon with AVX-512 BF16 but no AMX: 0.5x), so that
+# noise cannot flip the choice between two compiles on one machine
+BF16_MIN_SPEEDUP = 1.3
+
+
 def compute_dtype(graph: Graph, wanted: str = "auto") -> torch.dtype | None:
     """The dtype of the matrix products of calibration runs (:attr:`RunOptions.autocast`; None: fp32).
 
-    ``auto`` is ``bfloat16`` when the CPU multiplies bf16 natively (AVX-512 BF16 or AMX: about 2.3x
-    fp32's products per second on an AVX-512 BF16 EPYC, at the same memory traffic) and every
-    routed expert's weights are stored in bf16 (the checkpoint's own precision, so the weights lose
-    nothing; only activations are rounded); else fp32. ``float32`` / ``bfloat16`` force it.
+    ``auto`` is ``bfloat16`` when every routed expert's weights are stored in bf16 (the checkpoint's
+    own precision, so the weights lose nothing; only activations are rounded), the CPU has bf16
+    instructions (AVX-512 BF16 or AMX) and a product at the experts' widths, timed here, runs at
+    least :data:`BF16_MIN_SPEEDUP` times fp32's speed (:func:`bf16_speedup`; an AVX-512 BF16 AMD
+    EPYC: 2.3x, an Intel Xeon with AVX-512 BF16 but no AMX: 0.5x, where fp32 is faster); else fp32.
+    ``float32`` / ``bfloat16`` force it.
     """
     check_compute_dtype(wanted)
     if wanted != "auto":
         return torch.bfloat16 if wanted == "bfloat16" else None
     if not {"avx512_bf16", "amx_bf16"} & set(sysinfo.cpu_flags()):
         return None
-    keys = [key for node in graph.experts() for key in node.params.values()]
-    if keys and all(graph.weights.dtype(key) == torch.bfloat16 for key in keys):
-        return torch.bfloat16
-    return None
+    experts = list(graph.experts())
+    keys = [key for node in experts for key in node.params.values()]
+    if not (keys and all(graph.weights.dtype(key) == torch.bfloat16 for key in keys)):
+        return None
+    rows, cols = graph.weights.shape(next(iter(experts[0].params.values())))
+    return torch.bfloat16 if bf16_speedup(rows, cols) >= BF16_MIN_SPEEDUP else None
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_speedup(rows: int, cols: int) -> float:
+    """fp32's time over bf16's for one expert-sized product as the calibration runs make it (fp32
+    activations of 256 routed tokens times a ``[rows, cols]`` weight: fp32-widened, or as stored in
+    bf16 under autocast), on this CPU with torch's threads; the best of five timings of each, the
+    two interleaved. Rows are capped at 1024 (Mixtral's 14336 would take seconds and measure the
+    same kernel). Measured once per shape and process, about 0.1 s at OLMoE's widths, so that the
+    profile and the sensitivity pass of one compile take the same dtype.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, cols, generator=gen)
+    w32 = torch.randn(min(rows, 1024), cols, generator=gen)
+    w16 = w32.to(torch.bfloat16)
+
+    def fp32() -> None:
+        F.linear(x, w32)
+
+    def bf16() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.linear(x, w16)
+
+    best = {fp32: math.inf, bf16: math.inf}
+    for round_ in range(6):  # the first round warms both up and is not counted
+        for fn in best:
+            t0 = time.perf_counter()
+            fn()
+            fn()
+            if round_:
+                best[fn] = min(best[fn], time.perf_counter() - t0)
+    speedup = best[fp32] / best[bf16]
+    log.info("calibration products: bf16 runs at %.2fx fp32's speed on this CPU (%dx%d weight, 256 tokens): %s",
+             speedup, w32.shape[0], cols, "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32")
+    return speedup
 
 
 MLP_KINDS = ("expert", "shared_expert", "mlp")

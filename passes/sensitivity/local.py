@@ -220,7 +220,7 @@ def measured_kl(interp: Interpreter, ids: torch.Tensor, h_last: torch.Tensor,
     two copies of the head).
 
     The head's products, the largest of the measurement (``T x H x V`` per sequence and run), run
-    in fp32 for the reference; with ``autocast`` (bf16 where the CPU multiplies it natively) every
+    in fp32 for the reference; with ``autocast`` (bf16 where it multiplies faster than fp32) every
     other run's logits are the reference's plus the product of the *change* alone
     (:func:`_moved_kl`: ``x (W_q - W)`` for the head at each bit-width, ``(x_q - x) W`` for
     the embedding's runs), whose rounding is relative to the change, not to the logits: 2.4x
