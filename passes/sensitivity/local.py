@@ -15,8 +15,8 @@ one forward, one backward with recomputation (about three forwards), and per lay
 fake quantizations plus each expert's MLP on its routed tokens: linear in L. Memory: one
 layer's activations and its MLP weights, or, where those exceed :data:`CHECKPOINT_BYTES`, one
 expert's weights at a time (``RunOptions.checkpoint``: the backward recomputes them; OLMoE-1B-7B's
-0.75 GiB of bf16 experts a layer are kept, which saves 0.7 s a layer; Qwen3-30B-A3B's 1.1 GiB are
-recomputed), and the residual stream at every layer boundary, kept on disk.
+experts a layer, 0.75 GiB in bf16 or 1.5 GiB in fp32, are kept, which saves 0.7 s a layer;
+Qwen3-30B-A3B's 2.2 GiB in fp32 are recomputed, its 1.1 GiB in bf16 kept), and the residual stream at every layer boundary, kept on disk.
 
 Non-expert nodes (attention, shared experts, dense MLPs; ``--nonexpert-bits auto``) use the same
 estimate with the gradient of their own output, retained during that backward pass
@@ -132,7 +132,10 @@ def backward_layers(interp: Interpreter, store: SpilledBoundaries, grad_out: tor
         tick()
 
 
-CHECKPOINT_BYTES = 2**30  # backward_layers: layers whose MLP weights (in the run's dtype) exceed this recompute them
+# backward_layers: layers whose MLP weights (in the run's dtype) exceed this recompute them. OLMoE-1B-7B's
+# are 1.6 GB in fp32 (kept: recomputing them took 12 s of a 16-layer compile, and 1.6 GB is less than
+# bf16 calibration's peak held anyway); Qwen3-30B-A3B's 2.4 GB in fp32 are recomputed, its 1.2 GB in bf16 kept
+CHECKPOINT_BYTES = 2 * 2**30
 
 
 def _mlp_bytes(graph: Graph, autocast: torch.dtype | None) -> dict[int, int]:
@@ -428,8 +431,12 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             extra = {}
             for b in bits if probe is None or probe[1] in bits else (*bits, probe[1]):
                 wq = interp.fake_quantized(node.id, w, b)
-                dw = weight_changes(w, wq, in_place=autocast is not None)
-                delta = run.change(w, wq, dw) * wr
+                if autocast is None:  # the fp32 change reads all of wq; then wq becomes the difference
+                    delta = run.change(w, wq) * wr
+                    dw = weight_changes(w, wq, in_place=("gate", "up", "down"))
+                else:  # the change of a cast run reads the differences and wq's down only
+                    dw = weight_changes(w, wq, in_place=("gate", "up"))
+                    delta = run.change(w, wq, dw) * wr
                 if probe is not None and b == probe[1]:
                     mine = local_seq[seq] >= 0
                     extra["probe"] = {"rows": local_seq[seq[mine]] * seq_len + token_idx[mine] % seq_len,
@@ -554,13 +561,14 @@ def _route_seqs(route: ops.Routing, seqs: list[int], seq_len: int) -> ops.Routin
     return ops.Routing(route.weights[idx], route.indices[idx], route.logits[idx], ())
 
 
-def weight_changes(w: dict, wq: dict, in_place: bool = False) -> dict[str, torch.Tensor]:
-    """``W_q - W`` of an expert's gate, up and down weights; ``in_place``: the gate's and the up's
-    written over ``wq``'s (whose gate and up are then gone: :meth:`ExpertRun.change` with a cast
-    reads only ``wq``'s down), which saves two fresh weight-sized tensors an expert and width."""
-    if in_place:
-        return {r: wq[r].sub_(w[r]) if r != "down" and wq[r] is not w[r] else wq[r] - w[r] for r in ("gate", "up", "down")}
-    return {r: wq[r] - w[r] for r in ("gate", "up", "down")}
+def weight_changes(w: dict, wq: dict, in_place: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """``W_q - W`` of an expert's gate, up and down weights; the roles in ``in_place`` are written
+    over ``wq``'s (which are then gone), which saves a fresh weight-sized tensor (8 MB for an OLMoE
+    expert matrix in fp32) a role, expert and width: :meth:`ExpertRun.change` with a cast reads only
+    ``wq``'s down, so the gate and up go in place before it; the fp32 change reads all of ``wq``,
+    so all three go in place after it. A role whose ``wq`` is ``w`` itself is never overwritten."""
+    return {r: wq[r].sub_(w[r]) if r in in_place and wq[r] is not w[r] else wq[r] - w[r]
+            for r in ("gate", "up", "down")}
 
 
 def weight_error(w: dict, wq: dict, dw: dict | None = None) -> float:
