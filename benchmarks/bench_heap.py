@@ -1,6 +1,10 @@
-"""The compile in two modes set by environment variables, side by side: ``--compare heap`` (the default)
-with and without :func:`dmpq_compile.sysinfo.keep_freed_heap`, ``--compare native-rtn`` with the group-wise
-RTN in torch (``DMPQ_NATIVE_RTN=0``) and in C++ (:mod:`dmpq_compile.quant.native`, as shipped).
+"""The compile in two modes set by environment variables or flags, side by side: ``--compare heap`` (the
+default) with and without :func:`dmpq_compile.sysinfo.keep_freed_heap`, ``--compare native-rtn`` with the
+group-wise RTN in torch (``DMPQ_NATIVE_RTN=0``) and in C++ (:mod:`dmpq_compile.quant.native`, as shipped),
+``--compare calib-dtype`` with the calibration's products forced to bf16 (``--calib-dtype bfloat16``, what
+``auto`` chose on any CPU with AVX-512 BF16 before it was measured) and as ``auto`` chooses now (timed:
+:func:`dmpq_compile.ir.interpreter.bf16_speedup`). The last two make different models where ``auto`` picks
+fp32: the counts of experts at another bit-width say how different.
 
 Each round compiles the same checkpoint twice with the default command, once per mode (heap: as shipped,
 glibc's default allocation, and with ``DMPQ_KEEP_FREED_HEAP=1``, freed heap kept for reuse), alternating
@@ -32,17 +36,20 @@ from dmpq_compile.sysinfo import cpu_flags, cpu_model, git_commit, load_average
 
 # keep_freed_heap is opt-in (DMPQ_KEEP_FREED_HEAP=1); the baseline is glibc's own default allocation (no
 # MALLOC_* variable either: one would switch off glibc's adaptive mmap threshold, a worse baseline)
+# mode -> environment variables, or (environment, extra compile flags)
 COMPARISONS = {"heap": {"default-heap": {}, "keep-freed-heap": {"DMPQ_KEEP_FREED_HEAP": "1"}},
-               "native-rtn": {"torch-rtn": {"DMPQ_NATIVE_RTN": "0"}, "native-rtn": {}}}
+               "native-rtn": {"torch-rtn": {"DMPQ_NATIVE_RTN": "0"}, "native-rtn": {}},
+               "calib-dtype": {"bf16-forced": ({}, ["--calib-dtype", "bfloat16"]), "auto": ({}, [])}}
 MODE_VARIABLES = ("GLIBC_TUNABLES", "DMPQ_KEEP_FREED_HEAP", "DMPQ_NATIVE_RTN")  # taken from the mode, not inherited
 
 
-def compile_once(ckpt: Path, out: Path, extra_env: dict[str, str]) -> dict:
+def compile_once(ckpt: Path, out: Path, mode: dict[str, str] | tuple[dict[str, str], list[str]]) -> dict:
+    extra_env, flags = mode if isinstance(mode, tuple) else (mode, [])
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MALLOC_") and k not in MODE_VARIABLES}
     env.update(extra_env)
     cmd = [sys.executable, "-m", "dmpq_compile.cli", "-v", "compile", str(ckpt), "--target", "ort-cpu", "-o", str(out),
-           "--overwrite", "--no-cache", "--no-progress"]
+           "--overwrite", "--no-cache", "--no-progress", *flags]
     load0, t0 = load_average(), time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
@@ -90,13 +97,15 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="folder for the artifacts (each removed once its report is read)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--compare", choices=sorted(COMPARISONS), default="heap", help="which two modes (default heap)")
+    ap.add_argument("--first", choices=("base", "new"), default="base",
+                    help="which mode runs first in round 0 (then alternating; default base)")
     args = ap.parse_args()
     modes = COMPARISONS[args.compare]
     warm_page_cache(args.checkpoint)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     models: dict[str, dict] = {}
     for r in range(args.rounds):
-        order = list(modes) if r % 2 == 0 else list(reversed(modes))
+        order = list(modes) if (r + (args.first == "new")) % 2 == 0 else list(reversed(modes))
         for mode in order:
             out = args.work / f"heap-{mode}"
             run = compile_once(args.checkpoint, out, modes[mode])

@@ -15,8 +15,8 @@ one forward, one backward with recomputation (about three forwards), and per lay
 fake quantizations plus each expert's MLP on its routed tokens: linear in L. Memory: one
 layer's activations and its MLP weights, or, where those exceed :data:`CHECKPOINT_BYTES`, one
 expert's weights at a time (``RunOptions.checkpoint``: the backward recomputes them; OLMoE-1B-7B's
-experts a layer, 0.75 GiB in bf16 or 1.5 GiB in fp32, are kept, which saves 0.7 s a layer;
-Qwen3-30B-A3B's 2.2 GiB in fp32 are recomputed, its 1.1 GiB in bf16 kept), and the residual stream at every layer boundary, kept on disk.
+0.75 GiB of bf16 experts a layer are kept, which saves 0.7 s a layer; their 1.5 GiB in fp32 and
+Qwen3-30B-A3B's 1.1 GiB in bf16 are recomputed), and the residual stream at every layer boundary, kept on disk.
 
 Non-expert nodes (attention, shared experts, dense MLPs; ``--nonexpert-bits auto``) use the same
 estimate with the gradient of their own output, retained during that backward pass
@@ -132,10 +132,10 @@ def backward_layers(interp: Interpreter, store: SpilledBoundaries, grad_out: tor
         tick()
 
 
-# backward_layers: layers whose MLP weights (in the run's dtype) exceed this recompute them. OLMoE-1B-7B's
-# are 1.6 GB in fp32 (kept: recomputing them took 12 s of a 16-layer compile, and 1.6 GB is less than
-# bf16 calibration's peak held anyway); Qwen3-30B-A3B's 2.4 GB in fp32 are recomputed, its 1.2 GB in bf16 kept
-CHECKPOINT_BYTES = 2 * 2**30
+# backward_layers: layers whose MLP weights (in the run's dtype) exceed this recompute them. Keeping OLMoE-1B-7B's
+# 1.6 GB a layer in fp32 instead (a 2 GiB bound) showed no saving in a 16-layer compile on an Intel Xeon (about
+# 10 s a backward layer either way, one run each) and raised the sensitivity pass's peak from 2.6 to 4.6 GB
+CHECKPOINT_BYTES = 2**30
 
 
 def _mlp_bytes(graph: Graph, autocast: torch.dtype | None) -> dict[int, int]:
