@@ -47,8 +47,9 @@ def keep_freed_heap() -> bool:
     default glibc maps every block above its threshold (at most 32 MB) afresh and unmaps it on
     ``free``, and trims the heap's top, so each use pays a page fault and a zeroed page per 4 KB
     before any arithmetic: 10.9 million faults and 50 s of system time in a 4-layer OLMoE-shape
-    compile, 2.4 million and 14 s with this (docs/scaling.md). Values are not affected, only where
-    the memory comes from. Memory: what a pass frees stays resident until it is reused or
+    compile, 2.4 million and 14 s with this (docs/scaling.md). Where the memory comes from can change
+    the rounding of fp32 GEMMs (on an Intel Xeon, 2 of 1024 OLMoE experts took another bit-width),
+    not what is computed. Memory: what a pass frees stays resident until it is reused or
     :func:`release_free_heap` hands it back at the pass's end, and the head-sized blocks of the
     sensitivity pass fragment its heap: its peak was 19 % higher at 4 OLMoE layers (3954 MB
     against 3311 MB). ``GLIBC_TUNABLES=glibc.malloc.perturb=0`` (a tunable at its default value)
