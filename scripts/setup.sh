@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up dmpq-compile on a fresh machine: Python package (+ dev tools and onnxruntime-genai, the app
-# runtime that loads ort-cpu artifacts) and the text corpus that
+# Set up dmpq-compile on a fresh machine: Python package (+ dev tools, onnxruntime-genai, the app
+# runtime that loads ort-cpu artifacts, and Ray, which `compile --ray` and its byte-identity test
+# use) and the text corpus that
 # calibration, evaluation and the sample models use (Debian's python3.11-doc reST sources).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +9,7 @@ PY=${PYTHON:-python3}
 
 # torch 2.13.0: a CPU build of it lies on local disk in this workplace; elsewhere pip fetches it.
 "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e ".[dev,genai]"
+"$PY" -m pip install -q -e ".[dev,genai,ray]"
 
 corpus=${DMPQ_PYDOC_DIR:-/usr/share/doc/python3.11/html/_sources}
 if [ ! -d "$corpus" ]; then
