@@ -91,7 +91,7 @@ def check_compute_dtype(value: str, name: str = "compute dtype") -> None:
 
 
 # ``auto`` takes bf16 only where it multiplies at least this much faster than fp32: far from both CPUs
-# measured (AMD EPYC Zen 4: 2.3x; an Intel Xeon with AVX-512 BF16 but no AMX: 0.5x), so that
+# measured (AMD EPYC Zen 4: 2.3x; an Intel Xeon with AVX-512 BF16 but no AMX: 0.6x), so that
 # noise cannot flip the choice between two compiles on one machine
 BF16_MIN_SPEEDUP = 1.3
 
@@ -103,7 +103,7 @@ def compute_dtype(graph: Graph, wanted: str = "auto") -> torch.dtype | None:
     own precision, so the weights lose nothing; only activations are rounded), the CPU has bf16
     instructions (AVX-512 BF16 or AMX) and a product at the experts' widths, timed here, runs at
     least :data:`BF16_MIN_SPEEDUP` times fp32's speed (:func:`bf16_speedup`; an AVX-512 BF16 AMD
-    EPYC: 2.3x, an Intel Xeon with AVX-512 BF16 but no AMX: 0.5x, where fp32 is faster); else fp32.
+    EPYC: 2.3x, an Intel Xeon with AVX-512 BF16 but no AMX: 0.6x, where fp32 is faster); else fp32.
     ``float32`` / ``bfloat16`` force it.
     """
     check_compute_dtype(wanted)
