@@ -119,7 +119,7 @@ def compute_dtype(graph: Graph, wanted: str = "auto") -> torch.dtype | None:
     return torch.bfloat16 if bf16_speedup(rows, cols) >= BF16_MIN_SPEEDUP else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_speedup(rows: int, cols: int) -> float:
     """fp32's time over bf16's for one expert-sized product as the calibration runs make it (fp32
     activations of 256 routed tokens times a ``[rows, cols]`` weight: fp32-widened, or as stored in
@@ -140,15 +140,15 @@ def bf16_speedup(rows: int, cols: int) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             F.linear(x, w16)
 
-    best = {fp32: math.inf, bf16: math.inf}
+    best = [math.inf, math.inf]  # fp32, bf16
     for round_ in range(6):  # the first round warms both up and is not counted
-        for fn in best:
+        for i, fn in enumerate((fp32, bf16)):
             t0 = time.perf_counter()
             fn()
             fn()
             if round_:
-                best[fn] = min(best[fn], time.perf_counter() - t0)
-    speedup = best[fp32] / best[bf16]
+                best[i] = min(best[i], time.perf_counter() - t0)
+    speedup = best[0] / best[1]
     log.info("calibration products: bf16 runs at %.2fx fp32's speed on this CPU (%dx%d weight, 256 tokens): %s",
              speedup, w32.shape[0], cols, "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32")
     return speedup
