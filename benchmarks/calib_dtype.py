@@ -3,7 +3,8 @@
 ``auto`` runs the profile and sensitivity passes' products in bf16 where the experts are stored in
 bf16 (the real checkpoints) and bf16 products, timed at the experts' widths, run at least 1.3x
 fp32's speed (2.3x on an AVX-512 BF16 EPYC; 0.6x on an Intel Xeon without AMX, which keeps fp32).
-The samples are stored in fp32, so ``auto`` keeps fp32 on them; here each trained sample is compiled twice with the default pipeline and budget, ``--calib-dtype float32``
+The samples are stored in fp32, so ``auto`` keeps fp32 on them; here each trained sample is compiled
+twice with the default pipeline and budget, ``--calib-dtype float32``
 and ``--calib-dtype bfloat16``, and both artifacts are scored on the protocol's **dev** split
 (``dmpq-compile eval --reference SAMPLE``: KL to the float checkpoint and perplexity, 95 % bootstrap
 intervals over documents), with the experts whose bit-width differs between the two counted.
