@@ -225,18 +225,28 @@ def checkpoint(spec: ModelSpec, work: Path, reuse: bool) -> Path:
     if spec.shape is None:
         return ROOT / "samples" / spec.name
     out = work / "checkpoint"
-    if reuse and (out / "config.json").is_file():
-        return out
-    code = ("import json, sys\nfrom dmpq_compile.testing.scale import SHAPES, write_random_checkpoint\n"
-            "family, overrides = SHAPES[sys.argv[1]]\nlayers = json.loads(sys.argv[3])\n"
-            "write_random_checkpoint(family, sys.argv[2], **{**overrides, **({} if layers is None else "
-            "{'num_hidden_layers': layers})})\n")
-    subprocess.run([sys.executable, "-c", code, spec.shape, str(out), json.dumps(spec.layers)], check=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ROOT / "samples" / "mixtral-tiny" / name, out / name)
-    add_architecture(out / "config.json")
-    unfuse_experts(out)
+    if not (reuse and (out / "config.json").is_file()):
+        code = ("import json, sys\nfrom dmpq_compile.testing.scale import SHAPES, write_random_checkpoint\n"
+                "family, overrides = SHAPES[sys.argv[1]]\nlayers = json.loads(sys.argv[3])\n"
+                "write_random_checkpoint(family, sys.argv[2], **{**overrides, **({} if layers is None else "
+                "{'num_hidden_layers': layers})})\n")
+        subprocess.run([sys.executable, "-c", code, spec.shape, str(out), json.dumps(spec.layers)], check=True)
+    bench_form(out)
     return out
+
+
+def bench_form(ckpt: Path) -> None:
+    """Put a random checkpoint into the form both tools read alike: the samples' byte-level tokenizer (the
+    converter knows its pre-tokenizer), the model class in ``config.json`` and per-expert keys. Each step
+    is a no-op where it is already done, so a reused folder gets it too, e.g. one that
+    ``dmpq_compile.testing.scale`` wrote directly (fused experts, its own whitespace tokenizer)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        src, dst = ROOT / "samples" / "mixtral-tiny" / name, ckpt / name
+        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+            print(f"  {ckpt}: {name} from samples/mixtral-tiny", flush=True)
+            shutil.copy(src, dst)
+    add_architecture(ckpt / "config.json")
+    unfuse_experts(ckpt)
 
 
 def unfuse_experts(ckpt: Path) -> None:
@@ -259,7 +269,11 @@ def unfuse_experts(ckpt: Path) -> None:
         out = {}
         with safe_open(str(shard), "pt") as f:
             keys = list(f.keys())  # a safetensors handle, not a dict
-            if not any(fused.match(k) for k in keys):
+            def renamed(key: str) -> bool:  # fused experts, or a router under another module name
+                m = fused.match(key)
+                return m is not None and (m.group(3) is not None or key != f"{m.group(1)}.{fam.moe_prefixes[0]}.gate.weight")
+
+            if not any(renamed(k) for k in keys):  # already in per-expert form: not rewritten
                 continue
             for key in keys:
                 m, t = fused.match(key), f.get_tensor(key)

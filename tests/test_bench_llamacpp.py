@@ -347,3 +347,32 @@ def test_token_check_reads_the_file_verbatim(monkeypatch, tmp_path):
     assert "--no-escape" in seen[0] and "--no-bos" in seen[0]
     with pytest.raises(RuntimeError, match="differently from tokenizers at token 1"):
         bench.check_tokens(lc.LlamaCpp(tmp_path, tmp_path), tmp_path / "m.gguf", tmp_path / "t.txt", [1, 5, 3], 3)
+
+
+def test_a_reused_checkpoint_is_put_into_the_bench_form(tmp_path):
+    """A folder that testing.scale wrote directly (fused experts, its own tokenizer) gets the samples'
+    tokenizer, the model class and per-expert keys when reused, values unchanged; a second pass changes nothing."""
+    import bench_llamacpp as bench
+    from safetensors.torch import load_file
+
+    from dmpq_compile.testing.scale import write_random_checkpoint
+
+    ckpt = tmp_path / "checkpoint"
+    write_random_checkpoint("olmoe", ckpt, hidden_size=32, intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                            num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1, vocab_size=300)
+    before = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
+    fused = [k for k in before if k.endswith("experts.gate_up_proj")]
+    assert fused  # transformers 5 writes fused experts
+    spec = bench.ModelSpec("tiny", "olmoe-1b-7b", False, "f16", bench.SHAPE_FLAGS, bench.FP32_REFERENCE)
+    assert bench.checkpoint(spec, tmp_path, reuse=True) == ckpt
+    after = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert not any("gate_up_proj" in k for k in after)
+    gate_up = before[fused[0]]
+    moe = fused[0].removesuffix(".experts.gate_up_proj")
+    assert np.array_equal(after[f"{moe}.experts.1.gate_proj.weight"].float().numpy(), gate_up[1, :16].float().numpy())
+    assert np.array_equal(after[f"{moe}.experts.1.up_proj.weight"].float().numpy(), gate_up[1, 16:].float().numpy())
+    assert (ckpt / "tokenizer.json").read_bytes() == (ROOT / "samples" / "mixtral-tiny" / "tokenizer.json").read_bytes()
+    assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["OlmoeForCausalLM"]
+    stamp = {f.name: f.stat().st_mtime_ns for f in ckpt.glob("*.safetensors")}
+    bench.bench_form(ckpt)
+    assert {f.name: f.stat().st_mtime_ns for f in ckpt.glob("*.safetensors")} == stamp
