@@ -36,15 +36,15 @@ from dmpq_compile.sysinfo import cpu_flags, cpu_model, git_commit, load_average
 
 # keep_freed_heap is opt-in (DMPQ_KEEP_FREED_HEAP=1); the baseline is glibc's own default allocation (no
 # MALLOC_* variable either: one would switch off glibc's adaptive mmap threshold, a worse baseline)
-# mode -> environment variables, or (environment, extra compile flags)
-COMPARISONS = {"heap": {"default-heap": {}, "keep-freed-heap": {"DMPQ_KEEP_FREED_HEAP": "1"}},
-               "native-rtn": {"torch-rtn": {"DMPQ_NATIVE_RTN": "0"}, "native-rtn": {}},
+# mode -> (environment variables, extra compile flags)
+COMPARISONS = {"heap": {"default-heap": ({}, []), "keep-freed-heap": ({"DMPQ_KEEP_FREED_HEAP": "1"}, [])},
+               "native-rtn": {"torch-rtn": ({"DMPQ_NATIVE_RTN": "0"}, []), "native-rtn": ({}, [])},
                "calib-dtype": {"bf16-forced": ({}, ["--calib-dtype", "bfloat16"]), "auto": ({}, [])}}
 MODE_VARIABLES = ("GLIBC_TUNABLES", "DMPQ_KEEP_FREED_HEAP", "DMPQ_NATIVE_RTN")  # taken from the mode, not inherited
 
 
-def compile_once(ckpt: Path, out: Path, mode: dict[str, str] | tuple[dict[str, str], list[str]]) -> dict:
-    extra_env, flags = mode if isinstance(mode, tuple) else (mode, [])
+def compile_once(ckpt: Path, out: Path, mode: tuple[dict[str, str], list[str]]) -> dict:
+    extra_env, flags = mode
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MALLOC_") and k not in MODE_VARIABLES}
     env.update(extra_env)

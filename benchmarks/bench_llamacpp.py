@@ -265,14 +265,15 @@ def unfuse_experts(ckpt: Path) -> None:
     fused = re.compile(r"(.*\.layers\.\d+)\.\w+\.(experts\.(gate_up_proj|down_proj)|gate\.weight)$")
     index_file = ckpt / "model.safetensors.index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else None
+
+    def renamed(key: str) -> bool:  # fused experts, or a router under another module name
+        m = fused.match(key)
+        return m is not None and (m.group(3) is not None or key != f"{m.group(1)}.{fam.moe_prefixes[0]}.gate.weight")
+
     for shard in sorted(ckpt.glob("*.safetensors")):
         out = {}
         with safe_open(str(shard), "pt") as f:
             keys = list(f.keys())  # a safetensors handle, not a dict
-            def renamed(key: str) -> bool:  # fused experts, or a router under another module name
-                m = fused.match(key)
-                return m is not None and (m.group(3) is not None or key != f"{m.group(1)}.{fam.moe_prefixes[0]}.gate.weight")
-
             if not any(renamed(k) for k in keys):  # already in per-expert form: not rewritten
                 continue
             for key in keys:
