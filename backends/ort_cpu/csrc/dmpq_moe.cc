@@ -558,31 +558,46 @@ DMPQ_AVX2 inline __m256 HalfZeros(const Panel& p, int b, int h) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.zeros + b * kPanel + 8 * h))));
 }
 
-// Level 4, rows 8 h .. 8 h + 7 for h in [h0, h0 + HALVES).
+// Level 4, rows 8 h .. 8 h + 7 for h in [h0, h0 + HALVES). The small loops are unrolled by pragma: without it
+// g++ 12 kept the 16-bit sums of 4 tokens on the stack (a store and a reload per step), and a 128-token
+// prefill of one OLMoE layer took 1.23x (4-bit) to 1.43x (8-bit) the time on an AVX2-only AMD EPYC
+// (benchmarks/README.md, "The kernel on an AVX2-only CPU"). Rewriting the unit loop with a constant count
+// made g++ spill more, not less (slower): keep its form.
 template <int BITS, int NT, int HALVES>
 DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, int h0, float* out) {
   constexpr int unit = 32 / BITS, planes = 8 / BITS, chunk = 32;  // chunk: columns summed in 16 bits
   const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0f);
   const uint8_t* c = p.codes + 32 * h0;
   const int8_t* qs[NT];  // as DotQ512
+  #pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) qs[t] = acts[t]->q;
   __m256 facc[HALVES][NT];
+  #pragma GCC unroll 16
   for (int h = 0; h < HALVES; ++h)
+    #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) facc[h][t] = _mm256_setzero_ps();
   for (int b = 0; b < K / bs; ++b) {
     __m256i iacc[HALVES][NT];
+    #pragma GCC unroll 16
     for (int h = 0; h < HALVES; ++h)
+      #pragma GCC unroll 16
       for (int t = 0; t < NT; ++t) iacc[h][t] = _mm256_setzero_si256();
     for (int k0 = b * bs; k0 < (b + 1) * bs; k0 += chunk) {
       __m256i lo[HALVES][NT], hi[HALVES][NT];  // hi: 8 bits only
+      #pragma GCC unroll 16
       for (int h = 0; h < HALVES; ++h)
+        #pragma GCC unroll 16
         for (int t = 0; t < NT; ++t) lo[h][t] = hi[h][t] = _mm256_setzero_si256();
+      #pragma GCC unroll 16
       for (int k = k0; k < k0 + chunk; k += unit, c += 64) {
         if (NT > 1) _mm_prefetch(reinterpret_cast<const char*>(c) + kPrefetch, _MM_HINT_T0);
         __m256i v[HALVES];
+        #pragma GCC unroll 16
         for (int h = 0; h < HALVES; ++h) v[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
+        #pragma GCC unroll 16
         for (int m = 0; m < planes; ++m) {
           __m256i w[HALVES], wh[HALVES];
+          #pragma GCC unroll 16
           for (int h = 0; h < HALVES; ++h) {
             if (BITS == 8) {
               w[h] = _mm256_and_si256(v[h], nibble);
@@ -591,8 +606,10 @@ DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, in
               w[h] = Plane256<BITS == 8 ? 4 : BITS>(v[h], m);
             }
           }
+          #pragma GCC unroll 16
           for (int t = 0; t < NT; ++t) {
             const __m256i a = Broadcast4x8(qs[t] + k + 4 * m);
+            #pragma GCC unroll 16
             for (int h = 0; h < HALVES; ++h) {
               lo[h][t] = _mm256_add_epi16(lo[h][t], _mm256_maddubs_epi16(w[h], a));
               if (BITS == 8) hi[h][t] = _mm256_add_epi16(hi[h][t], _mm256_maddubs_epi16(wh[h], a));
@@ -600,14 +617,18 @@ DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, in
           }
         }
       }
+      #pragma GCC unroll 16
       for (int h = 0; h < HALVES; ++h)
+        #pragma GCC unroll 16
         for (int t = 0; t < NT; ++t) {
           iacc[h][t] = _mm256_add_epi32(iacc[h][t], _mm256_madd_epi16(lo[h][t], ones));
           if (BITS == 8) iacc[h][t] = _mm256_add_epi32(iacc[h][t], _mm256_slli_epi32(_mm256_madd_epi16(hi[h][t], ones), 4));
         }
     }
+    #pragma GCC unroll 16
     for (int h = 0; h < HALVES; ++h) {
       const __m256 sw = HalfScales(p, b, h0 + h), swz = _mm256_mul_ps(sw, HalfZeros(p, b, h0 + h));
+      #pragma GCC unroll 16
       for (int t = 0; t < NT; ++t) {
         facc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[h][t]), _mm256_mul_ps(sw, _mm256_set1_ps(acts[t]->sa[b])),
                                      facc[h][t]);
@@ -615,7 +636,9 @@ DMPQ_AVX2 void DotQ256(const Panel& p, int K, int bs, const Act* const* acts, in
       }
     }
   }
+  #pragma GCC unroll 16
   for (int h = 0; h < HALVES; ++h)
+    #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + t * kPanel + 8 * (h0 + h), facc[h][t]);
 }
 
