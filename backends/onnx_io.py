@@ -50,13 +50,15 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
     return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
 
-def owned_weights(model: onnx.ModelProto, owners: Mapping[str, str],
+def owned_weights(model: onnx.ModelProto, owners: Mapping[str, Any],
                   keep: Container[str] | None = None) -> dict[str, dict[str, Any]]:
     """``{owner: {"tensors": [initializer names], "bytes": their stored bytes}}``.
 
     ``owners`` maps initializer names to who they belong to (an expert's IR node id, from
     :attr:`Builder.owners`), or to a tuple of ids for a tensor that stacks several experts of the
-    same shape (a fused MoE op's weights), whose bytes each of them gets an equal share of;
+    same size (a fused MoE op's weights), whose bytes each of them gets an equal share of, or to
+    ``{id: weight}`` for a tensor that concatenates experts of different sizes (``MixedMoE``'s
+    codes, 2/4/8 bits), whose bytes are shared in proportion to the weights;
     ``keep`` restricts the result to those owners. Call it on the model that :func:`save_model`
     wrote, so the bytes are what is on disk. This is what the manifest records per expert, and what
     the bench and the allocator's hardware measurement read.
@@ -64,13 +66,15 @@ def owned_weights(model: onnx.ModelProto, owners: Mapping[str, str],
     out: dict[str, dict[str, Any]] = {}
     for t in model.graph.initializer:
         owner = owners.get(t.name)
-        ids = () if owner is None else (owner,) if isinstance(owner, str) else tuple(owner)
-        for key in ids:
+        shares = {} if owner is None else {owner: 1} if isinstance(owner, str) else \
+            dict(owner) if isinstance(owner, Mapping) else dict.fromkeys(owner, 1)
+        total = sum(shares.values())
+        for key, weight in shares.items():
             if keep is not None and key not in keep:
                 continue
             entry = out.setdefault(key, {"tensors": [], "bytes": 0})
             entry["tensors"].append(t.name)
-            entry["bytes"] += tensor_bytes(t) // len(ids)
+            entry["bytes"] += tensor_bytes(t) * weight // total
     return out
 
 

@@ -85,7 +85,7 @@ class Builder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.domains: dict[str, int] = {}
         self.deferred: dict[str, Callable[[], np.ndarray]] = {}  # initializer name -> makes its data
-        self.owners: dict[str, str] = {}  # initializer name -> IR node id that made it
+        self.owners: dict[str, Any] = {}  # initializer name -> IR node id that made it (see owned_weights)
         self._owner: str | None = None
         self._count = 0
         self._consts: dict[tuple, str] = {}
@@ -468,7 +468,7 @@ class Lowered:
     logits_to_keep: str | None = None  # name of the optional input (LoweringOptions.logits_to_keep)
     attention_mask: str | None = None  # name of the [batch, total_sequence] input (LoweringOptions.genai)
     deferred: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # see Builder.add_deferred
-    # initializer -> IR node id, or the ids of the experts a fused op's stacked tensor holds (Builder.owners)
+    # initializer -> IR node id, or the experts a fused op's stacked tensor holds (Builder.owners, owned_weights)
     owners: dict[str, Any] = field(default_factory=dict)
 
 

@@ -128,18 +128,25 @@ def _subgraph_nodes(graph: Any) -> Any:
 
 
 def _matmulnbits_weights(graph: Any) -> dict[str, int]:
-    """``{B initializer: K * N}`` of every ``MatMulNBits`` node, subgraphs (``If`` branches) included, and
-    ``{fc1/fc2 codes: E * N * K}`` of every ``QMoE`` node.
+    """``{B initializer: K * N}`` of every ``MatMulNBits`` and ``PanelMatMul`` node, subgraphs (``If``
+    branches) included, ``{fc1/fc2 codes: E * N * K}`` of every ``QMoE`` node and ``{codes: n * 3 * hidden
+    * inter}`` of every ``MixedMoE`` node holding ``n`` experts (its table's rows with bits).
 
     Read from the node's ``K``/``N`` attributes, so dmpq-compile's and onnxruntime's quantizer's
     weights count alike whatever their packing.
     """
+    import onnx
+
     out = {}
     dims = {t.name: list(t.dims) for t in graph.initializer}
+    inits = {t.name: t for t in graph.initializer}
     for node in _subgraph_nodes(graph):
         attrs = {a.name: a.i for a in node.attribute}
-        if node.op_type == "MatMulNBits":
+        if node.op_type in ("MatMulNBits", "PanelMatMul"):
             out[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
+        elif node.op_type == "MixedMoE" and node.input[6] in inits:  # codes: every expert's gate, up, down
+            held = int((onnx.numpy_helper.to_array(inits[node.input[6]])[:, 0] > 0).sum())
+            out[node.input[3]] = held * 3 * int(attrs["hidden"]) * int(attrs["inter"])
         elif node.op_type == "QMoE":  # fc1 / fc2 codes [E, N, K * bits / 8]: E x N x K weights
             for i in (2, 5):
                 if node.input[i] in dims:

@@ -397,3 +397,28 @@ def test_the_kernel_dispatch_runs_attention_and_the_head_through_panel_matmul(li
     assert ops.count("PanelMatMul") == 2 * layers + 1 and "MatMulNBits" not in ops
     _sess, model, _fields = _emit(graph, tmp_path / "f", "fused", 4)  # the other dispatches: stock MatMulNBits
     assert "PanelMatMul" not in [n.op_type for n in model.graph.node]
+
+
+def test_each_experts_bytes_are_its_own_width_in_the_mixed_node(library, wide_dirs, tmp_path):
+    """The MixedMoE node's codes concatenate experts of 2, 4 and 8 bits: the manifest gives each expert the
+    bytes of its own width (codes in proportion to its bits, one float16 scale and one zero byte a group),
+    not an equal share of the layer's, and the bench counts the node's weights as int8 products, as it
+    does the per-expert layout's."""
+    from dmpq_compile.artifact import write_artifact
+    from dmpq_compile.bench import weight_stats
+
+    graph = _graph(wide_dirs("qwen3_moe"), (2, 4, 8))
+    manifests = {}
+    for dispatch in ("kernel", "gather-if"):
+        out = write_artifact(graph, OrtCpuBackend(), tmp_path / dispatch, emit_options={"dispatch": dispatch})
+        manifests[dispatch] = (out, json.loads((out / "manifest.json").read_text()))
+    out, manifest = manifests["kernel"]
+    for node in graph.experts():
+        inter, hidden = (int(v) for v in node.ann["quant"]["tensors"]["gate"]["shape"])
+        weights, groups = 3 * inter * hidden, 3 * inter * hidden // 64
+        expected = weights * node.ann["bits"] // 8 + 2 * groups + groups
+        assert abs(manifest["experts"][node.id]["bytes"] - expected) <= 3, (node.id, node.ann["bits"])
+    freqs = {n.id: 0.25 for n in graph.experts()}
+    kernel_stats = weight_stats(out, manifest, freqs)
+    per_expert = weight_stats(*manifests["gather-if"], freqs)
+    assert kernel_stats.macs_int8 == per_expert.macs_int8 > 0

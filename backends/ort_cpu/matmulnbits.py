@@ -413,7 +413,9 @@ class MatMulNBitsProjection:
         for field, size, dtype in (("codes", offsets[0], np.uint8), ("scales", offsets[1], np.float16),
                                    ("zeros", offsets[2], np.uint8)):
             name = b.add_deferred(f"{prefix}.{field}", (size,), dtype, _mixed_part(lw, order, field, size, dtype))
-            b.owners[name] = ids  # one tensor, several experts: each owns an equal share (owned_weights)
+            # one tensor, several experts (owned_weights): the codes in proportion to each expert's bits, the
+            # scales and zero points (one per group at any width) in equal shares
+            b.owners[name] = {n.id: int(n.ann["bits"]) for n in order} if field == "codes" else ids
             inputs.append(name)
         table = b.add_initializer(f"{prefix}.meta", meta)
         return b.op("MixedMoE", [route.flat, route.top_i, route.top_w, *inputs, table], prefix, domain=KERNEL_DOMAIN,
