@@ -388,13 +388,17 @@ def gguf_files(llama: lc.LlamaCpp, spec: ModelSpec, ckpt: Path, work: Path, args
     return files
 
 
-def gguf_row(llama: lc.LlamaCpp, path: Path, params: tuple[int, int]) -> dict:
+def gguf_row(llama: lc.LlamaCpp, path: Path, params: tuple[int, int], routed: float) -> dict:
+    """A GGUF's sizes; ``read_bytes_per_token``: what one decoded token reads, the routed fraction ``routed``
+    (top-k / experts) of the stacked expert tensors, one row of the embedding, every other tensor whole."""
     tensors = lc.gguf_tensors(llama, path)
     expert = [t for n, t in tensors.items() if lc.is_gguf_expert(n)]
     types: dict[str, int] = {}
     for t in tensors.values():
         types[t["type"]] = types.get(t["type"], 0) + t["elements"]
-    return {"kind": "gguf", "path": str(path), "file_bytes": path.stat().st_size,
+    read = sum(t["bytes"] * (routed if lc.is_gguf_expert(n) else 1 / t["rows"] if n == "token_embd.weight" else 1)
+               for n, t in tensors.items())
+    return {"kind": "gguf", "path": str(path), "file_bytes": path.stat().st_size, "read_bytes_per_token": read,
             "bpw": lc.stored_bpw(path.stat().st_size, params[0]),
             "tensor_bpw": lc.stored_bpw(sum(t["bytes"] for t in tensors.values()), params[0]),
             "expert_bpw": lc.stored_bpw(sum(t["bytes"] for t in expert), params[1]),
@@ -402,12 +406,25 @@ def gguf_row(llama: lc.LlamaCpp, path: Path, params: tuple[int, int]) -> dict:
 
 
 def dmpq_row(path: Path, params: tuple[int, int]) -> dict:
+    """An artifact's sizes; ``read_bytes_per_token``: what one decoded token reads, each expert at its routing
+    frequency in the compile's calibration (report.json; ``dmpq_compile.bench.weight_stats``), or None for an
+    artifact whose manifest lacks what it needs."""
+    from dmpq_compile.artifact import ArtifactError
+    from dmpq_compile.bench import weight_stats
+
     manifest = json.loads((path / "manifest.json").read_text())
+    report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
+    try:
+        read = weight_stats(path, manifest, {e["id"]: e.get("freq", 0.0) for e in report.get("experts", [])}
+                            ).read_bytes_per_token if report.get("experts") else None
+    except ArtifactError:
+        read = None
     file_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != "report.json")
     expert_bytes = sum(e["bytes"] for e in manifest["experts"].values())
     hist = manifest["quantization"]["bits_histogram"]
     weights = ((manifest.get("storage") or {}).get("weights") or {}).get("bytes")
-    return {"kind": "dmpq", "path": str(path), "file_bytes": file_bytes, "bpw": lc.stored_bpw(file_bytes, params[0]),
+    return {"kind": "dmpq", "path": str(path), "file_bytes": file_bytes, "read_bytes_per_token": read,
+            "bpw": lc.stored_bpw(file_bytes, params[0]),
             "tensor_bpw": None if weights is None else lc.stored_bpw(weights, params[0]),
             "expert_bpw": lc.stored_bpw(expert_bytes, params[1]), "expert_bytes": expert_bytes,
             "bits_histogram": hist, "manifest_bpw": (manifest.get("storage") or {}).get("bits_per_weight"),
@@ -704,7 +721,9 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
     calib_file = work / "calib.txt"
     corpus_text(ckpt, "calib", args.imatrix_chunks * args.context, calib_file)  # never committed: out/ is ignored
     files = gguf_files(llama, spec, ckpt, work, args, calib_file)
-    rows = {f"gguf-{k}": {**gguf_row(llama, p, params)} for k, p in files.items()}
+    config = json.loads((ckpt / "config.json").read_text())
+    routed = config["num_experts_per_tok"] / config.get("num_local_experts", config.get("num_experts"))
+    rows = {f"gguf-{k}": {**gguf_row(llama, p, params, routed)} for k, p in files.items()}
     ggufs = {k: rows[f"gguf-{k}"] for k in args.types}
     rows.update(dmpq_variants(spec, ckpt, work, ggufs, args, params))
     for extra in map(Path, args.extra_artifacts):
@@ -749,15 +768,25 @@ def table(rows: dict[str, dict]) -> str:
         key, _, threads = k.rpartition("_t") if k not in SPEED_NAMES else (k, "", "")
         names.append(SPEED_NAMES[key] + (f" [{threads} threads]" if threads else ""))
     head = ["variant", "match", "bpw", "tensor bpw", "expert bpw", "file MB", "types held (GGUF: share of parameters)",
-            *names]
+            *names, "read GB/token (decode)", "GB/s (decode)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
         tensor = "-" if r.get("tensor_bpw") is None else f"{r['tensor_bpw']:.2f}"
         cells = [label, r.get("match", ""), f"{r['bpw']:.2f}", tensor, f"{r['expert_bpw']:.2f}",
                  f"{r['file_bytes'] / 1e6:.2f}", types_held(r),
-                 *(f"{r[k]:.{0 if k.startswith('prefill') else 3}f} ({r[k] / base[k]:.2f}x)" for k in speed)]
+                 *(f"{r[k]:.{0 if k.startswith('prefill') else 3}f} ({r[k] / base[k]:.2f}x)" for k in speed),
+                 *read_cells(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def read_cells(row: dict) -> list[str]:
+    """Weight bytes one decoded token reads (experts at their routing frequency) and the rate that makes of the
+    decode time (of the default thread count)."""
+    read = row.get("read_bytes_per_token")
+    if read is None:
+        return ["-", "-"]
+    return [f"{read / 1e9:.3f}", f"{read / (row['decode_ms'] * 1e-3) / 1e9:.1f}" if row.get("decode_ms") else "-"]
 
 
 def types_held(row: dict) -> str:

@@ -196,15 +196,16 @@ def count_params(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
 
 
 def gguf_tensors(llama: LlamaCpp, path: Path) -> dict[str, dict[str, Any]]:
-    """``{name: {elements, bytes, type}}`` of a GGUF file, read with the build's own gguf-py."""
+    """``{name: {elements, bytes, type, rows}}`` of a GGUF file, read with the build's own gguf-py (rows: the
+    elements over the first, innermost dimension's; the embedding's rows are its vocabulary)."""
     sys.path.insert(0, str(llama.source / "gguf-py"))
     try:
         from gguf import GGUFReader
     finally:
         sys.path.pop(0)
     reader = GGUFReader(str(path))
-    return {t.name: {"elements": int(t.n_elements), "bytes": int(t.n_bytes), "type": t.tensor_type.name}
-            for t in reader.tensors}
+    return {t.name: {"elements": int(t.n_elements), "bytes": int(t.n_bytes), "type": t.tensor_type.name,
+                     "rows": int(t.n_elements) // max(1, int(t.shape[0]))} for t in reader.tensors}
 
 
 # -- running the tools ---------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def weight_stats(path: Path, manifest: Mapping[str, Any], freqs: Mapping[str, fl
             owner.setdefault(name, []).append(key)
     model = onnx.load(str(path / manifest["target"].get("model_file", MODEL_FILE)), load_external_data=False)
     files = sum(f.stat().st_size for f in path.iterdir() if f.name in (MODEL_FILE, DATA_FILE))
-    nbits, rows = _matmulnbits_weights(model.graph), _gathered_tables(model.graph)
+    nbits, rows = _matmulnbits_weights(model.graph, {k: len(v) for k, v in owner.items()}), _gathered_tables(model.graph)
     read = sum(freqs.get(key, 0.0) * e["bytes"] for key, e in experts.items())
     int8, fp32 = 0.0, 0.0
     for init in model.graph.initializer:
@@ -127,26 +127,23 @@ def _subgraph_nodes(graph: Any) -> Any:
             yield node
 
 
-def _matmulnbits_weights(graph: Any) -> dict[str, int]:
+def _matmulnbits_weights(graph: Any, held: Mapping[str, int]) -> dict[str, int]:
     """``{B initializer: K * N}`` of every ``MatMulNBits`` and ``PanelMatMul`` node, subgraphs (``If``
     branches) included, ``{fc1/fc2 codes: E * N * K}`` of every ``QMoE`` node and ``{codes: n * 3 * hidden
-    * inter}`` of every ``MixedMoE`` node holding ``n`` experts (its table's rows with bits).
+    * inter}`` of every ``MixedMoE`` node whose codes ``n`` experts share (``held``: initializer -> how many
+    experts the manifest lists as holding it).
 
     Read from the node's ``K``/``N`` attributes, so dmpq-compile's and onnxruntime's quantizer's
     weights count alike whatever their packing.
     """
-    import onnx
-
     out = {}
     dims = {t.name: list(t.dims) for t in graph.initializer}
-    inits = {t.name: t for t in graph.initializer}
     for node in _subgraph_nodes(graph):
         attrs = {a.name: a.i for a in node.attribute}
         if node.op_type in ("MatMulNBits", "PanelMatMul"):
             out[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
-        elif node.op_type == "MixedMoE" and node.input[6] in inits:  # codes: every expert's gate, up, down
-            held = int((onnx.numpy_helper.to_array(inits[node.input[6]])[:, 0] > 0).sum())
-            out[node.input[3]] = held * 3 * int(attrs["hidden"]) * int(attrs["inter"])
+        elif node.op_type == "MixedMoE" and held.get(node.input[3]):  # codes: every expert's gate, up, down
+            out[node.input[3]] = held[node.input[3]] * 3 * int(attrs["hidden"]) * int(attrs["inter"])
         elif node.op_type == "QMoE":  # fc1 / fc2 codes [E, N, K * bits / 8]: E x N x K weights
             for i in (2, 5):
                 if node.input[i] in dims:

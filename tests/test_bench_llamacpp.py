@@ -376,3 +376,20 @@ def test_a_reused_checkpoint_is_put_into_the_bench_form(tmp_path):
     stamp = {f.name: f.stat().st_mtime_ns for f in ckpt.glob("*.safetensors")}
     bench.bench_form(ckpt)
     assert {f.name: f.stat().st_mtime_ns for f in ckpt.glob("*.safetensors")} == stamp
+
+
+def test_bytes_read_per_decoded_token_of_a_gguf(monkeypatch, tmp_path):
+    """A GGUF row's bytes a decoded token reads: the routed fraction of the stacked expert tensors, one row of
+    the embedding, every other tensor whole; the table divides them by the decode time."""
+    import bench_llamacpp as bench
+
+    tensors = {"blk.0.ffn_up_exps.weight": {"elements": 6400, "bytes": 6400, "type": "Q8_0", "rows": 64},
+               "token_embd.weight": {"elements": 1000, "bytes": 1000, "type": "Q8_0", "rows": 100},
+               "output.weight": {"elements": 500, "bytes": 500, "type": "Q8_0", "rows": 100}}
+    monkeypatch.setattr(lc, "gguf_tensors", lambda llama, path: tensors)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"\0" * 8000)
+    row = bench.gguf_row(None, path, (7900, 6400), 8 / 64)
+    assert row["read_bytes_per_token"] == 6400 / 8 + 1000 / 100 + 500
+    assert bench.read_cells({**row, "decode_ms": 1.0}) == [f"{1310 / 1e9:.3f}", f"{1310 / 1e-3 / 1e9:.1f}"]
+    assert bench.read_cells({"decode_ms": 1.0}) == ["-", "-"]
