@@ -27,7 +27,10 @@ Measured, interleaved (order rotates each round), with ``--threads`` threads for
   ``llama-bench -p 0 -n 32 -d 128`` (tokens generated at depth 128) and ``bench``'s decode steps.
   both report the mean time of a round's 32 tokens (llama-bench's ``avg_ts``; ``bench``'s
   ``decode_mean_ms``), and the table gives the median over rounds (the same statistic on both sides,
-  named in the table's header and in the results file's ``statistics``);
+  named in the table's header and in the results file's ``statistics``), with the weight bytes a decoded
+  token reads (``read_bytes_per_token``; GGUF: top-k / experts of the stacked expert tensors, one embedding
+  row, every other tensor whole; dmpq: each expert at its calibration routing frequency, report.json) and
+  the GB/s that makes of the decode time;
 * on trained checkpoints, quality under the project's evaluation protocol (docs/evaluation.md), on
   each of ``--domains`` (default pydoc and pystdlib, ``--split`` test): windows of ``--context``
   tokens drawn across every document of the set (none above 15 % of the scored tokens), the second
