@@ -66,6 +66,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import llamacpp as lc
 import numpy as np
@@ -413,13 +414,12 @@ def dmpq_row(path: Path, params: tuple[int, int]) -> dict:
     frequency in the compile's calibration (report.json; ``dmpq_compile.bench.weight_stats``), or None for an
     artifact whose manifest lacks what it needs."""
     from dmpq_compile.artifact import ArtifactError
-    from dmpq_compile.bench import weight_stats
+    from dmpq_compile.bench import expert_frequencies, weight_stats
 
     manifest = json.loads((path / "manifest.json").read_text())
-    report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
+    freqs = expert_frequencies(path)
     try:
-        read = weight_stats(path, manifest, {e["id"]: e.get("freq", 0.0) for e in report.get("experts", [])}
-                            ).read_bytes_per_token if report.get("experts") else None
+        read = weight_stats(path, manifest, freqs).read_bytes_per_token if freqs else None
     except ArtifactError:
         read = None
     file_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != "report.json")
@@ -724,8 +724,10 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
     calib_file = work / "calib.txt"
     corpus_text(ckpt, "calib", args.imatrix_chunks * args.context, calib_file)  # never committed: out/ is ignored
     files = gguf_files(llama, spec, ckpt, work, args, calib_file)
+    from dmpq_compile.frontend.families import family_for
+
     config = json.loads((ckpt / "config.json").read_text())
-    routed = config["num_experts_per_tok"] / config.get("num_local_experts", config.get("num_experts"))
+    routed = config["num_experts_per_tok"] / family_for(config["model_type"]).num_experts(SimpleNamespace(**config))
     rows = {f"gguf-{k}": {**gguf_row(llama, p, params, routed)} for k, p in files.items()}
     ggufs = {k: rows[f"gguf-{k}"] for k in args.types}
     rows.update(dmpq_variants(spec, ckpt, work, ggufs, args, params))

@@ -263,12 +263,18 @@ def bench(paths: list[str | Path], cfg: BenchConfig = BenchConfig(), progress: b
     return results
 
 
+def expert_frequencies(path: Path) -> dict[str, float]:
+    """Each expert's routing frequency in the compile's calibration (the artifact's report.json): what
+    :func:`weight_stats` weighs its bytes by; {} for an artifact without a report."""
+    report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
+    return {row["id"]: row.get("freq", 0.0) for row in report.get("experts", [])}
+
+
 def _summarise(path: Path, session: Any, cfg: BenchConfig, prefill: list[float], decode: list[float],
                prompt: np.ndarray) -> dict:
     from .backends.cost import energy_mj, mac_ops, merge_ops
 
-    report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
-    freqs = {row["id"]: row.get("freq", 0.0) for row in report.get("experts", [])}
+    freqs = expert_frequencies(path)
     decode_ms = statistics.fmean(decode) * 1e3  # llama-bench's statistic: the mean time a token
     out = {
         "artifact": str(path),
