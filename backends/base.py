@@ -119,10 +119,12 @@ class Backend:
                                f"another format, e.g. {some}; re-run the quantize pass for this target "
                                f"(--target {self.name})")
 
-    def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
+    def weight_bytes(self, n: int, k: int, bits: int, group_size: int, kind: str | None = None) -> int:
         """Bytes :meth:`emit` stores for one linear weight ``K -> N`` (an expert projection, or a
         non-expert one the ``precision`` pass gave bits) at ``bits``: codes, scales and zero points,
-        or the float weight at 16 bits. :func:`~dmpq_compile.passes.infra.storage.stored_weight_bytes`
+        or the float weight at 16 bits. ``kind``: the IR node kind it belongs to (``expert``,
+        ``attention``, ``embed``, ...), for a target that stores some kinds another way.
+        :func:`~dmpq_compile.passes.infra.storage.stored_weight_bytes`
         adds these up for the stored-bits budget; ``tests/test_stored_budget.py`` checks them
         against emitted files."""
         raise NotImplementedError(f"backend {self.name!r} does not say how it stores weights")

@@ -40,9 +40,9 @@ FIXED_NONEXPERT_BITS = 4  # the default's non-expert bits for allocators that ca
 
 
 def resolve_defaults(cfg: CompileConfig, graph: Graph | None = None) -> CompileConfig:
-    """``cfg`` with a concrete budget and non-expert placement.
+    """``cfg`` with a concrete dispatch (:func:`resolve_dispatch`), budget and non-expert placement.
 
-    Rules, in order: a budget without a kind is code bits (``--budget-code-bits``); a code-bits
+    Budget rules, in order: a budget without a kind is code bits (``--budget-code-bits``); a code-bits
     kind without a value is :data:`DEFAULT_CODE_BITS`; no budget at all on a target with a
     ``default_budget_bits`` is a stored-bits budget of that value, with the non-expert weights
     placed by the allocator when it can (``places_nonexperts``, sensitivity on, no cost weights), else at
@@ -55,11 +55,12 @@ def resolve_defaults(cfg: CompileConfig, graph: Graph | None = None) -> CompileC
         ValueError: A bytes or latency budget kind without a value, or a stored-bits one
             without a value on a target that has no default.
     """
+    cfg = resolve_dispatch(cfg, graph)
     if cfg.resolved:
         return cfg
     a = cfg.allocate
     kind, budget, allocate = a.budget_kind, a.budget, a.nonexpert_allocate
-    backend = get_backend(cfg.target, cfg.quantize.scale_dtype)
+    backend = target_backend(cfg)
     target_default = getattr(backend, "default_budget_bits", None)
     defaulted = budget is None and kind in (None, "stored-bits") and target_default is not None
     if kind is None:
@@ -161,13 +162,42 @@ def allocation_passes(cfg: CompileConfig, final: bool = True) -> list:
     return place_passes(passes, cfg.extra_passes, analysis=False, optional=() if final else ("quantize",))
 
 
-def get_backend(target: str | None, scale_dtype: str | None = None):
-    """The compile's target backend (None without a target), with ``scale_dtype`` where given."""
+def get_backend(target: str | None, scale_dtype: str | None = None, dispatch: str | None = None):
+    """The compile's target backend (None without a target), with ``scale_dtype`` and ``dispatch`` (ort-cpu's,
+    resolved: not ``auto``) where given."""
     if target is None:
         return None
     from .backends import get_backend as _get
 
-    return _get(target, **({} if scale_dtype is None else {"scale_dtype": scale_dtype}))
+    options = {k: v for k, v in (("scale_dtype", scale_dtype), ("dispatch", dispatch)) if v is not None}
+    return _get(target, **options)
+
+
+def target_backend(cfg: CompileConfig):
+    """``cfg``'s backend as the compile uses it: its scale dtype and its resolved dispatch
+    (:func:`resolve_dispatch`), whose layout the stored-bits budget counts."""
+    return get_backend(cfg.target, cfg.quantize.scale_dtype, cfg.emit.dispatch)
+
+
+def resolve_dispatch(cfg: CompileConfig, graph: Graph | None = None) -> CompileConfig:
+    """``cfg`` with ort-cpu's ``auto`` dispatch (the default) made concrete, logged with the reason: ``kernel``
+    where some expert of ``graph`` fits dmpq's kernel and its library builds and has a vector path on this
+    machine, else ``fused`` (``backends.ort_cpu.backend.auto_dispatch``). Other targets, and a dispatch given,
+    are left alone."""
+    if cfg.target != "ort-cpu" or cfg.emit.dispatch not in (None, "auto"):
+        return cfg
+    from .backends.ort_cpu.backend import auto_dispatch
+
+    dispatch, why, warn = auto_dispatch(graph, cfg.quantize.group_size, cfg.quantize.scale_dtype)
+    if dispatch == "kernel":
+        log.info("dispatch: kernel (%s); the artifact runs on Linux x86-64 with the library it carries. Give "
+                 "--dispatch fused for one that runs wherever onnxruntime does", why)
+    elif warn:
+        log.warning("dispatch: fused, not the faster kernel: %s. Give --dispatch fused to choose it and "
+                    "silence this", why)
+    else:
+        log.info("dispatch: fused: %s", why)
+    return cfg.replace(emit={"dispatch": dispatch})
 
 
 def open_artifact(graph: Graph, backend: Any, folder: Path) -> Any:
@@ -223,7 +253,7 @@ def run_pipeline(graph: Graph, model_dir: str | Path, cfg: CompileConfig, progre
     """
     graph.meta["group_size"] = cfg.quantize.group_size  # one group size for cost tables, QAT and quantize
     cfg = resolve_defaults(cfg, graph)
-    backend = get_backend(cfg.target, cfg.quantize.scale_dtype)
+    backend = target_backend(cfg)
     analysis = analysis_passes(cfg, backend)
     calib = None
     if any(p.needs_calibration for p in analysis + allocation_passes(cfg)):
@@ -337,7 +367,7 @@ def check_bits_budget(cfg: CompileConfig, graph: Graph | None = None) -> None:
     target's smallest bits; stored bits below what the weights outside the experts plus every
     expert at its smallest bits store, computed from ``graph``'s shapes), and ``nonexpert_bits``
     the target cannot run."""
-    backend = get_backend(cfg.target, cfg.quantize.scale_dtype)
+    backend = target_backend(cfg)
     check_nonexpert_target(cfg, backend)
     a = cfg.allocate
     if a.allocated_kinds:
@@ -470,5 +500,5 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
               # peak is the largest pass's; the process's ru_maxrss (e.g. /usr/bin/time's maximum
               # resident size) only sees what came after the last reset
               "peak_rss_mb": round(max((r.peak_rss_mb for r in records), default=0.0), 1)}
-    return write_artifact(graph, get_backend(cfg.target, cfg.quantize.scale_dtype), out, report=report,
+    return write_artifact(graph, target_backend(cfg), out, report=report,
                           overwrite=overwrite, emit_options=cfg.emit.options())

@@ -228,13 +228,14 @@ class EmitConfig:
     """``[emit]``: target-specific choices of the emitted artifact (ort-cpu)."""
 
     dispatch: str | None = setting(
-        None, "ort-cpu: how tokens reach the experts. fused (default): one com.microsoft.QMoE per layer and "
-        "bit-width, 16-bit experts per expert; kernel: one node per layer for all its 2/4/8-bit experts, and "
-        "attention's and the LM head's quantized projections, on dmpq's own onnxruntime kernels (C++, built here "
-        "with g++ and copied into the artifact; Linux x86-64); gather-if: each "
-        "expert gathers its tokens inside an If (2-bit experts prefill faster so on some CPUs); gather, dense: see "
+        None, "ort-cpu: how tokens reach the experts. auto (default): kernel where dmpq's kernel library builds "
+        "here and the CPU has AVX2 or AVX-512, else fused (logged); kernel: one node per layer for all its "
+        "2/4/8-bit experts, and attention's and the LM head's quantized projections, on dmpq's own onnxruntime "
+        "kernels (C++, built here with g++ and copied into the artifact: it runs on Linux x86-64); fused: one "
+        "com.microsoft.QMoE per layer and bit-width, 16-bit experts per expert (stock onnxruntime ops: runs "
+        "anywhere onnxruntime does); gather-if: each expert gathers its tokens inside an If; gather, dense: see "
         "docs/ort-cpu.md", flag="--dispatch",
-        choices=("fused", "kernel", "gather-if", "gather", "dense"))
+        choices=("auto", "fused", "kernel", "gather-if", "gather", "dense"))
     max_length: int | None = setting(
         None, "ort-cpu: positions (prompt + generated tokens) per sequence that onnxruntime-genai preallocates its KV "
         "buffer for: search.max_length in genai_config.json (apps may lower it at load). Default: the model's "

@@ -88,8 +88,8 @@ def _precision_active(cfg: Any, backend: Any) -> bool:
 
 
 def _dispatch(cfg: Any) -> dict[str, Any]:
-    """The expert dispatch the emitter will use (``--dispatch``), where one was given: the layout the cost
-    table measures and the allocator's latency term prices (both default to the emitter's, ``fused``)."""
+    """The expert dispatch the emitter will use (``--dispatch``, made concrete by ``compiler.resolve_dispatch``):
+    the layout the cost table measures and the allocator's latency term prices (without one, the backend's)."""
     return {"dispatch": cfg.emit.dispatch} if cfg.emit.dispatch is not None else {}
 
 

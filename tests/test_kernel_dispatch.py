@@ -422,3 +422,66 @@ def test_each_experts_bytes_are_its_own_width_in_the_mixed_node(library, wide_di
     kernel_stats = weight_stats(out, manifest, freqs)
     per_expert = weight_stats(*manifests["gather-if"], freqs)
     assert kernel_stats.macs_int8 == per_expert.macs_int8 > 0
+
+
+def test_auto_dispatch_takes_the_kernel_where_it_runs_and_says_why_not(monkeypatch, caplog, wide_dirs, tmp_path):
+    """``--dispatch auto`` (the compile's default): kernel where the library builds and has a vector path, else
+    fused with the reason logged; a dispatch given, and other targets, are left alone."""
+    from pathlib import Path
+
+    from dmpq_compile.backends.ort_cpu import cost
+
+    from dmpq_compile.compiler import CompileConfig, resolve_dispatch
+
+    cfg = CompileConfig()
+    assert cfg.emit.dispatch is None
+    monkeypatch.setattr(cost, "kernel_library", lambda build=True: (None, {"error": "no C++ compiler found"}))
+    with caplog.at_level("WARNING", logger="dmpq_compile.compiler"):
+        assert resolve_dispatch(cfg).emit.dispatch == "fused"
+    assert "no C++ compiler found" in caplog.text and "--dispatch fused" in caplog.text
+    found = {"build": "h", "pool": "ort"}
+    monkeypatch.setattr(cost, "kernel_library", lambda build=True: (Path("lib.so"), {**found, "path": "portable"}))
+    assert resolve_dispatch(cfg.replace(emit={"dispatch": "auto"})).emit.dispatch == "fused"
+    for path in ("avx2", "avx512-vnni"):
+        monkeypatch.setattr(cost, "kernel_library", lambda build=True, p=path: (Path("lib.so"), {**found, "path": p}))
+        assert resolve_dispatch(cfg).emit.dispatch == "kernel"
+    # a model none of whose experts fits the kernel (tiny widths, or float32 scales) gets fused, said quietly
+    narrow = load(make_tiny_checkpoint("olmoe", tmp_path / "narrow"))  # widths 64 x 32: no whole group of 64
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dmpq_compile.compiler"):
+        assert resolve_dispatch(cfg, narrow).emit.dispatch == "fused"
+    assert "no expert fits dmpq's kernel" in caplog.text and not [r for r in caplog.records if r.levelname == "WARNING"]
+    wide = load(wide_dirs("mixtral"))
+    assert resolve_dispatch(cfg, wide).emit.dispatch == "kernel"
+    assert resolve_dispatch(cfg.replace(quantize={"scale_dtype": "float32"}), wide).emit.dispatch == "fused"
+    assert resolve_dispatch(cfg.replace(emit={"dispatch": "gather-if"})).emit.dispatch == "gather-if"
+    assert resolve_dispatch(CompileConfig(target="trt-a100")).emit.dispatch is None
+    with pytest.raises(ValueError, match="--dispatch chooses ort-cpu"):
+        CompileConfig(target="trt-a100").replace(emit={"dispatch": "auto"})
+
+
+def test_the_default_compile_ships_the_kernel_within_its_stored_budget(library, wide_dirs, tiny_corpus, tmp_path,
+                                                                       capsys):
+    """A compile without --dispatch on a machine where the library builds emits the kernel dispatch, carries the
+    library, stays within the default stored-bits budget as the kernel stores weights, and the runtime runs it."""
+    from dmpq_compile.cli import main
+    from dmpq_compile.runtime import load as load_artifact
+
+    out = tmp_path / "art"
+    assert main(["compile", str(wide_dirs("mixtral")), "-o", str(out), "--calib-corpus", str(tiny_corpus),
+                 "--calib-sequences", "4", "--seq-len", "32", "--no-progress", "--no-cache"]) == 0
+    assert "dispatch kernel" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["target"]["dispatch"] == "kernel" and manifest["target"]["custom_ops_library"]
+    assert report["config"]["emit"]["dispatch"] == "kernel"
+    model = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    assert {"MixedMoE", "PanelMatMul"} <= {n.op_type for n in model.graph.node if n.domain == kernels.DOMAIN}
+    allocate = next(p["stats"] for p in report["passes"] if p["name"] == "allocate")
+    storage = manifest["storage"]
+    budget = float(allocate["budget"].split()[0])
+    # the graph's small constants (the node's [E, 8] tables) are the only bytes the budget does not count
+    assert storage["weights"]["bits_per_weight"] <= budget + 8 * 4096 * 2 / storage["params"]
+    assert float(allocate["used"].split()[0]) <= budget
+    logits, _ = load_artifact(out).forward(np.array([[1, 2, 3, 4]], np.int64))
+    assert logits.shape[-2] == 4 and np.isfinite(logits).all()

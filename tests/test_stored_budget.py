@@ -57,6 +57,42 @@ def test_predicted_bytes_equal_the_emitted_ones(tmp_path, tiny_dirs, calib_ids, 
     assert manifest["storage"]["weights"]["bits_per_weight"] == pytest.approx(8 * emitted / params, abs=1e-3)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
+def test_predicted_bytes_equal_the_emitted_ones_under_the_kernel_dispatch(tmp_path, tiny_dirs, calib_ids, family):
+    """The kernel dispatch keeps one zero point a group unpacked (MixedMoE, PanelMatMul): the budget counts it."""
+    from dmpq_compile.backends.ort_cpu.kernels import DOMAIN
+
+    backend = get_backend("ort-cpu", dispatch="kernel")
+    graph = load(tiny_dirs(family))
+    graph.meta["group_size"] = 64  # the kernel's groups are multiples of 64
+    passes = [make_pass("profile"), make_pass("precision", nonexpert_bits=4),
+              make_pass("allocate", allocator="frequency", budget=4.0, bits=(2, 4, 8)),
+              make_pass("quantize", group_size=64)]
+    graph = PassManager(passes).run(graph, PassContext(calibration=calib_ids(family), backend=backend,
+                                                       progress=False))
+    predicted = stored_weight_bytes(graph, backend)
+    art = write_artifact(graph, backend, tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["target"]["dispatch"] == "kernel"
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node if n.domain == DOMAIN}  # only mixtral's tiny experts are whole groups
+    assert ops == ({"MixedMoE", "PanelMatMul"} if family == "mixtral" else {"PanelMatMul"})
+    for node_id, entry in {**manifest["experts"], **manifest["nonexpert"]}.items():
+        if "bytes" in entry:
+            assert predicted[node_id] == entry["bytes"], node_id
+    emitted = manifest["storage"]["weights"]["bytes"]
+    assert 0 <= emitted - sum(predicted.values()) < SMALL_CONSTANTS
+    # at real widths the packed zero points differ: an OLMoE expert matrix (1024 x 2048, group 64) at 4 bits
+    fused = get_backend("ort-cpu")
+    groups = 1024 * 2048 // 64
+    assert backend.weight_bytes(1024, 2048, 4, 64, kind="expert") == 1024 * 2048 // 2 + 3 * groups
+    assert fused.weight_bytes(1024, 2048, 4, 64, kind="expert") == 1024 * 2048 // 2 + 2 * groups + groups // 2
+    assert backend.weight_bytes(1024, 2048, 8, 64, kind="expert") == fused.weight_bytes(1024, 2048, 8, 64)
+    # the embedding table stays a GatherBlockQuantized lookup; a width that is no whole group stays MatMulNBits
+    assert backend.weight_bytes(50304, 2048, 4, 64, kind="embed") == fused.weight_bytes(50304, 2048, 4, 64)
+    assert backend.weight_bytes(1024, 2016, 4, 32, kind="attention") == fused.weight_bytes(1024, 2016, 4, 32)
+
+
 def _compile(tiny_dirs, tiny_corpus, out, *flags):
     return main(["compile", str(tiny_dirs("mixtral")), "-o", str(out), "--calib-corpus", str(tiny_corpus),
                  "--calib-sequences", "4", "--seq-len", "32", "--no-progress", *flags])

@@ -1,6 +1,9 @@
 """The ``ort-cpu`` backend: an ONNX model for ONNX Runtime's CPU execution provider.
 
-A layer's 4-bit experts run as one ``com.microsoft.QMoE`` node, its 8-bit ones as another; 2-bit
+Under the ``kernel`` dispatch (what the compile's default ``auto`` takes where dmpq's kernel library builds,
+:func:`auto_dispatch`) a layer's 2/4/8-bit experts run as one ``ai.dmpq.MixedMoE`` node and the quantized
+projections outside them as ``ai.dmpq.PanelMatMul``. Under ``fused`` (stock onnxruntime ops) a layer's
+4-bit experts run as one ``com.microsoft.QMoE`` node, its 8-bit ones as another; 2-bit
 experts as ``com.microsoft.MatMulNBits`` each, reached through gather/scatter inside an ``If``;
 16-bit experts and everything else as fp32 ``MatMul`` (or ``MatMulNBits`` at the ``precision``
 pass's bits). Attention is ``GroupQueryAttention`` over onnxruntime-genai's KV contract (see
@@ -40,6 +43,38 @@ log = logging.getLogger(__name__)
 
 # measured fastest on CPU (docs/ort-cpu.md, "Dispatch"): QMoE for 4/8-bit experts, gather-if for the rest
 DEFAULT_DISPATCH = "fused"
+# the kernel dispatch's dot-product paths that auto takes: the portable C++ one is 75-150x slower than AVX2
+# (benchmarks/bench_kernel_paths.py), far behind the fused dispatch
+AUTO_KERNEL_PATHS = ("avx512-vnni", "avx2")
+
+
+def auto_dispatch(graph: Graph | None = None, group_size: int | None = None, scale_dtype: str | None = None
+                  ) -> tuple[str, str, bool]:
+    """What ``--dispatch auto`` (the compile's default) takes on this machine for ``graph``, why, and whether the
+    user should hear it as a warning (this machine keeps the kernel from an artifact that could use it): ``kernel``
+    where some expert shape of ``graph`` fits the kernel at ``group_size`` and ``scale_dtype``
+    (``cost.kernel_joins``; without a graph this is not asked) and dmpq's kernel library builds and has a vector
+    path here (Linux x86-64, a C++ compiler, AVX2 or AVX-512 VNNI): it was faster than ``fused`` on every CPU
+    and shape measured (docs/ort-cpu.md, "Choosing the dispatch"). Else ``fused``, which runs wherever
+    onnxruntime does."""
+    from ..cost import expert_shapes
+    from .cost import DEFAULT_GROUP_SIZE, KERNEL_BITS, SCALE_DTYPE, kernel_joins, kernel_library
+
+    if graph is not None:
+        gs = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        scales = SCALE_DTYPE if scale_dtype is None else scale_dtype
+        shapes = sorted(set(expert_shapes(graph).values()))
+        if not any(kernel_joins(h, i, b, gs, scales) for h, i in shapes for b in KERNEL_BITS):
+            return "fused", (f"no expert fits dmpq's kernel (expert widths {shapes} at group size {gs} with "
+                             f"{scales} scales; it takes float16 scales and groups of a multiple of 64 that divide "
+                             "both widths)"), False
+    library, info = kernel_library()
+    if library is None:
+        return "fused", f"dmpq's kernel library cannot be used here ({info['error']})", True
+    if info["path"] not in AUTO_KERNEL_PATHS:
+        return "fused", (f"dmpq's kernel library has only its {info['path']} path on this CPU (no AVX2), far slower "
+                         "than onnxruntime's own kernels"), True
+    return "kernel", f"dmpq's kernel library built here, its {info['path']} path on this CPU", False
 
 
 class OrtCpuBackend(Backend):
@@ -54,27 +89,34 @@ class OrtCpuBackend(Backend):
     description: ClassVar[str] = ("ONNX Runtime CPU: MatMulNBits experts at 2/4/8 bits (float16 scales by "
                                   "default), fp32 elsewhere, KV cache")
 
-    def __init__(self, scale_dtype: str | None = None) -> None:
+    def __init__(self, scale_dtype: str | None = None, dispatch: str | None = None) -> None:
         """``scale_dtype``: how the scales of 2/4/8-bit weights are stored, ``float16`` (default,
         :data:`.cost.SCALE_DTYPE`: the products run on float16 activations) or ``float32`` (0.25
-        more bits per weight at group 64, fp32 activations)."""
+        more bits per weight at group 64, fp32 activations). ``dispatch``: the expert dispatch this
+        backend emits and stores weights for (default :data:`DEFAULT_DISPATCH`; ``kernel`` stores one zero
+        point a group unpacked, :meth:`weight_bytes`); ``compile`` resolves ``auto`` first
+        (:func:`auto_dispatch`)."""
         from ...quant.spec import VALID_SCALE_DTYPES
         from .cost import SCALE_DTYPE
 
         self.scale_dtype = SCALE_DTYPE if scale_dtype is None else scale_dtype
         if self.scale_dtype not in VALID_SCALE_DTYPES:
             raise BackendError(f"ort-cpu scale_dtype must be one of {VALID_SCALE_DTYPES}, got {scale_dtype!r}")
+        self.dispatch = DEFAULT_DISPATCH if dispatch is None else dispatch
+        if self.dispatch not in DISPATCHES:
+            raise BackendError(f"ort-cpu dispatch must be one of {DISPATCHES} (auto is resolved by the compile, "
+                               f"compiler.resolve_defaults), got {dispatch!r}")
 
     def cost_table(self, graph: Graph, dispatch: str | None = None, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
         """Measured MatMulNBits/MatMul costs per expert and bits (see :mod:`.cost`; cached on disk).
 
-        ``dispatch``: the one the artifact will be emitted with (default :data:`DEFAULT_DISPATCH`). The
+        ``dispatch``: the one the artifact will be emitted with (default: this backend's). The
         ``kernel`` dispatch's node is measured only for ``kernel`` (``kernel`` in ``options`` overrides),
         and there a library that cannot be built is an error now, not at emit (where some expert's shape
         joins the node)."""
         from .cost import DEFAULT_GROUP_SIZE, expert_shapes, kernel_joins, kernel_library, ort_cpu_cost_table
 
-        dispatch = DEFAULT_DISPATCH if dispatch is None else dispatch
+        dispatch = self.dispatch if dispatch is None else dispatch
         if dispatch not in DISPATCHES:
             raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         options.setdefault("group_size", int(graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
@@ -101,14 +143,17 @@ class OrtCpuBackend(Backend):
         """Group-wise asymmetric codes with this backend's ``scale_dtype`` scales at 2/4/8 bits."""
         return WeightFormat(bits, scale_dtype=self.scale_dtype)
 
-    def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
-        """MatMulNBits codes + scales + packed zero points, or the fp32 weight at 16 bits."""
+    def weight_bytes(self, n: int, k: int, bits: int, group_size: int, kind: str | None = None) -> int:
+        """MatMulNBits codes + scales + packed zero points, or the fp32 weight at 16 bits. Under the ``kernel``
+        dispatch a weight the kernels run (``cost.panel_matmul_joins``: every matrix but the embedding table,
+        which stays a ``GatherBlockQuantized`` lookup) keeps one zero point a group unpacked."""
         from ..cost import layout_bytes
         from .cost import projection_layout
 
-        return layout_bytes(projection_layout(n, k, bits, group_size, self.scale_dtype))
+        panel = self.dispatch == "kernel" and kind != "embed"
+        return layout_bytes(projection_layout(n, k, bits, group_size, self.scale_dtype, panel=panel))
 
-    def emit(self, graph: Graph, out_dir: Path, *, accuracy_level: int = 4, dispatch: str = DEFAULT_DISPATCH,
+    def emit(self, graph: Graph, out_dir: Path, *, accuracy_level: int = 4, dispatch: str | None = None,
              external_data: bool | None = None, external_data_threshold_mb: float = DEFAULT_EXTERNAL_MB,
              opset: int = OPSET, max_length: int | None = None, genai: bool = True) -> dict[str, Any]:
         """Write ``model.onnx`` (+ ``model.onnx.data`` when large) and ``genai_config.json`` into ``out_dir``.
@@ -127,7 +172,7 @@ class OrtCpuBackend(Backend):
                 2/4/8-bit experts: dmpq's custom-op library, built here and copied into the artifact,
                 :mod:`.kernels`), ``gather-if`` (experts compute only their tokens; idle
                 experts skipped by an ``If``), ``gather`` (same without the ``If``) or ``dense`` (all
-                experts, all tokens).
+                experts, all tokens). None: this backend's (the layout :meth:`weight_bytes` counts).
             external_data: force (True) or forbid (False) external weight data; None decides by
                 size against ``external_data_threshold_mb``.
             external_data_threshold_mb: weight size above which weights go to ``model.onnx.data``.
@@ -149,6 +194,7 @@ class OrtCpuBackend(Backend):
         """
         self.check_bits(graph)
         self.check_formats(graph)
+        dispatch = self.dispatch if dispatch is None else dispatch
         if dispatch not in DISPATCHES:
             raise BackendError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         out_dir = require_folder(out_dir)

@@ -125,12 +125,18 @@ def _ort() -> Any:
 
 
 # -- layout and bytes -------------------------------------------------------------------------
-def projection_layout(n: int, k: int, bits: int, group_size: int, scale_dtype: str = SCALE_DTYPE
-                      ) -> dict[str, tuple[tuple[int, ...], str]]:
+def projection_layout(n: int, k: int, bits: int, group_size: int, scale_dtype: str = SCALE_DTYPE,
+                      panel: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
     """Initializer ``{name: (shape, dtype)}`` of one projection ``K -> N`` as the emitter stores it
-    (``scale_dtype``: the emitted :data:`SCALE_DTYPE`; float32 for comparisons)."""
+    (``scale_dtype``: the emitted :data:`SCALE_DTYPE`; float32 for comparisons). ``panel``: as the kernel
+    dispatch stores a weight that :func:`panel_matmul_joins` (in ``MixedMoE`` or ``PanelMatMul``): the codes,
+    float16 scales and one zero point a group unpacked (MatMulNBits packs them to ``bits`` each)."""
     if bits == 16:
         return {"W": ((k, n), "float32")}
+    if panel and panel_matmul_joins(n, k, bits, group_size, scale_dtype):
+        groups = n * k // group_size
+        return {"codes": ((n * k * bits // 8,), "uint8"), "scales": ((groups,), "float16"),
+                "zeros": ((groups,), "uint8")}
     return matmulnbits_layout(n, k, bits, group_size, scale_dtype)
 
 

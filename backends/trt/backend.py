@@ -70,7 +70,7 @@ class TrtA100Backend(Backend):
         options.pop("progress", None)  # analytical: nothing slow to show
         return trt_a100_cost_table(graph, **options)
 
-    def weight_bytes(self, n: int, k: int, bits: int, group_size: int) -> int:
+    def weight_bytes(self, n: int, k: int, bits: int, group_size: int, kind: str | None = None) -> int:
         """INT4/INT8 codes with fp16 scales (and the INT4 zero-point correction), or the fp16
         weight at 16 bits: what :meth:`emit` writes with its default ``precision="fp16"``."""
         from .cost import trt_weight_bytes

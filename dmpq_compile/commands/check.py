@@ -84,6 +84,20 @@ def onnx_checker_errors(path: Path) -> list[str]:
     return []
 
 
+def bare_kernel_library(model_file: Path) -> str | None:
+    """For a model file checked without its artifact's manifest that uses dmpq's ``ai.dmpq`` ops: the kernel
+    library beside it where an artifact keeps one (``kernels/``), else the one this package builds (an absolute
+    path); None for a model without those ops."""
+    import onnx
+
+    from ..backends.ort_cpu import kernels
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    if not any(o.domain == kernels.DOMAIN for o in model.opset_import):
+        return None
+    return kernels.ARTIFACT_PATH if (model_file.parent / kernels.ARTIFACT_PATH).is_file() else str(kernels.build())
+
+
 def main(args: argparse.Namespace) -> int:
     path, backend, manifest = resolve(args.artifact, verify=not args.no_verify, target=args.target)
     invalid = onnx_checker_errors(path)
@@ -94,6 +108,9 @@ def main(args: argparse.Namespace) -> int:
     if backend == "ort-cpu":
         from ..runtime.check import check_ort_cpu
 
+        if manifest is None:  # a bare model file: dmpq's kernel library where its graph uses dmpq's ops
+            library = bare_kernel_library(path)
+            manifest = {"target": {"custom_ops_library": library}} if library else None
         findings, checked = check_ort_cpu(path, manifest)
         return report(findings, f"ort-cpu checks ({', '.join(['onnx.checker', *checked])})", path, args)
     from ..backends.trt.compat import check_model

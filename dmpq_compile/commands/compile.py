@@ -249,6 +249,8 @@ def main(args: argparse.Namespace) -> int:
     stored = f", {storage['bits_per_weight']:.2f} stored bits per weight" if storage.get("bits_per_weight") else ""
     if stored and storage.get("weights"):
         stored += f" ({storage['weights']['bits_per_weight']:.2f} in the weight tensors)"
-    print(f"wrote {out}  (target {cfg.target}, allocator {cfg.allocate.allocator}, experts by bits {hist}{stored}, "
+    dispatch = report["config"].get("emit", {}).get("dispatch")  # as the compile resolved it
+    via = f", dispatch {dispatch}" if dispatch else ""
+    print(f"wrote {out}  (target {cfg.target}{via}, allocator {cfg.allocate.allocator}, experts by bits {hist}{stored}, "
           f"{report['compile_seconds']:.1f}s)")
     return 0

@@ -21,7 +21,7 @@ def stored_weight_bytes(graph: Graph, backend: Any, group_size: int | None = Non
     """``{node id: bytes}``: the weights each node owns as ``backend`` stores them, from shapes.
 
     A weight matrix of :data:`~dmpq_compile.ir.graph.QUANT_ROLES` costs
-    ``backend.weight_bytes(N, K, bits)`` at the node's bits (``bits[node id]``, else its ``bits``
+    ``backend.weight_bytes(N, K, bits, kind=...)`` at the node's bits (``bits[node id]``, else its ``bits``
     annotation, else 16); every other weight ``backend.float_bytes(kind, role)`` per parameter. A
     tensor read by two nodes (a tied ``lm_head``) counts once, for the first node. Nothing is read
     from disk. Graph structure and computed constants are not weights: an emitted file is a little
@@ -44,7 +44,7 @@ def _node_bytes(graph: Graph, backend: Any, node: Any, bits: int, group_size: in
         seen.add(key)
         shape = graph.weights.shape(key)
         if role in matrices:
-            total += backend.weight_bytes(int(shape[0]), int(shape[1]), bits, group_size)
+            total += backend.weight_bytes(int(shape[0]), int(shape[1]), bits, group_size, kind=node.kind)
         else:
             total += math.prod(shape) * backend.float_bytes(node.kind, role)
     return total
