@@ -228,8 +228,9 @@ class EmitConfig:
     """``[emit]``: target-specific choices of the emitted artifact (ort-cpu)."""
 
     dispatch: str | None = setting(
-        None, "ort-cpu: how tokens reach the experts. auto (default): kernel where dmpq's kernel library builds "
-        "here and the CPU has AVX2 or AVX-512, else fused (logged); kernel: one node per layer for all its "
+        None, "ort-cpu: how tokens reach the experts. auto (default): kernel where some expert fits it (float16 "
+        "scales, a group size that is a multiple of 64 dividing the widths), dmpq's kernel library builds here and "
+        "the CPU has AVX2 or AVX-512, else fused (logged); kernel: one node per layer for all its "
         "2/4/8-bit experts, and attention's and the LM head's quantized projections, on dmpq's own onnxruntime "
         "kernels (C++, built here with g++ and copied into the artifact: it runs on Linux x86-64); fused: one "
         "com.microsoft.QMoE per layer and bit-width, 16-bit experts per expert (stock onnxruntime ops: runs "

@@ -278,6 +278,22 @@ def test_the_artifact_carries_the_library_for_the_runtime_check_and_genai(librar
     assert any("kernel library" in f.message and f.severity == "error" for f in findings), findings
 
 
+def test_a_kernel_artifact_off_linux_x86_64_names_the_portable_dispatch(monkeypatch, tmp_path):
+    """Loading a kernel artifact on another OS or architecture says why it cannot run and what to compile instead."""
+    import platform
+
+    from dmpq_compile.runtime.manifest import ArtifactError
+    from dmpq_compile.runtime.session import register_custom_ops
+
+    target = {"custom_ops_library": kernels.ARTIFACT_PATH, "dispatch": "kernel"}
+    register_custom_ops(ort.SessionOptions(), tmp_path, {})  # no library: nothing to do anywhere
+    for system, machine in (("Darwin", "arm64"), ("Windows", "AMD64"), ("Linux", "aarch64")):
+        monkeypatch.setattr(platform, "system", lambda s=system: s)
+        monkeypatch.setattr(platform, "machine", lambda m=machine: m)
+        with pytest.raises(ArtifactError, match=f"this machine is {system} {machine}.*--dispatch fused"):
+            register_custom_ops(ort.SessionOptions(), tmp_path, target)
+
+
 def test_the_artifact_runs_in_onnxruntime_genai(library, wide_dirs, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     from dmpq_compile.artifact import write_artifact

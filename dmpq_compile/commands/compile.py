@@ -251,6 +251,8 @@ def main(args: argparse.Namespace) -> int:
         stored += f" ({storage['weights']['bits_per_weight']:.2f} in the weight tensors)"
     dispatch = report["config"].get("emit", {}).get("dispatch")  # as the compile resolved it
     via = f", dispatch {dispatch}" if dispatch else ""
+    if (Path(out) / "kernels").is_dir():  # the artifact carries dmpq's kernel library (docs/ort-cpu.md)
+        via += " (Linux x86-64 only: --dispatch fused for any OS)"
     print(f"wrote {out}  (target {cfg.target}{via}, allocator {cfg.allocate.allocator}, experts by bits {hist}{stored}, "
           f"{report['compile_seconds']:.1f}s)")
     return 0

@@ -7,6 +7,7 @@ tokenizers lazily), so a deployment needs neither torch nor transformers.
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,6 +91,11 @@ def register_custom_ops(options: Any, root: Path, target: Mapping[str, Any]) -> 
     library = target.get("custom_ops_library")
     if not library:
         return
+    machine = f"{platform.system()} {platform.machine()}"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise ArtifactError(f"this artifact runs its experts on dmpq's kernel library ({library}, dispatch "
+                            f"{target.get('dispatch', 'kernel')}), built for Linux x86-64; this machine is {machine}. "
+                            "Compile it again with --dispatch fused for an artifact of stock onnxruntime ops")
     path = root / library
     if not path.is_file():
         raise ArtifactError(f"the artifact's kernel library {path} is missing; copy the whole artifact folder "
