@@ -506,10 +506,10 @@ def panel_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     n, k = codes.shape
     per = 8 // bits
     c = codes.astype(np.uint8, copy=False).reshape(n // PANEL, PANEL, k // (4 * per), per, 4)
-    out = np.zeros((n // PANEL, k // (4 * per), PANEL, 4), np.uint8)
-    for m in range(per):
-        out |= (c[:, :, :, m, :].transpose(0, 2, 1, 3) << (m * bits)).astype(np.uint8)
-    return out.reshape(-1)
+    units = c[:, :, :, 0, :].copy()  # combined in uint8 in row order, then moved once into panel order
+    for m in range(1, per):
+        units |= c[:, :, :, m, :] << np.uint8(m * bits)
+    return np.ascontiguousarray(units.transpose(0, 2, 1, 3)).reshape(-1)
 
 
 def unpanel_codes(flat: np.ndarray, bits: int, n: int, k: int) -> np.ndarray:
