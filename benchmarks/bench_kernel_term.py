@@ -7,7 +7,7 @@ dispatch the compile emits (``AllocateOptions.dispatch``). This script solves th
 exact allocator (``optimal``) three ways and prices every answer as the kernel dispatch ships it:
 
 * ``kernel``: the kernel layout (what a ``--dispatch kernel`` compile now optimises);
-* ``fused``: the default dispatch's layout (one QMoE per layer and 4/8-bit width; what a kernel compile
+* ``fused``: the portable dispatch's layout (one QMoE per layer and 4/8-bit width; what a kernel compile
   optimised before the allocator knew the dispatch);
 * ``per-expert``: every expert alone (``gather-if``), the control.
 
