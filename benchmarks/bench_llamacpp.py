@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -590,6 +591,29 @@ def time_genai(path: Path, args: argparse.Namespace, threads: int) -> dict[str, 
     return {"prefill_tok_s": args.prefill_tokens / prefill, "decode_ms": statistics.fmean(steps) * 1e3}
 
 
+def timed_bytes(rows: dict[str, dict]) -> int:
+    """Bytes of the distinct files the speed rounds read: each GGUF file, each artifact's model files."""
+    files: set[Path] = set()
+    for row in rows.values():
+        path = Path(row["path"])
+        files.update([path] if path.is_file() else (f for f in path.glob("model.onnx*") if f.is_file()))
+    return sum(f.stat().st_size for f in files)
+
+
+def page_cache_check(rows: dict[str, dict]) -> dict[str, float]:
+    """The timed files' size against this machine's memory, warned about when they do not fit together: every
+    round then reads some of them from disk again, and reclaiming the page cache competes with the timed
+    threads (a session of this machine saw rounds up to 2x apart that way, benchmarks/README.md)."""
+    timed = timed_bytes(rows)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fits = timed <= 0.8 * total
+    if not fits:
+        print(f"  warning: the timed rows' files hold {timed / 1e9:.1f} GB against {total / 1e9:.1f} GB of memory; "
+              "rounds will refill the page cache while timing, so their times scatter. Time fewer rows per run "
+              "(fewer --types or --extra-artifacts)", flush=True)
+    return {"timed_files_gb": round(timed / 1e9, 2), "memory_gb": round(total / 1e9, 2), "fits": fits}
+
+
 def interleaved_speed(llama: lc.LlamaCpp, rows: dict[str, dict], args: argparse.Namespace) -> None:
     labels = list(rows)
     if args.rounds < 1:  # --rounds 0: a quality-only run
@@ -747,6 +771,8 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
     if spec.quality:
         result["quality_sets"] = [set_quality(llama, rows, spec, w, work, args) for w in quality_sets(ckpt, args)]
     result["uptime_before_speed"] = uptime()
+    if args.rounds > 0:
+        result["page_cache"] = page_cache_check(rows)
     interleaved_speed(llama, rows, args)
     result["uptime_after_speed"] = uptime()
     result["rows"] = rows

@@ -393,3 +393,25 @@ def test_bytes_read_per_decoded_token_of_a_gguf(monkeypatch, tmp_path):
     assert row["read_bytes_per_token"] == 6400 / 8 + 1000 / 100 + 500
     assert bench.read_cells({**row, "decode_ms": 1.0}) == [f"{1310 / 1e9:.3f}", f"{1310 / 1e-3 / 1e9:.1f}"]
     assert bench.read_cells({"decode_ms": 1.0}) == ["-", "-"]
+
+
+def test_rows_whose_files_exceed_memory_are_warned_about(monkeypatch, tmp_path, capsys):
+    """The speed rounds warn (and record) when the timed files do not fit in memory together: each file once."""
+    import bench_llamacpp as bench
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"\0" * 3000)
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "model.onnx").write_bytes(b"\0" * 1000)
+    (art / "model.onnx.data").write_bytes(b"\0" * 4000)
+    (art / "tokenizer.json").write_bytes(b"\0" * 500)  # not read by the timed runs
+    rows = {"gguf-Q4_0": {"path": str(gguf)}, "art": {"path": str(art)}, "genai:art": {"path": str(art)}}
+    assert bench.timed_bytes(rows) == 8000
+    pages = {"SC_PAGE_SIZE": 1000, "SC_PHYS_PAGES": 20}
+    monkeypatch.setattr(bench.os, "sysconf", lambda name: pages[name])
+    assert bench.page_cache_check(rows) == {"timed_files_gb": 0.0, "memory_gb": 0.0, "fits": True}
+    assert "warning" not in capsys.readouterr().out
+    pages["SC_PHYS_PAGES"] = 9  # 9000 bytes: 8000 is over 80 % of it
+    assert bench.page_cache_check(rows)["fits"] is False
+    assert "hold 0.0 GB against 0.0 GB of memory" in capsys.readouterr().out
