@@ -334,6 +334,7 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
                     "yourself, or add one to the checkpoint and compile again", model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     graph.meta["group_size"] = cfg.quantize.group_size
+    requested_dispatch = cfg.emit.dispatch or "auto"
     cfg = resolve_defaults(cfg, graph)
     check_bits_budget(cfg, graph)
     check_disk_space(graph, cfg, out.parent)
@@ -346,7 +347,7 @@ def compile_model(model_dir: str | Path, out: str | Path, cfg: CompileConfig, pr
     try:
         graph, records = run_pipeline(graph, model_dir, cfg, progress, dump_dir, work,
                                       PassCache() if cache else None, executor)
-        return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite)
+        return emit(graph, cfg, out, records, time.perf_counter() - t0, overwrite, requested_dispatch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if executor is not None:
@@ -484,11 +485,17 @@ def check_memory(graph: Graph, cfg: CompileConfig) -> None:
 
 
 def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, seconds: float,
-         overwrite: bool = False) -> Path:
-    """Write the artifact for an annotated, quantized graph (atomic), with its report."""
+         overwrite: bool = False, requested_dispatch: str | None = None) -> Path:
+    """Write the artifact for an annotated, quantized graph (atomic), with its report.
+
+    An ort-cpu ``cfg`` whose dispatch is still ``auto`` is resolved as ``run_pipeline`` resolved it (the layout
+    the budget and the cost table counted); the report records what was asked (``requested_dispatch``, else
+    ``cfg``'s) and what was emitted."""
     from .artifact import write_artifact
     from .rare_counts import rare_counts
 
+    requested = requested_dispatch or cfg.emit.dispatch or "auto"
+    cfg = resolve_dispatch(cfg, graph)
     experts = expert_table(graph)
     rare = cfg.sensitivity.min_routed_tokens
     report = {"config": cfg.to_dict(), "passes": [dataclasses.asdict(r) for r in records],
@@ -500,5 +507,7 @@ def emit(graph: Graph, cfg: CompileConfig, out: str | Path, records: list, secon
               # peak is the largest pass's; the process's ru_maxrss (e.g. /usr/bin/time's maximum
               # resident size) only sees what came after the last reset
               "peak_rss_mb": round(max((r.peak_rss_mb for r in records), default=0.0), 1)}
+    if cfg.target == "ort-cpu":
+        report["dispatch"] = {"requested": requested, "emitted": cfg.emit.dispatch}
     return write_artifact(graph, target_backend(cfg), out, report=report,
                           overwrite=overwrite, emit_options=cfg.emit.options())

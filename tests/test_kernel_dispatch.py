@@ -491,6 +491,7 @@ def test_the_default_compile_ships_the_kernel_within_its_stored_budget(library, 
     report = json.loads((out / "report.json").read_text())
     assert manifest["target"]["dispatch"] == "kernel" and manifest["target"]["custom_ops_library"]
     assert report["config"]["emit"]["dispatch"] == "kernel"
+    assert report["dispatch"] == {"requested": "auto", "emitted": "kernel"}
     model = onnx.load(str(out / MODEL_FILE), load_external_data=False)
     assert {"MixedMoE", "PanelMatMul"} <= {n.op_type for n in model.graph.node if n.domain == kernels.DOMAIN}
     allocate = next(p["stats"] for p in report["passes"] if p["name"] == "allocate")
