@@ -216,12 +216,24 @@ def test_the_backend_measures_the_kernel_for_a_kernel_compile_only(kernel_librar
     from dmpq_compile.testing import make_tiny_checkpoint
 
     monkeypatch.setenv("DMPQ_CACHE_DIR", str(tmp_path / "cache"))
-    graph = load(make_tiny_checkpoint("olmoe", tmp_path / "ckpt", intermediate_size=64))
+    graph = load(make_tiny_checkpoint("olmoe", tmp_path / "ckpt", hidden_size=128, intermediate_size=128))
     opts = {"bits": (4, 16), "threads": 1, **TINY}
     kernel = OrtCpuBackend().cost_table(graph, dispatch="kernel", **opts)
     assert all(rows[4].kernel_decode_ms is not None and rows[16].kernel_decode_ms is None for rows in kernel.values())
     default = OrtCpuBackend().cost_table(graph, **opts)  # the emitter's default, fused: no kernel node to time
     assert all(rows[4].kernel_decode_ms is None and rows[4].fused_decode_ms is not None for rows in default.values())
+    # the rows' bytes are the weights as each dispatch stores them, which is what --budget-mb sums: the kernel
+    # keeps one zero point a group unpacked (the stored-bits budget's weight_bytes), MatMulNBits packs them
+    from dmpq_compile.backends.cost import expert_shapes
+
+    (h, i), = set(expert_shapes(graph).values())
+    for backend, table in ((OrtCpuBackend(dispatch="kernel"), kernel), (OrtCpuBackend(), default)):
+        for bits in (4, 16):
+            stored = sum(backend.weight_bytes(n, k, bits, 64, kind="expert") for n, k in ((i, h), (i, h), (h, i)))
+            assert all(rows[bits].bytes == stored for rows in table.values()), (backend.dispatch, bits)
+    node = next(iter(kernel))
+    assert kernel[node][4].bytes - default[node][4].bytes == 3 * h * i // 64 // 2  # half a byte a group more
+    assert kernel[node][4].energy_mj > default[node][4].energy_mj  # the energy estimate reads those bytes
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("DMPQ_KERNEL_CACHE", str(tmp_path / "kernels"))
     with pytest.raises(BackendError, match="--dispatch kernel: .*no-such-compiler"):  # now, not at emit

@@ -113,7 +113,8 @@ class OrtCpuBackend(Backend):
         ``dispatch``: the one the artifact will be emitted with (default: this backend's). The
         ``kernel`` dispatch's node is measured only for ``kernel`` (``kernel`` in ``options`` overrides),
         and there a library that cannot be built is an error now, not at emit (where some expert's shape
-        joins the node)."""
+        joins the node). Its rows' ``bytes`` are the weights as that dispatch stores them (``kernel``: one
+        zero point a group unpacked, as :meth:`weight_bytes` counts), so ``--budget-mb`` holds for it."""
         from .cost import DEFAULT_GROUP_SIZE, expert_shapes, kernel_joins, kernel_library, ort_cpu_cost_table
 
         dispatch = self.dispatch if dispatch is None else dispatch
@@ -122,6 +123,7 @@ class OrtCpuBackend(Backend):
         options.setdefault("group_size", int(graph.meta.get("group_size", DEFAULT_GROUP_SIZE)))
         options.setdefault("scale_dtype", self.scale_dtype)
         options.setdefault("kernel", dispatch == "kernel")
+        options.setdefault("panel", dispatch == "kernel")  # bytes as that dispatch stores them (weight_bytes)
         if dispatch == "kernel" and options["kernel"] and any(
                 kernel_joins(h, i, b, options["group_size"], options["scale_dtype"])
                 for h, i in set(expert_shapes(graph).values()) for b in options.get("bits", self.supported_bits)):

@@ -47,7 +47,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
@@ -141,10 +141,12 @@ def projection_layout(n: int, k: int, bits: int, group_size: int, scale_dtype: s
 
 
 def ort_cpu_expert_bytes(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
-                         scale_dtype: str = SCALE_DTYPE) -> int:
-    """Weight bytes of one expert on ort-cpu (codes + scales + zero points, or fp32 weights)."""
+                         scale_dtype: str = SCALE_DTYPE, panel: bool = False) -> int:
+    """Weight bytes of one expert on ort-cpu (codes + scales + zero points, or fp32 weights); ``panel``: as
+    ``--dispatch kernel`` stores it (:func:`projection_layout`)."""
     _check_bits(bits)
-    return expert_bytes(h, i, lambda n, k: layout_bytes(projection_layout(n, k, bits, group_size, scale_dtype)))
+    return expert_bytes(h, i, lambda n, k: layout_bytes(projection_layout(n, k, bits, group_size, scale_dtype,
+                                                                          panel=panel)))
 
 
 def _check_bits(bits: int) -> None:
@@ -155,7 +157,8 @@ def _check_bits(bits: int) -> None:
 
 # -- energy -----------------------------------------------------------------------------------
 def ort_cpu_expert_energy_mj(h: int, i: int, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
-                             model: EnergyModel = HOROWITZ_45NM, scale_dtype: str = SCALE_DTYPE) -> float:
+                             model: EnergyModel = HOROWITZ_45NM, scale_dtype: str = SCALE_DTYPE,
+                             panel: bool = False) -> float:
     """Estimated energy (mJ) of one decoded token through one expert on ort-cpu.
 
     Bytes moved: every weight byte once from DRAM (cold decode) plus fp32 activations in and out
@@ -164,7 +167,7 @@ def ort_cpu_expert_energy_mj(h: int, i: int, bits: int, group_size: int = DEFAUL
     multiply and add per output and K-block (scaling and accumulating each block's partial sum).
     The SiLU and elementwise product (O(I) ops) are left out.
     """
-    weight = ort_cpu_expert_bytes(h, i, bits, group_size, scale_dtype)
+    weight = ort_cpu_expert_bytes(h, i, bits, group_size, scale_dtype, panel)
     activations = sum(4 * (n + k) for _, n, k in expert_projections(h, i))
     macs = 3 * h * i
     if bits == 16:
@@ -792,7 +795,8 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def ort_cpu_cost_table(graph: Graph, group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None,
                        repeats: int = DEFAULT_REPEATS, cache: bool = True, progress: bool = True,
-                       bits: Sequence[int] = ORT_CPU_BITS, **options: Any) -> dict[str, dict[int, ExpertCostRow]]:
+                       bits: Sequence[int] = ORT_CPU_BITS, panel: bool = False, **options: Any
+                       ) -> dict[str, dict[int, ExpertCostRow]]:
     """The measured ort-cpu cost table ``{expert node id: {bits: ExpertCostRow}}``.
 
     Each distinct expert shape is measured once per bit-width (or read from the disk cache).
@@ -805,6 +809,9 @@ def ort_cpu_cost_table(graph: Graph, group_size: int = DEFAULT_GROUP_SIZE, threa
         cache: Use the disk cache (see :func:`measure_shapes`).
         progress: Show a progress bar on stderr.
         bits: Bit-widths to cost (default all of :data:`ORT_CPU_BITS`).
+        panel: Price ``bytes`` and ``energy_mj`` as ``--dispatch kernel`` stores the weights (one zero point a
+            group unpacked, :func:`projection_layout`), which is what its artifact holds; False: MatMulNBits'
+            layout (the ``fused`` and per-expert dispatches). The latencies do not depend on it.
         **options: ``prefill_tokens``, ``evict_bytes``, ``cache_dir``, ``scale_dtype`` or ``kernel``
             (measure the kernel layout too: default True) for :func:`measure_shapes`.
 
@@ -815,4 +822,10 @@ def ort_cpu_cost_table(graph: Graph, group_size: int = DEFAULT_GROUP_SIZE, threa
     shapes = expert_shapes(graph)
     measured = measure_shapes(shapes.values(), bits, group_size, threads, repeats, cache, progress, **options)
     per_shape = {s: {b: m.row() for b, m in row.items()} for s, row in measured.items()}
+    if panel:
+        scales = options.get("scale_dtype", SCALE_DTYPE)
+        per_shape = {(h, i): {b: replace(
+            r, bytes=ort_cpu_expert_bytes(h, i, b, group_size, scales, panel=True),
+            energy_mj=ort_cpu_expert_energy_mj(h, i, b, group_size, scale_dtype=scales, panel=True))
+            for b, r in row.items()} for (h, i), row in per_shape.items()}
     return rows_for_graph(shapes, per_shape, bits)

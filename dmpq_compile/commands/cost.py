@@ -8,7 +8,9 @@ fused MoE op (4/8 bits) and ``fixed`` that op's per-token fixed part, paid once 
 width: the numbers the lowering and the allocator use to choose between the two layouts. ``kernel``
 is the expert's cost inside ``--dispatch kernel``'s one ``ai.dmpq.MixedMoE`` per layer (2/4/8 bits)
 and ``kfixed`` that node's fixed part, paid once per layer whatever widths it holds (measured where
-dmpq's kernel library builds: a C++ compiler on Linux x86-64; ``-`` and a note otherwise).
+dmpq's kernel library builds: a C++ compiler on Linux x86-64; ``-`` and a note otherwise). ``bytes`` are
+the weights as MatMulNBits stores them; a ``--dispatch kernel`` artifact keeps one zero point a group
+unpacked (half a byte a group more at 2 and 4 bits), and a compile for it prices that layout.
 ``--shape H,I`` costs a shape without a model (e.g. ``4096,14336`` for a Mixtral-8x7B expert,
 ``2048,1024`` for OLMoE-1B-7B).
 """
