@@ -282,3 +282,52 @@ def test_a_shared_forward_is_taken_only_as_recorded_and_else_removed(tiny_dirs, 
     torch.testing.assert_close(share.h_last, alone, rtol=1e-6, atol=1e-6)
     share.close()
     assert not folder.exists() and share.take(ids[:3], None) is None
+
+
+@pytest.mark.parametrize("checkpoint_bytes", [0, 2**40])
+def test_expert_scores_take_the_forwards_outputs_with_the_same_results(tiny_dirs, calib_ids, monkeypatch,
+                                                                      checkpoint_bytes):
+    """An fp32 sensitivity pass takes each expert's full-precision output from the backward's forward of its
+    layer (recomputed under the MLP checkpoint or not) instead of computing it again: every annotation is the
+    same bits as when the expert scores compute it themselves."""
+    from dmpq_compile.passes.sensitivity import local
+
+    ids = calib_ids("olmoe")
+    monkeypatch.setattr(local, "CHECKPOINT_BYTES", checkpoint_bytes)
+    given = []
+    real_run = local.ExpertRun
+
+    class Spy(real_run):
+        def __init__(self, xt, w, cast=None, y=None):
+            given.append(y is not None)
+            super().__init__(xt, w, cast, y)
+
+    monkeypatch.setattr(local, "ExpertRun", Spy)
+
+    def annotations(graph):
+        return {n.id: {k: n.ann[k] for k in ("kl", "sensitivity", "contribution", "kl_norm", "flip_kl")
+                       if k in n.ann} for n in graph.nodes() if "kl" in n.ann}
+
+    def run():
+        g = load(tiny_dirs("olmoe"))
+        passes = [make_pass("profile"), make_pass("sensitivity", bits=(2, 4, 8), gradvar=False)]
+        return annotations(PassManager(passes).run(g, PassContext(calibration=ids, progress=False)))
+
+    reused = run()
+    assert given and all(given)  # every expert's run took its output from the forward
+    given.clear()
+    real_backward = local.backward_layers
+    monkeypatch.setattr(local, "backward_layers", lambda *a, **k: real_backward(*a, **{**k, "expert_outputs": False}))
+    computed = run()
+    assert given and not any(given)
+    assert reused == computed and len(computed) > 8
+
+
+def test_expert_run_takes_the_forwards_output_only_in_fp32():
+    from dmpq_compile.passes.sensitivity.local import ExpertRun
+
+    x, w = torch.randn(5, 8), {r: torch.randn(*s) for r, s in (("gate", (4, 8)), ("up", (4, 8)), ("down", (8, 4)))}
+    y = ExpertRun(x, w).y
+    assert torch.equal(ExpertRun(x, w, y=y).change(w, w), torch.zeros_like(y))
+    with pytest.raises(ValueError, match="only for an fp32 run"):
+        ExpertRun(x, w, torch.bfloat16, y=y)

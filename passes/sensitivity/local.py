@@ -85,7 +85,8 @@ def backward_layers(interp: Interpreter, store: SpilledBoundaries, grad_out: tor
                     watch: Callable[[int], set[str]] | None = None,
                     after_backward: Callable[[int, dict, dict, torch.Tensor], None] | None = None,
                     top: int | None = None,
-                    done: Callable[[int, torch.Tensor | None], None] | None = None) -> None:
+                    done: Callable[[int, torch.Tensor | None], None] | None = None,
+                    expert_outputs: bool = False) -> None:
     """From the last layer down: recompute layer l from its stored input with autograd, call
     ``at_layer(l, values, g)`` with the layer's observed values (MoE input, routing) and the
     gradient ``g`` of its output, then carry the gradient to the layer's input.
@@ -96,6 +97,8 @@ def backward_layers(interp: Interpreter, store: SpilledBoundaries, grad_out: tor
     ``top``: start at that layer (``grad_out`` is then the gradient of its output; default the
     last layer); ``done(l, g_in)``: called when layer l is finished, with the gradient carried to
     its input (None when it is not: layer 0 without ``watch``), e.g. to keep it for a resume.
+    ``expert_outputs``: ``values`` also holds each routed expert's output (``ops.ExpertOut``, detached),
+    for :func:`expert_scores`' ``outputs``: ``[k N, H]`` values a layer, kept until ``at_layer`` returns.
     """
     g = grad_out
     graph = interp.graph
@@ -113,6 +116,8 @@ def backward_layers(interp: Interpreter, store: SpilledBoundaries, grad_out: tor
                 seen[node_id] = value
             elif node_id in inputs or node_id in own:
                 seen[node_id] = value
+            elif expert_outputs and kind == "expert":
+                seen[node_id] = ops.ExpertOut(value.token_idx, value.slot, value.y.detach())
 
         out_id = layer_node(layer, "moe_res")
         run = RunOptions(quantize=opts.quantize, bits_override=opts.bits_override, observer=observe,
@@ -343,12 +348,21 @@ class ExpertRun:
     sides share (``x W``, ``h``) are computed once and used on both, so their rounding cancels to
     first order; the elementwise SwiGLU runs in fp32. (Rounding two full products in bf16 and
     subtracting them would lose an 8-bit change, a few 2^-8 of the output, in the rounding.)
-    Without ``cast`` it is the plain fp32 difference of two SwiGLUs.
+    Without ``cast`` it is the plain fp32 difference of two SwiGLUs, and ``y``, the expert's output on
+    ``xt`` that the layer's own forward computed with the same weights, spares its three products
+    (``act`` is then not kept: None).
     """
 
-    def __init__(self, xt: torch.Tensor, w: dict, cast: torch.dtype | None = None) -> None:
+    def __init__(self, xt: torch.Tensor, w: dict, cast: torch.dtype | None = None,
+                 y: torch.Tensor | None = None) -> None:
         self.cast, c = cast, cast or xt.dtype
         self.xt, self.xc = xt, xt.to(c)
+        if y is not None:
+            if cast is not None:
+                raise ValueError("ExpertRun takes the forward's output only for an fp32 run (its products in "
+                                 "cast share the intermediate values, which the forward does not keep)")
+            self.y, self.a, self.u, self.act, self.act_c = y, None, None, None, None
+            return
         self.a = F.linear(self.xc, w["gate"].to(c)).float()
         self.u = F.linear(self.xc, w["up"].to(c)).float()
         self.act = F.silu(self.a) * self.u  # [n, I]
@@ -396,7 +410,8 @@ class AttentionRun:
 
 def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor, routing: ops.Routing,
                   g: torch.Tensor, bits: tuple[int, ...], seq_len: int, experts: list | None = None,
-                  autocast: torch.dtype | None = None, probe: tuple[list[int], int] | None = None) -> dict[str, dict]:
+                  autocast: torch.dtype | None = None, probe: tuple[list[int], int] | None = None,
+                  outputs: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Per expert of ``layer`` (``experts``: that layer's nodes, when the caller has them grouped):
     the Fisher KL estimate per bits, the Fisher magnitude of its whole output (``contribution``),
     the mean variance of its intermediate neurons, the routed tokens it was measured on
@@ -406,7 +421,12 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
 
     ``probe`` (``(sequences, bits)``): also keep, as ``probe``, what the flip probe of this layer
     needs (:func:`flip_rates`): the expert's weighted output change at ``bits`` on the tokens of those
-    sequences (``rows`` index the group's flattened tokens) and its :func:`change_norm` there."""
+    sequences (``rows`` index the group's flattened tokens) and its :func:`change_norm` there.
+
+    ``outputs`` (fp32 runs only): each expert's full-precision output on its routed tokens as the
+    layer's forward computed it (``ops.expert``: the same tokens in the same order, the same weights),
+    so that it is not computed again (:class:`ExpertRun`); ``neuron_variance`` is then None (it needs
+    the intermediate values, which that forward does not keep)."""
     x, g = x.detach().float().reshape(-1, x.shape[-1]), g.detach().float().reshape(-1, g.shape[-1])  # [N, H]
     n_seq, positions = x.shape[0] // seq_len, x.shape[0] // seq_len * (seq_len - 1)
     if probe is not None:
@@ -425,7 +445,7 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
                 return fisher_kl(gt, delta, n_seq, positions, seq)
 
             w = interp.weights(node.id, RunOptions(quantize=False))
-            run = ExpertRun(xt, w, autocast)
+            run = ExpertRun(xt, w, autocast, outputs.get(node.id) if outputs else None)
             act, y = run.act, run.y
             kl, norm, werr = {16: 0.0}, {16: 0.0}, {16: 0.0}
             extra = {}
@@ -447,7 +467,8 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
                 kl[b] = fisher(delta) if len(xt) else 0.0
                 norm[b] = change_norm(delta, positions) if len(xt) else 0.0
             out[node.id] = {**extra, "kl": kl, "norm": norm, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
-                            "neuron_variance": float(act.var(dim=0).mean()) if len(xt) > 1 else 0.0,
+                            "neuron_variance": None if act is None else float(act.var(dim=0).mean()) if len(xt) > 1
+                            else 0.0,
                             "tokens": len(xt), "weight_error": werr}
     return out
 
