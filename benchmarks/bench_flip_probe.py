@@ -9,6 +9,10 @@ node and bit-width, ``c_l x`` the node's mean output-change norm, ``c_l`` measur
 * ``flat``: the control for "any norm-proportional term would do": the same term with every
   probed layer's rate replaced by their mean (the last MoE layer keeps 0), so only the per-layer
   measurement differs from ``probe``;
+* ``interp``: what a model deeper than its calibration set has sequences gets
+  (``local.probe_groups``): every other probed layer measured (the first one included), the rates
+  between interpolated in depth (``local.fill_rates``); on the 4-layer samples, layer 1's rate is
+  the mean of layers 0's and 2's;
 
 with ``--nonexpert-bits auto`` under ``--budget-bits`` (stored bits per weight of the weight
 tensors) and the optimal allocator, GPTQ rounding off (RTN), and scores every artifact with
@@ -41,7 +45,7 @@ from dmpq_compile.passes.sensitivity import local as sensitivity_local
 from dmpq_compile.compiler import CompileConfig, compile_model
 from dmpq_compile.eval.protocol import format_quality
 
-VARIANTS = ("probe", "no-probe", "flat")
+VARIANTS = ("probe", "no-probe", "flat", "interp")
 
 
 def flat_rates(probe):
@@ -54,20 +58,30 @@ def flat_rates(probe):
     return rates
 
 
+def every_other_layer(groups):
+    """``probe_groups`` keeping every other probed layer, the first one included (the ``interp`` variant)."""
+    def pick(n_seq, layers):
+        full = groups(n_seq, layers)
+        return {k: v for i, (k, v) in enumerate(full.items()) if i % 2 == 0}
+    return pick
+
+
 def compile_row(model: str, budget: float, variant: str, folder: Path, eval_tokens: int, cache_dirs: dict) -> dict:
     cfg = CompileConfig.from_dict({
         "target": "ort-cpu", "allocate": {"budget_kind": "stored-bits", "budget": budget, "nonexpert_allocate": True},
         "sensitivity": {"flip_probe": variant != "no-probe"}})
     art = folder / f"{Path(model).name}-{budget}-{variant}"
-    probe = sensitivity_local.flip_rates
+    probe, groups = sensitivity_local.flip_rates, sensitivity_local.probe_groups
     if variant == "flat":
         sensitivity_local.flip_rates = flat_rates(probe)
+    if variant == "interp":
+        sensitivity_local.probe_groups = every_other_layer(groups)
     os.environ["DMPQ_CACHE_DIR"] = str(cache_dirs[variant])  # the control's cached results are its own
     t0 = time.perf_counter()
     try:
         compile_model(model, art, cfg, progress=False, cache=True)
     finally:
-        sensitivity_local.flip_rates = probe
+        sensitivity_local.flip_rates, sensitivity_local.probe_groups = probe, groups
     report = json.loads((art / "report.json").read_text())
     sens = next(p for p in report["passes"] if p["name"] == "sensitivity")
     manifest = json.loads((art / "manifest.json").read_text())

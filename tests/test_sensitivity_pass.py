@@ -140,12 +140,44 @@ def test_local_fisher_estimate_tracks_whole_model_kl(tiny_dirs, calib_ids):
         assert n.ann["sensitivity"] == n.ann["kl"] and n.ann["router_grad_change"] >= 0
 
 
-def test_probe_groups_are_disjoint_or_round_robin():
+def test_probe_groups_are_disjoint_and_their_cost_is_linear_in_depth():
     from dmpq_compile.passes.sensitivity.local import probe_groups
 
     groups = probe_groups(16, [0, 1, 2])
     assert sorted(i for g in groups.values() for i in g) == list(range(16)) and min(map(len, groups.values())) >= 5
-    assert probe_groups(2, [0, 1, 2, 3]) == {0: [0], 1: [1], 2: [0], 3: [1]}
+    assert probe_groups(2, [0, 1, 2, 3]) == {0: [0], 3: [1]}  # deeper than 2 sequences: 2 layers, one each
+    assert probe_groups(4, list(range(9))) == {0: [0], 3: [1], 5: [2], 8: [3]}
+    for depth in (8, 16, 17, 48, 94):  # every sequence probes at most one layer: rows x later layers <= one forward
+        layers = list(range(depth))
+        groups = probe_groups(16, layers[:-1])
+        seqs = [s for g in groups.values() for s in g]
+        assert len(seqs) == len(set(seqs)) <= 16
+        assert sum(len(g) * (depth - 1 - layer) for layer, g in groups.items()) <= 16 * depth
+
+
+def test_unprobed_layers_get_rates_interpolated_in_depth():
+    from dmpq_compile.passes.sensitivity.local import fill_rates
+
+    rates = fill_rates({0: 0.4, 3: 0.1, 5: 0.0}, [0, 1, 2, 3, 4, 5])
+    assert rates == pytest.approx({0: 0.4, 1: 0.3, 2: 0.2, 3: 0.1, 4: 0.05, 5: 0.0})
+    assert fill_rates({2: 0.3, 4: 0.0}, [1, 2, 3, 4]) == pytest.approx({1: 0.3, 2: 0.3, 3: 0.15, 4: 0.0})
+    assert fill_rates({0: 0.2, 1: 0.0}, [0, 1]) == {0: 0.2, 1: 0.0}  # nothing to fill
+
+
+def test_a_model_deeper_than_its_calibration_set_gets_a_flip_rate_for_every_moe_layer(tmp_path):
+    """Five MoE layers, three sensitivity sequences: three layers probed (the first, the middle, the fourth),
+    the last at 0 by definition, the one between interpolated."""
+    from dmpq_compile.testing import make_tiny_checkpoint
+
+    g = load(make_tiny_checkpoint("mixtral", tmp_path / "deep", num_hidden_layers=5))
+    vocab = g.weights.shape(g.node("embed").params["weight"])[0]
+    ids = torch.randint(0, vocab, (3, 24), generator=torch.Generator().manual_seed(0))
+    result = make_pass("sensitivity", bits=(2, 4), gradvar=False, flip_bits=2, compute_dtype="float32").run(
+        g, PassContext(calibration=ids, progress=False))
+    rates = {int(k): v for k, v in result.stats["flip_rates"].items()}
+    assert sorted(rates) == [0, 1, 2, 3, 4] and rates[4] == 0.0
+    assert result.stats["flip_probed"] == [0, 2, 3]
+    assert rates[1] == pytest.approx((rates[0] + rates[2]) / 2)
 
 
 def test_flip_rates_are_the_measured_flip_kl_per_unit_norm(tiny_dirs, calib_ids):

@@ -321,6 +321,10 @@ class SensitivityPass(Pass):
                                          cast)
                 log.info("sensitivity: routing-flip rates per layer %s (probe %.1f s)",
                          {k: float(f"{v:.3g}") for k, v in rates.items()}, time.perf_counter() - t0)
+                if len(groups) < len(moe_layers) - 1:  # deeper than the calibration set has sequences
+                    rates = local.fill_rates(rates, moe_layers)
+                    log.info("sensitivity: the flip probe measured %d of %d MoE layers (one calibration sequence "
+                             "each) and interpolated the rest in depth", len(groups), len(moe_layers) - 1)
         finally:
             store.close()
         if measured:  # measured through the whole model: flips included
@@ -353,7 +357,8 @@ class SensitivityPass(Pass):
             "method": "local", "bits": list(bits),
             "compute_dtype": str(cast or torch.float32).removeprefix("torch."), "label_samples": o.label_samples,
             "tokens": int(ids.numel()),
-            **({"flip_rates": {str(k): v for k, v in rates.items()}} if flips else {}), "rare_experts": rare,
+            **({"flip_rates": {str(k): v for k, v in rates.items()}, "flip_probed": sorted(groups)} if flips else {}),
+            "rare_experts": rare,
             **({"remote_tasks": len(pending)} if pending else {k: round(v, 2) for k, v in split.items()}),
             **({"nonexpert_nodes": len(nonexpert)} if o.nonexpert else {}),
             **({"resumed_layers": resumed} if resumed else {})})
