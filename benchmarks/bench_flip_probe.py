@@ -20,7 +20,7 @@ tensors) and the optimal allocator, GPTQ rounding off (RTN), and scores every ar
 
 Part ``estimate`` (``--parts estimate``): per layer and bit-width, all of a layer's experts
 quantized together: the summed per-expert estimates with and without the flip term against the
-measured whole-model KL.
+measured whole-model KL. The probe's cost against depth: ``flip_probe_depth.py``.
 
     python benchmarks/bench_flip_probe.py --models samples/mixtral-tiny samples/olmoe-tiny \\
         --budget-bits 3.0 3.5 4.0 4.5
@@ -132,43 +132,12 @@ def estimate_rows(model: str, sequences: int, seq_len: int) -> list[dict]:
     return rows
 
 
-def cost_row(checkpoint: str, sequences: int, seq_len: int) -> dict:
-    """Time of the flip probe against one layer-major forward of the calibration set, and peak RSS."""
-    from dmpq_compile.backends import get_backend
-
-    from dmpq_compile.compiler import calibration_ids
-    from dmpq_compile.frontend import load
-    from dmpq_compile.ir import Interpreter, RunOptions
-    from dmpq_compile.sysinfo import peak_rss_mb as vm_hwm_mb
-
-    graph = load(checkpoint)
-    interp = Interpreter(graph, quantize=False, formats=get_backend("ort-cpu").weight_formats)
-    ids = calibration_ids(checkpoint, "pydoc", sequences, seq_len)
-    t0 = time.perf_counter()
-    store, _ = sensitivity_local.forward_boundaries(interp, ids, RunOptions(quantize=False), lambda: None)
-    forward_s = time.perf_counter() - t0
-    rss_forward = vm_hwm_mb()
-    t0 = time.perf_counter()
-    try:
-        rates = sensitivity_local.flip_rates(interp, store, ids, 3)
-    finally:
-        store.close()
-    probe_s = time.perf_counter() - t0
-    row = {"checkpoint": checkpoint, "layers": graph.meta["num_layers"], "sequences": sequences, "seq_len": seq_len,
-           "forward_s": forward_s, "probe_s": probe_s, "probe_over_forward": probe_s / forward_s,
-           "vm_hwm_mb_after_forward": rss_forward, "vm_hwm_mb_after_probe": vm_hwm_mb(),
-           "rates": {str(k): v for k, v in rates.items()}}
-    print(json.dumps(row), flush=True)
-    return row
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=["samples/mixtral-tiny", "samples/olmoe-tiny"])
     p.add_argument("--budget-bits", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--parts", nargs="+", choices=("compare", "estimate", "cost"), default=["compare", "estimate"])
-    p.add_argument("--cost-checkpoint", help="checkpoint of the cost part (real widths)")
+    p.add_argument("--parts", nargs="+", choices=("compare", "estimate"), default=["compare", "estimate"])
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--estimate-sequences", type=int, default=16)
     p.add_argument("--out", default="benchmarks/results/flip-probe.json")
@@ -176,10 +145,6 @@ def main() -> int:
     print(f"load average {os.getloadavg()}", flush=True)
     result: dict = {"command": " ".join(["python", "benchmarks/bench_flip_probe.py", *sys.argv[1:]]),
                     "load_start": os.getloadavg(), "compare": [], "estimate": []}
-    if "cost" in a.parts:
-        if not a.cost_checkpoint:
-            p.error("--parts cost needs --cost-checkpoint")
-        result["cost"] = cost_row(a.cost_checkpoint, a.estimate_sequences, 128)
     with tempfile.TemporaryDirectory(prefix="flip-probe-") as tmp:
         caches = {v: Path(tmp) / f"cache-{v}" for v in VARIANTS}
         for model in a.models:
