@@ -238,3 +238,57 @@ def test_the_backend_measures_the_kernel_for_a_kernel_compile_only(kernel_librar
     monkeypatch.setenv("DMPQ_KERNEL_CACHE", str(tmp_path / "kernels"))
     with pytest.raises(BackendError, match="--dispatch kernel: .*no-such-compiler"):  # now, not at emit
         OrtCpuBackend().cost_table(graph, dispatch="kernel", **opts)
+
+
+def test_remeasure_replaces_the_cached_entries_that_later_reads_return(tmp_path, monkeypatch):
+    monkeypatch.setenv("DMPQ_CACHE_DIR", str(tmp_path))
+
+    def clock(step):
+        ticks = iter(range(10**6))
+        return lambda: next(ticks) * step
+
+    monkeypatch.setattr(oc, "_clock", clock(1e-3))
+    first = oc.measure_shapes([(128, 64)], (4,), 64, threads=1, kernel=False, **TINY)
+    monkeypatch.setattr(oc, "_clock", clock(3e-3))  # a "slower moment": every sample 3x
+    assert oc.measure_shapes([(128, 64)], (4,), 64, threads=1, kernel=False, **TINY) == first  # cached: no remeasure
+    again = oc.measure_shapes([(128, 64)], (4,), 64, threads=1, kernel=False, refresh=True, **TINY)
+    assert again[128, 64][4].decode_ms == pytest.approx(3 * first[128, 64][4].decode_ms)
+
+    def no_timing():
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(oc, "_clock", no_timing)
+    assert oc.measure_shapes([(128, 64)], (4,), 64, threads=1, kernel=False, **TINY) == again  # the new entry
+
+
+def _measured(bits, decode_ms, kernel_ms=None):
+    kernel = {} if kernel_ms is None else {"kernel_decode": [kernel_ms], "kernel_prefill": [1.0],
+                                            "kernel_fixed_decode": [0.0], "kernel_fixed_prefill": [0.0]}
+    return oc.ExpertMeasurement(h=4096, i=14336, bits=bits, group_size=64, threads=2, bytes=bits << 20, energy_mj=1.0,
+                                decode_cold=[decode_ms], decode_warm=[decode_ms], prefill_cold=[1.0],
+                                prefill_warm=[1.0], **kernel)
+
+
+@pytest.mark.parametrize("four,eight,kernel4,kernel8,warns", [
+    (3.0, 5.0, 3.0, 5.0, None),            # as it should be
+    (5.2, 5.0, 3.0, 5.0, None),            # within the margin
+    (6.0, 5.0, 3.0, 5.0, "per-expert"),    # the per-expert row inverted
+    (3.0, 5.0, 6.19, 5.86 / 1.2, "kernel"),  # the kernel row inverted (the Mixtral row once cached)
+])
+def test_a_4_bit_row_slower_than_its_8_bit_row_is_flagged_with_the_way_out(four, eight, kernel4, kernel8, warns,
+                                                                          caplog):
+    with caplog.at_level("WARNING"):
+        oc._warn_inverted(4096, 14336, {4: _measured(4, four, kernel4), 8: _measured(8, eight, kernel8)}, 2)
+    if warns is None:
+        assert not caplog.records
+    else:
+        assert len(caplog.records) == 1 and f"{warns} decode" in caplog.text
+        assert "--shape 4096,14336 --threads 2 --remeasure" in caplog.text
+
+
+def test_the_cost_command_refuses_no_cache_with_remeasure(capsys):
+    from dmpq_compile.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["cost", "--target", "ort-cpu", "--shape", "64,32", "--no-cache", "--remeasure"])
+    assert "not allowed with argument" in capsys.readouterr().err

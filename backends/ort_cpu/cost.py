@@ -103,6 +103,8 @@ KERNEL_FIELDS = ("kernel_decode", "kernel_prefill", "kernel_fixed_decode", "kern
 BENCH_VERSION = 6  # 3: gate and up in one MatMulNBits; 4: float16 scales; 5: 4/8-bit experts as QMoE;
 # 6: per-expert dispatch (If, gather, scatter) routed and idle, QMoE routed and fixed
 """Bumped when the benchmark changes in a way that invalidates cached results."""
+INVERSION_MARGIN = 0.10
+"""How much slower a 4-bit expert's decode may measure than its 8-bit one before the table warns."""
 SETTLE_S = 0.01
 """Untimed sleep after each cache flush. The flush is ~0.1 s of CPU; without yielding, the OS
 scheduler tends to preempt the timed run that follows on a shared machine (measured here: cold
@@ -702,7 +704,7 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
                    group_size: int = DEFAULT_GROUP_SIZE, threads: int | None = None, repeats: int = DEFAULT_REPEATS,
                    cache: bool = True, progress: bool = True, prefill_tokens: int = PREFILL_TOKENS,
                    evict_bytes: int | None = None, cache_dir: Path | None = None, scale_dtype: str = SCALE_DTYPE,
-                   kernel: bool = True) -> dict[tuple[int, int], dict[int, ExpertMeasurement]]:
+                   kernel: bool = True, refresh: bool = False) -> dict[tuple[int, int], dict[int, ExpertMeasurement]]:
     """Measure (or read from the disk cache) every shape at every bit-width.
 
     Args:
@@ -713,6 +715,8 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
         repeats: Timed runs behind each median.
         cache: Read cached entries (no measuring) and store new ones; False measures everything
             and touches no cache.
+        refresh: With ``cache``: measure everything again and replace the cached entries (the way out
+            of a measurement a noisy moment spoiled: cached entries are otherwise kept for good).
         progress: Show a progress bar on stderr.
         prefill_tokens: Rows of the prefill input.
         evict_bytes: Cache-flush buffer size; default :func:`default_evict_bytes`.
@@ -746,7 +750,7 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
     try:
         for (h, i), b in todo:
             key = cache_key(h, i, b, group_size, threads, prefill_tokens, evict_bytes, scale_dtype)
-            hit = store.get(key) if store else None
+            hit = store.get(key) if store and not refresh else None
             if hit is not None:
                 m = ExpertMeasurement.from_dict({k: v for k, v in hit.items() if k not in KERNEL_FIELDS})
             else:
@@ -758,7 +762,7 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
                     _store(store, key, m.to_dict())
             if library is not None and kernel_joins(h, i, b, group_size, scale_dtype):
                 kkey = kernel_cache_key(h, i, b, group_size, threads, prefill_tokens, evict_bytes, kernel_id)
-                samples = store.get(kkey) if store else None
+                samples = store.get(kkey) if store and not refresh else None
                 if samples is None:
                     evictor = evictor or CacheEvictor(evict_bytes)
                     log.info("measuring ort-cpu expert %dx%d at %d bits in dmpq's MixedMoE (%d threads)", h, i, b,
@@ -774,7 +778,26 @@ def measure_shapes(shapes: Iterable[tuple[int, int]], bits: Sequence[int] = ORT_
             bar.update()
     finally:
         bar.close()
+    for (h, i), per_bits in out.items():
+        _warn_inverted(h, i, per_bits, threads)
     return out
+
+
+def _warn_inverted(h: int, i: int, per_bits: Mapping[int, ExpertMeasurement], threads: int,
+                   margin: float = INVERSION_MARGIN) -> None:
+    """Warn where one token's expert at 4 bits measured slower than at 8 bits (cold decode, per-expert or in
+    the kernel) by more than ``margin``: it reads about half the bytes, so a run a busy moment spoiled is the
+    likelier cause, and a cached entry would keep it for every later compile."""
+    if 4 not in per_bits or 8 not in per_bits:
+        return
+    rows = per_bits[4].row(), per_bits[8].row()
+    for what, (low, high) in (("per-expert", (rows[0].decode_ms, rows[1].decode_ms)),
+                              ("kernel", (rows[0].kernel_decode_ms, rows[1].kernel_decode_ms))):
+        if low is not None and high is not None and low > high * (1 + margin):
+            log.warning("ort-cpu cost: expert %dx%d's %s decode measured %.3g ms at 4 bits against %.3g ms at 8 bits, "
+                        "for about half the bytes: probably a noisy measurement. Measure it again on a quiet machine "
+                        "with `dmpq-compile cost --target ort-cpu --shape %d,%d --threads %d --remeasure`", h, i, what,
+                        low, high, h, i, threads)
 
 
 def _store(store: CostCache, key: Mapping[str, Any], data: Mapping[str, Any]) -> None:

@@ -12,7 +12,8 @@ dmpq's kernel library builds: a C++ compiler on Linux x86-64; ``-`` and a note o
 the weights as MatMulNBits stores them; a ``--dispatch kernel`` artifact keeps one zero point a group
 unpacked (half a byte a group more at 2 and 4 bits), and a compile for it prices that layout.
 ``--shape H,I`` costs a shape without a model (e.g. ``4096,14336`` for a Mixtral-8x7B expert,
-``2048,1024`` for OLMoE-1B-7B).
+``2048,1024`` for OLMoE-1B-7B). Measurements are cached per CPU, threads, group size and runtime and
+kept for good; ``--remeasure`` replaces them (compiles read the same cache).
 """
 
 from __future__ import annotations
@@ -59,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="ort-cpu: timed runs per median (default 5)")
     parser.add_argument("--evict-mb", type=int, default=None,
                         help="ort-cpu: cache-flush buffer in MiB for cold runs (default: twice the last-level cache)")
-    parser.add_argument("--no-cache", action="store_true", help="ort-cpu: measure again; do not read or write the cache")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--no-cache", action="store_true", help="ort-cpu: measure again; do not read or write the cache")
+    cache.add_argument("--remeasure", action="store_true",
+                       help="ort-cpu: measure again and replace the cached entries, which later compiles with the same "
+                            "threads and group size then use (cached entries are otherwise kept for good; use it when "
+                            "a row looks wrong, e.g. after the table warned that 4 bits measured slower than 8)")
     parser.add_argument("--variant", default="sxm4-80gb", help="trt-a100: A100 variant (sxm4-80gb, sxm4-40gb)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the table as JSON")
 
@@ -83,7 +89,7 @@ def _ort_rows(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> list[d
 
     group = args.group_size or oc.DEFAULT_GROUP_SIZE
     measured = oc.measure_shapes(shapes, args.bits or oc.ORT_CPU_BITS, group, args.threads, args.repeats,
-                                 cache=not args.no_cache, progress=True,
+                                 cache=not args.no_cache, refresh=args.remeasure, progress=True,
                                  evict_bytes=(args.evict_mb << 20) if args.evict_mb else None)
     rows = []
     for (h, i), per_bits in measured.items():
