@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..ir.graph import Graph
-from ..ir.interpreter import Interpreter, RunOptions, check_compute_dtype, compute_dtype
+from ..ir.interpreter import Interpreter, RunOptions, check_compute_dtype, compute_dtype, dtype_evidence
 from ..ir.stream import SharedForward, layer_outputs, run_layers
 from .infra.base import Pass, PassContext, PassResult
 
@@ -66,7 +66,8 @@ class ProfilePass(Pass):
                 "tokens": total, "load_entropy": entropy, "max_entropy": math.log(len(load)),
                 "max_freq": float(load.max()) / total, "min_freq": float(load.min()) / total})
         return PassResult(graph, modified=True, stats={
-            "tokens": total, "compute_dtype": str(cast or torch.float32).removeprefix("torch.")})
+            "tokens": total, "compute_dtype": str(cast or torch.float32).removeprefix("torch."),
+            **dtype_evidence(graph, self.options.compute_dtype)})
 
 
 def route_statistics(graph: Graph, ids: torch.Tensor, progress: bool = True, autocast: torch.dtype | None = None,

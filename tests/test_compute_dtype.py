@@ -203,3 +203,25 @@ def test_bf16_speedup_is_timed_once_per_shape():
     first = bf16_speedup(64, 128)
     assert first > 0 and bf16_speedup(64, 128) == first
     assert bf16_speedup.cache_info().hits >= 1
+
+
+def test_the_reports_record_what_auto_decided_by(tiny_dirs, calib_ids, monkeypatch):
+    """Where ``auto`` timed the products, the profile and sensitivity reports carry the measured speedup (the
+    figure the decision took); where it needed no timing, or the dtype was forced, nothing."""
+    from dmpq_compile import sysinfo
+    from dmpq_compile.ir import interpreter
+
+    g = load(tiny_dirs("olmoe"))
+    monkeypatch.setattr(sysinfo, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16"])
+    assert interpreter.dtype_evidence(g) == {}  # fp32 experts: auto is fp32 without timing
+    _bf16_experts(g)
+    monkeypatch.setattr(interpreter, "bf16_speedup", lambda rows, cols: 1.23456)  # below BF16_MIN_SPEEDUP
+    assert interpreter.dtype_evidence(g) == {"bf16_speedup": 1.235}
+    assert interpreter.dtype_evidence(g, "float32") == {} and interpreter.dtype_evidence(g, "bfloat16") == {}
+    ctx = PassContext(calibration=calib_ids("olmoe"), progress=False)
+    profile = make_pass("profile").run(g, ctx)
+    sensitivity = make_pass("sensitivity").run(profile.graph, ctx)
+    for stats in (profile.stats, sensitivity.stats):
+        assert stats["bf16_speedup"] == 1.235 and stats["compute_dtype"] == "float32"
+    forced = make_pass("profile", compute_dtype="float32").run(g, ctx)
+    assert "bf16_speedup" not in forced.stats and forced.stats["compute_dtype"] == "float32"

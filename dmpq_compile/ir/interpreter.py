@@ -94,6 +94,7 @@ def check_compute_dtype(value: str, name: str = "compute dtype") -> None:
 # measured (AMD EPYC Zen 4: 2.3x; an Intel Xeon with AVX-512 BF16 but no AMX: 0.6x), so that
 # noise cannot flip the choice between two compiles on one machine
 BF16_MIN_SPEEDUP = 1.3
+BF16_PROBE_ROUNDS = 25
 
 
 def compute_dtype(graph: Graph, wanted: str = "auto") -> torch.dtype | None:
@@ -109,24 +110,42 @@ def compute_dtype(graph: Graph, wanted: str = "auto") -> torch.dtype | None:
     check_compute_dtype(wanted)
     if wanted != "auto":
         return torch.bfloat16 if wanted == "bfloat16" else None
+    shape = bf16_probe_shape(graph)
+    if shape is None:
+        return None
+    return torch.bfloat16 if bf16_speedup(*shape) >= BF16_MIN_SPEEDUP else None
+
+
+def bf16_probe_shape(graph: Graph) -> tuple[int, int] | None:
+    """The expert weight shape ``auto`` times (:func:`bf16_speedup`), or None where ``auto`` needs no
+    timing: every routed expert stored in bf16 and the CPU with bf16 instructions, else fp32 anyway."""
     if not {"avx512_bf16", "amx_bf16"} & set(sysinfo.cpu_flags()):
         return None
     experts = list(graph.experts())
     keys = [key for node in experts for key in node.params.values()]
     if not (keys and all(graph.weights.dtype(key) == torch.bfloat16 for key in keys)):
         return None
-    rows, cols = graph.weights.shape(next(iter(experts[0].params.values())))
-    return torch.bfloat16 if bf16_speedup(rows, cols) >= BF16_MIN_SPEEDUP else None
+    return graph.weights.shape(next(iter(experts[0].params.values())))
+
+
+def dtype_evidence(graph: Graph, wanted: str = "auto") -> dict[str, float]:
+    """What ``auto`` decided by, for a pass's report: ``{"bf16_speedup": x}`` where it timed the products
+    (cached: no second timing), else nothing."""
+    shape = bf16_probe_shape(graph) if wanted == "auto" else None
+    return {} if shape is None else {"bf16_speedup": round(bf16_speedup(*shape), 3)}
 
 
 @functools.cache
 def bf16_speedup(rows: int, cols: int) -> float:
     """fp32's time over bf16's for one expert-sized product as the calibration runs make it (fp32
     activations of 256 routed tokens times a ``[rows, cols]`` weight: fp32-widened, or as stored in
-    bf16 under autocast), on this CPU with torch's threads; the best of five timings of each, the
-    two interleaved. Rows are capped at 1024 (Mixtral's 14336 would take seconds and measure the
-    same kernel). Measured once per shape and process, about 0.1 s at OLMoE's widths, so that the
-    profile and the sensitivity pass of one compile take the same dtype.
+    bf16 under autocast), on this CPU with torch's threads; the best of :data:`BF16_PROBE_ROUNDS` timings
+    of each, the two interleaved (noise only ever adds time, so the best is the estimate; five rounds were
+    too few: on a 2-core Intel Xeon with AMX, where bf16 measures about 4x fp32, a compile started while
+    the system flushed a freshly written 15 GB checkpoint to disk took fp32, 2.3x slower than the same
+    command an hour before). Rows are capped at 1024 (Mixtral's 14336 would take seconds and measure the
+    same kernel). Measured once per shape and process, about 0.3 s at OLMoE's widths, so that the
+    profile and the sensitivity pass of one compile take the same dtype; the reports record it.
     """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, cols, generator=gen)
@@ -141,7 +160,7 @@ def bf16_speedup(rows: int, cols: int) -> float:
             F.linear(x, w16)
 
     best = [math.inf, math.inf]  # fp32, bf16
-    for round_ in range(6):  # the first round warms both up and is not counted
+    for round_ in range(BF16_PROBE_ROUNDS + 1):  # the first round warms both up and is not counted
         for i, fn in enumerate((fp32, bf16)):
             t0 = time.perf_counter()
             fn()

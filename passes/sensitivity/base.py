@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from ...eval.metrics import mean_nll, next_token_logprobs, token_kl, token_nll
 from ...ir import ops
 from ...ir.graph import Graph, layer_node, layer_role
-from ...ir.interpreter import Interpreter, RunOptions, check_compute_dtype, compute_dtype
+from ...ir.interpreter import Interpreter, RunOptions, check_compute_dtype, compute_dtype, dtype_evidence
 from ...quant.spec import VALID_BITS
 from ...sysinfo import release_free_heap
 from ..infra.base import Pass, PassContext, PassResult
@@ -355,7 +355,8 @@ class SensitivityPass(Pass):
         bar.close()
         return PassResult(graph, modified=True, stats={
             "method": "local", "bits": list(bits),
-            "compute_dtype": str(cast or torch.float32).removeprefix("torch."), "label_samples": o.label_samples,
+            "compute_dtype": str(cast or torch.float32).removeprefix("torch."), **dtype_evidence(graph, o.compute_dtype),
+            "label_samples": o.label_samples,
             "tokens": int(ids.numel()),
             **({"flip_rates": {str(k): v for k, v in rates.items()}, "flip_probed": sorted(groups)} if flips else {}),
             "rare_experts": rare,
