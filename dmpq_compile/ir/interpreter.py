@@ -141,9 +141,9 @@ def bf16_speedup(rows: int, cols: int) -> float:
     activations of 256 routed tokens times a ``[rows, cols]`` weight: fp32-widened, or as stored in
     bf16 under autocast), on this CPU with torch's threads; the best of :data:`BF16_PROBE_ROUNDS` timings
     of each, the two interleaved (noise only ever adds time, so the best is the estimate; five rounds were
-    too few: on a 2-core Intel Xeon with AMX, where bf16 measures about 4x fp32, a compile started while
-    the system flushed a freshly written 15 GB checkpoint to disk took fp32, 2.3x slower than the same
-    command an hour before). Rows are capped at 1024 (Mixtral's 14336 would take seconds and measure the
+    too few: on a 2-core Intel Xeon with AMX, where bf16 measures about 4x fp32, a compile started right
+    after its 15 GB checkpoint was written took fp32, 2.3x slower than the same command an hour before;
+    the cause was not isolated, a busy moment during the probe the likeliest). Rows are capped at 1024 (Mixtral's 14336 would take seconds and measure the
     same kernel). Measured once per shape and process, about 0.3 s at OLMoE's widths, so that the
     profile and the sensitivity pass of one compile take the same dtype; the reports record it.
     """
