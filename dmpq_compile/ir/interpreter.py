@@ -140,10 +140,11 @@ def bf16_speedup(rows: int, cols: int) -> float:
     """fp32's time over bf16's for one expert-sized product as the calibration runs make it (fp32
     activations of 256 routed tokens times a ``[rows, cols]`` weight: fp32-widened, or as stored in
     bf16 under autocast), on this CPU with torch's threads; the best of :data:`BF16_PROBE_ROUNDS` timings
-    of each, the two interleaved (noise only ever adds time, so the best is the estimate; five rounds were
-    too few: on a 2-core Intel Xeon with AMX, where bf16 measures about 4x fp32, a compile started right
-    after its 15 GB checkpoint was written took fp32, 2.3x slower than the same command an hour before;
-    the cause was not isolated, a busy moment during the probe the likeliest). Rows are capped at 1024 (Mixtral's 14336 would take seconds and measure the
+    of each, the two interleaved (noise only ever adds time, so the best is the estimate, and more rounds
+    make a brief busy moment less likely to decide; a CPU shared with another busy process throughout can
+    still time either way: on a 2-core Intel Xeon with AMX, where bf16 measures about 4x fp32, a compile
+    that shared the cores with another compile took fp32 with five rounds, and ran 2.3x slower for it).
+    Rows are capped at 1024 (Mixtral's 14336 would take seconds and measure the
     same kernel). Measured once per shape and process, about 0.3 s at OLMoE's widths, so that the
     profile and the sensitivity pass of one compile take the same dtype; the reports record it.
     """
