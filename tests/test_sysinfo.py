@@ -68,3 +68,30 @@ def test_keep_freed_heap_reuses_pages_and_respects_the_users_settings():
     assert n_kept < 4 * round_pages and 4 * n_kept < n_default, (n_kept, n_default)  # a few rounds' worth, once
     assert faults("keep", MALLOC_MMAP_MAX_="65536")[0] == "False"
     assert faults("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")[0] == "False"
+
+
+def test_the_onednn_cache_is_bounded_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv(sysinfo.ONEDNN_CACHE_ENV, raising=False)
+    assert sysinfo.bound_onednn_cache() and os.environ[sysinfo.ONEDNN_CACHE_ENV] == str(sysinfo.ONEDNN_CACHE_CAPACITY)
+    monkeypatch.setenv(sysinfo.ONEDNN_CACHE_ENV, "1024")
+    assert not sysinfo.bound_onednn_cache() and os.environ[sysinfo.ONEDNN_CACHE_ENV] == "1024"
+
+
+def test_the_compile_command_bounds_it_before_compiling(monkeypatch, tmp_path):
+    """oneDNN reads the variable at its first primitive, so the command must set it before any pass runs."""
+    from dmpq_compile import compiler
+    from dmpq_compile.cli import main
+
+    monkeypatch.delenv(sysinfo.ONEDNN_CACHE_ENV, raising=False)
+    seen = []
+
+    def compile_model(*a, **k):
+        seen.append(os.environ.get(sysinfo.ONEDNN_CACHE_ENV))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(compiler, "compile_model", compile_model)
+    try:
+        rc = main(["compile", str(tmp_path), "--target", "ort-cpu", "-o", str(tmp_path / "out")])
+    except SystemExit as e:
+        rc = e.code
+    assert rc and seen == [str(sysinfo.ONEDNN_CACHE_CAPACITY)]

@@ -234,8 +234,9 @@ def default_out(model: str, target: str) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     from ..compiler import compile_model
-    from ..sysinfo import keep_freed_heap
+    from ..sysinfo import bound_onednn_cache, keep_freed_heap
 
+    bound_onednn_cache()  # bf16 products' primitives: a bounded cache, not one per shape seen (docs/scaling.md)
     if os.environ.get("DMPQ_KEEP_FREED_HEAP") == "1":  # opt-in: no wall-clock gain at 16 OLMoE layers (docs/scaling.md)
         keep_freed_heap()  # freed tensors' pages reused, not mapped afresh (same values)
     cfg = config_from_args(args)
