@@ -86,6 +86,15 @@ def run_artifact(art: Path) -> dict:
     return out
 
 
+TUNING_ENV = ("ONEDNN_", "DNNL_", "DMPQ_", "OMP_", "MKL_", "MALLOC_", "GLIBC_TUNABLES", "PYTORCH_")
+
+
+def tuning_env() -> dict[str, str]:
+    """The environment variables that change what a compile takes (threads, oneDNN, allocator, dmpq's own), as set
+    for this run: the compiles inherit them."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(TUNING_ENV)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="mixtral-8x7b:2,mixtral-8x7b:4,olmoe-1b-7b:16",
@@ -129,7 +138,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"commit": commit, "cpu": cpu_model(), "cpu_flags": cpu_flags(), "rows": rows,
-                                "argv": sys.argv}, indent=1))
+                                "argv": sys.argv, "env": tuning_env()}, indent=1))
     print("| shape | layers | target | wall s | peak RSS MB | anon RSS MB |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['layers']} | {r['target']} | {r['seconds']} | {r['peak_rss_mb']} | "
