@@ -10,8 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_kv_dtype  # noqa: E402
-import bench_scale  # noqa: E402
+import bench_kv_dtype
+import bench_scale
 
 
 def test_scale_results_record_the_tuning_environment(monkeypatch):
