@@ -72,8 +72,8 @@ ONEDNN_CACHE_CAPACITY = 64
 def bound_onednn_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> bool:
     """Keep at most ``capacity`` compiled oneDNN primitives in this process, unless the user set
     ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` (kept as their choice); returns whether it set it. oneDNN reads the
-    variable when it first builds a primitive, so this must run before the first bf16 product (torch's
-    fp32 products on x86 do not build any); later it changes nothing.
+    variable when it first builds a primitive, so this must run before the first bf16 product; later it
+    changes nothing (checked: set after ``import torch`` and before any product, it took effect).
 
     Why: torch runs bf16 matrix products through oneDNN, which compiles a primitive per shape and keeps
     up to 1024 of them with their buffers. A calibration run's expert products have a new shape for
