@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -498,19 +499,9 @@ def fill_rates(rates: dict[int, float], layers: list[int]) -> dict[int, float]:
     measured rates fall smoothly with depth (:func:`flip_rates`), which is what makes the interpolation
     a fair stand-in for a one-sequence measurement."""
     known = sorted(rates)
-    out = dict(rates)
-    for layer in layers:
-        if layer in out:
-            continue
-        below = [k for k in known if k < layer]
-        above = [k for k in known if k > layer]
-        if not below or not above:
-            out[layer] = rates[below[-1] if below else above[0]] if known else 0.0
-            continue
-        lo, hi = below[-1], above[0]
-        t = (layer - lo) / (hi - lo)
-        out[layer] = (1 - t) * rates[lo] + t * rates[hi]
-    return out
+    at = [rates[k] for k in known]
+    filled = {layer: float(np.interp(layer, known, at)) if known else 0.0 for layer in layers if layer not in rates}
+    return {**rates, **filled}  # np.interp holds the end values beyond the measured range
 
 
 def flip_rates(interp: Interpreter, store: SpilledBoundaries, h_last: torch.Tensor, seq_len: int,
