@@ -8,8 +8,9 @@ A store entry is either a tensor in memory or a :class:`TensorRef`: a byte range
 safetensors file on disk, read on every access and never kept. A checkpoint is loaded as refs,
 so a compile holds in memory only the tensors that the current step uses (one decoder layer),
 whatever the model's size; passes that make large new tensors (quantized codes) move them to
-disk with :meth:`WeightStore.spill`. Reads use ``os.pread`` rather than a memory map, so the
-pages read are not counted in the process's resident memory after the tensor is freed.
+disk with :meth:`WeightStore.spill`. A read maps the tensor's bytes (private, copy-on-write) rather
+than copying them, so a weight the page cache holds costs no copy; the map goes with the tensor, so
+its pages are not counted in the process's resident memory after the tensor is freed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -53,6 +55,20 @@ class TensorRef:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
     def read(self) -> torch.Tensor:
+        """The tensor, as a private copy-on-write map of its bytes in the file (:func:`_map`): pages
+        the page cache holds are mapped, not copied, and writes to the tensor stay in this process.
+        Where the file cannot be mapped it is read into a fresh buffer instead (:meth:`read_copy`)."""
+        size = self.nbytes
+        if size == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        try:
+            buf = _map(self.path, self.offset, size)
+        except (OSError, ValueError):  # a file system without mmap: the same bytes, read
+            return self.read_copy()
+        return buf.view(self.dtype).reshape(self.shape)
+
+    def read_copy(self) -> torch.Tensor:
+        """The tensor read into a fresh buffer with ``os.preadv`` (no map)."""
         size = self.nbytes
         if size == 0:
             return torch.empty(self.shape, dtype=self.dtype)
@@ -63,8 +79,7 @@ class TensorRef:
             while done < size:
                 got = os.preadv(fd, [view[done:]], self.offset + done)
                 if got <= 0:
-                    raise CheckpointFileError(f"{self.path} ends before byte {self.offset + size}: the file is "
-                                              "truncated; download or copy it again")
+                    raise CheckpointFileError(_truncated(self.path, self.offset + size))
                 done += got
         finally:
             os.close(fd)
@@ -74,6 +89,33 @@ class TensorRef:
         """The ref of ``tensor[start:stop]`` (rows along the first axis are contiguous)."""
         row = self.nbytes // self.shape[0]
         return TensorRef(self.path, self.offset + start * row, (stop - start, *self.shape[1:]), self.dtype)
+
+
+def _truncated(path: str, end: int) -> str:
+    return f"{path} ends before byte {end}: the file is truncated; download or copy it again"
+
+
+def _map(path: str, offset: int, size: int) -> torch.Tensor:
+    """Bytes ``[offset, offset + size)`` of ``path`` as a uint8 tensor over a private (copy-on-write)
+    memory map, with the kernel asked to read the range ahead (``MADV_WILLNEED``).
+
+    Why a map: a weight read many times in a compile (a layer's experts: by the profile, the
+    sensitivity pass's backward, its flip probe and measured KL, the quantize pass) is in the page
+    cache after the first read, and a map hands those pages to the products as they are, where a
+    read copies them into freshly zeroed anonymous pages: 0.45-0.5 s for one OLMoE-1B-7B layer's
+    0.8 GB of bf16 experts against 0.01-0.03 s mapped, and from a cold cache 0.65-0.7 s read
+    against 0.3 s mapped with the read-ahead. The map lives as long as the tensor (and its views):
+    when the last goes, it is unmapped, so the pages count in the process's resident memory only
+    while a tensor uses them, as a read copy's would. The file's size is checked first (a map past
+    the end would fault on first use instead of raising)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < offset + size:
+            raise CheckpointFileError(_truncated(path, offset + size))
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(f.fileno(), offset - start + size, access=mmap.ACCESS_COPY, offset=start)
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+        m.madvise(mmap.MADV_WILLNEED)
+    return torch.frombuffer(m, dtype=torch.uint8, count=size, offset=offset - start)
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
