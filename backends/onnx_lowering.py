@@ -910,6 +910,9 @@ def _attention_gqa(lw: Lowering, node: Node, kv: KVSpec, q: str, k: str, v: str)
     * The KV inputs may be the growing cache (``present`` = past + T positions) or a buffer of a fixed
       capacity shared with ``present`` (genai's ``past_present_share_buffer``): the kernel writes the
       new rows at ``[past, total)`` and reads ``[0, total)``; the graph is the same for both.
+    * A projection with an ``attention`` method (ort-cpu's under the kernel dispatch:
+      ``ai.dmpq.GroupQueryAttention``, the same contract) may emit its own node instead; it returns
+      whether it did.
     """
     b, h, a = lw.b, node.id, node.attrs
     nh, nkv, hd = int(a["num_heads"]), kv.num_kv_heads, kv.head_dim
@@ -926,10 +929,14 @@ def _attention_gqa(lw: Lowering, node: Node, kv: KVSpec, q: str, k: str, v: str)
         lw.shared["gqa_lengths"] = (seqlens, b.op("Cast", [total], "gqa", to=TensorProto.INT32), new)
     seqlens, total32, new = lw.shared["gqa_lengths"]
     bias = lw.mask(a.get("sliding_window"))
-    inputs = [q, k, v, kv.past_key, kv.past_value, seqlens, total32, "", "", "", bias, "", "", "", "", "", new]
-    out, _, _ = b.op("GroupQueryAttention", inputs, h, n_out=3, outputs=[b.fresh(f"{h}/gqa"), kv.present_key,
-                                                                         kv.present_value],
-                     domain="com.microsoft", num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5))
+    outputs = [b.fresh(f"{h}/gqa"), kv.present_key, kv.present_value]
+    own = getattr(lw.projection, "attention", None)  # the target's own op for the same contract, if it has one
+    if own is not None and own(lw, [q, k, v, kv.past_key, kv.past_value, lw._lengths()[1], bias], outputs, h, nh, nkv):
+        out = outputs[0]
+    else:
+        inputs = [q, k, v, kv.past_key, kv.past_value, seqlens, total32, "", "", "", bias, "", "", "", "", "", new]
+        out, _, _ = b.op("GroupQueryAttention", inputs, h, n_out=3, outputs=outputs, domain="com.microsoft",
+                         num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5))
     for name in (kv.present_key, kv.present_value):
         b.add_output(name, TensorProto.FLOAT, ["batch", nkv, "total_sequence", hd])
     return out

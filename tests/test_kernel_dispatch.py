@@ -272,7 +272,8 @@ def test_the_artifact_carries_the_library_for_the_runtime_check_and_genai(librar
     assert not [f for f in findings if f.severity == "error"], findings
     from dmpq_compile.commands.inspect import dispatch_line
 
-    assert dispatch_line(out).startswith("expert dispatch: kernel (dmpq's ai.dmpq.MixedMoE op, library kernels/")
+    assert dispatch_line(out).startswith("expert dispatch: kernel (dmpq's ai.dmpq ops: MixedMoE, PanelMatMul, "
+                                         "GroupQueryAttention; library kernels/")
     (out / kernels.ARTIFACT_PATH).unlink()
     findings, _ = check_ort_cpu(out / MODEL_FILE, manifest)
     assert any("kernel library" in f.message and f.severity == "error" for f in findings), findings
@@ -349,10 +350,13 @@ def test_routing_outside_the_experts_is_refused(library):
 
 
 def test_widths_the_kernel_does_not_take_stay_per_expert(library, tiny_dirs, tmp_path):
-    """Expert widths that are not whole groups of 64 (the tiny samples' 32) run per expert, not wrong."""
+    """Expert widths that are not whole groups of 64 (the tiny samples' 32) run per expert, not wrong (the
+    artifact still carries the library: its attention is dmpq's)."""
     graph = _graph(tiny_dirs("olmoe"), (4,), group_size=32)
     sess, model, fields = _emit(graph, tmp_path / "k", "kernel", 0)
-    assert not [n for n in model.graph.node if n.op_type == "MixedMoE"] and fields["custom_ops_library"] is None
+    assert not [n for n in model.graph.node if n.op_type == "MixedMoE"]
+    assert {n.domain for n in model.graph.node if n.op_type == "GroupQueryAttention"} == {kernels.DOMAIN}
+    assert fields["custom_ops_library"] == kernels.ARTIFACT_PATH
     ids = _ids(graph, (1, 8))
     with torch.no_grad():
         ref = Interpreter(graph, quantize=True)(torch.from_numpy(ids)).numpy()

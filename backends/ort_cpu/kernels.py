@@ -1,9 +1,13 @@
-"""dmpq's onnxruntime custom-op library: ``ai.dmpq.MixedMoE`` and ``ai.dmpq.PanelMatMul`` (``csrc/dmpq_moe.cc``).
+"""dmpq's onnxruntime custom-op library: ``ai.dmpq.MixedMoE``, ``ai.dmpq.PanelMatMul`` and
+``ai.dmpq.GroupQueryAttention`` (``csrc/dmpq_moe.cc``, ``csrc/gqa.h``).
 
 One ``MixedMoE`` node per layer runs all of the layer's 2/4/8-bit routed SwiGLU experts, whatever their mix of
 widths, on the stored codes as they are (``--dispatch kernel``; the graph side is
 :meth:`.matmulnbits.MatMulNBitsProjection.mixed_moe`); ``PanelMatMul`` runs the quantized projections outside
-the experts (attention, the LM head) in the same layout (:meth:`.matmulnbits.MatMulNBitsProjection.panel_matmul`).
+the experts (attention, the LM head) in the same layout (:meth:`.matmulnbits.MatMulNBitsProjection.panel_matmul`);
+``GroupQueryAttention`` is attention over onnxruntime-genai's KV cache that reads each KV head's rows once for its
+group of query heads (:meth:`.matmulnbits.MatMulNBitsProjection.attention`; its paths follow the CPU's features,
+not ``DMPQ_KERNEL_PATH``, and agree to float rounding).
 The library is C++ compiled here, from the sources this package ships, the first time a compile asks
 for it (a few seconds with ``g++``), and cached by the hash of its sources, flags and compiler; each
 artifact that uses it carries a copy (``kernels/libdmpq_kernels.so``), which onnxruntime and onnxruntime-genai load by path (the
@@ -13,8 +17,8 @@ It declares only the parts of onnxruntime's C ABI it calls (``csrc/ort_abi.h``: 
 API table, which every onnxruntime serves), so it needs no onnxruntime headers to build (checked
 with onnxruntime 1.32 and onnxruntime-genai 0.18 on Linux x86-64). It picks its dot-product path at load: AVX-512
 VNNI where the CPU has it, else AVX2 (with FMA and F16C), else portable C++; all three compute the same
-logits, bit for bit (the portable path 75-150 times slower than AVX2,
-``benchmarks/bench_kernel_paths.py``). ``DMPQ_KERNEL_PATH=avx512-vnni|avx2|portable``
+logits, bit for bit (the portable path 75-150 times slower than AVX2, ``benchmarks/bench_kernel_paths.py``;
+the attention op takes the CPU's path whatever is forced). ``DMPQ_KERNEL_PATH=avx512-vnni|avx2|portable``
 forces one: a path the CPU lacks, or a name that is no path, makes the library's registration fail with
 the reason (the missing CPU features). The op runs on onnxruntime's intra-op threads (onnxruntime 1.17 on); with
 ``DMPQ_KERNEL_POOL=own``, on a pool of its own of ``DMPQ_KERNEL_THREADS`` threads (default: the CPUs this
@@ -37,7 +41,7 @@ DOMAIN = "ai.dmpq"
 OP = "MixedMoE"
 LIBRARY = "libdmpq_kernels.so"
 ARTIFACT_PATH = f"kernels/{LIBRARY}"  # where an artifact keeps its copy, relative to its folder
-SOURCES = ("dmpq_moe.cc", "ort_abi.h")
+SOURCES = ("dmpq_moe.cc", "gqa.h", "ort_abi.h")
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-Wall",
          "-Wno-uninitialized", "-Wno-maybe-uninitialized")
 

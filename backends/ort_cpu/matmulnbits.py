@@ -371,6 +371,19 @@ class MatMulNBitsProjection:
         return b.op("Mul", [y, b.const(1.0 / QMOE_WEIGHT_SCALE)], prefix)
 
 
+    # -- attention over genai's KV cache: ai.dmpq.GroupQueryAttention (kernels.py) -----------------
+    def attention(self, lw: Lowering, inputs: list[str], outputs: list[str], hint: str, heads: int,
+                  kv_heads: int) -> bool:
+        """With the kernel dispatch, dmpq's ``ai.dmpq.GroupQueryAttention`` (``csrc/gqa.h``: each KV head's rows
+        read once for its whole group of query heads) for onnx_lowering's ``_attention_gqa``, on ``inputs``
+        ``q, k, v, past_key, past_value, total (int64), bias`` into ``outputs`` (``out, present_key,
+        present_value``); returns whether it emitted it (else onnxruntime's GroupQueryAttention runs)."""
+        if not self.kernel:
+            return False
+        lw.b.op("GroupQueryAttention", inputs, hint, n_out=3, outputs=outputs, domain=KERNEL_DOMAIN, num_heads=heads,
+                kv_num_heads=kv_heads)
+        return True
+
     # -- all of a layer's experts in one node: ai.dmpq.MixedMoE (KernelDispatch, kernels.py) ------
     def kernel_fusable(self, lw: Lowering, node: Node) -> bool:
         """Whether routed expert ``node`` can run in dmpq's ``MixedMoE`` node: 2/4/8-bit group-wise

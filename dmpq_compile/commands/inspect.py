@@ -157,8 +157,8 @@ def dispatch_line(path: Path) -> str | None:
         return None
     line = f"expert dispatch: {target['dispatch']}"
     if target.get("custom_ops_library"):
-        line += (f" (dmpq's ai.dmpq.MixedMoE op, library {target['custom_ops_library']} in the artifact: "
-                 "Linux x86-64 only)")
+        line += (f" (dmpq's ai.dmpq ops: MixedMoE, PanelMatMul, GroupQueryAttention; library "
+                 f"{target['custom_ops_library']} in the artifact: Linux x86-64 only)")
     return line
 
 

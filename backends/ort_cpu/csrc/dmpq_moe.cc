@@ -1,6 +1,7 @@
 // dmpq's onnxruntime custom-op library: `ai.dmpq.MixedMoE`, one layer's routed SwiGLU experts at
-// mixed bit-widths (2, 4 and 8) in one node, and `ai.dmpq.PanelMatMul`, one quantized projection
-// (attention's, the LM head's) in the same panels with the same dot products (described at its class).
+// mixed bit-widths (2, 4 and 8) in one node, `ai.dmpq.PanelMatMul`, one quantized projection
+// (attention's, the LM head's) in the same panels with the same dot products (described at its class),
+// and `ai.dmpq.GroupQueryAttention`, attention over onnxruntime-genai's KV cache (at its class, and gqa.h).
 //
 // Inputs
 //   0 x        float   [N, H]   the layer's (flattened) input rows
@@ -55,6 +56,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "gqa.h"
 #include "ort_abi.h"
 
 namespace {
@@ -908,6 +910,7 @@ class MixedMoE {
  public:
   static constexpr const char* kName = "MixedMoE";
   static constexpr size_t kInputCount = 7;
+  static constexpr size_t kOutputCount = 1;
   static const dmpq_ort::ElementType kInputs[7];
 
   MixedMoE(const Api& api, const dmpq_ort::OrtKernelInfo* info) : api_(api) {
@@ -1102,6 +1105,7 @@ class PanelMatMul {
  public:
   static constexpr const char* kName = "PanelMatMul";
   static constexpr size_t kInputCount = 4;
+  static constexpr size_t kOutputCount = 1;
   static const dmpq_ort::ElementType kInputs[4];
 
   PanelMatMul(const Api& api, const dmpq_ort::OrtKernelInfo* info) : api_(api) {
@@ -1184,6 +1188,138 @@ class PanelMatMul {
 const dmpq_ort::ElementType PanelMatMul::kInputs[4] = {dmpq_ort::kFloat, dmpq_ort::kUInt8, dmpq_ort::kFloat16,
                                                        dmpq_ort::kUInt8};
 
+// ai.dmpq.GroupQueryAttention: onnxruntime-genai's KV contract with the attention core of gqa.h, which reads each
+// KV head's rows once for all the query heads of its group (onnxruntime's CPU GroupQueryAttention reads them once
+// per query head).
+//
+// Inputs
+//   0 query         float  [B, T, heads * hd]      rotary already applied
+//   1 key           float  [B, T, kv_heads * hd]   the new positions' keys (rotary applied) and values
+//   2 value         float  [B, T, kv_heads * hd]
+//   3 past_key      float  [B, kv_heads, P, hd]    positions [0, total - T) are the past; P >= total - T
+//   4 past_value    float  [B, kv_heads, P, hd]
+//   5 total         int64  [1] or []               past + T, the same for every row of the batch
+//   6 bias          float  [B or 1, 1, T, total]   added to the scaled scores (padding, sliding window)
+// Attributes: num_heads, kv_num_heads. The scale is 1 / sqrt(hd); attention is causal (row t attends
+// positions [0, total - T + t]), the bias restricts it further.
+// Outputs
+//   0 output        float  [B, T, heads * hd]
+//   1 present_key   float  [B, kv_heads, max(P, total), hd]: the past, then the new positions at [total - T, total)
+//   2 present_value float  [B, kv_heads, max(P, total), hd]
+// A present bound to the same memory as its past (genai's past_present_share_buffer: a buffer of the model's
+// maximum length) is written in place: only the new rows; otherwise the past rows are copied first.
+//
+// Threads: the new rows' writes over (batch, KV head), then the attention over (batch, KV head, 16 query rows),
+// which gqa.h runs over the keys in tiles: every output element is computed by one thread in a fixed order.
+// gqa.h's path from the CPU's features alone (DMPQ_KERNEL_PATH forces the dot products' path, not this one):
+// 2 AVX-512 (with AVX2 and FMA), 1 AVX2 + FMA, 0 portable.
+int AttentionLevel() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    return __builtin_cpu_supports("avx512f") ? 2 : 1;
+  }();
+  return level;
+}
+
+class GroupQueryAttention {
+ public:
+  static constexpr const char* kName = "GroupQueryAttention";
+  static constexpr size_t kInputCount = 7;
+  static constexpr size_t kOutputCount = 3;
+  static const dmpq_ort::ElementType kInputs[7];
+
+  GroupQueryAttention(const Api& api, const dmpq_ort::OrtKernelInfo* info) : api_(api) {
+    heads_ = IntAttr(api_, info, "num_heads", kName);
+    kv_heads_ = IntAttr(api_, info, "kv_num_heads", kName);
+    if (heads_ <= 0 || kv_heads_ <= 0 || heads_ % kv_heads_)
+      Fail(kName, "num_heads must be a positive multiple of kv_num_heads");
+  }
+
+  void Compute(dmpq_ort::OrtKernelContext* ctx) {
+    auto fail = [](const std::string& m) { Fail(kName, m); };
+    Tensor in[7];
+    ReadInputs(api_, ctx, 7, kName, in);
+    const Tensor &q = in[0], &k = in[1], &v = in[2], &pk = in[3], &pv = in[4], &tot = in[5], &bias = in[6];
+    if (q.dims.size() != 3 || q.dims[2] % heads_ || q.dims[2] == 0)
+      fail("query must be [batch, tokens, num_heads * head_dim]");
+    const int64_t B = q.dims[0], T = q.dims[1], nh = heads_, nkv = kv_heads_, hd = q.dims[2] / heads_;
+    if (k.dims != std::vector<int64_t>{B, T, nkv * hd} || v.dims != k.dims)
+      fail("key and value must be [batch, tokens, kv_num_heads * head_dim], the query's batch, tokens and head_dim");
+    if (pk.dims.size() != 4 || pk.dims[0] != B || pk.dims[1] != nkv || pk.dims[3] != hd || pv.dims != pk.dims)
+      fail("past_key and past_value must be [batch, kv_num_heads, length, head_dim]");
+    if (tot.size() != 1) fail("total must hold one value (past + new positions)");
+    const int64_t total = *static_cast<const int64_t*>(tot.data), past = total - T, P = pk.dims[2];
+    if (past < 0 || past > P)
+      fail("total (" + std::to_string(total) + ") must be the past's length plus the " + std::to_string(T) +
+           " new positions, with the past within past_key's " + std::to_string(P) + " positions");
+    if (bias.dims.size() != 4 || (bias.dims[0] != 1 && bias.dims[0] != B) || bias.dims[1] != 1 ||
+        bias.dims[2] != T || bias.dims[3] != total)
+      fail("bias must be [batch or 1, 1, tokens, total]");
+    const int64_t cap = std::max(P, total);
+    float* out = Output(ctx, 0, {B, T, nh * hd});
+    float* present[2] = {Output(ctx, 1, {B, nkv, cap, hd}), Output(ctx, 2, {B, nkv, cap, hd})};
+    if (B == 0 || T == 0) return;
+    const float* pasts[2] = {static_cast<const float*>(pk.data), static_cast<const float*>(pv.data)};
+    const float* news[2] = {static_cast<const float*>(k.data), static_cast<const float*>(v.data)};
+    auto run = [&](int64_t jobs, auto&& f) { RunJobs(api_, ctx, static_cast<int>(jobs), f); };
+    run(B * nkv, [&](int job) {  // the past (unless shared) and the new rows into present
+      const int64_t b = job / nkv, h = job % nkv;
+      for (int kv = 0; kv < 2; ++kv) {
+        float* dst = present[kv] + (b * nkv + h) * cap * hd;
+        if (present[kv] != pasts[kv] && past > 0)
+          std::memcpy(dst, pasts[kv] + (b * nkv + h) * P * hd, static_cast<size_t>(past * hd) * sizeof(float));
+        for (int64_t t = 0; t < T; ++t)
+          std::memcpy(dst + (past + t) * hd, news[kv] + ((b * T + t) * nkv + h) * hd, hd * sizeof(float));
+      }
+    });
+    const int group = static_cast<int>(nh / nkv), dim = static_cast<int>(hd);
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+    const int level = hd % 16 == 0 ? AttentionLevel() : hd % 8 == 0 ? std::min(1, AttentionLevel()) : 0;
+    const auto* qs = static_cast<const float*>(q.data);
+    const auto* bs = static_cast<const float*>(bias.data);
+    constexpr int64_t kRowsPerJob = 16;
+    const int64_t blocks = (T + kRowsPerJob - 1) / kRowsPerJob;
+    run(B * nkv * blocks, [&](int job) {
+      const int64_t b = job / (nkv * blocks), h = job / blocks % nkv, t0 = job % blocks * kRowsPerJob;
+      const int64_t rows = std::min(T, t0 + kRowsPerJob) - t0;
+      std::vector<float> scratch(dmpq_gqa::ScratchFloats(rows, group, dim));
+      const int64_t at = (b * nkv + h) * cap * hd, row = (b * T + t0) * nh + h * group;  // the block's first head
+      const dmpq_gqa::Rows r{qs + row * hd, nh * hd, present[0] + at, present[1] + at, rows, past + t0 + 1,
+                             bs + ((bias.dims[0] == 1 ? 0 : b) * T + t0) * total, total, out + row * hd,
+                             scratch.data()};
+      // subnormals as zero in this job (flush-to-zero, denormals-are-zero: the thread's setting is restored
+      // after): products with subnormal weights take the CPU's slow path, and they cannot change an output
+      const unsigned int csr = _mm_getcsr();
+      _mm_setcsr(csr | 0x8040);
+      if (level == 2) {
+        dmpq_gqa::Attend<dmpq_gqa::Avx512>(r, group, dim, scale);
+      } else if (level == 1) {
+        dmpq_gqa::Attend<dmpq_gqa::Avx2>(r, group, dim, scale);
+      } else {
+        dmpq_gqa::Attend<dmpq_gqa::Portable>(r, group, dim, scale);
+      }
+      _mm_setcsr(csr);
+    });
+  }
+
+ private:
+  float* Output(dmpq_ort::OrtKernelContext* ctx, size_t i, std::vector<int64_t> dims) {
+    dmpq_ort::OrtValue* value = nullptr;
+    Check(api_, api_.KernelContextGetOutput(ctx, i, dims.data(), dims.size(), &value), "making an output", kName);
+    void* p = nullptr;
+    Check(api_, api_.GetTensorMutableData(value, &p), "writing an output", kName);
+    return static_cast<float*>(p);
+  }
+
+  Api api_;
+  int64_t heads_ = 0, kv_heads_ = 0;
+};
+
+const dmpq_ort::ElementType GroupQueryAttention::kInputs[7] = {
+    dmpq_ort::kFloat, dmpq_ort::kFloat, dmpq_ort::kFloat, dmpq_ort::kFloat, dmpq_ort::kFloat, dmpq_ort::kInt64,
+    dmpq_ort::kFloat};
+
 // The custom-op records.
 template <class Kernel>
 dmpq_ort::OrtCustomOpV8 MakeOp() {
@@ -1197,7 +1333,7 @@ dmpq_ort::OrtCustomOpV8 MakeOp() {
   op.GetInputType = [](dmpq_ort::OrtCustomOpV8*, size_t i) { return Kernel::kInputs[i]; };
   op.GetInputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return Kernel::kInputCount; };
   op.GetOutputType = [](dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kFloat; };
-  op.GetOutputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return 1; };
+  op.GetOutputTypeCount = [](dmpq_ort::OrtCustomOpV8*) -> size_t { return Kernel::kOutputCount; };
   op.KernelCompute = [](void* k, dmpq_ort::OrtKernelContext* ctx) { static_cast<Kernel*>(k)->Compute(ctx); };
   op.KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
   op.GetInputCharacteristic = [](const dmpq_ort::OrtCustomOpV8*, size_t) { return dmpq_ort::kRequired; };
@@ -1207,6 +1343,7 @@ dmpq_ort::OrtCustomOpV8 MakeOp() {
 
 dmpq_ort::OrtCustomOpV8 g_moe_op = MakeOp<MixedMoE>();
 dmpq_ort::OrtCustomOpV8 g_matmul_op = MakeOp<PanelMatMul>();
+dmpq_ort::OrtCustomOpV8 g_gqa_op = MakeOp<GroupQueryAttention>();
 
 // onnxruntime's own threads where it offers them (1.17 on) unless DMPQ_KERNEL_POOL=own.
 bool UseOrtPool(const char* version) {
@@ -1243,6 +1380,7 @@ __attribute__((visibility("default"))) dmpq_ort::OrtStatus* RegisterCustomOps(dm
   if (dmpq_ort::OrtStatus* st = api.CreateCustomOpDomain("ai.dmpq", &domain)) return st;
   if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_moe_op)) return st;
   if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_matmul_op)) return st;
+  if (dmpq_ort::OrtStatus* st = api.CustomOpDomainAdd(domain, &g_gqa_op)) return st;
   return api.AddCustomOpDomain(options, domain);  // the domain lives as long as the process
 }
 
