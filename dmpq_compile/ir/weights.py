@@ -63,6 +63,8 @@ class TensorRef:
             return torch.empty(self.shape, dtype=self.dtype)
         try:
             buf = _map(self.path, self.offset, size)
+        except CheckpointFileError:
+            raise
         except (OSError, ValueError):  # a file system without mmap: the same bytes, read
             return self.read_copy()
         return buf.view(self.dtype).reshape(self.shape)
