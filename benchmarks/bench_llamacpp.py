@@ -29,8 +29,9 @@ Measured, interleaved (order rotates each round), with ``--threads`` threads for
   ``decode_mean_ms``), and the table gives the median over rounds (the same statistic on both sides,
   named in the table's header and in the results file's ``statistics``), with the weight bytes a decoded
   token reads (``read_bytes_per_token``; GGUF: top-k / experts of the stacked expert tensors, one embedding
-  row, every other tensor whole; dmpq: each expert at its calibration routing frequency, report.json) and
-  the GB/s that makes of the decode time;
+  row, every other tensor whole; dmpq: each expert at its calibration routing frequency, report.json) plus the
+  KV cache it attends (``kv_read_bytes_per_token``: float16 for llama.cpp, float32 for dmpq, at the mean depth
+  of the decoded tokens) and the GB/s that makes of the decode time;
 * on trained checkpoints, quality under the project's evaluation protocol (docs/evaluation.md), on
   each of ``--domains`` (default pydoc and pystdlib, ``--split`` test): windows of ``--context``
   tokens drawn across every document of the set (none above 15 % of the scored tokens), the second
@@ -770,6 +771,9 @@ def run_model(llama: lc.LlamaCpp, spec: ModelSpec, args: argparse.Namespace) -> 
         result["training"] = {k: v for k, v in trained.items() if k not in ("loss_curve", "expert_frequency")}
     if spec.quality:
         result["quality_sets"] = [set_quality(llama, rows, spec, w, work, args) for w in quality_sets(ckpt, args)]
+    for row in rows.values():  # llama.cpp's default cache is float16, ours float32
+        row["kv_read_bytes_per_token"] = kv_read_bytes(config, args.prefill_tokens, args.decode_tokens,
+                                                       2 if row["kind"] == "gguf" else 4)
     result["uptime_before_speed"] = uptime()
     if args.rounds > 0:
         result["page_cache"] = page_cache_check(rows)
@@ -799,7 +803,7 @@ def table(rows: dict[str, dict]) -> str:
         key, _, threads = k.rpartition("_t") if k not in SPEED_NAMES else (k, "", "")
         names.append(SPEED_NAMES[key] + (f" [{threads} threads]" if threads else ""))
     head = ["variant", "match", "bpw", "tensor bpw", "expert bpw", "file MB", "types held (GGUF: share of parameters)",
-            *names, "read GB/token (decode)", "GB/s (decode)"]
+            *names, "read GB/token (decode: weights + KV)", "GB/s (decode)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
         tensor = "-" if r.get("tensor_bpw") is None else f"{r['tensor_bpw']:.2f}"
@@ -812,12 +816,25 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def read_cells(row: dict) -> list[str]:
-    """Weight bytes one decoded token reads (experts at their routing frequency) and the rate that makes of the
-    decode time (of the default thread count)."""
+    """Bytes one decoded token reads, its weights (experts at their routing frequency) plus the KV cache it attends
+    (``kv_read_bytes_per_token``, where the row has it), and the rate that makes of the decode time (of the default
+    thread count)."""
     read = row.get("read_bytes_per_token")
     if read is None:
         return ["-", "-"]
+    read += row.get("kv_read_bytes_per_token") or 0
     return [f"{read / 1e9:.3f}", f"{read / (row['decode_ms'] * 1e-3) / 1e9:.1f}" if row.get("decode_ms") else "-"]
+
+
+def kv_read_bytes(config: dict, prefill: int, decode: int, element_bytes: int) -> int:
+    """The KV cache bytes a decoded token reads, averaged over ``decode`` tokens after ``prefill``: every layer's
+    keys and values of every cached position (the token's own included), ``element_bytes`` each (llama.cpp caches
+    float16 by default, dmpq's artifacts float32)."""
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    positions = prefill + (decode + 1) / 2  # the mean over the tokens: prefill + 1, ..., prefill + decode
+    return round(config["num_hidden_layers"] * 2 * kv_heads * head_dim * element_bytes * positions)
 
 
 def types_held(row: dict) -> str:

@@ -393,6 +393,12 @@ def test_bytes_read_per_decoded_token_of_a_gguf(monkeypatch, tmp_path):
     assert row["read_bytes_per_token"] == 6400 / 8 + 1000 / 100 + 500
     assert bench.read_cells({**row, "decode_ms": 1.0}) == [f"{1310 / 1e9:.3f}", f"{1310 / 1e-3 / 1e9:.1f}"]
     assert bench.read_cells({"decode_ms": 1.0}) == ["-", "-"]
+    kv = 2 * 3 * 2 * 4 * 8 * (128 + 33 / 2)  # layers 2, kv heads 3, head_dim 8 (64 / 8 heads), fp32, mean depth
+    config = {"num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 3, "hidden_size": 64}
+    assert bench.kv_read_bytes(config, 128, 32, 4) == round(kv)
+    assert bench.kv_read_bytes({**config, "head_dim": 16}, 128, 32, 2) == round(kv)  # twice the dim at half the bytes
+    with_kv = {**row, "decode_ms": 1.0, "kv_read_bytes_per_token": 690}
+    assert bench.read_cells(with_kv) == [f"{2000 / 1e9:.3f}", f"{2000 / 1e-3 / 1e9:.1f}"]
 
 
 def test_rows_whose_files_exceed_memory_are_warned_about(monkeypatch, tmp_path, capsys):
