@@ -295,12 +295,13 @@ def test_a_kernel_artifact_off_linux_x86_64_names_the_portable_dispatch(monkeypa
             register_custom_ops(ort.SessionOptions(), tmp_path, target)
 
 
-def test_the_artifact_runs_in_onnxruntime_genai(library, wide_dirs, tmp_path):
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])  # dmpq's attention with one and with two query heads a KV head
+def test_the_artifact_runs_in_onnxruntime_genai(family, library, wide_dirs, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     from dmpq_compile.artifact import write_artifact
     from dmpq_compile.runtime import load as load_artifact
 
-    graph = _graph(wide_dirs("olmoe"), (4, 8), nonexpert_bits=4)
+    graph = _graph(wide_dirs(family), (4, 8), nonexpert_bits=4)
     out = tmp_path / "art"
     write_artifact(graph, OrtCpuBackend(), out, emit_options={"dispatch": "kernel"})
     cwd = os.getcwd()
