@@ -316,12 +316,13 @@ def test_a_shared_forward_is_taken_only_as_recorded_and_else_removed(tiny_dirs, 
     assert not folder.exists() and share.take(ids[:3], None) is None
 
 
-@pytest.mark.parametrize("checkpoint_bytes", [0, 2**40])
+@pytest.mark.parametrize("checkpoint_bytes,dtype", [(0, "float32"), (2**40, "float32"), (0, "bfloat16"),
+                                                    (2**40, "bfloat16")])
 def test_expert_scores_take_the_forwards_outputs_with_the_same_results(tiny_dirs, calib_ids, monkeypatch,
-                                                                      checkpoint_bytes):
-    """An fp32 sensitivity pass takes each expert's full-precision output from the backward's forward of its
-    layer (recomputed under the MLP checkpoint or not) instead of computing it again: every annotation is the
-    same bits as when the expert scores compute it themselves."""
+                                                                      checkpoint_bytes, dtype):
+    """A sensitivity pass takes each expert's values from the backward's forward of its layer (recomputed under
+    the MLP checkpoint or not) instead of computing them again (fp32: its output; bf16: its gate and up
+    products): every annotation is the same bits as when the expert scores compute them themselves."""
     from dmpq_compile.passes.sensitivity import local
 
     ids = calib_ids("olmoe")
@@ -330,9 +331,9 @@ def test_expert_scores_take_the_forwards_outputs_with_the_same_results(tiny_dirs
     real_run = local.ExpertRun
 
     class Spy(real_run):
-        def __init__(self, xt, w, cast=None, y=None):
-            given.append(y is not None)
-            super().__init__(xt, w, cast, y)
+        def __init__(self, xt, w, cast=None, forward=None):
+            given.append(forward is not None)
+            super().__init__(xt, w, cast, forward)
 
     monkeypatch.setattr(local, "ExpertRun", Spy)
 
@@ -342,7 +343,8 @@ def test_expert_scores_take_the_forwards_outputs_with_the_same_results(tiny_dirs
 
     def run():
         g = load(tiny_dirs("olmoe"))
-        passes = [make_pass("profile"), make_pass("sensitivity", bits=(2, 4, 8), gradvar=False)]
+        passes = [make_pass("profile", compute_dtype=dtype),
+                  make_pass("sensitivity", bits=(2, 4, 8), gradvar=False, compute_dtype=dtype)]
         return annotations(PassManager(passes).run(g, PassContext(calibration=ids, progress=False)))
 
     reused = run()
@@ -355,11 +357,17 @@ def test_expert_scores_take_the_forwards_outputs_with_the_same_results(tiny_dirs
     assert reused == computed and len(computed) > 8
 
 
-def test_expert_run_takes_the_forwards_output_only_in_fp32():
+def test_expert_run_takes_what_it_needs_from_the_forward():
+    from dmpq_compile.ir import ops
     from dmpq_compile.passes.sensitivity.local import ExpertRun
 
     x, w = torch.randn(5, 8), {r: torch.randn(*s) for r, s in (("gate", (4, 8)), ("up", (4, 8)), ("down", (8, 4)))}
-    y = ExpertRun(x, w).y
-    assert torch.equal(ExpertRun(x, w, y=y).change(w, w), torch.zeros_like(y))
-    with pytest.raises(ValueError, match="only for an fp32 run"):
-        ExpertRun(x, w, torch.bfloat16, y=y)
+    routing = ops.Routing(torch.ones(5, 1), torch.zeros(5, 1, dtype=torch.long), torch.zeros(5, 1))
+    fp32 = ops.expert(x, routing, 0, w)
+    assert torch.equal(ExpertRun(x, w, forward=fp32).change(w, w), torch.zeros_like(fp32.y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = ops.expert(x, routing, 0, w)
+    wq = {r: t + 0.01 for r, t in w.items()}
+    assert torch.equal(ExpertRun(x, w, torch.bfloat16, bf16).change(w, wq), ExpertRun(x, w, torch.bfloat16).change(w, wq))
+    with pytest.raises(ValueError, match="in torch.bfloat16 was given a forward's products in torch.float32"):
+        ExpertRun(x, w, torch.bfloat16, fp32)

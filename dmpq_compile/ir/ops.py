@@ -31,6 +31,8 @@ class ExpertOut:
     token_idx: torch.Tensor  # [n] flattened token positions
     slot: torch.Tensor  # [n] which of the k routing slots picked this expert
     y: torch.Tensor  # [n, H]
+    gate: torch.Tensor | None = None  # [n, I] the gate and up products ``y`` was made of (what autograd keeps anyway)
+    up: torch.Tensor | None = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,8 +123,9 @@ def expert(x: torch.Tensor, routing: Routing, e: int, w: Mapping[str, torch.Tens
     """Run expert ``e`` on exactly the tokens routed to it."""
     flat = x.reshape(-1, x.shape[-1])
     token_idx, slot = torch.where(routing.indices == e)
-    y = swiglu(flat[token_idx], w["gate"], w["up"], w["down"])
-    return ExpertOut(token_idx, slot, y)
+    xt = flat[token_idx]
+    a, u = F.linear(xt, w["gate"]), F.linear(xt, w["up"])  # swiglu's products, kept for observers
+    return ExpertOut(token_idx, slot, F.linear(F.silu(a) * u, w["down"]), a, u)
 
 
 def shared_expert(x: torch.Tensor, w: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -220,10 +220,10 @@ class SensitivityPass(Pass):
         nonexpert: dict[str, list[dict]] = {}
 
         by_layer = graph.experts_by_layer()
-        # fp32 and scored here: the expert scores take each expert's output from the backward's forward of its
-        # layer (the same products on the same tokens) instead of computing it again; gradvar needs the
-        # intermediate values too, and a worker does not get the forward's values
-        reuse = cast is None and remote is None and not o.gradvar
+        # scored here: the expert scores take each expert's values from the backward's forward of its layer (the
+        # same products on the same tokens: in fp32 its output, under autocast its gate and up products) instead of
+        # computing them again; fp32 gradvar needs the intermediate values, and a worker does not get the forward's
+        reuse = remote is None and not (o.gradvar and cast is None)
         pending: list = []  # remote: (label sample, layer, future) per task, in the serial order
         now = {"sample": 0, "scored": 0}  # the label sample back-propagated; pending's tasks whose scores are in
         split = {"expert_scores_s": 0.0, "expert_scores_cpu_s": 0.0}  # the part --ray sends to workers
@@ -276,7 +276,7 @@ class SensitivityPass(Pass):
                     cast, probe)))
                 return
             t0, c0 = time.perf_counter(), time.process_time()
-            outputs = {n.id: seen[n.id].y for n in by_layer.get(layer, []) if n.id in seen} if reuse else None
+            outputs = {n.id: seen[n.id] for n in by_layer.get(layer, []) if n.id in seen} if reuse else None
             result = local.expert_scores(graph, interp, layer, x, route, g, bits, seq_len, by_layer.get(layer, []),
                                          cast, probe, outputs)
             new = add(layer, result)

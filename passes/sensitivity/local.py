@@ -98,8 +98,9 @@ def backward_layers(interp: Interpreter, store: SpilledBoundaries, grad_out: tor
     ``top``: start at that layer (``grad_out`` is then the gradient of its output; default the
     last layer); ``done(l, g_in)``: called when layer l is finished, with the gradient carried to
     its input (None when it is not: layer 0 without ``watch``), e.g. to keep it for a resume.
-    ``expert_outputs``: ``values`` also holds each routed expert's output (``ops.ExpertOut``, detached),
-    for :func:`expert_scores`' ``outputs``: ``[k N, H]`` values a layer, kept until ``at_layer`` returns.
+    ``expert_outputs``: ``values`` also holds each routed expert's output (``ops.ExpertOut``, detached, with
+    its gate and up products), for :func:`expert_scores`' ``outputs``: ``[k N, H]`` and ``2 x [k N, I]`` values a
+    layer (the latter autograd keeps for the backward anyway), until ``at_layer`` returns.
     """
     g = grad_out
     graph = interp.graph
@@ -118,7 +119,8 @@ def backward_layers(interp: Interpreter, store: SpilledBoundaries, grad_out: tor
             elif node_id in inputs or node_id in own:
                 seen[node_id] = value
             elif expert_outputs and kind == "expert":
-                seen[node_id] = ops.ExpertOut(value.token_idx, value.slot, value.y.detach())
+                seen[node_id] = ops.ExpertOut(value.token_idx, value.slot, value.y.detach(),
+                                              *(t.detach() if t is not None else None for t in (value.gate, value.up)))
 
         out_id = layer_node(layer, "moe_res")
         run = RunOptions(quantize=opts.quantize, bits_override=opts.bits_override, observer=observe,
@@ -349,23 +351,26 @@ class ExpertRun:
     sides share (``x W``, ``h``) are computed once and used on both, so their rounding cancels to
     first order; the elementwise SwiGLU runs in fp32. (Rounding two full products in bf16 and
     subtracting them would lose an 8-bit change, a few 2^-8 of the output, in the rounding.)
-    Without ``cast`` it is the plain fp32 difference of two SwiGLUs, and ``y``, the expert's output on
-    ``xt`` that the layer's own forward computed with the same weights, spares its three products
-    (``act`` is then not kept: None).
+    Without ``cast`` it is the plain fp32 difference of two SwiGLUs. ``forward``, the expert's values on ``xt``
+    as the layer's own forward computed them with the same weights (``ops.ExpertOut``), spares products: without
+    ``cast`` its output spares all three (``act`` is then not kept: None); with ``cast`` its gate and up products,
+    which a forward under autocast made in ``cast`` from the same rows and weights, spare those two.
     """
 
     def __init__(self, xt: torch.Tensor, w: dict, cast: torch.dtype | None = None,
-                 y: torch.Tensor | None = None) -> None:
+                 forward: ops.ExpertOut | None = None) -> None:
         self.cast, c = cast, cast or xt.dtype
         self.xt, self.xc = xt, xt.to(c)
-        if y is not None:
-            if cast is not None:
-                raise ValueError("ExpertRun takes the forward's output only for an fp32 run (its products in "
-                                 "cast share the intermediate values, which the forward does not keep)")
-            self.y, self.a, self.u, self.act, self.act_c = y, None, None, None, None
+        if forward is not None and cast is None:  # the fp32 difference needs only the output
+            self.y, self.a, self.u, self.act, self.act_c = forward.y, None, None, None, None
             return
-        self.a = F.linear(self.xc, w["gate"].to(c)).float()
-        self.u = F.linear(self.xc, w["up"].to(c)).float()
+        if forward is not None and forward.gate is not None:  # the forward's products in cast: the same ones
+            if forward.gate.dtype != c:
+                raise ValueError(f"ExpertRun in {c} was given a forward's products in {forward.gate.dtype}")
+            self.a, self.u = forward.gate.float(), forward.up.float()
+        else:
+            self.a = F.linear(self.xc, w["gate"].to(c)).float()
+            self.u = F.linear(self.xc, w["up"].to(c)).float()
         self.act = F.silu(self.a) * self.u  # [n, I]
         self.act_c = self.act.to(c)
         self.y = F.linear(self.act_c, w["down"].to(c)).float()  # [n, H]
@@ -424,10 +429,10 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
     needs (:func:`flip_rates`): the expert's weighted output change at ``bits`` on the tokens of those
     sequences (``rows`` index the group's flattened tokens) and its :func:`change_norm` there.
 
-    ``outputs`` (fp32 runs only): each expert's full-precision output on its routed tokens as the
-    layer's forward computed it (``ops.expert``: the same tokens in the same order, the same weights),
-    so that it is not computed again (:class:`ExpertRun`); ``neuron_variance`` is then None (it needs
-    the intermediate values, which that forward does not keep)."""
+    ``outputs``: each expert's full-precision values on its routed tokens as the layer's forward computed
+    them (``ops.ExpertOut``: the same tokens in the same order, the same weights), so that they are not
+    computed again (:class:`ExpertRun`); in an fp32 run ``neuron_variance`` is then None (it needs the
+    intermediate values, which that run does not rebuild)."""
     x, g = x.detach().float().reshape(-1, x.shape[-1]), g.detach().float().reshape(-1, g.shape[-1])  # [N, H]
     n_seq, positions = x.shape[0] // seq_len, x.shape[0] // seq_len * (seq_len - 1)
     if probe is not None:
@@ -447,6 +452,8 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
 
             w = interp.weights(node.id, RunOptions(quantize=False))
             run = ExpertRun(xt, w, autocast, outputs.get(node.id) if outputs else None)
+            if outputs and node.id in outputs and not torch.equal(outputs[node.id].token_idx, token_idx):
+                raise ValueError(f"{node.id}: the forward's routed tokens are not the scores' (internal error)")
             act, y = run.act, run.y
             kl, norm, werr = {16: 0.0}, {16: 0.0}, {16: 0.0}
             extra = {}
