@@ -103,7 +103,8 @@ SHAPES = [(4, 4, 16), (8, 4, 32), (8, 2, 64), (32, 4, 128), (6, 2, 24), (4, 2, 1
 
 
 @pytest.mark.parametrize("heads,kv_heads,hd", SHAPES)
-@pytest.mark.parametrize("tokens,past", [(1, 0), (1, 37), (9, 0), (23, 41), (1, 300), (20, 250), (70, 100)])  # key tiles, many rows
+# decode and prompt rows; several key tiles; many rows
+@pytest.mark.parametrize("tokens,past", [(1, 0), (1, 37), (9, 0), (23, 41), (1, 300), (20, 250), (70, 100)])
 def test_it_computes_what_onnxruntimes_group_query_attention_computes(library, heads, kv_heads, hd, tokens, past):
     feed, total = _case(1, tokens, past, heads, kv_heads, hd)
     got = _run(_session(library, True, heads, kv_heads), True, feed, total)
