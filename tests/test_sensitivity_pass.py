@@ -358,8 +358,9 @@ def test_expert_scores_take_the_forwards_outputs_with_the_same_results(tiny_dirs
 
 
 def test_expert_run_takes_what_it_needs_from_the_forward():
-    from dmpq_compile.ir import ops
     from dmpq_compile.passes.sensitivity.local import ExpertRun
+
+    from dmpq_compile.ir import ops
 
     x, w = torch.randn(5, 8), {r: torch.randn(*s) for r, s in (("gate", (4, 8)), ("up", (4, 8)), ("down", (8, 4)))}
     routing = ops.Routing(torch.ones(5, 1), torch.zeros(5, 1, dtype=torch.long), torch.zeros(5, 1))
