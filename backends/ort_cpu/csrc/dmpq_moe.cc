@@ -1278,6 +1278,14 @@ class GroupQueryAttention {
     const int level = hd % 16 == 0 ? AttentionLevel() : hd % 8 == 0 ? std::min(1, AttentionLevel()) : 0;
     const auto* qs = static_cast<const float*>(q.data);
     const auto* bs = static_cast<const float*>(bias.data);
+    // a prompt's keys transposed once per KV head (gqa.h's TileScores): worth it once a head's queries are many
+    const bool transpose = T * group >= 64;
+    const int64_t ldt = (total + dmpq_gqa::kBlockTile - 1) / dmpq_gqa::kBlockTile * dmpq_gqa::kBlockTile;
+    std::vector<float> kt(transpose ? static_cast<size_t>(B * nkv * hd * ldt) : 0);
+    if (transpose)
+      run(B * nkv, [&](int job) {
+        dmpq_gqa::TransposeKeys(present[0] + job * cap * hd, total, dim, ldt, kt.data() + job * hd * ldt);
+      });
     constexpr int64_t kRowsPerJob = 16;
     const int64_t blocks = (T + kRowsPerJob - 1) / kRowsPerJob;
     run(B * nkv * blocks, [&](int job) {
@@ -1287,7 +1295,7 @@ class GroupQueryAttention {
       const int64_t at = (b * nkv + h) * cap * hd, row = (b * T + t0) * nh + h * group;  // the block's first head
       const dmpq_gqa::Rows r{qs + row * hd, nh * hd, present[0] + at, present[1] + at, rows, past + t0 + 1,
                              bs + ((bias.dims[0] == 1 ? 0 : b) * T + t0) * total, total, out + row * hd,
-                             scratch.data()};
+                             scratch.data(), transpose ? kt.data() + (b * nkv + h) * hd * ldt : nullptr, ldt};
       // subnormals as zero in this job (flush-to-zero, denormals-are-zero: the thread's setting is restored
       // after): products with subnormal weights take the CPU's slow path, and they cannot change an output
       const unsigned int csr = _mm_getcsr();

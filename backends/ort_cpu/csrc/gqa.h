@@ -43,7 +43,23 @@ struct Rows {
   int64_t bias_stride;
   float* out;          // like q
   float* scratch;      // ScratchFloats(rows, group, head_dim) floats
+  const float* Kt = nullptr;  // the keys transposed, [head_dim][ldt] (TransposeKeys), or null: scores by rows of K
+  int64_t ldt = 0;
 };
+
+// Keys [n][hd] transposed into kt [hd][ldt] (ldt >= n, a multiple of kBlockTile; the columns from n on zero), so
+// that a tile's scores are products vectorized over keys (TileScores), not a dot product with a horizontal sum each.
+inline void TransposeKeys(const float* K, int64_t n, int hd, int64_t ldt, float* kt) {
+  for (int64_t u0 = 0; u0 < ldt; u0 += 16) {
+    const int64_t u1 = std::min(n, u0 + 16);
+    for (int d = 0; d < hd; ++d) {
+      float* dst = kt + static_cast<size_t>(d) * ldt + u0;
+      int64_t u = u0;
+      for (; u < u1; ++u) dst[u - u0] = K[static_cast<size_t>(u) * hd + d];
+      for (; u < u0 + 16; ++u) dst[u - u0] = 0.f;
+    }
+  }
+}
 
 inline size_t ScratchFloats(int64_t rows, int group, int hd) {
   return static_cast<size_t>(group) * (kTile + rows * (2 + hd));  // kTile >= kBlockTile
@@ -59,6 +75,17 @@ struct Portable {
         float acc = 0.f;
         for (int d = 0; d < hd; ++d) acc += q[static_cast<size_t>(j) * hd + d] * K[static_cast<size_t>(u) * hd + d];
         s[static_cast<size_t>(j) * n + u] = acc * scale + (bias ? bias[u] : 0.f);
+      }
+  }
+  // the kBlockTile dot products of keys [u0, u0 + kBlockTile) for `count` (<= 4) query vectors, unscaled, into
+  // s + c * kBlockTile
+  static void TileScores(const float* const* q, int count, const float* Kt, int64_t ldt, int64_t u0, int hd,
+                         float* s) {
+    for (int c = 0; c < count; ++c)
+      for (int64_t u = 0; u < kBlockTile; ++u) {
+        float acc = 0.f;
+        for (int d = 0; d < hd; ++d) acc += q[c][d] * Kt[static_cast<size_t>(d) * ldt + u0 + u];
+        s[c * kBlockTile + u] = acc;
       }
   }
   static float Max(const float* s, int64_t n) {
@@ -194,6 +221,30 @@ struct Avx2 {
           GroupScores<1>(q + static_cast<size_t>(j) * hd, K, hd, n, scale, bias, s + static_cast<size_t>(j) * n);
     }
   }
+  DMPQ_GQA_AVX2 static void TileScores(const float* const* q, int count, const float* Kt, int64_t ldt, int64_t u0,
+                                       int hd, float* s) {
+    static_assert(kBlockTile == 32, "four 8-lane registers a tile");
+    for (int c = 0; c < count; c += 2) {
+      const int pair = std::min(2, count - c);
+      __m256 acc[2][4];
+      for (int i = 0; i < 2; ++i)
+        for (int w = 0; w < 4; ++w) acc[i][w] = _mm256_setzero_ps();
+      for (int d = 0; d < hd; ++d) {
+        const float* row = Kt + static_cast<size_t>(d) * ldt + u0;
+        const __m256 k0 = _mm256_loadu_ps(row), k1 = _mm256_loadu_ps(row + 8), k2 = _mm256_loadu_ps(row + 16),
+                     k3 = _mm256_loadu_ps(row + 24);
+        for (int i = 0; i < pair; ++i) {
+          const __m256 b = _mm256_broadcast_ss(q[c + i] + d);
+          acc[i][0] = _mm256_fmadd_ps(b, k0, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(b, k1, acc[i][1]);
+          acc[i][2] = _mm256_fmadd_ps(b, k2, acc[i][2]);
+          acc[i][3] = _mm256_fmadd_ps(b, k3, acc[i][3]);
+        }
+      }
+      for (int i = 0; i < pair; ++i)
+        for (int w = 0; w < 4; ++w) _mm256_storeu_ps(s + (c + i) * kBlockTile + 8 * w, acc[i][w]);
+    }
+  }
   DMPQ_GQA_AVX2 static float Max(const float* s, int64_t n) {
     __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     int64_t u = 0;
@@ -259,6 +310,25 @@ DMPQ_GQA_AVX512 inline void MixRegs512(const float* p, const float* V, int hd, i
 // The tile operations with the values' sum in AVX-512 (the scores and the softmax are Avx2's: 16-lane scores
 // measured no faster); head_dim must be a multiple of 16.
 struct Avx512 : Avx2 {
+  DMPQ_GQA_AVX512 static void TileScores(const float* const* q, int count, const float* Kt, int64_t ldt, int64_t u0,
+                                         int hd, float* s) {
+    static_assert(kBlockTile == 32, "two 16-lane registers a tile");
+    __m512 acc[4][2];
+    for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int d = 0; d < hd; ++d) {
+      const float* row = Kt + static_cast<size_t>(d) * ldt + u0;
+      const __m512 k0 = _mm512_loadu_ps(row), k1 = _mm512_loadu_ps(row + 16);
+      for (int i = 0; i < count; ++i) {
+        const __m512 b = _mm512_set1_ps(q[i][d]);
+        acc[i][0] = _mm512_fmadd_ps(b, k0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(b, k1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < count; ++i) {
+      _mm512_storeu_ps(s + i * kBlockTile, acc[i][0]);
+      _mm512_storeu_ps(s + i * kBlockTile + 16, acc[i][1]);
+    }
+  }
   DMPQ_GQA_AVX512 static void MixAdd(const float* p, const float* V, int hd, int64_t n, float* o) {
     int d0 = 0;
     for (; d0 + 128 <= hd; d0 += 128) MixRegs512<8>(p, V, hd, d0, n, o);
@@ -290,25 +360,53 @@ void Attend(const Rows& r, int group, int hd, float scale) {
   std::fill(l, l + members, 0.f);
   std::fill(acc, acc + members * hd, 0.f);
   const int64_t n_max = r.n0 + r.rows - 1, tile = r.rows > 1 ? kBlockTile : kTile;
+  // one (row, head)'s tile: its scores in sj (n of them) into the online softmax and the output
+  auto take = [&](int64_t i, int j, float* sj, int64_t n, const float* V) {
+    const int64_t at = i * group + j;
+    const float top = std::max(m[at], Ops::Max(sj, n));
+    const float f = m[at] - top < kFloor ? 0.f : std::exp(m[at] - top);  // 0 on the first tile (m = -inf)
+    float* o = acc + static_cast<size_t>(at) * hd;
+    if (f != 1.f) Ops::Scale(o, hd, f);
+    l[at] = l[at] * f + Ops::ExpSum(sj, n, top);
+    Ops::MixAdd(sj, V, hd, n, o);
+    m[at] = top;
+  };
   for (int64_t u0 = 0; u0 < n_max; u0 += tile) {
     const float* K = r.K + static_cast<size_t>(u0) * hd;
     const float* V = r.V + static_cast<size_t>(u0) * hd;
+    if (r.Kt != nullptr && r.rows > 1) {  // scores from the transposed keys, four (row, head) pairs at a time
+      int64_t pending[4][2];
+      const float* qs[4];
+      int count = 0;
+      auto flush = [&]() {
+        Ops::TileScores(qs, count, r.Kt, r.ldt, u0, hd, s);
+        for (int c = 0; c < count; ++c) {
+          const int64_t i = pending[c][0], n = std::min(tile, r.n0 + i - u0);
+          float* sc = s + c * kBlockTile;
+          const float* bias = r.bias ? r.bias + i * r.bias_stride + u0 : nullptr;
+          for (int64_t u = 0; u < n; ++u) sc[u] = sc[u] * scale + (bias ? bias[u] : 0.f);
+          take(i, static_cast<int>(pending[c][1]), sc, n, V);
+        }
+        count = 0;
+      };
+      for (int64_t i = 0; i < r.rows; ++i) {
+        if (r.n0 + i <= u0) continue;
+        for (int j = 0; j < group; ++j) {
+          pending[count][0] = i;
+          pending[count][1] = j;
+          qs[count++] = r.q + i * r.q_stride + static_cast<size_t>(j) * hd;
+          if (count == 4) flush();
+        }
+      }
+      if (count) flush();
+      continue;
+    }
     for (int64_t i = 0; i < r.rows; ++i) {
       const int64_t n = std::min(tile, r.n0 + i - u0);  // this row's keys in the tile
       if (n <= 0) continue;
       const float* bias = r.bias ? r.bias + i * r.bias_stride + u0 : nullptr;
       Ops::Scores(r.q + i * r.q_stride, group, K, hd, n, scale, bias, s);
-      for (int j = 0; j < group; ++j) {
-        const int64_t at = i * group + j;
-        float* sj = s + static_cast<size_t>(j) * n;
-        const float top = std::max(m[at], Ops::Max(sj, n));
-        const float f = m[at] - top < kFloor ? 0.f : std::exp(m[at] - top);  // 0 on the first tile (m = -inf)
-        float* o = acc + static_cast<size_t>(at) * hd;
-        if (f != 1.f) Ops::Scale(o, hd, f);
-        l[at] = l[at] * f + Ops::ExpSum(sj, n, top);
-        Ops::MixAdd(sj, V, hd, n, o);
-        m[at] = top;
-      }
+      for (int j = 0; j < group; ++j) take(i, j, s + static_cast<size_t>(j) * n, n, V);
     }
   }
   for (int64_t i = 0; i < r.rows; ++i)
