@@ -919,21 +919,21 @@ def _attention_gqa(lw: Lowering, node: Node, kv: KVSpec, q: str, k: str, v: str)
     cos, sin = lw.rope(hd, float(a["rope_theta"]))
     q, k = _rotate(lw, q, cos, sin, h), _rotate(lw, k, cos, sin, h)
     q, k, v = (b.op("Reshape", [t, b.const([0, 0, n * hd], np.int64)], h) for t, n in ((q, nh), (k, nkv), (v, nkv)))
-    if "gqa_lengths" not in lw.shared:
-        past, total = lw._lengths()
-        batch = b.op("Shape", [lw.ids], "gqa", start=0, end=1)
-        seqlens = b.op("Expand", [b.op("Cast", [b.op("Sub", [total, b.const(1, np.int64)], "gqa")], "gqa",
-                                       to=TensorProto.INT32), batch], "gqa")
-        new = b.op("Expand", [b.op("Cast", [b.op("Sub", [total, past], "gqa")], "gqa", to=TensorProto.INT32),
-                              batch], "gqa")
-        lw.shared["gqa_lengths"] = (seqlens, b.op("Cast", [total], "gqa", to=TensorProto.INT32), new)
-    seqlens, total32, new = lw.shared["gqa_lengths"]
     bias = lw.mask(a.get("sliding_window"))
     outputs = [b.fresh(f"{h}/gqa"), kv.present_key, kv.present_value]
     own = getattr(lw.projection, "attention", None)  # the target's own op for the same contract, if it has one
     if own is not None and own(lw, [q, k, v, kv.past_key, kv.past_value, lw._lengths()[1], bias], outputs, h, nh, nkv):
         out = outputs[0]
     else:
+        if "gqa_lengths" not in lw.shared:  # onnxruntime's op takes its lengths as int32, per row
+            past, total = lw._lengths()
+            batch = b.op("Shape", [lw.ids], "gqa", start=0, end=1)
+            seqlens = b.op("Expand", [b.op("Cast", [b.op("Sub", [total, b.const(1, np.int64)], "gqa")], "gqa",
+                                           to=TensorProto.INT32), batch], "gqa")
+            new = b.op("Expand", [b.op("Cast", [b.op("Sub", [total, past], "gqa")], "gqa", to=TensorProto.INT32),
+                                  batch], "gqa")
+            lw.shared["gqa_lengths"] = (seqlens, b.op("Cast", [total], "gqa", to=TensorProto.INT32), new)
+        seqlens, total32, new = lw.shared["gqa_lengths"]
         inputs = [q, k, v, kv.past_key, kv.past_value, seqlens, total32, "", "", "", bias, "", "", "", "", "", new]
         out, _, _ = b.op("GroupQueryAttention", inputs, h, n_out=3, outputs=outputs, domain="com.microsoft",
                          num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5))

@@ -43,3 +43,16 @@ def calib_ids(tiny_dirs, tiny_corpus):
     from dmpq_compile.compiler import calibration_ids
 
     return lambda family: calibration_ids(tiny_dirs(family), str(tiny_corpus), 8, 32, split="train")
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory):
+    """dmpq's kernel library (``backends/ort_cpu/kernels.py``), built once per test session into a fresh cache;
+    the test skips, with the reason, where it cannot be built."""
+    from dmpq_compile.backends.base import BackendError
+    from dmpq_compile.backends.ort_cpu import kernels
+
+    try:
+        return kernels.build(tmp_path_factory.mktemp("kernel-cache"))
+    except BackendError as e:
+        pytest.skip(f"dmpq's kernel library cannot be built here: {e}")

@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from dmpq_compile.backends.base import BackendError
 from dmpq_compile.backends.ort_cpu import MODEL_FILE, kernels
 from dmpq_compile.backends.ort_cpu.matmulnbits import MatMulNBitsProjection
 
@@ -20,14 +19,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_attention
 import swap_attention
-
-
-@pytest.fixture(scope="module")
-def library():
-    try:
-        return kernels.build()
-    except BackendError as e:
-        pytest.skip(f"dmpq's kernel library cannot be built here: {e}")
 
 
 def test_bench_attention_times_both_ops_after_checking_they_agree(library, tmp_path):

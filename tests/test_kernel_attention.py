@@ -10,19 +10,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from dmpq_compile.backends.base import BackendError
 from dmpq_compile.backends.ort_cpu import kernels
 from onnx import TensorProto, helper
 
 LOWEST = np.finfo(np.float32).min
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory):
-    try:
-        return kernels.build(tmp_path_factory.mktemp("kernel-cache"))
-    except BackendError as e:
-        pytest.skip(f"dmpq's kernel library cannot be built here: {e}")
 
 
 def _session(library, ours: bool, heads: int, kv_heads: int, threads: int = 2) -> ort.InferenceSession:

@@ -28,7 +28,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from dmpq_compile.backends.base import BackendError
 from dmpq_compile.backends.onnx_io import decoder_feed
 from dmpq_compile.backends.ort_cpu import MODEL_FILE, OrtCpuBackend, kernels
 from dmpq_compile.passes.infra.base import PassContext
@@ -40,14 +39,6 @@ from dmpq_compile.ir import Interpreter
 from dmpq_compile.testing import TINY_FAMILIES, make_tiny_checkpoint
 
 WIDTH_KEY = {"mixtral": "intermediate_size", "olmoe": "intermediate_size"}  # the others: moe_intermediate_size
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory):
-    try:
-        return kernels.build(tmp_path_factory.mktemp("kernel-cache"))
-    except BackendError as e:
-        pytest.skip(f"dmpq's kernel library cannot be built here: {e}")
 
 
 @pytest.fixture(scope="module")
