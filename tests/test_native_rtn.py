@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmpq_compile.quant import QuantSpec, fake_quantize_spec, native, quantize
+from dmpq_compile.quant import QuantSpec, fake_quantize_change, fake_quantize_spec, native, quantize
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="dmpq's RTN library cannot be built here "
                                 "(needs Linux x86-64 and a C++ compiler)")
@@ -73,6 +73,48 @@ def test_the_native_path_runs_and_leaves_errors_to_torch(monkeypatch):
     assert native.affine(w, 64, 4, True) is None  # asked off
 
 
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("shape", "group"), SHAPES)
+def test_changes_in_bfloat16_match_the_torch_path(shape, group, bits, scale_dtype, monkeypatch):
+    """What the sensitivity pass prices a quantization by: (fake - w) and fake in bf16 bit for bit, the sum of
+    the squared changes to float rounding, from float32 and from bfloat16 weights."""
+    gen = torch.Generator().manual_seed(bits * 100 + group)
+    spec = QuantSpec(bits=bits, group_size=group, scale_dtype=scale_dtype)
+    for magnitude in (0.02, 1.0):
+        w = torch.randn(*shape, generator=gen) * magnitude
+        w.view(-1, shape[-1])[0] = 0.5  # a constant row: no change where the codes are exact
+        for weights in (w, w.to(torch.bfloat16)):
+            (ca, fa, sa), (cb, fb, sb) = _both(monkeypatch, lambda x=weights: fake_quantize_change(
+                x, spec, torch.bfloat16, fake=True))
+            assert ca.dtype == cb.dtype == fa.dtype == fb.dtype == torch.bfloat16
+            assert torch.equal(ca, cb) and torch.equal(fa, fb)
+            assert sa == pytest.approx(sb, rel=1e-4, abs=1e-12)
+            # the torch path is what the pass did before: fake-quantize in float32, subtract, round
+            w32 = weights.float()
+            assert torch.equal(cb, (fake_quantize_spec(w32, spec) - w32).to(torch.bfloat16))
+
+
+def test_changes_run_natively_and_leave_the_rest_to_torch(monkeypatch):
+    monkeypatch.setenv("DMPQ_NATIVE_RTN", "1")
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(4))
+    change, fake, total = native.affine_change(w, 64, 4, True)
+    assert fake is None and change.dtype == torch.bfloat16 and total > 0
+    bad = w.clone()
+    bad[1, 2] = float("inf")
+    assert native.affine_change(bad, 64, 4, True) is None
+    with pytest.raises(ValueError, match="NaN|finite"):
+        fake_quantize_change(bad, QuantSpec(bits=4, group_size=64), torch.bfloat16)
+    assert native.affine_change(w.double(), 64, 4, True) is None  # neither float32 nor bfloat16
+    calls = []
+    monkeypatch.setattr(native, "affine_change", lambda *a, **k: calls.append(a))
+    spec = QuantSpec(bits=4, group_size=64)
+    for cast in (torch.float16, torch.float32):  # other products' dtypes: torch
+        change, _, _ = fake_quantize_change(w, spec, cast)
+        assert change.dtype == cast and torch.equal(change, (fake_quantize_spec(w, spec) - w).to(cast))
+    assert calls == []
+
+
 def test_symmetric_formats_keep_the_torch_path(monkeypatch):
     from dmpq_compile.quant.spec import SYM_CHANNEL
 
@@ -105,3 +147,17 @@ def test_a_build_without_avx512_or_f16c_gives_the_same_values_and_refuses_float1
         assert torch.equal(fake, fake_quantize_spec(w, spec))
     assert lib.dmpq_rtn_affine(ctypes.c_void_p(w.data_ptr()), 48, 256, 64, 4, 1, ctypes.c_void_p(scale.data_ptr()),
                                ctypes.c_void_p(zero.data_ptr()), None, None) == 3  # no F16C: torch rounds those
+    spec = QuantSpec(bits=4, group_size=64, scale_dtype="float32")
+    ref_change, ref_fake, ref_total = fake_quantize_change(w, spec, torch.bfloat16, fake=True)
+    f = lib.dmpq_rtn_affine_change
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                  ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)]
+    for x in (w, w.to(torch.bfloat16)):
+        change, fake = torch.empty(48, 256, dtype=torch.bfloat16), torch.empty(48, 256, dtype=torch.bfloat16)
+        total = ctypes.c_double()
+        assert f(x.data_ptr(), int(x.dtype == torch.bfloat16), 48, 256, 64, 4, 0, change.data_ptr(), fake.data_ptr(),
+                 ctypes.byref(total)) == 0
+        r_change, r_fake, r_total = (ref_change, ref_fake, ref_total) if x is w else fake_quantize_change(
+            x, spec, torch.bfloat16, fake=True)
+        assert torch.equal(change, r_change) and torch.equal(fake, r_fake)
+        assert total.value == pytest.approx(r_total, rel=1e-5)

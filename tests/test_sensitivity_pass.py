@@ -357,6 +357,34 @@ def test_expert_scores_take_the_forwards_outputs_with_the_same_results(tiny_dirs
     assert reused == computed and len(computed) > 8
 
 
+def test_bf16_expert_scores_price_the_native_changes_as_the_torch_ones(tiny_dirs, calib_ids, monkeypatch):
+    """In bf16 the expert scores take each fake quantization's changes from one native pass (quant.native
+    .affine_change): the same bf16 changes as fake-quantizing in float32, subtracting and rounding in torch, so
+    every measured annotation is the same bits; the experts priced from their weights' squared error (rare ones)
+    agree to float rounding of that sum."""
+    ids = calib_ids("olmoe")
+
+    def run(native_rtn: str) -> dict:
+        monkeypatch.setenv("DMPQ_NATIVE_RTN", native_rtn)
+        passes = [make_pass("profile", compute_dtype="bfloat16"),
+                  make_pass("sensitivity", bits=(2, 4, 8), gradvar=False, compute_dtype="bfloat16", min_tokens=48)]
+        g = PassManager(passes).run(load(tiny_dirs("olmoe")), PassContext(calibration=ids, progress=False))
+        return {n.id: dict(n.ann) for n in g.experts()}
+
+    from dmpq_compile.quant import native
+
+    if not native.available():
+        pytest.skip("dmpq's RTN library cannot be built here")
+    fast, ref = run("1"), run("0")
+    estimated = {k for k, a in ref.items() if a.get("sensitivity_estimated")}
+    assert estimated and len(estimated) < len(ref)
+    for k, a in ref.items():
+        if k in estimated:
+            assert fast[k]["kl"] == pytest.approx(a["kl"], rel=1e-5)
+        else:
+            assert fast[k]["kl"] == a["kl"] and fast[k].get("flip_kl") == a.get("flip_kl")
+
+
 def test_expert_run_takes_what_it_needs_from_the_forward():
     from dmpq_compile.passes.sensitivity.local import ExpertRun
 
@@ -370,5 +398,8 @@ def test_expert_run_takes_what_it_needs_from_the_forward():
         bf16 = ops.expert(x, routing, 0, w)
     wq = {r: t + 0.01 for r, t in w.items()}
     assert torch.equal(ExpertRun(x, w, torch.bfloat16, bf16).change(w, wq), ExpertRun(x, w, torch.bfloat16).change(w, wq))
+    run = ExpertRun(x, w, torch.bfloat16, bf16)
+    cast = {r: (wq[r] - w[r]).to(torch.bfloat16) for r in w}
+    assert torch.equal(run.cast_change(cast, wq["down"].to(torch.bfloat16)), run.change(w, wq))
     with pytest.raises(ValueError, match="in torch.bfloat16 was given a forward's products in torch.float32"):
         ExpertRun(x, w, torch.bfloat16, fp32)

@@ -335,6 +335,17 @@ class Interpreter:
         spec = self.spec(node_id, bits)
         return {r: fake_quantize_spec(w, spec) if r in ("gate", "up", "down") else w for r, w in fp.items()}
 
+    def fake_changes(self, node_id: str, fp: Mapping[str, torch.Tensor], bits: int, cast: torch.dtype
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+        """What pricing :meth:`fake_quantized`'s weights in products of ``cast`` needs, without the float32
+        weights: per MLP role the change ``W_q - W`` in ``cast``, the fake-quantized down weights in ``cast``, and
+        the sum of the squared changes over the roles (:func:`~dmpq_compile.quant.fake_quantize_change`)."""
+        from ..quant import fake_quantize_change
+
+        spec = self.spec(node_id, bits)
+        out = {r: fake_quantize_change(fp[r], spec, cast, fake=r == "down") for r in ("gate", "up", "down")}
+        return {r: o[0] for r, o in out.items()}, out["down"][1], sum(o[2] for o in out.values())
+
     def clear_cache(self) -> None:
         self._cache.clear()
 

@@ -382,11 +382,15 @@ class ExpertRun:
             return ops.swiglu(self.xt, wq["gate"], wq["up"], wq["down"]) - self.y
         c = self.cast
         dw = dw if dw is not None else weight_changes(w, wq)
-        da = F.linear(self.xc, dw["gate"].to(c)).float()
-        du = F.linear(self.xc, dw["up"].to(c)).float()
+        return self.cast_change({r: dw[r].to(c) for r in ("gate", "up", "down")}, wq["down"].to(c))
+
+    def cast_change(self, dw: dict, down_q: torch.Tensor) -> torch.Tensor:
+        """:meth:`change` (with ``cast``) from the weight changes ``W_q - W`` per role and the fake-quantized down
+        weights, both already in ``cast`` (:meth:`~dmpq_compile.ir.interpreter.Interpreter.fake_changes`)."""
+        da = F.linear(self.xc, dw["gate"]).float()
+        du = F.linear(self.xc, dw["up"]).float()
         d_act = F.silu(self.a + da) * (self.u + du) - self.act
-        return (F.linear(d_act.to(c), wq["down"].to(c)).float()
-                + F.linear(self.act_c, dw["down"].to(c)).float())
+        return F.linear(d_act.to(self.cast), down_q).float() + F.linear(self.act_c, dw["down"]).float()
 
 
 class AttentionRun:
@@ -450,7 +454,8 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             def fisher(delta: torch.Tensor, gt=gt, seq=seq) -> float:  # delta [n, H]: layer-output change
                 return fisher_kl(gt, delta, n_seq, positions, seq)
 
-            w = interp.weights(node.id, RunOptions(quantize=False))
+            # with autocast the weights as stored where stored in its dtype: the changes are priced from them
+            w = interp.weights(node.id, RunOptions(quantize=False, autocast=autocast))
             run = ExpertRun(xt, w, autocast, outputs.get(node.id) if outputs else None)
             if outputs and node.id in outputs and not torch.equal(outputs[node.id].token_idx, token_idx):
                 raise ValueError(f"{node.id}: the forward's routed tokens are not the scores' (internal error)")
@@ -458,20 +463,20 @@ def expert_scores(graph: Graph, interp: Interpreter, layer: int, x: torch.Tensor
             kl, norm, werr = {16: 0.0}, {16: 0.0}, {16: 0.0}
             extra = {}
             for b in bits if probe is None or probe[1] in bits else (*bits, probe[1]):
-                wq = interp.fake_quantized(node.id, w, b)
                 if autocast is None:  # the fp32 change reads all of wq; then wq becomes the difference
+                    wq = interp.fake_quantized(node.id, w, b)
                     delta = run.change(w, wq) * wr
-                    dw = weight_changes(w, wq, in_place=("gate", "up", "down"))
-                else:  # the change of a cast run reads the differences and wq's down only
-                    dw = weight_changes(w, wq, in_place=("gate", "up"))
-                    delta = run.change(w, wq, dw) * wr
+                    error = weight_error(w, wq, weight_changes(w, wq, in_place=("gate", "up", "down")))
+                else:  # the change of a cast run reads the differences and wq's down only, in its dtype
+                    dw, down_q, error = interp.fake_changes(node.id, w, b, autocast)
+                    delta = run.cast_change(dw, down_q) * wr
                 if probe is not None and b == probe[1]:
                     mine = local_seq[seq] >= 0
                     extra["probe"] = {"rows": local_seq[seq[mine]] * seq_len + token_idx[mine] % seq_len,
                                       "delta": delta[mine], "norm": change_norm(delta[mine], probe_positions)}
                 if b not in bits:
                     continue
-                werr[b] = weight_error(w, wq, dw)
+                werr[b] = error
                 kl[b] = fisher(delta) if len(xt) else 0.0
                 norm[b] = change_norm(delta, positions) if len(xt) else 0.0
             out[node.id] = {**extra, "kl": kl, "norm": norm, "contribution": fisher(y * wr) ** 0.5 if len(xt) else 0.0,
