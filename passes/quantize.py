@@ -215,7 +215,8 @@ class QuantizePass(Pass):
         spec = fmt.spec(self.options.group_size, method_for(fmt, method or self.options.method))
         tensors = {}
         for roles in _shared_hessian_groups(node, spec, hessians):
-            ws = [graph.weights[node.params[role]].float() for role in roles]
+            # RTN takes the weights as stored (its native path widens a bf16 row at a time); the others fp32
+            ws = [w if spec.method == "rtn" else w.float() for w in (graph.weights[node.params[r]] for r in roles)]
             if len(roles) == 1:
                 parts = [_quantize_one(ws[0], spec, hessians.get((node.id, roles[0])))]
             else:  # GPTQ's rows are independent given H: one run over the stacked rows, then split

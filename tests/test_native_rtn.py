@@ -41,10 +41,11 @@ def test_codes_scales_and_fake_quantized_weights_match_the_torch_path(shape, gro
         if rows.shape[0] > 2:
             rows[1] = 0.0  # an all-zero row: scale 1
             rows[2] = -rows[2].abs()  # all negative: the maximum is clamped to 0
-        (qa, fa), (qb, fb) = _both(monkeypatch, lambda w=w: (quantize(w, spec), fake_quantize_spec(w, spec)))
-        assert torch.equal(fa, fb) and fa.dtype == fb.dtype == w.dtype
-        assert qa.q.dtype == qb.q.dtype == torch.uint8
-        assert torch.equal(qa.q, qb.q) and torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero)
+        for x in (w, w.to(torch.bfloat16)):  # bf16 weights are widened a row at a time, exactly
+            (qa, fa), (qb, fb) = _both(monkeypatch, lambda x=x: (quantize(x, spec), fake_quantize_spec(x, spec)))
+            assert torch.equal(fa, fb) and fa.dtype == fb.dtype == x.dtype
+            assert qa.q.dtype == qb.q.dtype == torch.uint8
+            assert torch.equal(qa.q, qb.q) and torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero)
 
 
 def test_bfloat16_weights_come_back_in_bfloat16(monkeypatch):
@@ -140,12 +141,12 @@ def test_a_build_without_avx512_or_f16c_gives_the_same_values_and_refuses_float1
         ref = quantize(w, spec)
         scale, zero = torch.empty(48, 4), torch.empty(48, 4)
         q, fake = torch.empty(48, 256, dtype=torch.uint8), torch.empty(48, 256)
-        assert lib.dmpq_rtn_affine(ctypes.c_void_p(w.data_ptr()), 48, 256, 64, bits, 0, ctypes.c_void_p(scale.data_ptr()),
+        assert lib.dmpq_rtn_affine(ctypes.c_void_p(w.data_ptr()), 0, 48, 256, 64, bits, 0, ctypes.c_void_p(scale.data_ptr()),
                                    ctypes.c_void_p(zero.data_ptr()), ctypes.c_void_p(q.data_ptr()),
                                    ctypes.c_void_p(fake.data_ptr())) == 0
         assert torch.equal(scale, ref.scale) and torch.equal(zero.to(torch.uint8), ref.zero) and torch.equal(q, ref.q)
         assert torch.equal(fake, fake_quantize_spec(w, spec))
-    assert lib.dmpq_rtn_affine(ctypes.c_void_p(w.data_ptr()), 48, 256, 64, 4, 1, ctypes.c_void_p(scale.data_ptr()),
+    assert lib.dmpq_rtn_affine(ctypes.c_void_p(w.data_ptr()), 0, 48, 256, 64, 4, 1, ctypes.c_void_p(scale.data_ptr()),
                                ctypes.c_void_p(zero.data_ptr()), None, None) == 3  # no F16C: torch rounds those
     spec = QuantSpec(bits=4, group_size=64, scale_dtype="float32")
     ref_change, ref_fake, ref_total = fake_quantize_change(w, spec, torch.bfloat16, fake=True)

@@ -251,3 +251,15 @@ def test_matmulnbits_scales_follow_the_stored_spec(tiny_dirs, backend):
                 assert (scale_src is not None and scale_src.op_type == "Cast") == half  # widened at level 0
         got, _ = run(session(model), lowered, ids)
         assert np.abs(got - ref).max() < tol, (level, np.abs(got - ref).max())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_panels_come_from_the_packed_codes_as_from_the_unpacked_ones(bits):
+    """The emit lays stored (packed) codes into MixedMoE's and PanelMatMul's panels without unpacking them."""
+    from dmpq_compile.backends.ort_cpu.matmulnbits import panel_codes, panel_packed
+
+    from dmpq_compile.quant.packing import pack_bits
+
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=(48, 160), dtype=np.uint8)
+    packed = pack_bits(codes, bits)
+    assert np.array_equal(panel_packed(packed, bits, 48, 160), panel_codes(codes, bits))

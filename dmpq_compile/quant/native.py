@@ -60,7 +60,7 @@ def _library() -> ctypes.CDLL | None:
             return None
         f = lib.dmpq_rtn_affine
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         f = lib.dmpq_rtn_affine_change
         f.restype = ctypes.c_int
@@ -87,7 +87,9 @@ def affine(w: torch.Tensor, group: int, bits: int, scale_f16: bool, codes: bool 
     if lib is None:
         return None
     k = w.shape[-1]
-    x = w.detach().to(torch.float32).contiguous().reshape(-1, k)
+    # bfloat16 as it is (the library widens each row exactly), anything else in float32
+    x = w.detach()
+    x = (x if x.dtype == torch.bfloat16 else x.to(torch.float32)).contiguous().reshape(-1, k)
     rows, groups = x.shape[0], -(-k // group)
     scale = torch.empty((rows, groups), dtype=torch.float32)
     zero = torch.empty((rows, groups), dtype=torch.float32)
@@ -96,8 +98,8 @@ def affine(w: torch.Tensor, group: int, bits: int, scale_f16: bool, codes: bool 
 
     # one call on this thread: a pool of its own would share the cores with torch's OpenMP workers, which
     # spin for a while after each op (slower in a compile's mix of products and quantization)
-    status = lib.dmpq_rtn_affine(x.data_ptr(), rows, k, group, bits, int(scale_f16), scale.data_ptr(),
-                                 zero.data_ptr(), None if q is None else q.data_ptr(),
+    status = lib.dmpq_rtn_affine(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, k, group, bits, int(scale_f16),
+                                 scale.data_ptr(), zero.data_ptr(), None if q is None else q.data_ptr(),
                                  None if f is None else f.data_ptr())
     if status != 0:
         return None

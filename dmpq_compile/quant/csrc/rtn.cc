@@ -176,6 +176,12 @@ inline float FromBfloat16(uint16_t h) {
   return x;
 }
 
+// k bfloat16 values widened (exactly) into out; returns out
+inline const float* Widen(const uint16_t* src, int64_t k, float* out) {
+  for (int64_t i = 0; i < k; ++i) out[i] = FromBfloat16(src[i]);
+  return out;
+}
+
 // The squared changes of a row: float32 lanes (vector path) and a double (scalar tails), summed per row.
 struct SquareSum {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -244,14 +250,8 @@ int ChangeRows(const void* w, int w_bf16, int64_t r0, int64_t r1, int64_t k, int
   double total = 0.0;
   SquareSum sum;
   for (int64_t r = r0; r < r1; ++r) {
-    const float* row;
-    if (w_bf16) {
-      const uint16_t* src = static_cast<const uint16_t*>(w) + r * k;
-      for (int64_t i = 0; i < k; ++i) wide[i] = FromBfloat16(src[i]);
-      row = wide;
-    } else {
-      row = static_cast<const float*>(w) + r * k;
-    }
+    const float* row = w_bf16 ? Widen(static_cast<const uint16_t*>(w) + r * k, k, wide)
+                              : static_cast<const float*>(w) + r * k;
     const int status = RowParams(row, k, group, qmax, scale_f16, scales, zeros);
     if (status) return status;
     for (int64_t g = 0; g < groups; ++g) {
@@ -269,36 +269,42 @@ int ChangeRows(const void* w, int w_bf16, int64_t r0, int64_t r1, int64_t k, int
 
 extern "C" {
 
-// w: [rows, k] float32, row-major. Groups of `group` consecutive columns per row (the last one shorter when
-// group does not divide k: rtn.py edge-pads it with the row's last value, which changes neither its minimum
-// nor its maximum). bits in 1..8. scale_f16: round each scale up to a float16 value.
+// w: [rows, k] float32 (w_bf16 = 0) or bfloat16 bits (w_bf16 = 1: widened exactly), row-major. Groups of
+// `group` consecutive columns per row (the last one shorter when group does not divide k: rtn.py edge-pads it
+// with the row's last value, which changes neither its minimum nor its maximum). bits in 1..8. scale_f16:
+// round each scale up to a float16 value.
 // Outputs: scale, zero [rows, groups] float32 (always written); codes [rows, k] uint8 and fake [rows, k] float32
 // (each may be null).
 // Returns 0; 1 when a group holds a NaN or an infinity; 2 when a float16 scale would exceed 65504 (the caller
 // then runs the torch path, which raises the error with its message); 3 for float16 scales on a CPU without
-// F16C (the torch path runs). On a nonzero return the outputs are partly written.
+// F16C (the torch path runs); 4 when scratch memory cannot be had. On a nonzero return the outputs are partly
+// written.
 __attribute__((visibility("default")))
-int dmpq_rtn_affine(const float* w, int64_t rows, int64_t k, int64_t group, int bits, int scale_f16,
+int dmpq_rtn_affine(const void* w, int w_bf16, int64_t rows, int64_t k, int64_t group, int bits, int scale_f16,
                     float* scale_out, float* zero_out, uint8_t* codes, float* fake) {
   const float qmax = static_cast<float>((1 << bits) - 1);
   const int64_t groups = (k + group - 1) / group;
 #if !defined(__F16C__)
   if (scale_f16) return 3;
 #endif
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = w + r * k;
+  float* wide = w_bf16 ? static_cast<float*>(__builtin_malloc(sizeof(float) * static_cast<size_t>(k))) : nullptr;
+  if (w_bf16 && !wide) return 4;
+  int status = 0;
+  for (int64_t r = 0; r < rows && !status; ++r) {
+    const float* row = w_bf16 ? Widen(static_cast<const uint16_t*>(w) + r * k, k, wide)
+                              : static_cast<const float*>(w) + r * k;
     float* scales = scale_out + r * groups;
     float* zeros = zero_out + r * groups;
-    const int status = RowParams(row, k, group, qmax, scale_f16, scales, zeros);
-    if (status) return status;
-    if (codes || fake)
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t c0 = g * group, n = (c0 + group <= k) ? group : k - c0;
-        GroupCodes(row + c0, n, scales[g], zeros[g], qmax, codes ? codes + r * k + c0 : nullptr,
-                   fake ? fake + r * k + c0 : nullptr);
-      }
+    status = RowParams(row, k, group, qmax, scale_f16, scales, zeros);
+    if (status || !(codes || fake)) continue;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * group, n = (c0 + group <= k) ? group : k - c0;
+      GroupCodes(row + c0, n, scales[g], zeros[g], qmax, codes ? codes + r * k + c0 : nullptr,
+                 fake ? fake + r * k + c0 : nullptr);
+    }
   }
-  return 0;
+  __builtin_free(wide);
+  return status;
 }
 
 // What the sensitivity pass prices a fake quantization by, in one pass per row: the change of the weights
