@@ -17,7 +17,6 @@ Record results with the command, the load average and the commit (the JSON does)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import onnxruntime as ort
 from dmpq_compile.backends.ort_cpu import kernels
 from onnx import TensorProto, helper
 
-from dmpq_compile.bench import machine
+from dmpq_compile.bench import machine, write_results
 from dmpq_compile.sysinfo import git_commit
 from dmpq_compile.sysinfo import load_average as uptime
 
@@ -180,16 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{args.model} ({widths[0]} layers) {kind} {size}: onnxruntime {ms['ort']:.2f} ms, dmpq "
               f"{ms['dmpq']:.2f} ms ({row['dmpq_over_ort']:.2f}x)", flush=True)
-    out = args.out or ROOT / "benchmarks" / "results" / f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_attention.py", *sys.argv[1:]]),
-                               "commit": commit, "machine": machine(), "onnxruntime": ort.__version__,
-                               "kernel": kernels.describe(library),
-                               "statistic": "median over rounds of each round's median call (all layers), ms",
-                               "uptime_start": start, "uptime_end": uptime(), "widths": dict(zip(
-                                   ("layers", "heads", "kv_heads", "head_dim"), widths)),
-                               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out, ROOT / "benchmarks" / "results", "attention", "benchmarks/bench_attention.py", args, rows,
+                  commit=commit, machine=machine(), onnxruntime=ort.__version__, kernel=kernels.describe(library),
+                  statistic="median over rounds of each round's median call (all layers), ms",
+                  uptime_start=start, uptime_end=uptime(),
+                  widths=dict(zip(("layers", "heads", "kv_heads", "head_dim"), widths)))
     return 0
 
 

@@ -17,7 +17,6 @@ Record results with the command, the load average and the commit (the JSON does)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmpq_compile.bench import machine
+from dmpq_compile.bench import machine, write_results
 from dmpq_compile.runtime import load
 from dmpq_compile.sysinfo import git_commit
 from dmpq_compile.sysinfo import load_average as uptime
@@ -90,12 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit(ROOT)
     start = uptime()
     rows = [row for p in args.artifacts for row in measure(p, args)]
-    out = args.out or ROOT / "benchmarks" / "results" / f"kv-buffer-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_kv_buffer.py", *sys.argv[1:]]),
-                               "commit": commit, "machine": machine(), "uptime_start": start, "uptime_end": uptime(),
-                               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out, ROOT / "benchmarks" / "results", "kv-buffer", "benchmarks/bench_kv_buffer.py", args, rows,
+                  commit=commit, machine=machine(), uptime_start=start, uptime_end=uptime())
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from dmpq_compile.bench import machine
+from dmpq_compile.bench import machine, write_results
 from dmpq_compile.sysinfo import git_commit
 from dmpq_compile.sysinfo import load_average as uptime
 
@@ -233,15 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model} context {context}: " + ", ".join(
             f"{n} {ms[n]:.2f} ms ({row['kv_gb_s'][n]:.1f} GB/s, {row['over_ort_fp32'][n]:.2f}x)" for n in names),
             flush=True)
-    out = args.out or ROOT / "benchmarks" / "results" / f"kv-dtype-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_kv_dtype.py", *sys.argv[1:]]),
-                               "commit": commit, "machine": machine(), "onnxruntime": ort.__version__,
-                               "statistic": "median over rounds of each round's median step (all layers), ms",
-                               "uptime_start": start, "uptime_end": uptime(), "widths": dict(zip(
-                                   ("layers", "heads", "kv_heads", "head_dim"), widths)),
-                               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out, ROOT / "benchmarks" / "results", "kv-dtype", "benchmarks/bench_kv_dtype.py", args, rows,
+                  commit=commit, machine=machine(), onnxruntime=ort.__version__,
+                  statistic="median over rounds of each round's median step (all layers), ms",
+                  uptime_start=start, uptime_end=uptime(),
+                  widths=dict(zip(("layers", "heads", "kv_heads", "head_dim"), widths)))
     return 0
 
 

@@ -15,7 +15,6 @@ Record results with the command, the load average and the commit (the JSON does)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmpq_compile.bench import write_results
 from dmpq_compile.runtime import load
 from dmpq_compile.sysinfo import load_average as uptime
 
@@ -73,12 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                             check=False).stdout.strip()
     start = uptime()
     rows = [measure(p, args) for p in args.artifacts]
-    out = args.out or ROOT / "benchmarks" / "results" / f"prefill-logits-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/bench_prefill_logits.py", *sys.argv[1:]]),
-                               "commit": commit, "uptime_start": start, "uptime_end": uptime(),
-                               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out, ROOT / "benchmarks" / "results", "prefill-logits", "benchmarks/bench_prefill_logits.py", args,
+                  rows, commit=commit, uptime_start=start, uptime_end=uptime())
     return 0
 
 

@@ -379,6 +379,18 @@ def to_json(results: list[dict], cfg: BenchConfig) -> dict:
     return {"config": asdict(cfg), "machine": machine(), "statistics": STATISTICS, "results": results}
 
 
+def write_results(out: Path | None, folder: Path, stem: str, script: str, args: Any, rows: list, **fields: Any) -> Path:
+    """Write a benchmark script's results: ``{"command": "python SCRIPT ARGV...", **fields, "args", "rows"}`` as
+    indented JSON at ``out`` (default ``folder/STEM-YYYYmmdd-HHMMSS.json``), its folder made; prints and returns
+    the path. ``args``: the script's parsed arguments (written as strings)."""
+    out = out or folder / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["python", script, *sys.argv[1:]]), **fields,
+                               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return out
+
+
 def machine() -> dict:
     """What a timing depends on: CPU model, its SIMD flags (AVX2-only and AVX-512 VNNI machines differ),
     the CPUs this process may use, the load average, Python."""

@@ -586,10 +586,7 @@ def _panel_role(lw: Lowering, node: Node, role: str, field: str) -> np.ndarray:
     entry = quant["tensors"][role]
     n, k = (int(v) for v in entry["shape"])
     if field == "codes":
-        packed = lw.graph.weights[entry["q"]].cpu().numpy()
-        if packed.shape == (n, k * bits // 8) and n % PANEL == 0 and k % 32 == 0:  # whole words and panels
-            return panel_packed(packed, bits, n, k)
-        return panel_codes(unpack_bits(packed, bits, k), bits)
+        return panel_packed(lw.graph.weights[entry["q"]].cpu().numpy(), bits, n, k)
     if field == "zeros":
         return panel_blocks(lw.graph.weights[entry["zero"]].cpu().numpy().astype(np.uint8, copy=False))
     return panel_blocks(pack_weight(lw.graph.weights, quant, role, node.id, codes=False).scales)

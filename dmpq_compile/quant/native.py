@@ -75,21 +75,29 @@ def available() -> bool:
     return enabled() and _library() is not None
 
 
+def _runnable(w: torch.Tensor, bits: int) -> ctypes.CDLL | None:
+    """The library, where it runs ``w`` at ``bits`` (enabled, built, a non-empty CPU tensor, 1-8 bits); else None."""
+    if not enabled() or not 1 <= bits <= 8 or w.numel() == 0 or w.device.type != "cpu":
+        return None
+    return _library()
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as the library reads it: ``[rows, K]``, contiguous (bfloat16 rows are widened there, exactly)."""
+    return w.detach().contiguous().reshape(-1, w.shape[-1])
+
+
 def affine(w: torch.Tensor, group: int, bits: int, scale_f16: bool, codes: bool = False, fake: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """``(scale, zero, codes, fake)`` of ``w`` (``[..., K]``) in groups of ``group`` along K: scale and zero
     float32 ``[..., G]``, codes uint8 ``[..., K]`` when asked, the dequantized weights float32 ``[..., K]`` when
     asked; None where the native path does not run (the caller runs torch, which also raises the errors: a
     NaN or infinite weight, a scale above float16's range)."""
-    if not enabled() or not 1 <= bits <= 8 or w.numel() == 0 or w.device.type != "cpu":
-        return None
-    lib = _library()
+    lib = _runnable(w, bits)
     if lib is None:
         return None
     k = w.shape[-1]
-    # bfloat16 as it is (the library widens each row exactly), anything else in float32
-    x = w.detach()
-    x = (x if x.dtype == torch.bfloat16 else x.to(torch.float32)).contiguous().reshape(-1, k)
+    x = _rows(w if w.dtype == torch.bfloat16 else w.to(torch.float32))
     rows, groups = x.shape[0], -(-k // group)
     scale = torch.empty((rows, groups), dtype=torch.float32)
     zero = torch.empty((rows, groups), dtype=torch.float32)
@@ -116,14 +124,11 @@ def affine_change(w: torch.Tensor, group: int, bits: int, scale_f16: bool, fake:
     ``fake`` the fake-quantized weights in bfloat16 when asked, and the sum of the squared float32 changes (a
     double). One pass per row, where the torch ops it replaces read and write each weight-sized tensor once per
     op (fake quantization, difference, square sum, two roundings). None where the native path does not run."""
-    if not enabled() or not 1 <= bits <= 8 or w.numel() == 0 or w.device.type != "cpu" \
-            or w.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    lib = _library()
+    lib = _runnable(w, bits) if w.dtype in (torch.float32, torch.bfloat16) else None
     if lib is None:
         return None
     k = w.shape[-1]
-    x = w.detach().contiguous().reshape(-1, k)
+    x = _rows(w)
     change = torch.empty(x.shape, dtype=torch.bfloat16)
     dq = torch.empty(x.shape, dtype=torch.bfloat16) if fake else None
     total = ctypes.c_double(0.0)

@@ -9,7 +9,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -239,32 +238,6 @@ inline void GroupChange(const float* x, int64_t n, float scale, float zero, floa
   }
 }
 
-// dmpq_rtn_affine_change on rows [r0, r1).
-int ChangeRows(const void* w, int w_bf16, int64_t r0, int64_t r1, int64_t k, int64_t group, int bits, int scale_f16,
-               uint16_t* change, uint16_t* fake, double* sumsq) {
-  const float qmax = static_cast<float>((1 << bits) - 1);
-  const int64_t groups = (k + group - 1) / group;
-  // scratch: one row widened to float32 (bfloat16 input) and its groups' scales and zero points
-  std::vector<float> scratch(static_cast<size_t>(k + 2 * groups));
-  float *wide = scratch.data(), *scales = wide + k, *zeros = wide + k + groups;
-  double total = 0.0;
-  SquareSum sum;
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* row = w_bf16 ? Widen(static_cast<const uint16_t*>(w) + r * k, k, wide)
-                              : static_cast<const float*>(w) + r * k;
-    const int status = RowParams(row, k, group, qmax, scale_f16, scales, zeros);
-    if (status) return status;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t c0 = g * group, n = (c0 + group <= k) ? group : k - c0;
-      GroupChange(row + c0, n, scales[g], zeros[g], qmax, change + r * k + c0, fake ? fake + r * k + c0 : nullptr,
-                  sum);
-    }
-    total += sum.Take();
-  }
-  *sumsq = total;
-  return 0;
-}
-
 }  // namespace
 
 extern "C" {
@@ -321,7 +294,30 @@ int dmpq_rtn_affine_change(const void* w, int w_bf16, int64_t rows, int64_t k, i
 #if !defined(__F16C__)
   if (scale_f16) return 3;
 #endif
-  return ChangeRows(w, w_bf16, 0, rows, k, group, bits, scale_f16, change, fake, sumsq);
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const int64_t groups = (k + group - 1) / group;
+  // scratch: one row widened to float32 (bfloat16 input) and its groups' scales and zero points
+  float* wide = static_cast<float*>(__builtin_malloc(sizeof(float) * static_cast<size_t>(k + 2 * groups)));
+  if (!wide) return 4;
+  float *scales = wide + k, *zeros = wide + k + groups;
+  double total = 0.0;
+  SquareSum sum;
+  int status = 0;
+  for (int64_t r = 0; r < rows && !status; ++r) {
+    const float* row = w_bf16 ? Widen(static_cast<const uint16_t*>(w) + r * k, k, wide)
+                              : static_cast<const float*>(w) + r * k;
+    status = RowParams(row, k, group, qmax, scale_f16, scales, zeros);
+    if (status) break;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * group, n = (c0 + group <= k) ? group : k - c0;
+      GroupChange(row + c0, n, scales[g], zeros[g], qmax, change + r * k + c0, fake ? fake + r * k + c0 : nullptr,
+                  sum);
+    }
+    total += sum.Take();
+  }
+  __builtin_free(wide);
+  *sumsq = total;
+  return status;
 }
 
 }  // extern "C"
